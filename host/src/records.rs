@@ -1,0 +1,360 @@
+//! Records as JSON Lines.
+//!
+//! One JSON object per line. The id field (default `id`, a string or an
+//! integer) and the label field (default `label`, a string, `null` or absent)
+//! are taken by name; every other field becomes a text field (a string) or a
+//! numeric field (a number or an array of numbers). Any other value is an
+//! error naming the file, the line and the field. Blank lines are skipped.
+//! Reading streams: memory does not grow with the file.
+
+use std::collections::HashSet;
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::types::{Action, DataRecord, Decision, Numeric, NumericField, PredictionSet, SparseBatch, TextField};
+
+/// Longest line accepted, in bytes.
+pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A problem with one line of an input file.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Io {
+        /// File name.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A line is wrong.
+    #[error("{file}:{line}: {}{problem}", match .field { Some(f) => format!("field `{f}`: "), None => String::new() })]
+    Line {
+        /// File name.
+        file: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// The field at fault, if one.
+        field: Option<String>,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Which JSON fields mean what.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    /// Field holding the record id.
+    pub id_field: String,
+    /// Field holding the label.
+    pub label_field: String,
+    /// Text fields to keep; `None` keeps every string field.
+    pub text_fields: Option<Vec<String>>,
+    /// Numeric fields to keep; `None` keeps every numeric field.
+    pub numeric_fields: Option<Vec<String>>,
+}
+
+impl Default for Schema {
+    fn default() -> Self {
+        Schema {
+            id_field: "id".into(),
+            label_field: "label".into(),
+            text_fields: None,
+            numeric_fields: None,
+        }
+    }
+}
+
+/// Streams records out of a JSONL source, checking ids are unique.
+pub struct JsonlReader<R> {
+    file: PathBuf,
+    input: R,
+    schema: Schema,
+    line_no: u64,
+    buf: String,
+    seen: HashSet<String>,
+}
+
+impl<R> std::fmt::Debug for JsonlReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonlReader")
+            .field("file", &self.file)
+            .field("line", &self.line_no)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: BufRead> JsonlReader<R> {
+    /// Read from `input`, naming `file` in errors.
+    pub fn new(file: impl Into<PathBuf>, input: R, schema: Schema) -> Self {
+        JsonlReader {
+            file: file.into(),
+            input,
+            schema,
+            line_no: 0,
+            buf: String::new(),
+            seen: HashSet::new(),
+        }
+    }
+
+    fn err(&self, field: Option<&str>, problem: impl Into<String>) -> RecordError {
+        RecordError::Line {
+            file: self.file.clone(),
+            line: self.line_no,
+            field: field.map(str::to_string),
+            problem: problem.into(),
+        }
+    }
+
+    fn parse(&mut self, obj: Map<String, Value>) -> Result<DataRecord, RecordError> {
+        let id = match obj.get(&self.schema.id_field) {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
+            Some(Value::String(_)) => return Err(self.err(Some(&self.schema.id_field), "the id must be 1 to 256 bytes")),
+            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n.to_string(),
+            Some(_) => return Err(self.err(Some(&self.schema.id_field), "the id must be a string or an integer")),
+            None => return Err(self.err(Some(&self.schema.id_field), "missing (every record needs an id)")),
+        };
+        if id.chars().any(char::is_control) {
+            return Err(self.err(Some(&self.schema.id_field), "the id contains control characters"));
+        }
+        if !self.seen.insert(id.clone()) {
+            return Err(self.err(Some(&self.schema.id_field), format!("duplicate id {id:?}")));
+        }
+        let label = match obj.get(&self.schema.label_field) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control) => Some(s.clone()),
+            Some(_) => return Err(self.err(Some(&self.schema.label_field), "the label must be a non-empty string of at most 256 bytes")),
+        };
+        let mut record = DataRecord {
+            id,
+            texts: Vec::new(),
+            numerics: Vec::new(),
+            label,
+        };
+        for (name, value) in obj {
+            if name == self.schema.id_field || name == self.schema.label_field {
+                continue;
+            }
+            let wanted = |list: &Option<Vec<String>>| list.as_ref().is_none_or(|l| l.contains(&name));
+            match value {
+                Value::Null => {}
+                Value::String(s) if wanted(&self.schema.text_fields) => {
+                    record.texts.push(TextField { name, value: s });
+                }
+                Value::Number(n) if wanted(&self.schema.numeric_fields) => {
+                    let v = n.as_f64().filter(|v| v.is_finite()).ok_or_else(|| self.err(Some(&name), "not a finite number"))?;
+                    record.numerics.push(NumericField { name, value: Numeric::Scalar(v) });
+                }
+                Value::Array(items) if wanted(&self.schema.numeric_fields) => {
+                    let mut v = Vec::with_capacity(items.len());
+                    for item in &items {
+                        match item.as_f64().filter(|x| x.is_finite()) {
+                            Some(x) => v.push(x),
+                            None => return Err(self.err(Some(&name), "arrays must hold finite numbers only")),
+                        }
+                    }
+                    record.numerics.push(NumericField { name, value: Numeric::Vector(v) });
+                }
+                Value::String(_) | Value::Number(_) | Value::Array(_) => {}
+                Value::Bool(_) | Value::Object(_) => {
+                    return Err(self.err(Some(&name), "unsupported value (use a string, a number or an array of numbers)"));
+                }
+            }
+        }
+        for (list, kind) in [(&self.schema.text_fields, "text"), (&self.schema.numeric_fields, "numeric")] {
+            if let Some(list) = list {
+                let present: Vec<&str> = if kind == "text" {
+                    record.texts.iter().map(|t| t.name.as_str()).collect()
+                } else {
+                    record.numerics.iter().map(|t| t.name.as_str()).collect()
+                };
+                if let Some(missing) = list.iter().find(|f| !present.contains(&f.as_str())) {
+                    return Err(self.err(Some(missing), format!("missing {kind} field")));
+                }
+            }
+        }
+        Ok(record)
+    }
+}
+
+impl<R: BufRead> Iterator for JsonlReader<R> {
+    type Item = Result<DataRecord, RecordError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            self.buf.clear();
+            self.line_no += 1;
+            let mut limited = (&mut self.input).take(MAX_LINE_BYTES as u64 + 1);
+            match limited.read_line(&mut self.buf) {
+                Ok(0) => return None,
+                Ok(n) if n > MAX_LINE_BYTES => {
+                    return Some(Err(self.err(None, format!("line longer than {MAX_LINE_BYTES} bytes"))));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Some(Err(self.err(None, "not valid UTF-8")));
+                }
+                Err(source) => {
+                    return Some(Err(RecordError::Io {
+                        file: self.file.clone(),
+                        source,
+                    }));
+                }
+            }
+            if self.buf.trim().is_empty() {
+                continue;
+            }
+            let parsed: Result<Value, _> = serde_json::from_str(&self.buf);
+            return Some(match parsed {
+                Ok(Value::Object(obj)) => self.parse(obj),
+                Ok(_) => Err(self.err(None, "expected a JSON object")),
+                Err(e) => Err(self.err(None, format!("invalid JSON at column {}: {}", e.column(), json_problem(&e)))),
+            });
+        }
+    }
+}
+
+fn json_problem(e: &serde_json::Error) -> &'static str {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Io => "read error",
+        Category::Syntax => "syntax error",
+        Category::Data => "unexpected data",
+        Category::Eof => "unexpected end of line",
+    }
+}
+
+/// Read every record of a JSONL file (plain or gzip-compressed when the name
+/// ends in `.gz`).
+pub fn read_file(path: &Path, schema: Schema) -> Result<Vec<DataRecord>, RecordError> {
+    open(path, schema)?.collect()
+}
+
+/// Open a JSONL file (plain or `.gz`) as a streaming reader.
+pub fn open(path: &Path, schema: Schema) -> Result<JsonlReader<Box<dyn BufRead>>, RecordError> {
+    let file = std::fs::File::open(path).map_err(|source| RecordError::Io {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    let input: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(file)))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    };
+    Ok(JsonlReader::new(path, input, schema))
+}
+
+/// A record as a JSON object (the inverse of the reader, default schema).
+pub fn record_to_json(r: &DataRecord) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), Value::String(r.id.clone()));
+    for t in &r.texts {
+        m.insert(t.name.clone(), Value::String(t.value.clone()));
+    }
+    for n in &r.numerics {
+        let v = match &n.value {
+            Numeric::Scalar(x) => serde_json::json!(x),
+            Numeric::Vector(xs) => serde_json::json!(xs),
+        };
+        m.insert(n.name.clone(), v);
+    }
+    if let Some(l) = &r.label {
+        m.insert("label".into(), Value::String(l.clone()));
+    }
+    Value::Object(m)
+}
+
+/// Write records as JSONL.
+pub fn write_records(out: &mut impl Write, records: &[DataRecord]) -> std::io::Result<()> {
+    for r in records {
+        serde_json::to_writer(&mut *out, &record_to_json(r))?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// Write feature rows as JSONL: `{"id", "indices", "values"}` per record.
+pub fn write_features(out: &mut impl Write, ids: &[&str], b: &SparseBatch) -> std::io::Result<()> {
+    for (i, id) in ids.iter().enumerate() {
+        let (idx, val) = b.row(i);
+        serde_json::to_writer(&mut *out, &serde_json::json!({"id": id, "indices": idx, "values": val}))?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// Write decisions as JSONL with class names resolved.
+pub fn write_decisions(out: &mut impl Write, classes: &[String], decisions: &[Decision]) -> std::io::Result<()> {
+    for d in decisions {
+        let v = match d.action {
+            Action::AutoAccept(c) => serde_json::json!({"id": d.id, "action": "auto-accept", "label": classes.get(c as usize), "priority": d.priority}),
+            Action::HumanReview => serde_json::json!({"id": d.id, "action": "human-review", "priority": d.priority}),
+            Action::Skip => serde_json::json!({"id": d.id, "action": "skip", "priority": d.priority}),
+        };
+        serde_json::to_writer(&mut *out, &v)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// Read selector input: `{"id": ..., "models": [[p, ...], ...]}` per line.
+pub fn read_prediction_sets(path: &Path) -> Result<Vec<PredictionSet>, RecordError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RecordError::Io {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let err = |field: Option<&str>, problem: String| RecordError::Line {
+            file: path.to_path_buf(),
+            line: i as u64 + 1,
+            field: field.map(str::to_string),
+            problem,
+        };
+        let p: PredictionSet = serde_json::from_str(line)
+            .map_err(|e| err(None, format!("expected {{\"id\": string, \"models\": [[number]]}}: {}", json_problem(&e))))?;
+        if !seen.insert(p.id.clone()) {
+            return Err(err(Some("id"), format!("duplicate id {:?}", p.id)));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Result<Vec<DataRecord>, RecordError> {
+        JsonlReader::new("mock.jsonl", text.as_bytes(), Schema::default()).collect()
+    }
+
+    #[test]
+    fn fields_by_type() -> Result<(), RecordError> {
+        let r = read("{\"id\": 7, \"text\": \"hi\", \"label\": \"spam\", \"pixels\": [1, 2.5], \"n\": 3}\n\n")?;
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].id, "7");
+        assert_eq!(r[0].text("text"), Some("hi"));
+        assert_eq!(r[0].label.as_deref(), Some("spam"));
+        assert_eq!(r[0].numeric("pixels"), Some(&Numeric::Vector(vec![1.0, 2.5])));
+        assert_eq!(r[0].numeric("n"), Some(&Numeric::Scalar(3.0)));
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let msg = |t: &str| read(t).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(msg("{\"id\": \"a\"}\n{\"text\": \"x\"}\n"), "mock.jsonl:2: field `id`: missing (every record needs an id)");
+        assert_eq!(msg("{\"id\": \"a\"}\n{\"id\": \"a\"}\n"), "mock.jsonl:2: field `id`: duplicate id \"a\"");
+        assert!(msg("{\"id\": \"a\"\n").starts_with("mock.jsonl:1: invalid JSON"));
+        assert_eq!(msg("{\"id\": \"a\", \"ok\": true}\n"), "mock.jsonl:1: field `ok`: unsupported value (use a string, a number or an array of numbers)");
+        assert_eq!(msg("[1]\n"), "mock.jsonl:1: expected a JSON object");
+        assert_eq!(msg("{\"id\": \"a\", \"v\": [1, \"x\"]}\n"), "mock.jsonl:1: field `v`: arrays must hold finite numbers only");
+    }
+}

@@ -1,0 +1,676 @@
+//! The sandboxed plugin runtime.
+//!
+//! A [`Runtime`] owns one wasmtime engine (Cranelift, pooling allocator, fuel
+//! and epoch interruption), the linker with the sandbox's few WASI
+//! interfaces, and the compiled-artifact cache. [`Runtime::load`] turns
+//! component bytes into a [`LoadedPlugin`]: digested, compiled once per
+//! digest and engine configuration, refused if it imports anything outside
+//! the sandbox, and described by its own metadata. A [`PluginInstance`] is one
+//! configured instance that runs batches under [`Limits`]; a [`Runner`] runs
+//! many batches in parallel on several instances.
+//!
+//! Failure model: a plugin error (`Err` returned by the plugin) leaves the
+//! instance usable; a trap, an exceeded limit or invalid output discards the
+//! instance, and the call yields no partial output.
+
+mod bindings;
+mod cache;
+mod error;
+mod runner;
+pub mod sandbox;
+mod validate;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+pub use cache::ArtifactCache;
+pub use error::{Limit, OutputViolation, RuntimeError, TrapKind};
+pub use runner::Runner;
+
+use crate::digest::Digest;
+use crate::types::{DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch};
+use bindings::{Bindings, Pre};
+use sandbox::HostState;
+
+/// Largest component accepted, in bytes.
+pub const MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
+
+/// How often the epoch ticks; the wall-clock timeout's resolution.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Per-call resource limits. Defaults are safe for batches of a few hundred
+/// records; every limit can be raised or lowered per run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// CPU budget per call in fuel units (about one per wasm instruction).
+    /// Ignored when the runtime was built without fuel metering.
+    pub fuel: u64,
+    /// Linear-memory cap per instance, in bytes.
+    pub memory_bytes: usize,
+    /// Cap on the size of one call's output, in bytes.
+    pub output_bytes: usize,
+    /// Wall-clock timeout per call.
+    pub timeout: Duration,
+    /// Bytes of stdout/stderr kept per instance for the administrators' log.
+    pub log_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel: 20_000_000_000,
+            memory_bytes: 256 * 1024 * 1024,
+            output_bytes: 64 * 1024 * 1024,
+            timeout: Duration::from_secs(30),
+            log_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// How the engine is built. Part of the compiled-artifact cache key.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Meter fuel (a deterministic CPU budget). Costs some throughput; the
+    /// wall-clock timeout applies either way.
+    pub fuel: bool,
+    /// Instances that may exist at once (the pooling allocator's size).
+    pub max_instances: u32,
+    /// Upper bound for [`Limits::memory_bytes`].
+    pub max_memory_bytes: usize,
+    /// Where compiled artifacts are cached.
+    pub cache: ArtifactCache,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            fuel: true,
+            max_instances: 64,
+            max_memory_bytes: 1024 * 1024 * 1024,
+            cache: ArtifactCache::in_memory(),
+        }
+    }
+}
+
+/// The plugin runtime: engine, linker, artifact cache and epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    ticker: Option<Ticker>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+struct Ticker {
+    stop: mpsc::Sender<()>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(mut t) = self.ticker.take() {
+            let _ = t.stop.send(());
+            if let Some(h) = t.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Internal(e.to_string())
+}
+
+impl Runtime {
+    /// Build a runtime.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let mut pool = PoolingAllocationConfig::new();
+        let n = config.max_instances.max(1);
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .max_core_instances_per_component(8)
+            .total_memories(n * 2)
+            .max_memories_per_component(2)
+            .total_tables(n * 8)
+            .max_tables_per_component(8)
+            .total_stacks(n)
+            .max_memory_size(config.max_memory_bytes)
+            .linear_memory_keep_resident(1024 * 1024)
+            .table_keep_resident(64 * 1024);
+
+        let mut c = wasmtime::Config::new();
+        c.wasm_component_model(true)
+            .wasm_relaxed_simd(false)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed)
+            .consume_fuel(config.fuel)
+            .epoch_interruption(true)
+            .parallel_compilation(true)
+            .wasm_backtrace_max_frames(None)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&c).map_err(internal)?;
+        let mut linker = Linker::new(&engine);
+        sandbox::add_to_linker(&mut linker).map_err(internal)?;
+
+        let (stop, rx) = mpsc::channel::<()>();
+        let ticking = engine.clone();
+        let handle = std::thread::Builder::new()
+            .name("cloister-epoch".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(EPOCH_TICK) {
+                    ticking.increment_epoch();
+                }
+            })
+            .map_err(internal)?;
+        Ok(Runtime {
+            engine,
+            linker,
+            config,
+            ticker: Some(Ticker {
+                stop,
+                handle: Some(handle),
+            }),
+        })
+    }
+
+    /// The engine configuration this runtime was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// A digest of everything about the engine that affects compiled code:
+    /// part of the artifact cache key.
+    pub fn engine_fingerprint(&self) -> Digest {
+        use std::hash::Hash;
+        let mut h = Digest::hasher();
+        h.update(b"cloister-engine-v1\0wasmtime-48\0");
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        h.finish()
+    }
+
+    /// Check the header: a component, not garbage or a core module.
+    fn check_header(bytes: &[u8]) -> Result<(), RuntimeError> {
+        if bytes.is_empty() {
+            return Err(RuntimeError::NotAComponent("the file is empty"));
+        }
+        if bytes.len() > MAX_COMPONENT_BYTES {
+            return Err(RuntimeError::TooLarge {
+                size: bytes.len(),
+                limit: MAX_COMPONENT_BYTES,
+            });
+        }
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(RuntimeError::NotAComponent("the file is not WebAssembly"));
+        }
+        match bytes[4..8] {
+            [0x0d, 0x00, 0x01, 0x00] => Ok(()),
+            [0x01, 0x00, 0x00, 0x00] => Err(RuntimeError::NotAComponent(
+                "this is a core WebAssembly module; build the plugin with --target wasm32-wasip2",
+            )),
+            _ => Err(RuntimeError::NotAComponent("unknown WebAssembly version or layer")),
+        }
+    }
+
+    /// Compile (or fetch from the cache) and return the component.
+    fn compile(&self, digest: &Digest, bytes: &[u8]) -> Result<(Component, bool), RuntimeError> {
+        let key = cache::cache_key(digest, &self.engine_fingerprint());
+        if let Some(c) = self.config.cache.get(&self.engine, &key) {
+            return Ok((c, true));
+        }
+        let component = Component::from_binary(&self.engine, bytes).map_err(|e| {
+            RuntimeError::Invalid {
+                detail: format!("{e:#}"),
+            }
+        })?;
+        self.config.cache.put(&key, &component);
+        Ok((component, false))
+    }
+
+    /// Inspect component bytes: always returns a report, with the verdict
+    /// inside. Never panics on garbage.
+    pub fn inspect(&self, bytes: &[u8]) -> Inspection {
+        let digest = Digest::of(bytes);
+        let mut report = Inspection {
+            digest,
+            size: bytes.len(),
+            imports: Vec::new(),
+            exports: Vec::new(),
+            metadata: None,
+            verdict: Ok(()),
+        };
+        let loaded = (|| {
+            Self::check_header(bytes)?;
+            let (component, _) = self.compile(&digest, bytes)?;
+            let ty = component.component_type();
+            report.imports = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
+            report.exports = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+            self.finish_load(digest, component)
+        })();
+        match loaded {
+            Ok(p) => report.metadata = Some(p.metadata),
+            Err(e) => report.verdict = Err(e),
+        }
+        report
+    }
+
+    /// Load a plugin from component bytes: check, digest, compile (cached),
+    /// refuse forbidden imports, and read its metadata in a fresh instance.
+    pub fn load(&self, bytes: &[u8]) -> Result<LoadedPlugin, RuntimeError> {
+        Self::check_header(bytes)?;
+        let digest = Digest::of(bytes);
+        let (component, _) = self.compile(&digest, bytes)?;
+        self.finish_load(digest, component)
+    }
+
+    fn finish_load(&self, digest: Digest, component: Component) -> Result<LoadedPlugin, RuntimeError> {
+        let ty = component.component_type();
+        let imports: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let forbidden = sandbox::forbidden_imports(imports.iter().map(String::as_str));
+        if !forbidden.is_empty() {
+            return Err(RuntimeError::ForbiddenImports(forbidden));
+        }
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let kind = bindings::exported_kind(&exports).ok_or(RuntimeError::NoPluginWorld)?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            RuntimeError::InterfaceMismatch {
+                detail: format!("{e:#}"),
+            }
+        })?;
+        let pre = Pre::new(kind, instance_pre).map_err(|e| RuntimeError::InterfaceMismatch {
+            detail: format!("{e:#}"),
+        })?;
+        let mut plugin = LoadedPlugin {
+            digest,
+            kind,
+            metadata: Metadata {
+                name: String::new(),
+                version: String::new(),
+                kind,
+                description: String::new(),
+                config: Vec::new(),
+            },
+            pre: Arc::new(pre),
+        };
+        // Ask the plugin to describe itself, in a throwaway instance under
+        // tight limits.
+        let limits = Limits {
+            fuel: 1_000_000_000,
+            memory_bytes: 64 * 1024 * 1024,
+            output_bytes: 1024 * 1024,
+            timeout: Duration::from_secs(5),
+            log_bytes: 4096,
+        };
+        let mut inst = PluginInstance::raw(self, &plugin, &limits)?;
+        let metadata = inst.call(|store, b| b.describe(store).map(Ok))?;
+        validate::metadata(&metadata)?;
+        if metadata.kind != kind {
+            return Err(RuntimeError::KindMismatch {
+                declared: metadata.kind,
+                exported: kind,
+            });
+        }
+        plugin.metadata = metadata;
+        Ok(plugin)
+    }
+}
+
+/// What `cloister plugin inspect` reports.
+#[derive(Debug)]
+pub struct Inspection {
+    /// SHA-256 of the bytes: the plugin's identity.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: usize,
+    /// Every import the component declares.
+    pub imports: Vec<String>,
+    /// Every export.
+    pub exports: Vec<String>,
+    /// The plugin's self-description, when it loaded.
+    pub metadata: Option<Metadata>,
+    /// Loadable, or why not.
+    pub verdict: Result<(), RuntimeError>,
+}
+
+/// A loaded, checked plugin: ready to instantiate.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    /// SHA-256 of the component bytes: the plugin's identity.
+    pub digest: Digest,
+    /// Its kind, from its exports (and matching its metadata).
+    pub kind: PluginKind,
+    /// Its self-description, validated.
+    pub metadata: Metadata,
+    pre: Arc<Pre>,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("digest", &self.digest)
+            .field("kind", &self.kind)
+            .field("name", &self.metadata.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedPlugin {
+    /// Check `config` against the declared keys and fill in defaults; the
+    /// result is what the plugin's `configure` receives.
+    pub fn resolve_config(&self, config: &[(String, String)]) -> Result<Vec<(String, String)>, RuntimeError> {
+        let declared = &self.metadata.config;
+        let mut out: Vec<(String, String)> = Vec::with_capacity(declared.len());
+        for (k, v) in config {
+            if !declared.iter().any(|d| d.name == *k) {
+                let accepted: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
+                return Err(RuntimeError::UnknownConfigKey {
+                    key: k.clone(),
+                    accepted: if accepted.is_empty() {
+                        "(no keys)".into()
+                    } else {
+                        accepted.join(", ")
+                    },
+                });
+            }
+            if out.iter().any(|(seen, _)| seen == k) {
+                return Err(RuntimeError::DuplicateConfigKey(k.clone()));
+            }
+            out.push((k.clone(), v.clone()));
+        }
+        for d in declared {
+            if !out.iter().any(|(k, _)| *k == d.name) {
+                out.push((d.name.clone(), d.default_value.clone()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// A configured instance under `limits`.
+    pub fn instantiate(
+        &self,
+        runtime: &Runtime,
+        config: &[(String, String)],
+        limits: &Limits,
+    ) -> Result<PluginInstance, RuntimeError> {
+        let resolved = self.resolve_config(config)?;
+        let mut inst = PluginInstance::raw(runtime, self, limits)?;
+        inst.configure(&resolved)?;
+        if self.kind == PluginKind::Featurizer {
+            let dim = inst.call(|store, b| b.dimension(store).map(Ok))?;
+            if dim == 0 {
+                inst.discarded = true;
+                return Err(RuntimeError::InvalidOutput(OutputViolation::ZeroDimension));
+            }
+            inst.dimension = dim;
+        }
+        Ok(inst)
+    }
+
+    fn expect_kind(&self, expected: PluginKind) -> Result<(), RuntimeError> {
+        if self.kind == expected {
+            Ok(())
+        } else {
+            Err(RuntimeError::WrongKind {
+                expected,
+                actual: self.kind,
+            })
+        }
+    }
+}
+
+/// One instance of a plugin in its own store.
+pub struct PluginInstance {
+    store: Store<HostState>,
+    bindings: Bindings,
+    plugin_name: String,
+    digest: Digest,
+    kind: PluginKind,
+    declared_keys: Vec<String>,
+    limits: Limits,
+    fuel_metered: bool,
+    dimension: u32,
+    discarded: bool,
+}
+
+impl std::fmt::Debug for PluginInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginInstance")
+            .field("plugin", &self.plugin_name)
+            .field("digest", &self.digest)
+            .field("discarded", &self.discarded)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginInstance {
+    fn raw(runtime: &Runtime, plugin: &LoadedPlugin, limits: &Limits) -> Result<Self, RuntimeError> {
+        if limits.memory_bytes > runtime.config.max_memory_bytes {
+            return Err(RuntimeError::InvalidInput(format!(
+                "memory limit {} exceeds the runtime's maximum {}",
+                limits.memory_bytes, runtime.config.max_memory_bytes
+            )));
+        }
+        let state = HostState::new(&plugin.digest, limits.memory_bytes, limits.log_bytes);
+        let mut store = Store::new(&runtime.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        // Instantiation runs start functions: give it the same budget as a call.
+        Self::arm(&mut store, limits, runtime.config.fuel)?;
+        let bindings = plugin.pre.instantiate(&mut store).map_err(|e| {
+            classify(e, &store, limits)
+        })?;
+        Ok(PluginInstance {
+            store,
+            bindings,
+            plugin_name: plugin.metadata.name.clone(),
+            digest: plugin.digest,
+            kind: plugin.kind,
+            declared_keys: plugin.metadata.config.iter().map(|k| k.name.clone()).collect(),
+            limits: limits.clone(),
+            fuel_metered: runtime.config.fuel,
+            dimension: 0,
+            discarded: false,
+        })
+    }
+
+    fn arm(store: &mut Store<HostState>, limits: &Limits, fuel: bool) -> Result<(), RuntimeError> {
+        if fuel {
+            store.set_fuel(limits.fuel).map_err(internal)?;
+        }
+        let ticks = (limits.timeout.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        Ok(())
+    }
+
+    /// Run one call under the limits. A plugin error keeps the instance;
+    /// anything else discards it.
+    fn call<R>(
+        &mut self,
+        f: impl FnOnce(&mut Store<HostState>, &Bindings) -> wasmtime::Result<Result<R, PluginError>>,
+    ) -> Result<R, RuntimeError> {
+        if self.discarded {
+            return Err(RuntimeError::Discarded);
+        }
+        Self::arm(&mut self.store, &self.limits, self.fuel_metered)?;
+        self.store.data_mut().limiter.memory_denied = false;
+        let started = Instant::now();
+        let result = f(&mut self.store, &self.bindings);
+        let elapsed = started.elapsed();
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                self.store.data().log.note(&format!(
+                    "plugin error {}: {}",
+                    e.code.as_str(),
+                    e.detail
+                ));
+                // Show a key only if the plugin declared it.
+                let key = e.key.filter(|k| self.declared_keys.iter().any(|d| d == k));
+                tracing::debug!(plugin = %self.digest.short(), code = e.code.as_str(), "plugin returned an error");
+                Err(RuntimeError::Plugin { code: e.code, key })
+            }
+            Err(e) => {
+                self.discarded = true;
+                let err = classify(e, &self.store, &self.limits);
+                tracing::warn!(plugin = %self.digest.short(), error = err.code(), elapsed_ms = elapsed.as_millis() as u64, "plugin instance discarded");
+                Err(err)
+            }
+        }
+    }
+
+    fn configure(&mut self, config: &[(String, String)]) -> Result<(), RuntimeError> {
+        self.call(|store, b| b.configure(store, config))
+    }
+
+    /// The plugin's kind.
+    pub fn kind(&self) -> PluginKind {
+        self.kind
+    }
+
+    /// Whether an earlier failure discarded this instance.
+    pub fn is_discarded(&self) -> bool {
+        self.discarded
+    }
+
+    /// The featurizer's dimension (0 for other kinds).
+    pub fn dimension(&self) -> u32 {
+        self.dimension
+    }
+
+    /// Take the captured stdout/stderr and plugin error details: for the
+    /// administrators' log only. Returns (bytes, bytes dropped over the cap).
+    pub fn take_log(&mut self) -> (Vec<u8>, u64) {
+        self.store.data().log.take()
+    }
+
+    fn fail(&mut self, e: RuntimeError) -> RuntimeError {
+        self.discarded = true;
+        e
+    }
+
+    /// Run a preprocessor over a batch. Labels are withheld from the plugin.
+    pub fn preprocess(&mut self, batch: &[DataRecord]) -> Result<Vec<DataRecord>, RuntimeError> {
+        self.expect(PluginKind::Preprocessor)?;
+        validate::unique_ids(batch.iter().map(|r| r.id.as_str()))?;
+        let unlabeled = without_labels(batch);
+        let input = unlabeled.as_deref().unwrap_or(batch);
+        let out = self.call(|store, b| b.process(store, input))?;
+        validate::preprocessed(input, &out, self.limits.output_bytes).map_err(|e| self.fail(e))?;
+        Ok(out)
+    }
+
+    /// Run a featurizer over a batch. Labels are withheld from the plugin.
+    pub fn featurize(&mut self, batch: &[DataRecord]) -> Result<SparseBatch, RuntimeError> {
+        self.expect(PluginKind::Featurizer)?;
+        let unlabeled = without_labels(batch);
+        let input = unlabeled.as_deref().unwrap_or(batch);
+        let out = self.call(|store, b| b.featurize(store, input))?;
+        validate::features(batch.len(), self.dimension, &out, self.limits.output_bytes)
+            .map_err(|e| self.fail(e))?;
+        Ok(out)
+    }
+
+    /// Run a selector over a batch of prediction sets.
+    pub fn select(&mut self, classes: &[String], batch: &[PredictionSet]) -> Result<Vec<Decision>, RuntimeError> {
+        self.expect(PluginKind::Selector)?;
+        validate::prediction_sets(classes, batch)?;
+        let out = self.call(|store, b| b.select(store, classes, batch))?;
+        validate::decisions(batch, classes.len(), &out, self.limits.output_bytes).map_err(|e| self.fail(e))?;
+        Ok(out)
+    }
+
+    fn expect(&self, kind: PluginKind) -> Result<(), RuntimeError> {
+        if self.kind == kind {
+            Ok(())
+        } else {
+            Err(RuntimeError::WrongKind {
+                expected: kind,
+                actual: self.kind,
+            })
+        }
+    }
+}
+
+/// A copy of `batch` without labels, or `None` if it has none.
+fn without_labels(batch: &[DataRecord]) -> Option<Vec<DataRecord>> {
+    if batch.iter().all(|r| r.label.is_none()) {
+        return None;
+    }
+    Some(
+        batch
+            .iter()
+            .map(|r| DataRecord {
+                label: None,
+                ..r.clone()
+            })
+            .collect(),
+    )
+}
+
+/// Turn a wasmtime error from a call into a typed runtime error.
+fn classify(e: wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> RuntimeError {
+    if store.data().limiter.memory_denied {
+        return RuntimeError::LimitExceeded(Limit::Memory {
+            bytes: limits.memory_bytes,
+        });
+    }
+    if e.downcast_ref::<wasmtime_wasi::I32Exit>().is_some() {
+        return RuntimeError::Exited;
+    }
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::OutOfFuel => RuntimeError::LimitExceeded(Limit::Fuel { budget: limits.fuel }),
+            Trap::Interrupt => RuntimeError::LimitExceeded(Limit::Timeout {
+                after: limits.timeout,
+            }),
+            Trap::UnreachableCodeReached => RuntimeError::Trap(TrapKind::Panic),
+            Trap::StackOverflow => RuntimeError::Trap(TrapKind::StackOverflow),
+            Trap::MemoryOutOfBounds | Trap::HeapMisaligned => {
+                RuntimeError::Trap(TrapKind::MemoryOutOfBounds)
+            }
+            Trap::IntegerDivisionByZero | Trap::IntegerOverflow | Trap::BadConversionToInteger => {
+                RuntimeError::Trap(TrapKind::Arithmetic)
+            }
+            _ => RuntimeError::Trap(TrapKind::Other),
+        };
+    }
+    // Errors raised while lifting the plugin's results (invalid UTF-8, bad
+    // discriminants, out-of-bounds lists) are the plugin's fault: a trap.
+    tracing::debug!(error = %format!("{e:#}"), "non-trap failure in a plugin call");
+    RuntimeError::Trap(TrapKind::Other)
+}
+
+impl LoadedPlugin {
+    /// Convenience: run `records` through this featurizer in parallel.
+    pub fn runner<'a>(
+        &'a self,
+        runtime: &'a Runtime,
+        config: &[(String, String)],
+        limits: Limits,
+    ) -> Result<Runner<'a>, RuntimeError> {
+        let config = self.resolve_config(config)?;
+        Ok(Runner::new(runtime, self, config, limits))
+    }
+
+    /// Require this plugin to be of `kind`.
+    pub fn require(&self, kind: PluginKind) -> Result<(), RuntimeError> {
+        self.expect_kind(kind)
+    }
+}
+
+/// Shared flag used by runners to stop early.
+pub(crate) type StopFlag = Arc<AtomicBool>;
+
+pub(crate) fn stopped(flag: &StopFlag) -> bool {
+    flag.load(Ordering::Relaxed)
+}

@@ -1,0 +1,167 @@
+//! Running many batches through one plugin on several instances at once.
+//!
+//! Each worker thread owns one instance, configured once, and pulls batches
+//! from a shared counter. The result is all-or-nothing: if any batch fails,
+//! the run stops and returns the error of the earliest failing batch, and no
+//! output is returned. An instance that failed is discarded; the next run
+//! starts fresh ones. Plugins must not depend on state kept between batches:
+//! which instance runs which batch is up to the scheduler.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::{LoadedPlugin, Limits, PluginInstance, Runtime, RuntimeError, StopFlag, stopped};
+use crate::types::{DataRecord, Decision, PluginKind, PredictionSet, SparseBatch};
+
+/// Runs a plugin over many batches in parallel.
+pub struct Runner<'a> {
+    runtime: &'a Runtime,
+    plugin: &'a LoadedPlugin,
+    config: Vec<(String, String)>,
+    limits: Limits,
+    workers: usize,
+    batch_size: usize,
+    log: Mutex<Vec<u8>>,
+    log_dropped: AtomicUsize,
+}
+
+impl std::fmt::Debug for Runner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("plugin", &self.plugin)
+            .field("workers", &self.workers)
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> Runner<'a> {
+    pub(crate) fn new(
+        runtime: &'a Runtime,
+        plugin: &'a LoadedPlugin,
+        config: Vec<(String, String)>,
+        limits: Limits,
+    ) -> Self {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Runner {
+            runtime,
+            plugin,
+            config,
+            limits,
+            workers,
+            batch_size: 256,
+            log: Mutex::new(Vec::new()),
+            log_dropped: AtomicUsize::new(0),
+        }
+    }
+
+    /// Use `n` worker instances (at least 1).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n.max(1);
+        self
+    }
+
+    /// Records per call (at least 1).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// The plugin's captured output and error details so far (administrators
+    /// only), with the count of bytes dropped over the per-instance cap.
+    pub fn take_log(&self) -> (Vec<u8>, usize) {
+        let log = std::mem::take(&mut *self.log.lock().unwrap_or_else(|p| p.into_inner()));
+        (log, self.log_dropped.swap(0, Ordering::Relaxed))
+    }
+
+    fn collect_log(&self, inst: &mut PluginInstance) {
+        let (bytes, dropped) = inst.take_log();
+        if !bytes.is_empty() {
+            self.log.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&bytes);
+        }
+        self.log_dropped.fetch_add(dropped as usize, Ordering::Relaxed);
+    }
+
+    /// Run `op` over `items` in batches; results in input order.
+    fn run<I: Sync, O: Send>(
+        &self,
+        kind: PluginKind,
+        items: &[I],
+        op: impl Fn(&mut PluginInstance, &[I]) -> Result<O, RuntimeError> + Sync,
+    ) -> Result<Vec<O>, RuntimeError> {
+        self.plugin.require(kind)?;
+        let chunks: Vec<&[I]> = items.chunks(self.batch_size).collect();
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let next = AtomicUsize::new(0);
+        let stop: StopFlag = Arc::new(AtomicBool::new(false));
+        let slots: Vec<Mutex<Option<O>>> = chunks.iter().map(|_| Mutex::new(None)).collect();
+        let errors: Mutex<Vec<(usize, RuntimeError)>> = Mutex::new(Vec::new());
+        let workers = self.workers.min(chunks.len());
+        let fail = |at: usize, e: RuntimeError| {
+            stop.store(true, Ordering::Relaxed);
+            errors.lock().unwrap_or_else(|p| p.into_inner()).push((at, e));
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    let mut inst = match self.plugin.instantiate(self.runtime, &self.config, &self.limits) {
+                        Ok(i) => i,
+                        Err(e) => return fail(0, e),
+                    };
+                    while !stopped(&stop) {
+                        let at = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(chunk) = chunks.get(at) else { break };
+                        let result = op(&mut inst, chunk);
+                        self.collect_log(&mut inst);
+                        match result {
+                            Ok(out) => *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = Some(out),
+                            Err(e) => return fail(at, e),
+                        }
+                    }
+                });
+            }
+        });
+        let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+        errors.sort_by_key(|(at, _)| *at);
+        if let Some((_, e)) = errors.into_iter().next() {
+            return Err(e);
+        }
+        slots
+            .into_iter()
+            .map(|s| {
+                s.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ok_or_else(|| RuntimeError::Internal("a batch produced no result".into()))
+            })
+            .collect()
+    }
+
+    /// Preprocess `records`; the kept records in input order.
+    pub fn preprocess(&self, records: &[DataRecord]) -> Result<Vec<DataRecord>, RuntimeError> {
+        let out = self.run(PluginKind::Preprocessor, records, |inst, batch| inst.preprocess(batch))?;
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Featurize `records`: one row per record, in order.
+    pub fn featurize(&self, records: &[DataRecord]) -> Result<SparseBatch, RuntimeError> {
+        let parts = self.run(PluginKind::Featurizer, records, |inst, batch| inst.featurize(batch))?;
+        let mut all = SparseBatch {
+            offsets: vec![0],
+            ..SparseBatch::default()
+        };
+        all.indices.reserve(parts.iter().map(|p| p.indices.len()).sum());
+        all.values.reserve(parts.iter().map(|p| p.values.len()).sum());
+        for p in &parts {
+            all.extend(p);
+        }
+        Ok(all)
+    }
+
+    /// Decide for each prediction set, in order.
+    pub fn select(&self, classes: &[String], items: &[PredictionSet]) -> Result<Vec<Decision>, RuntimeError> {
+        let out = self.run(PluginKind::Selector, items, |inst, batch| inst.select(classes, batch))?;
+        Ok(out.into_iter().flatten().collect())
+    }
+}

@@ -1,0 +1,264 @@
+//! The data types exchanged with plugins.
+//!
+//! They mirror the WIT interface `cloister:plugin/types` in
+//! `plugin-sdk/wit/plugin.wit`: the runtime's generated bindings use these
+//! very types (wasmtime checks their shape against the component when a
+//! plugin is loaded), so records cross into a plugin without conversion.
+
+use serde::{Deserialize, Serialize};
+use wasmtime::component::{ComponentType, Lift, Lower};
+
+/// A numeric field value: one number or a vector (e.g. 64 pixels).
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[component(variant)]
+#[serde(untagged)]
+pub enum Numeric {
+    /// A single number.
+    #[component(name = "scalar")]
+    Scalar(f64),
+    /// A vector of numbers.
+    #[component(name = "vector")]
+    Vector(Vec<f64>),
+}
+
+impl Numeric {
+    /// The values as a slice: one element for a scalar.
+    pub fn as_slice(&self) -> &[f64] {
+        match self {
+            Numeric::Scalar(v) => std::slice::from_ref(v),
+            Numeric::Vector(v) => v,
+        }
+    }
+}
+
+/// A named text field.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq)]
+#[component(record)]
+pub struct TextField {
+    /// Field name.
+    pub name: String,
+    /// Field value.
+    pub value: String,
+}
+
+/// A named numeric field.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq)]
+#[component(record)]
+pub struct NumericField {
+    /// Field name.
+    pub name: String,
+    /// Field value.
+    pub value: Numeric,
+}
+
+/// One data record.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq)]
+#[component(record)]
+pub struct DataRecord {
+    /// Unique id within its dataset.
+    pub id: String,
+    /// Named text fields.
+    pub texts: Vec<TextField>,
+    /// Named numeric fields.
+    pub numerics: Vec<NumericField>,
+    /// The label, if known. Never shown to preprocessors and featurizers.
+    pub label: Option<String>,
+}
+
+impl DataRecord {
+    /// The value of text field `name`.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.texts
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.value.as_str())
+    }
+
+    /// The value of numeric field `name`.
+    pub fn numeric(&self, name: &str) -> Option<&Numeric> {
+        self.numerics.iter().find(|f| f.name == name).map(|f| &f.value)
+    }
+}
+
+/// The three plugin kinds.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[component(enum)]
+#[repr(u8)]
+#[serde(rename_all = "kebab-case")]
+pub enum PluginKind {
+    /// Records to records.
+    #[component(name = "preprocessor")]
+    Preprocessor,
+    /// Records to sparse feature vectors.
+    #[component(name = "featurizer")]
+    Featurizer,
+    /// Model predictions to labeling decisions.
+    #[component(name = "selector")]
+    Selector,
+}
+
+impl PluginKind {
+    /// The kind's name as in the WIT world.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::Preprocessor => "preprocessor",
+            PluginKind::Featurizer => "featurizer",
+            PluginKind::Selector => "selector",
+        }
+    }
+}
+
+impl std::fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A configuration key a plugin declares.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[component(record)]
+pub struct ConfigKey {
+    /// Key name.
+    pub name: String,
+    /// Default value.
+    #[component(name = "default-value")]
+    pub default_value: String,
+    /// Meaning.
+    pub description: String,
+}
+
+/// What a plugin says about itself.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[component(record)]
+pub struct Metadata {
+    /// Plugin name.
+    pub name: String,
+    /// Semantic version.
+    pub version: String,
+    /// Kind.
+    pub kind: PluginKind,
+    /// Description for reviewers.
+    pub description: String,
+    /// Accepted configuration keys.
+    pub config: Vec<ConfigKey>,
+}
+
+/// A plugin's fixed error code: the only part of a plugin error users see.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[component(enum)]
+#[repr(u8)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// A configuration value is malformed or out of range.
+    #[component(name = "invalid-config")]
+    InvalidConfig,
+    /// A record lacks a needed field or has a bad value.
+    #[component(name = "invalid-input")]
+    InvalidInput,
+    /// The plugin cannot handle the input.
+    #[component(name = "unsupported")]
+    Unsupported,
+    /// A bug in the plugin.
+    #[component(name = "internal")]
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as written in the WIT file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidConfig => "invalid-config",
+            ErrorCode::InvalidInput => "invalid-input",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A plugin's error as it crosses the boundary. `detail` is plugin-written
+/// text: it goes to the administrators' plugin log, never to users.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq)]
+#[component(record)]
+pub struct PluginError {
+    /// The fixed code.
+    pub code: ErrorCode,
+    /// For `invalid-config`: the key the plugin blames.
+    pub key: Option<String>,
+    /// Free text for administrators.
+    pub detail: String,
+}
+
+/// Sparse feature vectors of a batch in compressed-sparse-row form.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Default)]
+#[component(record)]
+pub struct SparseBatch {
+    /// Row `i` spans `offsets[i]..offsets[i + 1]`.
+    pub offsets: Vec<u32>,
+    /// Feature indices.
+    pub indices: Vec<u32>,
+    /// Feature values.
+    pub values: Vec<f32>,
+}
+
+impl SparseBatch {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// Row `i` as (indices, values).
+    pub fn row(&self, i: usize) -> (&[u32], &[f32]) {
+        let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
+        (&self.indices[a..b], &self.values[a..b])
+    }
+
+    /// Append all rows of `other`.
+    pub fn extend(&mut self, other: &SparseBatch) {
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        let base = self.indices.len() as u32;
+        self.indices.extend_from_slice(&other.indices);
+        self.values.extend_from_slice(&other.values);
+        self.offsets
+            .extend(other.offsets.iter().skip(1).map(|o| o + base));
+    }
+}
+
+/// The predictions of two or more models for one record.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[component(record)]
+pub struct PredictionSet {
+    /// Record id.
+    pub id: String,
+    /// One probability distribution per model.
+    pub models: Vec<Vec<f32>>,
+}
+
+/// What to do with one record.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[component(variant)]
+#[serde(rename_all = "kebab-case", tag = "action", content = "class")]
+pub enum Action {
+    /// Accept this class index as the label.
+    #[component(name = "auto-accept")]
+    AutoAccept(u32),
+    /// Send to a human labeler.
+    #[component(name = "human-review")]
+    HumanReview,
+    /// Leave in the pool.
+    #[component(name = "skip")]
+    Skip,
+}
+
+/// A selector's decision for one record.
+#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[component(record)]
+pub struct Decision {
+    /// Record id.
+    pub id: String,
+    /// The action.
+    pub action: Action,
+    /// Priority for human review, higher first.
+    pub priority: f32,
+}
