@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::types::{Action, DataRecord, Decision, Numeric, NumericField, PredictionSet, SparseBatch, TextField};
+use crate::types::{
+    Action, DataRecord, Decision, Numeric, NumericField, PredictionSet, SparseBatch, TextField,
+};
 
 /// Longest line accepted, in bytes.
 pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
@@ -111,21 +113,45 @@ impl<R: BufRead> JsonlReader<R> {
     fn parse(&mut self, obj: Map<String, Value>) -> Result<DataRecord, RecordError> {
         let id = match obj.get(&self.schema.id_field) {
             Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
-            Some(Value::String(_)) => return Err(self.err(Some(&self.schema.id_field), "the id must be 1 to 256 bytes")),
+            Some(Value::String(_)) => {
+                return Err(self.err(Some(&self.schema.id_field), "the id must be 1 to 256 bytes"));
+            }
             Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n.to_string(),
-            Some(_) => return Err(self.err(Some(&self.schema.id_field), "the id must be a string or an integer")),
-            None => return Err(self.err(Some(&self.schema.id_field), "missing (every record needs an id)")),
+            Some(_) => {
+                return Err(self.err(
+                    Some(&self.schema.id_field),
+                    "the id must be a string or an integer",
+                ));
+            }
+            None => {
+                return Err(self.err(
+                    Some(&self.schema.id_field),
+                    "missing (every record needs an id)",
+                ));
+            }
         };
         if id.chars().any(char::is_control) {
-            return Err(self.err(Some(&self.schema.id_field), "the id contains control characters"));
+            return Err(self.err(
+                Some(&self.schema.id_field),
+                "the id contains control characters",
+            ));
         }
         if !self.seen.insert(id.clone()) {
             return Err(self.err(Some(&self.schema.id_field), format!("duplicate id {id:?}")));
         }
         let label = match obj.get(&self.schema.label_field) {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control) => Some(s.clone()),
-            Some(_) => return Err(self.err(Some(&self.schema.label_field), "the label must be a non-empty string of at most 256 bytes")),
+            Some(Value::String(s))
+                if !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control) =>
+            {
+                Some(s.clone())
+            }
+            Some(_) => {
+                return Err(self.err(
+                    Some(&self.schema.label_field),
+                    "the label must be a non-empty string of at most 256 bytes",
+                ));
+            }
         };
         let mut record = DataRecord {
             id,
@@ -137,33 +163,53 @@ impl<R: BufRead> JsonlReader<R> {
             if name == self.schema.id_field || name == self.schema.label_field {
                 continue;
             }
-            let wanted = |list: &Option<Vec<String>>| list.as_ref().is_none_or(|l| l.contains(&name));
+            let wanted =
+                |list: &Option<Vec<String>>| list.as_ref().is_none_or(|l| l.contains(&name));
             match value {
                 Value::Null => {}
                 Value::String(s) if wanted(&self.schema.text_fields) => {
                     record.texts.push(TextField { name, value: s });
                 }
                 Value::Number(n) if wanted(&self.schema.numeric_fields) => {
-                    let v = n.as_f64().filter(|v| v.is_finite()).ok_or_else(|| self.err(Some(&name), "not a finite number"))?;
-                    record.numerics.push(NumericField { name, value: Numeric::Scalar(v) });
+                    let v = n
+                        .as_f64()
+                        .filter(|v| v.is_finite())
+                        .ok_or_else(|| self.err(Some(&name), "not a finite number"))?;
+                    record.numerics.push(NumericField {
+                        name,
+                        value: Numeric::Scalar(v),
+                    });
                 }
                 Value::Array(items) if wanted(&self.schema.numeric_fields) => {
                     let mut v = Vec::with_capacity(items.len());
                     for item in &items {
                         match item.as_f64().filter(|x| x.is_finite()) {
                             Some(x) => v.push(x),
-                            None => return Err(self.err(Some(&name), "arrays must hold finite numbers only")),
+                            None => {
+                                return Err(
+                                    self.err(Some(&name), "arrays must hold finite numbers only")
+                                );
+                            }
                         }
                     }
-                    record.numerics.push(NumericField { name, value: Numeric::Vector(v) });
+                    record.numerics.push(NumericField {
+                        name,
+                        value: Numeric::Vector(v),
+                    });
                 }
                 Value::String(_) | Value::Number(_) | Value::Array(_) => {}
                 Value::Bool(_) | Value::Object(_) => {
-                    return Err(self.err(Some(&name), "unsupported value (use a string, a number or an array of numbers)"));
+                    return Err(self.err(
+                        Some(&name),
+                        "unsupported value (use a string, a number or an array of numbers)",
+                    ));
                 }
             }
         }
-        for (list, kind) in [(&self.schema.text_fields, "text"), (&self.schema.numeric_fields, "numeric")] {
+        for (list, kind) in [
+            (&self.schema.text_fields, "text"),
+            (&self.schema.numeric_fields, "numeric"),
+        ] {
             if let Some(list) = list {
                 let present: Vec<&str> = if kind == "text" {
                     record.texts.iter().map(|t| t.name.as_str()).collect()
@@ -190,7 +236,9 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
             match limited.read_line(&mut self.buf) {
                 Ok(0) => return None,
                 Ok(n) if n > MAX_LINE_BYTES => {
-                    return Some(Err(self.err(None, format!("line longer than {MAX_LINE_BYTES} bytes"))));
+                    return Some(Err(
+                        self.err(None, format!("line longer than {MAX_LINE_BYTES} bytes"))
+                    ));
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -210,7 +258,14 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
             return Some(match parsed {
                 Ok(Value::Object(obj)) => self.parse(obj),
                 Ok(_) => Err(self.err(None, "expected a JSON object")),
-                Err(e) => Err(self.err(None, format!("invalid JSON at column {}: {}", e.column(), json_problem(&e)))),
+                Err(e) => Err(self.err(
+                    None,
+                    format!(
+                        "invalid JSON at column {}: {}",
+                        e.column(),
+                        json_problem(&e)
+                    ),
+                )),
             });
         }
     }
@@ -267,7 +322,10 @@ pub fn record_to_json(r: &DataRecord) -> Value {
 }
 
 /// Write records as JSONL.
-pub fn write_records(out: &mut impl Write, records: &[DataRecord]) -> std::io::Result<()> {
+pub fn write_records(
+    out: &mut (impl Write + ?Sized),
+    records: &[DataRecord],
+) -> std::io::Result<()> {
     for r in records {
         serde_json::to_writer(&mut *out, &record_to_json(r))?;
         out.write_all(b"\n")?;
@@ -276,22 +334,39 @@ pub fn write_records(out: &mut impl Write, records: &[DataRecord]) -> std::io::R
 }
 
 /// Write feature rows as JSONL: `{"id", "indices", "values"}` per record.
-pub fn write_features(out: &mut impl Write, ids: &[&str], b: &SparseBatch) -> std::io::Result<()> {
+pub fn write_features(
+    out: &mut (impl Write + ?Sized),
+    ids: &[&str],
+    b: &SparseBatch,
+) -> std::io::Result<()> {
     for (i, id) in ids.iter().enumerate() {
         let (idx, val) = b.row(i);
-        serde_json::to_writer(&mut *out, &serde_json::json!({"id": id, "indices": idx, "values": val}))?;
+        serde_json::to_writer(
+            &mut *out,
+            &serde_json::json!({"id": id, "indices": idx, "values": val}),
+        )?;
         out.write_all(b"\n")?;
     }
     Ok(())
 }
 
 /// Write decisions as JSONL with class names resolved.
-pub fn write_decisions(out: &mut impl Write, classes: &[String], decisions: &[Decision]) -> std::io::Result<()> {
+pub fn write_decisions(
+    out: &mut (impl Write + ?Sized),
+    classes: &[String],
+    decisions: &[Decision],
+) -> std::io::Result<()> {
     for d in decisions {
         let v = match d.action {
-            Action::AutoAccept(c) => serde_json::json!({"id": d.id, "action": "auto-accept", "label": classes.get(c as usize), "priority": d.priority}),
-            Action::HumanReview => serde_json::json!({"id": d.id, "action": "human-review", "priority": d.priority}),
-            Action::Skip => serde_json::json!({"id": d.id, "action": "skip", "priority": d.priority}),
+            Action::AutoAccept(c) => {
+                serde_json::json!({"id": d.id, "action": "auto-accept", "label": classes.get(c as usize), "priority": d.priority})
+            }
+            Action::HumanReview => {
+                serde_json::json!({"id": d.id, "action": "human-review", "priority": d.priority})
+            }
+            Action::Skip => {
+                serde_json::json!({"id": d.id, "action": "skip", "priority": d.priority})
+            }
         };
         serde_json::to_writer(&mut *out, &v)?;
         out.write_all(b"\n")?;
@@ -317,8 +392,15 @@ pub fn read_prediction_sets(path: &Path) -> Result<Vec<PredictionSet>, RecordErr
             field: field.map(str::to_string),
             problem,
         };
-        let p: PredictionSet = serde_json::from_str(line)
-            .map_err(|e| err(None, format!("expected {{\"id\": string, \"models\": [[number]]}}: {}", json_problem(&e))))?;
+        let p: PredictionSet = serde_json::from_str(line).map_err(|e| {
+            err(
+                None,
+                format!(
+                    "expected {{\"id\": string, \"models\": [[number]]}}: {}",
+                    json_problem(&e)
+                ),
+            )
+        })?;
         if !seen.insert(p.id.clone()) {
             return Err(err(Some("id"), format!("duplicate id {:?}", p.id)));
         }
@@ -337,12 +419,17 @@ mod tests {
 
     #[test]
     fn fields_by_type() -> Result<(), RecordError> {
-        let r = read("{\"id\": 7, \"text\": \"hi\", \"label\": \"spam\", \"pixels\": [1, 2.5], \"n\": 3}\n\n")?;
+        let r = read(
+            "{\"id\": 7, \"text\": \"hi\", \"label\": \"spam\", \"pixels\": [1, 2.5], \"n\": 3}\n\n",
+        )?;
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].id, "7");
         assert_eq!(r[0].text("text"), Some("hi"));
         assert_eq!(r[0].label.as_deref(), Some("spam"));
-        assert_eq!(r[0].numeric("pixels"), Some(&Numeric::Vector(vec![1.0, 2.5])));
+        assert_eq!(
+            r[0].numeric("pixels"),
+            Some(&Numeric::Vector(vec![1.0, 2.5]))
+        );
         assert_eq!(r[0].numeric("n"), Some(&Numeric::Scalar(3.0)));
         Ok(())
     }
@@ -350,11 +437,23 @@ mod tests {
     #[test]
     fn errors_name_line_and_field() {
         let msg = |t: &str| read(t).err().map(|e| e.to_string()).unwrap_or_default();
-        assert_eq!(msg("{\"id\": \"a\"}\n{\"text\": \"x\"}\n"), "mock.jsonl:2: field `id`: missing (every record needs an id)");
-        assert_eq!(msg("{\"id\": \"a\"}\n{\"id\": \"a\"}\n"), "mock.jsonl:2: field `id`: duplicate id \"a\"");
+        assert_eq!(
+            msg("{\"id\": \"a\"}\n{\"text\": \"x\"}\n"),
+            "mock.jsonl:2: field `id`: missing (every record needs an id)"
+        );
+        assert_eq!(
+            msg("{\"id\": \"a\"}\n{\"id\": \"a\"}\n"),
+            "mock.jsonl:2: field `id`: duplicate id \"a\""
+        );
         assert!(msg("{\"id\": \"a\"\n").starts_with("mock.jsonl:1: invalid JSON"));
-        assert_eq!(msg("{\"id\": \"a\", \"ok\": true}\n"), "mock.jsonl:1: field `ok`: unsupported value (use a string, a number or an array of numbers)");
+        assert_eq!(
+            msg("{\"id\": \"a\", \"ok\": true}\n"),
+            "mock.jsonl:1: field `ok`: unsupported value (use a string, a number or an array of numbers)"
+        );
         assert_eq!(msg("[1]\n"), "mock.jsonl:1: expected a JSON object");
-        assert_eq!(msg("{\"id\": \"a\", \"v\": [1, \"x\"]}\n"), "mock.jsonl:1: field `v`: arrays must hold finite numbers only");
+        assert_eq!(
+            msg("{\"id\": \"a\", \"v\": [1, \"x\"]}\n"),
+            "mock.jsonl:1: field `v`: arrays must hold finite numbers only"
+        );
     }
 }

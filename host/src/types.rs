@@ -76,12 +76,17 @@ impl DataRecord {
 
     /// The value of numeric field `name`.
     pub fn numeric(&self, name: &str) -> Option<&Numeric> {
-        self.numerics.iter().find(|f| f.name == name).map(|f| &f.value)
+        self.numerics
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| &f.value)
     }
 }
 
 /// The three plugin kinds.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    ComponentType, Lift, Lower, Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize,
+)]
 #[component(enum)]
 #[repr(u8)]
 #[serde(rename_all = "kebab-case")]

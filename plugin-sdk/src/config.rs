@@ -19,10 +19,16 @@ impl Config {
         let mut values = BTreeMap::new();
         for (key, value) in pairs {
             if !keys.iter().any(|k| k.name == key) {
-                return Err(PluginError::invalid_config(&key, "unknown configuration key"));
+                return Err(PluginError::invalid_config(
+                    &key,
+                    "unknown configuration key",
+                ));
             }
             if values.insert(key.clone(), value).is_some() {
-                return Err(PluginError::invalid_config(&key, "key given more than once"));
+                return Err(PluginError::invalid_config(
+                    &key,
+                    "key given more than once",
+                ));
             }
         }
         for k in keys {
@@ -97,8 +103,7 @@ mod tests {
 
     #[test]
     fn defaults_fill_and_values_parse() {
-        let c = Config::new(&keys(), vec![("threshold".into(), "0.5".into())])
-            .unwrap_or_default();
+        let c = Config::new(&keys(), vec![("threshold".into(), "0.5".into())]).unwrap_or_default();
         assert_eq!(c.get::<f32>("threshold").ok(), Some(0.5));
         assert_eq!(c.get_bool("flag").ok(), Some(true));
     }
@@ -108,8 +113,7 @@ mod tests {
         let e = Config::new(&keys(), vec![("nope".into(), "1".into())]).err();
         assert_eq!(e.as_ref().map(|e| e.code), Some(ErrorCode::InvalidConfig));
         assert_eq!(e.and_then(|e| e.key).as_deref(), Some("nope"));
-        let c = Config::new(&keys(), vec![("threshold".into(), "high".into())])
-            .unwrap_or_default();
+        let c = Config::new(&keys(), vec![("threshold".into(), "high".into())]).unwrap_or_default();
         let e = c.get::<f32>("threshold").err();
         assert_eq!(e.and_then(|e| e.key).as_deref(), Some("threshold"));
     }

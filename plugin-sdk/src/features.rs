@@ -72,7 +72,10 @@ impl Features {
         if n < 2 {
             return (&[], &mut []);
         }
-        let (a, b) = (self.batch.offsets[n - 2] as usize, self.batch.offsets[n - 1] as usize);
+        let (a, b) = (
+            self.batch.offsets[n - 2] as usize,
+            self.batch.offsets[n - 1] as usize,
+        );
         (&self.batch.indices[a..b], &mut self.batch.values[a..b])
     }
 

@@ -188,7 +188,10 @@ impl DataRecord {
 
     /// The value of the numeric field `name`, if present.
     pub fn numeric(&self, name: &str) -> Option<&Numeric> {
-        self.numerics.iter().find(|f| f.name == name).map(|f| &f.value)
+        self.numerics
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| &f.value)
     }
 }
 
@@ -261,7 +264,7 @@ include!(concat!(env!("OUT_DIR"), "/generate.rs"));
 #[doc(hidden)]
 pub mod __private {
     use super::{
-        Config, DataRecord, Decision, Featurizer, Features, Metadata, Plugin, PluginError,
+        Config, DataRecord, Decision, Features, Featurizer, Metadata, Plugin, PluginError,
         PluginKind, PredictionSet, Preprocessor, Selector, SparseBatch,
     };
     use std::any::Any;
@@ -298,7 +301,9 @@ pub mod __private {
         Ok(())
     }
 
-    pub fn process<T: Preprocessor>(batch: Vec<DataRecord>) -> Result<Vec<DataRecord>, PluginError> {
+    pub fn process<T: Preprocessor>(
+        batch: Vec<DataRecord>,
+    ) -> Result<Vec<DataRecord>, PluginError> {
         with_instance::<T, _>(|p| p.process_batch(batch))
     }
 

@@ -17,10 +17,7 @@ pub fn argmax(p: &[f32]) -> Option<(usize, f32)> {
 
 /// Shannon entropy in nats, ignoring zero probabilities.
 pub fn entropy(p: &[f32]) -> f32 {
-    p.iter()
-        .filter(|&&v| v > 0.0)
-        .map(|&v| -v * v.ln())
-        .sum()
+    p.iter().filter(|&&v| v > 0.0).map(|&v| -v * v.ln()).sum()
 }
 
 /// The element-wise mean of several distributions of equal length; `None`

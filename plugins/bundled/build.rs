@@ -3,12 +3,30 @@
 use cloister_wasm_build::{PluginCrate, build_and_embed, fail};
 
 const PLUGINS: &[PluginCrate] = &[
-    PluginCrate { package: "text-normalize", dir: "plugins/text-normalize" },
-    PluginCrate { package: "hashed-ngrams", dir: "plugins/hashed-ngrams" },
-    PluginCrate { package: "standardize", dir: "plugins/standardize" },
-    PluginCrate { package: "dual-agree", dir: "plugins/dual-agree" },
-    PluginCrate { package: "least-confidence", dir: "plugins/least-confidence" },
-    PluginCrate { package: "entropy", dir: "plugins/entropy" },
+    PluginCrate {
+        package: "text-normalize",
+        dir: "plugins/text-normalize",
+    },
+    PluginCrate {
+        package: "hashed-ngrams",
+        dir: "plugins/hashed-ngrams",
+    },
+    PluginCrate {
+        package: "standardize",
+        dir: "plugins/standardize",
+    },
+    PluginCrate {
+        package: "dual-agree",
+        dir: "plugins/dual-agree",
+    },
+    PluginCrate {
+        package: "least-confidence",
+        dir: "plugins/least-confidence",
+    },
+    PluginCrate {
+        package: "entropy",
+        dir: "plugins/entropy",
+    },
 ];
 
 fn main() {

@@ -6,7 +6,9 @@ use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
 use super::sandbox::HostState;
-use crate::types::{DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch};
+use crate::types::{
+    DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch,
+};
 
 /// `cloister:plugin/types` as bindgen sees it: the host's own types, plus the
 /// (empty) host-side surface bindgen expects of an imported interface. The
@@ -119,7 +121,9 @@ pub(crate) enum Bindings {
 type CallResult<T> = wasmtime::Result<Result<T, PluginError>>;
 
 fn wrong_kind<T>() -> CallResult<T> {
-    Err(wasmtime::format_err!("plugin kind does not export this function"))
+    Err(wasmtime::format_err!(
+        "plugin kind does not export this function"
+    ))
 }
 
 impl Bindings {
@@ -131,7 +135,11 @@ impl Bindings {
         }
     }
 
-    pub(crate) fn configure(&self, store: &mut Store<HostState>, config: &[(String, String)]) -> CallResult<()> {
+    pub(crate) fn configure(
+        &self,
+        store: &mut Store<HostState>,
+        config: &[(String, String)],
+    ) -> CallResult<()> {
         match self {
             Bindings::Preprocessor(b) => b.cloister_plugin_plugin().call_configure(store, config),
             Bindings::Featurizer(b) => b.cloister_plugin_plugin().call_configure(store, config),
@@ -146,14 +154,22 @@ impl Bindings {
         }
     }
 
-    pub(crate) fn process(&self, store: &mut Store<HostState>, batch: &[DataRecord]) -> CallResult<Vec<DataRecord>> {
+    pub(crate) fn process(
+        &self,
+        store: &mut Store<HostState>,
+        batch: &[DataRecord],
+    ) -> CallResult<Vec<DataRecord>> {
         match self {
             Bindings::Preprocessor(b) => b.cloister_plugin_preprocess().call_process(store, batch),
             _ => wrong_kind(),
         }
     }
 
-    pub(crate) fn featurize(&self, store: &mut Store<HostState>, batch: &[DataRecord]) -> CallResult<SparseBatch> {
+    pub(crate) fn featurize(
+        &self,
+        store: &mut Store<HostState>,
+        batch: &[DataRecord],
+    ) -> CallResult<SparseBatch> {
         match self {
             Bindings::Featurizer(b) => b.cloister_plugin_featurize().call_featurize(store, batch),
             _ => wrong_kind(),
@@ -167,7 +183,9 @@ impl Bindings {
         batch: &[PredictionSet],
     ) -> CallResult<Vec<Decision>> {
         match self {
-            Bindings::Selector(b) => b.cloister_plugin_select().call_select(store, classes, batch),
+            Bindings::Selector(b) => b
+                .cloister_plugin_select()
+                .call_select(store, classes, batch),
             _ => wrong_kind(),
         }
     }

@@ -36,7 +36,9 @@ pub enum RuntimeError {
     )]
     ForbiddenImports(Vec<String>),
     /// The component exports no (or more than one) plugin world.
-    #[error("refused: the component does not export exactly one Cloister plugin world (preprocessor, featurizer or selector) of cloister:plugin@0.1")]
+    #[error(
+        "refused: the component does not export exactly one Cloister plugin world (preprocessor, featurizer or selector) of cloister:plugin@0.1"
+    )]
     NoPluginWorld,
     /// The component's exports do not have the types of `plugin.wit`.
     #[error("refused: the component's exports do not match the Cloister plugin interface")]
@@ -53,7 +55,9 @@ pub enum RuntimeError {
         problem: &'static str,
     },
     /// The plugin says it is one kind but exports another world.
-    #[error("refused: the plugin describes itself as a {declared} but exports the {exported} world")]
+    #[error(
+        "refused: the plugin describes itself as a {declared} but exports the {exported} world"
+    )]
     KindMismatch {
         /// Kind in its metadata.
         declared: PluginKind,
@@ -172,7 +176,9 @@ impl fmt::Display for Limit {
             Limit::Fuel { budget } => write!(f, "CPU budget of {budget} fuel units per call"),
             Limit::Memory { bytes } => write!(f, "memory cap of {} MiB", bytes / (1024 * 1024)),
             Limit::Output { limit } => write!(f, "output cap of {limit} bytes per call"),
-            Limit::Timeout { after } => write!(f, "wall-clock timeout of {} ms per call", after.as_millis()),
+            Limit::Timeout { after } => {
+                write!(f, "wall-clock timeout of {} ms per call", after.as_millis())
+            }
         }
     }
 }
@@ -198,7 +204,9 @@ impl fmt::Display for TrapKind {
         f.write_str(match self {
             TrapKind::Panic => "panic / unreachable",
             TrapKind::StackOverflow => "stack overflow",
-            TrapKind::MemoryOutOfBounds => "out-of-bounds memory access (e.g. shadow-stack overflow from deep recursion)",
+            TrapKind::MemoryOutOfBounds => {
+                "out-of-bounds memory access (e.g. shadow-stack overflow from deep recursion)"
+            }
             TrapKind::Arithmetic => "integer arithmetic fault",
             TrapKind::Other => "other trap",
         })
@@ -245,7 +253,9 @@ pub enum OutputViolation {
     #[error("the featurizer declares dimension 0")]
     ZeroDimension,
     /// A preprocessor output record whose id is not (in order) an input id.
-    #[error("output record {position} has an id that is not an input id in input order (ids must be preserved, never invented or reordered)")]
+    #[error(
+        "output record {position} has an id that is not an input id in input order (ids must be preserved, never invented or reordered)"
+    )]
     UnknownId {
         /// Position in the output.
         position: usize,

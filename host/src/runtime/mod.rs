@@ -34,7 +34,9 @@ pub use error::{Limit, OutputViolation, RuntimeError, TrapKind};
 pub use runner::Runner;
 
 use crate::digest::Digest;
-use crate::types::{DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch};
+use crate::types::{
+    DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch,
+};
 use bindings::{Bindings, Pre};
 use sandbox::HostState;
 
@@ -108,7 +110,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -217,7 +221,9 @@ impl Runtime {
             [0x01, 0x00, 0x00, 0x00] => Err(RuntimeError::NotAComponent(
                 "this is a core WebAssembly module; build the plugin with --target wasm32-wasip2",
             )),
-            _ => Err(RuntimeError::NotAComponent("unknown WebAssembly version or layer")),
+            _ => Err(RuntimeError::NotAComponent(
+                "unknown WebAssembly version or layer",
+            )),
         }
     }
 
@@ -227,11 +233,10 @@ impl Runtime {
         if let Some(c) = self.config.cache.get(&self.engine, &key) {
             return Ok((c, true));
         }
-        let component = Component::from_binary(&self.engine, bytes).map_err(|e| {
-            RuntimeError::Invalid {
+        let component =
+            Component::from_binary(&self.engine, bytes).map_err(|e| RuntimeError::Invalid {
                 detail: format!("{e:#}"),
-            }
-        })?;
+            })?;
         self.config.cache.put(&key, &component);
         Ok((component, false))
     }
@@ -252,8 +257,14 @@ impl Runtime {
             Self::check_header(bytes)?;
             let (component, _) = self.compile(&digest, bytes)?;
             let ty = component.component_type();
-            report.imports = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
-            report.exports = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+            report.imports = ty
+                .imports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect();
+            report.exports = ty
+                .exports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect();
             self.finish_load(digest, component)
         })();
         match loaded {
@@ -272,14 +283,24 @@ impl Runtime {
         self.finish_load(digest, component)
     }
 
-    fn finish_load(&self, digest: Digest, component: Component) -> Result<LoadedPlugin, RuntimeError> {
+    fn finish_load(
+        &self,
+        digest: Digest,
+        component: Component,
+    ) -> Result<LoadedPlugin, RuntimeError> {
         let ty = component.component_type();
-        let imports: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
         let forbidden = sandbox::forbidden_imports(imports.iter().map(String::as_str));
         if !forbidden.is_empty() {
             return Err(RuntimeError::ForbiddenImports(forbidden));
         }
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
         let kind = bindings::exported_kind(&exports).ok_or(RuntimeError::NoPluginWorld)?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             RuntimeError::InterfaceMismatch {
@@ -366,7 +387,10 @@ impl std::fmt::Debug for LoadedPlugin {
 impl LoadedPlugin {
     /// Check `config` against the declared keys and fill in defaults; the
     /// result is what the plugin's `configure` receives.
-    pub fn resolve_config(&self, config: &[(String, String)]) -> Result<Vec<(String, String)>, RuntimeError> {
+    pub fn resolve_config(
+        &self,
+        config: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, RuntimeError> {
         let declared = &self.metadata.config;
         let mut out: Vec<(String, String)> = Vec::with_capacity(declared.len());
         for (k, v) in config {
@@ -453,7 +477,11 @@ impl std::fmt::Debug for PluginInstance {
 }
 
 impl PluginInstance {
-    fn raw(runtime: &Runtime, plugin: &LoadedPlugin, limits: &Limits) -> Result<Self, RuntimeError> {
+    fn raw(
+        runtime: &Runtime,
+        plugin: &LoadedPlugin,
+        limits: &Limits,
+    ) -> Result<Self, RuntimeError> {
         if limits.memory_bytes > runtime.config.max_memory_bytes {
             return Err(RuntimeError::InvalidInput(format!(
                 "memory limit {} exceeds the runtime's maximum {}",
@@ -466,16 +494,22 @@ impl PluginInstance {
         store.epoch_deadline_trap();
         // Instantiation runs start functions: give it the same budget as a call.
         Self::arm(&mut store, limits, runtime.config.fuel)?;
-        let bindings = plugin.pre.instantiate(&mut store).map_err(|e| {
-            classify(e, &store, limits)
-        })?;
+        let bindings = plugin
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(e, &store, limits))?;
         Ok(PluginInstance {
             store,
             bindings,
             plugin_name: plugin.metadata.name.clone(),
             digest: plugin.digest,
             kind: plugin.kind,
-            declared_keys: plugin.metadata.config.iter().map(|k| k.name.clone()).collect(),
+            declared_keys: plugin
+                .metadata
+                .config
+                .iter()
+                .map(|k| k.name.clone())
+                .collect(),
             limits: limits.clone(),
             fuel_metered: runtime.config.fuel,
             dimension: 0,
@@ -581,11 +615,16 @@ impl PluginInstance {
     }
 
     /// Run a selector over a batch of prediction sets.
-    pub fn select(&mut self, classes: &[String], batch: &[PredictionSet]) -> Result<Vec<Decision>, RuntimeError> {
+    pub fn select(
+        &mut self,
+        classes: &[String],
+        batch: &[PredictionSet],
+    ) -> Result<Vec<Decision>, RuntimeError> {
         self.expect(PluginKind::Selector)?;
         validate::prediction_sets(classes, batch)?;
         let out = self.call(|store, b| b.select(store, classes, batch))?;
-        validate::decisions(batch, classes.len(), &out, self.limits.output_bytes).map_err(|e| self.fail(e))?;
+        validate::decisions(batch, classes.len(), &out, self.limits.output_bytes)
+            .map_err(|e| self.fail(e))?;
         Ok(out)
     }
 
@@ -629,7 +668,9 @@ fn classify(e: wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> Ru
     }
     if let Some(trap) = e.downcast_ref::<Trap>() {
         return match trap {
-            Trap::OutOfFuel => RuntimeError::LimitExceeded(Limit::Fuel { budget: limits.fuel }),
+            Trap::OutOfFuel => RuntimeError::LimitExceeded(Limit::Fuel {
+                budget: limits.fuel,
+            }),
             Trap::Interrupt => RuntimeError::LimitExceeded(Limit::Timeout {
                 after: limits.timeout,
             }),

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{LoadedPlugin, Limits, PluginInstance, Runtime, RuntimeError, StopFlag, stopped};
+use super::{Limits, LoadedPlugin, PluginInstance, Runtime, RuntimeError, StopFlag, stopped};
 use crate::types::{DataRecord, Decision, PluginKind, PredictionSet, SparseBatch};
 
 /// Runs a plugin over many batches in parallel.
@@ -77,9 +77,13 @@ impl<'a> Runner<'a> {
     fn collect_log(&self, inst: &mut PluginInstance) {
         let (bytes, dropped) = inst.take_log();
         if !bytes.is_empty() {
-            self.log.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(&bytes);
+            self.log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&bytes);
         }
-        self.log_dropped.fetch_add(dropped as usize, Ordering::Relaxed);
+        self.log_dropped
+            .fetch_add(dropped as usize, Ordering::Relaxed);
     }
 
     /// Run `op` over `items` in batches; results in input order.
@@ -101,22 +105,31 @@ impl<'a> Runner<'a> {
         let workers = self.workers.min(chunks.len());
         let fail = |at: usize, e: RuntimeError| {
             stop.store(true, Ordering::Relaxed);
-            errors.lock().unwrap_or_else(|p| p.into_inner()).push((at, e));
+            errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((at, e));
         };
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
-                    let mut inst = match self.plugin.instantiate(self.runtime, &self.config, &self.limits) {
-                        Ok(i) => i,
-                        Err(e) => return fail(0, e),
-                    };
+                    let mut inst =
+                        match self
+                            .plugin
+                            .instantiate(self.runtime, &self.config, &self.limits)
+                        {
+                            Ok(i) => i,
+                            Err(e) => return fail(0, e),
+                        };
                     while !stopped(&stop) {
                         let at = next.fetch_add(1, Ordering::Relaxed);
                         let Some(chunk) = chunks.get(at) else { break };
                         let result = op(&mut inst, chunk);
                         self.collect_log(&mut inst);
                         match result {
-                            Ok(out) => *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = Some(out),
+                            Ok(out) => {
+                                *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = Some(out)
+                            }
                             Err(e) => return fail(at, e),
                         }
                     }
@@ -140,19 +153,25 @@ impl<'a> Runner<'a> {
 
     /// Preprocess `records`; the kept records in input order.
     pub fn preprocess(&self, records: &[DataRecord]) -> Result<Vec<DataRecord>, RuntimeError> {
-        let out = self.run(PluginKind::Preprocessor, records, |inst, batch| inst.preprocess(batch))?;
+        let out = self.run(PluginKind::Preprocessor, records, |inst, batch| {
+            inst.preprocess(batch)
+        })?;
         Ok(out.into_iter().flatten().collect())
     }
 
     /// Featurize `records`: one row per record, in order.
     pub fn featurize(&self, records: &[DataRecord]) -> Result<SparseBatch, RuntimeError> {
-        let parts = self.run(PluginKind::Featurizer, records, |inst, batch| inst.featurize(batch))?;
+        let parts = self.run(PluginKind::Featurizer, records, |inst, batch| {
+            inst.featurize(batch)
+        })?;
         let mut all = SparseBatch {
             offsets: vec![0],
             ..SparseBatch::default()
         };
-        all.indices.reserve(parts.iter().map(|p| p.indices.len()).sum());
-        all.values.reserve(parts.iter().map(|p| p.values.len()).sum());
+        all.indices
+            .reserve(parts.iter().map(|p| p.indices.len()).sum());
+        all.values
+            .reserve(parts.iter().map(|p| p.values.len()).sum());
         for p in &parts {
             all.extend(p);
         }
@@ -160,8 +179,14 @@ impl<'a> Runner<'a> {
     }
 
     /// Decide for each prediction set, in order.
-    pub fn select(&self, classes: &[String], items: &[PredictionSet]) -> Result<Vec<Decision>, RuntimeError> {
-        let out = self.run(PluginKind::Selector, items, |inst, batch| inst.select(classes, batch))?;
+    pub fn select(
+        &self,
+        classes: &[String],
+        items: &[PredictionSet],
+    ) -> Result<Vec<Decision>, RuntimeError> {
+        let out = self.run(PluginKind::Selector, items, |inst, batch| {
+            inst.select(classes, batch)
+        })?;
         Ok(out.into_iter().flatten().collect())
     }
 }

@@ -2,14 +2,19 @@
 //! exist for it, its store state, and its resource limiter.
 //!
 //! What a plugin sees:
-//! - **No filesystem, sockets, HTTP or monotonic clock**: those interfaces are
-//!   not linked, and a component importing them is refused when loaded (see
+//! - **No filesystem, sockets or HTTP**: those interfaces are not linked,
+//!   and a component importing them is refused when loaded (see
 //!   [`forbidden_imports`]).
 //! - **Environment and arguments**: empty. **stdin**: closed.
 //! - **stdout and stderr**: captured into a bounded per-instance log that
 //!   only administrators read; bytes past the bound are counted and dropped.
-//! - **Wall clock**: frozen at 1970-01-01T00:00:00Z. A plugin cannot observe
-//!   time, so it cannot time the host or behave differently run to run.
+//! - **Clocks**: the wall clock is frozen at 1970-01-01T00:00:00Z and the
+//!   monotonic clock at 0; a subscription to either (a sleep) is ready at
+//!   once. A plugin cannot observe time, so it cannot time the host or behave
+//!   differently run to run, and it cannot block a host thread in a sleep
+//!   that the wall-clock timeout could not interrupt.
+//! - **Host-side resources** (stream handles, pollables) are capped per
+//!   instance, so a plugin cannot grow host memory outside its own cap.
 //! - **Randomness**: a deterministic byte stream derived from the plugin's
 //!   digest. It exists so that `std`'s hash maps work; it is not secret and
 //!   must not be used for cryptography.
@@ -17,11 +22,11 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use wasmtime::component::{HasData, Linker, ResourceTable};
 use wasmtime::ResourceLimiter;
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream, WasiCli, WasiCliView as _};
 use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView as _};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::random::WasiRandom;
 use wasmtime_wasi::{Deterministic, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -44,6 +49,7 @@ pub const ALLOWED_WASI_INTERFACES: &[&str] = &[
     "wasi:cli/terminal-stdout",
     "wasi:cli/terminal-stderr",
     "wasi:clocks/wall-clock",
+    "wasi:clocks/monotonic-clock",
     "wasi:random/random",
     "wasi:random/insecure",
     "wasi:random/insecure-seed",
@@ -97,6 +103,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     cli::terminal_stdout::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
     cli::terminal_stderr::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
     clocks::wall_clock::add_to_linker::<HostState, WasiClocks>(l, HostState::clocks)?;
+    clocks::monotonic_clock::add_to_linker::<HostState, FrozenMonotonic>(l, |t| {
+        FrozenMonotonicView(&mut t.table)
+    })?;
     random::random::add_to_linker::<HostState, WasiRandom>(l, |t| t.wasi.random())?;
     random::insecure::add_to_linker::<HostState, WasiRandom>(l, |t| t.wasi.random())?;
     random::insecure_seed::add_to_linker::<HostState, WasiRandom>(l, |t| t.wasi.random())?;
@@ -106,6 +115,48 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
 }
 
 struct HasIo;
+
+/// Most host-side resources (streams, pollables) one instance may hold.
+const MAX_RESOURCES: usize = 4096;
+
+/// The monotonic clock plugins see: always 0, and subscriptions that are
+/// ready immediately (wasmtime-wasi's own would sleep in a host call).
+struct FrozenMonotonic;
+
+impl HasData for FrozenMonotonic {
+    type Data<'a> = FrozenMonotonicView<'a>;
+}
+
+struct FrozenMonotonicView<'a>(&'a mut ResourceTable);
+
+struct ReadyNow;
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for ReadyNow {
+    async fn ready(&mut self) {}
+}
+
+impl FrozenMonotonicView<'_> {
+    fn ready_now(&mut self) -> wasmtime::Result<Resource<DynPollable>> {
+        let ready = self.0.push(ReadyNow)?;
+        wasmtime_wasi::p2::subscribe(self.0, ready)
+    }
+}
+
+impl wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host for FrozenMonotonicView<'_> {
+    fn now(&mut self) -> wasmtime::Result<u64> {
+        Ok(0)
+    }
+    fn resolution(&mut self) -> wasmtime::Result<u64> {
+        Ok(1_000_000_000)
+    }
+    fn subscribe_instant(&mut self, _when: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        self.ready_now()
+    }
+    fn subscribe_duration(&mut self, _duration: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        self.ready_now()
+    }
+}
 
 impl HasData for HasIo {
     type Data<'a> = &'a mut ResourceTable;
@@ -153,9 +204,11 @@ impl HostState {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         HostState {
             wasi: builder.build(),
-            table: ResourceTable::new(),
+            table,
             limiter: Limiter::new(memory_bytes),
             log,
         }
@@ -239,7 +292,9 @@ impl PluginLog {
     }
 
     fn lock(&self) -> MutexGuard<'_, LogBuffer> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn append(&self, data: &[u8]) {
@@ -347,7 +402,6 @@ mod tests {
             vec![
                 "wasi:sockets/tcp@0.2.0",
                 "wasi:filesystem/preopens@0.2.0",
-                "wasi:clocks/monotonic-clock@0.2.0",
                 "wasi:io/streams@0.3.0",
                 "wasi:io/streams",
                 "evil:pkg/iface@1.0.0",

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use super::error::{Limit, OutputViolation, RuntimeError};
-use crate::types::{DataRecord, Decision, Action, Metadata, PredictionSet, SparseBatch};
+use crate::types::{Action, DataRecord, Decision, Metadata, PredictionSet, SparseBatch};
 
 fn bad(field: &'static str, problem: &'static str) -> RuntimeError {
     RuntimeError::BadMetadata { field, problem }
@@ -18,7 +18,8 @@ fn printable(s: &str) -> bool {
 fn identifier(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
         && s.as_bytes()[0].is_ascii_alphanumeric()
 }
 
@@ -27,21 +28,30 @@ fn semver(s: &str) -> bool {
     let parts: Vec<&str> = core.split('.').collect();
     s.len() <= 64
         && parts.len() == 3
-        && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-+.".contains(&b))
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-+.".contains(&b))
 }
 
 /// Plugin metadata is shown to reviewers: keep it short, printable and
 /// well-formed.
 pub(crate) fn metadata(m: &Metadata) -> Result<(), RuntimeError> {
     if !identifier(&m.name, 64) {
-        return Err(bad("name", "must be 1-64 characters of a-z, 0-9, '-', '_', '.'"));
+        return Err(bad(
+            "name",
+            "must be 1-64 characters of a-z, 0-9, '-', '_', '.'",
+        ));
     }
     if !semver(&m.version) {
         return Err(bad("version", "must be a semantic version such as 1.2.3"));
     }
     if m.description.chars().count() > 1000 || !printable(&m.description) {
-        return Err(bad("description", "must be at most 1000 printable characters"));
+        return Err(bad(
+            "description",
+            "must be at most 1000 printable characters",
+        ));
     }
     if m.config.len() > 64 {
         return Err(bad("config", "declares more than 64 keys"));
@@ -49,16 +59,25 @@ pub(crate) fn metadata(m: &Metadata) -> Result<(), RuntimeError> {
     let mut seen = HashSet::new();
     for k in &m.config {
         if !identifier(&k.name, 64) {
-            return Err(bad("config.name", "must be 1-64 characters of a-z, 0-9, '-', '_', '.'"));
+            return Err(bad(
+                "config.name",
+                "must be 1-64 characters of a-z, 0-9, '-', '_', '.'",
+            ));
         }
         if !seen.insert(k.name.as_str()) {
             return Err(bad("config.name", "declares a key twice"));
         }
         if k.default_value.len() > 65536 || !printable(&k.default_value) {
-            return Err(bad("config.default-value", "must be at most 64 KiB of printable text"));
+            return Err(bad(
+                "config.default-value",
+                "must be at most 64 KiB of printable text",
+            ));
         }
         if k.description.chars().count() > 1000 || !printable(&k.description) {
-            return Err(bad("config.description", "must be at most 1000 printable characters"));
+            return Err(bad(
+                "config.description",
+                "must be at most 1000 printable characters",
+            ));
         }
     }
     Ok(())
@@ -69,7 +88,9 @@ pub(crate) fn unique_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Result<(), R
     let mut seen = HashSet::new();
     for id in ids {
         if !seen.insert(id) {
-            return Err(RuntimeError::InvalidInput(format!("record id {id:?} appears twice in one batch")));
+            return Err(RuntimeError::InvalidInput(format!(
+                "record id {id:?} appears twice in one batch"
+            )));
         }
     }
     Ok(())
@@ -86,33 +107,62 @@ fn output_cap(bytes: usize, limit: usize) -> Result<(), RuntimeError> {
 fn record_bytes(r: &DataRecord) -> usize {
     r.id.len()
         + r.label.as_ref().map_or(0, String::len)
-        + r.texts.iter().map(|t| t.name.len() + t.value.len()).sum::<usize>()
-        + r.numerics.iter().map(|n| n.name.len() + 8 * n.value.as_slice().len()).sum::<usize>()
+        + r.texts
+            .iter()
+            .map(|t| t.name.len() + t.value.len())
+            .sum::<usize>()
+        + r.numerics
+            .iter()
+            .map(|n| n.name.len() + 8 * n.value.as_slice().len())
+            .sum::<usize>()
 }
 
 /// A preprocessor's output: a subsequence of the input ids, no labels,
 /// finite numbers, within the output cap.
-pub(crate) fn preprocessed(input: &[DataRecord], out: &[DataRecord], cap: usize) -> Result<(), RuntimeError> {
+pub(crate) fn preprocessed(
+    input: &[DataRecord],
+    out: &[DataRecord],
+    cap: usize,
+) -> Result<(), RuntimeError> {
     output_cap(out.iter().map(record_bytes).sum(), cap)?;
     let mut next = 0usize;
     for (position, r) in out.iter().enumerate() {
         match input[next..].iter().position(|i| i.id == r.id) {
             Some(offset) => next += offset + 1,
-            None => return Err(RuntimeError::InvalidOutput(OutputViolation::UnknownId { position })),
+            None => {
+                return Err(RuntimeError::InvalidOutput(OutputViolation::UnknownId {
+                    position,
+                }));
+            }
         }
         if r.label.is_some() {
-            return Err(RuntimeError::InvalidOutput(OutputViolation::LabelSet { position }));
+            return Err(RuntimeError::InvalidOutput(OutputViolation::LabelSet {
+                position,
+            }));
         }
-        if r.numerics.iter().any(|n| n.value.as_slice().iter().any(|v| !v.is_finite())) {
-            return Err(RuntimeError::InvalidOutput(OutputViolation::NonFinite { row: position }));
+        if r.numerics
+            .iter()
+            .any(|n| n.value.as_slice().iter().any(|v| !v.is_finite()))
+        {
+            return Err(RuntimeError::InvalidOutput(OutputViolation::NonFinite {
+                row: position,
+            }));
         }
     }
     Ok(())
 }
 
 /// A featurizer's output: one well-formed sparse row per input record.
-pub(crate) fn features(rows: usize, dimension: u32, b: &SparseBatch, cap: usize) -> Result<(), RuntimeError> {
-    output_cap(4 * (b.offsets.len() + b.indices.len() + b.values.len()), cap)?;
+pub(crate) fn features(
+    rows: usize,
+    dimension: u32,
+    b: &SparseBatch,
+    cap: usize,
+) -> Result<(), RuntimeError> {
+    output_cap(
+        4 * (b.offsets.len() + b.indices.len() + b.values.len()),
+        cap,
+    )?;
     let violation = |v| Err(RuntimeError::InvalidOutput(v));
     if b.offsets.len() != rows + 1 {
         return violation(OutputViolation::WrongCount {
@@ -131,7 +181,11 @@ pub(crate) fn features(rows: usize, dimension: u32, b: &SparseBatch, cap: usize)
         let (a, z) = (b.offsets[row] as usize, b.offsets[row + 1] as usize);
         let idx = &b.indices[a..z];
         if let Some(&index) = idx.iter().find(|&&i| i >= dimension) {
-            return violation(OutputViolation::IndexOutOfRange { row, index, dimension });
+            return violation(OutputViolation::IndexOutOfRange {
+                row,
+                index,
+                dimension,
+            });
         }
         if idx.windows(2).any(|w| w[0] >= w[1]) {
             return violation(OutputViolation::UnsortedIndices { row });
@@ -145,18 +199,26 @@ pub(crate) fn features(rows: usize, dimension: u32, b: &SparseBatch, cap: usize)
 
 /// A selector's input: named distinct classes, and per item one or more
 /// finite distributions over them.
-pub(crate) fn prediction_sets(classes: &[String], batch: &[PredictionSet]) -> Result<(), RuntimeError> {
+pub(crate) fn prediction_sets(
+    classes: &[String],
+    batch: &[PredictionSet],
+) -> Result<(), RuntimeError> {
     if classes.is_empty() {
         return Err(RuntimeError::InvalidInput("no classes given".into()));
     }
     let distinct: HashSet<&String> = classes.iter().collect();
     if distinct.len() != classes.len() {
-        return Err(RuntimeError::InvalidInput("class names are not distinct".into()));
+        return Err(RuntimeError::InvalidInput(
+            "class names are not distinct".into(),
+        ));
     }
     unique_ids(batch.iter().map(|p| p.id.as_str()))?;
     for p in batch {
         if p.models.is_empty() {
-            return Err(RuntimeError::InvalidInput(format!("no model predictions for {:?}", p.id)));
+            return Err(RuntimeError::InvalidInput(format!(
+                "no model predictions for {:?}",
+                p.id
+            )));
         }
         for dist in &p.models {
             if dist.len() != classes.len() || dist.iter().any(|v| !v.is_finite() || *v < 0.0) {
@@ -173,7 +235,12 @@ pub(crate) fn prediction_sets(classes: &[String], batch: &[PredictionSet]) -> Re
 
 /// A selector's output: one decision per item, same ids in order, valid
 /// class indices, finite priorities.
-pub(crate) fn decisions(batch: &[PredictionSet], classes: usize, out: &[Decision], cap: usize) -> Result<(), RuntimeError> {
+pub(crate) fn decisions(
+    batch: &[PredictionSet],
+    classes: usize,
+    out: &[Decision],
+    cap: usize,
+) -> Result<(), RuntimeError> {
     output_cap(out.iter().map(|d| d.id.len() + 12).sum(), cap)?;
     if out.len() != batch.len() {
         return Err(RuntimeError::InvalidOutput(OutputViolation::WrongCount {
@@ -183,19 +250,25 @@ pub(crate) fn decisions(batch: &[PredictionSet], classes: usize, out: &[Decision
     }
     for (position, (d, p)) in out.iter().zip(batch).enumerate() {
         if d.id != p.id {
-            return Err(RuntimeError::InvalidOutput(OutputViolation::IdMismatch { position }));
+            return Err(RuntimeError::InvalidOutput(OutputViolation::IdMismatch {
+                position,
+            }));
         }
-        if let Action::AutoAccept(class) = d.action {
-            if class as usize >= classes {
-                return Err(RuntimeError::InvalidOutput(OutputViolation::ClassOutOfRange {
+        if let Action::AutoAccept(class) = d.action
+            && class as usize >= classes
+        {
+            return Err(RuntimeError::InvalidOutput(
+                OutputViolation::ClassOutOfRange {
                     position,
                     class,
                     classes,
-                }));
-            }
+                },
+            ));
         }
         if !d.priority.is_finite() {
-            return Err(RuntimeError::InvalidOutput(OutputViolation::NonFinite { row: position }));
+            return Err(RuntimeError::InvalidOutput(OutputViolation::NonFinite {
+                row: position,
+            }));
         }
     }
     Ok(())
@@ -206,7 +279,11 @@ mod tests {
     use super::*;
 
     fn batch(offsets: Vec<u32>, indices: Vec<u32>, values: Vec<f32>) -> SparseBatch {
-        SparseBatch { offsets, indices, values }
+        SparseBatch {
+            offsets,
+            indices,
+            values,
+        }
     }
 
     fn code(r: Result<(), RuntimeError>) -> &'static str {
@@ -215,26 +292,109 @@ mod tests {
 
     #[test]
     fn feature_rules() {
-        assert_eq!(code(features(2, 8, &batch(vec![0, 1, 2], vec![3, 4], vec![1.0, 2.0]), 1 << 20)), "ok");
-        assert_eq!(code(features(3, 8, &batch(vec![0, 1, 2], vec![3, 4], vec![1.0, 2.0]), 1 << 20)), "invalid-output");
-        assert_eq!(code(features(1, 8, &batch(vec![0, 2], vec![4, 3], vec![1.0, 2.0]), 1 << 20)), "invalid-output");
-        assert_eq!(code(features(1, 4, &batch(vec![0, 1], vec![4], vec![1.0]), 1 << 20)), "invalid-output");
-        assert_eq!(code(features(1, 8, &batch(vec![0, 1], vec![4], vec![f32::NAN]), 1 << 20)), "invalid-output");
-        assert_eq!(code(features(1, 8, &batch(vec![0, 3], vec![4], vec![1.0]), 1 << 20)), "invalid-output");
-        assert_eq!(code(features(1, 8, &batch(vec![0, 1], vec![4], vec![1.0]), 4)), "limit-output");
+        assert_eq!(
+            code(features(
+                2,
+                8,
+                &batch(vec![0, 1, 2], vec![3, 4], vec![1.0, 2.0]),
+                1 << 20
+            )),
+            "ok"
+        );
+        assert_eq!(
+            code(features(
+                3,
+                8,
+                &batch(vec![0, 1, 2], vec![3, 4], vec![1.0, 2.0]),
+                1 << 20
+            )),
+            "invalid-output"
+        );
+        assert_eq!(
+            code(features(
+                1,
+                8,
+                &batch(vec![0, 2], vec![4, 3], vec![1.0, 2.0]),
+                1 << 20
+            )),
+            "invalid-output"
+        );
+        assert_eq!(
+            code(features(
+                1,
+                4,
+                &batch(vec![0, 1], vec![4], vec![1.0]),
+                1 << 20
+            )),
+            "invalid-output"
+        );
+        assert_eq!(
+            code(features(
+                1,
+                8,
+                &batch(vec![0, 1], vec![4], vec![f32::NAN]),
+                1 << 20
+            )),
+            "invalid-output"
+        );
+        assert_eq!(
+            code(features(
+                1,
+                8,
+                &batch(vec![0, 3], vec![4], vec![1.0]),
+                1 << 20
+            )),
+            "invalid-output"
+        );
+        assert_eq!(
+            code(features(1, 8, &batch(vec![0, 1], vec![4], vec![1.0]), 4)),
+            "limit-output"
+        );
     }
 
     fn rec(id: &str, label: Option<&str>) -> DataRecord {
-        DataRecord { id: id.into(), texts: vec![], numerics: vec![], label: label.map(Into::into) }
+        DataRecord {
+            id: id.into(),
+            texts: vec![],
+            numerics: vec![],
+            label: label.map(Into::into),
+        }
     }
 
     #[test]
     fn preprocess_rules() {
         let input = vec![rec("a", None), rec("b", None), rec("c", None)];
-        assert_eq!(code(preprocessed(&input, &[rec("a", None), rec("c", None)], 1 << 20)), "ok");
-        assert_eq!(code(preprocessed(&input, &[rec("c", None), rec("a", None)], 1 << 20)), "invalid-output");
-        assert_eq!(code(preprocessed(&input, &[rec("z", None)], 1 << 20)), "invalid-output");
-        assert_eq!(code(preprocessed(&input, &[rec("a", None), rec("a", None)], 1 << 20)), "invalid-output");
-        assert_eq!(code(preprocessed(&input, &[rec("a", Some("spam"))], 1 << 20)), "invalid-output");
+        assert_eq!(
+            code(preprocessed(
+                &input,
+                &[rec("a", None), rec("c", None)],
+                1 << 20
+            )),
+            "ok"
+        );
+        assert_eq!(
+            code(preprocessed(
+                &input,
+                &[rec("c", None), rec("a", None)],
+                1 << 20
+            )),
+            "invalid-output"
+        );
+        assert_eq!(
+            code(preprocessed(&input, &[rec("z", None)], 1 << 20)),
+            "invalid-output"
+        );
+        assert_eq!(
+            code(preprocessed(
+                &input,
+                &[rec("a", None), rec("a", None)],
+                1 << 20
+            )),
+            "invalid-output"
+        );
+        assert_eq!(
+            code(preprocessed(&input, &[rec("a", Some("spam"))], 1 << 20)),
+            "invalid-output"
+        );
     }
 }

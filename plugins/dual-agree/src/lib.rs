@@ -25,21 +25,38 @@ impl Plugin for DualAgree {
 
     fn config_keys() -> Vec<ConfigKey> {
         vec![
-            ConfigKey::new("threshold", "0.95", "minimum probability every model must give the agreed class (0.5..=1)"),
-            ConfigKey::new("min_models", "2", "fewest models a prediction set must hold (>= 2)"),
+            ConfigKey::new(
+                "threshold",
+                "0.95",
+                "minimum probability every model must give the agreed class (0.5..=1)",
+            ),
+            ConfigKey::new(
+                "min_models",
+                "2",
+                "fewest models a prediction set must hold (>= 2)",
+            ),
         ]
     }
 
     fn configure(config: &Config) -> Result<Self, PluginError> {
         let threshold: f32 = config.get("threshold")?;
         if !(0.5..=1.0).contains(&threshold) {
-            return Err(PluginError::invalid_config("threshold", "must be between 0.5 and 1"));
+            return Err(PluginError::invalid_config(
+                "threshold",
+                "must be between 0.5 and 1",
+            ));
         }
         let min_models: usize = config.get("min_models")?;
         if min_models < 2 {
-            return Err(PluginError::invalid_config("min_models", "must be at least 2"));
+            return Err(PluginError::invalid_config(
+                "min_models",
+                "must be at least 2",
+            ));
         }
-        Ok(DualAgree { threshold, min_models })
+        Ok(DualAgree {
+            threshold,
+            min_models,
+        })
     }
 }
 
@@ -64,7 +81,10 @@ impl Selector for DualAgree {
                 )));
             }
             let Some(top) = argmax(dist) else {
-                return Err(PluginError::invalid_input(format!("bad distribution for {}", item.id)));
+                return Err(PluginError::invalid_input(format!(
+                    "bad distribution for {}",
+                    item.id
+                )));
             };
             tops.push(top);
         }

@@ -25,8 +25,14 @@ impl Selector for Entropy {
     fn select(&mut self, classes: &[String], item: &PredictionSet) -> Result<Verdict, PluginError> {
         let mean = mean_distribution(&item.models)
             .filter(|m| m.len() == classes.len() && m.iter().all(|p| p.is_finite()))
-            .ok_or_else(|| PluginError::invalid_input(format!("bad distributions for {}", item.id)))?;
-        let scale = if classes.len() > 1 { (classes.len() as f32).ln() } else { 1.0 };
+            .ok_or_else(|| {
+                PluginError::invalid_input(format!("bad distributions for {}", item.id))
+            })?;
+        let scale = if classes.len() > 1 {
+            (classes.len() as f32).ln()
+        } else {
+            1.0
+        };
         Ok(Verdict {
             action: Action::HumanReview,
             priority: entropy(&mean) / scale,

@@ -7,7 +7,7 @@
 //! `min_token_len` characters; ASCII and Unicode letters are lowercased before
 //! hashing when `lowercase` is true.
 
-use cloister_plugin_sdk::{Config, ConfigKey, Featurizer, Features, Plugin, PluginError, Record};
+use cloister_plugin_sdk::{Config, ConfigKey, Features, Featurizer, Plugin, PluginError, Record};
 
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -67,10 +67,10 @@ impl HashedNgrams {
         if chars >= self.min_token_len {
             let h = hash_bytes(&self.token);
             self.emit(h, out);
-            if self.max_n >= 2 {
-                if let Some(p) = *prev {
-                    self.emit(fmix64(p.rotate_left(17) ^ h.wrapping_mul(K)), out);
-                }
+            if self.max_n >= 2
+                && let Some(p) = *prev
+            {
+                self.emit(fmix64(p.rotate_left(17) ^ h.wrapping_mul(K)), out);
             }
             *prev = Some(h);
         }
@@ -85,7 +85,11 @@ impl HashedNgrams {
             if c.is_ascii() {
                 let b = c as u8;
                 if b.is_ascii_alphanumeric() || b == b'_' {
-                    self.token.push(if self.lowercase { b.to_ascii_lowercase() } else { b });
+                    self.token.push(if self.lowercase {
+                        b.to_ascii_lowercase()
+                    } else {
+                        b
+                    });
                     chars += 1;
                     continue;
                 }
@@ -93,10 +97,12 @@ impl HashedNgrams {
                 let mut buf = [0u8; 4];
                 if self.lowercase && c.is_uppercase() {
                     for l in c.to_lowercase() {
-                        self.token.extend_from_slice(l.encode_utf8(&mut buf).as_bytes());
+                        self.token
+                            .extend_from_slice(l.encode_utf8(&mut buf).as_bytes());
                     }
                 } else {
-                    self.token.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    self.token
+                        .extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
                 }
                 chars += 1;
                 continue;
@@ -121,19 +127,42 @@ impl Plugin for HashedNgrams {
     fn config_keys() -> Vec<ConfigKey> {
         vec![
             ConfigKey::new("field", "text", "the text field to featurize"),
-            ConfigKey::new("bits", "18", "the feature space has 2^bits dimensions (4..=28)"),
-            ConfigKey::new("ngrams", "2", "largest n-gram: 1 (words) or 2 (words and bigrams)"),
-            ConfigKey::new("min_token_len", "2", "shortest token kept, in characters (1..=64)"),
+            ConfigKey::new(
+                "bits",
+                "18",
+                "the feature space has 2^bits dimensions (4..=28)",
+            ),
+            ConfigKey::new(
+                "ngrams",
+                "2",
+                "largest n-gram: 1 (words) or 2 (words and bigrams)",
+            ),
+            ConfigKey::new(
+                "min_token_len",
+                "2",
+                "shortest token kept, in characters (1..=64)",
+            ),
             ConfigKey::new("lowercase", "true", "lowercase tokens before hashing"),
-            ConfigKey::new("sublinear_tf", "true", "use 1 + ln(count) instead of the count"),
-            ConfigKey::new("l2_normalize", "true", "scale each row to unit Euclidean length"),
+            ConfigKey::new(
+                "sublinear_tf",
+                "true",
+                "use 1 + ln(count) instead of the count",
+            ),
+            ConfigKey::new(
+                "l2_normalize",
+                "true",
+                "scale each row to unit Euclidean length",
+            ),
         ]
     }
 
     fn configure(config: &Config) -> Result<Self, PluginError> {
         let bits: u32 = config.get("bits")?;
         if !(4..=28).contains(&bits) {
-            return Err(PluginError::invalid_config("bits", "must be between 4 and 28"));
+            return Err(PluginError::invalid_config(
+                "bits",
+                "must be between 4 and 28",
+            ));
         }
         let max_n: u32 = config.get("ngrams")?;
         if !(1..=2).contains(&max_n) {
@@ -141,7 +170,10 @@ impl Plugin for HashedNgrams {
         }
         let min_token_len: usize = config.get("min_token_len")?;
         if !(1..=64).contains(&min_token_len) {
-            return Err(PluginError::invalid_config("min_token_len", "must be between 1 and 64"));
+            return Err(PluginError::invalid_config(
+                "min_token_len",
+                "must be between 1 and 64",
+            ));
         }
         let field = config.get_str("field")?.to_string();
         if field.is_empty() {

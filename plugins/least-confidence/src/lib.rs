@@ -24,9 +24,12 @@ impl Selector for LeastConfidence {
     fn select(&mut self, classes: &[String], item: &PredictionSet) -> Result<Verdict, PluginError> {
         let mean = mean_distribution(&item.models)
             .filter(|m| m.len() == classes.len())
-            .ok_or_else(|| PluginError::invalid_input(format!("bad distributions for {}", item.id)))?;
-        let (_, top) = argmax(&mean)
-            .ok_or_else(|| PluginError::invalid_input(format!("bad distributions for {}", item.id)))?;
+            .ok_or_else(|| {
+                PluginError::invalid_input(format!("bad distributions for {}", item.id))
+            })?;
+        let (_, top) = argmax(&mean).ok_or_else(|| {
+            PluginError::invalid_input(format!("bad distributions for {}", item.id))
+        })?;
         Ok(Verdict {
             action: Action::HumanReview,
             priority: 1.0 - top,

@@ -4,7 +4,7 @@
 //! on the training split by whoever configures the plugin; a position whose
 //! `std` is 0 is constant and becomes 0.
 
-use cloister_plugin_sdk::{Config, ConfigKey, Featurizer, Features, Plugin, PluginError, Record};
+use cloister_plugin_sdk::{Config, ConfigKey, Features, Featurizer, Plugin, PluginError, Record};
 
 /// The featurizer.
 #[derive(Debug, Clone)]
@@ -21,16 +21,27 @@ impl Plugin for Standardize {
 
     fn config_keys() -> Vec<ConfigKey> {
         vec![
-            ConfigKey::new("fields", "pixels", "comma-separated numeric fields, concatenated in order"),
+            ConfigKey::new(
+                "fields",
+                "pixels",
+                "comma-separated numeric fields, concatenated in order",
+            ),
             ConfigKey::new("mean", "", "comma-separated mean per position (required)"),
-            ConfigKey::new("std", "", "comma-separated standard deviation per position (required, >= 0)"),
+            ConfigKey::new(
+                "std",
+                "",
+                "comma-separated standard deviation per position (required, >= 0)",
+            ),
         ]
     }
 
     fn configure(config: &Config) -> Result<Self, PluginError> {
         let fields: Vec<String> = config.get_list("fields")?;
         if fields.is_empty() {
-            return Err(PluginError::invalid_config("fields", "needs at least one field name"));
+            return Err(PluginError::invalid_config(
+                "fields",
+                "needs at least one field name",
+            ));
         }
         let mean: Vec<f64> = config.get_list("mean")?;
         let std: Vec<f64> = config.get_list("std")?;
@@ -47,7 +58,10 @@ impl Plugin for Standardize {
             ));
         }
         if std.iter().any(|s| !s.is_finite() || *s < 0.0) {
-            return Err(PluginError::invalid_config("std", "values must be finite and >= 0"));
+            return Err(PluginError::invalid_config(
+                "std",
+                "values must be finite and >= 0",
+            ));
         }
         if mean.len() > u32::MAX as usize {
             return Err(PluginError::invalid_config("mean", "too many values"));

@@ -46,14 +46,21 @@ impl Plugin for TextNormalize {
         vec![
             ConfigKey::new("fields", "text", "comma-separated text fields to normalise"),
             ConfigKey::new("lowercase", "true", "lowercase the text"),
-            ConfigKey::new("drop_empty", "true", "drop records whose fields are all empty"),
+            ConfigKey::new(
+                "drop_empty",
+                "true",
+                "drop records whose fields are all empty",
+            ),
         ]
     }
 
     fn configure(config: &Config) -> Result<Self, PluginError> {
         let fields: Vec<String> = config.get_list("fields")?;
         if fields.is_empty() || fields.iter().any(String::is_empty) {
-            return Err(PluginError::invalid_config("fields", "needs at least one field name"));
+            return Err(PluginError::invalid_config(
+                "fields",
+                "needs at least one field name",
+            ));
         }
         Ok(TextNormalize {
             fields,
@@ -67,7 +74,7 @@ impl Preprocessor for TextNormalize {
     fn process(&mut self, mut record: Record) -> Result<Option<Record>, PluginError> {
         let mut any_text = false;
         for field in record.texts.iter_mut() {
-            if self.fields.iter().any(|f| *f == field.name) {
+            if self.fields.contains(&field.name) {
                 field.value = normalize(&field.value, self.lowercase);
                 any_text |= !field.value.is_empty();
             }
@@ -84,7 +91,10 @@ mod tests {
 
     #[test]
     fn nfkc_lowercase_and_whitespace() {
-        assert_eq!(normalize("  Ｈｅｌｌｏ\t\n ＷＯＲＬＤ ﬁ  ", true), "hello world fi");
+        assert_eq!(
+            normalize("  Ｈｅｌｌｏ\t\n ＷＯＲＬＤ ﬁ  ", true),
+            "hello world fi"
+        );
         assert_eq!(normalize("A\u{00A0}B", false), "A B");
         assert_eq!(normalize(" \t ", true), "");
     }

@@ -1,0 +1,333 @@
+//! `cloister plugin …`: inspect, run locally, list the bundled plugins.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+
+use cloister_host::records::{self, Schema};
+use cloister_host::runtime::{Inspection, Limits, Runtime, RuntimeConfig, sandbox};
+use cloister_host::types::PluginKind;
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Show a component's identity, metadata, imports and whether the
+    /// sandbox accepts it. Exits non-zero when it is refused.
+    Inspect {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one plugin locally over a mock JSONL file (never real data).
+    Run(RunArgs),
+    /// List the plugins bundled with Cloister; optionally write them out.
+    Bundled {
+        /// Write each bundled component to DIR/<name>.wasm.
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The component (.wasm).
+    file: PathBuf,
+    /// Input JSONL: records (preprocessor, featurizer) or
+    /// {"id", "models": [[p, ...], ...]} lines (selector).
+    #[arg(long)]
+    input: PathBuf,
+    /// A configuration value, KEY=VALUE (repeatable).
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    config: Vec<String>,
+    /// Write results here (JSONL) instead of standard output.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Class names, comma-separated (selectors only).
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+    /// Records per plugin call.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Parallel plugin instances (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// CPU budget per call, in fuel units.
+    #[arg(long)]
+    fuel: Option<u64>,
+    /// Linear-memory cap per instance, MiB.
+    #[arg(long)]
+    memory_mb: Option<usize>,
+    /// Wall-clock timeout per call, milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Output cap per call, bytes.
+    #[arg(long)]
+    output_bytes: Option<usize>,
+    /// Print the plugin's captured stdout/stderr and error details (local
+    /// runs only: inside an environment this log is for administrators).
+    #[arg(long)]
+    show_plugin_log: bool,
+}
+
+pub fn run(cmd: PluginCommand) -> Result<ExitCode> {
+    match cmd {
+        PluginCommand::Inspect { file, json } => inspect(&file, json),
+        PluginCommand::Run(args) => run_local(args),
+        PluginCommand::Bundled { write } => bundled(write.as_deref()),
+    }
+}
+
+fn read_component(file: &Path) -> Result<Vec<u8>> {
+    std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))
+}
+
+fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
+    let bytes = read_component(file)?;
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let report = runtime.inspect(&bytes);
+    if let Err(e @ cloister_host::runtime::RuntimeError::NotAComponent(_)) = &report.verdict {
+        bail!("{}: {e}", file.display());
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&inspection_json(file, &report))?
+        );
+    } else {
+        print_inspection(file, &report);
+    }
+    Ok(if report.verdict.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn inspection_json(file: &Path, r: &Inspection) -> serde_json::Value {
+    let imports: Vec<serde_json::Value> = r
+        .imports
+        .iter()
+        .map(|i| {
+            let allowed = sandbox::forbidden_imports([i.as_str()]).is_empty();
+            serde_json::json!({"name": i, "allowed": allowed})
+        })
+        .collect();
+    serde_json::json!({
+        "file": file.display().to_string(),
+        "digest": format!("sha256:{}", r.digest),
+        "size": r.size,
+        "loadable": r.verdict.is_ok(),
+        "refusal": r.verdict.as_ref().err().map(|e| serde_json::json!({"code": e.code(), "message": e.to_string()})),
+        "metadata": r.metadata,
+        "imports": imports,
+        "exports": r.exports,
+    })
+}
+
+fn print_inspection(file: &Path, r: &Inspection) {
+    println!("file:        {}", file.display());
+    println!("digest:      sha256:{}", r.digest);
+    println!("size:        {} bytes", r.size);
+    match &r.verdict {
+        Ok(()) => println!("verdict:     loadable"),
+        Err(e) => println!("verdict:     REFUSED [{}] {e}", e.code()),
+    }
+    if let Some(m) = &r.metadata {
+        println!("name:        {}", m.name);
+        println!("version:     {}", m.version);
+        println!("kind:        {}", m.kind);
+        println!("description: {}", m.description);
+        if m.config.is_empty() {
+            println!("config keys: (none)");
+        } else {
+            println!("config keys:");
+            for k in &m.config {
+                println!(
+                    "  {} = {:?}\n      {}",
+                    k.name, k.default_value, k.description
+                );
+            }
+        }
+    }
+    println!("imports:");
+    for i in &r.imports {
+        let allowed = sandbox::forbidden_imports([i.as_str()]).is_empty();
+        println!(
+            "  {i:<40} {}",
+            if allowed { "allowed" } else { "FORBIDDEN" }
+        );
+    }
+}
+
+fn parse_config(pairs: &[String]) -> Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+            _ => bail!("--config {p:?}: expected KEY=VALUE"),
+        })
+        .collect()
+}
+
+/// Write `f`'s output to `path` atomically (temp file + rename), or stdout.
+fn write_output(
+    path: Option<&Path>,
+    f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    match path {
+        None => {
+            let stdout = std::io::stdout();
+            let mut lock = std::io::BufWriter::new(stdout.lock());
+            f(&mut lock)?;
+            lock.flush()?;
+        }
+        Some(path) => {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let name = path.file_name().context("--output needs a file name")?;
+            let tmp = dir.join(format!(
+                ".{}.tmp-{}",
+                name.to_string_lossy(),
+                std::process::id()
+            ));
+            let result = (|| -> std::io::Result<()> {
+                let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+                f(&mut w)?;
+                w.flush()?;
+                w.get_ref().sync_all()?;
+                std::fs::rename(&tmp, path)
+            })();
+            if let Err(e) = result {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e).with_context(|| format!("cannot write {}", path.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_local(args: RunArgs) -> Result<ExitCode> {
+    let bytes = read_component(&args.file)?;
+    let config = parse_config(&args.config)?;
+    let defaults = Limits::default();
+    let limits = Limits {
+        fuel: args.fuel.unwrap_or(defaults.fuel),
+        memory_bytes: args
+            .memory_mb
+            .map_or(defaults.memory_bytes, |m| m.saturating_mul(1024 * 1024)),
+        output_bytes: args.output_bytes.unwrap_or(defaults.output_bytes),
+        timeout: args
+            .timeout_ms
+            .map_or(defaults.timeout, Duration::from_millis),
+        log_bytes: defaults.log_bytes,
+    };
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let plugin = runtime
+        .load(&bytes)
+        .with_context(|| format!("{}", args.file.display()))?;
+    let mut runner = plugin
+        .runner(&runtime, &config, limits)?
+        .batch_size(args.batch_size);
+    if let Some(w) = args.workers {
+        runner = runner.workers(w);
+    }
+    let started = Instant::now();
+    let (result, count) = match plugin.kind {
+        PluginKind::Preprocessor | PluginKind::Featurizer => {
+            if !args.classes.is_empty() {
+                bail!(
+                    "--classes is only for selectors; {} is a {}",
+                    plugin.metadata.name,
+                    plugin.kind
+                );
+            }
+            let input = records::read_file(&args.input, Schema::default())?;
+            let n = input.len();
+            let result = if plugin.kind == PluginKind::Preprocessor {
+                runner.preprocess(&input).map(|out| {
+                    write_output(args.output.as_deref(), |w| records::write_records(w, &out))
+                })
+            } else {
+                runner.featurize(&input).map(|b| {
+                    let ids: Vec<&str> = input.iter().map(|r| r.id.as_str()).collect();
+                    write_output(args.output.as_deref(), |w| {
+                        records::write_features(w, &ids, &b)
+                    })
+                })
+            };
+            (result, n)
+        }
+        PluginKind::Selector => {
+            if args.classes.is_empty() {
+                bail!("a selector needs --classes NAME,NAME,...");
+            }
+            let input = records::read_prediction_sets(&args.input)?;
+            let n = input.len();
+            let result = runner.select(&args.classes, &input).map(|d| {
+                write_output(args.output.as_deref(), |w| {
+                    records::write_decisions(w, &args.classes, &d)
+                })
+            });
+            (result, n)
+        }
+    };
+    let (log, dropped) = runner.take_log();
+    if args.show_plugin_log && (!log.is_empty() || dropped > 0) {
+        eprintln!(
+            "--- plugin log ({} bytes{}) ---",
+            log.len(),
+            if dropped > 0 {
+                format!(", {dropped} more dropped")
+            } else {
+                String::new()
+            }
+        );
+        eprintln!("{}", String::from_utf8_lossy(&log).trim_end());
+        eprintln!("--- end of plugin log ---");
+    }
+    match result {
+        Ok(written) => written?,
+        Err(e) => {
+            let hint = if !args.show_plugin_log && !log.is_empty() {
+                " (run with --show-plugin-log for the plugin's own output)"
+            } else {
+                ""
+            };
+            bail!("{} [{}]{hint}", e, e.code());
+        }
+    }
+    tracing::info!(records = count, elapsed_ms = started.elapsed().as_millis() as u64, plugin = %plugin.digest.short(), "plugin run finished");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bundled(write: Option<&Path>) -> Result<ExitCode> {
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    if let Some(dir) = write {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    for (name, bytes) in cloister_bundled_plugins::ALL {
+        let p = runtime
+            .load(bytes)
+            .with_context(|| format!("bundled plugin {name}"))?;
+        println!(
+            "{:<18} {:<8} {:<13} sha256:{}",
+            p.metadata.name,
+            p.metadata.version,
+            p.kind.to_string(),
+            p.digest
+        );
+        if let Some(dir) = write {
+            let path = dir.join(format!("{name}.wasm"));
+            std::fs::write(&path, bytes)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

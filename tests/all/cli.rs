@@ -1,0 +1,263 @@
+//! The real `cloister` binary, driven as a user would.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn cloister(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cloister"))
+        .args(args)
+        .output()
+        .expect("run cloister")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_plugin(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(format!("{name}.wasm"));
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn inspect_garbage_is_one_line_and_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in [
+        ("empty", &b""[..]),
+        ("garbage", &b"hello"[..]),
+        ("core", &b"\0asm\x01\0\0\0"[..]),
+    ] {
+        let f = write_plugin(dir.path(), name, bytes);
+        let o = cloister(&["plugin", "inspect", &f]);
+        assert_eq!(o.status.code(), Some(1), "{name}");
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: "), "{err}");
+    }
+    let o = cloister(&["plugin", "inspect", "/nonexistent/x.wasm"]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn inspect_names_forbidden_imports_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write_plugin(dir.path(), "net", cloister_test_plugins::HOSTILE_NET);
+    let o = cloister(&["plugin", "inspect", &f]);
+    assert_eq!(o.status.code(), Some(2));
+    let out = stdout(&o);
+    assert!(out.contains("REFUSED [forbidden-imports]"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("wasi:sockets/tcp@0.2") && l.contains("FORBIDDEN")),
+        "{out}"
+    );
+
+    let f = write_plugin(
+        dir.path(),
+        "ok",
+        cloister_bundled_plugins::get("dual-agree").unwrap(),
+    );
+    let o = cloister(&["plugin", "inspect", "--json", &f]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["loadable"], true);
+    assert_eq!(v["metadata"]["kind"], "selector");
+    assert!(v["digest"].as_str().unwrap().starts_with("sha256:"));
+}
+
+#[test]
+fn plugin_run_over_mock_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = write_plugin(
+        dir.path(),
+        "ngrams",
+        cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
+    );
+    let input = dir.path().join("mock.jsonl");
+    std::fs::write(&input, "{\"id\": \"m1\", \"text\": \"buy cheap pills\"}\n\n{\"id\": \"m2\", \"text\": \"meeting at noon\", \"label\": \"ham\"}\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &plugin,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--config",
+        "bits=10",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["id"], "m1");
+    assert_eq!(lines[0]["indices"].as_array().unwrap().len(), 5);
+    assert!(
+        lines[0]["indices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i.as_u64().unwrap() < 1024)
+    );
+}
+
+#[test]
+fn plugin_run_errors_name_line_key_or_limit_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = write_plugin(
+        dir.path(),
+        "ngrams",
+        cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
+    );
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"id\": \"a\", \"text\": \"x\"}\n{\"id\": \"b\", \"text\": \n",
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &plugin,
+        "--input",
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("bad.jsonl:2: invalid JSON"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+
+    let good = dir.path().join("good.jsonl");
+    std::fs::write(&good, "{\"id\": \"a\", \"text\": \"x\"}\n").unwrap();
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &plugin,
+        "--input",
+        good.to_str().unwrap(),
+        "--config",
+        "bits=99",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("invalid-config for configuration key `bits`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &plugin,
+        "--input",
+        good.to_str().unwrap(),
+        "--config",
+        "nonsense",
+    ]);
+    assert!(stderr(&o).contains("expected KEY=VALUE"), "{}", stderr(&o));
+
+    let hostile = write_plugin(dir.path(), "hostile", cloister_test_plugins::HOSTILE);
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &hostile,
+        "--input",
+        good.to_str().unwrap(),
+        "--config",
+        "attack=loop",
+        "--fuel",
+        "100000000",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("limit exceeded: CPU budget of 100000000 fuel units"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists(), "no partial output");
+
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &hostile,
+        "--input",
+        good.to_str().unwrap(),
+        "--config",
+        "attack=panic",
+    ]);
+    assert!(
+        !stderr(&o).contains("on purpose"),
+        "plugin text hidden by default"
+    );
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &hostile,
+        "--input",
+        good.to_str().unwrap(),
+        "--config",
+        "attack=panic",
+        "--show-plugin-log",
+    ]);
+    assert!(
+        stderr(&o).contains("on purpose"),
+        "author asked for the plugin log"
+    );
+}
+
+#[test]
+fn plugin_run_selector_needs_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = write_plugin(
+        dir.path(),
+        "dual",
+        cloister_bundled_plugins::get("dual-agree").unwrap(),
+    );
+    let input = dir.path().join("p.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"x\", \"models\": [[0.01, 0.99], [0.02, 0.98]]}\n",
+    )
+    .unwrap();
+    let o = cloister(&["plugin", "run", &plugin, "--input", input.to_str().unwrap()]);
+    assert!(stderr(&o).contains("--classes"), "{}", stderr(&o));
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &plugin,
+        "--input",
+        input.to_str().unwrap(),
+        "--classes",
+        "ham,spam",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["action"], "auto-accept");
+    assert_eq!(v["label"], "spam");
+}
+
+#[test]
+fn demo_runs_the_bundled_plugins_over_the_bundled_data() {
+    let o = cloister(&["demo"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("SpamAssassin (6046 emails"), "{out}");
+    assert!(out.contains("kept 6046 of 6046"), "{out}");
+    assert!(out.contains("Digits (1797 images"), "{out}");
+}

@@ -1,0 +1,17 @@
+//! Cloister's integration suite: one test binary, many modules (fast to link
+//! on a small machine). Run with `cargo test`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
+
+mod support;
+
+mod cli;
+mod example_plugins;
+mod hostile;
+mod runtime;
