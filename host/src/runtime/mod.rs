@@ -321,6 +321,7 @@ impl Runtime {
                 config: Vec::new(),
             },
             pre: Arc::new(pre),
+            random: sandbox::PluginRandomness::of(&digest),
         };
         // Ask the plugin to describe itself, in a throwaway instance under
         // tight limits.
@@ -372,6 +373,7 @@ pub struct LoadedPlugin {
     /// Its self-description, validated.
     pub metadata: Metadata,
     pre: Arc<Pre>,
+    random: sandbox::PluginRandomness,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -488,7 +490,7 @@ impl PluginInstance {
                 limits.memory_bytes, runtime.config.max_memory_bytes
             )));
         }
-        let state = HostState::new(&plugin.digest, limits.memory_bytes, limits.log_bytes);
+        let state = HostState::new(&plugin.random, limits.memory_bytes, limits.log_bytes);
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();

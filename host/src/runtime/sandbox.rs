@@ -180,26 +180,17 @@ impl WasiView for HostState {
 }
 
 impl HostState {
-    /// A fresh sandbox for a plugin with `digest`.
-    pub(crate) fn new(digest: &Digest, memory_bytes: usize, log_bytes: usize) -> Self {
+    /// A fresh sandbox for a plugin whose randomness is `random`.
+    pub(crate) fn new(random: &PluginRandomness, memory_bytes: usize, log_bytes: usize) -> Self {
         let log = PluginLog::new(log_bytes);
-        let seed = digest.derive(b"cloister plugin randomness");
-        let mut stream = Vec::with_capacity(4096);
-        let mut block = seed;
-        while stream.len() < 4096 {
-            block = Digest::of(&block).0;
-            stream.extend_from_slice(&block);
-        }
-        let mut seed128 = [0u8; 16];
-        seed128.copy_from_slice(&seed[..16]);
         let mut builder = WasiCtxBuilder::new();
         builder
             .stdout(log.clone())
             .stderr(log.clone())
             .wall_clock(FrozenWallClock)
-            .secure_random(Deterministic::new(stream.clone()))
-            .insecure_random(Deterministic::new(stream))
-            .insecure_random_seed(u128::from_le_bytes(seed128))
+            .secure_random(Deterministic::new(random.stream.to_vec()))
+            .insecure_random(Deterministic::new(random.stream.to_vec()))
+            .insecure_random_seed(random.seed)
             .max_random_size(64 * 1024)
             .allow_tcp(false)
             .allow_udp(false)
@@ -211,6 +202,33 @@ impl HostState {
             table,
             limiter: Limiter::new(memory_bytes),
             log,
+        }
+    }
+}
+
+/// The deterministic randomness of one plugin, derived once from its digest
+/// and shared by all its instances.
+#[derive(Clone)]
+pub(crate) struct PluginRandomness {
+    stream: Arc<[u8]>,
+    seed: u128,
+}
+
+impl PluginRandomness {
+    /// A 4 KiB byte cycle and a 128-bit seed derived from `digest`.
+    pub(crate) fn of(digest: &Digest) -> Self {
+        let seed = digest.derive(b"cloister plugin randomness");
+        let mut stream = Vec::with_capacity(4096);
+        let mut block = seed;
+        while stream.len() < 4096 {
+            block = Digest::of(&block).0;
+            stream.extend_from_slice(&block);
+        }
+        let mut seed128 = [0u8; 16];
+        seed128.copy_from_slice(&seed[..16]);
+        PluginRandomness {
+            stream: stream.into(),
+            seed: u128::from_le_bytes(seed128),
         }
     }
 }

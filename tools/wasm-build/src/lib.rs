@@ -60,6 +60,7 @@ pub fn build_and_embed(
         .nth(4)
         .map(|t| t.join("wasm-plugins"))
         .ok_or("unexpected OUT_DIR layout")?;
+    ensure_wasm_target()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
@@ -129,6 +130,32 @@ pub fn build_and_embed(
     std::fs::write(out_dir.join(file_name), src)
         .map_err(|e| format!("cannot write {file_name}: {e}"))?;
     Ok(())
+}
+
+/// Make sure the `wasm32-wasip2` standard library is installed, adding it
+/// with rustup when it is missing (so `cargo test` works on a fresh clone).
+fn ensure_wasm_target() -> Result<(), String> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .map_err(|e| format!("cannot run rustc: {e}"))?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if sysroot.join("lib/rustlib/wasm32-wasip2").is_dir() {
+        return Ok(());
+    }
+    println!(
+        "cargo:warning=installing the wasm32-wasip2 target with rustup (needed to build plugins)"
+    );
+    let status = Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip2"])
+        .status()
+        .map_err(|e| format!("the wasm32-wasip2 target is missing and rustup cannot be run ({e}); install the target"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err("`rustup target add wasm32-wasip2` failed; install the target and build again".into())
+    }
 }
 
 /// Report a build failure the way build scripts should.

@@ -1,0 +1,305 @@
+//! Plugin-runtime benchmark: `hashed-ngrams` through the sandbox versus the
+//! same Rust code compiled natively, in the same run; instantiation latency
+//! with the pooling allocator; compile time cold versus cached.
+//!
+//! Run with `bench/run.sh` (release build). Prints a Markdown report and
+//! writes JSON next to it when `--json FILE` is given.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cloister_host::records::{self, Schema};
+use cloister_host::runtime::{ArtifactCache, Limits, Runtime, RuntimeConfig};
+use cloister_host::types::DataRecord;
+use cloister_plugin_sdk::{Config, Features, Featurizer, Plugin};
+use hashed_ngrams::HashedNgrams;
+
+struct Args {
+    records: usize,
+    input: PathBuf,
+    batches: Vec<usize>,
+    workers: Vec<usize>,
+    reps: usize,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut a = Args {
+        records: 100_000,
+        input: root.join("data/spamassassin/spamassassin.jsonl.gz"),
+        batches: vec![16, 64, 256, 1024, 4096],
+        workers: vec![1, 2],
+        reps: 3,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        let list = |v: String| -> Result<Vec<usize>> {
+            v.split(',')
+                .map(|x| x.trim().parse::<usize>().context("expected a number"))
+                .collect()
+        };
+        match flag.as_str() {
+            "--records" => a.records = value()?.parse()?,
+            "--input" => a.input = value()?.into(),
+            "--batches" => a.batches = list(value()?)?,
+            "--workers" => a.workers = list(value()?)?,
+            "--reps" => a.reps = value()?.parse()?,
+            "--json" => a.json = Some(value()?.into()),
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// At least `n` records, cycling the input with fresh ids.
+fn load_records(path: &Path, n: usize) -> Result<Vec<DataRecord>> {
+    let base = records::read_file(path, Schema::default())?;
+    if base.is_empty() {
+        bail!("{} has no records", path.display());
+    }
+    let mut out = Vec::with_capacity(n.max(base.len()));
+    let mut round = 0;
+    while out.len() < n {
+        for r in &base {
+            out.push(DataRecord {
+                id: format!("{}#{round}", r.id),
+                label: None,
+                ..r.clone()
+            });
+        }
+        round += 1;
+    }
+    Ok(out)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// The same featurizer code, compiled natively, on `workers` threads.
+fn native_run(recs: &[cloister_plugin_sdk::Record], batch: usize, workers: usize) -> Result<usize> {
+    let keys = HashedNgrams::config_keys();
+    let chunks: Vec<&[cloister_plugin_sdk::Record]> = recs.chunks(batch).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let nnz = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| -> Result<()> {
+        let mut handles = Vec::new();
+        for _ in 0..workers {
+            handles.push(s.spawn(|| -> Result<()> {
+                let cfg = Config::new(&keys, vec![]).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut f = HashedNgrams::configure(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+                loop {
+                    let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(chunk) = chunks.get(at) else { break };
+                    let mut out = Features::with_capacity(chunk.len(), 0);
+                    f.featurize_batch(chunk, &mut out)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let b = std::hint::black_box(out.into_batch());
+                    nnz.fetch_add(b.indices.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(())
+            }));
+        }
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("native worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(nnz.into_inner())
+}
+
+fn to_sdk(r: &DataRecord) -> cloister_plugin_sdk::Record {
+    cloister_plugin_sdk::Record {
+        id: r.id.clone(),
+        texts: r
+            .texts
+            .iter()
+            .map(|t| cloister_plugin_sdk::TextField {
+                name: t.name.clone(),
+                value: t.value.clone(),
+            })
+            .collect(),
+        numerics: vec![],
+        label: None,
+    }
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let records = load_records(&args.input, args.records)?;
+    let sdk_records: Vec<_> = records.iter().map(to_sdk).collect();
+    let bytes_in: usize = records
+        .iter()
+        .flat_map(|r| &r.texts)
+        .map(|t| t.value.len())
+        .sum();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("# Plugin runtime benchmark\n");
+    println!(
+        "input: {} ({} records, {:.1} MB of text), {} logical CPUs, {} repetitions (median)\n",
+        args.input.display(),
+        records.len(),
+        bytes_in as f64 / 1e6,
+        cpus,
+        args.reps
+    );
+
+    let ngrams = cloister_bundled_plugins::get("hashed-ngrams").context("bundled hashed-ngrams")?;
+    let fuel_rt = Runtime::new(RuntimeConfig::default())?;
+    let nofuel_rt = Runtime::new(RuntimeConfig {
+        fuel: false,
+        ..RuntimeConfig::default()
+    })?;
+    let fuel_plugin = fuel_rt.load(ngrams)?;
+    let nofuel_plugin = nofuel_rt.load(ngrams)?;
+    let limits = Limits {
+        fuel: u64::MAX / 2,
+        ..Limits::default()
+    };
+
+    let mut rows = Vec::new();
+    println!("## hashed-ngrams: records/s, sandbox vs native (same code, same run)\n");
+    println!(
+        "| workers | batch | native rec/s | sandbox, fuel+epoch rec/s | ratio | sandbox, epoch only rec/s | ratio |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &workers in &args.workers {
+        for &batch in &args.batches {
+            let mut native = Vec::new();
+            let mut fuel = Vec::new();
+            let mut nofuel = Vec::new();
+            for _ in 0..args.reps {
+                let t = Instant::now();
+                let native_nnz = native_run(&sdk_records, batch, workers)?;
+                native.push(t.elapsed());
+                for (rt, p, out) in [
+                    (&fuel_rt, &fuel_plugin, &mut fuel),
+                    (&nofuel_rt, &nofuel_plugin, &mut nofuel),
+                ] {
+                    let runner = p
+                        .runner(rt, &[], limits.clone())?
+                        .workers(workers)
+                        .batch_size(batch);
+                    let t = Instant::now();
+                    let b = runner.featurize(&records)?;
+                    out.push(t.elapsed());
+                    if b.indices.len() != native_nnz {
+                        bail!(
+                            "sandbox and native disagree: {} vs {native_nnz} non-zeros",
+                            b.indices.len()
+                        );
+                    }
+                }
+            }
+            let rate = |d: Duration| records.len() as f64 / d.as_secs_f64();
+            let (n, f, e) = (
+                rate(median(native)),
+                rate(median(fuel)),
+                rate(median(nofuel)),
+            );
+            println!(
+                "| {workers} | {batch} | {n:.0} | {f:.0} | {:.2} | {e:.0} | {:.2} |",
+                f / n,
+                e / n
+            );
+            rows.push(serde_json::json!({"workers": workers, "batch": batch, "native": n, "fuel": f, "epoch_only": e}));
+        }
+    }
+
+    // Instantiation (store + sandbox + instance + configure), pooling allocator.
+    println!(
+        "\n## Instantiation (pooling allocator; store + sandbox + instance + configure call)\n"
+    );
+    println!("| plugin | runs | median | p99 |");
+    println!("|---|---:|---:|---:|");
+    let mut inst_rows = Vec::new();
+    for name in ["entropy", "hashed-ngrams"] {
+        let p = fuel_rt.load(cloister_bundled_plugins::get(name).context("bundled")?)?;
+        let mut times = Vec::with_capacity(5000);
+        for i in 0..5200 {
+            let t = Instant::now();
+            let inst = p.instantiate(&fuel_rt, &[], &Limits::default())?;
+            let d = t.elapsed();
+            drop(inst);
+            if i >= 200 {
+                times.push(d);
+            }
+        }
+        times.sort();
+        let (med, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
+        println!(
+            "| {name} | {} | {:.1} µs | {:.1} µs |",
+            times.len(),
+            med.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6
+        );
+        inst_rows.push(serde_json::json!({"plugin": name, "median_us": med.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6}));
+    }
+
+    // Compile: cold (Cranelift) vs cached (authenticated artifact from disk).
+    println!("\n## Loading hashed-ngrams: compile cold vs cached artifact\n");
+    let dir = tempfile::tempdir()?;
+    let secret = [42u8; 32];
+    let disk_rt = || -> Result<Runtime> {
+        let handle = cap_std::fs::Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority())?;
+        Ok(Runtime::new(RuntimeConfig {
+            cache: ArtifactCache::on_disk(handle, &secret),
+            max_instances: 4,
+            ..RuntimeConfig::default()
+        })?)
+    };
+    let mut cold = Vec::new();
+    let mut cached = Vec::new();
+    for _ in 0..5 {
+        let rt = Runtime::new(RuntimeConfig {
+            max_instances: 4,
+            ..RuntimeConfig::default()
+        })?;
+        let t = Instant::now();
+        rt.load(ngrams)?;
+        cold.push(t.elapsed());
+    }
+    disk_rt()?.load(ngrams)?;
+    for _ in 0..5 {
+        let rt = disk_rt()?;
+        let t = Instant::now();
+        rt.load(ngrams)?;
+        cached.push(t.elapsed());
+        if rt.config().cache.stats().0 != 1 {
+            bail!("expected a cache hit");
+        }
+    }
+    let (c, h) = (median(cold), median(cached));
+    println!("| load | median of 5 |\n|---|---:|");
+    println!(
+        "| cold (compile with Cranelift) | {:.1} ms |",
+        c.as_secs_f64() * 1e3
+    );
+    println!(
+        "| cached (verify tag + deserialize) | {:.2} ms |",
+        h.as_secs_f64() * 1e3
+    );
+    println!("\nBoth include reading the plugin's metadata in a fresh instance.");
+
+    if let Some(path) = args.json {
+        let doc = serde_json::json!({
+            "records": records.len(), "cpus": cpus, "throughput": rows, "instantiation": inst_rows,
+            "load_cold_ms": c.as_secs_f64() * 1e3, "load_cached_ms": h.as_secs_f64() * 1e3,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+    }
+    Ok(())
+}
