@@ -24,6 +24,7 @@ struct Args {
     workers: Vec<usize>,
     reps: usize,
     json: Option<PathBuf>,
+    plugin: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -35,6 +36,7 @@ fn parse_args() -> Result<Args> {
         workers: vec![1, 2],
         reps: 3,
         json: None,
+        plugin: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -51,6 +53,7 @@ fn parse_args() -> Result<Args> {
             "--workers" => a.workers = list(value()?)?,
             "--reps" => a.reps = value()?.parse()?,
             "--json" => a.json = Some(value()?.into()),
+            "--plugin" => a.plugin = Some(value()?.into()),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -157,7 +160,16 @@ fn main() -> Result<()> {
         args.reps
     );
 
-    let ngrams = cloister_bundled_plugins::get("hashed-ngrams").context("bundled hashed-ngrams")?;
+    // The bundled hashed-ngrams, or (for experiments with build settings) a
+    // component built from the same source elsewhere.
+    let from_file = match &args.plugin {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?),
+        None => None,
+    };
+    let ngrams: &[u8] = match &from_file {
+        Some(b) => b,
+        None => cloister_bundled_plugins::get("hashed-ngrams").context("bundled hashed-ngrams")?,
+    };
     let fuel_rt = Runtime::new(RuntimeConfig::default())?;
     let nofuel_rt = Runtime::new(RuntimeConfig {
         fuel: false,
