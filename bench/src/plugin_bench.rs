@@ -231,34 +231,46 @@ fn main() -> Result<()> {
         }
     }
 
-    // Instantiation (store + sandbox + instance + configure), pooling allocator.
+    // Instantiation with the pooling allocator: bare, and with configure.
+    println!("\n## Instantiation (pooling allocator)\n");
     println!(
-        "\n## Instantiation (pooling allocator; store + sandbox + instance + configure call)\n"
+        "bare: store + sandbox + instance; configured: bare + the plugin's configure call (and dimension for featurizers).\n"
     );
-    println!("| plugin | runs | median | p99 |");
-    println!("|---|---:|---:|---:|");
+    println!("| plugin | what | runs | median | p99 | mean cycle incl. drop |");
+    println!("|---|---|---:|---:|---:|---:|");
     let mut inst_rows = Vec::new();
     for name in ["entropy", "hashed-ngrams"] {
         let p = fuel_rt.load(cloister_bundled_plugins::get(name).context("bundled")?)?;
-        let mut times = Vec::with_capacity(5000);
-        for i in 0..5200 {
-            let t = Instant::now();
-            let inst = p.instantiate(&fuel_rt, &[], &Limits::default())?;
-            let d = t.elapsed();
-            drop(inst);
-            if i >= 200 {
-                times.push(d);
+        for configured in [false, true] {
+            let mut times = Vec::with_capacity(5200);
+            let cycle_start = Instant::now();
+            for _ in 0..5200 {
+                let t = Instant::now();
+                if configured {
+                    let inst = p.instantiate(&fuel_rt, &[], &Limits::default())?;
+                    times.push(t.elapsed());
+                    drop(inst);
+                } else {
+                    let inst = p.instantiate_bare(&fuel_rt, &Limits::default())?;
+                    times.push(t.elapsed());
+                    drop(inst);
+                }
             }
+            let cycle = cycle_start.elapsed() / 5200;
+            // The first 200 runs warm the pool.
+            let mut times = times.split_off(200);
+            times.sort();
+            let (med, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
+            let what = if configured { "configured" } else { "bare" };
+            println!(
+                "| {name} | {what} | {} | {:.1} µs | {:.1} µs | {:.1} µs |",
+                times.len(),
+                med.as_secs_f64() * 1e6,
+                p99.as_secs_f64() * 1e6,
+                cycle.as_secs_f64() * 1e6
+            );
+            inst_rows.push(serde_json::json!({"plugin": name, "what": what, "median_us": med.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6, "cycle_us": cycle.as_secs_f64() * 1e6}));
         }
-        times.sort();
-        let (med, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
-        println!(
-            "| {name} | {} | {:.1} µs | {:.1} µs |",
-            times.len(),
-            med.as_secs_f64() * 1e6,
-            p99.as_secs_f64() * 1e6
-        );
-        inst_rows.push(serde_json::json!({"plugin": name, "median_us": med.as_secs_f64() * 1e6, "p99_us": p99.as_secs_f64() * 1e6}));
     }
 
     // Compile: cold (Cranelift) vs cached (authenticated artifact from disk).

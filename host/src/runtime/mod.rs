@@ -150,7 +150,7 @@ impl Runtime {
             .max_tables_per_component(8)
             .total_stacks(n)
             .max_memory_size(config.max_memory_bytes)
-            .linear_memory_keep_resident(1024 * 1024)
+            .linear_memory_keep_resident(4 * 1024 * 1024)
             .table_keep_resident(64 * 1024);
 
         let mut c = wasmtime::Config::new();
@@ -441,16 +441,14 @@ impl LoadedPlugin {
         }
         Ok(inst)
     }
+}
 
-    fn expect_kind(&self, expected: PluginKind) -> Result<(), RuntimeError> {
-        if self.kind == expected {
-            Ok(())
-        } else {
-            Err(RuntimeError::WrongKind {
-                expected,
-                actual: self.kind,
-            })
-        }
+/// `Ok` when a plugin of kind `actual` may be used where `expected` is needed.
+fn check_kind(expected: PluginKind, actual: PluginKind) -> Result<(), RuntimeError> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(RuntimeError::WrongKind { expected, actual })
     }
 }
 
@@ -631,14 +629,34 @@ impl PluginInstance {
     }
 
     fn expect(&self, kind: PluginKind) -> Result<(), RuntimeError> {
-        if self.kind == kind {
-            Ok(())
-        } else {
-            Err(RuntimeError::WrongKind {
-                expected: kind,
-                actual: self.kind,
-            })
-        }
+        check_kind(kind, self.kind)
+    }
+}
+
+/// An instance that was created but never configured: it has no methods and
+/// cannot be called, so the interface's rule (configure before any other
+/// call) holds. It exists to measure the bare cost of instantiation (store,
+/// sandbox, pooling-allocator instance) apart from the `configure` call.
+pub struct BareInstance {
+    _instance: PluginInstance,
+}
+
+impl std::fmt::Debug for BareInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BareInstance")
+    }
+}
+
+impl LoadedPlugin {
+    /// Create an instance without configuring it; see [`BareInstance`].
+    pub fn instantiate_bare(
+        &self,
+        runtime: &Runtime,
+        limits: &Limits,
+    ) -> Result<BareInstance, RuntimeError> {
+        Ok(BareInstance {
+            _instance: PluginInstance::raw(runtime, self, limits)?,
+        })
     }
 }
 
@@ -707,7 +725,7 @@ impl LoadedPlugin {
 
     /// Require this plugin to be of `kind`.
     pub fn require(&self, kind: PluginKind) -> Result<(), RuntimeError> {
-        self.expect_kind(kind)
+        check_kind(kind, self.kind)
     }
 }
 

@@ -28,7 +28,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream, WasiCli, WasiCliView as _};
 use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView as _};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::random::WasiRandom;
-use wasmtime_wasi::{Deterministic, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::digest::Digest;
 
@@ -188,8 +188,8 @@ impl HostState {
             .stdout(log.clone())
             .stderr(log.clone())
             .wall_clock(FrozenWallClock)
-            .secure_random(Deterministic::new(random.stream.to_vec()))
-            .insecure_random(Deterministic::new(random.stream.to_vec()))
+            .secure_random(random.cycle())
+            .insecure_random(random.cycle())
             .insecure_random_seed(random.seed)
             .max_random_size(64 * 1024)
             .allow_tcp(false)
@@ -230,6 +230,48 @@ impl PluginRandomness {
             stream: stream.into(),
             seed: u128::from_le_bytes(seed128),
         }
+    }
+
+    /// A reader cycling through the shared stream (no copy per instance).
+    fn cycle(&self) -> ByteCycle {
+        ByteCycle {
+            bytes: Arc::clone(&self.stream),
+            pos: 0,
+        }
+    }
+}
+
+/// Cycles through a shared byte stream; what `wasi:random` returns.
+struct ByteCycle {
+    bytes: Arc<[u8]>,
+    pos: usize,
+}
+
+impl rand_core::TryRng for ByteCycle {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0u8; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        if self.bytes.is_empty() {
+            dst.fill(0);
+            return Ok(());
+        }
+        for d in dst {
+            *d = self.bytes[self.pos];
+            self.pos = (self.pos + 1) % self.bytes.len();
+        }
+        Ok(())
     }
 }
 
