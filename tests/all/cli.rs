@@ -261,3 +261,88 @@ fn demo_runs_the_bundled_plugins_over_the_bundled_data() {
     assert!(out.contains("kept 6046 of 6046"), "{out}");
     assert!(out.contains("Digits (1797 images"), "{out}");
 }
+
+/// The code blocks of `docs/plugin-authoring.md` that follow a line
+/// containing `marker`.
+fn doc_block(doc: &str, marker: &str) -> String {
+    let start = doc
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker} not in the tutorial"));
+    let rest = &doc[start..];
+    let open = rest.find("```").unwrap();
+    let body_start = open + rest[open..].find('\n').unwrap() + 1;
+    let close = body_start + rest[body_start..].find("```").unwrap();
+    rest[body_start..close].to_string()
+}
+
+#[test]
+fn the_plugin_tutorial_builds_and_prints_what_the_docs_say() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("docs/plugin-authoring.md")).unwrap();
+    let manifest_extra = doc_block(&doc, "**2. `Cargo.toml`**");
+    let lib = doc_block(&doc, "**3. `src/lib.rs`**");
+    let mock = doc_block(&doc, "**6. Run it on your own mock data.**");
+    let mock_lines: String = mock
+        .lines()
+        .skip(1)
+        .take_while(|l| *l != "JSONL")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let after_run = &doc[doc.find("**6. Run it on your own mock data.**").unwrap()..];
+    let out_start = after_run.find("```\n{\"id\"").unwrap() + 4;
+    let expected = &after_run[out_start..out_start + after_run[out_start..].find("```").unwrap()];
+
+    let dir = tempfile::tempdir().unwrap();
+    let sdk = root.join("plugin-sdk").canonicalize().unwrap();
+    let manifest = format!(
+        "[package]\nname = \"text-shape\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[workspace]\n\n{}",
+        manifest_extra.replace("../cloister/plugin-sdk", &sdk.display().to_string())
+    );
+    std::fs::write(dir.path().join("Cargo.toml"), manifest).unwrap();
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::write(dir.path().join("src/lib.rs"), lib).unwrap();
+    let target = root.join("target/tutorial-check");
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .current_dir(dir.path())
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
+        .arg(&target);
+    for var in [
+        "CARGO_TARGET_DIR",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+    ] {
+        build.env_remove(var);
+    }
+    let built = build.output().unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+
+    let component = target.join("wasm32-wasip2/release/text_shape.wasm");
+    let input = dir.path().join("mock.jsonl");
+    std::fs::write(&input, mock_lines).unwrap();
+    let o = cloister(&[
+        "plugin",
+        "run",
+        component.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), expected, "the tutorial's documented output");
+
+    let o = cloister(&["plugin", "inspect", component.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("verdict:     loadable"));
+}
