@@ -61,8 +61,7 @@ pub fn build_and_embed(
         .map(|t| t.join("wasm-plugins"))
         .ok_or("unexpected OUT_DIR layout")?;
     ensure_wasm_target()?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = plugin_cargo();
     cmd.current_dir(&root)
         .args([
             "build",
@@ -74,22 +73,6 @@ pub fn build_and_embed(
         .arg(&target_dir);
     for c in crates {
         cmd.args(["-p", c.package]);
-    }
-    // The outer build's settings are not the plugins' settings.
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTC_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "CARGO_PRIMARY_PACKAGE",
-        "CARGO_MANIFEST_DIR",
-        "CARGO_MANIFEST_PATH",
-        "CARGO_PKG_NAME",
-    ] {
-        cmd.env_remove(var);
     }
     let output = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
     if !output.status.success() {
@@ -130,6 +113,30 @@ pub fn build_and_embed(
     std::fs::write(out_dir.join(file_name), src)
         .map_err(|e| format!("cannot write {file_name}: {e}"))?;
     Ok(())
+}
+
+/// A `cargo` command for building plugin crates from inside another cargo
+/// process (a build script or a test): the same cargo, without the outer
+/// build's flags, wrappers and target settings.
+pub fn plugin_cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_PKG_NAME",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// Make sure the `wasm32-wasip2` standard library is installed, adding it
