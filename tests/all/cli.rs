@@ -302,8 +302,7 @@ fn the_plugin_tutorial_builds_and_prints_what_the_docs_say() {
     std::fs::create_dir(dir.path().join("src")).unwrap();
     std::fs::write(dir.path().join("src/lib.rs"), lib).unwrap();
     let target = root.join("target/tutorial-check");
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build
+    let built = cloister_wasm_build::plugin_cargo()
         .current_dir(dir.path())
         .args([
             "build",
@@ -312,17 +311,9 @@ fn the_plugin_tutorial_builds_and_prints_what_the_docs_say() {
             "wasm32-wasip2",
             "--target-dir",
         ])
-        .arg(&target);
-    for var in [
-        "CARGO_TARGET_DIR",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTC_WRAPPER",
-    ] {
-        build.env_remove(var);
-    }
-    let built = build.output().unwrap();
+        .arg(&target)
+        .output()
+        .unwrap();
     assert!(
         built.status.success(),
         "{}",
