@@ -2,8 +2,12 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod admin_cmd;
+mod audit_cmd;
+mod dataset_cmd;
 mod demo;
 mod plugin_cmd;
+mod session;
 
 use std::process::ExitCode;
 
@@ -19,6 +23,8 @@ struct Cli {
     /// More log output (-v: info, -vv: debug). CLOISTER_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    #[command(flatten)]
+    env: session::EnvArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,7 +39,27 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Inspect, run and list plugins.
+    /// Create a new environment: store, keys, policies and a first admin.
+    Init {
+        /// The directory to create.
+        dir: std::path::PathBuf,
+        /// Name of the first admin.
+        #[arg(long, default_value = "admin")]
+        admin: String,
+    },
+    /// Manage users and their roles.
+    #[command(subcommand)]
+    User(admin_cmd::UserCommand),
+    /// Check and explain the active policies.
+    #[command(subcommand)]
+    Policy(admin_cmd::PolicyCommand),
+    /// Import datasets and view their statistics.
+    #[command(subcommand)]
+    Dataset(dataset_cmd::DatasetCommand),
+    /// Read, verify, checkpoint and prove the audit log.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
+    /// Inspect, run, add, approve and list plugins.
     #[command(subcommand)]
     Plugin(plugin_cmd::PluginCommand),
     /// Run the bundled plugins over the bundled datasets in the sandbox.
@@ -63,14 +89,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.verbose);
     let result = match cli.command {
-        Command::Plugin(cmd) => plugin_cmd::run(cmd),
+        Command::Init { dir, admin } => admin_cmd::init(dir, admin),
+        Command::User(cmd) => admin_cmd::user(&cli.env, cmd),
+        Command::Policy(cmd) => admin_cmd::policy(&cli.env, cmd),
+        Command::Dataset(cmd) => dataset_cmd::run(&cli.env, cmd),
+        Command::Audit(cmd) => audit_cmd::run(&cli.env, cmd),
+        Command::Plugin(cmd) => plugin_cmd::run(&cli.env, cmd),
         Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(session::exit_code(&e))
         }
     }
 }

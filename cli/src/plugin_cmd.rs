@@ -25,6 +25,24 @@ pub enum PluginCommand {
     },
     /// Run one plugin locally over a mock JSONL file (never real data).
     Run(RunArgs),
+    /// Add a component to the environment's registry (inspected, stored by
+    /// digest, unapproved).
+    Add {
+        /// The component (.wasm).
+        file: PathBuf,
+    },
+    /// Approve a registered digest for running (a reviewer who did not add
+    /// it). Any other digest, even one byte different, stays unapproved.
+    Approve {
+        /// The digest (or a unique prefix of at least 8 hex digits).
+        digest: String,
+    },
+    /// List the environment's registered plugins.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the plugins bundled with Cloister; optionally write them out.
     Bundled {
         /// Write each bundled component to DIR/<name>.wasm.
@@ -74,8 +92,40 @@ pub struct RunArgs {
     show_plugin_log: bool,
 }
 
-pub fn run(cmd: PluginCommand) -> Result<ExitCode> {
+pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode> {
     match cmd {
+        PluginCommand::Add { file } => {
+            let bytes = read_component(&file)?;
+            let s = env.session()?;
+            let e = s.cloister.add_plugin(&s.user, &bytes)?;
+            println!("added {} {} ({}) sha256:{}", e.name, e.version, e.kind.as_str(), e.digest);
+            println!("not approved yet: a reviewer runs `cloister plugin approve {}`", &e.digest[..16]);
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Approve { digest } => {
+            let s = env.session()?;
+            let e = s.cloister.approve_plugin(&s.user, &digest)?;
+            println!("approved {} {} sha256:{}", e.name, e.version, e.digest);
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::List { json } => {
+            let s = env.session()?;
+            let all = s.cloister.list_plugins(&s.user)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no plugins (add one with `cloister plugin add FILE.wasm`)");
+            } else {
+                for e in &all {
+                    let state = match &e.approval {
+                        Some(a) => format!("approved by {}", a.by),
+                        None => "NOT APPROVED".to_string(),
+                    };
+                    println!("{}  {:<20} {:<8} {:<12} added by {:<12} {}", &e.digest[..16], e.name, e.version, e.kind.as_str(), e.added_by, state);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         PluginCommand::Inspect { file, json } => inspect(&file, json),
         PluginCommand::Run(args) => run_local(args),
         PluginCommand::Bundled { write } => bundled(write.as_deref()),

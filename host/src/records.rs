@@ -76,7 +76,7 @@ pub struct JsonlReader<R> {
     schema: Schema,
     line_no: u64,
     buf: String,
-    seen: HashSet<String>,
+    seen: Option<HashSet<String>>,
 }
 
 impl<R> std::fmt::Debug for JsonlReader<R> {
@@ -97,8 +97,16 @@ impl<R: BufRead> JsonlReader<R> {
             schema,
             line_no: 0,
             buf: String::new(),
-            seen: HashSet::new(),
+            seen: Some(HashSet::new()),
         }
+    }
+
+    /// Stops checking ids for uniqueness in memory: the caller checks
+    /// them (the dataset import does, against the store, so that memory
+    /// stays constant however long the file).
+    pub fn without_duplicate_check(mut self) -> Self {
+        self.seen = None;
+        self
     }
 
     fn err(&self, field: Option<&str>, problem: impl Into<String>) -> RecordError {
@@ -136,7 +144,9 @@ impl<R: BufRead> JsonlReader<R> {
                 "the id contains control characters",
             ));
         }
-        if !self.seen.insert(id.clone()) {
+        if let Some(seen) = &mut self.seen
+            && !seen.insert(id.clone())
+        {
             return Err(self.err(Some(&self.schema.id_field), format!("duplicate id {id:?}")));
         }
         let label = match obj.get(&self.schema.label_field) {
@@ -222,6 +232,23 @@ impl<R: BufRead> JsonlReader<R> {
             }
         }
         Ok(record)
+    }
+}
+
+/// A stream of records that knows where it is, for error messages.
+pub trait RecordSource: Iterator<Item = Result<DataRecord, RecordError>> {
+    /// The file being read.
+    fn file(&self) -> &Path;
+    /// The 1-based line of the record returned last.
+    fn line(&self) -> u64;
+}
+
+impl<R: BufRead> RecordSource for JsonlReader<R> {
+    fn file(&self) -> &Path {
+        &self.file
+    }
+    fn line(&self) -> u64 {
+        self.line_no
     }
 }
 

@@ -1,0 +1,122 @@
+//! `cloister init`, `cloister user …`, `cloister policy …`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use cloister_host::policy::Role;
+use cloister_host::service::Cloister;
+
+use crate::session::EnvArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user and print their token (shown once).
+    Add {
+        /// User name (a-z 0-9 . _ -).
+        name: String,
+        /// A role (repeatable): admin, scientist, labeler, reviewer, approver, auditor.
+        #[arg(long = "role", required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
+    },
+    /// List users and their roles.
+    List,
+    /// Disable a user and revoke their token.
+    Disable {
+        /// User name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate the environment's policy files against the schema.
+    Check,
+    /// Show how the active policies decide a request, and which policies
+    /// decided it.
+    Explain {
+        /// The user to evaluate for.
+        #[arg(long = "as", value_name = "USER")]
+        as_user: String,
+        /// The action, e.g. export_dataset.
+        action: String,
+        /// env, audit, dataset:NAME, record:DATASET/ID, plugin:DIGEST or model:ID.
+        resource: String,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+}
+
+pub fn init(dir: PathBuf, admin: String) -> Result<ExitCode> {
+    let (cloister, token) = Cloister::init(&dir, &admin)?;
+    println!("created environment {} at {}", cloister.env().id(), dir.display());
+    println!("admin user: {admin}");
+    println!("admin token (shown once; keep it secret): {token}");
+    println!();
+    println!("  export CLOISTER_ENV={}", dir.display());
+    println!("  export CLOISTER_TOKEN=<the token above>");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
+    let s = env.session()?;
+    match cmd {
+        UserCommand::Add { name, roles } => {
+            let (user, token) = s.cloister.add_user(&s.user, &name, &roles)?;
+            println!("added {} ({})", user.name, roles_text(&user.roles));
+            println!("token (shown once; keep it secret): {token}");
+        }
+        UserCommand::List => {
+            for u in s.cloister.list_users(&s.user)? {
+                let state = if u.disabled { "disabled" } else { "active" };
+                println!("{:<24} {:<9} {}", u.name, state, roles_text(&u.roles));
+            }
+        }
+        UserCommand::Disable { name } => {
+            s.cloister.disable_user(&s.user, &name)?;
+            println!("disabled {name}; their token no longer works");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn roles_text(roles: &[Role]) -> String {
+    roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+}
+
+pub fn policy(env: &EnvArgs, cmd: PolicyCommand) -> Result<ExitCode> {
+    let s = env.session()?;
+    match cmd {
+        PolicyCommand::Check => {
+            let n = s.cloister.policy_check(&s.user)?;
+            println!("policies valid: {n} policies checked against the schema");
+        }
+        PolicyCommand::Explain { as_user, action, resource } => {
+            let e = s.cloister.policy_explain(&s.user, &as_user, &action, &resource)?;
+            let a = &e.authorization;
+            println!("decision: {}", if a.allowed { "ALLOW" } else { "DENY" });
+            println!("request:  {as_user} {action} {}", e.resource.uid_text());
+            if e.policies.is_empty() {
+                println!("reason:   no policy permits this (deny by default)");
+            } else if a.allowed {
+                println!("permitted by:");
+            } else {
+                println!("forbidden by:");
+            }
+            for (id, text) in &e.policies {
+                println!("  {id}");
+                for line in text.lines() {
+                    println!("    {line}");
+                }
+            }
+            for err in &a.errors {
+                println!("evaluation error (the policy was skipped): {err}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,172 @@
+//! `cloister dataset …`: import, list, statistics. There is no command that
+//! prints rows; `export` exists only to be denied and audited.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use cloister_host::datasets::DatasetVersion;
+use cloister_host::records::Schema;
+use cloister_host::service::ImportOptions;
+
+use crate::session::EnvArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum DatasetCommand {
+    /// Import a JSONL or CSV file (optionally .gz) as the next version of
+    /// dataset NAME. All or nothing: any bad line aborts the import.
+    Import {
+        /// Dataset name.
+        name: String,
+        /// The file.
+        file: PathBuf,
+        /// jsonl or csv (default: by extension).
+        #[arg(long)]
+        format: Option<String>,
+        /// The id field.
+        #[arg(long, default_value = "id")]
+        id_field: String,
+        /// The label field (absent, null or empty: unlabeled).
+        #[arg(long, default_value = "label")]
+        label_field: String,
+        /// Text fields to keep (repeatable; default: every string field).
+        #[arg(long = "text-field")]
+        text_fields: Vec<String>,
+        /// Numeric fields to keep (repeatable; JSONL default: every numeric
+        /// field; CSV: none).
+        #[arg(long = "numeric-field")]
+        numeric_fields: Vec<String>,
+    },
+    /// List datasets and their versions.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Aggregate statistics of NAME or NAME@VERSION. Never rows.
+    Stats {
+        /// NAME or NAME@VERSION.
+        dataset: String,
+        /// Also count the train/validation/test split for this seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export rows. Always denied by policy (and audited): raw data never
+    /// leaves the environment.
+    Export {
+        /// NAME or NAME@VERSION.
+        dataset: String,
+    },
+}
+
+pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
+    let s = env.session()?;
+    match cmd {
+        DatasetCommand::Import { name, file, format, id_field, label_field, text_fields, numeric_fields } => {
+            let schema = Schema {
+                id_field,
+                label_field,
+                text_fields: (!text_fields.is_empty()).then_some(text_fields),
+                numeric_fields: (!numeric_fields.is_empty()).then_some(numeric_fields),
+            };
+            let started = std::time::Instant::now();
+            let v = s.cloister.import_dataset(&s.user, &name, &file, &ImportOptions { format, schema })?;
+            println!(
+                "imported {} records as {} in {:.1} s (sha256 {})",
+                v.stats.records,
+                v.reference(),
+                started.elapsed().as_secs_f64(),
+                v.digest
+            );
+            println!("  labeled {}, unlabeled {}", v.stats.labeled, v.stats.unlabeled);
+        }
+        DatasetCommand::List { json } => {
+            let all = s.cloister.list_datasets(&s.user)?;
+            if json {
+                let rows: Vec<_> = all.iter().map(summary_json).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if all.is_empty() {
+                println!("no datasets (import one with `cloister dataset import NAME FILE`)");
+            } else {
+                println!("{:<24} {:>7} {:>10} {:>10}  {:<24} sha256", "dataset", "version", "records", "labeled", "imported");
+                for v in &all {
+                    println!(
+                        "{:<24} {:>7} {:>10} {:>10}  {:<24} {}",
+                        v.name,
+                        v.version,
+                        v.stats.records,
+                        v.stats.labeled,
+                        cloister_host::time::rfc3339(v.created_ms),
+                        &v.digest[..16]
+                    );
+                }
+            }
+        }
+        DatasetCommand::Stats { dataset, seed, json } => {
+            let (v, splits) = s.cloister.dataset_stats(&s.user, &dataset, seed)?;
+            if json {
+                let mut j = summary_json(&v);
+                j["stats"] = serde_json::to_value(&v.stats)?;
+                if let Some(sp) = &splits {
+                    j["splits"] = serde_json::to_value(sp)?;
+                }
+                println!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                print_stats(&v);
+                if let Some(sp) = splits {
+                    println!("splits (seed {}):        labeled  unlabeled", sp.seed);
+                    for (split, (l, u)) in &sp.counts {
+                        println!("  {:<20} {:>9} {:>10}", format!("{split:?}").to_lowercase(), l, u);
+                    }
+                }
+            }
+        }
+        DatasetCommand::Export { dataset } => {
+            s.cloister.export_dataset(&s.user, &dataset)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn summary_json(v: &DatasetVersion) -> serde_json::Value {
+    serde_json::json!({
+        "name": v.name,
+        "version": v.version,
+        "digest": v.digest,
+        "records": v.stats.records,
+        "labeled": v.stats.labeled,
+        "unlabeled": v.stats.unlabeled,
+        "source": v.source,
+        "created_by": v.created_by,
+        "created": cloister_host::time::rfc3339(v.created_ms),
+    })
+}
+
+fn print_stats(v: &DatasetVersion) {
+    let st = &v.stats;
+    println!("{} (sha256 {})", v.reference(), v.digest);
+    println!("imported {} by {} from {}", cloister_host::time::rfc3339(v.created_ms), v.created_by, v.source);
+    println!("records {}   labeled {}   unlabeled {}", st.records, st.labeled, st.unlabeled);
+    println!("labels:");
+    for (label, n) in &st.labels {
+        println!("  {:<30} {:>9} {:>6.1}%", label, n, 100.0 * *n as f64 / st.labeled.max(1) as f64);
+    }
+    println!("fields:");
+    for (name, f) in &st.fields {
+        println!("  {:<30} {:<8} {:>6.1}% present", name, f.kind, 100.0 * f.present as f64 / st.records.max(1) as f64);
+    }
+    let tl = &st.text_length;
+    println!("text length (characters): min {} mean {:.0} max {}", tl.min, tl.mean, tl.max);
+    let peak = tl.buckets.iter().map(|b| b.1).max().unwrap_or(1).max(1);
+    let mut lower = 0;
+    for (upper, n) in &tl.buckets {
+        let bar = "#".repeat((40 * n).div_ceil(peak) as usize);
+        println!("  [{:>7}, {:>7}) {:>9} {}", lower, upper, n, bar);
+        lower = *upper;
+    }
+}

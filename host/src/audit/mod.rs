@@ -1,0 +1,644 @@
+//! The tamper-evident audit log.
+//!
+//! Every operation, allowed or denied, is appended here **before** it takes
+//! effect (see [`crate::service`]). An entry records sequence number, time,
+//! actor, action, resource, decision, the deciding policies and a SHA-256
+//! digest of the parameters — never data values.
+//!
+//! Tamper evidence has three layers:
+//! 1. each stored entry carries an HMAC tag under a secret of the environment
+//!    and its own sequence number and the leaf hash of its predecessor, so
+//!    [`AuditLog::verify`] names the first edited, moved or missing entry;
+//! 2. an RFC 6962 Merkle tree over the entries ([`merkle`]), whose current
+//!    root is signed with Ed25519 at every commit (the *head*) and kept as a
+//!    [`Checkpoint`] every `checkpoint_every` entries, so a dropped tail is
+//!    detected;
+//! 3. checkpoints exported with `cloister audit checkpoint` and kept outside
+//!    the environment detect truncation and rollback to an older copy of the
+//!    whole store, which no inside check can.
+//!
+//! Appends use group commit: concurrent writers hand their entries to one
+//! committer thread, which writes everything waiting as one atomic, durable
+//! batch and then acknowledges each writer.
+
+pub mod checkpoint;
+pub mod merkle;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use checkpoint::{AuditKeys, Checkpoint};
+use merkle::{Frontier, Hash};
+
+use crate::store::{Space, Storage, StoreError, WriteBatch};
+
+const HEAD_KEY: &[u8] = b"audit-head";
+const FRONTIER_KEY: &[u8] = b"audit-frontier";
+/// Most entries one group commit writes.
+const MAX_GROUP: usize = 4096;
+
+/// Errors of the audit log.
+#[derive(Debug, Error)]
+pub enum AuditError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The log failed an earlier write or its head does not match its
+    /// entries; it accepts no more appends (fail closed).
+    #[error("the audit log is unavailable ({0}); no operation can proceed until it is repaired")]
+    Unavailable(String),
+    /// Bad key material.
+    #[error("audit keys: {0}")]
+    Keys(String),
+    /// A checkpoint or proof file is malformed or does not verify.
+    #[error("checkpoint: {0}")]
+    BadCheckpoint(String),
+    /// A requested entry does not exist.
+    #[error("there is no audit entry {0}")]
+    NoSuchEntry(u64),
+    /// A proof file is malformed.
+    #[error("proof: {0}")]
+    BadProof(String),
+}
+
+/// Outcome of the authorization check, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// The operation was allowed.
+    Allow,
+    /// The operation was denied.
+    Deny,
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+        })
+    }
+}
+
+/// What a caller asks to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Who acted (a user name, or `-` when unauthenticated).
+    pub actor: String,
+    /// The action, as named in the policy schema.
+    pub action: String,
+    /// The resource, as a Cedar entity uid.
+    pub resource: String,
+    /// The decision.
+    pub decision: Decision,
+    /// Ids of the policies that decided.
+    pub policies: Vec<String>,
+    /// Hex SHA-256 of the operation's canonical parameters.
+    pub params: String,
+}
+
+/// A stored entry. Field order is the canonical serialization order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Position in the log, from 0.
+    pub seq: u64,
+    /// Append time, ms since the epoch.
+    pub time_ms: u64,
+    /// See [`AuditRecord::actor`].
+    pub actor: String,
+    /// See [`AuditRecord::action`].
+    pub action: String,
+    /// See [`AuditRecord::resource`].
+    pub resource: String,
+    /// See [`AuditRecord::decision`].
+    pub decision: Decision,
+    /// See [`AuditRecord::policies`].
+    pub policies: Vec<String>,
+    /// See [`AuditRecord::params`].
+    pub params: String,
+    /// Hex leaf hash of the previous entry (zeros for the first).
+    pub prev: String,
+}
+
+/// Filters for [`AuditLog::query`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only this actor.
+    pub actor: Option<String>,
+    /// Only this action.
+    pub action: Option<String>,
+    /// Only entries at or after this time (ms).
+    pub since_ms: Option<u64>,
+    /// Only this decision.
+    pub decision: Option<Decision>,
+    /// Skip entries before this sequence number.
+    pub from_seq: u64,
+    /// At most this many entries.
+    pub limit: usize,
+}
+
+/// What [`AuditLog::verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Everything checks out.
+    Intact {
+        /// Entries verified.
+        size: u64,
+        /// Their Merkle root.
+        root: Hash,
+        /// Stored checkpoints that matched.
+        checkpoints: usize,
+    },
+    /// Tampering detected.
+    Tampered {
+        /// The first bad entry (or the first missing position).
+        first_bad: u64,
+        /// What is wrong, in words.
+        reason: String,
+    },
+}
+
+/// An inclusion proof in its portable (JSON) form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InclusionProof {
+    /// The entry's sequence number (its leaf index).
+    pub seq: u64,
+    /// The entry's canonical bytes, as text.
+    pub entry: String,
+    /// Hex sibling hashes, leaf to root.
+    pub path: Vec<String>,
+    /// The signed checkpoint (text form) whose root the path leads to.
+    pub checkpoint: String,
+}
+
+struct Job {
+    record: AuditRecord,
+    reply: SyncSender<Result<u64, AuditError>>,
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    frontier: Frontier,
+    prev: Hash,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Storage>,
+    keys: Arc<AuditKeys>,
+    origin: String,
+    checkpoint_every: u64,
+    state: Mutex<State>,
+    failed: AtomicBool,
+    failure: Mutex<String>,
+}
+
+/// The audit log of one environment. See the module docs.
+#[derive(Debug)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+    tx: Mutex<Option<Sender<Job>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("record", &self.record).finish()
+    }
+}
+
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// Splits a stored value into (tag, entry bytes).
+fn split_value(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    (value.len() > 32).then(|| value.split_at(32))
+}
+
+impl AuditLog {
+    /// Opens the log over `store`. A head that does not match the stored
+    /// entries leaves the log open for reading and verification but refuses
+    /// appends, so every operation fails closed.
+    pub fn open(
+        store: Arc<dyn Storage>,
+        keys: Arc<AuditKeys>,
+        origin: &str,
+        checkpoint_every: u64,
+    ) -> Result<Self, AuditError> {
+        let (state, problem) = Self::load_state(store.as_ref(), &keys)?;
+        let inner = Arc::new(Inner {
+            store,
+            keys,
+            origin: origin.to_string(),
+            checkpoint_every: checkpoint_every.max(1),
+            state: Mutex::new(state),
+            failed: AtomicBool::new(problem.is_some()),
+            failure: Mutex::new(problem.unwrap_or_default()),
+        });
+        let (tx, rx) = channel::<Job>();
+        let worker_inner = Arc::clone(&inner);
+        let worker = std::thread::Builder::new()
+            .name("audit-commit".into())
+            .spawn(move || committer(&worker_inner, &rx))
+            .map_err(|e| AuditError::Unavailable(format!("cannot start the committer: {e}")))?;
+        Ok(Self {
+            inner,
+            tx: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(worker)),
+        })
+    }
+
+    fn load_state(store: &dyn Storage, keys: &AuditKeys) -> Result<(State, Option<String>), AuditError> {
+        let frontier = match store.get(Space::Meta, FRONTIER_KEY)? {
+            None => Frontier::new(),
+            Some(b) => match Frontier::from_bytes(&b) {
+                Some(f) => f,
+                None => return Ok((State { frontier: Frontier::new(), prev: [0; 32] }, Some("the stored tree state is malformed".into()))),
+            },
+        };
+        let size = frontier.size();
+        let last = store.last(Space::Audit, b"")?;
+        let mut problem = None;
+        let prev = match &last {
+            Some((k, v)) => {
+                let expected = size.checked_sub(1).map(seq_key);
+                if expected.as_ref().map(|e| e.as_slice()) != Some(k.as_slice()) {
+                    problem = Some("the last entry does not match the tree head".to_string());
+                }
+                split_value(v).map(|(_, e)| merkle::leaf_hash(e)).unwrap_or([0; 32])
+            }
+            None => {
+                if size != 0 {
+                    problem = Some("entries are missing".to_string());
+                }
+                [0; 32]
+            }
+        };
+        if problem.is_none() {
+            match store.get(Space::Meta, HEAD_KEY)? {
+                Some(text) => {
+                    let head = std::str::from_utf8(&text)
+                        .map_err(|_| AuditError::BadCheckpoint("head is not text".into()))
+                        .and_then(Checkpoint::parse);
+                    match head {
+                        Ok(h) if h.verify_signature(&keys.public_key()).is_ok()
+                            && h.size == size
+                            && h.root == frontier.root() => {}
+                        _ => problem = Some("the signed head does not match the entries".into()),
+                    }
+                }
+                None if size > 0 => problem = Some("the signed head is missing".into()),
+                None => {}
+            }
+        }
+        Ok((State { frontier, prev }, problem))
+    }
+
+    /// Appends one record durably and returns its sequence number. Blocks
+    /// until the record is on disk; concurrent callers share one flush.
+    pub fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        self.check_available()?;
+        let (reply, wait) = sync_channel(1);
+        {
+            let tx = self.tx.lock().map_err(|_| poisoned())?;
+            let tx = tx.as_ref().ok_or_else(|| AuditError::Unavailable("the log is closed".into()))?;
+            tx.send(Job { record, reply })
+                .map_err(|_| AuditError::Unavailable("the committer stopped".into()))?;
+        }
+        wait.recv()
+            .map_err(|_| AuditError::Unavailable("the committer stopped".into()))?
+    }
+
+    fn check_available(&self) -> Result<(), AuditError> {
+        if self.inner.failed.load(Ordering::SeqCst) {
+            let why = self.inner.failure.lock().map(|s| s.clone()).unwrap_or_default();
+            return Err(AuditError::Unavailable(why));
+        }
+        Ok(())
+    }
+
+    /// Number of entries.
+    pub fn size(&self) -> u64 {
+        self.inner.state.lock().map(|s| s.frontier.size()).unwrap_or(0)
+    }
+
+    /// The environment id the log signs as.
+    pub fn origin(&self) -> &str {
+        &self.inner.origin
+    }
+
+    /// The public key checkpoints are signed with.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.inner.keys.public_key()
+    }
+
+    /// Signs, stores and returns a checkpoint of the current state.
+    pub fn checkpoint(&self) -> Result<Checkpoint, AuditError> {
+        self.check_available()?;
+        let state = self.inner.state.lock().map_err(|_| poisoned())?;
+        let cp = self.inner.keys.sign(
+            &self.inner.origin,
+            state.frontier.size(),
+            state.frontier.root(),
+            crate::time::now_ms(),
+        );
+        let mut b = WriteBatch::new();
+        b.put(Space::Checkpoints, cp.size.to_be_bytes().to_vec(), cp.to_text().into_bytes());
+        self.inner.store.commit(b)?;
+        Ok(cp)
+    }
+
+    /// Entries matching `filter`, oldest first. Stops at the first entry it
+    /// cannot read and reports it: run `verify` for the full diagnosis.
+    pub fn query(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, AuditError> {
+        let mut out = Vec::new();
+        for item in self.inner.store.scan_from(Space::Audit, &seq_key(filter.from_seq)) {
+            let (k, v) = item?;
+            let entry = split_value(&v)
+                .and_then(|(_, e)| serde_json::from_slice::<AuditEntry>(e).ok())
+                .ok_or_else(|| AuditError::Unavailable(format!("entry at key {} is unreadable; run `cloister audit verify`", hex::encode(&k))))?;
+            let keep = filter.actor.as_ref().is_none_or(|a| a == &entry.actor)
+                && filter.action.as_ref().is_none_or(|a| a == &entry.action)
+                && filter.decision.is_none_or(|d| d == entry.decision)
+                && filter.since_ms.is_none_or(|t| entry.time_ms >= t);
+            if keep {
+                out.push(entry);
+                if filter.limit > 0 && out.len() >= filter.limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-reads the whole log and checks every layer of tamper evidence
+    /// available inside the environment; with `external`, also checks that
+    /// the log still extends that checkpoint (detecting truncation and
+    /// rollback to an older copy of the store).
+    pub fn verify(&self, external: Option<&Checkpoint>) -> Result<Verdict, AuditError> {
+        let keys = &self.inner.keys;
+        let store = &self.inner.store;
+        let tampered = |first_bad: u64, reason: String| Ok(Verdict::Tampered { first_bad, reason });
+
+        let mut stored_cps = Vec::new();
+        for item in store.scan(Space::Checkpoints, b"") {
+            let (k, v) = item?;
+            let cp = std::str::from_utf8(&v)
+                .map_err(|_| AuditError::BadCheckpoint("not text".into()))
+                .and_then(Checkpoint::parse)
+                .and_then(|cp| cp.verify_signature(&keys.public_key()).map(|()| cp));
+            match cp {
+                Ok(cp) if k.as_slice() == cp.size.to_be_bytes() => stored_cps.push(cp),
+                _ => {
+                    let at = k.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+                    return tampered(at, format!("the stored checkpoint at size {at} is forged or damaged"));
+                }
+            }
+        }
+        if let Some(ext) = external {
+            ext.verify_signature(&keys.public_key())?;
+            if ext.origin != self.inner.origin {
+                return Err(AuditError::BadCheckpoint(format!(
+                    "the checkpoint is for environment `{}`, this is `{}`",
+                    ext.origin, self.inner.origin
+                )));
+            }
+            stored_cps.push(ext.clone());
+        }
+        stored_cps.sort_by_key(|c| c.size);
+
+        let mut frontier = Frontier::new();
+        let mut prev: Hash = [0; 32];
+        let mut cps = stored_cps.iter().peekable();
+        let mut matched = 0;
+        while let Some(cp) = cps.peek() {
+            if cp.size != 0 {
+                break;
+            }
+            if cp.root != frontier.root() {
+                return tampered(0, "a checkpoint of the empty log has the wrong root".into());
+            }
+            cps.next();
+            matched += 1;
+        }
+        for item in store.scan(Space::Audit, b"") {
+            let (k, v) = item?;
+            let expect = frontier.size();
+            let key_seq = k.as_slice().try_into().ok().map(u64::from_be_bytes);
+            match key_seq {
+                Some(s) if s == expect => {}
+                Some(s) if s > expect => {
+                    return tampered(expect, format!("entry {expect} is missing (the next stored entry is {s})"));
+                }
+                _ => return tampered(expect, format!("an entry is stored under a malformed key after entry {}", expect.saturating_sub(1))),
+            }
+            let Some((tag, bytes)) = split_value(&v) else {
+                return tampered(expect, format!("entry {expect} is truncated"));
+            };
+            if !keys.mac_ok(bytes, tag) {
+                return tampered(expect, format!("entry {expect} was modified (its authentication tag does not match)"));
+            }
+            let entry: AuditEntry = match serde_json::from_slice(bytes) {
+                Ok(e) => e,
+                Err(_) => return tampered(expect, format!("entry {expect} is unreadable")),
+            };
+            if entry.seq != expect {
+                return tampered(expect, format!("entry {expect} is out of place (it is entry {} of the original order)", entry.seq));
+            }
+            if entry.prev != hex::encode(prev) {
+                return tampered(expect, format!("entry {expect} does not follow entry {} (the chain is broken: an entry was removed or replaced)", expect.saturating_sub(1)));
+            }
+            prev = merkle::leaf_hash(bytes);
+            frontier.push(prev);
+            while let Some(cp) = cps.peek() {
+                if cp.size != frontier.size() {
+                    break;
+                }
+                if cp.root != frontier.root() {
+                    return tampered(
+                        cp.size - 1,
+                        format!("the first {} entries do not match the checkpoint signed at {}: the log was rewritten or rolled back", cp.size, crate::time::rfc3339(cp.time_ms)),
+                    );
+                }
+                cps.next();
+                matched += 1;
+            }
+        }
+        let size = frontier.size();
+        if let Some(cp) = cps.next() {
+            return tampered(
+                size,
+                format!("the log has {size} entries but a checkpoint signed at {} covers {}: entries from {size} on were removed (truncation or rollback to an older copy)", crate::time::rfc3339(cp.time_ms), cp.size),
+            );
+        }
+        match store.get(Space::Meta, HEAD_KEY)? {
+            Some(text) => {
+                let head = std::str::from_utf8(&text)
+                    .map_err(|_| AuditError::BadCheckpoint("not text".into()))
+                    .and_then(Checkpoint::parse)
+                    .and_then(|h| h.verify_signature(&keys.public_key()).map(|()| h));
+                match head {
+                    Err(_) => return tampered(size, "the signed head is forged or damaged".into()),
+                    Ok(h) if h.size > size => {
+                        return tampered(size, format!("the signed head covers {} entries but only {size} are stored: entries from {size} on were removed", h.size));
+                    }
+                    Ok(h) if h.size < size => {
+                        return tampered(h.size, format!("entries from {} on are not covered by the signed head: they were added outside cloister", h.size));
+                    }
+                    Ok(h) if h.root != frontier.root() => {
+                        return tampered(size.saturating_sub(1), "the entries do not match the signed head".into());
+                    }
+                    Ok(_) => {}
+                }
+            }
+            None if size > 0 => return tampered(0, "the signed head is missing".into()),
+            None => {}
+        }
+        Ok(Verdict::Intact { size, root: frontier.root(), checkpoints: matched })
+    }
+
+    /// An inclusion proof for entry `seq` against a fresh signed checkpoint.
+    pub fn prove(&self, seq: u64) -> Result<InclusionProof, AuditError> {
+        let mut leaves = Vec::new();
+        let mut entry_text = None;
+        for item in self.inner.store.scan(Space::Audit, b"") {
+            let (_, v) = item?;
+            let (_, bytes) = split_value(&v)
+                .ok_or_else(|| AuditError::Unavailable("an entry is truncated; run `cloister audit verify`".into()))?;
+            if leaves.len() as u64 == seq {
+                entry_text = Some(String::from_utf8_lossy(bytes).into_owned());
+            }
+            leaves.push(merkle::leaf_hash(bytes));
+        }
+        let entry = entry_text.ok_or(AuditError::NoSuchEntry(seq))?;
+        let index = usize::try_from(seq).map_err(|_| AuditError::NoSuchEntry(seq))?;
+        let path = merkle::inclusion_proof(&leaves, index).ok_or(AuditError::NoSuchEntry(seq))?;
+        let root = merkle::root(&leaves);
+        let cp = self.inner.keys.sign(&self.inner.origin, leaves.len() as u64, root, crate::time::now_ms());
+        Ok(InclusionProof {
+            seq,
+            entry,
+            path: path.iter().map(hex::encode).collect(),
+            checkpoint: cp.to_text(),
+        })
+    }
+
+    /// Checks an inclusion proof against this environment's public key.
+    /// Needs nothing else from the environment.
+    pub fn check_proof(proof: &InclusionProof, trusted_key: &[u8; 32]) -> Result<Checkpoint, AuditError> {
+        let cp = Checkpoint::parse(&proof.checkpoint)?;
+        cp.verify_signature(trusted_key)?;
+        let mut path = Vec::with_capacity(proof.path.len());
+        for (i, h) in proof.path.iter().enumerate() {
+            let bytes = hex::decode(h).map_err(|_| AuditError::BadProof(format!("path[{i}] is not hex")))?;
+            let hash: Hash = bytes.try_into().map_err(|_| AuditError::BadProof(format!("path[{i}] is not 32 bytes")))?;
+            path.push(hash);
+        }
+        let entry: AuditEntry = serde_json::from_str(&proof.entry)
+            .map_err(|e| AuditError::BadProof(format!("entry is not an audit entry: {e}")))?;
+        if entry.seq != proof.seq {
+            return Err(AuditError::BadProof(format!("the entry is number {}, the proof claims {}", entry.seq, proof.seq)));
+        }
+        let leaf = merkle::leaf_hash(proof.entry.as_bytes());
+        if merkle::verify_inclusion(proof.seq, cp.size, &leaf, &path, &cp.root) {
+            Ok(cp)
+        } else {
+            Err(AuditError::BadProof(format!("entry {} is not included in the checkpointed log", proof.seq)))
+        }
+    }
+}
+
+fn poisoned() -> AuditError {
+    AuditError::Unavailable("internal lock poisoned".into())
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Ok(mut w) = self.worker.lock()
+            && let Some(handle) = w.take()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn committer(inner: &Inner, rx: &Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let result = commit_group(inner, &jobs);
+        for (i, job) in jobs.into_iter().enumerate() {
+            let reply = match &result {
+                Ok(first_seq) => Ok(first_seq + i as u64),
+                Err(why) => Err(AuditError::Unavailable(why.clone())),
+            };
+            let _ = job.reply.send(reply);
+        }
+    }
+}
+
+fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<u64, String> {
+    if inner.failed.load(Ordering::SeqCst) {
+        return Err(inner.failure.lock().map(|s| s.clone()).unwrap_or_default());
+    }
+    let mut state_guard = inner.state.lock().map_err(|_| "internal lock poisoned".to_string())?;
+    let mut state = state_guard.clone();
+    let first_seq = state.frontier.size();
+    let now = crate::time::now_ms();
+    let mut batch = WriteBatch::new();
+    for job in jobs {
+        let r = &job.record;
+        let entry = AuditEntry {
+            seq: state.frontier.size(),
+            time_ms: now,
+            actor: r.actor.clone(),
+            action: r.action.clone(),
+            resource: r.resource.clone(),
+            decision: r.decision,
+            policies: r.policies.clone(),
+            params: r.params.clone(),
+            prev: hex::encode(state.prev),
+        };
+        let bytes = serde_json::to_vec(&entry).map_err(|e| format!("cannot encode an entry: {e}"))?;
+        let mut value = inner.keys.mac(&bytes).to_vec();
+        value.extend_from_slice(&bytes);
+        batch.put(Space::Audit, seq_key(entry.seq).to_vec(), value);
+        state.prev = merkle::leaf_hash(&bytes);
+        state.frontier.push(state.prev);
+        if state.frontier.size() % inner.checkpoint_every == 0 {
+            let cp = inner.keys.sign(&inner.origin, state.frontier.size(), state.frontier.root(), now);
+            batch.put(Space::Checkpoints, cp.size.to_be_bytes().to_vec(), cp.to_text().into_bytes());
+        }
+    }
+    let head = inner.keys.sign(&inner.origin, state.frontier.size(), state.frontier.root(), now);
+    batch.put(Space::Meta, HEAD_KEY.to_vec(), head.to_text().into_bytes());
+    batch.put(Space::Meta, FRONTIER_KEY.to_vec(), state.frontier.to_bytes());
+    match inner.store.commit(batch) {
+        Ok(()) => {
+            *state_guard = state;
+            Ok(first_seq)
+        }
+        Err(e) => {
+            let why = format!("an append failed: {e}");
+            inner.failed.store(true, Ordering::SeqCst);
+            if let Ok(mut f) = inner.failure.lock() {
+                *f = why.clone();
+            }
+            Err(why)
+        }
+    }
+}

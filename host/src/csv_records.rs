@@ -1,0 +1,207 @@
+//! Records from CSV: a header row, then one record per row.
+//!
+//! The id column (default `id`) and the label column (default `label`; an
+//! empty cell means unlabeled) are taken by name. Columns listed as numeric
+//! must hold finite numbers (an empty cell means absent); every other column
+//! is a text field, unless text columns are listed, in which case the rest
+//! are ignored. Errors name the file, the line and the column.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::records::{RecordError, RecordSource, Schema};
+use crate::types::{DataRecord, Numeric, NumericField, TextField};
+
+/// Streams records out of CSV.
+pub struct CsvReader<R: Read> {
+    file: PathBuf,
+    reader: csv::Reader<R>,
+    headers: Vec<String>,
+    id_col: usize,
+    label_col: Option<usize>,
+    /// (column, is numeric) for each kept column.
+    columns: Vec<(usize, bool)>,
+    line: u64,
+    row: csv::StringRecord,
+}
+
+impl<R: Read> std::fmt::Debug for CsvReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CsvReader").field("file", &self.file).field("line", &self.line).finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> CsvReader<R> {
+    /// Reads the header and resolves the schema's columns.
+    pub fn new(file: impl Into<PathBuf>, input: R, schema: &Schema) -> Result<Self, RecordError> {
+        let file = file.into();
+        let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(input);
+        let err = |field: Option<&str>, problem: String| RecordError::Line {
+            file: file.clone(),
+            line: 1,
+            field: field.map(str::to_string),
+            problem,
+        };
+        let headers: Vec<String> = reader
+            .headers()
+            .map_err(|e| err(None, format!("cannot read the header row: {}", csv_problem(&e))))?
+            .iter()
+            .map(str::to_string)
+            .collect();
+        let find = |name: &str| headers.iter().position(|h| h == name);
+        let id_col = find(&schema.id_field)
+            .ok_or_else(|| err(Some(&schema.id_field), "no such column in the header (the id column is required)".into()))?;
+        let label_col = find(&schema.label_field);
+        for list in [&schema.text_fields, &schema.numeric_fields].into_iter().flatten() {
+            for name in list {
+                if find(name).is_none() {
+                    return Err(err(Some(name), "no such column in the header".into()));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for h in &headers {
+            if !seen.insert(h) {
+                return Err(err(Some(h), "the header names this column twice".into()));
+            }
+        }
+        let numeric = |name: &String| schema.numeric_fields.as_ref().is_some_and(|l| l.contains(name));
+        let text = |name: &String| schema.text_fields.as_ref().is_none_or(|l| l.contains(name));
+        let columns = headers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != id_col && Some(*i) != label_col)
+            .filter_map(|(i, h)| {
+                if numeric(h) {
+                    Some((i, true))
+                } else if text(h) {
+                    Some((i, false))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        Ok(Self { file, reader, headers, id_col, label_col, columns, line: 1, row: csv::StringRecord::new() })
+    }
+
+    fn err(&self, field: Option<&str>, problem: impl Into<String>) -> RecordError {
+        RecordError::Line { file: self.file.clone(), line: self.line, field: field.map(str::to_string), problem: problem.into() }
+    }
+
+    fn parse(&self) -> Result<DataRecord, RecordError> {
+        let cell = |i: usize| self.row.get(i).unwrap_or("");
+        let id_name = &self.headers[self.id_col];
+        let id = cell(self.id_col).to_string();
+        if id.is_empty() || id.len() > 256 {
+            return Err(self.err(Some(id_name), "the id must be 1 to 256 bytes"));
+        }
+        if id.chars().any(char::is_control) {
+            return Err(self.err(Some(id_name), "the id contains control characters"));
+        }
+        let label = match self.label_col.map(cell) {
+            None | Some("") => None,
+            Some(l) if l.len() <= 256 && !l.chars().any(char::is_control) => Some(l.to_string()),
+            Some(_) => {
+                let name = self.label_col.map(|c| self.headers[c].as_str());
+                return Err(self.err(name, "the label must be a non-empty string of at most 256 bytes"));
+            }
+        };
+        let mut record = DataRecord { id, texts: Vec::new(), numerics: Vec::new(), label };
+        for &(i, numeric) in &self.columns {
+            let name = &self.headers[i];
+            let value = cell(i);
+            if numeric {
+                if value.trim().is_empty() {
+                    continue;
+                }
+                let v: f64 = value
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|v: &f64| v.is_finite())
+                    .ok_or_else(|| self.err(Some(name), "not a finite number"))?;
+                record.numerics.push(NumericField { name: name.clone(), value: Numeric::Scalar(v) });
+            } else {
+                record.texts.push(TextField { name: name.clone(), value: value.to_string() });
+            }
+        }
+        Ok(record)
+    }
+}
+
+fn csv_problem(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".into(),
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+            format!("expected {expected_len} columns like the header, found {len}")
+        }
+        csv::ErrorKind::Io(io) => io.to_string(),
+        _ => "malformed CSV".into(),
+    }
+}
+
+impl<R: Read> Iterator for CsvReader<R> {
+    type Item = Result<DataRecord, RecordError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.reader.read_record(&mut self.row) {
+            Ok(false) => None,
+            Ok(true) => {
+                self.line = self.row.position().map_or(self.line + 1, |p| p.line());
+                Some(self.parse())
+            }
+            Err(e) => {
+                if let Some(p) = e.position() {
+                    self.line = p.line();
+                } else {
+                    self.line += 1;
+                }
+                Some(Err(self.err(None, csv_problem(&e))))
+            }
+        }
+    }
+}
+
+impl<R: Read> RecordSource for CsvReader<R> {
+    fn file(&self) -> &Path {
+        &self.file
+    }
+    fn line(&self) -> u64 {
+        self.line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str, schema: &Schema) -> Result<Vec<DataRecord>, RecordError> {
+        CsvReader::new("in.csv", text.as_bytes(), schema)?.collect()
+    }
+
+    #[test]
+    fn columns_become_fields_by_name() {
+        let schema = Schema { numeric_fields: Some(vec!["len".into()]), ..Schema::default() };
+        let rs = read("id,text,label,len\n1,hello,spam,3\n2,\"a, b\",,\n", &schema).expect("reads");
+        assert_eq!(rs.len(), 2);
+        assert_eq!(rs[0].text("text"), Some("hello"));
+        assert_eq!(rs[0].label.as_deref(), Some("spam"));
+        assert_eq!(rs[0].numeric("len"), Some(&Numeric::Scalar(3.0)));
+        assert_eq!(rs[1].text("text"), Some("a, b"));
+        assert_eq!(rs[1].label, None);
+        assert_eq!(rs[1].numeric("len"), None);
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let schema = Schema { numeric_fields: Some(vec!["len".into()]), ..Schema::default() };
+        let e = read("id,text,len\n1,a,3\n2,b,three\n", &schema).expect_err("bad number");
+        assert_eq!(e.to_string(), "in.csv:3: field `len`: not a finite number");
+        let e = read("id,text\n1,a\n2,b,c\n", &Schema::default()).expect_err("ragged");
+        assert!(e.to_string().starts_with("in.csv:3: expected 2 columns"), "{e}");
+        let e = read("name,text\n1,a\n", &Schema::default()).expect_err("no id");
+        assert!(e.to_string().starts_with("in.csv:1: field `id`"), "{e}");
+        let e = read("id,text\n,a\n", &Schema::default()).expect_err("empty id");
+        assert!(e.to_string().starts_with("in.csv:2: field `id`"), "{e}");
+    }
+}

@@ -1,0 +1,659 @@
+//! Datasets: atomic streaming import, versions, statistics, splits, labels.
+//!
+//! An import streams records into the store under a fresh *import id*,
+//! checking each id against what is already staged (so memory does not grow
+//! with the file), and makes the version visible with one final durable
+//! commit of its manifest. Until then, the records are reachable from
+//! nowhere; an import that fails removes them, and one interrupted by a
+//! crash is cleaned up by [`recover`] the next time the environment opens.
+//! So a version is either complete or absent.
+//!
+//! Labels are stored apart from records, each with its [`Provenance`].
+
+pub mod codec;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::digest::{Digest, Hasher};
+use crate::records::{RecordError, RecordSource};
+use crate::store::{Space, Storage, StoreError, WriteBatch, key2};
+use crate::types::{DataRecord, Numeric};
+
+const NEXT_IMPORT_KEY: &[u8] = b"next-import";
+/// Records staged per write batch during an import.
+const STAGE_EVERY: usize = 8192;
+/// Most distinct labels a dataset may have.
+pub const MAX_LABELS: usize = 10_000;
+/// Most distinct field names a dataset may have.
+pub const MAX_FIELDS: usize = 1_000;
+
+/// Errors of dataset operations. Input errors name file, line and field.
+#[derive(Debug, Error)]
+pub enum DatasetError {
+    /// The dataset name does not follow the rules.
+    #[error("invalid dataset name `{0}`: use 1–64 of A-Z a-z 0-9 . _ - starting with a letter or digit")]
+    BadName(String),
+    /// A line of the input is wrong.
+    #[error(transparent)]
+    Input(#[from] RecordError),
+    /// An id occurs twice.
+    #[error("{file}:{line}: field `{field}`: duplicate id {id:?} (ids must be unique within an import)")]
+    Duplicate {
+        /// File.
+        file: String,
+        /// Line of the second occurrence.
+        line: u64,
+        /// The id field's name.
+        field: String,
+        /// The id.
+        id: String,
+    },
+    /// A limit on distinct labels or fields was exceeded.
+    #[error("{file}:{line}: {what}")]
+    Limit {
+        /// File.
+        file: String,
+        /// Line.
+        line: u64,
+        /// Which limit.
+        what: String,
+    },
+    /// The input holds no records.
+    #[error("{0}: no records (an empty import creates no version)")]
+    Empty(String),
+    /// No such dataset or version.
+    #[error("no dataset `{0}`")]
+    Unknown(String),
+    /// No such record.
+    #[error("no record `{id}` in dataset `{dataset}`")]
+    UnknownRecord {
+        /// Dataset reference.
+        dataset: String,
+        /// Record id.
+        id: String,
+    },
+    /// A reference like `name@3` is malformed.
+    #[error("`{0}` is not a dataset reference (use NAME or NAME@VERSION)")]
+    BadReference(String),
+    /// Stored data is damaged.
+    #[error("stored dataset data is damaged: {0}")]
+    Damaged(String),
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a label came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Provenance {
+    /// Imported with the data.
+    Gold,
+    /// Given by a human labeler.
+    Human {
+        /// The labeler's user name.
+        user: String,
+    },
+    /// Accepted automatically by a selector plugin.
+    Auto {
+        /// Digest of the selector plugin.
+        selector: String,
+        /// Ids of the models whose predictions agreed.
+        models: Vec<String>,
+        /// The confidence the selector acted on.
+        confidence: f64,
+    },
+}
+
+impl Provenance {
+    /// The key suffix that keeps one label per source.
+    fn source_key(&self) -> String {
+        match self {
+            Provenance::Gold => "gold".into(),
+            Provenance::Human { user } => format!("human:{user}"),
+            Provenance::Auto { selector, .. } => format!("auto:{selector}"),
+        }
+    }
+}
+
+/// A label with its provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelEntry {
+    /// The class.
+    pub label: String,
+    /// Where it came from.
+    pub provenance: Provenance,
+    /// When it was stored, ms since the epoch.
+    pub time_ms: u64,
+}
+
+/// Per-field statistics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FieldStats {
+    /// "text" or "numeric".
+    pub kind: String,
+    /// Records where the field is present.
+    pub present: u64,
+}
+
+/// Distribution of text lengths (characters, summed over a record's text
+/// fields), as power-of-two buckets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LengthStats {
+    /// Shortest.
+    pub min: u64,
+    /// Longest.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+    /// `(upper bound exclusive, count)`: bucket `i` counts lengths in
+    /// `[2^(i-1), 2^i)`, bucket 0 counts empty texts.
+    pub buckets: Vec<(u64, u64)>,
+}
+
+/// Aggregate statistics of one version. Never rows or texts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatasetStats {
+    /// Records.
+    pub records: u64,
+    /// Records with an imported label.
+    pub labeled: u64,
+    /// Records without (the active-learning pool).
+    pub unlabeled: u64,
+    /// Count per label.
+    pub labels: BTreeMap<String, u64>,
+    /// Completeness per field.
+    pub fields: BTreeMap<String, FieldStats>,
+    /// Text length distribution.
+    pub text_length: LengthStats,
+}
+
+/// The manifest of one dataset version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetVersion {
+    /// Dataset name.
+    pub name: String,
+    /// Version, from 1.
+    pub version: u32,
+    /// Where its records are stored.
+    pub import_id: u64,
+    /// SHA-256 over the records' canonical encoding, in input order: the
+    /// version's content address.
+    pub digest: String,
+    /// File name of the source (no directories).
+    pub source: String,
+    /// Who imported it.
+    pub created_by: String,
+    /// When, ms since the epoch.
+    pub created_ms: u64,
+    /// Statistics.
+    pub stats: DatasetStats,
+}
+
+impl DatasetVersion {
+    /// `name@version`.
+    pub fn reference(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+/// Checks a dataset name.
+pub fn check_name(name: &str) -> Result<(), DatasetError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok { Ok(()) } else { Err(DatasetError::BadName(name.to_string())) }
+}
+
+fn version_key(name: &str, version: u32) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn record_key(import_id: u64, id: &str) -> Vec<u8> {
+    key2(&import_id.to_be_bytes(), id.as_bytes())
+}
+
+fn label_key(import_id: u64, id: &str, source: &str) -> Vec<u8> {
+    let mut k = record_key(import_id, id);
+    k.push(0);
+    k.extend_from_slice(source.as_bytes());
+    k
+}
+
+struct StatsBuilder {
+    stats: DatasetStats,
+    length_sum: u128,
+    buckets: Vec<u64>,
+}
+
+impl StatsBuilder {
+    fn new() -> Self {
+        Self { stats: DatasetStats::default(), length_sum: 0, buckets: vec![0; 65] }
+    }
+
+    fn add(&mut self, r: &DataRecord) -> Result<(), String> {
+        let s = &mut self.stats;
+        s.records += 1;
+        match &r.label {
+            Some(l) => {
+                s.labeled += 1;
+                if let Some(c) = s.labels.get_mut(l) {
+                    *c += 1;
+                } else {
+                    if s.labels.len() >= MAX_LABELS {
+                        return Err(format!("more than {MAX_LABELS} distinct labels"));
+                    }
+                    s.labels.insert(l.clone(), 1);
+                }
+            }
+            None => s.unlabeled += 1,
+        }
+        let mut length = 0u64;
+        let fields = r.texts.iter().map(|t| (&t.name, "text")).chain(r.numerics.iter().map(|n| (&n.name, "numeric")));
+        for (name, kind) in fields {
+            if let Some(f) = s.fields.get_mut(name) {
+                f.present += 1;
+            } else {
+                if s.fields.len() >= MAX_FIELDS {
+                    return Err(format!("more than {MAX_FIELDS} distinct fields"));
+                }
+                s.fields.insert(name.clone(), FieldStats { kind: kind.into(), present: 1 });
+            }
+        }
+        for t in &r.texts {
+            length += t.value.chars().count() as u64;
+        }
+        if s.records == 1 {
+            s.text_length.min = length;
+        }
+        s.text_length.min = s.text_length.min.min(length);
+        s.text_length.max = s.text_length.max.max(length);
+        self.length_sum += u128::from(length);
+        let bucket = (64 - length.leading_zeros()) as usize;
+        self.buckets[bucket] += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> DatasetStats {
+        let s = &mut self.stats;
+        if s.records > 0 {
+            s.text_length.mean = self.length_sum as f64 / s.records as f64;
+        }
+        let last = self.buckets.iter().rposition(|&c| c > 0).unwrap_or(0);
+        s.text_length.buckets = (0..=last)
+            .map(|i| (if i == 0 { 1 } else { 1u64 << i.min(63) }, self.buckets[i]))
+            .collect();
+        self.stats
+    }
+}
+
+fn hash_record(h: &mut Hasher, r: &DataRecord, encoded: &[u8]) {
+    h.update(&(r.id.len() as u32).to_le_bytes());
+    h.update(r.id.as_bytes());
+    h.update(&(encoded.len() as u32).to_le_bytes());
+    h.update(encoded);
+    match &r.label {
+        Some(l) => {
+            h.update(&[1]);
+            h.update(&(l.len() as u32).to_le_bytes());
+            h.update(l.as_bytes());
+        }
+        None => h.update(&[0]),
+    }
+}
+
+fn next_import_id(store: &dyn Storage) -> Result<u64, DatasetError> {
+    Ok(match store.get(Space::Meta, NEXT_IMPORT_KEY)? {
+        Some(b) => u64::from_be_bytes(b.as_slice().try_into().map_err(|_| DatasetError::Damaged("import counter".into()))?),
+        None => 1,
+    })
+}
+
+/// Imports `source` as the next version of dataset `name`. See the module
+/// docs for the atomicity argument. `id_field` names the id in errors.
+pub fn import(
+    store: &dyn Storage,
+    name: &str,
+    source: &mut dyn RecordSource,
+    id_field: &str,
+    by: &str,
+) -> Result<DatasetVersion, DatasetError> {
+    check_name(name)?;
+    let import_id = next_import_id(store)?;
+    let mut start = WriteBatch::new();
+    start.put(Space::Meta, NEXT_IMPORT_KEY.to_vec(), (import_id + 1).to_be_bytes().to_vec());
+    start.put(Space::Imports, import_id.to_be_bytes().to_vec(), name.as_bytes().to_vec());
+    store.commit(start)?;
+    match stream_in(store, name, import_id, source, id_field, by) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            // Best effort: whatever is left is removed by `recover` at the
+            // next open, because the import marker stays until then.
+            if discard_import(store, import_id).is_ok() {
+                let mut b = WriteBatch::new();
+                b.delete(Space::Imports, import_id.to_be_bytes().to_vec());
+                let _ = store.commit(b);
+            }
+            Err(e)
+        }
+    }
+}
+
+fn stream_in(
+    store: &dyn Storage,
+    name: &str,
+    import_id: u64,
+    source: &mut dyn RecordSource,
+    id_field: &str,
+    by: &str,
+) -> Result<DatasetVersion, DatasetError> {
+    let file_name = |s: &dyn RecordSource| s.file().display().to_string();
+    let mut stats = StatsBuilder::new();
+    let mut hasher = Digest::hasher();
+    let mut batch = WriteBatch::new();
+    let mut pending: HashSet<String> = HashSet::new();
+    let mut encoded = Vec::new();
+    let now = crate::time::now_ms();
+    while let Some(item) = source.next() {
+        let record = item?;
+        let key = record_key(import_id, &record.id);
+        if pending.contains(&record.id) || store.get(Space::Records, &key)?.is_some() {
+            return Err(DatasetError::Duplicate {
+                file: file_name(source),
+                line: source.line(),
+                field: id_field.to_string(),
+                id: record.id,
+            });
+        }
+        stats.add(&record).map_err(|what| DatasetError::Limit { file: file_name(source), line: source.line(), what })?;
+        encoded.clear();
+        codec::encode(&record, &mut encoded);
+        hash_record(&mut hasher, &record, &encoded);
+        if let Some(label) = &record.label {
+            let entry = LabelEntry { label: label.clone(), provenance: Provenance::Gold, time_ms: now };
+            let value = serde_json::to_vec(&entry).map_err(|e| DatasetError::Damaged(e.to_string()))?;
+            batch.put(Space::Labels, label_key(import_id, &record.id, "gold"), value);
+        }
+        batch.put(Space::Records, key, encoded.clone());
+        pending.insert(record.id);
+        if pending.len() >= STAGE_EVERY {
+            store.stage(std::mem::take(&mut batch))?;
+            pending.clear();
+        }
+    }
+    let stats = stats.finish();
+    if stats.records == 0 {
+        return Err(DatasetError::Empty(file_name(source)));
+    }
+    store.stage(batch)?;
+    store.sync()?;
+    let version = match store.last(Space::Datasets, &key2(name.as_bytes(), &[0]))? {
+        Some((k, _)) => {
+            let tail: [u8; 4] = k[k.len() - 4..].try_into().map_err(|_| DatasetError::Damaged("version key".into()))?;
+            u32::from_be_bytes(tail) + 1
+        }
+        None => 1,
+    };
+    let manifest = DatasetVersion {
+        name: name.to_string(),
+        version,
+        import_id,
+        digest: hasher.finish().to_hex(),
+        source: source.file().file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        created_by: by.to_string(),
+        created_ms: now,
+        stats,
+    };
+    let mut commit = WriteBatch::new();
+    commit.put(
+        Space::Datasets,
+        version_key(name, version),
+        serde_json::to_vec(&manifest).map_err(|e| DatasetError::Damaged(e.to_string()))?,
+    );
+    commit.delete(Space::Imports, import_id.to_be_bytes().to_vec());
+    store.commit(commit)?;
+    Ok(manifest)
+}
+
+/// Removes every record and label staged under `import_id`.
+fn discard_import(store: &dyn Storage, import_id: u64) -> Result<(), StoreError> {
+    for space in [Space::Records, Space::Labels, Space::Assignments] {
+        loop {
+            let mut b = WriteBatch::new();
+            for item in store.scan(space, &import_id.to_be_bytes()).take(STAGE_EVERY) {
+                let (k, _) = item?;
+                b.delete(space, k);
+            }
+            if b.is_empty() {
+                break;
+            }
+            store.stage(b)?;
+        }
+    }
+    store.sync()
+}
+
+/// Removes the remains of imports that never committed (after a crash or a
+/// failed cleanup). Runs when an environment opens.
+pub fn recover(store: &dyn Storage) -> Result<usize, StoreError> {
+    let markers: Vec<_> = store.scan(Space::Imports, b"").collect::<Result<_, _>>()?;
+    for (k, _) in &markers {
+        let Ok(id) = <[u8; 8]>::try_from(k.as_slice()) else { continue };
+        discard_import(store, u64::from_be_bytes(id))?;
+        let mut b = WriteBatch::new();
+        b.delete(Space::Imports, k.clone());
+        store.commit(b)?;
+    }
+    Ok(markers.len())
+}
+
+/// Every version of every dataset, by name then version.
+pub fn list(store: &dyn Storage) -> Result<Vec<DatasetVersion>, DatasetError> {
+    store
+        .scan(Space::Datasets, b"")
+        .map(|item| {
+            let (_, v) = item?;
+            serde_json::from_slice(&v).map_err(|_| DatasetError::Damaged("a version manifest".into()))
+        })
+        .collect()
+}
+
+/// Resolves `NAME` (latest version) or `NAME@VERSION`.
+pub fn resolve(store: &dyn Storage, reference: &str) -> Result<DatasetVersion, DatasetError> {
+    let (name, version) = match reference.split_once('@') {
+        Some((n, v)) => (n, Some(v.parse::<u32>().map_err(|_| DatasetError::BadReference(reference.into()))?)),
+        None => (reference, None),
+    };
+    check_name(name)?;
+    let found = match version {
+        Some(v) => store.get(Space::Datasets, &version_key(name, v))?,
+        None => store.last(Space::Datasets, &key2(name.as_bytes(), &[0]))?.map(|(_, v)| v),
+    };
+    let bytes = found.ok_or_else(|| DatasetError::Unknown(reference.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|_| DatasetError::Damaged(format!("manifest of {reference}")))
+}
+
+/// The three splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// 80% of groups.
+    Train,
+    /// 10%.
+    Validation,
+    /// 10%.
+    Test,
+}
+
+/// The split of a record for `seed`. Records with identical texts fall in
+/// the same split (duplicates would otherwise leak test data into training);
+/// records without text are split by id.
+pub fn split_of(record: &DataRecord, seed: u64) -> Split {
+    let mut h = Digest::hasher();
+    h.update(b"cloister-split-v1");
+    h.update(&seed.to_le_bytes());
+    if record.texts.is_empty() {
+        h.update(b"id");
+        h.update(record.id.as_bytes());
+    } else {
+        for t in &record.texts {
+            h.update(&(t.value.len() as u64).to_le_bytes());
+            h.update(t.value.as_bytes());
+        }
+        for n in &record.numerics {
+            if let Numeric::Vector(v) = &n.value {
+                for x in v {
+                    h.update(&x.to_le_bytes());
+                }
+            }
+        }
+    }
+    let d = h.finish();
+    let x = u16::from_le_bytes([d.0[0], d.0[1]]) as u32 * 1000 / 65536;
+    match x {
+        0..800 => Split::Train,
+        800..900 => Split::Validation,
+        _ => Split::Test,
+    }
+}
+
+/// One record as the pipeline sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    /// The record (its `label` field unset: see `labels`).
+    pub record: DataRecord,
+    /// Every label it has, with provenance.
+    pub labels: Vec<LabelEntry>,
+}
+
+/// Streams every record of a version with its labels, in id order.
+pub fn records<'a>(
+    store: &'a dyn Storage,
+    version: &DatasetVersion,
+) -> impl Iterator<Item = Result<StoredRecord, DatasetError>> + 'a {
+    let import_id = version.import_id;
+    let prefix = import_id.to_be_bytes();
+    store.scan(Space::Records, &prefix).map(move |item| {
+        let (k, v) = item?;
+        let id = String::from_utf8(k[8..].to_vec()).map_err(|_| DatasetError::Damaged("a record id".into()))?;
+        let labels = labels_of(store, import_id, &id)?;
+        let record = codec::decode(id, &v).ok_or_else(|| DatasetError::Damaged("a record".into()))?;
+        Ok(StoredRecord { record, labels })
+    })
+}
+
+fn labels_of(store: &dyn Storage, import_id: u64, id: &str) -> Result<Vec<LabelEntry>, DatasetError> {
+    let mut prefix = record_key(import_id, id);
+    prefix.push(0);
+    store
+        .scan(Space::Labels, &prefix)
+        .map(|item| {
+            let (_, v) = item?;
+            serde_json::from_slice(&v).map_err(|_| DatasetError::Damaged("a label".into()))
+        })
+        .collect()
+}
+
+/// Counts per split, labeled and unlabeled, for a seed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitCounts {
+    /// Seed used.
+    pub seed: u64,
+    /// `(labeled, unlabeled)` per split.
+    pub counts: BTreeMap<Split, (u64, u64)>,
+}
+
+/// Computes [`SplitCounts`] by streaming the version.
+pub fn split_counts(store: &dyn Storage, version: &DatasetVersion, seed: u64) -> Result<SplitCounts, DatasetError> {
+    let mut out = SplitCounts { seed, counts: BTreeMap::new() };
+    for r in records(store, version) {
+        let r = r?;
+        let e = out.counts.entry(split_of(&r.record, seed)).or_default();
+        if r.labels.is_empty() {
+            e.1 += 1;
+        } else {
+            e.0 += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Reads one record of a version (for the policy-checked views only).
+pub fn get_record(store: &dyn Storage, version: &DatasetVersion, id: &str) -> Result<StoredRecord, DatasetError> {
+    let v = store
+        .get(Space::Records, &record_key(version.import_id, id))?
+        .ok_or_else(|| DatasetError::UnknownRecord { dataset: version.reference(), id: id.to_string() })?;
+    let record = codec::decode(id.to_string(), &v).ok_or_else(|| DatasetError::Damaged("a record".into()))?;
+    Ok(StoredRecord { record, labels: labels_of(store, version.import_id, id)? })
+}
+
+/// The labeler a record is assigned to.
+pub fn assignee(store: &dyn Storage, version: &DatasetVersion, id: &str) -> Result<Option<String>, DatasetError> {
+    Ok(store
+        .get(Space::Assignments, &record_key(version.import_id, id))?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// Writes that assign a record to a labeler.
+pub fn assign(store: &dyn Storage, version: &DatasetVersion, id: &str, user: &str) -> Result<WriteBatch, DatasetError> {
+    if store.get(Space::Records, &record_key(version.import_id, id))?.is_none() {
+        return Err(DatasetError::UnknownRecord { dataset: version.reference(), id: id.to_string() });
+    }
+    let mut b = WriteBatch::new();
+    b.put(Space::Assignments, record_key(version.import_id, id), user.as_bytes().to_vec());
+    Ok(b)
+}
+
+/// Writes that store a label for a record (one per provenance source; a
+/// later label from the same source replaces the earlier one).
+pub fn set_label(store: &dyn Storage, version: &DatasetVersion, id: &str, entry: &LabelEntry) -> Result<WriteBatch, DatasetError> {
+    if store.get(Space::Records, &record_key(version.import_id, id))?.is_none() {
+        return Err(DatasetError::UnknownRecord { dataset: version.reference(), id: id.to_string() });
+    }
+    let mut b = WriteBatch::new();
+    let value = serde_json::to_vec(entry).map_err(|e| DatasetError::Damaged(e.to_string()))?;
+    b.put(Space::Labels, label_key(version.import_id, id, &entry.provenance.source_key()), value);
+    Ok(b)
+}
+
+/// Opens `path` as JSONL (optionally `.gz`) or CSV, by `format` or, when
+/// `None`, by extension (`.csv`/`.csv.gz` is CSV, everything else JSONL).
+pub fn open_source(
+    path: &Path,
+    format: Option<&str>,
+    schema: crate::records::Schema,
+) -> Result<Box<dyn RecordSource>, DatasetError> {
+    let name = path.to_string_lossy().to_lowercase();
+    let is_csv = match format {
+        Some("csv") => true,
+        Some("jsonl") => false,
+        Some(other) => {
+            return Err(DatasetError::Input(RecordError::Line {
+                file: path.to_path_buf(),
+                line: 0,
+                field: None,
+                problem: format!("unknown format `{other}` (use jsonl or csv)"),
+            }));
+        }
+        None => name.ends_with(".csv") || name.ends_with(".csv.gz"),
+    };
+    let file = std::fs::File::open(path).map_err(|source| RecordError::Io { file: path.to_path_buf(), source })?;
+    let input: Box<dyn std::io::BufRead + Send> = if name.ends_with(".gz") {
+        Box::new(std::io::BufReader::with_capacity(1 << 16, flate2::read::GzDecoder::new(file)))
+    } else {
+        Box::new(std::io::BufReader::with_capacity(1 << 16, file))
+    };
+    if is_csv {
+        Ok(Box::new(crate::csv_records::CsvReader::new(path, input, &schema)?))
+    } else {
+        Ok(Box::new(crate::records::JsonlReader::new(path, input, schema).without_duplicate_check()))
+    }
+}

@@ -1,0 +1,271 @@
+//! An environment on disk: one directory, opened once as a cap-std [`Dir`];
+//! every file inside is reached through that handle, so no crafted name can
+//! step outside it.
+//!
+//! ```text
+//! DIR/                 0700
+//!   store/             the sled database (opened by path: sled needs one)
+//!   keys/              0700; each key file 0600
+//!     audit-signing.pk8    Ed25519 key for checkpoints (PKCS#8)
+//!     audit-mac.key        HMAC secret for audit entries
+//!     cache.key            HMAC secret for compiled-plugin artifacts
+//!   policies/          the active Cedar schema and policy set
+//!   cache/             compiled plugin artifacts
+//! ```
+//!
+//! `init` builds the whole tree in a sibling temporary directory and renames
+//! it into place, so a failed `init` leaves nothing behind.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, DirBuilder, DirBuilderExt, OpenOptions, OpenOptionsExt};
+use ring::rand::{SecureRandom, SystemRandom};
+use thiserror::Error;
+
+use crate::audit::{AuditError, AuditKeys, AuditLog};
+use crate::policy::{DEFAULT_POLICIES, DEFAULT_SCHEMA, PolicyEngine, PolicyError, SCHEMA_FILE};
+use crate::store::{SledStorage, Space, Storage, StoreError, WriteBatch};
+
+/// On-disk format version of an environment.
+pub const FORMAT_VERSION: &str = "cloister-env 1";
+const FORMAT_KEY: &[u8] = b"format";
+const ID_KEY: &[u8] = b"env-id";
+const SIGNING_KEY_FILE: &str = "keys/audit-signing.pk8";
+const MAC_KEY_FILE: &str = "keys/audit-mac.key";
+const CACHE_KEY_FILE: &str = "keys/cache.key";
+/// A signed checkpoint is stored every this many audit entries.
+pub const CHECKPOINT_EVERY: u64 = 1024;
+
+/// Errors opening or creating an environment.
+#[derive(Debug, Error)]
+pub enum EnvError {
+    /// `init` refuses to touch an existing path.
+    #[error("{0} already exists; `cloister init` only creates new environments")]
+    Exists(PathBuf),
+    /// There is no environment at the path.
+    #[error("{0} is not a cloister environment (create one with `cloister init`)")]
+    NotAnEnvironment(PathBuf),
+    /// The environment is of another format version.
+    #[error("{path}: unsupported environment format `{found}` (this build reads `{FORMAT_VERSION}`)")]
+    Format {
+        /// The environment.
+        path: PathBuf,
+        /// What it says.
+        found: String,
+    },
+    /// A file of the environment could not be read or written.
+    #[error("{file}: {source}")]
+    File {
+        /// Path relative to the environment.
+        file: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit log failed.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The active policies do not load.
+    #[error("the environment's policies are invalid: {0}")]
+    Policy(#[from] PolicyError),
+    /// Creating the first admin failed.
+    #[error(transparent)]
+    User(#[from] crate::users::UserError),
+    /// The system random source failed.
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+fn file_err(file: &str) -> impl FnOnce(std::io::Error) -> EnvError + '_ {
+    move |source| EnvError::File { file: file.to_string(), source }
+}
+
+/// `n` random bytes from the system source.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>, EnvError> {
+    let mut buf = vec![0u8; n];
+    SystemRandom::new().fill(&mut buf).map_err(|_| EnvError::Random)?;
+    Ok(buf)
+}
+
+/// An open environment.
+#[derive(Debug)]
+pub struct Environment {
+    path: PathBuf,
+    dir: Dir,
+    id: String,
+    store: Arc<dyn Storage>,
+    audit: AuditLog,
+    policy: PolicyEngine,
+    cache_secret: Vec<u8>,
+}
+
+fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true).mode(0o600);
+    let mut f = dir.open_with(name, &opts).map_err(file_err(name))?;
+    f.write_all(bytes).map_err(file_err(name))?;
+    f.sync_all().map_err(file_err(name))?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Dir, name: &str) -> Result<(), EnvError> {
+    dir.open(name).and_then(|f| f.sync_all()).map_err(file_err(name))
+}
+
+impl Environment {
+    /// Creates a new environment at `path` and returns it open, together
+    /// with the first admin's API token (shown once; only its hash is kept).
+    pub fn init(path: &Path, admin: &str) -> Result<(Self, String), EnvError> {
+        if path.exists() {
+            return Err(EnvError::Exists(path.to_path_buf()));
+        }
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| EnvError::NotAnEnvironment(path.to_path_buf()))?
+            .to_string_lossy()
+            .into_owned();
+        let staging = parent.join(format!(".{name}.init-{}", hex::encode(random_bytes(6)?)));
+        let result = Self::build(&staging, admin);
+        let token = match result {
+            Ok(token) => token,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(e);
+            }
+        };
+        std::fs::rename(&staging, path).map_err(file_err("(rename into place)"))?;
+        std::fs::File::open(&parent)
+            .and_then(|f| f.sync_all())
+            .map_err(file_err("(parent directory)"))?;
+        Ok((Self::open(path)?, token))
+    }
+
+    fn build(staging: &Path, admin: &str) -> Result<String, EnvError> {
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(staging)
+                .map_err(file_err("(environment directory)"))?;
+        }
+        let dir = Dir::open_ambient_dir(staging, ambient_authority()).map_err(file_err("."))?;
+        let mut private = DirBuilder::new();
+        private.mode(0o700);
+        for d in ["keys", "policies", "cache"] {
+            dir.create_dir_with(d, &private).map_err(file_err(d))?;
+        }
+        let rng = SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| EnvError::Random)?;
+        write_secret(&dir, SIGNING_KEY_FILE, pkcs8.as_ref())?;
+        write_secret(&dir, MAC_KEY_FILE, &random_bytes(32)?)?;
+        write_secret(&dir, CACHE_KEY_FILE, &random_bytes(32)?)?;
+        dir.write(format!("policies/{SCHEMA_FILE}"), DEFAULT_SCHEMA).map_err(file_err("policies"))?;
+        dir.write("policies/default.cedar", DEFAULT_POLICIES).map_err(file_err("policies"))?;
+        for d in ["keys", "policies", "cache"] {
+            sync_dir(&dir, d)?;
+        }
+        let store = SledStorage::open(&staging.join("store"), true)?;
+        let mut b = WriteBatch::new();
+        b.put(Space::Meta, FORMAT_KEY.to_vec(), FORMAT_VERSION.as_bytes().to_vec());
+        b.put(Space::Meta, ID_KEY.to_vec(), format!("env-{}", hex::encode(random_bytes(8)?)).into_bytes());
+        store.commit(b)?;
+        let token = crate::users::bootstrap_admin(&store, admin)?;
+        drop(store);
+        sync_dir(&dir, ".")?;
+        Ok(token)
+    }
+
+    /// Opens an existing environment.
+    pub fn open(path: &Path) -> Result<Self, EnvError> {
+        let dir = Dir::open_ambient_dir(path, ambient_authority())
+            .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
+        if !dir.exists("store") || !dir.exists("keys") {
+            return Err(EnvError::NotAnEnvironment(path.to_path_buf()));
+        }
+        let pkcs8 = dir.read(SIGNING_KEY_FILE).map_err(file_err(SIGNING_KEY_FILE))?;
+        let mac = dir.read(MAC_KEY_FILE).map_err(file_err(MAC_KEY_FILE))?;
+        let cache_secret = dir.read(CACHE_KEY_FILE).map_err(file_err(CACHE_KEY_FILE))?;
+        let keys = Arc::new(AuditKeys::new(&pkcs8, &mac)?);
+        let policy = Self::load_policies(&dir)?;
+        let store: Arc<dyn Storage> = Arc::new(SledStorage::open(&path.join("store"), false)?);
+        let format = store.get(Space::Meta, FORMAT_KEY)?.unwrap_or_default();
+        if format != FORMAT_VERSION.as_bytes() {
+            return Err(EnvError::Format {
+                path: path.to_path_buf(),
+                found: String::from_utf8_lossy(&format).into_owned(),
+            });
+        }
+        let id = String::from_utf8_lossy(&store.get(Space::Meta, ID_KEY)?.unwrap_or_default()).into_owned();
+        let audit = AuditLog::open(Arc::clone(&store), keys, &id, CHECKPOINT_EVERY)?;
+        crate::datasets::recover(store.as_ref())?;
+        Ok(Self { path: path.to_path_buf(), dir, id, store, audit, policy, cache_secret })
+    }
+
+    /// Loads the schema and every `*.cedar` file of `dir/policies`.
+    fn load_policies(dir: &Dir) -> Result<PolicyEngine, EnvError> {
+        let pdir = dir.open_dir("policies").map_err(file_err("policies"))?;
+        load_policy_dir(&pdir, "policies/")
+    }
+
+    /// The environment's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The environment id (the audit log's origin).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The directory handle.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Storage> {
+        &self.store
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The active policies.
+    pub fn policy(&self) -> &PolicyEngine {
+        &self.policy
+    }
+
+    /// The secret that tags compiled-plugin artifacts.
+    pub fn cache_secret(&self) -> &[u8] {
+        &self.cache_secret
+    }
+}
+
+/// Loads `cloister.cedarschema` and every `*.cedar` file of a policy
+/// directory handle; `label` prefixes file names in errors.
+pub fn load_policy_dir(pdir: &Dir, label: &str) -> Result<PolicyEngine, EnvError> {
+    let schema_name = format!("{label}{SCHEMA_FILE}");
+    let schema = pdir.read_to_string(SCHEMA_FILE).map_err(file_err(&schema_name))?;
+    let mut files = Vec::new();
+    for entry in pdir.entries().map_err(file_err(label))? {
+        let entry = entry.map_err(file_err(label))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".cedar") {
+            let text = pdir.read_to_string(&name).map_err(file_err(&name))?;
+            files.push((format!("{label}{name}"), text));
+        }
+    }
+    files.sort();
+    Ok(PolicyEngine::load(&schema, &files)?)
+}

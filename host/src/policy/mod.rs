@@ -1,0 +1,538 @@
+//! The policy engine: Cedar policies over the schema in `policies/`, and
+//! [`PolicyEngine::authorize`], the one function that decides every
+//! operation. [`crate::service::Cloister`] is its only caller outside tests;
+//! it records each decision in the audit log before acting on it.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The schema shipped with this build (`policies/cloister.cedarschema`).
+pub const DEFAULT_SCHEMA: &str = include_str!("../../../policies/cloister.cedarschema");
+/// The default policy set shipped with this build (`policies/default.cedar`).
+pub const DEFAULT_POLICIES: &str = include_str!("../../../policies/default.cedar");
+/// File name of the schema inside a policy directory.
+pub const SCHEMA_FILE: &str = "cloister.cedarschema";
+
+/// Errors loading or checking policies. Each names the file and, where the
+/// problem has one, the line and column.
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    /// A policy or schema file does not parse or does not validate.
+    #[error("{file}:{line}:{column}: {message}")]
+    Invalid {
+        /// File name.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A problem with the set as a whole.
+    #[error("{0}")]
+    Set(String),
+}
+
+/// The six roles. Their names are `Role` entity ids in the policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Manages users.
+    Admin,
+    /// Imports data, adds and runs plugins, trains, requests releases.
+    Scientist,
+    /// Sees and labels the records assigned to them.
+    Labeler,
+    /// Approves plugin digests.
+    Reviewer,
+    /// Approves or rejects model releases.
+    Approver,
+    /// Reads and verifies the audit log.
+    Auditor,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 6] = [
+        Role::Admin,
+        Role::Scientist,
+        Role::Labeler,
+        Role::Reviewer,
+        Role::Approver,
+        Role::Auditor,
+    ];
+
+    /// The name used in policies and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Scientist => "scientist",
+            Role::Labeler => "labeler",
+            Role::Reviewer => "reviewer",
+            Role::Approver => "approver",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown role `{s}` (roles: {})",
+                    Role::ALL.map(Role::as_str).join(", ")
+                )
+            })
+    }
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// User name.
+    pub name: String,
+    /// Roles held.
+    pub roles: Vec<Role>,
+    /// Whether the account is disabled.
+    pub disabled: bool,
+}
+
+/// Every action of the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub enum Action {
+    AddUser,
+    DisableUser,
+    ListUsers,
+    CheckPolicy,
+    ExplainPolicy,
+    ListDatasets,
+    ListPlugins,
+    AddPlugin,
+    ImportDataset,
+    ViewStats,
+    ExportDataset,
+    ViewRecord,
+    LabelRecord,
+    ApprovePlugin,
+    RunPlugin,
+    TrainModel,
+    ViewModel,
+    RequestRelease,
+    ApproveRelease,
+    RejectRelease,
+    ExportModel,
+    ReadAudit,
+    VerifyAudit,
+    CheckpointAudit,
+}
+
+impl Action {
+    /// Every action.
+    pub const ALL: [Action; 24] = [
+        Action::AddUser,
+        Action::DisableUser,
+        Action::ListUsers,
+        Action::CheckPolicy,
+        Action::ExplainPolicy,
+        Action::ListDatasets,
+        Action::ListPlugins,
+        Action::AddPlugin,
+        Action::ImportDataset,
+        Action::ViewStats,
+        Action::ExportDataset,
+        Action::ViewRecord,
+        Action::LabelRecord,
+        Action::ApprovePlugin,
+        Action::RunPlugin,
+        Action::TrainModel,
+        Action::ViewModel,
+        Action::RequestRelease,
+        Action::ApproveRelease,
+        Action::RejectRelease,
+        Action::ExportModel,
+        Action::ReadAudit,
+        Action::VerifyAudit,
+        Action::CheckpointAudit,
+    ];
+
+    /// The action's id in the schema.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::AddUser => "add_user",
+            Action::DisableUser => "disable_user",
+            Action::ListUsers => "list_users",
+            Action::CheckPolicy => "check_policy",
+            Action::ExplainPolicy => "explain_policy",
+            Action::ListDatasets => "list_datasets",
+            Action::ListPlugins => "list_plugins",
+            Action::AddPlugin => "add_plugin",
+            Action::ImportDataset => "import_dataset",
+            Action::ViewStats => "view_stats",
+            Action::ExportDataset => "export_dataset",
+            Action::ViewRecord => "view_record",
+            Action::LabelRecord => "label_record",
+            Action::ApprovePlugin => "approve_plugin",
+            Action::RunPlugin => "run_plugin",
+            Action::TrainModel => "train_model",
+            Action::ViewModel => "view_model",
+            Action::RequestRelease => "request_release",
+            Action::ApproveRelease => "approve_release",
+            Action::RejectRelease => "reject_release",
+            Action::ExportModel => "export_model",
+            Action::ReadAudit => "read_audit",
+            Action::VerifyAudit => "verify_audit",
+            Action::CheckpointAudit => "checkpoint_audit",
+        }
+    }
+}
+
+impl FromStr for Action {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown action `{s}`"))
+    }
+}
+
+/// What an operation acts on, with the attributes policies may test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    /// The environment.
+    Environment,
+    /// A dataset by name.
+    Dataset {
+        /// Dataset name.
+        name: String,
+    },
+    /// One record.
+    Record {
+        /// Its dataset.
+        dataset: String,
+        /// Its id.
+        id: String,
+        /// The labeler it is assigned to, if any.
+        assignee: Option<String>,
+    },
+    /// A plugin by digest.
+    Plugin {
+        /// Hex SHA-256 of its bytes.
+        digest: String,
+        /// Whether a reviewer approved this digest.
+        approved: bool,
+        /// Who added it.
+        added_by: String,
+    },
+    /// A model.
+    Model {
+        /// Model id.
+        id: String,
+        /// Whether a release was requested.
+        release_requested: bool,
+        /// Whether the release was approved.
+        release_approved: bool,
+        /// Who requested the release.
+        requested_by: Option<String>,
+    },
+    /// The audit log.
+    AuditLog,
+}
+
+impl Resource {
+    /// The Cedar entity uid, as text (`Dataset::"spam"`), which is also how
+    /// the audit log names the resource.
+    pub fn uid_text(&self) -> String {
+        let (ty, id) = self.type_and_id();
+        format!("{ty}::{}", quote(&id))
+    }
+
+    fn type_and_id(&self) -> (&'static str, String) {
+        match self {
+            Resource::Environment => ("Environment", "main".into()),
+            Resource::Dataset { name } => ("Dataset", name.clone()),
+            Resource::Record { dataset, id, .. } => ("Record", format!("{dataset}/{id}")),
+            Resource::Plugin { digest, .. } => ("Plugin", digest.clone()),
+            Resource::Model { id, .. } => ("Model", id.clone()),
+            Resource::AuditLog => ("AuditLog", "main".into()),
+        }
+    }
+}
+
+fn quote(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"?\"".into())
+}
+
+/// A decision with its reasons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    /// Whether the request is allowed.
+    pub allowed: bool,
+    /// Ids of the policies that decided: the matching permits when allowed,
+    /// the matching forbids when a forbid denied, empty when nothing
+    /// permitted (deny by default).
+    pub policies: Vec<String>,
+    /// Evaluation errors (a policy that errored is skipped, which can only
+    /// turn an allow into a deny).
+    pub errors: Vec<String>,
+}
+
+/// A loaded, validated policy set with its schema.
+#[derive(Debug)]
+pub struct PolicyEngine {
+    schema: Schema,
+    policies: PolicySet,
+    texts: HashMap<String, String>,
+    authorizer: Authorizer,
+}
+
+fn uid(ty: &str, id: &str) -> Result<EntityUid, String> {
+    let ty = EntityTypeName::from_str(ty).map_err(|e| e.to_string())?;
+    Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let upto = &text[..offset.min(text.len())];
+    let line = upto.matches('\n').count() + 1;
+    let column = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn diag_error(file: &str, text: &str, d: &dyn Diagnostic, message: String) -> PolicyError {
+    let offset = d
+        .labels()
+        .and_then(|mut l| l.next())
+        .map(|l| l.offset())
+        .unwrap_or(0);
+    let (line, column) = line_col(text, offset);
+    let help = d.help().map(|h| format!(" ({h})")).unwrap_or_default();
+    PolicyError::Invalid { file: file.to_string(), line, column, message: format!("{message}{help}") }
+}
+
+impl PolicyEngine {
+    /// The policies built into this binary.
+    pub fn builtin() -> Result<Self, PolicyError> {
+        Self::load(DEFAULT_SCHEMA, &[("default.cedar".into(), DEFAULT_POLICIES.into())])
+    }
+
+    /// Parses the schema and every policy file and validates the set
+    /// strictly against the schema. Every policy needs a unique `@id`.
+    pub fn load(schema_text: &str, files: &[(String, String)]) -> Result<Self, PolicyError> {
+        let (schema, _warnings) = Schema::from_cedarschema_str(schema_text)
+            .map_err(|e| diag_error(SCHEMA_FILE, schema_text, &e, e.to_string()))?;
+        let mut set = PolicySet::new();
+        let mut texts = HashMap::new();
+        let mut origin: HashMap<String, String> = HashMap::new();
+        for (file, text) in files {
+            let parsed = PolicySet::from_str(text).map_err(|e| {
+                let first = e.iter().next();
+                match first {
+                    Some(d) => diag_error(file, text, d, d.to_string()),
+                    None => diag_error(file, text, &e, e.to_string()),
+                }
+            })?;
+            for policy in parsed.policies() {
+                let Some(id) = policy.annotation("id").map(str::to_string) else {
+                    let offset = text.find(&policy.to_string()).unwrap_or(0);
+                    let (line, column) = line_col(text, offset);
+                    return Err(PolicyError::Invalid {
+                        file: file.clone(),
+                        line,
+                        column,
+                        message: "this policy has no @id(\"…\") annotation".into(),
+                    });
+                };
+                if let Some(other) = origin.get(&id) {
+                    return Err(PolicyError::Set(format!(
+                        "{file}: policy id `{id}` is already used in {other}"
+                    )));
+                }
+                texts.insert(id.clone(), policy.to_string());
+                origin.insert(id.clone(), file.clone());
+                set.add(policy.new_id(PolicyId::new(&id)))
+                    .map_err(|e| PolicyError::Set(format!("{file}: {e}")))?;
+            }
+            if parsed.templates().next().is_some() {
+                return Err(PolicyError::Set(format!("{file}: policy templates are not supported")));
+            }
+        }
+        let validator = Validator::new(schema.clone());
+        let result = validator.validate(&set, ValidationMode::Strict);
+        if let Some(err) = result.validation_errors().next() {
+            let id = err.policy_id().to_string();
+            let file = origin.get(&id).cloned().unwrap_or_default();
+            let text = files.iter().find(|(f, _)| f == &file).map(|(_, t)| t.as_str()).unwrap_or("");
+            return Err(diag_error(&file, text, err, format!("policy `{id}`: {err}")));
+        }
+        Ok(Self { schema, policies: set, texts, authorizer: Authorizer::new() })
+    }
+
+    /// Number of policies.
+    pub fn len(&self) -> usize {
+        self.texts.len()
+    }
+
+    /// Whether there are no policies (everything is denied).
+    pub fn is_empty(&self) -> bool {
+        self.texts.is_empty()
+    }
+
+    /// The text of policy `id`.
+    pub fn policy_text(&self, id: &str) -> Option<&str> {
+        self.texts.get(id).map(String::as_str)
+    }
+
+    /// Decides whether `principal` may perform `action` on `resource`.
+    /// `channel` is how the request arrived ("cli" or "console"). Any
+    /// failure to build the request denies (fail closed).
+    pub fn authorize(
+        &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        channel: &str,
+    ) -> Authorization {
+        match self.try_authorize(principal, action, resource, channel) {
+            Ok(a) => a,
+            Err(e) => Authorization { allowed: false, policies: Vec::new(), errors: vec![e] },
+        }
+    }
+
+    fn try_authorize(
+        &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        channel: &str,
+    ) -> Result<Authorization, String> {
+        let mut entities = Vec::new();
+        let puid = uid("User", &principal.name)?;
+        let mut roles = HashSet::new();
+        for role in Role::ALL {
+            let r = uid("Role", role.as_str())?;
+            entities.push(Entity::new_no_attrs(r.clone(), HashSet::new()));
+            if principal.roles.contains(&role) {
+                roles.insert(r);
+            }
+        }
+        let user_entity = |name: &str, parents: HashSet<EntityUid>, disabled: bool| -> Result<Entity, String> {
+            Entity::new(
+                uid("User", name)?,
+                HashMap::from([("disabled".to_string(), RestrictedExpression::new_bool(disabled))]),
+                parents,
+            )
+            .map_err(|e| e.to_string())
+        };
+        entities.push(user_entity(&principal.name, roles, principal.disabled)?);
+        let mut others = HashSet::new();
+        let mut user_ref = |name: &str, entities: &mut Vec<Entity>| -> Result<RestrictedExpression, String> {
+            if name != principal.name && others.insert(name.to_string()) {
+                entities.push(user_entity(name, HashSet::new(), false)?);
+            }
+            Ok(RestrictedExpression::new_entity_uid(uid("User", name)?))
+        };
+        let (ty, id) = resource.type_and_id();
+        let ruid = uid(ty, &id)?;
+        let mut attrs = HashMap::new();
+        let mut parents = HashSet::new();
+        match resource {
+            Resource::Record { dataset, assignee, .. } => {
+                let d = uid("Dataset", dataset)?;
+                entities.push(Entity::new_no_attrs(d.clone(), HashSet::new()));
+                parents.insert(d);
+                if let Some(a) = assignee {
+                    attrs.insert("assignee".into(), user_ref(a, &mut entities)?);
+                }
+            }
+            Resource::Plugin { approved, added_by, .. } => {
+                attrs.insert("approved".into(), RestrictedExpression::new_bool(*approved));
+                attrs.insert("added_by".into(), user_ref(added_by, &mut entities)?);
+            }
+            Resource::Model { release_requested, release_approved, requested_by, .. } => {
+                attrs.insert("release_requested".into(), RestrictedExpression::new_bool(*release_requested));
+                attrs.insert("release_approved".into(), RestrictedExpression::new_bool(*release_approved));
+                if let Some(r) = requested_by {
+                    attrs.insert("requested_by".into(), user_ref(r, &mut entities)?);
+                }
+            }
+            Resource::Environment | Resource::Dataset { .. } | Resource::AuditLog => {}
+        }
+        entities.push(Entity::new(ruid.clone(), attrs, parents).map_err(|e| e.to_string())?);
+        let entities = Entities::from_entities(entities, Some(&self.schema)).map_err(|e| e.to_string())?;
+        let context = Context::from_pairs([(
+            "channel".to_string(),
+            RestrictedExpression::new_string(channel.to_string()),
+        )])
+        .map_err(|e| e.to_string())?;
+        let auid = uid("Action", action.as_str())?;
+        let request = Request::new(puid, auid, ruid, context, Some(&self.schema)).map_err(|e| e.to_string())?;
+        let response = self.authorizer.is_authorized(&request, &self.policies, &entities);
+        let mut policies: Vec<String> = response.diagnostics().reason().map(|p| p.to_string()).collect();
+        policies.sort();
+        let errors = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        Ok(Authorization {
+            allowed: response.decision() == cedar_policy::Decision::Allow,
+            policies,
+            errors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_set_loads_and_validates() {
+        let engine = PolicyEngine::builtin().expect("builtin policies validate");
+        assert!(engine.len() > 10);
+        assert!(engine.policy_text("no-dataset-export").is_some());
+    }
+
+    #[test]
+    fn a_syntax_error_names_file_line_and_column() {
+        let bad = "@id(\"x\")\npermit (principal, action, resource)\nwhen { principal.disabled == };\n";
+        let err = PolicyEngine::load(DEFAULT_SCHEMA, &[("mine.cedar".into(), bad.into())])
+            .expect_err("bad syntax");
+        let text = err.to_string();
+        assert!(text.starts_with("mine.cedar:3:"), "{text}");
+    }
+
+    #[test]
+    fn a_policy_that_does_not_fit_the_schema_is_refused_with_its_place() {
+        let bad = "@id(\"ok\")\npermit (principal, action == Action::\"list_users\", resource);\n\n@id(\"typo\")\npermit (principal, action == Action::\"view_stats\", resource)\nwhen { principal.is_boss };\n";
+        let err = PolicyEngine::load(DEFAULT_SCHEMA, &[("mine.cedar".into(), bad.into())])
+            .expect_err("invalid attribute");
+        let text = err.to_string();
+        assert!(text.starts_with("mine.cedar:6:"), "{text}");
+        assert!(text.contains("typo"), "{text}");
+    }
+
+    #[test]
+    fn policies_without_ids_or_with_duplicate_ids_are_refused() {
+        let no_id = "permit (principal, action, resource);";
+        let err = PolicyEngine::load(DEFAULT_SCHEMA, &[("a.cedar".into(), no_id.into())]).expect_err("no id");
+        assert!(err.to_string().contains("a.cedar:1:1"), "{err}");
+        let one = "@id(\"same\")\npermit (principal, action == Action::\"list_users\", resource);";
+        let err = PolicyEngine::load(
+            DEFAULT_SCHEMA,
+            &[("a.cedar".into(), one.into()), ("b.cedar".into(), one.into())],
+        )
+        .expect_err("duplicate");
+        assert!(err.to_string().contains("already used in a.cedar"), "{err}");
+    }
+}

@@ -1,0 +1,224 @@
+//! The closed store.
+//!
+//! Everything Cloister keeps lives in one ordered key–value space, divided
+//! into [`Space`]s by a one-byte key prefix. The [`Storage`] trait is the
+//! whole contract a storage engine must meet; [`SledStorage`] implements it
+//! over sled 0.34.7 and is the **only** code in the workspace that touches
+//! sled (an invariant in `docs/ARCHITECTURE.md`).
+//!
+//! The contract:
+//! - [`Storage::commit`] applies a [`WriteBatch`] atomically and durably:
+//!   when it returns `Ok`, every write of the batch survives a process crash,
+//!   and after a crash either all or none of them are visible.
+//! - [`Storage::stage`] applies a batch atomically but without waiting for
+//!   durability. Bulk writers (dataset import) stage their data and make it
+//!   reachable with one final `commit`; see [`crate::datasets`].
+//! - Reads see every write that returned before them.
+
+mod sled_backend;
+
+pub use sled_backend::SledStorage;
+
+use thiserror::Error;
+
+/// A named region of the key space. The discriminant is the key prefix byte
+/// and is part of the on-disk format: never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Space {
+    /// Environment metadata: format version, environment id, audit head.
+    Meta = 1,
+    /// Users by name.
+    Users = 2,
+    /// API-token hashes → user name.
+    Tokens = 3,
+    /// Dataset versions: `name \0 version(u32 BE)` → version manifest.
+    Datasets = 4,
+    /// Imports in progress: `import id (u64 BE)` → marker. Anything left
+    /// here at open time belongs to an import that never committed.
+    Imports = 5,
+    /// Records: `import id (u64 BE) ‖ record id` → encoded record.
+    Records = 6,
+    /// Labels: `import id ‖ record id \0 source` → label with provenance.
+    Labels = 7,
+    /// Labeling assignments: `import id ‖ record id` → user name.
+    Assignments = 8,
+    /// Plugin registry: digest → registry entry.
+    Plugins = 9,
+    /// Plugin component bytes: digest → bytes.
+    PluginBlobs = 10,
+    /// Audit entries: `seq (u64 BE)` → canonical entry bytes.
+    Audit = 11,
+    /// Signed audit checkpoints: `size (u64 BE)` → checkpoint.
+    Checkpoints = 12,
+}
+
+impl Space {
+    /// Every space, in prefix order.
+    pub const ALL: [Space; 12] = [
+        Space::Meta,
+        Space::Users,
+        Space::Tokens,
+        Space::Datasets,
+        Space::Imports,
+        Space::Records,
+        Space::Labels,
+        Space::Assignments,
+        Space::Plugins,
+        Space::PluginBlobs,
+        Space::Audit,
+        Space::Checkpoints,
+    ];
+
+    /// The key prefix byte.
+    pub fn prefix(self) -> u8 {
+        self as u8
+    }
+}
+
+/// One write of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Set `key` to `value`.
+    Put(Space, Vec<u8>, Vec<u8>),
+    /// Remove `key` (no error if absent).
+    Delete(Space, Vec<u8>),
+}
+
+/// An ordered set of writes applied all-or-nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    writes: Vec<Write>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a put.
+    pub fn put(&mut self, space: Space, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.writes
+            .push(Write::Put(space, key.into(), value.into()));
+    }
+
+    /// Adds a delete.
+    pub fn delete(&mut self, space: Space, key: impl Into<Vec<u8>>) {
+        self.writes.push(Write::Delete(space, key.into()));
+    }
+
+    /// The writes, in order.
+    pub fn writes(&self) -> &[Write] {
+        &self.writes
+    }
+
+    /// Number of writes.
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// Appends another batch's writes.
+    pub fn extend(&mut self, other: WriteBatch) {
+        self.writes.extend(other.writes);
+    }
+}
+
+/// A key and its value, as read from a space (the space prefix removed).
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// Errors of the storage layer.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// Another process holds the store open.
+    #[error("the store is in use by another process (only one cloister process may open an environment at a time)")]
+    Busy,
+    /// The engine found damaged data. The store fails closed: nothing more
+    /// is read or written.
+    #[error("the store is corrupted: {0}")]
+    Corrupted(String),
+    /// An I/O error from the engine.
+    #[error("store I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Any other engine error.
+    #[error("store error: {0}")]
+    Engine(String),
+}
+
+/// The contract of a storage engine. See the module docs.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Reads one key.
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// All entries of `space` whose key starts with `prefix`, in key order.
+    fn scan(
+        &self,
+        space: Space,
+        prefix: &[u8],
+    ) -> Box<dyn Iterator<Item = Result<Entry, StoreError>> + Send + '_>;
+
+    /// Entries of `space` with key ≥ `from`, in key order.
+    fn scan_from(
+        &self,
+        space: Space,
+        from: &[u8],
+    ) -> Box<dyn Iterator<Item = Result<Entry, StoreError>> + Send + '_>;
+
+    /// The entry of `space` with the greatest key starting with `prefix`.
+    fn last(&self, space: Space, prefix: &[u8]) -> Result<Option<Entry>, StoreError>;
+
+    /// Applies `batch` atomically and durably (see the module docs).
+    fn commit(&self, batch: WriteBatch) -> Result<(), StoreError>;
+
+    /// Applies `batch` atomically, without waiting for durability.
+    fn stage(&self, batch: WriteBatch) -> Result<(), StoreError>;
+
+    /// Makes every staged write durable.
+    fn sync(&self) -> Result<(), StoreError>;
+}
+
+/// Key helper: `a ‖ b`.
+pub fn key2(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len());
+    k.extend_from_slice(a);
+    k.extend_from_slice(b);
+    k
+}
+
+/// The smallest key greater than every key starting with `prefix`, or `None`
+/// if there is none (all bytes 0xff).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte_that_can_be() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn space_prefixes_are_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for s in Space::ALL {
+            assert!(seen.insert(s.prefix()));
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Users, roles and API tokens.
+//!
+//! A token is 32 random bytes, shown once when the user is created; the store
+//! keeps only its SHA-256, so a copy of the store does not yield credentials.
+//! The CLI reads the token from `CLOISTER_TOKEN` or `--token`.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::digest::Digest;
+use crate::policy::{Principal, Role};
+use crate::store::{Space, Storage, StoreError, WriteBatch};
+
+/// Prefix that makes tokens recognizable (e.g. by secret scanners).
+pub const TOKEN_PREFIX: &str = "clt_";
+
+/// Errors of user management.
+#[derive(Debug, Error)]
+pub enum UserError {
+    /// The name does not follow the rules.
+    #[error("invalid user name `{0}`: use 1–64 of a-z 0-9 . _ - starting with a letter or digit")]
+    BadName(String),
+    /// A user of that name exists.
+    #[error("user `{0}` already exists")]
+    Exists(String),
+    /// No such user.
+    #[error("no user `{0}`")]
+    Unknown(String),
+    /// A user needs at least one role.
+    #[error("a user needs at least one role")]
+    NoRoles,
+    /// The token is not valid (unknown, malformed or of a disabled user).
+    #[error("authentication failed: the token is not valid")]
+    BadToken,
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Randomness failure.
+    #[error("the system random number generator failed")]
+    Random,
+    /// A stored user record is damaged.
+    #[error("the stored record of user `{0}` is damaged")]
+    Damaged(String),
+}
+
+/// A stored user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Unique name.
+    pub name: String,
+    /// Roles held.
+    pub roles: Vec<Role>,
+    /// Disabled users can do nothing.
+    pub disabled: bool,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+    /// Hex SHA-256 of the current token.
+    pub token_sha256: String,
+}
+
+impl User {
+    /// The principal this user acts as.
+    pub fn principal(&self) -> Principal {
+        Principal { name: self.name.clone(), roles: self.roles.clone(), disabled: self.disabled }
+    }
+}
+
+/// Checks a user name.
+pub fn check_name(name: &str) -> Result<(), UserError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok { Ok(()) } else { Err(UserError::BadName(name.to_string())) }
+}
+
+fn new_token() -> Result<(String, String), UserError> {
+    let mut raw = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| UserError::Random)?;
+    let token = format!("{TOKEN_PREFIX}{}", hex::encode(raw));
+    let hash = Digest::of(token.as_bytes()).to_hex();
+    Ok((token, hash))
+}
+
+/// Writes for a new user; returns them with the token.
+pub(crate) fn create(store: &dyn Storage, name: &str, roles: &[Role]) -> Result<(WriteBatch, User, String), UserError> {
+    check_name(name)?;
+    if roles.is_empty() {
+        return Err(UserError::NoRoles);
+    }
+    if store.get(Space::Users, name.as_bytes())?.is_some() {
+        return Err(UserError::Exists(name.to_string()));
+    }
+    let (token, hash) = new_token()?;
+    let mut roles = roles.to_vec();
+    roles.sort();
+    roles.dedup();
+    let user = User {
+        name: name.to_string(),
+        roles,
+        disabled: false,
+        created_ms: crate::time::now_ms(),
+        token_sha256: hash.clone(),
+    };
+    let mut b = WriteBatch::new();
+    b.put(Space::Users, name.as_bytes().to_vec(), encode(&user)?);
+    b.put(Space::Tokens, hash.into_bytes(), name.as_bytes().to_vec());
+    Ok((b, user, token))
+}
+
+fn encode(user: &User) -> Result<Vec<u8>, UserError> {
+    serde_json::to_vec(user).map_err(|_| UserError::Damaged(user.name.clone()))
+}
+
+/// Creates the first admin of a new environment (no authorization: there
+/// is nobody to authorize yet).
+pub(crate) fn bootstrap_admin(store: &dyn Storage, name: &str) -> Result<String, UserError> {
+    let (b, _, token) = create(store, name, &[Role::Admin])?;
+    store.commit(b)?;
+    Ok(token)
+}
+
+/// Reads a user.
+pub fn get(store: &dyn Storage, name: &str) -> Result<User, UserError> {
+    let bytes = store.get(Space::Users, name.as_bytes())?.ok_or_else(|| UserError::Unknown(name.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|_| UserError::Damaged(name.to_string()))
+}
+
+/// Every user, by name.
+pub fn list(store: &dyn Storage) -> Result<Vec<User>, UserError> {
+    let mut out = Vec::new();
+    for item in store.scan(Space::Users, b"") {
+        let (k, v) = item?;
+        out.push(serde_json::from_slice(&v).map_err(|_| UserError::Damaged(String::from_utf8_lossy(&k).into_owned()))?);
+    }
+    Ok(out)
+}
+
+/// Writes that disable a user and revoke their token.
+pub(crate) fn disable(store: &dyn Storage, name: &str) -> Result<WriteBatch, UserError> {
+    let mut user = get(store, name)?;
+    user.disabled = true;
+    let mut b = WriteBatch::new();
+    b.delete(Space::Tokens, user.token_sha256.clone().into_bytes());
+    b.put(Space::Users, name.as_bytes().to_vec(), encode(&user)?);
+    Ok(b)
+}
+
+/// The user a token belongs to. Unknown, malformed and disabled-user tokens
+/// all fail the same way.
+pub fn authenticate(store: &dyn Storage, token: &str) -> Result<User, UserError> {
+    if !token.starts_with(TOKEN_PREFIX) || token.len() != TOKEN_PREFIX.len() + 64 {
+        return Err(UserError::BadToken);
+    }
+    let hash = Digest::of(token.as_bytes()).to_hex();
+    let name = store.get(Space::Tokens, hash.as_bytes())?.ok_or(UserError::BadToken)?;
+    let user = get(store, &String::from_utf8_lossy(&name)).map_err(|_| UserError::BadToken)?;
+    if user.disabled || user.token_sha256 != hash {
+        return Err(UserError::BadToken);
+    }
+    Ok(user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["alice", "a", "bob.smith", "x-1_2"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Alice", "-x", "a b", "ä", &"a".repeat(65), "../x"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}
