@@ -12,6 +12,9 @@
 mod support;
 
 mod cli;
+mod closed_env;
+mod crash;
 mod example_plugins;
 mod hostile;
+mod policy_matrix;
 mod runtime;

@@ -1,0 +1,424 @@
+//! The closed store, the policy engine and the audit log, through the
+//! library (`Cloister`), as the CLI and the console use it.
+
+use std::path::{Path, PathBuf};
+
+use cloister_host::audit::{AuditFilter, AuditLog, Decision, Verdict};
+use cloister_host::datasets::{self, Provenance};
+use cloister_host::policy::Role;
+use cloister_host::records::Schema;
+use cloister_host::service::{Cloister, ImportOptions, ServiceError};
+use cloister_host::store::{Space, WriteBatch};
+use cloister_host::users::User;
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub c: Cloister,
+    pub admin: User,
+    pub sci: User,
+    pub lab: User,
+    pub lab2: User,
+    pub rev: User,
+    pub appr: User,
+    pub aud: User,
+}
+
+impl Env {
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("env")
+    }
+}
+
+pub fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, token) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+    let admin = c.authenticate(&token).unwrap();
+    let add = |name: &str, role: Role| c.add_user(&admin, name, &[role]).unwrap().0;
+    let sci = add("sci", Role::Scientist);
+    let lab = add("lab", Role::Labeler);
+    let lab2 = add("lab2", Role::Labeler);
+    let rev = add("rev", Role::Reviewer);
+    let appr = add("appr", Role::Approver);
+    let aud = add("aud", Role::Auditor);
+    Env { dir, c, admin, sci, lab, lab2, rev, appr, aud }
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn jsonl(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let label = if i % 3 == 0 { "null".to_string() } else { format!("\"c{}\"", i % 2) };
+            format!("{{\"id\": \"r{i}\", \"text\": \"record number {i}\", \"label\": {label}, \"len\": {i}}}\n")
+        })
+        .collect()
+}
+
+fn opts() -> ImportOptions {
+    ImportOptions::default()
+}
+
+fn space_len(c: &Cloister, space: Space) -> usize {
+    c.env().store().scan(space, b"").count()
+}
+
+fn denied<T: std::fmt::Debug>(r: Result<T, ServiceError>) {
+    match r {
+        Err(ServiceError::Denied { .. }) => {}
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_import_with_a_bad_line_names_it_and_leaves_nothing_behind() {
+    let e = env();
+    let mut text = jsonl(20_000);
+    text.push_str("{\"id\": \"bad\", \"text\": \"x\", \"label\": 7}\n");
+    let f = write(e.dir.path(), "bad.jsonl", &text);
+    let err = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl:20001: field `label`"), "{err}");
+
+    let dup = format!("{}{}", jsonl(10), "{\"id\": \"r3\", \"text\": \"again\"}\n");
+    let f = write(e.dir.path(), "dup.jsonl", &dup);
+    let err = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap_err().to_string();
+    assert!(err.contains("dup.jsonl:11: field `id`: duplicate id \"r3\""), "{err}");
+
+    let f = write(e.dir.path(), "broken.jsonl", "{\"id\": \"a\", \"text\": \"x\"}\n{\"id\": \"b\", \"text\"\n");
+    let err = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap_err().to_string();
+    assert!(err.contains("broken.jsonl:2: invalid JSON"), "{err}");
+
+    let f = write(e.dir.path(), "noid.jsonl", "{\"id\": \"a\", \"text\": \"x\"}\n{\"text\": \"y\"}\n");
+    let err = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap_err().to_string();
+    assert!(err.contains("noid.jsonl:2: field `id`: missing"), "{err}");
+
+    let f = write(e.dir.path(), "bad.csv", "id,text,len\n1,a,2\n2,b,two\n");
+    let o = ImportOptions { schema: Schema { numeric_fields: Some(vec!["len".into()]), ..Schema::default() }, ..opts() };
+    let err = e.c.import_dataset(&e.sci, "ds", &f, &o).unwrap_err().to_string();
+    assert_eq!(err, format!("{}:3: field `len`: not a finite number", f.display()));
+
+    assert!(e.c.list_datasets(&e.sci).unwrap().is_empty());
+    for space in [Space::Records, Space::Labels, Space::Imports, Space::Datasets] {
+        assert_eq!(space_len(&e.c, space), 0, "{space:?} holds leftovers");
+    }
+}
+
+#[test]
+fn versions_are_content_addressed_and_stats_are_aggregates_only() {
+    let e = env();
+    let f = write(e.dir.path(), "a.jsonl", &jsonl(300));
+    let v1 = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap();
+    let v2 = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap();
+    assert_eq!((v1.version, v2.version), (1, 2));
+    assert_eq!(v1.digest, v2.digest, "same content, same address");
+    let g = write(e.dir.path(), "b.jsonl", &jsonl(301));
+    let v3 = e.c.import_dataset(&e.sci, "ds", &g, &opts()).unwrap();
+    assert_ne!(v3.digest, v1.digest);
+    assert_eq!(v1.stats.records, 300);
+    assert_eq!(v1.stats.unlabeled, 100);
+    assert_eq!(v1.stats.labels.get("c0"), Some(&100));
+    assert_eq!(v1.stats.fields["len"].present, 300);
+
+    let (latest, splits) = e.c.dataset_stats(&e.sci, "ds", Some(7)).unwrap();
+    assert_eq!(latest.version, 3);
+    let splits = splits.unwrap();
+    let total: u64 = splits.counts.values().map(|(l, u)| l + u).sum();
+    assert_eq!(total, 301);
+    let (again, _) = e.c.dataset_stats(&e.sci, "ds@1", None).unwrap();
+    assert_eq!(again, v1);
+    let shown = serde_json::to_string(&again).unwrap();
+    assert!(!shown.contains("record number"), "statistics must not carry texts");
+
+    // CSV with the same fields.
+    let csv: String = std::iter::once("id,text,label\n".to_string())
+        .chain((0..50).map(|i| format!("{i},\"text, {i}\",{}\n", if i % 2 == 0 { "a" } else { "" })))
+        .collect();
+    let f = write(e.dir.path(), "c.csv", &csv);
+    let v = e.c.import_dataset(&e.sci, "csvset", &f, &opts()).unwrap();
+    assert_eq!((v.stats.records, v.stats.labeled), (50, 25));
+}
+
+#[test]
+fn splits_are_deterministic_by_seed_and_keep_duplicates_together() {
+    let e = env();
+    let mut text = jsonl(2000);
+    text.push_str("{\"id\": \"twin\", \"text\": \"record number 5\"}\n");
+    let f = write(e.dir.path(), "a.jsonl", &text);
+    let v = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap();
+    let store = e.c.env().store().as_ref();
+    let split = |seed| -> Vec<_> {
+        datasets::records(store, &v).map(|r| r.map(|r| datasets::split_of(&r.record, seed))).collect::<Result<_, _>>().unwrap()
+    };
+    assert_eq!(split(1), split(1));
+    assert_ne!(split(1), split(2));
+    let by_id = |id: &str, seed| datasets::split_of(&datasets::get_record(store, &v, id).unwrap().record, seed);
+    for seed in 0..20 {
+        assert_eq!(by_id("twin", seed), by_id("r5", seed));
+    }
+    let counts = datasets::split_counts(store, &v, 1).unwrap();
+    let train = counts.counts[&datasets::Split::Train];
+    let share = (train.0 + train.1) as f64 / 2001.0;
+    assert!((0.76..0.84).contains(&share), "train share {share}");
+}
+
+#[test]
+fn records_are_shown_only_to_their_assigned_labeler_and_labels_keep_provenance() {
+    let e = env();
+    let f = write(e.dir.path(), "a.jsonl", &jsonl(30));
+    let v = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap();
+    let store = e.c.env().store();
+    store.commit(datasets::assign(store.as_ref(), &v, "r0", "lab").unwrap()).unwrap();
+
+    let seen = e.c.view_record(&e.lab, "ds", "r0").unwrap();
+    assert_eq!(seen.record.text("text"), Some("record number 0"));
+    for who in [&e.lab2, &e.admin, &e.sci, &e.aud, &e.rev] {
+        denied(e.c.view_record(who, "ds", "r0"));
+    }
+    denied(e.c.view_record(&e.lab, "ds", "r1"));
+
+    e.c.label_record(&e.lab, "ds", "r0", "c1").unwrap();
+    denied(e.c.label_record(&e.lab2, "ds", "r0", "c0"));
+    let r = datasets::get_record(store.as_ref(), &v, "r0").unwrap();
+    assert_eq!(r.labels.len(), 1);
+    assert_eq!(r.labels[0].provenance, Provenance::Human { user: "lab".into() });
+    let gold = datasets::get_record(store.as_ref(), &v, "r1").unwrap();
+    assert_eq!(gold.labels[0].provenance, Provenance::Gold);
+
+    // Every view is audited.
+    let views = e.c.audit_log(&e.aud, &AuditFilter { action: Some("view_record".into()), ..Default::default() }).unwrap();
+    assert_eq!(views.iter().filter(|v| v.decision == Decision::Allow).count(), 1);
+    assert_eq!(views.iter().filter(|v| v.decision == Decision::Deny).count(), 6);
+}
+
+#[test]
+fn export_is_denied_for_everyone_and_every_attempt_is_audited() {
+    let e = env();
+    let f = write(e.dir.path(), "a.jsonl", &jsonl(10));
+    e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap();
+    for who in [&e.admin, &e.sci, &e.lab, &e.rev, &e.appr, &e.aud] {
+        denied(e.c.export_dataset(who, "ds"));
+    }
+    let attempts = e.c.audit_log(&e.aud, &AuditFilter { action: Some("export_dataset".into()), ..Default::default() }).unwrap();
+    assert_eq!(attempts.len(), 6);
+    assert!(attempts.iter().all(|a| a.decision == Decision::Deny && a.policies == ["no-dataset-export"]));
+}
+
+/// Appends a custom section: a valid component with a different digest.
+fn one_byte_different(bytes: &[u8]) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b.extend_from_slice(&[0, 3, 2, b'x', b'y']);
+    b
+}
+
+#[test]
+fn a_plugin_runs_only_under_an_approval_of_its_exact_digest() {
+    let e = env();
+    let bytes = cloister_bundled_plugins::get("entropy").unwrap();
+    let entry = e.c.add_plugin(&e.sci, bytes).unwrap();
+    denied(e.c.plugin_for_run(&e.sci, &entry.digest));
+    denied(e.c.approve_plugin(&e.sci, &entry.digest));
+    e.c.approve_plugin(&e.rev, &entry.digest).unwrap();
+    let (_, got) = e.c.plugin_for_run(&e.sci, &entry.digest).unwrap();
+    assert_eq!(got, bytes);
+
+    let changed = one_byte_different(bytes);
+    let other = e.c.add_plugin(&e.rev, &changed).unwrap();
+    assert_ne!(other.digest, entry.digest);
+    denied(e.c.plugin_for_run(&e.sci, &other.digest));
+    denied(e.c.approve_plugin(&e.rev, &other.digest)); // no self-approval
+    assert!(e.c.add_plugin(&e.sci, cloister_test_plugins::HOSTILE_NET).unwrap_err().to_string().contains("refused"));
+    assert_eq!(e.c.list_plugins(&e.rev).unwrap().len(), 2);
+}
+
+#[test]
+fn disabled_users_lose_their_token_and_failed_logins_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+    let admin = c.authenticate(&root).unwrap();
+    let (_, token) = c.add_user(&admin, "x", &[Role::Scientist]).unwrap();
+    assert_eq!(c.authenticate(&token).unwrap().name, "x");
+    c.disable_user(&admin, "x").unwrap();
+    assert!(matches!(c.authenticate(&token), Err(ServiceError::Auth(_))));
+    assert!(matches!(c.authenticate("clt_nonsense"), Err(ServiceError::Auth(_))));
+    let fails = c.audit_log(&admin, &AuditFilter { action: Some("authenticate".into()), ..Default::default() }).unwrap();
+    assert_eq!(fails.len(), 2);
+    assert!(c.add_user(&admin, "Bad Name", &[Role::Admin]).is_err());
+    assert!(c.add_user(&admin, "x", &[Role::Admin]).unwrap_err().to_string().contains("already exists"));
+}
+
+// ---------------------------------------------------------------- audit --
+
+fn raw_entry(c: &Cloister, seq: u64) -> Vec<u8> {
+    c.env().store().get(Space::Audit, &seq.to_be_bytes()).unwrap().unwrap()
+}
+
+fn put_raw(c: &Cloister, seq: u64, value: Option<Vec<u8>>) {
+    let mut b = WriteBatch::new();
+    match value {
+        Some(v) => b.put(Space::Audit, seq.to_be_bytes().to_vec(), v),
+        None => b.delete(Space::Audit, seq.to_be_bytes().to_vec()),
+    }
+    c.env().store().commit(b).unwrap();
+}
+
+fn tampered_at(c: &Cloister) -> (u64, String) {
+    match c.env().audit().verify(None).unwrap() {
+        Verdict::Tampered { first_bad, reason } => (first_bad, reason),
+        v => panic!("tampering not detected: {v:?}"),
+    }
+}
+
+fn busy_env() -> Env {
+    let e = env();
+    for _ in 0..10 {
+        e.c.list_datasets(&e.sci).unwrap();
+    }
+    e
+}
+
+#[test]
+fn an_untouched_log_verifies_and_proves_inclusion() {
+    let e = busy_env();
+    match e.c.audit_verify(&e.aud, None).unwrap() {
+        Verdict::Intact { size, .. } => assert!(size >= 18, "{size}"),
+        v => panic!("{v:?}"),
+    }
+    let proof = e.c.audit_prove(&e.aud, 5).unwrap();
+    let key = e.c.env().audit().public_key();
+    AuditLog::check_proof(&proof, &key).unwrap();
+    let mut forged = proof.clone();
+    forged.entry = forged.entry.replacen("\"time_ms\":", "\"time_ms\":1", 1);
+    assert_ne!(forged.entry, proof.entry);
+    assert!(AuditLog::check_proof(&forged, &key).is_err());
+    denied(e.c.audit_log(&e.sci, &AuditFilter::default()));
+    denied(e.c.audit_verify(&e.lab, None));
+}
+
+#[test]
+fn editing_an_entry_is_detected_and_named() {
+    let e = busy_env();
+    let mut v = raw_entry(&e.c, 9);
+    let text = String::from_utf8_lossy(&v[32..]).replace("\"sci\"", "\"aud\"");
+    v.truncate(32);
+    v.extend_from_slice(text.as_bytes());
+    put_raw(&e.c, 9, Some(v));
+    let (at, why) = tampered_at(&e.c);
+    assert_eq!(at, 9, "{why}");
+    assert!(why.contains("modified"), "{why}");
+}
+
+#[test]
+fn editing_the_last_entry_is_detected() {
+    let e = busy_env();
+    let last = e.c.env().audit().size() - 1;
+    let mut v = raw_entry(&e.c, last);
+    v[40] ^= 1;
+    put_raw(&e.c, last, Some(v));
+    assert_eq!(tampered_at(&e.c).0, last);
+}
+
+#[test]
+fn deleting_an_entry_is_detected_and_named() {
+    let e = busy_env();
+    put_raw(&e.c, 7, None);
+    let (at, why) = tampered_at(&e.c);
+    assert_eq!(at, 7, "{why}");
+    assert!(why.contains("missing"), "{why}");
+}
+
+#[test]
+fn swapping_two_entries_is_detected_and_named() {
+    let e = busy_env();
+    let (a, b) = (raw_entry(&e.c, 4), raw_entry(&e.c, 5));
+    put_raw(&e.c, 4, Some(b));
+    put_raw(&e.c, 5, Some(a));
+    let (at, why) = tampered_at(&e.c);
+    assert_eq!(at, 4, "{why}");
+}
+
+#[test]
+fn truncating_the_log_is_detected_and_the_environment_fails_closed() {
+    let e = busy_env();
+    let size = e.c.env().audit().size();
+    for seq in size - 3..size {
+        put_raw(&e.c, seq, None);
+    }
+    let (at, why) = tampered_at(&e.c);
+    assert_eq!(at, size - 3, "{why}");
+    let path = e.path();
+    let sci = e.sci.clone();
+    drop(e.c);
+    let reopened = Cloister::open(&path, "cli").unwrap();
+    // Nothing can be done: every operation needs an audit append.
+    let err = reopened.list_datasets(&sci).unwrap_err();
+    assert!(matches!(err, ServiceError::Audit(_)), "{err}");
+    assert!(matches!(reopened.env().audit().verify(None).unwrap(), Verdict::Tampered { .. }));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn restoring_an_older_copy_of_the_store_is_caught_by_a_saved_checkpoint() {
+    let e = busy_env();
+    let path = e.path();
+    let (sci, aud) = (e.sci.clone(), e.aud.clone());
+    drop(e.c);
+    let backup = e.dir.path().join("old-store");
+    copy_dir(&path.join("store"), &backup);
+
+    let c = Cloister::open(&path, "cli").unwrap();
+    for _ in 0..5 {
+        c.list_datasets(&sci).unwrap();
+    }
+    let saved = c.audit_checkpoint(&aud).unwrap().to_text();
+    drop(c);
+
+    std::fs::remove_dir_all(path.join("store")).unwrap();
+    copy_dir(&backup, &path.join("store"));
+    let c = Cloister::open(&path, "cli").unwrap();
+    // The old copy is internally consistent…
+    assert!(matches!(c.env().audit().verify(None).unwrap(), Verdict::Intact { .. }));
+    // …but it does not extend the checkpoint kept outside.
+    let cp = cloister_host::audit::Checkpoint::parse(&saved).unwrap();
+    match c.env().audit().verify(Some(&cp)).unwrap() {
+        Verdict::Tampered { reason, .. } => assert!(reason.contains("rollback"), "{reason}"),
+        v => panic!("rollback not detected: {v:?}"),
+    }
+}
+
+#[test]
+fn concurrent_appends_get_distinct_contiguous_numbers_and_verify() {
+    let e = env();
+    let start = e.c.env().audit().size();
+    let seqs: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| (0..100).map(|_| { e.c.list_datasets(&e.sci).unwrap(); 0 }).count())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap() as u64).collect()
+    });
+    assert_eq!(seqs.iter().sum::<u64>(), 800);
+    assert_eq!(e.c.env().audit().size(), start + 800);
+    match e.c.env().audit().verify(None).unwrap() {
+        Verdict::Intact { size, checkpoints, .. } => {
+            assert_eq!(size, start + 800);
+            assert_eq!(checkpoints, 0, "first stored checkpoint comes at 1024 entries");
+        }
+        v => panic!("{v:?}"),
+    }
+}
