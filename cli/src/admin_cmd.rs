@@ -53,7 +53,11 @@ fn parse_role(s: &str) -> Result<Role, String> {
 
 pub fn init(dir: PathBuf, admin: String) -> Result<ExitCode> {
     let (cloister, token) = Cloister::init(&dir, &admin)?;
-    println!("created environment {} at {}", cloister.env().id(), dir.display());
+    println!(
+        "created environment {} at {}",
+        cloister.env().id(),
+        dir.display()
+    );
     println!("admin user: {admin}");
     println!("admin token (shown once; keep it secret): {token}");
     println!();
@@ -85,7 +89,11 @@ pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
 }
 
 fn roles_text(roles: &[Role]) -> String {
-    roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+    roles
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn policy(env: &EnvArgs, cmd: PolicyCommand) -> Result<ExitCode> {
@@ -95,8 +103,14 @@ pub fn policy(env: &EnvArgs, cmd: PolicyCommand) -> Result<ExitCode> {
             let n = s.cloister.policy_check(&s.user)?;
             println!("policies valid: {n} policies checked against the schema");
         }
-        PolicyCommand::Explain { as_user, action, resource } => {
-            let e = s.cloister.policy_explain(&s.user, &as_user, &action, &resource)?;
+        PolicyCommand::Explain {
+            as_user,
+            action,
+            resource,
+        } => {
+            let e = s
+                .cloister
+                .policy_explain(&s.user, &as_user, &action, &resource)?;
             let a = &e.authorization;
             println!("decision: {}", if a.allowed { "ALLOW" } else { "DENY" });
             println!("request:  {as_user} {action} {}", e.resource.uid_text());

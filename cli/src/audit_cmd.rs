@@ -68,11 +68,25 @@ fn parse_decision(s: &str) -> Result<Decision, String> {
 pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
     let s = env.session()?;
     match cmd {
-        AuditCommand::Log { actor, action, since, decision, limit, json } => {
+        AuditCommand::Log {
+            actor,
+            action,
+            since,
+            decision,
+            limit,
+            json,
+        } => {
             let since_ms = since
                 .map(|t| cloister_host::time::parse_rfc3339(&t).map_err(anyhow::Error::msg))
                 .transpose()?;
-            let filter = AuditFilter { actor, action, since_ms, decision, from_seq: 0, limit };
+            let filter = AuditFilter {
+                actor,
+                action,
+                since_ms,
+                decision,
+                from_seq: 0,
+                limit,
+            };
             for e in s.cloister.audit_log(&s.user, &filter)? {
                 if json {
                     println!("{}", serde_json::to_string(&e)?);
@@ -94,12 +108,19 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
         AuditCommand::Verify { checkpoint, proof } => {
             if let Some(path) = proof {
                 s.cloister.audit_verify(&s.user, None)?;
-                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                let p: InclusionProof = serde_json::from_str(&text).with_context(|| format!("{}: not an inclusion proof", path.display()))?;
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let p: InclusionProof = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not an inclusion proof", path.display()))?;
                 let key = s.cloister.env().audit().public_key();
                 return match AuditLog::check_proof(&p, &key) {
                     Ok(cp) => {
-                        println!("proof OK: entry {} is included in the log of {} entries signed at {}", p.seq, cp.size, cloister_host::time::rfc3339(cp.time_ms));
+                        println!(
+                            "proof OK: entry {} is included in the log of {} entries signed at {}",
+                            p.seq,
+                            cp.size,
+                            cloister_host::time::rfc3339(cp.time_ms)
+                        );
                         Ok(ExitCode::SUCCESS)
                     }
                     Err(e) => {
@@ -110,14 +131,22 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
             }
             let cp = match &checkpoint {
                 Some(path) => {
-                    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
                     Some(Checkpoint::parse(&text).with_context(|| format!("{}", path.display()))?)
                 }
                 None => None,
             };
             let code = match s.cloister.audit_verify(&s.user, cp.as_ref())? {
-                Verdict::Intact { size, root, checkpoints } => {
-                    println!("audit log OK: {size} entries, root {}, {checkpoints} signed checkpoints match", hex::encode(root));
+                Verdict::Intact {
+                    size,
+                    root,
+                    checkpoints,
+                } => {
+                    println!(
+                        "audit log OK: {size} entries, root {}, {checkpoints} signed checkpoints match",
+                        hex::encode(root)
+                    );
                     ExitCode::SUCCESS
                 }
                 Verdict::Tampered { first_bad, reason } => {
@@ -130,7 +159,8 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
         AuditCommand::Checkpoint { out } => {
             let cp = s.cloister.audit_checkpoint(&s.user)?;
             if let Some(path) = out {
-                std::fs::write(&path, cp.to_text()).with_context(|| format!("cannot write {}", path.display()))?;
+                std::fs::write(&path, cp.to_text())
+                    .with_context(|| format!("cannot write {}", path.display()))?;
             }
             print!("{}", cp.to_text());
         }

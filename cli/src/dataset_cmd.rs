@@ -67,7 +67,15 @@ pub enum DatasetCommand {
 pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
     let s = env.session()?;
     match cmd {
-        DatasetCommand::Import { name, file, format, id_field, label_field, text_fields, numeric_fields } => {
+        DatasetCommand::Import {
+            name,
+            file,
+            format,
+            id_field,
+            label_field,
+            text_fields,
+            numeric_fields,
+        } => {
             let schema = Schema {
                 id_field,
                 label_field,
@@ -75,7 +83,12 @@ pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
                 numeric_fields: (!numeric_fields.is_empty()).then_some(numeric_fields),
             };
             let started = std::time::Instant::now();
-            let v = s.cloister.import_dataset(&s.user, &name, &file, &ImportOptions { format, schema })?;
+            let v = s.cloister.import_dataset(
+                &s.user,
+                &name,
+                &file,
+                &ImportOptions { format, schema },
+            )?;
             println!(
                 "imported {} records as {} in {:.1} s (sha256 {})",
                 v.stats.records,
@@ -83,7 +96,10 @@ pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
                 started.elapsed().as_secs_f64(),
                 v.digest
             );
-            println!("  labeled {}, unlabeled {}", v.stats.labeled, v.stats.unlabeled);
+            println!(
+                "  labeled {}, unlabeled {}",
+                v.stats.labeled, v.stats.unlabeled
+            );
         }
         DatasetCommand::List { json } => {
             let all = s.cloister.list_datasets(&s.user)?;
@@ -93,7 +109,10 @@ pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
             } else if all.is_empty() {
                 println!("no datasets (import one with `cloister dataset import NAME FILE`)");
             } else {
-                println!("{:<24} {:>7} {:>10} {:>10}  {:<24} sha256", "dataset", "version", "records", "labeled", "imported");
+                println!(
+                    "{:<24} {:>7} {:>10} {:>10}  {:<24} sha256",
+                    "dataset", "version", "records", "labeled", "imported"
+                );
                 for v in &all {
                     println!(
                         "{:<24} {:>7} {:>10} {:>10}  {:<24} {}",
@@ -107,7 +126,11 @@ pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
                 }
             }
         }
-        DatasetCommand::Stats { dataset, seed, json } => {
+        DatasetCommand::Stats {
+            dataset,
+            seed,
+            json,
+        } => {
             let (v, splits) = s.cloister.dataset_stats(&s.user, &dataset, seed)?;
             if json {
                 let mut j = summary_json(&v);
@@ -121,7 +144,12 @@ pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
                 if let Some(sp) = splits {
                     println!("splits (seed {}):        labeled  unlabeled", sp.seed);
                     for (split, (l, u)) in &sp.counts {
-                        println!("  {:<20} {:>9} {:>10}", format!("{split:?}").to_lowercase(), l, u);
+                        println!(
+                            "  {:<20} {:>9} {:>10}",
+                            format!("{split:?}").to_lowercase(),
+                            l,
+                            u
+                        );
                     }
                 }
             }
@@ -150,18 +178,39 @@ fn summary_json(v: &DatasetVersion) -> serde_json::Value {
 fn print_stats(v: &DatasetVersion) {
     let st = &v.stats;
     println!("{} (sha256 {})", v.reference(), v.digest);
-    println!("imported {} by {} from {}", cloister_host::time::rfc3339(v.created_ms), v.created_by, v.source);
-    println!("records {}   labeled {}   unlabeled {}", st.records, st.labeled, st.unlabeled);
+    println!(
+        "imported {} by {} from {}",
+        cloister_host::time::rfc3339(v.created_ms),
+        v.created_by,
+        v.source
+    );
+    println!(
+        "records {}   labeled {}   unlabeled {}",
+        st.records, st.labeled, st.unlabeled
+    );
     println!("labels:");
     for (label, n) in &st.labels {
-        println!("  {:<30} {:>9} {:>6.1}%", label, n, 100.0 * *n as f64 / st.labeled.max(1) as f64);
+        println!(
+            "  {:<30} {:>9} {:>6.1}%",
+            label,
+            n,
+            100.0 * *n as f64 / st.labeled.max(1) as f64
+        );
     }
     println!("fields:");
     for (name, f) in &st.fields {
-        println!("  {:<30} {:<8} {:>6.1}% present", name, f.kind, 100.0 * f.present as f64 / st.records.max(1) as f64);
+        println!(
+            "  {:<30} {:<8} {:>6.1}% present",
+            name,
+            f.kind,
+            100.0 * f.present as f64 / st.records.max(1) as f64
+        );
     }
     let tl = &st.text_length;
-    println!("text length (characters): min {} mean {:.0} max {}", tl.min, tl.mean, tl.max);
+    println!(
+        "text length (characters): min {} mean {:.0} max {}",
+        tl.min, tl.mean, tl.max
+    );
     let peak = tl.buckets.iter().map(|b| b.1).max().unwrap_or(1).max(1);
     let mut lower = 0;
     for (upper, n) in &tl.buckets {

@@ -98,8 +98,17 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
             let bytes = read_component(&file)?;
             let s = env.session()?;
             let e = s.cloister.add_plugin(&s.user, &bytes)?;
-            println!("added {} {} ({}) sha256:{}", e.name, e.version, e.kind.as_str(), e.digest);
-            println!("not approved yet: a reviewer runs `cloister plugin approve {}`", &e.digest[..16]);
+            println!(
+                "added {} {} ({}) sha256:{}",
+                e.name,
+                e.version,
+                e.kind.as_str(),
+                e.digest
+            );
+            println!(
+                "not approved yet: a reviewer runs `cloister plugin approve {}`",
+                &e.digest[..16]
+            );
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Approve { digest } => {
@@ -121,7 +130,15 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
                         Some(a) => format!("approved by {}", a.by),
                         None => "NOT APPROVED".to_string(),
                     };
-                    println!("{}  {:<20} {:<8} {:<12} added by {:<12} {}", &e.digest[..16], e.name, e.version, e.kind.as_str(), e.added_by, state);
+                    println!(
+                        "{}  {:<20} {:<8} {:<12} added by {:<12} {}",
+                        &e.digest[..16],
+                        e.name,
+                        e.version,
+                        e.kind.as_str(),
+                        e.added_by,
+                        state
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -12,11 +12,23 @@ use cloister_host::users::User;
 #[derive(Debug, Clone, Args)]
 pub struct EnvArgs {
     /// The environment directory.
-    #[arg(long = "env", global = true, env = "CLOISTER_ENV", default_value = ".cloister", value_name = "DIR")]
+    #[arg(
+        long = "env",
+        global = true,
+        env = "CLOISTER_ENV",
+        default_value = ".cloister",
+        value_name = "DIR"
+    )]
     pub env: PathBuf,
     /// Your API token (prefer the CLOISTER_TOKEN variable: command lines
     /// are visible to other local users).
-    #[arg(long, global = true, env = "CLOISTER_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        global = true,
+        env = "CLOISTER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     pub token: Option<String>,
 }
 

@@ -27,7 +27,10 @@ pub struct CsvReader<R: Read> {
 
 impl<R: Read> std::fmt::Debug for CsvReader<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CsvReader").field("file", &self.file).field("line", &self.line).finish_non_exhaustive()
+        f.debug_struct("CsvReader")
+            .field("file", &self.file)
+            .field("line", &self.line)
+            .finish_non_exhaustive()
     }
 }
 
@@ -35,7 +38,10 @@ impl<R: Read> CsvReader<R> {
     /// Reads the header and resolves the schema's columns.
     pub fn new(file: impl Into<PathBuf>, input: R, schema: &Schema) -> Result<Self, RecordError> {
         let file = file.into();
-        let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(input);
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(false)
+            .from_reader(input);
         let err = |field: Option<&str>, problem: String| RecordError::Line {
             file: file.clone(),
             line: 1,
@@ -44,15 +50,27 @@ impl<R: Read> CsvReader<R> {
         };
         let headers: Vec<String> = reader
             .headers()
-            .map_err(|e| err(None, format!("cannot read the header row: {}", csv_problem(&e))))?
+            .map_err(|e| {
+                err(
+                    None,
+                    format!("cannot read the header row: {}", csv_problem(&e)),
+                )
+            })?
             .iter()
             .map(str::to_string)
             .collect();
         let find = |name: &str| headers.iter().position(|h| h == name);
-        let id_col = find(&schema.id_field)
-            .ok_or_else(|| err(Some(&schema.id_field), "no such column in the header (the id column is required)".into()))?;
+        let id_col = find(&schema.id_field).ok_or_else(|| {
+            err(
+                Some(&schema.id_field),
+                "no such column in the header (the id column is required)".into(),
+            )
+        })?;
         let label_col = find(&schema.label_field);
-        for list in [&schema.text_fields, &schema.numeric_fields].into_iter().flatten() {
+        for list in [&schema.text_fields, &schema.numeric_fields]
+            .into_iter()
+            .flatten()
+        {
             for name in list {
                 if find(name).is_none() {
                     return Err(err(Some(name), "no such column in the header".into()));
@@ -65,7 +83,12 @@ impl<R: Read> CsvReader<R> {
                 return Err(err(Some(h), "the header names this column twice".into()));
             }
         }
-        let numeric = |name: &String| schema.numeric_fields.as_ref().is_some_and(|l| l.contains(name));
+        let numeric = |name: &String| {
+            schema
+                .numeric_fields
+                .as_ref()
+                .is_some_and(|l| l.contains(name))
+        };
         let text = |name: &String| schema.text_fields.as_ref().is_none_or(|l| l.contains(name));
         let columns = headers
             .iter()
@@ -81,11 +104,25 @@ impl<R: Read> CsvReader<R> {
                 }
             })
             .collect();
-        Ok(Self { file, reader, headers, id_col, label_col, columns, line: 1, row: csv::StringRecord::new() })
+        Ok(Self {
+            file,
+            reader,
+            headers,
+            id_col,
+            label_col,
+            columns,
+            line: 1,
+            row: csv::StringRecord::new(),
+        })
     }
 
     fn err(&self, field: Option<&str>, problem: impl Into<String>) -> RecordError {
-        RecordError::Line { file: self.file.clone(), line: self.line, field: field.map(str::to_string), problem: problem.into() }
+        RecordError::Line {
+            file: self.file.clone(),
+            line: self.line,
+            field: field.map(str::to_string),
+            problem: problem.into(),
+        }
     }
 
     fn parse(&self) -> Result<DataRecord, RecordError> {
@@ -103,10 +140,18 @@ impl<R: Read> CsvReader<R> {
             Some(l) if l.len() <= 256 && !l.chars().any(char::is_control) => Some(l.to_string()),
             Some(_) => {
                 let name = self.label_col.map(|c| self.headers[c].as_str());
-                return Err(self.err(name, "the label must be a non-empty string of at most 256 bytes"));
+                return Err(self.err(
+                    name,
+                    "the label must be a non-empty string of at most 256 bytes",
+                ));
             }
         };
-        let mut record = DataRecord { id, texts: Vec::new(), numerics: Vec::new(), label };
+        let mut record = DataRecord {
+            id,
+            texts: Vec::new(),
+            numerics: Vec::new(),
+            label,
+        };
         for &(i, numeric) in &self.columns {
             let name = &self.headers[i];
             let value = cell(i);
@@ -120,9 +165,15 @@ impl<R: Read> CsvReader<R> {
                     .ok()
                     .filter(|v: &f64| v.is_finite())
                     .ok_or_else(|| self.err(Some(name), "not a finite number"))?;
-                record.numerics.push(NumericField { name: name.clone(), value: Numeric::Scalar(v) });
+                record.numerics.push(NumericField {
+                    name: name.clone(),
+                    value: Numeric::Scalar(v),
+                });
             } else {
-                record.texts.push(TextField { name: name.clone(), value: value.to_string() });
+                record.texts.push(TextField {
+                    name: name.clone(),
+                    value: value.to_string(),
+                });
             }
         }
         Ok(record)
@@ -132,7 +183,9 @@ impl<R: Read> CsvReader<R> {
 fn csv_problem(e: &csv::Error) -> String {
     match e.kind() {
         csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".into(),
-        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => {
             format!("expected {expected_len} columns like the header, found {len}")
         }
         csv::ErrorKind::Io(io) => io.to_string(),
@@ -181,7 +234,10 @@ mod tests {
 
     #[test]
     fn columns_become_fields_by_name() {
-        let schema = Schema { numeric_fields: Some(vec!["len".into()]), ..Schema::default() };
+        let schema = Schema {
+            numeric_fields: Some(vec!["len".into()]),
+            ..Schema::default()
+        };
         let rs = read("id,text,label,len\n1,hello,spam,3\n2,\"a, b\",,\n", &schema).expect("reads");
         assert_eq!(rs.len(), 2);
         assert_eq!(rs[0].text("text"), Some("hello"));
@@ -194,11 +250,17 @@ mod tests {
 
     #[test]
     fn errors_name_line_and_column() {
-        let schema = Schema { numeric_fields: Some(vec!["len".into()]), ..Schema::default() };
+        let schema = Schema {
+            numeric_fields: Some(vec!["len".into()]),
+            ..Schema::default()
+        };
         let e = read("id,text,len\n1,a,3\n2,b,three\n", &schema).expect_err("bad number");
         assert_eq!(e.to_string(), "in.csv:3: field `len`: not a finite number");
         let e = read("id,text\n1,a\n2,b,c\n", &Schema::default()).expect_err("ragged");
-        assert!(e.to_string().starts_with("in.csv:3: expected 2 columns"), "{e}");
+        assert!(
+            e.to_string().starts_with("in.csv:3: expected 2 columns"),
+            "{e}"
+        );
         let e = read("name,text\n1,a\n", &Schema::default()).expect_err("no id");
         assert!(e.to_string().starts_with("in.csv:1: field `id`"), "{e}");
         let e = read("id,text\n,a\n", &Schema::default()).expect_err("empty id");

@@ -49,7 +49,9 @@ pub enum EnvError {
     #[error("{0} is not a cloister environment (create one with `cloister init`)")]
     NotAnEnvironment(PathBuf),
     /// The environment is of another format version.
-    #[error("{path}: unsupported environment format `{found}` (this build reads `{FORMAT_VERSION}`)")]
+    #[error(
+        "{path}: unsupported environment format `{found}` (this build reads `{FORMAT_VERSION}`)"
+    )]
     Format {
         /// The environment.
         path: PathBuf,
@@ -82,13 +84,18 @@ pub enum EnvError {
 }
 
 fn file_err(file: &str) -> impl FnOnce(std::io::Error) -> EnvError + '_ {
-    move |source| EnvError::File { file: file.to_string(), source }
+    move |source| EnvError::File {
+        file: file.to_string(),
+        source,
+    }
 }
 
 /// `n` random bytes from the system source.
 pub fn random_bytes(n: usize) -> Result<Vec<u8>, EnvError> {
     let mut buf = vec![0u8; n];
-    SystemRandom::new().fill(&mut buf).map_err(|_| EnvError::Random)?;
+    SystemRandom::new()
+        .fill(&mut buf)
+        .map_err(|_| EnvError::Random)?;
     Ok(buf)
 }
 
@@ -114,7 +121,9 @@ fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
 }
 
 fn sync_dir(dir: &Dir, name: &str) -> Result<(), EnvError> {
-    dir.open(name).and_then(|f| f.sync_all()).map_err(file_err(name))
+    dir.open(name)
+        .and_then(|f| f.sync_all())
+        .map_err(file_err(name))
 }
 
 impl Environment {
@@ -164,19 +173,30 @@ impl Environment {
             dir.create_dir_with(d, &private).map_err(file_err(d))?;
         }
         let rng = SystemRandom::new();
-        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| EnvError::Random)?;
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| EnvError::Random)?;
         write_secret(&dir, SIGNING_KEY_FILE, pkcs8.as_ref())?;
         write_secret(&dir, MAC_KEY_FILE, &random_bytes(32)?)?;
         write_secret(&dir, CACHE_KEY_FILE, &random_bytes(32)?)?;
-        dir.write(format!("policies/{SCHEMA_FILE}"), DEFAULT_SCHEMA).map_err(file_err("policies"))?;
-        dir.write("policies/default.cedar", DEFAULT_POLICIES).map_err(file_err("policies"))?;
+        dir.write(format!("policies/{SCHEMA_FILE}"), DEFAULT_SCHEMA)
+            .map_err(file_err("policies"))?;
+        dir.write("policies/default.cedar", DEFAULT_POLICIES)
+            .map_err(file_err("policies"))?;
         for d in ["keys", "policies", "cache"] {
             sync_dir(&dir, d)?;
         }
         let store = SledStorage::open(&staging.join("store"), true)?;
         let mut b = WriteBatch::new();
-        b.put(Space::Meta, FORMAT_KEY.to_vec(), FORMAT_VERSION.as_bytes().to_vec());
-        b.put(Space::Meta, ID_KEY.to_vec(), format!("env-{}", hex::encode(random_bytes(8)?)).into_bytes());
+        b.put(
+            Space::Meta,
+            FORMAT_KEY.to_vec(),
+            FORMAT_VERSION.as_bytes().to_vec(),
+        );
+        b.put(
+            Space::Meta,
+            ID_KEY.to_vec(),
+            format!("env-{}", hex::encode(random_bytes(8)?)).into_bytes(),
+        );
         store.commit(b)?;
         let token = crate::users::bootstrap_admin(&store, admin)?;
         drop(store);
@@ -191,7 +211,9 @@ impl Environment {
         if !dir.exists("store") || !dir.exists("keys") {
             return Err(EnvError::NotAnEnvironment(path.to_path_buf()));
         }
-        let pkcs8 = dir.read(SIGNING_KEY_FILE).map_err(file_err(SIGNING_KEY_FILE))?;
+        let pkcs8 = dir
+            .read(SIGNING_KEY_FILE)
+            .map_err(file_err(SIGNING_KEY_FILE))?;
         let mac = dir.read(MAC_KEY_FILE).map_err(file_err(MAC_KEY_FILE))?;
         let cache_secret = dir.read(CACHE_KEY_FILE).map_err(file_err(CACHE_KEY_FILE))?;
         let keys = Arc::new(AuditKeys::new(&pkcs8, &mac)?);
@@ -204,10 +226,19 @@ impl Environment {
                 found: String::from_utf8_lossy(&format).into_owned(),
             });
         }
-        let id = String::from_utf8_lossy(&store.get(Space::Meta, ID_KEY)?.unwrap_or_default()).into_owned();
+        let id = String::from_utf8_lossy(&store.get(Space::Meta, ID_KEY)?.unwrap_or_default())
+            .into_owned();
         let audit = AuditLog::open(Arc::clone(&store), keys, &id, CHECKPOINT_EVERY)?;
         crate::datasets::recover(store.as_ref())?;
-        Ok(Self { path: path.to_path_buf(), dir, id, store, audit, policy, cache_secret })
+        Ok(Self {
+            path: path.to_path_buf(),
+            dir,
+            id,
+            store,
+            audit,
+            policy,
+            cache_secret,
+        })
     }
 
     /// Loads the schema and every `*.cedar` file of `dir/policies`.
@@ -256,7 +287,9 @@ impl Environment {
 /// directory handle; `label` prefixes file names in errors.
 pub fn load_policy_dir(pdir: &Dir, label: &str) -> Result<PolicyEngine, EnvError> {
     let schema_name = format!("{label}{SCHEMA_FILE}");
-    let schema = pdir.read_to_string(SCHEMA_FILE).map_err(file_err(&schema_name))?;
+    let schema = pdir
+        .read_to_string(SCHEMA_FILE)
+        .map_err(file_err(&schema_name))?;
     let mut files = Vec::new();
     for entry in pdir.entries().map_err(file_err(label))? {
         let entry = entry.map_err(file_err(label))?;

@@ -76,11 +76,19 @@ fn encode(e: &PluginEntry) -> Result<Vec<u8>, RegistryError> {
 }
 
 /// Writes that register an inspected component.
-pub fn add(store: &dyn Storage, inspection: &Inspection, bytes: &[u8], by: &str) -> Result<(WriteBatch, PluginEntry), RegistryError> {
+pub fn add(
+    store: &dyn Storage,
+    inspection: &Inspection,
+    bytes: &[u8],
+    by: &str,
+) -> Result<(WriteBatch, PluginEntry), RegistryError> {
     if let Err(e) = &inspection.verdict {
         return Err(RegistryError::Refused(e.to_string()));
     }
-    let meta = inspection.metadata.as_ref().ok_or_else(|| RegistryError::Refused("no metadata".into()))?;
+    let meta = inspection
+        .metadata
+        .as_ref()
+        .ok_or_else(|| RegistryError::Refused("no metadata".into()))?;
     let digest = inspection.digest.to_hex();
     if store.get(Space::Plugins, digest.as_bytes())?.is_some() {
         return Err(RegistryError::Exists(digest));
@@ -111,7 +119,10 @@ pub fn get(store: &dyn Storage, digest: &str) -> Result<PluginEntry, RegistryErr
         return Err(RegistryError::Unknown(digest.to_string()));
     }
     let mut found = store.scan(Space::Plugins, d.as_bytes());
-    let first = found.next().transpose()?.ok_or_else(|| RegistryError::Unknown(digest.to_string()))?;
+    let first = found
+        .next()
+        .transpose()?
+        .ok_or_else(|| RegistryError::Unknown(digest.to_string()))?;
     if found.next().is_some() {
         return Err(RegistryError::Ambiguous(digest.to_string()));
     }
@@ -124,7 +135,8 @@ pub fn list(store: &dyn Storage) -> Result<Vec<PluginEntry>, RegistryError> {
         .scan(Space::Plugins, b"")
         .map(|item| {
             let (k, v) = item?;
-            serde_json::from_slice(&v).map_err(|_| RegistryError::Damaged(String::from_utf8_lossy(&k).into_owned()))
+            serde_json::from_slice(&v)
+                .map_err(|_| RegistryError::Damaged(String::from_utf8_lossy(&k).into_owned()))
         })
         .collect()
 }
@@ -146,7 +158,10 @@ pub fn approve(entry: &PluginEntry, by: &str) -> Result<WriteBatch, RegistryErro
         return Err(RegistryError::AlreadyApproved(entry.digest.clone()));
     }
     let mut e = entry.clone();
-    e.approval = Some(Approval { by: by.to_string(), time_ms: crate::time::now_ms() });
+    e.approval = Some(Approval {
+        by: by.to_string(),
+        time_ms: crate::time::now_ms(),
+    });
     let mut b = WriteBatch::new();
     b.put(Space::Plugins, e.digest.clone().into_bytes(), encode(&e)?);
     Ok(b)

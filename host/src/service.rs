@@ -14,8 +14,12 @@ use std::sync::{Mutex, OnceLock};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::audit::{AuditEntry, AuditError, AuditFilter, AuditRecord, Checkpoint, Decision, InclusionProof, Verdict};
-use crate::datasets::{self, DatasetError, DatasetVersion, LabelEntry, Provenance, SplitCounts, StoredRecord};
+use crate::audit::{
+    AuditEntry, AuditError, AuditFilter, AuditRecord, Checkpoint, Decision, InclusionProof, Verdict,
+};
+use crate::datasets::{
+    self, DatasetError, DatasetVersion, LabelEntry, Provenance, SplitCounts, StoredRecord,
+};
 use crate::digest::Digest;
 use crate::env::{EnvError, Environment};
 use crate::policy::{Action, Authorization, PolicyError, Principal, Resource};
@@ -111,7 +115,12 @@ fn params_digest(params: &impl Serialize) -> String {
 impl Cloister {
     /// Wraps an open environment; `channel` is "cli" or "console".
     pub fn new(env: Environment, channel: &'static str) -> Self {
-        Self { env, channel, runtime: OnceLock::new(), import_lock: Mutex::new(()) }
+        Self {
+            env,
+            channel,
+            runtime: OnceLock::new(),
+            import_lock: Mutex::new(()),
+        }
     }
 
     /// Opens the environment at `path`.
@@ -159,8 +168,17 @@ impl Cloister {
     }
 
     /// The authorization point: decide, audit, then allow or deny.
-    pub fn guard(&self, who: &Principal, action: Action, resource: &Resource, params: &impl Serialize) -> Result<(), ServiceError> {
-        let decision = self.env.policy().authorize(who, action, resource, self.channel);
+    pub fn guard(
+        &self,
+        who: &Principal,
+        action: Action,
+        resource: &Resource,
+        params: &impl Serialize,
+    ) -> Result<(), ServiceError> {
+        let decision = self
+            .env
+            .policy()
+            .authorize(who, action, resource, self.channel);
         if !decision.errors.is_empty() {
             tracing::warn!(action = action.as_str(), errors = ?decision.errors, "policy evaluation errors (treated as non-matching)");
         }
@@ -168,22 +186,40 @@ impl Cloister {
             actor: who.name.clone(),
             action: action.as_str().to_string(),
             resource: resource.uid_text(),
-            decision: if decision.allowed { Decision::Allow } else { Decision::Deny },
+            decision: if decision.allowed {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            },
             policies: decision.policies,
             params: params_digest(params),
         })?;
         if decision.allowed {
             Ok(())
         } else {
-            Err(ServiceError::Denied { actor: who.name.clone(), action: action.as_str(), resource: resource.uid_text() })
+            Err(ServiceError::Denied {
+                actor: who.name.clone(),
+                action: action.as_str(),
+                resource: resource.uid_text(),
+            })
         }
     }
 
     // ------------------------------------------------------------- users --
 
     /// Adds a user; returns the user and their token (shown once).
-    pub fn add_user(&self, who: &User, name: &str, roles: &[crate::policy::Role]) -> Result<(User, String), ServiceError> {
-        self.guard(&who.principal(), Action::AddUser, &Resource::Environment, &(name, roles))?;
+    pub fn add_user(
+        &self,
+        who: &User,
+        name: &str,
+        roles: &[crate::policy::Role],
+    ) -> Result<(User, String), ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::AddUser,
+            &Resource::Environment,
+            &(name, roles),
+        )?;
         let (batch, user, token) = users::create(self.env.store().as_ref(), name, roles)?;
         self.env.store().commit(batch)?;
         Ok((user, token))
@@ -191,13 +227,23 @@ impl Cloister {
 
     /// Lists users.
     pub fn list_users(&self, who: &User) -> Result<Vec<User>, ServiceError> {
-        self.guard(&who.principal(), Action::ListUsers, &Resource::Environment, &())?;
+        self.guard(
+            &who.principal(),
+            Action::ListUsers,
+            &Resource::Environment,
+            &(),
+        )?;
         Ok(users::list(self.env.store().as_ref())?)
     }
 
     /// Disables a user and revokes their token.
     pub fn disable_user(&self, who: &User, name: &str) -> Result<(), ServiceError> {
-        self.guard(&who.principal(), Action::DisableUser, &Resource::Environment, &name)?;
+        self.guard(
+            &who.principal(),
+            Action::DisableUser,
+            &Resource::Environment,
+            &name,
+        )?;
         let batch = users::disable(self.env.store().as_ref(), name)?;
         self.env.store().commit(batch)?;
         Ok(())
@@ -206,25 +252,67 @@ impl Cloister {
     // ---------------------------------------------------------- datasets --
 
     /// Imports a file as the next version of dataset `name`.
-    pub fn import_dataset(&self, who: &User, name: &str, file: &Path, options: &ImportOptions) -> Result<DatasetVersion, ServiceError> {
+    pub fn import_dataset(
+        &self,
+        who: &User,
+        name: &str,
+        file: &Path,
+        options: &ImportOptions,
+    ) -> Result<DatasetVersion, ServiceError> {
         datasets::check_name(name)?;
-        let params = (name, file.file_name().map(|f| f.to_string_lossy().into_owned()), options, &options.schema.id_field, &options.schema.label_field);
-        self.guard(&who.principal(), Action::ImportDataset, &Resource::Dataset { name: name.into() }, &params)?;
-        let mut source = datasets::open_source(file, options.format.as_deref(), options.schema.clone())?;
-        let _one_at_a_time = self.import_lock.lock().map_err(|_| ServiceError::BadRequest("an earlier import panicked".into()))?;
-        Ok(datasets::import(self.env.store().as_ref(), name, source.as_mut(), &options.schema.id_field, &who.name)?)
+        let params = (
+            name,
+            file.file_name().map(|f| f.to_string_lossy().into_owned()),
+            options,
+            &options.schema.id_field,
+            &options.schema.label_field,
+        );
+        self.guard(
+            &who.principal(),
+            Action::ImportDataset,
+            &Resource::Dataset { name: name.into() },
+            &params,
+        )?;
+        let mut source =
+            datasets::open_source(file, options.format.as_deref(), options.schema.clone())?;
+        let _one_at_a_time = self
+            .import_lock
+            .lock()
+            .map_err(|_| ServiceError::BadRequest("an earlier import panicked".into()))?;
+        Ok(datasets::import(
+            self.env.store().as_ref(),
+            name,
+            source.as_mut(),
+            &options.schema.id_field,
+            &who.name,
+        )?)
     }
 
     /// Lists every version of every dataset.
     pub fn list_datasets(&self, who: &User) -> Result<Vec<DatasetVersion>, ServiceError> {
-        self.guard(&who.principal(), Action::ListDatasets, &Resource::Environment, &())?;
+        self.guard(
+            &who.principal(),
+            Action::ListDatasets,
+            &Resource::Environment,
+            &(),
+        )?;
         Ok(datasets::list(self.env.store().as_ref())?)
     }
 
     /// Statistics of `NAME[@VERSION]`; with a seed, also split counts.
-    pub fn dataset_stats(&self, who: &User, reference: &str, seed: Option<u64>) -> Result<(DatasetVersion, Option<SplitCounts>), ServiceError> {
+    pub fn dataset_stats(
+        &self,
+        who: &User,
+        reference: &str,
+        seed: Option<u64>,
+    ) -> Result<(DatasetVersion, Option<SplitCounts>), ServiceError> {
         let name = reference.split('@').next().unwrap_or(reference);
-        self.guard(&who.principal(), Action::ViewStats, &Resource::Dataset { name: name.into() }, &(reference, seed))?;
+        self.guard(
+            &who.principal(),
+            Action::ViewStats,
+            &Resource::Dataset { name: name.into() },
+            &(reference, seed),
+        )?;
         let v = datasets::resolve(self.env.store().as_ref(), reference)?;
         let splits = match seed {
             Some(s) => Some(datasets::split_counts(self.env.store().as_ref(), &v, s)?),
@@ -237,31 +325,78 @@ impl Cloister {
     /// removed, there is still no code that writes rows out.
     pub fn export_dataset(&self, who: &User, reference: &str) -> Result<(), ServiceError> {
         let name = reference.split('@').next().unwrap_or(reference);
-        self.guard(&who.principal(), Action::ExportDataset, &Resource::Dataset { name: name.into() }, &reference)?;
-        Err(ServiceError::NoSuchOperation("datasets cannot be exported: raw data never leaves the environment"))
+        self.guard(
+            &who.principal(),
+            Action::ExportDataset,
+            &Resource::Dataset { name: name.into() },
+            &reference,
+        )?;
+        Err(ServiceError::NoSuchOperation(
+            "datasets cannot be exported: raw data never leaves the environment",
+        ))
     }
 
-    fn record_resource(&self, reference: &str, id: &str) -> Result<(DatasetVersion, Resource), ServiceError> {
+    fn record_resource(
+        &self,
+        reference: &str,
+        id: &str,
+    ) -> Result<(DatasetVersion, Resource), ServiceError> {
         let v = datasets::resolve(self.env.store().as_ref(), reference)?;
         let assignee = datasets::assignee(self.env.store().as_ref(), &v, id)?;
-        Ok((v.clone(), Resource::Record { dataset: v.name.clone(), id: id.to_string(), assignee }))
+        Ok((
+            v.clone(),
+            Resource::Record {
+                dataset: v.name.clone(),
+                id: id.to_string(),
+                assignee,
+            },
+        ))
     }
 
     /// Shows one record: only to the labeler it is assigned to.
-    pub fn view_record(&self, who: &User, reference: &str, id: &str) -> Result<StoredRecord, ServiceError> {
+    pub fn view_record(
+        &self,
+        who: &User,
+        reference: &str,
+        id: &str,
+    ) -> Result<StoredRecord, ServiceError> {
         let (v, resource) = self.record_resource(reference, id)?;
-        self.guard(&who.principal(), Action::ViewRecord, &resource, &(reference, id))?;
+        self.guard(
+            &who.principal(),
+            Action::ViewRecord,
+            &resource,
+            &(reference, id),
+        )?;
         Ok(datasets::get_record(self.env.store().as_ref(), &v, id)?)
     }
 
     /// Stores a human label for an assigned record.
-    pub fn label_record(&self, who: &User, reference: &str, id: &str, label: &str) -> Result<(), ServiceError> {
+    pub fn label_record(
+        &self,
+        who: &User,
+        reference: &str,
+        id: &str,
+        label: &str,
+    ) -> Result<(), ServiceError> {
         if label.is_empty() || label.len() > 256 || label.chars().any(char::is_control) {
-            return Err(ServiceError::BadRequest("a label is 1 to 256 bytes without control characters".into()));
+            return Err(ServiceError::BadRequest(
+                "a label is 1 to 256 bytes without control characters".into(),
+            ));
         }
         let (v, resource) = self.record_resource(reference, id)?;
-        self.guard(&who.principal(), Action::LabelRecord, &resource, &(reference, id, Digest::of(label.as_bytes()).to_hex()))?;
-        let entry = LabelEntry { label: label.into(), provenance: Provenance::Human { user: who.name.clone() }, time_ms: crate::time::now_ms() };
+        self.guard(
+            &who.principal(),
+            Action::LabelRecord,
+            &resource,
+            &(reference, id, Digest::of(label.as_bytes()).to_hex()),
+        )?;
+        let entry = LabelEntry {
+            label: label.into(),
+            provenance: Provenance::Human {
+                user: who.name.clone(),
+            },
+            time_ms: crate::time::now_ms(),
+        };
         let batch = datasets::set_label(self.env.store().as_ref(), &v, id, &entry)?;
         self.env.store().commit(batch)?;
         Ok(())
@@ -275,29 +410,54 @@ impl Cloister {
         if let Some(r) = self.runtime.get() {
             return Ok(r);
         }
-        let dir = self.env.dir().open_dir("cache").map_err(|source| EnvError::File { file: "cache".into(), source })?;
-        let rt = Runtime::new(RuntimeConfig { cache: ArtifactCache::on_disk(dir, self.env.cache_secret()), ..RuntimeConfig::default() })?;
+        let dir = self
+            .env
+            .dir()
+            .open_dir("cache")
+            .map_err(|source| EnvError::File {
+                file: "cache".into(),
+                source,
+            })?;
+        let rt = Runtime::new(RuntimeConfig {
+            cache: ArtifactCache::on_disk(dir, self.env.cache_secret()),
+            ..RuntimeConfig::default()
+        })?;
         Ok(self.runtime.get_or_init(|| rt))
     }
 
     /// Inspects and registers a component (unapproved).
     pub fn add_plugin(&self, who: &User, bytes: &[u8]) -> Result<PluginEntry, ServiceError> {
         let digest = Digest::of(bytes).to_hex();
-        self.guard(&who.principal(), Action::AddPlugin, &Resource::Environment, &digest)?;
+        self.guard(
+            &who.principal(),
+            Action::AddPlugin,
+            &Resource::Environment,
+            &digest,
+        )?;
         let inspection = self.runtime()?.inspect(bytes);
-        let (batch, entry) = registry::add(self.env.store().as_ref(), &inspection, bytes, &who.name)?;
+        let (batch, entry) =
+            registry::add(self.env.store().as_ref(), &inspection, bytes, &who.name)?;
         self.env.store().commit(batch)?;
         Ok(entry)
     }
 
     fn plugin_resource(entry: &PluginEntry) -> Resource {
-        Resource::Plugin { digest: entry.digest.clone(), approved: entry.approval.is_some(), added_by: entry.added_by.clone() }
+        Resource::Plugin {
+            digest: entry.digest.clone(),
+            approved: entry.approval.is_some(),
+            added_by: entry.added_by.clone(),
+        }
     }
 
     /// Approves a plugin digest (a reviewer who did not add it).
     pub fn approve_plugin(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
         let entry = registry::get(self.env.store().as_ref(), digest)?;
-        self.guard(&who.principal(), Action::ApprovePlugin, &Self::plugin_resource(&entry), &entry.digest)?;
+        self.guard(
+            &who.principal(),
+            Action::ApprovePlugin,
+            &Self::plugin_resource(&entry),
+            &entry.digest,
+        )?;
         let batch = registry::approve(&entry, &who.name)?;
         self.env.store().commit(batch)?;
         Ok(registry::get(self.env.store().as_ref(), &entry.digest)?)
@@ -305,14 +465,28 @@ impl Cloister {
 
     /// Lists registered plugins.
     pub fn list_plugins(&self, who: &User) -> Result<Vec<PluginEntry>, ServiceError> {
-        self.guard(&who.principal(), Action::ListPlugins, &Resource::Environment, &())?;
+        self.guard(
+            &who.principal(),
+            Action::ListPlugins,
+            &Resource::Environment,
+            &(),
+        )?;
         Ok(registry::list(self.env.store().as_ref())?)
     }
 
     /// Authorizes running a plugin and returns its verified bytes.
-    pub fn plugin_for_run(&self, who: &User, digest: &str) -> Result<(PluginEntry, Vec<u8>), ServiceError> {
+    pub fn plugin_for_run(
+        &self,
+        who: &User,
+        digest: &str,
+    ) -> Result<(PluginEntry, Vec<u8>), ServiceError> {
         let entry = registry::get(self.env.store().as_ref(), digest)?;
-        self.guard(&who.principal(), Action::RunPlugin, &Self::plugin_resource(&entry), &entry.digest)?;
+        self.guard(
+            &who.principal(),
+            Action::RunPlugin,
+            &Self::plugin_resource(&entry),
+            &entry.digest,
+        )?;
         let bytes = registry::bytes(self.env.store().as_ref(), &entry)?;
         Ok((entry, bytes))
     }
@@ -320,29 +494,64 @@ impl Cloister {
     // ------------------------------------------------------------- audit --
 
     /// Reads audit entries.
-    pub fn audit_log(&self, who: &User, filter: &AuditFilter) -> Result<Vec<AuditEntry>, ServiceError> {
-        let params = (&filter.actor, &filter.action, filter.since_ms, filter.decision, filter.from_seq, filter.limit);
-        self.guard(&who.principal(), Action::ReadAudit, &Resource::AuditLog, &params)?;
+    pub fn audit_log(
+        &self,
+        who: &User,
+        filter: &AuditFilter,
+    ) -> Result<Vec<AuditEntry>, ServiceError> {
+        let params = (
+            &filter.actor,
+            &filter.action,
+            filter.since_ms,
+            filter.decision,
+            filter.from_seq,
+            filter.limit,
+        );
+        self.guard(
+            &who.principal(),
+            Action::ReadAudit,
+            &Resource::AuditLog,
+            &params,
+        )?;
         Ok(self.env.audit().query(filter)?)
     }
 
     /// Verifies the audit log (the verification request is itself logged
     /// first, and is covered by the verification).
-    pub fn audit_verify(&self, who: &User, checkpoint: Option<&Checkpoint>) -> Result<Verdict, ServiceError> {
+    pub fn audit_verify(
+        &self,
+        who: &User,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<Verdict, ServiceError> {
         let params = checkpoint.map(|c| (c.size, hex::encode(c.root)));
-        self.guard(&who.principal(), Action::VerifyAudit, &Resource::AuditLog, &params)?;
+        self.guard(
+            &who.principal(),
+            Action::VerifyAudit,
+            &Resource::AuditLog,
+            &params,
+        )?;
         Ok(self.env.audit().verify(checkpoint)?)
     }
 
     /// Signs a checkpoint of the log (covering this request's own entry).
     pub fn audit_checkpoint(&self, who: &User) -> Result<Checkpoint, ServiceError> {
-        self.guard(&who.principal(), Action::CheckpointAudit, &Resource::AuditLog, &())?;
+        self.guard(
+            &who.principal(),
+            Action::CheckpointAudit,
+            &Resource::AuditLog,
+            &(),
+        )?;
         Ok(self.env.audit().checkpoint()?)
     }
 
     /// An inclusion proof for entry `seq`.
     pub fn audit_prove(&self, who: &User, seq: u64) -> Result<InclusionProof, ServiceError> {
-        self.guard(&who.principal(), Action::ReadAudit, &Resource::AuditLog, &seq)?;
+        self.guard(
+            &who.principal(),
+            Action::ReadAudit,
+            &Resource::AuditLog,
+            &seq,
+        )?;
         Ok(self.env.audit().prove(seq)?)
     }
 
@@ -350,30 +559,73 @@ impl Cloister {
 
     /// Validates the environment's policy directory as it is on disk now.
     pub fn policy_check(&self, who: &User) -> Result<usize, ServiceError> {
-        self.guard(&who.principal(), Action::CheckPolicy, &Resource::Environment, &())?;
-        let pdir = self.env.dir().open_dir("policies").map_err(|source| EnvError::File { file: "policies".into(), source })?;
+        self.guard(
+            &who.principal(),
+            Action::CheckPolicy,
+            &Resource::Environment,
+            &(),
+        )?;
+        let pdir = self
+            .env
+            .dir()
+            .open_dir("policies")
+            .map_err(|source| EnvError::File {
+                file: "policies".into(),
+                source,
+            })?;
         Ok(crate::env::load_policy_dir(&pdir, "policies/")?.len())
     }
 
     /// Explains how the active policies decide `action` on `resource` for
     /// user `as_user`. Resource syntax: `env`, `audit`, `dataset:NAME`,
     /// `record:DATASET/ID`, `plugin:DIGEST`, `model:ID`.
-    pub fn policy_explain(&self, who: &User, as_user: &str, action: &str, resource: &str) -> Result<Explanation, ServiceError> {
+    pub fn policy_explain(
+        &self,
+        who: &User,
+        as_user: &str,
+        action: &str,
+        resource: &str,
+    ) -> Result<Explanation, ServiceError> {
         let action: Action = action.parse().map_err(ServiceError::BadRequest)?;
-        self.guard(&who.principal(), Action::ExplainPolicy, &Resource::Environment, &(as_user, action.as_str(), resource))?;
+        self.guard(
+            &who.principal(),
+            Action::ExplainPolicy,
+            &Resource::Environment,
+            &(as_user, action.as_str(), resource),
+        )?;
         let subject = users::get(self.env.store().as_ref(), as_user)?;
         let resource = self.parse_resource(resource)?;
-        let authorization = self.env.policy().authorize(&subject.principal(), action, &resource, self.channel);
+        let authorization =
+            self.env
+                .policy()
+                .authorize(&subject.principal(), action, &resource, self.channel);
         let policies = authorization
             .policies
             .iter()
-            .map(|id| (id.clone(), self.env.policy().policy_text(id).unwrap_or_default().to_string()))
+            .map(|id| {
+                (
+                    id.clone(),
+                    self.env
+                        .policy()
+                        .policy_text(id)
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
             .collect();
-        Ok(Explanation { authorization, policies, resource })
+        Ok(Explanation {
+            authorization,
+            policies,
+            resource,
+        })
     }
 
     fn parse_resource(&self, text: &str) -> Result<Resource, ServiceError> {
-        let bad = || ServiceError::BadRequest(format!("`{text}` is not a resource (use env, audit, dataset:NAME, record:DATASET/ID, plugin:DIGEST or model:ID)"));
+        let bad = || {
+            ServiceError::BadRequest(format!(
+                "`{text}` is not a resource (use env, audit, dataset:NAME, record:DATASET/ID, plugin:DIGEST or model:ID)"
+            ))
+        };
         let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
         let store = self.env.store().as_ref();
         Ok(match (kind, rest) {
@@ -386,7 +638,12 @@ impl Cloister {
                 res
             }
             ("plugin", d) => Self::plugin_resource(&registry::get(store, d)?),
-            ("model", id) if !id.is_empty() => Resource::Model { id: id.into(), release_requested: false, release_approved: false, requested_by: None },
+            ("model", id) if !id.is_empty() => Resource::Model {
+                id: id.into(),
+                release_requested: false,
+                release_approved: false,
+                requested_by: None,
+            },
             _ => return Err(bad()),
         })
     }

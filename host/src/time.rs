@@ -55,9 +55,7 @@ pub fn rfc3339(ms: u64) -> String {
 /// Parses `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SS[.fff]Z` (UTC only) into
 /// milliseconds since the epoch.
 pub fn parse_rfc3339(text: &str) -> Result<u64, String> {
-    let bad = || {
-        format!("`{text}` is not a UTC time (use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ)")
-    };
+    let bad = || format!("`{text}` is not a UTC time (use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ)");
     let (date, rest) = match text.split_once('T') {
         Some((d, r)) => (d, Some(r)),
         None => (text, None),
@@ -124,7 +122,15 @@ mod tests {
 
     #[test]
     fn nonsense_is_refused() {
-        for bad in ["", "2026-13-01", "2026-02-30", "2026-11-27T25:00:00Z", "2026-11-27T10:00:00", "yesterday", "2026-11-27T10:00:00.Z"] {
+        for bad in [
+            "",
+            "2026-13-01",
+            "2026-02-30",
+            "2026-11-27T25:00:00Z",
+            "2026-11-27T10:00:00",
+            "yesterday",
+            "2026-11-27T10:00:00.Z",
+        ] {
             assert!(parse_rfc3339(bad).is_err(), "{bad}");
         }
     }

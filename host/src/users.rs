@@ -61,7 +61,11 @@ pub struct User {
 impl User {
     /// The principal this user acts as.
     pub fn principal(&self) -> Principal {
-        Principal { name: self.name.clone(), roles: self.roles.clone(), disabled: self.disabled }
+        Principal {
+            name: self.name.clone(),
+            roles: self.roles.clone(),
+            disabled: self.disabled,
+        }
     }
 }
 
@@ -69,21 +73,32 @@ impl User {
 pub fn check_name(name: &str) -> Result<(), UserError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
         && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok { Ok(()) } else { Err(UserError::BadName(name.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(UserError::BadName(name.to_string()))
+    }
 }
 
 fn new_token() -> Result<(String, String), UserError> {
     let mut raw = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| UserError::Random)?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| UserError::Random)?;
     let token = format!("{TOKEN_PREFIX}{}", hex::encode(raw));
     let hash = Digest::of(token.as_bytes()).to_hex();
     Ok((token, hash))
 }
 
 /// Writes for a new user; returns them with the token.
-pub(crate) fn create(store: &dyn Storage, name: &str, roles: &[Role]) -> Result<(WriteBatch, User, String), UserError> {
+pub(crate) fn create(
+    store: &dyn Storage,
+    name: &str,
+    roles: &[Role],
+) -> Result<(WriteBatch, User, String), UserError> {
     check_name(name)?;
     if roles.is_empty() {
         return Err(UserError::NoRoles);
@@ -122,7 +137,9 @@ pub(crate) fn bootstrap_admin(store: &dyn Storage, name: &str) -> Result<String,
 
 /// Reads a user.
 pub fn get(store: &dyn Storage, name: &str) -> Result<User, UserError> {
-    let bytes = store.get(Space::Users, name.as_bytes())?.ok_or_else(|| UserError::Unknown(name.to_string()))?;
+    let bytes = store
+        .get(Space::Users, name.as_bytes())?
+        .ok_or_else(|| UserError::Unknown(name.to_string()))?;
     serde_json::from_slice(&bytes).map_err(|_| UserError::Damaged(name.to_string()))
 }
 
@@ -131,7 +148,10 @@ pub fn list(store: &dyn Storage) -> Result<Vec<User>, UserError> {
     let mut out = Vec::new();
     for item in store.scan(Space::Users, b"") {
         let (k, v) = item?;
-        out.push(serde_json::from_slice(&v).map_err(|_| UserError::Damaged(String::from_utf8_lossy(&k).into_owned()))?);
+        out.push(
+            serde_json::from_slice(&v)
+                .map_err(|_| UserError::Damaged(String::from_utf8_lossy(&k).into_owned()))?,
+        );
     }
     Ok(out)
 }
@@ -153,7 +173,9 @@ pub fn authenticate(store: &dyn Storage, token: &str) -> Result<User, UserError>
         return Err(UserError::BadToken);
     }
     let hash = Digest::of(token.as_bytes()).to_hex();
-    let name = store.get(Space::Tokens, hash.as_bytes())?.ok_or(UserError::BadToken)?;
+    let name = store
+        .get(Space::Tokens, hash.as_bytes())?
+        .ok_or(UserError::BadToken)?;
     let user = get(store, &String::from_utf8_lossy(&name)).map_err(|_| UserError::BadToken)?;
     if user.disabled || user.token_sha256 != hash {
         return Err(UserError::BadToken);

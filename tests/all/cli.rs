@@ -337,3 +337,169 @@ fn the_plugin_tutorial_builds_and_prints_what_the_docs_say() {
     assert!(o.status.success());
     assert!(stdout(&o).contains("verdict:     loadable"));
 }
+
+// ------------------------------------------------------ environments --
+
+struct EnvCli {
+    dir: tempfile::TempDir,
+}
+
+impl EnvCli {
+    fn env(&self) -> String {
+        self.dir.path().join("env").display().to_string()
+    }
+
+    fn run(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_cloister"))
+            .args(args)
+            .env("CLOISTER_ENV", self.env())
+            .env("CLOISTER_TOKEN", token)
+            .output()
+            .expect("run cloister")
+    }
+}
+
+fn token_in(o: &Output) -> String {
+    let out = stdout(o);
+    out.split_whitespace()
+        .find(|w| w.starts_with("clt_"))
+        .unwrap_or_else(|| panic!("no token in {out}"))
+        .to_string()
+}
+
+#[test]
+fn an_environment_from_init_to_a_denied_export_and_a_verified_audit_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let e = EnvCli {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let o = cloister(&["init", &e.env()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let root = token_in(&o);
+    for (path, mode) in [
+        ("", 0o700),
+        ("keys", 0o700),
+        ("keys/audit-signing.pk8", 0o600),
+        ("keys/audit-mac.key", 0o600),
+        ("keys/cache.key", 0o600),
+    ] {
+        let meta = std::fs::metadata(Path::new(&e.env()).join(path)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{path}");
+    }
+    assert_eq!(
+        cloister(&["init", &e.env()]).status.code(),
+        Some(1),
+        "init never reuses a directory"
+    );
+
+    let sci = token_in(&e.run(&root, &["user", "add", "sci", "--role", "scientist"]));
+    let aud = token_in(&e.run(&root, &["user", "add", "aud", "--role", "auditor"]));
+    let o = e.run(&root, &["user", "add", "x", "--role", "wizard"]);
+    assert_eq!(o.status.code(), Some(2), "clap rejects unknown roles");
+
+    let data = e.dir.path().join("mails.jsonl");
+    std::fs::write(&data, "{\"id\": \"a\", \"text\": \"secret words\", \"label\": \"spam\"}\n{\"id\": \"b\", \"text\": \"more secret words\"}\n").unwrap();
+    let o = e.run(
+        &sci,
+        &["dataset", "import", "mails", data.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("imported 2 records as mails@1"),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = e.run(&sci, &["dataset", "stats", "mails", "--seed", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("records 2   labeled 1   unlabeled 1"), "{out}");
+    assert!(!out.contains("secret"), "statistics print no texts: {out}");
+
+    let o = e.run(&sci, &["dataset", "export", "mails"]);
+    assert_eq!(o.status.code(), Some(3), "denied exits 3");
+    assert!(stderr(&o).contains("denied"), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("secret"));
+    let o = e.run(&root, &["dataset", "export", "mails"]);
+    assert_eq!(o.status.code(), Some(3), "admins too");
+
+    let o = e.run(
+        &aud,
+        &[
+            "policy",
+            "explain",
+            "--as",
+            "admin",
+            "export_dataset",
+            "dataset:mails",
+        ],
+    );
+    let out = stdout(&o);
+    assert!(out.starts_with("decision: DENY"), "{out} {}", stderr(&o));
+    assert!(out.contains("no-dataset-export"), "{out}");
+
+    let o = e.run(
+        &aud,
+        &[
+            "audit",
+            "log",
+            "--action",
+            "export_dataset",
+            "--decision",
+            "deny",
+        ],
+    );
+    assert_eq!(stdout(&o).lines().count(), 2, "{}", stdout(&o));
+    let o = e.run(&sci, &["audit", "log"]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "scientists do not read the audit log"
+    );
+
+    let o = e.run(&aud, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with("audit log OK"), "{}", stdout(&o));
+    let cp = e.dir.path().join("cp.txt");
+    let o = e.run(
+        &aud,
+        &["audit", "checkpoint", "--out", cp.to_str().unwrap()],
+    );
+    assert!(o.status.success());
+    let o = e.run(
+        &aud,
+        &["audit", "verify", "--checkpoint", cp.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stdout(&o));
+    let proof = e.dir.path().join("proof.json");
+    let o = e.run(&aud, &["audit", "prove", "2"]);
+    std::fs::write(&proof, &o.stdout).unwrap();
+    let o = e.run(
+        &aud,
+        &["audit", "verify", "--proof", proof.to_str().unwrap()],
+    );
+    assert!(
+        stdout(&o).starts_with("proof OK: entry 2"),
+        "{}",
+        stdout(&o)
+    );
+    let forged = std::fs::read_to_string(&proof)
+        .unwrap()
+        .replacen("add_user", "add_usex", 1);
+    std::fs::write(&proof, forged).unwrap();
+    let o = e.run(
+        &aud,
+        &["audit", "verify", "--proof", proof.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", stdout(&o));
+
+    let o = e.run("clt_wrong", &["dataset", "list"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("authentication failed"));
+    let o = Command::new(env!("CARGO_BIN_EXE_cloister"))
+        .args(["dataset", "list", "--env", &e.env()])
+        .env_remove("CLOISTER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(stderr(&o).contains("no token"), "{}", stderr(&o));
+}

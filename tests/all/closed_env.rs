@@ -40,7 +40,17 @@ pub fn env() -> Env {
     let rev = add("rev", Role::Reviewer);
     let appr = add("appr", Role::Approver);
     let aud = add("aud", Role::Auditor);
-    Env { dir, c, admin, sci, lab, lab2, rev, appr, aud }
+    Env {
+        dir,
+        c,
+        admin,
+        sci,
+        lab,
+        lab2,
+        rev,
+        appr,
+        aud,
+    }
 }
 
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -79,29 +89,69 @@ fn an_import_with_a_bad_line_names_it_and_leaves_nothing_behind() {
     let mut text = jsonl(20_000);
     text.push_str("{\"id\": \"bad\", \"text\": \"x\", \"label\": 7}\n");
     let f = write(e.dir.path(), "bad.jsonl", &text);
-    let err = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap_err().to_string();
+    let err =
+        e.c.import_dataset(&e.sci, "ds", &f, &opts())
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("bad.jsonl:20001: field `label`"), "{err}");
 
     let dup = format!("{}{}", jsonl(10), "{\"id\": \"r3\", \"text\": \"again\"}\n");
     let f = write(e.dir.path(), "dup.jsonl", &dup);
-    let err = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap_err().to_string();
-    assert!(err.contains("dup.jsonl:11: field `id`: duplicate id \"r3\""), "{err}");
+    let err =
+        e.c.import_dataset(&e.sci, "ds", &f, &opts())
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("dup.jsonl:11: field `id`: duplicate id \"r3\""),
+        "{err}"
+    );
 
-    let f = write(e.dir.path(), "broken.jsonl", "{\"id\": \"a\", \"text\": \"x\"}\n{\"id\": \"b\", \"text\"\n");
-    let err = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap_err().to_string();
+    let f = write(
+        e.dir.path(),
+        "broken.jsonl",
+        "{\"id\": \"a\", \"text\": \"x\"}\n{\"id\": \"b\", \"text\"\n",
+    );
+    let err =
+        e.c.import_dataset(&e.sci, "ds", &f, &opts())
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("broken.jsonl:2: invalid JSON"), "{err}");
 
-    let f = write(e.dir.path(), "noid.jsonl", "{\"id\": \"a\", \"text\": \"x\"}\n{\"text\": \"y\"}\n");
-    let err = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap_err().to_string();
+    let f = write(
+        e.dir.path(),
+        "noid.jsonl",
+        "{\"id\": \"a\", \"text\": \"x\"}\n{\"text\": \"y\"}\n",
+    );
+    let err =
+        e.c.import_dataset(&e.sci, "ds", &f, &opts())
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("noid.jsonl:2: field `id`: missing"), "{err}");
 
     let f = write(e.dir.path(), "bad.csv", "id,text,len\n1,a,2\n2,b,two\n");
-    let o = ImportOptions { schema: Schema { numeric_fields: Some(vec!["len".into()]), ..Schema::default() }, ..opts() };
-    let err = e.c.import_dataset(&e.sci, "ds", &f, &o).unwrap_err().to_string();
-    assert_eq!(err, format!("{}:3: field `len`: not a finite number", f.display()));
+    let o = ImportOptions {
+        schema: Schema {
+            numeric_fields: Some(vec!["len".into()]),
+            ..Schema::default()
+        },
+        ..opts()
+    };
+    let err =
+        e.c.import_dataset(&e.sci, "ds", &f, &o)
+            .unwrap_err()
+            .to_string();
+    assert_eq!(
+        err,
+        format!("{}:3: field `len`: not a finite number", f.display())
+    );
 
     assert!(e.c.list_datasets(&e.sci).unwrap().is_empty());
-    for space in [Space::Records, Space::Labels, Space::Imports, Space::Datasets] {
+    for space in [
+        Space::Records,
+        Space::Labels,
+        Space::Imports,
+        Space::Datasets,
+    ] {
         assert_eq!(space_len(&e.c, space), 0, "{space:?} holds leftovers");
     }
 }
@@ -130,11 +180,16 @@ fn versions_are_content_addressed_and_stats_are_aggregates_only() {
     let (again, _) = e.c.dataset_stats(&e.sci, "ds@1", None).unwrap();
     assert_eq!(again, v1);
     let shown = serde_json::to_string(&again).unwrap();
-    assert!(!shown.contains("record number"), "statistics must not carry texts");
+    assert!(
+        !shown.contains("record number"),
+        "statistics must not carry texts"
+    );
 
     // CSV with the same fields.
     let csv: String = std::iter::once("id,text,label\n".to_string())
-        .chain((0..50).map(|i| format!("{i},\"text, {i}\",{}\n", if i % 2 == 0 { "a" } else { "" })))
+        .chain(
+            (0..50).map(|i| format!("{i},\"text, {i}\",{}\n", if i % 2 == 0 { "a" } else { "" })),
+        )
         .collect();
     let f = write(e.dir.path(), "c.csv", &csv);
     let v = e.c.import_dataset(&e.sci, "csvset", &f, &opts()).unwrap();
@@ -150,11 +205,16 @@ fn splits_are_deterministic_by_seed_and_keep_duplicates_together() {
     let v = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap();
     let store = e.c.env().store().as_ref();
     let split = |seed| -> Vec<_> {
-        datasets::records(store, &v).map(|r| r.map(|r| datasets::split_of(&r.record, seed))).collect::<Result<_, _>>().unwrap()
+        datasets::records(store, &v)
+            .map(|r| r.map(|r| datasets::split_of(&r.record, seed)))
+            .collect::<Result<_, _>>()
+            .unwrap()
     };
     assert_eq!(split(1), split(1));
     assert_ne!(split(1), split(2));
-    let by_id = |id: &str, seed| datasets::split_of(&datasets::get_record(store, &v, id).unwrap().record, seed);
+    let by_id = |id: &str, seed| {
+        datasets::split_of(&datasets::get_record(store, &v, id).unwrap().record, seed)
+    };
     for seed in 0..20 {
         assert_eq!(by_id("twin", seed), by_id("r5", seed));
     }
@@ -170,7 +230,9 @@ fn records_are_shown_only_to_their_assigned_labeler_and_labels_keep_provenance()
     let f = write(e.dir.path(), "a.jsonl", &jsonl(30));
     let v = e.c.import_dataset(&e.sci, "ds", &f, &opts()).unwrap();
     let store = e.c.env().store();
-    store.commit(datasets::assign(store.as_ref(), &v, "r0", "lab").unwrap()).unwrap();
+    store
+        .commit(datasets::assign(store.as_ref(), &v, "r0", "lab").unwrap())
+        .unwrap();
 
     let seen = e.c.view_record(&e.lab, "ds", "r0").unwrap();
     assert_eq!(seen.record.text("text"), Some("record number 0"));
@@ -183,14 +245,37 @@ fn records_are_shown_only_to_their_assigned_labeler_and_labels_keep_provenance()
     denied(e.c.label_record(&e.lab2, "ds", "r0", "c0"));
     let r = datasets::get_record(store.as_ref(), &v, "r0").unwrap();
     assert_eq!(r.labels.len(), 1);
-    assert_eq!(r.labels[0].provenance, Provenance::Human { user: "lab".into() });
+    assert_eq!(
+        r.labels[0].provenance,
+        Provenance::Human { user: "lab".into() }
+    );
     let gold = datasets::get_record(store.as_ref(), &v, "r1").unwrap();
     assert_eq!(gold.labels[0].provenance, Provenance::Gold);
 
     // Every view is audited.
-    let views = e.c.audit_log(&e.aud, &AuditFilter { action: Some("view_record".into()), ..Default::default() }).unwrap();
-    assert_eq!(views.iter().filter(|v| v.decision == Decision::Allow).count(), 1);
-    assert_eq!(views.iter().filter(|v| v.decision == Decision::Deny).count(), 6);
+    let views =
+        e.c.audit_log(
+            &e.aud,
+            &AuditFilter {
+                action: Some("view_record".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        views
+            .iter()
+            .filter(|v| v.decision == Decision::Allow)
+            .count(),
+        1
+    );
+    assert_eq!(
+        views
+            .iter()
+            .filter(|v| v.decision == Decision::Deny)
+            .count(),
+        6
+    );
 }
 
 #[test]
@@ -201,9 +286,21 @@ fn export_is_denied_for_everyone_and_every_attempt_is_audited() {
     for who in [&e.admin, &e.sci, &e.lab, &e.rev, &e.appr, &e.aud] {
         denied(e.c.export_dataset(who, "ds"));
     }
-    let attempts = e.c.audit_log(&e.aud, &AuditFilter { action: Some("export_dataset".into()), ..Default::default() }).unwrap();
+    let attempts =
+        e.c.audit_log(
+            &e.aud,
+            &AuditFilter {
+                action: Some("export_dataset".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert_eq!(attempts.len(), 6);
-    assert!(attempts.iter().all(|a| a.decision == Decision::Deny && a.policies == ["no-dataset-export"]));
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.decision == Decision::Deny && a.policies == ["no-dataset-export"])
+    );
 }
 
 /// Appends a custom section: a valid component with a different digest.
@@ -229,7 +326,12 @@ fn a_plugin_runs_only_under_an_approval_of_its_exact_digest() {
     assert_ne!(other.digest, entry.digest);
     denied(e.c.plugin_for_run(&e.sci, &other.digest));
     denied(e.c.approve_plugin(&e.rev, &other.digest)); // no self-approval
-    assert!(e.c.add_plugin(&e.sci, cloister_test_plugins::HOSTILE_NET).unwrap_err().to_string().contains("refused"));
+    assert!(
+        e.c.add_plugin(&e.sci, cloister_test_plugins::HOSTILE_NET)
+            .unwrap_err()
+            .to_string()
+            .contains("refused")
+    );
     assert_eq!(e.c.list_plugins(&e.rev).unwrap().len(), 2);
 }
 
@@ -242,17 +344,37 @@ fn disabled_users_lose_their_token_and_failed_logins_are_audited() {
     assert_eq!(c.authenticate(&token).unwrap().name, "x");
     c.disable_user(&admin, "x").unwrap();
     assert!(matches!(c.authenticate(&token), Err(ServiceError::Auth(_))));
-    assert!(matches!(c.authenticate("clt_nonsense"), Err(ServiceError::Auth(_))));
-    let fails = c.audit_log(&admin, &AuditFilter { action: Some("authenticate".into()), ..Default::default() }).unwrap();
+    assert!(matches!(
+        c.authenticate("clt_nonsense"),
+        Err(ServiceError::Auth(_))
+    ));
+    let fails = c
+        .audit_log(
+            &admin,
+            &AuditFilter {
+                action: Some("authenticate".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert_eq!(fails.len(), 2);
     assert!(c.add_user(&admin, "Bad Name", &[Role::Admin]).is_err());
-    assert!(c.add_user(&admin, "x", &[Role::Admin]).unwrap_err().to_string().contains("already exists"));
+    assert!(
+        c.add_user(&admin, "x", &[Role::Admin])
+            .unwrap_err()
+            .to_string()
+            .contains("already exists")
+    );
 }
 
 // ---------------------------------------------------------------- audit --
 
 fn raw_entry(c: &Cloister, seq: u64) -> Vec<u8> {
-    c.env().store().get(Space::Audit, &seq.to_be_bytes()).unwrap().unwrap()
+    c.env()
+        .store()
+        .get(Space::Audit, &seq.to_be_bytes())
+        .unwrap()
+        .unwrap()
 }
 
 fn put_raw(c: &Cloister, seq: u64, value: Option<Vec<u8>>) {
@@ -355,7 +477,10 @@ fn truncating_the_log_is_detected_and_the_environment_fails_closed() {
     // Nothing can be done: every operation needs an audit append.
     let err = reopened.list_datasets(&sci).unwrap_err();
     assert!(matches!(err, ServiceError::Audit(_)), "{err}");
-    assert!(matches!(reopened.env().audit().verify(None).unwrap(), Verdict::Tampered { .. }));
+    assert!(matches!(
+        reopened.env().audit().verify(None).unwrap(),
+        Verdict::Tampered { .. }
+    ));
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -391,7 +516,10 @@ fn restoring_an_older_copy_of_the_store_is_caught_by_a_saved_checkpoint() {
     copy_dir(&backup, &path.join("store"));
     let c = Cloister::open(&path, "cli").unwrap();
     // The old copy is internally consistent…
-    assert!(matches!(c.env().audit().verify(None).unwrap(), Verdict::Intact { .. }));
+    assert!(matches!(
+        c.env().audit().verify(None).unwrap(),
+        Verdict::Intact { .. }
+    ));
     // …but it does not extend the checkpoint kept outside.
     let cp = cloister_host::audit::Checkpoint::parse(&saved).unwrap();
     match c.env().audit().verify(Some(&cp)).unwrap() {
@@ -407,17 +535,32 @@ fn concurrent_appends_get_distinct_contiguous_numbers_and_verify() {
     let seqs: Vec<u64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|_| {
-                s.spawn(|| (0..100).map(|_| { e.c.list_datasets(&e.sci).unwrap(); 0 }).count())
+                s.spawn(|| {
+                    (0..100)
+                        .map(|_| {
+                            e.c.list_datasets(&e.sci).unwrap();
+                            0
+                        })
+                        .count()
+                })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap() as u64).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap() as u64)
+            .collect()
     });
     assert_eq!(seqs.iter().sum::<u64>(), 800);
     assert_eq!(e.c.env().audit().size(), start + 800);
     match e.c.env().audit().verify(None).unwrap() {
-        Verdict::Intact { size, checkpoints, .. } => {
+        Verdict::Intact {
+            size, checkpoints, ..
+        } => {
             assert_eq!(size, start + 800);
-            assert_eq!(checkpoints, 0, "first stored checkpoint comes at 1024 entries");
+            assert_eq!(
+                checkpoints, 0,
+                "first stored checkpoint comes at 1024 entries"
+            );
         }
         v => panic!("{v:?}"),
     }

@@ -19,7 +19,10 @@ use cloister_host::store::Space;
 const CHILD: &str = "CLOISTER_CRASH_CHILD";
 
 fn trials() -> u64 {
-    std::env::var("CLOISTER_CRASH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(12)
+    std::env::var("CLOISTER_CRASH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12)
 }
 
 /// A small deterministic generator, so a failing trial can be rerun.
@@ -33,11 +36,19 @@ fn rand(state: &mut u64) -> u64 {
 /// The child's side: does nothing in a normal test run.
 #[test]
 fn crash_child() {
-    let Ok(spec) = std::env::var(CHILD) else { return };
+    let Ok(spec) = std::env::var(CHILD) else {
+        return;
+    };
     let mut parts = spec.splitn(3, '|');
-    let (mode, env, file) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap_or(""));
+    let (mode, env, file) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap_or(""),
+    );
     let c = Cloister::open(Path::new(env), "cli").unwrap();
-    let user = c.authenticate(&std::env::var("CLOISTER_TOKEN").unwrap()).unwrap();
+    let user = c
+        .authenticate(&std::env::var("CLOISTER_TOKEN").unwrap())
+        .unwrap();
     match mode {
         "audit" => std::thread::scope(|s| {
             for t in 0..4 {
@@ -62,7 +73,9 @@ fn crash_child() {
             }
         }),
         "import" => loop {
-            let v = c.import_dataset(&user, "ds", Path::new(file), &ImportOptions::default()).unwrap();
+            let v = c
+                .import_dataset(&user, "ds", Path::new(file), &ImportOptions::default())
+                .unwrap();
             println!("committed {} {} {}", v.version, v.digest, v.stats.records);
         },
         other => panic!("unknown mode {other}"),
@@ -73,7 +86,12 @@ fn crash_child() {
 /// while, kills it with SIGKILL and returns the acknowledgement lines.
 fn run_and_kill(spec: &str, token: &str, seed: &mut u64, wait_first: bool) -> Vec<String> {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash::crash_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash::crash_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD, spec)
         .env("CLOISTER_TOKEN", token)
         .stdout(Stdio::piped())
@@ -114,8 +132,16 @@ fn kill_9_during_audit_appends_loses_no_acknowledged_entry() {
     drop(c);
     let mut seed = 0x9e37_79b9_7f4a_7c15;
     for trial in 0..trials() {
-        let acks = run_and_kill(&format!("audit|{}", path.display()), &token, &mut seed, true);
-        assert!(!acks.is_empty(), "trial {trial}: the child acknowledged nothing");
+        let acks = run_and_kill(
+            &format!("audit|{}", path.display()),
+            &token,
+            &mut seed,
+            true,
+        );
+        assert!(
+            !acks.is_empty(),
+            "trial {trial}: the child acknowledged nothing"
+        );
         let c = Cloister::open(&path, "cli").unwrap();
         match c.env().audit().verify(None).unwrap() {
             Verdict::Intact { .. } => {}
@@ -124,10 +150,19 @@ fn kill_9_during_audit_appends_loses_no_acknowledged_entry() {
         for ack in &acks {
             let f: Vec<&str> = ack.split(' ').collect();
             let seq: u64 = f[1].parse().unwrap();
-            let raw = c.env().store().get(Space::Audit, &seq.to_be_bytes()).unwrap();
+            let raw = c
+                .env()
+                .store()
+                .get(Space::Audit, &seq.to_be_bytes())
+                .unwrap();
             let raw = raw.unwrap_or_else(|| panic!("trial {trial}: acknowledged entry {seq} lost"));
-            let entry: cloister_host::audit::AuditEntry = serde_json::from_slice(&raw[32..]).unwrap();
-            assert_eq!((entry.actor.as_str(), entry.action.as_str()), (f[2], f[3]), "trial {trial}");
+            let entry: cloister_host::audit::AuditEntry =
+                serde_json::from_slice(&raw[32..]).unwrap();
+            assert_eq!(
+                (entry.actor.as_str(), entry.action.as_str()),
+                (f[2], f[3]),
+                "trial {trial}"
+            );
         }
         // The environment works after the crash.
         let admin = c.authenticate(&token).unwrap();
@@ -150,28 +185,62 @@ fn kill_9_during_imports_leaves_only_whole_versions() {
         let (_, token) = c.add_user(&admin, "sci", &[Role::Scientist]).unwrap();
         drop(c);
         // Odd trials may die inside the very first import.
-        let acks = run_and_kill(&format!("import|{}|{}", path.display(), file.display()), &token, &mut seed, trial % 2 == 0);
+        let acks = run_and_kill(
+            &format!("import|{}|{}", path.display(), file.display()),
+            &token,
+            &mut seed,
+            trial % 2 == 0,
+        );
         let c = Cloister::open(&path, "cli").unwrap();
         let sci = c.authenticate(&token).unwrap();
         let versions = c.list_datasets(&sci).unwrap();
         for ack in &acks {
             let f: Vec<&str> = ack.split(' ').collect();
             let v: u32 = f[1].parse().unwrap();
-            let found = versions.iter().find(|x| x.version == v).unwrap_or_else(|| panic!("trial {trial}: committed version {v} lost"));
+            let found = versions
+                .iter()
+                .find(|x| x.version == v)
+                .unwrap_or_else(|| panic!("trial {trial}: committed version {v} lost"));
             assert_eq!(found.digest, f[2], "trial {trial}");
         }
-        assert!(versions.len() >= acks.len() && versions.len() <= acks.len() + 1, "trial {trial}");
+        assert!(
+            versions.len() >= acks.len() && versions.len() <= acks.len() + 1,
+            "trial {trial}"
+        );
         let mut stored = 0;
         for v in &versions {
-            assert_eq!(v.stats.records, records, "trial {trial}: partial version {}", v.version);
+            assert_eq!(
+                v.stats.records, records,
+                "trial {trial}: partial version {}",
+                v.version
+            );
             let n = cloister_host::datasets::records(c.env().store().as_ref(), v).count() as u64;
-            assert_eq!(n, records, "trial {trial}: version {} has {n} records", v.version);
+            assert_eq!(
+                n, records,
+                "trial {trial}: version {} has {n} records",
+                v.version
+            );
             stored += n;
         }
-        assert_eq!(c.env().store().scan(Space::Records, b"").count() as u64, stored, "trial {trial}: leftovers of an unfinished import");
-        assert_eq!(c.env().store().scan(Space::Imports, b"").count(), 0, "trial {trial}");
-        assert!(matches!(c.env().audit().verify(None).unwrap(), Verdict::Intact { .. }), "trial {trial}");
+        assert_eq!(
+            c.env().store().scan(Space::Records, b"").count() as u64,
+            stored,
+            "trial {trial}: leftovers of an unfinished import"
+        );
+        assert_eq!(
+            c.env().store().scan(Space::Imports, b"").count(),
+            0,
+            "trial {trial}"
+        );
+        assert!(
+            matches!(
+                c.env().audit().verify(None).unwrap(),
+                Verdict::Intact { .. }
+            ),
+            "trial {trial}"
+        );
         // A new import works after the crash.
-        c.import_dataset(&sci, "ds", &file, &ImportOptions::default()).unwrap();
+        c.import_dataset(&sci, "ds", &file, &ImportOptions::default())
+            .unwrap();
     }
 }

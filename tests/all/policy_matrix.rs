@@ -4,19 +4,36 @@
 use cloister_host::policy::{Action, PolicyEngine, Principal, Resource, Role};
 
 fn principal(role: Role) -> Principal {
-    Principal { name: format!("u-{}", role.as_str()), roles: vec![role], disabled: false }
+    Principal {
+        name: format!("u-{}", role.as_str()),
+        roles: vec![role],
+        disabled: false,
+    }
 }
 
 fn plugin(approved: bool, added_by: &str) -> Resource {
-    Resource::Plugin { digest: "ab".repeat(32), approved, added_by: added_by.into() }
+    Resource::Plugin {
+        digest: "ab".repeat(32),
+        approved,
+        added_by: added_by.into(),
+    }
 }
 
 fn model(requested: bool, approved: bool, by: Option<&str>) -> Resource {
-    Resource::Model { id: "m1".into(), release_requested: requested, release_approved: approved, requested_by: by.map(str::to_string) }
+    Resource::Model {
+        id: "m1".into(),
+        release_requested: requested,
+        release_approved: approved,
+        requested_by: by.map(str::to_string),
+    }
 }
 
 fn record(assignee: Option<&str>) -> Resource {
-    Resource::Record { dataset: "ds".into(), id: "r1".into(), assignee: assignee.map(str::to_string) }
+    Resource::Record {
+        dataset: "ds".into(),
+        id: "r1".into(),
+        assignee: assignee.map(str::to_string),
+    }
 }
 
 /// (action, resource for principal `me`, roles expected to be allowed)
@@ -30,11 +47,23 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
         (A::ListUsers, Resource::Environment, &[Admin]),
         (A::CheckPolicy, Resource::Environment, &[Admin, Auditor]),
         (A::ExplainPolicy, Resource::Environment, &[Admin, Auditor]),
-        (A::ListDatasets, Resource::Environment, &[Admin, Scientist, Labeler, Reviewer, Approver, Auditor]),
-        (A::ListPlugins, Resource::Environment, &[Admin, Scientist, Reviewer]),
+        (
+            A::ListDatasets,
+            Resource::Environment,
+            &[Admin, Scientist, Labeler, Reviewer, Approver, Auditor],
+        ),
+        (
+            A::ListPlugins,
+            Resource::Environment,
+            &[Admin, Scientist, Reviewer],
+        ),
         (A::AddPlugin, Resource::Environment, &[Scientist, Reviewer]),
         (A::ImportDataset, ds(), &[Scientist]),
-        (A::ViewStats, ds(), &[Admin, Scientist, Reviewer, Approver, Auditor]),
+        (
+            A::ViewStats,
+            ds(),
+            &[Admin, Scientist, Reviewer, Approver, Auditor],
+        ),
         (A::ExportDataset, ds(), &[]),
         (A::ViewRecord, record(Some(me)), &[Labeler]),
         (A::LabelRecord, record(Some(me)), &[Labeler]),
@@ -46,15 +75,31 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
         (A::RunPlugin, plugin(true, "someone-else"), &[Scientist]),
         (A::RunPlugin, plugin(false, me), &[]),
         (A::TrainModel, model(false, false, None), &[Scientist]),
-        (A::ViewModel, model(false, false, None), &[Scientist, Approver]),
+        (
+            A::ViewModel,
+            model(false, false, None),
+            &[Scientist, Approver],
+        ),
         (A::RequestRelease, model(false, false, None), &[Scientist]),
-        (A::ApproveRelease, model(true, false, Some("someone-else")), &[Approver]),
+        (
+            A::ApproveRelease,
+            model(true, false, Some("someone-else")),
+            &[Approver],
+        ),
         (A::ApproveRelease, model(true, false, Some(me)), &[]),
         (A::ApproveRelease, model(false, false, None), &[]),
         (A::RejectRelease, model(true, false, Some(me)), &[Approver]),
         (A::RejectRelease, model(false, false, None), &[]),
-        (A::ExportModel, model(true, true, Some("someone-else")), &[Scientist, Approver]),
-        (A::ExportModel, model(true, false, Some("someone-else")), &[]),
+        (
+            A::ExportModel,
+            model(true, true, Some("someone-else")),
+            &[Scientist, Approver],
+        ),
+        (
+            A::ExportModel,
+            model(true, false, Some("someone-else")),
+            &[],
+        ),
         (A::ReadAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::VerifyAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::CheckpointAudit, Resource::AuditLog, &[Admin, Auditor]),
@@ -71,7 +116,11 @@ fn every_role_action_and_resource_gets_the_expected_decision() {
         for (action, resource, allowed) in cases(&p.name) {
             covered.insert(action);
             let got = engine.authorize(&p, action, &resource, "cli");
-            assert!(got.errors.is_empty(), "{role:?} {action:?}: {:?}", got.errors);
+            assert!(
+                got.errors.is_empty(),
+                "{role:?} {action:?}: {:?}",
+                got.errors
+            );
             assert_eq!(
                 got.allowed,
                 allowed.contains(&role),
@@ -84,23 +133,39 @@ fn every_role_action_and_resource_gets_the_expected_decision() {
             checked += 1;
         }
     }
-    assert_eq!(covered.len(), Action::ALL.len(), "every action is in the matrix");
+    assert_eq!(
+        covered.len(),
+        Action::ALL.len(),
+        "every action is in the matrix"
+    );
     assert_eq!(checked, 6 * cases("x").len());
 }
 
 #[test]
 fn no_role_combination_exports_a_dataset_and_disabled_users_do_nothing() {
     let engine = PolicyEngine::builtin().unwrap();
-    let everything = Principal { name: "boss".into(), roles: Role::ALL.to_vec(), disabled: false };
+    let everything = Principal {
+        name: "boss".into(),
+        roles: Role::ALL.to_vec(),
+        disabled: false,
+    };
     let ds = Resource::Dataset { name: "ds".into() };
     let got = engine.authorize(&everything, Action::ExportDataset, &ds, "console");
     assert!(!got.allowed);
     assert_eq!(got.policies, ["no-dataset-export"]);
 
-    let disabled = Principal { disabled: true, ..everything };
+    let disabled = Principal {
+        disabled: true,
+        ..everything
+    };
     for action in Action::ALL {
         for resource in [Resource::Environment, ds.clone(), Resource::AuditLog] {
-            assert!(!engine.authorize(&disabled, action, &resource, "cli").allowed, "{action:?}");
+            assert!(
+                !engine
+                    .authorize(&disabled, action, &resource, "cli")
+                    .allowed,
+                "{action:?}"
+            );
         }
     }
 }
@@ -111,12 +176,20 @@ fn a_permit_added_for_export_cannot_override_the_forbid() {
     let engine = PolicyEngine::load(
         cloister_host::policy::DEFAULT_SCHEMA,
         &[
-            ("default.cedar".into(), cloister_host::policy::DEFAULT_POLICIES.into()),
+            (
+                "default.cedar".into(),
+                cloister_host::policy::DEFAULT_POLICIES.into(),
+            ),
             ("local.cedar".into(), extra.into()),
         ],
     )
     .unwrap();
-    let got = engine.authorize(&principal(Role::Admin), Action::ExportDataset, &Resource::Dataset { name: "ds".into() }, "cli");
+    let got = engine.authorize(
+        &principal(Role::Admin),
+        Action::ExportDataset,
+        &Resource::Dataset { name: "ds".into() },
+        "cli",
+    );
     assert!(!got.allowed);
     assert_eq!(got.policies, ["no-dataset-export"]);
 }

@@ -17,10 +17,13 @@ pub struct AuditKeys {
 impl AuditKeys {
     /// Builds the keys from a PKCS#8 Ed25519 document and a MAC secret.
     pub fn new(pkcs8: &[u8], mac_secret: &[u8]) -> Result<Self, AuditError> {
-        let signing = Ed25519KeyPair::from_pkcs8(pkcs8)
-            .map_err(|_| AuditError::Keys("the audit signing key is not a valid Ed25519 PKCS#8 key".into()))?;
+        let signing = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| {
+            AuditError::Keys("the audit signing key is not a valid Ed25519 PKCS#8 key".into())
+        })?;
         if mac_secret.len() < 32 {
-            return Err(AuditError::Keys("the audit MAC secret is shorter than 32 bytes".into()));
+            return Err(AuditError::Keys(
+                "the audit MAC secret is shorter than 32 bytes".into(),
+            ));
         }
         Ok(Self {
             signing,
@@ -55,7 +58,11 @@ impl AuditKeys {
             key: self.public_key(),
             signature: Vec::new(),
         };
-        cp.signature = self.signing.sign(cp.signed_message().as_bytes()).as_ref().to_vec();
+        cp.signature = self
+            .signing
+            .sign(cp.signed_message().as_bytes())
+            .as_ref()
+            .to_vec();
         cp
     }
 }
@@ -103,7 +110,8 @@ impl Checkpoint {
 
     /// Parses [`Checkpoint::to_text`]. Errors name the offending line.
     pub fn parse(text: &str) -> Result<Self, AuditError> {
-        let bad = |line: usize, what: &str| AuditError::BadCheckpoint(format!("line {line}: {what}"));
+        let bad =
+            |line: usize, what: &str| AuditError::BadCheckpoint(format!("line {line}: {what}"));
         let lines: Vec<&str> = text.lines().collect();
         if lines.first() != Some(&HEADER) {
             return Err(bad(1, &format!("expected `{HEADER}`")));
@@ -116,8 +124,10 @@ impl Checkpoint {
                 .ok_or_else(|| bad(i + 1, &format!("expected `{name} …`")))
         };
         let hex32 = |i: usize, name: &str| -> Result<[u8; 32], AuditError> {
-            let v = hex::decode(field(i, name)?).map_err(|_| bad(i + 1, &format!("{name} is not hex")))?;
-            v.try_into().map_err(|_| bad(i + 1, &format!("{name} is not 32 bytes")))
+            let v = hex::decode(field(i, name)?)
+                .map_err(|_| bad(i + 1, &format!("{name} is not hex")))?;
+            v.try_into()
+                .map_err(|_| bad(i + 1, &format!("{name} is not 32 bytes")))
         };
         let origin = field(1, "origin")?.to_string();
         let size = field(2, "size")?
@@ -126,11 +136,19 @@ impl Checkpoint {
         let root = hex32(3, "root")?;
         let time_ms = crate::time::parse_rfc3339(field(4, "time")?).map_err(|e| bad(5, &e))?;
         let key = hex32(5, "key")?;
-        let signature = hex::decode(field(6, "signature")?).map_err(|_| bad(7, "signature is not hex"))?;
+        let signature =
+            hex::decode(field(6, "signature")?).map_err(|_| bad(7, "signature is not hex"))?;
         if lines.len() > 7 {
             return Err(bad(8, "unexpected text after the signature"));
         }
-        Ok(Self { origin, size, root, time_ms, key, signature })
+        Ok(Self {
+            origin,
+            size,
+            root,
+            time_ms,
+            key,
+            signature,
+        })
     }
 
     /// Checks the signature against `trusted_key` (the environment's key,
@@ -143,7 +161,9 @@ impl Checkpoint {
         }
         UnparsedPublicKey::new(&ED25519, trusted_key)
             .verify(self.signed_message().as_bytes(), &self.signature)
-            .map_err(|_| AuditError::BadCheckpoint("the checkpoint signature does not verify".into()))
+            .map_err(|_| {
+                AuditError::BadCheckpoint("the checkpoint signature does not verify".into())
+            })
     }
 }
 
@@ -171,7 +191,11 @@ mod tests {
         let k = keys();
         let cp = k.sign("env-1", 42, [3u8; 32], 1_795_737_600_000);
         let text = cp.to_text();
-        for (from, to) in [("size 42", "size 43"), ("origin env-1", "origin env-2"), ("root 0303", "root 0403")] {
+        for (from, to) in [
+            ("size 42", "size 43"),
+            ("origin env-1", "origin env-2"),
+            ("root 0303", "root 0403"),
+        ] {
             let forged = Checkpoint::parse(&text.replacen(from, to, 1)).expect("parse");
             assert!(forged.verify_signature(&k.public_key()).is_err(), "{from}");
         }

@@ -200,7 +200,9 @@ mod tests {
     use super::*;
 
     fn leaves(n: usize) -> Vec<Hash> {
-        (0..n).map(|i| leaf_hash(format!("entry {i}").as_bytes())).collect()
+        (0..n)
+            .map(|i| leaf_hash(format!("entry {i}").as_bytes()))
+            .collect()
     }
 
     #[test]
@@ -238,11 +240,17 @@ mod tests {
             let r = root(&all);
             for i in 0..n {
                 let proof = inclusion_proof(&all, i).expect("in range");
-                assert!(verify_inclusion(i as u64, n as u64, &all[i], &proof, &r), "{i}/{n}");
+                assert!(
+                    verify_inclusion(i as u64, n as u64, &all[i], &proof, &r),
+                    "{i}/{n}"
+                );
                 let other = leaf_hash(b"forged");
                 assert!(!verify_inclusion(i as u64, n as u64, &other, &proof, &r));
                 if n > 1 {
-                    assert!(!verify_inclusion(((i + 1) % n) as u64, n as u64, &all[i], &proof, &r) || all[i] == all[(i + 1) % n]);
+                    assert!(
+                        !verify_inclusion(((i + 1) % n) as u64, n as u64, &all[i], &proof, &r)
+                            || all[i] == all[(i + 1) % n]
+                    );
                 }
             }
             assert!(inclusion_proof(&all, n).is_none());

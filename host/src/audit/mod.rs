@@ -254,12 +254,23 @@ impl AuditLog {
         })
     }
 
-    fn load_state(store: &dyn Storage, keys: &AuditKeys) -> Result<(State, Option<String>), AuditError> {
+    fn load_state(
+        store: &dyn Storage,
+        keys: &AuditKeys,
+    ) -> Result<(State, Option<String>), AuditError> {
         let frontier = match store.get(Space::Meta, FRONTIER_KEY)? {
             None => Frontier::new(),
             Some(b) => match Frontier::from_bytes(&b) {
                 Some(f) => f,
-                None => return Ok((State { frontier: Frontier::new(), prev: [0; 32] }, Some("the stored tree state is malformed".into()))),
+                None => {
+                    return Ok((
+                        State {
+                            frontier: Frontier::new(),
+                            prev: [0; 32],
+                        },
+                        Some("the stored tree state is malformed".into()),
+                    ));
+                }
             },
         };
         let size = frontier.size();
@@ -271,7 +282,9 @@ impl AuditLog {
                 if expected.as_ref().map(|e| e.as_slice()) != Some(k.as_slice()) {
                     problem = Some("the last entry does not match the tree head".to_string());
                 }
-                split_value(v).map(|(_, e)| merkle::leaf_hash(e)).unwrap_or([0; 32])
+                split_value(v)
+                    .map(|(_, e)| merkle::leaf_hash(e))
+                    .unwrap_or([0; 32])
             }
             None => {
                 if size != 0 {
@@ -287,9 +300,10 @@ impl AuditLog {
                         .map_err(|_| AuditError::BadCheckpoint("head is not text".into()))
                         .and_then(Checkpoint::parse);
                     match head {
-                        Ok(h) if h.verify_signature(&keys.public_key()).is_ok()
-                            && h.size == size
-                            && h.root == frontier.root() => {}
+                        Ok(h)
+                            if h.verify_signature(&keys.public_key()).is_ok()
+                                && h.size == size
+                                && h.root == frontier.root() => {}
                         _ => problem = Some("the signed head does not match the entries".into()),
                     }
                 }
@@ -307,7 +321,9 @@ impl AuditLog {
         let (reply, wait) = sync_channel(1);
         {
             let tx = self.tx.lock().map_err(|_| poisoned())?;
-            let tx = tx.as_ref().ok_or_else(|| AuditError::Unavailable("the log is closed".into()))?;
+            let tx = tx
+                .as_ref()
+                .ok_or_else(|| AuditError::Unavailable("the log is closed".into()))?;
             tx.send(Job { record, reply })
                 .map_err(|_| AuditError::Unavailable("the committer stopped".into()))?;
         }
@@ -317,7 +333,12 @@ impl AuditLog {
 
     fn check_available(&self) -> Result<(), AuditError> {
         if self.inner.failed.load(Ordering::SeqCst) {
-            let why = self.inner.failure.lock().map(|s| s.clone()).unwrap_or_default();
+            let why = self
+                .inner
+                .failure
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
             return Err(AuditError::Unavailable(why));
         }
         Ok(())
@@ -325,7 +346,11 @@ impl AuditLog {
 
     /// Number of entries.
     pub fn size(&self) -> u64 {
-        self.inner.state.lock().map(|s| s.frontier.size()).unwrap_or(0)
+        self.inner
+            .state
+            .lock()
+            .map(|s| s.frontier.size())
+            .unwrap_or(0)
     }
 
     /// The environment id the log signs as.
@@ -349,7 +374,11 @@ impl AuditLog {
             crate::time::now_ms(),
         );
         let mut b = WriteBatch::new();
-        b.put(Space::Checkpoints, cp.size.to_be_bytes().to_vec(), cp.to_text().into_bytes());
+        b.put(
+            Space::Checkpoints,
+            cp.size.to_be_bytes().to_vec(),
+            cp.to_text().into_bytes(),
+        );
         self.inner.store.commit(b)?;
         Ok(cp)
     }
@@ -358,11 +387,20 @@ impl AuditLog {
     /// cannot read and reports it: run `verify` for the full diagnosis.
     pub fn query(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, AuditError> {
         let mut out = Vec::new();
-        for item in self.inner.store.scan_from(Space::Audit, &seq_key(filter.from_seq)) {
+        for item in self
+            .inner
+            .store
+            .scan_from(Space::Audit, &seq_key(filter.from_seq))
+        {
             let (k, v) = item?;
             let entry = split_value(&v)
                 .and_then(|(_, e)| serde_json::from_slice::<AuditEntry>(e).ok())
-                .ok_or_else(|| AuditError::Unavailable(format!("entry at key {} is unreadable; run `cloister audit verify`", hex::encode(&k))))?;
+                .ok_or_else(|| {
+                    AuditError::Unavailable(format!(
+                        "entry at key {} is unreadable; run `cloister audit verify`",
+                        hex::encode(&k)
+                    ))
+                })?;
             let keep = filter.actor.as_ref().is_none_or(|a| a == &entry.actor)
                 && filter.action.as_ref().is_none_or(|a| a == &entry.action)
                 && filter.decision.is_none_or(|d| d == entry.decision)
@@ -396,8 +434,15 @@ impl AuditLog {
             match cp {
                 Ok(cp) if k.as_slice() == cp.size.to_be_bytes() => stored_cps.push(cp),
                 _ => {
-                    let at = k.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
-                    return tampered(at, format!("the stored checkpoint at size {at} is forged or damaged"));
+                    let at = k
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(0);
+                    return tampered(
+                        at,
+                        format!("the stored checkpoint at size {at} is forged or damaged"),
+                    );
                 }
             }
         }
@@ -434,25 +479,51 @@ impl AuditLog {
             match key_seq {
                 Some(s) if s == expect => {}
                 Some(s) if s > expect => {
-                    return tampered(expect, format!("entry {expect} is missing (the next stored entry is {s})"));
+                    return tampered(
+                        expect,
+                        format!("entry {expect} is missing (the next stored entry is {s})"),
+                    );
                 }
-                _ => return tampered(expect, format!("an entry is stored under a malformed key after entry {}", expect.saturating_sub(1))),
+                _ => {
+                    return tampered(
+                        expect,
+                        format!(
+                            "an entry is stored under a malformed key after entry {}",
+                            expect.saturating_sub(1)
+                        ),
+                    );
+                }
             }
             let Some((tag, bytes)) = split_value(&v) else {
                 return tampered(expect, format!("entry {expect} is truncated"));
             };
             if !keys.mac_ok(bytes, tag) {
-                return tampered(expect, format!("entry {expect} was modified (its authentication tag does not match)"));
+                return tampered(
+                    expect,
+                    format!("entry {expect} was modified (its authentication tag does not match)"),
+                );
             }
             let entry: AuditEntry = match serde_json::from_slice(bytes) {
                 Ok(e) => e,
                 Err(_) => return tampered(expect, format!("entry {expect} is unreadable")),
             };
             if entry.seq != expect {
-                return tampered(expect, format!("entry {expect} is out of place (it is entry {} of the original order)", entry.seq));
+                return tampered(
+                    expect,
+                    format!(
+                        "entry {expect} is out of place (it is entry {} of the original order)",
+                        entry.seq
+                    ),
+                );
             }
             if entry.prev != hex::encode(prev) {
-                return tampered(expect, format!("entry {expect} does not follow entry {} (the chain is broken: an entry was removed or replaced)", expect.saturating_sub(1)));
+                return tampered(
+                    expect,
+                    format!(
+                        "entry {expect} does not follow entry {} (the chain is broken: an entry was removed or replaced)",
+                        expect.saturating_sub(1)
+                    ),
+                );
             }
             prev = merkle::leaf_hash(bytes);
             frontier.push(prev);
@@ -463,7 +534,11 @@ impl AuditLog {
                 if cp.root != frontier.root() {
                     return tampered(
                         cp.size - 1,
-                        format!("the first {} entries do not match the checkpoint signed at {}: the log was rewritten or rolled back", cp.size, crate::time::rfc3339(cp.time_ms)),
+                        format!(
+                            "the first {} entries do not match the checkpoint signed at {}: the log was rewritten or rolled back",
+                            cp.size,
+                            crate::time::rfc3339(cp.time_ms)
+                        ),
                     );
                 }
                 cps.next();
@@ -474,7 +549,11 @@ impl AuditLog {
         if let Some(cp) = cps.next() {
             return tampered(
                 size,
-                format!("the log has {size} entries but a checkpoint signed at {} covers {}: entries from {size} on were removed (truncation or rollback to an older copy)", crate::time::rfc3339(cp.time_ms), cp.size),
+                format!(
+                    "the log has {size} entries but a checkpoint signed at {} covers {}: entries from {size} on were removed (truncation or rollback to an older copy)",
+                    crate::time::rfc3339(cp.time_ms),
+                    cp.size
+                ),
             );
         }
         match store.get(Space::Meta, HEAD_KEY)? {
@@ -486,13 +565,28 @@ impl AuditLog {
                 match head {
                     Err(_) => return tampered(size, "the signed head is forged or damaged".into()),
                     Ok(h) if h.size > size => {
-                        return tampered(size, format!("the signed head covers {} entries but only {size} are stored: entries from {size} on were removed", h.size));
+                        return tampered(
+                            size,
+                            format!(
+                                "the signed head covers {} entries but only {size} are stored: entries from {size} on were removed",
+                                h.size
+                            ),
+                        );
                     }
                     Ok(h) if h.size < size => {
-                        return tampered(h.size, format!("entries from {} on are not covered by the signed head: they were added outside cloister", h.size));
+                        return tampered(
+                            h.size,
+                            format!(
+                                "entries from {} on are not covered by the signed head: they were added outside cloister",
+                                h.size
+                            ),
+                        );
                     }
                     Ok(h) if h.root != frontier.root() => {
-                        return tampered(size.saturating_sub(1), "the entries do not match the signed head".into());
+                        return tampered(
+                            size.saturating_sub(1),
+                            "the entries do not match the signed head".into(),
+                        );
                     }
                     Ok(_) => {}
                 }
@@ -500,7 +594,11 @@ impl AuditLog {
             None if size > 0 => return tampered(0, "the signed head is missing".into()),
             None => {}
         }
-        Ok(Verdict::Intact { size, root: frontier.root(), checkpoints: matched })
+        Ok(Verdict::Intact {
+            size,
+            root: frontier.root(),
+            checkpoints: matched,
+        })
     }
 
     /// An inclusion proof for entry `seq` against a fresh signed checkpoint.
@@ -509,8 +607,9 @@ impl AuditLog {
         let mut entry_text = None;
         for item in self.inner.store.scan(Space::Audit, b"") {
             let (_, v) = item?;
-            let (_, bytes) = split_value(&v)
-                .ok_or_else(|| AuditError::Unavailable("an entry is truncated; run `cloister audit verify`".into()))?;
+            let (_, bytes) = split_value(&v).ok_or_else(|| {
+                AuditError::Unavailable("an entry is truncated; run `cloister audit verify`".into())
+            })?;
             if leaves.len() as u64 == seq {
                 entry_text = Some(String::from_utf8_lossy(bytes).into_owned());
             }
@@ -520,7 +619,12 @@ impl AuditLog {
         let index = usize::try_from(seq).map_err(|_| AuditError::NoSuchEntry(seq))?;
         let path = merkle::inclusion_proof(&leaves, index).ok_or(AuditError::NoSuchEntry(seq))?;
         let root = merkle::root(&leaves);
-        let cp = self.inner.keys.sign(&self.inner.origin, leaves.len() as u64, root, crate::time::now_ms());
+        let cp = self.inner.keys.sign(
+            &self.inner.origin,
+            leaves.len() as u64,
+            root,
+            crate::time::now_ms(),
+        );
         Ok(InclusionProof {
             seq,
             entry,
@@ -531,25 +635,37 @@ impl AuditLog {
 
     /// Checks an inclusion proof against this environment's public key.
     /// Needs nothing else from the environment.
-    pub fn check_proof(proof: &InclusionProof, trusted_key: &[u8; 32]) -> Result<Checkpoint, AuditError> {
+    pub fn check_proof(
+        proof: &InclusionProof,
+        trusted_key: &[u8; 32],
+    ) -> Result<Checkpoint, AuditError> {
         let cp = Checkpoint::parse(&proof.checkpoint)?;
         cp.verify_signature(trusted_key)?;
         let mut path = Vec::with_capacity(proof.path.len());
         for (i, h) in proof.path.iter().enumerate() {
-            let bytes = hex::decode(h).map_err(|_| AuditError::BadProof(format!("path[{i}] is not hex")))?;
-            let hash: Hash = bytes.try_into().map_err(|_| AuditError::BadProof(format!("path[{i}] is not 32 bytes")))?;
+            let bytes = hex::decode(h)
+                .map_err(|_| AuditError::BadProof(format!("path[{i}] is not hex")))?;
+            let hash: Hash = bytes
+                .try_into()
+                .map_err(|_| AuditError::BadProof(format!("path[{i}] is not 32 bytes")))?;
             path.push(hash);
         }
         let entry: AuditEntry = serde_json::from_str(&proof.entry)
             .map_err(|e| AuditError::BadProof(format!("entry is not an audit entry: {e}")))?;
         if entry.seq != proof.seq {
-            return Err(AuditError::BadProof(format!("the entry is number {}, the proof claims {}", entry.seq, proof.seq)));
+            return Err(AuditError::BadProof(format!(
+                "the entry is number {}, the proof claims {}",
+                entry.seq, proof.seq
+            )));
         }
         let leaf = merkle::leaf_hash(proof.entry.as_bytes());
         if merkle::verify_inclusion(proof.seq, cp.size, &leaf, &path, &cp.root) {
             Ok(cp)
         } else {
-            Err(AuditError::BadProof(format!("entry {} is not included in the checkpointed log", proof.seq)))
+            Err(AuditError::BadProof(format!(
+                "entry {} is not included in the checkpointed log",
+                proof.seq
+            )))
         }
     }
 }
@@ -595,7 +711,10 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<u64, String> {
     if inner.failed.load(Ordering::SeqCst) {
         return Err(inner.failure.lock().map(|s| s.clone()).unwrap_or_default());
     }
-    let mut state_guard = inner.state.lock().map_err(|_| "internal lock poisoned".to_string())?;
+    let mut state_guard = inner
+        .state
+        .lock()
+        .map_err(|_| "internal lock poisoned".to_string())?;
     let mut state = state_guard.clone();
     let first_seq = state.frontier.size();
     let now = crate::time::now_ms();
@@ -613,20 +732,39 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<u64, String> {
             params: r.params.clone(),
             prev: hex::encode(state.prev),
         };
-        let bytes = serde_json::to_vec(&entry).map_err(|e| format!("cannot encode an entry: {e}"))?;
+        let bytes =
+            serde_json::to_vec(&entry).map_err(|e| format!("cannot encode an entry: {e}"))?;
         let mut value = inner.keys.mac(&bytes).to_vec();
         value.extend_from_slice(&bytes);
         batch.put(Space::Audit, seq_key(entry.seq).to_vec(), value);
         state.prev = merkle::leaf_hash(&bytes);
         state.frontier.push(state.prev);
         if state.frontier.size() % inner.checkpoint_every == 0 {
-            let cp = inner.keys.sign(&inner.origin, state.frontier.size(), state.frontier.root(), now);
-            batch.put(Space::Checkpoints, cp.size.to_be_bytes().to_vec(), cp.to_text().into_bytes());
+            let cp = inner.keys.sign(
+                &inner.origin,
+                state.frontier.size(),
+                state.frontier.root(),
+                now,
+            );
+            batch.put(
+                Space::Checkpoints,
+                cp.size.to_be_bytes().to_vec(),
+                cp.to_text().into_bytes(),
+            );
         }
     }
-    let head = inner.keys.sign(&inner.origin, state.frontier.size(), state.frontier.root(), now);
+    let head = inner.keys.sign(
+        &inner.origin,
+        state.frontier.size(),
+        state.frontier.root(),
+        now,
+    );
     batch.put(Space::Meta, HEAD_KEY.to_vec(), head.to_text().into_bytes());
-    batch.put(Space::Meta, FRONTIER_KEY.to_vec(), state.frontier.to_bytes());
+    batch.put(
+        Space::Meta,
+        FRONTIER_KEY.to_vec(),
+        state.frontier.to_bytes(),
+    );
     match inner.store.commit(batch) {
         Ok(()) => {
             *state_guard = state;

@@ -63,7 +63,10 @@ pub fn decode(id: String, bytes: &[u8]) -> Option<DataRecord> {
     let nt = c.u32()?;
     let mut texts = Vec::with_capacity(nt.min(1024));
     for _ in 0..nt {
-        texts.push(TextField { name: c.string()?, value: c.string()? });
+        texts.push(TextField {
+            name: c.string()?,
+            value: c.string()?,
+        });
     }
     let nn = c.u32()?;
     let mut numerics = Vec::with_capacity(nn.min(1024));
@@ -86,7 +89,12 @@ pub fn decode(id: String, bytes: &[u8]) -> Option<DataRecord> {
         };
         numerics.push(NumericField { name, value });
     }
-    c.0.is_empty().then_some(DataRecord { id, texts, numerics, label: None })
+    c.0.is_empty().then_some(DataRecord {
+        id,
+        texts,
+        numerics,
+        label: None,
+    })
 }
 
 #[cfg(test)]
@@ -97,10 +105,19 @@ mod tests {
     fn records_round_trip_and_damage_is_detected() {
         let r = DataRecord {
             id: "x".into(),
-            texts: vec![TextField { name: "text".into(), value: "héllo".into() }],
+            texts: vec![TextField {
+                name: "text".into(),
+                value: "héllo".into(),
+            }],
             numerics: vec![
-                NumericField { name: "n".into(), value: Numeric::Scalar(1.5) },
-                NumericField { name: "v".into(), value: Numeric::Vector(vec![1.0, 2.0]) },
+                NumericField {
+                    name: "n".into(),
+                    value: Numeric::Scalar(1.5),
+                },
+                NumericField {
+                    name: "v".into(),
+                    value: Numeric::Vector(vec![1.0, 2.0]),
+                },
             ],
             label: None,
         };

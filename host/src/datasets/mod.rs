@@ -35,13 +35,17 @@ pub const MAX_FIELDS: usize = 1_000;
 #[derive(Debug, Error)]
 pub enum DatasetError {
     /// The dataset name does not follow the rules.
-    #[error("invalid dataset name `{0}`: use 1–64 of A-Z a-z 0-9 . _ - starting with a letter or digit")]
+    #[error(
+        "invalid dataset name `{0}`: use 1–64 of A-Z a-z 0-9 . _ - starting with a letter or digit"
+    )]
     BadName(String),
     /// A line of the input is wrong.
     #[error(transparent)]
     Input(#[from] RecordError),
     /// An id occurs twice.
-    #[error("{file}:{line}: field `{field}`: duplicate id {id:?} (ids must be unique within an import)")]
+    #[error(
+        "{file}:{line}: field `{field}`: duplicate id {id:?} (ids must be unique within an import)"
+    )]
     Duplicate {
         /// File.
         file: String,
@@ -205,9 +209,15 @@ impl DatasetVersion {
 pub fn check_name(name: &str) -> Result<(), DatasetError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok { Ok(()) } else { Err(DatasetError::BadName(name.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(DatasetError::BadName(name.to_string()))
+    }
 }
 
 fn version_key(name: &str, version: u32) -> Vec<u8> {
@@ -236,7 +246,11 @@ struct StatsBuilder {
 
 impl StatsBuilder {
     fn new() -> Self {
-        Self { stats: DatasetStats::default(), length_sum: 0, buckets: vec![0; 65] }
+        Self {
+            stats: DatasetStats::default(),
+            length_sum: 0,
+            buckets: vec![0; 65],
+        }
     }
 
     fn add(&mut self, r: &DataRecord) -> Result<(), String> {
@@ -257,7 +271,11 @@ impl StatsBuilder {
             None => s.unlabeled += 1,
         }
         let mut length = 0u64;
-        let fields = r.texts.iter().map(|t| (&t.name, "text")).chain(r.numerics.iter().map(|n| (&n.name, "numeric")));
+        let fields = r
+            .texts
+            .iter()
+            .map(|t| (&t.name, "text"))
+            .chain(r.numerics.iter().map(|n| (&n.name, "numeric")));
         for (name, kind) in fields {
             if let Some(f) = s.fields.get_mut(name) {
                 f.present += 1;
@@ -265,7 +283,13 @@ impl StatsBuilder {
                 if s.fields.len() >= MAX_FIELDS {
                     return Err(format!("more than {MAX_FIELDS} distinct fields"));
                 }
-                s.fields.insert(name.clone(), FieldStats { kind: kind.into(), present: 1 });
+                s.fields.insert(
+                    name.clone(),
+                    FieldStats {
+                        kind: kind.into(),
+                        present: 1,
+                    },
+                );
             }
         }
         for t in &r.texts {
@@ -312,7 +336,11 @@ fn hash_record(h: &mut Hasher, r: &DataRecord, encoded: &[u8]) {
 
 fn next_import_id(store: &dyn Storage) -> Result<u64, DatasetError> {
     Ok(match store.get(Space::Meta, NEXT_IMPORT_KEY)? {
-        Some(b) => u64::from_be_bytes(b.as_slice().try_into().map_err(|_| DatasetError::Damaged("import counter".into()))?),
+        Some(b) => u64::from_be_bytes(
+            b.as_slice()
+                .try_into()
+                .map_err(|_| DatasetError::Damaged("import counter".into()))?,
+        ),
         None => 1,
     })
 }
@@ -329,8 +357,16 @@ pub fn import(
     check_name(name)?;
     let import_id = next_import_id(store)?;
     let mut start = WriteBatch::new();
-    start.put(Space::Meta, NEXT_IMPORT_KEY.to_vec(), (import_id + 1).to_be_bytes().to_vec());
-    start.put(Space::Imports, import_id.to_be_bytes().to_vec(), name.as_bytes().to_vec());
+    start.put(
+        Space::Meta,
+        NEXT_IMPORT_KEY.to_vec(),
+        (import_id + 1).to_be_bytes().to_vec(),
+    );
+    start.put(
+        Space::Imports,
+        import_id.to_be_bytes().to_vec(),
+        name.as_bytes().to_vec(),
+    );
     store.commit(start)?;
     match stream_in(store, name, import_id, source, id_field, by) {
         Ok(v) => Ok(v),
@@ -373,14 +409,27 @@ fn stream_in(
                 id: record.id,
             });
         }
-        stats.add(&record).map_err(|what| DatasetError::Limit { file: file_name(source), line: source.line(), what })?;
+        stats.add(&record).map_err(|what| DatasetError::Limit {
+            file: file_name(source),
+            line: source.line(),
+            what,
+        })?;
         encoded.clear();
         codec::encode(&record, &mut encoded);
         hash_record(&mut hasher, &record, &encoded);
         if let Some(label) = &record.label {
-            let entry = LabelEntry { label: label.clone(), provenance: Provenance::Gold, time_ms: now };
-            let value = serde_json::to_vec(&entry).map_err(|e| DatasetError::Damaged(e.to_string()))?;
-            batch.put(Space::Labels, label_key(import_id, &record.id, "gold"), value);
+            let entry = LabelEntry {
+                label: label.clone(),
+                provenance: Provenance::Gold,
+                time_ms: now,
+            };
+            let value =
+                serde_json::to_vec(&entry).map_err(|e| DatasetError::Damaged(e.to_string()))?;
+            batch.put(
+                Space::Labels,
+                label_key(import_id, &record.id, "gold"),
+                value,
+            );
         }
         batch.put(Space::Records, key, encoded.clone());
         pending.insert(record.id);
@@ -397,7 +446,9 @@ fn stream_in(
     store.sync()?;
     let version = match store.last(Space::Datasets, &key2(name.as_bytes(), &[0]))? {
         Some((k, _)) => {
-            let tail: [u8; 4] = k[k.len() - 4..].try_into().map_err(|_| DatasetError::Damaged("version key".into()))?;
+            let tail: [u8; 4] = k[k.len() - 4..]
+                .try_into()
+                .map_err(|_| DatasetError::Damaged("version key".into()))?;
             u32::from_be_bytes(tail) + 1
         }
         None => 1,
@@ -407,7 +458,11 @@ fn stream_in(
         version,
         import_id,
         digest: hasher.finish().to_hex(),
-        source: source.file().file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        source: source
+            .file()
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         created_by: by.to_string(),
         created_ms: now,
         stats,
@@ -428,7 +483,10 @@ fn discard_import(store: &dyn Storage, import_id: u64) -> Result<(), StoreError>
     for space in [Space::Records, Space::Labels, Space::Assignments] {
         loop {
             let mut b = WriteBatch::new();
-            for item in store.scan(space, &import_id.to_be_bytes()).take(STAGE_EVERY) {
+            for item in store
+                .scan(space, &import_id.to_be_bytes())
+                .take(STAGE_EVERY)
+            {
                 let (k, _) = item?;
                 b.delete(space, k);
             }
@@ -446,7 +504,9 @@ fn discard_import(store: &dyn Storage, import_id: u64) -> Result<(), StoreError>
 pub fn recover(store: &dyn Storage) -> Result<usize, StoreError> {
     let markers: Vec<_> = store.scan(Space::Imports, b"").collect::<Result<_, _>>()?;
     for (k, _) in &markers {
-        let Ok(id) = <[u8; 8]>::try_from(k.as_slice()) else { continue };
+        let Ok(id) = <[u8; 8]>::try_from(k.as_slice()) else {
+            continue;
+        };
         discard_import(store, u64::from_be_bytes(id))?;
         let mut b = WriteBatch::new();
         b.delete(Space::Imports, k.clone());
@@ -461,7 +521,8 @@ pub fn list(store: &dyn Storage) -> Result<Vec<DatasetVersion>, DatasetError> {
         .scan(Space::Datasets, b"")
         .map(|item| {
             let (_, v) = item?;
-            serde_json::from_slice(&v).map_err(|_| DatasetError::Damaged("a version manifest".into()))
+            serde_json::from_slice(&v)
+                .map_err(|_| DatasetError::Damaged("a version manifest".into()))
         })
         .collect()
 }
@@ -469,16 +530,25 @@ pub fn list(store: &dyn Storage) -> Result<Vec<DatasetVersion>, DatasetError> {
 /// Resolves `NAME` (latest version) or `NAME@VERSION`.
 pub fn resolve(store: &dyn Storage, reference: &str) -> Result<DatasetVersion, DatasetError> {
     let (name, version) = match reference.split_once('@') {
-        Some((n, v)) => (n, Some(v.parse::<u32>().map_err(|_| DatasetError::BadReference(reference.into()))?)),
+        Some((n, v)) => (
+            n,
+            Some(
+                v.parse::<u32>()
+                    .map_err(|_| DatasetError::BadReference(reference.into()))?,
+            ),
+        ),
         None => (reference, None),
     };
     check_name(name)?;
     let found = match version {
         Some(v) => store.get(Space::Datasets, &version_key(name, v))?,
-        None => store.last(Space::Datasets, &key2(name.as_bytes(), &[0]))?.map(|(_, v)| v),
+        None => store
+            .last(Space::Datasets, &key2(name.as_bytes(), &[0]))?
+            .map(|(_, v)| v),
     };
     let bytes = found.ok_or_else(|| DatasetError::Unknown(reference.to_string()))?;
-    serde_json::from_slice(&bytes).map_err(|_| DatasetError::Damaged(format!("manifest of {reference}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|_| DatasetError::Damaged(format!("manifest of {reference}")))
 }
 
 /// The three splits.
@@ -543,14 +613,20 @@ pub fn records<'a>(
     let prefix = import_id.to_be_bytes();
     store.scan(Space::Records, &prefix).map(move |item| {
         let (k, v) = item?;
-        let id = String::from_utf8(k[8..].to_vec()).map_err(|_| DatasetError::Damaged("a record id".into()))?;
+        let id = String::from_utf8(k[8..].to_vec())
+            .map_err(|_| DatasetError::Damaged("a record id".into()))?;
         let labels = labels_of(store, import_id, &id)?;
-        let record = codec::decode(id, &v).ok_or_else(|| DatasetError::Damaged("a record".into()))?;
+        let record =
+            codec::decode(id, &v).ok_or_else(|| DatasetError::Damaged("a record".into()))?;
         Ok(StoredRecord { record, labels })
     })
 }
 
-fn labels_of(store: &dyn Storage, import_id: u64, id: &str) -> Result<Vec<LabelEntry>, DatasetError> {
+fn labels_of(
+    store: &dyn Storage,
+    import_id: u64,
+    id: &str,
+) -> Result<Vec<LabelEntry>, DatasetError> {
     let mut prefix = record_key(import_id, id);
     prefix.push(0);
     store
@@ -572,8 +648,15 @@ pub struct SplitCounts {
 }
 
 /// Computes [`SplitCounts`] by streaming the version.
-pub fn split_counts(store: &dyn Storage, version: &DatasetVersion, seed: u64) -> Result<SplitCounts, DatasetError> {
-    let mut out = SplitCounts { seed, counts: BTreeMap::new() };
+pub fn split_counts(
+    store: &dyn Storage,
+    version: &DatasetVersion,
+    seed: u64,
+) -> Result<SplitCounts, DatasetError> {
+    let mut out = SplitCounts {
+        seed,
+        counts: BTreeMap::new(),
+    };
     for r in records(store, version) {
         let r = r?;
         let e = out.counts.entry(split_of(&r.record, seed)).or_default();
@@ -587,40 +670,85 @@ pub fn split_counts(store: &dyn Storage, version: &DatasetVersion, seed: u64) ->
 }
 
 /// Reads one record of a version (for the policy-checked views only).
-pub fn get_record(store: &dyn Storage, version: &DatasetVersion, id: &str) -> Result<StoredRecord, DatasetError> {
+pub fn get_record(
+    store: &dyn Storage,
+    version: &DatasetVersion,
+    id: &str,
+) -> Result<StoredRecord, DatasetError> {
     let v = store
         .get(Space::Records, &record_key(version.import_id, id))?
-        .ok_or_else(|| DatasetError::UnknownRecord { dataset: version.reference(), id: id.to_string() })?;
-    let record = codec::decode(id.to_string(), &v).ok_or_else(|| DatasetError::Damaged("a record".into()))?;
-    Ok(StoredRecord { record, labels: labels_of(store, version.import_id, id)? })
+        .ok_or_else(|| DatasetError::UnknownRecord {
+            dataset: version.reference(),
+            id: id.to_string(),
+        })?;
+    let record = codec::decode(id.to_string(), &v)
+        .ok_or_else(|| DatasetError::Damaged("a record".into()))?;
+    Ok(StoredRecord {
+        record,
+        labels: labels_of(store, version.import_id, id)?,
+    })
 }
 
 /// The labeler a record is assigned to.
-pub fn assignee(store: &dyn Storage, version: &DatasetVersion, id: &str) -> Result<Option<String>, DatasetError> {
+pub fn assignee(
+    store: &dyn Storage,
+    version: &DatasetVersion,
+    id: &str,
+) -> Result<Option<String>, DatasetError> {
     Ok(store
         .get(Space::Assignments, &record_key(version.import_id, id))?
         .map(|v| String::from_utf8_lossy(&v).into_owned()))
 }
 
 /// Writes that assign a record to a labeler.
-pub fn assign(store: &dyn Storage, version: &DatasetVersion, id: &str, user: &str) -> Result<WriteBatch, DatasetError> {
-    if store.get(Space::Records, &record_key(version.import_id, id))?.is_none() {
-        return Err(DatasetError::UnknownRecord { dataset: version.reference(), id: id.to_string() });
+pub fn assign(
+    store: &dyn Storage,
+    version: &DatasetVersion,
+    id: &str,
+    user: &str,
+) -> Result<WriteBatch, DatasetError> {
+    if store
+        .get(Space::Records, &record_key(version.import_id, id))?
+        .is_none()
+    {
+        return Err(DatasetError::UnknownRecord {
+            dataset: version.reference(),
+            id: id.to_string(),
+        });
     }
     let mut b = WriteBatch::new();
-    b.put(Space::Assignments, record_key(version.import_id, id), user.as_bytes().to_vec());
+    b.put(
+        Space::Assignments,
+        record_key(version.import_id, id),
+        user.as_bytes().to_vec(),
+    );
     Ok(b)
 }
 
 /// Writes that store a label for a record (one per provenance source; a
 /// later label from the same source replaces the earlier one).
-pub fn set_label(store: &dyn Storage, version: &DatasetVersion, id: &str, entry: &LabelEntry) -> Result<WriteBatch, DatasetError> {
-    if store.get(Space::Records, &record_key(version.import_id, id))?.is_none() {
-        return Err(DatasetError::UnknownRecord { dataset: version.reference(), id: id.to_string() });
+pub fn set_label(
+    store: &dyn Storage,
+    version: &DatasetVersion,
+    id: &str,
+    entry: &LabelEntry,
+) -> Result<WriteBatch, DatasetError> {
+    if store
+        .get(Space::Records, &record_key(version.import_id, id))?
+        .is_none()
+    {
+        return Err(DatasetError::UnknownRecord {
+            dataset: version.reference(),
+            id: id.to_string(),
+        });
     }
     let mut b = WriteBatch::new();
     let value = serde_json::to_vec(entry).map_err(|e| DatasetError::Damaged(e.to_string()))?;
-    b.put(Space::Labels, label_key(version.import_id, id, &entry.provenance.source_key()), value);
+    b.put(
+        Space::Labels,
+        label_key(version.import_id, id, &entry.provenance.source_key()),
+        value,
+    );
     Ok(b)
 }
 
@@ -645,15 +773,25 @@ pub fn open_source(
         }
         None => name.ends_with(".csv") || name.ends_with(".csv.gz"),
     };
-    let file = std::fs::File::open(path).map_err(|source| RecordError::Io { file: path.to_path_buf(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| RecordError::Io {
+        file: path.to_path_buf(),
+        source,
+    })?;
     let input: Box<dyn std::io::BufRead + Send> = if name.ends_with(".gz") {
-        Box::new(std::io::BufReader::with_capacity(1 << 16, flate2::read::GzDecoder::new(file)))
+        Box::new(std::io::BufReader::with_capacity(
+            1 << 16,
+            flate2::read::GzDecoder::new(file),
+        ))
     } else {
         Box::new(std::io::BufReader::with_capacity(1 << 16, file))
     };
     if is_csv {
-        Ok(Box::new(crate::csv_records::CsvReader::new(path, input, &schema)?))
+        Ok(Box::new(crate::csv_records::CsvReader::new(
+            path, input, &schema,
+        )?))
     } else {
-        Ok(Box::new(crate::records::JsonlReader::new(path, input, schema).without_duplicate_check()))
+        Ok(Box::new(
+            crate::records::JsonlReader::new(path, input, schema).without_duplicate_check(),
+        ))
     }
 }

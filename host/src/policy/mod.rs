@@ -320,13 +320,21 @@ fn diag_error(file: &str, text: &str, d: &dyn Diagnostic, message: String) -> Po
         .unwrap_or(0);
     let (line, column) = line_col(text, offset);
     let help = d.help().map(|h| format!(" ({h})")).unwrap_or_default();
-    PolicyError::Invalid { file: file.to_string(), line, column, message: format!("{message}{help}") }
+    PolicyError::Invalid {
+        file: file.to_string(),
+        line,
+        column,
+        message: format!("{message}{help}"),
+    }
 }
 
 impl PolicyEngine {
     /// The policies built into this binary.
     pub fn builtin() -> Result<Self, PolicyError> {
-        Self::load(DEFAULT_SCHEMA, &[("default.cedar".into(), DEFAULT_POLICIES.into())])
+        Self::load(
+            DEFAULT_SCHEMA,
+            &[("default.cedar".into(), DEFAULT_POLICIES.into())],
+        )
     }
 
     /// Parses the schema and every policy file and validates the set
@@ -367,7 +375,9 @@ impl PolicyEngine {
                     .map_err(|e| PolicyError::Set(format!("{file}: {e}")))?;
             }
             if parsed.templates().next().is_some() {
-                return Err(PolicyError::Set(format!("{file}: policy templates are not supported")));
+                return Err(PolicyError::Set(format!(
+                    "{file}: policy templates are not supported"
+                )));
             }
         }
         let validator = Validator::new(schema.clone());
@@ -375,10 +385,24 @@ impl PolicyEngine {
         if let Some(err) = result.validation_errors().next() {
             let id = err.policy_id().to_string();
             let file = origin.get(&id).cloned().unwrap_or_default();
-            let text = files.iter().find(|(f, _)| f == &file).map(|(_, t)| t.as_str()).unwrap_or("");
-            return Err(diag_error(&file, text, err, format!("policy `{id}`: {err}")));
+            let text = files
+                .iter()
+                .find(|(f, _)| f == &file)
+                .map(|(_, t)| t.as_str())
+                .unwrap_or("");
+            return Err(diag_error(
+                &file,
+                text,
+                err,
+                format!("policy `{id}`: {err}"),
+            ));
         }
-        Ok(Self { schema, policies: set, texts, authorizer: Authorizer::new() })
+        Ok(Self {
+            schema,
+            policies: set,
+            texts,
+            authorizer: Authorizer::new(),
+        })
     }
 
     /// Number of policies.
@@ -408,7 +432,11 @@ impl PolicyEngine {
     ) -> Authorization {
         match self.try_authorize(principal, action, resource, channel) {
             Ok(a) => a,
-            Err(e) => Authorization { allowed: false, policies: Vec::new(), errors: vec![e] },
+            Err(e) => Authorization {
+                allowed: false,
+                policies: Vec::new(),
+                errors: vec![e],
+            },
         }
     }
 
@@ -429,28 +457,35 @@ impl PolicyEngine {
                 roles.insert(r);
             }
         }
-        let user_entity = |name: &str, parents: HashSet<EntityUid>, disabled: bool| -> Result<Entity, String> {
-            Entity::new(
-                uid("User", name)?,
-                HashMap::from([("disabled".to_string(), RestrictedExpression::new_bool(disabled))]),
-                parents,
-            )
-            .map_err(|e| e.to_string())
-        };
+        let user_entity =
+            |name: &str, parents: HashSet<EntityUid>, disabled: bool| -> Result<Entity, String> {
+                Entity::new(
+                    uid("User", name)?,
+                    HashMap::from([(
+                        "disabled".to_string(),
+                        RestrictedExpression::new_bool(disabled),
+                    )]),
+                    parents,
+                )
+                .map_err(|e| e.to_string())
+            };
         entities.push(user_entity(&principal.name, roles, principal.disabled)?);
         let mut others = HashSet::new();
-        let mut user_ref = |name: &str, entities: &mut Vec<Entity>| -> Result<RestrictedExpression, String> {
-            if name != principal.name && others.insert(name.to_string()) {
-                entities.push(user_entity(name, HashSet::new(), false)?);
-            }
-            Ok(RestrictedExpression::new_entity_uid(uid("User", name)?))
-        };
+        let mut user_ref =
+            |name: &str, entities: &mut Vec<Entity>| -> Result<RestrictedExpression, String> {
+                if name != principal.name && others.insert(name.to_string()) {
+                    entities.push(user_entity(name, HashSet::new(), false)?);
+                }
+                Ok(RestrictedExpression::new_entity_uid(uid("User", name)?))
+            };
         let (ty, id) = resource.type_and_id();
         let ruid = uid(ty, &id)?;
         let mut attrs = HashMap::new();
         let mut parents = HashSet::new();
         match resource {
-            Resource::Record { dataset, assignee, .. } => {
+            Resource::Record {
+                dataset, assignee, ..
+            } => {
                 let d = uid("Dataset", dataset)?;
                 entities.push(Entity::new_no_attrs(d.clone(), HashSet::new()));
                 parents.insert(d);
@@ -458,13 +493,26 @@ impl PolicyEngine {
                     attrs.insert("assignee".into(), user_ref(a, &mut entities)?);
                 }
             }
-            Resource::Plugin { approved, added_by, .. } => {
+            Resource::Plugin {
+                approved, added_by, ..
+            } => {
                 attrs.insert("approved".into(), RestrictedExpression::new_bool(*approved));
                 attrs.insert("added_by".into(), user_ref(added_by, &mut entities)?);
             }
-            Resource::Model { release_requested, release_approved, requested_by, .. } => {
-                attrs.insert("release_requested".into(), RestrictedExpression::new_bool(*release_requested));
-                attrs.insert("release_approved".into(), RestrictedExpression::new_bool(*release_approved));
+            Resource::Model {
+                release_requested,
+                release_approved,
+                requested_by,
+                ..
+            } => {
+                attrs.insert(
+                    "release_requested".into(),
+                    RestrictedExpression::new_bool(*release_requested),
+                );
+                attrs.insert(
+                    "release_approved".into(),
+                    RestrictedExpression::new_bool(*release_approved),
+                );
                 if let Some(r) = requested_by {
                     attrs.insert("requested_by".into(), user_ref(r, &mut entities)?);
                 }
@@ -472,18 +520,30 @@ impl PolicyEngine {
             Resource::Environment | Resource::Dataset { .. } | Resource::AuditLog => {}
         }
         entities.push(Entity::new(ruid.clone(), attrs, parents).map_err(|e| e.to_string())?);
-        let entities = Entities::from_entities(entities, Some(&self.schema)).map_err(|e| e.to_string())?;
+        let entities =
+            Entities::from_entities(entities, Some(&self.schema)).map_err(|e| e.to_string())?;
         let context = Context::from_pairs([(
             "channel".to_string(),
             RestrictedExpression::new_string(channel.to_string()),
         )])
         .map_err(|e| e.to_string())?;
         let auid = uid("Action", action.as_str())?;
-        let request = Request::new(puid, auid, ruid, context, Some(&self.schema)).map_err(|e| e.to_string())?;
-        let response = self.authorizer.is_authorized(&request, &self.policies, &entities);
-        let mut policies: Vec<String> = response.diagnostics().reason().map(|p| p.to_string()).collect();
+        let request = Request::new(puid, auid, ruid, context, Some(&self.schema))
+            .map_err(|e| e.to_string())?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &entities);
+        let mut policies: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|p| p.to_string())
+            .collect();
         policies.sort();
-        let errors = response.diagnostics().errors().map(|e| e.to_string()).collect();
+        let errors = response
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
         Ok(Authorization {
             allowed: response.decision() == cedar_policy::Decision::Allow,
             policies,
@@ -505,7 +565,8 @@ mod tests {
 
     #[test]
     fn a_syntax_error_names_file_line_and_column() {
-        let bad = "@id(\"x\")\npermit (principal, action, resource)\nwhen { principal.disabled == };\n";
+        let bad =
+            "@id(\"x\")\npermit (principal, action, resource)\nwhen { principal.disabled == };\n";
         let err = PolicyEngine::load(DEFAULT_SCHEMA, &[("mine.cedar".into(), bad.into())])
             .expect_err("bad syntax");
         let text = err.to_string();
@@ -525,12 +586,16 @@ mod tests {
     #[test]
     fn policies_without_ids_or_with_duplicate_ids_are_refused() {
         let no_id = "permit (principal, action, resource);";
-        let err = PolicyEngine::load(DEFAULT_SCHEMA, &[("a.cedar".into(), no_id.into())]).expect_err("no id");
+        let err = PolicyEngine::load(DEFAULT_SCHEMA, &[("a.cedar".into(), no_id.into())])
+            .expect_err("no id");
         assert!(err.to_string().contains("a.cedar:1:1"), "{err}");
         let one = "@id(\"same\")\npermit (principal, action == Action::\"list_users\", resource);";
         let err = PolicyEngine::load(
             DEFAULT_SCHEMA,
-            &[("a.cedar".into(), one.into()), ("b.cedar".into(), one.into())],
+            &[
+                ("a.cedar".into(), one.into()),
+                ("b.cedar".into(), one.into()),
+            ],
         )
         .expect_err("duplicate");
         assert!(err.to_string().contains("already used in a.cedar"), "{err}");

@@ -136,7 +136,9 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// Another process holds the store open.
-    #[error("the store is in use by another process (only one cloister process may open an environment at a time)")]
+    #[error(
+        "the store is in use by another process (only one cloister process may open an environment at a time)"
+    )]
     Busy,
     /// The engine found damaged data. The store fails closed: nothing more
     /// is read or written.

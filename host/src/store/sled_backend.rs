@@ -166,7 +166,10 @@ mod tests {
         assert_eq!(s.get(Space::Tokens, b"alice")?, Some(b"2".to_vec()));
         let users: Vec<_> = s.scan(Space::Users, b"").collect::<Result<_, _>>()?;
         assert_eq!(users.len(), 2);
-        assert_eq!(s.last(Space::Users, b"")?.map(|e| e.0), Some(b"bob".to_vec()));
+        assert_eq!(
+            s.last(Space::Users, b"")?.map(|e| e.0),
+            Some(b"bob".to_vec())
+        );
         assert_eq!(s.last(Space::Datasets, b"")?, None);
         let from: Vec<_> = s.scan_from(Space::Users, b"b").collect::<Result<_, _>>()?;
         assert_eq!(from.len(), 1);
