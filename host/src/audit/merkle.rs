@@ -176,7 +176,7 @@ impl Frontier {
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         let size = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
         let rest = &bytes[8..];
-        if rest.len() % 36 != 0 {
+        if !rest.len().is_multiple_of(36) {
             return None;
         }
         let mut nodes = Vec::new();
