@@ -32,8 +32,14 @@ pub enum UserCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Validate the environment's policy files against the schema.
-    Check,
+    /// Validate the environment's policy files against the schema, or
+    /// with --dir a policy directory before you install it (no environment
+    /// or token needed).
+    Check {
+        /// A directory holding cloister.cedarschema and *.cedar files.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Show how the active policies decide a request, and which policies
     /// decided it.
     Explain {
@@ -97,9 +103,20 @@ fn roles_text(roles: &[Role]) -> String {
 }
 
 pub fn policy(env: &EnvArgs, cmd: PolicyCommand) -> Result<ExitCode> {
+    if let PolicyCommand::Check { dir: Some(dir) } = &cmd {
+        let handle = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        let label = format!("{}/", dir.display());
+        let engine = cloister_host::env::load_policy_dir(&handle, &label)?;
+        println!(
+            "policies valid: {} policies checked against the schema",
+            engine.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let s = env.session()?;
     match cmd {
-        PolicyCommand::Check => {
+        PolicyCommand::Check { .. } => {
             let n = s.cloister.policy_check(&s.user)?;
             println!("policies valid: {n} policies checked against the schema");
         }

@@ -253,13 +253,26 @@ fn plugin_run_selector_needs_classes() {
 }
 
 #[test]
-fn demo_runs_the_bundled_plugins_over_the_bundled_data() {
-    let o = cloister(&["demo"]);
+fn demo_runs_in_a_throwaway_environment_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cloister"))
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("SpamAssassin (6046 emails"), "{out}");
+    assert!(out.contains("spamassassin@1    6046 records"), "{out}");
+    assert!(
+        out.contains("SpamAssassin through the approved plugins"),
+        "{out}"
+    );
     assert!(out.contains("kept 6046 of 6046"), "{out}");
     assert!(out.contains("Digits (1797 images"), "{out}");
+    assert!(out.contains("denied: ana may not export_dataset"), "{out}");
+    assert!(out.contains("chain and signed head verify"), "{out}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "the demo left {left:?} behind");
 }
 
 /// The code blocks of `docs/plugin-authoring.md` that follow a line

@@ -1,0 +1,224 @@
+//! Store and audit benchmarks (issue 3).
+//!
+//! `store-bench import --records N`: generates N short JSONL records, then
+//! measures (a) the JSONL reader alone — the parse-only baseline — and (b) a
+//! full `cloister dataset import` through the authorization point into a
+//! fresh environment: records/s, and the process's peak resident memory.
+//! Run it in separate processes for different N to see that memory does
+//! not grow with the file.
+//!
+//! `store-bench audit --writers W --appends N`: durable audit appends from W
+//! concurrent threads (group commit), against one writer in the same run:
+//! appends/s and latency percentiles.
+
+#![allow(clippy::print_stdout)]
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use cloister_host::audit::{AuditRecord, Decision};
+use cloister_host::policy::Role;
+use cloister_host::records::{RecordSource, Schema};
+use cloister_host::service::{Cloister, ImportOptions};
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn generate(path: &Path, n: u64) -> Result<u64> {
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    const WORDS: [&str; 8] = [
+        "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+    ];
+    for i in 0..n {
+        let a = WORDS[(i % 8) as usize];
+        let b = WORDS[((i / 8) % 8) as usize];
+        if i % 4 == 0 {
+            writeln!(w, "{{\"id\":\"r{i}\",\"text\":\"{a} {b} message {i}\"}}")?;
+        } else {
+            writeln!(
+                w,
+                "{{\"id\":\"r{i}\",\"text\":\"{a} {b} message {i}\",\"label\":\"{}\"}}",
+                if i % 3 == 0 { "spam" } else { "ham" }
+            )?;
+        }
+    }
+    w.flush()?;
+    Ok(std::fs::metadata(path)?.len())
+}
+
+fn import(records: u64, keep: bool) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("records.jsonl");
+    let bytes = generate(&file, records)?;
+    println!(
+        "input: {records} records, {:.1} MiB ({} bytes/record)",
+        bytes as f64 / 1048576.0,
+        bytes / records.max(1)
+    );
+
+    let t = Instant::now();
+    let mut reader =
+        cloister_host::records::open(&file, Schema::default())?.without_duplicate_check();
+    let mut n = 0u64;
+    for r in reader.by_ref() {
+        r?;
+        n += 1;
+    }
+    let parse_s = t.elapsed().as_secs_f64();
+    let _ = reader.line();
+    println!(
+        "baseline, parse only: {n} records in {parse_s:.2} s = {:.0} records/s",
+        n as f64 / parse_s
+    );
+
+    let (c, root) = Cloister::init(&dir.path().join("env"), "root")?;
+    let admin = c.authenticate(&root)?;
+    let (sci, _) = c.add_user(&admin, "sci", &[Role::Scientist])?;
+    let rss_before = peak_rss_mib();
+    let t = Instant::now();
+    let v = c.import_dataset(&sci, "bench", &file, &ImportOptions::default())?;
+    let import_s = t.elapsed().as_secs_f64();
+    if v.stats.records != records {
+        bail!("imported {} of {records} records", v.stats.records);
+    }
+    let rate = records as f64 / import_s;
+    println!(
+        "import (durable, atomic): {records} records in {import_s:.2} s = {rate:.0} records/s ({:.2}x of parse-only)",
+        rate / (n as f64 / parse_s)
+    );
+    println!(
+        "peak RSS: {:.0} MiB (before the import: {rss_before:.0} MiB)",
+        peak_rss_mib()
+    );
+    if keep {
+        let kept = dir.keep();
+        println!("kept {}", kept.display());
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn audit_run(c: &Cloister, writers: usize, per_writer: usize) -> Result<(f64, Vec<Duration>)> {
+    let t = Instant::now();
+    let lat = std::thread::scope(|s| -> Result<Vec<Duration>> {
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                s.spawn(move || -> Result<Vec<Duration>> {
+                    let mut lat = Vec::with_capacity(per_writer);
+                    for n in 0..per_writer {
+                        let t = Instant::now();
+                        c.env().audit().append(AuditRecord {
+                            actor: format!("writer{w}"),
+                            action: "bench".into(),
+                            resource: format!("Dataset::\"d{n}\""),
+                            decision: Decision::Allow,
+                            policies: vec!["bench".into()],
+                            params: "0".repeat(64),
+                        })?;
+                        lat.push(t.elapsed());
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??);
+        }
+        Ok(all)
+    })?;
+    let secs = t.elapsed().as_secs_f64();
+    let mut lat = lat;
+    lat.sort();
+    Ok(((writers * per_writer) as f64 / secs, lat))
+}
+
+fn audit(writers: usize, appends: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (c, root) = Cloister::init(&dir.path().join("env"), "root")?;
+    let admin = c.authenticate(&root)?;
+    let report = |label: &str, rate: f64, lat: &[Duration]| {
+        println!(
+            "{label}: {rate:.0} appends/s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            percentile(lat, 0.5),
+            percentile(lat, 0.99),
+            percentile(lat, 1.0)
+        );
+    };
+    let (base, lat1) = audit_run(&c, 1, (appends / 4).max(100))?;
+    report("baseline, 1 writer (one flush per append)", base, &lat1);
+    let (rate, lat) = audit_run(&c, writers, appends / writers)?;
+    report(
+        &format!("{writers} concurrent writers (group commit)"),
+        rate,
+        &lat,
+    );
+    println!("ratio concurrent/baseline: {:.1}x", rate / base);
+
+    // The whole authorization point: policy evaluation + durable append.
+    let t = Instant::now();
+    let ops = 2000;
+    std::thread::scope(|s| {
+        for _ in 0..writers {
+            s.spawn(|| {
+                for _ in 0..ops / writers {
+                    let _ = c.list_datasets(&admin);
+                }
+            });
+        }
+    });
+    println!(
+        "authorized + audited operations ({writers} threads): {:.0} ops/s",
+        ops as f64 / t.elapsed().as_secs_f64()
+    );
+    match c.env().audit().verify(None)? {
+        cloister_host::audit::Verdict::Intact { size, .. } => {
+            println!("log verifies: {size} entries")
+        }
+        v => bail!("the log does not verify after the benchmark: {v:?}"),
+    }
+    Ok(())
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .context(format!("{name} needs a value"))?
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}: bad value")),
+        None => Ok(default),
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("import") => import(
+            arg(&args, "--records", 1_000_000)?,
+            args.iter().any(|a| a == "--keep"),
+        ),
+        Some("audit") => audit(
+            arg(&args, "--writers", 16)?,
+            arg(&args, "--appends", 20_000)?,
+        ),
+        _ => bail!("usage: store-bench import [--records N] | audit [--writers W] [--appends N]"),
+    }
+}
