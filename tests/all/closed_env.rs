@@ -102,7 +102,7 @@ fn an_import_with_a_bad_line_names_it_and_leaves_nothing_behind() {
             .unwrap_err()
             .to_string();
     assert!(
-        err.contains("dup.jsonl:11: field `id`: duplicate id \"r3\""),
+        err.contains("dup.jsonl:11: field `id`: duplicate id \"r3\" (first at line 4;"),
         "{err}"
     );
 
@@ -148,6 +148,9 @@ fn an_import_with_a_bad_line_names_it_and_leaves_nothing_behind() {
     assert!(e.c.list_datasets(&e.sci).unwrap().is_empty());
     for space in [
         Space::Records,
+        Space::GoldLabels,
+        Space::RecordIndex,
+        Space::Scratch,
         Space::Labels,
         Space::Imports,
         Space::Datasets,

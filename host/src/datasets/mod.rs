@@ -11,8 +11,9 @@
 //! Labels are stored apart from records, each with its [`Provenance`].
 
 pub mod codec;
+pub mod layout;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -24,8 +25,10 @@ use crate::store::{Space, Storage, StoreError, WriteBatch, key2};
 use crate::types::{DataRecord, Numeric};
 
 const NEXT_IMPORT_KEY: &[u8] = b"next-import";
-/// Records staged per write batch during an import.
-const STAGE_EVERY: usize = 8192;
+/// Chunks staged per write batch during an import.
+const STAGE_CHUNKS: usize = 16;
+/// Keys deleted per batch when discarding an import.
+const DELETE_BATCH: usize = 4096;
 /// Most distinct labels a dataset may have.
 pub const MAX_LABELS: usize = 10_000;
 /// Most distinct field names a dataset may have.
@@ -44,7 +47,7 @@ pub enum DatasetError {
     Input(#[from] RecordError),
     /// An id occurs twice.
     #[error(
-        "{file}:{line}: field `{field}`: duplicate id {id:?} (ids must be unique within an import)"
+        "{file}:{line}: field `{field}`: duplicate id {id:?} (first at line {first}; ids must be unique within an import)"
     )]
     Duplicate {
         /// File.
@@ -55,6 +58,8 @@ pub enum DatasetError {
         field: String,
         /// The id.
         id: String,
+        /// Line of the first occurrence.
+        first: u64,
     },
     /// A limit on distinct labels or fields was exceeded.
     #[error("{file}:{line}: {what}")]
@@ -185,6 +190,10 @@ pub struct DatasetVersion {
     pub version: u32,
     /// Where its records are stored.
     pub import_id: u64,
+    /// Number of record chunks.
+    pub chunks: u32,
+    /// Number of id-index buckets.
+    pub buckets: u32,
     /// SHA-256 over the records' canonical encoding, in input order: the
     /// version's content address.
     pub digest: String,
@@ -227,6 +236,7 @@ fn version_key(name: &str, version: u32) -> Vec<u8> {
     k
 }
 
+/// Per-record key (later labels, assignments).
 fn record_key(import_id: u64, id: &str) -> Vec<u8> {
     key2(&import_id.to_be_bytes(), id.as_bytes())
 }
@@ -391,24 +401,33 @@ fn stream_in(
     id_field: &str,
     by: &str,
 ) -> Result<DatasetVersion, DatasetError> {
+    use layout::{CHUNK_RECORDS, IdEntry, RunWriter, put_str};
     let file_name = |s: &dyn RecordSource| s.file().display().to_string();
     let mut stats = StatsBuilder::new();
     let mut hasher = Digest::hasher();
     let mut batch = WriteBatch::new();
-    let mut pending: HashSet<String> = HashSet::new();
+    let mut runs = RunWriter::new(import_id);
     let mut encoded = Vec::new();
-    let now = crate::time::now_ms();
+    let mut chunk = Vec::new();
+    let mut gold = Vec::new();
+    let mut in_chunk = 0usize;
+    let mut chunk_no = 0u32;
+    let flush_chunk = |chunk: &mut Vec<u8>,
+                       gold: &mut Vec<u8>,
+                       in_chunk: &mut usize,
+                       chunk_no: &mut u32,
+                       batch: &mut WriteBatch| {
+        let mut c = (*in_chunk as u32).to_le_bytes().to_vec();
+        c.append(chunk);
+        let mut g = (*in_chunk as u32).to_le_bytes().to_vec();
+        g.append(gold);
+        batch.put(Space::Records, layout::key(import_id, *chunk_no), c);
+        batch.put(Space::GoldLabels, layout::key(import_id, *chunk_no), g);
+        *chunk_no += 1;
+        *in_chunk = 0;
+    };
     while let Some(item) = source.next() {
         let record = item?;
-        let key = record_key(import_id, &record.id);
-        if pending.contains(&record.id) || store.get(Space::Records, &key)?.is_some() {
-            return Err(DatasetError::Duplicate {
-                file: file_name(source),
-                line: source.line(),
-                field: id_field.to_string(),
-                id: record.id,
-            });
-        }
         stats.add(&record).map_err(|what| DatasetError::Limit {
             file: file_name(source),
             line: source.line(),
@@ -417,32 +436,72 @@ fn stream_in(
         encoded.clear();
         codec::encode(&record, &mut encoded);
         hash_record(&mut hasher, &record, &encoded);
-        if let Some(label) = &record.label {
-            let entry = LabelEntry {
-                label: label.clone(),
-                provenance: Provenance::Gold,
-                time_ms: now,
-            };
-            let value =
-                serde_json::to_vec(&entry).map_err(|e| DatasetError::Damaged(e.to_string()))?;
-            batch.put(
-                Space::Labels,
-                label_key(import_id, &record.id, "gold"),
-                value,
-            );
+        put_str(&mut chunk, &record.id);
+        chunk.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        chunk.extend_from_slice(&encoded);
+        put_str(&mut gold, &record.id);
+        match &record.label {
+            Some(l) => {
+                gold.push(1);
+                put_str(&mut gold, l);
+            }
+            None => gold.push(0),
         }
-        batch.put(Space::Records, key, encoded.clone());
-        pending.insert(record.id);
-        if pending.len() >= STAGE_EVERY {
-            store.stage(std::mem::take(&mut batch))?;
-            pending.clear();
+        runs.push(
+            store,
+            IdEntry {
+                hash: layout::id_hash(&record.id),
+                id: record.id,
+                line: source.line(),
+                chunk: chunk_no,
+            },
+        )?;
+        in_chunk += 1;
+        if in_chunk == CHUNK_RECORDS {
+            flush_chunk(
+                &mut chunk,
+                &mut gold,
+                &mut in_chunk,
+                &mut chunk_no,
+                &mut batch,
+            );
+            if batch.len() >= 2 * STAGE_CHUNKS {
+                store.stage(std::mem::take(&mut batch))?;
+            }
         }
     }
     let stats = stats.finish();
     if stats.records == 0 {
         return Err(DatasetError::Empty(file_name(source)));
     }
+    if in_chunk > 0 {
+        flush_chunk(
+            &mut chunk,
+            &mut gold,
+            &mut in_chunk,
+            &mut chunk_no,
+            &mut batch,
+        );
+    }
     store.stage(batch)?;
+    let run_count = runs.finish(store)?;
+    let buckets = match layout::merge_and_index(store, import_id, run_count, stats.records) {
+        Ok(b) => b,
+        Err(layout::MergeError::Duplicate(id, first, second)) => {
+            return Err(DatasetError::Duplicate {
+                file: file_name(source),
+                line: second,
+                field: id_field.to_string(),
+                id,
+                first,
+            });
+        }
+        Err(layout::MergeError::Damaged) => {
+            return Err(DatasetError::Damaged("import scratch data".into()));
+        }
+        Err(layout::MergeError::Store(e)) => return Err(e.into()),
+    };
+    delete_prefix(store, Space::Scratch, &import_id.to_be_bytes())?;
     store.sync()?;
     let version = match store.last(Space::Datasets, &key2(name.as_bytes(), &[0]))? {
         Some((k, _)) => {
@@ -457,6 +516,8 @@ fn stream_in(
         name: name.to_string(),
         version,
         import_id,
+        chunks: chunk_no,
+        buckets,
         digest: hasher.finish().to_hex(),
         source: source
             .file()
@@ -464,7 +525,7 @@ fn stream_in(
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default(),
         created_by: by.to_string(),
-        created_ms: now,
+        created_ms: crate::time::now_ms(),
         stats,
     };
     let mut commit = WriteBatch::new();
@@ -478,23 +539,32 @@ fn stream_in(
     Ok(manifest)
 }
 
-/// Removes every record and label staged under `import_id`.
-fn discard_import(store: &dyn Storage, import_id: u64) -> Result<(), StoreError> {
-    for space in [Space::Records, Space::Labels, Space::Assignments] {
-        loop {
-            let mut b = WriteBatch::new();
-            for item in store
-                .scan(space, &import_id.to_be_bytes())
-                .take(STAGE_EVERY)
-            {
-                let (k, _) = item?;
-                b.delete(space, k);
-            }
-            if b.is_empty() {
-                break;
-            }
-            store.stage(b)?;
+fn delete_prefix(store: &dyn Storage, space: Space, prefix: &[u8]) -> Result<(), StoreError> {
+    loop {
+        let mut b = WriteBatch::new();
+        for item in store.scan(space, prefix).take(DELETE_BATCH) {
+            let (k, _) = item?;
+            b.delete(space, k);
         }
+        if b.is_empty() {
+            return Ok(());
+        }
+        store.stage(b)?;
+    }
+}
+
+/// Removes everything staged under `import_id`.
+fn discard_import(store: &dyn Storage, import_id: u64) -> Result<(), StoreError> {
+    let prefix = import_id.to_be_bytes();
+    for space in [
+        Space::Records,
+        Space::GoldLabels,
+        Space::RecordIndex,
+        Space::Scratch,
+        Space::Labels,
+        Space::Assignments,
+    ] {
+        delete_prefix(store, space, &prefix)?;
     }
     store.sync()
 }
@@ -604,24 +674,102 @@ pub struct StoredRecord {
     pub labels: Vec<LabelEntry>,
 }
 
-/// Streams every record of a version with its labels, in id order.
+/// Decodes a record chunk and its gold-label chunk.
+fn decode_chunk(
+    records: &[u8],
+    gold: Option<&[u8]>,
+) -> Result<Vec<(DataRecord, Option<String>)>, DatasetError> {
+    let bad = || DatasetError::Damaged("a record chunk".into());
+    let mut r = layout::Reader(records);
+    let n = r.u32().ok_or_else(bad)? as usize;
+    let mut g = gold.map(layout::Reader);
+    if let Some(g) = &mut g
+        && g.u32() != Some(n as u32)
+    {
+        return Err(bad());
+    }
+    let mut out = Vec::with_capacity(n.min(layout::CHUNK_RECORDS));
+    for _ in 0..n {
+        let id = r.str().ok_or_else(bad)?.to_string();
+        let payload = r.bytes().ok_or_else(bad)?;
+        let record = codec::decode(id, payload).ok_or_else(bad)?;
+        let label = match &mut g {
+            None => None,
+            Some(g) => {
+                if g.str() != Some(record.id.as_str()) {
+                    return Err(bad());
+                }
+                match g.take(1).ok_or_else(bad)?[0] {
+                    0 => None,
+                    _ => Some(g.str().ok_or_else(bad)?.to_string()),
+                }
+            }
+        };
+        out.push((record, label));
+    }
+    Ok(out)
+}
+
+fn with_labels(
+    record: DataRecord,
+    gold: Option<String>,
+    gold_time: u64,
+    later: Vec<LabelEntry>,
+) -> StoredRecord {
+    let mut labels: Vec<LabelEntry> = gold
+        .map(|label| LabelEntry {
+            label,
+            provenance: Provenance::Gold,
+            time_ms: gold_time,
+        })
+        .into_iter()
+        .collect();
+    labels.extend(later);
+    StoredRecord { record, labels }
+}
+
+/// Streams every record of a version with its labels, in input order.
 pub fn records<'a>(
     store: &'a dyn Storage,
     version: &DatasetVersion,
 ) -> impl Iterator<Item = Result<StoredRecord, DatasetError>> + 'a {
     let import_id = version.import_id;
-    let prefix = import_id.to_be_bytes();
-    store.scan(Space::Records, &prefix).map(move |item| {
-        let (k, v) = item?;
-        let id = String::from_utf8(k[8..].to_vec())
-            .map_err(|_| DatasetError::Damaged("a record id".into()))?;
-        let labels = labels_of(store, import_id, &id)?;
-        let record =
-            codec::decode(id, &v).ok_or_else(|| DatasetError::Damaged("a record".into()))?;
-        Ok(StoredRecord { record, labels })
+    let gold_time = version.created_ms;
+    let later = later_labels(store, import_id);
+    let chunks = store.scan(Space::Records, &import_id.to_be_bytes());
+    let mut later = match later {
+        Ok(map) => Ok(map),
+        Err(e) => Err(Some(e)),
+    };
+    let mut pending: std::vec::IntoIter<(DataRecord, Option<String>)> = Vec::new().into_iter();
+    let mut chunks = chunks;
+    std::iter::from_fn(move || {
+        let map = match &mut later {
+            Ok(m) => m,
+            Err(e) => return e.take().map(Err),
+        };
+        loop {
+            if let Some((record, gold)) = pending.next() {
+                let extra = map.remove(&record.id).unwrap_or_default();
+                return Some(Ok(with_labels(record, gold, gold_time, extra)));
+            }
+            let (k, v) = match chunks.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let gold = match store.get(Space::GoldLabels, &k) {
+                Ok(g) => g,
+                Err(e) => return Some(Err(e.into())),
+            };
+            match decode_chunk(&v, gold.as_deref()) {
+                Ok(list) => pending = list.into_iter(),
+                Err(e) => return Some(Err(e)),
+            }
+        }
     })
 }
 
+/// The non-gold labels of one record.
 fn labels_of(
     store: &dyn Storage,
     import_id: u64,
@@ -636,6 +784,29 @@ fn labels_of(
             serde_json::from_slice(&v).map_err(|_| DatasetError::Damaged("a label".into()))
         })
         .collect()
+}
+
+/// Every non-gold label of an import, by record id.
+fn later_labels(
+    store: &dyn Storage,
+    import_id: u64,
+) -> Result<std::collections::HashMap<String, Vec<LabelEntry>>, DatasetError> {
+    let mut map: std::collections::HashMap<String, Vec<LabelEntry>> =
+        std::collections::HashMap::new();
+    for item in store.scan(Space::Labels, &import_id.to_be_bytes()) {
+        let (k, v) = item?;
+        let rest = &k[8..];
+        let end = rest
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| DatasetError::Damaged("a label key".into()))?;
+        let id = String::from_utf8(rest[..end].to_vec())
+            .map_err(|_| DatasetError::Damaged("a label key".into()))?;
+        let entry =
+            serde_json::from_slice(&v).map_err(|_| DatasetError::Damaged("a label".into()))?;
+        map.entry(id).or_default().push(entry);
+    }
+    Ok(map)
 }
 
 /// Counts per split, labeled and unlabeled, for a seed.
@@ -675,18 +846,41 @@ pub fn get_record(
     version: &DatasetVersion,
     id: &str,
 ) -> Result<StoredRecord, DatasetError> {
+    let unknown = || DatasetError::UnknownRecord {
+        dataset: version.reference(),
+        id: id.to_string(),
+    };
+    let chunk =
+        layout::find_chunk(store, version.import_id, version.buckets, id)?.ok_or_else(unknown)?;
+    let k = layout::key(version.import_id, chunk);
     let v = store
-        .get(Space::Records, &record_key(version.import_id, id))?
-        .ok_or_else(|| DatasetError::UnknownRecord {
+        .get(Space::Records, &k)?
+        .ok_or_else(|| DatasetError::Damaged("a record chunk is missing".into()))?;
+    let gold = store.get(Space::GoldLabels, &k)?;
+    let (record, label) = decode_chunk(&v, gold.as_deref())?
+        .into_iter()
+        .find(|(r, _)| r.id == id)
+        .ok_or_else(|| DatasetError::Damaged("the id index points to the wrong chunk".into()))?;
+    Ok(with_labels(
+        record,
+        label,
+        version.created_ms,
+        labels_of(store, version.import_id, id)?,
+    ))
+}
+
+fn require_record(
+    store: &dyn Storage,
+    version: &DatasetVersion,
+    id: &str,
+) -> Result<(), DatasetError> {
+    match layout::find_chunk(store, version.import_id, version.buckets, id)? {
+        Some(_) => Ok(()),
+        None => Err(DatasetError::UnknownRecord {
             dataset: version.reference(),
             id: id.to_string(),
-        })?;
-    let record = codec::decode(id.to_string(), &v)
-        .ok_or_else(|| DatasetError::Damaged("a record".into()))?;
-    Ok(StoredRecord {
-        record,
-        labels: labels_of(store, version.import_id, id)?,
-    })
+        }),
+    }
 }
 
 /// The labeler a record is assigned to.
@@ -707,15 +901,7 @@ pub fn assign(
     id: &str,
     user: &str,
 ) -> Result<WriteBatch, DatasetError> {
-    if store
-        .get(Space::Records, &record_key(version.import_id, id))?
-        .is_none()
-    {
-        return Err(DatasetError::UnknownRecord {
-            dataset: version.reference(),
-            id: id.to_string(),
-        });
-    }
+    require_record(store, version, id)?;
     let mut b = WriteBatch::new();
     b.put(
         Space::Assignments,
@@ -733,15 +919,7 @@ pub fn set_label(
     id: &str,
     entry: &LabelEntry,
 ) -> Result<WriteBatch, DatasetError> {
-    if store
-        .get(Space::Records, &record_key(version.import_id, id))?
-        .is_none()
-    {
-        return Err(DatasetError::UnknownRecord {
-            dataset: version.reference(),
-            id: id.to_string(),
-        });
-    }
+    require_record(store, version, id)?;
     let mut b = WriteBatch::new();
     let value = serde_json::to_vec(entry).map_err(|e| DatasetError::Damaged(e.to_string()))?;
     b.put(

@@ -37,9 +37,11 @@ pub enum Space {
     /// Imports in progress: `import id (u64 BE)` → marker. Anything left
     /// here at open time belongs to an import that never committed.
     Imports = 5,
-    /// Records: `import id (u64 BE) ‖ record id` → encoded record.
+    /// Records, in chunks of consecutive input records:
+    /// `import id (u64 BE) ‖ chunk (u32 BE)` → encoded chunk.
     Records = 6,
-    /// Labels: `import id ‖ record id \0 source` → label with provenance.
+    /// Later labels (human, automatic): `import id ‖ record id \0 source`
+    /// → label with provenance.
     Labels = 7,
     /// Labeling assignments: `import id ‖ record id` → user name.
     Assignments = 8,
@@ -51,11 +53,17 @@ pub enum Space {
     Audit = 11,
     /// Signed audit checkpoints: `size (u64 BE)` → checkpoint.
     Checkpoints = 12,
+    /// Imported (gold) labels, chunked like `Records`: `import id ‖ chunk`.
+    GoldLabels = 13,
+    /// Record-id index: `import id ‖ bucket (u32 BE)` → (id, chunk) pairs.
+    RecordIndex = 14,
+    /// Scratch space of imports in progress (sorted runs of ids).
+    Scratch = 15,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 12] = [
+    pub const ALL: [Space; 15] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -68,6 +76,9 @@ impl Space {
         Space::PluginBlobs,
         Space::Audit,
         Space::Checkpoints,
+        Space::GoldLabels,
+        Space::RecordIndex,
+        Space::Scratch,
     ];
 
     /// The key prefix byte.
