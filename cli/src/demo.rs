@@ -50,7 +50,7 @@ impl Demo {
     }
 
     fn stored(&self, v: &DatasetVersion) -> Result<Vec<DataRecord>> {
-        datasets::records(self.c.env().store().as_ref(), v)
+        datasets::records(self.c.env(), v)
             .map(|r| r.map(|r| r.record).map_err(anyhow::Error::from))
             .collect()
     }

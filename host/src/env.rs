@@ -11,6 +11,8 @@
 //!     cache.key            HMAC secret for compiled-plugin artifacts
 //!   policies/          the active Cedar schema and policy set
 //!   cache/             compiled plugin artifacts
+//!   datasets/          one segment file per dataset version (0600)
+//!   tmp/               scratch files of imports in progress
 //! ```
 //!
 //! `init` builds the whole tree in a sibling temporary directory and renames
@@ -75,6 +77,9 @@ pub enum EnvError {
     /// The active policies do not load.
     #[error("the environment's policies are invalid: {0}")]
     Policy(#[from] PolicyError),
+    /// Cleaning up an interrupted import failed.
+    #[error(transparent)]
+    Dataset(Box<crate::datasets::DatasetError>),
     /// Creating the first admin failed.
     #[error(transparent)]
     User(#[from] crate::users::UserError),
@@ -169,7 +174,7 @@ impl Environment {
         let dir = Dir::open_ambient_dir(staging, ambient_authority()).map_err(file_err("."))?;
         let mut private = DirBuilder::new();
         private.mode(0o700);
-        for d in ["keys", "policies", "cache"] {
+        for d in ["keys", "policies", "cache", "datasets", "tmp"] {
             dir.create_dir_with(d, &private).map_err(file_err(d))?;
         }
         let rng = SystemRandom::new();
@@ -182,7 +187,7 @@ impl Environment {
             .map_err(file_err("policies"))?;
         dir.write("policies/default.cedar", DEFAULT_POLICIES)
             .map_err(file_err("policies"))?;
-        for d in ["keys", "policies", "cache"] {
+        for d in ["keys", "policies", "cache", "datasets", "tmp"] {
             sync_dir(&dir, d)?;
         }
         let store = SledStorage::open(&staging.join("store"), true)?;
@@ -229,8 +234,7 @@ impl Environment {
         let id = String::from_utf8_lossy(&store.get(Space::Meta, ID_KEY)?.unwrap_or_default())
             .into_owned();
         let audit = AuditLog::open(Arc::clone(&store), keys, &id, CHECKPOINT_EVERY)?;
-        crate::datasets::recover(store.as_ref())?;
-        Ok(Self {
+        let env = Self {
             path: path.to_path_buf(),
             dir,
             id,
@@ -238,7 +242,9 @@ impl Environment {
             audit,
             policy,
             cache_secret,
-        })
+        };
+        crate::datasets::recover(&env).map_err(|e| EnvError::Dataset(Box::new(e)))?;
+        Ok(env)
     }
 
     /// Loads the schema and every `*.cedar` file of `dir/policies`.

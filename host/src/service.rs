@@ -280,7 +280,7 @@ impl Cloister {
             .lock()
             .map_err(|_| ServiceError::BadRequest("an earlier import panicked".into()))?;
         Ok(datasets::import(
-            self.env.store().as_ref(),
+            &self.env,
             name,
             source.as_mut(),
             &options.schema.id_field,
@@ -296,7 +296,7 @@ impl Cloister {
             &Resource::Environment,
             &(),
         )?;
-        Ok(datasets::list(self.env.store().as_ref())?)
+        Ok(datasets::list(&self.env)?)
     }
 
     /// Statistics of `NAME[@VERSION]`; with a seed, also split counts.
@@ -313,9 +313,9 @@ impl Cloister {
             &Resource::Dataset { name: name.into() },
             &(reference, seed),
         )?;
-        let v = datasets::resolve(self.env.store().as_ref(), reference)?;
+        let v = datasets::resolve(&self.env, reference)?;
         let splits = match seed {
-            Some(s) => Some(datasets::split_counts(self.env.store().as_ref(), &v, s)?),
+            Some(s) => Some(datasets::split_counts(&self.env, &v, s)?),
             None => None,
         };
         Ok((v, splits))
@@ -341,8 +341,8 @@ impl Cloister {
         reference: &str,
         id: &str,
     ) -> Result<(DatasetVersion, Resource), ServiceError> {
-        let v = datasets::resolve(self.env.store().as_ref(), reference)?;
-        let assignee = datasets::assignee(self.env.store().as_ref(), &v, id)?;
+        let v = datasets::resolve(&self.env, reference)?;
+        let assignee = datasets::assignee(&self.env, &v, id)?;
         Ok((
             v.clone(),
             Resource::Record {
@@ -367,7 +367,7 @@ impl Cloister {
             &resource,
             &(reference, id),
         )?;
-        Ok(datasets::get_record(self.env.store().as_ref(), &v, id)?)
+        Ok(datasets::get_record(&self.env, &v, id)?)
     }
 
     /// Stores a human label for an assigned record.
@@ -397,7 +397,7 @@ impl Cloister {
             },
             time_ms: crate::time::now_ms(),
         };
-        let batch = datasets::set_label(self.env.store().as_ref(), &v, id, &entry)?;
+        let batch = datasets::set_label(&self.env, &v, id, &entry)?;
         self.env.store().commit(batch)?;
         Ok(())
     }

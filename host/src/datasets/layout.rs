@@ -1,28 +1,30 @@
-//! How a dataset version is laid out in the store, so that an import runs at
-//! hundreds of thousands of records per second in constant memory.
+//! How a dataset version is laid out, so that an import runs at hundreds of
+//! thousands of records per second in constant memory.
 //!
-//! - Records are written in **chunks** of [`CHUNK_RECORDS`] consecutive input
-//!   records (one store value each), gold labels in parallel chunks.
-//! - Record ids go into bounded, sorted **runs** in the scratch space while
-//!   the file streams; at the end the runs are merged, which finds duplicate
-//!   ids (exact comparison) and builds the **id index**: buckets of
-//!   `(id, chunk)` pairs keyed by a hash of the id, about
-//!   [`BUCKET_TARGET`] ids per bucket.
+//! - Records are written to the version's segment file
+//!   ([`crate::store::segment`]) in **chunks** of [`CHUNK_RECORDS`]
+//!   consecutive input records, gold labels in parallel chunks.
+//! - Record ids go into bounded, sorted **runs** in a scratch file while the
+//!   input streams; at the end the runs are merged, which finds duplicate ids
+//!   (exact comparison) and writes the **id index**: buckets of
+//!   `(id, chunk)` pairs chosen by a hash of the id, about [`BUCKET_TARGET`]
+//!   ids per bucket.
 //!
-//! Memory is bounded by one chunk, one run and one decoded block per run
-//! during the merge, whatever the file size.
+//! Memory is bounded by one chunk, one run, a 256 KiB window per run during
+//! the merge and the segment's tables (36 bytes per 512 records), whatever
+//! the file size.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
 
-use crate::store::{Space, Storage, StoreError, WriteBatch};
+use crate::store::segment::{Segment, SegmentError, SegmentWriter};
 
 /// Records per chunk.
 pub const CHUNK_RECORDS: usize = 512;
 /// Ids per sorted run.
 pub const RUN_ENTRIES: usize = 262_144;
-/// Run entries per stored block.
-const BLOCK_ENTRIES: usize = 4096;
 /// Ids per index bucket, on average.
 pub const BUCKET_TARGET: u64 = 64;
 
@@ -48,13 +50,6 @@ pub fn bucket_of(hash: u64, buckets: u32) -> u32 {
 /// Number of index buckets for `records` ids.
 pub fn bucket_count(records: u64) -> u32 {
     u32::try_from(records.div_ceil(BUCKET_TARGET).max(1)).unwrap_or(u32::MAX)
-}
-
-/// `import ‖ n` keys.
-pub fn key(import_id: u64, n: u32) -> Vec<u8> {
-    let mut k = import_id.to_be_bytes().to_vec();
-    k.extend_from_slice(&n.to_be_bytes());
-    k
 }
 
 pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -105,199 +100,215 @@ pub struct IdEntry {
     pub chunk: u32,
 }
 
-/// Collects ids into sorted runs in the scratch space.
-#[derive(Debug)]
-pub struct RunWriter {
-    import_id: u64,
-    buf: Vec<IdEntry>,
-    runs: u32,
-    run_entries: usize,
+fn encode_entry(e: &IdEntry, out: &mut Vec<u8>) {
+    out.extend_from_slice(&e.hash.to_le_bytes());
+    out.extend_from_slice(&e.line.to_le_bytes());
+    out.extend_from_slice(&e.chunk.to_le_bytes());
+    put_str(out, &e.id);
 }
 
-impl RunWriter {
-    /// A writer for one import.
-    pub fn new(import_id: u64) -> Self {
-        Self::with_run_size(import_id, RUN_ENTRIES)
-    }
-
-    /// A writer that spills every `run_entries` ids.
-    pub fn with_run_size(import_id: u64, run_entries: usize) -> Self {
-        Self {
-            import_id,
-            buf: Vec::new(),
-            runs: 0,
-            run_entries: run_entries.max(1),
-        }
-    }
-
-    /// Adds an id; spills a sorted run when the buffer is full.
-    pub fn push(&mut self, store: &dyn Storage, e: IdEntry) -> Result<(), StoreError> {
-        self.buf.push(e);
-        if self.buf.len() >= self.run_entries {
-            self.spill(store)?;
-        }
-        Ok(())
-    }
-
-    fn spill(&mut self, store: &dyn Storage) -> Result<(), StoreError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        self.buf.sort_unstable();
-        let mut batch = WriteBatch::new();
-        for (block, entries) in self.buf.chunks(BLOCK_ENTRIES).enumerate() {
-            let mut v = Vec::with_capacity(entries.len() * 32);
-            for e in entries {
-                v.extend_from_slice(&e.hash.to_le_bytes());
-                v.extend_from_slice(&e.line.to_le_bytes());
-                v.extend_from_slice(&e.chunk.to_le_bytes());
-                put_str(&mut v, &e.id);
-            }
-            let mut k = key(self.import_id, self.runs);
-            k.extend_from_slice(&(block as u32).to_be_bytes());
-            batch.put(Space::Scratch, k, v);
-        }
-        store.stage(batch)?;
-        self.buf.clear();
-        self.runs += 1;
-        Ok(())
-    }
-
-    /// Spills what is left; returns the number of runs.
-    pub fn finish(mut self, store: &dyn Storage) -> Result<u32, StoreError> {
-        self.spill(store)?;
-        Ok(self.runs)
-    }
-}
-
-/// Streams one run back, block by block.
-struct RunReader<'a> {
-    blocks: Box<dyn Iterator<Item = Result<crate::store::Entry, StoreError>> + Send + 'a>,
-    current: std::vec::IntoIter<IdEntry>,
-}
-
-impl RunReader<'_> {
-    fn next(&mut self) -> Result<Option<IdEntry>, MergeError> {
-        loop {
-            if let Some(e) = self.current.next() {
-                return Ok(Some(e));
-            }
-            let Some(block) = self.blocks.next() else {
-                return Ok(None);
-            };
-            let (_, v) = block?;
-            let mut r = Reader(&v);
-            let mut out = Vec::with_capacity(BLOCK_ENTRIES);
-            while !r.done() {
-                let hash = r.u64().ok_or(MergeError::Damaged)?;
-                let line = r.u64().ok_or(MergeError::Damaged)?;
-                let chunk = r.u32().ok_or(MergeError::Damaged)?;
-                let id = r.str().ok_or(MergeError::Damaged)?.to_string();
-                out.push(IdEntry {
-                    hash,
-                    id,
-                    line,
-                    chunk,
-                });
-            }
-            self.current = out.into_iter();
-        }
-    }
-}
-
-/// What can go wrong in the merge.
+/// What can go wrong collecting and merging ids.
 #[derive(Debug)]
 pub enum MergeError {
     /// An id occurs twice: (id, first line, second line).
     Duplicate(String, u64, u64),
     /// Scratch data is damaged.
     Damaged,
-    /// Store failure.
-    Store(StoreError),
+    /// I/O on the scratch file.
+    Io(std::io::Error),
+    /// Writing the segment failed.
+    Segment(SegmentError),
 }
 
-impl From<StoreError> for MergeError {
-    fn from(e: StoreError) -> Self {
-        MergeError::Store(e)
+impl From<std::io::Error> for MergeError {
+    fn from(e: std::io::Error) -> Self {
+        MergeError::Io(e)
     }
 }
 
-/// Merges the runs: checks ids are unique and writes the index buckets.
-pub fn merge_and_index(
-    store: &dyn Storage,
-    import_id: u64,
-    runs: u32,
-    records: u64,
-) -> Result<u32, MergeError> {
-    let buckets = bucket_count(records);
-    let mut readers = Vec::new();
-    for run in 0..runs {
-        readers.push(RunReader {
-            blocks: store.scan(Space::Scratch, &key(import_id, run)),
-            current: Vec::new().into_iter(),
-        });
+impl From<SegmentError> for MergeError {
+    fn from(e: SegmentError) -> Self {
+        MergeError::Segment(e)
     }
-    let mut heap = BinaryHeap::new();
-    for (i, r) in readers.iter_mut().enumerate() {
-        if let Some(e) = r.next()? {
-            heap.push(Reverse((e, i)));
-        }
+}
+
+/// Collects ids into sorted runs in one scratch file.
+#[derive(Debug)]
+pub struct RunWriter {
+    file: std::fs::File,
+    out: BufWriter<std::fs::File>,
+    pos: u64,
+    buf: Vec<IdEntry>,
+    runs: Vec<(u64, u64)>,
+    run_entries: usize,
+    scratch: Vec<u8>,
+}
+
+impl RunWriter {
+    /// A writer over a new, empty scratch file.
+    pub fn new(file: std::fs::File) -> Result<Self, MergeError> {
+        Self::with_run_size(file, RUN_ENTRIES)
     }
-    let mut batch = WriteBatch::new();
-    let mut bucket_value: Vec<u8> = Vec::new();
-    let mut bucket: Option<u32> = None;
-    let mut previous: Option<IdEntry> = None;
-    while let Some(Reverse((e, i))) = heap.pop() {
-        if let Some(p) = &previous
-            && p.hash == e.hash
-            && p.id == e.id
-        {
-            let (first, second) = if p.line < e.line {
-                (p.line, e.line)
-            } else {
-                (e.line, p.line)
-            };
-            return Err(MergeError::Duplicate(e.id, first, second));
+
+    /// A writer that spills every `run_entries` ids.
+    pub fn with_run_size(file: std::fs::File, run_entries: usize) -> Result<Self, MergeError> {
+        let out = BufWriter::with_capacity(1 << 20, file.try_clone()?);
+        Ok(Self {
+            file,
+            out,
+            pos: 0,
+            buf: Vec::new(),
+            runs: Vec::new(),
+            run_entries: run_entries.max(1),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Adds an id; spills a sorted run when the buffer is full.
+    pub fn push(&mut self, e: IdEntry) -> Result<(), MergeError> {
+        self.buf.push(e);
+        if self.buf.len() >= self.run_entries {
+            self.spill()?;
         }
-        let b = bucket_of(e.hash, buckets);
-        if bucket != Some(b) {
-            if let Some(done) = bucket {
-                batch.put(
-                    Space::RecordIndex,
-                    key(import_id, done),
-                    std::mem::take(&mut bucket_value),
-                );
-                if batch.len() >= 1024 {
-                    store.stage(std::mem::take(&mut batch))?;
-                }
+        Ok(())
+    }
+
+    fn spill(&mut self) -> Result<(), MergeError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.buf.sort_unstable();
+        let start = self.pos;
+        for e in &self.buf {
+            self.scratch.clear();
+            encode_entry(e, &mut self.scratch);
+            self.out.write_all(&self.scratch)?;
+            self.pos += self.scratch.len() as u64;
+        }
+        self.runs.push((start, self.pos - start));
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Spills what is left and merges the runs: checks that ids are unique
+    /// (exact comparison) and writes `buckets` index buckets to `segment`.
+    pub fn merge_into(
+        mut self,
+        segment: &mut SegmentWriter,
+        buckets: u32,
+    ) -> Result<(), MergeError> {
+        self.spill()?;
+        self.out.flush()?;
+        let mut readers: Vec<RunReader<'_>> = self
+            .runs
+            .iter()
+            .map(|&(start, len)| RunReader {
+                file: &self.file,
+                pos: start,
+                end: start + len,
+                buf: Vec::new(),
+                at: 0,
+            })
+            .collect();
+        let mut heap = BinaryHeap::new();
+        for (i, r) in readers.iter_mut().enumerate() {
+            if let Some(e) = r.next()? {
+                heap.push(Reverse((e, i)));
             }
-            bucket = Some(b);
         }
-        put_str(&mut bucket_value, &e.id);
-        bucket_value.extend_from_slice(&e.chunk.to_le_bytes());
-        if let Some(n) = readers[i].next()? {
-            heap.push(Reverse((n, i)));
+        let mut bucket_value: Vec<u8> = Vec::new();
+        let mut bucket = 0u32;
+        let mut previous: Option<IdEntry> = None;
+        while let Some(Reverse((e, i))) = heap.pop() {
+            if let Some(p) = &previous
+                && p.hash == e.hash
+                && p.id == e.id
+            {
+                let (first, second) = if p.line < e.line {
+                    (p.line, e.line)
+                } else {
+                    (e.line, p.line)
+                };
+                return Err(MergeError::Duplicate(e.id, first, second));
+            }
+            let b = bucket_of(e.hash, buckets);
+            while bucket < b {
+                segment.add_bucket(&bucket_value)?;
+                bucket_value.clear();
+                bucket += 1;
+            }
+            put_str(&mut bucket_value, &e.id);
+            bucket_value.extend_from_slice(&e.chunk.to_le_bytes());
+            if let Some(n) = readers[i].next()? {
+                heap.push(Reverse((n, i)));
+            }
+            previous = Some(e);
         }
-        previous = Some(e);
+        while bucket < buckets {
+            segment.add_bucket(&bucket_value)?;
+            bucket_value.clear();
+            bucket += 1;
+        }
+        Ok(())
     }
-    if let Some(done) = bucket {
-        batch.put(Space::RecordIndex, key(import_id, done), bucket_value);
-    }
-    store.stage(batch)?;
-    Ok(buckets)
 }
 
-/// The chunk holding record `id`, from the index.
-pub fn find_chunk(
-    store: &dyn Storage,
-    import_id: u64,
-    buckets: u32,
-    id: &str,
-) -> Result<Option<u32>, StoreError> {
-    let b = bucket_of(id_hash(id), buckets.max(1));
-    let Some(v) = store.get(Space::RecordIndex, &key(import_id, b))? else {
+/// Streams one run back from the scratch file, 256 KiB at a time.
+struct RunReader<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+    end: u64,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl RunReader<'_> {
+    fn next(&mut self) -> Result<Option<IdEntry>, MergeError> {
+        loop {
+            let mut r = Reader(&self.buf[self.at..]);
+            let parsed = (|| {
+                let hash = r.u64()?;
+                let line = r.u64()?;
+                let chunk = r.u32()?;
+                let id = r.str()?.to_string();
+                Some(IdEntry {
+                    hash,
+                    id,
+                    line,
+                    chunk,
+                })
+            })();
+            if let Some(e) = parsed {
+                self.at = self.buf.len() - r.0.len();
+                return Ok(Some(e));
+            }
+            // Not a whole entry left in the buffer: refill.
+            if self.pos >= self.end {
+                return if self.at == self.buf.len() {
+                    Ok(None)
+                } else {
+                    Err(MergeError::Damaged)
+                };
+            }
+            let keep = self.buf.split_off(self.at);
+            let n = (self.end - self.pos).min(256 * 1024) as usize;
+            let mut more = vec![0u8; n];
+            self.file.read_exact_at(&mut more, self.pos)?;
+            self.pos += n as u64;
+            self.buf = keep;
+            self.buf.extend_from_slice(&more);
+            self.at = 0;
+        }
+    }
+}
+
+/// The chunk holding record `id`, from the segment's index.
+pub fn find_chunk(segment: &Segment, id: &str) -> Result<Option<u32>, SegmentError> {
+    let buckets = segment.bucket_count();
+    if buckets == 0 {
         return Ok(None);
-    };
+    }
+    let v = segment.bucket(bucket_of(id_hash(id), buckets))?;
     let mut r = Reader(&v);
     while !r.done() {
         let (Some(found), Some(chunk)) = (r.str(), r.u32()) else {
@@ -333,36 +344,39 @@ mod tests {
 
     #[test]
     fn runs_merge_into_an_index_and_duplicates_across_runs_are_found() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = crate::store::SledStorage::open(&dir.path().join("s"), true).expect("store");
-        let mut w = RunWriter::with_run_size(1, 7);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = cap_std::fs::Dir::open_ambient_dir(tmp.path(), cap_std::ambient_authority())
+            .expect("dir");
+        let mut w =
+            RunWriter::with_run_size(tempfile::tempfile().expect("file"), 7).expect("writer");
         for i in 0..100 {
-            w.push(&store, entry(&format!("id{i}"), i + 1))
-                .expect("push");
+            w.push(entry(&format!("id{i}"), i + 1)).expect("push");
         }
-        let runs = w.finish(&store).expect("finish");
-        assert_eq!(runs, 15);
-        let buckets = merge_and_index(&store, 1, runs, 100).expect("merge");
+        let mut seg = SegmentWriter::create(&dir, "a.seg").expect("segment");
+        w.merge_into(&mut seg, 5).expect("merge");
+        assert_eq!(seg.buckets(), 5);
+        seg.finish(&dir).expect("finish");
+        let seg = Segment::open(&dir, "a.seg").expect("open");
         for i in 0..100 {
             assert_eq!(
-                find_chunk(&store, 1, buckets, &format!("id{i}")).expect("find"),
+                find_chunk(&seg, &format!("id{i}")).expect("find"),
                 Some(((i + 1) / 10) as u32)
             );
         }
-        assert_eq!(find_chunk(&store, 1, buckets, "nope").expect("find"), None);
+        assert_eq!(find_chunk(&seg, "nope").expect("find"), None);
 
-        let mut w = RunWriter::with_run_size(2, 7);
+        let mut w =
+            RunWriter::with_run_size(tempfile::tempfile().expect("file"), 7).expect("writer");
         for i in 0..50 {
-            w.push(&store, entry(&format!("id{i}"), i + 1))
-                .expect("push");
+            w.push(entry(&format!("id{i}"), i + 1)).expect("push");
         }
-        w.push(&store, entry("id3", 51)).expect("push");
-        let runs = w.finish(&store).expect("finish");
-        match merge_and_index(&store, 2, runs, 51) {
+        w.push(entry("id3", 51)).expect("push");
+        let mut seg = SegmentWriter::create(&dir, "b.seg").expect("segment");
+        match w.merge_into(&mut seg, 1) {
             Err(MergeError::Duplicate(id, first, second)) => {
                 assert_eq!((id.as_str(), first, second), ("id3", 4, 51))
             }
-            other => panic!("expected a duplicate, got {:?}", other.map(|_| ())),
+            other => panic!("expected a duplicate, got {other:?}"),
         }
     }
 

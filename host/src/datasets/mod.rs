@@ -1,12 +1,13 @@
 //! Datasets: atomic streaming import, versions, statistics, splits, labels.
 //!
-//! An import streams records into the store under a fresh *import id*,
-//! checking each id against what is already staged (so memory does not grow
-//! with the file), and makes the version visible with one final durable
-//! commit of its manifest. Until then, the records are reachable from
-//! nowhere; an import that fails removes them, and one interrupted by a
-//! crash is cleaned up by [`recover`] the next time the environment opens.
-//! So a version is either complete or absent.
+//! An import streams records into a new segment file under a fresh *import
+//! id* ([`layout`] describes the format; memory does not grow with the
+//! file), syncs it, and makes the version visible with one durable commit of
+//! its manifest to the store. Until then the segment is reachable from
+//! nowhere; an import that fails removes it, and one interrupted by a crash
+//! is cleaned up by [`recover`] the next time the environment opens (an
+//! import marker in the store says what to remove). So a version is either
+//! complete or absent.
 //!
 //! Labels are stored apart from records, each with its [`Provenance`].
 
@@ -19,14 +20,16 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+
 use crate::digest::{Digest, Hasher};
+use crate::env::Environment;
 use crate::records::{RecordError, RecordSource};
+use crate::store::segment::{Segment, SegmentError, SegmentWriter, segment_name};
 use crate::store::{Space, Storage, StoreError, WriteBatch, key2};
 use crate::types::{DataRecord, Numeric};
 
 const NEXT_IMPORT_KEY: &[u8] = b"next-import";
-/// Chunks staged per write batch during an import.
-const STAGE_CHUNKS: usize = 16;
 /// Keys deleted per batch when discarding an import.
 const DELETE_BATCH: usize = 4096;
 /// Most distinct labels a dataset may have.
@@ -94,6 +97,17 @@ pub enum DatasetError {
     /// Store failure.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Segment file failure.
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    /// A file of the environment.
+    #[error("{file}: {source}")]
+    File {
+        /// File, relative to the environment.
+        file: String,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
 /// Where a label came from.
@@ -190,10 +204,12 @@ pub struct DatasetVersion {
     pub version: u32,
     /// Where its records are stored.
     pub import_id: u64,
-    /// Number of record chunks.
+    /// Number of record chunks in its segment.
     pub chunks: u32,
-    /// Number of id-index buckets.
+    /// Number of id-index buckets in its segment.
     pub buckets: u32,
+    /// SHA-256 of its segment file.
+    pub segment_sha256: String,
     /// SHA-256 over the records' canonical encoding, in input order: the
     /// version's content address.
     pub digest: String,
@@ -355,16 +371,31 @@ fn next_import_id(store: &dyn Storage) -> Result<u64, DatasetError> {
     })
 }
 
+fn env_file_err(file: String) -> impl FnOnce(std::io::Error) -> DatasetError {
+    move |source| DatasetError::File { file, source }
+}
+
+fn runs_name(import_id: u64) -> String {
+    format!("{import_id:016x}.runs")
+}
+
+fn datasets_dir(env: &Environment) -> Result<Dir, DatasetError> {
+    env.dir()
+        .open_dir("datasets")
+        .map_err(env_file_err("datasets".into()))
+}
+
 /// Imports `source` as the next version of dataset `name`. See the module
 /// docs for the atomicity argument. `id_field` names the id in errors.
 pub fn import(
-    store: &dyn Storage,
+    env: &Environment,
     name: &str,
     source: &mut dyn RecordSource,
     id_field: &str,
     by: &str,
 ) -> Result<DatasetVersion, DatasetError> {
     check_name(name)?;
+    let store = env.store().as_ref();
     let import_id = next_import_id(store)?;
     let mut start = WriteBatch::new();
     start.put(
@@ -378,23 +409,21 @@ pub fn import(
         name.as_bytes().to_vec(),
     );
     store.commit(start)?;
-    match stream_in(store, name, import_id, source, id_field, by) {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            // Best effort: whatever is left is removed by `recover` at the
-            // next open, because the import marker stays until then.
-            if discard_import(store, import_id).is_ok() {
-                let mut b = WriteBatch::new();
-                b.delete(Space::Imports, import_id.to_be_bytes().to_vec());
-                let _ = store.commit(b);
-            }
-            Err(e)
+    let result = stream_in(env, name, import_id, source, id_field, by);
+    if result.is_err() {
+        // Best effort: whatever is left is removed by `recover` at the next
+        // open, because the import marker stays until then.
+        if discard_import(env, import_id).is_ok() {
+            let mut b = WriteBatch::new();
+            b.delete(Space::Imports, import_id.to_be_bytes().to_vec());
+            let _ = store.commit(b);
         }
     }
+    result
 }
 
 fn stream_in(
-    store: &dyn Storage,
+    env: &Environment,
     name: &str,
     import_id: u64,
     source: &mut dyn RecordSource,
@@ -402,29 +431,45 @@ fn stream_in(
     by: &str,
 ) -> Result<DatasetVersion, DatasetError> {
     use layout::{CHUNK_RECORDS, IdEntry, RunWriter, put_str};
+    let store = env.store().as_ref();
     let file_name = |s: &dyn RecordSource| s.file().display().to_string();
+    let ddir = datasets_dir(env)?;
+    let seg_name = segment_name(import_id);
+    let mut segment = SegmentWriter::create(&ddir, &seg_name)?;
+    let tmp = env
+        .dir()
+        .open_dir("tmp")
+        .map_err(env_file_err("tmp".into()))?;
+    let runs_file = {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create_new(true).mode(0o600);
+        let name = runs_name(import_id);
+        let f = tmp
+            .open_with(&name, &opts)
+            .map_err(env_file_err(format!("tmp/{name}")))?;
+        // The scratch file only needs to live as long as this import.
+        let _ = tmp.remove_file(&name);
+        f.into_std()
+    };
+    let mut runs = RunWriter::new(runs_file).map_err(merge_err(&file_name(source), id_field))?;
     let mut stats = StatsBuilder::new();
     let mut hasher = Digest::hasher();
-    let mut batch = WriteBatch::new();
-    let mut runs = RunWriter::new(import_id);
     let mut encoded = Vec::new();
     let mut chunk = Vec::new();
     let mut gold = Vec::new();
-    let mut in_chunk = 0usize;
-    let mut chunk_no = 0u32;
-    let flush_chunk = |chunk: &mut Vec<u8>,
-                       gold: &mut Vec<u8>,
-                       in_chunk: &mut usize,
-                       chunk_no: &mut u32,
-                       batch: &mut WriteBatch| {
-        let mut c = (*in_chunk as u32).to_le_bytes().to_vec();
+    let mut in_chunk = 0u32;
+    let flush = |chunk: &mut Vec<u8>,
+                 gold: &mut Vec<u8>,
+                 n: &mut u32,
+                 segment: &mut SegmentWriter|
+     -> Result<(), DatasetError> {
+        let mut c = n.to_le_bytes().to_vec();
         c.append(chunk);
-        let mut g = (*in_chunk as u32).to_le_bytes().to_vec();
+        let mut g = n.to_le_bytes().to_vec();
         g.append(gold);
-        batch.put(Space::Records, layout::key(import_id, *chunk_no), c);
-        batch.put(Space::GoldLabels, layout::key(import_id, *chunk_no), g);
-        *chunk_no += 1;
-        *in_chunk = 0;
+        segment.add_chunk(&c, &g)?;
+        *n = 0;
+        Ok(())
     };
     while let Some(item) = source.next() {
         let record = item?;
@@ -447,27 +492,17 @@ fn stream_in(
             }
             None => gold.push(0),
         }
-        runs.push(
-            store,
-            IdEntry {
-                hash: layout::id_hash(&record.id),
-                id: record.id,
-                line: source.line(),
-                chunk: chunk_no,
-            },
-        )?;
+        let entry = IdEntry {
+            hash: layout::id_hash(&record.id),
+            id: record.id,
+            line: source.line(),
+            chunk: segment.chunks(),
+        };
+        runs.push(entry)
+            .map_err(merge_err(&file_name(source), id_field))?;
         in_chunk += 1;
-        if in_chunk == CHUNK_RECORDS {
-            flush_chunk(
-                &mut chunk,
-                &mut gold,
-                &mut in_chunk,
-                &mut chunk_no,
-                &mut batch,
-            );
-            if batch.len() >= 2 * STAGE_CHUNKS {
-                store.stage(std::mem::take(&mut batch))?;
-            }
+        if in_chunk as usize == CHUNK_RECORDS {
+            flush(&mut chunk, &mut gold, &mut in_chunk, &mut segment)?;
         }
     }
     let stats = stats.finish();
@@ -475,34 +510,13 @@ fn stream_in(
         return Err(DatasetError::Empty(file_name(source)));
     }
     if in_chunk > 0 {
-        flush_chunk(
-            &mut chunk,
-            &mut gold,
-            &mut in_chunk,
-            &mut chunk_no,
-            &mut batch,
-        );
+        flush(&mut chunk, &mut gold, &mut in_chunk, &mut segment)?;
     }
-    store.stage(batch)?;
-    let run_count = runs.finish(store)?;
-    let buckets = match layout::merge_and_index(store, import_id, run_count, stats.records) {
-        Ok(b) => b,
-        Err(layout::MergeError::Duplicate(id, first, second)) => {
-            return Err(DatasetError::Duplicate {
-                file: file_name(source),
-                line: second,
-                field: id_field.to_string(),
-                id,
-                first,
-            });
-        }
-        Err(layout::MergeError::Damaged) => {
-            return Err(DatasetError::Damaged("import scratch data".into()));
-        }
-        Err(layout::MergeError::Store(e)) => return Err(e.into()),
-    };
-    delete_prefix(store, Space::Scratch, &import_id.to_be_bytes())?;
-    store.sync()?;
+    let buckets = layout::bucket_count(stats.records);
+    runs.merge_into(&mut segment, buckets)
+        .map_err(merge_err(&file_name(source), id_field))?;
+    let chunks = segment.chunks();
+    let segment_digest = segment.finish(&ddir)?;
     let version = match store.last(Space::Datasets, &key2(name.as_bytes(), &[0]))? {
         Some((k, _)) => {
             let tail: [u8; 4] = k[k.len() - 4..]
@@ -516,8 +530,9 @@ fn stream_in(
         name: name.to_string(),
         version,
         import_id,
-        chunks: chunk_no,
+        chunks,
         buckets,
+        segment_sha256: segment_digest.to_hex(),
         digest: hasher.finish().to_hex(),
         source: source
             .file()
@@ -539,6 +554,27 @@ fn stream_in(
     Ok(manifest)
 }
 
+fn merge_err<'a>(
+    file: &'a str,
+    id_field: &'a str,
+) -> impl FnOnce(layout::MergeError) -> DatasetError + 'a {
+    move |e| match e {
+        layout::MergeError::Duplicate(id, first, second) => DatasetError::Duplicate {
+            file: file.to_string(),
+            line: second,
+            field: id_field.to_string(),
+            id,
+            first,
+        },
+        layout::MergeError::Damaged => DatasetError::Damaged("import scratch data".into()),
+        layout::MergeError::Io(source) => DatasetError::File {
+            file: "tmp (import scratch)".into(),
+            source,
+        },
+        layout::MergeError::Segment(e) => DatasetError::Segment(e),
+    }
+}
+
 fn delete_prefix(store: &dyn Storage, space: Space, prefix: &[u8]) -> Result<(), StoreError> {
     loop {
         let mut b = WriteBatch::new();
@@ -553,31 +589,43 @@ fn delete_prefix(store: &dyn Storage, space: Space, prefix: &[u8]) -> Result<(),
     }
 }
 
-/// Removes everything staged under `import_id`.
-fn discard_import(store: &dyn Storage, import_id: u64) -> Result<(), StoreError> {
+/// Removes everything written for `import_id`.
+fn discard_import(env: &Environment, import_id: u64) -> Result<(), DatasetError> {
+    let store = env.store().as_ref();
+    let ddir = datasets_dir(env)?;
+    let seg = segment_name(import_id);
+    for name in [format!("{seg}.tmp"), seg] {
+        match ddir.remove_file(&name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DatasetError::File {
+                    file: format!("datasets/{name}"),
+                    source,
+                });
+            }
+        }
+    }
+    if let Ok(tmp) = env.dir().open_dir("tmp") {
+        let _ = tmp.remove_file(runs_name(import_id));
+    }
     let prefix = import_id.to_be_bytes();
-    for space in [
-        Space::Records,
-        Space::GoldLabels,
-        Space::RecordIndex,
-        Space::Scratch,
-        Space::Labels,
-        Space::Assignments,
-    ] {
+    for space in [Space::Labels, Space::Assignments] {
         delete_prefix(store, space, &prefix)?;
     }
-    store.sync()
+    store.sync()?;
+    Ok(())
 }
 
 /// Removes the remains of imports that never committed (after a crash or a
 /// failed cleanup). Runs when an environment opens.
-pub fn recover(store: &dyn Storage) -> Result<usize, StoreError> {
+pub fn recover(env: &Environment) -> Result<usize, DatasetError> {
+    let store = env.store().as_ref();
     let markers: Vec<_> = store.scan(Space::Imports, b"").collect::<Result<_, _>>()?;
     for (k, _) in &markers {
-        let Ok(id) = <[u8; 8]>::try_from(k.as_slice()) else {
-            continue;
-        };
-        discard_import(store, u64::from_be_bytes(id))?;
+        if let Ok(id) = <[u8; 8]>::try_from(k.as_slice()) {
+            discard_import(env, u64::from_be_bytes(id))?;
+        }
         let mut b = WriteBatch::new();
         b.delete(Space::Imports, k.clone());
         store.commit(b)?;
@@ -586,8 +634,8 @@ pub fn recover(store: &dyn Storage) -> Result<usize, StoreError> {
 }
 
 /// Every version of every dataset, by name then version.
-pub fn list(store: &dyn Storage) -> Result<Vec<DatasetVersion>, DatasetError> {
-    store
+pub fn list(env: &Environment) -> Result<Vec<DatasetVersion>, DatasetError> {
+    env.store()
         .scan(Space::Datasets, b"")
         .map(|item| {
             let (_, v) = item?;
@@ -598,7 +646,8 @@ pub fn list(store: &dyn Storage) -> Result<Vec<DatasetVersion>, DatasetError> {
 }
 
 /// Resolves `NAME` (latest version) or `NAME@VERSION`.
-pub fn resolve(store: &dyn Storage, reference: &str) -> Result<DatasetVersion, DatasetError> {
+pub fn resolve(env: &Environment, reference: &str) -> Result<DatasetVersion, DatasetError> {
+    let store = env.store();
     let (name, version) = match reference.split_once('@') {
         Some((n, v)) => (
             n,
@@ -619,6 +668,18 @@ pub fn resolve(store: &dyn Storage, reference: &str) -> Result<DatasetVersion, D
     let bytes = found.ok_or_else(|| DatasetError::Unknown(reference.to_string()))?;
     serde_json::from_slice(&bytes)
         .map_err(|_| DatasetError::Damaged(format!("manifest of {reference}")))
+}
+
+/// Opens the segment of a version.
+pub fn open_segment(env: &Environment, version: &DatasetVersion) -> Result<Segment, DatasetError> {
+    let seg = Segment::open(&datasets_dir(env)?, &segment_name(version.import_id))?;
+    if seg.chunk_count() != version.chunks || seg.bucket_count() != version.buckets {
+        return Err(DatasetError::Damaged(format!(
+            "the segment of {} does not match its manifest",
+            version.reference()
+        )));
+    }
+    Ok(seg)
 }
 
 /// The three splits.
@@ -677,35 +738,31 @@ pub struct StoredRecord {
 /// Decodes a record chunk and its gold-label chunk.
 fn decode_chunk(
     records: &[u8],
-    gold: Option<&[u8]>,
+    gold: &[u8],
 ) -> Result<Vec<(DataRecord, Option<String>)>, DatasetError> {
     let bad = || DatasetError::Damaged("a record chunk".into());
     let mut r = layout::Reader(records);
-    let n = r.u32().ok_or_else(bad)? as usize;
-    let mut g = gold.map(layout::Reader);
-    if let Some(g) = &mut g
-        && g.u32() != Some(n as u32)
-    {
+    let mut g = layout::Reader(gold);
+    let n = r.u32().ok_or_else(bad)?;
+    if g.u32() != Some(n) {
         return Err(bad());
     }
-    let mut out = Vec::with_capacity(n.min(layout::CHUNK_RECORDS));
+    let mut out = Vec::with_capacity((n as usize).min(layout::CHUNK_RECORDS));
     for _ in 0..n {
         let id = r.str().ok_or_else(bad)?.to_string();
         let payload = r.bytes().ok_or_else(bad)?;
         let record = codec::decode(id, payload).ok_or_else(bad)?;
-        let label = match &mut g {
-            None => None,
-            Some(g) => {
-                if g.str() != Some(record.id.as_str()) {
-                    return Err(bad());
-                }
-                match g.take(1).ok_or_else(bad)?[0] {
-                    0 => None,
-                    _ => Some(g.str().ok_or_else(bad)?.to_string()),
-                }
-            }
+        if g.str() != Some(record.id.as_str()) {
+            return Err(bad());
+        }
+        let label = match g.take(1).ok_or_else(bad)?[0] {
+            0 => None,
+            _ => Some(g.str().ok_or_else(bad)?.to_string()),
         };
         out.push((record, label));
+    }
+    if !r.done() || !g.done() {
+        return Err(bad());
     }
     Ok(out)
 }
@@ -729,41 +786,43 @@ fn with_labels(
 }
 
 /// Streams every record of a version with its labels, in input order.
-pub fn records<'a>(
-    store: &'a dyn Storage,
+pub fn records(
+    env: &Environment,
     version: &DatasetVersion,
-) -> impl Iterator<Item = Result<StoredRecord, DatasetError>> + 'a {
-    let import_id = version.import_id;
+) -> impl Iterator<Item = Result<StoredRecord, DatasetError>> + use<> {
     let gold_time = version.created_ms;
-    let later = later_labels(store, import_id);
-    let chunks = store.scan(Space::Records, &import_id.to_be_bytes());
-    let mut later = match later {
-        Ok(map) => Ok(map),
-        Err(e) => Err(Some(e)),
+    let opened = open_segment(env, version)
+        .and_then(|seg| Ok((seg, later_labels(env.store().as_ref(), version.import_id)?)));
+    let (segment, mut later, mut failed) = match opened {
+        Ok((seg, map)) => (Some(seg), map, None),
+        Err(e) => (None, std::collections::HashMap::new(), Some(e)),
     };
+    let mut next_chunk = 0u32;
     let mut pending: std::vec::IntoIter<(DataRecord, Option<String>)> = Vec::new().into_iter();
-    let mut chunks = chunks;
     std::iter::from_fn(move || {
-        let map = match &mut later {
-            Ok(m) => m,
-            Err(e) => return e.take().map(Err),
-        };
+        if let Some(e) = failed.take() {
+            return Some(Err(e));
+        }
+        let segment = segment.as_ref()?;
         loop {
             if let Some((record, gold)) = pending.next() {
-                let extra = map.remove(&record.id).unwrap_or_default();
+                let extra = later.remove(&record.id).unwrap_or_default();
                 return Some(Ok(with_labels(record, gold, gold_time, extra)));
             }
-            let (k, v) = match chunks.next()? {
-                Ok(kv) => kv,
-                Err(e) => return Some(Err(e.into())),
-            };
-            let gold = match store.get(Space::GoldLabels, &k) {
-                Ok(g) => g,
-                Err(e) => return Some(Err(e.into())),
-            };
-            match decode_chunk(&v, gold.as_deref()) {
+            if next_chunk >= segment.chunk_count() {
+                return None;
+            }
+            let decoded = segment
+                .chunk(next_chunk)
+                .map_err(DatasetError::from)
+                .and_then(|(r, g)| decode_chunk(&r, &g));
+            next_chunk += 1;
+            match decoded {
                 Ok(list) => pending = list.into_iter(),
-                Err(e) => return Some(Err(e)),
+                Err(e) => {
+                    next_chunk = u32::MAX;
+                    return Some(Err(e));
+                }
             }
         }
     })
@@ -820,7 +879,7 @@ pub struct SplitCounts {
 
 /// Computes [`SplitCounts`] by streaming the version.
 pub fn split_counts(
-    store: &dyn Storage,
+    env: &Environment,
     version: &DatasetVersion,
     seed: u64,
 ) -> Result<SplitCounts, DatasetError> {
@@ -828,7 +887,7 @@ pub fn split_counts(
         seed,
         counts: BTreeMap::new(),
     };
-    for r in records(store, version) {
+    for r in records(env, version) {
         let r = r?;
         let e = out.counts.entry(split_of(&r.record, seed)).or_default();
         if r.labels.is_empty() {
@@ -842,7 +901,7 @@ pub fn split_counts(
 
 /// Reads one record of a version (for the policy-checked views only).
 pub fn get_record(
-    store: &dyn Storage,
+    env: &Environment,
     version: &DatasetVersion,
     id: &str,
 ) -> Result<StoredRecord, DatasetError> {
@@ -850,31 +909,24 @@ pub fn get_record(
         dataset: version.reference(),
         id: id.to_string(),
     };
-    let chunk =
-        layout::find_chunk(store, version.import_id, version.buckets, id)?.ok_or_else(unknown)?;
-    let k = layout::key(version.import_id, chunk);
-    let v = store
-        .get(Space::Records, &k)?
-        .ok_or_else(|| DatasetError::Damaged("a record chunk is missing".into()))?;
-    let gold = store.get(Space::GoldLabels, &k)?;
-    let (record, label) = decode_chunk(&v, gold.as_deref())?
+    let segment = open_segment(env, version)?;
+    let chunk = layout::find_chunk(&segment, id)?.ok_or_else(unknown)?;
+    let (r, g) = segment.chunk(chunk)?;
+    let (record, label) = decode_chunk(&r, &g)?
         .into_iter()
         .find(|(r, _)| r.id == id)
         .ok_or_else(|| DatasetError::Damaged("the id index points to the wrong chunk".into()))?;
-    Ok(with_labels(
-        record,
-        label,
-        version.created_ms,
-        labels_of(store, version.import_id, id)?,
-    ))
+    let later = labels_of(env.store().as_ref(), version.import_id, id)?;
+    Ok(with_labels(record, label, version.created_ms, later))
 }
 
 fn require_record(
-    store: &dyn Storage,
+    env: &Environment,
     version: &DatasetVersion,
     id: &str,
 ) -> Result<(), DatasetError> {
-    match layout::find_chunk(store, version.import_id, version.buckets, id)? {
+    let segment = open_segment(env, version)?;
+    match layout::find_chunk(&segment, id)? {
         Some(_) => Ok(()),
         None => Err(DatasetError::UnknownRecord {
             dataset: version.reference(),
@@ -885,23 +937,24 @@ fn require_record(
 
 /// The labeler a record is assigned to.
 pub fn assignee(
-    store: &dyn Storage,
+    env: &Environment,
     version: &DatasetVersion,
     id: &str,
 ) -> Result<Option<String>, DatasetError> {
-    Ok(store
+    Ok(env
+        .store()
         .get(Space::Assignments, &record_key(version.import_id, id))?
         .map(|v| String::from_utf8_lossy(&v).into_owned()))
 }
 
 /// Writes that assign a record to a labeler.
 pub fn assign(
-    store: &dyn Storage,
+    env: &Environment,
     version: &DatasetVersion,
     id: &str,
     user: &str,
 ) -> Result<WriteBatch, DatasetError> {
-    require_record(store, version, id)?;
+    require_record(env, version, id)?;
     let mut b = WriteBatch::new();
     b.put(
         Space::Assignments,
@@ -914,12 +967,12 @@ pub fn assign(
 /// Writes that store a label for a record (one per provenance source; a
 /// later label from the same source replaces the earlier one).
 pub fn set_label(
-    store: &dyn Storage,
+    env: &Environment,
     version: &DatasetVersion,
     id: &str,
     entry: &LabelEntry,
 ) -> Result<WriteBatch, DatasetError> {
-    require_record(store, version, id)?;
+    require_record(env, version, id)?;
     let mut b = WriteBatch::new();
     let value = serde_json::to_vec(entry).map_err(|e| DatasetError::Damaged(e.to_string()))?;
     b.put(

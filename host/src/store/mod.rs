@@ -15,6 +15,7 @@
 //!   reachable with one final `commit`; see [`crate::datasets`].
 //! - Reads see every write that returned before them.
 
+pub mod segment;
 mod sled_backend;
 
 pub use sled_backend::SledStorage;
@@ -35,50 +36,39 @@ pub enum Space {
     /// Dataset versions: `name \0 version(u32 BE)` → version manifest.
     Datasets = 4,
     /// Imports in progress: `import id (u64 BE)` → marker. Anything left
-    /// here at open time belongs to an import that never committed.
+    /// here at open time belongs to an import that never committed. (The
+    /// records themselves live in segment files: [`segment`].)
     Imports = 5,
-    /// Records, in chunks of consecutive input records:
-    /// `import id (u64 BE) ‖ chunk (u32 BE)` → encoded chunk.
-    Records = 6,
-    /// Later labels (human, automatic): `import id ‖ record id \0 source`
+    /// Labels given after import (human, automatic):
+    /// `import id ‖ record id \0 source`
     /// → label with provenance.
-    Labels = 7,
+    Labels = 6,
     /// Labeling assignments: `import id ‖ record id` → user name.
-    Assignments = 8,
+    Assignments = 7,
     /// Plugin registry: digest → registry entry.
-    Plugins = 9,
+    Plugins = 8,
     /// Plugin component bytes: digest → bytes.
-    PluginBlobs = 10,
+    PluginBlobs = 9,
     /// Audit entries: `seq (u64 BE)` → canonical entry bytes.
-    Audit = 11,
+    Audit = 10,
     /// Signed audit checkpoints: `size (u64 BE)` → checkpoint.
-    Checkpoints = 12,
-    /// Imported (gold) labels, chunked like `Records`: `import id ‖ chunk`.
-    GoldLabels = 13,
-    /// Record-id index: `import id ‖ bucket (u32 BE)` → (id, chunk) pairs.
-    RecordIndex = 14,
-    /// Scratch space of imports in progress (sorted runs of ids).
-    Scratch = 15,
+    Checkpoints = 11,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 15] = [
+    pub const ALL: [Space; 11] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
         Space::Datasets,
         Space::Imports,
-        Space::Records,
         Space::Labels,
         Space::Assignments,
         Space::Plugins,
         Space::PluginBlobs,
         Space::Audit,
         Space::Checkpoints,
-        Space::GoldLabels,
-        Space::RecordIndex,
-        Space::Scratch,
     ];
 
     /// The key prefix byte.
