@@ -95,12 +95,12 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
                         "{:>6} {} {:<12} {:<5} {:<16} {} params={} [{}]",
                         e.seq,
                         cloister_host::time::rfc3339(e.time_ms),
-                        e.actor,
-                        e.decision.to_string(),
-                        e.action,
-                        e.resource,
-                        &e.params[..12.min(e.params.len())],
-                        e.policies.join(",")
+                        e.record.actor,
+                        e.record.decision.to_string(),
+                        e.record.action,
+                        e.record.resource,
+                        &e.record.params[..12.min(e.record.params.len())],
+                        e.record.policies.join(",")
                     );
                 }
             }

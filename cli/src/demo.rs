@@ -225,7 +225,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let entries = demo.c.audit_log(&ada, &AuditFilter::default())?;
     let denied = entries
         .iter()
-        .filter(|e| e.decision == Decision::Deny)
+        .filter(|e| e.record.decision == Decision::Deny)
         .count();
     let verdict = demo.c.audit_verify(&ada, None)?;
     println!("\nada (auditor) reads and verifies the audit log:");

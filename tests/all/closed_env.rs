@@ -264,14 +264,14 @@ fn records_are_shown_only_to_their_assigned_labeler_and_labels_keep_provenance()
     assert_eq!(
         views
             .iter()
-            .filter(|v| v.decision == Decision::Allow)
+            .filter(|v| v.record.decision == Decision::Allow)
             .count(),
         1
     );
     assert_eq!(
         views
             .iter()
-            .filter(|v| v.decision == Decision::Deny)
+            .filter(|v| v.record.decision == Decision::Deny)
             .count(),
         6
     );
@@ -298,7 +298,8 @@ fn export_is_denied_for_everyone_and_every_attempt_is_audited() {
     assert!(
         attempts
             .iter()
-            .all(|a| a.decision == Decision::Deny && a.policies == ["no-dataset-export"])
+            .all(|a| a.record.decision == Decision::Deny
+                && a.record.policies == ["no-dataset-export"])
     );
 }
 

@@ -159,7 +159,7 @@ fn kill_9_during_audit_appends_loses_no_acknowledged_entry() {
             let entry: cloister_host::audit::AuditEntry =
                 serde_json::from_slice(&raw[32..]).unwrap();
             assert_eq!(
-                (entry.actor.as_str(), entry.action.as_str()),
+                (entry.record.actor.as_str(), entry.record.action.as_str()),
                 (f[2], f[3]),
                 "trial {trial}"
             );

@@ -86,7 +86,7 @@ impl std::fmt::Display for Decision {
 }
 
 /// What a caller asks to record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// Who acted (a user name, or `-` when unauthenticated).
     pub actor: String,
@@ -102,25 +102,17 @@ pub struct AuditRecord {
     pub params: String,
 }
 
-/// A stored entry. Field order is the canonical serialization order.
+/// A stored entry. Field order is the canonical serialization order:
+/// `seq`, `time_ms`, the record's fields, `prev`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// Position in the log, from 0.
     pub seq: u64,
     /// Append time, ms since the epoch.
     pub time_ms: u64,
-    /// See [`AuditRecord::actor`].
-    pub actor: String,
-    /// See [`AuditRecord::action`].
-    pub action: String,
-    /// See [`AuditRecord::resource`].
-    pub resource: String,
-    /// See [`AuditRecord::decision`].
-    pub decision: Decision,
-    /// See [`AuditRecord::policies`].
-    pub policies: Vec<String>,
-    /// See [`AuditRecord::params`].
-    pub params: String,
+    /// What was recorded.
+    #[serde(flatten)]
+    pub record: AuditRecord,
     /// Hex leaf hash of the previous entry (zeros for the first).
     pub prev: String,
 }
@@ -401,9 +393,10 @@ impl AuditLog {
                         hex::encode(&k)
                     ))
                 })?;
-            let keep = filter.actor.as_ref().is_none_or(|a| a == &entry.actor)
-                && filter.action.as_ref().is_none_or(|a| a == &entry.action)
-                && filter.decision.is_none_or(|d| d == entry.decision)
+            let r = &entry.record;
+            let keep = filter.actor.as_ref().is_none_or(|a| a == &r.actor)
+                && filter.action.as_ref().is_none_or(|a| a == &r.action)
+                && filter.decision.is_none_or(|d| d == r.decision)
                 && filter.since_ms.is_none_or(|t| entry.time_ms >= t);
             if keep {
                 out.push(entry);
@@ -724,12 +717,7 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<u64, String> {
         let entry = AuditEntry {
             seq: state.frontier.size(),
             time_ms: now,
-            actor: r.actor.clone(),
-            action: r.action.clone(),
-            resource: r.resource.clone(),
-            decision: r.decision,
-            policies: r.policies.clone(),
-            params: r.params.clone(),
+            record: r.clone(),
             prev: hex::encode(state.prev),
         };
         let bytes =
