@@ -6,6 +6,7 @@ mod admin_cmd;
 mod audit_cmd;
 mod dataset_cmd;
 mod demo;
+mod model_cmd;
 mod plugin_cmd;
 mod session;
 
@@ -59,6 +60,32 @@ enum Command {
     /// Read, verify, checkpoint and prove the audit log.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
+    /// List the training templates.
+    #[command(subcommand)]
+    Template(model_cmd::TemplateCommand),
+    /// Train a model: approved plugins over a dataset, a template, the
+    /// evaluation on the test split.
+    Train(model_cmd::TrainArgs),
+    /// Predict with a model on your own mock data (JSONL), through the
+    /// model's plugin chain.
+    Predict {
+        /// Model id.
+        model: String,
+        /// Records (JSONL).
+        #[arg(long)]
+        input: std::path::PathBuf,
+    },
+    /// Inspect models and run the release gate.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
+    /// Check a model bundle offline; fails on any modified byte.
+    VerifyBundle {
+        /// The bundle.
+        file: std::path::PathBuf,
+        /// The expected signing key (hex), e.g. from `model export`.
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Inspect, run, add, approve and list plugins.
     #[command(subcommand)]
     Plugin(plugin_cmd::PluginCommand),
@@ -95,6 +122,11 @@ fn main() -> ExitCode {
         Command::Dataset(cmd) => dataset_cmd::run(&cli.env, cmd),
         Command::Audit(cmd) => audit_cmd::run(&cli.env, cmd),
         Command::Plugin(cmd) => plugin_cmd::run(&cli.env, cmd),
+        Command::Template(model_cmd::TemplateCommand::List) => model_cmd::templates(),
+        Command::Train(args) => model_cmd::train(&cli.env, args),
+        Command::Predict { model, input } => model_cmd::predict(&cli.env, &model, &input),
+        Command::Model(cmd) => model_cmd::model(&cli.env, cmd),
+        Command::VerifyBundle { file, key } => model_cmd::verify_bundle(&file, key.as_deref()),
         Command::Demo(args) => demo::run(args),
     };
     match result {

@@ -21,6 +21,7 @@ pub mod csv_records;
 pub mod datasets;
 pub mod digest;
 pub mod env;
+pub mod models;
 pub mod policy;
 pub mod records;
 pub mod registry;
@@ -28,6 +29,7 @@ pub mod runtime;
 pub mod service;
 pub mod store;
 pub mod time;
+pub mod train;
 pub mod types;
 pub mod users;
 

@@ -68,6 +68,12 @@ pub enum ServiceError {
     /// Policies failed to load.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// Training failed.
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    /// The model registry failed.
+    #[error(transparent)]
+    Model(#[from] crate::models::ModelError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -84,6 +90,32 @@ pub struct ImportOptions {
     /// Field mapping.
     #[serde(skip)]
     pub schema: crate::records::Schema,
+}
+
+/// What `cloister train` asks for.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainRequest {
+    /// `NAME` or `NAME@VERSION`.
+    pub dataset: String,
+    /// Approved preprocessor digests, applied in order.
+    pub preprocess: Vec<String>,
+    /// Approved featurizer digest.
+    pub features: String,
+    /// Template name.
+    pub template: String,
+    /// `--set key=value` overrides.
+    pub sets: Vec<(String, String)>,
+    /// Seed of the split (default: the template's seed).
+    pub split_seed: Option<u64>,
+}
+
+/// Progress reported while training.
+#[derive(Debug, Clone)]
+pub enum TrainProgress {
+    /// A pipeline stage finished: (stage, records out).
+    Stage(&'static str, usize),
+    /// An epoch finished.
+    Epoch(crate::train::EpochStats, u32),
 }
 
 /// What `policy explain` reports.
@@ -489,6 +521,308 @@ impl Cloister {
         )?;
         let bytes = registry::bytes(self.env.store().as_ref(), &entry)?;
         Ok((entry, bytes))
+    }
+
+    // ------------------------------------------------------------ models --
+
+    fn load_approved(
+        &self,
+        who: &User,
+        digest: &str,
+        kind: crate::types::PluginKind,
+    ) -> Result<(PluginEntry, crate::runtime::LoadedPlugin), ServiceError> {
+        let (entry, bytes) = self.plugin_for_run(who, digest)?;
+        let loaded = self.runtime()?.load(&bytes)?;
+        loaded.require(kind)?;
+        Ok((entry, loaded))
+    }
+
+    /// Runs approved plugins over a dataset in the sandbox, trains a model
+    /// from a template, evaluates it on the test split and stores it.
+    pub fn train_model(
+        &self,
+        who: &User,
+        req: &TrainRequest,
+        progress: &mut dyn FnMut(TrainProgress),
+    ) -> Result<crate::models::ModelManifest, ServiceError> {
+        use crate::datasets::Split;
+        use crate::runtime::Limits;
+        use crate::types::PluginKind;
+        let template = crate::train::template(&req.template, &req.sets)?;
+        let version = datasets::resolve(&self.env, &req.dataset)?;
+        let id = format!("m-{}", hex::encode(crate::env::random_bytes(6)?));
+        let resource = Resource::Model {
+            id: id.clone(),
+            release_requested: false,
+            release_approved: false,
+            requested_by: None,
+        };
+        self.guard(&who.principal(), Action::TrainModel, &resource, req)?;
+        let mut pre = Vec::new();
+        for d in &req.preprocess {
+            pre.push(self.load_approved(who, d, PluginKind::Preprocessor)?);
+        }
+        let (feat_entry, featurizer) =
+            self.load_approved(who, &req.features, PluginKind::Featurizer)?;
+        let rt = self.runtime()?;
+        let split_seed = req.split_seed.unwrap_or(template.hyper.seed);
+
+        // Labeled records, their label (a human's over gold over automatic)
+        // and split, decided on the stored record.
+        let mut records = Vec::new();
+        let mut meta = std::collections::HashMap::new();
+        for r in datasets::records(&self.env, &version) {
+            let r = r?;
+            let pick = |f: &dyn Fn(&Provenance) -> bool| {
+                r.labels
+                    .iter()
+                    .rev()
+                    .find(|l| f(&l.provenance))
+                    .map(|l| l.label.clone())
+            };
+            let label = pick(&|p| matches!(p, Provenance::Human { .. }))
+                .or_else(|| pick(&|p| matches!(p, Provenance::Gold)))
+                .or_else(|| pick(&|p| matches!(p, Provenance::Auto { .. })));
+            if let Some(label) = label {
+                meta.insert(
+                    r.record.id.clone(),
+                    (label, datasets::split_of(&r.record, split_seed)),
+                );
+                records.push(r.record);
+            }
+        }
+        progress(TrainProgress::Stage("labeled records", records.len()));
+        for (entry, plugin) in &pre {
+            records = plugin
+                .runner(rt, &[], Limits::default())?
+                .preprocess(&records)?;
+            progress(TrainProgress::Stage(
+                if entry.name.is_empty() {
+                    "preprocess"
+                } else {
+                    "preprocessed"
+                },
+                records.len(),
+            ));
+        }
+        let dim = featurizer
+            .instantiate(rt, &[], &Limits::default())?
+            .dimension() as usize;
+        let x = featurizer
+            .runner(rt, &[], Limits::default())?
+            .featurize(&records)?;
+        progress(TrainProgress::Stage("featurized", x.rows()));
+
+        let labels: Vec<String> = records
+            .iter()
+            .filter_map(|r| meta.get(&r.id).map(|m| m.0.clone()))
+            .collect();
+        let (classes, index) = crate::train::class_index(&labels);
+        let mut y = Vec::with_capacity(records.len());
+        let (mut train, mut val, mut test) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, r) in records.iter().enumerate() {
+            let (label, split) = meta.get(&r.id).ok_or_else(|| {
+                ServiceError::BadRequest(format!(
+                    "a preprocessor returned an unknown record id {:?}",
+                    r.id
+                ))
+            })?;
+            y.push(index[label]);
+            match split {
+                Split::Train => train.push(row),
+                Split::Validation => val.push(row),
+                Split::Test => test.push(row),
+            }
+        }
+        let hyper_epochs = template.hyper.epochs;
+        let fitted = crate::train::fit(
+            &template,
+            &x,
+            dim,
+            &y,
+            classes.len(),
+            &train,
+            &val,
+            &mut |e| progress(TrainProgress::Epoch(e.clone(), hyper_epochs)),
+        )?;
+        let probs = fitted.model.predict(&x, &test)?;
+        let ids: Vec<String> = test.iter().map(|&r| records[r].id.clone()).collect();
+        let truth: Vec<usize> = test.iter().map(|&r| y[r]).collect();
+        let evaluation = crate::train::eval::evaluate(&classes, &ids, &truth, &probs);
+        let weights = fitted.model.to_safetensors()?;
+        let manifest = crate::models::ModelManifest {
+            id,
+            template: template.name.clone(),
+            kind: template.kind,
+            hyper: template.hyper.clone(),
+            classes,
+            dim,
+            lineage: crate::models::Lineage {
+                dataset: version.reference(),
+                dataset_digest: version.digest.clone(),
+                preprocess: pre.iter().map(|(e, _)| e.digest.clone()).collect(),
+                features: feat_entry.digest.clone(),
+                split_seed,
+            },
+            evaluation,
+            curve: fitted.curve,
+            best_epoch: fitted.best_epoch,
+            train_seconds: fitted.seconds,
+            split_sizes: [train.len() as u64, val.len() as u64, test.len() as u64],
+            weights_sha256: Digest::of(&weights).to_hex(),
+            created_by: who.name.clone(),
+            created_ms: crate::time::now_ms(),
+            release: crate::models::Release::default(),
+        };
+        crate::models::save(
+            self.env.store().as_ref(),
+            self.env.dir(),
+            &manifest,
+            &weights,
+        )?;
+        Ok(manifest)
+    }
+
+    /// Lists models the caller may view.
+    pub fn list_models(
+        &self,
+        who: &User,
+    ) -> Result<Vec<crate::models::ModelManifest>, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ViewModel,
+            &Resource::Model {
+                id: "*".into(),
+                release_requested: false,
+                release_approved: false,
+                requested_by: None,
+            },
+            &"list",
+        )?;
+        Ok(crate::models::list(self.env.store().as_ref())?)
+    }
+
+    /// One model's manifest.
+    pub fn show_model(
+        &self,
+        who: &User,
+        id: &str,
+    ) -> Result<crate::models::ModelManifest, ServiceError> {
+        let m = crate::models::get(self.env.store().as_ref(), id)?;
+        self.guard(&who.principal(), Action::ViewModel, &m.resource(), &id)?;
+        Ok(m)
+    }
+
+    /// Requests the release of a model.
+    pub fn request_release(
+        &self,
+        who: &User,
+        id: &str,
+        reason: &str,
+    ) -> Result<crate::models::ModelManifest, ServiceError> {
+        let mut m = crate::models::get(self.env.store().as_ref(), id)?;
+        self.guard(
+            &who.principal(),
+            Action::RequestRelease,
+            &m.resource(),
+            &(id, Digest::of(reason.as_bytes()).to_hex()),
+        )?;
+        if m.release.requested_by.is_some() {
+            return Err(crate::models::ModelError::Release(format!(
+                "a release of {id} was already requested"
+            ))
+            .into());
+        }
+        m.release = crate::models::Release {
+            requested_by: Some(who.name.clone()),
+            reason: Some(reason.to_string()),
+            decision: None,
+            decided_by: None,
+        };
+        crate::models::put(self.env.store().as_ref(), &m)?;
+        Ok(m)
+    }
+
+    /// Approves (`true`) or rejects a requested release.
+    pub fn decide_release(
+        &self,
+        who: &User,
+        id: &str,
+        approve: bool,
+    ) -> Result<crate::models::ModelManifest, ServiceError> {
+        let mut m = crate::models::get(self.env.store().as_ref(), id)?;
+        let action = if approve {
+            Action::ApproveRelease
+        } else {
+            Action::RejectRelease
+        };
+        self.guard(&who.principal(), action, &m.resource(), &id)?;
+        if m.release.decision.is_some() {
+            return Err(crate::models::ModelError::Release(format!(
+                "the release of {id} was already decided"
+            ))
+            .into());
+        }
+        m.release.decision = Some(if approve { "approved" } else { "rejected" }.into());
+        m.release.decided_by = Some(who.name.clone());
+        crate::models::put(self.env.store().as_ref(), &m)?;
+        Ok(m)
+    }
+
+    /// The signed bundle of an approved model: the only way model bytes
+    /// leave the environment.
+    pub fn export_model(&self, who: &User, id: &str) -> Result<Vec<u8>, ServiceError> {
+        let m = crate::models::get(self.env.store().as_ref(), id)?;
+        self.guard(&who.principal(), Action::ExportModel, &m.resource(), &id)?;
+        let weights = crate::models::weights(self.env.dir(), &m)?;
+        let audit = self.env.audit();
+        Ok(crate::models::bundle(
+            &m,
+            &weights,
+            &|msg| audit.sign_bytes(msg),
+            audit.public_key(),
+        )?)
+    }
+
+    /// Predicts on records the caller supplies (a plugin author's mock
+    /// data), through the model's own plugin chain. Returns (ids, classes,
+    /// probabilities row-major).
+    pub fn predict(
+        &self,
+        who: &User,
+        id: &str,
+        records: &[crate::types::DataRecord],
+    ) -> Result<(Vec<String>, Vec<String>, Vec<f32>), ServiceError> {
+        use crate::runtime::Limits;
+        use crate::types::PluginKind;
+        let m = crate::models::get(self.env.store().as_ref(), id)?;
+        self.guard(
+            &who.principal(),
+            Action::ViewModel,
+            &m.resource(),
+            &(id, records.len()),
+        )?;
+        let rt = self.runtime()?;
+        let mut input: Vec<crate::types::DataRecord> = records
+            .iter()
+            .map(|r| crate::types::DataRecord {
+                label: None,
+                ..r.clone()
+            })
+            .collect();
+        for d in &m.lineage.preprocess {
+            let (_, p) = self.load_approved(who, d, PluginKind::Preprocessor)?;
+            input = p.runner(rt, &[], Limits::default())?.preprocess(&input)?;
+        }
+        let (_, f) = self.load_approved(who, &m.lineage.features, PluginKind::Featurizer)?;
+        let x = f.runner(rt, &[], Limits::default())?.featurize(&input)?;
+        let model = crate::train::Trained::from_safetensors(
+            m.kind,
+            &crate::models::weights(self.env.dir(), &m)?,
+        )?;
+        let rows: Vec<usize> = (0..x.rows()).collect();
+        let probs = model.predict(&x, &rows)?;
+        Ok((input.into_iter().map(|r| r.id).collect(), m.classes, probs))
     }
 
     // ------------------------------------------------------------- audit --

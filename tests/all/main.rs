@@ -18,3 +18,4 @@ mod example_plugins;
 mod hostile;
 mod policy_matrix;
 mod runtime;
+mod training;

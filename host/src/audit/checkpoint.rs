@@ -48,6 +48,13 @@ impl AuditKeys {
         ring::hmac::verify(&self.mac, data, tag).is_ok()
     }
 
+    /// Signs arbitrary bytes with the environment's Ed25519 key (model
+    /// bundles). Callers must put a domain string in `message` so that no
+    /// signature can be mistaken for a checkpoint's.
+    pub fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
+        self.signing.sign(message).as_ref().to_vec()
+    }
+
     /// Signs a checkpoint for the given tree state.
     pub fn sign(&self, origin: &str, size: u64, root: Hash, time_ms: u64) -> Checkpoint {
         let mut cp = Checkpoint {

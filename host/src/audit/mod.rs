@@ -355,6 +355,11 @@ impl AuditLog {
         self.inner.keys.public_key()
     }
 
+    /// Signs bytes with the environment key (see [`AuditKeys::sign_bytes`]).
+    pub fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
+        self.inner.keys.sign_bytes(message)
+    }
+
     /// Signs, stores and returns a checkpoint of the current state.
     pub fn checkpoint(&self) -> Result<Checkpoint, AuditError> {
         self.check_available()?;

@@ -53,11 +53,13 @@ pub enum Space {
     Audit = 10,
     /// Signed audit checkpoints: `size (u64 BE)` → checkpoint.
     Checkpoints = 11,
+    /// Model manifests: model id → manifest.
+    Models = 12,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 11] = [
+    pub const ALL: [Space; 12] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -69,6 +71,7 @@ impl Space {
         Space::PluginBlobs,
         Space::Audit,
         Space::Checkpoints,
+        Space::Models,
     ];
 
     /// The key prefix byte.

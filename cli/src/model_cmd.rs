@@ -1,0 +1,388 @@
+//! `cloister template list`, `train`, `predict`, `model …`, `verify-bundle`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use cloister_host::models::ModelManifest;
+use cloister_host::service::{TrainProgress, TrainRequest};
+
+use crate::session::EnvArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// List the training templates and their hyper-parameters.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The dataset: NAME or NAME@VERSION.
+    #[arg(long)]
+    dataset: String,
+    /// An approved preprocessor digest (repeatable, applied in order).
+    #[arg(long = "preprocess", value_name = "DIGEST")]
+    preprocess: Vec<String>,
+    /// The approved featurizer digest.
+    #[arg(long = "features", value_name = "DIGEST")]
+    features: String,
+    /// Template: logreg or mlp.
+    #[arg(long, default_value = "logreg")]
+    template: String,
+    /// Override a hyper-parameter, KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Seed of the train/validation/test split (default: the template seed).
+    #[arg(long)]
+    split_seed: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// List models.
+    List,
+    /// Show a model: metrics, per-class scores, confusion matrix,
+    /// calibration, training curve, lineage, release state.
+    Show {
+        /// Model id.
+        id: String,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask for a model to be released.
+    RequestRelease {
+        /// Model id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Approve a requested release (an approver other than the requester).
+    ApproveRelease {
+        /// Model id.
+        id: String,
+    },
+    /// Reject a requested release.
+    RejectRelease {
+        /// Model id.
+        id: String,
+    },
+    /// Write the signed bundle of an approved model.
+    Export {
+        /// Model id.
+        id: String,
+        /// The bundle file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_sets(sets: &[String]) -> Result<Vec<(String, String)>> {
+    sets.iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .with_context(|| format!("--set {s}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+pub fn templates() -> Result<ExitCode> {
+    for t in cloister_host::train::templates()? {
+        println!("{:<8} {}", t.name, t.description);
+        let h = &t.hyper;
+        print!(
+            "         epochs={} batch_size={} learning_rate={} l2={} class_weight={} patience={} seed={}",
+            h.epochs,
+            h.batch_size,
+            h.learning_rate,
+            h.l2,
+            if h.class_weight { "balanced" } else { "none" },
+            h.patience,
+            h.seed
+        );
+        if t.kind == cloister_host::train::Kind::Mlp {
+            print!(" hidden={:?} dropout={}", h.hidden, h.dropout);
+        }
+        println!();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn train(env: &EnvArgs, args: TrainArgs) -> Result<ExitCode> {
+    let s = env.session()?;
+    let req = TrainRequest {
+        dataset: args.dataset,
+        preprocess: args.preprocess,
+        features: args.features,
+        template: args.template,
+        sets: parse_sets(&args.sets)?,
+        split_seed: args.split_seed,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut progress = |p: TrainProgress| match p {
+        TrainProgress::Stage(what, n) => eprintln!("{what}: {n} records"),
+        TrainProgress::Epoch(e, max) => {
+            let elapsed = started.elapsed().as_secs_f64();
+            let eta = elapsed / f64::from(e.epoch) * f64::from(max.saturating_sub(e.epoch));
+            let line = format!(
+                "epoch {:>3}/{max}  train loss {:.4}  val loss {:.4}  val acc {:.4}  {:>8.0} samples/s  eta ≤{:.0}s",
+                e.epoch, e.train_loss, e.val_loss, e.val_accuracy, e.samples_per_s, eta
+            );
+            if tty {
+                let filled = (20 * e.epoch / max.max(1)) as usize;
+                eprint!(
+                    "\r[{}{}] {line}",
+                    "#".repeat(filled),
+                    ".".repeat(20 - filled.min(20))
+                );
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    };
+    let m = s.cloister.train_model(&s.user, &req, &mut progress)?;
+    if tty {
+        eprintln!();
+    }
+    println!(
+        "trained {} ({}) in {:.1} s; kept epoch {}",
+        m.id, m.template, m.train_seconds, m.best_epoch
+    );
+    println!(
+        "test: accuracy {:.4}  macro F1 {:.4}  ECE {:.4}  ({} records)",
+        m.evaluation.accuracy, m.evaluation.macro_f1, m.evaluation.ece, m.evaluation.records
+    );
+    println!("see `cloister model show {}`", m.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn predict(env: &EnvArgs, id: &str, input: &PathBuf) -> Result<ExitCode> {
+    let records = cloister_host::records::read_file(input, Default::default())?;
+    let s = env.session()?;
+    let (ids, classes, probs) = s.cloister.predict(&s.user, id, &records)?;
+    let k = classes.len().max(1);
+    for (i, rid) in ids.iter().enumerate() {
+        let p = &probs[i * k..(i + 1) * k];
+        let (best, conf) = p
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
+        let all: serde_json::Map<String, serde_json::Value> = classes
+            .iter()
+            .zip(p)
+            .map(|(c, v)| (c.clone(), serde_json::json!(v)))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"id": rid, "label": classes[best], "confidence": conf, "probabilities": all})
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn release_state(m: &ModelManifest) -> String {
+    match (&m.release.requested_by, &m.release.decision) {
+        (None, _) => "not requested".into(),
+        (Some(r), None) => format!("requested by {r}"),
+        (Some(r), Some(d)) => format!(
+            "{d} (requested by {r}, decided by {})",
+            m.release.decided_by.as_deref().unwrap_or("?")
+        ),
+    }
+}
+
+fn show(m: &ModelManifest) {
+    let e = &m.evaluation;
+    println!("model {} ({}, {:?})", m.id, m.template, m.kind);
+    println!(
+        "trained by {} at {}",
+        m.created_by,
+        cloister_host::time::rfc3339(m.created_ms)
+    );
+    println!(
+        "lineage: dataset {} (sha256 {}), split seed {}",
+        m.lineage.dataset,
+        &m.lineage.dataset_digest[..16],
+        m.lineage.split_seed
+    );
+    for d in &m.lineage.preprocess {
+        println!("         preprocess {d}");
+    }
+    println!("         features   {}", m.lineage.features);
+    println!(
+        "weights: sha256 {}, input dimension {}",
+        m.weights_sha256, m.dim
+    );
+    println!(
+        "splits: train {} / validation {} / test {}",
+        m.split_sizes[0], m.split_sizes[1], m.split_sizes[2]
+    );
+    println!("release: {}", release_state(m));
+    println!();
+    println!(
+        "test accuracy {:.4}   macro F1 {:.4}   micro F1 {:.4}   ECE {:.4}",
+        e.accuracy, e.macro_f1, e.micro_f1, e.ece
+    );
+    println!(
+        "{:<20} {:>9} {:>9} {:>9} {:>8}",
+        "class", "precision", "recall", "F1", "support"
+    );
+    for c in &e.per_class {
+        println!(
+            "{:<20} {:>9.4} {:>9.4} {:>9.4} {:>8}",
+            c.class, c.precision, c.recall, c.f1, c.support
+        );
+    }
+    println!("\nconfusion (rows: truth, columns: predicted)");
+    print!("{:<20}", "");
+    for c in &m.classes {
+        print!(" {:>8}", truncate(c, 8));
+    }
+    println!();
+    for (c, row) in m.classes.iter().zip(&e.confusion) {
+        print!("{:<20}", truncate(c, 20));
+        for n in row {
+            print!(" {n:>8}");
+        }
+        println!();
+    }
+    println!("\nreliability (confidence bin: count, mean confidence, accuracy)");
+    for b in e.reliability.iter().filter(|b| b.count > 0) {
+        println!(
+            "  [{:.1}, {:.1})  {:>6}  {:.3}  {:.3}",
+            b.lower, b.upper, b.count, b.confidence, b.accuracy
+        );
+    }
+    println!("\ntraining curve (epoch: train loss, val loss, val accuracy)");
+    for c in &m.curve {
+        println!(
+            "  {:>3}{} {:.4} {:.4} {:.4}",
+            c.epoch,
+            if c.epoch == m.best_epoch { "*" } else { " " },
+            c.train_loss,
+            c.val_loss,
+            c.val_accuracy
+        );
+    }
+    println!(
+        "\nbadcases: {} misclassified test records (ids only; texts are shown in the console to roles the policy allows)",
+        e.badcases.len()
+    );
+    for b in e.badcases.iter().take(10) {
+        println!(
+            "  {:<24} truth {:<12} predicted {:<12} confidence {:.3}",
+            b.id,
+            truncate(&b.truth, 12),
+            truncate(&b.predicted, 12),
+            b.confidence
+        );
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
+    let s = env.session()?;
+    match cmd {
+        ModelCommand::List => {
+            let all = s.cloister.list_models(&s.user)?;
+            if all.is_empty() {
+                println!("no models (train one with `cloister train`)");
+            }
+            for m in &all {
+                println!(
+                    "{}  {:<7} {:<20} acc {:.4}  macro F1 {:.4}  {}",
+                    m.id,
+                    m.template,
+                    m.lineage.dataset,
+                    m.evaluation.accuracy,
+                    m.evaluation.macro_f1,
+                    release_state(m)
+                );
+            }
+        }
+        ModelCommand::Show { id, json } => {
+            let m = s.cloister.show_model(&s.user, &id)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                show(&m);
+            }
+        }
+        ModelCommand::RequestRelease { id, reason } => {
+            let m = s.cloister.request_release(&s.user, &id, &reason)?;
+            println!(
+                "release of {} requested; an approver other than you decides",
+                m.id
+            );
+        }
+        ModelCommand::ApproveRelease { id } => {
+            s.cloister.decide_release(&s.user, &id, true)?;
+            println!("release of {id} approved");
+        }
+        ModelCommand::RejectRelease { id } => {
+            s.cloister.decide_release(&s.user, &id, false)?;
+            println!("release of {id} rejected");
+        }
+        ModelCommand::Export { id, out } => {
+            let bytes = s.cloister.export_model(&s.user, &id)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            std::io::Write::write_all(&mut f, &bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes), signed by key {}",
+                out.display(),
+                bytes.len(),
+                hex::encode(s.cloister.env().audit().public_key())
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify_bundle(file: &PathBuf, key: Option<&str>) -> Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let expected = key
+        .map(|k| {
+            hex::decode(k)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .context("--key: expected 64 hex digits")
+        })
+        .transpose()?;
+    match cloister_host::models::verify_bundle(&bytes, expected.as_ref()) {
+        Ok(b) => {
+            println!(
+                "bundle OK: model {} ({}), weights sha256 {}",
+                b.manifest.id, b.manifest.template, b.manifest.weights_sha256
+            );
+            println!(
+                "signed by key {}{}",
+                hex::encode(b.key),
+                if expected.is_some() {
+                    " (as expected)"
+                } else {
+                    " (compare it with the environment's key)"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("bundle INVALID: {e}");
+            Ok(ExitCode::from(crate::session::EXIT_TAMPERED))
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The model registry: manifests in the store, weights as safetensors files
+//! in the environment's `models/` directory, the release state, and signed
+//! bundles.
+
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+use ring::signature::{ED25519, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::digest::Digest;
+use crate::store::{Space, Storage, StoreError, WriteBatch};
+use crate::train::eval::Evaluation;
+use crate::train::{EpochStats, Hyper, Kind};
+
+/// Errors of the model registry.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    /// No such model.
+    #[error("no model `{0}`")]
+    Unknown(String),
+    /// A release step is out of order.
+    #[error("{0}")]
+    Release(String),
+    /// A file of the environment.
+    #[error("{file}: {source}")]
+    File {
+        /// File.
+        file: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Stored data is damaged.
+    #[error("model data is damaged: {0}")]
+    Damaged(String),
+    /// A bundle is malformed or its signature does not verify.
+    #[error("bundle: {0}")]
+    Bundle(String),
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where a model came from: everything needed to reproduce it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// `name@version` of the dataset.
+    pub dataset: String,
+    /// Content digest of that version.
+    pub dataset_digest: String,
+    /// Preprocessor digests, in order.
+    pub preprocess: Vec<String>,
+    /// Featurizer digest.
+    pub features: String,
+    /// Seed of the train/validation/test split.
+    pub split_seed: u64,
+}
+
+/// The release state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// Who requested it.
+    pub requested_by: Option<String>,
+    /// Why (the requester's words).
+    pub reason: Option<String>,
+    /// `approved` or `rejected`, once decided.
+    pub decision: Option<String>,
+    /// Who decided.
+    pub decided_by: Option<String>,
+}
+
+/// A model's manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    /// Id (`m-…`).
+    pub id: String,
+    /// Template name.
+    pub template: String,
+    /// Model family.
+    pub kind: Kind,
+    /// Hyper-parameters used.
+    pub hyper: Hyper,
+    /// Class names, in output order.
+    pub classes: Vec<String>,
+    /// Input dimension.
+    pub dim: usize,
+    /// Lineage.
+    pub lineage: Lineage,
+    /// Test-split evaluation.
+    pub evaluation: Evaluation,
+    /// Training curve.
+    pub curve: Vec<EpochStats>,
+    /// Epoch whose weights were kept.
+    pub best_epoch: u32,
+    /// Training wall time, seconds.
+    pub train_seconds: f64,
+    /// Records per split: train, validation, test.
+    pub split_sizes: [u64; 3],
+    /// SHA-256 of the safetensors file.
+    pub weights_sha256: String,
+    /// Who trained it.
+    pub created_by: String,
+    /// When, ms since the epoch.
+    pub created_ms: u64,
+    /// Release state.
+    pub release: Release,
+}
+
+impl ModelManifest {
+    /// The policy resource for this model.
+    pub fn resource(&self) -> crate::policy::Resource {
+        crate::policy::Resource::Model {
+            id: self.id.clone(),
+            release_requested: self.release.requested_by.is_some(),
+            release_approved: self.release.decision.as_deref() == Some("approved"),
+            requested_by: self.release.requested_by.clone(),
+        }
+    }
+}
+
+fn weights_name(id: &str) -> String {
+    format!("{id}.safetensors")
+}
+
+fn models_dir(dir: &Dir) -> Result<Dir, ModelError> {
+    dir.create_dir_all("models")
+        .map_err(|source| ModelError::File {
+            file: "models".into(),
+            source,
+        })?;
+    dir.open_dir("models").map_err(|source| ModelError::File {
+        file: "models".into(),
+        source,
+    })
+}
+
+/// Stores weights and manifest (weights first, synced; the manifest makes
+/// the model visible).
+pub fn save(
+    store: &dyn Storage,
+    dir: &Dir,
+    manifest: &ModelManifest,
+    weights: &[u8],
+) -> Result<(), ModelError> {
+    let mdir = models_dir(dir)?;
+    let name = weights_name(&manifest.id);
+    let tmp = format!("{name}.tmp");
+    let err = |file: &str| {
+        let file = format!("models/{file}");
+        move |source| ModelError::File { file, source }
+    };
+    {
+        use std::io::Write;
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true).mode(0o600);
+        let mut f = mdir.open_with(&tmp, &opts).map_err(err(&tmp))?;
+        f.write_all(weights).map_err(err(&tmp))?;
+        f.sync_all().map_err(err(&tmp))?;
+    }
+    mdir.rename(&tmp, &mdir, &name).map_err(err(&name))?;
+    mdir.open(".")
+        .and_then(|d| d.sync_all())
+        .map_err(err("."))?;
+    put(store, manifest)
+}
+
+/// Rewrites a manifest (release state changes).
+pub fn put(store: &dyn Storage, manifest: &ModelManifest) -> Result<(), ModelError> {
+    let mut b = WriteBatch::new();
+    b.put(
+        Space::Models,
+        manifest.id.as_bytes().to_vec(),
+        serde_json::to_vec(manifest).map_err(|e| ModelError::Damaged(e.to_string()))?,
+    );
+    Ok(store.commit(b)?)
+}
+
+/// Reads a manifest.
+pub fn get(store: &dyn Storage, id: &str) -> Result<ModelManifest, ModelError> {
+    let v = store
+        .get(Space::Models, id.as_bytes())?
+        .ok_or_else(|| ModelError::Unknown(id.to_string()))?;
+    serde_json::from_slice(&v).map_err(|_| ModelError::Damaged(format!("manifest of {id}")))
+}
+
+/// Every model, by id.
+pub fn list(store: &dyn Storage) -> Result<Vec<ModelManifest>, ModelError> {
+    store
+        .scan(Space::Models, b"")
+        .map(|item| {
+            let (k, v) = item?;
+            serde_json::from_slice(&v)
+                .map_err(|_| ModelError::Damaged(String::from_utf8_lossy(&k).into_owned()))
+        })
+        .collect()
+}
+
+/// Reads the weights, checked against the manifest's digest.
+pub fn weights(dir: &Dir, manifest: &ModelManifest) -> Result<Vec<u8>, ModelError> {
+    let name = weights_name(&manifest.id);
+    let bytes = models_dir(dir)?
+        .read(&name)
+        .map_err(|source| ModelError::File {
+            file: format!("models/{name}"),
+            source,
+        })?;
+    if Digest::of(&bytes).to_hex() != manifest.weights_sha256 {
+        return Err(ModelError::Damaged(format!(
+            "models/{name} does not match its manifest"
+        )));
+    }
+    Ok(bytes)
+}
+
+const BUNDLE_MAGIC: &str = "cloister-model-bundle v1";
+
+fn signed_message(manifest: &[u8], weights: &[u8]) -> Vec<u8> {
+    let mut m = format!("{BUNDLE_MAGIC}\n").into_bytes();
+    m.extend_from_slice(&Digest::of(manifest).0);
+    m.extend_from_slice(&Digest::of(weights).0);
+    m
+}
+
+/// A signed bundle: the manifest, the weights, and an Ed25519 signature
+/// over both, with the signing key.
+///
+/// ```text
+/// cloister-model-bundle v1\n
+/// key <hex>\n signature <hex>\n manifest <len>\n <manifest JSON> weights <len>\n <safetensors>
+/// ```
+pub fn bundle(
+    manifest: &ModelManifest,
+    weights: &[u8],
+    sign: &dyn Fn(&[u8]) -> Vec<u8>,
+    key: [u8; 32],
+) -> Result<Vec<u8>, ModelError> {
+    let m = serde_json::to_vec_pretty(manifest).map_err(|e| ModelError::Damaged(e.to_string()))?;
+    let sig = sign(&signed_message(&m, weights));
+    let mut out = format!(
+        "{BUNDLE_MAGIC}\nkey {}\nsignature {}\nmanifest {}\n",
+        hex::encode(key),
+        hex::encode(sig),
+        m.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&m);
+    out.extend_from_slice(format!("weights {}\n", weights.len()).as_bytes());
+    out.extend_from_slice(weights);
+    Ok(out)
+}
+
+/// What a verified bundle holds.
+#[derive(Debug)]
+pub struct VerifiedBundle {
+    /// The signing key.
+    pub key: [u8; 32],
+    /// The manifest.
+    pub manifest: ModelManifest,
+    /// The weights.
+    pub weights: Vec<u8>,
+}
+
+/// Verifies a bundle offline. With `expected_key`, the bundle must be signed
+/// by that key; without, the key inside is reported for the caller to
+/// compare. Any modified byte fails.
+pub fn verify_bundle(
+    bytes: &[u8],
+    expected_key: Option<&[u8; 32]>,
+) -> Result<VerifiedBundle, ModelError> {
+    let bad = |m: &str| ModelError::Bundle(m.to_string());
+    let mut rest = bytes;
+    let mut line = || -> Result<&str, ModelError> {
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| bad("truncated header"))?;
+        let l = std::str::from_utf8(&rest[..end]).map_err(|_| bad("header is not text"))?;
+        rest = &rest[end + 1..];
+        Ok(l)
+    };
+    if line()? != BUNDLE_MAGIC {
+        return Err(bad("not a cloister model bundle"));
+    }
+    let key_hex = line()?
+        .strip_prefix("key ")
+        .ok_or_else(|| bad("expected `key`"))?
+        .to_string();
+    let sig_hex = line()?
+        .strip_prefix("signature ")
+        .ok_or_else(|| bad("expected `signature`"))?
+        .to_string();
+    let mlen: usize = line()?
+        .strip_prefix("manifest ")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| bad("expected `manifest LEN`"))?;
+    if rest.len() < mlen {
+        return Err(bad("truncated manifest"));
+    }
+    let (m, after) = rest.split_at(mlen);
+    rest = after;
+    let wlen: usize = {
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| bad("truncated"))?;
+        let l = std::str::from_utf8(&rest[..end]).map_err(|_| bad("header is not text"))?;
+        let n = l
+            .strip_prefix("weights ")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| bad("expected `weights LEN`"))?;
+        rest = &rest[end + 1..];
+        n
+    };
+    if rest.len() != wlen {
+        return Err(bad("the weights are truncated or followed by extra bytes"));
+    }
+    let key: [u8; 32] = hex::decode(&key_hex)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .ok_or_else(|| bad("key is not 32 hex bytes"))?;
+    if let Some(expected) = expected_key
+        && expected != &key
+    {
+        return Err(bad("signed by a different key than expected"));
+    }
+    let sig = hex::decode(&sig_hex).map_err(|_| bad("signature is not hex"))?;
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(&signed_message(m, rest), &sig)
+        .map_err(|_| bad("the signature does not verify: the bundle was modified"))?;
+    let manifest: ModelManifest =
+        serde_json::from_slice(m).map_err(|e| ModelError::Bundle(format!("manifest: {e}")))?;
+    if Digest::of(rest).to_hex() != manifest.weights_sha256 {
+        return Err(bad("the weights do not match the manifest"));
+    }
+    Ok(VerifiedBundle {
+        key,
+        manifest,
+        weights: rest.to_vec(),
+    })
+}

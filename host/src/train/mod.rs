@@ -1,0 +1,773 @@
+//! Training: templates, the training loop with early stopping, evaluation
+//! and model weights as safetensors.
+//!
+//! The pipeline that feeds it (approved plugins over a stored dataset) and
+//! the model registry live in [`crate::service`] and [`crate::models`].
+
+pub mod eval;
+pub mod model;
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::types::SparseBatch;
+use model::{DenseStack, KernelError, Rng, SparseLinear, softmax, softmax_xent_grad};
+
+/// The templates shipped with this build, from `templates/`.
+pub const BUILTIN_TEMPLATES: [(&str, &str); 2] = [
+    ("logreg", include_str!("../../../templates/logreg.toml")),
+    ("mlp", include_str!("../../../templates/mlp.toml")),
+];
+
+/// Errors of training.
+#[derive(Debug, Error)]
+pub enum TrainError {
+    /// No template of that name.
+    #[error("no template `{0}` (see `cloister template list`)")]
+    UnknownTemplate(String),
+    /// A template file is malformed.
+    #[error("templates/{file}: {message}")]
+    BadTemplate {
+        /// File.
+        file: String,
+        /// What is wrong (with line and column from the TOML parser).
+        message: String,
+    },
+    /// A `--set` or template key is unknown.
+    #[error("unknown hyper-parameter `{key}` for template `{template}` (known: {known})")]
+    UnknownKey {
+        /// Template.
+        template: String,
+        /// The key.
+        key: String,
+        /// The keys it has.
+        known: String,
+    },
+    /// A value is malformed or out of range.
+    #[error("hyper-parameter `{key}`: {problem}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Too little data to train and validate.
+    #[error("{0}")]
+    NotEnoughData(String),
+    /// A kernel failed.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+/// Model families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Softmax regression.
+    Logreg,
+    /// Sparse-input MLP.
+    Mlp,
+}
+
+/// Hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hyper {
+    /// Maximum epochs.
+    pub epochs: u32,
+    /// Records per step.
+    pub batch_size: usize,
+    /// Adam step size.
+    pub learning_rate: f32,
+    /// L2 weight decay.
+    pub l2: f32,
+    /// Weight classes inversely to their frequency.
+    pub class_weight: bool,
+    /// Epochs without improvement before stopping.
+    pub patience: u32,
+    /// Seed for shuffling, initialisation, dropout and the split.
+    pub seed: u64,
+    /// Hidden layer widths (MLP).
+    pub hidden: Vec<usize>,
+    /// Dropout on the first hidden layer (MLP).
+    pub dropout: f32,
+}
+
+const KEYS: [&str; 9] = [
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "l2",
+    "class_weight",
+    "patience",
+    "seed",
+    "hidden",
+    "dropout",
+];
+
+impl Hyper {
+    fn defaults() -> Self {
+        Hyper {
+            epochs: 30,
+            batch_size: 64,
+            learning_rate: 0.01,
+            l2: 0.0,
+            class_weight: true,
+            patience: 3,
+            seed: 0,
+            hidden: vec![128],
+            dropout: 0.0,
+        }
+    }
+
+    /// Sets one key from its text form (as given to `--set key=value`).
+    pub fn set(
+        &mut self,
+        template: &str,
+        kind: Kind,
+        key: &str,
+        value: &str,
+    ) -> Result<(), TrainError> {
+        let bad = |problem: &str| TrainError::BadValue {
+            key: key.to_string(),
+            problem: problem.to_string(),
+        };
+        let mlp_only = ["hidden", "dropout"];
+        if !KEYS.contains(&key) || (kind == Kind::Logreg && mlp_only.contains(&key)) {
+            let known: Vec<&str> = KEYS
+                .iter()
+                .copied()
+                .filter(|k| kind == Kind::Mlp || !mlp_only.contains(k))
+                .collect();
+            return Err(TrainError::UnknownKey {
+                template: template.into(),
+                key: key.into(),
+                known: known.join(", "),
+            });
+        }
+        let int = |lo: u64, hi: u64| -> Result<u64, TrainError> {
+            value
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|v| (lo..=hi).contains(v))
+                .ok_or_else(|| {
+                    bad(&format!(
+                        "expected an integer from {lo} to {hi}, got `{value}`"
+                    ))
+                })
+        };
+        let float = |lo: f32, hi: f32| -> Result<f32, TrainError> {
+            value
+                .trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite() && (lo..=hi).contains(v))
+                .ok_or_else(|| {
+                    bad(&format!(
+                        "expected a number from {lo} to {hi}, got `{value}`"
+                    ))
+                })
+        };
+        match key {
+            "epochs" => self.epochs = int(1, 10_000)? as u32,
+            "batch_size" => self.batch_size = int(1, 65_536)? as usize,
+            "learning_rate" => self.learning_rate = float(1e-7, 10.0)?,
+            "l2" => self.l2 = float(0.0, 10.0)?,
+            "patience" => self.patience = int(1, 1000)? as u32,
+            "seed" => self.seed = int(0, u64::MAX)?,
+            "dropout" => self.dropout = float(0.0, 0.95)?,
+            "class_weight" => {
+                self.class_weight = match value.trim().trim_matches('"') {
+                    "balanced" => true,
+                    "none" => false,
+                    _ => {
+                        return Err(bad(&format!(
+                            "expected `balanced` or `none`, got `{value}`"
+                        )));
+                    }
+                }
+            }
+            "hidden" => {
+                let inner = value.trim().trim_start_matches('[').trim_end_matches(']');
+                let widths: Option<Vec<usize>> = inner
+                    .split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| s.trim().parse().ok().filter(|w| (1..=4096).contains(w)))
+                    .collect();
+                match widths {
+                    Some(w) if !w.is_empty() && w.len() <= 4 => self.hidden = w,
+                    _ => {
+                        return Err(bad(&format!(
+                            "expected one to four widths from 1 to 4096, like `[128]` or `256,64`, got `{value}`"
+                        )));
+                    }
+                }
+            }
+            _ => unreachable_key(),
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_key() {
+    // Every key of KEYS is matched above; the check before the match makes
+    // this arm impossible.
+}
+
+/// A training template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Template {
+    /// Name (`--template NAME`).
+    pub name: String,
+    /// Model family.
+    pub kind: Kind,
+    /// One line for `template list`.
+    pub description: String,
+    /// Hyper-parameters.
+    pub hyper: Hyper,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateFile {
+    name: String,
+    kind: Kind,
+    description: String,
+    hyper: toml::Table,
+}
+
+impl Template {
+    /// Parses a template file; errors name the file, and line and column
+    /// where the TOML parser gives them.
+    pub fn parse(file: &str, text: &str) -> Result<Self, TrainError> {
+        let bad = |message: String| TrainError::BadTemplate {
+            file: file.to_string(),
+            message,
+        };
+        let f: TemplateFile = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|s| {
+                let upto = &text[..s.start.min(text.len())];
+                format!("line {}: ", upto.matches('\n').count() + 1)
+            });
+            bad(format!("{}{}", at.unwrap_or_default(), e.message()))
+        })?;
+        let mut hyper = Hyper::defaults();
+        for (key, value) in &f.hyper {
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Array(a) => a
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => other.to_string(),
+            };
+            hyper
+                .set(&f.name, f.kind, key, &text)
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(Template {
+            name: f.name,
+            kind: f.kind,
+            description: f.description,
+            hyper,
+        })
+    }
+}
+
+/// The built-in templates.
+pub fn templates() -> Result<Vec<Template>, TrainError> {
+    BUILTIN_TEMPLATES
+        .iter()
+        .map(|(name, text)| Template::parse(&format!("{name}.toml"), text))
+        .collect()
+}
+
+/// A template by name, with `--set key=value` overrides applied.
+pub fn template(name: &str, sets: &[(String, String)]) -> Result<Template, TrainError> {
+    let mut t = templates()?
+        .into_iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| TrainError::UnknownTemplate(name.to_string()))?;
+    for (k, v) in sets {
+        t.hyper.set(&t.name, t.kind, k, v)?;
+    }
+    Ok(t)
+}
+
+/// One epoch of the training curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochStats {
+    /// 1-based epoch.
+    pub epoch: u32,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Validation loss.
+    pub val_loss: f64,
+    /// Validation accuracy.
+    pub val_accuracy: f64,
+    /// Training samples per second in this epoch.
+    pub samples_per_s: f64,
+}
+
+/// The trained network.
+#[derive(Debug)]
+pub enum Network {
+    /// Softmax regression.
+    Logreg(SparseLinear),
+    /// MLP: sparse first layer, then the dense stack.
+    Mlp(SparseLinear, DenseStack),
+}
+
+/// A trained model ready to predict.
+#[derive(Debug)]
+pub struct Trained {
+    /// Input dimension.
+    pub dim: usize,
+    /// Number of classes.
+    pub classes: usize,
+    /// The network.
+    pub net: Network,
+}
+
+impl Trained {
+    fn new(kind: Kind, dim: usize, classes: usize, hyper: &Hyper) -> Result<Self, TrainError> {
+        let mut rng = Rng::new(hyper.seed);
+        let net = match kind {
+            Kind::Logreg => Network::Logreg(SparseLinear::new(dim, classes, None)),
+            Kind::Mlp => {
+                let first = SparseLinear::new(dim, hyper.hidden[0], Some(&mut rng));
+                let mut widths = hyper.hidden.clone();
+                widths.push(classes);
+                Network::Mlp(first, DenseStack::new(&widths, &mut rng)?)
+            }
+        };
+        Ok(Self { dim, classes, net })
+    }
+
+    /// Class probabilities for `rows` of `x`, row-major.
+    pub fn predict(&self, x: &SparseBatch, rows: &[usize]) -> Result<Vec<f32>, TrainError> {
+        let mut out = Vec::with_capacity(rows.len() * self.classes);
+        let mut buf = Vec::new();
+        for chunk in rows.chunks(1024) {
+            match &self.net {
+                Network::Logreg(l) => {
+                    l.check(x)?;
+                    l.forward(x, chunk, &mut buf);
+                    for row in buf.chunks_mut(self.classes) {
+                        softmax(row);
+                    }
+                    out.extend_from_slice(&buf);
+                }
+                Network::Mlp(first, dense) => {
+                    first.check(x)?;
+                    first.forward(x, chunk, &mut buf);
+                    buf.iter_mut().for_each(|h| *h = h.max(0.0));
+                    out.extend(dense.predict(&buf, chunk.len())?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The weights as safetensors bytes.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, TrainError> {
+        let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        let first = match &self.net {
+            Network::Logreg(l) | Network::Mlp(l, _) => l,
+        };
+        named.push((
+            "sparse.weight".into(),
+            vec![first.dim, first.out],
+            first.w.clone(),
+        ));
+        named.push(("sparse.bias".into(), vec![first.out], first.b.clone()));
+        if let Network::Mlp(_, dense) = &self.net {
+            for (i, (w, b)) in dense.layers.iter().enumerate() {
+                let wt = w.as_tensor();
+                named.push((
+                    format!("dense.{i}.weight"),
+                    wt.dims().to_vec(),
+                    wt.flatten_all()
+                        .and_then(|t| t.to_vec1())
+                        .map_err(KernelError::from)?,
+                ));
+                named.push((
+                    format!("dense.{i}.bias"),
+                    b.as_tensor().dims().to_vec(),
+                    b.as_tensor().to_vec1().map_err(KernelError::from)?,
+                ));
+            }
+        }
+        let bytes: Vec<Vec<u8>> = named
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views = named
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), b)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| KernelError::Weights(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(safetensors::tensor::serialize(views, None)
+            .map_err(|e| KernelError::Weights(e.to_string()))?)
+    }
+
+    /// Rebuilds a model from [`Trained::to_safetensors`].
+    pub fn from_safetensors(kind: Kind, bytes: &[u8]) -> Result<Self, TrainError> {
+        let bad = |m: String| TrainError::Kernel(KernelError::Weights(m));
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let get = |name: &str| -> Result<(Vec<usize>, Vec<f32>), TrainError> {
+            let t = st
+                .tensor(name)
+                .map_err(|_| bad(format!("missing tensor {name}")))?;
+            if t.dtype() != safetensors::Dtype::F32 {
+                return Err(bad(format!("{name} is not f32")));
+            }
+            let data = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Ok((t.shape().to_vec(), data))
+        };
+        let (ws, w) = get("sparse.weight")?;
+        let (_, b) = get("sparse.bias")?;
+        let [dim, out] = ws[..] else {
+            return Err(bad("sparse.weight is not 2-D".into()));
+        };
+        let mut first = SparseLinear::new(dim, out, None);
+        first.w = w;
+        first.b = b;
+        match kind {
+            Kind::Logreg => Ok(Self {
+                dim,
+                classes: out,
+                net: Network::Logreg(first),
+            }),
+            Kind::Mlp => {
+                let mut widths = vec![out];
+                let mut tensors = Vec::new();
+                let mut i = 0;
+                while let Ok((shape, w)) = get(&format!("dense.{i}.weight")) {
+                    let (_, b) = get(&format!("dense.{i}.bias"))?;
+                    widths.push(shape.get(1).copied().unwrap_or(0));
+                    tensors.push((shape, w, b));
+                    i += 1;
+                }
+                let mut stack = DenseStack::new(&widths, &mut Rng::new(0))?;
+                for ((w, b), (shape, wv, bv)) in stack.layers.iter_mut().zip(tensors) {
+                    let dev = candle_core::Device::Cpu;
+                    w.set(
+                        &candle_core::Tensor::from_vec(wv, (shape[0], shape[1]), &dev)
+                            .map_err(KernelError::from)?,
+                    )
+                    .map_err(KernelError::from)?;
+                    let n = bv.len();
+                    b.set(&candle_core::Tensor::from_vec(bv, n, &dev).map_err(KernelError::from)?)
+                        .map_err(KernelError::from)?;
+                }
+                let classes = *widths.last().unwrap_or(&0);
+                Ok(Self {
+                    dim,
+                    classes,
+                    net: Network::Mlp(first, stack),
+                })
+            }
+        }
+    }
+}
+
+/// What [`fit`] returns.
+#[derive(Debug)]
+pub struct Fitted {
+    /// The model at its best validation epoch.
+    pub model: Trained,
+    /// The training curve.
+    pub curve: Vec<EpochStats>,
+    /// The epoch whose weights were kept.
+    pub best_epoch: u32,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+fn class_weights(y: &[usize], rows: &[usize], classes: usize, balanced: bool) -> Vec<f32> {
+    if !balanced {
+        return vec![1.0; classes];
+    }
+    let mut counts = vec![0usize; classes];
+    for &r in rows {
+        counts[y[r]] += 1;
+    }
+    counts
+        .iter()
+        .map(|&c| {
+            if c == 0 {
+                0.0
+            } else {
+                rows.len() as f32 / (classes * c) as f32
+            }
+        })
+        .collect()
+}
+
+fn loss_and_accuracy(
+    model: &Trained,
+    x: &SparseBatch,
+    y: &[usize],
+    rows: &[usize],
+) -> Result<(f64, f64), TrainError> {
+    let probs = model.predict(x, rows)?;
+    let k = model.classes;
+    let mut loss = 0f64;
+    let mut correct = 0usize;
+    for (i, &r) in rows.iter().enumerate() {
+        let p = &probs[i * k..(i + 1) * k];
+        loss -= f64::from(p[y[r]].max(1e-12)).ln();
+        let best = p
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (j, &v)| if v > b.1 { (j, v) } else { b })
+            .0;
+        correct += usize::from(best == y[r]);
+    }
+    let n = rows.len().max(1) as f64;
+    Ok((loss / n, correct as f64 / n))
+}
+
+/// Trains on `train` rows with early stopping on `val` rows. `progress` is
+/// called after each epoch.
+pub fn fit(
+    template: &Template,
+    x: &SparseBatch,
+    dim: usize,
+    y: &[usize],
+    classes: usize,
+    train: &[usize],
+    val: &[usize],
+    progress: &mut dyn FnMut(&EpochStats),
+) -> Result<Fitted, TrainError> {
+    let h = &template.hyper;
+    if train.is_empty() || val.is_empty() || classes < 2 {
+        return Err(TrainError::NotEnoughData(format!(
+            "training needs at least two classes and records in both the training and validation splits (have {classes} classes, {} training and {} validation records)",
+            train.len(),
+            val.len()
+        )));
+    }
+    let started = Instant::now();
+    let mut model = Trained::new(template.kind, dim, classes, h)?;
+    match &model.net {
+        Network::Logreg(l) | Network::Mlp(l, _) => l.check(x)?,
+    }
+    let cw = class_weights(y, train, classes, h.class_weight);
+    let mut rng = Rng::new(h.seed.wrapping_add(1));
+    let mut order = train.to_vec();
+    let mut curve = Vec::new();
+    let mut best: Option<(f64, f64, u32, Vec<u8>)> = None;
+    let mut since_best = 0;
+    let mut buf = Vec::new();
+    for epoch in 1..=h.epochs {
+        let t = Instant::now();
+        rng.shuffle(&mut order);
+        let mut loss_sum = 0f64;
+        let mut batches = 0usize;
+        for rows in order.chunks(h.batch_size) {
+            let labels: Vec<usize> = rows.iter().map(|&r| y[r]).collect();
+            let weights: Vec<f32> = labels.iter().map(|&c| cw[c]).collect();
+            match &mut model.net {
+                Network::Logreg(l) => {
+                    l.forward(x, rows, &mut buf);
+                    loss_sum += f64::from(softmax_xent_grad(&mut buf, classes, &labels, &weights));
+                    l.step(x, rows, &buf, h.learning_rate, h.l2, None);
+                }
+                Network::Mlp(first, dense) => {
+                    let width = first.out;
+                    first.forward(x, rows, &mut buf);
+                    let keep = 1.0 - h.dropout;
+                    let mask: Vec<f32> = buf
+                        .iter()
+                        .map(|&z| {
+                            if z <= 0.0 {
+                                0.0
+                            } else if h.dropout > 0.0 && rng.unit() < h.dropout {
+                                0.0
+                            } else {
+                                1.0 / keep
+                            }
+                        })
+                        .collect();
+                    let act: Vec<f32> = buf.iter().zip(&mask).map(|(z, m)| z * m).collect();
+                    let (loss, mut dh) =
+                        dense.step(&act, rows.len(), &labels, &weights, h.learning_rate, h.l2)?;
+                    loss_sum += f64::from(loss);
+                    for (d, m) in dh.iter_mut().zip(&mask) {
+                        *d *= m;
+                    }
+                    debug_assert_eq!(dh.len(), rows.len() * width);
+                    first.step(x, rows, &dh, h.learning_rate, h.l2, None);
+                }
+            }
+            batches += 1;
+        }
+        let seconds = t.elapsed().as_secs_f64();
+        let (val_loss, val_accuracy) = loss_and_accuracy(&model, x, y, val)?;
+        let stats = EpochStats {
+            epoch,
+            train_loss: loss_sum / batches.max(1) as f64,
+            val_loss,
+            val_accuracy,
+            samples_per_s: train.len() as f64 / seconds.max(1e-9),
+        };
+        progress(&stats);
+        curve.push(stats);
+        let better = match &best {
+            None => true,
+            Some((acc, loss, _, _)) => {
+                val_accuracy > *acc || (val_accuracy == *acc && val_loss < *loss)
+            }
+        };
+        if better {
+            best = Some((val_accuracy, val_loss, epoch, model.to_safetensors()?));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= h.patience {
+                break;
+            }
+        }
+    }
+    let (_, _, best_epoch, weights) =
+        best.ok_or_else(|| TrainError::NotEnoughData("no epoch ran".into()))?;
+    let model = Trained::from_safetensors(template.kind, &weights)?;
+    Ok(Fitted {
+        model,
+        curve,
+        best_epoch,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Maps label strings to class indices (sorted class names).
+pub fn class_index(labels: &[String]) -> (Vec<String>, HashMap<String, usize>) {
+    let mut classes: Vec<String> = labels.to_vec();
+    classes.sort();
+    classes.dedup();
+    let index = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.clone(), i))
+        .collect();
+    (classes, index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_templates_parse() {
+        let all = templates().expect("templates");
+        assert_eq!(
+            all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["logreg", "mlp"]
+        );
+    }
+
+    #[test]
+    fn overrides_are_checked_with_clear_errors() {
+        let t = template(
+            "mlp",
+            &[
+                ("hidden".into(), "[64, 32]".into()),
+                ("dropout".into(), "0.5".into()),
+            ],
+        )
+        .expect("ok");
+        assert_eq!(t.hyper.hidden, vec![64, 32]);
+        let e = template("logreg", &[("hidden".into(), "4".into())]).expect_err("mlp only");
+        assert!(
+            e.to_string().contains("unknown hyper-parameter `hidden`"),
+            "{e}"
+        );
+        let e = template("logreg", &[("learning_rate".into(), "fast".into())]).expect_err("bad");
+        assert!(
+            e.to_string()
+                .starts_with("hyper-parameter `learning_rate`: expected a number"),
+            "{e}"
+        );
+        assert!(matches!(
+            template("svm", &[]),
+            Err(TrainError::UnknownTemplate(_))
+        ));
+        let e = Template::parse(
+            "x.toml",
+            "name = \"x\"\nkind = \"logreg\"\ndescription = \"d\"\n[hyper]\nepochs = -1\n",
+        )
+        .expect_err("bad");
+        assert!(e.to_string().contains("epochs"), "{e}");
+        let e = Template::parse("x.toml", "name = \"x\"\nkind = \"tree\"\n").expect_err("bad");
+        assert!(e.to_string().starts_with("templates/x.toml: line 2"), "{e}");
+    }
+
+    fn toy() -> (SparseBatch, Vec<usize>) {
+        // Two classes; class c rows carry feature 10+c plus noise features.
+        let mut rng = Rng::new(3);
+        let mut b = SparseBatch {
+            offsets: vec![0],
+            indices: vec![],
+            values: vec![],
+        };
+        let mut y = Vec::new();
+        for i in 0..400 {
+            let c = i % 2;
+            let mut idx = vec![10 + c as u32, (rng.next_u64() % 8) as u32];
+            idx.sort();
+            idx.dedup();
+            for j in &idx {
+                b.indices.push(*j);
+                b.values.push(1.0);
+            }
+            b.offsets.push(b.indices.len() as u32);
+            y.push(c);
+        }
+        (b, y)
+    }
+
+    #[test]
+    fn both_templates_fit_a_toy_problem_deterministically_and_round_trip() {
+        let (x, y) = toy();
+        let train: Vec<usize> = (0..300).collect();
+        let val: Vec<usize> = (300..400).collect();
+        for name in ["logreg", "mlp"] {
+            let t = template(name, &[]).expect("template");
+            let a = fit(&t, &x, 16, &y, 2, &train, &val, &mut |_| {}).expect("fit");
+            let b = fit(&t, &x, 16, &y, 2, &train, &val, &mut |_| {}).expect("fit");
+            assert!(
+                a.curve.last().expect("epochs").val_accuracy > 0.99,
+                "{name}: {:?}",
+                a.curve
+            );
+            let pa = a.model.predict(&x, &val).expect("predict");
+            assert_eq!(
+                pa,
+                b.model.predict(&x, &val).expect("predict"),
+                "{name} is deterministic"
+            );
+            let bytes = a.model.to_safetensors().expect("save");
+            let back = Trained::from_safetensors(t.kind, &bytes).expect("load");
+            assert_eq!(
+                back.predict(&x, &val).expect("predict"),
+                pa,
+                "{name} round-trips"
+            );
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Training from templates over approved plugins, evaluation, the model
+//! registry and the release gate with signed bundles.
+
+use std::sync::OnceLock;
+
+use cloister_host::models::verify_bundle;
+use cloister_host::policy::Role;
+use cloister_host::service::{Cloister, ImportOptions, ServiceError, TrainRequest};
+use cloister_host::users::User;
+
+struct Trained {
+    _dir: tempfile::TempDir,
+    c: Cloister,
+    sci: User,
+    appr: User,
+    lab: User,
+    normalize: String,
+    ngrams: String,
+    model: String,
+}
+
+/// One environment with SpamAssassin and a logreg model, shared by the
+/// tests of this module (training takes a few seconds).
+fn trained() -> &'static std::sync::Mutex<Trained> {
+    static T: OnceLock<std::sync::Mutex<Trained>> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+        let admin = c.authenticate(&root).unwrap();
+        let add = |n: &str, r: Role| c.add_user(&admin, n, &[r]).unwrap().0;
+        let (sci, rev, appr, lab) = (
+            add("sci", Role::Scientist),
+            add("rev", Role::Reviewer),
+            add("appr", Role::Approver),
+            add("lab", Role::Labeler),
+        );
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/spamassassin/spamassassin.jsonl.gz");
+        c.import_dataset(&sci, "spam", &data, &ImportOptions::default())
+            .unwrap();
+        let digest = |name: &str| {
+            let e = c
+                .add_plugin(&sci, cloister_bundled_plugins::get(name).unwrap())
+                .unwrap();
+            c.approve_plugin(&rev, &e.digest).unwrap();
+            e.digest
+        };
+        let normalize = digest("text-normalize");
+        let ngrams = digest("hashed-ngrams");
+        let req = TrainRequest {
+            dataset: "spam".into(),
+            preprocess: vec![normalize.clone()],
+            features: ngrams.clone(),
+            template: "logreg".into(),
+            sets: vec![],
+            split_seed: None,
+        };
+        let m = c.train_model(&sci, &req, &mut |_| {}).unwrap();
+        std::sync::Mutex::new(Trained {
+            _dir: dir,
+            c,
+            sci,
+            appr,
+            lab,
+            normalize,
+            ngrams,
+            model: m.id,
+        })
+    })
+}
+
+fn denied<T: std::fmt::Debug>(r: Result<T, ServiceError>) {
+    assert!(
+        matches!(r, Err(ServiceError::Denied { .. })),
+        "expected a denial, got {r:?}"
+    );
+}
+
+#[test]
+fn logreg_on_spamassassin_is_accurate_and_fully_described() {
+    let t = trained().lock().unwrap();
+    let m = t.c.show_model(&t.sci, &t.model).unwrap();
+    let e = &m.evaluation;
+    assert!(e.accuracy > 0.95, "test accuracy {}", e.accuracy);
+    assert!(e.macro_f1 > 0.93, "macro F1 {}", e.macro_f1);
+    assert_eq!(m.classes, ["ham", "spam"]);
+    assert_eq!(
+        e.per_class.iter().map(|c| c.support).sum::<u64>(),
+        e.records
+    );
+    assert_eq!(e.confusion.iter().flatten().sum::<u64>(), e.records);
+    assert_eq!(
+        e.badcases.len() as u64,
+        e.records - (e.accuracy * e.records as f64).round() as u64
+    );
+    assert!(m.split_sizes[0] > 4 * m.split_sizes[2]);
+    assert!(!m.curve.is_empty() && m.best_epoch >= 1);
+    assert_eq!(m.lineage.preprocess, [t.normalize.clone()]);
+    assert_eq!(m.lineage.features, t.ngrams);
+    assert!(e.ece < 0.1, "ECE {}", e.ece);
+    denied(t.c.show_model(&t.lab, &t.model));
+}
+
+#[test]
+fn the_release_gate_needs_a_second_person_and_bundles_are_tamper_evident() {
+    let t = trained().lock().unwrap();
+    denied(t.c.export_model(&t.sci, &t.model));
+    denied(t.c.decide_release(&t.appr, &t.model, true)); // nothing requested yet
+    t.c.request_release(&t.sci, &t.model, "ship the spam filter")
+        .unwrap();
+    denied(t.c.decide_release(&t.sci, &t.model, true)); // not an approver
+    denied(t.c.export_model(&t.sci, &t.model)); // not approved yet
+    t.c.decide_release(&t.appr, &t.model, true).unwrap();
+    let bundle = t.c.export_model(&t.sci, &t.model).unwrap();
+    let key = t.c.env().audit().public_key();
+    let ok = verify_bundle(&bundle, Some(&key)).unwrap();
+    assert_eq!(ok.manifest.id, t.model);
+    // Any modified byte fails: header, manifest, weights.
+    for at in [30, 200, bundle.len() / 2, bundle.len() - 1] {
+        let mut bad = bundle.clone();
+        bad[at] ^= 0x01;
+        assert!(verify_bundle(&bad, Some(&key)).is_err(), "byte {at}");
+    }
+    assert!(verify_bundle(&bundle[..bundle.len() - 1], Some(&key)).is_err());
+    assert!(
+        verify_bundle(&bundle, Some(&[7u8; 32])).is_err(),
+        "another key"
+    );
+}
+
+#[test]
+fn predict_runs_the_models_plugin_chain_on_mock_records() {
+    let t = trained().lock().unwrap();
+    let mock = [
+        cloister_host::types::DataRecord {
+            id: "a".into(),
+            texts: vec![cloister_host::types::TextField {
+                name: "text".into(),
+                value: "Meeting notes for tomorrow: agenda and the minutes from last week".into(),
+            }],
+            numerics: vec![],
+            label: None,
+        },
+        cloister_host::types::DataRecord {
+            id: "b".into(),
+            texts: vec![cloister_host::types::TextField {
+                name: "text".into(),
+                value:
+                    "CLICK HERE to claim your FREE prize!!! Limited offer, remove me from the list"
+                        .into(),
+            }],
+            numerics: vec![],
+            label: None,
+        },
+    ];
+    let (ids, classes, probs) = t.c.predict(&t.sci, &t.model, &mock).unwrap();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(classes, ["ham", "spam"]);
+    assert_eq!(probs.len(), 4);
+    for row in probs.chunks(2) {
+        assert!((row[0] + row[1] - 1.0).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn training_validates_its_request_and_the_mlp_template_trains_too() {
+    let t = trained().lock().unwrap();
+    let req = |template: &str, sets: &[(&str, &str)]| TrainRequest {
+        dataset: "spam".into(),
+        preprocess: vec![t.normalize.clone()],
+        features: t.ngrams.clone(),
+        template: template.into(),
+        sets: sets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        split_seed: Some(1),
+    };
+    let err =
+        t.c.train_model(
+            &t.sci,
+            &req("logreg", &[("learning_rte", "0.1")]),
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unknown hyper-parameter `learning_rte`"),
+        "{err}"
+    );
+    let mut wrong_kind = req("logreg", &[]);
+    wrong_kind.features = t.normalize.clone();
+    assert!(t.c.train_model(&t.sci, &wrong_kind, &mut |_| {}).is_err());
+    denied(t.c.train_model(&t.lab, &req("logreg", &[]), &mut |_| {}));
+    let m =
+        t.c.train_model(
+            &t.sci,
+            &req("mlp", &[("hidden", "16"), ("epochs", "4")]),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(
+        m.evaluation.accuracy > 0.9,
+        "mlp accuracy {}",
+        m.evaluation.accuracy
+    );
+    assert_eq!(m.hyper.hidden, [16]);
+}
