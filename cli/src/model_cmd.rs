@@ -200,7 +200,7 @@ fn release_state(m: &ModelManifest) -> String {
 
 fn show(m: &ModelManifest) {
     let e = &m.evaluation;
-    println!("model {} ({}, {:?})", m.id, m.template, m.kind);
+    println!("model {} (template {})", m.id, m.template);
     println!(
         "trained by {} at {}",
         m.created_by,

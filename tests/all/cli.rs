@@ -516,3 +516,151 @@ fn an_environment_from_init_to_a_denied_export_and_a_verified_audit_log() {
         .unwrap();
     assert!(stderr(&o).contains("no token"), "{}", stderr(&o));
 }
+
+#[test]
+fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
+    let e = EnvCli {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let root = token_in(&cloister(&["init", &e.env()]));
+    let sci = token_in(&e.run(&root, &["user", "add", "sci", "--role", "scientist"]));
+    let rev = token_in(&e.run(&root, &["user", "add", "rev", "--role", "reviewer"]));
+    let appr = token_in(&e.run(&root, &["user", "add", "appr", "--role", "approver"]));
+    let plugins = e.dir.path().join("plugins");
+    assert!(
+        cloister(&["plugin", "bundled", "--write", plugins.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let data =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/spamassassin/spamassassin.jsonl.gz");
+    assert!(
+        e.run(&sci, &["dataset", "import", "spam", data.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let mut digests = Vec::new();
+    for name in ["text-normalize", "hashed-ngrams"] {
+        let o = e.run(
+            &sci,
+            &[
+                "plugin",
+                "add",
+                plugins.join(format!("{name}.wasm")).to_str().unwrap(),
+            ],
+        );
+        let digest = stdout(&o)
+            .split("sha256:")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.run(&rev, &["plugin", "approve", &digest])
+                .status
+                .success()
+        );
+        digests.push(digest);
+    }
+    let o = e.run(
+        &sci,
+        &[
+            "train",
+            "--dataset",
+            "spam",
+            "--preprocess",
+            &digests[0],
+            "--features",
+            &digests[1],
+            "--template",
+            "logreg",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("epoch   1/30"),
+        "plain progress lines off a terminal: {}",
+        stderr(&o)
+    );
+    let out = stdout(&o);
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    assert!(id.starts_with("m-"), "{out}");
+
+    let o = e.run(&sci, &["model", "show", &id]);
+    let shown = stdout(&o);
+    for part in [
+        "test accuracy",
+        "confusion",
+        "reliability",
+        "training curve",
+        "badcases",
+        "lineage: dataset spam@1",
+    ] {
+        assert!(shown.contains(part), "{part}: {shown}");
+    }
+    assert!(!shown.contains("Subject"), "no texts in model show");
+
+    let bundle = e.dir.path().join("spam.bundle");
+    let export = |token: &str| {
+        e.run(
+            token,
+            &["model", "export", &id, "--out", bundle.to_str().unwrap()],
+        )
+    };
+    assert_eq!(
+        export(&sci).status.code(),
+        Some(3),
+        "unapproved export is denied"
+    );
+    assert!(
+        e.run(
+            &sci,
+            &["model", "request-release", &id, "--reason", "ship it"]
+        )
+        .status
+        .success()
+    );
+    assert_eq!(
+        e.run(&sci, &["model", "approve-release", &id])
+            .status
+            .code(),
+        Some(3)
+    );
+    assert!(
+        e.run(&appr, &["model", "approve-release", &id])
+            .status
+            .success()
+    );
+    let o = export(&sci);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let key = stdout(&o).rsplit(' ').next().unwrap().trim().to_string();
+    let o = cloister(&["verify-bundle", bundle.to_str().unwrap(), "--key", &key]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x40;
+    std::fs::write(&bundle, &bytes).unwrap();
+    let o = cloister(&["verify-bundle", bundle.to_str().unwrap(), "--key", &key]);
+    assert_eq!(o.status.code(), Some(4), "{}", stdout(&o));
+
+    let o = e.run(
+        &sci,
+        &[
+            "train",
+            "--dataset",
+            "spam",
+            "--features",
+            &digests[1],
+            "--set",
+            "bogus=1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("unknown hyper-parameter `bogus`"),
+        "{}",
+        stderr(&o)
+    );
+}
