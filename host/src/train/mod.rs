@@ -206,16 +206,12 @@ impl Hyper {
                     }
                 }
             }
-            _ => unreachable_key(),
+            // Every key of KEYS is matched above, and unknown keys were
+            // refused before the match.
+            _ => {}
         }
         Ok(())
     }
-}
-
-#[allow(clippy::panic)]
-fn unreachable_key() {
-    // Every key of KEYS is matched above; the check before the match makes
-    // this arm impossible.
 }
 
 /// A training template.
@@ -312,6 +308,9 @@ pub struct EpochStats {
     pub val_accuracy: f64,
     /// Training samples per second in this epoch.
     pub samples_per_s: f64,
+    /// Seconds since training started, at the end of this epoch
+    /// (validation included).
+    pub elapsed_s: f64,
 }
 
 /// The trained network.
@@ -464,7 +463,7 @@ impl Trained {
                 }
                 let mut stack = DenseStack::new(&widths, &mut Rng::new(0))?;
                 for ((w, b), (shape, wv, bv)) in stack.layers.iter_mut().zip(tensors) {
-                    let dev = candle_core::Device::Cpu;
+                    let dev = model::compute_device();
                     w.set(
                         &candle_core::Tensor::from_vec(wv, (shape[0], shape[1]), &dev)
                             .map_err(KernelError::from)?,
@@ -625,6 +624,7 @@ pub fn fit(
             val_loss,
             val_accuracy,
             samples_per_s: train.len() as f64 / seconds.max(1e-9),
+            elapsed_s: started.elapsed().as_secs_f64(),
         };
         progress(&stats);
         curve.push(stats);
