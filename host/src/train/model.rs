@@ -95,6 +95,8 @@ pub struct SparseLinear {
     /// Rows touched by the current step, and a mark per row.
     touched: Vec<u32>,
     mark: Vec<bool>,
+    /// (feature, row, value) triples of the current step (wide layers).
+    pairs: Vec<(u32, u32, f32)>,
 }
 
 impl SparseLinear {
@@ -122,6 +124,7 @@ impl SparseLinear {
             gbuf: Vec::new(),
             touched: Vec::new(),
             mark: Vec::new(),
+            pairs: Vec::new(),
         }
     }
 
@@ -178,35 +181,13 @@ impl SparseLinear {
         }
     }
 
-    /// Wide layers: sort the (feature, row) pairs so that each touched
-    /// row's gradient is summed in a small, cache-resident block; the
-    /// accumulator holds one block per touched row, in order.
-    fn accumulate_sorted(&mut self, x: &SparseBatch, rows: &[usize], grad: &[f32]) {
-        let k = self.out;
-        let mut pairs: Vec<(u32, u32, f32)> = Vec::new();
-        for (r, &row) in rows.iter().enumerate() {
-            let (idx, val) = x.row(row);
-            for (&i, &v) in idx.iter().zip(val) {
-                pairs.push((i, r as u32, v));
-            }
-        }
-        pairs.sort_unstable_by_key(|e| (e.0, e.1));
-        self.gbuf.clear();
-        let mut at = 0;
-        while at < pairs.len() {
-            let i = pairs[at].0;
-            let block = self.gbuf.len();
-            self.gbuf.resize(block + k, 0.0);
-            while at < pairs.len() && pairs[at].0 == i {
-                let (_, r, v) = pairs[at];
-                let gr = &grad[r as usize * k..(r as usize + 1) * k];
-                for (g, d) in self.gbuf[block..block + k].iter_mut().zip(gr) {
-                    *g += v * d;
-                }
-                at += 1;
-            }
-            self.touched.push(i);
-        }
+    /// One Adam step for weight `p` with raw gradient `g`.
+    #[inline]
+    fn adam(&mut self, p: usize, g: f32, lr: f32, l2: f32, c1: f32, c2: f32) {
+        let gc = g + l2 * self.w[p];
+        self.m[p] = BETA1 * self.m[p] + (1.0 - BETA1) * gc;
+        self.v[p] = BETA2 * self.v[p] + (1.0 - BETA2) * gc * gc;
+        self.w[p] -= lr * (self.m[p] / c1) / ((self.v[p] / c2).sqrt() + EPS);
     }
 
     /// Backpropagates `grad` (`rows.len() × out`, already averaged over the
@@ -232,35 +213,55 @@ impl SparseLinear {
         let c2 = 1.0 - BETA2.powi(self.t);
         if k <= DENSE_ACCUMULATION_MAX_OUT {
             self.accumulate_dense(x, rows, grad);
+            let touched = std::mem::take(&mut self.touched);
+            for &i in &touched {
+                let base = i as usize * k;
+                if let Some(map) = grad_w.as_deref_mut() {
+                    map.insert(i, self.gbuf[base..base + k].to_vec());
+                }
+                for p in base..base + k {
+                    let g = std::mem::take(&mut self.gbuf[p]);
+                    self.adam(p, g, lr, l2, c1, c2);
+                }
+                self.mark[i as usize] = false;
+            }
+            self.touched = touched;
+            self.touched.clear();
         } else {
-            self.accumulate_sorted(x, rows, grad);
+            // Sort the (feature, row) pairs so each touched row's gradient
+            // is summed in a small block that stays in cache, then applied.
+            let mut pairs = std::mem::take(&mut self.pairs);
+            pairs.clear();
+            for (r, &row) in rows.iter().enumerate() {
+                let (idx, val) = x.row(row);
+                for (&i, &v) in idx.iter().zip(val) {
+                    pairs.push((i, r as u32, v));
+                }
+            }
+            pairs.sort_unstable_by_key(|e| (e.0, e.1));
+            let mut g = vec![0f32; k];
+            let mut at = 0;
+            while at < pairs.len() {
+                let i = pairs[at].0;
+                g.iter_mut().for_each(|x| *x = 0.0);
+                while at < pairs.len() && pairs[at].0 == i {
+                    let (_, r, v) = pairs[at];
+                    let gr = &grad[r as usize * k..(r as usize + 1) * k];
+                    for (g, d) in g.iter_mut().zip(gr) {
+                        *g += v * d;
+                    }
+                    at += 1;
+                }
+                if let Some(map) = grad_w.as_deref_mut() {
+                    map.insert(i, g.clone());
+                }
+                let base = i as usize * k;
+                for (c, &gc) in g.iter().enumerate() {
+                    self.adam(base + c, gc, lr, l2, c1, c2);
+                }
+            }
+            self.pairs = pairs;
         }
-        // One lazy-Adam step per touched row; leave the accumulator zero.
-        let touched = std::mem::take(&mut self.touched);
-        for (n, &i) in touched.iter().enumerate() {
-            let base = i as usize * k;
-            let gbase = if k <= DENSE_ACCUMULATION_MAX_OUT {
-                base
-            } else {
-                n * k
-            };
-            if let Some(map) = grad_w.as_deref_mut() {
-                map.insert(i, self.gbuf[gbase..gbase + k].to_vec());
-            }
-            for c in 0..k {
-                let (p, q) = (base + c, gbase + c);
-                let gc = self.gbuf[q] + l2 * self.w[p];
-                self.gbuf[q] = 0.0;
-                self.m[p] = BETA1 * self.m[p] + (1.0 - BETA1) * gc;
-                self.v[p] = BETA2 * self.v[p] + (1.0 - BETA2) * gc * gc;
-                self.w[p] -= lr * (self.m[p] / c1) / ((self.v[p] / c2).sqrt() + EPS);
-            }
-            if let Some(m) = self.mark.get_mut(i as usize) {
-                *m = false;
-            }
-        }
-        self.touched = touched;
-        self.touched.clear();
         for c in 0..k {
             let gb: f32 = (0..rows.len()).map(|r| grad[r * k + c]).sum();
             self.mb[c] = BETA1 * self.mb[c] + (1.0 - BETA1) * gb;
