@@ -100,8 +100,8 @@ fn main() -> Result<()> {
     }
     std::fs::create_dir_all(&out)?;
     let mut svm = std::io::BufWriter::new(std::fs::File::create(out.join("features.svmlight"))?);
-    for row in 0..x.rows() {
-        write!(svm, "{}", y[row])?;
+    for (row, label) in y.iter().enumerate() {
+        write!(svm, "{label}")?;
         let (idx, val) = x.row(row);
         for (i, v) in idx.iter().zip(val) {
             write!(svm, " {}:{}", i + 1, v)?;
@@ -127,7 +127,15 @@ fn main() -> Result<()> {
     );
 
     let template = train::template("logreg", &sets)?;
-    let fitted = train::fit(&template, &x, dim, &y, classes.len(), &tr, &va, &mut |_| {})?;
+    let data = train::TrainingSet {
+        x: &x,
+        dim,
+        y: &y,
+        classes: classes.len(),
+        train: &tr,
+        val: &va,
+    };
+    let fitted = train::fit(&template, data, &mut |_| {})?;
     let probs = fitted.model.predict(&x, &te)?;
     let ids: Vec<String> = te.iter().map(|&r| records[r].id.clone()).collect();
     let truth: Vec<usize> = te.iter().map(|&r| y[r]).collect();

@@ -163,10 +163,14 @@ pub fn train(env: &EnvArgs, args: TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn predict(env: &EnvArgs, id: &str, input: &PathBuf) -> Result<ExitCode> {
+pub fn predict(env: &EnvArgs, id: &str, input: &std::path::Path) -> Result<ExitCode> {
     let records = cloister_host::records::read_file(input, Default::default())?;
     let s = env.session()?;
-    let (ids, classes, probs) = s.cloister.predict(&s.user, id, &records)?;
+    let cloister_host::service::Predictions {
+        ids,
+        classes,
+        probs,
+    } = s.cloister.predict(&s.user, id, &records)?;
     let k = classes.len().max(1);
     for (i, rid) in ids.iter().enumerate() {
         let p = &probs[i * k..(i + 1) * k];
@@ -353,7 +357,7 @@ pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn verify_bundle(file: &PathBuf, key: Option<&str>) -> Result<ExitCode> {
+pub fn verify_bundle(file: &std::path::Path, key: Option<&str>) -> Result<ExitCode> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let expected = key
         .map(|k| {

@@ -118,6 +118,17 @@ pub enum TrainProgress {
     Epoch(crate::train::EpochStats, u32),
 }
 
+/// Predictions for records a caller supplied.
+#[derive(Debug, Clone)]
+pub struct Predictions {
+    /// Record ids, in output order (a preprocessor may drop records).
+    pub ids: Vec<String>,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Probabilities, row-major `ids × classes`.
+    pub probs: Vec<f32>,
+}
+
 /// What `policy explain` reports.
 #[derive(Debug, Clone)]
 pub struct Explanation {
@@ -635,16 +646,17 @@ impl Cloister {
             }
         }
         let hyper_epochs = template.hyper.epochs;
-        let fitted = crate::train::fit(
-            &template,
-            &x,
+        let data = crate::train::TrainingSet {
+            x: &x,
             dim,
-            &y,
-            classes.len(),
-            &train,
-            &val,
-            &mut |e| progress(TrainProgress::Epoch(e.clone(), hyper_epochs)),
-        )?;
+            y: &y,
+            classes: classes.len(),
+            train: &train,
+            val: &val,
+        };
+        let fitted = crate::train::fit(&template, data, &mut |e| {
+            progress(TrainProgress::Epoch(e.clone(), hyper_epochs))
+        })?;
         let probs = fitted.model.predict(&x, &test)?;
         let ids: Vec<String> = test.iter().map(|&r| records[r].id.clone()).collect();
         let truth: Vec<usize> = test.iter().map(|&r| y[r]).collect();
@@ -785,14 +797,13 @@ impl Cloister {
     }
 
     /// Predicts on records the caller supplies (a plugin author's mock
-    /// data), through the model's own plugin chain. Returns (ids, classes,
-    /// probabilities row-major).
+    /// data), through the model's own plugin chain.
     pub fn predict(
         &self,
         who: &User,
         id: &str,
         records: &[crate::types::DataRecord],
-    ) -> Result<(Vec<String>, Vec<String>, Vec<f32>), ServiceError> {
+    ) -> Result<Predictions, ServiceError> {
         use crate::runtime::Limits;
         use crate::types::PluginKind;
         let m = crate::models::get(self.env.store().as_ref(), id)?;
@@ -822,7 +833,11 @@ impl Cloister {
         )?;
         let rows: Vec<usize> = (0..x.rows()).collect();
         let probs = model.predict(&x, &rows)?;
-        Ok((input.into_iter().map(|r| r.id).collect(), m.classes, probs))
+        Ok(Predictions {
+            ids: input.into_iter().map(|r| r.id).collect(),
+            classes: m.classes,
+            probs,
+        })
     }
 
     // ------------------------------------------------------------- audit --

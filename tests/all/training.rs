@@ -95,7 +95,7 @@ fn logreg_on_spamassassin_is_accurate_and_fully_described() {
     );
     assert!(m.split_sizes[0] > 4 * m.split_sizes[2]);
     assert!(!m.curve.is_empty() && m.best_epoch >= 1);
-    assert_eq!(m.lineage.preprocess, [t.normalize.clone()]);
+    assert_eq!(m.lineage.preprocess, std::slice::from_ref(&t.normalize));
     assert_eq!(m.lineage.features, t.ngrams);
     assert!(e.ece < 0.1, "ECE {}", e.ece);
     denied(t.c.show_model(&t.lab, &t.model));
@@ -153,7 +153,11 @@ fn predict_runs_the_models_plugin_chain_on_mock_records() {
             label: None,
         },
     ];
-    let (ids, classes, probs) = t.c.predict(&t.sci, &t.model, &mock).unwrap();
+    let cloister_host::service::Predictions {
+        ids,
+        classes,
+        probs,
+    } = t.c.predict(&t.sci, &t.model, &mock).unwrap();
     assert_eq!(ids, ["a", "b"]);
     assert_eq!(classes, ["ham", "spam"]);
     assert_eq!(probs.len(), 4);

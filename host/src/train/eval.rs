@@ -113,10 +113,10 @@ pub fn evaluate(classes: &[String], ids: &[String], truth: &[usize], probs: &[f3
             .then_with(|| a.id.cmp(&b.id))
     });
     let mut per_class = Vec::with_capacity(k);
-    for c in 0..k {
-        let tp = confusion[c][c] as f64;
-        let predicted: u64 = (0..k).map(|t| confusion[t][c]).sum();
-        let support: u64 = confusion[c].iter().sum();
+    for (c, row) in confusion.iter().enumerate() {
+        let tp = row[c] as f64;
+        let predicted: u64 = confusion.iter().map(|r| r[c]).sum();
+        let support: u64 = row.iter().sum();
         let precision = if predicted > 0 {
             tp / predicted as f64
         } else {

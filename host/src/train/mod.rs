@@ -541,18 +541,38 @@ fn loss_and_accuracy(
     Ok((loss / n, correct as f64 / n))
 }
 
+/// The data [`fit`] trains on.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainingSet<'a> {
+    /// Features, one row per record.
+    pub x: &'a SparseBatch,
+    /// Input dimension.
+    pub dim: usize,
+    /// Class index per row.
+    pub y: &'a [usize],
+    /// Number of classes.
+    pub classes: usize,
+    /// Training rows.
+    pub train: &'a [usize],
+    /// Validation rows (early stopping).
+    pub val: &'a [usize],
+}
+
 /// Trains on `train` rows with early stopping on `val` rows. `progress` is
 /// called after each epoch.
 pub fn fit(
     template: &Template,
-    x: &SparseBatch,
-    dim: usize,
-    y: &[usize],
-    classes: usize,
-    train: &[usize],
-    val: &[usize],
+    data: TrainingSet<'_>,
     progress: &mut dyn FnMut(&EpochStats),
 ) -> Result<Fitted, TrainError> {
+    let TrainingSet {
+        x,
+        dim,
+        y,
+        classes,
+        train,
+        val,
+    } = data;
     let h = &template.hyper;
     if train.is_empty() || val.is_empty() || classes < 2 {
         return Err(TrainError::NotEnoughData(format!(
@@ -594,9 +614,7 @@ pub fn fit(
                     let mask: Vec<f32> = buf
                         .iter()
                         .map(|&z| {
-                            if z <= 0.0 {
-                                0.0
-                            } else if h.dropout > 0.0 && rng.unit() < h.dropout {
+                            if z <= 0.0 || (h.dropout > 0.0 && rng.unit() < h.dropout) {
                                 0.0
                             } else {
                                 1.0 / keep
@@ -748,8 +766,16 @@ mod tests {
         let val: Vec<usize> = (300..400).collect();
         for name in ["logreg", "mlp"] {
             let t = template(name, &[]).expect("template");
-            let a = fit(&t, &x, 16, &y, 2, &train, &val, &mut |_| {}).expect("fit");
-            let b = fit(&t, &x, 16, &y, 2, &train, &val, &mut |_| {}).expect("fit");
+            let data = TrainingSet {
+                x: &x,
+                dim: 16,
+                y: &y,
+                classes: 2,
+                train: &train,
+                val: &val,
+            };
+            let a = fit(&t, data, &mut |_| {}).expect("fit");
+            let b = fit(&t, data, &mut |_| {}).expect("fit");
             assert!(
                 a.curve.last().expect("epochs").val_accuracy > 0.99,
                 "{name}: {:?}",

@@ -491,17 +491,17 @@ mod tests {
             .get(w.as_tensor())
             .expect("gradient")
             .to_vec2::<f32>()?;
-        for i in 0..dim {
+        for (i, row) in g.iter().enumerate() {
             let hand = grad_w
                 .get(&(i as u32))
                 .cloned()
                 .unwrap_or_else(|| vec![0.0; k]);
             for c in 0..k {
                 assert!(
-                    (hand[c] - g[i][c]).abs() < 1e-5,
+                    (hand[c] - row[c]).abs() < 1e-5,
                     "w[{i},{c}]: {} vs {}",
                     hand[c],
-                    g[i][c]
+                    row[c]
                 );
             }
         }
