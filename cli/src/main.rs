@@ -6,6 +6,7 @@ mod admin_cmd;
 mod audit_cmd;
 mod dataset_cmd;
 mod demo;
+mod job_cmd;
 mod model_cmd;
 mod plugin_cmd;
 mod session;
@@ -89,7 +90,17 @@ enum Command {
     /// Inspect, run, add, approve and list plugins.
     #[command(subcommand)]
     Plugin(plugin_cmd::PluginCommand),
-    /// Run the bundled plugins over the bundled datasets in the sandbox.
+    /// Start an active-learning pipeline (a TOML spec) and run it.
+    Run(job_cmd::RunArgs),
+    /// List, show, resume and cancel active-learning jobs; their label
+    /// statistics.
+    #[command(subcommand)]
+    Job(job_cmd::JobCommand),
+    /// The human labeling queue: next item, set a label, import labels.
+    #[command(subcommand)]
+    Label(job_cmd::LabelCommand),
+    /// The active-learning demo on the bundled SpamAssassin data, in a
+    /// throwaway environment.
     Demo(demo::DemoArgs),
 }
 
@@ -127,6 +138,9 @@ fn main() -> ExitCode {
         Command::Predict { model, input } => model_cmd::predict(&cli.env, &model, &input),
         Command::Model(cmd) => model_cmd::model(&cli.env, cmd),
         Command::VerifyBundle { file, key } => model_cmd::verify_bundle(&file, key.as_deref()),
+        Command::Run(args) => job_cmd::run(&cli.env, args),
+        Command::Job(cmd) => job_cmd::job(&cli.env, cmd),
+        Command::Label(cmd) => job_cmd::label(&cli.env, cmd),
         Command::Demo(args) => demo::run(args),
     };
     match result {

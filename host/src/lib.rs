@@ -21,6 +21,7 @@ pub mod csv_records;
 pub mod datasets;
 pub mod digest;
 pub mod env;
+pub mod jobs;
 pub mod models;
 pub mod policy;
 pub mod records;

@@ -53,6 +53,9 @@ pub struct Lineage {
     pub features: String,
     /// Seed of the train/validation/test split.
     pub split_seed: u64,
+    /// The active-learning job that trained it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 /// The release state.

@@ -77,6 +77,9 @@ pub enum ServiceError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An active-learning job failed.
+    #[error(transparent)]
+    Job(#[from] crate::jobs::JobError),
     /// A request is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -147,6 +150,24 @@ pub struct Cloister {
     channel: &'static str,
     runtime: OnceLock<Runtime>,
     import_lock: Mutex<()>,
+    running: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Held while a job is being driven; releases the claim when dropped.
+#[derive(Debug)]
+pub(crate) struct JobClaim<'a> {
+    c: &'a Cloister,
+    id: String,
+}
+
+impl Drop for JobClaim<'_> {
+    fn drop(&mut self) {
+        self.c
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 /// The canonical parameter digest recorded in the audit log.
@@ -163,6 +184,7 @@ impl Cloister {
             channel,
             runtime: OnceLock::new(),
             import_lock: Mutex::new(()),
+            running: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -185,6 +207,23 @@ impl Cloister {
             params: params_digest(&("init", admin)),
         })?;
         Ok((me, token))
+    }
+
+    /// Marks job `id` as driven by this process until the guard drops.
+    pub(crate) fn claim_job(&self, id: &str) -> Result<JobClaim<'_>, ServiceError> {
+        let mut set = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(id.to_string()) {
+            return Err(crate::jobs::JobError::Running(id.to_string()).into());
+        }
+        Ok(JobClaim {
+            c: self,
+            id: id.to_string(),
+        })
+    }
+
+    /// How requests arrive here: "cli" or "console".
+    pub fn channel(&self) -> &'static str {
+        self.channel
     }
 
     /// The environment.
@@ -379,7 +418,7 @@ impl Cloister {
         ))
     }
 
-    fn record_resource(
+    pub(crate) fn record_resource(
         &self,
         reference: &str,
         id: &str,
@@ -536,7 +575,7 @@ impl Cloister {
 
     // ------------------------------------------------------------ models --
 
-    fn load_approved(
+    pub(crate) fn load_approved(
         &self,
         who: &User,
         digest: &str,
@@ -548,6 +587,42 @@ impl Cloister {
         Ok((entry, loaded))
     }
 
+    /// Runs `records` through preprocessors and a featurizer (each with its
+    /// config) in the sandbox: the kept records, their features and the
+    /// feature dimension. `stage` hears each stage's output count.
+    pub(crate) fn run_chain(
+        &self,
+        mut records: Vec<crate::types::DataRecord>,
+        preprocess: &[(&crate::runtime::LoadedPlugin, Vec<(String, String)>)],
+        features: (&crate::runtime::LoadedPlugin, &[(String, String)]),
+        stage: &mut dyn FnMut(&'static str, usize),
+    ) -> Result<
+        (
+            Vec<crate::types::DataRecord>,
+            crate::types::SparseBatch,
+            usize,
+        ),
+        ServiceError,
+    > {
+        use crate::runtime::Limits;
+        let rt = self.runtime()?;
+        for (plugin, config) in preprocess {
+            records = plugin
+                .runner(rt, config, Limits::default())?
+                .preprocess(&records)?;
+            stage("preprocessed", records.len());
+        }
+        let (featurizer, config) = features;
+        let dim = featurizer
+            .instantiate(rt, config, &Limits::default())?
+            .dimension() as usize;
+        let x = featurizer
+            .runner(rt, config, Limits::default())?
+            .featurize(&records)?;
+        stage("featurized", x.rows());
+        Ok((records, x, dim))
+    }
+
     /// Runs approved plugins over a dataset in the sandbox, trains a model
     /// from a template, evaluates it on the test split and stores it.
     pub fn train_model(
@@ -557,7 +632,6 @@ impl Cloister {
         progress: &mut dyn FnMut(TrainProgress),
     ) -> Result<crate::models::ModelManifest, ServiceError> {
         use crate::datasets::Split;
-        use crate::runtime::Limits;
         use crate::types::PluginKind;
         let template = crate::train::template(&req.template, &req.sets)?;
         let version = datasets::resolve(&self.env, &req.dataset)?;
@@ -575,7 +649,6 @@ impl Cloister {
         }
         let (feat_entry, featurizer) =
             self.load_approved(who, &req.features, PluginKind::Featurizer)?;
-        let rt = self.runtime()?;
         let split_seed = req.split_seed.unwrap_or(template.hyper.seed);
 
         // Labeled records, their label (a human's over gold over automatic)
@@ -603,26 +676,12 @@ impl Cloister {
             }
         }
         progress(TrainProgress::Stage("labeled records", records.len()));
-        for (entry, plugin) in &pre {
-            records = plugin
-                .runner(rt, &[], Limits::default())?
-                .preprocess(&records)?;
-            progress(TrainProgress::Stage(
-                if entry.name.is_empty() {
-                    "preprocess"
-                } else {
-                    "preprocessed"
-                },
-                records.len(),
-            ));
-        }
-        let dim = featurizer
-            .instantiate(rt, &[], &Limits::default())?
-            .dimension() as usize;
-        let x = featurizer
-            .runner(rt, &[], Limits::default())?
-            .featurize(&records)?;
-        progress(TrainProgress::Stage("featurized", x.rows()));
+        let chain: Vec<(&crate::runtime::LoadedPlugin, Vec<(String, String)>)> =
+            pre.iter().map(|(_, p)| (p, Vec::new())).collect();
+        let (records, x, dim) =
+            self.run_chain(records, &chain, (&featurizer, &[]), &mut |stage, n| {
+                progress(TrainProgress::Stage(stage, n))
+            })?;
 
         let labels: Vec<String> = records
             .iter()
@@ -675,6 +734,7 @@ impl Cloister {
                 preprocess: pre.iter().map(|(e, _)| e.digest.clone()).collect(),
                 features: feat_entry.digest.clone(),
                 split_seed,
+                job: None,
             },
             evaluation,
             curve: fitted.curve,

@@ -36,6 +36,13 @@ fn record(assignee: Option<&str>) -> Resource {
     }
 }
 
+fn job(started_by: &str) -> Resource {
+    Resource::Job {
+        id: "j-1".into(),
+        started_by: started_by.into(),
+    }
+}
+
 /// (action, resource for principal `me`, roles expected to be allowed)
 fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
     use Action as A;
@@ -100,6 +107,19 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
             model(true, false, Some("someone-else")),
             &[],
         ),
+        (A::RunJob, ds(), &[Scientist]),
+        (
+            A::ListJobs,
+            Resource::Environment,
+            &[Admin, Scientist, Reviewer, Approver, Auditor],
+        ),
+        (
+            A::ViewJob,
+            job("someone-else"),
+            &[Admin, Scientist, Reviewer, Approver, Auditor],
+        ),
+        (A::CancelJob, job(me), &Role::ALL),
+        (A::CancelJob, job("someone-else"), &[Admin]),
         (A::ReadAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::VerifyAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::CheckpointAudit, Resource::AuditLog, &[Admin, Auditor]),

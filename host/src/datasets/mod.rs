@@ -868,6 +868,29 @@ fn later_labels(
     Ok(map)
 }
 
+/// The human labels of a version, by record id: `(user, label)` in the
+/// order they were stored.
+pub fn human_labels(
+    env: &Environment,
+    version: &DatasetVersion,
+) -> Result<std::collections::HashMap<String, Vec<(String, String)>>, DatasetError> {
+    let mut out = std::collections::HashMap::new();
+    for (id, entries) in later_labels(env.store().as_ref(), version.import_id)? {
+        let mut humans: Vec<(u64, String, String)> = entries
+            .into_iter()
+            .filter_map(|e| match e.provenance {
+                Provenance::Human { user } => Some((e.time_ms, user, e.label)),
+                _ => None,
+            })
+            .collect();
+        if !humans.is_empty() {
+            humans.sort();
+            out.insert(id, humans.into_iter().map(|(_, u, l)| (u, l)).collect());
+        }
+    }
+    Ok(out)
+}
+
 /// Counts per split, labeled and unlabeled, for a seed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SplitCounts {

@@ -138,11 +138,15 @@ pub enum Action {
     ReadAudit,
     VerifyAudit,
     CheckpointAudit,
+    RunJob,
+    ListJobs,
+    ViewJob,
+    CancelJob,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 24] = [
+    pub const ALL: [Action; 28] = [
         Action::AddUser,
         Action::DisableUser,
         Action::ListUsers,
@@ -167,6 +171,10 @@ impl Action {
         Action::ReadAudit,
         Action::VerifyAudit,
         Action::CheckpointAudit,
+        Action::RunJob,
+        Action::ListJobs,
+        Action::ViewJob,
+        Action::CancelJob,
     ];
 
     /// The action's id in the schema.
@@ -196,6 +204,10 @@ impl Action {
             Action::ReadAudit => "read_audit",
             Action::VerifyAudit => "verify_audit",
             Action::CheckpointAudit => "checkpoint_audit",
+            Action::RunJob => "run_job",
+            Action::ListJobs => "list_jobs",
+            Action::ViewJob => "view_job",
+            Action::CancelJob => "cancel_job",
         }
     }
 }
@@ -249,6 +261,13 @@ pub enum Resource {
         /// Who requested the release.
         requested_by: Option<String>,
     },
+    /// An active-learning job.
+    Job {
+        /// Job id.
+        id: String,
+        /// Who started it.
+        started_by: String,
+    },
     /// The audit log.
     AuditLog,
 }
@@ -268,6 +287,7 @@ impl Resource {
             Resource::Record { dataset, id, .. } => ("Record", format!("{dataset}/{id}")),
             Resource::Plugin { digest, .. } => ("Plugin", digest.clone()),
             Resource::Model { id, .. } => ("Model", id.clone()),
+            Resource::Job { id, .. } => ("Job", id.clone()),
             Resource::AuditLog => ("AuditLog", "main".into()),
         }
     }
@@ -516,6 +536,9 @@ impl PolicyEngine {
                 if let Some(r) = requested_by {
                     attrs.insert("requested_by".into(), user_ref(r, &mut entities)?);
                 }
+            }
+            Resource::Job { started_by, .. } => {
+                attrs.insert("started_by".into(), user_ref(started_by, &mut entities)?);
             }
             Resource::Environment | Resource::Dataset { .. } | Resource::AuditLog => {}
         }

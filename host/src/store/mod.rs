@@ -55,11 +55,14 @@ pub enum Space {
     Checkpoints = 11,
     /// Model manifests: model id → manifest.
     Models = 12,
+    /// Active-learning jobs, their label ledgers and human queues
+    /// (see [`crate::jobs`]).
+    Jobs = 13,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 12] = [
+    pub const ALL: [Space; 13] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -72,6 +75,7 @@ impl Space {
         Space::Audit,
         Space::Checkpoints,
         Space::Models,
+        Space::Jobs,
     ];
 
     /// The key prefix byte.

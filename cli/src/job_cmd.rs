@@ -1,0 +1,417 @@
+//! `cloister run`, `cloister job …` and `cloister label …`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+
+use cloister_host::jobs::{Job, JobEvent, JobState, JobStats, Oracle};
+use cloister_host::service::Cloister;
+use cloister_host::users::User;
+
+use crate::session::EnvArgs;
+
+/// `cloister run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline spec (TOML).
+    pub pipeline: PathBuf,
+    /// Answer the human queue from the dataset's gold labels (hidden from
+    /// training until "labeled"), to measure label efficiency.
+    #[arg(long, value_enum)]
+    pub oracle: Option<OracleArg>,
+}
+
+/// Oracles.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OracleArg {
+    /// The dataset's gold labels.
+    Gold,
+}
+
+/// `cloister job …`.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// List jobs.
+    List,
+    /// Show a job: state, per-round table, result.
+    Show {
+        /// Job id.
+        id: String,
+        /// Print the stored job as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Label statistics: manual labels, automatic labels and their
+    /// precision, utilization, agreement, cost saved.
+    Stats {
+        /// Job id.
+        id: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a job from its last completed step.
+    Resume {
+        /// Job id.
+        id: String,
+    },
+    /// Cancel a job (it stops at its next step boundary).
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+}
+
+/// `cloister label …`.
+#[derive(Debug, Subcommand)]
+pub enum LabelCommand {
+    /// Show the next record queued for you (the only place record text is
+    /// shown; each view is audited).
+    Next {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Label a record queued for you.
+    Set {
+        /// Record id.
+        id: String,
+        /// The label (one of the job's classes).
+        label: String,
+        /// The job, when the record is queued for you by several.
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// Import labels for records queued for you: JSONL (`id`, `label`,
+    /// optional `job`) or CSV with a header. All or nothing.
+    Import {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.4}"))
+}
+
+/// A live progress printer for a running job.
+pub fn progress_printer() -> impl FnMut(JobEvent<'_>) {
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    move |e: JobEvent<'_>| {
+        let t = started.elapsed().as_secs_f64();
+        match e {
+            JobEvent::Stage(what, n) => eprintln!("[{t:6.1}s] {what}: {n} records"),
+            JobEvent::Training {
+                round,
+                template,
+                records,
+            } => {
+                if tty {
+                    eprint!("\r[{t:6.1}s] round {round}: training {template} on {records} labels…");
+                } else {
+                    eprintln!("[{t:6.1}s] round {round}: training {template} on {records} labels");
+                }
+            }
+            JobEvent::Trained { round, score } => {
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                eprintln!(
+                    "[{t:6.1}s] round {round}: {} val acc {:.4} (epoch {}, {:.1}s)",
+                    score.template, score.val_accuracy, score.best_epoch, score.seconds
+                );
+            }
+            JobEvent::Round(r) => {
+                if r.models.is_empty() {
+                    eprintln!(
+                        "[{t:6.1}s] round {}: {} seed records queued",
+                        r.round, r.queued
+                    );
+                } else {
+                    eprintln!(
+                        "[{t:6.1}s] round {}: committee val acc {} test acc {}; {} auto-labeled, {} queued, {} badcases for review{}",
+                        r.round,
+                        fmt_opt(r.val_accuracy),
+                        fmt_opt(r.test_accuracy),
+                        r.auto_accepted,
+                        r.queued,
+                        r.badcases_queued,
+                        r.stop
+                            .as_deref()
+                            .map(|s| format!("; stop: {s}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            JobEvent::Answered { round, answered } => {
+                eprintln!("[{t:6.1}s] round {round}: {answered} answers");
+            }
+            JobEvent::Waiting { open } => {
+                eprintln!(
+                    "[{t:6.1}s] waiting for labelers: {open} open items (`cloister label next`), then `cloister job resume`"
+                );
+            }
+            JobEvent::Finished(f) => {
+                eprintln!(
+                    "[{t:6.1}s] finished: test accuracy {:.4}, models {}",
+                    f.test_accuracy,
+                    f.models.join(", ")
+                );
+            }
+        }
+    }
+}
+
+/// The per-round table.
+pub fn print_rounds(job: &Job) {
+    println!(
+        "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8}",
+        "round",
+        "manual",
+        "auto",
+        "val acc",
+        "test acc",
+        "+auto",
+        "prec",
+        "queued",
+        "fixed",
+        "new bad"
+    );
+    for r in &job.rounds {
+        if r.models.is_empty() {
+            println!(
+                "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8}",
+                r.round, "-", "-", "-", "-", "-", "-", r.queued, "-", "-"
+            );
+            continue;
+        }
+        let prec = if r.auto_checked > 0 {
+            format!("{:.3}", r.auto_correct as f64 / r.auto_checked as f64)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8}",
+            r.round,
+            r.train_manual,
+            r.train_auto,
+            fmt_opt(r.val_accuracy),
+            fmt_opt(r.test_accuracy),
+            r.auto_accepted,
+            prec,
+            r.queued + r.badcases_queued,
+            r.fixed.len(),
+            r.appeared.len()
+        );
+    }
+}
+
+/// The label statistics.
+pub fn print_stats(s: &JobStats) {
+    let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1}%", v * 100.0));
+    println!("pool (unlabeled training records): {}", s.pool_size);
+    println!(
+        "manual labels: {} used of {} requested ({} of the pool)",
+        s.manual_used,
+        s.manual_requested,
+        pct(s.manual_share)
+    );
+    println!(
+        "automatic labels: {} (precision against gold {} on {} checked)",
+        s.auto_accepted,
+        pct(s.auto_precision),
+        s.auto_checked
+    );
+    println!(
+        "badcase reviews: {} of {} requested",
+        s.reviews_done, s.reviews_requested
+    );
+    println!("label utilization: {}", pct(s.label_utilization));
+    if s.double_labeled > 0 {
+        println!(
+            "labeler agreement: {} of {} records labeled twice",
+            s.agreeing, s.double_labeled
+        );
+    }
+    println!(
+        "cost: {:.2} spent at {:.2} per label; labeling the whole pool: {:.2}; saved {:.2}",
+        s.cost_spent, s.price_per_label, s.cost_full_pool, s.cost_saved
+    );
+    println!("test accuracy: {}", fmt_opt(s.test_accuracy));
+}
+
+fn print_outcome(job: &Job) -> ExitCode {
+    match &job.state {
+        JobState::Done { reason } => println!("job {} done ({reason})", job.id),
+        JobState::AwaitingLabels { open } => println!(
+            "job {} waits for labelers: {open} open items; resume with `cloister job resume {}`",
+            job.id, job.id
+        ),
+        JobState::Cancelled { by } => println!("job {} cancelled by {by}", job.id),
+        JobState::Failed { error } => println!("job {} failed: {error}", job.id),
+        JobState::Running => println!("job {} is running", job.id),
+    }
+    ExitCode::SUCCESS
+}
+
+/// Drives a job and prints its table and statistics.
+pub fn drive(c: &Cloister, who: &User, id: &str) -> Result<Job> {
+    let mut progress = progress_printer();
+    let job = c.run_job(who, id, &mut progress)?;
+    println!();
+    print_rounds(&job);
+    if let Some(r) = &job.result {
+        println!(
+            "\nfinal committee: test accuracy {:.4}, macro F1 {:.4}, {} training labels; models {}",
+            r.test_accuracy,
+            r.test_macro_f1,
+            r.train_records,
+            r.models.join(", ")
+        );
+    }
+    println!();
+    print_stats(&c.job_stats(who, id)?);
+    Ok(job)
+}
+
+pub fn run(env: &EnvArgs, args: RunArgs) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.pipeline)
+        .with_context(|| format!("cannot read {}", args.pipeline.display()))?;
+    let s = env.session()?;
+    let file = args.pipeline.display().to_string();
+    let oracle = args.oracle.map(|OracleArg::Gold| Oracle::Gold);
+    let job = s.cloister.start_job(&s.user, &file, &text, oracle)?;
+    eprintln!(
+        "job {} started (resume it with `cloister job resume {}`)",
+        job.id, job.id
+    );
+    let job = drive(&s.cloister, &s.user, &job.id)?;
+    Ok(print_outcome(&job))
+}
+
+pub fn job(env: &EnvArgs, cmd: JobCommand) -> Result<ExitCode> {
+    let s = env.session()?;
+    let (c, who) = (&s.cloister, &s.user);
+    match cmd {
+        JobCommand::List => {
+            println!(
+                "{:<16} {:<18} {:<16} {:<14} {:>6}  by",
+                "id", "name", "dataset", "state", "rounds"
+            );
+            for j in c.list_jobs(who)? {
+                println!(
+                    "{:<16} {:<18} {:<16} {:<14} {:>6}  {}",
+                    j.id,
+                    j.spec.name,
+                    j.dataset,
+                    j.state.name(),
+                    j.rounds.iter().filter(|r| !r.models.is_empty()).count(),
+                    j.started_by
+                );
+            }
+        }
+        JobCommand::Show { id, json } => {
+            let j = c.show_job(who, &id)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                println!("job {} `{}` by {}", j.id, j.spec.name, j.started_by);
+                println!("dataset {} ({})", j.dataset, &j.dataset_digest[..12]);
+                println!("state {}; next {:?}", j.state.name(), j.next);
+                if let JobState::Failed { error } = &j.state {
+                    println!("error: {error}");
+                }
+                println!();
+                print_rounds(&j);
+                if let Some(r) = &j.result {
+                    println!(
+                        "\nfinal committee: test accuracy {:.4}, macro F1 {:.4}; models {}",
+                        r.test_accuracy,
+                        r.test_macro_f1,
+                        r.models.join(", ")
+                    );
+                }
+            }
+        }
+        JobCommand::Stats { id, json } => {
+            let st = c.job_stats(who, &id)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print_stats(&st);
+            }
+        }
+        JobCommand::Resume { id } => {
+            let j = drive(c, who, &id)?;
+            return Ok(print_outcome(&j));
+        }
+        JobCommand::Cancel { id } => {
+            let j = c.cancel_job(who, &id)?;
+            return Ok(print_outcome(&j));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn label(env: &EnvArgs, cmd: LabelCommand) -> Result<ExitCode> {
+    let s = env.session()?;
+    let (c, who) = (&s.cloister, &s.user);
+    match cmd {
+        LabelCommand::Next { json } => match c.next_label_item(who)? {
+            None => println!("nothing is queued for you"),
+            Some((item, record, waiting)) => {
+                if json {
+                    let texts: serde_json::Map<String, serde_json::Value> = record
+                        .record
+                        .texts
+                        .iter()
+                        .map(|t| (t.name.clone(), t.value.clone().into()))
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "job": item.job, "id": item.record, "dataset": item.dataset,
+                            "reason": item.reason, "priority": item.priority,
+                            "texts": texts, "waiting": waiting,
+                        })
+                    );
+                } else {
+                    let job = c.show_job(who, &item.job).ok();
+                    println!(
+                        "record {} of {} (job {}, {:?}, {} waiting for you)",
+                        item.record, item.dataset, item.job, item.reason, waiting
+                    );
+                    if let Some(j) = job {
+                        println!("classes: {}", j.classes.join(", "));
+                    }
+                    for t in &record.record.texts {
+                        println!("--- {} ---\n{}", t.name, t.value);
+                    }
+                    for n in &record.record.numerics {
+                        println!("--- {} ---\n{:?}", n.name, n.value.as_slice());
+                    }
+                    println!(
+                        "---\nlabel it with `cloister label set {} LABEL`",
+                        item.record
+                    );
+                }
+            }
+        },
+        LabelCommand::Set { id, label, job } => {
+            let item = c.label_item(who, &id, &label, job.as_deref())?;
+            println!("labeled {} as {label} (job {})", item.record, item.job);
+        }
+        LabelCommand::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let n = c.import_labels(who, &file.display().to_string(), &text)?;
+            println!("imported {n} labels");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
