@@ -1,6 +1,9 @@
-//! `cloister demo`: a throwaway environment with the bundled data, the
-//! bundled plugins approved by a reviewer, the sandboxed plugin chain over
-//! the stored records, a denied export, and a verified audit log.
+//! `cloister demo`: active learning on the bundled SpamAssassin data in a
+//! throwaway environment. A scientist imports the corpus, a reviewer
+//! approves the bundled plugins, and the pipeline in
+//! `pipelines/spam-active-learning.toml` runs with the gold oracle: the
+//! corpus's labels stay hidden from training until the loop asks a "human"
+//! for one. Then the savings, a denied export, and a verified audit log.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,50 +13,24 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use cloister_host::audit::{AuditFilter, Decision, Verdict};
-use cloister_host::datasets::{self, DatasetVersion};
+use cloister_host::datasets::DatasetVersion;
+use cloister_host::jobs::Oracle;
 use cloister_host::policy::Role;
-use cloister_host::runtime::{Limits, LoadedPlugin};
 use cloister_host::service::{Cloister, ImportOptions, ServiceError};
-use cloister_host::types::DataRecord;
 use cloister_host::users::User;
+
+use crate::job_cmd;
 
 /// The SpamAssassin corpus as derived by data/spamassassin/prepare.py.
 const SPAMASSASSIN: &[u8] = include_bytes!("../../data/spamassassin/spamassassin.jsonl.gz");
-/// The UCI digits as derived by data/digits/prepare.py.
-const DIGITS: &[u8] = include_bytes!("../../data/digits/digits.jsonl.gz");
+/// The demo's pipeline.
+const PIPELINE: &str = include_str!("../../pipelines/spam-active-learning.toml");
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Parallel plugin instances (default: one per core).
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Records per plugin call.
-    #[arg(long, default_value_t = 256)]
-    batch_size: usize,
     /// Keep the environment in DIR (a new directory) instead of deleting it.
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
-}
-
-struct Demo {
-    c: Cloister,
-    ana: User,
-    workers: usize,
-    batch_size: usize,
-}
-
-impl Demo {
-    /// Authorizes the run (approved digest only) and loads the plugin.
-    fn plugin(&self, digest: &str) -> Result<LoadedPlugin> {
-        let (_, bytes) = self.c.plugin_for_run(&self.ana, digest)?;
-        Ok(self.c.runtime()?.load(&bytes)?)
-    }
-
-    fn stored(&self, v: &DatasetVersion) -> Result<Vec<DataRecord>> {
-        datasets::records(self.c.env(), v)
-            .map(|r| r.map(|r| r.record).map_err(anyhow::Error::from))
-            .collect()
-    }
 }
 
 fn import_bundled(
@@ -77,7 +54,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         Some(dir) => dir.clone(),
         None => scratch.path().join("env"),
     };
-    println!("Cloister demo: a closed environment, the bundled data and plugins, the sandbox.\n");
+    println!(
+        "Cloister demo: active learning in a closed environment, on the bundled SpamAssassin corpus.\n"
+    );
     let (c, root) = Cloister::init(&env_path, "admin")?;
     let admin = c.authenticate(&root)?;
     let add = |name: &str, role: Role| -> Result<User> { Ok(c.add_user(&admin, name, &[role])?.0) };
@@ -90,33 +69,25 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     );
 
     let spam = import_bundled(&c, &ana, scratch.path(), "spamassassin", SPAMASSASSIN)?;
-    let digits = import_bundled(&c, &ana, scratch.path(), "digits", DIGITS)?;
-    println!("\nana imported (atomic, content-addressed):");
-    for v in [&spam, &digits] {
-        let labels: Vec<String> = v
-            .stats
-            .labels
-            .iter()
-            .take(4)
-            .map(|(l, n)| format!("{l} {n}"))
-            .collect();
-        println!(
-            "  {:<16} {:>5} records  sha256:{}  labels: {}{}",
-            v.reference(),
-            v.stats.records,
-            &v.digest[..12],
-            labels.join(", "),
-            if v.stats.labels.len() > 4 {
-                ", …"
-            } else {
-                ""
-            }
-        );
-    }
+    let labels: Vec<String> = spam
+        .stats
+        .labels
+        .iter()
+        .map(|(l, n)| format!("{l} {n}"))
+        .collect();
+    println!(
+        "\nana imported {} ({} records, sha256:{}, labels: {}).",
+        spam.reference(),
+        spam.stats.records,
+        &spam.digest[..12],
+        labels.join(", ")
+    );
+    println!(
+        "The labels of the training split stay hidden from training: the gold oracle reveals one only when the loop asks a human."
+    );
 
     println!("\nana added the bundled plugins; rui reviewed and approved each digest:");
-    let mut digests = std::collections::BTreeMap::new();
-    for (name, bytes) in cloister_bundled_plugins::ALL {
+    for (_, bytes) in cloister_bundled_plugins::ALL {
         let e = c.add_plugin(&ana, bytes)?;
         c.approve_plugin(&rui, &e.digest)?;
         println!(
@@ -126,108 +97,54 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             e.kind.as_str(),
             &e.digest[..12]
         );
-        digests.insert(*name, e.digest);
     }
-    let d = |name: &str| {
-        digests
-            .get(name)
-            .cloned()
-            .with_context(|| format!("no plugin {name}"))
-    };
 
-    let workers = args
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let demo = Demo {
-        c,
-        ana,
-        workers,
-        batch_size: args.batch_size,
-    };
-
-    // Text: normalize, then hashed n-grams, over the stored records.
-    let emails = demo.stored(&spam)?;
-    let normalize = demo.plugin(&d("text-normalize")?)?;
-    let ngrams = demo.plugin(&d("hashed-ngrams")?)?;
-    let rt = demo.c.runtime()?;
-    let t = Instant::now();
-    let normalized = normalize
-        .runner(rt, &[], Limits::default())?
-        .workers(demo.workers)
-        .batch_size(demo.batch_size)
-        .preprocess(&emails)?;
-    let t_norm = t.elapsed();
-    let t = Instant::now();
-    let features = ngrams
-        .runner(rt, &[], Limits::default())?
-        .workers(demo.workers)
-        .batch_size(demo.batch_size)
-        .featurize(&normalized)?;
-    let t_feat = t.elapsed();
-    let nnz = features.indices.len();
-    println!("\nSpamAssassin through the approved plugins (labels stay in the store):");
     println!(
-        "  text-normalize  kept {} of {} records   {:>8.0} records/s",
-        normalized.len(),
-        emails.len(),
-        emails.len() as f64 / t_norm.as_secs_f64()
+        "\nana runs pipelines/spam-active-learning.toml: logreg + mlp, dual-agree auto-labels where both agree with p >= 0.9,"
     );
     println!(
-        "  hashed-ngrams   2^18 dimensions, {:.0} non-zeros per email ({:.2}% dense)   {:>8.0} records/s",
-        nnz as f64 / normalized.len().max(1) as f64,
-        100.0 * nnz as f64 / (normalized.len().max(1) as f64 * f64::from(1u32 << 18)),
-        normalized.len() as f64 / t_feat.as_secs_f64()
+        "50 records per round to humans (answered by the gold oracle), at most 480 manual labels.\n"
     );
-
-    // Numeric: standardize with statistics of the stored data.
-    let images = demo.stored(&digits)?;
-    let (mean, std) = column_stats(&images, "pixels")?;
-    let join = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let standardize = demo.plugin(&d("standardize")?)?;
-    let config = vec![
-        ("fields".to_string(), "pixels".to_string()),
-        ("mean".to_string(), join(&mean)),
-        ("std".to_string(), join(&std)),
-    ];
-    let dense = standardize
-        .runner(rt, &config, Limits::default())?
-        .workers(demo.workers)
-        .batch_size(demo.batch_size)
-        .featurize(&images)?;
-    let n = dense.values.len() as f64;
-    let m = dense.values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = dense
-        .values
-        .iter()
-        .map(|&v| (f64::from(v) - m).powi(2))
-        .sum::<f64>()
-        / n;
-    let constant = std.iter().filter(|s| **s == 0.0).count();
-    println!("\nDigits ({} images of 8x8 pixels):", images.len());
-    println!(
-        "  standardize     64 dense features per image; overall mean {m:+.4}, variance {var:.4} ({constant} constant pixels map to 0)"
-    );
+    let job = c.start_job(
+        &ana,
+        "spam-active-learning.toml",
+        PIPELINE,
+        Some(Oracle::Gold),
+    )?;
+    let job = job_cmd::drive(&c, &ana, &job.id)?;
+    let stats = c.job_stats(&ana, &job.id)?;
+    if let Some(r) = &job.result {
+        println!(
+            "\nResult: test accuracy {:.4} with {} manual labels ({:.1}% of the {}-record pool) and {} automatic labels at {:.2}% precision.",
+            r.test_accuracy,
+            stats.manual_used,
+            100.0 * stats.manual_share.unwrap_or(0.0),
+            stats.pool_size,
+            stats.auto_accepted,
+            100.0 * stats.auto_precision.unwrap_or(0.0)
+        );
+        println!(
+            "Labeling the whole pool by hand would have taken {} labels: {} saved.",
+            stats.pool_size,
+            stats.pool_size.saturating_sub(stats.manual_used)
+        );
+    }
 
     // The environment is closed: nobody exports rows.
     println!("\nana tries to export the emails:");
-    match demo.c.export_dataset(&demo.ana, "spamassassin") {
+    match c.export_dataset(&ana, "spamassassin") {
         Err(e @ ServiceError::Denied { .. }) => {
             println!("  {e} (forbidden by no-dataset-export, audited)")
         }
         other => anyhow::bail!("export was not denied: {other:?}"),
     }
 
-    let entries = demo.c.audit_log(&ada, &AuditFilter::default())?;
+    let entries = c.audit_log(&ada, &AuditFilter::default())?;
     let denied = entries
         .iter()
         .filter(|e| e.record.decision == Decision::Deny)
         .count();
-    let verdict = demo.c.audit_verify(&ada, None)?;
+    let verdict = c.audit_verify(&ada, None)?;
     println!("\nada (auditor) reads and verifies the audit log:");
     match verdict {
         Verdict::Intact { size, root, .. } => println!(
@@ -239,7 +156,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         }
     }
 
-    drop(demo);
+    drop(c);
     match &args.keep {
         Some(dir) => println!(
             "\nDone in {:.1} s. The environment is kept in {} (admin token: {root}).",
@@ -252,39 +169,4 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         ),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Per-position mean and (population) standard deviation of a vector field.
-fn column_stats(records: &[DataRecord], field: &str) -> Result<(Vec<f64>, Vec<f64>)> {
-    let mut sum: Vec<f64> = Vec::new();
-    let mut sq: Vec<f64> = Vec::new();
-    for r in records {
-        let v = r
-            .numeric(field)
-            .with_context(|| format!("record {} lacks {field}", r.id))?
-            .as_slice();
-        if sum.is_empty() {
-            sum = vec![0.0; v.len()];
-            sq = vec![0.0; v.len()];
-        }
-        anyhow::ensure!(
-            v.len() == sum.len(),
-            "record {} has {} values in {field}, expected {}",
-            r.id,
-            v.len(),
-            sum.len()
-        );
-        for (i, x) in v.iter().enumerate() {
-            sum[i] += x;
-            sq[i] += x * x;
-        }
-    }
-    let n = records.len().max(1) as f64;
-    let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-    let std = sq
-        .iter()
-        .zip(&mean)
-        .map(|(q, m)| (q / n - m * m).max(0.0).sqrt())
-        .collect();
-    Ok((mean, std))
 }

@@ -18,7 +18,7 @@ use cloister_host::store::Space;
 
 const CHILD: &str = "CLOISTER_CRASH_CHILD";
 
-fn trials() -> u64 {
+pub(crate) fn trials() -> u64 {
     std::env::var("CLOISTER_CRASH_TRIALS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -26,7 +26,7 @@ fn trials() -> u64 {
 }
 
 /// A small deterministic generator, so a failing trial can be rerun.
-fn rand(state: &mut u64) -> u64 {
+pub(crate) fn rand(state: &mut u64) -> u64 {
     *state ^= *state << 13;
     *state ^= *state >> 7;
     *state ^= *state << 17;

@@ -11,6 +11,7 @@
 
 mod support;
 
+mod active_learning;
 mod cli;
 mod closed_env;
 mod crash;

@@ -394,12 +394,12 @@ pub fn get(store: &dyn Storage, id: &str) -> Result<Job, JobError> {
         .get(Space::Jobs, &key(JOB, &[id]))?
         .ok_or_else(|| JobError::Unknown(id.to_string()))?;
     let mut job: Job = parse(&bytes, &format!("job {id}"))?;
-    if let Some(by) = store.get(Space::Jobs, &key(CANCEL, &[id]))? {
-        if !matches!(job.state, JobState::Done { .. }) {
-            job.state = JobState::Cancelled {
-                by: String::from_utf8_lossy(&by).into_owned(),
-            };
-        }
+    if let Some(by) = store.get(Space::Jobs, &key(CANCEL, &[id]))?
+        && !matches!(job.state, JobState::Done { .. })
+    {
+        job.state = JobState::Cancelled {
+            by: String::from_utf8_lossy(&by).into_owned(),
+        };
     }
     Ok(job)
 }

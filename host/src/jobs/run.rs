@@ -62,6 +62,12 @@ pub enum JobEvent<'a> {
     Finished(&'a FinalReport),
 }
 
+/// An approved plugin loaded for a job, with its resolved config.
+type Resolved = (PluginEntry, LoadedPlugin, Vec<(String, String)>);
+
+/// One entry of a label file: (line, record id, label, job).
+type LabelLine = (usize, String, String, Option<String>);
+
 /// The data of a job, run through its plugins.
 struct Prepared {
     version: DatasetVersion,
@@ -69,7 +75,7 @@ struct Prepared {
     index: HashMap<String, usize>,
     x: SparseBatch,
     dim: usize,
-    selector: Option<(PluginEntry, LoadedPlugin, Vec<(String, String)>)>,
+    selector: Option<Resolved>,
     /// The committee of a select step that stopped the loop, with the
     /// labels it trained on: the finish step reuses it when nothing changed.
     stopped: Option<(Vec<(usize, usize)>, Committee)>,
@@ -153,7 +159,7 @@ impl Cloister {
         section: &str,
         use_: &PluginUse,
         kind: PluginKind,
-    ) -> Result<(PluginEntry, LoadedPlugin, Vec<(String, String)>), ServiceError> {
+    ) -> Result<Resolved, ServiceError> {
         let (file, text) = spec;
         let all = registry::list(self.env().store().as_ref())?;
         let named: Vec<&PluginEntry> = all
@@ -475,10 +481,10 @@ impl Cloister {
         };
         job.updated_ms = crate::time::now_ms();
         let mut b = WriteBatch::new();
-        if super::put_job(&mut b, &job).is_ok() {
-            if let Err(store_err) = self.env().store().commit(b) {
-                tracing::warn!(job = %job.id, error = %store_err, "could not record the failure");
-            }
+        if super::put_job(&mut b, &job).is_ok()
+            && let Err(store_err) = self.env().store().commit(b)
+        {
+            tracing::warn!(job = %job.id, error = %store_err, "could not record the failure");
         }
         e
     }
@@ -1284,10 +1290,7 @@ fn model_label(m: &ModelUse) -> String {
 }
 
 /// Parses a label file: `(line, record id, label, job)`.
-fn parse_label_file(
-    file: &str,
-    text: &str,
-) -> Result<Vec<(usize, String, String, Option<String>)>, JobError> {
+fn parse_label_file(file: &str, text: &str) -> Result<Vec<LabelLine>, JobError> {
     let err = |line: usize, message: String| JobError::LabelFile {
         file: file.to_string(),
         line,

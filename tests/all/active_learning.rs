@@ -1,0 +1,538 @@
+//! Active-learning jobs: the loop with the gold oracle, resuming after
+//! kill -9, human labelers working the queue, and specs refused before
+//! anything runs.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use cloister_host::audit::AuditFilter;
+use cloister_host::jobs::{self, JobError, JobState, LedgerSource, Oracle, QueueReason};
+use cloister_host::policy::Role;
+use cloister_host::service::{Cloister, ImportOptions, ServiceError};
+use cloister_host::users::User;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    c: Cloister,
+    sci: User,
+    lea: User,
+    leo: User,
+    auditor: User,
+}
+
+/// A quarter of SpamAssassin (every fourth email), as JSONL.
+fn subset(dir: &Path) -> PathBuf {
+    let all = crate::support::spamassassin();
+    let path = dir.join("spam-subset.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for r in all.iter().step_by(4) {
+        let line = serde_json::json!({
+            "id": r.id, "text": r.text("text").unwrap(), "label": r.label.clone().unwrap()
+        });
+        writeln!(f, "{line}").unwrap();
+    }
+    path
+}
+
+/// One environment shared by this module's tests (plugins compile once).
+fn env() -> &'static Mutex<Env> {
+    static E: OnceLock<Mutex<Env>> = OnceLock::new();
+    E.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+        let admin = c.authenticate(&root).unwrap();
+        let add = |n: &str, r: Role| c.add_user(&admin, n, &[r]).unwrap();
+        let sci = add("sci", Role::Scientist).0;
+        let rev = add("rev", Role::Reviewer).0;
+        let lea = add("lea", Role::Labeler).0;
+        let leo = add("leo", Role::Labeler).0;
+        let auditor = add("aud", Role::Auditor).0;
+        let data = subset(dir.path());
+        c.import_dataset(&sci, "spam", &data, &ImportOptions::default())
+            .unwrap();
+        for name in [
+            "text-normalize",
+            "hashed-ngrams",
+            "dual-agree",
+            "least-confidence",
+        ] {
+            let e = c
+                .add_plugin(&sci, cloister_bundled_plugins::get(name).unwrap())
+                .unwrap();
+            c.approve_plugin(&rev, &e.digest).unwrap();
+        }
+        // A registered but unapproved plugin.
+        c.add_plugin(&sci, cloister_bundled_plugins::get("entropy").unwrap())
+            .unwrap();
+        Mutex::new(Env {
+            _dir: dir,
+            c,
+            sci,
+            lea,
+            leo,
+            auditor,
+        })
+    })
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Env> {
+    env().lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const SPEC: &str = r#"
+name = "t"
+dataset = "spam"
+preprocess = ["text-normalize"]
+features = { plugin = "hashed-ngrams", config = { bits = 16 } }
+
+[[model]]
+template = "logreg"
+
+[[model]]
+template = "mlp"
+set = { hidden = [16], epochs = 8 }
+
+[selector]
+plugin = "dual-agree"
+config = { threshold = 0.9 }
+
+[loop]
+seed_labels = 30
+per_round = 30
+max_rounds = 3
+budget = 120
+badcases_per_round = 3
+price_per_label = 1.0
+"#;
+
+#[test]
+fn an_oracle_job_runs_to_the_end_with_every_label_accounted_for() {
+    let e = lock();
+    let job =
+        e.c.start_job(&e.sci, "t.toml", SPEC, Some(Oracle::Gold))
+            .unwrap();
+    let mut events = 0;
+    let job = e.c.run_job(&e.sci, &job.id, &mut |_| events += 1).unwrap();
+    assert!(events > 10);
+    assert!(
+        matches!(job.state, JobState::Done { .. }),
+        "{:?}",
+        job.state
+    );
+    // Round 0 draws the seed; rounds 1..=3 select; round 4 trains and stops
+    // (unless the budget ended the loop first).
+    assert_eq!(job.rounds[0].queued, 30);
+    assert!(job.rounds.len() >= 4, "{}", job.rounds.len());
+    let result = job.result.clone().unwrap();
+    assert!(result.test_accuracy > 0.85, "{}", result.test_accuracy);
+
+    let store = e.c.env().store();
+    let ledger = jobs::ledger(store.as_ref(), &job.id).unwrap();
+    let queue = jobs::queue(store.as_ref(), &job.id).unwrap();
+    let stats = e.c.job_stats(&e.sci, &job.id).unwrap();
+    // Every manual label is an answered queue item, within the budget.
+    let manual = queue
+        .values()
+        .filter(|q| q.reason != QueueReason::Badcase)
+        .count() as u64;
+    assert_eq!(stats.manual_used, manual);
+    assert!(manual <= 120);
+    assert!(queue.values().all(|q| q.answer.is_some()));
+    // Automatic labels carry their provenance: the selector's digest and
+    // every model's confidence, each at least the threshold.
+    let mut autos = 0;
+    for l in ledger.values() {
+        if let LedgerSource::Auto {
+            selector,
+            models,
+            confidences,
+        } = &l.source
+        {
+            autos += 1;
+            assert_eq!(selector.len(), 64);
+            assert_eq!(models.len(), 2);
+            assert!(confidences.iter().all(|&p| p >= 0.9), "{confidences:?}");
+        }
+    }
+    assert_eq!(stats.auto_accepted, autos);
+    assert_eq!(
+        stats.auto_checked, autos,
+        "every record has gold in this data"
+    );
+    let per_round: u64 = job.rounds.iter().map(|r| r.auto_accepted).sum();
+    assert_eq!(per_round, autos);
+    assert_eq!(
+        stats.cost_spent,
+        (stats.manual_used + stats.reviews_done) as f64
+    );
+    assert_eq!(stats.pool_size, job.rounds[0].pool_left + 30);
+
+    // The final models are registered with the job in their lineage.
+    for id in &result.models {
+        let m = e.c.show_model(&e.sci, id).unwrap();
+        assert_eq!(m.lineage.job.as_deref(), Some(job.id.as_str()));
+    }
+    // Every step was authorized and audited.
+    let steps =
+        e.c.audit_log(
+            &e.auditor,
+            &AuditFilter {
+                action: Some("run_job".into()),
+                ..AuditFilter::default()
+            },
+        )
+        .unwrap();
+    let expected_steps = 2 * job.rounds.len(); // select + answer (or finish) per round
+    assert!(
+        steps.len() >= expected_steps,
+        "{} < {expected_steps}",
+        steps.len()
+    );
+
+    // A finished job cannot run again or be cancelled.
+    let err = e.c.run_job(&e.sci, &job.id, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("done"), "{err}");
+    assert!(e.c.cancel_job(&e.sci, &job.id).is_err());
+}
+
+#[test]
+fn bad_specs_are_refused_before_anything_runs() {
+    let e = lock();
+    let before = e.c.list_jobs(&e.sci).unwrap().len();
+    let refuse = |spec: &str| -> String {
+        e.c.start_job(&e.sci, "p.toml", spec, Some(Oracle::Gold))
+            .unwrap_err()
+            .to_string()
+    };
+    let msg = refuse(&SPEC.replace("\"text-normalize\"", "\"text-normalise\""));
+    assert!(msg.starts_with("p.toml:4: preprocess"), "{msg}");
+    assert!(
+        msg.contains("no registered plugin is named `text-normalise`"),
+        "{msg}"
+    );
+    let msg = refuse(&SPEC.replace("plugin = \"dual-agree\"", "plugin = \"entropy\""));
+    assert!(msg.contains("not approved"), "{msg}");
+    let msg = refuse(&SPEC.replace("plugin = \"dual-agree\"", "plugin = \"hashed-ngrams\""));
+    assert!(msg.contains("is a featurizer, not a selector"), "{msg}");
+    let msg = refuse(&SPEC.replace("threshold = 0.9", "threshold = 2"));
+    assert!(msg.contains("threshold"), "{msg}");
+    let msg = refuse(&SPEC.replace("threshold = 0.9", "treshold = 0.9"));
+    assert!(msg.contains("treshold"), "{msg}");
+    let msg = refuse(&SPEC.replace("hidden = [16]", "hiden = [16]"));
+    assert!(msg.contains("hiden"), "{msg}");
+    let msg = refuse(&SPEC.replace("dataset = \"spam\"", "dataset = \"ham\""));
+    assert!(msg.contains("p.toml:3: dataset"), "{msg}");
+    let msg = refuse(&SPEC.replace("per_round = 30", "per_round = 30\nrounds = 2"));
+    assert!(msg.contains("rounds"), "{msg}");
+    // Without the oracle, labelers must be named and be labelers.
+    let msg =
+        e.c.start_job(&e.sci, "p.toml", SPEC, None)
+            .unwrap_err()
+            .to_string();
+    assert!(msg.contains("labelers"), "{msg}");
+    let with = format!("labelers = [\"sci\"]\n{SPEC}");
+    let msg =
+        e.c.start_job(&e.sci, "p.toml", &with, None)
+            .unwrap_err()
+            .to_string();
+    assert!(msg.contains("`sci` is not an active labeler"), "{msg}");
+    // A labeler may not start jobs: denied and audited.
+    let denied = e.c.start_job(&e.lea, "p.toml", SPEC, Some(Oracle::Gold));
+    assert!(
+        matches!(denied, Err(ServiceError::Denied { .. })),
+        "{denied:?}"
+    );
+    assert_eq!(e.c.list_jobs(&e.sci).unwrap().len(), before);
+}
+
+#[test]
+fn a_fully_labeled_dataset_leaves_an_empty_pool_and_the_job_ends() {
+    let e = lock();
+    let spec = format!(
+        "labelers = [\"lea\", \"leo\"]\n{}",
+        SPEC.replace("seed_labels = 30", "seed_labels = 4")
+    );
+    let job = e.c.start_job(&e.sci, "h.toml", &spec, None).unwrap();
+    // The pool is the unlabeled training records: none here, and without
+    // the oracle gold labels are visible, so the job trains once and ends.
+    let job = e.c.run_job(&e.sci, &job.id, &mut |_| {}).unwrap();
+    assert!(
+        matches!(job.state, JobState::Done { .. }),
+        "a fully labeled dataset has an empty pool: {:?}",
+        job.state
+    );
+    assert_eq!(job.pool_size, 0);
+    assert_eq!(
+        job.rounds.last().unwrap().stop.as_deref(),
+        Some("pool-empty")
+    );
+}
+
+/// An environment with a dataset whose training records are mostly
+/// unlabeled, worked by two labelers.
+#[test]
+fn labelers_see_only_their_items_and_labels_move_the_job_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+    let admin = c.authenticate(&root).unwrap();
+    let add = |n: &str, r: Role| c.add_user(&admin, n, &[r]).unwrap().0;
+    let (sci, rev, lea, leo) = (
+        add("sci", Role::Scientist),
+        add("rev", Role::Reviewer),
+        add("lea", Role::Labeler),
+        add("leo", Role::Labeler),
+    );
+    // 400 emails; only validation/test-sized share keeps its label.
+    let all = crate::support::spamassassin();
+    let path = dir.path().join("d.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for (i, r) in all.iter().step_by(15).enumerate() {
+        let mut v = serde_json::json!({"id": r.id, "text": r.text("text").unwrap()});
+        if i % 3 == 0 {
+            v["label"] = r.label.clone().unwrap().into();
+        }
+        writeln!(f, "{v}").unwrap();
+    }
+    drop(f);
+    c.import_dataset(&sci, "mail", &path, &ImportOptions::default())
+        .unwrap();
+    for name in ["hashed-ngrams", "least-confidence"] {
+        let en = c
+            .add_plugin(&sci, cloister_bundled_plugins::get(name).unwrap())
+            .unwrap();
+        c.approve_plugin(&rev, &en.digest).unwrap();
+    }
+    let spec = r#"
+name = "people"
+dataset = "mail"
+features = { plugin = "hashed-ngrams", config = { bits = 14 } }
+labelers = ["lea", "leo"]
+[[model]]
+template = "logreg"
+[[model]]
+template = "logreg"
+set = { seed = 7 }
+[selector]
+plugin = "least-confidence"
+[loop]
+per_round = 4
+max_rounds = 1
+budget = 4
+badcases_per_round = 0
+"#;
+    let job = c.start_job(&sci, "people.toml", spec, None).unwrap();
+    let job = c.run_job(&sci, &job.id, &mut |_| {}).unwrap();
+    assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
+
+    // Each labeler sees only their own items, most uncertain first.
+    let (item, record, waiting) = c.next_label_item(&lea).unwrap().unwrap();
+    assert_eq!(waiting, 2);
+    assert_eq!(item.assignee.as_deref(), Some("lea"));
+    assert!(!record.record.texts.is_empty());
+    let leos = jobs::open_items_for(c.env().store().as_ref(), "leo").unwrap();
+    assert_eq!(leos.len(), 2);
+    // Leo cannot label or view Lea's item.
+    let err = c.label_item(&leo, &item.record, "spam", None).unwrap_err();
+    assert!(
+        matches!(err, ServiceError::Job(JobError::NotQueued(_))),
+        "{err}"
+    );
+    let err = c.view_record(&leo, "mail", &item.record).unwrap_err();
+    assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
+    // A label outside the classes is refused.
+    let err = c.label_item(&lea, &item.record, "eggs", None).unwrap_err();
+    assert!(err.to_string().contains("not a class"), "{err}");
+    c.label_item(&lea, &item.record, "spam", None).unwrap();
+    let (second, _, waiting) = c.next_label_item(&lea).unwrap().unwrap();
+    assert_eq!(waiting, 1);
+    c.label_item(&lea, &second.record, "ham", None).unwrap();
+    assert!(c.next_label_item(&lea).unwrap().is_none());
+
+    // Leo imports his labels; a bad line refuses the whole file.
+    let bad = format!(
+        "{{\"id\":\"{}\",\"label\":\"spam\"}}\n{{\"id\":\"{}\"}}\n",
+        leos[0].record, leos[1].record
+    );
+    let err = c.import_labels(&leo, "leo.jsonl", &bad).unwrap_err();
+    assert_eq!(err.to_string(), "leo.jsonl:2: field `label` is missing");
+    assert_eq!(
+        jobs::open_items_for(c.env().store().as_ref(), "leo")
+            .unwrap()
+            .len(),
+        2
+    );
+    let good = format!(
+        "id,label\n{},spam\n{},ham\n",
+        leos[0].record, leos[1].record
+    );
+    assert_eq!(c.import_labels(&leo, "leo.csv", &good).unwrap(), 2);
+
+    // The job moves on: the human labels are dataset labels now.
+    let job = c.run_job(&sci, &job.id, &mut |_| {}).unwrap();
+    assert!(
+        matches!(job.state, JobState::Done { .. }),
+        "{:?}",
+        job.state
+    );
+    let stats = c.job_stats(&sci, &job.id).unwrap();
+    assert_eq!(stats.manual_used, 4);
+    let r1 = &job.rounds[1];
+    assert_eq!(r1.train_manual, 0);
+    assert_eq!(job.result.unwrap().train_records, r1.train_other + 4);
+    // Labeler views were audited, one entry per view.
+    let views = c
+        .audit_log(
+            &admin,
+            &AuditFilter {
+                action: Some("view_record".into()),
+                ..AuditFilter::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(views.len(), 3, "lea twice, leo's denied try once");
+}
+
+#[test]
+fn a_job_can_be_cancelled_only_by_its_owner_or_an_admin() {
+    let e = lock();
+    let job =
+        e.c.start_job(&e.sci, "t.toml", SPEC, Some(Oracle::Gold))
+            .unwrap();
+    let err = e.c.cancel_job(&e.lea, &job.id).unwrap_err();
+    assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
+    let j = e.c.cancel_job(&e.sci, &job.id).unwrap();
+    assert!(matches!(j.state, JobState::Cancelled { .. }));
+    let err = e.c.run_job(&e.sci, &job.id, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    let _ = &e.leo;
+}
+
+// ------------------------------------------------------------ kill -9 --
+
+fn cloister(env: &Path, token: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cloister"));
+    c.env("CLOISTER_ENV", env).env("CLOISTER_TOKEN", token);
+    c
+}
+
+/// Per round (manual, auto, queued); the ledger's labels; the accuracy.
+type Outcome = (Vec<(u64, u64, u64)>, BTreeMap<String, String>, String);
+
+/// What a finished job amounts to: per round, the counts; the ledger's
+/// labels; the final accuracy.
+fn outcome(c: &Cloister, who: &User, id: &str) -> Outcome {
+    let job = c.show_job(who, id).unwrap();
+    let rounds = job
+        .rounds
+        .iter()
+        .map(|r| (r.train_manual, r.auto_accepted, r.queued))
+        .collect();
+    let ledger = jobs::ledger(c.env().store().as_ref(), id)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.label))
+        .collect();
+    let acc = format!("{:.6}", job.result.unwrap().test_accuracy);
+    (rounds, ledger, acc)
+}
+
+#[test]
+fn a_job_killed_at_any_point_resumes_to_the_same_result() {
+    // Its own environment: child processes need it unlocked.
+    let dir = tempfile::tempdir().unwrap();
+    let env_path = dir.path().join("env");
+    let token = {
+        let (c, root) = Cloister::init(&env_path, "root").unwrap();
+        let admin = c.authenticate(&root).unwrap();
+        let (sci, token) = c.add_user(&admin, "sci", &[Role::Scientist]).unwrap();
+        let rev = c.add_user(&admin, "rev", &[Role::Reviewer]).unwrap().0;
+        let data = subset(dir.path());
+        c.import_dataset(&sci, "spam", &data, &ImportOptions::default())
+            .unwrap();
+        for name in ["text-normalize", "hashed-ngrams", "dual-agree"] {
+            let e = c
+                .add_plugin(&sci, cloister_bundled_plugins::get(name).unwrap())
+                .unwrap();
+            c.approve_plugin(&rev, &e.digest).unwrap();
+        }
+        token
+    };
+    let spec_path = dir.path().join("crash.toml");
+    std::fs::write(&spec_path, SPEC.replace("max_rounds = 3", "max_rounds = 2")).unwrap();
+    let run = || {
+        cloister(&env_path, &token)
+            .args(["run", spec_path.to_str().unwrap(), "--oracle", "gold"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let job_id = |stderr: &[u8]| -> Option<String> {
+        String::from_utf8_lossy(stderr)
+            .split_whitespace()
+            .skip_while(|w| *w != "job")
+            .nth(1)
+            .filter(|w| w.starts_with("j-"))
+            .map(str::to_string)
+    };
+    let state = |id: &str| {
+        let c = Cloister::open(&env_path, "cli").unwrap();
+        let sci = c.authenticate(&token).unwrap();
+        let done = matches!(c.show_job(&sci, id).unwrap().state, JobState::Done { .. });
+        (done, done.then(|| outcome(&c, &sci, id)))
+    };
+
+    // The reference: one uninterrupted run, timed.
+    let t = std::time::Instant::now();
+    let out = run().wait_with_output().unwrap();
+    let run_ms = t.elapsed().as_millis() as u64;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference = job_id(&out.stderr).unwrap();
+    let want = state(&reference).1.unwrap();
+
+    let trials = super::crash::trials().min(6);
+    let mut seed = 0x5eed_u64;
+    let (mut started, mut interrupted) = (0, 0);
+    for trial in 0..trials {
+        let delay = run_ms / 10 + super::crash::rand(&mut seed) % (run_ms * 17 / 20);
+        let mut child = run();
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let Some(id) = job_id(&out.stderr) else {
+            continue; // killed before the job was recorded
+        };
+        started += 1;
+        if !state(&id).0 {
+            interrupted += 1;
+        }
+        // Resume: a kill can leave the job at any step.
+        let o = cloister(&env_path, &token)
+            .args(["job", "resume", &id])
+            .output()
+            .unwrap();
+        let (done, got) = state(&id);
+        assert!(
+            done,
+            "trial {trial} (kill after {delay} ms): not done after resume\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            got.unwrap(),
+            want,
+            "trial {trial} (kill after {delay} ms) differs from the uninterrupted run"
+        );
+    }
+    assert!(
+        started > 0 && interrupted * 2 >= started,
+        "only {interrupted} of {started} kills hit a running job"
+    );
+}
