@@ -288,6 +288,19 @@ fn show(m: &ModelManifest) {
             b.confidence
         );
     }
+    if !e.false_positives.is_empty() {
+        println!("\nfalse positives per class (most confident first; --json has them all):");
+        for (class, ids) in &e.false_positives {
+            let shown: Vec<&str> = ids.iter().take(5).map(String::as_str).collect();
+            println!(
+                "  {:<12} {:>4}  {}{}",
+                truncate(class, 12),
+                ids.len(),
+                shown.join(" "),
+                if ids.len() > 5 { " …" } else { "" }
+            );
+        }
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {

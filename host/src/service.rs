@@ -249,6 +249,16 @@ impl Cloister {
         }
     }
 
+    /// Whether the policy allows `action` on `resource`, without auditing:
+    /// only for filtering the items of a listing whose request already
+    /// passed [`Cloister::guard`] (and so is audited).
+    pub(crate) fn allows(&self, who: &Principal, action: Action, resource: &Resource) -> bool {
+        self.env
+            .policy()
+            .authorize(who, action, resource, self.channel)
+            .allowed
+    }
+
     /// The authorization point: decide, audit, then allow or deny.
     pub fn guard(
         &self,

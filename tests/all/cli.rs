@@ -594,6 +594,7 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
         "reliability",
         "training curve",
         "badcases",
+        "false positives per class",
         "lineage: dataset spam@1",
     ] {
         assert!(shown.contains(part), "{part}: {shown}");

@@ -93,6 +93,14 @@ fn logreg_on_spamassassin_is_accurate_and_fully_described() {
         e.badcases.len() as u64,
         e.records - (e.accuracy * e.records as f64).round() as u64
     );
+    // Every badcase is a false positive of the class it was predicted as.
+    assert_eq!(
+        e.false_positives.values().map(Vec::len).sum::<usize>(),
+        e.badcases.len()
+    );
+    for b in &e.badcases {
+        assert!(e.false_positives[&b.predicted].contains(&b.id));
+    }
     assert!(m.split_sizes[0] > 4 * m.split_sizes[2]);
     assert!(!m.curve.is_empty() && m.best_epoch >= 1);
     assert_eq!(m.lineage.preprocess, std::slice::from_ref(&t.normalize));

@@ -350,17 +350,7 @@ impl Cloister {
         let all = super::list(self.env().store().as_ref())?;
         Ok(all
             .into_iter()
-            .filter(|j| {
-                self.env()
-                    .policy()
-                    .authorize(
-                        &who.principal(),
-                        Action::ViewJob,
-                        &Self::job_resource(j),
-                        self.channel(),
-                    )
-                    .allowed
-            })
+            .filter(|j| self.allows(&who.principal(), Action::ViewJob, &Self::job_resource(j)))
             .collect())
     }
 

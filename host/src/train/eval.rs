@@ -69,6 +69,10 @@ pub struct Evaluation {
     pub reliability: Vec<ReliabilityBin>,
     /// Misclassified records, most confident first.
     pub badcases: Vec<Badcase>,
+    /// Per predicted class, the ids of records wrongly predicted as that
+    /// class (its false positives), most confident first.
+    #[serde(default)]
+    pub false_positives: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Evaluates predictions. `probs` is row-major `ids.len() × classes.len()`;
@@ -175,7 +179,16 @@ pub fn evaluate(classes: &[String], ids: &[String], truth: &[usize], probs: &[f3
             }
         })
         .collect();
+    let mut false_positives: std::collections::BTreeMap<String, Vec<String>> =
+        std::collections::BTreeMap::new();
+    for b in &badcases {
+        false_positives
+            .entry(b.predicted.clone())
+            .or_default()
+            .push(b.id.clone());
+    }
     Evaluation {
+        false_positives,
         records: n as u64,
         accuracy,
         macro_f1,
@@ -213,6 +226,8 @@ mod tests {
             (e.badcases[0].id.as_str(), e.badcases[0].predicted.as_str()),
             ("r1", "b")
         );
+        assert_eq!(e.false_positives.len(), 1);
+        assert_eq!(e.false_positives["b"], ["r1"]);
         // one per bin: .65 (wrong), .75, .85, .95 (right)
         let expected_ece = 0.25 * (0.65 + 0.25 + 0.15 + 0.05);
         assert!((e.ece - expected_ece).abs() < 1e-6, "{}", e.ece);
