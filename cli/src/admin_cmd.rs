@@ -28,6 +28,12 @@ pub enum UserCommand {
         /// User name.
         name: String,
     },
+    /// Set a user's console password, read from the first line of standard
+    /// input (12 to 256 characters; only an Argon2id hash is stored).
+    Passwd {
+        /// User name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +95,13 @@ pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
         UserCommand::Disable { name } => {
             s.cloister.disable_user(&s.user, &name)?;
             println!("disabled {name}; their token no longer works");
+        }
+        UserCommand::Passwd { name } => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let password = line.trim_end_matches(['\n', '\r']);
+            s.cloister.set_password(&s.user, &name, password)?;
+            println!("set the console password of {name}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -364,7 +364,8 @@ pub fn label(env: &EnvArgs, cmd: LabelCommand) -> Result<ExitCode> {
     match cmd {
         LabelCommand::Next { json } => match c.next_label_item(who)? {
             None => println!("nothing is queued for you"),
-            Some((item, record, waiting)) => {
+            Some(task) => {
+                let (item, record, waiting) = (task.item, task.record, task.waiting);
                 if json {
                     let texts: serde_json::Map<String, serde_json::Value> = record
                         .record
@@ -377,18 +378,15 @@ pub fn label(env: &EnvArgs, cmd: LabelCommand) -> Result<ExitCode> {
                         serde_json::json!({
                             "job": item.job, "id": item.record, "dataset": item.dataset,
                             "reason": item.reason, "priority": item.priority,
-                            "texts": texts, "waiting": waiting,
+                            "texts": texts, "waiting": waiting, "classes": task.classes,
                         })
                     );
                 } else {
-                    let job = c.show_job(who, &item.job).ok();
                     println!(
                         "record {} of {} (job {}, {:?}, {} waiting for you)",
                         item.record, item.dataset, item.job, item.reason, waiting
                     );
-                    if let Some(j) = job {
-                        println!("classes: {}", j.classes.join(", "));
-                    }
+                    println!("classes: {}", task.classes.join(", "));
                     for t in &record.record.texts {
                         println!("--- {} ---\n{}", t.name, t.value);
                     }

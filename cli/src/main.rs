@@ -99,9 +99,41 @@ enum Command {
     /// The human labeling queue: next item, set a label, import labels.
     #[command(subcommand)]
     Label(job_cmd::LabelCommand),
+    /// Serve the web console (and its JSON API under /api).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// Mark the session cookie Secure (when a TLS proxy is in front).
+        #[arg(long)]
+        secure_cookies: bool,
+    },
     /// The active-learning demo on the bundled SpamAssassin data, in a
     /// throwaway environment.
     Demo(demo::DemoArgs),
+}
+
+fn serve(
+    env: &session::EnvArgs,
+    addr: std::net::SocketAddr,
+    secure_cookies: bool,
+) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let c = cloister_host::service::Cloister::open(&env.env, "console")
+        .with_context(|| format!("cannot open the environment {}", env.env.display()))?;
+    let console = cloister_console::Console::new(
+        c,
+        cloister_console::ConsoleConfig {
+            secure_cookies,
+            ..Default::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    eprintln!("console on http://{addr} (Ctrl-C stops it)");
+    rt.block_on(cloister_console::serve(console, addr))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(format: LogFormat, verbose: u8) {
@@ -141,6 +173,10 @@ fn main() -> ExitCode {
         Command::Run(args) => job_cmd::run(&cli.env, args),
         Command::Job(cmd) => job_cmd::job(&cli.env, cmd),
         Command::Label(cmd) => job_cmd::label(&cli.env, cmd),
+        Command::Serve {
+            addr,
+            secure_cookies,
+        } => serve(&cli.env, addr, secure_cookies),
         Command::Demo(args) => demo::run(args),
     };
     match result {

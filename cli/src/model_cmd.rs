@@ -192,14 +192,7 @@ pub fn predict(env: &EnvArgs, id: &str, input: &std::path::Path) -> Result<ExitC
 }
 
 fn release_state(m: &ModelManifest) -> String {
-    match (&m.release.requested_by, &m.release.decision) {
-        (None, _) => "not requested".into(),
-        (Some(r), None) => format!("requested by {r}"),
-        (Some(r), Some(d)) => format!(
-            "{d} (requested by {r}, decided by {})",
-            m.release.decided_by.as_deref().unwrap_or("?")
-        ),
-    }
+    m.release.describe()
 }
 
 fn show(m: &ModelManifest) {

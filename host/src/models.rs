@@ -71,6 +71,21 @@ pub struct Release {
     pub decided_by: Option<String>,
 }
 
+impl Release {
+    /// The state in words: `not requested`, `requested by R`, or the
+    /// decision with who requested and who decided.
+    pub fn describe(&self) -> String {
+        match (&self.requested_by, &self.decision) {
+            (None, _) => "not requested".into(),
+            (Some(r), None) => format!("requested by {r}"),
+            (Some(r), Some(d)) => format!(
+                "{d} (requested by {r}, decided by {})",
+                self.decided_by.as_deref().unwrap_or("?")
+            ),
+        }
+    }
+}
+
 /// A model's manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelManifest {

@@ -317,6 +317,53 @@ impl Cloister {
         Ok((user, token))
     }
 
+    /// Sets a user's console password (admins).
+    pub fn set_password(&self, who: &User, name: &str, password: &str) -> Result<(), ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::AddUser,
+            &Resource::Environment,
+            &("password", name),
+        )?;
+        let batch = users::set_password(self.env.store().as_ref(), name, password)?;
+        self.env.store().commit(batch)?;
+        Ok(())
+    }
+
+    /// The user a name and password belong to (console login). A failure
+    /// is audited, naming the user it claimed to be.
+    pub fn login(&self, name: &str, password: &str) -> Result<User, ServiceError> {
+        match users::check_password(self.env.store().as_ref(), name, password) {
+            Ok(u) => {
+                self.env.audit().append(AuditRecord {
+                    actor: u.name.clone(),
+                    action: "login".into(),
+                    resource: Resource::Environment.uid_text(),
+                    decision: Decision::Allow,
+                    policies: Vec::new(),
+                    params: params_digest(&self.channel),
+                })?;
+                Ok(u)
+            }
+            Err(e) => {
+                let claimed = if users::check_name(name).is_ok() {
+                    name
+                } else {
+                    "-"
+                };
+                self.env.audit().append(AuditRecord {
+                    actor: claimed.to_string(),
+                    action: "login".into(),
+                    resource: Resource::Environment.uid_text(),
+                    decision: Decision::Deny,
+                    policies: Vec::new(),
+                    params: params_digest(&self.channel),
+                })?;
+                Err(ServiceError::Auth(e))
+            }
+        }
+    }
+
     /// Lists users.
     pub fn list_users(&self, who: &User) -> Result<Vec<User>, ServiceError> {
         self.guard(
@@ -631,6 +678,19 @@ impl Cloister {
             .featurize(&records)?;
         stage("featurized", x.rows());
         Ok((records, x, dim))
+    }
+
+    /// Checks a training request's template, settings, dataset and plugins
+    /// exist, without running or auditing anything (for callers that start
+    /// training in the background and must refuse bad requests at once;
+    /// [`Cloister::train_model`] authorizes and checks again).
+    pub fn check_train_request(&self, req: &TrainRequest) -> Result<(), ServiceError> {
+        crate::train::template(&req.template, &req.sets)?;
+        datasets::resolve(&self.env, &req.dataset)?;
+        for d in req.preprocess.iter().chain([&req.features]) {
+            registry::get(self.env.store().as_ref(), d)?;
+        }
+        Ok(())
     }
 
     /// Runs approved plugins over a dataset in the sandbox, trains a model

@@ -41,6 +41,13 @@ pub enum UserError {
     /// A stored user record is damaged.
     #[error("the stored record of user `{0}` is damaged")]
     Damaged(String),
+    /// The name or password is wrong (or the user is disabled or has no
+    /// password): one error for all, so it tells an attacker nothing.
+    #[error("authentication failed: wrong user name or password")]
+    BadPassword,
+    /// A new password does not meet the rules.
+    #[error("a password needs 12 to 256 characters")]
+    WeakPassword,
 }
 
 /// A stored user.
@@ -183,6 +190,79 @@ pub fn authenticate(store: &dyn Storage, token: &str) -> Result<User, UserError>
     Ok(user)
 }
 
+/// Argon2id with the parameters OWASP recommends for interactive logins
+/// (19 MiB, two passes, one lane).
+fn argon2() -> argon2::Argon2<'static> {
+    let params = argon2::Params::new(19 * 1024, 2, 1, None).unwrap_or_default();
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+}
+
+/// Writes that set a user's password (an Argon2id hash with a random salt;
+/// the password itself is never stored).
+pub(crate) fn set_password(
+    store: &dyn Storage,
+    name: &str,
+    password: &str,
+) -> Result<WriteBatch, UserError> {
+    use argon2::PasswordHasher;
+    let n = password.chars().count();
+    if !(12..=256).contains(&n) {
+        return Err(UserError::WeakPassword);
+    }
+    get(store, name)?;
+    let mut salt = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+        .map_err(|_| UserError::Random)?;
+    let salt =
+        argon2::password_hash::SaltString::encode_b64(&salt).map_err(|_| UserError::Random)?;
+    let phc = argon2()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|_| UserError::Random)?
+        .to_string();
+    let mut b = WriteBatch::new();
+    b.put(Space::Passwords, name.as_bytes().to_vec(), phc.into_bytes());
+    Ok(b)
+}
+
+/// The user a name and password belong to. Unknown users, users without a
+/// password, disabled users and wrong passwords fail alike (and take the
+/// time of one hash, so timing tells nothing either).
+pub fn check_password(store: &dyn Storage, name: &str, password: &str) -> Result<User, UserError> {
+    use argon2::PasswordVerifier;
+    // A hash to verify against when the user has none, so every failure
+    // costs the same.
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let stored = store.get(Space::Passwords, name.as_bytes())?;
+    let phc_text = match stored.as_deref() {
+        Some(b) => String::from_utf8_lossy(b).into_owned(),
+        None => DUMMY
+            .get_or_init(|| {
+                use argon2::PasswordHasher;
+                argon2::password_hash::SaltString::encode_b64(b"cloister-no-user")
+                    .ok()
+                    .and_then(|salt| {
+                        argon2()
+                            .hash_password(b"no such user", &salt)
+                            .ok()
+                            .map(|h| h.to_string())
+                    })
+                    .unwrap_or_default()
+            })
+            .clone(),
+    };
+    let ok = argon2::PasswordHash::new(&phc_text)
+        .map(|h| argon2().verify_password(password.as_bytes(), &h).is_ok())
+        .unwrap_or(false);
+    if !ok || stored.is_none() || password.len() > 1024 {
+        return Err(UserError::BadPassword);
+    }
+    let user = get(store, name).map_err(|_| UserError::BadPassword)?;
+    if user.disabled {
+        return Err(UserError::BadPassword);
+    }
+    Ok(user)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +274,38 @@ mod tests {
         }
         for bad in ["", "Alice", "-x", "a b", "ä", &"a".repeat(65), "../x"] {
             assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_hashed_and_every_failure_looks_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStorage::open(dir.path(), true).unwrap();
+        let (b, _, _) = create(&store, "ana", &[Role::Scientist]).unwrap();
+        store.commit(b).unwrap();
+        assert!(matches!(
+            set_password(&store, "ana", "short"),
+            Err(UserError::WeakPassword)
+        ));
+        store
+            .commit(set_password(&store, "ana", "correct horse battery").unwrap())
+            .unwrap();
+        let stored = store.get(Space::Passwords, b"ana").unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&stored).starts_with("$argon2id$"));
+        assert!(!String::from_utf8_lossy(&stored).contains("horse"));
+        assert_eq!(
+            check_password(&store, "ana", "correct horse battery")
+                .unwrap()
+                .name,
+            "ana"
+        );
+        for (name, pw) in [
+            ("ana", "wrong horse battery"),
+            ("bob", "correct horse battery"),
+            ("ana", ""),
+        ] {
+            let e = check_password(&store, name, pw).unwrap_err();
+            assert_eq!(e.to_string(), UserError::BadPassword.to_string());
         }
     }
 }

@@ -329,7 +329,9 @@ badcases_per_round = 0
     assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
 
     // Each labeler sees only their own items, most uncertain first.
-    let (item, record, waiting) = c.next_label_item(&lea).unwrap().unwrap();
+    let task = c.next_label_item(&lea).unwrap().unwrap();
+    let (item, record, waiting) = (task.item, task.record, task.waiting);
+    assert_eq!(task.classes, ["ham", "spam"]);
     assert_eq!(waiting, 2);
     assert_eq!(item.assignee.as_deref(), Some("lea"));
     assert!(!record.record.texts.is_empty());
@@ -347,7 +349,8 @@ badcases_per_round = 0
     let err = c.label_item(&lea, &item.record, "eggs", None).unwrap_err();
     assert!(err.to_string().contains("not a class"), "{err}");
     c.label_item(&lea, &item.record, "spam", None).unwrap();
-    let (second, _, waiting) = c.next_label_item(&lea).unwrap().unwrap();
+    let next = c.next_label_item(&lea).unwrap().unwrap();
+    let (second, waiting) = (next.item, next.waiting);
     assert_eq!(waiting, 1);
     c.label_item(&lea, &second.record, "ham", None).unwrap();
     assert!(c.next_label_item(&lea).unwrap().is_none());

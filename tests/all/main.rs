@@ -12,8 +12,10 @@
 mod support;
 
 mod active_learning;
+mod browser;
 mod cli;
 mod closed_env;
+mod console;
 mod crash;
 mod example_plugins;
 mod hostile;

@@ -25,7 +25,7 @@
 mod run;
 pub mod spec;
 
-pub use run::JobEvent;
+pub use run::{JobEvent, LabelTask};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 

@@ -68,6 +68,20 @@ type Resolved = (PluginEntry, LoadedPlugin, Vec<(String, String)>);
 /// One entry of a label file: (line, record id, label, job).
 type LabelLine = (usize, String, String, Option<String>);
 
+/// What a labeler is shown: the queue item, the record, how many items
+/// wait for them (this one included) and the labels to choose from.
+#[derive(Debug, Clone)]
+pub struct LabelTask {
+    /// The queue item.
+    pub item: QueueItem,
+    /// The record with its text.
+    pub record: StoredRecord,
+    /// Items waiting for this labeler.
+    pub waiting: usize,
+    /// The job's classes.
+    pub classes: Vec<String>,
+}
+
 /// The data of a job, run through its plugins.
 struct Prepared {
     version: DatasetVersion,
@@ -1144,18 +1158,20 @@ impl Cloister {
     // ------------------------------------------------------------ labels --
 
     /// The next queued item for `who` with its record: the one place record
-    /// contents are shown, authorized and audited per view. Also returns how
-    /// many items wait for them.
-    pub fn next_label_item(
-        &self,
-        who: &User,
-    ) -> Result<Option<(QueueItem, StoredRecord, usize)>, ServiceError> {
+    /// contents are shown, authorized and audited per view.
+    pub fn next_label_item(&self, who: &User) -> Result<Option<LabelTask>, ServiceError> {
         let open = super::open_items_for(self.env().store().as_ref(), &who.name)?;
         let Some(item) = open.first().cloned() else {
             return Ok(None);
         };
         let record = self.view_record(who, &item.dataset, &item.record)?;
-        Ok(Some((item, record, open.len())))
+        let classes = super::get(self.env().store().as_ref(), &item.job)?.classes;
+        Ok(Some(LabelTask {
+            item,
+            record,
+            waiting: open.len(),
+            classes,
+        }))
     }
 
     /// Labels a queued record (by record id; `job` picks among several).

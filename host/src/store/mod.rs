@@ -58,11 +58,13 @@ pub enum Space {
     /// Active-learning jobs, their label ledgers and human queues
     /// (see [`crate::jobs`]).
     Jobs = 13,
+    /// Console passwords: user name → Argon2id PHC string.
+    Passwords = 14,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 13] = [
+    pub const ALL: [Space; 14] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -76,6 +78,7 @@ impl Space {
         Space::Checkpoints,
         Space::Models,
         Space::Jobs,
+        Space::Passwords,
     ];
 
     /// The key prefix byte.

@@ -1,0 +1,23 @@
+//! The baseline of the console load benchmark (`bench/console.sh`): a bare
+//! axum "hello world" on the same runtime settings as `cloister serve`.
+//! Usage: hello-axum ADDR
+
+#![allow(clippy::print_stderr)]
+
+use axum::Router;
+use axum::routing::get;
+
+fn main() -> std::io::Result<()> {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:18081".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&addr).await?;
+        eprintln!("hello-axum on {addr}");
+        let app = Router::new().route("/", get(|| async { "hello, world" }));
+        axum::serve(listener, app).await
+    })
+}

@@ -1,0 +1,477 @@
+//! The JSON API under `/api`. Each route is one `Cloister` call; the
+//! OpenAPI document (`openapi.rs`) lists the same routes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use cloister_host::audit::{AuditFilter, Decision, Verdict};
+use cloister_host::jobs::Oracle;
+use cloister_host::service::TrainRequest;
+
+use crate::auth::Caller;
+use crate::{ApiError, Console, blocking, tasks};
+
+type S = State<Arc<Console>>;
+type Out = Result<Json<Value>, ApiError>;
+
+fn to_json(v: impl serde::Serialize) -> Out {
+    serde_json::to_value(v)
+        .map(Json)
+        .map_err(|_| ApiError::Internal)
+}
+
+/// The caller of a read.
+async fn reader(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, ApiError> {
+    k.caller(h).await
+}
+
+/// The caller of a write: a session must present its CSRF token.
+async fn writer(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, ApiError> {
+    let c = k.caller(h).await?;
+    c.check_csrf(h, None)?;
+    Ok(c)
+}
+
+pub(crate) fn routes() -> Router<Arc<Console>> {
+    Router::new()
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
+        .route("/api/me", get(me))
+        .route("/api/datasets", get(datasets))
+        .route("/api/datasets/{name}", get(dataset))
+        .route("/api/datasets/{name}/export", get(export_dataset))
+        .route(
+            "/api/plugins",
+            get(plugins)
+                .post(add_plugin)
+                .layer(DefaultBodyLimit::max(32 << 20)),
+        )
+        .route("/api/plugins/{digest}/approve", post(approve_plugin))
+        .route("/api/templates", get(templates))
+        .route("/api/train", post(train))
+        .route("/api/tasks/{id}", get(task))
+        .route("/api/jobs", get(jobs).post(start_job))
+        .route("/api/jobs/{id}", get(job))
+        .route("/api/jobs/{id}/stats", get(job_stats))
+        .route("/api/jobs/{id}/resume", post(resume_job))
+        .route("/api/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/models", get(models))
+        .route("/api/models/{id}", get(model))
+        .route("/api/models/{id}/request-release", post(request_release))
+        .route("/api/models/{id}/approve-release", post(approve_release))
+        .route("/api/models/{id}/reject-release", post(reject_release))
+        .route("/api/models/{id}/bundle", get(bundle))
+        .route("/api/labels/next", get(next_label))
+        .route("/api/labels", post(set_label))
+        .route("/api/audit", get(audit))
+        .route("/api/audit/verify", get(audit_verify))
+        .route("/api/audit/checkpoint", get(audit_checkpoint))
+}
+
+async fn openapi() -> Json<Value> {
+    Json(crate::openapi::document())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct LoginBody {
+    pub user: String,
+    pub password: String,
+}
+
+async fn login(State(k): S, Json(b): Json<LoginBody>) -> Result<Response, ApiError> {
+    let (user, cookie, csrf) = k.login(b.user, b.password).await?;
+    let mut r = Json(json!({"user": user.name, "roles": user.roles, "csrf": csrf})).into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(|_| ApiError::Internal)?,
+    );
+    Ok(r)
+}
+
+async fn logout(State(k): S, h: HeaderMap) -> Result<Response, ApiError> {
+    writer(&k, &h).await?;
+    let cookie = k.logout(&h);
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(|_| ApiError::Internal)?,
+    );
+    Ok(r)
+}
+
+async fn me(State(k): S, h: HeaderMap) -> Out {
+    let c = reader(&k, &h).await?;
+    Ok(Json(
+        json!({"user": c.user.name, "roles": c.user.roles, "csrf": c.csrf}),
+    ))
+}
+
+async fn datasets(State(k): S, h: HeaderMap) -> Out {
+    let u = reader(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.list_datasets(&u)).await?)
+}
+
+#[derive(Deserialize)]
+struct SeedQuery {
+    seed: Option<u64>,
+}
+
+async fn dataset(
+    State(k): S,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<SeedQuery>,
+) -> Out {
+    let u = reader(&k, &h).await?.user;
+    let (v, splits) = blocking(&k, move |c| c.dataset_stats(&u, &name, q.seed)).await?;
+    to_json(json!({"version": v, "splits": splits}))
+}
+
+/// Export-shaped: always denied (and audited) by the authorization point.
+async fn export_dataset(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Out {
+    let u = reader(&k, &h).await?.user;
+    blocking(&k, move |c| c.export_dataset(&u, &name)).await?;
+    Err(ApiError::Forbidden)
+}
+
+async fn plugins(State(k): S, h: HeaderMap) -> Out {
+    let u = reader(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.list_plugins(&u)).await?)
+}
+
+async fn add_plugin(State(k): S, h: HeaderMap, body: Bytes) -> Out {
+    let u = writer(&k, &h).await?.user;
+    if body.is_empty() {
+        return Err(ApiError::BadRequest(
+            "send the component's bytes as the request body".into(),
+        ));
+    }
+    to_json(blocking(&k, move |c| c.add_plugin(&u, &body)).await?)
+}
+
+async fn approve_plugin(State(k): S, h: HeaderMap, Path(d): Path<String>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.approve_plugin(&u, &d)).await?)
+}
+
+async fn templates(State(k): S, h: HeaderMap) -> Out {
+    reader(&k, &h).await?;
+    let t = cloister_host::train::templates().map_err(|_| ApiError::Internal)?;
+    to_json(t)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct TrainBody {
+    pub dataset: String,
+    #[serde(default)]
+    pub preprocess: Vec<String>,
+    pub features: String,
+    pub template: String,
+    #[serde(default)]
+    pub sets: BTreeMap<String, String>,
+}
+
+pub(crate) async fn start_training(
+    k: &Arc<Console>,
+    owner: &cloister_host::users::User,
+    b: TrainBody,
+) -> Result<String, ApiError> {
+    let req = TrainRequest {
+        dataset: b.dataset,
+        preprocess: b.preprocess,
+        features: b.features,
+        template: b.template,
+        sets: b.sets.into_iter().collect(),
+        split_seed: None,
+    };
+    let checked = req.clone();
+    blocking(k, move |c| c.check_train_request(&checked)).await?;
+    let who = owner.clone();
+    tasks::spawn(k, "train", &owner.name, move |console, p| {
+        let m = console
+            .cloister()
+            .train_model(&who, &req, &mut |e| match e {
+                cloister_host::service::TrainProgress::Stage(s, n) => {
+                    p.line(format!("{s}: {n} records"))
+                }
+                cloister_host::service::TrainProgress::Epoch(e, max) => p.line(format!(
+                    "epoch {}/{max}: val accuracy {:.4}",
+                    e.epoch, e.val_accuracy
+                )),
+            })?;
+        Ok(m.id)
+    })
+}
+
+async fn train(State(k): S, h: HeaderMap, Json(b): Json<TrainBody>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    let id = start_training(&k, &u, b).await?;
+    Ok(Json(json!({ "task": id })))
+}
+
+async fn task(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
+    let u = reader(&k, &h).await?.user;
+    match k.tasks.get(&id) {
+        Some(t) if t.owner == u.name => to_json(t),
+        _ => Err(ApiError::NotFound(format!("no task {id}"))),
+    }
+}
+
+async fn jobs(State(k): S, h: HeaderMap) -> Out {
+    let u = reader(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.list_jobs(&u)).await?)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct JobBody {
+    pub spec: String,
+    #[serde(default)]
+    pub oracle: Option<String>,
+}
+
+pub(crate) fn run_in_background(
+    k: &Arc<Console>,
+    owner: &cloister_host::users::User,
+    id: String,
+) -> Result<String, ApiError> {
+    let who = owner.clone();
+    tasks::spawn(k, "job", &owner.name, move |console, p| {
+        let job = console.cloister().run_job(&who, &id, &mut |e| {
+            if let Some(line) = crate::html::job_event_line(&e) {
+                p.line(line);
+            }
+        })?;
+        Ok(job.id)
+    })
+}
+
+pub(crate) async fn create_job(
+    k: &Arc<Console>,
+    u: cloister_host::users::User,
+    b: JobBody,
+) -> Result<(String, String), ApiError> {
+    let oracle = match b.oracle.as_deref() {
+        None | Some("") | Some("none") => None,
+        Some("gold") => Some(Oracle::Gold),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "oracle: unknown `{other}` (the only one is `gold`)"
+            )));
+        }
+    };
+    let who = u.clone();
+    let job = blocking(k, move |c| {
+        c.start_job(&who, "console.toml", &b.spec, oracle)
+    })
+    .await?;
+    let task = run_in_background(k, &u, job.id.clone())?;
+    Ok((job.id, task))
+}
+
+async fn start_job(State(k): S, h: HeaderMap, Json(b): Json<JobBody>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    let (job, task) = create_job(&k, u, b).await?;
+    Ok(Json(json!({"job": job, "task": task})))
+}
+
+async fn job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
+    let u = reader(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.show_job(&u, &id)).await?)
+}
+
+async fn job_stats(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
+    let u = reader(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.job_stats(&u, &id)).await?)
+}
+
+async fn resume_job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    // Authorize (and audit) now, so a denial is answered at once.
+    let who = u.clone();
+    let jid = id.clone();
+    blocking(&k, move |c| c.show_job(&who, &jid)).await?;
+    let task = run_in_background(&k, &u, id)?;
+    Ok(Json(json!({ "task": task })))
+}
+
+async fn cancel_job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.cancel_job(&u, &id)).await?)
+}
+
+async fn models(State(k): S, h: HeaderMap) -> Out {
+    let u = reader(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.list_models(&u)).await?)
+}
+
+async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
+    let u = reader(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.show_model(&u, &id)).await?)
+}
+
+#[derive(Deserialize)]
+struct ReasonBody {
+    reason: String,
+}
+
+async fn request_release(
+    State(k): S,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Json(b): Json<ReasonBody>,
+) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.request_release(&u, &id, &b.reason)).await?)
+}
+
+async fn approve_release(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.decide_release(&u, &id, true)).await?)
+}
+
+async fn reject_release(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.decide_release(&u, &id, false)).await?)
+}
+
+pub(crate) async fn bundle_response(
+    k: &Arc<Console>,
+    u: cloister_host::users::User,
+    id: String,
+) -> Result<Response, ApiError> {
+    let name = format!("{id}.bundle");
+    let bytes = blocking(k, move |c| c.export_model(&u, &id)).await?;
+    let mut r = bytes.into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(r)
+}
+
+async fn bundle(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let u = reader(&k, &h).await?.user;
+    bundle_response(&k, u, id).await
+}
+
+async fn next_label(State(k): S, h: HeaderMap) -> Out {
+    let u = reader(&k, &h).await?.user;
+    let next = blocking(&k, move |c| c.next_label_item(&u)).await?;
+    Ok(Json(match next {
+        None => json!({ "item": null }),
+        Some(task) => {
+            let texts: BTreeMap<String, String> = task
+                .record
+                .record
+                .texts
+                .iter()
+                .map(|t| (t.name.clone(), t.value.clone()))
+                .collect();
+            json!({"item": task.item, "texts": texts, "waiting": task.waiting, "classes": task.classes})
+        }
+    }))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct LabelBody {
+    pub id: String,
+    pub label: String,
+    #[serde(default)]
+    pub job: Option<String>,
+}
+
+async fn set_label(State(k): S, h: HeaderMap, Json(b): Json<LabelBody>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(
+        blocking(&k, move |c| {
+            c.label_item(&u, &b.id, &b.label, b.job.as_deref())
+        })
+        .await?,
+    )
+}
+
+#[derive(Deserialize, Default)]
+pub(crate) struct AuditQuery {
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub decision: Option<String>,
+    pub from: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+impl AuditQuery {
+    pub(crate) fn filter(&self) -> Result<AuditFilter, ApiError> {
+        let decision = match self.decision.as_deref() {
+            None | Some("") => None,
+            Some("allow") => Some(Decision::Allow),
+            Some("deny") => Some(Decision::Deny),
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "decision: `{other}` is neither allow nor deny"
+                )));
+            }
+        };
+        let nonempty = |s: &Option<String>| s.clone().filter(|v| !v.is_empty());
+        Ok(AuditFilter {
+            actor: nonempty(&self.actor),
+            action: nonempty(&self.action),
+            since_ms: None,
+            decision,
+            from_seq: self.from.unwrap_or(0),
+            limit: self.limit.unwrap_or(50).clamp(1, 1000),
+        })
+    }
+}
+
+async fn audit(State(k): S, h: HeaderMap, Query(q): Query<AuditQuery>) -> Out {
+    let u = reader(&k, &h).await?.user;
+    let f = q.filter()?;
+    to_json(blocking(&k, move |c| c.audit_log(&u, &f)).await?)
+}
+
+async fn audit_verify(State(k): S, h: HeaderMap) -> Out {
+    let u = reader(&k, &h).await?.user;
+    let v = blocking(&k, move |c| c.audit_verify(&u, None)).await?;
+    Ok(Json(match v {
+        Verdict::Intact {
+            size,
+            root,
+            checkpoints,
+        } => {
+            json!({"intact": true, "size": size, "root": hex::encode(root), "checkpoints": checkpoints})
+        }
+        Verdict::Tampered { first_bad, reason } => {
+            json!({"intact": false, "first_bad": first_bad, "reason": reason})
+        }
+    }))
+}
+
+async fn audit_checkpoint(State(k): S, h: HeaderMap) -> Result<Response, ApiError> {
+    let u = reader(&k, &h).await?.user;
+    let cp = blocking(&k, move |c| c.audit_checkpoint(&u)).await?;
+    let mut r = cp.to_text().into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"audit-checkpoint.txt\""),
+    );
+    Ok(r)
+}

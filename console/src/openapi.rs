@@ -1,0 +1,271 @@
+//! The OpenAPI 3.1 document of `/api`, served at `/api/openapi.json`. The
+//! route table below is the one list of API routes the documentation is
+//! built from; the router tests call every entry and check that the router
+//! answers it (and that nothing else under `/api` answers).
+
+use serde_json::{Value, json};
+
+/// (method, path, summary, request body schema, success status).
+pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
+    ("get", "/api/openapi.json", "This document", None, 200),
+    (
+        "post",
+        "/api/login",
+        "Log in with a password; sets the session cookie and returns the CSRF token",
+        Some("Login"),
+        200,
+    ),
+    ("post", "/api/logout", "End the session", None, 204),
+    (
+        "get",
+        "/api/me",
+        "The caller, their roles and (for sessions) the CSRF token",
+        None,
+        200,
+    ),
+    ("get", "/api/datasets", "Dataset versions", None, 200),
+    (
+        "get",
+        "/api/datasets/{name}",
+        "Aggregate statistics of a dataset (never rows); `seed` adds split counts",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/datasets/{name}/export",
+        "Dataset export: always denied and audited",
+        None,
+        403,
+    ),
+    ("get", "/api/plugins", "Registered plugins", None, 200),
+    (
+        "post",
+        "/api/plugins",
+        "Add a component (request body: the .wasm bytes); it is inspected and registered unapproved",
+        Some("Wasm"),
+        200,
+    ),
+    (
+        "post",
+        "/api/plugins/{digest}/approve",
+        "Approve a plugin digest (a reviewer who did not add it)",
+        None,
+        200,
+    ),
+    ("get", "/api/templates", "Training templates", None, 200),
+    (
+        "post",
+        "/api/train",
+        "Train a model in the background; returns the task id",
+        Some("Train"),
+        200,
+    ),
+    (
+        "get",
+        "/api/tasks/{id}",
+        "A background task of the caller: state, progress lines, result",
+        None,
+        200,
+    ),
+    ("get", "/api/jobs", "Active-learning jobs", None, 200),
+    (
+        "post",
+        "/api/jobs",
+        "Start an active-learning pipeline (TOML spec) and run it in the background",
+        Some("Job"),
+        200,
+    ),
+    (
+        "get",
+        "/api/jobs/{id}",
+        "A job: state, rounds, result",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/jobs/{id}/stats",
+        "A job's label statistics and cost saved",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/jobs/{id}/resume",
+        "Resume a job in the background",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/jobs/{id}/cancel",
+        "Cancel a job (owner or admin)",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/models",
+        "Models the caller may view",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/models/{id}",
+        "A model: metrics, evaluation, curve, lineage, release state",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/models/{id}/request-release",
+        "Request a release",
+        Some("Reason"),
+        200,
+    ),
+    (
+        "post",
+        "/api/models/{id}/approve-release",
+        "Approve a requested release (not the requester)",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/models/{id}/reject-release",
+        "Reject a requested release",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/models/{id}/bundle",
+        "The signed bundle of an approved model",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/labels/next",
+        "The caller's next queued record with its text (audited per view)",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/labels",
+        "Label a record queued for the caller",
+        Some("Label"),
+        200,
+    ),
+    (
+        "get",
+        "/api/audit",
+        "Audit entries, filtered (actor, action, decision) and paginated (from, limit)",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/audit/verify",
+        "Verify the whole audit chain",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/audit/checkpoint",
+        "A signed checkpoint of the audit log (text)",
+        None,
+        200,
+    ),
+];
+
+fn schemas() -> Value {
+    let s = |props: Value, required: &[&str]| json!({"type": "object", "properties": props, "required": required, "additionalProperties": true});
+    json!({
+        "Login": s(json!({"user": {"type": "string"}, "password": {"type": "string"}}), &["user", "password"]),
+        "Train": s(json!({
+            "dataset": {"type": "string"},
+            "preprocess": {"type": "array", "items": {"type": "string"}},
+            "features": {"type": "string"},
+            "template": {"type": "string"},
+            "sets": {"type": "object", "additionalProperties": {"type": "string"}}
+        }), &["dataset", "features", "template"]),
+        "Job": s(json!({"spec": {"type": "string"}, "oracle": {"type": "string", "enum": ["gold", "none"]}}), &["spec"]),
+        "Reason": s(json!({"reason": {"type": "string"}}), &["reason"]),
+        "Label": s(json!({"id": {"type": "string"}, "label": {"type": "string"}, "job": {"type": "string"}}), &["id", "label"]),
+        "Error": s(json!({"error": {"type": "string"}}), &["error"]),
+    })
+}
+
+fn params(path: &str) -> Vec<Value> {
+    let mut out: Vec<Value> = path
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+        .collect();
+    let query: &[(&str, &str)] = match path {
+        "/api/datasets/{name}" => &[("seed", "integer")],
+        "/api/audit" => &[
+            ("actor", "string"),
+            ("action", "string"),
+            ("decision", "string"),
+            ("from", "integer"),
+            ("limit", "integer"),
+        ],
+        _ => &[],
+    };
+    for (name, ty) in query {
+        out.push(json!({"name": name, "in": "query", "required": false, "schema": {"type": ty}}));
+    }
+    out
+}
+
+/// The document.
+pub fn document() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary, body, status) in ROUTES {
+        let mut op = json!({
+            "summary": summary,
+            "parameters": params(path),
+            "responses": {
+                status.to_string(): {"description": "success"},
+                "400": {"description": "bad input (the message names what was wrong)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                "401": {"description": "not authenticated"},
+                "403": {"description": "denied by policy (audited), or a missing CSRF token"},
+                "404": {"description": "no such object"},
+            },
+        });
+        if *path != "/api/login" && *path != "/api/openapi.json" {
+            op["security"] = json!([{"session": []}, {"token": []}]);
+        }
+        if let Some(b) = body {
+            op["requestBody"] = if *b == "Wasm" {
+                json!({"required": true, "content": {"application/wasm": {"schema": {"type": "string", "format": "binary"}}}})
+            } else {
+                json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{b}")}}}})
+            };
+        }
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        entry[*method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Cloister console API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Approved operations of a Cloister environment. Every request is authorized by the environment's policies and recorded in its audit log. Sessions (cookie) must send the CSRF token in X-CSRF-Token on POST; API tokens go in `Authorization: Bearer`."
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas(),
+            "securitySchemes": {
+                "session": {"type": "apiKey", "in": "cookie", "name": crate::auth::COOKIE},
+                "token": {"type": "http", "scheme": "bearer"}
+            }
+        }
+    })
+}

@@ -1,0 +1,1164 @@
+//! Server-rendered pages. Forms post back with the session's CSRF token;
+//! every page calls the same `Cloister` methods as the API.
+
+// A page handler answers either a page or an error page: both are
+// responses, and axum takes either by value.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use axum::Form;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use cloister_host::jobs::{Job, JobState};
+use cloister_host::policy::Role;
+
+use crate::api::{AuditQuery, JobBody, TrainBody};
+use crate::auth::Caller;
+use crate::html::{bars, button, csrf, esc, f4, heatmap, lines, opt4, page, table};
+use crate::{ApiError, Console, blocking};
+
+type S = State<Arc<Console>>;
+type Page = Result<Response, Response>;
+
+const STYLE: &str = include_str!("../static/style.css");
+const SCRIPT: &str = include_str!("../static/app.js");
+/// The demo pipeline, offered as the default spec on the jobs page.
+const DEMO_PIPELINE: &str = include_str!("../../pipelines/spam-active-learning.toml");
+
+pub(crate) fn routes() -> Router<Arc<Console>> {
+    Router::new()
+        .route("/static/style.css", get(style))
+        .route("/static/app.js", get(script))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/", get(home))
+        .route("/datasets", get(datasets))
+        .route("/datasets/{name}", get(dataset))
+        .route(
+            "/plugins",
+            get(plugins)
+                .post(upload_plugin)
+                .layer(DefaultBodyLimit::max(32 << 20)),
+        )
+        .route("/plugins/{digest}/approve", post(approve_plugin))
+        .route("/train", get(train_form).post(train))
+        .route("/tasks/{id}", get(task))
+        .route("/jobs", get(jobs).post(start_job))
+        .route("/jobs/{id}", get(job))
+        .route("/jobs/{id}/resume", post(resume_job))
+        .route("/jobs/{id}/cancel", post(cancel_job))
+        .route("/models", get(models))
+        .route("/models/{id}", get(model))
+        .route("/models/{id}/request", post(request_release))
+        .route("/models/{id}/approve", post(approve_release))
+        .route("/models/{id}/reject", post(reject_release))
+        .route("/models/{id}/bundle", get(bundle))
+        .route("/label", get(label_page).post(label))
+        .route("/audit", get(audit))
+        .route("/audit/verify", post(audit_verify))
+        .route("/audit/checkpoint", get(audit_checkpoint))
+}
+
+fn asset(body: &'static str, kind: &'static str) -> Response {
+    let mut r = body.into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    r
+}
+
+async fn style() -> Response {
+    asset(STYLE, "text/css; charset=utf-8")
+}
+
+async fn script() -> Response {
+    asset(SCRIPT, "text/javascript; charset=utf-8")
+}
+
+fn error_page(c: Option<&Caller>, e: ApiError) -> Response {
+    if matches!(e, ApiError::Unauthorized) && c.is_none() {
+        return Redirect::to("/login").into_response();
+    }
+    let status = e.status();
+    let body = format!("<p class=\"error\">{}</p>", esc(&e.to_string()));
+    (
+        status,
+        Html(page(status.canonical_reason().unwrap_or("Error"), c, &body)),
+    )
+        .into_response()
+}
+
+async fn who(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, Response> {
+    k.caller(h).await.map_err(|e| error_page(None, e))
+}
+
+/// The caller of a form post, with its CSRF token checked.
+async fn poster(k: &Arc<Console>, h: &HeaderMap, token: &str) -> Result<Caller, Response> {
+    let c = who(k, h).await?;
+    c.check_csrf(h, Some(token))
+        .map_err(|e| error_page(Some(&c), e))?;
+    Ok(c)
+}
+
+fn ok(c: &Caller, title: &str, body: &str) -> Page {
+    Ok(Html(page(title, Some(c), body)).into_response())
+}
+
+async fn run<T: Send + 'static>(
+    k: &Arc<Console>,
+    c: &Caller,
+    f: impl FnOnce(&cloister_host::service::Cloister) -> Result<T, cloister_host::service::ServiceError>
+    + Send
+    + 'static,
+) -> Result<T, Response> {
+    blocking(k, f).await.map_err(|e| error_page(Some(c), e))
+}
+
+// ------------------------------------------------------------- login --
+
+async fn login_form() -> Html<String> {
+    Html(page(
+        "Log in",
+        None,
+        "<form method=\"post\" action=\"/login\" class=\"stack\"><label>User <input name=\"user\" autocomplete=\"username\" required autofocus></label><label>Password <input name=\"password\" type=\"password\" autocomplete=\"current-password\" required></label><button>Log in</button></form>",
+    ))
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    user: String,
+    password: String,
+}
+
+async fn login(State(k): S, Form(f): Form<LoginForm>) -> Response {
+    match k.login(f.user, f.password).await {
+        Ok((_, cookie, _)) => {
+            let mut r = Redirect::to("/").into_response();
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Err(e) => {
+            let status = e.status();
+            let body = format!(
+                "<p class=\"error\">{}</p><p><a href=\"/login\">Try again</a></p>",
+                esc(&e.to_string())
+            );
+            (status, Html(page("Log in", None, &body))).into_response()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(State(k): S, h: HeaderMap, Form(f): Form<CsrfForm>) -> Page {
+    poster(&k, &h, &f.csrf).await?;
+    let cookie = k.logout(&h);
+    let mut r = Redirect::to("/login").into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(r)
+}
+
+async fn home(State(k): S, h: HeaderMap) -> Page {
+    let c = who(&k, &h).await?;
+    let body = format!(
+        "<p>Signed in as <strong>{}</strong> ({}). Everything you do here is authorized by the environment's policies and recorded in its audit log.</p>",
+        esc(&c.user.name),
+        esc(&crate::html::roles(&c))
+    );
+    ok(&c, "Cloister", &body)
+}
+
+// ---------------------------------------------------------- datasets --
+
+async fn datasets(State(k): S, h: HeaderMap) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let list = run(&k, &c, move |x| x.list_datasets(&u)).await?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|v| {
+            vec![
+                format!(
+                    "<a href=\"/datasets/{}\">{}</a>",
+                    esc(&v.reference()),
+                    esc(&v.reference())
+                ),
+                v.stats.records.to_string(),
+                v.stats.labeled.to_string(),
+                esc(&v.digest[..12]),
+                esc(&v.created_by),
+            ]
+        })
+        .collect();
+    ok(
+        &c,
+        "Datasets",
+        &table(
+            &["dataset", "records", "labeled", "sha256", "imported by"],
+            &rows,
+        ),
+    )
+}
+
+async fn dataset(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let (v, splits) = run(&k, &c, move |x| x.dataset_stats(&u, &name, Some(0))).await?;
+    let labels: Vec<(String, f64)> = v
+        .stats
+        .labels
+        .iter()
+        .map(|(l, n)| (l.clone(), *n as f64))
+        .collect();
+    let mut body = format!(
+        "<p>{} records, {} labeled, {} unlabeled. Content sha256 {}. Only aggregates are shown: rows never leave the environment.</p>",
+        v.stats.records,
+        v.stats.labeled,
+        v.stats.unlabeled,
+        esc(&v.digest)
+    );
+    body.push_str(&bars("label distribution", &labels));
+    if let Some(s) = splits {
+        let rows: Vec<Vec<String>> = s
+            .counts
+            .iter()
+            .map(|(split, (l, u))| {
+                vec![
+                    format!("{split:?}").to_lowercase(),
+                    l.to_string(),
+                    u.to_string(),
+                ]
+            })
+            .collect();
+        body.push_str("<h2>Splits (seed 0)</h2>");
+        body.push_str(&table(&["split", "labeled", "unlabeled"], &rows));
+    }
+    let fields: Vec<Vec<String>> = v
+        .stats
+        .fields
+        .iter()
+        .map(|(n, f)| vec![esc(n), esc(&f.kind), f.present.to_string()])
+        .collect();
+    body.push_str("<h2>Fields</h2>");
+    body.push_str(&table(&["field", "kind", "present"], &fields));
+    ok(&c, &format!("Dataset {}", v.reference()), &body)
+}
+
+// ----------------------------------------------------------- plugins --
+
+async fn plugins(State(k): S, h: HeaderMap) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let list = run(&k, &c, move |x| x.list_plugins(&u)).await?;
+    let reviewer = c.user.roles.contains(&Role::Reviewer);
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            let keys: Vec<String> = p
+                .config
+                .iter()
+                .map(|k| format!("{}={}", esc(&k.name), esc(&k.default_value)))
+                .collect();
+            let state = match &p.approval {
+                Some(a) => format!("approved by {}", esc(&a.by)),
+                None if reviewer && p.added_by != c.user.name => button(
+                    &c,
+                    &format!("/plugins/{}/approve", p.digest),
+                    "Approve this digest",
+                ),
+                None => "awaiting review".into(),
+            };
+            vec![
+                esc(&p.name),
+                esc(&p.version),
+                esc(p.kind.as_str()),
+                format!("<code>{}</code>", esc(&p.digest)),
+                esc(&p.description),
+                keys.join("<br>"),
+                esc(&p.imports.join(", ")),
+                esc(&p.added_by),
+                state,
+            ]
+        })
+        .collect();
+    let mut body = table(
+        &[
+            "name",
+            "version",
+            "kind",
+            "sha256",
+            "description",
+            "config",
+            "imports",
+            "added by",
+            "review",
+        ],
+        &rows,
+    );
+    let _ = write!(
+        body,
+        "<h2>Add a plugin</h2><form method=\"post\" action=\"/plugins?csrf={}\" enctype=\"multipart/form-data\"><input type=\"file\" name=\"component\" accept=\".wasm\" required> <button>Upload and inspect</button></form><p>The component is inspected (kind, digest, imports, config keys) and registered unapproved; a reviewer who did not add it approves that exact digest.</p>",
+        esc(c.csrf.as_deref().unwrap_or(""))
+    );
+    ok(&c, "Plugins", &body)
+}
+
+#[derive(Deserialize)]
+struct CsrfQuery {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn upload_plugin(
+    State(k): S,
+    h: HeaderMap,
+    Query(q): Query<CsrfQuery>,
+    mut form: Multipart,
+) -> Page {
+    let c = poster(&k, &h, &q.csrf).await?;
+    let mut bytes = None;
+    while let Ok(Some(field)) = form.next_field().await {
+        if field.name() == Some("component") {
+            bytes = field.bytes().await.ok();
+        }
+    }
+    let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
+        return Err(error_page(
+            Some(&c),
+            ApiError::BadRequest("choose a .wasm component to upload".into()),
+        ));
+    };
+    let u = c.user.clone();
+    let e = run(&k, &c, move |x| x.add_plugin(&u, &bytes)).await?;
+    let body = format!(
+        "<p>Registered <strong>{}</strong> {} ({}), sha256 <code>{}</code>, {} bytes; imports: {}. It awaits a reviewer's approval.</p><p><a href=\"/plugins\">Back to plugins</a></p>",
+        esc(&e.name),
+        esc(&e.version),
+        esc(e.kind.as_str()),
+        esc(&e.digest),
+        e.size,
+        esc(&e.imports.join(", "))
+    );
+    ok(&c, "Plugin inspected", &body)
+}
+
+async fn approve_plugin(
+    State(k): S,
+    h: HeaderMap,
+    Path(d): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let u = c.user.clone();
+    run(&k, &c, move |x| x.approve_plugin(&u, &d)).await?;
+    Ok(Redirect::to("/plugins").into_response())
+}
+
+// ---------------------------------------------------------- training --
+
+fn options(items: &[(String, String)], with_none: bool) -> String {
+    let mut s = String::new();
+    if with_none {
+        s.push_str("<option value=\"\">(none)</option>");
+    }
+    for (v, t) in items {
+        let _ = write!(s, "<option value=\"{}\">{}</option>", esc(v), esc(t));
+    }
+    s
+}
+
+async fn train_form(State(k): S, h: HeaderMap) -> Page {
+    let c = who(&k, &h).await?;
+    let (u1, u2) = (c.user.clone(), c.user.clone());
+    let ds = run(&k, &c, move |x| x.list_datasets(&u1)).await?;
+    let plugins = run(&k, &c, move |x| x.list_plugins(&u2)).await?;
+    let templates =
+        cloister_host::train::templates().map_err(|_| error_page(Some(&c), ApiError::Internal))?;
+    let of_kind = |kind: cloister_host::types::PluginKind| -> Vec<(String, String)> {
+        plugins
+            .iter()
+            .filter(|p| p.kind == kind && p.approval.is_some())
+            .map(|p| {
+                (
+                    p.digest.clone(),
+                    format!("{} {} ({})", p.name, p.version, &p.digest[..12]),
+                )
+            })
+            .collect()
+    };
+    let dsets: Vec<(String, String)> = ds.iter().map(|v| (v.reference(), v.reference())).collect();
+    let tpl: Vec<(String, String)> = templates
+        .iter()
+        .map(|t| (t.name.clone(), format!("{} — {}", t.name, t.description)))
+        .collect();
+    let body = format!(
+        "<form method=\"post\" action=\"/train\" class=\"stack\">{}<label>Dataset <select name=\"dataset\">{}</select></label><label>Preprocessor <select name=\"preprocess\">{}</select></label><label>Featurizer <select name=\"features\">{}</select></label><label>Template <select name=\"template\">{}</select></label><label>Settings (key=value, comma-separated) <input name=\"sets\" placeholder=\"epochs=10\"></label><button>Train</button></form><p>Only approved plugins are offered. Training runs the plugins in the sandbox, trains, evaluates on the test split and stores the model with its lineage.</p>",
+        csrf(&c),
+        options(&dsets, false),
+        options(
+            &of_kind(cloister_host::types::PluginKind::Preprocessor),
+            true
+        ),
+        options(
+            &of_kind(cloister_host::types::PluginKind::Featurizer),
+            false
+        ),
+        options(&tpl, false)
+    );
+    ok(&c, "Train a model", &body)
+}
+
+#[derive(Deserialize)]
+struct TrainForm {
+    #[serde(default)]
+    csrf: String,
+    dataset: String,
+    #[serde(default)]
+    preprocess: String,
+    features: String,
+    template: String,
+    #[serde(default)]
+    sets: String,
+}
+
+async fn train(State(k): S, h: HeaderMap, Form(f): Form<TrainForm>) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let mut sets = std::collections::BTreeMap::new();
+    for kv in f.sets.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((key, v)) = kv.split_once('=') else {
+            return Err(error_page(
+                Some(&c),
+                ApiError::BadRequest(format!("setting `{kv}` is not key=value")),
+            ));
+        };
+        sets.insert(key.trim().to_string(), v.trim().to_string());
+    }
+    let body = TrainBody {
+        dataset: f.dataset,
+        preprocess: if f.preprocess.is_empty() {
+            vec![]
+        } else {
+            vec![f.preprocess]
+        },
+        features: f.features,
+        template: f.template,
+        sets,
+    };
+    let id = crate::api::start_training(&k, &c.user, body)
+        .await
+        .map_err(|e| error_page(Some(&c), e))?;
+    Ok(Redirect::to(&format!("/tasks/{id}")).into_response())
+}
+
+async fn task(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
+    let c = who(&k, &h).await?;
+    let Some(t) = k.tasks.get(&id).filter(|t| t.owner == c.user.name) else {
+        return Err(error_page(
+            Some(&c),
+            ApiError::NotFound(format!("no task {id}")),
+        ));
+    };
+    let mut body = String::new();
+    if t.state == "running" {
+        body.push_str("<p data-refresh=\"2\">Running… this page refreshes itself.</p>");
+    }
+    let _ = write!(body, "<p>State: <strong>{}</strong></p>", esc(t.state));
+    if let Some(r) = &t.result {
+        let link = if t.kind == "train" {
+            format!("/models/{r}")
+        } else {
+            format!("/jobs/{r}")
+        };
+        let _ = write!(
+            body,
+            "<p>Result: <a href=\"{}\">{}</a></p>",
+            esc(&link),
+            esc(r)
+        );
+    }
+    if let Some(e) = &t.error {
+        let _ = write!(body, "<p class=\"error\">{}</p>", esc(e));
+    }
+    body.push_str("<pre>");
+    for l in &t.lines {
+        body.push_str(&esc(l));
+        body.push('\n');
+    }
+    body.push_str("</pre>");
+    ok(&c, &format!("Task {} ({})", t.id, t.kind), &body)
+}
+
+// -------------------------------------------------------------- jobs --
+
+async fn jobs(State(k): S, h: HeaderMap) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let list = run(&k, &c, move |x| x.list_jobs(&u)).await?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|j| {
+            vec![
+                format!("<a href=\"/jobs/{}\">{}</a>", esc(&j.id), esc(&j.id)),
+                esc(&j.spec.name),
+                esc(&j.dataset),
+                esc(j.state.name()),
+                j.rounds
+                    .iter()
+                    .filter(|r| !r.models.is_empty())
+                    .count()
+                    .to_string(),
+                esc(&j.started_by),
+            ]
+        })
+        .collect();
+    let mut body = table(
+        &["job", "name", "dataset", "state", "rounds", "started by"],
+        &rows,
+    );
+    if c.user.roles.contains(&Role::Scientist) {
+        let _ = write!(
+            body,
+            "<h2>Start an active-learning pipeline</h2><form method=\"post\" action=\"/jobs\" class=\"stack\">{}<textarea name=\"spec\" rows=\"22\" cols=\"90\">{}</textarea><label><input type=\"checkbox\" name=\"oracle\" value=\"gold\" checked> answer the queue from gold labels (the oracle, for measurement)</label><button>Start</button></form>",
+            csrf(&c),
+            esc(DEMO_PIPELINE)
+        );
+    }
+    ok(&c, "Jobs", &body)
+}
+
+#[derive(Deserialize)]
+struct JobForm {
+    #[serde(default)]
+    csrf: String,
+    spec: String,
+    #[serde(default)]
+    oracle: Option<String>,
+}
+
+async fn start_job(State(k): S, h: HeaderMap, Form(f): Form<JobForm>) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let (job, _) = crate::api::create_job(
+        &k,
+        c.user.clone(),
+        JobBody {
+            spec: f.spec,
+            oracle: f.oracle,
+        },
+    )
+    .await
+    .map_err(|e| error_page(Some(&c), e))?;
+    Ok(Redirect::to(&format!("/jobs/{job}")).into_response())
+}
+
+fn job_body(c: &Caller, j: &Job, stats: &cloister_host::jobs::JobStats) -> String {
+    let mut body = format!(
+        "<p>Pipeline <strong>{}</strong> on {} by {}. State: <strong>{}</strong>.</p>",
+        esc(&j.spec.name),
+        esc(&j.dataset),
+        esc(&j.started_by),
+        esc(j.state.name())
+    );
+    if matches!(j.state, JobState::Running) {
+        body.push_str("<p data-refresh=\"3\">This page refreshes itself while the job runs.</p>");
+    }
+    if let JobState::Failed { error } = &j.state {
+        let _ = write!(body, "<p class=\"error\">{}</p>", esc(error));
+    }
+    let running = matches!(j.state, JobState::Running);
+    if !matches!(j.state, JobState::Done { .. } | JobState::Cancelled { .. }) {
+        if !running {
+            body.push_str(&button(c, &format!("/jobs/{}/resume", j.id), "Resume"));
+        }
+        body.push_str(&button(c, &format!("/jobs/{}/cancel", j.id), "Cancel"));
+    }
+    let rows: Vec<Vec<String>> = j
+        .rounds
+        .iter()
+        .map(|r| {
+            let prec = if r.auto_checked > 0 {
+                format!("{:.3}", r.auto_correct as f64 / r.auto_checked as f64)
+            } else {
+                "–".into()
+            };
+            vec![
+                r.round.to_string(),
+                r.train_manual.to_string(),
+                r.train_auto.to_string(),
+                opt4(r.val_accuracy),
+                opt4(r.test_accuracy),
+                r.auto_accepted.to_string(),
+                prec,
+                (r.queued + r.badcases_queued).to_string(),
+                r.fixed.len().to_string(),
+                r.appeared.len().to_string(),
+            ]
+        })
+        .collect();
+    body.push_str("<h2>Rounds</h2>");
+    body.push_str(&table(
+        &[
+            "round",
+            "manual",
+            "auto",
+            "val acc",
+            "test acc",
+            "+auto",
+            "auto precision",
+            "queued",
+            "badcases fixed",
+            "new badcases",
+        ],
+        &rows,
+    ));
+    let acc: Vec<(f64, f64)> = j
+        .rounds
+        .iter()
+        .filter_map(|r| r.test_accuracy.map(|a| (r.train_manual as f64, a)))
+        .collect();
+    body.push_str(&lines(
+        "test accuracy against manual labels",
+        "manual labels",
+        &[("committee", "#4a78b5", acc)],
+    ));
+    let autos: Vec<(String, f64)> = j
+        .rounds
+        .iter()
+        .filter(|r| !r.models.is_empty())
+        .map(|r| (format!("round {}", r.round), r.auto_accepted as f64))
+        .collect();
+    body.push_str(&bars("automatic labels per round", &autos));
+    let spent: Vec<(f64, f64)> = j
+        .rounds
+        .iter()
+        .map(|r| {
+            (
+                f64::from(r.round),
+                r.manual_total as f64 * stats.price_per_label,
+            )
+        })
+        .collect();
+    body.push_str(&lines(
+        "cost spent by round",
+        "round",
+        &[("spent", "#b5584a", spent)],
+    ));
+    let pct = |v: Option<f64>| v.map_or_else(|| "–".into(), |v| format!("{:.1}%", 100.0 * v));
+    let _ = write!(
+        body,
+        "<h2>Labels and cost</h2><table><tbody><tr><th>pool</th><td>{}</td></tr><tr><th>manual labels used / requested</th><td>{} / {} ({} of the pool)</td></tr><tr><th>automatic labels</th><td>{} (precision {} on {} checked)</td></tr><tr><th>badcase reviews</th><td>{} / {}</td></tr><tr><th>label utilization</th><td>{}</td></tr><tr><th>cost spent</th><td>{:.2}</td></tr><tr><th>cost saved</th><td>{:.2} (of {:.2} for the whole pool)</td></tr></tbody></table>",
+        stats.pool_size,
+        stats.manual_used,
+        stats.manual_requested,
+        pct(stats.manual_share),
+        stats.auto_accepted,
+        pct(stats.auto_precision),
+        stats.auto_checked,
+        stats.reviews_done,
+        stats.reviews_requested,
+        pct(stats.label_utilization),
+        stats.cost_spent,
+        stats.cost_saved,
+        stats.cost_full_pool
+    );
+    if let Some(r) = &j.result {
+        let links: Vec<String> = r
+            .models
+            .iter()
+            .map(|m| format!("<a href=\"/models/{}\">{}</a>", esc(m), esc(m)))
+            .collect();
+        let _ = write!(
+            body,
+            "<p>Final committee: test accuracy {}, macro F1 {}; models {}.</p>",
+            f4(r.test_accuracy),
+            f4(r.test_macro_f1),
+            links.join(", ")
+        );
+    }
+    body
+}
+
+async fn job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let (j, s) = run(&k, &c, move |x| {
+        Ok((x.show_job(&u, &id)?, x.job_stats(&u, &id)?))
+    })
+    .await?;
+    ok(&c, &format!("Job {}", j.id), &job_body(&c, &j, &s))
+}
+
+async fn resume_job(
+    State(k): S,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let (u, jid) = (c.user.clone(), id.clone());
+    run(&k, &c, move |x| x.show_job(&u, &jid)).await?;
+    crate::api::run_in_background(&k, &c.user, id.clone()).map_err(|e| error_page(Some(&c), e))?;
+    Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+async fn cancel_job(
+    State(k): S,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let (u, jid) = (c.user.clone(), id.clone());
+    run(&k, &c, move |x| x.cancel_job(&u, &jid)).await?;
+    Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+// ------------------------------------------------------------ models --
+
+async fn models(State(k): S, h: HeaderMap) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let list = run(&k, &c, move |x| x.list_models(&u)).await?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|m| {
+            vec![
+                format!("<a href=\"/models/{}\">{}</a>", esc(&m.id), esc(&m.id)),
+                esc(&m.template),
+                esc(&m.lineage.dataset),
+                f4(m.evaluation.accuracy),
+                f4(m.evaluation.macro_f1),
+                esc(&release_state(m)),
+            ]
+        })
+        .collect();
+    ok(
+        &c,
+        "Models",
+        &table(
+            &[
+                "model",
+                "template",
+                "dataset",
+                "test accuracy",
+                "macro F1",
+                "release",
+            ],
+            &rows,
+        ),
+    )
+}
+
+fn release_state(m: &cloister_host::models::ModelManifest) -> String {
+    m.release.describe()
+}
+
+async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let m = run(&k, &c, move |x| x.show_model(&u, &id)).await?;
+    let e = &m.evaluation;
+    let mut body = format!(
+        "<p>Template <strong>{}</strong>; test accuracy <strong>{}</strong>, macro F1 {}, ECE {} on {} records; kept epoch {} of {}; trained in {:.1} s by {}.</p>",
+        esc(&m.template),
+        f4(e.accuracy),
+        f4(e.macro_f1),
+        f4(e.ece),
+        e.records,
+        m.best_epoch,
+        m.curve.len(),
+        m.train_seconds,
+        esc(&m.created_by)
+    );
+    let _ = write!(body, "<h2>Release</h2><p>{}</p>", esc(&release_state(&m)));
+    let roles = &c.user.roles;
+    if m.release.requested_by.is_none() && roles.contains(&Role::Scientist) {
+        let _ = write!(
+            body,
+            "<form method=\"post\" action=\"/models/{}/request\">{}<input name=\"reason\" placeholder=\"why release it\" required> <button>Request release</button></form>",
+            esc(&m.id),
+            csrf(&c)
+        );
+    }
+    if m.release.requested_by.is_some()
+        && m.release.decision.is_none()
+        && roles.contains(&Role::Approver)
+    {
+        body.push_str(&button(
+            &c,
+            &format!("/models/{}/approve", m.id),
+            "Approve release",
+        ));
+        body.push_str(&button(
+            &c,
+            &format!("/models/{}/reject", m.id),
+            "Reject release",
+        ));
+    }
+    if m.release.decision.as_deref() == Some("approved") {
+        let _ = write!(
+            body,
+            "<p><a href=\"/models/{}/bundle\" download>Download the signed bundle</a> (check it offline with <code>cloister verify-bundle</code>).</p>",
+            esc(&m.id)
+        );
+    }
+    let per_class: Vec<Vec<String>> = e
+        .per_class
+        .iter()
+        .map(|p| {
+            vec![
+                esc(&p.class),
+                f4(p.precision),
+                f4(p.recall),
+                f4(p.f1),
+                p.support.to_string(),
+            ]
+        })
+        .collect();
+    body.push_str("<h2>Per class</h2>");
+    body.push_str(&table(
+        &["class", "precision", "recall", "F1", "support"],
+        &per_class,
+    ));
+    body.push_str(&heatmap(&m.classes, &e.confusion));
+    let train: Vec<(f64, f64)> = m
+        .curve
+        .iter()
+        .map(|c| (f64::from(c.epoch), c.train_loss))
+        .collect();
+    let val: Vec<(f64, f64)> = m
+        .curve
+        .iter()
+        .map(|c| (f64::from(c.epoch), c.val_loss))
+        .collect();
+    let acc: Vec<(f64, f64)> = m
+        .curve
+        .iter()
+        .map(|c| (f64::from(c.epoch), c.val_accuracy))
+        .collect();
+    body.push_str(&lines(
+        "training curve: loss",
+        "epoch",
+        &[("train", "#4a78b5", train), ("validation", "#b5584a", val)],
+    ));
+    body.push_str(&lines(
+        "validation accuracy",
+        "epoch",
+        &[("accuracy", "#3c8d4f", acc)],
+    ));
+    let rel: Vec<(f64, f64)> = e
+        .reliability
+        .iter()
+        .filter(|b| b.count > 0)
+        .map(|b| (b.confidence, b.accuracy))
+        .collect();
+    body.push_str(&lines(
+        "reliability: accuracy against confidence",
+        "confidence",
+        &[
+            ("model", "#4a78b5", rel),
+            ("perfect", "#aaa", vec![(0.5, 0.5), (1.0, 1.0)]),
+        ],
+    ));
+    let bad: Vec<Vec<String>> = e
+        .badcases
+        .iter()
+        .take(50)
+        .map(|b| {
+            vec![
+                esc(&b.id),
+                esc(&b.truth),
+                esc(&b.predicted),
+                format!("{:.3}", b.confidence),
+            ]
+        })
+        .collect();
+    let _ = write!(
+        body,
+        "<h2>Badcases</h2><p>{} misclassified test records (ids; record texts are shown only to the labeler a record is assigned to).</p>",
+        e.badcases.len()
+    );
+    body.push_str(&table(
+        &["record", "truth", "predicted", "confidence"],
+        &bad,
+    ));
+    let fp: Vec<Vec<String>> = e
+        .false_positives
+        .iter()
+        .map(|(class, ids)| {
+            vec![
+                esc(class),
+                ids.len().to_string(),
+                esc(&ids.iter().take(10).cloned().collect::<Vec<_>>().join(" ")),
+            ]
+        })
+        .collect();
+    body.push_str("<h2>False positives per class</h2>");
+    body.push_str(&table(
+        &["predicted class", "count", "records (most confident first)"],
+        &fp,
+    ));
+    let l = &m.lineage;
+    let _ = write!(
+        body,
+        "<h2>Lineage</h2><table><tbody><tr><th>dataset</th><td>{} ({})</td></tr><tr><th>preprocess</th><td>{}</td></tr><tr><th>features</th><td>{}</td></tr><tr><th>split seed</th><td>{}</td></tr><tr><th>job</th><td>{}</td></tr><tr><th>weights sha256</th><td>{}</td></tr></tbody></table>",
+        esc(&l.dataset),
+        esc(&l.dataset_digest),
+        esc(&l.preprocess.join(", ")),
+        esc(&l.features),
+        l.split_seed,
+        esc(l.job.as_deref().unwrap_or("–")),
+        esc(&m.weights_sha256)
+    );
+    ok(&c, &format!("Model {}", m.id), &body)
+}
+
+#[derive(Deserialize)]
+struct ReasonForm {
+    #[serde(default)]
+    csrf: String,
+    reason: String,
+}
+
+async fn request_release(
+    State(k): S,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<ReasonForm>,
+) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let (u, mid) = (c.user.clone(), id.clone());
+    run(&k, &c, move |x| x.request_release(&u, &mid, &f.reason)).await?;
+    Ok(Redirect::to(&format!("/models/{id}")).into_response())
+}
+
+async fn decide(k: Arc<Console>, h: HeaderMap, id: String, token: String, approve: bool) -> Page {
+    let c = poster(&k, &h, &token).await?;
+    let (u, mid) = (c.user.clone(), id.clone());
+    run(&k, &c, move |x| x.decide_release(&u, &mid, approve)).await?;
+    Ok(Redirect::to(&format!("/models/{id}")).into_response())
+}
+
+async fn approve_release(
+    State(k): S,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    decide(k, h, id, f.csrf, true).await
+}
+
+async fn reject_release(
+    State(k): S,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    decide(k, h, id, f.csrf, false).await
+}
+
+async fn bundle(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
+    let c = who(&k, &h).await?;
+    crate::api::bundle_response(&k, c.user.clone(), id)
+        .await
+        .map_err(|e| error_page(Some(&c), e))
+}
+
+// ------------------------------------------------------------ labels --
+
+async fn label_page(State(k): S, h: HeaderMap) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let next = run(&k, &c, move |x| x.next_label_item(&u)).await?;
+    let body = match next {
+        None => "<p>Nothing is queued for you.</p>".to_string(),
+        Some(task) => {
+            let (item, record, waiting, classes) =
+                (task.item, task.record, task.waiting, task.classes);
+            let mut b = format!(
+                "<p>Record <code>{}</code> of {} (job {}, {:?}); {} waiting for you. This view is recorded in the audit log.</p>",
+                esc(&item.record),
+                esc(&item.dataset),
+                esc(&item.job),
+                item.reason,
+                waiting
+            );
+            for t in &record.record.texts {
+                let _ = write!(
+                    b,
+                    "<h2>{}</h2><pre class=\"record\">{}</pre>",
+                    esc(&t.name),
+                    esc(&t.value)
+                );
+            }
+            let _ = write!(
+                b,
+                "<form method=\"post\" action=\"/label\" id=\"label-form\">{}<input type=\"hidden\" name=\"id\" value=\"{}\"><input type=\"hidden\" name=\"job\" value=\"{}\">",
+                csrf(&c),
+                esc(&item.record),
+                esc(&item.job)
+            );
+            for (i, cl) in classes.iter().enumerate() {
+                let _ = write!(
+                    b,
+                    "<button name=\"label\" value=\"{}\" data-key=\"{}\">{} <kbd>{}</kbd></button> ",
+                    esc(cl),
+                    i + 1,
+                    esc(cl),
+                    i + 1
+                );
+            }
+            b.push_str("</form><p>Keys 1–9 choose a label.</p>");
+            b
+        }
+    };
+    ok(&c, "Labeling queue", &body)
+}
+
+#[derive(Deserialize)]
+struct LabelForm {
+    #[serde(default)]
+    csrf: String,
+    id: String,
+    label: String,
+    #[serde(default)]
+    job: Option<String>,
+}
+
+async fn label(State(k): S, h: HeaderMap, Form(f): Form<LabelForm>) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let u = c.user.clone();
+    run(&k, &c, move |x| {
+        x.label_item(
+            &u,
+            &f.id,
+            &f.label,
+            f.job.as_deref().filter(|j| !j.is_empty()),
+        )
+    })
+    .await?;
+    Ok(Redirect::to("/label").into_response())
+}
+
+// ------------------------------------------------------------- audit --
+
+async fn audit(State(k): S, h: HeaderMap, Query(q): Query<AuditQuery>) -> Page {
+    let c = who(&k, &h).await?;
+    let f = q.filter().map_err(|e| error_page(Some(&c), e))?;
+    let limit = f.limit;
+    let from = f.from_seq;
+    let u = c.user.clone();
+    let entries = run(&k, &c, move |x| x.audit_log(&u, &f)).await?;
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.seq.to_string(),
+                esc(&cloister_host::time::rfc3339(e.time_ms)),
+                esc(&e.record.actor),
+                esc(&e.record.action),
+                esc(&e.record.resource),
+                format!("{:?}", e.record.decision).to_lowercase(),
+                esc(&e.record.policies.join(", ")),
+            ]
+        })
+        .collect();
+    let val = |s: &Option<String>| esc(s.as_deref().unwrap_or(""));
+    let mut body = format!(
+        "<form method=\"get\" action=\"/audit\" class=\"row\"><input name=\"actor\" placeholder=\"actor\" value=\"{}\"><input name=\"action\" placeholder=\"action\" value=\"{}\"><select name=\"decision\"><option value=\"\">any decision</option><option value=\"allow\">allow</option><option value=\"deny\">deny</option></select><button>Filter</button></form>",
+        val(&q.actor),
+        val(&q.action)
+    );
+    body.push_str(&table(
+        &[
+            "seq", "time", "actor", "action", "resource", "decision", "policies",
+        ],
+        &rows,
+    ));
+    if let Some(last) = entries.last() {
+        let mut next = format!("/audit?from={}&limit={limit}", last.seq + 1);
+        for (k2, v) in [
+            ("actor", &q.actor),
+            ("action", &q.action),
+            ("decision", &q.decision),
+        ] {
+            if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+                let _ = write!(next, "&{k2}={}", url_component(v));
+            }
+        }
+        let _ = write!(body, "<p><a href=\"{}\">Next page</a>", esc(&next));
+        if from > 0 {
+            let _ = write!(body, " · <a href=\"/audit\">First page</a>");
+        }
+        body.push_str("</p>");
+    }
+    body.push_str(&button(&c, "/audit/verify", "Verify the whole chain"));
+    body.push_str(" <a href=\"/audit/checkpoint\">Download a signed checkpoint</a>");
+    ok(&c, "Audit log", &body)
+}
+
+fn url_component(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn audit_verify(State(k): S, h: HeaderMap, Form(f): Form<CsrfForm>) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let u = c.user.clone();
+    let v = run(&k, &c, move |x| x.audit_verify(&u, None)).await?;
+    let body = match v {
+        cloister_host::audit::Verdict::Intact {
+            size,
+            root,
+            checkpoints,
+        } => format!(
+            "<p class=\"ok\">Intact: {size} entries; Merkle root <code>{}</code>; {checkpoints} stored checkpoints match; the signed head verifies.</p>",
+            hex::encode(root)
+        ),
+        cloister_host::audit::Verdict::Tampered { first_bad, reason } => format!(
+            "<p class=\"error\">Tampered at entry {first_bad}: {}</p>",
+            esc(&reason)
+        ),
+    };
+    ok(
+        &c,
+        "Audit verification",
+        &format!("{body}<p><a href=\"/audit\">Back to the log</a></p>"),
+    )
+}
+
+async fn audit_checkpoint(State(k): S, h: HeaderMap) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let cp = run(&k, &c, move |x| x.audit_checkpoint(&u)).await?;
+    let mut r = (StatusCode::OK, cp.to_text()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"audit-checkpoint.txt\""),
+    );
+    Ok(r)
+}

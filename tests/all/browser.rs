@@ -1,0 +1,498 @@
+//! End to end in a real browser: Debian's headless Chromium, driven over
+//! WebDriver (chromedriver) with a tiny HTTP client, against the console
+//! served on a loopback port. A scientist logs in and starts the demo
+//! pipeline, a labeler labels a queue item with a keyboard shortcut, the
+//! scientist requests a release that a second person approves, the bundle
+//! is downloaded and verified, and every page is saved as a screenshot
+//! (`target/console-screenshots/`).
+//!
+//! `.ci/run` installs chromium and chromium-driver and sets
+//! `CLOISTER_REQUIRE_BROWSER=1`, so there the test fails if they are
+//! missing; elsewhere it says it skipped.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloister_console::{Console, ConsoleConfig};
+use cloister_host::jobs::JobState;
+use cloister_host::policy::Role;
+use cloister_host::service::{Cloister, ImportOptions};
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "browser test password";
+
+/// A raw HTTP/1.1 exchange: (status, headers, body).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or(b"");
+    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    // Read the head, then exactly the body (a peer may keep the connection
+    // open whatever `Connection: close` says).
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    let split = loop {
+        if let Some(p) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        out.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let lower = head.to_ascii_lowercase();
+    let mut body = out[split + 4..].to_vec();
+    let length = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if let Some(len) = length {
+        while body.len() < len {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed inside the body");
+            body.extend_from_slice(&buf[..n]);
+        }
+        body.truncate(len);
+    } else {
+        loop {
+            if lower.contains("transfer-encoding: chunked") && body.ends_with(b"0\r\n\r\n") {
+                break;
+            }
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("reading a response: {e}"),
+            }
+        }
+        if lower.contains("transfer-encoding: chunked") {
+            body = dechunk(&body);
+        }
+    }
+    (status, head, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+    out
+}
+
+/// A WebDriver session.
+struct Browser {
+    driver: Child,
+    addr: SocketAddr,
+    session: String,
+    shots: PathBuf,
+}
+
+impl Browser {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let text = body.map(|b| b.to_string());
+        let (status, _, out) = http(
+            self.addr,
+            method,
+            &format!("/session/{}{path}", self.session),
+            &[("Content-Type", "application/json")],
+            text.as_deref().map(str::as_bytes),
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+        assert_eq!(status, 200, "{method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    fn open(&self, url: &str) {
+        self.call("POST", "/url", Some(json!({ "url": url })));
+    }
+
+    fn find(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            Some(json!({"using": "css selector", "value": css})),
+        );
+        v.as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {css}"))
+            .to_string()
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let e = self.find(css);
+        self.call("POST", &format!("/element/{e}/clear"), Some(json!({})));
+        self.call(
+            "POST",
+            &format!("/element/{e}/value"),
+            Some(json!({ "text": text })),
+        );
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.find(css);
+        self.call("POST", &format!("/element/{e}/click"), Some(json!({})));
+    }
+
+    fn keys(&self, text: &str) {
+        self.call(
+            "POST",
+            "/actions",
+            Some(json!({"actions": [{"type": "key", "id": "kbd", "actions": [
+                {"type": "keyDown", "value": text}, {"type": "keyUp", "value": text}
+            ]}]})),
+        );
+    }
+
+    fn source(&self) -> String {
+        self.call("GET", "/source", None)
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn url(&self) -> String {
+        self.call("GET", "/url", None)
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn shot(&self, name: &str) {
+        use std::io::Write as _;
+        let b64 = self.call("GET", "/screenshot", None);
+        let png = base64_decode(b64.as_str().unwrap_or(""));
+        assert!(png.starts_with(b"\x89PNG"), "{name}: not a PNG");
+        let mut f = std::fs::File::create(self.shots.join(format!("{name}.png"))).unwrap();
+        f.write_all(&png).unwrap();
+    }
+
+    fn cookie(&self, name: &str) -> String {
+        let v = self.call("GET", &format!("/cookie/{name}"), None);
+        v["value"].as_str().unwrap_or("").to_string()
+    }
+
+    fn delete_cookies(&self) {
+        self.call("DELETE", "/cookie", None);
+    }
+
+    /// Waits (up to 30 s) until the page shows `text`; a click that
+    /// submits a form returns before the next page has loaded.
+    fn wait_for(&self, text: &str) {
+        let t = Instant::now();
+        loop {
+            let src = self.source();
+            if src.contains(text) {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the page never showed {text:?}; it shows:\n{src}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn login(&self, base: &str, user: &str) {
+        self.delete_cookies();
+        self.open(&format!("{base}/login"));
+        self.type_into("input[name=user]", user);
+        self.type_into("input[name=password]", PASSWORD);
+        self.click("form button");
+        self.wait_for(&format!("Signed in as <strong>{user}</strong>"));
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = http(
+            self.addr,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            &[],
+            None,
+        );
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        })
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter_map(val) {
+        acc = (acc << 6) | c;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_browser(shots: PathBuf, profile: &Path) -> Option<Browser> {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let driver_bin = ["/usr/bin/chromedriver"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let port = free_port();
+    let driver = Command::new(driver_bin)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "chromedriver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let caps = json!({"capabilities": {"alwaysMatch": {
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-quic", "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--window-size=1280,1600",
+                     format!("--user-data-dir={}", profile.display())]
+        }
+    }}});
+    let body = caps.to_string();
+    let (status, _, out) = http(
+        addr,
+        "POST",
+        "/session",
+        &[("Content-Type", "application/json")],
+        Some(body.as_bytes()),
+    );
+    let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+    assert_eq!(status, 200, "new session: {v}");
+    Some(Browser {
+        driver,
+        addr,
+        session: v["value"]["sessionId"].as_str().unwrap().to_string(),
+        shots,
+    })
+}
+
+#[test]
+fn a_browser_walks_the_console_for_every_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let Some(b) = start_browser(shots.clone(), &dir.path().join("profile")) else {
+        assert!(
+            std::env::var_os("CLOISTER_REQUIRE_BROWSER").is_none(),
+            "chromium and chromedriver are required (apt-get install chromium chromium-driver)"
+        );
+        eprintln!(
+            "SKIPPED: no /usr/bin/chromium and /usr/bin/chromedriver (install chromium chromium-driver)"
+        );
+        return;
+    };
+
+    // The environment: users with passwords, the corpus, approved plugins,
+    // and a job waiting for the labeler.
+    let env_path = dir.path().join("env");
+    let (c, root) = Cloister::init(&env_path, "root").unwrap();
+    drop(c);
+    let c = Cloister::open(&env_path, "console").unwrap();
+    let admin = c.authenticate(&root).unwrap();
+    let mut users = std::collections::HashMap::new();
+    for (name, role) in [
+        ("ana", Role::Scientist),
+        ("rui", Role::Reviewer),
+        ("abe", Role::Approver),
+        ("lea", Role::Labeler),
+        ("ada", Role::Auditor),
+    ] {
+        users.insert(name, c.add_user(&admin, name, &[role]).unwrap().0);
+        c.set_password(&admin, name, PASSWORD).unwrap();
+    }
+    let all = crate::support::spamassassin();
+    let path = dir.path().join("d.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for (i, r) in all.iter().step_by(5).enumerate() {
+        let mut v = json!({"id": r.id, "text": r.text("text").unwrap()});
+        if i % 2 == 0 {
+            v["label"] = r.label.clone().unwrap().into();
+        }
+        writeln!(f, "{v}").unwrap();
+    }
+    drop(f);
+    c.import_dataset(
+        &users["ana"],
+        "spamassassin",
+        &path,
+        &ImportOptions::default(),
+    )
+    .unwrap();
+    for (_, bytes) in cloister_bundled_plugins::ALL {
+        let e = c.add_plugin(&users["ana"], bytes).unwrap();
+        c.approve_plugin(&users["rui"], &e.digest).unwrap();
+    }
+    let people = "name = \"people\"\ndataset = \"spamassassin\"\nlabelers = [\"lea\"]\nfeatures = { plugin = \"hashed-ngrams\", config = { bits = 14 } }\n[[model]]\ntemplate = \"logreg\"\n[[model]]\ntemplate = \"logreg\"\nset = { seed = 5 }\n[selector]\nplugin = \"least-confidence\"\n[loop]\nper_round = 3\nmax_rounds = 1\nbudget = 3\nbadcases_per_round = 0\n";
+    let waiting = c
+        .start_job(&users["ana"], "people.toml", people, None)
+        .unwrap();
+    let j = c.run_job(&users["ana"], &waiting.id, &mut |_| {}).unwrap();
+    assert_eq!(j.state, JobState::AwaitingLabels { open: 3 });
+
+    // Serve the console on a loopback port.
+    let console = Console::new(c, ConsoleConfig::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = cloister_console::router(console.clone());
+    rt.spawn(async move { axum::serve(listener, app).await });
+    let base = format!("http://{addr}");
+
+    // The scientist starts the demo pipeline (the jobs page's default spec)
+    // with the oracle, and watches it finish.
+    b.login(&base, "ana");
+    b.shot("home-scientist");
+    b.open(&format!("{base}/datasets/spamassassin"));
+    assert!(b.source().contains("label distribution"));
+    b.shot("dataset");
+    b.open(&format!("{base}/plugins"));
+    b.shot("plugins");
+    b.open(&format!("{base}/train"));
+    b.shot("train");
+    b.open(&format!("{base}/jobs"));
+    b.shot("jobs");
+    b.click("form[action='/jobs'] button");
+    b.wait_for("Pipeline <strong>");
+    let job_url = b.url();
+    assert!(job_url.contains("/jobs/j-"), "{job_url}");
+    let t = Instant::now();
+    loop {
+        b.open(&job_url);
+        let src = b.source();
+        if src.contains("State: <strong>done</strong>") {
+            break;
+        }
+        assert!(!src.contains("failed"), "the demo job failed: {src}");
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "the demo job did not finish"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(b.source().contains("Final committee"));
+    b.shot("job");
+    let src = b.source();
+    let model = src
+        .split("href=\"/models/")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_string();
+
+    // The labeler labels a queue item with a keyboard shortcut.
+    b.login(&base, "lea");
+    b.open(&format!("{base}/label"));
+    assert!(b.source().contains("3 waiting for you"));
+    b.shot("label");
+    b.keys("1");
+    b.wait_for("2 waiting for you");
+
+    // The scientist requests a release; a second person approves it.
+    b.login(&base, "ana");
+    b.open(&format!("{base}/models/{model}"));
+    b.shot("model");
+    b.type_into("input[name=reason]", "ship the active-learning model");
+    b.click(&format!("form[action='/models/{model}/request'] button"));
+    b.wait_for("requested by ana");
+    b.login(&base, "abe");
+    b.open(&format!("{base}/models/{model}"));
+    b.click(&format!("form[action='/models/{model}/approve'] button"));
+    b.wait_for("Download the signed bundle");
+    b.shot("release");
+    // Download the bundle with the approver's session and verify it.
+    let cookie = format!("cloister_session={}", b.cookie("cloister_session"));
+    let (status, _, bundle) = http(
+        addr,
+        "GET",
+        &format!("/models/{model}/bundle"),
+        &[("Cookie", &cookie)],
+        None,
+    );
+    assert_eq!(status, 200);
+    let key = console.cloister().env().audit().public_key();
+    cloister_host::models::verify_bundle(&bundle, Some(&key)).unwrap();
+
+    // The auditor reads and verifies the log.
+    b.login(&base, "ada");
+    b.open(&format!("{base}/audit"));
+    b.shot("audit");
+    b.click("form[action='/audit/verify'] button");
+    b.wait_for("Intact:");
+    b.shot("audit-verified");
+    for name in [
+        "home-scientist",
+        "dataset",
+        "plugins",
+        "train",
+        "jobs",
+        "job",
+        "label",
+        "model",
+        "release",
+        "audit",
+        "audit-verified",
+    ] {
+        assert!(shots.join(format!("{name}.png")).exists(), "{name}");
+    }
+}

@@ -1,0 +1,599 @@
+//! The web console without a port: every API route × role, sessions, CSRF,
+//! login backoff, security headers, the OpenAPI document against the
+//! router, bad inputs (never a 5xx), and export-shaped requests denied and
+//! audited.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use cloister_console::{Console, ConsoleConfig};
+use cloister_host::audit::{AuditFilter, Decision};
+use cloister_host::jobs::Oracle;
+use cloister_host::policy::Role;
+use cloister_host::service::{Cloister, ImportOptions, TrainRequest};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+const PASSWORD: &str = "a long enough password";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    console: Arc<Console>,
+    rt: tokio::runtime::Runtime,
+    /// role name → API token
+    tokens: HashMap<&'static str, String>,
+    model: String,
+    approved_model: String,
+    job: String,
+    plugin: String,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+        let c = {
+            drop(c);
+            Cloister::open(&dir.path().join("env"), "console").unwrap()
+        };
+        let admin = c.authenticate(&root).unwrap();
+        c.set_password(&admin, "root", PASSWORD).unwrap();
+        let mut tokens = HashMap::from([("admin", root.clone())]);
+        let mut users = HashMap::new();
+        for (name, role) in [
+            ("scientist", Role::Scientist),
+            ("scientist2", Role::Scientist),
+            ("labeler", Role::Labeler),
+            ("reviewer", Role::Reviewer),
+            ("approver", Role::Approver),
+            ("auditor", Role::Auditor),
+            ("victim", Role::Approver),
+        ] {
+            let (u, t) = c.add_user(&admin, name, &[role]).unwrap();
+            c.set_password(&admin, name, PASSWORD).unwrap();
+            tokens.insert(name, t);
+            users.insert(name, u);
+        }
+        let sci = &users["scientist"];
+        // A small labeled corpus.
+        let all = crate::support::spamassassin();
+        let path = dir.path().join("d.jsonl");
+        let mut f = std::fs::File::create(&path).unwrap();
+        for r in all.iter().step_by(6) {
+            let v = serde_json::json!({"id": r.id, "text": r.text("text").unwrap(), "label": r.label.clone().unwrap()});
+            writeln!(f, "{v}").unwrap();
+        }
+        drop(f);
+        c.import_dataset(sci, "spam", &path, &ImportOptions::default())
+            .unwrap();
+        let mut digests = HashMap::new();
+        for name in ["hashed-ngrams", "dual-agree"] {
+            let e = c
+                .add_plugin(sci, cloister_bundled_plugins::get(name).unwrap())
+                .unwrap();
+            c.approve_plugin(&users["reviewer"], &e.digest).unwrap();
+            digests.insert(name, e.digest);
+        }
+        let unapproved = c
+            .add_plugin(sci, cloister_bundled_plugins::get("entropy").unwrap())
+            .unwrap()
+            .digest;
+        let train = |c: &Cloister| {
+            c.train_model(
+                sci,
+                &TrainRequest {
+                    dataset: "spam".into(),
+                    preprocess: vec![],
+                    features: digests["hashed-ngrams"].clone(),
+                    template: "logreg".into(),
+                    sets: vec![("epochs".into(), "3".into())],
+                    split_seed: None,
+                },
+                &mut |_| {},
+            )
+            .unwrap()
+            .id
+        };
+        let model = train(&c);
+        let approved_model = train(&c);
+        c.request_release(sci, &approved_model, "ship it").unwrap();
+        c.decide_release(&users["approver"], &approved_model, true)
+            .unwrap();
+        let spec = "name = \"t\"\ndataset = \"spam\"\nfeatures = { plugin = \"hashed-ngrams\", config = { bits = 14 } }\n[[model]]\ntemplate = \"logreg\"\n[[model]]\ntemplate = \"logreg\"\nset = { seed = 3 }\n[selector]\nplugin = \"dual-agree\"\n[loop]\nseed_labels = 20\nper_round = 20\nmax_rounds = 1\nbudget = 40\n";
+        let job = c
+            .start_job(sci, "t.toml", spec, Some(Oracle::Gold))
+            .unwrap()
+            .id;
+        c.run_job(sci, &job, &mut |_| {}).unwrap();
+        let console = Console::new(c, ConsoleConfig::default());
+        Fixture {
+            _dir: dir,
+            console,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            tokens,
+            model,
+            approved_model,
+            job,
+            plugin: unapproved,
+        }
+    })
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn send(req: Request<Body>) -> Reply {
+    let f = fixture();
+    let app = cloister_console::router(f.console.clone());
+    f.rt.block_on(async {
+        let r = app.oneshot(req).await.unwrap();
+        let status = r.status();
+        let headers = r.headers().clone();
+        let body = r.into_body().collect().await.unwrap().to_bytes().to_vec();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    })
+}
+
+fn as_role(role: &str, method: &str, uri: &str, body: Option<serde_json::Value>) -> Reply {
+    let f = fixture();
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {}", f.tokens[role]));
+    let body = match body {
+        Some(v) => {
+            b = b.header(header::CONTENT_TYPE, "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    send(b.body(body).unwrap())
+}
+
+const ROLES: [&str; 6] = [
+    "admin",
+    "scientist",
+    "labeler",
+    "reviewer",
+    "approver",
+    "auditor",
+];
+
+#[test]
+fn every_read_route_answers_each_role_as_the_policy_says() {
+    let f = fixture();
+    let m = &f.model;
+    let j = &f.job;
+    let all: &[&str] = &ROLES;
+    let no_labeler: &[&str] = &["admin", "scientist", "reviewer", "approver", "auditor"];
+    let cases: Vec<(String, &[&str])> = vec![
+        ("/api/me".into(), all),
+        ("/api/datasets".into(), all),
+        ("/api/datasets/spam".into(), no_labeler),
+        ("/api/plugins".into(), &["admin", "scientist", "reviewer"]),
+        ("/api/templates".into(), all),
+        ("/api/jobs".into(), no_labeler),
+        (format!("/api/jobs/{j}"), no_labeler),
+        (format!("/api/jobs/{j}/stats"), no_labeler),
+        ("/api/models".into(), &["scientist", "approver"]),
+        (format!("/api/models/{m}"), &["scientist", "approver"]),
+        (
+            format!("/api/models/{}/bundle", f.approved_model),
+            &["scientist", "approver"],
+        ),
+        (format!("/api/models/{m}/bundle"), &[]),
+        ("/api/labels/next".into(), all),
+        ("/api/audit".into(), &["admin", "auditor"]),
+        ("/api/audit/verify".into(), &["admin", "auditor"]),
+        ("/api/audit/checkpoint".into(), &["admin", "auditor"]),
+        ("/api/datasets/spam/export".into(), &[]),
+    ];
+    for (uri, allowed) in &cases {
+        for role in ROLES {
+            let r = as_role(role, "GET", uri, None);
+            let want = if allowed.contains(&role) {
+                StatusCode::OK
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            assert_eq!(r.status, want, "{role} GET {uri}: {}", r.text());
+            if r.status == StatusCode::FORBIDDEN {
+                assert_eq!(r.json()["error"], "forbidden", "a denial carries no detail");
+            }
+        }
+    }
+    // No credentials at all: 401 everywhere under /api but the open ones.
+    for (uri, _) in &cases {
+        let r = send(Request::get(uri.as_str()).body(Body::empty()).unwrap());
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+}
+
+#[test]
+fn writes_follow_the_policy_too() {
+    let f = fixture();
+    // Approving a plugin: not by a scientist, not by the one who added it.
+    let uri = format!("/api/plugins/{}/approve", f.plugin);
+    assert_eq!(
+        as_role("scientist", "POST", &uri, None).status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        as_role("labeler", "POST", &uri, None).status,
+        StatusCode::FORBIDDEN
+    );
+    // A release can be requested by a scientist, approved only by another
+    // person who is an approver.
+    let uri = format!("/api/models/{}/approve-release", f.model);
+    assert_eq!(
+        as_role("approver", "POST", &uri, None).status,
+        StatusCode::FORBIDDEN,
+        "nothing requested yet"
+    );
+    let uri = format!("/api/models/{}/request-release", f.model);
+    let r = as_role(
+        "approver",
+        "POST",
+        &uri,
+        Some(serde_json::json!({"reason": "x"})),
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // A labeler cannot start a job; a job of another scientist cannot be
+    // cancelled by a second scientist.
+    let r = as_role(
+        "labeler",
+        "POST",
+        "/api/jobs",
+        Some(serde_json::json!({"spec": "x"})),
+    );
+    assert_ne!(r.status, StatusCode::OK);
+    let r = as_role(
+        "scientist2",
+        "POST",
+        &format!("/api/jobs/{}/cancel", f.job),
+        None,
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+fn login(user: &str, password: &str) -> Reply {
+    send(
+        Request::post("/api/login")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                serde_json::json!({"user": user, "password": password}).to_string(),
+            ))
+            .unwrap(),
+    )
+}
+
+fn cookie_of(r: &Reply) -> String {
+    let set = r.headers[header::SET_COOKIE].to_str().unwrap();
+    set.split(';').next().unwrap().to_string()
+}
+
+#[test]
+fn sessions_need_csrf_tokens_for_writes_and_end_at_logout() {
+    let r = login("auditor", PASSWORD);
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let set = r.headers[header::SET_COOKIE].to_str().unwrap().to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    assert!(!set.contains("Secure"), "not behind TLS in this test");
+    let cookie = cookie_of(&r);
+    let csrf = r.json()["csrf"].as_str().unwrap().to_string();
+    let with = |method: &str, uri: &str, token: Option<&str>| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::COOKIE, &cookie);
+        if let Some(t) = token {
+            b = b.header("x-csrf-token", t);
+        }
+        send(b.body(Body::empty()).unwrap())
+    };
+    assert_eq!(
+        with("GET", "/api/audit/verify", None).status,
+        StatusCode::OK
+    );
+    assert_eq!(with("GET", "/api/me", None).json()["user"], "auditor");
+    // A write without the token, or with a wrong one, is refused.
+    assert_eq!(
+        with("POST", "/api/logout", None).status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        with("POST", "/api/logout", Some("00")).status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        with("POST", "/api/logout", Some(&csrf)).status,
+        StatusCode::NO_CONTENT
+    );
+    // The session is gone.
+    assert_eq!(
+        with("GET", "/api/me", None).status,
+        StatusCode::UNAUTHORIZED
+    );
+    // A forged cookie gets nothing.
+    let r = send(
+        Request::get("/api/me")
+            .header(header::COOKIE, "cloister_session=deadbeef")
+            .body(Body::empty())
+            .unwrap(),
+    );
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[test]
+fn repeated_failed_logins_back_off_and_are_audited() {
+    let f = fixture();
+    for _ in 0..3 {
+        assert_eq!(
+            login("victim", "wrong password!!").status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // The fourth failure starts the backoff; then even the right password
+    // waits.
+    assert_eq!(
+        login("victim", "wrong password!!").status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = login("victim", PASSWORD);
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers.contains_key(header::RETRY_AFTER));
+    // Failures are in the audit log, as denied logins of that user.
+    let denied = f
+        .console
+        .cloister()
+        .env()
+        .audit()
+        .query(&AuditFilter {
+            actor: Some("victim".into()),
+            action: Some("login".into()),
+            decision: Some(Decision::Deny),
+            ..AuditFilter::default()
+        })
+        .unwrap();
+    assert!(denied.len() >= 4, "{}", denied.len());
+}
+
+#[test]
+fn every_response_carries_the_security_headers() {
+    for r in [
+        send(Request::get("/login").body(Body::empty()).unwrap()),
+        as_role("auditor", "GET", "/api/audit", None),
+        as_role("labeler", "GET", "/api/audit", None),
+    ] {
+        let csp = r.headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{csp}"
+        );
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert_eq!(r.headers[header::X_FRAME_OPTIONS], "DENY");
+        assert_eq!(r.headers[header::CACHE_CONTROL], "no-store");
+        assert_eq!(r.headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    }
+    // No inline script in any page.
+    let page = send(Request::get("/login").body(Body::empty()).unwrap()).text();
+    assert!(!page.contains("<script>") && page.contains("<script src=\"/static/app.js\""));
+}
+
+#[test]
+fn the_openapi_document_matches_the_router() {
+    let f = fixture();
+    let doc = send(
+        Request::get("/api/openapi.json")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 25);
+    for (path, ops) in paths {
+        for (method, _) in ops.as_object().unwrap() {
+            let uri = path
+                .replace("{name}", "spam")
+                .replace("{digest}", &f.plugin)
+                .replace("{id}", "does-not-exist");
+            let r = as_role("admin", &method.to_uppercase(), &uri, None);
+            assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert!(
+                r.status != StatusCode::NOT_FOUND
+                    || r.json()["error"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("no ")),
+                "{method} {path} is documented but not routed"
+            );
+        }
+    }
+    // Nothing undocumented answers under /api.
+    for uri in [
+        "/api/users",
+        "/api/records/1",
+        "/api/datasets/spam/rows",
+        "/api/admin",
+    ] {
+        assert_eq!(
+            as_role("admin", "GET", uri, None).status,
+            StatusCode::NOT_FOUND,
+            "{uri}"
+        );
+    }
+}
+
+#[test]
+fn bad_inputs_never_get_a_server_error() {
+    let bodies = [
+        "",
+        "{",
+        "null",
+        "[]",
+        "{\"dataset\": 5}",
+        "{\"spec\": 1}",
+        "{\"spec\": \"[[[\"}",
+        "{\"spec\": \"name = 'x'\"}",
+        "{\"id\": \"\", \"label\": \"\"}",
+        "{\"id\": \"x\", \"label\": \"spam\", \"job\": \"j-nope\"}",
+        "{\"reason\": \"\"}",
+        "{\"dataset\": \"spam\", \"features\": \"ffff\", \"template\": \"nope\"}",
+    ];
+    let long = format!("{{\"dataset\": \"{}\"}}", "a".repeat(100_000));
+    let posts = [
+        "/api/train",
+        "/api/jobs",
+        "/api/labels",
+        "/api/login",
+        "/api/plugins",
+        "/api/models/x/request-release",
+    ];
+    for role in ["scientist", "labeler"] {
+        for uri in posts {
+            for body in bodies.iter().copied().chain([long.as_str()]) {
+                let f = fixture();
+                let r = send(
+                    Request::post(uri)
+                        .header(header::AUTHORIZATION, format!("Bearer {}", f.tokens[role]))
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(Body::from(body.to_string()))
+                        .unwrap(),
+                );
+                assert!(
+                    r.status.is_client_error(),
+                    "{role} {uri} {body:.40}: {} {}",
+                    r.status,
+                    r.text()
+                );
+            }
+        }
+    }
+    for q in [
+        "limit=abc",
+        "decision=maybe",
+        "from=-1",
+        "limit=99999999999999999999",
+    ] {
+        let r = as_role("auditor", "GET", &format!("/api/audit?{q}"), None);
+        assert!(r.status.is_client_error(), "{q}: {}", r.status);
+    }
+    for uri in [
+        "/api/datasets/%00",
+        "/api/models/..%2F..%2Fkeys",
+        "/api/jobs/%ff",
+    ] {
+        let r = as_role("admin", "GET", uri, None);
+        assert!(r.status.is_client_error(), "{uri}: {}", r.status);
+    }
+}
+
+#[test]
+fn export_shaped_requests_are_denied_and_audited() {
+    let f = fixture();
+    for role in ROLES {
+        let r = as_role(role, "GET", "/api/datasets/spam/export", None);
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{role}");
+        let r = as_role(
+            role,
+            "GET",
+            &format!("/api/models/{}/bundle", f.model),
+            None,
+        );
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{role}: unapproved model");
+    }
+    let denied = f
+        .console
+        .cloister()
+        .env()
+        .audit()
+        .query(&AuditFilter {
+            action: Some("export_dataset".into()),
+            decision: Some(Decision::Deny),
+            ..AuditFilter::default()
+        })
+        .unwrap();
+    assert!(denied.len() >= ROLES.len());
+    // The approved bundle verifies offline.
+    let r = as_role(
+        "approver",
+        "GET",
+        &format!("/api/models/{}/bundle", f.approved_model),
+        None,
+    );
+    assert_eq!(r.status, StatusCode::OK);
+    let key = f.console.cloister().env().audit().public_key();
+    cloister_host::models::verify_bundle(&r.body, Some(&key)).unwrap();
+}
+
+#[test]
+fn pages_render_for_each_role_without_server_errors() {
+    let f = fixture();
+    let pages = [
+        "/".to_string(),
+        "/datasets".into(),
+        "/datasets/spam".into(),
+        "/plugins".into(),
+        "/train".into(),
+        "/jobs".into(),
+        format!("/jobs/{}", f.job),
+        "/models".into(),
+        format!("/models/{}", f.model),
+        "/label".into(),
+        "/audit".into(),
+    ];
+    for role in ROLES {
+        let r = login(role_user(role), PASSWORD);
+        assert_eq!(r.status, StatusCode::OK, "{role} login: {}", r.text());
+        let cookie = cookie_of(&r);
+        for p in &pages {
+            let r = send(
+                Request::get(p.as_str())
+                    .header(header::COOKIE, &cookie)
+                    .body(Body::empty())
+                    .unwrap(),
+            );
+            assert!(
+                r.status == StatusCode::OK || r.status == StatusCode::FORBIDDEN,
+                "{role} {p}: {}",
+                r.status
+            );
+            let html = r.text();
+            assert!(html.starts_with("<!doctype html>"), "{role} {p}");
+            assert!(
+                !html.contains("Subject:"),
+                "{role} {p}: no record text outside the queue"
+            );
+        }
+    }
+    // Without a session, pages send you to the login form.
+    let r = send(Request::get("/models").body(Body::empty()).unwrap());
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.headers[header::LOCATION], "/login");
+}
+
+fn role_user(role: &str) -> &str {
+    if role == "admin" { "root" } else { role }
+}
