@@ -139,7 +139,7 @@ def main():
                 job, stats, secs = run(a.bin, env, sci, root, f"{name}-{seed}", seed=seed,
                                        bits=a.bits, selector=sel, seed_labels=a.per_round,
                                        per_round=a.per_round, rounds=rounds, budget=a.budget)
-                results[name][seed] = (curve(job, stats), stats, secs)
+                results[name][seed] = (curve(job, stats), dict(stats, stop=job['state'].get('reason', job['state'].get('state'))), secs)
                 print(f"seed {seed}: {name} done in {secs:.0f} s", file=sys.stderr)
 
     pool = statistics.mean(r[1]["pool_size"] for r in results["random"].values())
@@ -164,6 +164,13 @@ def main():
         print(f"| {name} | " + " | ".join(cells) +
               f" | {reach_txt} ({100 * statistics.mean(r or a.budget for r in reach) / pool:.1f}% of the pool) | "
               f"{statistics.mean(autos):.0f} | {fmt(precs)} |")
+    print("\n| strategy | seed | manual labels | automatic labels | final test accuracy | stop | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for name in STRATEGIES:
+        for s in seeds:
+            points, stats, secs = results[name][s]
+            print(f"| {name} | {s} | {stats['manual_used']} | {stats['auto_accepted']} | "
+                  f"{points[-1][1]:.4f} | {stats.get('stop', '')} | {secs:.0f} |")
     print(f"\n(full-data accuracy used per seed: " +
           ", ".join(f"seed {s}: {full[s][1]:.4f}" for s in seeds) + ")")
 

@@ -321,7 +321,9 @@ pub fn open(path: &Path, schema: Schema) -> Result<JsonlReader<Box<dyn BufRead>>
         source,
     })?;
     let input: Box<dyn BufRead> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(file)))
+        Box::new(std::io::BufReader::new(flate2::read::MultiGzDecoder::new(
+            file,
+        )))
     } else {
         Box::new(std::io::BufReader::new(file))
     };
@@ -459,6 +461,28 @@ mod tests {
         );
         assert_eq!(r[0].numeric("n"), Some(&Numeric::Scalar(3.0)));
         Ok(())
+    }
+
+    #[test]
+    fn concatenated_gzip_files_are_read_whole() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("two.jsonl.gz");
+        let mut bytes = Vec::new();
+        for line in [
+            "{\"id\": \"a\", \"text\": \"x\"}\n",
+            "{\"id\": \"b\", \"text\": \"y\"}\n",
+        ] {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(line.as_bytes()).unwrap();
+            bytes.extend(gz.finish().unwrap());
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let got = read_file(&path, Schema::default()).unwrap();
+        assert_eq!(
+            got.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 
     #[test]

@@ -1034,7 +1034,7 @@ pub fn open_source(
     let input: Box<dyn std::io::BufRead + Send> = if name.ends_with(".gz") {
         Box::new(std::io::BufReader::with_capacity(
             1 << 16,
-            flate2::read::GzDecoder::new(file),
+            flate2::read::MultiGzDecoder::new(file),
         ))
     } else {
         Box::new(std::io::BufReader::with_capacity(1 << 16, file))
