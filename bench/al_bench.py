@@ -122,7 +122,10 @@ def main():
     ap.add_argument("--per-round", type=int, default=50)
     ap.add_argument("--budget", type=int, default=1000)
     ap.add_argument("--bits", type=int, default=18)
+    ap.add_argument("--checkpoints", default="100,200,500,1000")
     a = ap.parse_args()
+    global CHECKPOINTS
+    CHECKPOINTS = [int(c) for c in a.checkpoints.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     rounds = a.budget // a.per_round
     with tempfile.TemporaryDirectory() as root:

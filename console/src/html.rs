@@ -245,7 +245,7 @@ pub(crate) fn heatmap(classes: &[String], m: &[Vec<u64>]) -> String {
     let k = classes.len().max(1);
     let cell = (360 / k).clamp(12, 60);
     let (l, t) = (110usize, 40usize);
-    let size_w = l + cell * k + 10;
+    let size_w = (l + cell * k + 10).max(340);
     let size_h = t + cell * k + 10;
     let max = m.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
     let mut s = format!(
