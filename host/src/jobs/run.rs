@@ -112,6 +112,9 @@ struct Labels {
 struct Committee {
     scores: Vec<ModelScore>,
     fitted: Vec<train::Fitted>,
+    /// Mean of the models' validation probabilities (computed once, while
+    /// scoring each model).
+    val_mean: Vec<f32>,
 }
 
 fn spec_err(job_file: &str, spec_text: &str, key: &str, message: String) -> ServiceError {
@@ -645,6 +648,7 @@ impl Cloister {
     ) -> Result<Committee, ServiceError> {
         let mut scores = Vec::new();
         let mut fitted = Vec::new();
+        let mut val_probs = Vec::new();
         for m in &job.spec.models {
             let template: Template = train::template(&m.template, &m.sets)?;
             progress(JobEvent::Training {
@@ -679,8 +683,13 @@ impl Cloister {
             });
             scores.push(score);
             fitted.push(f);
+            val_probs.push(probs);
         }
-        Ok(Committee { scores, fitted })
+        Ok(Committee {
+            scores,
+            fitted,
+            val_mean: mean_probs(&val_probs),
+        })
     }
 
     fn evaluate_rows(
@@ -754,7 +763,7 @@ impl Cloister {
         } else {
             let committee = self.train_committee(job, round, prep, &labels, progress)?;
             report.models = committee.scores.clone();
-            let (_, val_probs) = Self::committee_probs(&committee, prep, &labels.val)?;
+            let val_probs = committee.val_mean.clone();
             let val = self.evaluate_rows(job, prep, &labels, &labels.val, &val_probs);
             report.val_accuracy = Some(val.accuracy);
             report.val_macro_f1 = Some(val.macro_f1);
