@@ -39,6 +39,7 @@ per_round = {per_round}
 max_rounds = {rounds}
 budget = {budget}
 badcases_per_round = 0
+{loop_extra}
 """
 
 STRATEGIES = {
@@ -123,29 +124,44 @@ def main():
     ap.add_argument("--budget", type=int, default=1000)
     ap.add_argument("--bits", type=int, default=18)
     ap.add_argument("--checkpoints", default="100,200,500,1000")
+    ap.add_argument("--max-auto", type=int, default=None,
+                    help="also run dual-agree with at most N automatic labels per round")
+    ap.add_argument("--strategies", default=None,
+                    help="comma-separated subset of the strategies to run")
     a = ap.parse_args()
+    if a.max_auto is not None:
+        STRATEGIES[f"dual-agree, cap {a.max_auto}/round"] = (
+            STRATEGIES["dual-agree"], f"max_auto_per_round = {a.max_auto}")
+    if a.strategies is not None:
+        keep = a.strategies.split(",")
+        for name in list(STRATEGIES):
+            if name not in keep and name.split(",")[0] not in keep:
+                del STRATEGIES[name]
     global CHECKPOINTS
     CHECKPOINTS = [int(c) for c in a.checkpoints.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     rounds = a.budget // a.per_round
     with tempfile.TemporaryDirectory() as root:
         env, sci = setup(a.bin, a.data, root)
-        full, results = {}, {s: {} for s in STRATEGIES}
+        full, results = {}, {name: {} for name in STRATEGIES}
         for seed in seeds:
             job, _, secs = run(a.bin, env, sci, root, f"full-{seed}", seed=seed, bits=a.bits,
-                               selector=STRATEGIES["random"], seed_labels=10**6,
+                               selector='builtin = "random"', loop_extra="", seed_labels=10**6,
                                per_round=1, rounds=1, budget=10**6 + 1)
             full[seed] = curve(job)[0]
             print(f"seed {seed}: full data {full[seed][0]} labels, test accuracy "
                   f"{full[seed][1]:.4f} ({secs:.0f} s)", file=sys.stderr)
-            for name, sel in STRATEGIES.items():
-                job, stats, secs = run(a.bin, env, sci, root, f"{name}-{seed}", seed=seed,
-                                       bits=a.bits, selector=sel, seed_labels=a.per_round,
+            for k, (name, sel) in enumerate(STRATEGIES.items()):
+                sel, extra = sel if isinstance(sel, tuple) else (sel, "")
+                job, stats, secs = run(a.bin, env, sci, root, f"s{k}-{seed}", seed=seed,
+                                       bits=a.bits, selector=sel, loop_extra=extra,
+                                       seed_labels=a.per_round,
                                        per_round=a.per_round, rounds=rounds, budget=a.budget)
                 results[name][seed] = (curve(job, stats), dict(stats, stop=job['state'].get('reason', job['state'].get('state'))), secs)
                 print(f"seed {seed}: {name} done in {secs:.0f} s", file=sys.stderr)
 
-    pool = statistics.mean(r[1]["pool_size"] for r in results["random"].values())
+    first = next(iter(STRATEGIES))
+    pool = statistics.mean(r[1]["pool_size"] for r in results[first].values())
     full_acc = statistics.mean(f[1] for f in full.values())
     print(f"Committee: logreg + mlp(hidden 64) on hashed-ngrams 2^{a.bits}; "
           f"seeds {a.seeds}; {a.per_round} labels per round starting from {a.per_round} random ones; "

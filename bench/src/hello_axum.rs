@@ -7,6 +7,10 @@
 use axum::Router;
 use axum::routing::get;
 
+/// The allocator `cloister` uses, so the comparison is like for like.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::io::Result<()> {
     let addr = std::env::args()
         .nth(1)

@@ -170,7 +170,7 @@ pub fn progress_printer() -> impl FnMut(JobEvent<'_>) {
 /// The per-round table.
 pub fn print_rounds(job: &Job) {
     println!(
-        "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8}",
+        "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>9}",
         "round",
         "manual",
         "auto",
@@ -180,13 +180,14 @@ pub fn print_rounds(job: &Job) {
         "prec",
         "queued",
         "fixed",
-        "new bad"
+        "new bad",
+        "pool left"
     );
     for r in &job.rounds {
         if r.models.is_empty() {
             println!(
-                "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8}",
-                r.round, "-", "-", "-", "-", "-", "-", r.queued, "-", "-"
+                "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>9}",
+                r.round, "-", "-", "-", "-", "-", "-", r.queued, "-", "-", r.pool_left
             );
             continue;
         }
@@ -196,7 +197,7 @@ pub fn print_rounds(job: &Job) {
             "-".into()
         };
         println!(
-            "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8}",
+            "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>9}",
             r.round,
             r.train_manual,
             r.train_auto,
@@ -206,7 +207,8 @@ pub fn print_rounds(job: &Job) {
             prec,
             r.queued + r.badcases_queued,
             r.fixed.len(),
-            r.appeared.len()
+            r.appeared.len(),
+            r.pool_left
         );
     }
 }

@@ -13,6 +13,12 @@ mod session;
 
 use std::process::ExitCode;
 
+/// mimalloc instead of the C library's allocator: the console's request
+/// path allocates many small objects on several threads, and under load
+/// glibc's arenas cost about a fifth of the throughput (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Cloister: a secure closed environment for ML training.

@@ -22,12 +22,19 @@ use crate::auth::Caller;
 use crate::{ApiError, Console, blocking, tasks};
 
 type S = State<Arc<Console>>;
-type Out = Result<Json<Value>, ApiError>;
+type Out = Result<Response, ApiError>;
 
+/// A JSON response, serialized straight to bytes.
 fn to_json(v: impl serde::Serialize) -> Out {
-    serde_json::to_value(v)
-        .map(Json)
-        .map_err(|_| ApiError::Internal)
+    let body = serde_json::to_vec(&v).map_err(|_| ApiError::Internal)?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 /// The caller of a read.
@@ -112,9 +119,7 @@ async fn logout(State(k): S, h: HeaderMap) -> Result<Response, ApiError> {
 
 async fn me(State(k): S, h: HeaderMap) -> Out {
     let c = reader(&k, &h).await?;
-    Ok(Json(
-        json!({"user": c.user.name, "roles": c.user.roles, "csrf": c.csrf}),
-    ))
+    to_json(json!({"user": c.user.name, "roles": c.user.roles, "csrf": c.csrf}))
 }
 
 async fn datasets(State(k): S, h: HeaderMap) -> Out {
@@ -217,7 +222,7 @@ pub(crate) async fn start_training(
 async fn train(State(k): S, h: HeaderMap, Json(b): Json<TrainBody>) -> Out {
     let u = writer(&k, &h).await?.user;
     let id = start_training(&k, &u, b).await?;
-    Ok(Json(json!({ "task": id })))
+    to_json(json!({ "task": id }))
 }
 
 async fn task(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
@@ -282,7 +287,7 @@ pub(crate) async fn create_job(
 async fn start_job(State(k): S, h: HeaderMap, Json(b): Json<JobBody>) -> Out {
     let u = writer(&k, &h).await?.user;
     let (job, task) = create_job(&k, u, b).await?;
-    Ok(Json(json!({"job": job, "task": task})))
+    to_json(json!({"job": job, "task": task}))
 }
 
 async fn job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
@@ -302,7 +307,7 @@ async fn resume_job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
     let jid = id.clone();
     blocking(&k, move |c| c.show_job(&who, &jid)).await?;
     let task = run_in_background(&k, &u, id)?;
-    Ok(Json(json!({ "task": task })))
+    to_json(json!({ "task": task }))
 }
 
 async fn cancel_job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
@@ -372,7 +377,7 @@ async fn bundle(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Result<Res
 async fn next_label(State(k): S, h: HeaderMap) -> Out {
     let u = reader(&k, &h).await?.user;
     let next = blocking(&k, move |c| c.next_label_item(&u)).await?;
-    Ok(Json(match next {
+    to_json(match next {
         None => json!({ "item": null }),
         Some(task) => {
             let texts: BTreeMap<String, String> = task
@@ -384,7 +389,7 @@ async fn next_label(State(k): S, h: HeaderMap) -> Out {
                 .collect();
             json!({"item": task.item, "texts": texts, "waiting": task.waiting, "classes": task.classes})
         }
-    }))
+    })
 }
 
 #[derive(Deserialize)]
@@ -447,7 +452,7 @@ async fn audit(State(k): S, h: HeaderMap, Query(q): Query<AuditQuery>) -> Out {
 async fn audit_verify(State(k): S, h: HeaderMap) -> Out {
     let u = reader(&k, &h).await?.user;
     let v = blocking(&k, move |c| c.audit_verify(&u, None)).await?;
-    Ok(Json(match v {
+    to_json(match v {
         Verdict::Intact {
             size,
             root,
@@ -458,7 +463,7 @@ async fn audit_verify(State(k): S, h: HeaderMap) -> Out {
         Verdict::Tampered { first_bad, reason } => {
             json!({"intact": false, "first_bad": first_bad, "reason": reason})
         }
-    }))
+    })
 }
 
 async fn audit_checkpoint(State(k): S, h: HeaderMap) -> Result<Response, ApiError> {

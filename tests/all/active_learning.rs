@@ -200,6 +200,64 @@ fn an_oracle_job_runs_to_the_end_with_every_label_accounted_for() {
 }
 
 #[test]
+fn a_cap_on_automatic_labels_holds_back_the_rest_for_later_rounds() {
+    let e = lock();
+    // More seed labels and a lower threshold, so that the committee
+    // accepts more than the cap in a round.
+    let spec = SPEC
+        .replace("threshold = 0.9", "threshold = 0.7")
+        .replace("seed_labels = 30", "seed_labels = 120")
+        .replace("max_rounds = 3", "max_rounds = 2")
+        .replace("budget = 120", "budget = 200\nmax_auto_per_round = 2");
+    let job =
+        e.c.start_job(&e.sci, "capped.toml", &spec, Some(Oracle::Gold))
+            .unwrap();
+    let job = e.c.run_job(&e.sci, &job.id, &mut |_| {}).unwrap();
+    assert!(
+        matches!(job.state, JobState::Done { .. }),
+        "{:?}",
+        job.state
+    );
+    let selecting: Vec<_> = job
+        .rounds
+        .iter()
+        .filter(|r| !r.models.is_empty() && r.stop.is_none())
+        .collect();
+    assert!(!selecting.is_empty());
+    for r in &selecting {
+        assert!(
+            r.auto_accepted <= 2,
+            "round {}: {}",
+            r.round,
+            r.auto_accepted
+        );
+        // Deferred records stay in the pool.
+        assert!(r.pool_left >= r.auto_deferred, "round {}", r.round);
+    }
+    assert!(
+        selecting
+            .iter()
+            .any(|r| r.auto_accepted == 2 && r.auto_deferred > 0),
+        "the cap never bit: {:?}",
+        selecting
+            .iter()
+            .map(|r| (r.auto_accepted, r.auto_deferred))
+            .collect::<Vec<_>>()
+    );
+    // The ledger holds exactly the accepted ones.
+    let store = e.c.env().store();
+    let ledger = jobs::ledger(store.as_ref(), &job.id).unwrap();
+    let autos = ledger
+        .values()
+        .filter(|l| matches!(l.source, LedgerSource::Auto { .. }))
+        .count() as u64;
+    assert_eq!(
+        autos,
+        job.rounds.iter().map(|r| r.auto_accepted).sum::<u64>()
+    );
+}
+
+#[test]
 fn bad_specs_are_refused_before_anything_runs() {
     let e = lock();
     let before = e.c.list_jobs(&e.sci).unwrap().len();

@@ -231,6 +231,10 @@ pub struct RoundReport {
     pub test_macro_f1: Option<f64>,
     /// Records labeled automatically this round.
     pub auto_accepted: u64,
+    /// Records the selector would have labeled automatically beyond the
+    /// round's cap (`max_auto_per_round`); they stay in the pool.
+    #[serde(default)]
+    pub auto_deferred: u64,
     /// Of those, records with a known gold label.
     pub auto_checked: u64,
     /// Of those, automatic labels equal to gold.

@@ -837,7 +837,9 @@ impl Cloister {
                             .runner(self.runtime()?, config, Limits::default())?
                             .select(&job.classes, &sets)?;
                         let mut review: Vec<(f32, usize)> = Vec::new();
-                        for (d, set) in decisions.iter().zip(&sets) {
+                        // (least model confidence in the label, row, class, set)
+                        let mut auto: Vec<(f32, usize, usize, usize)> = Vec::new();
+                        for (n, (d, set)) in decisions.iter().zip(&sets).enumerate() {
                             let i = prep.index.get(&set.id).copied().ok_or_else(|| {
                                 ServiceError::BadRequest(
                                     "a selector answered for an unknown record".into(),
@@ -846,40 +848,58 @@ impl Cloister {
                             match d.action {
                                 types::Action::AutoAccept(c) => {
                                     let c = c as usize;
-                                    let label = job.classes[c].clone();
-                                    let row = &prep.rows[i];
-                                    report.auto_accepted += 1;
-                                    if let Some(g) = &row.gold {
-                                        report.auto_checked += 1;
-                                        report.auto_correct += u64::from(*g == label);
-                                    }
-                                    super::put_ledger(
-                                        &mut batch,
-                                        &job.id,
-                                        &row.id,
-                                        &LedgerLabel {
-                                            label,
-                                            source: LedgerSource::Auto {
-                                                selector: entry.digest.clone(),
-                                                models: committee
-                                                    .scores
-                                                    .iter()
-                                                    .map(|s| format!("{}@round{round}", s.template))
-                                                    .collect(),
-                                                confidences: set
-                                                    .models
-                                                    .iter()
-                                                    .map(|p| p[c])
-                                                    .collect(),
-                                            },
-                                            round,
-                                            gold: row.gold.clone(),
-                                        },
-                                    )?;
+                                    let least = set
+                                        .models
+                                        .iter()
+                                        .map(|p| p.get(c).copied().unwrap_or(0.0))
+                                        .fold(f32::INFINITY, f32::min);
+                                    auto.push((least, i, c, n));
                                 }
                                 types::Action::HumanReview => review.push((d.priority, i)),
                                 types::Action::Skip => {}
                             }
+                        }
+                        // Most confident first; beyond the cap, records stay
+                        // in the pool for the next round's models.
+                        auto.sort_by(|a, b| {
+                            b.0.total_cmp(&a.0)
+                                .then_with(|| prep.rows[a.1].id.cmp(&prep.rows[b.1].id))
+                        });
+                        if let Some(cap) = settings.max_auto_per_round
+                            && auto.len() > cap
+                        {
+                            report.auto_deferred = (auto.len() - cap) as u64;
+                            auto.truncate(cap);
+                        }
+                        let models: Vec<String> = committee
+                            .scores
+                            .iter()
+                            .map(|s| format!("{}@round{round}", s.template))
+                            .collect();
+                        for &(_, i, c, n) in &auto {
+                            let label = job.classes[c].clone();
+                            let row = &prep.rows[i];
+                            report.auto_accepted += 1;
+                            if let Some(g) = &row.gold {
+                                report.auto_checked += 1;
+                                report.auto_correct += u64::from(*g == label);
+                            }
+                            let source = LedgerSource::Auto {
+                                selector: entry.digest.clone(),
+                                models: models.clone(),
+                                confidences: sets[n]
+                                    .models
+                                    .iter()
+                                    .map(|p| p.get(c).copied().unwrap_or(0.0))
+                                    .collect(),
+                            };
+                            let ledger_label = LedgerLabel {
+                                label,
+                                source,
+                                round,
+                                gold: row.gold.clone(),
+                            };
+                            super::put_ledger(&mut batch, &job.id, &row.id, &ledger_label)?;
                         }
                         review.sort_by(|a, b| {
                             b.0.total_cmp(&a.0)

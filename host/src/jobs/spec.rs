@@ -87,6 +87,10 @@ pub struct LoopSettings {
     pub badcases_per_round: usize,
     /// Price of one manual label, for the cost report.
     pub price_per_label: f64,
+    /// Automatic labels accepted per round at most, most confident first;
+    /// the rest stay in the pool for better models to decide. `None`: no cap.
+    #[serde(default)]
+    pub max_auto_per_round: Option<usize>,
 }
 
 /// A validated pipeline specification.
@@ -182,6 +186,8 @@ struct RawLoop {
     badcases_per_round: usize,
     #[serde(default)]
     price_per_label: f64,
+    #[serde(default)]
+    max_auto_per_round: Option<usize>,
 }
 
 fn default_badcases() -> usize {
@@ -338,6 +344,14 @@ impl PipelineSpec {
                 "[loop] price_per_label: expected a number ≥ 0".into(),
             ));
         }
+        if l.max_auto_per_round == Some(0) {
+            return Err(err(
+                at("max_auto_per_round"),
+                "[loop] max_auto_per_round: must be at least 1 (leave it out for no cap; \
+                 use a selector without automatic labels for none)"
+                    .into(),
+            ));
+        }
         let target = match l.target {
             None => None,
             Some(t) => {
@@ -382,6 +396,7 @@ impl PipelineSpec {
                 target,
                 badcases_per_round: l.badcases_per_round,
                 price_per_label: l.price_per_label,
+                max_auto_per_round: l.max_auto_per_round,
             },
             labelers,
             oracle: raw.oracle,
@@ -445,6 +460,21 @@ target = { metric = "accuracy", value = 0.98 }
         let e = PipelineSpec::parse("p.toml", &bad).unwrap_err().to_string();
         assert!(e.contains("p.toml:22:"), "{e}");
         assert!(e.contains("budget"), "{e}");
+
+        let bad = GOOD.replace("budget = 500", "budget = 500\nmax_auto_per_round = 0");
+        let e = PipelineSpec::parse("p.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("p.toml:23:"), "{e}");
+        assert!(e.contains("max_auto_per_round"), "{e}");
+        let capped = GOOD.replace("budget = 500", "budget = 500\nmax_auto_per_round = 300");
+        let s = PipelineSpec::parse("p.toml", &capped).unwrap();
+        assert_eq!(s.settings.max_auto_per_round, Some(300));
+        assert_eq!(
+            PipelineSpec::parse("p.toml", GOOD)
+                .unwrap()
+                .settings
+                .max_auto_per_round,
+            None
+        );
 
         let bad = GOOD.replace("value = 0.98", "value = 1.5");
         let e = PipelineSpec::parse("p.toml", &bad).unwrap_err().to_string();

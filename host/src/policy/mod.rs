@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
@@ -100,7 +101,7 @@ impl FromStr for Role {
 }
 
 /// Who is asking.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principal {
     /// User name.
     pub name: String,
@@ -223,7 +224,7 @@ impl FromStr for Action {
 }
 
 /// What an operation acts on, with the attributes policies may test.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Resource {
     /// The environment.
     Environment,
@@ -318,6 +319,90 @@ pub struct PolicyEngine {
     policies: PolicySet,
     texts: HashMap<String, String>,
     authorizer: Authorizer,
+    decisions: DecisionCache,
+}
+
+/// Everything a decision depends on. The policy set and schema are fixed
+/// for the life of a [`PolicyEngine`], and [`PolicyEngine::authorize`]
+/// builds its Cedar entities and context from these values alone (no time,
+/// no store lookups), so equal keys always get equal decisions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct DecisionKey {
+    name: String,
+    roles: Vec<Role>,
+    disabled: bool,
+    action: Action,
+    resource: Resource,
+    channel: String,
+}
+
+impl DecisionKey {
+    fn new(principal: &Principal, action: Action, resource: &Resource, channel: &str) -> Self {
+        let mut roles = principal.roles.clone();
+        roles.sort();
+        roles.dedup();
+        Self {
+            name: principal.name.clone(),
+            roles,
+            disabled: principal.disabled,
+            action,
+            resource: resource.clone(),
+            channel: channel.to_string(),
+        }
+    }
+
+    /// Bytes of text the key holds: keys built from long user-supplied
+    /// names are not cached, so the cache's memory stays bounded.
+    fn text_len(&self) -> usize {
+        let r = match &self.resource {
+            Resource::Environment | Resource::AuditLog => 0,
+            Resource::Dataset { name } => name.len(),
+            Resource::Record {
+                dataset,
+                id,
+                assignee,
+            } => dataset.len() + id.len() + assignee.as_ref().map_or(0, String::len),
+            Resource::Plugin {
+                digest, added_by, ..
+            } => digest.len() + added_by.len(),
+            Resource::Model {
+                id, requested_by, ..
+            } => id.len() + requested_by.as_ref().map_or(0, String::len),
+            Resource::Job { id, started_by } => id.len() + started_by.len(),
+        };
+        self.name.len() + self.channel.len() + r
+    }
+}
+
+/// Memoized decisions. Building the Cedar entities and evaluating every
+/// policy costs tens of microseconds, and a console serves the same few
+/// (user, action, resource) triples over and over. Bounded: at most
+/// [`DecisionCache::CAPACITY`] entries of at most [`DecisionCache::MAX_KEY`]
+/// bytes of text each; when full it starts over.
+#[derive(Debug, Default)]
+struct DecisionCache {
+    map: Mutex<HashMap<DecisionKey, Authorization>>,
+}
+
+impl DecisionCache {
+    const CAPACITY: usize = 4096;
+    const MAX_KEY: usize = 512;
+
+    fn get(&self, key: &DecisionKey) -> Option<Authorization> {
+        self.map.lock().ok()?.get(key).cloned()
+    }
+
+    fn put(&self, key: DecisionKey, decision: &Authorization) {
+        if key.text_len() > Self::MAX_KEY {
+            return;
+        }
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= Self::CAPACITY {
+                map.clear();
+            }
+            map.insert(key, decision.clone());
+        }
+    }
 }
 
 fn uid(ty: &str, id: &str) -> Result<EntityUid, String> {
@@ -422,6 +507,7 @@ impl PolicyEngine {
             policies: set,
             texts,
             authorizer: Authorizer::new(),
+            decisions: DecisionCache::default(),
         })
     }
 
@@ -444,6 +530,24 @@ impl PolicyEngine {
     /// `channel` is how the request arrived ("cli" or "console"). Any
     /// failure to build the request denies (fail closed).
     pub fn authorize(
+        &self,
+        principal: &Principal,
+        action: Action,
+        resource: &Resource,
+        channel: &str,
+    ) -> Authorization {
+        let key = DecisionKey::new(principal, action, resource, channel);
+        if let Some(hit) = self.decisions.get(&key) {
+            return hit;
+        }
+        let decision = self.decide(principal, action, resource, channel);
+        self.decisions.put(key, &decision);
+        decision
+    }
+
+    /// [`PolicyEngine::authorize`] without the cache: builds the entities
+    /// and evaluates the policy set.
+    fn decide(
         &self,
         principal: &Principal,
         action: Action,
@@ -584,6 +688,103 @@ mod tests {
         let engine = PolicyEngine::builtin().expect("builtin policies validate");
         assert!(engine.len() > 10);
         assert!(engine.policy_text("no-dataset-export").is_some());
+    }
+
+    #[test]
+    fn cached_decisions_equal_fresh_ones() {
+        let engine = PolicyEngine::builtin().expect("builtin policies validate");
+        let resources = [
+            Resource::Environment,
+            Resource::AuditLog,
+            Resource::Dataset { name: "d".into() },
+            Resource::Record {
+                dataset: "d".into(),
+                id: "1".into(),
+                assignee: Some("ann".into()),
+            },
+            Resource::Plugin {
+                digest: "ab".into(),
+                approved: true,
+                added_by: "bob".into(),
+            },
+            Resource::Plugin {
+                digest: "ab".into(),
+                approved: false,
+                added_by: "ann".into(),
+            },
+            Resource::Model {
+                id: "m".into(),
+                release_requested: true,
+                release_approved: false,
+                requested_by: Some("ann".into()),
+            },
+            Resource::Job {
+                id: "j".into(),
+                started_by: "ann".into(),
+            },
+        ];
+        let mut allowed = 0;
+        for role in Role::ALL {
+            for disabled in [false, true] {
+                let who = Principal {
+                    name: "ann".into(),
+                    roles: vec![role],
+                    disabled,
+                };
+                for action in Action::ALL {
+                    for resource in &resources {
+                        for channel in ["cli", "console"] {
+                            let fresh = engine.decide(&who, action, resource, channel);
+                            // First call fills the cache, second reads it.
+                            for _ in 0..2 {
+                                let got = engine.authorize(&who, action, resource, channel);
+                                assert_eq!(got, fresh, "{who:?} {action:?} {resource:?}");
+                            }
+                            allowed += usize::from(fresh.allowed);
+                        }
+                    }
+                }
+            }
+        }
+        // The matrix is not trivially all-deny.
+        assert!(allowed > 20, "{allowed}");
+        // A disabled user or another role is a different key.
+        let admin = Principal {
+            name: "ann".into(),
+            roles: vec![Role::Admin],
+            disabled: false,
+        };
+        let off = Principal {
+            disabled: true,
+            ..admin.clone()
+        };
+        let a = engine.authorize(&admin, Action::AddUser, &Resource::Environment, "cli");
+        let b = engine.authorize(&off, Action::AddUser, &Resource::Environment, "cli");
+        assert!(a.allowed && !b.allowed);
+    }
+
+    #[test]
+    fn the_decision_cache_stays_bounded() {
+        let engine = PolicyEngine::builtin().expect("builtin policies validate");
+        let who = Principal {
+            name: "ann".into(),
+            roles: vec![Role::Scientist],
+            disabled: false,
+        };
+        for i in 0..(DecisionCache::CAPACITY + 10) {
+            let r = Resource::Dataset {
+                name: format!("d{i}"),
+            };
+            engine.authorize(&who, Action::ViewStats, &r, "cli");
+        }
+        let long = Resource::Dataset {
+            name: "x".repeat(DecisionCache::MAX_KEY + 1),
+        };
+        let d = engine.authorize(&who, Action::ViewStats, &long, "cli");
+        assert_eq!(d, engine.decide(&who, Action::ViewStats, &long, "cli"));
+        let len = engine.decisions.map.lock().map(|m| m.len()).unwrap_or(0);
+        assert!(len <= DecisionCache::CAPACITY, "{len}");
+        assert!(len > 0);
     }
 
     #[test]
