@@ -125,17 +125,18 @@ def main():
     ap.add_argument("--bits", type=int, default=18)
     ap.add_argument("--checkpoints", default="100,200,500,1000")
     ap.add_argument("--max-auto", type=int, default=None,
-                    help="also run dual-agree with at most N automatic labels per round")
+                    help="also run dual-agree with at most N automatic labels per round "
+                         "(strategy dual-agree-capN)")
     ap.add_argument("--strategies", default=None,
                     help="comma-separated subset of the strategies to run")
     a = ap.parse_args()
     if a.max_auto is not None:
-        STRATEGIES[f"dual-agree, cap {a.max_auto}/round"] = (
+        STRATEGIES[f"dual-agree-cap{a.max_auto}"] = (
             STRATEGIES["dual-agree"], f"max_auto_per_round = {a.max_auto}")
     if a.strategies is not None:
         keep = a.strategies.split(",")
         for name in list(STRATEGIES):
-            if name not in keep and name.split(",")[0] not in keep:
+            if name not in keep:
                 del STRATEGIES[name]
     global CHECKPOINTS
     CHECKPOINTS = [int(c) for c in a.checkpoints.split(",")]
