@@ -104,9 +104,16 @@ fn run_and_kill(spec: &str, token: &str, seed: &mut u64, wait_first: bool) -> Ve
         let mut lines = Vec::new();
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            if line.starts_with("ack ") || line.starts_with("committed ") {
+            // libtest prints "test crash::crash_child ... " without a
+            // newline before the test runs, so the child's first line
+            // arrives behind it: look for the marker anywhere in the line.
+            let at = ["ack ", "committed "]
+                .iter()
+                .filter_map(|m| line.find(m))
+                .min();
+            if let Some(at) = at {
                 let _ = tx.send(());
-                lines.push(line);
+                lines.push(line[at..].to_string());
             }
         }
         lines
@@ -191,6 +198,13 @@ fn kill_9_during_imports_leaves_only_whole_versions() {
             &mut seed,
             trial % 2 == 0,
         );
+        if trial % 2 == 0 {
+            // The kill came after the first acknowledgement, so it was read.
+            assert!(
+                acks.first().is_some_and(|a| a.starts_with("committed 1 ")),
+                "trial {trial}: {acks:?}"
+            );
+        }
         let c = Cloister::open(&path, "cli").unwrap();
         let sci = c.authenticate(&token).unwrap();
         let versions = c.list_datasets(&sci).unwrap();
