@@ -158,16 +158,15 @@ impl Console {
     pub(crate) async fn caller(self: &Arc<Self>, headers: &HeaderMap) -> Result<Caller, ApiError> {
         if let Some(token) = bearer(headers) {
             // A valid token costs one hash and two reads of small, hot
-            // trees that sled serves from memory: done in place, sparing a
-            // hand-off to the blocking pool. A bad token is audited, which
-            // waits for a durable write, so that path runs off the runtime.
-            if let Ok(user) =
-                cloister_host::users::authenticate(self.c.env().store().as_ref(), &token)
-            {
-                return Ok(Caller { user, csrf: None });
-            }
-            let user = blocking(self, move |c| c.authenticate(&token)).await?;
-            return Ok(Caller { user, csrf: None });
+            // trees that sled serves from memory: checked in place, sparing
+            // a hand-off to the blocking pool. A bad token is audited, which
+            // waits for a durable write, so that half runs off the runtime.
+            return match self.c.check_token(&token) {
+                Ok(user) => Ok(Caller { user, csrf: None }),
+                Err(why) => blocking(self, move |c| Err(c.reject_token(&token, why)))
+                    .await
+                    .map(|user| Caller { user, csrf: None }),
+            };
         }
         let sid = cookie_value(headers).ok_or(ApiError::Unauthorized)?;
         let (name, csrf) = {

@@ -233,19 +233,33 @@ impl Cloister {
 
     /// The user a token belongs to. A failure is audited.
     pub fn authenticate(&self, token: &str) -> Result<User, ServiceError> {
-        match users::authenticate(self.env.store().as_ref(), token) {
-            Ok(u) => Ok(u),
-            Err(e) => {
-                self.env.audit().append(AuditRecord {
-                    actor: "-".into(),
-                    action: "authenticate".into(),
-                    resource: Resource::Environment.uid_text(),
-                    decision: Decision::Deny,
-                    policies: Vec::new(),
-                    params: params_digest(&Digest::of(token.as_bytes()).short()),
-                })?;
-                Err(ServiceError::Auth(e))
-            }
+        self.check_token(token)
+            .map_err(|e| self.reject_token(token, e))
+    }
+
+    /// The first half of [`Cloister::authenticate`]: the user a token
+    /// belongs to, from memory-cached reads and without waiting for the
+    /// audit log. A caller that gets an error must pass it to
+    /// [`Cloister::reject_token`], which records the failure.
+    pub fn check_token(&self, token: &str) -> Result<User, UserError> {
+        users::authenticate(self.env.store().as_ref(), token)
+    }
+
+    /// The second half of [`Cloister::authenticate`]: audits a token that
+    /// [`Cloister::check_token`] refused (waiting for the durable append)
+    /// and returns the error to answer with.
+    pub fn reject_token(&self, token: &str, why: UserError) -> ServiceError {
+        let appended = self.env.audit().append(AuditRecord {
+            actor: "-".into(),
+            action: "authenticate".into(),
+            resource: Resource::Environment.uid_text(),
+            decision: Decision::Deny,
+            policies: Vec::new(),
+            params: params_digest(&Digest::of(token.as_bytes()).short()),
+        });
+        match appended {
+            Ok(_) => ServiceError::Auth(why),
+            Err(e) => e.into(),
         }
     }
 

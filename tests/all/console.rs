@@ -597,3 +597,33 @@ fn pages_render_for_each_role_without_server_errors() {
 fn role_user(role: &str) -> &str {
     if role == "admin" { "root" } else { role }
 }
+
+#[test]
+fn a_bad_api_token_is_refused_and_audited() {
+    let authentications = || {
+        let r = as_role(
+            "auditor",
+            "GET",
+            "/api/audit?action=authenticate&decision=deny&limit=10000",
+            None,
+        );
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        r.json().as_array().map_or(0, Vec::len)
+    };
+    let before = authentications();
+    for token in [
+        // Well formed, but no user has it.
+        format!("clt_{}", "0".repeat(64)),
+        // Malformed.
+        "clt_short".to_string(),
+    ] {
+        let r = send(
+            Request::get("/api/datasets")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap(),
+        );
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(authentications(), before + 2);
+}
