@@ -114,6 +114,7 @@ pub struct Environment {
     audit: AuditLog,
     policy: PolicyEngine,
     cache_secret: Vec<u8>,
+    manifests: crate::datasets::ManifestCache,
 }
 
 fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
@@ -242,6 +243,7 @@ impl Environment {
             audit,
             policy,
             cache_secret,
+            manifests: crate::datasets::ManifestCache::default(),
         };
         crate::datasets::recover(&env).map_err(|e| EnvError::Dataset(Box::new(e)))?;
         Ok(env)
@@ -271,6 +273,11 @@ impl Environment {
     /// The store.
     pub fn store(&self) -> &Arc<dyn Storage> {
         &self.store
+    }
+
+    /// Parsed dataset version manifests (see [`crate::datasets::list`]).
+    pub(crate) fn manifests(&self) -> &crate::datasets::ManifestCache {
+        &self.manifests
     }
 
     /// The audit log.

@@ -635,14 +635,53 @@ pub fn recover(env: &Environment) -> Result<usize, DatasetError> {
 
 /// Every version of every dataset, by name then version.
 pub fn list(env: &Environment) -> Result<Vec<DatasetVersion>, DatasetError> {
+    let cache = env.manifests();
     env.store()
         .scan(Space::Datasets, b"")
         .map(|item| {
-            let (_, v) = item?;
-            serde_json::from_slice(&v)
-                .map_err(|_| DatasetError::Damaged("a version manifest".into()))
+            let (key, bytes) = item?;
+            cache.parse(key, bytes)
         })
         .collect()
+}
+
+/// Parsed version manifests, so that listing datasets (the console's most
+/// frequent read) does not parse every manifest's JSON on every request.
+///
+/// An entry is used only when the stored bytes are byte-for-byte those it
+/// was parsed from, so the cache can never answer with a manifest the store
+/// no longer holds; it is cleared when it reaches [`ManifestCache::CAPACITY`]
+/// entries, so its memory stays bounded.
+#[derive(Debug, Default)]
+pub struct ManifestCache {
+    map: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Parsed>>,
+}
+
+/// A manifest's stored bytes and what they parsed to.
+type Parsed = (Vec<u8>, DatasetVersion);
+
+impl ManifestCache {
+    /// Entries kept before the cache starts over.
+    pub const CAPACITY: usize = 4096;
+
+    /// The manifest stored as `bytes` under `key`.
+    fn parse(&self, key: Vec<u8>, bytes: Vec<u8>) -> Result<DatasetVersion, DatasetError> {
+        if let Ok(map) = self.map.lock()
+            && let Some((cached, v)) = map.get(&key)
+            && *cached == bytes
+        {
+            return Ok(v.clone());
+        }
+        let v: DatasetVersion = serde_json::from_slice(&bytes)
+            .map_err(|_| DatasetError::Damaged("a version manifest".into()))?;
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= Self::CAPACITY {
+                map.clear();
+            }
+            map.insert(key, (bytes, v.clone()));
+        }
+        Ok(v)
+    }
 }
 
 /// Resolves `NAME` (latest version) or `NAME@VERSION`.
@@ -1047,5 +1086,52 @@ pub fn open_source(
         Ok(Box::new(
             crate::records::JsonlReader::new(path, input, schema).without_duplicate_check(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(version: u32) -> DatasetVersion {
+        DatasetVersion {
+            name: "d".into(),
+            version,
+            import_id: 1,
+            chunks: 1,
+            buckets: 1,
+            segment_sha256: String::new(),
+            digest: format!("sha256:{version}"),
+            source: "d.jsonl".into(),
+            created_by: "ana".into(),
+            created_ms: 0,
+            stats: DatasetStats::default(),
+        }
+    }
+
+    #[test]
+    fn the_manifest_cache_answers_only_for_the_bytes_it_parsed() -> Result<(), DatasetError> {
+        let cache = ManifestCache::default();
+        let key = b"d\0\0\0\0\x01".to_vec();
+        let one =
+            serde_json::to_vec(&manifest(1)).map_err(|_| DatasetError::Damaged("t".into()))?;
+        let two =
+            serde_json::to_vec(&manifest(2)).map_err(|_| DatasetError::Damaged("t".into()))?;
+        assert_eq!(cache.parse(key.clone(), one.clone())?, manifest(1));
+        assert_eq!(cache.parse(key.clone(), one)?, manifest(1));
+        // Same key, other bytes: parsed afresh, never the cached manifest.
+        assert_eq!(cache.parse(key.clone(), two)?, manifest(2));
+        assert!(matches!(
+            cache.parse(key, b"{not json".to_vec()),
+            Err(DatasetError::Damaged(_))
+        ));
+        for n in 0..ManifestCache::CAPACITY + 10 {
+            let bytes = serde_json::to_vec(&manifest(n as u32))
+                .map_err(|_| DatasetError::Damaged("t".into()))?;
+            cache.parse(n.to_be_bytes().to_vec(), bytes)?;
+        }
+        let len = cache.map.lock().map(|m| m.len()).unwrap_or(usize::MAX);
+        assert!(len <= ManifestCache::CAPACITY, "{len} entries");
+        Ok(())
     }
 }

@@ -462,8 +462,8 @@ impl Trained {
                     i += 1;
                 }
                 let mut stack = DenseStack::new(&widths, &mut Rng::new(0))?;
+                let dev = stack.device().clone();
                 for ((w, b), (shape, wv, bv)) in stack.layers.iter_mut().zip(tensors) {
-                    let dev = model::compute_device();
                     w.set(
                         &candle_core::Tensor::from_vec(wv, (shape[0], shape[1]), &dev)
                             .map_err(KernelError::from)?,

@@ -305,12 +305,34 @@ pub fn softmax(row: &mut [f32]) {
 /// Where the dense layers run: the first CUDA GPU when built with the `cuda`
 /// feature and one is present, else the CPU. (The sparse input layer is CPU
 /// code either way.)
+///
+/// The device is opened once per process and shared: every candle CUDA
+/// device carries its own id, context handle and cuBLAS handle, and tensors
+/// of two different ones cannot meet in one operation, so opening one per
+/// call would both waste seconds and fail the first matrix product.
 pub fn compute_device() -> Device {
-    if cfg!(feature = "cuda") {
-        Device::cuda_if_available(0).unwrap_or(Device::Cpu)
-    } else {
-        Device::Cpu
-    }
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            if !cfg!(feature = "cuda") {
+                return Device::Cpu;
+            }
+            match Device::cuda_if_available(0) {
+                Ok(Device::Cpu) => {
+                    tracing::info!("built with CUDA but no GPU found: dense layers on the CPU");
+                    Device::Cpu
+                }
+                Ok(dev) => {
+                    tracing::info!("dense layers on CUDA GPU 0");
+                    dev
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "CUDA GPU 0 failed to open: dense layers on the CPU");
+                    Device::Cpu
+                }
+            }
+        })
+        .clone()
 }
 
 /// The dense part of an MLP: hidden layers after the first, then the output
@@ -320,6 +342,7 @@ pub struct DenseStack {
     /// `(weight [in, out], bias [out])` per layer, last = output layer.
     pub layers: Vec<(Var, Var)>,
     adam: Vec<[Tensor; 4]>,
+    dev: Device,
     t: i32,
 }
 
@@ -345,7 +368,12 @@ impl DenseStack {
             ]);
             layers.push((w, b));
         }
-        Ok(Self { layers, adam, t: 0 })
+        Ok(Self {
+            layers,
+            adam,
+            dev,
+            t: 0,
+        })
     }
 
     /// Forward pass: ReLU between layers, logits out.
@@ -373,9 +401,9 @@ impl DenseStack {
         lr: f32,
         l2: f32,
     ) -> Result<(f32, Vec<f32>), KernelError> {
-        let dev = compute_device();
+        let dev = &self.dev;
         let width = h.len() / batch.max(1);
-        let hv = Var::from_tensor(&Tensor::from_slice(h, (batch, width), &dev)?)?;
+        let hv = Var::from_tensor(&Tensor::from_slice(h, (batch, width), dev)?)?;
         let logits = self.forward(hv.as_tensor())?;
         let k = logits.dim(1)?;
         let total: f32 = weights.iter().sum::<f32>().max(f32::MIN_POSITIVE);
@@ -383,7 +411,7 @@ impl DenseStack {
         for (r, &y) in labels.iter().enumerate() {
             target[r * k + y] = weights[r] / total;
         }
-        let target = Tensor::from_vec(target, (batch, k), &dev)?;
+        let target = Tensor::from_vec(target, (batch, k), dev)?;
         let lse = logits.log_sum_exp(1)?.unsqueeze(1)?;
         let logp = logits.broadcast_sub(&lse)?;
         let loss = (logp * target)?.sum_all()?.neg()?;
@@ -414,10 +442,15 @@ impl DenseStack {
         Ok((loss.to_scalar::<f32>()?, dh))
     }
 
+    /// The device the layers live on.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
     /// Probabilities for input activations.
     pub fn predict(&self, h: &[f32], batch: usize) -> Result<Vec<f32>, KernelError> {
         let width = h.len() / batch.max(1);
-        let logits = self.forward(&Tensor::from_slice(h, (batch, width), &compute_device())?)?;
+        let logits = self.forward(&Tensor::from_slice(h, (batch, width), &self.dev)?)?;
         let mut out = logits.flatten_all()?.to_vec1::<f32>()?;
         let k = out.len() / batch.max(1);
         for row in out.chunks_mut(k.max(1)) {
@@ -527,6 +560,26 @@ mod tests {
             layer.step(&x, &rows, &logits, 0.1, 0.0, None);
         }
         assert!(last < 0.05, "loss {last}");
+    }
+
+    #[test]
+    fn every_stack_shares_the_one_compute_device() -> Result<(), KernelError> {
+        let a = DenseStack::new(&[4, 2], &mut Rng::new(1))?;
+        let b = DenseStack::new(&[4, 2], &mut Rng::new(2))?;
+        assert!(a.device().same_device(b.device()));
+        assert!(a.device().same_device(&compute_device()));
+        if !cfg!(feature = "cuda") {
+            assert!(a.device().is_cpu());
+        }
+        // On a GPU machine, `CLOISTER_REQUIRE_GPU=1` turns a silent CPU
+        // fallback of a CUDA build into a failure.
+        if std::env::var_os("CLOISTER_REQUIRE_GPU").is_some() {
+            assert!(
+                a.device().is_cuda(),
+                "CLOISTER_REQUIRE_GPU is set but the device is the CPU"
+            );
+        }
+        Ok(())
     }
 
     #[test]
