@@ -124,7 +124,7 @@ async fn me(State(k): S, h: HeaderMap) -> Out {
 
 async fn datasets(State(k): S, h: HeaderMap) -> Out {
     let u = reader(&k, &h).await?.user;
-    to_json(blocking(&k, move |c| c.list_datasets(&u)).await?)
+    to_json(k.c.list_datasets_async(&u).await?)
 }
 
 #[derive(Deserialize)]

@@ -281,6 +281,35 @@ impl Cloister {
         resource: &Resource,
         params: &impl Serialize,
     ) -> Result<(), ServiceError> {
+        let (allowed, record) = self.decide(who, action, resource, params);
+        self.env.audit().append(record)?;
+        Self::verdict(allowed, who, action, resource)
+    }
+
+    /// [`Cloister::guard`] for async callers: the same decision and the
+    /// same audit record, queued at once (so its place in the log is the
+    /// call's), then awaited until it is on disk without holding a thread.
+    /// Nothing is allowed before the record is durable.
+    pub async fn guard_async(
+        &self,
+        who: &Principal,
+        action: Action,
+        resource: &Resource,
+        params: &impl Serialize,
+    ) -> Result<(), ServiceError> {
+        let (allowed, record) = self.decide(who, action, resource, params);
+        self.env.audit().submit(record)?.await?;
+        Self::verdict(allowed, who, action, resource)
+    }
+
+    /// The policy decision on a request and the audit record of it.
+    fn decide(
+        &self,
+        who: &Principal,
+        action: Action,
+        resource: &Resource,
+        params: &impl Serialize,
+    ) -> (bool, AuditRecord) {
         let decision = self
             .env
             .policy()
@@ -288,7 +317,7 @@ impl Cloister {
         if !decision.errors.is_empty() {
             tracing::warn!(action = action.as_str(), errors = ?decision.errors, "policy evaluation errors (treated as non-matching)");
         }
-        self.env.audit().append(AuditRecord {
+        let record = AuditRecord {
             actor: who.name.clone(),
             action: action.as_str().to_string(),
             resource: resource.uid_text(),
@@ -299,8 +328,17 @@ impl Cloister {
             },
             policies: decision.policies,
             params: params_digest(params),
-        })?;
-        if decision.allowed {
+        };
+        (decision.allowed, record)
+    }
+
+    fn verdict(
+        allowed: bool,
+        who: &Principal,
+        action: Action,
+        resource: &Resource,
+    ) -> Result<(), ServiceError> {
+        if allowed {
             Ok(())
         } else {
             Err(ServiceError::Denied {
@@ -449,6 +487,23 @@ impl Cloister {
             &Resource::Environment,
             &(),
         )?;
+        Ok(datasets::list(&self.env)?)
+    }
+
+    /// [`Cloister::list_datasets`] for async callers (the console's most
+    /// frequent read): the audit wait holds no thread, and the listing
+    /// itself reads a few manifests from the store's cache.
+    pub async fn list_datasets_async(
+        &self,
+        who: &User,
+    ) -> Result<Vec<DatasetVersion>, ServiceError> {
+        self.guard_async(
+            &who.principal(),
+            Action::ListDatasets,
+            &Resource::Environment,
+            &(),
+        )
+        .await?;
         Ok(datasets::list(&self.env)?)
     }
 

@@ -627,3 +627,29 @@ fn a_bad_api_token_is_refused_and_audited() {
     }
     assert_eq!(authentications(), before + 2);
 }
+
+#[test]
+fn every_dataset_listing_is_on_disk_in_the_audit_log_before_its_answer() {
+    // GET /api/datasets waits for its audit record without a thread
+    // (`Cloister::guard_async`); the record must still be durable and
+    // visible by the time the answer arrives, one per request.
+    let listings = || {
+        let r = as_role(
+            "auditor",
+            "GET",
+            "/api/audit?action=list_datasets&actor=scientist&decision=allow&limit=100000",
+            None,
+        );
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        r.json().as_array().map_or(0, Vec::len)
+    };
+    let before = listings();
+    for n in 1..=5 {
+        let r = as_role("scientist", "GET", "/api/datasets", None);
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert!(r.text().contains("\"spam\""), "{}", r.text());
+        // At least: other tests of this binary list datasets as the same
+        // user at the same time.
+        assert!(listings() >= before + n);
+    }
+}

@@ -170,7 +170,29 @@ pub struct InclusionProof {
 
 struct Job {
     record: AuditRecord,
-    reply: SyncSender<Result<u64, AuditError>>,
+    reply: Reply,
+}
+
+/// Where the committer reports a record's sequence number: a thread blocked
+/// in [`AuditLog::append`], or a task awaiting [`AuditLog::submit`].
+enum Reply {
+    Blocking(SyncSender<Result<u64, AuditError>>),
+    Async(tokio::sync::oneshot::Sender<Result<u64, AuditError>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<u64, AuditError>) {
+        // A caller that went away (a dropped request) needs no answer; its
+        // record is committed all the same.
+        match self {
+            Reply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -309,18 +331,37 @@ impl AuditLog {
     /// Appends one record durably and returns its sequence number. Blocks
     /// until the record is on disk; concurrent callers share one flush.
     pub fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        self.check_available()?;
         let (reply, wait) = sync_channel(1);
-        {
-            let tx = self.tx.lock().map_err(|_| poisoned())?;
-            let tx = tx
-                .as_ref()
-                .ok_or_else(|| AuditError::Unavailable("the log is closed".into()))?;
-            tx.send(Job { record, reply })
-                .map_err(|_| AuditError::Unavailable("the committer stopped".into()))?;
-        }
+        self.enqueue(record, Reply::Blocking(reply))?;
         wait.recv()
             .map_err(|_| AuditError::Unavailable("the committer stopped".into()))?
+    }
+
+    /// Queues one record for the next group commit and returns a future of
+    /// its sequence number, ready once the record is on disk: the
+    /// [`AuditLog::append`] of async callers, which wait without holding a
+    /// thread. The record's place in the log is fixed by this call; it is
+    /// committed even if the future is dropped.
+    pub fn submit(
+        &self,
+        record: AuditRecord,
+    ) -> Result<impl Future<Output = Result<u64, AuditError>> + Send + 'static, AuditError> {
+        let (reply, wait) = tokio::sync::oneshot::channel();
+        self.enqueue(record, Reply::Async(reply))?;
+        Ok(async move {
+            wait.await
+                .map_err(|_| AuditError::Unavailable("the committer stopped".into()))?
+        })
+    }
+
+    fn enqueue(&self, record: AuditRecord, reply: Reply) -> Result<(), AuditError> {
+        self.check_available()?;
+        let tx = self.tx.lock().map_err(|_| poisoned())?;
+        let tx = tx
+            .as_ref()
+            .ok_or_else(|| AuditError::Unavailable("the log is closed".into()))?;
+        tx.send(Job { record, reply })
+            .map_err(|_| AuditError::Unavailable("the committer stopped".into()))
     }
 
     fn check_available(&self) -> Result<(), AuditError> {
@@ -700,7 +741,7 @@ fn committer(inner: &Inner, rx: &Receiver<Job>) {
                 Ok(first_seq) => Ok(first_seq + i as u64),
                 Err(why) => Err(AuditError::Unavailable(why.clone())),
             };
-            let _ = job.reply.send(reply);
+            job.reply.send(reply);
         }
     }
 }
