@@ -179,7 +179,11 @@ pub(crate) fn lines(title: &str, x_label: &str, series: &[Series<'_>]) -> String
         x1 = x0 + 1.0;
     }
     if y1 <= y0 {
-        y1 = y0 + 1e-3;
+        // A flat series (say, a validation accuracy that never moved) is
+        // drawn across the middle, not along the axis.
+        let pad = (y0.abs() * 0.01).max(1e-3);
+        y0 -= pad;
+        y1 += pad;
     }
     let (w, h, l, t) = (520.0, 240.0, 50.0, 24.0);
     let (pw, ph) = (w - l - 20.0, h - t - 40.0);
