@@ -434,6 +434,23 @@ target = { metric = "accuracy", value = 0.98 }
 "#;
 
     #[test]
+    fn the_shipped_pipelines_parse() {
+        for (file, text) in [
+            (
+                "spam-active-learning.toml",
+                include_str!("../../../pipelines/spam-active-learning.toml"),
+            ),
+            (
+                "spam-active-learning-capped.toml",
+                include_str!("../../../pipelines/spam-active-learning-capped.toml"),
+            ),
+        ] {
+            let s = PipelineSpec::parse(file, text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(s.dataset, "spamassassin", "{file}");
+        }
+    }
+
+    #[test]
     fn a_good_spec_parses_with_config_as_text() {
         let s = PipelineSpec::parse("p.toml", GOOD).unwrap();
         assert_eq!(s.features.config, [("buckets".into(), "65536".into())]);
