@@ -287,9 +287,9 @@ impl Cloister {
     }
 
     /// [`Cloister::guard`] for async callers: the same decision and the
-    /// same audit record, queued at once (so its place in the log is the
-    /// call's), then awaited until it is on disk without holding a thread.
-    /// Nothing is allowed before the record is durable.
+    /// same audit record, queued when the future is first polled, then
+    /// awaited until it is on disk without holding a thread. Nothing is
+    /// allowed before the record is durable.
     pub async fn guard_async(
         &self,
         who: &Principal,
