@@ -127,6 +127,8 @@ def main():
     ap.add_argument("--max-auto", type=int, default=None,
                     help="also run dual-agree with at most N automatic labels per round "
                          "(strategy dual-agree-capN)")
+    ap.add_argument("--within", type=float, default=0.5,
+                    help="points of test accuracy below full data that count as reached")
     ap.add_argument("--strategies", default=None,
                     help="comma-separated subset of the strategies to run")
     a = ap.parse_args()
@@ -168,7 +170,7 @@ def main():
           f"seeds {a.seeds}; {a.per_round} labels per round starting from {a.per_round} random ones; "
           f"pool ≈ {pool:.0f} records; full-data committee test accuracy {fmt([f[1] for f in full.values()])}.\n")
     print("| strategy | " + " | ".join(f"{n} labels" for n in CHECKPOINTS) +
-          " | labels to within 0.5 pt of full data | auto labels | auto precision |")
+          f" | labels to within {a.within} pt of full data | auto labels | auto precision |")
     print("|---|" + "---|" * (len(CHECKPOINTS) + 3))
     for name in STRATEGIES:
         cells = []
@@ -176,7 +178,7 @@ def main():
             cells.append(fmt([at(results[name][s][0], n) for s in seeds]))
         reach = []
         for s in seeds:
-            hit = [m for m, acc in results[name][s][0] if acc is not None and acc >= full[s][1] - 0.005]
+            hit = [m for m, acc in results[name][s][0] if acc is not None and acc >= full[s][1] - a.within / 100]
             reach.append(min(hit) if hit else None)
         reach_txt = ", ".join(str(r) if r is not None else f">{a.budget}" for r in reach)
         autos = [results[name][s][1]["auto_accepted"] for s in seeds]
