@@ -127,11 +127,14 @@ def main():
     ap.add_argument("--max-auto", type=int, default=None,
                     help="also run dual-agree with at most N automatic labels per round "
                          "(strategy dual-agree-capN)")
+    ap.add_argument("--threshold", type=float, default=0.9,
+                    help="dual-agree's confidence threshold")
     ap.add_argument("--within", type=float, default=0.5,
                     help="points of test accuracy below full data that count as reached")
     ap.add_argument("--strategies", default=None,
                     help="comma-separated subset of the strategies to run")
     a = ap.parse_args()
+    STRATEGIES["dual-agree"] = f'plugin = "dual-agree"\nconfig = {{ threshold = {a.threshold} }}'
     if a.max_auto is not None:
         STRATEGIES[f"dual-agree-cap{a.max_auto}"] = (
             STRATEGIES["dual-agree"], f"max_auto_per_round = {a.max_auto}")
@@ -143,7 +146,7 @@ def main():
     global CHECKPOINTS
     CHECKPOINTS = [int(c) for c in a.checkpoints.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
-    rounds = a.budget // a.per_round
+    rounds = -(-a.budget // a.per_round)
     with tempfile.TemporaryDirectory() as root:
         env, sci = setup(a.bin, a.data, root)
         full, results = {}, {name: {} for name in STRATEGIES}
@@ -168,7 +171,7 @@ def main():
     full_acc = statistics.mean(f[1] for f in full.values())
     print(f"Committee: logreg + mlp(hidden 64) on hashed-ngrams 2^{a.bits}; "
           f"seeds {a.seeds}; {a.per_round} labels per round starting from {a.per_round} random ones; "
-          f"pool ≈ {pool:.0f} records; full-data committee test accuracy {fmt([f[1] for f in full.values()])}.\n")
+          f"dual-agree threshold {a.threshold}; pool ≈ {pool:.0f} records; full-data committee test accuracy {fmt([f[1] for f in full.values()])}.\n")
     print("| strategy | " + " | ".join(f"{n} labels" for n in CHECKPOINTS) +
           f" | labels to within {a.within} pt of full data | auto labels | auto precision |")
     print("|---|" + "---|" * (len(CHECKPOINTS) + 3))

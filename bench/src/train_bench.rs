@@ -35,12 +35,14 @@ fn main() -> Result<()> {
     let mut data = Vec::new();
     let mut out = PathBuf::from("bench/results");
     let mut sets = Vec::new();
+    let mut reps = 1usize;
     let mut i = 1;
     while i < args.len() {
         let value = args.get(i + 1).context("flag without value")?;
         match args[i].as_str() {
             "--data" => data.push(PathBuf::from(value)),
             "--out" => out = PathBuf::from(value),
+            "--reps" => reps = value.parse().context("--reps N")?,
             "--set" => {
                 let (k, v) = value.split_once('=').context("--set KEY=VALUE")?;
                 sets.push((k.to_string(), v.to_string()));
@@ -51,7 +53,7 @@ fn main() -> Result<()> {
     }
     if data.is_empty() {
         bail!(
-            "usage: train-bench --data FILE.jsonl[.gz] [--data …] [--out DIR] [--set key=value …]"
+            "usage: train-bench --data FILE.jsonl[.gz] [--data …] [--out DIR] [--reps N] [--set key=value …]"
         );
     }
     let mut records = Vec::new();
@@ -135,7 +137,34 @@ fn main() -> Result<()> {
         train: &tr,
         val: &va,
     };
-    let fitted = train::fit(&template, data, &mut |_| {})?;
+    // Training is deterministic for a seed: every repetition must keep the
+    // same epoch; the times reported are medians over the repetitions.
+    let mut kept_times = Vec::new();
+    let mut totals = Vec::new();
+    let mut fitted = None;
+    for _ in 0..reps.max(1) {
+        let f = train::fit(&template, data, &mut |_| {})?;
+        kept_times.push(
+            f.curve
+                .iter()
+                .find(|c| c.epoch == f.best_epoch)
+                .map_or(f64::NAN, |c| c.elapsed_s),
+        );
+        totals.push(f.seconds);
+        if let Some(prev) = &fitted {
+            let prev: &train::Fitted = prev;
+            if prev.best_epoch != f.best_epoch {
+                bail!("repetitions kept different epochs: training is not deterministic");
+            }
+        }
+        fitted = Some(f);
+    }
+    let fitted = fitted.context("no repetition ran")?;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (kept_s, total_s) = (median(&mut kept_times), median(&mut totals));
     let probs = fitted.model.predict(&x, &te)?;
     let ids: Vec<String> = te.iter().map(|&r| records[r].id.clone()).collect();
     let truth: Vec<usize> = te.iter().map(|&r| y[r]).collect();
@@ -146,15 +175,16 @@ fn main() -> Result<()> {
         .map(|c| format!("{:.0}", c.samples_per_s))
         .collect();
     println!(
-        "cloister logreg: test accuracy {:.4}, macro F1 {:.4}, time to the kept epoch {:.2} s, total with early stopping {:.2} s ({} epochs, kept {}), samples/s per epoch [{}], peak RSS {:.0} MiB",
+        "cloister logreg: test accuracy {:.4}, macro F1 {:.4}, time to the kept epoch {:.2} s, total with early stopping {:.2} s (median of {reps}; kept-epoch times {}), {} epochs, kept {}, samples/s per epoch [{}], peak RSS {:.0} MiB",
         e.accuracy,
         e.macro_f1,
-        fitted
-            .curve
+        kept_s,
+        total_s,
+        kept_times
             .iter()
-            .find(|c| c.epoch == fitted.best_epoch)
-            .map_or(f64::NAN, |c| c.elapsed_s),
-        fitted.seconds,
+            .map(|t| format!("{t:.2}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         fitted.curve.len(),
         fitted.best_epoch,
         per_epoch.join(", "),
