@@ -129,12 +129,17 @@ def main():
                          "(strategy dual-agree-capN)")
     ap.add_argument("--threshold", type=float, default=0.9,
                     help="dual-agree's confidence threshold")
+    ap.add_argument("--balance", action="store_true",
+                    help="also run dual-agree with balance_classes = true "
+                         "(strategy dual-agree-balanced)")
     ap.add_argument("--within", type=float, default=0.5,
                     help="points of test accuracy below full data that count as reached")
     ap.add_argument("--strategies", default=None,
                     help="comma-separated subset of the strategies to run")
     a = ap.parse_args()
     STRATEGIES["dual-agree"] = f'plugin = "dual-agree"\nconfig = {{ threshold = {a.threshold} }}'
+    if a.balance:
+        STRATEGIES["dual-agree-balanced"] = (STRATEGIES["dual-agree"], "balance_classes = true")
     if a.max_auto is not None:
         STRATEGIES[f"dual-agree-cap{a.max_auto}"] = (
             STRATEGIES["dual-agree"], f"max_auto_per_round = {a.max_auto}")

@@ -199,6 +199,62 @@ fn an_oracle_job_runs_to_the_end_with_every_label_accounted_for() {
     assert!(e.c.cancel_job(&e.sci, &job.id).is_err());
 }
 
+/// Starts `spec` with the gold oracle and runs it; it must end `Done`.
+fn run_to_done(e: &Env, file: &str, spec: &str) -> jobs::Job {
+    let job =
+        e.c.start_job(&e.sci, file, spec, Some(Oracle::Gold))
+            .unwrap();
+    let job = e.c.run_job(&e.sci, &job.id, &mut |_| {}).unwrap();
+    assert!(
+        matches!(job.state, JobState::Done { .. }),
+        "{:?}",
+        job.state
+    );
+    job
+}
+
+/// The rounds that trained a committee and selected records (not the
+/// seed round, not the final one); at least one.
+fn selecting_rounds(job: &jobs::Job) -> Vec<&jobs::RoundReport> {
+    let rounds: Vec<_> = job
+        .rounds
+        .iter()
+        .filter(|r| !r.models.is_empty() && r.stop.is_none())
+        .collect();
+    assert!(!rounds.is_empty());
+    rounds
+}
+
+#[test]
+fn class_balanced_picks_fill_every_round_through_the_real_loop() {
+    let e = lock();
+    let spec = SPEC
+        .replace("max_rounds = 3", "max_rounds = 2")
+        .replace("budget = 120", "budget = 90\nbalance_classes = true");
+    let job = run_to_done(&e, "balanced.toml", &spec);
+    assert!(job.spec.settings.balance_classes);
+    let selecting = selecting_rounds(&job);
+    for r in &selecting {
+        // Balancing reorders the review list; it never takes fewer records
+        // than the round asks for while the selector offers enough.
+        assert_eq!(r.queued, 30, "round {}", r.round);
+    }
+    let store = e.c.env().store();
+    let queue = jobs::queue(store.as_ref(), &job.id).unwrap();
+    let selected = queue
+        .values()
+        .filter(|q| q.reason == QueueReason::Selected)
+        .count();
+    let queued: u64 = job
+        .rounds
+        .iter()
+        .filter(|r| r.round > 0)
+        .map(|r| r.queued)
+        .sum();
+    assert_eq!(selected as u64, queued);
+    assert_eq!(queued, 60, "two rounds of 30 within the budget of 90");
+}
+
 #[test]
 fn a_cap_on_automatic_labels_holds_back_the_rest_for_later_rounds() {
     let e = lock();
@@ -209,21 +265,8 @@ fn a_cap_on_automatic_labels_holds_back_the_rest_for_later_rounds() {
         .replace("seed_labels = 30", "seed_labels = 120")
         .replace("max_rounds = 3", "max_rounds = 2")
         .replace("budget = 120", "budget = 200\nmax_auto_per_round = 2");
-    let job =
-        e.c.start_job(&e.sci, "capped.toml", &spec, Some(Oracle::Gold))
-            .unwrap();
-    let job = e.c.run_job(&e.sci, &job.id, &mut |_| {}).unwrap();
-    assert!(
-        matches!(job.state, JobState::Done { .. }),
-        "{:?}",
-        job.state
-    );
-    let selecting: Vec<_> = job
-        .rounds
-        .iter()
-        .filter(|r| !r.models.is_empty() && r.stop.is_none())
-        .collect();
-    assert!(!selecting.is_empty());
+    let job = run_to_done(&e, "capped.toml", &spec);
+    let selecting = selecting_rounds(&job);
     for r in &selecting {
         assert!(
             r.auto_accepted <= 2,

@@ -143,6 +143,53 @@ fn mean_probs(per_model: &[Vec<f32>]) -> Vec<f32> {
 
 /// Deterministic model ids for a job's final models, so a finish step that
 /// is redone after a crash finds the models it already saved.
+/// The class with the highest summed probability over the models (the
+/// committee's prediction); the first on ties.
+fn predicted_class(models: &[Vec<f32>]) -> usize {
+    let k = models.iter().map(Vec::len).max().unwrap_or(0);
+    let mut best = (0, f32::NEG_INFINITY);
+    for c in 0..k {
+        let p: f32 = models
+            .iter()
+            .map(|m| m.get(c).copied().unwrap_or(0.0))
+            .sum();
+        if p > best.1 {
+            best = (c, p);
+        }
+    }
+    best.0
+}
+
+/// Up to `take` of `review` (sorted most urgent first; entries are
+/// priority, row, predicted class), spread over the predicted classes: one
+/// from each class in turn, classes in the order of their most urgent
+/// record, and within a class most urgent first.
+fn balance_by_class(review: &[(f32, usize, usize)], take: usize) -> Vec<(f32, usize)> {
+    let mut order: Vec<usize> = Vec::new();
+    let mut by_class: HashMap<usize, Vec<(f32, usize)>> = HashMap::new();
+    for &(p, i, c) in review {
+        let group = by_class.entry(c).or_insert_with(|| {
+            order.push(c);
+            Vec::new()
+        });
+        group.push((p, i));
+    }
+    let mut out = Vec::with_capacity(take.min(review.len()));
+    let mut rank = 0;
+    while out.len() < take.min(review.len()) {
+        for c in &order {
+            if out.len() == take {
+                break;
+            }
+            if let Some(&item) = by_class.get(c).and_then(|g| g.get(rank)) {
+                out.push(item);
+            }
+        }
+        rank += 1;
+    }
+    out
+}
+
 fn final_model_id(job: &str, k: usize) -> String {
     let d = Digest::of(format!("{job}/final/{k}").as_bytes()).to_hex();
     format!("m-{}", &d[..12])
@@ -836,7 +883,8 @@ impl Cloister {
                         let decisions = plugin
                             .runner(self.runtime()?, config, Limits::default())?
                             .select(&job.classes, &sets)?;
-                        let mut review: Vec<(f32, usize)> = Vec::new();
+                        // (priority, row, the committee's predicted class)
+                        let mut review: Vec<(f32, usize, usize)> = Vec::new();
                         // (least model confidence in the label, row, class, set)
                         let mut auto: Vec<(f32, usize, usize, usize)> = Vec::new();
                         for (n, (d, set)) in decisions.iter().zip(&sets).enumerate() {
@@ -855,7 +903,9 @@ impl Cloister {
                                         .fold(f32::INFINITY, f32::min);
                                     auto.push((least, i, c, n));
                                 }
-                                types::Action::HumanReview => review.push((d.priority, i)),
+                                types::Action::HumanReview => {
+                                    review.push((d.priority, i, predicted_class(&set.models)));
+                                }
                                 types::Action::Skip => {}
                             }
                         }
@@ -905,8 +955,15 @@ impl Cloister {
                             b.0.total_cmp(&a.0)
                                 .then_with(|| prep.rows[a.1].id.cmp(&prep.rows[b.1].id))
                         });
-                        review.truncate(take);
-                        review
+                        if settings.balance_classes {
+                            balance_by_class(&review, take)
+                        } else {
+                            review
+                                .into_iter()
+                                .take(take)
+                                .map(|(p, i, _)| (p, i))
+                                .collect()
+                        }
                     }
                 };
                 for (k, (p, i)) in chosen.into_iter().enumerate() {
@@ -1422,6 +1479,33 @@ mod tests {
         assert_eq!(
             parse_label_file("l.csv", "id,label\na,x\n").unwrap().len(),
             1
+        );
+    }
+
+    #[test]
+    fn balanced_picks_take_one_per_predicted_class_in_turn() {
+        // Sorted most urgent first: class 3 dominates the top.
+        let review = [
+            (0.9, 10, 3),
+            (0.8, 11, 3),
+            (0.7, 12, 3),
+            (0.6, 20, 1),
+            (0.5, 13, 3),
+            (0.4, 30, 2),
+            (0.3, 21, 1),
+        ];
+        let rows = |v: Vec<(f32, usize)>| v.into_iter().map(|(_, i)| i).collect::<Vec<_>>();
+        assert_eq!(rows(balance_by_class(&review, 4)), [10, 20, 30, 11]);
+        assert_eq!(
+            rows(balance_by_class(&review, 7)),
+            [10, 20, 30, 11, 21, 12, 13]
+        );
+        assert_eq!(balance_by_class(&review, 100).len(), 7);
+        assert!(balance_by_class(&review, 0).is_empty());
+        assert!(balance_by_class(&[], 5).is_empty());
+        assert_eq!(
+            predicted_class(&[vec![0.2, 0.5, 0.3], vec![0.1, 0.3, 0.6]]),
+            2
         );
     }
 

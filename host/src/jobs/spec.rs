@@ -91,6 +91,11 @@ pub struct LoopSettings {
     /// the rest stay in the pool for better models to decide. `None`: no cap.
     #[serde(default)]
     pub max_auto_per_round: Option<usize>,
+    /// Spread each round's human picks over the committee's predicted
+    /// classes (round-robin, most urgent first within a class) instead of
+    /// taking the most urgent records overall.
+    #[serde(default)]
+    pub balance_classes: bool,
 }
 
 /// A validated pipeline specification.
@@ -188,6 +193,8 @@ struct RawLoop {
     price_per_label: f64,
     #[serde(default)]
     max_auto_per_round: Option<usize>,
+    #[serde(default)]
+    balance_classes: bool,
 }
 
 fn default_badcases() -> usize {
@@ -253,7 +260,22 @@ impl PipelineSpec {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            err(line, e.message().trim().to_string())
+            let message = e.message().trim();
+            // A bad value's span is the value; name its key too.
+            let key = line
+                .and_then(|l| text.lines().nth(l - 1))
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| {
+                    !k.is_empty()
+                        && !message.contains(*k)
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                });
+            match key {
+                Some(k) => err(line, format!("`{k}`: {message}")),
+                None => err(line, message.to_string()),
+            }
         })?;
         let at = |key: &str| line_of(text, key);
         let check_name = |what: &str, v: &str| {
@@ -397,6 +419,7 @@ impl PipelineSpec {
                 badcases_per_round: l.badcases_per_round,
                 price_per_label: l.price_per_label,
                 max_auto_per_round: l.max_auto_per_round,
+                balance_classes: l.balance_classes,
             },
             labelers,
             oracle: raw.oracle,
@@ -491,6 +514,26 @@ target = { metric = "accuracy", value = 0.98 }
                 .settings
                 .max_auto_per_round,
             None
+        );
+
+        let balanced = GOOD.replace("budget = 500", "budget = 500\nbalance_classes = true");
+        assert!(
+            PipelineSpec::parse("p.toml", &balanced)
+                .unwrap()
+                .settings
+                .balance_classes
+        );
+        assert!(
+            !PipelineSpec::parse("p.toml", GOOD)
+                .unwrap()
+                .settings
+                .balance_classes
+        );
+        let bad = GOOD.replace("budget = 500", "budget = 500\nbalance_classes = \"yes\"");
+        let e = PipelineSpec::parse("p.toml", &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("p.toml:23:") && e.contains("balance_classes"),
+            "{e}"
         );
 
         let bad = GOOD.replace("value = 0.98", "value = 1.5");
