@@ -151,11 +151,11 @@ fn main() -> Result<()> {
                 .map_or(f64::NAN, |c| c.elapsed_s),
         );
         totals.push(f.seconds);
-        if let Some(prev) = &fitted {
-            let prev: &train::Fitted = prev;
-            if prev.best_epoch != f.best_epoch {
-                bail!("repetitions kept different epochs: training is not deterministic");
-            }
+        if fitted
+            .as_ref()
+            .is_some_and(|prev: &train::Fitted| prev.best_epoch != f.best_epoch)
+        {
+            bail!("repetitions kept different epochs: training is not deterministic");
         }
         fitted = Some(f);
     }

@@ -141,18 +141,11 @@ fn mean_probs(per_model: &[Vec<f32>]) -> Vec<f32> {
     out
 }
 
-/// Deterministic model ids for a job's final models, so a finish step that
-/// is redone after a crash finds the models it already saved.
-/// The class with the highest summed probability over the models (the
-/// committee's prediction); the first on ties.
+/// The committee's prediction for one record: the class with the highest
+/// mean probability over the models, the first on ties.
 fn predicted_class(models: &[Vec<f32>]) -> usize {
-    let k = models.iter().map(Vec::len).max().unwrap_or(0);
     let mut best = (0, f32::NEG_INFINITY);
-    for c in 0..k {
-        let p: f32 = models
-            .iter()
-            .map(|m| m.get(c).copied().unwrap_or(0.0))
-            .sum();
+    for (c, p) in mean_probs(models).into_iter().enumerate() {
         if p > best.1 {
             best = (c, p);
         }
@@ -174,11 +167,12 @@ fn balance_by_class(review: &[(f32, usize, usize)], take: usize) -> Vec<(f32, us
         });
         group.push((p, i));
     }
-    let mut out = Vec::with_capacity(take.min(review.len()));
+    let want = take.min(review.len());
+    let mut out = Vec::with_capacity(want);
     let mut rank = 0;
-    while out.len() < take.min(review.len()) {
+    while out.len() < want {
         for c in &order {
-            if out.len() == take {
+            if out.len() == want {
                 break;
             }
             if let Some(&item) = by_class.get(c).and_then(|g| g.get(rank)) {
@@ -190,6 +184,8 @@ fn balance_by_class(review: &[(f32, usize, usize)], take: usize) -> Vec<(f32, us
     out
 }
 
+/// Deterministic model ids for a job's final models, so a finish step that
+/// is redone after a crash finds the models it already saved.
 fn final_model_id(job: &str, k: usize) -> String {
     let d = Digest::of(format!("{job}/final/{k}").as_bytes()).to_hex();
     format!("m-{}", &d[..12])
