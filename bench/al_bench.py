@@ -132,6 +132,9 @@ def main():
     ap.add_argument("--balance", action="store_true",
                     help="also run dual-agree with balance_classes = true "
                          "(strategy dual-agree-balanced)")
+    ap.add_argument("--margin", action="store_true",
+                    help="also run dual-agree with rank = \"margin\" "
+                         "(strategy dual-agree-margin)")
     ap.add_argument("--within", type=float, default=0.5,
                     help="points of test accuracy below full data that count as reached")
     ap.add_argument("--strategies", default=None,
@@ -140,6 +143,9 @@ def main():
     STRATEGIES["dual-agree"] = f'plugin = "dual-agree"\nconfig = {{ threshold = {a.threshold} }}'
     if a.balance:
         STRATEGIES["dual-agree-balanced"] = (STRATEGIES["dual-agree"], "balance_classes = true")
+    if a.margin:
+        STRATEGIES["dual-agree-margin"] = (
+            f'plugin = "dual-agree"\nconfig = {{ threshold = {a.threshold}, rank = "margin" }}', "")
     if a.max_auto is not None:
         STRATEGIES[f"dual-agree-cap{a.max_auto}"] = (
             STRATEGIES["dual-agree"], f"max_auto_per_round = {a.max_auto}")

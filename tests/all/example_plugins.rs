@@ -230,6 +230,63 @@ fn dual_agree_rule() {
 }
 
 #[test]
+fn dual_agree_margin_rank() {
+    let p = bundled("dual-agree");
+    let mut inst = p
+        .instantiate(
+            runtime(),
+            &cfg(&[("threshold", "0.95"), ("rank", "margin")]),
+            &Limits::default(),
+        )
+        .unwrap();
+    let classes: Vec<String> = ["a", "b", "c", "d"].iter().map(|c| c.to_string()).collect();
+    let d = inst
+        .select(
+            &classes,
+            &[
+                // Flat over four classes: low top probability, wide margin
+                // relative to its rivals (0.4 - 0.2).
+                ps("flat", &[&[0.4, 0.2, 0.2, 0.2], &[0.4, 0.2, 0.2, 0.2]]),
+                // A two-way confusion: higher top probability, tiny margin.
+                ps("torn", &[&[0.5, 0.45, 0.05, 0.0], &[0.5, 0.45, 0.05, 0.0]]),
+                // Disagreement still ranks first; the mean is [0.45, 0.45, ..].
+                ps("split", &[&[0.8, 0.1, 0.1, 0.0], &[0.1, 0.8, 0.1, 0.0]]),
+                ps("sure", &[&[0.0, 0.0, 0.99, 0.01], &[0.0, 0.0, 0.98, 0.02]]),
+            ],
+        )
+        .unwrap();
+    assert!((d[0].priority - 0.8).abs() < 1e-6, "{}", d[0].priority);
+    assert!((d[1].priority - 0.95).abs() < 1e-6, "{}", d[1].priority);
+    assert!((d[2].priority - 2.0).abs() < 1e-6, "{}", d[2].priority);
+    assert_eq!(d[3].action, Action::AutoAccept(2));
+    // With the default rank the flat record would come first (1 - 0.4 > 1 - 0.5).
+    let mut conf = p
+        .instantiate(
+            runtime(),
+            &cfg(&[("threshold", "0.95")]),
+            &Limits::default(),
+        )
+        .unwrap();
+    let c = conf
+        .select(
+            &classes,
+            &[
+                ps("flat", &[&[0.4, 0.2, 0.2, 0.2], &[0.4, 0.2, 0.2, 0.2]]),
+                ps("torn", &[&[0.5, 0.45, 0.05, 0.0], &[0.5, 0.45, 0.05, 0.0]]),
+            ],
+        )
+        .unwrap();
+    assert!(c[0].priority > c[1].priority);
+    match p.instantiate(runtime(), &cfg(&[("rank", "entropy")]), &Limits::default()) {
+        Err(RuntimeError::Plugin {
+            code: ErrorCode::InvalidConfig,
+            key,
+        }) => assert_eq!(key.as_deref(), Some("rank")),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
 fn uncertainty_selectors_order_by_uncertainty() {
     let classes = vec!["a".to_string(), "b".to_string()];
     let items = [

@@ -3,9 +3,12 @@
 //! it is at least `threshold`, the label is accepted automatically; otherwise
 //! the record goes to human review with a priority that grows with the
 //! models' disagreement (number of distinct predicted classes) and their
-//! uncertainty (one minus the mean top probability).
+//! uncertainty: with `rank = "confidence"` (the default) one minus the mean
+//! top probability, with `rank = "margin"` one minus the gap between the two
+//! most likely classes of the models' mean distribution (which on many-class
+//! data tells a two-way confusion from a flat, uninformative distribution).
 
-use cloister_plugin_sdk::stats::argmax;
+use cloister_plugin_sdk::stats::{argmax, mean_distribution};
 use cloister_plugin_sdk::{
     Action, Config, ConfigKey, Plugin, PluginError, PredictionSet, Selector, Verdict,
 };
@@ -15,6 +18,17 @@ use cloister_plugin_sdk::{
 pub struct DualAgree {
     threshold: f32,
     min_models: usize,
+    rank: Rank,
+}
+
+/// How uncertainty is measured for records sent to humans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rank {
+    /// One minus the mean of each model's top probability.
+    Confidence,
+    /// One minus the margin between the top two classes of the mean
+    /// distribution.
+    Margin,
 }
 
 impl Plugin for DualAgree {
@@ -35,6 +49,11 @@ impl Plugin for DualAgree {
                 "2",
                 "fewest models a prediction set must hold (>= 2)",
             ),
+            ConfigKey::new(
+                "rank",
+                "confidence",
+                "uncertainty for human review: `confidence` (1 - mean top probability) or `margin` (1 - gap between the top two classes of the mean distribution)",
+            ),
         ]
     }
 
@@ -53,9 +72,20 @@ impl Plugin for DualAgree {
                 "must be at least 2",
             ));
         }
+        let rank = match config.get_str("rank")?.trim() {
+            "confidence" => Rank::Confidence,
+            "margin" => Rank::Margin,
+            _ => {
+                return Err(PluginError::invalid_config(
+                    "rank",
+                    "must be `confidence` or `margin`",
+                ));
+            }
+        };
         Ok(DualAgree {
             threshold,
             min_models,
+            rank,
         })
     }
 }
@@ -100,12 +130,49 @@ impl Selector for DualAgree {
         let mut distinct: Vec<usize> = tops.iter().map(|&(c, _)| c).collect();
         distinct.sort_unstable();
         distinct.dedup();
-        let mean_top = tops.iter().map(|&(_, p)| p).sum::<f32>() / tops.len() as f32;
+        let uncertainty = match self.rank {
+            Rank::Confidence => 1.0 - tops.iter().map(|&(_, p)| p).sum::<f32>() / tops.len() as f32,
+            Rank::Margin => {
+                let mean = mean_distribution(&item.models).ok_or_else(|| {
+                    PluginError::invalid_input(format!("bad distributions for {}", item.id))
+                })?;
+                1.0 - top_two_margin(&mean)
+            }
+        };
         Ok(Verdict {
             action: Action::HumanReview,
-            priority: (distinct.len() - 1) as f32 + (1.0 - mean_top),
+            priority: (distinct.len() - 1) as f32 + uncertainty,
         })
     }
 }
 
+/// The gap between the largest and the second largest probability (the
+/// largest itself when there is one class).
+fn top_two_margin(p: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, 0.0f32);
+    for &v in p {
+        if v > first {
+            second = first.max(0.0);
+            first = v;
+        } else if v > second {
+            second = v;
+        }
+    }
+    first - second
+}
+
 cloister_plugin_sdk::export_selector!(DualAgree);
+
+#[cfg(test)]
+mod tests {
+    use super::top_two_margin;
+
+    #[test]
+    fn margin_between_the_two_most_likely_classes() {
+        assert!((top_two_margin(&[0.05, 0.5, 0.45]) - 0.05).abs() < 1e-6);
+        assert!((top_two_margin(&[0.45, 0.05, 0.5]) - 0.05).abs() < 1e-6);
+        assert_eq!(top_two_margin(&[0.5, 0.5]), 0.0);
+        assert_eq!(top_two_margin(&[1.0]), 1.0);
+        assert_eq!(top_two_margin(&[0.0, 0.0, 1.0]), 1.0);
+    }
+}
