@@ -22,7 +22,7 @@ pub struct DualAgree {
 }
 
 /// How uncertainty is measured for records sent to humans.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Rank {
     /// One minus the mean of each model's top probability.
     Confidence,
