@@ -28,9 +28,8 @@ preprocess = ["text-normalize"]
 features = {{ plugin = "hashed-ngrams", config = {{ bits = {bits} }} }}
 [[model]]
 template = "logreg"
-[[model]]
-template = "mlp"
-set = {{ hidden = [64] }}
+set = {{ class_weight = "{class_weight}" }}
+{mlps}
 [selector]
 {selector}
 [loop]
@@ -47,6 +46,13 @@ STRATEGIES = {
     "least-confidence": 'plugin = "least-confidence"',
     "dual-agree": 'plugin = "dual-agree"\nconfig = { threshold = 0.9 }',
 }
+
+
+def mlps(k, class_weight):
+    """`k` mlp members of the committee, differing only in their seed."""
+    return "\n".join(
+        f'[[model]]\ntemplate = "mlp"\nset = {{ hidden = [64], class_weight = "{class_weight}", seed = {i} }}'
+        for i in range(k))
 
 
 def sh(bin_, env, *args, token=None, check=True):
@@ -135,6 +141,10 @@ def main():
     ap.add_argument("--margin", action="store_true",
                     help="also run dual-agree with rank = \"margin\" "
                          "(strategy dual-agree-margin)")
+    ap.add_argument("--class-weight", default="balanced", choices=["balanced", "none"],
+                    help="the models' class weighting (the templates' default is balanced)")
+    ap.add_argument("--mlps", type=int, default=1,
+                    help="mlp members of the committee besides logreg (seeds 0, 1, ...)")
     ap.add_argument("--within", type=float, default=0.5,
                     help="points of test accuracy below full data that count as reached")
     ap.add_argument("--strategies", default=None,
@@ -163,6 +173,7 @@ def main():
         full, results = {}, {name: {} for name in STRATEGIES}
         for seed in seeds:
             job, _, secs = run(a.bin, env, sci, root, f"full-{seed}", seed=seed, bits=a.bits,
+                               class_weight=a.class_weight, mlps=mlps(a.mlps, a.class_weight),
                                selector='builtin = "random"', loop_extra="", seed_labels=10**6,
                                per_round=1, rounds=1, budget=10**6 + 1)
             full[seed] = curve(job)[0]
@@ -171,7 +182,9 @@ def main():
             for k, (name, sel) in enumerate(STRATEGIES.items()):
                 sel, extra = sel if isinstance(sel, tuple) else (sel, "")
                 job, stats, secs = run(a.bin, env, sci, root, f"s{k}-{seed}", seed=seed,
-                                       bits=a.bits, selector=sel, loop_extra=extra,
+                                       bits=a.bits, class_weight=a.class_weight,
+                                       mlps=mlps(a.mlps, a.class_weight),
+                                       selector=sel, loop_extra=extra,
                                        seed_labels=a.per_round,
                                        per_round=a.per_round, rounds=rounds, budget=a.budget)
                 results[name][seed] = (curve(job, stats), dict(stats, stop=job['state'].get('reason', job['state'].get('state'))), secs)
@@ -180,7 +193,7 @@ def main():
     first = next(iter(STRATEGIES))
     pool = statistics.mean(r[1]["pool_size"] for r in results[first].values())
     full_acc = statistics.mean(f[1] for f in full.values())
-    print(f"Committee: logreg + mlp(hidden 64) on hashed-ngrams 2^{a.bits}; "
+    print(f"Committee: logreg + {a.mlps} × mlp(hidden 64), class weights {a.class_weight}, on hashed-ngrams 2^{a.bits}; "
           f"seeds {a.seeds}; {a.per_round} labels per round starting from {a.per_round} random ones; "
           f"dual-agree threshold {a.threshold}; pool ≈ {pool:.0f} records; full-data committee test accuracy {fmt([f[1] for f in full.values()])}.\n")
     print("| strategy | " + " | ".join(f"{n} labels" for n in CHECKPOINTS) +
