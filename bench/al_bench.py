@@ -150,6 +150,9 @@ def main():
     ap.add_argument("--strategies", default=None,
                     help="comma-separated subset of the strategies to run")
     a = ap.parse_args()
+    if a.mlps < 1:
+        ap.error("--mlps must be at least 1 (a committee needs two models)")
+    committee = mlps(a.mlps, a.class_weight)
     STRATEGIES["dual-agree"] = f'plugin = "dual-agree"\nconfig = {{ threshold = {a.threshold} }}'
     if a.balance:
         STRATEGIES["dual-agree-balanced"] = (STRATEGIES["dual-agree"], "balance_classes = true")
@@ -173,7 +176,7 @@ def main():
         full, results = {}, {name: {} for name in STRATEGIES}
         for seed in seeds:
             job, _, secs = run(a.bin, env, sci, root, f"full-{seed}", seed=seed, bits=a.bits,
-                               class_weight=a.class_weight, mlps=mlps(a.mlps, a.class_weight),
+                               class_weight=a.class_weight, mlps=committee,
                                selector='builtin = "random"', loop_extra="", seed_labels=10**6,
                                per_round=1, rounds=1, budget=10**6 + 1)
             full[seed] = curve(job)[0]
@@ -183,7 +186,7 @@ def main():
                 sel, extra = sel if isinstance(sel, tuple) else (sel, "")
                 job, stats, secs = run(a.bin, env, sci, root, f"s{k}-{seed}", seed=seed,
                                        bits=a.bits, class_weight=a.class_weight,
-                                       mlps=mlps(a.mlps, a.class_weight),
+                                       mlps=committee,
                                        selector=sel, loop_extra=extra,
                                        seed_labels=a.per_round,
                                        per_round=a.per_round, rounds=rounds, budget=a.budget)
