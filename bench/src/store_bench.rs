@@ -131,6 +131,7 @@ fn audit_run(c: &Cloister, writers: usize, per_writer: usize) -> Result<(f64, Ve
                             decision: Decision::Allow,
                             policies: vec!["bench".into()],
                             params: "0".repeat(64),
+                            outcome: None,
                         })?;
                         lat.push(t.elapsed());
                     }

@@ -136,6 +136,7 @@ fn main() -> Result<()> {
         classes: classes.len(),
         train: &tr,
         val: &va,
+        budget_bytes: u64::MAX,
     };
     // Training is deterministic for a seed: every repetition must keep the
     // same epoch; the times reported are medians over the repetitions.

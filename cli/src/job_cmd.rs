@@ -379,7 +379,7 @@ pub fn label(env: &EnvArgs, cmd: LabelCommand) -> Result<ExitCode> {
                         "{}",
                         serde_json::json!({
                             "job": item.job, "id": item.record, "dataset": item.dataset,
-                            "reason": item.reason, "priority": item.priority,
+                            "reason": item.reason, "rank": item.rank,
                             "texts": texts, "waiting": waiting, "classes": task.classes,
                         })
                     );

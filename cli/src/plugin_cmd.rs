@@ -43,6 +43,20 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show the administrators' plugin log, newest first: what plugins
+    /// wrote and the full detail of every failed stage (admins only;
+    /// reading it is audited).
+    Log {
+        /// Only plugins whose digest starts with this.
+        #[arg(long)]
+        digest: Option<String>,
+        /// At most this many entries (0: all).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the plugins bundled with Cloister; optionally write them out.
     Bundled {
         /// Write each bundled component to DIR/<name>.wasm.
@@ -139,6 +153,45 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
                         e.added_by,
                         state
                     );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Log {
+            digest,
+            limit,
+            json,
+        } => {
+            let s = env.session()?;
+            let entries = s.cloister.plugin_log(&s.user, digest.as_deref(), limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else if entries.is_empty() {
+                println!("the plugin log is empty");
+            } else {
+                for e in &entries {
+                    println!(
+                        "#{} {} {} {} {} [{}] {} records, fuel {}, peak memory {} KiB, {} ms",
+                        e.seq,
+                        cloister_host::time::rfc3339(e.time_ms),
+                        e.actor,
+                        &e.digest[..16.min(e.digest.len())],
+                        e.stage,
+                        e.code,
+                        e.purpose,
+                        e.usage.fuel,
+                        e.usage.peak_memory_bytes / 1024,
+                        e.usage.wall_ms
+                    );
+                    if let Some(d) = &e.detail {
+                        println!("  host: {}", cloister_host::text::neutralize(d));
+                    }
+                    for line in e.output.lines() {
+                        println!("  | {}", cloister_host::text::neutralize(line));
+                    }
+                    if e.dropped_bytes > 0 {
+                        println!("  ({} more bytes dropped)", e.dropped_bytes);
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -293,7 +346,7 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
         timeout: args
             .timeout_ms
             .map_or(defaults.timeout, Duration::from_millis),
-        log_bytes: defaults.log_bytes,
+        ..defaults
     };
     let runtime = Runtime::new(RuntimeConfig::default())?;
     let plugin = runtime
@@ -356,7 +409,10 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
                 String::new()
             }
         );
-        eprintln!("{}", String::from_utf8_lossy(&log).trim_end());
+        eprintln!(
+            "{}",
+            cloister_host::text::neutralize(String::from_utf8_lossy(&log).trim_end())
+        );
         eprintln!("--- end of plugin log ---");
     }
     match result {

@@ -84,6 +84,7 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         .route("/api/audit", get(audit))
         .route("/api/audit/verify", get(audit_verify))
         .route("/api/audit/checkpoint", get(audit_checkpoint))
+        .route("/api/plugin-log", get(plugin_log))
 }
 
 async fn openapi() -> Json<Value> {
@@ -447,6 +448,20 @@ async fn audit(State(k): S, h: HeaderMap, Query(q): Query<AuditQuery>) -> Out {
     let u = reader(&k, &h).await?.user;
     let f = q.filter()?;
     to_json(blocking(&k, move |c| c.audit_log(&u, &f)).await?)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PluginLogQuery {
+    #[serde(default)]
+    digest: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn plugin_log(State(k): S, h: HeaderMap, Query(q): Query<PluginLogQuery>) -> Out {
+    let u = reader(&k, &h).await?.user;
+    let limit = q.limit.unwrap_or(50).min(1000);
+    to_json(blocking(&k, move |c| c.plugin_log(&u, q.digest.as_deref(), limit)).await?)
 }
 
 async fn audit_verify(State(k): S, h: HeaderMap) -> Out {

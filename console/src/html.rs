@@ -8,8 +8,12 @@ use cloister_host::policy::Role;
 
 use crate::auth::Caller;
 
-/// Escapes text for HTML content and attribute values.
+/// Escapes text for HTML content and attribute values. Control,
+/// bidirectional and invisible format characters are shown as visible
+/// `\u{…}` escapes (`cloister_host::text::neutralize`), so no stored text
+/// reads differently from what it is.
 pub(crate) fn esc(s: &str) -> String {
+    let s = cloister_host::text::neutralize(s);
     let mut out = String::with_capacity(s.len());
     for ch in s.chars() {
         match ch {
@@ -320,6 +324,13 @@ mod tests {
             esc("<script>alert('x')</script>&\""),
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"
         );
+    }
+
+    #[test]
+    fn escaping_shows_bidi_and_invisible_characters() {
+        assert_eq!(esc("ok\u{202E}txt.exe"), "ok\\u{202E}txt.exe");
+        assert_eq!(esc("a\u{200B}b"), "a\\u{200B}b");
+        assert_eq!(esc("line\nnext"), "line\nnext");
     }
 
     #[test]

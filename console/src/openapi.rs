@@ -181,6 +181,13 @@ pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
         None,
         200,
     ),
+    (
+        "get",
+        "/api/plugin-log",
+        "The administrators' plugin log, newest first (admins only): what plugins wrote and the full detail of failed stages; `digest` filters by digest prefix, `limit` (default 50)",
+        None,
+        200,
+    ),
 ];
 
 fn schemas() -> Value {

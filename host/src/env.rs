@@ -10,6 +10,7 @@
 //!     audit-mac.key        HMAC secret for audit entries
 //!     cache.key            HMAC secret for compiled-plugin artifacts
 //!   policies/          the active Cedar schema and policy set
+//!   limits.toml        resource limits set by an administrator (optional)
 //!   cache/             compiled plugin artifacts
 //!   datasets/          one segment file per dataset version (0600)
 //!   tmp/               scratch files of imports in progress
@@ -28,6 +29,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 
 use crate::audit::{AuditError, AuditKeys, AuditLog};
+use crate::limits::{DEFAULT_LIMITS_TOML, EnvLimits, LIMITS_FILE};
 use crate::policy::{DEFAULT_POLICIES, DEFAULT_SCHEMA, PolicyEngine, PolicyError, SCHEMA_FILE};
 use crate::store::{SledStorage, Space, Storage, StoreError, WriteBatch};
 
@@ -86,6 +88,14 @@ pub enum EnvError {
     /// The system random source failed.
     #[error("the system random number generator failed")]
     Random,
+    /// `limits.toml` is malformed.
+    #[error("{file}: {message}")]
+    Limits {
+        /// The file, relative to the environment.
+        file: &'static str,
+        /// What is wrong, with line and field.
+        message: String,
+    },
 }
 
 fn file_err(file: &str) -> impl FnOnce(std::io::Error) -> EnvError + '_ {
@@ -115,6 +125,7 @@ pub struct Environment {
     policy: PolicyEngine,
     cache_secret: Vec<u8>,
     manifests: crate::datasets::ManifestCache,
+    limits: EnvLimits,
 }
 
 fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
@@ -188,6 +199,8 @@ impl Environment {
             .map_err(file_err("policies"))?;
         dir.write("policies/default.cedar", DEFAULT_POLICIES)
             .map_err(file_err("policies"))?;
+        dir.write(LIMITS_FILE, DEFAULT_LIMITS_TOML)
+            .map_err(file_err(LIMITS_FILE))?;
         for d in ["keys", "policies", "cache", "datasets", "tmp"] {
             sync_dir(&dir, d)?;
         }
@@ -224,6 +237,7 @@ impl Environment {
         let cache_secret = dir.read(CACHE_KEY_FILE).map_err(file_err(CACHE_KEY_FILE))?;
         let keys = Arc::new(AuditKeys::new(&pkcs8, &mac)?);
         let policy = Self::load_policies(&dir)?;
+        let limits = Self::load_limits(&dir)?;
         let store: Arc<dyn Storage> = Arc::new(SledStorage::open(&path.join("store"), false)?);
         let format = store.get(Space::Meta, FORMAT_KEY)?.unwrap_or_default();
         if format != FORMAT_VERSION.as_bytes() {
@@ -244,6 +258,7 @@ impl Environment {
             policy,
             cache_secret,
             manifests: crate::datasets::ManifestCache::default(),
+            limits,
         };
         crate::datasets::recover(&env).map_err(|e| EnvError::Dataset(Box::new(e)))?;
         Ok(env)
@@ -253,6 +268,23 @@ impl Environment {
     fn load_policies(dir: &Dir) -> Result<PolicyEngine, EnvError> {
         let pdir = dir.open_dir("policies").map_err(file_err("policies"))?;
         load_policy_dir(&pdir, "policies/")
+    }
+
+    /// Reads `limits.toml` (defaults when it is absent).
+    fn load_limits(dir: &Dir) -> Result<EnvLimits, EnvError> {
+        match dir.read_to_string(LIMITS_FILE) {
+            Ok(text) => EnvLimits::parse(&text).map_err(|message| EnvError::Limits {
+                file: LIMITS_FILE,
+                message,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EnvLimits::default()),
+            Err(e) => Err(file_err(LIMITS_FILE)(e)),
+        }
+    }
+
+    /// The resource limits an administrator set (`limits.toml`).
+    pub fn limits(&self) -> &EnvLimits {
+        &self.limits
     }
 
     /// The environment's directory.

@@ -12,7 +12,8 @@
 //! - [`policy`]: Cedar policies and the authorization decision;
 //! - [`audit`]: the tamper-evident audit log;
 //! - [`users`], [`datasets`], [`registry`]: what the store holds;
-//! - [`service`]: every operation, behind one authorization point.
+//! - [`service`]: every operation, behind one authorization point;
+//! - [`text`]: neutralizing deceptive characters in text shown to people.
 //!
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
 
@@ -22,13 +23,16 @@ pub mod datasets;
 pub mod digest;
 pub mod env;
 pub mod jobs;
+pub mod limits;
 pub mod models;
+pub mod plugin_log;
 pub mod policy;
 pub mod records;
 pub mod registry;
 pub mod runtime;
 pub mod service;
 pub mod store;
+pub mod text;
 pub mod time;
 pub mod train;
 pub mod types;

@@ -15,17 +15,20 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::audit::{
-    AuditEntry, AuditError, AuditFilter, AuditRecord, Checkpoint, Decision, InclusionProof, Verdict,
+    AuditEntry, AuditError, AuditFilter, AuditRecord, Checkpoint, Decision, InclusionProof,
+    PluginOutcome, Verdict,
 };
 use crate::datasets::{
     self, DatasetError, DatasetVersion, LabelEntry, Provenance, SplitCounts, StoredRecord,
 };
 use crate::digest::Digest;
 use crate::env::{EnvError, Environment};
+use crate::plugin_log::{self, PluginLogEntry};
 use crate::policy::{Action, Authorization, PolicyError, Principal, Resource};
 use crate::registry::{self, PluginEntry, RegistryError};
-use crate::runtime::{ArtifactCache, Runtime, RuntimeConfig, RuntimeError};
+use crate::runtime::{ArtifactCache, LoadedPlugin, Runner, Runtime, RuntimeConfig, RuntimeError};
 use crate::store::StoreError;
+use crate::types::{DataRecord, PluginKind, SparseBatch};
 use crate::users::{self, User, UserError};
 
 /// Errors of operations. `Denied` deliberately carries no policy detail.
@@ -205,6 +208,7 @@ impl Cloister {
             decision: Decision::Allow,
             policies: vec!["bootstrap".into()],
             params: params_digest(&("init", admin)),
+            outcome: None,
         })?;
         Ok((me, token))
     }
@@ -256,6 +260,7 @@ impl Cloister {
             decision: Decision::Deny,
             policies: Vec::new(),
             params: params_digest(&Digest::of(token.as_bytes()).short()),
+            outcome: None,
         });
         match appended {
             Ok(_) => ServiceError::Auth(why),
@@ -328,6 +333,7 @@ impl Cloister {
             },
             policies: decision.policies,
             params: params_digest(params),
+            outcome: None,
         };
         (decision.allowed, record)
     }
@@ -394,6 +400,7 @@ impl Cloister {
                     decision: Decision::Allow,
                     policies: Vec::new(),
                     params: params_digest(&self.channel),
+                    outcome: None,
                 })?;
                 Ok(u)
             }
@@ -410,6 +417,7 @@ impl Cloister {
                     decision: Decision::Deny,
                     policies: Vec::new(),
                     params: params_digest(&self.channel),
+                    outcome: None,
                 })?;
                 Err(ServiceError::Auth(e))
             }
@@ -713,40 +721,136 @@ impl Cloister {
         Ok((entry, loaded))
     }
 
+    /// Runs one plugin stage over `records_in` items through a [`Runner`]
+    /// under the environment's limits, then records its outcome: one
+    /// `plugin_call` audit entry (the code, the counts, coarse resource
+    /// figures) and, when the stage failed or the plugin wrote anything, an
+    /// entry of the administrators' plugin log with the full detail.
+    /// `run` does the work; `count` says how many results it accepted.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plugin_stage<T>(
+        &self,
+        who: &User,
+        purpose: &str,
+        plugin: &LoadedPlugin,
+        config: &[(String, String)],
+        records_in: usize,
+        run: impl FnOnce(&Runner<'_>) -> Result<T, RuntimeError>,
+        count: impl Fn(&T) -> usize,
+    ) -> Result<(T, u32), ServiceError> {
+        let limits = self.env.limits().plugin_call_limits();
+        let rt = self.runtime()?;
+        let (result, usage, log, dimension) = match plugin.runner(rt, config, limits) {
+            Ok(runner) => {
+                let result = run(&runner);
+                (
+                    result,
+                    runner.usage(),
+                    runner.take_log(),
+                    runner.dimension(),
+                )
+            }
+            Err(e) => (Err(e), Default::default(), (Vec::new(), 0), 0),
+        };
+        let stage = match plugin.kind {
+            PluginKind::Preprocessor => "preprocess",
+            PluginKind::Featurizer => "featurize",
+            PluginKind::Selector => "select",
+        };
+        let code = result.as_ref().map_or_else(RuntimeError::code, |_| "ok");
+        let records_out = result.as_ref().map_or(0, &count);
+        let pow2 = |v: u64| {
+            if v == 0 {
+                0
+            } else {
+                v.checked_next_power_of_two().unwrap_or(u64::MAX)
+            }
+        };
+        let digest = plugin.digest.to_hex();
+        let seq = self.env.audit().append(AuditRecord {
+            actor: who.name.clone(),
+            action: "plugin_call".into(),
+            resource: Resource::Plugin {
+                digest: digest.clone(),
+                approved: true,
+                added_by: String::new(),
+            }
+            .uid_text(),
+            decision: Decision::Allow,
+            policies: Vec::new(),
+            params: params_digest(&(purpose, stage, records_in)),
+            outcome: Some(PluginOutcome {
+                stage: stage.into(),
+                purpose: purpose.into(),
+                code: code.into(),
+                records_in: records_in as u64,
+                records_out: records_out as u64,
+                fuel: pow2(usage.fuel),
+                peak_memory_bytes: pow2(usage.peak_memory_bytes),
+                wall_ms: pow2(usage.wall_ms),
+            }),
+        })?;
+        let (output, dropped) = log;
+        if result.is_err() || !output.is_empty() || dropped > 0 {
+            let entry = PluginLogEntry {
+                seq,
+                time_ms: crate::time::now_ms(),
+                actor: who.name.clone(),
+                digest,
+                stage: stage.into(),
+                purpose: purpose.into(),
+                code: code.into(),
+                detail: result.as_ref().err().map(RuntimeError::admin_detail),
+                usage,
+                output: String::from_utf8_lossy(&output).into_owned(),
+                dropped_bytes: dropped as u64,
+            };
+            let batch = plugin_log::put(self.env.store().as_ref(), entry)?;
+            self.env.store().commit(batch)?;
+        }
+        Ok((result?, dimension))
+    }
+
     /// Runs `records` through preprocessors and a featurizer (each with its
-    /// config) in the sandbox: the kept records, their features and the
-    /// feature dimension. `stage` hears each stage's output count.
+    /// config) in the sandbox, each stage audited ([`Cloister::plugin_stage`]):
+    /// the kept records, their features and the feature dimension. `stage`
+    /// hears each stage's output count.
     pub(crate) fn run_chain(
         &self,
-        mut records: Vec<crate::types::DataRecord>,
-        preprocess: &[(&crate::runtime::LoadedPlugin, Vec<(String, String)>)],
-        features: (&crate::runtime::LoadedPlugin, &[(String, String)]),
+        who: &User,
+        purpose: &str,
+        mut records: Vec<DataRecord>,
+        preprocess: &[(&LoadedPlugin, Vec<(String, String)>)],
+        features: (&LoadedPlugin, &[(String, String)]),
         stage: &mut dyn FnMut(&'static str, usize),
-    ) -> Result<
-        (
-            Vec<crate::types::DataRecord>,
-            crate::types::SparseBatch,
-            usize,
-        ),
-        ServiceError,
-    > {
-        use crate::runtime::Limits;
-        let rt = self.runtime()?;
+    ) -> Result<(Vec<DataRecord>, SparseBatch, usize), ServiceError> {
         for (plugin, config) in preprocess {
-            records = plugin
-                .runner(rt, config, Limits::default())?
-                .preprocess(&records)?;
+            let n = records.len();
+            records = self
+                .plugin_stage(
+                    who,
+                    purpose,
+                    plugin,
+                    config,
+                    n,
+                    |r| r.preprocess(&records),
+                    Vec::len,
+                )?
+                .0;
             stage("preprocessed", records.len());
         }
         let (featurizer, config) = features;
-        let dim = featurizer
-            .instantiate(rt, config, &Limits::default())?
-            .dimension() as usize;
-        let x = featurizer
-            .runner(rt, config, Limits::default())?
-            .featurize(&records)?;
+        let (x, dim) = self.plugin_stage(
+            who,
+            purpose,
+            featurizer,
+            config,
+            records.len(),
+            |r| r.featurize(&records),
+            SparseBatch::rows,
+        )?;
         stage("featurized", x.rows());
-        Ok((records, x, dim))
+        Ok((records, x, dim as usize))
     }
 
     /// Checks a training request's template, settings, dataset and plugins
@@ -771,7 +875,6 @@ impl Cloister {
         progress: &mut dyn FnMut(TrainProgress),
     ) -> Result<crate::models::ModelManifest, ServiceError> {
         use crate::datasets::Split;
-        use crate::types::PluginKind;
         let template = crate::train::template(&req.template, &req.sets)?;
         let version = datasets::resolve(&self.env, &req.dataset)?;
         let id = format!("m-{}", hex::encode(crate::env::random_bytes(6)?));
@@ -817,10 +920,14 @@ impl Cloister {
         progress(TrainProgress::Stage("labeled records", records.len()));
         let chain: Vec<(&crate::runtime::LoadedPlugin, Vec<(String, String)>)> =
             pre.iter().map(|(_, p)| (p, Vec::new())).collect();
-        let (records, x, dim) =
-            self.run_chain(records, &chain, (&featurizer, &[]), &mut |stage, n| {
-                progress(TrainProgress::Stage(stage, n))
-            })?;
+        let (records, x, dim) = self.run_chain(
+            who,
+            &format!("train {id}"),
+            records,
+            &chain,
+            (&featurizer, &[]),
+            &mut |stage, n| progress(TrainProgress::Stage(stage, n)),
+        )?;
 
         let labels: Vec<String> = records
             .iter()
@@ -831,10 +938,9 @@ impl Cloister {
         let (mut train, mut val, mut test) = (Vec::new(), Vec::new(), Vec::new());
         for (row, r) in records.iter().enumerate() {
             let (label, split) = meta.get(&r.id).ok_or_else(|| {
-                ServiceError::BadRequest(format!(
-                    "a preprocessor returned an unknown record id {:?}",
-                    r.id
-                ))
+                ServiceError::BadRequest(
+                    "a preprocessor returned a record id it was not given".into(),
+                )
             })?;
             y.push(index[label]);
             match split {
@@ -851,6 +957,7 @@ impl Cloister {
             classes: classes.len(),
             train: &train,
             val: &val,
+            budget_bytes: self.env.limits().training_budget_bytes(),
         };
         let fitted = crate::train::fit(&template, data, &mut |e| {
             progress(TrainProgress::Epoch(e.clone(), hyper_epochs))
@@ -1003,8 +1110,6 @@ impl Cloister {
         id: &str,
         records: &[crate::types::DataRecord],
     ) -> Result<Predictions, ServiceError> {
-        use crate::runtime::Limits;
-        use crate::types::PluginKind;
         let m = crate::models::get(self.env.store().as_ref(), id)?;
         self.guard(
             &who.principal(),
@@ -1012,20 +1117,28 @@ impl Cloister {
             &m.resource(),
             &(id, records.len()),
         )?;
-        let rt = self.runtime()?;
-        let mut input: Vec<crate::types::DataRecord> = records
+        let input: Vec<DataRecord> = records
             .iter()
-            .map(|r| crate::types::DataRecord {
+            .map(|r| DataRecord {
                 label: None,
                 ..r.clone()
             })
             .collect();
+        let mut pre = Vec::new();
         for d in &m.lineage.preprocess {
-            let (_, p) = self.load_approved(who, d, PluginKind::Preprocessor)?;
-            input = p.runner(rt, &[], Limits::default())?.preprocess(&input)?;
+            pre.push(self.load_approved(who, d, PluginKind::Preprocessor)?.1);
         }
         let (_, f) = self.load_approved(who, &m.lineage.features, PluginKind::Featurizer)?;
-        let x = f.runner(rt, &[], Limits::default())?.featurize(&input)?;
+        let chain: Vec<(&LoadedPlugin, Vec<(String, String)>)> =
+            pre.iter().map(|p| (p, Vec::new())).collect();
+        let (input, x, _) = self.run_chain(
+            who,
+            &format!("predict {id}"),
+            input,
+            &chain,
+            (&f, &[]),
+            &mut |_, _| {},
+        )?;
         let model = crate::train::Trained::from_safetensors(
             m.kind,
             &crate::models::weights(self.env.dir(), &m)?,
@@ -1062,6 +1175,26 @@ impl Cloister {
             &params,
         )?;
         Ok(self.env.audit().query(filter)?)
+    }
+
+    /// The administrators' plugin log, newest first: what plugins wrote and
+    /// the host's full account of each failed stage, plugin-chosen values
+    /// included — which is why only the `read_plugin_log` action (admins
+    /// in the default policies) reaches it. `digest` keeps the entries of
+    /// digests starting with it; `limit` 0 means all.
+    pub fn plugin_log(
+        &self,
+        who: &User,
+        digest: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PluginLogEntry>, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ReadPluginLog,
+            &Resource::Environment,
+            &(digest, limit),
+        )?;
+        Ok(plugin_log::list(self.env.store().as_ref(), digest, limit)?)
     }
 
     /// Verifies the audit log (the verification request is itself logged

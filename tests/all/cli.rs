@@ -154,8 +154,26 @@ fn plugin_run_errors_name_line_key_or_limit_and_write_nothing() {
         "bits=99",
     ]);
     assert_eq!(o.status.code(), Some(1));
+    // The fixed sentence, and where the author finds the detail.
     assert!(
-        stderr(&o).contains("invalid-config for configuration key `bits`"),
+        stderr(&o).contains("the plugin refused its configuration [plugin-error]")
+            && stderr(&o).contains("--show-plugin-log"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("`bits`"), "{}", stderr(&o));
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &plugin,
+        "--input",
+        good.to_str().unwrap(),
+        "--config",
+        "bits=99",
+        "--show-plugin-log",
+    ]);
+    assert!(
+        stderr(&o).contains("plugin error invalid-config (key `bits`)"),
         "{}",
         stderr(&o)
     );

@@ -206,6 +206,7 @@ fn every_read_route_answers_each_role_as_the_policy_says() {
         ("/api/audit".into(), &["admin", "auditor"]),
         ("/api/audit/verify".into(), &["admin", "auditor"]),
         ("/api/audit/checkpoint".into(), &["admin", "auditor"]),
+        ("/api/plugin-log".into(), &["admin"]),
         ("/api/datasets/spam/export".into(), &[]),
     ];
     for (uri, allowed) in &cases {

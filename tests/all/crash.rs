@@ -65,6 +65,7 @@ fn crash_child() {
                                 decision: Decision::Allow,
                                 policies: vec![],
                                 params: String::new(),
+                                outcome: None,
                             })
                             .unwrap();
                         println!("ack {seq} t{t} n{n}");

@@ -1,7 +1,7 @@
 //! The example plugins on real inputs, with exact expected outputs.
 
 use crate::support::*;
-use cloister_host::runtime::{Limits, RuntimeError};
+use cloister_host::runtime::{CallStage, Limits};
 use cloister_host::types::{Action, ErrorCode, PredictionSet};
 
 #[test]
@@ -125,13 +125,14 @@ fn hashed_ngrams_wasm_matches_native_build_on_the_whole_corpus() {
 #[test]
 fn hashed_ngrams_config_and_input_errors_are_typed() {
     let p = bundled("hashed-ngrams");
-    match p.instantiate(runtime(), &cfg(&[("bits", "40")]), &Limits::default()) {
-        Err(RuntimeError::Plugin {
-            code: ErrorCode::InvalidConfig,
-            key,
-        }) => assert_eq!(key.as_deref(), Some("bits")),
-        other => panic!("unexpected {other:?}"),
-    }
+    assert_eq!(
+        plugin_error(p.instantiate(runtime(), &cfg(&[("bits", "40")]), &Limits::default())),
+        (
+            CallStage::Configure,
+            ErrorCode::InvalidConfig,
+            Some("bits".into())
+        )
+    );
     assert_eq!(
         code(p.instantiate(runtime(), &cfg(&[("colour", "blue")]), &Limits::default())),
         "unknown-config-key"
@@ -147,13 +148,10 @@ fn hashed_ngrams_config_and_input_errors_are_typed() {
     let mut inst = p
         .instantiate(runtime(), &cfg(&[("field", "body")]), &Limits::default())
         .unwrap();
-    match inst.featurize(&[text("a", "x")]) {
-        Err(RuntimeError::Plugin {
-            code: ErrorCode::InvalidInput,
-            key: None,
-        }) => {}
-        other => panic!("unexpected {other:?}"),
-    }
+    assert_eq!(
+        plugin_error(inst.featurize(&[text("a", "x")])),
+        (CallStage::Batch, ErrorCode::InvalidInput, None)
+    );
     // A plugin error leaves the instance usable.
     let mut inst2 = p
         .instantiate(runtime(), &cfg(&[("field", "text")]), &Limits::default())
@@ -178,13 +176,14 @@ fn standardize_exact_dense_values() {
         code(inst.featurize(&[numeric("s", "a", &[1.0])])),
         "plugin-error"
     );
-    match p.instantiate(runtime(), &cfg(&[("std", "1")]), &Limits::default()) {
-        Err(RuntimeError::Plugin {
-            code: ErrorCode::InvalidConfig,
-            key,
-        }) => assert_eq!(key.as_deref(), Some("mean")),
-        other => panic!("unexpected {other:?}"),
-    }
+    assert_eq!(
+        plugin_error(p.instantiate(runtime(), &cfg(&[("std", "1")]), &Limits::default())),
+        (
+            CallStage::Configure,
+            ErrorCode::InvalidConfig,
+            Some("mean".into())
+        )
+    );
 }
 
 fn ps(id: &str, models: &[&[f32]]) -> PredictionSet {
@@ -277,13 +276,14 @@ fn dual_agree_margin_rank() {
         )
         .unwrap();
     assert!(c[0].priority > c[1].priority);
-    match p.instantiate(runtime(), &cfg(&[("rank", "entropy")]), &Limits::default()) {
-        Err(RuntimeError::Plugin {
-            code: ErrorCode::InvalidConfig,
-            key,
-        }) => assert_eq!(key.as_deref(), Some("rank")),
-        other => panic!("unexpected {other:?}"),
-    }
+    assert_eq!(
+        plugin_error(p.instantiate(runtime(), &cfg(&[("rank", "entropy")]), &Limits::default())),
+        (
+            CallStage::Configure,
+            ErrorCode::InvalidConfig,
+            Some("rank".into())
+        )
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@
 mod support;
 
 mod active_learning;
+mod boundary;
 mod browser;
 mod cli;
 mod closed_env;

@@ -123,6 +123,7 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
         (A::ReadAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::VerifyAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::CheckpointAudit, Resource::AuditLog, &[Admin, Auditor]),
+        (A::ReadPluginLog, Resource::Environment, &[Admin]),
     ]
 }
 

@@ -3,7 +3,10 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cloister_host::runtime::{Limits, LoadedPlugin, Runtime, RuntimeConfig, RuntimeError};
+use cloister_host::runtime::{
+    CallStage, Limits, LoadedPlugin, Runtime, RuntimeConfig, RuntimeError,
+};
+use cloister_host::types::ErrorCode;
 use cloister_host::types::{DataRecord, Numeric, NumericField, TextField};
 
 /// One runtime (engine, pool, epoch thread) shared by the tests of a module.
@@ -72,6 +75,7 @@ pub fn tight() -> Limits {
         output_bytes: 1024 * 1024,
         timeout: Duration::from_secs(10),
         log_bytes: 16 * 1024,
+        ..Limits::default()
     }
 }
 
@@ -87,4 +91,17 @@ pub fn spamassassin() -> Vec<DataRecord> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../data/spamassassin/spamassassin.jsonl.gz");
     cloister_host::records::read_file(&path, Default::default()).expect("bundled data")
+}
+
+/// The stage, code and key of a plugin's own error (the code and key are
+/// sealed: read here as the administrators' log would).
+pub fn plugin_error<T: std::fmt::Debug>(
+    r: Result<T, RuntimeError>,
+) -> (CallStage, ErrorCode, Option<String>) {
+    match r {
+        Err(RuntimeError::Plugin { stage, code, key }) => {
+            (stage, *code.for_admin_log(), key.for_admin_log().clone())
+        }
+        other => panic!("expected a plugin error, got {other:?}"),
+    }
 }

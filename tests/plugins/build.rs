@@ -23,6 +23,14 @@ const PLUGINS: &[PluginCrate] = &[
         package: "hostile-fs",
         dir: "tests/plugins/hostile-fs",
     },
+    PluginCrate {
+        package: "hostile-leak",
+        dir: "tests/plugins/hostile-leak",
+    },
+    PluginCrate {
+        package: "hostile-meta",
+        dir: "tests/plugins/hostile-meta",
+    },
 ];
 
 fn main() {

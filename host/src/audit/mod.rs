@@ -100,6 +100,41 @@ pub struct AuditRecord {
     pub policies: Vec<String>,
     /// Hex SHA-256 of the operation's canonical parameters.
     pub params: String,
+    /// For `plugin_call` entries: how one plugin stage ended and what it
+    /// used. Absent from every other entry (and from entries written before
+    /// it existed, whose canonical bytes are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<PluginOutcome>,
+}
+
+/// The outcome of one plugin stage of a run (`plugin_call` entries).
+///
+/// Everything here is host-chosen or coarse: the code is one of the
+/// runtime's fixed codes, counts are what the host sent and kept, and the
+/// resource figures are rounded up to a power of two, so that a plugin
+/// cannot write exact numbers of its choosing into a log its auditors read
+/// (the exact figures are in the administrators' plugin log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginOutcome {
+    /// `preprocess`, `featurize` or `select`.
+    pub stage: String,
+    /// What the stage served: `train m-…`, `job j-… round N`, `predict m-…`.
+    pub purpose: String,
+    /// `ok`, or the runtime's error code (`invalid-output`, `limit-fuel`, …).
+    pub code: String,
+    /// Records (or prediction sets) the host sent.
+    pub records_in: u64,
+    /// Records (or rows, decisions) accepted from the plugin; 0 on failure.
+    pub records_out: u64,
+    /// Fuel consumed, rounded up to a power of two.
+    pub fuel: u64,
+    /// Largest linear memory of any instance in bytes, rounded up to a
+    /// power of two.
+    pub peak_memory_bytes: u64,
+    /// Wall-clock time inside the plugin in ms, rounded up to a power of two.
+    /// (The stage's plugin-log entry, if any, has this entry's sequence
+    /// number.)
+    pub wall_ms: u64,
 }
 
 /// A stored entry. Field order is the canonical serialization order:

@@ -343,8 +343,11 @@ pub struct QueueItem {
     pub dataset: String,
     /// Round that queued it.
     pub round: u32,
-    /// Higher first.
-    pub priority: f32,
+    /// Position in the queue of its round, 0 first. Only the order a
+    /// selector proposed is kept: the scores it returned are plugin-chosen
+    /// numbers and are never stored or shown.
+    #[serde(default)]
+    pub rank: u32,
     /// Why.
     pub reason: QueueReason,
     /// The labeler, when real people answer.
@@ -483,7 +486,7 @@ pub fn put_queue(batch: &mut WriteBatch, item: &QueueItem) -> Result<(), JobErro
     Ok(())
 }
 
-/// The open items assigned to `user`, highest priority first.
+/// The open items assigned to `user`: earliest round first, then by rank.
 pub fn open_items_for(store: &dyn Storage, user: &str) -> Result<Vec<QueueItem>, JobError> {
     let p = {
         let mut k = key(BY_USER, &[user]);
@@ -508,9 +511,10 @@ pub fn open_items_for(store: &dyn Storage, user: &str) -> Result<Vec<QueueItem>,
         }
     }
     out.sort_by(|a, b| {
-        b.priority
-            .total_cmp(&a.priority)
-            .then_with(|| a.round.cmp(&b.round))
+        a.round
+            .cmp(&b.round)
+            .then_with(|| a.rank.cmp(&b.rank))
+            .then_with(|| a.job.cmp(&b.job))
             .then_with(|| a.record.cmp(&b.record))
     });
     Ok(out)
@@ -800,7 +804,7 @@ mod tests {
             record: r.into(),
             dataset: "d@1".into(),
             round: 0,
-            priority: 0.0,
+            rank: 0,
             reason,
             assignee: None,
             answer: answered.then(|| Answer {

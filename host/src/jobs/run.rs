@@ -16,7 +16,7 @@ use crate::datasets::{self, DatasetVersion, LabelEntry, Provenance, Split, Store
 use crate::digest::Digest;
 use crate::policy::{Action, Resource, Role};
 use crate::registry::{self, PluginEntry};
-use crate::runtime::{Limits, LoadedPlugin};
+use crate::runtime::LoadedPlugin;
 use crate::service::{Cloister, ServiceError};
 use crate::store::WriteBatch;
 use crate::train::{self, Template};
@@ -269,10 +269,23 @@ impl Cloister {
         let config = loaded
             .resolve_config(&use_.config)
             .map_err(|e| bad(format!("plugin `{}`: {e}", use_.plugin)))?;
-        // Configure one instance now: a bad value fails before anything runs.
-        loaded
-            .instantiate(self.runtime()?, &config, &Limits::default())
-            .map_err(|e| bad(format!("plugin `{}`: {e}", use_.plugin)))?;
+        // Configure one instance now (audited like every plugin stage): a
+        // bad value fails before anything runs.
+        match self.plugin_stage(
+            who,
+            &format!("start job ({section} configuration check)"),
+            &loaded,
+            &config,
+            0,
+            |r| r.check_configuration(),
+            |_| 0,
+        ) {
+            Ok(_) => {}
+            Err(ServiceError::Runtime(e)) => {
+                return Err(bad(format!("plugin `{}`: {e}", use_.plugin)));
+            }
+            Err(e) => return Err(e),
+        }
         Ok((entry, loaded, config))
     }
 
@@ -508,7 +521,7 @@ impl Cloister {
                     &(id, step),
                 )
                 .and_then(|()| match step {
-                    Step::Select(r) => self.step_select(&mut job, r, &mut prep, progress),
+                    Step::Select(r) => self.step_select(who, &mut job, r, &mut prep, progress),
                     Step::Answer(r) => self.step_answer(&mut job, r, &prep, progress),
                     Step::Finish => self.step_finish(who, &mut job, &mut prep, progress),
                     Step::End => Ok(false),
@@ -588,10 +601,14 @@ impl Cloister {
         progress(JobEvent::Stage("records", records.len()));
         let chain: Vec<(&LoadedPlugin, Vec<(String, String)>)> =
             pre.iter().map(|(p, c)| (p, c.clone())).collect();
-        let (records, x, dim) =
-            self.run_chain(records, &chain, (&featurizer, fc), &mut |s, n| {
-                progress(JobEvent::Stage(s, n))
-            })?;
+        let (records, x, dim) = self.run_chain(
+            who,
+            &format!("job {}", job.id),
+            records,
+            &chain,
+            (&featurizer, fc),
+            &mut |s, n| progress(JobEvent::Stage(s, n)),
+        )?;
         let mut rows = Vec::with_capacity(records.len());
         let mut index = HashMap::with_capacity(records.len());
         for r in &records {
@@ -708,6 +725,7 @@ impl Cloister {
                     classes: job.classes.len(),
                     train: &labels.train,
                     val: &labels.val,
+                    budget_bytes: self.env().limits().training_budget_bytes(),
                 },
                 &mut |_| {},
             )?;
@@ -765,6 +783,7 @@ impl Cloister {
     /// Train, evaluate, select. Returns whether to go on.
     fn step_select(
         &self,
+        who: &User,
         job: &mut Job,
         round: u32,
         prep: &mut Prepared,
@@ -797,7 +816,7 @@ impl Cloister {
                     .into_iter()
                     .enumerate()
                 {
-                    new_items.push(self.queue_item(job, prep, 0, i, 0.0, QueueReason::Seed, k));
+                    new_items.push(self.queue_item(job, prep, 0, i, QueueReason::Seed, k));
                 }
                 job.next = Step::Answer(0);
             } else {
@@ -876,9 +895,15 @@ impl Cloister {
                                     .collect(),
                             })
                             .collect();
-                        let decisions = plugin
-                            .runner(self.runtime()?, config, Limits::default())?
-                            .select(&job.classes, &sets)?;
+                        let (decisions, _) = self.plugin_stage(
+                            who,
+                            &format!("job {} round {round}", job.id),
+                            plugin,
+                            config,
+                            sets.len(),
+                            |r| r.select(&job.classes, &sets),
+                            Vec::len,
+                        )?;
                         // (priority, row, the committee's predicted class)
                         let mut review: Vec<(f32, usize, usize)> = Vec::new();
                         // (least model confidence in the label, row, class, set)
@@ -962,16 +987,8 @@ impl Cloister {
                         }
                     }
                 };
-                for (k, (p, i)) in chosen.into_iter().enumerate() {
-                    new_items.push(self.queue_item(
-                        job,
-                        prep,
-                        round,
-                        i,
-                        p,
-                        QueueReason::Selected,
-                        k,
-                    ));
+                for (k, (_, i)) in chosen.into_iter().enumerate() {
+                    new_items.push(self.queue_item(job, prep, round, i, QueueReason::Selected, k));
                 }
                 let mut n = new_items.len();
                 for b in val
@@ -986,7 +1003,6 @@ impl Cloister {
                             prep,
                             round,
                             i,
-                            b.confidence as f32,
                             QueueReason::Badcase,
                             n,
                         ));
@@ -1026,14 +1042,13 @@ impl Cloister {
         Ok(true)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The queue item for `row`, the `k`-th queued this round (its rank).
     fn queue_item(
         &self,
         job: &Job,
         prep: &Prepared,
         round: u32,
         row: usize,
-        priority: f32,
         reason: QueueReason,
         k: usize,
     ) -> QueueItem {
@@ -1047,7 +1062,7 @@ impl Cloister {
             record: prep.rows[row].id.clone(),
             dataset: prep.version.reference(),
             round,
-            priority,
+            rank: u32::try_from(k).unwrap_or(u32::MAX),
             reason,
             assignee,
             answer: None,

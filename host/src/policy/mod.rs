@@ -139,6 +139,7 @@ pub enum Action {
     ReadAudit,
     VerifyAudit,
     CheckpointAudit,
+    ReadPluginLog,
     RunJob,
     ListJobs,
     ViewJob,
@@ -147,7 +148,7 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 28] = [
+    pub const ALL: [Action; 29] = [
         Action::AddUser,
         Action::DisableUser,
         Action::ListUsers,
@@ -172,6 +173,7 @@ impl Action {
         Action::ReadAudit,
         Action::VerifyAudit,
         Action::CheckpointAudit,
+        Action::ReadPluginLog,
         Action::RunJob,
         Action::ListJobs,
         Action::ViewJob,
@@ -205,6 +207,7 @@ impl Action {
             Action::ReadAudit => "read_audit",
             Action::VerifyAudit => "verify_audit",
             Action::CheckpointAudit => "checkpoint_audit",
+            Action::ReadPluginLog => "read_plugin_log",
             Action::RunJob => "run_job",
             Action::ListJobs => "list_jobs",
             Action::ViewJob => "view_job",

@@ -1,12 +1,52 @@
-//! Runtime errors. Every message is written by the host: no text a plugin
-//! controls (its error details, stderr, trap messages) appears in them, except
-//! import names (validated component-model names) and configuration keys that
-//! the plugin declared.
+//! Runtime errors.
+//!
+//! **No value a plugin chooses appears in a runtime error's text.** Every
+//! message is a fixed sentence per code, plus context the host chose (the
+//! limits it set, the kind it needed, keys the user gave). What the plugin
+//! chose — the index it returned, the count, the class, the key it named,
+//! which trap it hit, the dimension it declared — is kept in a [`Sealed`]
+//! field: its `Debug` prints `<sealed>`, it has no `Display` or `Serialize`,
+//! and it is read only by the host code that writes the administrators'
+//! plugin log ([`RuntimeError::admin_detail`]).
 
 use std::fmt;
 use std::time::Duration;
 
 use crate::types::{ErrorCode, PluginKind};
+
+/// A value a plugin chose, held so that it cannot reach a person by
+/// accident: it never formats (`Debug` prints `<sealed>`) and cannot be
+/// serialized. [`Sealed::for_admin_log`] is the one way to read it, for the
+/// administrators' plugin log and for tests.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Sealed<T>(T);
+
+impl<T> Sealed<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Sealed(value)
+    }
+
+    /// The plugin-chosen value. Only for the administrators' plugin log (and
+    /// tests): never format it into anything a user sees.
+    pub fn for_admin_log(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Sealed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<sealed>")
+    }
+}
+
+/// Where in a plugin's life an error it reported happened (host-chosen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallStage {
+    /// While being configured.
+    Configure,
+    /// While processing a batch.
+    Batch,
+}
 
 /// Everything that can go wrong loading or running a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +66,7 @@ pub enum RuntimeError {
     #[error("the component is invalid and cannot be compiled")]
     Invalid {
         /// wasmtime's diagnosis, for the administrators' log.
-        detail: String,
+        detail: Sealed<String>,
     },
     /// The component imports interfaces the sandbox does not provide.
     #[error(
@@ -44,7 +84,7 @@ pub enum RuntimeError {
     #[error("refused: the component's exports do not match the Cloister plugin interface")]
     InterfaceMismatch {
         /// wasmtime's diagnosis, for the administrators' log.
-        detail: String,
+        detail: Sealed<String>,
     },
     /// The metadata the plugin describes itself with is unusable.
     #[error("refused: plugin metadata field `{field}` {problem}")]
@@ -72,7 +112,9 @@ pub enum RuntimeError {
         /// Actual kind.
         actual: PluginKind,
     },
-    /// A configuration key the plugin does not declare.
+    /// A configuration key the plugin does not declare. `key` is what the
+    /// user gave; `accepted` is the reviewed metadata, fixed by the digest
+    /// before the plugin sees any record.
     #[error("unknown configuration key `{key}`; the plugin accepts: {accepted}")]
     UnknownConfigKey {
         /// The key given.
@@ -86,33 +128,52 @@ pub enum RuntimeError {
     /// A resource limit was exceeded; the instance was discarded.
     #[error("limit exceeded: {0}; the plugin instance was discarded")]
     LimitExceeded(Limit),
+    /// A featurizer declared a feature dimension outside what the host
+    /// accepts (checked before anything is allocated for it).
+    #[error(
+        "limit exceeded: the featurizer declares a feature dimension outside 1..={max}; the plugin instance was discarded"
+    )]
+    DimensionOutOfRange {
+        /// The host's cap.
+        max: u32,
+        /// What the plugin declared.
+        declared: Sealed<u32>,
+    },
     /// The plugin trapped; the instance was discarded.
-    #[error("the plugin crashed ({0}); the plugin instance was discarded")]
-    Trap(TrapKind),
+    #[error("the plugin crashed; the plugin instance was discarded")]
+    Trap(Sealed<TrapKind>),
     /// The plugin called `exit`.
     #[error("the plugin called exit; the plugin instance was discarded")]
     Exited,
-    /// The plugin returned an error. Only the code (and a declared key) is
-    /// shown; the plugin's own text went to the plugin log.
-    #[error("the plugin reported {}{}", .code.as_str(), match .key { Some(k) => format!(" for configuration key `{k}`"), None => String::new() })]
+    /// The plugin returned an error. Only the stage (host-chosen) is shown;
+    /// the plugin's code, key and text go to the plugin log.
+    #[error("{}", match .stage {
+        CallStage::Configure => "the plugin refused its configuration",
+        CallStage::Batch => "the plugin reported an error on a batch",
+    })]
     Plugin {
-        /// The fixed code.
-        code: ErrorCode,
-        /// For `invalid-config`: the key, if the plugin declares it.
-        key: Option<String>,
+        /// When it happened.
+        stage: CallStage,
+        /// The plugin's code.
+        code: Sealed<ErrorCode>,
+        /// The key it named, if it declares it.
+        key: Sealed<Option<String>>,
     },
     /// The plugin returned output that breaks the interface's rules.
-    #[error("the plugin returned invalid output: {0}")]
-    InvalidOutput(OutputViolation),
-    /// The host was asked to pass invalid input to a plugin.
+    #[error(
+        "the plugin returned output that breaks the plugin interface's rules; the plugin instance was discarded"
+    )]
+    InvalidOutput(Sealed<OutputViolation>),
+    /// The host was asked to pass invalid input to a plugin. The text is
+    /// host-written and names no record.
     #[error("invalid input for the plugin: {0}")]
     InvalidInput(String),
     /// The instance failed earlier and cannot be used again.
     #[error("this plugin instance failed earlier and was discarded; start a new one")]
     Discarded,
     /// An engine or host failure unrelated to the plugin's behaviour.
-    #[error("internal runtime error: {0}")]
-    Internal(String),
+    #[error("internal runtime error")]
+    Internal(Sealed<String>),
 }
 
 impl RuntimeError {
@@ -134,6 +195,7 @@ impl RuntimeError {
             RuntimeError::LimitExceeded(Limit::Memory { .. }) => "limit-memory",
             RuntimeError::LimitExceeded(Limit::Output { .. }) => "limit-output",
             RuntimeError::LimitExceeded(Limit::Timeout { .. }) => "limit-timeout",
+            RuntimeError::DimensionOutOfRange { .. } => "limit-dimension",
             RuntimeError::Trap(_) => "trap",
             RuntimeError::Exited => "exited",
             RuntimeError::Plugin { .. } => "plugin-error",
@@ -141,6 +203,42 @@ impl RuntimeError {
             RuntimeError::InvalidInput(_) => "invalid-input",
             RuntimeError::Discarded => "discarded",
             RuntimeError::Internal(_) => "internal",
+        }
+    }
+
+    /// Everything known about the error, plugin-chosen values included:
+    /// only for the administrators' plugin log.
+    pub fn admin_detail(&self) -> String {
+        match self {
+            RuntimeError::Invalid { detail } | RuntimeError::InterfaceMismatch { detail } => {
+                format!("{self} [{}]: {}", self.code(), detail.for_admin_log())
+            }
+            RuntimeError::Internal(detail) => {
+                format!("{self} [{}]: {}", self.code(), detail.for_admin_log())
+            }
+            RuntimeError::DimensionOutOfRange { declared, .. } => {
+                format!(
+                    "{self} [{}]: declared {}",
+                    self.code(),
+                    declared.for_admin_log()
+                )
+            }
+            RuntimeError::Trap(kind) => {
+                format!("{self} [{}]: {}", self.code(), kind.for_admin_log())
+            }
+            RuntimeError::Plugin { code, key, .. } => format!(
+                "{self} [{}]: {}{}",
+                self.code(),
+                code.for_admin_log().as_str(),
+                key.for_admin_log()
+                    .as_ref()
+                    .map(|k| format!(" for key `{k}`"))
+                    .unwrap_or_default()
+            ),
+            RuntimeError::InvalidOutput(v) => {
+                format!("{self} [{}]: {}", self.code(), v.for_admin_log())
+            }
+            _ => format!("{self} [{}]", self.code()),
         }
     }
 }
@@ -213,7 +311,8 @@ impl fmt::Display for TrapKind {
     }
 }
 
-/// How a plugin's output broke the interface's rules.
+/// How a plugin's output broke the interface's rules. Its fields are
+/// plugin-chosen: it travels only inside [`Sealed`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OutputViolation {
     /// Wrong number of output rows or decisions.
@@ -249,9 +348,9 @@ pub enum OutputViolation {
         /// Row in the batch.
         row: usize,
     },
-    /// The plugin declared a zero-dimensional feature space.
-    #[error("the featurizer declares dimension 0")]
-    ZeroDimension,
+    /// Instances of one featurizer declared different dimensions.
+    #[error("instances of the featurizer declared different dimensions")]
+    InconsistentDimension,
     /// A preprocessor output record whose id is not (in order) an input id.
     #[error(
         "output record {position} has an id that is not an input id in input order (ids must be preserved, never invented or reordered)"

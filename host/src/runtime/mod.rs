@@ -30,7 +30,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 pub use cache::ArtifactCache;
-pub use error::{Limit, OutputViolation, RuntimeError, TrapKind};
+pub use error::{CallStage, Limit, OutputViolation, RuntimeError, Sealed, TrapKind};
 pub use runner::Runner;
 
 use crate::digest::Digest;
@@ -42,6 +42,10 @@ use sandbox::HostState;
 
 /// Largest component accepted, in bytes.
 pub const MAX_COMPONENT_BYTES: usize = 64 * 1024 * 1024;
+
+/// The default cap on a featurizer's declared dimension: room for hashed
+/// features (2^24 buckets) while keeping a model's input layer allocatable.
+pub const DEFAULT_MAX_DIMENSION: u32 = 1 << 24;
 
 /// How often the epoch ticks; the wall-clock timeout's resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -61,6 +65,9 @@ pub struct Limits {
     pub timeout: Duration,
     /// Bytes of stdout/stderr kept per instance for the administrators' log.
     pub log_bytes: usize,
+    /// Largest feature dimension a featurizer may declare; checked when the
+    /// instance is configured, before anything is sized by it.
+    pub max_dimension: u32,
 }
 
 impl Default for Limits {
@@ -71,7 +78,32 @@ impl Default for Limits {
             output_bytes: 64 * 1024 * 1024,
             timeout: Duration::from_secs(30),
             log_bytes: 64 * 1024,
+            max_dimension: DEFAULT_MAX_DIMENSION,
         }
+    }
+}
+
+/// What plugin calls used: summed over calls (fuel, wall time) or the
+/// largest seen (memory). Recorded in the audit log for every plugin stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Calls made (configure, dimension and batch calls).
+    pub calls: u64,
+    /// Fuel consumed (0 when the runtime does not meter fuel).
+    pub fuel: u64,
+    /// Largest linear memory of any instance, in bytes.
+    pub peak_memory_bytes: u64,
+    /// Wall-clock time spent inside the plugin, in milliseconds.
+    pub wall_ms: u64,
+}
+
+impl Usage {
+    /// Adds `other` to this: sums, and the larger peak.
+    pub fn add(&mut self, other: &Usage) {
+        self.calls += other.calls;
+        self.fuel += other.fuel;
+        self.peak_memory_bytes = self.peak_memory_bytes.max(other.peak_memory_bytes);
+        self.wall_ms += other.wall_ms;
     }
 }
 
@@ -133,7 +165,7 @@ impl Drop for Runtime {
 }
 
 fn internal(e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Internal(e.to_string())
+    RuntimeError::Internal(Sealed::new(e.to_string()))
 }
 
 impl Runtime {
@@ -235,7 +267,7 @@ impl Runtime {
         }
         let component =
             Component::from_binary(&self.engine, bytes).map_err(|e| RuntimeError::Invalid {
-                detail: format!("{e:#}"),
+                detail: Sealed::new(format!("{e:#}")),
             })?;
         self.config.cache.put(&key, &component);
         Ok((component, false))
@@ -304,11 +336,11 @@ impl Runtime {
         let kind = bindings::exported_kind(&exports).ok_or(RuntimeError::NoPluginWorld)?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             RuntimeError::InterfaceMismatch {
-                detail: format!("{e:#}"),
+                detail: Sealed::new(format!("{e:#}")),
             }
         })?;
         let pre = Pre::new(kind, instance_pre).map_err(|e| RuntimeError::InterfaceMismatch {
-            detail: format!("{e:#}"),
+            detail: Sealed::new(format!("{e:#}")),
         })?;
         let mut plugin = LoadedPlugin {
             digest,
@@ -331,6 +363,7 @@ impl Runtime {
             output_bytes: 1024 * 1024,
             timeout: Duration::from_secs(5),
             log_bytes: 4096,
+            max_dimension: DEFAULT_MAX_DIMENSION,
         };
         let mut inst = PluginInstance::raw(self, &plugin, &limits)?;
         let metadata = inst.call(|store, b| b.describe(store).map(Ok))?;
@@ -428,19 +461,43 @@ impl LoadedPlugin {
         config: &[(String, String)],
         limits: &Limits,
     ) -> Result<PluginInstance, RuntimeError> {
-        let resolved = self.resolve_config(config)?;
-        let mut inst = PluginInstance::raw(runtime, self, limits)?;
-        inst.configure(&resolved)?;
-        if self.kind == PluginKind::Featurizer {
-            let dim = inst.call(|store, b| b.dimension(store).map(Ok))?;
-            if dim == 0 {
-                inst.discarded = true;
-                return Err(RuntimeError::InvalidOutput(OutputViolation::ZeroDimension));
-            }
-            inst.dimension = dim;
-        }
-        Ok(inst)
+        self.instantiate_logged(runtime, config, limits)
+            .map_err(|f| f.error)
     }
+
+    /// [`LoadedPlugin::instantiate`], keeping the failed instance's log and
+    /// usage for the caller to record.
+    pub(crate) fn instantiate_logged(
+        &self,
+        runtime: &Runtime,
+        config: &[(String, String)],
+        limits: &Limits,
+    ) -> Result<PluginInstance, FailedInstance> {
+        let bare = |error| FailedInstance {
+            error,
+            log: (Vec::new(), 0),
+            usage: Usage::default(),
+        };
+        let resolved = self.resolve_config(config).map_err(bare)?;
+        let mut inst = PluginInstance::raw(runtime, self, limits).map_err(bare)?;
+        match inst.configure_and_size(&resolved, limits.max_dimension) {
+            Ok(()) => Ok(inst),
+            Err(error) => Err(FailedInstance {
+                error,
+                log: inst.take_log(),
+                usage: inst.usage(),
+            }),
+        }
+    }
+}
+
+/// An instance that failed while being configured: the error, and what its
+/// log and usage were, for the administrators' record.
+#[derive(Debug)]
+pub(crate) struct FailedInstance {
+    pub(crate) error: RuntimeError,
+    pub(crate) log: (Vec<u8>, u64),
+    pub(crate) usage: Usage,
 }
 
 /// `Ok` when a plugin of kind `actual` may be used where `expected` is needed.
@@ -464,6 +521,8 @@ pub struct PluginInstance {
     fuel_metered: bool,
     dimension: u32,
     discarded: bool,
+    usage: Usage,
+    stage: CallStage,
 }
 
 impl std::fmt::Debug for PluginInstance {
@@ -488,16 +547,28 @@ impl PluginInstance {
                 limits.memory_bytes, runtime.config.max_memory_bytes
             )));
         }
+        if limits.max_dimension == 0 {
+            return Err(RuntimeError::InvalidInput(
+                "the dimension cap must be at least 1".into(),
+            ));
+        }
         let state = HostState::new(&plugin.random, limits.memory_bytes, limits.log_bytes);
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         // Instantiation runs start functions: give it the same budget as a call.
         Self::arm(&mut store, limits, runtime.config.fuel)?;
-        let bindings = plugin
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| classify(e, &store, limits))?;
+        let bindings = match plugin.pre.instantiate(&mut store) {
+            Ok(b) => b,
+            Err(e) => {
+                let err = classify(e, &store, limits);
+                store
+                    .data()
+                    .log
+                    .note(&format!("host: {}", err.admin_detail()));
+                return Err(err);
+            }
+        };
         Ok(PluginInstance {
             store,
             bindings,
@@ -514,6 +585,8 @@ impl PluginInstance {
             fuel_metered: runtime.config.fuel,
             dimension: 0,
             discarded: false,
+            usage: Usage::default(),
+            stage: CallStage::Batch,
         })
     }
 
@@ -540,30 +613,81 @@ impl PluginInstance {
         let started = Instant::now();
         let result = f(&mut self.store, &self.bindings);
         let elapsed = started.elapsed();
+        self.account(elapsed);
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 self.store.data().log.note(&format!(
-                    "plugin error {}: {}",
+                    "plugin error {}{}: {}",
                     e.code.as_str(),
+                    e.key
+                        .as_ref()
+                        .map(|k| format!(" (key `{k}`)"))
+                        .unwrap_or_default(),
                     e.detail
                 ));
-                // Show a key only if the plugin declared it.
+                // Keep a key only if the plugin declared it (for the log).
                 let key = e.key.filter(|k| self.declared_keys.iter().any(|d| d == k));
-                tracing::debug!(plugin = %self.digest.short(), code = e.code.as_str(), "plugin returned an error");
-                Err(RuntimeError::Plugin { code: e.code, key })
+                tracing::debug!(plugin = %self.digest.short(), "plugin returned an error");
+                Err(RuntimeError::Plugin {
+                    stage: self.stage,
+                    code: Sealed::new(e.code),
+                    key: Sealed::new(key),
+                })
             }
             Err(e) => {
-                self.discarded = true;
                 let err = classify(e, &self.store, &self.limits);
                 tracing::warn!(plugin = %self.digest.short(), error = err.code(), elapsed_ms = elapsed.as_millis() as u64, "plugin instance discarded");
-                Err(err)
+                Err(self.fail(err))
             }
         }
     }
 
+    /// Adds one call's fuel, time and memory to the instance's usage.
+    fn account(&mut self, elapsed: Duration) {
+        self.usage.calls += 1;
+        self.usage.wall_ms += elapsed.as_millis() as u64;
+        if self.fuel_metered {
+            let left = self.store.get_fuel().unwrap_or(0);
+            self.usage.fuel += self.limits.fuel.saturating_sub(left);
+        }
+        self.usage.peak_memory_bytes = self
+            .usage
+            .peak_memory_bytes
+            .max(self.store.data().limiter.peak_bytes as u64);
+    }
+
+    /// What this instance's calls used so far.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
     fn configure(&mut self, config: &[(String, String)]) -> Result<(), RuntimeError> {
-        self.call(|store, b| b.configure(store, config))
+        self.stage = CallStage::Configure;
+        let r = self.call(|store, b| b.configure(store, config));
+        self.stage = CallStage::Batch;
+        r
+    }
+
+    /// Configures the instance and, for a featurizer, asks its dimension and
+    /// holds it to `max_dimension` before anything is sized by it.
+    fn configure_and_size(
+        &mut self,
+        config: &[(String, String)],
+        max_dimension: u32,
+    ) -> Result<(), RuntimeError> {
+        self.configure(config)?;
+        if self.kind == PluginKind::Featurizer {
+            let dim = self.call(|store, b| b.dimension(store).map(Ok))?;
+            if dim == 0 || dim > max_dimension {
+                return Err(self.fail(RuntimeError::DimensionOutOfRange {
+                    max: max_dimension,
+                    declared: Sealed::new(dim),
+                }));
+            }
+            self.dimension = dim;
+        }
+        Ok(())
     }
 
     /// The plugin's kind.
@@ -587,8 +711,14 @@ impl PluginInstance {
         self.store.data().log.take()
     }
 
+    /// Discards the instance and writes everything about `e` (the
+    /// plugin-chosen parts included) to the administrators' log.
     fn fail(&mut self, e: RuntimeError) -> RuntimeError {
         self.discarded = true;
+        self.store
+            .data()
+            .log
+            .note(&format!("host: {}", e.admin_detail()));
         e
     }
 
@@ -686,29 +816,34 @@ fn classify(e: wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> Ru
     if e.downcast_ref::<wasmtime_wasi::I32Exit>().is_some() {
         return RuntimeError::Exited;
     }
-    if let Some(trap) = e.downcast_ref::<Trap>() {
-        return match trap {
+    if let Some(t) = e.downcast_ref::<Trap>() {
+        return match t {
             Trap::OutOfFuel => RuntimeError::LimitExceeded(Limit::Fuel {
                 budget: limits.fuel,
             }),
             Trap::Interrupt => RuntimeError::LimitExceeded(Limit::Timeout {
                 after: limits.timeout,
             }),
-            Trap::UnreachableCodeReached => RuntimeError::Trap(TrapKind::Panic),
-            Trap::StackOverflow => RuntimeError::Trap(TrapKind::StackOverflow),
-            Trap::MemoryOutOfBounds | Trap::HeapMisaligned => {
-                RuntimeError::Trap(TrapKind::MemoryOutOfBounds)
-            }
+            Trap::UnreachableCodeReached => trap(TrapKind::Panic),
+            Trap::StackOverflow => trap(TrapKind::StackOverflow),
+            Trap::MemoryOutOfBounds | Trap::HeapMisaligned => trap(TrapKind::MemoryOutOfBounds),
             Trap::IntegerDivisionByZero | Trap::IntegerOverflow | Trap::BadConversionToInteger => {
-                RuntimeError::Trap(TrapKind::Arithmetic)
+                trap(TrapKind::Arithmetic)
             }
-            _ => RuntimeError::Trap(TrapKind::Other),
+            _ => trap(TrapKind::Other),
         };
     }
     // Errors raised while lifting the plugin's results (invalid UTF-8, bad
     // discriminants, out-of-bounds lists) are the plugin's fault: a trap.
-    tracing::debug!(error = %format!("{e:#}"), "non-trap failure in a plugin call");
-    RuntimeError::Trap(TrapKind::Other)
+    // Their text can quote what the plugin returned: the plugin log only.
+    store.data().log.note(&format!(
+        "host: failure while lifting the plugin's result: {e:#}"
+    ));
+    trap(TrapKind::Other)
+}
+
+fn trap(kind: TrapKind) -> RuntimeError {
+    RuntimeError::Trap(Sealed::new(kind))
 }
 
 impl LoadedPlugin {

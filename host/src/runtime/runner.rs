@@ -10,7 +10,9 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{Limits, LoadedPlugin, PluginInstance, Runtime, RuntimeError, StopFlag, stopped};
+use super::{
+    Limits, LoadedPlugin, PluginInstance, Runtime, RuntimeError, StopFlag, Usage, stopped,
+};
 use crate::types::{DataRecord, Decision, PluginKind, PredictionSet, SparseBatch};
 
 /// Runs a plugin over many batches in parallel.
@@ -23,6 +25,8 @@ pub struct Runner<'a> {
     batch_size: usize,
     log: Mutex<Vec<u8>>,
     log_dropped: AtomicUsize,
+    usage: Mutex<Usage>,
+    dimension: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for Runner<'_> {
@@ -52,6 +56,8 @@ impl<'a> Runner<'a> {
             batch_size: 256,
             log: Mutex::new(Vec::new()),
             log_dropped: AtomicUsize::new(0),
+            usage: Mutex::new(Usage::default()),
+            dimension: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -74,8 +80,41 @@ impl<'a> Runner<'a> {
         (log, self.log_dropped.swap(0, Ordering::Relaxed))
     }
 
+    /// The feature dimension the featurizer's instances declared (0 before
+    /// any ran, and for other kinds).
+    pub fn dimension(&self) -> u32 {
+        self.dimension.load(Ordering::Relaxed)
+    }
+
+    /// What every instance of this runner used so far (fuel, wall time,
+    /// peak memory), successful and failed calls alike.
+    pub fn usage(&self) -> Usage {
+        *self.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn collect_usage(&self, inst: &PluginInstance) {
+        self.usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(&inst.usage());
+    }
+
+    /// Keeps the log and usage of an instance that failed to configure;
+    /// its error.
+    fn absorb(&self, f: super::FailedInstance) -> RuntimeError {
+        self.keep_log(f.log);
+        self.usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(&f.usage);
+        f.error
+    }
+
     fn collect_log(&self, inst: &mut PluginInstance) {
-        let (bytes, dropped) = inst.take_log();
+        self.keep_log(inst.take_log());
+    }
+
+    fn keep_log(&self, (bytes, dropped): (Vec<u8>, u64)) {
         if !bytes.is_empty() {
             self.log
                 .lock()
@@ -113,14 +152,33 @@ impl<'a> Runner<'a> {
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
-                    let mut inst =
-                        match self
-                            .plugin
-                            .instantiate(self.runtime, &self.config, &self.limits)
-                        {
-                            Ok(i) => i,
-                            Err(e) => return fail(0, e),
-                        };
+                    let mut inst = match self.plugin.instantiate_logged(
+                        self.runtime,
+                        &self.config,
+                        &self.limits,
+                    ) {
+                        Ok(i) => {
+                            // The dimension is asked before any record is
+                            // seen: every instance must declare the same.
+                            let d = i.dimension();
+                            if let Err(seen) = self.dimension.compare_exchange(
+                                0,
+                                d,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            ) && seen != d
+                            {
+                                return fail(
+                                    0,
+                                    RuntimeError::InvalidOutput(super::Sealed::new(
+                                        super::OutputViolation::InconsistentDimension,
+                                    )),
+                                );
+                            }
+                            i
+                        }
+                        Err(f) => return fail(0, self.absorb(f)),
+                    };
                     while !stopped(&stop) {
                         let at = next.fetch_add(1, Ordering::Relaxed);
                         let Some(chunk) = chunks.get(at) else { break };
@@ -130,9 +188,13 @@ impl<'a> Runner<'a> {
                             Ok(out) => {
                                 *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = Some(out)
                             }
-                            Err(e) => return fail(at, e),
+                            Err(e) => {
+                                self.collect_usage(&inst);
+                                return fail(at, e);
+                            }
                         }
                     }
+                    self.collect_usage(&inst);
                 });
             }
         });
@@ -146,9 +208,31 @@ impl<'a> Runner<'a> {
             .map(|s| {
                 s.into_inner()
                     .unwrap_or_else(|p| p.into_inner())
-                    .ok_or_else(|| RuntimeError::Internal("a batch produced no result".into()))
+                    .ok_or_else(|| {
+                        RuntimeError::Internal(super::Sealed::new(
+                            "a batch produced no result".into(),
+                        ))
+                    })
             })
             .collect()
+    }
+
+    /// Configure one instance (and, for a featurizer, hold its declared
+    /// dimension to the cap), then discard it: a bad configuration fails
+    /// here, before any record is sent.
+    pub fn check_configuration(&self) -> Result<(), RuntimeError> {
+        match self
+            .plugin
+            .instantiate_logged(self.runtime, &self.config, &self.limits)
+        {
+            Ok(mut inst) => {
+                self.collect_log(&mut inst);
+                self.collect_usage(&inst);
+                self.dimension.store(inst.dimension(), Ordering::Relaxed);
+                Ok(())
+            }
+            Err(f) => Err(self.absorb(f)),
+        }
     }
 
     /// Preprocess `records`; the kept records in input order.

@@ -292,6 +292,8 @@ impl HostWallClock for FrozenWallClock {
 pub(crate) struct Limiter {
     memory_bytes: usize,
     pub(crate) memory_denied: bool,
+    /// The largest linear memory granted so far, in bytes.
+    pub(crate) peak_bytes: usize,
 }
 
 /// Tables are small in Rust components; this is generous.
@@ -302,6 +304,7 @@ impl Limiter {
         Limiter {
             memory_bytes,
             memory_denied: false,
+            peak_bytes: 0,
         }
     }
 }
@@ -317,6 +320,7 @@ impl ResourceLimiter for Limiter {
             self.memory_denied = true;
             return Err(wasmtime::format_err!("linear memory limit reached"));
         }
+        self.peak_bytes = self.peak_bytes.max(desired);
         Ok(true)
     }
 

@@ -4,15 +4,17 @@
 
 use std::collections::HashSet;
 
-use super::error::{Limit, OutputViolation, RuntimeError};
+use super::error::{Limit, OutputViolation, RuntimeError, Sealed};
 use crate::types::{Action, DataRecord, Decision, Metadata, PredictionSet, SparseBatch};
 
 fn bad(field: &'static str, problem: &'static str) -> RuntimeError {
     RuntimeError::BadMetadata { field, problem }
 }
 
+/// No control, bidirectional or invisible format character: what a
+/// reviewer reads is what the plugin says (see [`crate::text`]).
 fn printable(s: &str) -> bool {
-    !s.chars().any(char::is_control)
+    !s.chars().any(crate::text::is_deceptive)
 }
 
 fn identifier(s: &str, max: usize) -> bool {
@@ -50,7 +52,7 @@ pub(crate) fn metadata(m: &Metadata) -> Result<(), RuntimeError> {
     if m.description.chars().count() > 1000 || !printable(&m.description) {
         return Err(bad(
             "description",
-            "must be at most 1000 printable characters",
+            "must be at most 1000 printable characters (no control, bidirectional or invisible format characters)",
         ));
     }
     if m.config.len() > 64 {
@@ -70,13 +72,13 @@ pub(crate) fn metadata(m: &Metadata) -> Result<(), RuntimeError> {
         if k.default_value.len() > 65536 || !printable(&k.default_value) {
             return Err(bad(
                 "config.default-value",
-                "must be at most 64 KiB of printable text",
+                "must be at most 64 KiB of printable text (no control, bidirectional or invisible format characters)",
             ));
         }
         if k.description.chars().count() > 1000 || !printable(&k.description) {
             return Err(bad(
                 "config.description",
-                "must be at most 1000 printable characters",
+                "must be at most 1000 printable characters (no control, bidirectional or invisible format characters)",
             ));
         }
     }
@@ -88,9 +90,9 @@ pub(crate) fn unique_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Result<(), R
     let mut seen = HashSet::new();
     for id in ids {
         if !seen.insert(id) {
-            return Err(RuntimeError::InvalidInput(format!(
-                "record id {id:?} appears twice in one batch"
-            )));
+            return Err(RuntimeError::InvalidInput(
+                "a record id appears twice in one batch".into(),
+            ));
         }
     }
     Ok(())
@@ -130,23 +132,23 @@ pub(crate) fn preprocessed(
         match input[next..].iter().position(|i| i.id == r.id) {
             Some(offset) => next += offset + 1,
             None => {
-                return Err(RuntimeError::InvalidOutput(OutputViolation::UnknownId {
-                    position,
-                }));
+                return Err(RuntimeError::InvalidOutput(Sealed::new(
+                    OutputViolation::UnknownId { position },
+                )));
             }
         }
         if r.label.is_some() {
-            return Err(RuntimeError::InvalidOutput(OutputViolation::LabelSet {
-                position,
-            }));
+            return Err(RuntimeError::InvalidOutput(Sealed::new(
+                OutputViolation::LabelSet { position },
+            )));
         }
         if r.numerics
             .iter()
             .any(|n| n.value.as_slice().iter().any(|v| !v.is_finite()))
         {
-            return Err(RuntimeError::InvalidOutput(OutputViolation::NonFinite {
-                row: position,
-            }));
+            return Err(RuntimeError::InvalidOutput(Sealed::new(
+                OutputViolation::NonFinite { row: position },
+            )));
         }
     }
     Ok(())
@@ -163,7 +165,7 @@ pub(crate) fn features(
         4 * (b.offsets.len() + b.indices.len() + b.values.len()),
         cap,
     )?;
-    let violation = |v| Err(RuntimeError::InvalidOutput(v));
+    let violation = |v| Err(RuntimeError::InvalidOutput(Sealed::new(v)));
     if b.offsets.len() != rows + 1 {
         return violation(OutputViolation::WrongCount {
             expected: rows,
@@ -215,16 +217,14 @@ pub(crate) fn prediction_sets(
     unique_ids(batch.iter().map(|p| p.id.as_str()))?;
     for p in batch {
         if p.models.is_empty() {
-            return Err(RuntimeError::InvalidInput(format!(
-                "no model predictions for {:?}",
-                p.id
-            )));
+            return Err(RuntimeError::InvalidInput(
+                "an item has no model predictions".into(),
+            ));
         }
         for dist in &p.models {
             if dist.len() != classes.len() || dist.iter().any(|v| !v.is_finite() || *v < 0.0) {
                 return Err(RuntimeError::InvalidInput(format!(
-                    "a prediction for {:?} is not a distribution over the {} classes",
-                    p.id,
+                    "a prediction is not a distribution over the {} classes",
                     classes.len()
                 )));
             }
@@ -243,32 +243,34 @@ pub(crate) fn decisions(
 ) -> Result<(), RuntimeError> {
     output_cap(out.iter().map(|d| d.id.len() + 12).sum(), cap)?;
     if out.len() != batch.len() {
-        return Err(RuntimeError::InvalidOutput(OutputViolation::WrongCount {
-            expected: batch.len(),
-            got: out.len(),
-        }));
+        return Err(RuntimeError::InvalidOutput(Sealed::new(
+            OutputViolation::WrongCount {
+                expected: batch.len(),
+                got: out.len(),
+            },
+        )));
     }
     for (position, (d, p)) in out.iter().zip(batch).enumerate() {
         if d.id != p.id {
-            return Err(RuntimeError::InvalidOutput(OutputViolation::IdMismatch {
-                position,
-            }));
+            return Err(RuntimeError::InvalidOutput(Sealed::new(
+                OutputViolation::IdMismatch { position },
+            )));
         }
         if let Action::AutoAccept(class) = d.action
             && class as usize >= classes
         {
-            return Err(RuntimeError::InvalidOutput(
+            return Err(RuntimeError::InvalidOutput(Sealed::new(
                 OutputViolation::ClassOutOfRange {
                     position,
                     class,
                     classes,
                 },
-            ));
+            )));
         }
         if !d.priority.is_finite() {
-            return Err(RuntimeError::InvalidOutput(OutputViolation::NonFinite {
-                row: position,
-            }));
+            return Err(RuntimeError::InvalidOutput(Sealed::new(
+                OutputViolation::NonFinite { row: position },
+            )));
         }
     }
     Ok(())

@@ -60,11 +60,14 @@ pub enum Space {
     Jobs = 13,
     /// Console passwords: user name → Argon2id PHC string.
     Passwords = 14,
+    /// The administrators' plugin log: `audit seq (u64 BE)` → entry
+    /// (see [`crate::plugin_log`]).
+    PluginLog = 15,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 14] = [
+    pub const ALL: [Space; 15] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -79,6 +82,7 @@ impl Space {
         Space::Models,
         Space::Jobs,
         Space::Passwords,
+        Space::PluginLog,
     ];
 
     /// The key prefix byte.

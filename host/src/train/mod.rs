@@ -60,6 +60,16 @@ pub enum TrainError {
     /// A kernel failed.
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// The model's training state would not fit the environment's budget.
+    /// (The size depends on the featurizer's declared dimension, so the
+    /// message states only the budget.)
+    #[error(
+        "training this model would need more memory than the environment's training budget of {budget_mb} MiB; choose a featurizer configuration with fewer dimensions or a smaller first hidden layer, or ask an administrator to raise [training] memory_budget_mb in limits.toml"
+    )]
+    OverBudget {
+        /// The budget in MiB.
+        budget_mb: u64,
+    },
 }
 
 /// Model families.
@@ -556,6 +566,33 @@ pub struct TrainingSet<'a> {
     pub train: &'a [usize],
     /// Validation rows (early stopping).
     pub val: &'a [usize],
+    /// Bytes the model's training state may take ([`state_bytes`]);
+    /// checked before anything is allocated.
+    pub budget_bytes: u64,
+}
+
+/// Bytes the training state of a model takes, estimated from above: the
+/// sparse input layer's weights, both Adam moments and the gradient
+/// accumulator, the best-epoch copy and its serialization (six
+/// `dim × width` f32 arrays), plus the dense stack's layers four times.
+pub fn state_bytes(kind: Kind, dim: usize, classes: usize, hyper: &Hyper) -> u64 {
+    let (first, dense) = match kind {
+        Kind::Logreg => (classes as u64, 0u64),
+        Kind::Mlp => {
+            let mut widths = hyper.hidden.clone();
+            widths.push(classes);
+            let dense: u64 = widths
+                .windows(2)
+                .map(|w| (w[0] as u64 + 1).saturating_mul(w[1] as u64))
+                .sum();
+            (hyper.hidden.first().copied().unwrap_or(0) as u64, dense)
+        }
+    };
+    (dim as u64)
+        .saturating_mul(first)
+        .saturating_mul(6 * 4)
+        .saturating_add(dense.saturating_mul(4 * 4))
+        .saturating_add(dim as u64)
 }
 
 /// Trains on `train` rows with early stopping on `val` rows. `progress` is
@@ -572,8 +609,14 @@ pub fn fit(
         classes,
         train,
         val,
+        budget_bytes,
     } = data;
     let h = &template.hyper;
+    if state_bytes(template.kind, dim, classes, h) > budget_bytes {
+        return Err(TrainError::OverBudget {
+            budget_mb: budget_bytes / (1024 * 1024),
+        });
+    }
     if train.is_empty() || val.is_empty() || classes < 2 {
         return Err(TrainError::NotEnoughData(format!(
             "training needs at least two classes and records in both the training and validation splits (have {classes} classes, {} training and {} validation records)",
@@ -735,6 +778,32 @@ mod tests {
         assert!(e.to_string().starts_with("templates/x.toml: line 2"), "{e}");
     }
 
+    #[test]
+    fn training_over_the_memory_budget_is_refused_before_allocating() {
+        let (x, y) = toy();
+        let train: Vec<usize> = (0..300).collect();
+        let val: Vec<usize> = (300..400).collect();
+        let t = template("mlp", &[]).expect("template");
+        // 2^31 inputs × 128 hidden units would be terabytes: refused at once.
+        let data = TrainingSet {
+            x: &x,
+            dim: 1 << 31,
+            y: &y,
+            classes: 2,
+            train: &train,
+            val: &val,
+            budget_bytes: 4 << 30,
+        };
+        let e = fit(&t, data, &mut |_| {}).expect_err("over budget");
+        assert!(
+            matches!(e, TrainError::OverBudget { budget_mb: 4096 }),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("2147483648"), "{e}");
+        let need = state_bytes(Kind::Logreg, 1 << 20, 20, &t.hyper);
+        assert!(need >= (1u64 << 20) * 20 * 4 * 4, "{need}");
+    }
+
     fn toy() -> (SparseBatch, Vec<usize>) {
         // Two classes; class c rows carry feature 10+c plus noise features.
         let mut rng = Rng::new(3);
@@ -773,6 +842,7 @@ mod tests {
                 classes: 2,
                 train: &train,
                 val: &val,
+                budget_bytes: 1 << 30,
             };
             let a = fit(&t, data, &mut |_| {}).expect("fit");
             let b = fit(&t, data, &mut |_| {}).expect("fit");

@@ -20,12 +20,11 @@ pub enum KernelError {
     /// A candle operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
-    /// A feature index is outside the model's input dimension.
-    #[error("feature index {index} is outside the input dimension {dim}")]
+    /// A feature index is outside the model's input dimension. (Features
+    /// come from a plugin: the index itself is never part of the message.)
+    #[error("a feature index is outside the model's input dimension {dim}")]
     FeatureOutOfRange {
-        /// The index.
-        index: u32,
-        /// The dimension.
+        /// The model's dimension.
         dim: usize,
     },
     /// Stored weights do not fit the model.
@@ -130,12 +129,10 @@ impl SparseLinear {
 
     /// Checks every feature index of `x` against the input dimension.
     pub fn check(&self, x: &SparseBatch) -> Result<(), KernelError> {
-        match x.indices.iter().find(|&&i| i as usize >= self.dim) {
-            Some(&index) => Err(KernelError::FeatureOutOfRange {
-                index,
-                dim: self.dim,
-            }),
-            None => Ok(()),
+        if x.indices.iter().any(|&i| i as usize >= self.dim) {
+            Err(KernelError::FeatureOutOfRange { dim: self.dim })
+        } else {
+            Ok(())
         }
     }
 

@@ -1,4 +1,5 @@
-//! A selector that breaks the rules: wrong count, unknown class, NaN priority.
+//! A selector that breaks the rules: wrong count, unknown class, NaN
+//! priority; or tries to speak through its priorities.
 
 use cloister_plugin_sdk::{
     Action, Config, ConfigKey, Decision, Plugin, PluginError, PredictionSet, Selector, Verdict,
@@ -39,6 +40,12 @@ impl Selector for HostileSelect {
             "nan-priority" => Verdict {
                 action: Action::HumanReview,
                 priority: f32::NAN,
+            },
+            // A number of its choosing on every queued item (a marker the
+            // tests search for: 32 bits per item if it were shown).
+            "leak-priority" => Verdict {
+                action: Action::HumanReview,
+                priority: 31337.25,
             },
             _ => Verdict {
                 action: Action::Skip,
