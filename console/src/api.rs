@@ -4,13 +4,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -45,7 +45,7 @@ async fn reader(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, ApiError> {
 /// The caller of a write: a session must present its CSRF token.
 async fn writer(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, ApiError> {
     let c = k.caller(h).await?;
-    c.check_csrf(h, None)?;
+    k.check_csrf(&c, h, None).await?;
     Ok(c)
 }
 
@@ -97,13 +97,21 @@ pub(crate) struct LoginBody {
     pub password: String,
 }
 
-async fn login(State(k): S, Json(b): Json<LoginBody>) -> Result<Response, ApiError> {
-    let (user, cookie, csrf) = k.login(b.user, b.password).await?;
-    let mut r = Json(json!({"user": user.name, "roles": user.roles, "csrf": csrf})).into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).map_err(|_| ApiError::Internal)?,
-    );
+async fn login(
+    State(k): S,
+    Extension(client): Extension<crate::ClientAddr>,
+    h: HeaderMap,
+    Json(b): Json<LoginBody>,
+) -> Result<Response, ApiError> {
+    let done = k.login(b.user, b.password, &h, client.0).await?;
+    let mut r = Json(json!({"user": done.user.name, "roles": done.user.roles, "csrf": done.csrf}))
+        .into_response();
+    for cookie in &done.cookies {
+        r.headers_mut().append(
+            header::SET_COOKIE,
+            HeaderValue::from_str(cookie).map_err(|_| ApiError::Internal)?,
+        );
+    }
     Ok(r)
 }
 

@@ -21,6 +21,7 @@ mod html;
 mod openapi;
 mod pages;
 mod tasks;
+mod throttle;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -41,8 +42,17 @@ pub struct ConsoleConfig {
     pub secure_cookies: bool,
     /// How long a session lives without use.
     pub session_ttl: Duration,
-    /// Failed logins of one user name before the backoff starts.
+    /// How long a session lives at most, however much it is used.
+    pub session_max: Duration,
+    /// A new login ends the user's older sessions.
+    pub one_session_per_user: bool,
+    /// Failed logins of one user name (or known device) before the backoff
+    /// starts.
     pub free_failures: u32,
+    /// Failed logins from one client address before its backoff starts.
+    pub client_free_failures: u32,
+    /// Keys the login throttle (and devices the console) keep at most.
+    pub max_tracked: usize,
 }
 
 impl Default for ConsoleConfig {
@@ -50,7 +60,11 @@ impl Default for ConsoleConfig {
         Self {
             secure_cookies: false,
             session_ttl: Duration::from_secs(8 * 3600),
+            session_max: Duration::from_secs(12 * 3600),
+            one_session_per_user: true,
             free_failures: 3,
+            client_free_failures: 20,
+            max_tracked: 10_000,
         }
     }
 }
@@ -60,7 +74,8 @@ pub struct Console {
     c: Cloister,
     config: ConsoleConfig,
     sessions: Mutex<HashMap<String, auth::Session>>,
-    failures: Mutex<HashMap<String, auth::Failures>>,
+    throttle: Mutex<throttle::Throttle>,
+    devices: Mutex<auth::Devices>,
     tasks: tasks::Tasks,
 }
 
@@ -77,11 +92,24 @@ impl Console {
     pub fn new(c: Cloister, config: ConsoleConfig) -> Arc<Self> {
         Arc::new(Self {
             c,
-            config,
             sessions: Mutex::new(HashMap::new()),
-            failures: Mutex::new(HashMap::new()),
+            throttle: Mutex::new(throttle::Throttle::new(config.max_tracked)),
+            devices: Mutex::new(auth::Devices::default()),
+            config,
             tasks: tasks::Tasks::default(),
         })
+    }
+
+    /// How many keys the login throttle and the device table hold now
+    /// (both bounded by `max_tracked`), for monitoring.
+    pub fn tracked_logins(&self) -> (usize, usize) {
+        (
+            self.throttle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
+            self.devices.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        )
     }
 
     /// The environment.
@@ -205,11 +233,68 @@ async fn security_headers(req: axum::extract::Request, next: axum::middleware::N
     r
 }
 
+/// The client's address, when the console is served over a socket (none
+/// when a test drives the router directly).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(pub Option<std::net::IpAddr>);
+
+/// Whether a request comes from another site: an `Origin` that is not this
+/// host (or is `null`), or, without one, a browser's `Sec-Fetch-Site` other
+/// than `same-origin` or `none`. Clients that send neither (the CLI, curl
+/// with an API token) are not browsers and carry no ambient credentials.
+fn cross_site(h: &axum::http::HeaderMap) -> bool {
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+    if let Some(origin) = h.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("null");
+        let authority = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        return match (authority, host) {
+            (Some(a), Some(h)) => !a.eq_ignore_ascii_case(h),
+            _ => true,
+        };
+    }
+    h.get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v != "same-origin" && v != "none")
+}
+
+/// Notes the client's address for the login throttle, and refuses (and
+/// audits) every state-changing request that comes from another site —
+/// the login form's included, so no site can log a browser into an
+/// account of its choosing.
+async fn request_guard(
+    axum::extract::State(k): axum::extract::State<Arc<Console>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    req.extensions_mut().insert(ClientAddr(client));
+    let safe = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if !safe && cross_site(req.headers()) {
+        if let Err(e) = k.refuse("-", "cross_site_request", "cross-site").await {
+            return e.into_response();
+        }
+        return ApiError::Forbidden.into_response();
+    }
+    next.run(req).await
+}
+
 /// The whole application.
 pub fn router(console: Arc<Console>) -> Router {
     Router::new()
         .merge(api::routes())
         .merge(pages::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&console),
+            request_guard,
+        ))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(console)
 }
@@ -218,5 +303,9 @@ pub fn router(console: Arc<Console>) -> Router {
 pub async fn serve(console: Arc<Console>, addr: SocketAddr) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "console listening");
-    axum::serve(listener, router(console)).await
+    axum::serve(
+        listener,
+        router(console).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
 }

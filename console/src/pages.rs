@@ -8,12 +8,12 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use axum::Form;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Form};
 use serde::Deserialize;
 
 use cloister_host::jobs::{Job, JobState};
@@ -101,7 +101,8 @@ async fn who(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, Response> {
 /// The caller of a form post, with its CSRF token checked.
 async fn poster(k: &Arc<Console>, h: &HeaderMap, token: &str) -> Result<Caller, Response> {
     let c = who(k, h).await?;
-    c.check_csrf(h, Some(token))
+    k.check_csrf(&c, h, Some(token))
+        .await
         .map_err(|e| error_page(Some(&c), e))?;
     Ok(c)
 }
@@ -136,12 +137,19 @@ struct LoginForm {
     password: String,
 }
 
-async fn login(State(k): S, Form(f): Form<LoginForm>) -> Response {
-    match k.login(f.user, f.password).await {
-        Ok((_, cookie, _)) => {
+async fn login(
+    State(k): S,
+    Extension(client): Extension<crate::ClientAddr>,
+    h: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    match k.login(f.user, f.password, &h, client.0).await {
+        Ok(done) => {
             let mut r = Redirect::to("/").into_response();
-            if let Ok(v) = HeaderValue::from_str(&cookie) {
-                r.headers_mut().insert(header::SET_COOKIE, v);
+            for cookie in &done.cookies {
+                if let Ok(v) = HeaderValue::from_str(cookie) {
+                    r.headers_mut().append(header::SET_COOKIE, v);
+                }
             }
             r
         }
@@ -311,31 +319,37 @@ async fn plugins(State(k): S, h: HeaderMap) -> Page {
     );
     let _ = write!(
         body,
-        "<h2>Add a plugin</h2><form method=\"post\" action=\"/plugins?csrf={}\" enctype=\"multipart/form-data\"><input type=\"file\" name=\"component\" accept=\".wasm\" required> <button>Upload and inspect</button></form><p>The component is inspected (kind, digest, imports, config keys) and registered unapproved; a reviewer who did not add it approves that exact digest.</p>",
+        "<h2>Add a plugin</h2><form method=\"post\" action=\"/plugins\" enctype=\"multipart/form-data\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"file\" name=\"component\" accept=\".wasm\" required> <button>Upload and inspect</button></form><p>The component is inspected (kind, digest, imports, config keys) and registered unapproved; a reviewer who did not add it approves that exact digest.</p>",
         esc(c.csrf.as_deref().unwrap_or(""))
     );
     ok(&c, "Plugins", &body)
 }
 
-#[derive(Deserialize)]
-struct CsrfQuery {
-    #[serde(default)]
-    csrf: String,
-}
-
-async fn upload_plugin(
-    State(k): S,
-    h: HeaderMap,
-    Query(q): Query<CsrfQuery>,
-    mut form: Multipart,
-) -> Page {
-    let c = poster(&k, &h, &q.csrf).await?;
+/// The upload form: the CSRF token travels as the form's first field (or
+/// the `X-CSRF-Token` header), never in the URL, and is checked before the
+/// component is read.
+async fn upload_plugin(State(k): S, h: HeaderMap, mut form: Multipart) -> Page {
+    let mut token = String::new();
     let mut bytes = None;
+    let mut checked: Option<Caller> = None;
     while let Ok(Some(field)) = form.next_field().await {
-        if field.name() == Some("component") {
-            bytes = field.bytes().await.ok();
+        match field.name() {
+            Some("csrf") if checked.is_none() => {
+                token = field.text().await.unwrap_or_default();
+            }
+            Some("component") => {
+                if checked.is_none() {
+                    checked = Some(poster(&k, &h, &token).await?);
+                }
+                bytes = field.bytes().await.ok();
+            }
+            _ => {}
         }
     }
+    let c = match checked {
+        Some(c) => c,
+        None => poster(&k, &h, &token).await?,
+    };
     let Some(bytes) = bytes.filter(|b| !b.is_empty()) else {
         return Err(error_page(
             Some(&c),

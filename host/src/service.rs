@@ -424,6 +424,35 @@ impl Cloister {
         }
     }
 
+    /// Audits a request refused before it reached an operation — a
+    /// throttled or malformed login, a missing or wrong CSRF token, a
+    /// cross-site request: a `deny` entry for `action` whose deciding policy
+    /// is the fixed `reason`. `actor` is kept only when it is a well-formed
+    /// user name (else `-`), so a client cannot write text of its choosing
+    /// into the log.
+    pub fn record_refusal(
+        &self,
+        actor: &str,
+        action: &'static str,
+        reason: &'static str,
+    ) -> Result<(), ServiceError> {
+        let actor = if users::check_name(actor).is_ok() {
+            actor
+        } else {
+            "-"
+        };
+        self.env.audit().append(AuditRecord {
+            actor: actor.to_string(),
+            action: action.into(),
+            resource: Resource::Environment.uid_text(),
+            decision: Decision::Deny,
+            policies: vec![reason.into()],
+            params: params_digest(&(self.channel, reason)),
+            outcome: None,
+        })?;
+        Ok(())
+    }
+
     /// Lists users.
     pub fn list_users(&self, who: &User) -> Result<Vec<User>, ServiceError> {
         self.guard(

@@ -17,6 +17,7 @@ mod browser;
 mod cli;
 mod closed_env;
 mod console;
+mod console_hardening;
 mod crash;
 mod example_plugins;
 mod hostile;

@@ -282,7 +282,15 @@ impl Cloister {
         ) {
             Ok(_) => {}
             Err(ServiceError::Runtime(e)) => {
-                return Err(bad(format!("plugin `{}`: {e}", use_.plugin)));
+                // The keys the user gave are host-side context; which of them
+                // the plugin objected to is its choice, so it is not said.
+                let given: Vec<&str> = use_.config.iter().map(|(k, _)| k.as_str()).collect();
+                let context = if given.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (configuration given: {})", given.join(", "))
+                };
+                return Err(bad(format!("plugin `{}`: {e}{context}", use_.plugin)));
             }
             Err(e) => return Err(e),
         }
@@ -350,11 +358,14 @@ impl Cloister {
                     "labelers: name at least one labeler (or run with the gold oracle)".into(),
                 ));
             }
+            // One answer whether the user is missing, disabled or not a
+            // labeler: a spec is no way to learn which names exist. (The
+            // request itself was authorized and audited above, with the
+            // spec's digest.)
             for name in &spec.labelers {
-                let u = crate::users::get(self.env().store().as_ref(), name).map_err(|_| {
-                    spec_err(file, text, name, format!("labelers: no user `{name}`"))
-                })?;
-                if !u.roles.contains(&Role::Labeler) || u.disabled {
+                let active = crate::users::get(self.env().store().as_ref(), name)
+                    .is_ok_and(|u| u.roles.contains(&Role::Labeler) && !u.disabled);
+                if !active {
                     return Err(spec_err(
                         file,
                         text,
@@ -1304,10 +1315,12 @@ impl Cloister {
         let mut chosen: Vec<(QueueItem, String)> = Vec::new();
         let mut seen = HashSet::new();
         for (n, (record, label, job)) in entries.iter().enumerate() {
-            let item = open
+            let Some(item) = open
                 .iter()
                 .find(|q| q.record == *record && job.as_ref().is_none_or(|j| *j == q.job))
-                .ok_or_else(|| JobError::NotQueued(format!("{record} (entry {})", line(n))))?;
+            else {
+                return Err(self.not_queued_for(who, record, job.as_deref(), line(n)));
+            };
             if !seen.insert((item.job.clone(), record.clone())) {
                 return Err(ServiceError::BadRequest(format!(
                     "entry {}: {record} is labeled twice in one request",
@@ -1364,6 +1377,48 @@ impl Cloister {
         }
         self.env().store().commit(batch)?;
         Ok(out)
+    }
+
+    /// The answer to labeling a record that is not in the caller's open
+    /// queue, decided by the authorization point like any label: when the
+    /// record is queued for someone else, `label_record` on it (which the
+    /// policies refuse to anyone but its assignee); when it is queued for
+    /// nobody, `label_record` on the environment (which no policy allows).
+    /// Either way the attempt is audited; only a caller the policy allows
+    /// (their own item, already answered) hears that it is not queued.
+    fn not_queued_for(
+        &self,
+        who: &User,
+        record: &str,
+        job: Option<&str>,
+        line: usize,
+    ) -> ServiceError {
+        let store = self.env().store();
+        let queued = super::list(store.as_ref()).ok().and_then(|jobs| {
+            jobs.iter()
+                .filter(|j| job.is_none_or(|id| id == j.id))
+                .find_map(|j| {
+                    super::queue(store.as_ref(), &j.id)
+                        .ok()
+                        .and_then(|q| q.get(record).cloned())
+                })
+        });
+        let resource = match &queued {
+            Some(item) => match self.record_resource(&item.dataset, &item.record) {
+                Ok((_, r)) => r,
+                Err(e) => return e,
+            },
+            None => Resource::Environment,
+        };
+        match self.guard(
+            &who.principal(),
+            Action::LabelRecord,
+            &resource,
+            &(record, job, "not-queued"),
+        ) {
+            Err(e) => e,
+            Ok(()) => JobError::NotQueued(format!("{record} (entry {line})")).into(),
+        }
     }
 
     /// Imports labels for queued items from a file: JSONL objects with
