@@ -244,8 +244,15 @@ pub(crate) struct ClientAddr(pub Option<std::net::IpAddr>);
 /// with an API token) are not browsers and carry no ambient credentials.
 fn cross_site(h: &axum::http::HeaderMap) -> bool {
     let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+    let fetch_site = h.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     if let Some(origin) = h.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("null");
+        if origin == "null" {
+            // Browsers send `Origin: null` for form posts under our
+            // `Referrer-Policy: no-referrer`; their `Sec-Fetch-Site` then
+            // says where the request came from. Without it: refused.
+            return fetch_site != Some("same-origin");
+        }
         let authority = origin
             .strip_prefix("https://")
             .or_else(|| origin.strip_prefix("http://"));
@@ -254,9 +261,7 @@ fn cross_site(h: &axum::http::HeaderMap) -> bool {
             _ => true,
         };
     }
-    h.get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v != "same-origin" && v != "none")
+    fetch_site.is_some_and(|v| v != "same-origin" && v != "none")
 }
 
 /// Notes the client's address for the login throttle, and refuses (and

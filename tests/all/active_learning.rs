@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use cloister_host::audit::AuditFilter;
-use cloister_host::jobs::{self, JobError, JobState, LedgerSource, Oracle, QueueReason};
+use cloister_host::jobs::{self, JobState, LedgerSource, Oracle, QueueReason};
 use cloister_host::policy::Role;
 use cloister_host::service::{Cloister, ImportOptions, ServiceError};
 use cloister_host::users::User;
@@ -438,12 +438,10 @@ badcases_per_round = 0
     assert!(!record.record.texts.is_empty());
     let leos = jobs::open_items_for(c.env().store().as_ref(), "leo").unwrap();
     assert_eq!(leos.len(), 2);
-    // Leo cannot label or view Lea's item.
+    // Leo cannot label or view Lea's item: both are authorization
+    // decisions (denied and audited).
     let err = c.label_item(&leo, &item.record, "spam", None).unwrap_err();
-    assert!(
-        matches!(err, ServiceError::Job(JobError::NotQueued(_))),
-        "{err}"
-    );
+    assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
     let err = c.view_record(&leo, "mail", &item.record).unwrap_err();
     assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
     // A label outside the classes is refused.

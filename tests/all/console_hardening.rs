@@ -306,7 +306,18 @@ fn cross_site_posts_and_bad_csrf_tokens_are_refused_and_audited() {
         None,
     ));
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    assert_eq!(f.denials("cross_site_request").len(), 2);
+    // `Origin: null` (what browsers send under no-referrer) counts as
+    // cross-site unless the browser says the post is same-origin.
+    let r = f.send(login_req("ana", PASSWORD, &[("origin", "null")], None));
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(f.denials("cross_site_request").len(), 3);
+    let r = f.send(login_req(
+        "ana",
+        "wrong password!!",
+        &[("origin", "null"), ("sec-fetch-site", "same-origin")],
+        None,
+    ));
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     // The same origin (and clients that send none) go through.
     let r = f.send(login_req(
         "ana",
