@@ -11,10 +11,17 @@ use axum::routing::get;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// A bare axum "hello world" (the console benchmark's baseline).
+#[derive(Debug, clap::Parser)]
+#[command(name = "hello-axum")]
+struct Args {
+    /// Address to listen on.
+    #[arg(default_value = "127.0.0.1:18081")]
+    addr: String,
+}
+
 fn main() -> std::io::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:18081".into());
+    let addr = <Args as clap::Parser>::parse().addr;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

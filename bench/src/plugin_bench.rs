@@ -17,47 +17,40 @@ use cloister_host::types::DataRecord;
 use cloister_plugin_sdk::{Config, Features, Featurizer, Plugin};
 use hashed_ngrams::HashedNgrams;
 
+/// hashed-ngrams through the sandbox versus natively, instantiation
+/// latency, compile time cold versus cached.
+#[derive(Debug, clap::Parser)]
+#[command(name = "plugin-bench")]
 struct Args {
+    /// Records to featurize (the input is cycled with fresh ids).
+    #[arg(long, default_value_t = 100_000)]
     records: usize,
+    /// Input records (JSONL, optionally gzipped).
+    #[arg(long, default_value_os_t = default_input())]
     input: PathBuf,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256,1024,4096")]
     batches: Vec<usize>,
+    /// Worker counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
     workers: Vec<usize>,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
     json: Option<PathBuf>,
+    /// Measure this component instead of the bundled hashed-ngrams.
+    #[arg(long)]
     plugin: Option<PathBuf>,
 }
 
+fn default_input() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/spamassassin/spamassassin.jsonl.gz")
+}
+
 fn parse_args() -> Result<Args> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut a = Args {
-        records: 100_000,
-        input: root.join("data/spamassassin/spamassassin.jsonl.gz"),
-        batches: vec![16, 64, 256, 1024, 4096],
-        workers: vec![1, 2],
-        reps: 3,
-        json: None,
-        plugin: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        let list = |v: String| -> Result<Vec<usize>> {
-            v.split(',')
-                .map(|x| x.trim().parse::<usize>().context("expected a number"))
-                .collect()
-        };
-        match flag.as_str() {
-            "--records" => a.records = value()?.parse()?,
-            "--input" => a.input = value()?.into(),
-            "--batches" => a.batches = list(value()?)?,
-            "--workers" => a.workers = list(value()?)?,
-            "--reps" => a.reps = value()?.parse()?,
-            "--json" => a.json = Some(value()?.into()),
-            "--plugin" => a.plugin = Some(value()?.into()),
-            other => bail!("unknown flag {other}"),
-        }
-    }
-    Ok(a)
+    Ok(<Args as clap::Parser>::parse())
 }
 
 /// At least `n` records, cycling the input with fresh ids.

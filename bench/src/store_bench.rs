@@ -17,7 +17,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use cloister_host::audit::{AuditRecord, Decision};
 use cloister_host::policy::Role;
@@ -198,28 +198,33 @@ fn audit(writers: usize, appends: usize) -> Result<()> {
     Ok(())
 }
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T> {
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .context(format!("{name} needs a value"))?
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{name}: bad value")),
-        None => Ok(default),
-    }
+/// Store and audit benchmarks.
+#[derive(Debug, clap::Parser)]
+#[command(name = "store-bench")]
+enum Bench {
+    /// Generated JSONL records: the reader alone, then a full import.
+    Import {
+        /// Records to generate.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        /// Keep the generated file and environment.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Durable audit appends from several writers.
+    Audit {
+        /// Writer threads.
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Appends in all.
+        #[arg(long, default_value_t = 20_000)]
+        appends: usize,
+    },
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.get(1).map(String::as_str) {
-        Some("import") => import(
-            arg(&args, "--records", 1_000_000)?,
-            args.iter().any(|a| a == "--keep"),
-        ),
-        Some("audit") => audit(
-            arg(&args, "--writers", 16)?,
-            arg(&args, "--appends", 20_000)?,
-        ),
-        _ => bail!("usage: store-bench import [--records N] | audit [--writers W] [--appends N]"),
+    match <Bench as clap::Parser>::parse() {
+        Bench::Import { records, keep } => import(records, keep),
+        Bench::Audit { writers, appends } => audit(writers, appends),
     }
 }

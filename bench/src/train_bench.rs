@@ -30,32 +30,37 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Cloister's logreg template against scikit-learn on the same features.
+#[derive(Debug, clap::Parser)]
+#[command(name = "train-bench")]
+struct Args {
+    /// Input records (JSONL, optionally gzipped); repeatable.
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Where the features, splits and results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Repetitions of the fit (times reported are medians).
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Override a hyper-parameter, KEY=VALUE (repeatable).
+    #[arg(long = "set", value_parser = parse_set)]
+    sets: Vec<(String, String)>,
+}
+
+fn parse_set(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("--set {s}: expected KEY=VALUE"))
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let mut data = Vec::new();
-    let mut out = PathBuf::from("bench/results");
-    let mut sets = Vec::new();
-    let mut reps = 1usize;
-    let mut i = 1;
-    while i < args.len() {
-        let value = args.get(i + 1).context("flag without value")?;
-        match args[i].as_str() {
-            "--data" => data.push(PathBuf::from(value)),
-            "--out" => out = PathBuf::from(value),
-            "--reps" => reps = value.parse().context("--reps N")?,
-            "--set" => {
-                let (k, v) = value.split_once('=').context("--set KEY=VALUE")?;
-                sets.push((k.to_string(), v.to_string()));
-            }
-            other => bail!("unknown flag {other}"),
-        }
-        i += 2;
-    }
-    if data.is_empty() {
-        bail!(
-            "usage: train-bench --data FILE.jsonl[.gz] [--data …] [--out DIR] [--reps N] [--set key=value …]"
-        );
-    }
+    let Args {
+        data,
+        out,
+        reps,
+        sets,
+    } = <Args as clap::Parser>::parse();
     let mut records = Vec::new();
     for f in &data {
         records.extend(cloister_host::records::read_file(f, Default::default())?);

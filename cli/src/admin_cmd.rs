@@ -22,7 +22,11 @@ pub enum UserCommand {
         roles: Vec<Role>,
     },
     /// List users and their roles.
-    List,
+    List {
+        /// Print JSON: an array of objects (see docs/cli.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Disable a user and revoke their token.
     Disable {
         /// User name.
@@ -86,8 +90,19 @@ pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
             println!("added {} ({})", user.name, roles_text(&user.roles));
             println!("token (shown once; keep it secret): {token}");
         }
-        UserCommand::List => {
-            for u in s.cloister.list_users(&s.user)? {
+        UserCommand::List { json } => {
+            let users = s.cloister.list_users(&s.user)?;
+            if json {
+                let rows: Vec<serde_json::Value> = users
+                    .iter()
+                    .map(|u| {
+                        serde_json::json!({"name": u.name, "roles": u.roles, "disabled": u.disabled})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            for u in users {
                 let state = if u.disabled { "disabled" } else { "active" };
                 println!("{:<24} {:<9} {}", u.name, state, roles_text(&u.roles));
             }

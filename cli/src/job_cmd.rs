@@ -36,7 +36,11 @@ pub enum OracleArg {
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
     /// List jobs.
-    List,
+    List {
+        /// Print JSON: an array of objects (see docs/cli.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a job: state, per-round table, result.
     Show {
         /// Job id.
@@ -300,12 +304,29 @@ pub fn job(env: &EnvArgs, cmd: JobCommand) -> Result<ExitCode> {
     let s = env.session()?;
     let (c, who) = (&s.cloister, &s.user);
     match cmd {
-        JobCommand::List => {
+        JobCommand::List { json } => {
+            let jobs = c.list_jobs(who)?;
+            if json {
+                let rows: Vec<serde_json::Value> = jobs
+                    .iter()
+                    .map(|j| {
+                        serde_json::json!({
+                            "id": j.id, "name": j.spec.name, "dataset": j.dataset,
+                            "state": j.state.name(),
+                            "rounds": j.rounds.iter().filter(|r| !r.models.is_empty()).count(),
+                            "started_by": j.started_by, "created_ms": j.created_ms,
+                            "updated_ms": j.updated_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "{:<16} {:<18} {:<16} {:<14} {:>6}  by",
                 "id", "name", "dataset", "state", "rounds"
             );
-            for j in c.list_jobs(who)? {
+            for j in jobs {
                 println!(
                     "{:<16} {:<18} {:<16} {:<14} {:>6}  {}",
                     j.id,

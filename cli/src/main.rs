@@ -161,7 +161,28 @@ fn init_logging(format: LogFormat, verbose: u8) {
     }
 }
 
+/// A closed pipe (`cloister … | head`) ends the program quietly, as it does
+/// for the usual Unix tools, instead of a panic: Rust ignores SIGPIPE, so
+/// `println!` into a closed pipe panics with an EPIPE message, which this
+/// hook turns into exit status 141 (128 + SIGPIPE) without a word.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.verbose);
     let result = match cli.command {
@@ -171,7 +192,7 @@ fn main() -> ExitCode {
         Command::Dataset(cmd) => dataset_cmd::run(&cli.env, cmd),
         Command::Audit(cmd) => audit_cmd::run(&cli.env, cmd),
         Command::Plugin(cmd) => plugin_cmd::run(&cli.env, cmd),
-        Command::Template(model_cmd::TemplateCommand::List) => model_cmd::templates(),
+        Command::Template(model_cmd::TemplateCommand::List { json }) => model_cmd::templates(json),
         Command::Train(args) => model_cmd::train(&cli.env, args),
         Command::Predict { model, input } => model_cmd::predict(&cli.env, &model, &input),
         Command::Model(cmd) => model_cmd::model(&cli.env, cmd),

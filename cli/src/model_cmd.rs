@@ -16,7 +16,11 @@ use crate::session::EnvArgs;
 #[derive(Debug, Subcommand)]
 pub enum TemplateCommand {
     /// List the training templates and their hyper-parameters.
-    List,
+    List {
+        /// Print JSON: an array of objects (see docs/cli.md).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -44,7 +48,11 @@ pub struct TrainArgs {
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
     /// List models.
-    List,
+    List {
+        /// Print JSON: an array of objects (see docs/cli.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a model: metrics, per-class scores, confusion matrix,
     /// calibration, training curve, lineage, release state.
     Show {
@@ -92,7 +100,20 @@ fn parse_sets(sets: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-pub fn templates() -> Result<ExitCode> {
+pub fn templates(json: bool) -> Result<ExitCode> {
+    if json {
+        let all: Vec<serde_json::Value> = cloister_host::train::templates()?
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name, "kind": t.kind, "description": t.description,
+                    "hyper": t.hyper,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     for t in cloister_host::train::templates()? {
         println!("{:<8} {}", t.name, t.description);
         let h = &t.hyper;
@@ -303,8 +324,23 @@ fn truncate(s: &str, n: usize) -> String {
 pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
     let s = env.session()?;
     match cmd {
-        ModelCommand::List => {
+        ModelCommand::List { json } => {
             let all = s.cloister.list_models(&s.user)?;
+            if json {
+                let rows: Vec<serde_json::Value> = all
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "id": m.id, "template": m.template, "dataset": m.lineage.dataset,
+                            "accuracy": m.evaluation.accuracy, "macro_f1": m.evaluation.macro_f1,
+                            "release": release_state(m), "created_by": m.created_by,
+                            "created_ms": m.created_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             if all.is_empty() {
                 println!("no models (train one with `cloister train`)");
             }

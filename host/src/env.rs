@@ -62,13 +62,16 @@ pub enum EnvError {
         /// What it says.
         found: String,
     },
-    /// A file of the environment could not be read or written.
-    #[error("{file}: {source}")]
+    /// A file of the environment could not be read or written. (The I/O
+    /// error is part of the message, not a separate source, so a chain of
+    /// errors prints it once.)
+    #[error("{file}: {error}")]
     File {
-        /// Path relative to the environment.
+        /// Path relative to the environment (or, while creating one, the
+        /// path given).
         file: String,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The store failed.
     #[error(transparent)]
@@ -99,9 +102,9 @@ pub enum EnvError {
 }
 
 fn file_err(file: &str) -> impl FnOnce(std::io::Error) -> EnvError + '_ {
-    move |source| EnvError::File {
+    move |error| EnvError::File {
         file: file.to_string(),
-        source,
+        error,
     }
 }
 
@@ -159,6 +162,15 @@ impl Environment {
             .ok_or_else(|| EnvError::NotAnEnvironment(path.to_path_buf()))?
             .to_string_lossy()
             .into_owned();
+        if !parent.is_dir() {
+            return Err(EnvError::File {
+                file: path.display().to_string(),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("the parent directory {} does not exist", parent.display()),
+                ),
+            });
+        }
         let staging = parent.join(format!(".{name}.init-{}", hex::encode(random_bytes(6)?)));
         let result = Self::build(&staging, admin);
         let token = match result {
@@ -168,10 +180,12 @@ impl Environment {
                 return Err(e);
             }
         };
-        std::fs::rename(&staging, path).map_err(file_err("(rename into place)"))?;
+        let shown = path.display().to_string();
+        std::fs::rename(&staging, path).map_err(file_err(&shown))?;
+        let parent_shown = parent.display().to_string();
         std::fs::File::open(&parent)
             .and_then(|f| f.sync_all())
-            .map_err(file_err("(parent directory)"))?;
+            .map_err(file_err(&parent_shown))?;
         Ok((Self::open(path)?, token))
     }
 
@@ -181,7 +195,7 @@ impl Environment {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(staging)
-                .map_err(file_err("(environment directory)"))?;
+                .map_err(file_err(&staging.display().to_string()))?;
         }
         let dir = Dir::open_ambient_dir(staging, ambient_authority()).map_err(file_err("."))?;
         let mut private = DirBuilder::new();

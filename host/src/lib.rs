@@ -1,26 +1,33 @@
 //! # Cloister host library
 //!
-//! The closed environment's engine room. This crate holds everything the
-//! `cloister` binary and the web console call:
+//! The closed environment's engine room: the service the `cloister` binary
+//! and the web console call, over crates that are its walls.
 //!
-//! - [`runtime`]: the sandboxed WebAssembly plugin runtime (wasmtime);
-//! - [`types`]: the data types exchanged with plugins (mirroring the WIT);
-//! - [`records`]: reading and writing records as JSONL;
-//! - [`digest`]: SHA-256 identities;
-//! - [`store`]: the storage trait and its sled engine (the only sled user);
+//! Walls (each its own crate, re-exported here under its old path):
+//! - [`runtime`] (`cloister-runtime`): the sandboxed WebAssembly plugin
+//!   runtime, the only crate that depends on wasmtime;
+//! - [`train`] (`cloister-train`): kernels, templates and evaluation on
+//!   candle, depending on types alone;
+//! - [`store`] (`cloister-store`): the storage trait and its sled engine,
+//!   the only crate that depends on sled;
+//! - [`types`], [`digest`], [`time`], [`text`] (`cloister-types`): the
+//!   shared vocabulary.
+//!
+//! This crate:
+//! - [`records`], [`csv_records`]: reading and writing records;
 //! - [`env`]: an environment directory, opened once as a cap-std `Dir`;
+//!   [`limits`]: its `limits.toml`;
 //! - [`policy`]: Cedar policies and the authorization decision;
 //! - [`audit`]: the tamper-evident audit log;
-//! - [`users`], [`datasets`], [`registry`]: what the store holds;
-//! - [`service`]: every operation, behind one authorization point;
-//! - [`text`]: neutralizing deceptive characters in text shown to people.
+//! - [`users`], [`datasets`], [`registry`], [`models`], [`jobs`],
+//!   [`plugin_log`]: what the store holds;
+//! - [`service`]: every operation, behind one authorization point.
 //!
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
 
 pub mod audit;
 pub mod csv_records;
 pub mod datasets;
-pub mod digest;
 pub mod env;
 pub mod jobs;
 pub mod limits;
@@ -29,13 +36,10 @@ pub mod plugin_log;
 pub mod policy;
 pub mod records;
 pub mod registry;
-pub mod runtime;
 pub mod service;
-pub mod store;
-pub mod text;
-pub mod time;
-pub mod train;
-pub mod types;
 pub mod users;
 
-pub use digest::Digest;
+pub use cloister_runtime as runtime;
+pub use cloister_store as store;
+pub use cloister_train as train;
+pub use cloister_types::{Digest, digest, text, time, types};

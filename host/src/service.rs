@@ -659,9 +659,9 @@ impl Cloister {
             .env
             .dir()
             .open_dir("cache")
-            .map_err(|source| EnvError::File {
+            .map_err(|error| EnvError::File {
                 file: "cache".into(),
-                source,
+                error,
             })?;
         let rt = Runtime::new(RuntimeConfig {
             cache: ArtifactCache::on_disk(dir, self.env.cache_secret()),
@@ -1279,9 +1279,9 @@ impl Cloister {
             .env
             .dir()
             .open_dir("policies")
-            .map_err(|source| EnvError::File {
+            .map_err(|error| EnvError::File {
                 file: "policies".into(),
-                source,
+                error,
             })?;
         Ok(crate::env::load_policy_dir(&pdir, "policies/")?.len())
     }

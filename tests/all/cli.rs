@@ -681,3 +681,69 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
         stderr(&o)
     );
 }
+
+#[test]
+fn lists_speak_json_errors_name_files_and_a_closed_pipe_is_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    // `init` under a missing parent names the path and the parent, once.
+    let missing = dir.path().join("no/such/env");
+    let o = cloister(&["init", missing.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+    assert!(err.contains("parent directory"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 0, "{err}");
+
+    let o = cloister(&["template", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v[0]["name"], "logreg", "{v}");
+
+    let e = EnvCli {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let o = cloister(&["init", &e.env()]);
+    let root = token_in(&o);
+    let sci = token_in(&e.run(&root, &["user", "add", "ana", "--role", "scientist"]));
+    for (token, args) in [
+        (&root, &["user", "list", "--json"][..]),
+        (&sci, &["job", "list", "--json"]),
+        (&sci, &["model", "list", "--json"]),
+        (&root, &["plugin", "list", "--json"]),
+        (&root, &["dataset", "list", "--json"]),
+    ] {
+        let o = e.run(token, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o))
+            .unwrap_or_else(|err| panic!("{args:?}: {err}: {}", stdout(&o)));
+        assert!(v.is_array(), "{args:?}: {v}");
+    }
+    let o = e.run(&root, &["user", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let admin = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["roles"][0] == "admin")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        admin["name"].is_string() && admin["disabled"] == false,
+        "{v}"
+    );
+
+    // `cloister … | head` where head has already gone: no panic, no noise.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloister"))
+        .args(["template", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        o.status.success() || o.status.code() == Some(141),
+        "{:?} {err}",
+        o.status
+    );
+}

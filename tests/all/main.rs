@@ -21,6 +21,7 @@ mod console_hardening;
 mod crash;
 mod example_plugins;
 mod hostile;
+mod house;
 mod policy_matrix;
 mod runtime;
 mod training;

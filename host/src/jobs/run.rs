@@ -1457,37 +1457,55 @@ fn parse_label_file(file: &str, text: &str) -> Result<Vec<LabelLine>, JobError> 
     let mut out = Vec::new();
     let is_csv = file.to_ascii_lowercase().ends_with(".csv");
     if is_csv {
-        let mut lines = text.lines().enumerate();
-        let (_, header) = lines.next().ok_or_else(|| {
-            err(
+        // RFC 4180 through the csv crate: quoted fields may hold commas,
+        // quotes and newlines; errors name the line the record starts on.
+        let mut reader = csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .flexible(true)
+            .from_reader(text.as_bytes());
+        let line_of = |e: &csv::Error| {
+            e.position()
+                .map_or(1, |p| usize::try_from(p.line()).unwrap_or(usize::MAX))
+        };
+        let cols: Vec<String> = reader
+            .headers()
+            .map_err(|e| err(line_of(&e), format!("unreadable header: {e}")))?
+            .iter()
+            .map(str::to_string)
+            .collect();
+        if cols.iter().all(String::is_empty) {
+            return Err(err(
                 1,
                 "empty file: expected a header with `id` and `label`".into(),
-            )
-        })?;
-        let cols: Vec<&str> = header.split(',').map(str::trim).collect();
+            ));
+        }
         let find = |name: &str| {
             cols.iter()
-                .position(|c| *c == name)
+                .position(|c| c == name)
                 .ok_or_else(|| err(1, format!("the header has no `{name}` column")))
         };
         let (ci, cl) = (find("id")?, find("label")?);
-        let cj = cols.iter().position(|c| *c == "job");
-        for (n, l) in lines {
-            if l.trim().is_empty() {
+        let cj = cols.iter().position(|c| c == "job");
+        for record in reader.records() {
+            let record = record.map_err(|e| err(line_of(&e), format!("unreadable CSV: {e}")))?;
+            let n = record
+                .position()
+                .map_or(0, |p| usize::try_from(p.line()).unwrap_or(usize::MAX));
+            if record.iter().all(str::is_empty) {
                 continue;
             }
-            let f: Vec<&str> = l.split(',').map(str::trim).collect();
             let get = |c: usize, name: &str| {
-                f.get(c)
+                record
+                    .get(c)
                     .filter(|v| !v.is_empty())
-                    .map(|v| v.to_string())
-                    .ok_or_else(|| err(n + 1, format!("field `{name}` is missing")))
+                    .map(str::to_string)
+                    .ok_or_else(|| err(n, format!("field `{name}` is missing")))
             };
             out.push((
-                n + 1,
+                n,
                 get(ci, "id")?,
                 get(cl, "label")?,
-                cj.and_then(|c| f.get(c).map(|v| v.to_string())),
+                cj.and_then(|c| record.get(c).filter(|v| !v.is_empty()).map(str::to_string)),
             ));
         }
     } else {
@@ -1540,6 +1558,20 @@ mod tests {
         assert!(e.to_string().contains("`label` must be a string"), "{e}");
         let e = parse_label_file("l.csv", "id,label\na,spam\nb\n").unwrap_err();
         assert_eq!(e.to_string(), "l.csv:3: field `label` is missing");
+        // Quoted fields keep their commas (and quotes); lines are the
+        // record's first line.
+        let ok = parse_label_file(
+            "q.csv",
+            "id,label\n\"a,1\",\"spam, really\"\n\"b\"\"2\",ham\n",
+        )
+        .expect("quoted CSV");
+        assert_eq!(
+            ok,
+            vec![
+                (2, "a,1".to_string(), "spam, really".to_string(), None),
+                (3, "b\"2".to_string(), "ham".to_string(), None)
+            ]
+        );
         let e = parse_label_file("l.csv", "record,label\n").unwrap_err();
         assert!(e.to_string().contains("no `id` column"), "{e}");
         assert_eq!(

@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::types::SparseBatch;
+use cloister_types::types::SparseBatch;
 
 /// Errors of the kernels.
 #[derive(Debug, thiserror::Error)]

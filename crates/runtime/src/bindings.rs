@@ -1,12 +1,12 @@
 //! The one place that runs `bindgen!`: one module per plugin world, all three
 //! sharing the host's own types for `cloister:plugin/types` (see
-//! [`crate::types`]). Nothing generated here is public.
+//! [`cloister_types::types`]). Nothing generated here is public.
 
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
 use super::sandbox::HostState;
-use crate::types::{
+use cloister_types::types::{
     DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch,
 };
 
@@ -15,7 +15,7 @@ use crate::types::{
 /// interface has no functions, so there is nothing to implement.
 #[allow(dead_code)]
 pub mod types_iface {
-    pub use crate::types::*;
+    pub use cloister_types::types::*;
 
     pub trait HostWithStore<T>: wasmtime::component::HasData {}
     impl<H: ?Sized, T> HostWithStore<T> for H where H: wasmtime::component::HasData {}
@@ -39,25 +39,25 @@ pub mod types_iface {
 
 mod preprocessor {
     wasmtime::component::bindgen!({
-        path: "../plugin-sdk/wit",
+        path: "../../plugin-sdk/wit",
         world: "preprocessor",
-        with: { "cloister:plugin/types": crate::runtime::bindings::types_iface },
+        with: { "cloister:plugin/types": crate::bindings::types_iface },
     });
 }
 
 mod featurizer {
     wasmtime::component::bindgen!({
-        path: "../plugin-sdk/wit",
+        path: "../../plugin-sdk/wit",
         world: "featurizer",
-        with: { "cloister:plugin/types": crate::runtime::bindings::types_iface },
+        with: { "cloister:plugin/types": crate::bindings::types_iface },
     });
 }
 
 mod selector {
     wasmtime::component::bindgen!({
-        path: "../plugin-sdk/wit",
+        path: "../../plugin-sdk/wit",
         world: "selector",
-        with: { "cloister:plugin/types": crate::runtime::bindings::types_iface },
+        with: { "cloister:plugin/types": crate::bindings::types_iface },
     });
 }
 

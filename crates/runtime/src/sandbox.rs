@@ -30,7 +30,7 @@ use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::random::WasiRandom;
 use wasmtime_wasi::{HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::digest::Digest;
+use cloister_types::digest::Digest;
 
 /// WASI interfaces a plugin may import (any 0.2.x version). Everything else
 /// is refused at load time.

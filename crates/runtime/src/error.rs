@@ -12,7 +12,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::types::{ErrorCode, PluginKind};
+use cloister_types::types::{ErrorCode, PluginKind};
 
 /// A value a plugin chose, held so that it cannot reach a person by
 /// accident: it never formats (`Debug` prints `<sealed>`) and cannot be

@@ -21,7 +21,7 @@ use ring::hmac;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use crate::digest::Digest;
+use cloister_types::digest::Digest;
 
 const TAG_LEN: usize = 32;
 const DOMAIN: &[u8] = b"cloister-artifact-v1\0";

@@ -33,11 +33,11 @@ pub use cache::ArtifactCache;
 pub use error::{CallStage, Limit, OutputViolation, RuntimeError, Sealed, TrapKind};
 pub use runner::Runner;
 
-use crate::digest::Digest;
-use crate::types::{
+use bindings::{Bindings, Pre};
+use cloister_types::digest::Digest;
+use cloister_types::types::{
     DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch,
 };
-use bindings::{Bindings, Pre};
 use sandbox::HostState;
 
 /// Largest component accepted, in bytes.

@@ -4,20 +4,25 @@
 //! `plugin-sdk/wit/plugin.wit`: the runtime's generated bindings use these
 //! very types (wasmtime checks their shape against the component when a
 //! plugin is loaded), so records cross into a plugin without conversion.
+//! The wasmtime derives exist only with the `component` feature, which the
+//! runtime crate alone turns on: training, the store and the service use
+//! these types without depending on wasmtime.
 
 use serde::{Deserialize, Serialize};
+#[cfg(feature = "component")]
 use wasmtime::component::{ComponentType, Lift, Lower};
 
 /// A numeric field value: one number or a vector (e.g. 64 pixels).
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[component(variant)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "component", component(variant))]
 #[serde(untagged)]
 pub enum Numeric {
     /// A single number.
-    #[component(name = "scalar")]
+    #[cfg_attr(feature = "component", component(name = "scalar"))]
     Scalar(f64),
     /// A vector of numbers.
-    #[component(name = "vector")]
+    #[cfg_attr(feature = "component", component(name = "vector"))]
     Vector(Vec<f64>),
 }
 
@@ -32,8 +37,9 @@ impl Numeric {
 }
 
 /// A named text field.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq)]
-#[component(record)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "component", component(record))]
 pub struct TextField {
     /// Field name.
     pub name: String,
@@ -42,8 +48,9 @@ pub struct TextField {
 }
 
 /// A named numeric field.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq)]
-#[component(record)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "component", component(record))]
 pub struct NumericField {
     /// Field name.
     pub name: String,
@@ -52,8 +59,9 @@ pub struct NumericField {
 }
 
 /// One data record.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq)]
-#[component(record)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "component", component(record))]
 pub struct DataRecord {
     /// Unique id within its dataset.
     pub id: String,
@@ -84,21 +92,20 @@ impl DataRecord {
 }
 
 /// The three plugin kinds.
-#[derive(
-    ComponentType, Lift, Lower, Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize,
-)]
-#[component(enum)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "component", component(enum))]
 #[repr(u8)]
 #[serde(rename_all = "kebab-case")]
 pub enum PluginKind {
     /// Records to records.
-    #[component(name = "preprocessor")]
+    #[cfg_attr(feature = "component", component(name = "preprocessor"))]
     Preprocessor,
     /// Records to sparse feature vectors.
-    #[component(name = "featurizer")]
+    #[cfg_attr(feature = "component", component(name = "featurizer"))]
     Featurizer,
     /// Model predictions to labeling decisions.
-    #[component(name = "selector")]
+    #[cfg_attr(feature = "component", component(name = "selector"))]
     Selector,
 }
 
@@ -120,21 +127,23 @@ impl std::fmt::Display for PluginKind {
 }
 
 /// A configuration key a plugin declares.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[component(record)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "component", component(record))]
 pub struct ConfigKey {
     /// Key name.
     pub name: String,
     /// Default value.
-    #[component(name = "default-value")]
+    #[cfg_attr(feature = "component", component(name = "default-value"))]
     pub default_value: String,
     /// Meaning.
     pub description: String,
 }
 
 /// What a plugin says about itself.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[component(record)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "component", component(record))]
 pub struct Metadata {
     /// Plugin name.
     pub name: String,
@@ -149,22 +158,23 @@ pub struct Metadata {
 }
 
 /// A plugin's fixed error code: the only part of a plugin error users see.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[component(enum)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "component", component(enum))]
 #[repr(u8)]
 #[serde(rename_all = "kebab-case")]
 pub enum ErrorCode {
     /// A configuration value is malformed or out of range.
-    #[component(name = "invalid-config")]
+    #[cfg_attr(feature = "component", component(name = "invalid-config"))]
     InvalidConfig,
     /// A record lacks a needed field or has a bad value.
-    #[component(name = "invalid-input")]
+    #[cfg_attr(feature = "component", component(name = "invalid-input"))]
     InvalidInput,
     /// The plugin cannot handle the input.
-    #[component(name = "unsupported")]
+    #[cfg_attr(feature = "component", component(name = "unsupported"))]
     Unsupported,
     /// A bug in the plugin.
-    #[component(name = "internal")]
+    #[cfg_attr(feature = "component", component(name = "internal"))]
     Internal,
 }
 
@@ -182,8 +192,9 @@ impl ErrorCode {
 
 /// A plugin's error as it crosses the boundary. `detail` is plugin-written
 /// text: it goes to the administrators' plugin log, never to users.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq)]
-#[component(record)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "component", component(record))]
 pub struct PluginError {
     /// The fixed code.
     pub code: ErrorCode,
@@ -194,8 +205,9 @@ pub struct PluginError {
 }
 
 /// Sparse feature vectors of a batch in compressed-sparse-row form.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Default)]
-#[component(record)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq, Default)]
+#[cfg_attr(feature = "component", component(record))]
 pub struct SparseBatch {
     /// Row `i` spans `offsets[i]..offsets[i + 1]`.
     pub offsets: Vec<u32>,
@@ -231,8 +243,9 @@ impl SparseBatch {
 }
 
 /// The predictions of two or more models for one record.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[component(record)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "component", component(record))]
 pub struct PredictionSet {
     /// Record id.
     pub id: String,
@@ -241,24 +254,26 @@ pub struct PredictionSet {
 }
 
 /// What to do with one record.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[component(variant)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "component", component(variant))]
 #[serde(rename_all = "kebab-case", tag = "action", content = "class")]
 pub enum Action {
     /// Accept this class index as the label.
-    #[component(name = "auto-accept")]
+    #[cfg_attr(feature = "component", component(name = "auto-accept"))]
     AutoAccept(u32),
     /// Send to a human labeler.
-    #[component(name = "human-review")]
+    #[cfg_attr(feature = "component", component(name = "human-review"))]
     HumanReview,
     /// Leave in the pool.
-    #[component(name = "skip")]
+    #[cfg_attr(feature = "component", component(name = "skip"))]
     Skip,
 }
 
 /// A selector's decision for one record.
-#[derive(ComponentType, Lift, Lower, Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[component(record)]
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "component", component(record))]
 pub struct Decision {
     /// Record id.
     pub id: String,

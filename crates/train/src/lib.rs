@@ -13,7 +13,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::types::SparseBatch;
+use cloister_types::types::SparseBatch;
 use model::{DenseStack, KernelError, Rng, SparseLinear, softmax, softmax_xent_grad};
 
 /// The templates shipped with this build, from `templates/`.

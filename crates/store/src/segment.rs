@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
-use crate::digest::{Digest, Hasher};
+use cloister_types::digest::{Digest, Hasher};
 
 const MAGIC: &[u8; 8] = b"CLSEG1\0\0";
 const FOOTER: usize = 8 + 4 + 4 + 8 + 8;

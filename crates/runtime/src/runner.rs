@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use super::{
     Limits, LoadedPlugin, PluginInstance, Runtime, RuntimeError, StopFlag, Usage, stopped,
 };
-use crate::types::{DataRecord, Decision, PluginKind, PredictionSet, SparseBatch};
+use cloister_types::types::{DataRecord, Decision, PluginKind, PredictionSet, SparseBatch};
 
 /// Runs a plugin over many batches in parallel.
 pub struct Runner<'a> {

@@ -5,16 +5,16 @@
 use std::collections::HashSet;
 
 use super::error::{Limit, OutputViolation, RuntimeError, Sealed};
-use crate::types::{Action, DataRecord, Decision, Metadata, PredictionSet, SparseBatch};
+use cloister_types::types::{Action, DataRecord, Decision, Metadata, PredictionSet, SparseBatch};
 
 fn bad(field: &'static str, problem: &'static str) -> RuntimeError {
     RuntimeError::BadMetadata { field, problem }
 }
 
 /// No control, bidirectional or invisible format character: what a
-/// reviewer reads is what the plugin says (see [`crate::text`]).
+/// reviewer reads is what the plugin says (see [`cloister_types::text`]).
 fn printable(s: &str) -> bool {
-    !s.chars().any(crate::text::is_deceptive)
+    !s.chars().any(cloister_types::text::is_deceptive)
 }
 
 fn identifier(s: &str, max: usize) -> bool {

@@ -1,0 +1,17 @@
+//! # Cloister's shared vocabulary
+//!
+//! What every other crate of the host speaks, and nothing that acts:
+//!
+//! - [`types`]: the data exchanged with plugins, mirroring
+//!   `plugin-sdk/wit/plugin.wit` (with the wasmtime derives behind the
+//!   `component` feature, which only the runtime turns on);
+//! - [`digest`]: SHA-256 identities;
+//! - [`time`]: timestamps (RFC 3339);
+//! - [`text`]: neutralizing deceptive characters in text shown to people.
+
+pub mod digest;
+pub mod text;
+pub mod time;
+pub mod types;
+
+pub use digest::Digest;
