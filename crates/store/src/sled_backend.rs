@@ -26,12 +26,7 @@ impl SledStorage {
                 path.display()
             )));
         }
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(map_err)?;
+        let db = open_waiting(path)?;
         let me = Self { db };
         if create {
             me.sync()?;
@@ -68,6 +63,36 @@ impl SledStorage {
             r.map(|(k, v)| (k[1..].to_vec(), v.to_vec()))
                 .map_err(map_err)
         }))
+    }
+}
+
+/// How long `open` waits for a lock that is about to be released.
+///
+/// sled's background I/O threads keep the store's file (and so its lock)
+/// for a few milliseconds after the last handle is dropped, so a process
+/// that closes and reopens its store, or a command started right after
+/// another one ended, can find it briefly locked. A store held by a live
+/// process (`cloister serve`) stays locked past this and is reported
+/// `Busy`.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn open_waiting(path: &Path) -> Result<sled::Db, StoreError> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(map_err);
+        match opened {
+            Err(StoreError::Busy) if start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
     }
 }
 
