@@ -71,7 +71,7 @@ pub fn init(dir: PathBuf, admin: String) -> Result<ExitCode> {
     let (cloister, token) = Cloister::init(&dir, &admin)?;
     println!(
         "created environment {} at {}",
-        cloister.env().id(),
+        cloister.environment_id(),
         dir.display()
     );
     println!("admin user: {admin}");

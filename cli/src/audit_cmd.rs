@@ -112,7 +112,7 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
                     .with_context(|| format!("cannot read {}", path.display()))?;
                 let p: InclusionProof = serde_json::from_str(&text)
                     .with_context(|| format!("{}: not an inclusion proof", path.display()))?;
-                let key = s.cloister.env().audit().public_key();
+                let key = s.cloister.public_key();
                 return match AuditLog::check_proof(&p, &key) {
                     Ok(cp) => {
                         println!(

@@ -65,7 +65,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let ada = add("ada", Role::Auditor)?;
     println!(
         "Environment {} with users admin, ana (scientist), rui (reviewer), ada (auditor).",
-        c.env().id()
+        c.environment_id()
     );
 
     let spam = import_bundled(&c, &ana, scratch.path(), "spamassassin", SPAMASSASSIN)?;

@@ -392,7 +392,7 @@ pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
                 "wrote {} ({} bytes), signed by key {}",
                 out.display(),
                 bytes.len(),
-                hex::encode(s.cloister.env().audit().public_key())
+                hex::encode(s.cloister.public_key())
             );
         }
     }

@@ -209,21 +209,20 @@ pub(crate) async fn start_training(
         sets: b.sets.into_iter().collect(),
         split_seed: None,
     };
-    let checked = req.clone();
-    blocking(k, move |c| c.check_train_request(&checked)).await?;
+    // Authorized, audited and checked now, so a bad request is refused at
+    // once; only the work runs in the background.
     let who = owner.clone();
+    let plan = blocking(k, move |c| c.plan_training(&who, &req)).await?;
     tasks::spawn(k, "train", &owner.name, move |console, p| {
-        let m = console
-            .cloister()
-            .train_model(&who, &req, &mut |e| match e {
-                cloister_host::service::TrainProgress::Stage(s, n) => {
-                    p.line(format!("{s}: {n} records"))
-                }
-                cloister_host::service::TrainProgress::Epoch(e, max) => p.line(format!(
-                    "epoch {}/{max}: val accuracy {:.4}",
-                    e.epoch, e.val_accuracy
-                )),
-            })?;
+        let m = console.cloister().run_training(plan, &mut |e| match e {
+            cloister_host::service::TrainProgress::Stage(s, n) => {
+                p.line(format!("{s}: {n} records"))
+            }
+            cloister_host::service::TrainProgress::Epoch(e, max) => p.line(format!(
+                "epoch {}/{max}: val accuracy {:.4}",
+                e.epoch, e.val_accuracy
+            )),
+        })?;
         Ok(m.id)
     })
 }

@@ -93,6 +93,10 @@ pub(crate) struct Caller {
     /// The session's CSRF token; `None` for API-token callers (no cookie,
     /// so no cross-site forgery to fear).
     pub csrf: Option<String>,
+    /// The console's sections the policies let this caller use, as
+    /// `(href, text)`: filled for pages (see `pages::who`), empty for API
+    /// calls.
+    pub nav: Vec<(&'static str, &'static str)>,
 }
 
 fn random_hex(n: usize) -> Result<String, ApiError> {
@@ -344,10 +348,18 @@ impl Console {
             // a hand-off to the blocking pool. A bad token is audited, which
             // waits for a durable write, so that half runs off the runtime.
             return match self.c.check_token(&token) {
-                Ok(user) => Ok(Caller { user, csrf: None }),
+                Ok(user) => Ok(Caller {
+                    user,
+                    csrf: None,
+                    nav: Vec::new(),
+                }),
                 Err(why) => blocking(self, move |c| Err(c.reject_token(&token, why)))
                     .await
-                    .map(|user| Caller { user, csrf: None }),
+                    .map(|user| Caller {
+                        user,
+                        csrf: None,
+                        nav: Vec::new(),
+                    }),
             };
         }
         let sid = cookie_value(headers).ok_or(ApiError::Unauthorized)?;
@@ -369,7 +381,9 @@ impl Console {
             }
         };
         // One read of a small, hot tree (see the token path above).
-        let user = cloister_host::users::get(self.c.env().store().as_ref(), &name)
+        let user = self
+            .c
+            .session_user(&name)
             .map_err(|_| ApiError::Unauthorized)?;
         if user.disabled {
             return Err(ApiError::Unauthorized);
@@ -377,6 +391,7 @@ impl Console {
         Ok(Caller {
             user,
             csrf: Some(csrf),
+            nav: Vec::new(),
         })
     }
 }

@@ -4,7 +4,6 @@
 use std::fmt::Write;
 
 use cloister_host::jobs::JobEvent;
-use cloister_host::policy::Role;
 
 use crate::auth::Caller;
 
@@ -32,24 +31,8 @@ pub(crate) fn esc(s: &str) -> String {
 pub(crate) fn page(title: &str, caller: Option<&Caller>, body: &str) -> String {
     let mut nav = String::new();
     if let Some(c) = caller {
-        let has = |r: Role| c.user.roles.contains(&r);
         let mut links = vec![("/", "Home"), ("/datasets", "Datasets")];
-        if has(Role::Scientist) || has(Role::Reviewer) || has(Role::Admin) {
-            links.push(("/plugins", "Plugins"));
-        }
-        if has(Role::Scientist) {
-            links.push(("/train", "Train"));
-        }
-        if !has(Role::Labeler) || c.user.roles.len() > 1 {
-            links.push(("/jobs", "Jobs"));
-            links.push(("/models", "Models"));
-        }
-        if has(Role::Labeler) {
-            links.push(("/label", "Label"));
-        }
-        if has(Role::Auditor) || has(Role::Admin) {
-            links.push(("/audit", "Audit log"));
-        }
+        links.extend(c.nav.iter().copied());
         for (href, text) in links {
             let _ = write!(nav, "<a href=\"{href}\">{text}</a> ");
         }

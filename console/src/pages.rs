@@ -17,7 +17,9 @@ use axum::{Extension, Form};
 use serde::Deserialize;
 
 use cloister_host::jobs::{Job, JobState};
-use cloister_host::policy::Role;
+use cloister_host::policy::{Action, Resource};
+use cloister_host::service::Cloister;
+use cloister_host::users::User;
 
 use crate::api::{AuditQuery, JobBody, TrainBody};
 use crate::auth::Caller;
@@ -95,7 +97,48 @@ fn error_page(c: Option<&Caller>, e: ApiError) -> Response {
 }
 
 async fn who(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, Response> {
-    k.caller(h).await.map_err(|e| error_page(None, e))
+    let mut c = k.caller(h).await.map_err(|e| error_page(None, e))?;
+    c.nav = nav(k.cloister(), &c.user);
+    Ok(c)
+}
+
+/// The sections a user sees: each where the policies would allow its
+/// first operation ([`Cloister::can`], unaudited; the operations
+/// themselves still pass the authorization point).
+fn nav(x: &Cloister, u: &User) -> Vec<(&'static str, &'static str)> {
+    let any_model = Resource::Model {
+        id: "*".into(),
+        release_requested: false,
+        release_approved: false,
+        requested_by: None,
+    };
+    let own_item = Resource::Record {
+        dataset: "*".into(),
+        id: "*".into(),
+        assignee: Some(u.name.clone()),
+    };
+    [
+        (
+            "/plugins",
+            "Plugins",
+            Action::ListPlugins,
+            &Resource::Environment,
+        ),
+        ("/train", "Train", Action::TrainModel, &any_model),
+        ("/jobs", "Jobs", Action::ListJobs, &Resource::Environment),
+        ("/models", "Models", Action::ViewModel, &any_model),
+        ("/label", "Label", Action::LabelRecord, &own_item),
+        (
+            "/audit",
+            "Audit log",
+            Action::ReadAudit,
+            &Resource::AuditLog,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, _, action, resource)| x.can(u, *action, resource))
+    .map(|(href, text, _, _)| (href, text))
+    .collect()
 }
 
 /// The caller of a form post, with its CSRF token checked.
@@ -272,7 +315,7 @@ async fn plugins(State(k): S, h: HeaderMap) -> Page {
     let c = who(&k, &h).await?;
     let u = c.user.clone();
     let list = run(&k, &c, move |x| x.list_plugins(&u)).await?;
-    let reviewer = c.user.roles.contains(&Role::Reviewer);
+
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|p| {
@@ -283,11 +326,16 @@ async fn plugins(State(k): S, h: HeaderMap) -> Page {
                 .collect();
             let state = match &p.approval {
                 Some(a) => format!("approved by {}", esc(&a.by)),
-                None if reviewer && p.added_by != c.user.name => button(
-                    &c,
-                    &format!("/plugins/{}/approve", p.digest),
-                    "Approve this digest",
-                ),
+                None if k
+                    .cloister()
+                    .can(&c.user, Action::ApprovePlugin, &p.resource()) =>
+                {
+                    button(
+                        &c,
+                        &format!("/plugins/{}/approve", p.digest),
+                        "Approve this digest",
+                    )
+                }
                 None => "awaiting review".into(),
             };
             vec![
@@ -543,7 +591,8 @@ async fn jobs(State(k): S, h: HeaderMap) -> Page {
         &["job", "name", "dataset", "state", "rounds", "started by"],
         &rows,
     );
-    if c.user.roles.contains(&Role::Scientist) {
+    let any_dataset = Resource::Dataset { name: "*".into() };
+    if k.cloister().can(&c.user, Action::RunJob, &any_dataset) {
         let _ = write!(
             body,
             "<h2>Start an active-learning pipeline</h2><form method=\"post\" action=\"/jobs\" class=\"stack\">{}<textarea name=\"spec\" rows=\"22\" cols=\"90\">{}</textarea><label><input type=\"checkbox\" name=\"oracle\" value=\"gold\" checked> answer the queue from gold labels (the oracle, for measurement)</label><button>Start</button></form>",
@@ -798,8 +847,8 @@ async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
         esc(&m.created_by)
     );
     let _ = write!(body, "<h2>Release</h2><p>{}</p>", esc(&release_state(&m)));
-    let roles = &c.user.roles;
-    if m.release.requested_by.is_none() && roles.contains(&Role::Scientist) {
+    let may = |a: Action| k.cloister().can(&c.user, a, &m.resource());
+    if m.release.requested_by.is_none() && may(Action::RequestRelease) {
         let _ = write!(
             body,
             "<form method=\"post\" action=\"/models/{}/request\">{}<input name=\"reason\" placeholder=\"why release it\" required> <button>Request release</button></form>",
@@ -807,20 +856,21 @@ async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
             csrf(&c)
         );
     }
-    if m.release.requested_by.is_some()
-        && m.release.decision.is_none()
-        && roles.contains(&Role::Approver)
-    {
-        body.push_str(&button(
-            &c,
-            &format!("/models/{}/approve", m.id),
-            "Approve release",
-        ));
-        body.push_str(&button(
-            &c,
-            &format!("/models/{}/reject", m.id),
-            "Reject release",
-        ));
+    if m.release.decision.is_none() {
+        if may(Action::ApproveRelease) {
+            body.push_str(&button(
+                &c,
+                &format!("/models/{}/approve", m.id),
+                "Approve release",
+            ));
+        }
+        if may(Action::RejectRelease) {
+            body.push_str(&button(
+                &c,
+                &format!("/models/{}/reject", m.id),
+                "Reject release",
+            ));
+        }
     }
     if m.release.decision.as_deref() == Some("approved") {
         let _ = write!(

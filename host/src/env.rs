@@ -82,9 +82,6 @@ pub enum EnvError {
     /// The active policies do not load.
     #[error("the environment's policies are invalid: {0}")]
     Policy(#[from] PolicyError),
-    /// Cleaning up an interrupted import failed.
-    #[error(transparent)]
-    Dataset(Box<crate::datasets::DatasetError>),
     /// Creating the first admin failed.
     #[error(transparent)]
     User(#[from] crate::users::UserError),
@@ -127,7 +124,6 @@ pub struct Environment {
     audit: AuditLog,
     policy: PolicyEngine,
     cache_secret: Vec<u8>,
-    manifests: crate::datasets::ManifestCache,
     limits: EnvLimits,
 }
 
@@ -271,10 +267,8 @@ impl Environment {
             audit,
             policy,
             cache_secret,
-            manifests: crate::datasets::ManifestCache::default(),
             limits,
         };
-        crate::datasets::recover(&env).map_err(|e| EnvError::Dataset(Box::new(e)))?;
         Ok(env)
     }
 
@@ -311,24 +305,25 @@ impl Environment {
         &self.id
     }
 
-    /// The directory handle.
-    pub fn dir(&self) -> &Dir {
-        &self.dir
+    wall! {
+        /// The directory handle.
+        fn dir(&self) -> &Dir {
+            &self.dir
+        }
     }
 
-    /// The store.
-    pub fn store(&self) -> &Arc<dyn Storage> {
-        &self.store
+    wall! {
+        /// The store.
+        fn store(&self) -> &Arc<dyn Storage> {
+            &self.store
+        }
     }
 
-    /// Parsed dataset version manifests (see [`crate::datasets::list`]).
-    pub(crate) fn manifests(&self) -> &crate::datasets::ManifestCache {
-        &self.manifests
-    }
-
-    /// The audit log.
-    pub fn audit(&self) -> &AuditLog {
-        &self.audit
+    wall! {
+        /// The audit log.
+        fn audit(&self) -> &AuditLog {
+            &self.audit
+        }
     }
 
     /// The active policies.
@@ -336,9 +331,11 @@ impl Environment {
         &self.policy
     }
 
-    /// The secret that tags compiled-plugin artifacts.
-    pub fn cache_secret(&self) -> &[u8] {
-        &self.cache_secret
+    wall! {
+        /// The secret that tags compiled-plugin artifacts.
+        fn cache_secret(&self) -> &[u8] {
+            &self.cache_secret
+        }
     }
 }
 

@@ -25,6 +25,22 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
 
+/// Declares an accessor that is crate-private, and public only with the
+/// `testing` feature (integration tests and benchmarks inspect the store
+/// and the audit log through it). Code outside this crate that reaches
+/// around the service therefore fails to compile in a normal build; CI
+/// checks the CLI and the console build without the feature.
+macro_rules! wall {
+    ($(#[$m:meta])* fn $name:ident(&$self:ident $(, $arg:ident : $ty:ty)*) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        #[cfg(feature = "testing")]
+        pub fn $name(&$self $(, $arg: $ty)*) -> $ret $body
+        $(#[$m])*
+        #[cfg(not(feature = "testing"))]
+        pub(crate) fn $name(&$self $(, $arg: $ty)*) -> $ret $body
+    };
+}
+
 pub mod audit;
 pub mod csv_records;
 pub mod datasets;

@@ -71,6 +71,17 @@ pub struct PluginEntry {
     pub approval: Option<Approval>,
 }
 
+impl PluginEntry {
+    /// The plugin as the policy engine sees it.
+    pub fn resource(&self) -> crate::policy::Resource {
+        crate::policy::Resource::Plugin {
+            digest: self.digest.clone(),
+            approved: self.approval.is_some(),
+            added_by: self.added_by.clone(),
+        }
+    }
+}
+
 fn encode(e: &PluginEntry) -> Result<Vec<u8>, RegistryError> {
     serde_json::to_vec(e).map_err(|_| RegistryError::Damaged(e.digest.clone()))
 }

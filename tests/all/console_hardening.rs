@@ -60,8 +60,16 @@ impl Reply {
 /// `rev` (reviewer), all with console passwords, and a console with
 /// `config`.
 fn fx(config: ConsoleConfig) -> Fx {
+    fx_with(config, None)
+}
+
+/// [`fx`], with one more policy file in the environment.
+fn fx_with(config: ConsoleConfig, policy: Option<&str>) -> Fx {
     let dir = tempfile::tempdir().unwrap();
     let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+    if let Some(text) = policy {
+        std::fs::write(dir.path().join("env/policies/extra.cedar"), text).unwrap();
+    }
     let admin = c.authenticate(&root).unwrap();
     let mut users = std::collections::HashMap::new();
     for (name, role) in [
@@ -540,4 +548,83 @@ fn labeling_someone_elses_item_is_an_audited_denial_and_labelers_are_no_user_ora
             .unwrap(),
     );
     assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[test]
+fn pages_show_what_the_policies_allow_and_follow_a_policy_change() {
+    let links = |f: &Fx, user: &str| -> Vec<String> {
+        let cookie = f
+            .send(login_req(user, PASSWORD, &[], None))
+            .cookie("cloister_session");
+        let page = f.send(
+            Request::get("/")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        );
+        assert_eq!(page.status, StatusCode::OK);
+        let html = String::from_utf8_lossy(&page.body).into_owned();
+        let nav = html
+            .split("<nav>")
+            .nth(1)
+            .unwrap()
+            .split("</nav>")
+            .next()
+            .unwrap();
+        ["/plugins", "/train", "/jobs", "/models", "/label", "/audit"]
+            .iter()
+            .filter(|h| nav.contains(&format!("href=\"{h}\"")))
+            .map(|h| h.to_string())
+            .collect()
+    };
+    let f = fx(ConsoleConfig::default());
+    assert_eq!(links(&f, "ana"), ["/plugins", "/train", "/jobs", "/models"]);
+    assert_eq!(links(&f, "lab1"), ["/label"]);
+    // The default policies give reviewers plugins and jobs, not models.
+    assert_eq!(links(&f, "rev"), ["/plugins", "/jobs"]);
+    // Asking what to show is not an operation: the policies refused rev
+    // `view_model` for the navigation, and no audit entry says so.
+    assert!(f.denials("view_model").is_empty());
+    assert!(f.denials("train_model").is_empty());
+
+    // A policy that lets reviewers read models brings the link with it.
+    let f = fx_with(
+        ConsoleConfig::default(),
+        Some(
+            "@id(\"reviewers-read-models\")\npermit (principal in Role::\"reviewer\", action == Action::\"view_model\", resource);\n",
+        ),
+    );
+    assert_eq!(links(&f, "rev"), ["/plugins", "/jobs", "/models"]);
+}
+
+#[test]
+fn a_refused_training_request_says_nothing_about_what_exists_and_is_audited() {
+    let f = fx(ConsoleConfig::default());
+    let r = f.send(login_req("lab1", PASSWORD, &[], None));
+    let cookie = r.cookie("cloister_session");
+    let csrf = r.json()["csrf"].as_str().unwrap().to_string();
+    let train = |dataset: &str| {
+        let body = format!(
+            "{{\"dataset\": \"{dataset}\", \"features\": \"{}\", \"template\": \"logreg\"}}",
+            "ab".repeat(32)
+        );
+        let r = f.send(
+            Request::post("/api/train")
+                .header(header::COOKIE, &cookie)
+                .header("x-csrf-token", &csrf)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body))
+                .unwrap(),
+        );
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    // No dataset `spam` exists and none `nope`: the answers are the same
+    // denial, decided before anything was looked up.
+    let a = train("spam");
+    let b = train("nope");
+    assert_eq!(a.0, StatusCode::FORBIDDEN, "{}", a.1);
+    assert_eq!(a, b);
+    let denied = f.denials("train_model");
+    assert_eq!(denied.len(), 2);
+    assert!(denied.iter().all(|e| e.record.actor == "lab1"));
 }

@@ -363,13 +363,15 @@ impl AuditLog {
         Ok((State { frontier, prev }, problem))
     }
 
-    /// Appends one record durably and returns its sequence number. Blocks
-    /// until the record is on disk; concurrent callers share one flush.
-    pub fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        let (reply, wait) = sync_channel(1);
-        self.enqueue(record, Reply::Blocking(reply))?;
-        wait.recv()
-            .map_err(|_| AuditError::Unavailable("the committer stopped".into()))?
+    wall! {
+        /// Appends one record durably and returns its sequence number. Blocks
+        /// until the record is on disk; concurrent callers share one flush.
+        fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+            let (reply, wait) = sync_channel(1);
+            self.enqueue(record, Reply::Blocking(reply))?;
+            wait.recv()
+                .map_err(|_| AuditError::Unavailable("the committer stopped".into()))?
+        }
     }
 
     /// Queues one record for the next group commit and returns a future of
@@ -431,9 +433,11 @@ impl AuditLog {
         self.inner.keys.public_key()
     }
 
-    /// Signs bytes with the environment key (see [`AuditKeys::sign_bytes`]).
-    pub fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
-        self.inner.keys.sign_bytes(message)
+    wall! {
+        /// Signs bytes with the environment key (see [`AuditKeys::sign_bytes`]).
+        fn sign_bytes(&self, message: &[u8]) -> Vec<u8> {
+            self.inner.keys.sign_bytes(message)
+        }
     }
 
     /// Signs, stores and returns a checkpoint of the current state.

@@ -618,7 +618,8 @@ fn discard_import(env: &Environment, import_id: u64) -> Result<(), DatasetError>
 }
 
 /// Removes the remains of imports that never committed (after a crash or a
-/// failed cleanup). Runs when an environment opens.
+/// failed cleanup). [`crate::service::Cloister::open`] runs it before the
+/// environment serves anything.
 pub fn recover(env: &Environment) -> Result<usize, DatasetError> {
     let store = env.store().as_ref();
     let markers: Vec<_> = store.scan(Space::Imports, b"").collect::<Result<_, _>>()?;
@@ -634,8 +635,7 @@ pub fn recover(env: &Environment) -> Result<usize, DatasetError> {
 }
 
 /// Every version of every dataset, by name then version.
-pub fn list(env: &Environment) -> Result<Vec<DatasetVersion>, DatasetError> {
-    let cache = env.manifests();
+pub fn list(env: &Environment, cache: &ManifestCache) -> Result<Vec<DatasetVersion>, DatasetError> {
     env.store()
         .scan(Space::Datasets, b"")
         .map(|item| {

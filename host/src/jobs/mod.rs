@@ -22,10 +22,9 @@
 //! with `cloister label set` are dataset labels (provenance `human`), usable
 //! by every later job.
 
-mod run;
+pub(crate) mod committee;
+pub(crate) mod label_file;
 pub mod spec;
-
-pub use run::{JobEvent, LabelTask};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -36,6 +35,59 @@ use crate::datasets::Split;
 use crate::store::{Space, Storage, StoreError, WriteBatch};
 
 pub use spec::{Metric, Oracle, PipelineSpec, SelectorUse};
+
+/// What a running job reports.
+#[derive(Debug)]
+pub enum JobEvent<'a> {
+    /// A stage of preparing the data finished: (stage, records out).
+    Stage(&'static str, usize),
+    /// A model of the committee is training.
+    Training {
+        /// Round.
+        round: u32,
+        /// Template.
+        template: &'a str,
+        /// Labeled training records.
+        records: usize,
+    },
+    /// A model finished.
+    Trained {
+        /// Round.
+        round: u32,
+        /// Its scores.
+        score: &'a ModelScore,
+    },
+    /// A round's select step committed.
+    Round(&'a RoundReport),
+    /// A round's answers committed.
+    Answered {
+        /// Round.
+        round: u32,
+        /// Answers collected.
+        answered: u64,
+    },
+    /// The queue waits for labelers.
+    Waiting {
+        /// Open items.
+        open: u64,
+    },
+    /// The job finished.
+    Finished(&'a FinalReport),
+}
+
+/// What a labeler is shown: the queue item, the record, how many items
+/// wait for them (this one included) and the labels to choose from.
+#[derive(Debug, Clone)]
+pub struct LabelTask {
+    /// The queue item.
+    pub item: QueueItem,
+    /// The record with its text.
+    pub record: crate::datasets::StoredRecord,
+    /// Items waiting for this labeler.
+    pub waiting: usize,
+    /// The job's classes.
+    pub classes: Vec<String>,
+}
 
 /// Errors of jobs.
 #[derive(Debug, Error)]

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Whole-process timings of service operations through the `cloister`
+binary: a candidate binary against a baseline binary, in the same run, on
+the same environment, alternating A B A B so that drift in the machine's
+speed hits both alike (docs/BENCHMARKS.md, "The house").
+
+Usage: bench/service_bench.py BASELINE_BIN CANDIDATE_BIN [--runs N]
+       [--data FILE.jsonl.gz]
+
+Both binaries must read the same environment format. The environment is
+set up once with the candidate: users, the bundled SpamAssassin corpus,
+the bundled plugins approved. Then, per operation, each binary runs N
+times (after one warm-up each); the report gives the medians and the
+median of the pairwise ratios candidate / baseline.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def sh(bin_, env, *args, token=None):
+    e = dict(os.environ, CLOISTER_ENV=env)
+    if token:
+        e["CLOISTER_TOKEN"] = token
+    p = subprocess.run([bin_, *args], env=e, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{bin_} {' '.join(args)} failed:\n{p.stderr}")
+    return p.stdout + p.stderr
+
+
+def token(text):
+    m = re.search(r"clt_[0-9a-f]{64}", text)
+    if not m:
+        sys.exit(f"no token in:\n{text}")
+    return m.group(0)
+
+
+def setup(bin_, data, root):
+    env = os.path.join(root, "env")
+    admin = token(sh(bin_, env, "init", env))
+    sci = token(sh(bin_, env, "user", "add", "sci", "--role", "scientist", token=admin))
+    rev = token(sh(bin_, env, "user", "add", "rev", "--role", "reviewer", token=admin))
+    sh(bin_, env, "dataset", "import", "spam", data, token=sci)
+    wasm = os.path.join(root, "wasm")
+    sh(bin_, env, "plugin", "bundled", "--write", wasm)
+    digests = {}
+    for f in sorted(os.listdir(wasm)):
+        out = sh(bin_, env, "plugin", "add", os.path.join(wasm, f), token=sci)
+        d = re.search(r"[0-9a-f]{64}", out).group(0)
+        sh(bin_, env, "plugin", "approve", d, token=rev)
+        digests[f.removesuffix(".wasm")] = d
+    return env, sci, digests
+
+
+def timed(bin_, env, tok, args):
+    t = time.monotonic()
+    sh(bin_, env, *args, token=tok)
+    return time.monotonic() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("baseline")
+    ap.add_argument("candidate")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--data", default="data/spamassassin/spamassassin.jsonl.gz")
+    a = ap.parse_args()
+    if a.runs < 1:
+        sys.exit("--runs must be at least 1")
+    with tempfile.TemporaryDirectory() as root:
+        env, sci, d = setup(a.candidate, a.data, root)
+        ops = {
+            "train logreg (plugins + training + evaluation)": [
+                "train", "--dataset", "spam",
+                "--preprocess", d["text-normalize"],
+                "--features", d["hashed-ngrams"],
+                "--template", "logreg",
+            ],
+            "dataset stats": ["dataset", "stats", "spam"],
+            "model list --json": ["model", "list", "--json"],
+            "audit verify": ["audit", "verify"],
+        }
+        print(f"machine: {os.cpu_count()} CPUs; runs: {a.runs} per binary and operation")
+        print(f"baseline: {a.baseline}\ncandidate: {a.candidate}\n")
+        print("| operation | baseline median, s | candidate median, s | ratio (median of pairs) |")
+        print("|---|---:|---:|---:|")
+        for name, args in ops.items():
+            timed(a.baseline, env, sci, args)
+            timed(a.candidate, env, sci, args)
+            base, cand = [], []
+            for _ in range(a.runs):
+                base.append(timed(a.baseline, env, sci, args))
+                cand.append(timed(a.candidate, env, sci, args))
+            ratio = statistics.median(c / b for b, c in zip(base, cand))
+            print(
+                f"| {name} | {statistics.median(base):.3f} | "
+                f"{statistics.median(cand):.3f} | {ratio:.3f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

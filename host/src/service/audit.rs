@@ -1,0 +1,92 @@
+//! The audit log and the plugin log: reading, verifying, proving.
+
+use crate::audit::{AuditEntry, AuditFilter, Checkpoint, InclusionProof, Verdict};
+use crate::plugin_log::{self, PluginLogEntry};
+use crate::policy::{Action, Resource};
+use crate::users::User;
+
+use super::{Cloister, ServiceError};
+
+impl Cloister {
+    /// Reads audit entries.
+    pub fn audit_log(
+        &self,
+        who: &User,
+        filter: &AuditFilter,
+    ) -> Result<Vec<AuditEntry>, ServiceError> {
+        let params = (
+            &filter.actor,
+            &filter.action,
+            filter.since_ms,
+            filter.decision,
+            filter.from_seq,
+            filter.limit,
+        );
+        self.guard(
+            &who.principal(),
+            Action::ReadAudit,
+            &Resource::AuditLog,
+            &params,
+        )?;
+        Ok(self.env.audit().query(filter)?)
+    }
+
+    /// The administrators' plugin log, newest first: what plugins wrote and
+    /// the host's full account of each failed stage, plugin-chosen values
+    /// included — which is why only the `read_plugin_log` action (admins
+    /// in the default policies) reaches it. `digest` keeps the entries of
+    /// digests starting with it; `limit` 0 means all.
+    pub fn plugin_log(
+        &self,
+        who: &User,
+        digest: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PluginLogEntry>, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ReadPluginLog,
+            &Resource::Environment,
+            &(digest, limit),
+        )?;
+        Ok(plugin_log::list(self.env.store().as_ref(), digest, limit)?)
+    }
+
+    /// Verifies the audit log (the verification request is itself logged
+    /// first, and is covered by the verification).
+    pub fn audit_verify(
+        &self,
+        who: &User,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<Verdict, ServiceError> {
+        let params = checkpoint.map(|c| (c.size, hex::encode(c.root)));
+        self.guard(
+            &who.principal(),
+            Action::VerifyAudit,
+            &Resource::AuditLog,
+            &params,
+        )?;
+        Ok(self.env.audit().verify(checkpoint)?)
+    }
+
+    /// Signs a checkpoint of the log (covering this request's own entry).
+    pub fn audit_checkpoint(&self, who: &User) -> Result<Checkpoint, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::CheckpointAudit,
+            &Resource::AuditLog,
+            &(),
+        )?;
+        Ok(self.env.audit().checkpoint()?)
+    }
+
+    /// An inclusion proof for entry `seq`.
+    pub fn audit_prove(&self, who: &User, seq: u64) -> Result<InclusionProof, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ReadAudit,
+            &Resource::AuditLog,
+            &seq,
+        )?;
+        Ok(self.env.audit().prove(seq)?)
+    }
+}

@@ -1,0 +1,738 @@
+//! The steps of a job: prepare the data, train the committee, select,
+//! answer, finish. Each step commits its whole effect at once.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
+
+use crate::datasets::{self, DatasetVersion, Provenance, Split};
+use crate::jobs::committee::{
+    balance_by_class, final_model_id, mean_probs, model_label, predicted_class,
+};
+use crate::jobs::{
+    Answer, FinalReport, Job, JobEvent, JobState, LabelKind, LedgerLabel, LedgerSource, ModelScore,
+    PreparedRow, QueueItem, QueueReason, RoundReport, Step,
+};
+use crate::policy::{Action, Resource};
+use crate::registry::PluginEntry;
+use crate::runtime::LoadedPlugin;
+use crate::store::WriteBatch;
+use crate::train::{self, Template};
+use crate::types::{self, PluginKind, PredictionSet, SparseBatch};
+use crate::users::User;
+
+/// What a running job reports.
+use super::pipeline::NewModel;
+use super::{Cloister, ServiceError};
+
+/// An approved plugin loaded for a job, with its resolved config.
+pub(super) type Resolved = (PluginEntry, LoadedPlugin, Vec<(String, String)>);
+
+/// The data of a job, run through its plugins.
+pub(super) struct Prepared {
+    version: DatasetVersion,
+    rows: Vec<PreparedRow>,
+    index: HashMap<String, usize>,
+    x: SparseBatch,
+    dim: usize,
+    selector: Option<Resolved>,
+    /// The committee of a select step that stopped the loop, with the
+    /// labels it trained on: the finish step reuses it when nothing changed.
+    stopped: Option<(Vec<(usize, usize)>, Committee)>,
+}
+
+/// The labels a step trains and evaluates on.
+pub(super) struct Labels {
+    y: Vec<usize>,
+    train: Vec<usize>,
+    val: Vec<usize>,
+    test: Vec<usize>,
+    pool: Vec<usize>,
+    manual: u64,
+    auto: u64,
+    other: u64,
+}
+
+/// A committee's predictions: per model, row-major probabilities over
+/// `rows`.
+pub(super) struct Committee {
+    scores: Vec<ModelScore>,
+    fitted: Vec<train::Fitted>,
+    /// Mean of the models' validation probabilities (computed once, while
+    /// scoring each model).
+    val_mean: Vec<f32>,
+}
+
+impl Cloister {
+    /// Loads the plugins the job fixed, runs the dataset through them.
+    pub(super) fn prepare(
+        &self,
+        who: &User,
+        job: &Job,
+        progress: &mut dyn FnMut(JobEvent<'_>),
+    ) -> Result<Prepared, ServiceError> {
+        let version = datasets::resolve(self.env(), &job.dataset)?;
+        if version.digest != job.dataset_digest {
+            return Err(ServiceError::BadRequest(format!(
+                "dataset {} changed since the job started",
+                job.dataset
+            )));
+        }
+        let chain = self.load_chain(who, &job.plugins.preprocess, &job.plugins.features)?;
+        let selector = match &job.plugins.selector {
+            Some((d, c)) => {
+                let (e, l) = self.load_approved(who, d, PluginKind::Selector)?;
+                Some((e, l, c.clone()))
+            }
+            None => None,
+        };
+        let gold = |r: &crate::datasets::StoredRecord| {
+            Some(
+                r.labels
+                    .iter()
+                    .find(|l| l.provenance == Provenance::Gold)
+                    .map(|l| l.label.clone()),
+            )
+        };
+        let data = self.featurize_dataset(
+            who,
+            &format!("job {}", job.id),
+            &version,
+            &chain,
+            job.spec.split_seed,
+            gold,
+            &mut |s, n| progress(JobEvent::Stage(s, n)),
+        )?;
+        let (x, dim) = (data.x, data.dim);
+        let mut rows = Vec::with_capacity(data.rows.len());
+        let mut index = HashMap::with_capacity(data.rows.len());
+        for (id, split, gold) in data.rows {
+            index.insert(id.clone(), rows.len());
+            rows.push(PreparedRow {
+                id,
+                split,
+                gold,
+                human: None,
+            });
+        }
+        Ok(Prepared {
+            version,
+            rows,
+            index,
+            x,
+            dim,
+            selector,
+            stopped: None,
+        })
+    }
+
+    /// Current labels of every prepared row, as the job sees them.
+    pub(super) fn labels(
+        &self,
+        job: &Job,
+        prep: &mut Prepared,
+        ledger: &BTreeMap<String, LedgerLabel>,
+        queue: &BTreeMap<String, QueueItem>,
+    ) -> Result<Labels, ServiceError> {
+        let humans = datasets::human_labels(self.env(), &prep.version)?;
+        for row in &mut prep.rows {
+            row.human = humans
+                .get(&row.id)
+                .and_then(|v| v.last())
+                .map(|(_, l)| l.clone());
+        }
+        let class: HashMap<&str, usize> = job
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i))
+            .collect();
+        let oracle = job.spec.oracle.is_some();
+        let mut l = Labels {
+            y: vec![0; prep.rows.len()],
+            train: Vec::new(),
+            val: Vec::new(),
+            test: Vec::new(),
+            pool: Vec::new(),
+            manual: 0,
+            auto: 0,
+            other: 0,
+        };
+        for (i, row) in prep.rows.iter().enumerate() {
+            match crate::jobs::visible_label(row, ledger.get(&row.id), oracle) {
+                Some((label, kind)) => {
+                    // A label outside the job's classes (added after it
+                    // started) is left out.
+                    let Some(&c) = class.get(label) else { continue };
+                    l.y[i] = c;
+                    match row.split {
+                        Split::Train => {
+                            l.train.push(i);
+                            match kind {
+                                LabelKind::Manual => l.manual += 1,
+                                LabelKind::Auto => l.auto += 1,
+                                LabelKind::Other => l.other += 1,
+                            }
+                        }
+                        Split::Validation => l.val.push(i),
+                        Split::Test => l.test.push(i),
+                    }
+                }
+                None => {
+                    if row.split == Split::Train && !queue.contains_key(&row.id) {
+                        l.pool.push(i);
+                    }
+                }
+            }
+        }
+        Ok(l)
+    }
+
+    pub(super) fn train_committee(
+        &self,
+        job: &Job,
+        round: u32,
+        prep: &Prepared,
+        labels: &Labels,
+        progress: &mut dyn FnMut(JobEvent<'_>),
+    ) -> Result<Committee, ServiceError> {
+        let mut scores = Vec::new();
+        let mut fitted = Vec::new();
+        let mut val_probs = Vec::new();
+        for m in &job.spec.models {
+            let template: Template = train::template(&m.template, &m.sets)?;
+            progress(JobEvent::Training {
+                round,
+                template: &m.template,
+                records: labels.train.len(),
+            });
+            let f = train::fit(
+                &template,
+                train::TrainingSet {
+                    x: &prep.x,
+                    dim: prep.dim,
+                    y: &labels.y,
+                    classes: job.classes.len(),
+                    train: &labels.train,
+                    val: &labels.val,
+                    budget_bytes: self.env().limits().training_budget_bytes(),
+                },
+                &mut |_| {},
+            )?;
+            let probs = f.model.predict(&prep.x, &labels.val)?;
+            let e = self.evaluate_rows(job, prep, labels, &labels.val, &probs);
+            let score = ModelScore {
+                template: model_label(m),
+                val_accuracy: e.accuracy,
+                val_macro_f1: e.macro_f1,
+                best_epoch: f.best_epoch,
+                seconds: f.seconds,
+            };
+            progress(JobEvent::Trained {
+                round,
+                score: &score,
+            });
+            scores.push(score);
+            fitted.push(f);
+            val_probs.push(probs);
+        }
+        Ok(Committee {
+            scores,
+            fitted,
+            val_mean: mean_probs(&val_probs),
+        })
+    }
+
+    pub(super) fn evaluate_rows(
+        &self,
+        job: &Job,
+        prep: &Prepared,
+        labels: &Labels,
+        rows: &[usize],
+        probs: &[f32],
+    ) -> train::eval::Evaluation {
+        let ids: Vec<String> = rows.iter().map(|&r| prep.rows[r].id.clone()).collect();
+        let truth: Vec<usize> = rows.iter().map(|&r| labels.y[r]).collect();
+        train::eval::evaluate(&job.classes, &ids, &truth, probs)
+    }
+
+    pub(super) fn committee_probs(
+        c: &Committee,
+        prep: &Prepared,
+        rows: &[usize],
+    ) -> Result<(Vec<Vec<f32>>, Vec<f32>), ServiceError> {
+        let per_model = c
+            .fitted
+            .iter()
+            .map(|f| f.model.predict(&prep.x, rows))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mean = mean_probs(&per_model);
+        Ok((per_model, mean))
+    }
+
+    /// Train, evaluate, select. Returns whether to go on.
+    pub(super) fn step_select(
+        &self,
+        who: &User,
+        job: &mut Job,
+        round: u32,
+        prep: &mut Prepared,
+        progress: &mut dyn FnMut(JobEvent<'_>),
+    ) -> Result<bool, ServiceError> {
+        let started = Instant::now();
+        let store = self.env().store();
+        let ledger = crate::jobs::ledger(store.as_ref(), &job.id)?;
+        let queue = crate::jobs::queue(store.as_ref(), &job.id)?;
+        let labels = self.labels(job, prep, &ledger, &queue)?;
+        let settings = job.spec.settings.clone();
+        let manual_so_far = queue
+            .values()
+            .filter(|q| q.reason != QueueReason::Badcase)
+            .count();
+        let seed = job.spec.split_seed ^ u64::from(round).wrapping_mul(0x9e37_79b9);
+        let mut report = RoundReport {
+            round,
+            train_manual: labels.manual,
+            train_auto: labels.auto,
+            train_other: labels.other,
+            ..RoundReport::default()
+        };
+        let mut batch = WriteBatch::new();
+        let mut new_items: Vec<QueueItem> = Vec::new();
+        if round == 0 {
+            job.pool_size = labels.pool.len() as u64;
+            if settings.seed_labels > 0 {
+                for (k, i) in crate::jobs::sample(&labels.pool, settings.seed_labels, seed)
+                    .into_iter()
+                    .enumerate()
+                {
+                    new_items.push(self.queue_item(job, prep, 0, i, QueueReason::Seed, k));
+                }
+                job.next = Step::Answer(0);
+            } else {
+                job.next = Step::Select(1);
+            }
+        } else {
+            let committee = self.train_committee(job, round, prep, &labels, progress)?;
+            report.models = committee.scores.clone();
+            let val_probs = committee.val_mean.clone();
+            let val = self.evaluate_rows(job, prep, &labels, &labels.val, &val_probs);
+            report.val_accuracy = Some(val.accuracy);
+            report.val_macro_f1 = Some(val.macro_f1);
+            if !labels.test.is_empty() {
+                let (_, test_probs) = Self::committee_probs(&committee, prep, &labels.test)?;
+                let test = self.evaluate_rows(job, prep, &labels, &labels.test, &test_probs);
+                report.test_accuracy = Some(test.accuracy);
+                report.test_macro_f1 = Some(test.macro_f1);
+            }
+            report.badcases = val.badcases.len() as u64;
+            report.badcase_ids = val.badcases.iter().map(|b| b.id.clone()).collect();
+            let previous: HashSet<&String> = job
+                .rounds
+                .iter()
+                .rev()
+                .find(|r| !r.models.is_empty())
+                .map(|r| r.badcase_ids.iter().collect())
+                .unwrap_or_default();
+            let now: HashSet<&String> = report.badcase_ids.iter().collect();
+            report.fixed = previous.difference(&now).map(|s| (*s).clone()).collect();
+            report.appeared = now.difference(&previous).map(|s| (*s).clone()).collect();
+            report.fixed.sort();
+            report.appeared.sort();
+
+            let reached = settings.target.is_some_and(|(metric, value)| {
+                let got = match metric {
+                    crate::jobs::Metric::Accuracy => val.accuracy,
+                    crate::jobs::Metric::MacroF1 => val.macro_f1,
+                };
+                got >= value
+            });
+            let stop = if reached {
+                Some("target")
+            } else if round > settings.max_rounds {
+                Some("max-rounds")
+            } else if manual_so_far >= settings.budget {
+                Some("budget")
+            } else if labels.pool.is_empty() {
+                Some("pool-empty")
+            } else {
+                None
+            };
+            if let Some(reason) = stop {
+                report.stop = Some(reason.to_string());
+                job.next = Step::Finish;
+                prep.stopped = Some((train_signature(&labels), committee));
+            } else {
+                let take = settings.per_round.min(settings.budget - manual_so_far);
+                let chosen: Vec<(f32, usize)> = match &prep.selector {
+                    None => crate::jobs::sample(&labels.pool, take, seed)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, i)| ((take - k) as f32, i))
+                        .collect(),
+                    Some((entry, plugin, config)) => {
+                        let (per_model, _) = Self::committee_probs(&committee, prep, &labels.pool)?;
+                        let k = job.classes.len();
+                        let sets: Vec<PredictionSet> = labels
+                            .pool
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &i)| PredictionSet {
+                                id: prep.rows[i].id.clone(),
+                                models: per_model
+                                    .iter()
+                                    .map(|p| p[j * k..(j + 1) * k].to_vec())
+                                    .collect(),
+                            })
+                            .collect();
+                        let (decisions, _) = self.plugin_stage(
+                            who,
+                            &format!("job {} round {round}", job.id),
+                            plugin,
+                            config,
+                            sets.len(),
+                            |r| r.select(&job.classes, &sets),
+                            Vec::len,
+                        )?;
+                        // (priority, row, the committee's predicted class)
+                        let mut review: Vec<(f32, usize, usize)> = Vec::new();
+                        // (least model confidence in the label, row, class, set)
+                        let mut auto: Vec<(f32, usize, usize, usize)> = Vec::new();
+                        for (n, (d, set)) in decisions.iter().zip(&sets).enumerate() {
+                            let i = prep.index.get(&set.id).copied().ok_or_else(|| {
+                                ServiceError::BadRequest(
+                                    "a selector answered for an unknown record".into(),
+                                )
+                            })?;
+                            match d.action {
+                                types::Action::AutoAccept(c) => {
+                                    let c = c as usize;
+                                    let least = set
+                                        .models
+                                        .iter()
+                                        .map(|p| p.get(c).copied().unwrap_or(0.0))
+                                        .fold(f32::INFINITY, f32::min);
+                                    auto.push((least, i, c, n));
+                                }
+                                types::Action::HumanReview => {
+                                    review.push((d.priority, i, predicted_class(&set.models)));
+                                }
+                                types::Action::Skip => {}
+                            }
+                        }
+                        // Most confident first; beyond the cap, records stay
+                        // in the pool for the next round's models.
+                        auto.sort_by(|a, b| {
+                            b.0.total_cmp(&a.0)
+                                .then_with(|| prep.rows[a.1].id.cmp(&prep.rows[b.1].id))
+                        });
+                        if let Some(cap) = settings.max_auto_per_round
+                            && auto.len() > cap
+                        {
+                            report.auto_deferred = (auto.len() - cap) as u64;
+                            auto.truncate(cap);
+                        }
+                        let models: Vec<String> = committee
+                            .scores
+                            .iter()
+                            .map(|s| format!("{}@round{round}", s.template))
+                            .collect();
+                        for &(_, i, c, n) in &auto {
+                            let label = job.classes[c].clone();
+                            let row = &prep.rows[i];
+                            report.auto_accepted += 1;
+                            if let Some(g) = &row.gold {
+                                report.auto_checked += 1;
+                                report.auto_correct += u64::from(*g == label);
+                            }
+                            let source = LedgerSource::Auto {
+                                selector: entry.digest.clone(),
+                                models: models.clone(),
+                                confidences: sets[n]
+                                    .models
+                                    .iter()
+                                    .map(|p| p.get(c).copied().unwrap_or(0.0))
+                                    .collect(),
+                            };
+                            let ledger_label = LedgerLabel {
+                                label,
+                                source,
+                                round,
+                                gold: row.gold.clone(),
+                            };
+                            crate::jobs::put_ledger(&mut batch, &job.id, &row.id, &ledger_label)?;
+                        }
+                        review.sort_by(|a, b| {
+                            b.0.total_cmp(&a.0)
+                                .then_with(|| prep.rows[a.1].id.cmp(&prep.rows[b.1].id))
+                        });
+                        if settings.balance_classes {
+                            balance_by_class(&review, take)
+                        } else {
+                            review
+                                .into_iter()
+                                .take(take)
+                                .map(|(p, i, _)| (p, i))
+                                .collect()
+                        }
+                    }
+                };
+                for (k, (_, i)) in chosen.into_iter().enumerate() {
+                    new_items.push(self.queue_item(job, prep, round, i, QueueReason::Selected, k));
+                }
+                let mut n = new_items.len();
+                for b in val
+                    .badcases
+                    .iter()
+                    .filter(|b| !queue.contains_key(&b.id))
+                    .take(settings.badcases_per_round)
+                {
+                    if let Some(&i) = prep.index.get(&b.id) {
+                        new_items.push(self.queue_item(
+                            job,
+                            prep,
+                            round,
+                            i,
+                            QueueReason::Badcase,
+                            n,
+                        ));
+                        n += 1;
+                    }
+                }
+                job.next = Step::Answer(round);
+            }
+        }
+        for item in &new_items {
+            match item.reason {
+                QueueReason::Badcase => report.badcases_queued += 1,
+                _ => report.queued += 1,
+            }
+            crate::jobs::put_queue(&mut batch, item)?;
+            if let Some(user) = &item.assignee {
+                batch.extend(datasets::assign(
+                    self.env(),
+                    &prep.version,
+                    &item.record,
+                    user,
+                )?);
+            }
+        }
+        report.manual_total = (manual_so_far as u64) + report.queued;
+        report.pool_left =
+            (labels.pool.len() as u64).saturating_sub(report.queued + report.auto_accepted);
+        report.seconds = started.elapsed().as_secs_f64();
+        job.rounds.push(report);
+        job.state = JobState::Running;
+        job.updated_ms = crate::time::now_ms();
+        crate::jobs::put_job(&mut batch, job)?;
+        store.commit(batch)?;
+        if let Some(r) = job.rounds.last() {
+            progress(JobEvent::Round(r));
+        }
+        Ok(true)
+    }
+
+    /// The queue item for `row`, the `k`-th queued this round (its rank).
+    pub(super) fn queue_item(
+        &self,
+        job: &Job,
+        prep: &Prepared,
+        round: u32,
+        row: usize,
+        reason: QueueReason,
+        k: usize,
+    ) -> QueueItem {
+        let assignee = if job.spec.oracle.is_some() || job.spec.labelers.is_empty() {
+            None
+        } else {
+            Some(job.spec.labelers[k % job.spec.labelers.len()].clone())
+        };
+        QueueItem {
+            job: job.id.clone(),
+            record: prep.rows[row].id.clone(),
+            dataset: prep.version.reference(),
+            round,
+            rank: u32::try_from(k).unwrap_or(u32::MAX),
+            reason,
+            assignee,
+            answer: None,
+        }
+    }
+
+    /// Collects answers: the oracle's at once, people's when all are in.
+    pub(super) fn step_answer(
+        &self,
+        job: &mut Job,
+        round: u32,
+        prep: &Prepared,
+        progress: &mut dyn FnMut(JobEvent<'_>),
+    ) -> Result<bool, ServiceError> {
+        let store = self.env().store();
+        let queue = crate::jobs::queue(store.as_ref(), &job.id)?;
+        let mut batch = WriteBatch::new();
+        let mut answered = 0u64;
+        let open: Vec<&QueueItem> = queue.values().filter(|q| q.answer.is_none()).collect();
+        if job.spec.oracle.is_some() {
+            for item in open {
+                let Some(&i) = prep.index.get(&item.record) else {
+                    continue;
+                };
+                let row = &prep.rows[i];
+                let Some(gold) = &row.gold else { continue };
+                let mut done = item.clone();
+                done.answer = Some(Answer {
+                    label: gold.clone(),
+                    by: "oracle:gold".into(),
+                    time_ms: crate::time::now_ms(),
+                });
+                crate::jobs::put_queue(&mut batch, &done)?;
+                if item.reason != QueueReason::Badcase {
+                    crate::jobs::put_ledger(
+                        &mut batch,
+                        &job.id,
+                        &row.id,
+                        &LedgerLabel {
+                            label: gold.clone(),
+                            source: LedgerSource::Oracle,
+                            round,
+                            gold: Some(gold.clone()),
+                        },
+                    )?;
+                }
+                answered += 1;
+            }
+        } else if !open.is_empty() {
+            let n = open.len() as u64;
+            if job.state != (JobState::AwaitingLabels { open: n }) {
+                job.state = JobState::AwaitingLabels { open: n };
+                job.updated_ms = crate::time::now_ms();
+                crate::jobs::put_job(&mut batch, job)?;
+                store.commit(batch)?;
+            }
+            progress(JobEvent::Waiting { open: n });
+            return Ok(false);
+        } else {
+            answered = queue
+                .values()
+                .filter(|q| q.round == round && q.answer.is_some())
+                .count() as u64;
+        }
+        let manual = queue
+            .values()
+            .filter(|q| q.reason != QueueReason::Badcase)
+            .count();
+        if let Some(r) = job.rounds.iter_mut().rev().find(|r| r.round == round) {
+            r.answered = answered;
+            if manual >= job.spec.settings.budget {
+                r.stop = Some("budget".into());
+            }
+        }
+        job.next = if manual >= job.spec.settings.budget {
+            Step::Finish
+        } else {
+            Step::Select(round + 1)
+        };
+        job.state = JobState::Running;
+        job.updated_ms = crate::time::now_ms();
+        crate::jobs::put_job(&mut batch, job)?;
+        store.commit(batch)?;
+        progress(JobEvent::Answered { round, answered });
+        Ok(true)
+    }
+
+    /// Trains the final committee on every label and registers its models.
+    pub(super) fn step_finish(
+        &self,
+        who: &User,
+        job: &mut Job,
+        prep: &mut Prepared,
+        progress: &mut dyn FnMut(JobEvent<'_>),
+    ) -> Result<bool, ServiceError> {
+        let store = self.env().store();
+        let ledger = crate::jobs::ledger(store.as_ref(), &job.id)?;
+        let queue = crate::jobs::queue(store.as_ref(), &job.id)?;
+        let labels = self.labels(job, prep, &ledger, &queue)?;
+        let ids: Vec<String> = (0..job.spec.models.len())
+            .map(|k| final_model_id(&job.id, k))
+            .collect();
+        for id in &ids {
+            self.guard(
+                &who.principal(),
+                Action::TrainModel,
+                &Resource::Model {
+                    id: id.clone(),
+                    release_requested: false,
+                    release_approved: false,
+                    requested_by: None,
+                },
+                &(&job.id, id),
+            )?;
+        }
+        let round = job.rounds.last().map_or(0, |r| r.round) + 1;
+        let committee = match prep.stopped.take() {
+            Some((sig, c)) if sig == train_signature(&labels) => c,
+            _ => self.train_committee(job, round, prep, &labels, progress)?,
+        };
+        let (per_model, mean) = Self::committee_probs(&committee, prep, &labels.test)?;
+        let test = self.evaluate_rows(job, prep, &labels, &labels.test, &mean);
+        for (k, ((f, m), id)) in committee
+            .fitted
+            .iter()
+            .zip(&job.spec.models)
+            .zip(&ids)
+            .enumerate()
+        {
+            if crate::models::get(store.as_ref(), id).is_ok() {
+                continue; // saved by an earlier attempt of this step
+            }
+            let template = train::template(&m.template, &m.sets)?;
+            self.register_model(NewModel {
+                id: id.clone(),
+                template: &template,
+                classes: job.classes.clone(),
+                dim: prep.dim,
+                lineage: crate::models::Lineage {
+                    dataset: job.dataset.clone(),
+                    dataset_digest: job.dataset_digest.clone(),
+                    preprocess: job.plugins.preprocess.iter().map(|p| p.0.clone()).collect(),
+                    features: job.plugins.features.0.clone(),
+                    split_seed: job.spec.split_seed,
+                    job: Some(job.id.clone()),
+                },
+                evaluation: self.evaluate_rows(job, prep, &labels, &labels.test, &per_model[k]),
+                fitted: f,
+                split_sizes: [
+                    labels.train.len() as u64,
+                    labels.val.len() as u64,
+                    labels.test.len() as u64,
+                ],
+                created_by: job.started_by.clone(),
+            })?;
+        }
+        let result = FinalReport {
+            models: ids,
+            test_accuracy: test.accuracy,
+            test_macro_f1: test.macro_f1,
+            train_records: labels.train.len() as u64,
+        };
+        let reason = job
+            .rounds
+            .last()
+            .and_then(|r| r.stop.clone())
+            .unwrap_or_else(|| "budget".into());
+        job.result = Some(result);
+        job.state = JobState::Done { reason };
+        job.next = Step::End;
+        job.updated_ms = crate::time::now_ms();
+        let mut b = WriteBatch::new();
+        crate::jobs::put_job(&mut b, job)?;
+        store.commit(b)?;
+        if let Some(r) = &job.result {
+            progress(JobEvent::Finished(r));
+        }
+        Ok(false)
+    }
+}
+
+fn train_signature(l: &Labels) -> Vec<(usize, usize)> {
+    l.train.iter().map(|&r| (r, l.y[r])).collect()
+}

@@ -1,0 +1,409 @@
+//! Jobs: starting, listing, cancelling and driving active-learning jobs.
+//! Every step of a job is authorized (and so audited) again before it
+//! takes effect; the steps themselves are in `job_steps`.
+
+use std::collections::HashSet;
+
+use crate::datasets::{self};
+use crate::digest::Digest;
+use crate::jobs::spec::PluginUse;
+use crate::jobs::{
+    Job, JobError, JobEvent, JobState, JobStats, Oracle, PipelineSpec, ResolvedPlugins,
+    SelectorUse, Step,
+};
+use crate::policy::{Action, Resource, Role};
+use crate::registry::{self, PluginEntry};
+use crate::store::WriteBatch;
+use crate::train::{self};
+use crate::types::PluginKind;
+use crate::users::User;
+
+/// What a running job reports.
+use super::job_steps::Resolved;
+use super::{Cloister, ServiceError};
+
+fn spec_err(job_file: &str, spec_text: &str, key: &str, message: String) -> ServiceError {
+    let line = spec_text
+        .lines()
+        .position(|l| l.contains(key))
+        .map(|i| i + 1);
+    JobError::Spec {
+        file: job_file.to_string(),
+        line,
+        message,
+    }
+    .into()
+}
+
+impl Cloister {
+    pub(super) fn job_resource(job: &Job) -> Resource {
+        Resource::Job {
+            id: job.id.clone(),
+            started_by: job.started_by.clone(),
+        }
+    }
+
+    pub(super) fn dataset_resource(job: &Job) -> Resource {
+        Resource::Dataset {
+            name: job
+                .dataset
+                .split('@')
+                .next()
+                .unwrap_or(&job.dataset)
+                .to_string(),
+        }
+    }
+
+    /// Finds the one approved plugin of `kind` named (or digest-prefixed)
+    /// `name`, authorizes running it and loads it.
+    pub(super) fn resolve_plugin(
+        &self,
+        who: &User,
+        spec: (&str, &str),
+        section: &str,
+        use_: &PluginUse,
+        kind: PluginKind,
+    ) -> Result<Resolved, ServiceError> {
+        let (file, text) = spec;
+        let all = registry::list(self.env().store().as_ref())?;
+        let named: Vec<&PluginEntry> = all
+            .iter()
+            .filter(|e| e.name == use_.plugin || e.digest.starts_with(&use_.plugin))
+            .collect();
+        let bad = |m: String| spec_err(file, text, &use_.plugin, format!("{section}: {m}"));
+        if named.is_empty() {
+            return Err(bad(format!(
+                "no registered plugin is named `{}` (see `cloister plugin list`)",
+                use_.plugin
+            )));
+        }
+        let of_kind: Vec<&PluginEntry> = named.iter().copied().filter(|e| e.kind == kind).collect();
+        if of_kind.is_empty() {
+            return Err(bad(format!(
+                "plugin `{}` is a {}, not a {}",
+                use_.plugin,
+                named[0].kind.as_str(),
+                kind.as_str()
+            )));
+        }
+        let approved: Vec<&PluginEntry> = of_kind
+            .iter()
+            .copied()
+            .filter(|e| e.approval.is_some())
+            .collect();
+        let entry = match approved.as_slice() {
+            [one] => (*one).clone(),
+            [] => {
+                return Err(bad(format!(
+                    "plugin `{}` is not approved (a reviewer must approve its digest {})",
+                    use_.plugin,
+                    &of_kind[0].digest[..12]
+                )));
+            }
+            many => {
+                let digests: Vec<&str> = many.iter().map(|e| &e.digest[..12]).collect();
+                return Err(bad(format!(
+                    "`{}` names several approved plugins ({}): give a digest prefix",
+                    use_.plugin,
+                    digests.join(", ")
+                )));
+            }
+        };
+        let (entry, loaded) = self.load_approved(who, &entry.digest, kind)?;
+        let config = loaded
+            .resolve_config(&use_.config)
+            .map_err(|e| bad(format!("plugin `{}`: {e}", use_.plugin)))?;
+        // Configure one instance now (audited like every plugin stage): a
+        // bad value fails before anything runs.
+        match self.plugin_stage(
+            who,
+            &format!("start job ({section} configuration check)"),
+            &loaded,
+            &config,
+            0,
+            |r| r.check_configuration(),
+            |_| 0,
+        ) {
+            Ok(_) => {}
+            Err(ServiceError::Runtime(e)) => {
+                // The keys the user gave are host-side context; which of them
+                // the plugin objected to is its choice, so it is not said.
+                let given: Vec<&str> = use_.config.iter().map(|(k, _)| k.as_str()).collect();
+                let context = if given.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (configuration given: {})", given.join(", "))
+                };
+                return Err(bad(format!("plugin `{}`: {e}{context}", use_.plugin)));
+            }
+            Err(e) => return Err(e),
+        }
+        Ok((entry, loaded, config))
+    }
+
+    /// Validates a pipeline spec against the environment and records a new
+    /// job (nothing runs yet: see [`Cloister::run_job`]). `oracle`
+    /// overrides the spec's `oracle`.
+    pub fn start_job(
+        &self,
+        who: &User,
+        file: &str,
+        text: &str,
+        oracle: Option<Oracle>,
+    ) -> Result<Job, ServiceError> {
+        let mut spec = PipelineSpec::parse(file, text)?;
+        if oracle.is_some() {
+            spec.oracle = oracle;
+        }
+        let version = datasets::resolve(self.env(), &spec.dataset)
+            .map_err(|e| spec_err(file, text, "dataset", format!("dataset: {e}")))?;
+        let spec_digest = Digest::of(text.as_bytes()).to_hex();
+        self.guard(
+            &who.principal(),
+            Action::RunJob,
+            &Resource::Dataset {
+                name: version.name.clone(),
+            },
+            &(&spec_digest, version.reference()),
+        )?;
+        let at = (file, text);
+        let mut preprocess = Vec::new();
+        for p in &spec.preprocess {
+            let (e, _, c) =
+                self.resolve_plugin(who, at, "preprocess", p, PluginKind::Preprocessor)?;
+            preprocess.push((e.digest, c));
+        }
+        let (fe, _, fc) =
+            self.resolve_plugin(who, at, "features", &spec.features, PluginKind::Featurizer)?;
+        let selector = match &spec.selector {
+            SelectorUse::Plugin(p) => {
+                let (e, _, c) =
+                    self.resolve_plugin(who, at, "[selector]", p, PluginKind::Selector)?;
+                Some((e.digest, c))
+            }
+            SelectorUse::Random => None,
+        };
+        for m in &spec.models {
+            train::template(&m.template, &m.sets).map_err(|e| {
+                spec_err(
+                    file,
+                    text,
+                    &m.template,
+                    format!("[[model]] template `{}`: {e}", m.template),
+                )
+            })?;
+        }
+        if spec.oracle.is_none() {
+            if spec.labelers.is_empty() {
+                return Err(spec_err(
+                    file,
+                    text,
+                    "labelers",
+                    "labelers: name at least one labeler (or run with the gold oracle)".into(),
+                ));
+            }
+            // One answer whether the user is missing, disabled or not a
+            // labeler: a spec is no way to learn which names exist. (The
+            // request itself was authorized and audited above, with the
+            // spec's digest.)
+            for name in &spec.labelers {
+                let active = crate::users::get(self.env().store().as_ref(), name)
+                    .is_ok_and(|u| u.roles.contains(&Role::Labeler) && !u.disabled);
+                if !active {
+                    return Err(spec_err(
+                        file,
+                        text,
+                        name,
+                        format!("labelers: `{name}` is not an active labeler"),
+                    ));
+                }
+            }
+        }
+        let mut classes: HashSet<String> = version.stats.labels.keys().cloned().collect();
+        for labels in datasets::human_labels(self.env(), &version)?.values() {
+            classes.extend(labels.iter().map(|(_, l)| l.clone()));
+        }
+        let mut classes: Vec<String> = classes.into_iter().collect();
+        classes.sort();
+        if classes.len() < 2 {
+            return Err(spec_err(
+                file,
+                text,
+                "dataset",
+                format!(
+                    "dataset: {} has {} class(es) among its labels; the committee needs at least two",
+                    version.reference(),
+                    classes.len()
+                ),
+            ));
+        }
+        let now = crate::time::now_ms();
+        let job = Job {
+            id: format!("j-{}", hex::encode(crate::env::random_bytes(6)?)),
+            file: file.to_string(),
+            spec_text: text.to_string(),
+            spec,
+            spec_digest,
+            started_by: who.name.clone(),
+            created_ms: now,
+            updated_ms: now,
+            dataset: version.reference(),
+            dataset_digest: version.digest.clone(),
+            plugins: ResolvedPlugins {
+                preprocess,
+                features: (fe.digest, fc),
+                selector,
+            },
+            classes,
+            state: JobState::Running,
+            next: Step::Select(0),
+            pool_size: 0,
+            rounds: Vec::new(),
+            result: None,
+        };
+        let mut b = WriteBatch::new();
+        crate::jobs::put_job(&mut b, &job)?;
+        self.env().store().commit(b)?;
+        Ok(job)
+    }
+
+    /// Lists jobs.
+    pub fn list_jobs(&self, who: &User) -> Result<Vec<Job>, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ListJobs,
+            &Resource::Environment,
+            &(),
+        )?;
+        let all = crate::jobs::list(self.env().store().as_ref())?;
+        Ok(all
+            .into_iter()
+            .filter(|j| self.allows(&who.principal(), Action::ViewJob, &Self::job_resource(j)))
+            .collect())
+    }
+
+    /// One job.
+    pub fn show_job(&self, who: &User, id: &str) -> Result<Job, ServiceError> {
+        let job = crate::jobs::get(self.env().store().as_ref(), id)?;
+        self.guard(
+            &who.principal(),
+            Action::ViewJob,
+            &Self::job_resource(&job),
+            &id,
+        )?;
+        Ok(job)
+    }
+
+    /// Statistics of a job.
+    pub fn job_stats(&self, who: &User, id: &str) -> Result<JobStats, ServiceError> {
+        let job = self.show_job(who, id)?;
+        let store = self.env().store();
+        let ledger = crate::jobs::ledger(store.as_ref(), id)?;
+        let queue = crate::jobs::queue(store.as_ref(), id)?;
+        let version = datasets::resolve(self.env(), &job.dataset)?;
+        let mut humans = datasets::human_labels(self.env(), &version)?;
+        humans.retain(|k, _| queue.contains_key(k));
+        Ok(crate::jobs::stats(&job, &ledger, &queue, &humans))
+    }
+
+    /// Cancels a job; it stops at its next step boundary.
+    pub fn cancel_job(&self, who: &User, id: &str) -> Result<Job, ServiceError> {
+        let job = crate::jobs::get(self.env().store().as_ref(), id)?;
+        self.guard(
+            &who.principal(),
+            Action::CancelJob,
+            &Self::job_resource(&job),
+            &id,
+        )?;
+        if matches!(
+            job.state,
+            JobState::Done { .. } | JobState::Cancelled { .. }
+        ) {
+            return Err(JobError::State {
+                id: id.into(),
+                state: job.state.name().into(),
+                what: "it cannot be cancelled",
+            }
+            .into());
+        }
+        crate::jobs::cancel(self.env().store().as_ref(), id, &who.name)?;
+        Ok(crate::jobs::get(self.env().store().as_ref(), id)?)
+    }
+
+    /// Runs (or resumes) a job until it finishes, waits for labelers, is
+    /// cancelled or fails. A failed step is recorded (`failed`) and can be
+    /// retried with another call.
+    pub fn run_job(
+        &self,
+        who: &User,
+        id: &str,
+        progress: &mut dyn FnMut(JobEvent<'_>),
+    ) -> Result<Job, ServiceError> {
+        let job = crate::jobs::get(self.env().store().as_ref(), id)?;
+        self.guard(
+            &who.principal(),
+            Action::RunJob,
+            &Self::dataset_resource(&job),
+            &(id, "run"),
+        )?;
+        match &job.state {
+            JobState::Done { .. } | JobState::Cancelled { .. } => {
+                return Err(JobError::State {
+                    id: id.into(),
+                    state: job.state.name().into(),
+                    what: "there is nothing to run",
+                }
+                .into());
+            }
+            _ => {}
+        }
+        let _claim = self.claim_job(id)?;
+        let mut prep = match self.prepare(who, &job, progress) {
+            Ok(p) => p,
+            Err(e) => return Err(self.fail(job, e)),
+        };
+        loop {
+            let mut job = crate::jobs::get(self.env().store().as_ref(), id)?;
+            if matches!(job.state, JobState::Cancelled { .. }) {
+                return Ok(job);
+            }
+            let step = job.next;
+            let result = self
+                .guard(
+                    &who.principal(),
+                    Action::RunJob,
+                    &Self::dataset_resource(&job),
+                    &(id, step),
+                )
+                .and_then(|()| match step {
+                    Step::Select(r) => self.step_select(who, &mut job, r, &mut prep, progress),
+                    Step::Answer(r) => self.step_answer(&mut job, r, &prep, progress),
+                    Step::Finish => self.step_finish(who, &mut job, &mut prep, progress),
+                    Step::End => Ok(false),
+                });
+            match result {
+                Ok(true) => {}
+                Ok(false) => return Ok(job),
+                Err(e) => return Err(self.fail(job, e)),
+            }
+        }
+    }
+
+    /// Records a failed step (best effort) and passes the error on.
+    pub(super) fn fail(&self, mut job: Job, e: ServiceError) -> ServiceError {
+        if matches!(e, ServiceError::Denied { .. }) {
+            return e;
+        }
+        job.state = JobState::Failed {
+            error: e.to_string(),
+        };
+        job.updated_ms = crate::time::now_ms();
+        let mut b = WriteBatch::new();
+        if crate::jobs::put_job(&mut b, &job).is_ok()
+            && let Err(store_err) = self.env().store().commit(b)
+        {
+            tracing::warn!(job = %job.id, error = %store_err, "could not record the failure");
+        }
+        e
+    }
+}

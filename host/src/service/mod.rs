@@ -1,0 +1,337 @@
+//! [`Cloister`]: every operation on an environment, behind one
+//! authorization point.
+//!
+//! Each public method names its action and resource and calls
+//! [`Cloister::guard`] first. `guard` asks the policy engine, appends the
+//! decision to the audit log (durably), and only then lets the operation
+//! proceed — or returns [`ServiceError::Denied`]. If the append fails, the
+//! operation fails. The CLI and the console call these methods and nothing
+//! below them, so no path reaches data around a policy.
+
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::audit::{AuditError, AuditRecord, Decision};
+use crate::datasets::DatasetError;
+use crate::digest::Digest;
+use crate::env::{EnvError, Environment};
+use crate::policy::{Action, PolicyError, Principal, Resource};
+use crate::registry::RegistryError;
+use crate::runtime::{Runtime, RuntimeError};
+use crate::store::StoreError;
+use crate::users::{User, UserError};
+
+mod audit;
+mod datasets;
+mod job_steps;
+mod jobs;
+mod labeling;
+mod models;
+mod pipeline;
+mod plugins;
+mod policy;
+mod training;
+mod users;
+
+pub use datasets::ImportOptions;
+pub use policy::Explanation;
+pub use training::{Predictions, TrainProgress, TrainRequest, TrainingPlan};
+
+/// Errors of operations. `Denied` deliberately carries no policy detail.
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    /// The policy denied the operation (it was audited).
+    #[error("denied: {actor} may not {action} on {resource}")]
+    Denied {
+        /// Who asked.
+        actor: String,
+        /// The action.
+        action: &'static str,
+        /// The resource.
+        resource: String,
+    },
+    /// The operation does not exist in any form, whatever the policy says.
+    #[error("{0}")]
+    NoSuchOperation(&'static str),
+    /// Authentication failed.
+    #[error(transparent)]
+    Auth(UserError),
+    /// User management failed.
+    #[error(transparent)]
+    User(#[from] UserError),
+    /// The audit log failed: the operation did not happen.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The environment failed.
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    /// A dataset operation failed.
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    /// A registry operation failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The plugin runtime failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Policies failed to load.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// Training failed.
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    /// The model registry failed.
+    #[error(transparent)]
+    Model(#[from] crate::models::ModelError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An active-learning job failed.
+    #[error(transparent)]
+    Job(#[from] crate::jobs::JobError),
+    /// A request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// An open environment with its authorization point.
+#[derive(Debug)]
+pub struct Cloister {
+    env: Environment,
+    channel: &'static str,
+    /// Parsed dataset version manifests (see [`crate::datasets::list`]).
+    manifests: crate::datasets::ManifestCache,
+    runtime: OnceLock<Runtime>,
+    import_lock: Mutex<()>,
+    running: Mutex<std::collections::HashSet<String>>,
+}
+
+/// Held while a job is being driven; releases the claim when dropped.
+#[derive(Debug)]
+pub(crate) struct JobClaim<'a> {
+    c: &'a Cloister,
+    id: String,
+}
+
+impl Drop for JobClaim<'_> {
+    fn drop(&mut self) {
+        self.c
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// The canonical parameter digest recorded in the audit log.
+pub(super) fn params_digest(params: &impl Serialize) -> String {
+    let bytes = serde_json::to_vec(params).unwrap_or_default();
+    Digest::of(&bytes).to_hex()
+}
+
+impl Cloister {
+    /// Wraps an open environment; `channel` is "cli" or "console".
+    fn new(env: Environment, channel: &'static str) -> Self {
+        Self {
+            env,
+            channel,
+            manifests: crate::datasets::ManifestCache::default(),
+            runtime: OnceLock::new(),
+            import_lock: Mutex::new(()),
+            running: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// Opens the environment at `path`.
+    /// Imports a crash interrupted are cleaned up first.
+    pub fn open(path: &Path, channel: &'static str) -> Result<Self, ServiceError> {
+        let env = Environment::open(path)?;
+        crate::datasets::recover(&env)?;
+        Ok(Self::new(env, channel))
+    }
+
+    /// Creates an environment at `path` with a first admin; returns it and
+    /// the admin's token. The creation is the log's first entry.
+    pub fn init(path: &Path, admin: &str) -> Result<(Self, String), ServiceError> {
+        let (env, token) = Environment::init(path, admin)?;
+        let me = Self::new(env, "cli");
+        me.env.audit().append(AuditRecord {
+            actor: admin.to_string(),
+            action: "init".into(),
+            resource: Resource::Environment.uid_text(),
+            decision: Decision::Allow,
+            policies: vec!["bootstrap".into()],
+            params: params_digest(&("init", admin)),
+            outcome: None,
+        })?;
+        Ok((me, token))
+    }
+
+    /// Marks job `id` as driven by this process until the guard drops.
+    pub(crate) fn claim_job(&self, id: &str) -> Result<JobClaim<'_>, ServiceError> {
+        let mut set = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(id.to_string()) {
+            return Err(crate::jobs::JobError::Running(id.to_string()).into());
+        }
+        Ok(JobClaim {
+            c: self,
+            id: id.to_string(),
+        })
+    }
+
+    /// How requests arrive here: "cli" or "console".
+    pub fn channel(&self) -> &'static str {
+        self.channel
+    }
+
+    wall! {
+        /// The environment.
+        fn env(&self) -> &Environment {
+            &self.env
+        }
+    }
+
+    /// The user a token belongs to. A failure is audited.
+    pub fn authenticate(&self, token: &str) -> Result<User, ServiceError> {
+        self.check_token(token)
+            .map_err(|e| self.reject_token(token, e))
+    }
+
+    /// The first half of [`Cloister::authenticate`]: the user a token
+    /// belongs to, from memory-cached reads and without waiting for the
+    /// audit log. A caller that gets an error must pass it to
+    /// [`Cloister::reject_token`], which records the failure.
+    pub fn check_token(&self, token: &str) -> Result<User, UserError> {
+        crate::users::authenticate(self.env.store().as_ref(), token)
+    }
+
+    /// The second half of [`Cloister::authenticate`]: audits a token that
+    /// [`Cloister::check_token`] refused (waiting for the durable append)
+    /// and returns the error to answer with.
+    pub fn reject_token(&self, token: &str, why: UserError) -> ServiceError {
+        let appended = self.env.audit().append(AuditRecord {
+            actor: "-".into(),
+            action: "authenticate".into(),
+            resource: Resource::Environment.uid_text(),
+            decision: Decision::Deny,
+            policies: Vec::new(),
+            params: params_digest(&Digest::of(token.as_bytes()).short()),
+            outcome: None,
+        });
+        match appended {
+            Ok(_) => ServiceError::Auth(why),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Whether the policies would allow `who` to take `action` on
+    /// `resource`: the same Cedar evaluation as [`Cloister::guard`], with
+    /// no side effect and no audit entry. For deciding what to *show* (a
+    /// console link, a button); it lets nothing through: the operation
+    /// itself still passes `guard`. It reads nothing from the store, so it
+    /// tells the caller nothing about what exists.
+    pub fn can(&self, who: &User, action: Action, resource: &Resource) -> bool {
+        self.allows(&who.principal(), action, resource)
+    }
+
+    /// The environment's id (the audit log's origin).
+    pub fn environment_id(&self) -> &str {
+        self.env.id()
+    }
+
+    /// The public key the environment signs audit checkpoints and model
+    /// bundles with.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.env.audit().public_key()
+    }
+
+    /// Whether the policy allows `action` on `resource`, without auditing:
+    /// only for filtering the items of a listing whose request already
+    /// passed [`Cloister::guard`] (and so is audited).
+    pub(crate) fn allows(&self, who: &Principal, action: Action, resource: &Resource) -> bool {
+        self.env
+            .policy()
+            .authorize(who, action, resource, self.channel)
+            .allowed
+    }
+
+    /// The authorization point: decide, audit, then allow or deny.
+    pub(crate) fn guard(
+        &self,
+        who: &Principal,
+        action: Action,
+        resource: &Resource,
+        params: &impl Serialize,
+    ) -> Result<(), ServiceError> {
+        let (allowed, record) = self.decide(who, action, resource, params);
+        self.env.audit().append(record)?;
+        Self::verdict(allowed, who, action, resource)
+    }
+
+    /// [`Cloister::guard`] for async callers: the same decision and the
+    /// same audit record, queued when the future is first polled, then
+    /// awaited until it is on disk without holding a thread. Nothing is
+    /// allowed before the record is durable.
+    pub(crate) async fn guard_async(
+        &self,
+        who: &Principal,
+        action: Action,
+        resource: &Resource,
+        params: &impl Serialize,
+    ) -> Result<(), ServiceError> {
+        let (allowed, record) = self.decide(who, action, resource, params);
+        self.env.audit().submit(record)?.await?;
+        Self::verdict(allowed, who, action, resource)
+    }
+
+    /// The policy decision on a request and the audit record of it.
+    fn decide(
+        &self,
+        who: &Principal,
+        action: Action,
+        resource: &Resource,
+        params: &impl Serialize,
+    ) -> (bool, AuditRecord) {
+        let decision = self
+            .env
+            .policy()
+            .authorize(who, action, resource, self.channel);
+        if !decision.errors.is_empty() {
+            tracing::warn!(action = action.as_str(), errors = ?decision.errors, "policy evaluation errors (treated as non-matching)");
+        }
+        let record = AuditRecord {
+            actor: who.name.clone(),
+            action: action.as_str().to_string(),
+            resource: resource.uid_text(),
+            decision: if decision.allowed {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            },
+            policies: decision.policies,
+            params: params_digest(params),
+            outcome: None,
+        };
+        (decision.allowed, record)
+    }
+
+    fn verdict(
+        allowed: bool,
+        who: &Principal,
+        action: Action,
+        resource: &Resource,
+    ) -> Result<(), ServiceError> {
+        if allowed {
+            Ok(())
+        } else {
+            Err(ServiceError::Denied {
+                actor: who.name.clone(),
+                action: action.as_str(),
+                resource: resource.uid_text(),
+            })
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Models: listing, the two-person release gate and the signed export.
+
+use crate::digest::Digest;
+use crate::policy::{Action, Resource};
+use crate::users::User;
+
+use super::{Cloister, ServiceError};
+
+impl Cloister {
+    /// Lists models the caller may view.
+    pub fn list_models(
+        &self,
+        who: &User,
+    ) -> Result<Vec<crate::models::ModelManifest>, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ViewModel,
+            &Resource::Model {
+                id: "*".into(),
+                release_requested: false,
+                release_approved: false,
+                requested_by: None,
+            },
+            &"list",
+        )?;
+        Ok(crate::models::list(self.env.store().as_ref())?)
+    }
+
+    /// One model's manifest.
+    pub fn show_model(
+        &self,
+        who: &User,
+        id: &str,
+    ) -> Result<crate::models::ModelManifest, ServiceError> {
+        let m = crate::models::get(self.env.store().as_ref(), id)?;
+        self.guard(&who.principal(), Action::ViewModel, &m.resource(), &id)?;
+        Ok(m)
+    }
+
+    /// Requests the release of a model.
+    pub fn request_release(
+        &self,
+        who: &User,
+        id: &str,
+        reason: &str,
+    ) -> Result<crate::models::ModelManifest, ServiceError> {
+        let mut m = crate::models::get(self.env.store().as_ref(), id)?;
+        self.guard(
+            &who.principal(),
+            Action::RequestRelease,
+            &m.resource(),
+            &(id, Digest::of(reason.as_bytes()).to_hex()),
+        )?;
+        if m.release.requested_by.is_some() {
+            return Err(crate::models::ModelError::Release(format!(
+                "a release of {id} was already requested"
+            ))
+            .into());
+        }
+        m.release = crate::models::Release {
+            requested_by: Some(who.name.clone()),
+            reason: Some(reason.to_string()),
+            decision: None,
+            decided_by: None,
+        };
+        crate::models::put(self.env.store().as_ref(), &m)?;
+        Ok(m)
+    }
+
+    /// Approves (`true`) or rejects a requested release.
+    pub fn decide_release(
+        &self,
+        who: &User,
+        id: &str,
+        approve: bool,
+    ) -> Result<crate::models::ModelManifest, ServiceError> {
+        let mut m = crate::models::get(self.env.store().as_ref(), id)?;
+        let action = if approve {
+            Action::ApproveRelease
+        } else {
+            Action::RejectRelease
+        };
+        self.guard(&who.principal(), action, &m.resource(), &id)?;
+        if m.release.decision.is_some() {
+            return Err(crate::models::ModelError::Release(format!(
+                "the release of {id} was already decided"
+            ))
+            .into());
+        }
+        m.release.decision = Some(if approve { "approved" } else { "rejected" }.into());
+        m.release.decided_by = Some(who.name.clone());
+        crate::models::put(self.env.store().as_ref(), &m)?;
+        Ok(m)
+    }
+
+    /// The signed bundle of an approved model: the only way model bytes
+    /// leave the environment.
+    pub fn export_model(&self, who: &User, id: &str) -> Result<Vec<u8>, ServiceError> {
+        let m = crate::models::get(self.env.store().as_ref(), id)?;
+        self.guard(&who.principal(), Action::ExportModel, &m.resource(), &id)?;
+        let weights = crate::models::weights(self.env.dir(), &m)?;
+        let audit = self.env.audit();
+        Ok(crate::models::bundle(
+            &m,
+            &weights,
+            &|msg| audit.sign_bytes(msg),
+            audit.public_key(),
+        )?)
+    }
+}

@@ -1,0 +1,203 @@
+//! The one training pipeline, shared by `train`, active-learning jobs and
+//! `predict`: approved plugins loaded as a chain, records run through it,
+//! and a fitted model registered with its lineage.
+//!
+//! ```text
+//! load_chain ─▶ featurize_dataset (or run_chain on a caller's records)
+//!            ─▶ train::fit ─▶ register_model
+//! ```
+
+use std::collections::HashMap;
+
+use crate::datasets::{self, DatasetVersion, Split, StoredRecord};
+use crate::digest::Digest;
+use crate::models::{Lineage, ModelManifest, Release};
+use crate::registry::PluginEntry;
+use crate::runtime::LoadedPlugin;
+use crate::train::{Fitted, Template, eval::Evaluation};
+use crate::types::{DataRecord, PluginKind, SparseBatch};
+use crate::users::User;
+
+use super::{Cloister, ServiceError};
+
+/// A plugin's configuration: `(key, value)` pairs.
+pub(crate) type Config = Vec<(String, String)>;
+
+/// Approved plugins of one run, loaded (each load authorized and audited
+/// as `run_plugin`): preprocessors in order, then the featurizer.
+#[derive(Debug)]
+pub(crate) struct Chain {
+    pub(crate) preprocess: Vec<(PluginEntry, LoadedPlugin, Config)>,
+    pub(crate) features: (PluginEntry, LoadedPlugin, Config),
+}
+
+impl Chain {
+    /// The digests a model's lineage records: preprocessors, featurizer.
+    pub(crate) fn digests(&self) -> (Vec<String>, String) {
+        (
+            self.preprocess
+                .iter()
+                .map(|(e, _, _)| e.digest.clone())
+                .collect(),
+            self.features.0.digest.clone(),
+        )
+    }
+}
+
+/// A dataset run through a chain: one row per record the plugins kept, in
+/// their output order, with its split and what the caller kept for it.
+#[derive(Debug)]
+pub(crate) struct Featurized<T> {
+    pub(crate) rows: Vec<(String, Split, T)>,
+    pub(crate) x: SparseBatch,
+    pub(crate) dim: usize,
+}
+
+/// A fitted model to register: everything but what registration derives
+/// (the weights' digest, the time, the release state).
+#[derive(Debug)]
+pub(crate) struct NewModel<'a> {
+    pub(crate) id: String,
+    pub(crate) template: &'a Template,
+    pub(crate) classes: Vec<String>,
+    pub(crate) dim: usize,
+    pub(crate) lineage: Lineage,
+    pub(crate) evaluation: Evaluation,
+    pub(crate) fitted: &'a Fitted,
+    pub(crate) split_sizes: [u64; 3],
+    pub(crate) created_by: String,
+}
+
+impl Cloister {
+    /// Loads the approved plugins of a run, checking each is of the kind
+    /// its place needs.
+    pub(crate) fn load_chain(
+        &self,
+        who: &User,
+        preprocess: &[(String, Config)],
+        features: &(String, Config),
+    ) -> Result<Chain, ServiceError> {
+        let mut pre = Vec::with_capacity(preprocess.len());
+        for (digest, config) in preprocess {
+            let (entry, loaded) = self.load_approved(who, digest, PluginKind::Preprocessor)?;
+            pre.push((entry, loaded, config.clone()));
+        }
+        let (entry, loaded) = self.load_approved(who, &features.0, PluginKind::Featurizer)?;
+        Ok(Chain {
+            preprocess: pre,
+            features: (entry, loaded, features.1.clone()),
+        })
+    }
+
+    /// Runs records through a chain, every stage audited (see
+    /// [`Cloister::plugin_stage`]): the records the preprocessors kept, their
+    /// features and the featurizer's dimension.
+    pub(crate) fn run_chain(
+        &self,
+        who: &User,
+        purpose: &str,
+        mut records: Vec<DataRecord>,
+        chain: &Chain,
+        stage: &mut dyn FnMut(&'static str, usize),
+    ) -> Result<(Vec<DataRecord>, SparseBatch, usize), ServiceError> {
+        for (_, plugin, config) in &chain.preprocess {
+            let n = records.len();
+            records = self
+                .plugin_stage(
+                    who,
+                    purpose,
+                    plugin,
+                    config,
+                    n,
+                    |r| r.preprocess(&records),
+                    Vec::len,
+                )?
+                .0;
+            stage("preprocessed", records.len());
+        }
+        let (_, featurizer, config) = &chain.features;
+        let (x, dim) = self.plugin_stage(
+            who,
+            purpose,
+            featurizer,
+            config,
+            records.len(),
+            |r| r.featurize(&records),
+            SparseBatch::rows,
+        )?;
+        stage("featurized", x.rows());
+        Ok((records, x, dim as usize))
+    }
+
+    /// Runs a dataset version through a chain. `keep` sees each stored
+    /// record (with its labels) and says what to remember of it, or `None`
+    /// to leave it out before any plugin sees it; splits are decided on
+    /// the stored record with `split_seed`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn featurize_dataset<T>(
+        &self,
+        who: &User,
+        purpose: &str,
+        version: &DatasetVersion,
+        chain: &Chain,
+        split_seed: u64,
+        mut keep: impl FnMut(&StoredRecord) -> Option<T>,
+        stage: &mut dyn FnMut(&'static str, usize),
+    ) -> Result<Featurized<T>, ServiceError> {
+        let mut records = Vec::new();
+        let mut meta: HashMap<String, (Split, T)> = HashMap::new();
+        for r in datasets::records(&self.env, version) {
+            let r = r?;
+            if let Some(kept) = keep(&r) {
+                let split = datasets::split_of(&r.record, split_seed);
+                meta.insert(r.record.id.clone(), (split, kept));
+                records.push(r.record);
+            }
+        }
+        stage("records", records.len());
+        let (records, x, dim) = self.run_chain(who, purpose, records, chain, stage)?;
+        let mut rows = Vec::with_capacity(records.len());
+        for r in records {
+            // The runtime holds a preprocessor's output to a subsequence
+            // of its input, so each stored id comes back at most once.
+            let (split, kept) = meta.remove(&r.id).ok_or_else(|| {
+                ServiceError::BadRequest(
+                    "a preprocessor returned a record id it was not given".into(),
+                )
+            })?;
+            rows.push((r.id, split, kept));
+        }
+        Ok(Featurized { rows, x, dim })
+    }
+
+    /// Stores a fitted model: its weights as safetensors in the
+    /// environment directory and its manifest, with the weights' digest.
+    pub(crate) fn register_model(&self, m: NewModel<'_>) -> Result<ModelManifest, ServiceError> {
+        let weights = m.fitted.model.to_safetensors()?;
+        let manifest = ModelManifest {
+            id: m.id,
+            template: m.template.name.clone(),
+            kind: m.template.kind,
+            hyper: m.template.hyper.clone(),
+            classes: m.classes,
+            dim: m.dim,
+            lineage: m.lineage,
+            evaluation: m.evaluation,
+            curve: m.fitted.curve.clone(),
+            best_epoch: m.fitted.best_epoch,
+            train_seconds: m.fitted.seconds,
+            split_sizes: m.split_sizes,
+            weights_sha256: Digest::of(&weights).to_hex(),
+            created_by: m.created_by,
+            created_ms: crate::time::now_ms(),
+            release: Release::default(),
+        };
+        crate::models::save(
+            self.env.store().as_ref(),
+            self.env.dir(),
+            &manifest,
+            &weights,
+        )?;
+        Ok(manifest)
+    }
+}

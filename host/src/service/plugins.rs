@@ -1,0 +1,199 @@
+//! Plugins: submission, review, loading and running them in the sandbox
+//! with every stage audited.
+
+use crate::audit::{AuditRecord, Decision, PluginOutcome};
+use crate::digest::Digest;
+use crate::env::EnvError;
+use crate::plugin_log::{self, PluginLogEntry};
+use crate::policy::{Action, Resource};
+use crate::registry::{self, PluginEntry};
+use crate::runtime::{ArtifactCache, LoadedPlugin, Runner, Runtime, RuntimeConfig, RuntimeError};
+use crate::types::PluginKind;
+use crate::users::User;
+
+use super::{Cloister, ServiceError, params_digest};
+
+impl Cloister {
+    /// The environment's plugin runtime (created on first use; compiled
+    /// artifacts are cached in the environment's `cache/` directory).
+    pub fn runtime(&self) -> Result<&Runtime, ServiceError> {
+        if let Some(r) = self.runtime.get() {
+            return Ok(r);
+        }
+        let dir = self
+            .env
+            .dir()
+            .open_dir("cache")
+            .map_err(|error| EnvError::File {
+                file: "cache".into(),
+                error,
+            })?;
+        let rt = Runtime::new(RuntimeConfig {
+            cache: ArtifactCache::on_disk(dir, self.env.cache_secret()),
+            ..RuntimeConfig::default()
+        })?;
+        Ok(self.runtime.get_or_init(|| rt))
+    }
+
+    /// Inspects and registers a component (unapproved).
+    pub fn add_plugin(&self, who: &User, bytes: &[u8]) -> Result<PluginEntry, ServiceError> {
+        let digest = Digest::of(bytes).to_hex();
+        self.guard(
+            &who.principal(),
+            Action::AddPlugin,
+            &Resource::Environment,
+            &digest,
+        )?;
+        let inspection = self.runtime()?.inspect(bytes);
+        let (batch, entry) =
+            registry::add(self.env.store().as_ref(), &inspection, bytes, &who.name)?;
+        self.env.store().commit(batch)?;
+        Ok(entry)
+    }
+
+    /// Approves a plugin digest (a reviewer who did not add it).
+    pub fn approve_plugin(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
+        let entry = registry::get(self.env.store().as_ref(), digest)?;
+        self.guard(
+            &who.principal(),
+            Action::ApprovePlugin,
+            &entry.resource(),
+            &entry.digest,
+        )?;
+        let batch = registry::approve(&entry, &who.name)?;
+        self.env.store().commit(batch)?;
+        Ok(registry::get(self.env.store().as_ref(), &entry.digest)?)
+    }
+
+    /// Lists registered plugins.
+    pub fn list_plugins(&self, who: &User) -> Result<Vec<PluginEntry>, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ListPlugins,
+            &Resource::Environment,
+            &(),
+        )?;
+        Ok(registry::list(self.env.store().as_ref())?)
+    }
+
+    /// Authorizes running a plugin and returns its verified bytes.
+    pub fn plugin_for_run(
+        &self,
+        who: &User,
+        digest: &str,
+    ) -> Result<(PluginEntry, Vec<u8>), ServiceError> {
+        let entry = registry::get(self.env.store().as_ref(), digest)?;
+        self.guard(
+            &who.principal(),
+            Action::RunPlugin,
+            &entry.resource(),
+            &entry.digest,
+        )?;
+        let bytes = registry::bytes(self.env.store().as_ref(), &entry)?;
+        Ok((entry, bytes))
+    }
+
+    // ------------------------------------------------------------ models --
+
+    pub(crate) fn load_approved(
+        &self,
+        who: &User,
+        digest: &str,
+        kind: crate::types::PluginKind,
+    ) -> Result<(PluginEntry, crate::runtime::LoadedPlugin), ServiceError> {
+        let (entry, bytes) = self.plugin_for_run(who, digest)?;
+        let loaded = self.runtime()?.load(&bytes)?;
+        loaded.require(kind)?;
+        Ok((entry, loaded))
+    }
+
+    /// Runs one plugin stage over `records_in` items through a [`Runner`]
+    /// under the environment's limits, then records its outcome: one
+    /// `plugin_call` audit entry (the code, the counts, coarse resource
+    /// figures) and, when the stage failed or the plugin wrote anything, an
+    /// entry of the administrators' plugin log with the full detail.
+    /// `run` does the work; `count` says how many results it accepted.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plugin_stage<T>(
+        &self,
+        who: &User,
+        purpose: &str,
+        plugin: &LoadedPlugin,
+        config: &[(String, String)],
+        records_in: usize,
+        run: impl FnOnce(&Runner<'_>) -> Result<T, RuntimeError>,
+        count: impl Fn(&T) -> usize,
+    ) -> Result<(T, u32), ServiceError> {
+        let limits = self.env.limits().plugin_call_limits();
+        let rt = self.runtime()?;
+        let (result, usage, log, dimension) = match plugin.runner(rt, config, limits) {
+            Ok(runner) => {
+                let result = run(&runner);
+                (
+                    result,
+                    runner.usage(),
+                    runner.take_log(),
+                    runner.dimension(),
+                )
+            }
+            Err(e) => (Err(e), Default::default(), (Vec::new(), 0), 0),
+        };
+        let stage = match plugin.kind {
+            PluginKind::Preprocessor => "preprocess",
+            PluginKind::Featurizer => "featurize",
+            PluginKind::Selector => "select",
+        };
+        let code = result.as_ref().map_or_else(RuntimeError::code, |_| "ok");
+        let records_out = result.as_ref().map_or(0, &count);
+        let pow2 = |v: u64| {
+            if v == 0 {
+                0
+            } else {
+                v.checked_next_power_of_two().unwrap_or(u64::MAX)
+            }
+        };
+        let digest = plugin.digest.to_hex();
+        let seq = self.env.audit().append(AuditRecord {
+            actor: who.name.clone(),
+            action: "plugin_call".into(),
+            resource: Resource::Plugin {
+                digest: digest.clone(),
+                approved: true,
+                added_by: String::new(),
+            }
+            .uid_text(),
+            decision: Decision::Allow,
+            policies: Vec::new(),
+            params: params_digest(&(purpose, stage, records_in)),
+            outcome: Some(PluginOutcome {
+                stage: stage.into(),
+                purpose: purpose.into(),
+                code: code.into(),
+                records_in: records_in as u64,
+                records_out: records_out as u64,
+                fuel: pow2(usage.fuel),
+                peak_memory_bytes: pow2(usage.peak_memory_bytes),
+                wall_ms: pow2(usage.wall_ms),
+            }),
+        })?;
+        let (output, dropped) = log;
+        if result.is_err() || !output.is_empty() || dropped > 0 {
+            let entry = PluginLogEntry {
+                seq,
+                time_ms: crate::time::now_ms(),
+                actor: who.name.clone(),
+                digest,
+                stage: stage.into(),
+                purpose: purpose.into(),
+                code: code.into(),
+                detail: result.as_ref().err().map(RuntimeError::admin_detail),
+                usage,
+                output: String::from_utf8_lossy(&output).into_owned(),
+                dropped_bytes: dropped as u64,
+            };
+            let batch = plugin_log::put(self.env.store().as_ref(), entry)?;
+            self.env.store().commit(batch)?;
+        }
+        Ok((result?, dimension))
+    }
+}

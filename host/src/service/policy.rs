@@ -1,0 +1,112 @@
+//! Policies: checking them and explaining a decision.
+
+use crate::env::EnvError;
+use crate::policy::{Action, Authorization, Resource};
+use crate::registry::{self};
+use crate::users::{self, User};
+
+use super::{Cloister, ServiceError};
+
+/// What `policy explain` reports.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The decision and the deciding policy ids.
+    pub authorization: Authorization,
+    /// `(id, text)` of each deciding policy.
+    pub policies: Vec<(String, String)>,
+    /// The resource as the policy engine saw it.
+    pub resource: Resource,
+}
+
+impl Cloister {
+    /// Validates the environment's policy directory as it is on disk now.
+    pub fn policy_check(&self, who: &User) -> Result<usize, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::CheckPolicy,
+            &Resource::Environment,
+            &(),
+        )?;
+        let pdir = self
+            .env
+            .dir()
+            .open_dir("policies")
+            .map_err(|error| EnvError::File {
+                file: "policies".into(),
+                error,
+            })?;
+        Ok(crate::env::load_policy_dir(&pdir, "policies/")?.len())
+    }
+
+    /// Explains how the active policies decide `action` on `resource` for
+    /// user `as_user`. Resource syntax: `env`, `audit`, `dataset:NAME`,
+    /// `record:DATASET/ID`, `plugin:DIGEST`, `model:ID`.
+    pub fn policy_explain(
+        &self,
+        who: &User,
+        as_user: &str,
+        action: &str,
+        resource: &str,
+    ) -> Result<Explanation, ServiceError> {
+        let action: Action = action.parse().map_err(ServiceError::BadRequest)?;
+        self.guard(
+            &who.principal(),
+            Action::ExplainPolicy,
+            &Resource::Environment,
+            &(as_user, action.as_str(), resource),
+        )?;
+        let subject = users::get(self.env.store().as_ref(), as_user)?;
+        let resource = self.parse_resource(resource)?;
+        let authorization =
+            self.env
+                .policy()
+                .authorize(&subject.principal(), action, &resource, self.channel);
+        let policies = authorization
+            .policies
+            .iter()
+            .map(|id| {
+                (
+                    id.clone(),
+                    self.env
+                        .policy()
+                        .policy_text(id)
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect();
+        Ok(Explanation {
+            authorization,
+            policies,
+            resource,
+        })
+    }
+
+    pub(super) fn parse_resource(&self, text: &str) -> Result<Resource, ServiceError> {
+        let bad = || {
+            ServiceError::BadRequest(format!(
+                "`{text}` is not a resource (use env, audit, dataset:NAME, record:DATASET/ID, plugin:DIGEST or model:ID)"
+            ))
+        };
+        let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
+        let store = self.env.store().as_ref();
+        Ok(match (kind, rest) {
+            ("env", "") => Resource::Environment,
+            ("audit", "") => Resource::AuditLog,
+            ("dataset", name) if !name.is_empty() => Resource::Dataset { name: name.into() },
+            ("record", r) => {
+                let (ds, id) = r.split_once('/').ok_or_else(bad)?;
+                let (_, res) = self.record_resource(ds, id)?;
+                res
+            }
+            ("plugin", d) => registry::get(store, d)?.resource(),
+            ("model", id) if !id.is_empty() => Resource::Model {
+                id: id.into(),
+                release_requested: false,
+                release_approved: false,
+                requested_by: None,
+            },
+            _ => return Err(bad()),
+        })
+    }
+}

@@ -1,0 +1,269 @@
+//! Training: one model from a template, and predictions through a
+//! model's own plugin chain.
+
+use serde::Serialize;
+
+use crate::datasets::{self, DatasetVersion, Provenance, Split, StoredRecord};
+use crate::models::{Lineage, ModelManifest};
+use crate::policy::{Action, Resource};
+use crate::train::Template;
+use crate::types::DataRecord;
+use crate::users::User;
+
+use super::pipeline::{Chain, NewModel};
+use super::{Cloister, ServiceError};
+
+/// What `cloister train` asks for.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainRequest {
+    /// `NAME` or `NAME@VERSION`.
+    pub dataset: String,
+    /// Approved preprocessor digests, applied in order.
+    pub preprocess: Vec<String>,
+    /// Approved featurizer digest.
+    pub features: String,
+    /// Template name.
+    pub template: String,
+    /// `--set key=value` overrides.
+    pub sets: Vec<(String, String)>,
+    /// Seed of the split (default: the template's seed).
+    pub split_seed: Option<u64>,
+}
+
+/// Progress reported while training.
+#[derive(Debug, Clone)]
+pub enum TrainProgress {
+    /// A pipeline stage finished: (stage, records out).
+    Stage(&'static str, usize),
+    /// An epoch finished.
+    Epoch(crate::train::EpochStats, u32),
+}
+
+/// Predictions for records a caller supplied.
+#[derive(Debug, Clone)]
+pub struct Predictions {
+    /// Record ids, in output order (a preprocessor may drop records).
+    pub ids: Vec<String>,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Probabilities, row-major `ids × classes`.
+    pub probs: Vec<f32>,
+}
+
+/// A training request that passed the authorization point, its template
+/// parsed, its dataset version fixed and its plugins loaded: what
+/// [`Cloister::run_training`] consumes. Only [`Cloister::plan_training`]
+/// makes one, so holding a plan proves those checks passed (and were
+/// audited) — a caller that trains in the background plans first and
+/// refuses a bad request at once.
+#[derive(Debug)]
+pub struct TrainingPlan {
+    who: User,
+    id: String,
+    template: Template,
+    version: DatasetVersion,
+    chain: Chain,
+    split_seed: u64,
+}
+
+impl TrainingPlan {
+    /// The id the model will have.
+    pub fn model_id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// The label a model trains on: a person's over gold over an automatic
+/// one, the latest of each kind.
+fn training_label(r: &StoredRecord) -> Option<String> {
+    let pick = |f: &dyn Fn(&Provenance) -> bool| {
+        r.labels
+            .iter()
+            .rev()
+            .find(|l| f(&l.provenance))
+            .map(|l| l.label.clone())
+    };
+    pick(&|p| matches!(p, Provenance::Human { .. }))
+        .or_else(|| pick(&|p| matches!(p, Provenance::Gold)))
+        .or_else(|| pick(&|p| matches!(p, Provenance::Auto { .. })))
+}
+
+impl Cloister {
+    /// Authorizes a training request (`train_model`, audited), checks its
+    /// template and settings, fixes the dataset version and loads its
+    /// approved plugins (each `run_plugin`, audited). Nothing runs yet.
+    pub fn plan_training(
+        &self,
+        who: &User,
+        req: &TrainRequest,
+    ) -> Result<TrainingPlan, ServiceError> {
+        let template = crate::train::template(&req.template, &req.sets)?;
+        let id = format!("m-{}", hex::encode(crate::env::random_bytes(6)?));
+        let resource = Resource::Model {
+            id: id.clone(),
+            release_requested: false,
+            release_approved: false,
+            requested_by: None,
+        };
+        // Authorized before anything is looked up, so a caller the
+        // policies refuse learns nothing about which datasets or plugins
+        // exist.
+        self.guard(&who.principal(), Action::TrainModel, &resource, req)?;
+        let version = datasets::resolve(&self.env, &req.dataset)?;
+        let preprocess: Vec<_> = req
+            .preprocess
+            .iter()
+            .map(|d| (d.clone(), Vec::new()))
+            .collect();
+        let chain = self.load_chain(who, &preprocess, &(req.features.clone(), Vec::new()))?;
+        let split_seed = req.split_seed.unwrap_or(template.hyper.seed);
+        Ok(TrainingPlan {
+            who: who.clone(),
+            id,
+            template,
+            version,
+            chain,
+            split_seed,
+        })
+    }
+
+    /// Runs a plan: the labeled records through the plugins in the
+    /// sandbox, a model fitted from the template, evaluated on the test
+    /// split and stored.
+    pub fn run_training(
+        &self,
+        plan: TrainingPlan,
+        progress: &mut dyn FnMut(TrainProgress),
+    ) -> Result<ModelManifest, ServiceError> {
+        let TrainingPlan {
+            who,
+            id,
+            template,
+            version,
+            chain,
+            split_seed,
+        } = plan;
+        let data = self.featurize_dataset(
+            &who,
+            &format!("train {id}"),
+            &version,
+            &chain,
+            split_seed,
+            training_label,
+            &mut |stage, n| {
+                let stage = if stage == "records" {
+                    "labeled records"
+                } else {
+                    stage
+                };
+                progress(TrainProgress::Stage(stage, n))
+            },
+        )?;
+        let labels: Vec<String> = data.rows.iter().map(|(_, _, l)| l.clone()).collect();
+        let (classes, index) = crate::train::class_index(&labels);
+        let mut y = Vec::with_capacity(data.rows.len());
+        let (mut train, mut val, mut test) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, (_, split, label)) in data.rows.iter().enumerate() {
+            y.push(index[label]);
+            match split {
+                Split::Train => train.push(row),
+                Split::Validation => val.push(row),
+                Split::Test => test.push(row),
+            }
+        }
+        let epochs = template.hyper.epochs;
+        let fitted = crate::train::fit(
+            &template,
+            crate::train::TrainingSet {
+                x: &data.x,
+                dim: data.dim,
+                y: &y,
+                classes: classes.len(),
+                train: &train,
+                val: &val,
+                budget_bytes: self.env.limits().training_budget_bytes(),
+            },
+            &mut |e| progress(TrainProgress::Epoch(e.clone(), epochs)),
+        )?;
+        let probs = fitted.model.predict(&data.x, &test)?;
+        let ids: Vec<String> = test.iter().map(|&r| data.rows[r].0.clone()).collect();
+        let truth: Vec<usize> = test.iter().map(|&r| y[r]).collect();
+        let evaluation = crate::train::eval::evaluate(&classes, &ids, &truth, &probs);
+        let (preprocess, features) = chain.digests();
+        self.register_model(NewModel {
+            id,
+            template: &template,
+            classes,
+            dim: data.dim,
+            lineage: Lineage {
+                dataset: version.reference(),
+                dataset_digest: version.digest.clone(),
+                preprocess,
+                features,
+                split_seed,
+                job: None,
+            },
+            evaluation,
+            fitted: &fitted,
+            split_sizes: [train.len() as u64, val.len() as u64, test.len() as u64],
+            created_by: who.name.clone(),
+        })
+    }
+
+    /// Runs approved plugins over a dataset in the sandbox, trains a model
+    /// from a template, evaluates it on the test split and stores it:
+    /// [`Cloister::plan_training`] then [`Cloister::run_training`].
+    pub fn train_model(
+        &self,
+        who: &User,
+        req: &TrainRequest,
+        progress: &mut dyn FnMut(TrainProgress),
+    ) -> Result<ModelManifest, ServiceError> {
+        let plan = self.plan_training(who, req)?;
+        self.run_training(plan, progress)
+    }
+
+    /// Predicts on records the caller supplies (a plugin author's mock
+    /// data), through the model's own plugin chain.
+    pub fn predict(
+        &self,
+        who: &User,
+        id: &str,
+        records: &[DataRecord],
+    ) -> Result<Predictions, ServiceError> {
+        let m = crate::models::get(self.env.store().as_ref(), id)?;
+        self.guard(
+            &who.principal(),
+            Action::ViewModel,
+            &m.resource(),
+            &(id, records.len()),
+        )?;
+        let input: Vec<DataRecord> = records
+            .iter()
+            .map(|r| DataRecord {
+                label: None,
+                ..r.clone()
+            })
+            .collect();
+        let preprocess: Vec<_> = m
+            .lineage
+            .preprocess
+            .iter()
+            .map(|d| (d.clone(), Vec::new()))
+            .collect();
+        let chain = self.load_chain(who, &preprocess, &(m.lineage.features.clone(), Vec::new()))?;
+        let (input, x, _) =
+            self.run_chain(who, &format!("predict {id}"), input, &chain, &mut |_, _| {})?;
+        let model = crate::train::Trained::from_safetensors(
+            m.kind,
+            &crate::models::weights(self.env.dir(), &m)?,
+        )?;
+        let rows: Vec<usize> = (0..x.rows()).collect();
+        let probs = model.predict(&x, &rows)?;
+        Ok(Predictions {
+            ids: input.into_iter().map(|r| r.id).collect(),
+            classes: m.classes,
+            probs,
+        })
+    }
+}

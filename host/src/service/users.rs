@@ -1,0 +1,139 @@
+//! Users: accounts, tokens, console passwords and logins.
+
+use crate::audit::{AuditRecord, Decision};
+use crate::policy::{Action, Resource};
+use crate::users::{self, User, UserError};
+
+use super::{Cloister, ServiceError, params_digest};
+
+impl Cloister {
+    /// Adds a user; returns the user and their token (shown once).
+    pub fn add_user(
+        &self,
+        who: &User,
+        name: &str,
+        roles: &[crate::policy::Role],
+    ) -> Result<(User, String), ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::AddUser,
+            &Resource::Environment,
+            &(name, roles),
+        )?;
+        let (batch, user, token) = users::create(self.env.store().as_ref(), name, roles)?;
+        self.env.store().commit(batch)?;
+        Ok((user, token))
+    }
+
+    /// Sets a user's console password (admins).
+    pub fn set_password(&self, who: &User, name: &str, password: &str) -> Result<(), ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::AddUser,
+            &Resource::Environment,
+            &("password", name),
+        )?;
+        let batch = users::set_password(self.env.store().as_ref(), name, password)?;
+        self.env.store().commit(batch)?;
+        Ok(())
+    }
+
+    /// The current state of a user who already logged in: how the console
+    /// revalidates a session on each request, so a disabled account loses
+    /// its open sessions at once. Unaudited like
+    /// [`Cloister::check_token`]: the login that created the session was
+    /// audited, and the name comes from the console's own session table,
+    /// never from a request, so this answers no question a person asked.
+    pub fn session_user(&self, name: &str) -> Result<User, UserError> {
+        users::get(self.env.store().as_ref(), name)
+    }
+
+    /// The user a name and password belong to (console login). A failure
+    /// is audited, naming the user it claimed to be.
+    pub fn login(&self, name: &str, password: &str) -> Result<User, ServiceError> {
+        match users::check_password(self.env.store().as_ref(), name, password) {
+            Ok(u) => {
+                self.env.audit().append(AuditRecord {
+                    actor: u.name.clone(),
+                    action: "login".into(),
+                    resource: Resource::Environment.uid_text(),
+                    decision: Decision::Allow,
+                    policies: Vec::new(),
+                    params: params_digest(&self.channel),
+                    outcome: None,
+                })?;
+                Ok(u)
+            }
+            Err(e) => {
+                let claimed = if users::check_name(name).is_ok() {
+                    name
+                } else {
+                    "-"
+                };
+                self.env.audit().append(AuditRecord {
+                    actor: claimed.to_string(),
+                    action: "login".into(),
+                    resource: Resource::Environment.uid_text(),
+                    decision: Decision::Deny,
+                    policies: Vec::new(),
+                    params: params_digest(&self.channel),
+                    outcome: None,
+                })?;
+                Err(ServiceError::Auth(e))
+            }
+        }
+    }
+
+    /// Audits a request refused before it reached an operation — a
+    /// throttled or malformed login, a missing or wrong CSRF token, a
+    /// cross-site request: a `deny` entry for `action` whose deciding policy
+    /// is the fixed `reason`. `actor` is kept only when it is a well-formed
+    /// user name (else `-`), so a client cannot write text of its choosing
+    /// into the log.
+    pub fn record_refusal(
+        &self,
+        actor: &str,
+        action: &'static str,
+        reason: &'static str,
+    ) -> Result<(), ServiceError> {
+        let actor = if users::check_name(actor).is_ok() {
+            actor
+        } else {
+            "-"
+        };
+        self.env.audit().append(AuditRecord {
+            actor: actor.to_string(),
+            action: action.into(),
+            resource: Resource::Environment.uid_text(),
+            decision: Decision::Deny,
+            policies: vec![reason.into()],
+            params: params_digest(&(self.channel, reason)),
+            outcome: None,
+        })?;
+        Ok(())
+    }
+
+    /// Lists users.
+    pub fn list_users(&self, who: &User) -> Result<Vec<User>, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ListUsers,
+            &Resource::Environment,
+            &(),
+        )?;
+        Ok(users::list(self.env.store().as_ref())?)
+    }
+
+    /// Disables a user and revokes their token.
+    pub fn disable_user(&self, who: &User, name: &str) -> Result<(), ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::DisableUser,
+            &Resource::Environment,
+            &name,
+        )?;
+        let batch = users::disable(self.env.store().as_ref(), name)?;
+        self.env.store().commit(batch)?;
+        Ok(())
+    }
+}
