@@ -55,7 +55,7 @@ def setup(bin_, data, root):
         d = re.search(r"[0-9a-f]{64}", out).group(0)
         sh(bin_, env, "plugin", "approve", d, token=rev)
         digests[f.removesuffix(".wasm")] = d
-    return env, sci, digests
+    return env, admin, sci, digests
 
 
 def timed(bin_, env, tok, args):
@@ -74,29 +74,30 @@ def main():
     if a.runs < 1:
         sys.exit("--runs must be at least 1")
     with tempfile.TemporaryDirectory() as root:
-        env, sci, d = setup(a.candidate, a.data, root)
+        env, admin, sci, d = setup(a.candidate, a.data, root)
+        # (name, token, arguments)
         ops = {
-            "train logreg (plugins + training + evaluation)": [
+            "train logreg (plugins + training + evaluation)": (sci, [
                 "train", "--dataset", "spam",
                 "--preprocess", d["text-normalize"],
                 "--features", d["hashed-ngrams"],
                 "--template", "logreg",
-            ],
-            "dataset stats": ["dataset", "stats", "spam"],
-            "model list --json": ["model", "list", "--json"],
-            "audit verify": ["audit", "verify"],
+            ]),
+            "dataset stats": (sci, ["dataset", "stats", "spam"]),
+            "model list --json": (sci, ["model", "list", "--json"]),
+            "audit verify": (admin, ["audit", "verify"]),
         }
         print(f"machine: {os.cpu_count()} CPUs; runs: {a.runs} per binary and operation")
         print(f"baseline: {a.baseline}\ncandidate: {a.candidate}\n")
         print("| operation | baseline median, s | candidate median, s | ratio (median of pairs) |")
         print("|---|---:|---:|---:|")
-        for name, args in ops.items():
-            timed(a.baseline, env, sci, args)
-            timed(a.candidate, env, sci, args)
+        for name, (tok, args) in ops.items():
+            timed(a.baseline, env, tok, args)
+            timed(a.candidate, env, tok, args)
             base, cand = [], []
             for _ in range(a.runs):
-                base.append(timed(a.baseline, env, sci, args))
-                cand.append(timed(a.candidate, env, sci, args))
+                base.append(timed(a.baseline, env, tok, args))
+                cand.append(timed(a.candidate, env, tok, args))
             ratio = statistics.median(c / b for b, c in zip(base, cand))
             print(
                 f"| {name} | {statistics.median(base):.3f} | "
