@@ -51,6 +51,13 @@ pub struct Lineage {
     pub preprocess: Vec<String>,
     /// Featurizer digest.
     pub features: String,
+    /// Each preprocessor's configuration, in order (empty: every one ran
+    /// with its defaults).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preprocess_config: Vec<Vec<(String, String)>>,
+    /// The featurizer's configuration (empty: its defaults).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features_config: Vec<(String, String)>,
     /// Seed of the train/validation/test split.
     pub split_seed: u64,
     /// The active-learning job that trained it, if any.

@@ -172,9 +172,36 @@ fn an_oracle_job_runs_to_the_end_with_every_label_accounted_for() {
     assert_eq!(stats.pool_size, job.rounds[0].pool_left + 30);
 
     // The final models are registered with the job in their lineage.
+    // They predict through the job's own chain, each plugin with the
+    // configuration the job gave it (here 2^16 features, not the
+    // featurizer's default 2^18).
+    let mock: Vec<_> = ["cheap pills, click now", "minutes of the meeting"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| cloister_host::types::DataRecord {
+            id: format!("mock{i}"),
+            texts: vec![cloister_host::types::TextField {
+                name: "text".into(),
+                value: t.to_string(),
+            }],
+            numerics: Vec::new(),
+            label: None,
+        })
+        .collect();
     for id in &result.models {
         let m = e.c.show_model(&e.sci, id).unwrap();
         assert_eq!(m.lineage.job.as_deref(), Some(job.id.as_str()));
+        assert_eq!(m.dim, 1 << 16);
+        // Resolved: every key, the job's value or the default.
+        let config = &m.lineage.features_config;
+        assert!(config.contains(&("bits".into(), "16".into())), "{config:?}");
+        assert!(
+            config.contains(&("ngrams".into(), "2".into())),
+            "{config:?}"
+        );
+        let p = e.c.predict(&e.sci, id, &mock).unwrap();
+        assert_eq!(p.ids, ["mock0", "mock1"]);
+        assert_eq!(p.probs.len(), 2 * m.classes.len());
     }
     // Every step was authorized and audited.
     let steps =

@@ -35,6 +35,8 @@ pub(super) struct Prepared {
     x: SparseBatch,
     dim: usize,
     selector: Option<Resolved>,
+    /// The lineage of the models trained on these rows.
+    lineage: crate::models::Lineage,
     /// The committee of a select step that stopped the loop, with the
     /// labels it trained on: the finish step reuses it when nothing changed.
     stopped: Option<(Vec<(usize, usize)>, Committee)>,
@@ -102,6 +104,7 @@ impl Cloister {
             gold,
             &mut |s, n| progress(JobEvent::Stage(s, n)),
         )?;
+        let lineage = chain.lineage(&version, job.spec.split_seed, Some(job.id.clone()));
         let (x, dim) = (data.x, data.dim);
         let mut rows = Vec::with_capacity(data.rows.len());
         let mut index = HashMap::with_capacity(data.rows.len());
@@ -121,6 +124,7 @@ impl Cloister {
             x,
             dim,
             selector,
+            lineage,
             stopped: None,
         })
     }
@@ -692,11 +696,7 @@ impl Cloister {
                 dim: prep.dim,
                 lineage: crate::models::Lineage {
                     dataset: job.dataset.clone(),
-                    dataset_digest: job.dataset_digest.clone(),
-                    preprocess: job.plugins.preprocess.iter().map(|p| p.0.clone()).collect(),
-                    features: job.plugins.features.0.clone(),
-                    split_seed: job.spec.split_seed,
-                    job: Some(job.id.clone()),
+                    ..prep.lineage.clone()
                 },
                 evaluation: self.evaluate_rows(job, prep, &labels, &labels.test, &per_model[k]),
                 fitted: f,

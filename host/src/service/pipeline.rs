@@ -32,15 +32,31 @@ pub(crate) struct Chain {
 }
 
 impl Chain {
-    /// The digests a model's lineage records: preprocessors, featurizer.
-    pub(crate) fn digests(&self) -> (Vec<String>, String) {
-        (
-            self.preprocess
+    /// The lineage of a model trained on this chain's output.
+    pub(crate) fn lineage(
+        &self,
+        dataset: &DatasetVersion,
+        split_seed: u64,
+        job: Option<String>,
+    ) -> Lineage {
+        Lineage {
+            dataset: dataset.reference(),
+            dataset_digest: dataset.digest.clone(),
+            preprocess: self
+                .preprocess
                 .iter()
                 .map(|(e, _, _)| e.digest.clone())
                 .collect(),
-            self.features.0.digest.clone(),
-        )
+            features: self.features.0.digest.clone(),
+            preprocess_config: if self.preprocess.iter().all(|(_, _, c)| c.is_empty()) {
+                Vec::new()
+            } else {
+                self.preprocess.iter().map(|(_, _, c)| c.clone()).collect()
+            },
+            features_config: self.features.2.clone(),
+            split_seed,
+            job,
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::datasets::{self, DatasetVersion, Provenance, Split, StoredRecord};
-use crate::models::{Lineage, ModelManifest};
+use crate::models::ModelManifest;
 use crate::policy::{Action, Resource};
 use crate::train::Template;
 use crate::types::DataRecord;
@@ -189,20 +189,12 @@ impl Cloister {
         let ids: Vec<String> = test.iter().map(|&r| data.rows[r].0.clone()).collect();
         let truth: Vec<usize> = test.iter().map(|&r| y[r]).collect();
         let evaluation = crate::train::eval::evaluate(&classes, &ids, &truth, &probs);
-        let (preprocess, features) = chain.digests();
         self.register_model(NewModel {
             id,
             template: &template,
             classes,
             dim: data.dim,
-            lineage: Lineage {
-                dataset: version.reference(),
-                dataset_digest: version.digest.clone(),
-                preprocess,
-                features,
-                split_seed,
-                job: None,
-            },
+            lineage: chain.lineage(&version, split_seed, None),
             evaluation,
             fitted: &fitted,
             split_sizes: [train.len() as u64, val.len() as u64, test.len() as u64],
@@ -245,13 +237,20 @@ impl Cloister {
                 ..r.clone()
             })
             .collect();
-        let preprocess: Vec<_> = m
-            .lineage
+        // The model's own chain, each plugin with the configuration it
+        // was trained with.
+        let l = &m.lineage;
+        let preprocess: Vec<_> = l
             .preprocess
             .iter()
-            .map(|d| (d.clone(), Vec::new()))
+            .enumerate()
+            .map(|(i, d)| {
+                let config = l.preprocess_config.get(i).cloned().unwrap_or_default();
+                (d.clone(), config)
+            })
             .collect();
-        let chain = self.load_chain(who, &preprocess, &(m.lineage.features.clone(), Vec::new()))?;
+        let features = (l.features.clone(), l.features_config.clone());
+        let chain = self.load_chain(who, &preprocess, &features)?;
         let (input, x, _) =
             self.run_chain(who, &format!("predict {id}"), input, &chain, &mut |_, _| {})?;
         let model = crate::train::Trained::from_safetensors(
