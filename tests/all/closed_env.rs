@@ -555,3 +555,54 @@ fn concurrent_appends_get_distinct_contiguous_numbers_and_verify() {
         v => panic!("{v:?}"),
     }
 }
+
+#[test]
+fn whoever_the_policies_refuse_learns_nothing_about_what_exists_and_is_on_the_record() {
+    let e = env();
+    // Things that exist: a dataset with a record, a plugin.
+    let data = write(e.dir.path(), "d.jsonl", &jsonl(20));
+    e.c.import_dataset(&e.sci, "d", &data, &opts()).unwrap();
+    let plugin =
+        e.c.add_plugin(&e.sci, cloister_bundled_plugins::get("text-normalize").unwrap())
+            .unwrap();
+    let ghost = "0".repeat(64);
+    let denials = |actor: &str| {
+        e.c.env()
+            .audit()
+            .query(&AuditFilter {
+                actor: Some(actor.into()),
+                decision: Some(cloister_host::audit::Decision::Deny),
+                ..AuditFilter::default()
+            })
+            .unwrap()
+            .len()
+    };
+    // A labeler asking about models, jobs, plugins and records that do or
+    // do not exist: the same audited denial every time.
+    let before = denials("lab");
+    denied(e.c.show_model(&e.lab, "m-000000000000"));
+    denied(e.c.predict(&e.lab, "m-000000000000", &[]));
+    denied(e.c.request_release(&e.lab, "m-000000000000", "why"));
+    denied(e.c.show_job(&e.lab, "j-nope"));
+    denied(e.c.cancel_job(&e.lab, "j-nope"));
+    denied(e.c.run_job(&e.lab, "j-nope", &mut |_| {}));
+    denied(e.c.approve_plugin(&e.lab, &ghost));
+    denied(e.c.approve_plugin(&e.lab, &plugin.digest));
+    denied(e.c.plugin_for_run(&e.lab, &ghost));
+    denied(e.c.view_record(&e.lab, "no-such-dataset", "r0"));
+    denied(e.c.view_record(&e.lab, "d", "r0"));
+    denied(e.c.label_record(&e.lab, "no-such-dataset", "r0", "a"));
+    assert_eq!(denials("lab"), before + 12, "every refusal is audited");
+    // Whoever the policies allow hears what is missing.
+    for r in [
+        e.c.show_model(&e.sci, "m-000000000000").map(|_| ()),
+        e.c.show_job(&e.sci, "j-nope").map(|_| ()),
+        e.c.approve_plugin(&e.rev, &ghost).map(|_| ()),
+    ] {
+        let err = r.unwrap_err();
+        assert!(
+            !matches!(err, ServiceError::Denied { .. }),
+            "an allowed caller is told what is missing: {err}"
+        );
+    }
+}

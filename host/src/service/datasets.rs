@@ -124,7 +124,34 @@ impl Cloister {
         ))
     }
 
+    /// A record as the policies see it, for `action` by `who`. An unknown
+    /// dataset is decided on a stand-in first (see [`Cloister::found`]), so
+    /// a caller refused the record learns nothing about which datasets
+    /// exist.
     pub(crate) fn record_resource(
+        &self,
+        who: &User,
+        action: Action,
+        reference: &str,
+        id: &str,
+    ) -> Result<(DatasetVersion, Resource), ServiceError> {
+        self.found(
+            self.lookup_record(reference, id),
+            who,
+            action,
+            || Resource::Record {
+                dataset: reference.split('@').next().unwrap_or(reference).into(),
+                id: id.into(),
+                assignee: None,
+            },
+            &(reference, id),
+        )
+    }
+
+    /// A record as the policies see it, looked up without authorizing:
+    /// for records the caller already reached through an authorized path
+    /// (their queue) and for `policy explain`.
+    pub(crate) fn lookup_record(
         &self,
         reference: &str,
         id: &str,
@@ -148,7 +175,7 @@ impl Cloister {
         reference: &str,
         id: &str,
     ) -> Result<StoredRecord, ServiceError> {
-        let (v, resource) = self.record_resource(reference, id)?;
+        let (v, resource) = self.record_resource(who, Action::ViewRecord, reference, id)?;
         self.guard(
             &who.principal(),
             Action::ViewRecord,
@@ -167,7 +194,7 @@ impl Cloister {
         label: &str,
     ) -> Result<(), ServiceError> {
         let entry = human_label(who, label)?;
-        let (v, resource) = self.record_resource(reference, id)?;
+        let (v, resource) = self.record_resource(who, Action::LabelRecord, reference, id)?;
         self.guard(
             &who.principal(),
             Action::LabelRecord,

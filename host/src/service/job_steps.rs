@@ -317,50 +317,8 @@ impl Cloister {
             }
         } else {
             let committee = self.train_committee(job, round, prep, &labels, progress)?;
-            report.models = committee.scores.clone();
-            let val_probs = committee.val_mean.clone();
-            let val = self.evaluate_rows(job, prep, &labels, &labels.val, &val_probs);
-            report.val_accuracy = Some(val.accuracy);
-            report.val_macro_f1 = Some(val.macro_f1);
-            if !labels.test.is_empty() {
-                let (_, test_probs) = Self::committee_probs(&committee, prep, &labels.test)?;
-                let test = self.evaluate_rows(job, prep, &labels, &labels.test, &test_probs);
-                report.test_accuracy = Some(test.accuracy);
-                report.test_macro_f1 = Some(test.macro_f1);
-            }
-            report.badcases = val.badcases.len() as u64;
-            report.badcase_ids = val.badcases.iter().map(|b| b.id.clone()).collect();
-            let previous: HashSet<&String> = job
-                .rounds
-                .iter()
-                .rev()
-                .find(|r| !r.models.is_empty())
-                .map(|r| r.badcase_ids.iter().collect())
-                .unwrap_or_default();
-            let now: HashSet<&String> = report.badcase_ids.iter().collect();
-            report.fixed = previous.difference(&now).map(|s| (*s).clone()).collect();
-            report.appeared = now.difference(&previous).map(|s| (*s).clone()).collect();
-            report.fixed.sort();
-            report.appeared.sort();
-
-            let reached = settings.target.is_some_and(|(metric, value)| {
-                let got = match metric {
-                    crate::jobs::Metric::Accuracy => val.accuracy,
-                    crate::jobs::Metric::MacroF1 => val.macro_f1,
-                };
-                got >= value
-            });
-            let stop = if reached {
-                Some("target")
-            } else if round > settings.max_rounds {
-                Some("max-rounds")
-            } else if manual_so_far >= settings.budget {
-                Some("budget")
-            } else if labels.pool.is_empty() {
-                Some("pool-empty")
-            } else {
-                None
-            };
+            let val = self.evaluate_round(job, prep, &labels, &committee, &mut report)?;
+            let stop = stop_reason(&settings, &val, round, manual_so_far, &labels);
             if let Some(reason) = stop {
                 report.stop = Some(reason.to_string());
                 job.next = Step::Finish;
@@ -373,112 +331,18 @@ impl Cloister {
                         .enumerate()
                         .map(|(k, i)| ((take - k) as f32, i))
                         .collect(),
-                    Some((entry, plugin, config)) => {
-                        let (per_model, _) = Self::committee_probs(&committee, prep, &labels.pool)?;
-                        let k = job.classes.len();
-                        let sets: Vec<PredictionSet> = labels
-                            .pool
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &i)| PredictionSet {
-                                id: prep.rows[i].id.clone(),
-                                models: per_model
-                                    .iter()
-                                    .map(|p| p[j * k..(j + 1) * k].to_vec())
-                                    .collect(),
-                            })
-                            .collect();
-                        let (decisions, _) = self.plugin_stage(
-                            who,
-                            &format!("job {} round {round}", job.id),
-                            plugin,
-                            config,
-                            sets.len(),
-                            |r| r.select(&job.classes, &sets),
-                            Vec::len,
-                        )?;
-                        // (priority, row, the committee's predicted class)
-                        let mut review: Vec<(f32, usize, usize)> = Vec::new();
-                        // (least model confidence in the label, row, class, set)
-                        let mut auto: Vec<(f32, usize, usize, usize)> = Vec::new();
-                        for (n, (d, set)) in decisions.iter().zip(&sets).enumerate() {
-                            let i = prep.index.get(&set.id).copied().ok_or_else(|| {
-                                ServiceError::BadRequest(
-                                    "a selector answered for an unknown record".into(),
-                                )
-                            })?;
-                            match d.action {
-                                types::Action::AutoAccept(c) => {
-                                    let c = c as usize;
-                                    let least = set
-                                        .models
-                                        .iter()
-                                        .map(|p| p.get(c).copied().unwrap_or(0.0))
-                                        .fold(f32::INFINITY, f32::min);
-                                    auto.push((least, i, c, n));
-                                }
-                                types::Action::HumanReview => {
-                                    review.push((d.priority, i, predicted_class(&set.models)));
-                                }
-                                types::Action::Skip => {}
-                            }
-                        }
-                        // Most confident first; beyond the cap, records stay
-                        // in the pool for the next round's models.
-                        auto.sort_by(|a, b| {
-                            b.0.total_cmp(&a.0)
-                                .then_with(|| prep.rows[a.1].id.cmp(&prep.rows[b.1].id))
-                        });
-                        if let Some(cap) = settings.max_auto_per_round
-                            && auto.len() > cap
-                        {
-                            report.auto_deferred = (auto.len() - cap) as u64;
-                            auto.truncate(cap);
-                        }
-                        let models: Vec<String> = committee
-                            .scores
-                            .iter()
-                            .map(|s| format!("{}@round{round}", s.template))
-                            .collect();
-                        for &(_, i, c, n) in &auto {
-                            let label = job.classes[c].clone();
-                            let row = &prep.rows[i];
-                            report.auto_accepted += 1;
-                            if let Some(g) = &row.gold {
-                                report.auto_checked += 1;
-                                report.auto_correct += u64::from(*g == label);
-                            }
-                            let source = LedgerSource::Auto {
-                                selector: entry.digest.clone(),
-                                models: models.clone(),
-                                confidences: sets[n]
-                                    .models
-                                    .iter()
-                                    .map(|p| p.get(c).copied().unwrap_or(0.0))
-                                    .collect(),
-                            };
-                            let ledger_label = LedgerLabel {
-                                label,
-                                source,
-                                round,
-                                gold: row.gold.clone(),
-                            };
-                            crate::jobs::put_ledger(&mut batch, &job.id, &row.id, &ledger_label)?;
-                        }
-                        review.sort_by(|a, b| {
-                            b.0.total_cmp(&a.0)
-                                .then_with(|| prep.rows[a.1].id.cmp(&prep.rows[b.1].id))
-                        });
-                        if settings.balance_classes {
-                            balance_by_class(&review, take)
-                        } else {
-                            review
-                                .into_iter()
-                                .take(take)
-                                .map(|(p, i, _)| (p, i))
-                                .collect()
-                        }
-                    }
+                    Some(selector) => self.select_with_plugin(
+                        who,
+                        job,
+                        round,
+                        prep,
+                        selector,
+                        &labels,
+                        &committee,
+                        take,
+                        &mut report,
+                        &mut batch,
+                    )?,
                 };
                 for (k, (_, i)) in chosen.into_iter().enumerate() {
                     new_items.push(self.queue_item(job, prep, round, i, QueueReason::Selected, k));
@@ -533,6 +397,168 @@ impl Cloister {
             progress(JobEvent::Round(r));
         }
         Ok(true)
+    }
+
+    /// Scores a round's committee on the validation split (and the test
+    /// split, for the report) and records which badcases were fixed or
+    /// appeared since the last trained round.
+    fn evaluate_round(
+        &self,
+        job: &Job,
+        prep: &Prepared,
+        labels: &Labels,
+        committee: &Committee,
+        report: &mut RoundReport,
+    ) -> Result<train::eval::Evaluation, ServiceError> {
+        report.models = committee.scores.clone();
+        let val = self.evaluate_rows(job, prep, labels, &labels.val, &committee.val_mean);
+        report.val_accuracy = Some(val.accuracy);
+        report.val_macro_f1 = Some(val.macro_f1);
+        if !labels.test.is_empty() {
+            let (_, test_probs) = Self::committee_probs(committee, prep, &labels.test)?;
+            let test = self.evaluate_rows(job, prep, labels, &labels.test, &test_probs);
+            report.test_accuracy = Some(test.accuracy);
+            report.test_macro_f1 = Some(test.macro_f1);
+        }
+        report.badcases = val.badcases.len() as u64;
+        report.badcase_ids = val.badcases.iter().map(|b| b.id.clone()).collect();
+        let previous: HashSet<&String> = job
+            .rounds
+            .iter()
+            .rev()
+            .find(|r| !r.models.is_empty())
+            .map(|r| r.badcase_ids.iter().collect())
+            .unwrap_or_default();
+        let now: HashSet<&String> = report.badcase_ids.iter().collect();
+        report.fixed = previous.difference(&now).map(|s| (*s).clone()).collect();
+        report.appeared = now.difference(&previous).map(|s| (*s).clone()).collect();
+        report.fixed.sort();
+        report.appeared.sort();
+        Ok(val)
+    }
+
+    /// Runs the selector plugin over the pool's committee predictions:
+    /// writes the automatic labels it proposes (most confident first, up
+    /// to the per-round cap) into the job's ledger in `batch`, and returns
+    /// up to `take` records for people, most urgent first, as
+    /// (priority, row).
+    #[allow(clippy::too_many_arguments)]
+    fn select_with_plugin(
+        &self,
+        who: &User,
+        job: &Job,
+        round: u32,
+        prep: &Prepared,
+        (entry, plugin, config): &Resolved,
+        labels: &Labels,
+        committee: &Committee,
+        take: usize,
+        report: &mut RoundReport,
+        batch: &mut WriteBatch,
+    ) -> Result<Vec<(f32, usize)>, ServiceError> {
+        let settings = &job.spec.settings;
+        let (per_model, _) = Self::committee_probs(committee, prep, &labels.pool)?;
+        let k = job.classes.len();
+        let sets: Vec<PredictionSet> = labels
+            .pool
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| PredictionSet {
+                id: prep.rows[i].id.clone(),
+                models: per_model
+                    .iter()
+                    .map(|p| p[j * k..(j + 1) * k].to_vec())
+                    .collect(),
+            })
+            .collect();
+        let (decisions, _) = self.plugin_stage(
+            who,
+            &format!("job {} round {round}", job.id),
+            plugin,
+            config,
+            sets.len(),
+            |r| r.select(&job.classes, &sets),
+            Vec::len,
+        )?;
+        // (priority, row, the committee's predicted class)
+        let mut review: Vec<(f32, usize, usize)> = Vec::new();
+        // (least model confidence in the label, row, class, set)
+        let mut auto: Vec<(f32, usize, usize, usize)> = Vec::new();
+        for (n, (d, set)) in decisions.iter().zip(&sets).enumerate() {
+            let i = prep.index.get(&set.id).copied().ok_or_else(|| {
+                ServiceError::BadRequest("a selector answered for an unknown record".into())
+            })?;
+            match d.action {
+                types::Action::AutoAccept(c) => {
+                    let c = c as usize;
+                    let least = set
+                        .models
+                        .iter()
+                        .map(|p| p.get(c).copied().unwrap_or(0.0))
+                        .fold(f32::INFINITY, f32::min);
+                    auto.push((least, i, c, n));
+                }
+                types::Action::HumanReview => {
+                    review.push((d.priority, i, predicted_class(&set.models)));
+                }
+                types::Action::Skip => {}
+            }
+        }
+        // Most confident first; beyond the cap, records stay in the pool
+        // for the next round's models.
+        auto.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| prep.rows[a.1].id.cmp(&prep.rows[b.1].id))
+        });
+        if let Some(cap) = settings.max_auto_per_round
+            && auto.len() > cap
+        {
+            report.auto_deferred = (auto.len() - cap) as u64;
+            auto.truncate(cap);
+        }
+        let models: Vec<String> = committee
+            .scores
+            .iter()
+            .map(|s| format!("{}@round{round}", s.template))
+            .collect();
+        for &(_, i, c, n) in &auto {
+            let label = job.classes[c].clone();
+            let row = &prep.rows[i];
+            report.auto_accepted += 1;
+            if let Some(g) = &row.gold {
+                report.auto_checked += 1;
+                report.auto_correct += u64::from(*g == label);
+            }
+            let source = LedgerSource::Auto {
+                selector: entry.digest.clone(),
+                models: models.clone(),
+                confidences: sets[n]
+                    .models
+                    .iter()
+                    .map(|p| p.get(c).copied().unwrap_or(0.0))
+                    .collect(),
+            };
+            let ledger_label = LedgerLabel {
+                label,
+                source,
+                round,
+                gold: row.gold.clone(),
+            };
+            crate::jobs::put_ledger(batch, &job.id, &row.id, &ledger_label)?;
+        }
+        review.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| prep.rows[a.1].id.cmp(&prep.rows[b.1].id))
+        });
+        Ok(if settings.balance_classes {
+            balance_by_class(&review, take)
+        } else {
+            review
+                .into_iter()
+                .take(take)
+                .map(|(p, i, _)| (p, i))
+                .collect()
+        })
     }
 
     /// The queue item for `row`, the `k`-th queued this round (its rank).
@@ -735,4 +761,34 @@ impl Cloister {
 
 fn train_signature(l: &Labels) -> Vec<(usize, usize)> {
     l.train.iter().map(|&r| (r, l.y[r])).collect()
+}
+
+/// Why the loop stops after this round, if it does: the target reached on
+/// the validation split, the rounds or the budget spent, or the pool
+/// empty.
+fn stop_reason(
+    settings: &crate::jobs::spec::LoopSettings,
+    val: &train::eval::Evaluation,
+    round: u32,
+    manual_so_far: usize,
+    labels: &Labels,
+) -> Option<&'static str> {
+    let reached = settings.target.is_some_and(|(metric, value)| {
+        let got = match metric {
+            crate::jobs::Metric::Accuracy => val.accuracy,
+            crate::jobs::Metric::MacroF1 => val.macro_f1,
+        };
+        got >= value
+    });
+    if reached {
+        Some("target")
+    } else if round > settings.max_rounds {
+        Some("max-rounds")
+    } else if manual_so_far >= settings.budget {
+        Some("budget")
+    } else if labels.pool.is_empty() {
+        Some("pool-empty")
+    } else {
+        None
+    }
 }

@@ -282,9 +282,30 @@ impl Cloister {
             .collect())
     }
 
+    /// A job looked up for `action` (see [`Cloister::found`]: an unknown
+    /// id is decided on a stand-in first).
+    fn job_for(
+        &self,
+        who: &User,
+        action: Action,
+        id: &str,
+        params: &impl serde::Serialize,
+    ) -> Result<Job, ServiceError> {
+        self.found(
+            crate::jobs::get(self.env().store().as_ref(), id),
+            who,
+            action,
+            || Resource::Job {
+                id: id.into(),
+                started_by: String::new(),
+            },
+            params,
+        )
+    }
+
     /// One job.
     pub fn show_job(&self, who: &User, id: &str) -> Result<Job, ServiceError> {
-        let job = crate::jobs::get(self.env().store().as_ref(), id)?;
+        let job = self.job_for(who, Action::ViewJob, id, &id)?;
         self.guard(
             &who.principal(),
             Action::ViewJob,
@@ -308,7 +329,7 @@ impl Cloister {
 
     /// Cancels a job; it stops at its next step boundary.
     pub fn cancel_job(&self, who: &User, id: &str) -> Result<Job, ServiceError> {
-        let job = crate::jobs::get(self.env().store().as_ref(), id)?;
+        let job = self.job_for(who, Action::CancelJob, id, &id)?;
         self.guard(
             &who.principal(),
             Action::CancelJob,
@@ -339,7 +360,15 @@ impl Cloister {
         id: &str,
         progress: &mut dyn FnMut(JobEvent<'_>),
     ) -> Result<Job, ServiceError> {
-        let job = crate::jobs::get(self.env().store().as_ref(), id)?;
+        let job = self.found(
+            crate::jobs::get(self.env().store().as_ref(), id),
+            who,
+            Action::RunJob,
+            || Resource::Dataset {
+                name: String::new(),
+            },
+            &(id, "run"),
+        )?;
         self.guard(
             &who.principal(),
             Action::RunJob,

@@ -94,7 +94,7 @@ impl Cloister {
         let mut batch = WriteBatch::new();
         let mut out = Vec::new();
         for (item, label) in chosen {
-            let (v, resource) = self.record_resource(&item.dataset, &item.record)?;
+            let (v, resource) = self.lookup_record(&item.dataset, &item.record)?;
             self.guard(
                 &who.principal(),
                 Action::LabelRecord,
@@ -145,7 +145,7 @@ impl Cloister {
                 })
         });
         let resource = match &queued {
-            Some(item) => match self.record_resource(&item.dataset, &item.record) {
+            Some(item) => match self.lookup_record(&item.dataset, &item.record) {
                 Ok((_, r)) => r,
                 Err(e) => return e,
             },

@@ -258,6 +258,30 @@ impl Cloister {
             .allowed
     }
 
+    /// The answer to an operation on something looked up by name before it
+    /// can be authorized (a model, a job, a plugin, a record): when the
+    /// lookup failed, the authorization point still decides first, on a
+    /// stand-in with the attributes the thing would have if it were new.
+    /// A caller the policies refuse therefore gets the same audited denial
+    /// whether or not the thing exists; only a caller they allow hears
+    /// that it does not.
+    pub(crate) fn found<T, E: Into<ServiceError>>(
+        &self,
+        looked_up: Result<T, E>,
+        who: &User,
+        action: Action,
+        stand_in: impl FnOnce() -> Resource,
+        params: &impl Serialize,
+    ) -> Result<T, ServiceError> {
+        match looked_up {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                self.guard(&who.principal(), action, &stand_in(), params)?;
+                Err(e.into())
+            }
+        }
+    }
+
     /// The authorization point: decide, audit, then allow or deny.
     pub(crate) fn guard(
         &self,

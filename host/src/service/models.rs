@@ -32,8 +32,7 @@ impl Cloister {
         who: &User,
         id: &str,
     ) -> Result<crate::models::ModelManifest, ServiceError> {
-        let m = crate::models::get(self.env.store().as_ref(), id)?;
-        self.guard(&who.principal(), Action::ViewModel, &m.resource(), &id)?;
+        let m = self.model_for(who, Action::ViewModel, id, &id)?;
         Ok(m)
     }
 
@@ -44,11 +43,10 @@ impl Cloister {
         id: &str,
         reason: &str,
     ) -> Result<crate::models::ModelManifest, ServiceError> {
-        let mut m = crate::models::get(self.env.store().as_ref(), id)?;
-        self.guard(
-            &who.principal(),
+        let mut m = self.model_for(
+            who,
             Action::RequestRelease,
-            &m.resource(),
+            id,
             &(id, Digest::of(reason.as_bytes()).to_hex()),
         )?;
         if m.release.requested_by.is_some() {
@@ -74,13 +72,12 @@ impl Cloister {
         id: &str,
         approve: bool,
     ) -> Result<crate::models::ModelManifest, ServiceError> {
-        let mut m = crate::models::get(self.env.store().as_ref(), id)?;
         let action = if approve {
             Action::ApproveRelease
         } else {
             Action::RejectRelease
         };
-        self.guard(&who.principal(), action, &m.resource(), &id)?;
+        let mut m = self.model_for(who, action, id, &id)?;
         if m.release.decision.is_some() {
             return Err(crate::models::ModelError::Release(format!(
                 "the release of {id} was already decided"
@@ -96,8 +93,7 @@ impl Cloister {
     /// The signed bundle of an approved model: the only way model bytes
     /// leave the environment.
     pub fn export_model(&self, who: &User, id: &str) -> Result<Vec<u8>, ServiceError> {
-        let m = crate::models::get(self.env.store().as_ref(), id)?;
-        self.guard(&who.principal(), Action::ExportModel, &m.resource(), &id)?;
+        let m = self.model_for(who, Action::ExportModel, id, &id)?;
         let weights = crate::models::weights(self.env.dir(), &m)?;
         let audit = self.env.audit();
         Ok(crate::models::bundle(
@@ -106,5 +102,31 @@ impl Cloister {
             &|msg| audit.sign_bytes(msg),
             audit.public_key(),
         )?)
+    }
+
+    /// A model looked up and authorized for `action` (see
+    /// [`Cloister::found`]: an unknown id is decided on a new model's
+    /// attributes first).
+    pub(super) fn model_for(
+        &self,
+        who: &User,
+        action: Action,
+        id: &str,
+        params: &impl serde::Serialize,
+    ) -> Result<crate::models::ModelManifest, ServiceError> {
+        let m = self.found(
+            crate::models::get(self.env.store().as_ref(), id),
+            who,
+            action,
+            || Resource::Model {
+                id: id.into(),
+                release_requested: false,
+                release_approved: false,
+                requested_by: None,
+            },
+            params,
+        )?;
+        self.guard(&who.principal(), action, &m.resource(), params)?;
+        Ok(m)
     }
 }

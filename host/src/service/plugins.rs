@@ -53,7 +53,17 @@ impl Cloister {
 
     /// Approves a plugin digest (a reviewer who did not add it).
     pub fn approve_plugin(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
-        let entry = registry::get(self.env.store().as_ref(), digest)?;
+        let entry = self.found(
+            registry::get(self.env.store().as_ref(), digest),
+            who,
+            Action::ApprovePlugin,
+            || Resource::Plugin {
+                digest: digest.into(),
+                approved: false,
+                added_by: String::new(),
+            },
+            &digest,
+        )?;
         self.guard(
             &who.principal(),
             Action::ApprovePlugin,
@@ -82,7 +92,17 @@ impl Cloister {
         who: &User,
         digest: &str,
     ) -> Result<(PluginEntry, Vec<u8>), ServiceError> {
-        let entry = registry::get(self.env.store().as_ref(), digest)?;
+        let entry = self.found(
+            registry::get(self.env.store().as_ref(), digest),
+            who,
+            Action::RunPlugin,
+            || Resource::Plugin {
+                digest: digest.into(),
+                approved: false,
+                added_by: String::new(),
+            },
+            &digest,
+        )?;
         self.guard(
             &who.principal(),
             Action::RunPlugin,

@@ -96,7 +96,7 @@ impl Cloister {
             ("dataset", name) if !name.is_empty() => Resource::Dataset { name: name.into() },
             ("record", r) => {
                 let (ds, id) = r.split_once('/').ok_or_else(bad)?;
-                let (_, res) = self.record_resource(ds, id)?;
+                let (_, res) = self.lookup_record(ds, id)?;
                 res
             }
             ("plugin", d) => registry::get(store, d)?.resource(),

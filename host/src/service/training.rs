@@ -223,13 +223,7 @@ impl Cloister {
         id: &str,
         records: &[DataRecord],
     ) -> Result<Predictions, ServiceError> {
-        let m = crate::models::get(self.env.store().as_ref(), id)?;
-        self.guard(
-            &who.principal(),
-            Action::ViewModel,
-            &m.resource(),
-            &(id, records.len()),
-        )?;
+        let m = self.model_for(who, Action::ViewModel, id, &(id, records.len()))?;
         let input: Vec<DataRecord> = records
             .iter()
             .map(|r| DataRecord {
