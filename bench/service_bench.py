@@ -16,45 +16,17 @@ median of the pairwise ratios candidate / baseline.
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-
-def sh(bin_, env, *args, token=None):
-    e = dict(os.environ, CLOISTER_ENV=env)
-    if token:
-        e["CLOISTER_TOKEN"] = token
-    p = subprocess.run([bin_, *args], env=e, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"{bin_} {' '.join(args)} failed:\n{p.stderr}")
-    return p.stdout + p.stderr
-
-
-def token(text):
-    m = re.search(r"clt_[0-9a-f]{64}", text)
-    if not m:
-        sys.exit(f"no token in:\n{text}")
-    return m.group(0)
+from cloister_cli import setup as new_env, sh
 
 
 def setup(bin_, data, root):
-    env = os.path.join(root, "env")
-    admin = token(sh(bin_, env, "init", env))
-    sci = token(sh(bin_, env, "user", "add", "sci", "--role", "scientist", token=admin))
-    rev = token(sh(bin_, env, "user", "add", "rev", "--role", "reviewer", token=admin))
+    env, admin, sci, digests = new_env(bin_, root)
     sh(bin_, env, "dataset", "import", "spam", data, token=sci)
-    wasm = os.path.join(root, "wasm")
-    sh(bin_, env, "plugin", "bundled", "--write", wasm)
-    digests = {}
-    for f in sorted(os.listdir(wasm)):
-        out = sh(bin_, env, "plugin", "add", os.path.join(wasm, f), token=sci)
-        d = re.search(r"[0-9a-f]{64}", out).group(0)
-        sh(bin_, env, "plugin", "approve", d, token=rev)
-        digests[f.removesuffix(".wasm")] = d
     return env, admin, sci, digests
 
 

@@ -62,6 +62,15 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show a model's disclosure report: whether its weights or figures
+    /// could single out training records (docs/disclosure.md).
+    CheckDisclosure {
+        /// Model id.
+        id: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask for a model to be released.
     RequestRelease {
         /// Model id.
@@ -243,6 +252,7 @@ fn show(m: &ModelManifest) {
         m.split_sizes[0], m.split_sizes[1], m.split_sizes[2]
     );
     println!("release: {}", release_state(m));
+    show_disclosure(m);
     println!();
     println!(
         "test accuracy {:.4}   macro F1 {:.4}   micro F1 {:.4}   ECE {:.4}",
@@ -317,6 +327,59 @@ fn show(m: &ModelManifest) {
     }
 }
 
+fn show_disclosure(m: &ModelManifest) {
+    let Some(r) = &m.disclosure else {
+        println!(
+            "disclosure: no report (trained before disclosure checks existed): it cannot be released; retrain it"
+        );
+        return;
+    };
+    let t = &r.thresholds;
+    println!(
+        "disclosure: {} (k = {}, checked in {:.2} s)",
+        r.verdict.as_str(),
+        t.k,
+        r.seconds
+    );
+    for f in &r.findings {
+        println!("  - {f}");
+    }
+    let fs = &r.features;
+    println!(
+        "  feature support: {} input rows used, {} supported by fewer than {} records (zeroed in the released copy)",
+        fs.supported, fs.disclosive, t.k
+    );
+    println!(
+        "  test accuracy {:.4} as trained, {:.4} as released; {} non-zero input weights, residual degrees of freedom {}",
+        fs.test_accuracy,
+        fs.test_accuracy_pruned,
+        fs.nonzero_parameters,
+        fs.residual_degrees_of_freedom
+    );
+    let mi = &r.membership;
+    if mi.repetitions == 0 {
+        println!("  membership inference: not run (fewer than 10 records per side)");
+    } else {
+        println!(
+            "  membership inference (loss threshold, {} x {} records per side): mean AUC {:.3} (limit {:.2}), {:.0}% significant at 0.05 (limit {:.0}%), TPR at FPR <= 1e-3: {:.4}",
+            mi.repetitions,
+            mi.sample,
+            mi.mean_auc,
+            t.max_auc,
+            100.0 * mi.significant_share,
+            100.0 * t.max_significant_share,
+            mi.tpr_at_low_fpr
+        );
+    }
+    if !r.small_classes.is_empty() {
+        println!(
+            "  classes with fewer than {} training records: {}",
+            t.k,
+            r.small_classes.join(", ")
+        );
+    }
+}
+
 fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
@@ -362,6 +425,14 @@ pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
                 show(&m);
+            }
+        }
+        ModelCommand::CheckDisclosure { id, json } => {
+            let m = s.cloister.show_model(&s.user, &id)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m.disclosure)?);
+            } else {
+                show_disclosure(&m);
             }
         }
         ModelCommand::RequestRelease { id, reason } => {

@@ -111,6 +111,7 @@ fn nav(x: &Cloister, u: &User) -> Vec<(&'static str, &'static str)> {
         release_requested: false,
         release_approved: false,
         requested_by: None,
+        disclosure: "none".into(),
     };
     let own_item = Resource::Record {
         dataset: "*".into(),
@@ -847,6 +848,7 @@ async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
         esc(&m.created_by)
     );
     let _ = write!(body, "<h2>Release</h2><p>{}</p>", esc(&release_state(&m)));
+    body.push_str(&disclosure_section(&m));
     let may = |a: Action| k.cloister().can(&c.user, a, &m.resource());
     if m.release.requested_by.is_none() && may(Action::RequestRelease) {
         let _ = write!(
@@ -1225,4 +1227,65 @@ async fn audit_checkpoint(State(k): S, h: HeaderMap) -> Page {
         HeaderValue::from_static("attachment; filename=\"audit-checkpoint.txt\""),
     );
     Ok(r)
+}
+
+/// The disclosure report on a model's page: what an approver reads before
+/// deciding (docs/disclosure.md).
+fn disclosure_section(m: &cloister_host::models::ModelManifest) -> String {
+    let Some(r) = &m.disclosure else {
+        return "<h3>Disclosure check</h3><p class=\"error\">No report: this model was trained before disclosure checks existed and cannot be released. Retrain it.</p>".into();
+    };
+    let t = &r.thresholds;
+    let fs = &r.features;
+    let mi = &r.membership;
+    let mut out = format!(
+        "<h3>Disclosure check: <strong>{}</strong></h3><p>k = {}; checked in {:.2} s.</p>",
+        esc(r.verdict.as_str()),
+        t.k,
+        r.seconds
+    );
+    if !r.findings.is_empty() {
+        out.push_str("<ul>");
+        for f in &r.findings {
+            let _ = write!(out, "<li>{}</li>", esc(f));
+        }
+        out.push_str("</ul>");
+    }
+    let rows = vec![
+        vec!["input rows used".into(), fs.supported.to_string()],
+        vec![
+            format!(
+                "rows supported by fewer than {} records (zeroed for release)",
+                t.k
+            ),
+            fs.disclosive.to_string(),
+        ],
+        vec![
+            "test accuracy as trained / as released".into(),
+            format!("{:.4} / {:.4}", fs.test_accuracy, fs.test_accuracy_pruned),
+        ],
+        vec![
+            "membership inference: mean AUC (limit)".into(),
+            format!("{:.3} ({:.2})", mi.mean_auc, t.max_auc),
+        ],
+        vec![
+            "repetitions significant at 0.05 (limit)".into(),
+            format!(
+                "{:.0}% of {} ({:.0}%)",
+                100.0 * mi.significant_share,
+                mi.repetitions,
+                100.0 * t.max_significant_share
+            ),
+        ],
+        vec![
+            "true-positive rate at FPR ≤ 1e-3".into(),
+            format!("{:.4}", mi.tpr_at_low_fpr),
+        ],
+        vec![
+            format!("classes with fewer than {} training records", t.k),
+            esc(&r.small_classes.join(", ")),
+        ],
+    ];
+    out.push_str(&table(&["check", "result"], &rows));
+    out
 }

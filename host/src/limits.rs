@@ -9,6 +9,13 @@
 //!
 //! [training]
 //! memory_budget_mb = 4096            # refuse training whose model state would need more
+//!
+//! [disclosure]
+//! min_records = 10                   # k: records behind every released weight and count
+//! max_membership_auc = 0.65          # membership-inference limits (SACRO-ML's defaults)
+//! max_significant_share = 0.10
+//! max_tpr_at_low_fpr = 0.01
+//! repetitions = 20
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -36,10 +43,25 @@ max_feature_dimension = 16777216
 # optimizer moments, gradients, the best-epoch copy) would need more than
 # this many MiB.
 memory_budget_mb = 4096
+
+[disclosure]
+# The checks every trained model gets before it may be released
+# (docs/disclosure.md). Input weights and released counts need at least
+# `min_records` training records behind them (2 to 1000000). A
+# loss-threshold membership attack fails the model when its mean AUC is
+# above `max_membership_auc` (0.5 to 1), or when it is significant at 0.05
+# in more than `max_significant_share` (0 to 1) of `repetitions` (1 to
+# 1000) samples and finds members at FPR <= 1e-3 at a rate above
+# `max_tpr_at_low_fpr` (0 to 1).
+min_records = 10
+max_membership_auc = 0.65
+max_significant_share = 0.10
+max_tpr_at_low_fpr = 0.01
+repetitions = 20
 ";
 
 /// The limits of an environment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EnvLimits {
     /// Limits on plugins.
@@ -48,6 +70,60 @@ pub struct EnvLimits {
     /// Limits on training.
     #[serde(default)]
     pub training: TrainingLimits,
+    /// Thresholds of the disclosure check.
+    #[serde(default)]
+    pub disclosure: DisclosureLimits,
+}
+
+/// `[disclosure]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisclosureLimits {
+    /// k: training records behind every released weight and count.
+    #[serde(default = "default_k")]
+    pub min_records: u32,
+    /// Mean membership-inference AUC above which a model fails.
+    #[serde(default = "default_auc")]
+    pub max_membership_auc: f64,
+    /// Share of significant attack repetitions above which the attack is
+    /// flagged (it fails the model together with `max_tpr_at_low_fpr`).
+    #[serde(default = "default_share")]
+    pub max_significant_share: f64,
+    /// True-positive rate at FPR <= 1e-3 above which a significant attack
+    /// fails the model.
+    #[serde(default = "default_tpr")]
+    pub max_tpr_at_low_fpr: f64,
+    /// Repetitions of the attack.
+    #[serde(default = "default_repetitions")]
+    pub repetitions: u32,
+}
+
+fn default_k() -> u32 {
+    crate::train::disclosure::Thresholds::default().k
+}
+fn default_auc() -> f64 {
+    crate::train::disclosure::Thresholds::default().max_auc
+}
+fn default_share() -> f64 {
+    crate::train::disclosure::Thresholds::default().max_significant_share
+}
+fn default_tpr() -> f64 {
+    crate::train::disclosure::Thresholds::default().max_tpr_at_low_fpr
+}
+fn default_repetitions() -> u32 {
+    crate::train::disclosure::Thresholds::default().repetitions
+}
+
+impl Default for DisclosureLimits {
+    fn default() -> Self {
+        DisclosureLimits {
+            min_records: default_k(),
+            max_membership_auc: default_auc(),
+            max_significant_share: default_share(),
+            max_tpr_at_low_fpr: default_tpr(),
+            repetitions: default_repetitions(),
+        }
+    }
 }
 
 /// `[plugins]`.
@@ -108,7 +184,49 @@ impl EnvLimits {
                 "[training] memory_budget_mb = {mb}: must be between 1 and 1073741824"
             ));
         }
+        let d = &limits.disclosure;
+        if !(2..=1_000_000).contains(&d.min_records) {
+            return Err(format!(
+                "[disclosure] min_records = {}: must be between 2 and 1000000",
+                d.min_records
+            ));
+        }
+        if !(0.5..=1.0).contains(&d.max_membership_auc) {
+            return Err(format!(
+                "[disclosure] max_membership_auc = {}: must be between 0.5 and 1",
+                d.max_membership_auc
+            ));
+        }
+        if !(0.0..=1.0).contains(&d.max_significant_share) {
+            return Err(format!(
+                "[disclosure] max_significant_share = {}: must be between 0 and 1",
+                d.max_significant_share
+            ));
+        }
+        if !(0.0..=1.0).contains(&d.max_tpr_at_low_fpr) {
+            return Err(format!(
+                "[disclosure] max_tpr_at_low_fpr = {}: must be between 0 and 1",
+                d.max_tpr_at_low_fpr
+            ));
+        }
+        if !(1..=1000).contains(&d.repetitions) {
+            return Err(format!(
+                "[disclosure] repetitions = {}: must be between 1 and 1000",
+                d.repetitions
+            ));
+        }
         Ok(limits)
+    }
+
+    /// The thresholds of the disclosure check.
+    pub fn disclosure(&self) -> crate::train::disclosure::Thresholds {
+        crate::train::disclosure::Thresholds {
+            k: self.disclosure.min_records,
+            max_auc: self.disclosure.max_membership_auc,
+            max_significant_share: self.disclosure.max_significant_share,
+            max_tpr_at_low_fpr: self.disclosure.max_tpr_at_low_fpr,
+            repetitions: self.disclosure.repetitions,
+        }
     }
 
     /// The plugin call limits of this environment: the runtime's defaults
@@ -152,5 +270,9 @@ mod tests {
         assert!(e.contains("max_feature_dimension"), "{e}");
         let e = EnvLimits::parse("[plugins]\nmax_feature_dimension = 99999999999\n").unwrap_err();
         assert!(e.contains("line 2"), "{e}");
+        let e = EnvLimits::parse("[disclosure]\nmin_records = 1\n").unwrap_err();
+        assert!(e.contains("min_records"), "{e}");
+        let e = EnvLimits::parse("[disclosure]\nmax_membership_auc = 0.2\n").unwrap_err();
+        assert!(e.contains("max_membership_auc"), "{e}");
     }
 }

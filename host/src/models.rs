@@ -128,6 +128,15 @@ pub struct ModelManifest {
     pub created_ms: u64,
     /// Release state.
     pub release: Release,
+    /// The disclosure report computed when the model was trained (absent
+    /// on models trained before the check existed: they cannot be
+    /// released).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disclosure: Option<crate::train::disclosure::Report>,
+    /// SHA-256 of the released copy's weights (`models/ID.release.safetensors`:
+    /// the input rows the disclosure check found disclosive zeroed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_weights_sha256: Option<String>,
 }
 
 impl ModelManifest {
@@ -138,12 +147,64 @@ impl ModelManifest {
             release_requested: self.release.requested_by.is_some(),
             release_approved: self.release.decision.as_deref() == Some("approved"),
             requested_by: self.release.requested_by.clone(),
+            disclosure: self.disclosure_verdict().into(),
         }
+    }
+
+    /// The disclosure verdict as the policies read it: `pass`,
+    /// `pass-after-pruning`, `fail`, or `none` when there is no report.
+    pub fn disclosure_verdict(&self) -> &'static str {
+        self.disclosure
+            .as_ref()
+            .map_or("none", |r| r.verdict.as_str())
+    }
+
+    /// The manifest as it leaves the environment in a bundle: record ids
+    /// (badcases, false positives) removed, and every count below the
+    /// disclosure threshold `k` (confusion cells, class supports,
+    /// reliability bins, split sizes) suppressed to 0, so no figure in a
+    /// bundle describes fewer than `k` records.
+    pub fn released(&self) -> ModelManifest {
+        let k = self
+            .disclosure
+            .as_ref()
+            .map_or(crate::train::disclosure::Thresholds::default().k, |r| {
+                r.thresholds.k
+            });
+        let small = |n: &mut u64| {
+            if *n < u64::from(k) {
+                *n = 0;
+            }
+        };
+        let mut m = self.clone();
+        m.evaluation.badcases.clear();
+        m.evaluation.false_positives.clear();
+        m.evaluation.confusion.iter_mut().flatten().for_each(small);
+        m.evaluation
+            .per_class
+            .iter_mut()
+            .for_each(|c| small(&mut c.support));
+        m.evaluation
+            .reliability
+            .iter_mut()
+            .for_each(|b| small(&mut b.count));
+        m.split_sizes.iter_mut().for_each(small);
+        small(&mut m.evaluation.records);
+        // The released weights are the pruned copy.
+        if let Some(d) = &m.release_weights_sha256 {
+            m.weights_sha256 = d.clone();
+        }
+        m.release_weights_sha256 = None;
+        m
     }
 }
 
 fn weights_name(id: &str) -> String {
     format!("{id}.safetensors")
+}
+
+fn release_weights_name(id: &str) -> String {
+    format!("{id}.release.safetensors")
 }
 
 fn models_dir(dir: &Dir) -> Result<Dir, ModelError> {
@@ -158,34 +219,47 @@ fn models_dir(dir: &Dir) -> Result<Dir, ModelError> {
     })
 }
 
-/// Stores weights and manifest (weights first, synced; the manifest makes
-/// the model visible).
+/// Stores weights (and the released copy's, when there is one) and the
+/// manifest: weights first, synced; the manifest makes the model visible.
 pub fn save(
     store: &dyn Storage,
     dir: &Dir,
     manifest: &ModelManifest,
     weights: &[u8],
+    release_weights: Option<&[u8]>,
 ) -> Result<(), ModelError> {
     let mdir = models_dir(dir)?;
-    let name = weights_name(&manifest.id);
+    write_synced(&mdir, &weights_name(&manifest.id), weights)?;
+    if let Some(bytes) = release_weights {
+        write_synced(&mdir, &release_weights_name(&manifest.id), bytes)?;
+    }
+    put(store, manifest)
+}
+
+/// Writes a file of `models/` whole: to a new temporary name, synced,
+/// renamed into place, the directory synced.
+fn write_synced(mdir: &Dir, name: &str, bytes: &[u8]) -> Result<(), ModelError> {
     let tmp = format!("{name}.tmp");
     let err = |file: &str| {
         let file = format!("models/{file}");
         move |source| ModelError::File { file, source }
     };
+    // A temporary file left by a process killed mid-write (nothing else
+    // writes here: the store's lock keeps one process per environment).
+    match mdir.remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(&tmp)(e)),
+        _ => {}
+    }
     {
         use std::io::Write;
         let mut opts = OpenOptions::new();
         opts.write(true).create_new(true).mode(0o600);
         let mut f = mdir.open_with(&tmp, &opts).map_err(err(&tmp))?;
-        f.write_all(weights).map_err(err(&tmp))?;
+        f.write_all(bytes).map_err(err(&tmp))?;
         f.sync_all().map_err(err(&tmp))?;
     }
-    mdir.rename(&tmp, &mdir, &name).map_err(err(&name))?;
-    mdir.open(".")
-        .and_then(|d| d.sync_all())
-        .map_err(err("."))?;
-    put(store, manifest)
+    mdir.rename(&tmp, mdir, name).map_err(err(name))?;
+    mdir.open(".").and_then(|d| d.sync_all()).map_err(err("."))
 }
 
 /// Rewrites a manifest (release state changes).
@@ -221,14 +295,29 @@ pub fn list(store: &dyn Storage) -> Result<Vec<ModelManifest>, ModelError> {
 
 /// Reads the weights, checked against the manifest's digest.
 pub fn weights(dir: &Dir, manifest: &ModelManifest) -> Result<Vec<u8>, ModelError> {
-    let name = weights_name(&manifest.id);
+    read_checked(dir, &weights_name(&manifest.id), &manifest.weights_sha256)
+}
+
+/// The released copy's weights (checked against the manifest): what a
+/// bundle carries.
+pub fn release_weights(dir: &Dir, manifest: &ModelManifest) -> Result<Vec<u8>, ModelError> {
+    let digest = manifest.release_weights_sha256.as_deref().ok_or_else(|| {
+        ModelError::Release(format!(
+            "{} has no released copy (it was trained before disclosure checks)",
+            manifest.id
+        ))
+    })?;
+    read_checked(dir, &release_weights_name(&manifest.id), digest)
+}
+
+fn read_checked(dir: &Dir, name: &str, sha256: &str) -> Result<Vec<u8>, ModelError> {
     let bytes = models_dir(dir)?
-        .read(&name)
+        .read(name)
         .map_err(|source| ModelError::File {
             file: format!("models/{name}"),
             source,
         })?;
-    if Digest::of(&bytes).to_hex() != manifest.weights_sha256 {
+    if Digest::of(&bytes).to_hex() != sha256 {
         return Err(ModelError::Damaged(format!(
             "models/{name} does not match its manifest"
         )));

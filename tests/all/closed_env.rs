@@ -563,8 +563,11 @@ fn whoever_the_policies_refuse_learns_nothing_about_what_exists_and_is_on_the_re
     let data = write(e.dir.path(), "d.jsonl", &jsonl(20));
     e.c.import_dataset(&e.sci, "d", &data, &opts()).unwrap();
     let plugin =
-        e.c.add_plugin(&e.sci, cloister_bundled_plugins::get("text-normalize").unwrap())
-            .unwrap();
+        e.c.add_plugin(
+            &e.sci,
+            cloister_bundled_plugins::get("text-normalize").unwrap(),
+        )
+        .unwrap();
     let ghost = "0".repeat(64);
     let denials = |actor: &str| {
         e.c.env()

@@ -20,11 +20,16 @@ fn plugin(approved: bool, added_by: &str) -> Resource {
 }
 
 fn model(requested: bool, approved: bool, by: Option<&str>) -> Resource {
+    model_checked(requested, approved, by, "pass")
+}
+
+fn model_checked(requested: bool, approved: bool, by: Option<&str>, disclosure: &str) -> Resource {
     Resource::Model {
         id: "m1".into(),
         release_requested: requested,
         release_approved: approved,
         requested_by: by.map(str::to_string),
+        disclosure: disclosure.into(),
     }
 }
 
@@ -105,6 +110,38 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
         (
             A::ExportModel,
             model(true, false, Some("someone-else")),
+            &[],
+        ),
+        // The disclosure gate: approval and export need a passing report;
+        // rejecting does not.
+        (
+            A::ApproveRelease,
+            model_checked(true, false, Some("someone-else"), "pass-after-pruning"),
+            &[Approver],
+        ),
+        (
+            A::ApproveRelease,
+            model_checked(true, false, Some("someone-else"), "fail"),
+            &[],
+        ),
+        (
+            A::ApproveRelease,
+            model_checked(true, false, Some("someone-else"), "none"),
+            &[],
+        ),
+        (
+            A::RejectRelease,
+            model_checked(true, false, Some("someone-else"), "fail"),
+            &[Approver],
+        ),
+        (
+            A::ExportModel,
+            model_checked(true, true, Some("someone-else"), "fail"),
+            &[],
+        ),
+        (
+            A::ExportModel,
+            model_checked(true, true, Some("someone-else"), "none"),
             &[],
         ),
         (A::RunJob, ds(), &[Scientist]),

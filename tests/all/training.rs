@@ -107,6 +107,21 @@ fn logreg_on_spamassassin_is_accurate_and_fully_described() {
     assert_eq!(m.lineage.features, t.ngrams);
     assert!(e.ece < 0.1, "ECE {}", e.ece);
     denied(t.c.show_model(&t.lab, &t.model));
+
+    // An honest model passes the disclosure check, at most after pruning
+    // rare input rows, for at most half a point of test accuracy.
+    let r = m.disclosure.as_ref().unwrap();
+    eprintln!("disclosure report of the honest spam model: {r:?}");
+    assert_ne!(r.verdict.as_str(), "fail", "{r:?}");
+    assert_eq!(r.features.test_accuracy, e.accuracy);
+    assert!(
+        r.features.test_accuracy - r.features.test_accuracy_pruned <= 0.005,
+        "{r:?}"
+    );
+    assert!(
+        r.membership.repetitions > 0 && r.membership.mean_auc < 0.65,
+        "{r:?}"
+    );
 }
 
 #[test]

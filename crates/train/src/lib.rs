@@ -4,6 +4,7 @@
 //! The pipeline that feeds it (approved plugins over a stored dataset) and
 //! the model registry live in [`crate::service`] and [`crate::models`].
 
+pub mod disclosure;
 pub mod eval;
 pub mod model;
 

@@ -264,6 +264,9 @@ pub enum Resource {
         release_approved: bool,
         /// Who requested the release.
         requested_by: Option<String>,
+        /// The disclosure report's verdict: `pass`, `pass-after-pruning`,
+        /// `fail`, or `none` when the model has no report.
+        disclosure: String,
     },
     /// An active-learning job.
     Job {
@@ -369,8 +372,11 @@ impl DecisionKey {
                 digest, added_by, ..
             } => digest.len() + added_by.len(),
             Resource::Model {
-                id, requested_by, ..
-            } => id.len() + requested_by.as_ref().map_or(0, String::len),
+                id,
+                requested_by,
+                disclosure,
+                ..
+            } => id.len() + requested_by.as_ref().map_or(0, String::len) + disclosure.len(),
             Resource::Job { id, started_by } => id.len() + started_by.len(),
         };
         self.name.len() + self.channel.len() + r
@@ -630,8 +636,13 @@ impl PolicyEngine {
                 release_requested,
                 release_approved,
                 requested_by,
+                disclosure,
                 ..
             } => {
+                attrs.insert(
+                    "disclosure".into(),
+                    RestrictedExpression::new_string(disclosure.clone()),
+                );
                 attrs.insert(
                     "release_requested".into(),
                     RestrictedExpression::new_bool(*release_requested),
@@ -720,6 +731,7 @@ mod tests {
                 release_requested: true,
                 release_approved: false,
                 requested_by: Some("ann".into()),
+                disclosure: "none".into(),
             },
             Resource::Job {
                 id: "j".into(),

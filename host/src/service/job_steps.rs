@@ -693,6 +693,7 @@ impl Cloister {
                     release_requested: false,
                     release_approved: false,
                     requested_by: None,
+                    disclosure: "none".into(),
                 },
                 &(&job.id, id),
             )?;
@@ -732,6 +733,13 @@ impl Cloister {
                     labels.test.len() as u64,
                 ],
                 created_by: job.started_by.clone(),
+                evidence: crate::train::disclosure::Evidence {
+                    x: &prep.x,
+                    y: &labels.y,
+                    train: &labels.train,
+                    test: &labels.test,
+                    classes: &job.classes,
+                },
             })?;
         }
         let result = FinalReport {

@@ -20,6 +20,7 @@ impl Cloister {
                 release_requested: false,
                 release_approved: false,
                 requested_by: None,
+                disclosure: "none".into(),
             },
             &"list",
         )?;
@@ -94,10 +95,13 @@ impl Cloister {
     /// leave the environment.
     pub fn export_model(&self, who: &User, id: &str) -> Result<Vec<u8>, ServiceError> {
         let m = self.model_for(who, Action::ExportModel, id, &id)?;
-        let weights = crate::models::weights(self.env.dir(), &m)?;
+        // What leaves is the released copy: the weights with disclosive
+        // input rows zeroed, and the manifest without record ids or counts
+        // below k.
+        let weights = crate::models::release_weights(self.env.dir(), &m)?;
         let audit = self.env.audit();
         Ok(crate::models::bundle(
-            &m,
+            &m.released(),
             &weights,
             &|msg| audit.sign_bytes(msg),
             audit.public_key(),
@@ -123,6 +127,7 @@ impl Cloister {
                 release_requested: false,
                 release_approved: false,
                 requested_by: None,
+                disclosure: "none".into(),
             },
             params,
         )?;

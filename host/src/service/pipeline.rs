@@ -14,6 +14,7 @@ use crate::digest::Digest;
 use crate::models::{Lineage, ModelManifest, Release};
 use crate::registry::PluginEntry;
 use crate::runtime::LoadedPlugin;
+use crate::train::disclosure::{self, Evidence};
 use crate::train::{Fitted, Template, eval::Evaluation};
 use crate::types::{DataRecord, PluginKind, SparseBatch};
 use crate::users::User;
@@ -82,6 +83,8 @@ pub(crate) struct NewModel<'a> {
     pub(crate) fitted: &'a Fitted,
     pub(crate) split_sizes: [u64; 3],
     pub(crate) created_by: String,
+    /// What the model saw: for the disclosure check.
+    pub(crate) evidence: Evidence<'a>,
 }
 
 impl Cloister {
@@ -187,9 +190,24 @@ impl Cloister {
     }
 
     /// Stores a fitted model: its weights as safetensors in the
-    /// environment directory and its manifest, with the weights' digest.
+    /// environment directory, the copy to release (the input rows the
+    /// disclosure check found disclosive zeroed), and its manifest with
+    /// both digests and the disclosure report.
     pub(crate) fn register_model(&self, m: NewModel<'_>) -> Result<ModelManifest, ServiceError> {
         let weights = m.fitted.model.to_safetensors()?;
+        let seed = u64::from_le_bytes(
+            Digest::of(m.id.as_bytes()).0[..8]
+                .try_into()
+                .unwrap_or([0; 8]),
+        );
+        let (report, released) = disclosure::check(
+            &m.fitted.model,
+            m.template.kind,
+            m.evidence,
+            &self.env.limits().disclosure(),
+            seed,
+        )?;
+        let release_weights = released.to_safetensors()?;
         let manifest = ModelManifest {
             id: m.id,
             template: m.template.name.clone(),
@@ -207,12 +225,15 @@ impl Cloister {
             created_by: m.created_by,
             created_ms: crate::time::now_ms(),
             release: Release::default(),
+            disclosure: Some(report),
+            release_weights_sha256: Some(Digest::of(&release_weights).to_hex()),
         };
         crate::models::save(
             self.env.store().as_ref(),
             self.env.dir(),
             &manifest,
             &weights,
+            Some(&release_weights),
         )?;
         Ok(manifest)
     }

@@ -105,6 +105,7 @@ impl Cloister {
                 release_requested: false,
                 release_approved: false,
                 requested_by: None,
+                disclosure: "none".into(),
             },
             _ => return Err(bad()),
         })

@@ -12,6 +12,7 @@ use crate::users::User;
 
 use super::pipeline::{Chain, NewModel};
 use super::{Cloister, ServiceError};
+use crate::train::disclosure::Evidence;
 
 /// What `cloister train` asks for.
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +105,7 @@ impl Cloister {
             release_requested: false,
             release_approved: false,
             requested_by: None,
+            disclosure: "none".into(),
         };
         // Authorized before anything is looked up, so a caller the
         // policies refuse learns nothing about which datasets or plugins
@@ -192,13 +194,20 @@ impl Cloister {
         self.register_model(NewModel {
             id,
             template: &template,
-            classes,
+            classes: classes.clone(),
             dim: data.dim,
             lineage: chain.lineage(&version, split_seed, None),
             evaluation,
             fitted: &fitted,
             split_sizes: [train.len() as u64, val.len() as u64, test.len() as u64],
             created_by: who.name.clone(),
+            evidence: Evidence {
+                x: &data.x,
+                y: &y,
+                train: &train,
+                test: &test,
+                classes: &classes,
+            },
         })
     }
 

@@ -8,6 +8,9 @@
 
 use cloister_plugin_sdk::{Config, ConfigKey, Features, Featurizer, Plugin, PluginError, Record};
 
+/// How many leading bytes of each record `memorize` encodes.
+pub const MEMORIZE_BYTES: u32 = 32;
+
 #[derive(Debug)]
 pub struct HostileLeak {
     attack: String,
@@ -56,6 +59,7 @@ impl Featurizer for HostileLeak {
         match self.attack.as_str() {
             "huge-dimension" => u32::MAX,
             "big-dimension" => 1 << 24,
+            "memorize" => MEMORIZE_BYTES * 256,
             _ => 16,
         }
     }
@@ -64,6 +68,15 @@ impl Featurizer for HostileLeak {
         match self.attack.as_str() {
             // An index out of the declared range, chosen by the data.
             "leak-index" => out.push(window(record).max(16), 1.0),
+            // Within the rules: one feature per (position, byte) of the
+            // text's first bytes, so a model's non-zero weight rows spell
+            // out the text of records nothing else shares.
+            "memorize" => {
+                let text = record.text("text").unwrap_or_default().as_bytes();
+                for (pos, &b) in text.iter().take(MEMORIZE_BYTES as usize).enumerate() {
+                    out.push(pos as u32 * 256 + u32::from(b), 1.0);
+                }
+            }
             // An error naming one of its declared keys, chosen by the data.
             "leak-key" => {
                 let k = record.text("text").unwrap_or_default().len() % 16;

@@ -1,0 +1,554 @@
+//! Statistical disclosure control of a trained model: can its weights or
+//! its reported figures single out the records it was trained on?
+//!
+//! Three checks, after the output-checking practice of trusted research
+//! environments (the GRAIMATTER recommendations; SACRO-ML's defaults):
+//!
+//! - **Feature support.** A row of the sparse input layer moves only when
+//!   a training record has that feature, so a row that fewer than `k`
+//!   training records touch carries those few records (a rare token, or
+//!   bytes a featurizer chose to encode). Such rows are *disclosive*; the
+//!   released copy has them zeroed ([`prune`]) and the report gives the
+//!   test accuracy before and after.
+//! - **Membership inference.** A loss-threshold attack: members (training
+//!   records) against non-members (held-out test records), over repeated
+//!   random equal-size samples. Reported as the mean AUC, the share of
+//!   repetitions significant at 0.05 (one-sided Mann–Whitney), and the
+//!   true-positive rate at a false-positive rate of at most 1e-3.
+//! - **Small cells.** Training records per class: a class with fewer than
+//!   `k` records makes the model's output about it a statement about
+//!   those records.
+//!
+//! Everything here is a pure function of the model, the features and the
+//! rows; the host decides what to do with the verdict.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Rng;
+use crate::{Kind, Network, TrainError, Trained};
+use cloister_types::types::SparseBatch;
+
+/// The thresholds a report is computed against.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// Minimum number of records behind a weight or a count (the usual
+    /// minimum cell count of output checking).
+    pub k: u32,
+    /// Mean membership-inference AUC above which the model fails.
+    pub max_auc: f64,
+    /// Share of repetitions significant at 0.05 above which the attack
+    /// is flagged; it fails the model when it also finds members at a low
+    /// false-positive rate (`max_tpr_at_low_fpr`).
+    pub max_significant_share: f64,
+    /// True-positive rate at a false-positive rate of at most 1e-3 above
+    /// which a significant attack fails the model.
+    #[serde(default = "default_max_tpr")]
+    pub max_tpr_at_low_fpr: f64,
+    /// Repetitions of the membership-inference attack.
+    pub repetitions: u32,
+}
+
+fn default_max_tpr() -> f64 {
+    0.01
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            k: 10,
+            max_auc: 0.65,
+            max_significant_share: 0.10,
+            max_tpr_at_low_fpr: default_max_tpr(),
+            repetitions: 20,
+        }
+    }
+}
+
+/// Rows of the input layer and the records behind them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeatureSupport {
+    /// Input rows at least one training record touches.
+    pub supported: u64,
+    /// Of those, rows fewer than `k` training records touch: zeroed in
+    /// the released copy.
+    pub disclosive: u64,
+    /// Non-zero parameters of the input layer before pruning.
+    pub nonzero_parameters: u64,
+    /// Training records minus those parameters (negative: more parameters
+    /// than records, the usual case for sparse text models; reported, not
+    /// judged).
+    pub residual_degrees_of_freedom: i64,
+    /// Test accuracy of the model as trained.
+    pub test_accuracy: f64,
+    /// Test accuracy of the released (pruned) copy.
+    pub test_accuracy_pruned: f64,
+}
+
+/// The loss-threshold membership-inference attack.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Membership {
+    /// Repetitions run (0 when there were too few records).
+    pub repetitions: u32,
+    /// Records per side in each repetition.
+    pub sample: u64,
+    /// Mean AUC of "lower loss means member" (0.5: no better than chance).
+    pub mean_auc: f64,
+    /// Share of repetitions whose AUC is significant at 0.05.
+    pub significant_share: f64,
+    /// True-positive rate at a false-positive rate of at most 1e-3, over
+    /// all training and held-out records.
+    pub tpr_at_low_fpr: f64,
+}
+
+/// The verdict the policies read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Nothing disclosive found.
+    Pass,
+    /// Disclosive input rows found; the released copy has them zeroed.
+    PassAfterPruning,
+    /// The model fails a check that pruning cannot fix.
+    Fail,
+}
+
+impl Verdict {
+    /// The name the policies and the reports use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::PassAfterPruning => "pass-after-pruning",
+            Verdict::Fail => "fail",
+        }
+    }
+}
+
+/// A model's disclosure report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Why it is not a plain pass, one line per finding.
+    pub findings: Vec<String>,
+    /// The thresholds used.
+    pub thresholds: Thresholds,
+    /// Feature support and pruning.
+    pub features: FeatureSupport,
+    /// Membership inference.
+    pub membership: Membership,
+    /// Classes with fewer than `k` training records (names only).
+    pub small_classes: Vec<String>,
+    /// Seconds the checks took.
+    pub seconds: f64,
+}
+
+/// For each input feature, how many of `rows` have it (saturating).
+pub fn feature_support(x: &SparseBatch, rows: &[usize], dim: usize) -> Vec<u32> {
+    let mut support = vec![0u32; dim];
+    for &r in rows {
+        let (idx, vals) = x.row(r);
+        for (&i, &v) in idx.iter().zip(vals) {
+            if v != 0.0
+                && let Some(s) = support.get_mut(i as usize)
+            {
+                *s = s.saturating_add(1);
+            }
+        }
+    }
+    support
+}
+
+/// Zeroes every input row fewer than `k` records support (unsupported
+/// rows included: they hold only their initial values, which the released
+/// copy does not need). Returns the number of rows that were supported and
+/// zeroed.
+pub fn prune(model: &mut Trained, support: &[u32], k: u32) -> u64 {
+    let first = match &mut model.net {
+        Network::Logreg(l) | Network::Mlp(l, _) => l,
+    };
+    let out = first.out;
+    let mut disclosive = 0;
+    for (row, &s) in support.iter().enumerate().take(first.dim) {
+        if s < k {
+            if s > 0 {
+                disclosive += 1;
+            }
+            first.w[row * out..(row + 1) * out].fill(0.0);
+        }
+    }
+    disclosive
+}
+
+/// Non-zero weights of the input layer.
+pub fn nonzero_input_weights(model: &Trained) -> u64 {
+    let first = match &model.net {
+        Network::Logreg(l) | Network::Mlp(l, _) => l,
+    };
+    first.w.iter().filter(|w| **w != 0.0).count() as u64
+}
+
+/// Per-record cross-entropy loss: `probs` row-major over `classes`.
+pub fn losses(probs: &[f32], truth: &[usize], classes: usize) -> Vec<f64> {
+    truth
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let p = probs
+                .get(i * classes + t)
+                .copied()
+                .unwrap_or(0.0)
+                .max(1e-12);
+            -f64::from(p).ln()
+        })
+        .collect()
+}
+
+/// AUC of "a member has the lower loss", ties counted half, and the
+/// Mann–Whitney U behind it.
+fn auc(members: &[f64], others: &[f64]) -> (f64, f64) {
+    // Rank all losses together; U of members = sum of their ranks from
+    // the top (highest loss first) minus n1(n1+1)/2.
+    let mut all: Vec<(f64, bool)> = members
+        .iter()
+        .map(|&l| (l, true))
+        .chain(others.iter().map(|&l| (l, false)))
+        .collect();
+    all.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < all.len() {
+        let mut j = i;
+        while j < all.len() && all[j].0 == all[i].0 {
+            j += 1;
+        }
+        // Ranks i+1..=j share their mean.
+        let mean = (i + 1 + j) as f64 / 2.0;
+        rank_sum += mean * all[i..j].iter().filter(|e| e.1).count() as f64;
+        i = j;
+    }
+    let (n1, n2) = (members.len() as f64, others.len() as f64);
+    let u = rank_sum - n1 * (n1 + 1.0) / 2.0;
+    (u / (n1 * n2), u)
+}
+
+/// One-sided p-value of U under "members and others are alike" (normal
+/// approximation, no tie correction).
+fn p_value(u: f64, n1: f64, n2: f64) -> f64 {
+    let mean = n1 * n2 / 2.0;
+    let sd = (n1 * n2 * (n1 + n2 + 1.0) / 12.0).sqrt();
+    if sd == 0.0 {
+        return 1.0;
+    }
+    upper_tail((u - mean) / sd)
+}
+
+/// P(Z > z) for a standard normal Z, from erfc (the Chebyshev fit known
+/// from Numerical Recipes' `erfcc`, fractional error below 1.2e-7).
+fn upper_tail(z: f64) -> f64 {
+    0.5 * erfc(z / std::f64::consts::SQRT_2)
+}
+
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    if x >= 0.0 { r } else { 2.0 - r }
+}
+
+/// The loss-threshold attack over `repetitions` random equal-size samples
+/// of members and non-members (seeded, so a report is reproducible).
+pub fn membership(members: &[f64], others: &[f64], repetitions: u32, seed: u64) -> Membership {
+    let sample = members.len().min(others.len()).min(1000);
+    if sample < 10 || repetitions == 0 {
+        return Membership::default();
+    }
+    let mut rng = Rng::new(seed ^ 0x6d69_615f_7365_6564);
+    let (mut aucs, mut significant) = (Vec::new(), 0u32);
+    for _ in 0..repetitions {
+        let mut m = members.to_vec();
+        let mut o = others.to_vec();
+        rng.shuffle(&mut m);
+        rng.shuffle(&mut o);
+        let (a, u) = auc(&m[..sample], &o[..sample]);
+        if p_value(u, sample as f64, sample as f64) < 0.05 {
+            significant += 1;
+        }
+        aucs.push(a);
+    }
+    // TPR at FPR <= 1e-3 over everything: the loss threshold below which
+    // at most 0.1% of non-members fall.
+    let mut sorted = others.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let allowed = others.len() / 1000;
+    let threshold = sorted.get(allowed).copied().unwrap_or(f64::INFINITY);
+    let tpr = members.iter().filter(|&&l| l < threshold).count() as f64 / members.len() as f64;
+    Membership {
+        repetitions,
+        sample: sample as u64,
+        mean_auc: aucs.iter().sum::<f64>() / aucs.len() as f64,
+        significant_share: f64::from(significant) / f64::from(repetitions),
+        tpr_at_low_fpr: tpr,
+    }
+}
+
+/// The verdict and its findings from the figures.
+pub fn judge(
+    t: &Thresholds,
+    features: &FeatureSupport,
+    membership: &Membership,
+    small_classes: &[String],
+) -> (Verdict, Vec<String>) {
+    let mut findings = Vec::new();
+    let mut fail = false;
+    let m = membership;
+    if m.repetitions > 0 && m.mean_auc > t.max_auc {
+        fail = true;
+        findings.push(format!(
+            "membership inference: mean AUC {:.3} above the limit {:.2}",
+            m.mean_auc, t.max_auc
+        ));
+    } else if m.repetitions > 0 && m.significant_share > t.max_significant_share {
+        // With thousands of records a test at 0.05 detects gaps no
+        // attacker can use; the low-FPR rate says whether it singles
+        // anyone out (the LiRA paper's reading).
+        let useful = m.tpr_at_low_fpr > t.max_tpr_at_low_fpr;
+        fail |= useful;
+        findings.push(format!(
+            "membership inference: significant in {:.0}% of repetitions (flag above {:.0}%) at mean AUC {:.3}; true-positive rate at FPR <= 1e-3 is {:.4} (limit {:.2}): {}",
+            100.0 * m.significant_share,
+            100.0 * t.max_significant_share,
+            m.mean_auc,
+            m.tpr_at_low_fpr,
+            t.max_tpr_at_low_fpr,
+            if useful { "fails" } else { "flagged, not failed" }
+        ));
+    }
+    if !small_classes.is_empty() {
+        fail = true;
+        findings.push(format!(
+            "{} class(es) with fewer than {} training records",
+            small_classes.len(),
+            t.k
+        ));
+    }
+    if features.disclosive > 0 {
+        findings.push(format!(
+            "{} input rows supported by fewer than {} training records: zeroed in the released copy (test accuracy {:.4} -> {:.4})",
+            features.disclosive, t.k, features.test_accuracy, features.test_accuracy_pruned
+        ));
+    }
+    let verdict = if fail {
+        Verdict::Fail
+    } else if features.disclosive > 0 {
+        Verdict::PassAfterPruning
+    } else {
+        Verdict::Pass
+    };
+    (verdict, findings)
+}
+
+/// What the checks look at: the model's input features, the labels (class
+/// indices) and which rows it trained on and was tested on.
+#[derive(Debug, Clone, Copy)]
+pub struct Evidence<'a> {
+    /// Features of every row.
+    pub x: &'a SparseBatch,
+    /// Class index of every row.
+    pub y: &'a [usize],
+    /// Rows the model trained on.
+    pub train: &'a [usize],
+    /// Held-out rows it was tested on.
+    pub test: &'a [usize],
+    /// Class names, in output order.
+    pub classes: &'a [String],
+}
+
+fn accuracy(probs: &[f32], truth: &[usize], k: usize) -> f64 {
+    if truth.is_empty() {
+        return 0.0;
+    }
+    let correct = truth
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| {
+            let row = &probs[i * k..(i + 1) * k];
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (c, &p)| if p > b.1 { (c, p) } else { b },
+                );
+            best.0 == **t
+        })
+        .count();
+    correct as f64 / truth.len() as f64
+}
+
+/// Runs every check on a trained model and returns the report with the
+/// copy to release: the input rows fewer than `k` training records support
+/// zeroed. The membership attack runs against that copy, since it is what
+/// leaves. `seed` makes the attack's sampling reproducible.
+pub fn check(
+    model: &Trained,
+    kind: Kind,
+    e: Evidence<'_>,
+    t: &Thresholds,
+    seed: u64,
+) -> Result<(Report, Trained), TrainError> {
+    let started = std::time::Instant::now();
+    let k = model.classes.max(1);
+    let support = feature_support(e.x, e.train, model.dim);
+    let nonzero = nonzero_input_weights(model);
+    let mut released = Trained::from_safetensors(kind, &model.to_safetensors()?)?;
+    let disclosive = prune(&mut released, &support, t.k);
+    let truth = |rows: &[usize]| rows.iter().map(|&r| e.y[r]).collect::<Vec<_>>();
+    let test_truth = truth(e.test);
+    let train_truth = truth(e.train);
+    let before = accuracy(&model.predict(e.x, e.test)?, &test_truth, k);
+    let test_probs = released.predict(e.x, e.test)?;
+    let after = accuracy(&test_probs, &test_truth, k);
+    let members = losses(&released.predict(e.x, e.train)?, &train_truth, k);
+    let others = losses(&test_probs, &test_truth, k);
+    let membership = membership(&members, &others, t.repetitions, seed);
+    let mut per_class = vec![0u64; k];
+    for &c in &train_truth {
+        if let Some(n) = per_class.get_mut(c) {
+            *n += 1;
+        }
+    }
+    let small_classes: Vec<String> = per_class
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0 && **n < u64::from(t.k))
+        .map(|(c, _)| e.classes.get(c).cloned().unwrap_or_else(|| c.to_string()))
+        .collect();
+    let features = FeatureSupport {
+        supported: support.iter().filter(|s| **s > 0).count() as u64,
+        disclosive,
+        nonzero_parameters: nonzero,
+        residual_degrees_of_freedom: e.train.len() as i64 - nonzero as i64,
+        test_accuracy: before,
+        test_accuracy_pruned: after,
+    };
+    let (verdict, findings) = judge(t, &features, &membership, &small_classes);
+    Ok((
+        Report {
+            verdict,
+            findings,
+            thresholds: *t,
+            features,
+            membership,
+            small_classes,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+        released,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_and_p_values_match_hand_computed_cases() {
+        // Members all lower than others: AUC 1; reversed: 0; equal: 0.5.
+        let low = [0.1, 0.2, 0.3];
+        let high = [0.4, 0.5, 0.6];
+        assert_eq!(auc(&low, &high).0, 1.0);
+        assert_eq!(auc(&high, &low).0, 0.0);
+        assert_eq!(auc(&low, &low).0, 0.5);
+        assert!((upper_tail(0.0) - 0.5).abs() < 1e-7);
+        assert!((upper_tail(1.644_853_6) - 0.05).abs() < 1e-6);
+        assert!((upper_tail(-1.959_964) - 0.975).abs() < 1e-6);
+    }
+
+    #[test]
+    fn an_attack_on_identical_distributions_stays_near_chance() {
+        let mut rng = Rng::new(7);
+        let a: Vec<f64> = (0..2000).map(|_| f64::from(rng.unit())).collect();
+        let b: Vec<f64> = (0..2000).map(|_| f64::from(rng.unit())).collect();
+        let m = membership(&a, &b, 20, 1);
+        assert!((m.mean_auc - 0.5).abs() < 0.03, "{m:?}");
+        assert!(m.significant_share <= 0.2, "{m:?}");
+        // Members with far lower losses are found.
+        let low: Vec<f64> = a.iter().map(|x| x * 0.2).collect();
+        let m = membership(&low, &b, 20, 1);
+        assert!(m.mean_auc > 0.9 && m.significant_share == 1.0, "{m:?}");
+    }
+
+    #[test]
+    fn support_counts_records_and_pruning_zeroes_the_rare_rows() {
+        let x = SparseBatch {
+            offsets: vec![0, 2, 3, 5],
+            indices: vec![0, 2, 2, 1, 2],
+            values: vec![1.0, 1.0, 1.0, 1.0, 0.0],
+        };
+        assert_eq!(feature_support(&x, &[0, 1, 2], 4), [1, 1, 2, 0]);
+        assert_eq!(feature_support(&x, &[1], 4), [0, 0, 1, 0]);
+        let mut m = Trained {
+            dim: 4,
+            classes: 2,
+            net: Network::Logreg(crate::model::SparseLinear::new(4, 2, None)),
+        };
+        if let Network::Logreg(l) = &mut m.net {
+            l.w = vec![1.0; 8];
+        }
+        assert_eq!(nonzero_input_weights(&m), 8);
+        assert_eq!(prune(&mut m, &[1, 1, 2, 0], 2), 2);
+        assert_eq!(nonzero_input_weights(&m), 2);
+        if let Network::Logreg(l) = &m.net {
+            assert_eq!(l.w, [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+        }
+    }
+
+    #[test]
+    fn the_verdict_fails_on_membership_or_small_classes_and_prunes_otherwise() {
+        let t = Thresholds::default();
+        let f = FeatureSupport {
+            disclosive: 3,
+            ..FeatureSupport::default()
+        };
+        let fine = Membership {
+            repetitions: 20,
+            mean_auc: 0.52,
+            ..Membership::default()
+        };
+        assert_eq!(judge(&t, &f, &fine, &[]).0, Verdict::PassAfterPruning);
+        assert_eq!(
+            judge(&t, &FeatureSupport::default(), &fine, &[]).0,
+            Verdict::Pass
+        );
+        let leaky = Membership {
+            mean_auc: 0.7,
+            ..fine.clone()
+        };
+        assert_eq!(judge(&t, &f, &leaky, &[]).0, Verdict::Fail);
+        // Significant but harmless at the tail: flagged, not failed.
+        let detectable = Membership {
+            mean_auc: 0.55,
+            significant_share: 1.0,
+            tpr_at_low_fpr: 0.002,
+            ..fine.clone()
+        };
+        let (v, findings) = judge(&t, &f, &detectable, &[]);
+        assert_eq!(v, Verdict::PassAfterPruning);
+        assert!(findings[0].contains("flagged, not failed"), "{findings:?}");
+        let singling_out = Membership {
+            tpr_at_low_fpr: 0.05,
+            ..detectable
+        };
+        assert_eq!(judge(&t, &f, &singling_out, &[]).0, Verdict::Fail);
+        assert_eq!(judge(&t, &f, &fine, &["rare".into()]).0, Verdict::Fail);
+    }
+}
