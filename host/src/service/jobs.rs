@@ -282,16 +282,10 @@ impl Cloister {
             .collect())
     }
 
-    /// A job looked up for `action` (see [`Cloister::found`]: an unknown
-    /// id is decided on a stand-in first).
-    fn job_for(
-        &self,
-        who: &User,
-        action: Action,
-        id: &str,
-        params: &impl serde::Serialize,
-    ) -> Result<Job, ServiceError> {
-        self.found(
+    /// A job looked up and authorized for `action` (see
+    /// [`Cloister::found`]: an unknown id is decided on a stand-in first).
+    fn job_for(&self, who: &User, action: Action, id: &str) -> Result<Job, ServiceError> {
+        let job = self.found(
             crate::jobs::get(self.env().store().as_ref(), id),
             who,
             action,
@@ -299,19 +293,15 @@ impl Cloister {
                 id: id.into(),
                 started_by: String::new(),
             },
-            params,
-        )
+            &id,
+        )?;
+        self.guard(&who.principal(), action, &Self::job_resource(&job), &id)?;
+        Ok(job)
     }
 
     /// One job.
     pub fn show_job(&self, who: &User, id: &str) -> Result<Job, ServiceError> {
-        let job = self.job_for(who, Action::ViewJob, id, &id)?;
-        self.guard(
-            &who.principal(),
-            Action::ViewJob,
-            &Self::job_resource(&job),
-            &id,
-        )?;
+        let job = self.job_for(who, Action::ViewJob, id)?;
         Ok(job)
     }
 
@@ -329,13 +319,7 @@ impl Cloister {
 
     /// Cancels a job; it stops at its next step boundary.
     pub fn cancel_job(&self, who: &User, id: &str) -> Result<Job, ServiceError> {
-        let job = self.job_for(who, Action::CancelJob, id, &id)?;
-        self.guard(
-            &who.principal(),
-            Action::CancelJob,
-            &Self::job_resource(&job),
-            &id,
-        )?;
+        let job = self.job_for(who, Action::CancelJob, id)?;
         if matches!(
             job.state,
             JobState::Done { .. } | JobState::Cancelled { .. }

@@ -53,10 +53,25 @@ impl Cloister {
 
     /// Approves a plugin digest (a reviewer who did not add it).
     pub fn approve_plugin(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
+        let entry = self.plugin_for(who, Action::ApprovePlugin, digest)?;
+        let batch = registry::approve(&entry, &who.name)?;
+        self.env.store().commit(batch)?;
+        Ok(registry::get(self.env.store().as_ref(), &entry.digest)?)
+    }
+
+    /// A plugin looked up and authorized for `action` (see
+    /// [`Cloister::found`]: an unknown digest is decided on a new plugin's
+    /// attributes first).
+    fn plugin_for(
+        &self,
+        who: &User,
+        action: Action,
+        digest: &str,
+    ) -> Result<PluginEntry, ServiceError> {
         let entry = self.found(
             registry::get(self.env.store().as_ref(), digest),
             who,
-            Action::ApprovePlugin,
+            action,
             || Resource::Plugin {
                 digest: digest.into(),
                 approved: false,
@@ -64,15 +79,8 @@ impl Cloister {
             },
             &digest,
         )?;
-        self.guard(
-            &who.principal(),
-            Action::ApprovePlugin,
-            &entry.resource(),
-            &entry.digest,
-        )?;
-        let batch = registry::approve(&entry, &who.name)?;
-        self.env.store().commit(batch)?;
-        Ok(registry::get(self.env.store().as_ref(), &entry.digest)?)
+        self.guard(&who.principal(), action, &entry.resource(), &entry.digest)?;
+        Ok(entry)
     }
 
     /// Lists registered plugins.
@@ -92,23 +100,7 @@ impl Cloister {
         who: &User,
         digest: &str,
     ) -> Result<(PluginEntry, Vec<u8>), ServiceError> {
-        let entry = self.found(
-            registry::get(self.env.store().as_ref(), digest),
-            who,
-            Action::RunPlugin,
-            || Resource::Plugin {
-                digest: digest.into(),
-                approved: false,
-                added_by: String::new(),
-            },
-            &digest,
-        )?;
-        self.guard(
-            &who.principal(),
-            Action::RunPlugin,
-            &entry.resource(),
-            &entry.digest,
-        )?;
+        let entry = self.plugin_for(who, Action::RunPlugin, digest)?;
         let bytes = registry::bytes(self.env.store().as_ref(), &entry)?;
         Ok((entry, bytes))
     }
