@@ -46,7 +46,7 @@ pub enum PolicyCommand {
     /// with --dir a policy directory before you install it (no environment
     /// or token needed).
     Check {
-        /// A directory holding cloister.cedarschema and *.cedar files.
+        /// A directory of *.cedar files (validated against the built-in schema).
         #[arg(long)]
         dir: Option<PathBuf>,
     },

@@ -361,14 +361,21 @@ fn show_disclosure(m: &ModelManifest) {
         println!("  membership inference: not run (fewer than 10 records per side)");
     } else {
         println!(
-            "  membership inference (loss threshold, {} x {} records per side): mean AUC {:.3} (limit {:.2}), {:.0}% significant at 0.05 (limit {:.0}%), TPR at FPR <= 1e-3: {:.4}",
+            "  membership inference (loss threshold, {} x {} records per side): mean AUC {:.3} (flag above {:.2}), {:.0}% significant at 0.05 (flag above {:.0}%){}, TPR at FPR <= 1e-3: {:.4} (fails above {:.2} and 3x chance {:.4})",
             mi.repetitions,
             mi.sample,
             mi.mean_auc,
             t.max_auc,
             100.0 * mi.significant_share,
             100.0 * t.max_significant_share,
-            mi.tpr_at_low_fpr
+            if r.membership_flagged {
+                ": FLAGGED"
+            } else {
+                ""
+            },
+            mi.tpr_at_low_fpr,
+            t.max_tpr_at_low_fpr,
+            mi.chance_tpr_at_low_fpr
         );
     }
     if !r.small_classes.is_empty() {

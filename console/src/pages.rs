@@ -106,13 +106,7 @@ async fn who(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, Response> {
 /// first operation ([`Cloister::can`], unaudited; the operations
 /// themselves still pass the authorization point).
 fn nav(x: &Cloister, u: &User) -> Vec<(&'static str, &'static str)> {
-    let any_model = Resource::Model {
-        id: "*".into(),
-        release_requested: false,
-        release_approved: false,
-        requested_by: None,
-        disclosure: "none".into(),
-    };
+    let any_model = Resource::bare_model("*");
     let own_item = Resource::Record {
         dataset: "*".into(),
         id: "*".into(),
@@ -1265,11 +1259,15 @@ fn disclosure_section(m: &cloister_host::models::ModelManifest) -> String {
             format!("{:.4} / {:.4}", fs.test_accuracy, fs.test_accuracy_pruned),
         ],
         vec![
-            "membership inference: mean AUC (limit)".into(),
+            "membership inference: flagged".into(),
+            (if r.membership_flagged { "yes" } else { "no" }).into(),
+        ],
+        vec![
+            "membership inference: mean AUC (flag above)".into(),
             format!("{:.3} ({:.2})", mi.mean_auc, t.max_auc),
         ],
         vec![
-            "repetitions significant at 0.05 (limit)".into(),
+            "repetitions significant at 0.05 (flag above)".into(),
             format!(
                 "{:.0}% of {} ({:.0}%)",
                 100.0 * mi.significant_share,
@@ -1278,8 +1276,11 @@ fn disclosure_section(m: &cloister_host::models::ModelManifest) -> String {
             ),
         ],
         vec![
-            "true-positive rate at FPR ≤ 1e-3".into(),
-            format!("{:.4}", mi.tpr_at_low_fpr),
+            "true-positive rate at FPR ≤ 1e-3 (fails above; chance)".into(),
+            format!(
+                "{:.4} ({:.2} and 3 × chance; {:.4})",
+                mi.tpr_at_low_fpr, t.max_tpr_at_low_fpr, mi.chance_tpr_at_low_fpr
+            ),
         ],
         vec![
             format!("classes with fewer than {} training records", t.k),

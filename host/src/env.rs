@@ -123,6 +123,9 @@ pub struct Environment {
     store: Arc<dyn Storage>,
     audit: AuditLog,
     policy: PolicyEngine,
+    /// Whether opening rewrote the schema's reference copy (audited by
+    /// `Cloister::open`).
+    schema_refreshed: bool,
     cache_secret: Vec<u8>,
     limits: EnvLimits,
 }
@@ -249,6 +252,8 @@ impl Environment {
         let policy = Self::load_policies(&dir)?;
         let limits = Self::load_limits(&dir)?;
         let store: Arc<dyn Storage> = Arc::new(SledStorage::open(&path.join("store"), false)?);
+        // After the store's lock: one process at a time rewrites the copy.
+        let schema_refreshed = refresh_schema(&dir)?;
         let format = store.get(Space::Meta, FORMAT_KEY)?.unwrap_or_default();
         if format != FORMAT_VERSION.as_bytes() {
             return Err(EnvError::Format {
@@ -268,6 +273,7 @@ impl Environment {
             policy,
             cache_secret,
             limits,
+            schema_refreshed,
         };
         Ok(env)
     }
@@ -331,6 +337,12 @@ impl Environment {
         &self.policy
     }
 
+    /// Whether opening rewrote `policies/cloister.cedarschema` to this
+    /// host's schema.
+    pub(crate) fn schema_refreshed(&self) -> bool {
+        self.schema_refreshed
+    }
+
     wall! {
         /// The secret that tags compiled-plugin artifacts.
         fn cache_secret(&self) -> &[u8] {
@@ -339,13 +351,12 @@ impl Environment {
     }
 }
 
-/// Loads `cloister.cedarschema` and every `*.cedar` file of a policy
-/// directory handle; `label` prefixes file names in errors.
+/// Loads every `*.cedar` file of a policy directory handle and validates
+/// them against the schema built into this host; `label` prefixes file
+/// names in errors. The schema describes the entities and attributes this
+/// host fills in, so it is the host's, not the directory's: a
+/// `cloister.cedarschema` there is a reference copy ([`refresh_schema`]).
 pub fn load_policy_dir(pdir: &Dir, label: &str) -> Result<PolicyEngine, EnvError> {
-    let schema_name = format!("{label}{SCHEMA_FILE}");
-    let schema = pdir
-        .read_to_string(SCHEMA_FILE)
-        .map_err(file_err(&schema_name))?;
     let mut files = Vec::new();
     for entry in pdir.entries().map_err(file_err(label))? {
         let entry = entry.map_err(file_err(label))?;
@@ -356,5 +367,25 @@ pub fn load_policy_dir(pdir: &Dir, label: &str) -> Result<PolicyEngine, EnvError
         }
     }
     files.sort();
-    Ok(PolicyEngine::load(&schema, &files)?)
+    Ok(PolicyEngine::load(DEFAULT_SCHEMA, &files)?)
+}
+
+/// Rewrites the reference copy of the schema in `policies/` when it is not
+/// this host's (an environment made by an earlier version, whose entities
+/// had fewer attributes); returns whether it did. Written to a temporary
+/// file and renamed, so a crash leaves the old or the new copy.
+pub fn refresh_schema(dir: &Dir) -> Result<bool, EnvError> {
+    let name = format!("policies/{SCHEMA_FILE}");
+    match dir.read_to_string(&name) {
+        Ok(text) if text == DEFAULT_SCHEMA => return Ok(false),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(file_err(SCHEMA_FILE)(e)),
+    }
+    let tmp = format!("{name}.tmp");
+    dir.write(&tmp, DEFAULT_SCHEMA)
+        .map_err(file_err(SCHEMA_FILE))?;
+    dir.rename(&tmp, dir, &name)
+        .map_err(file_err(SCHEMA_FILE))?;
+    Ok(true)
 }

@@ -147,7 +147,15 @@ impl ModelManifest {
             release_requested: self.release.requested_by.is_some(),
             release_approved: self.release.decision.as_deref() == Some("approved"),
             requested_by: self.release.requested_by.clone(),
-            disclosure: self.disclosure_verdict().into(),
+            disclosure: match &self.disclosure {
+                None => crate::policy::DisclosureFacts::none(),
+                Some(r) => crate::policy::DisclosureFacts {
+                    verdict: r.verdict.as_str().into(),
+                    membership_flagged: r.membership_flagged,
+                    membership_auc_milli: (r.membership.mean_auc * 1000.0).round() as i64,
+                    disclosive_rows: i64::try_from(r.features.disclosive).unwrap_or(i64::MAX),
+                },
+            },
         }
     }
 

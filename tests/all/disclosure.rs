@@ -145,6 +145,7 @@ features = {{ plugin = "{}", config = {{ attack = "memorize" }} }}
 
 [[model]]
 template = "logreg"
+set = {{ min_support = 0 }}
 
 [[model]]
 template = "logreg"
@@ -167,7 +168,7 @@ price_per_label = 1.0
         .start_job(&sci, "memorize.toml", &spec, Some(Oracle::Gold))
         .unwrap();
     let job = c.run_job(&sci, &job.id, &mut |_| {}).unwrap();
-    let id = job.result.unwrap().models[0].clone();
+    let id = job.result.as_ref().unwrap().models[0].clone();
     let m = c.show_model(&sci, &id).unwrap();
     let report = m.disclosure.clone().expect("every new model has a report");
 
@@ -187,20 +188,44 @@ price_per_label = 1.0
         &cloister_host::models::weights(c.env().dir(), &m).unwrap(),
     )
     .unwrap();
-    let raw_rows = nonzero_rows(&raw);
-    let leaked_before: usize = SECRETS
-        .iter()
-        .map(|s| {
-            unique_rows(s, &texts)
-                .iter()
-                .filter(|r| raw_rows.contains(r))
-                .count()
-        })
-        .sum();
+    let secret_rows = |m: &Trained| -> usize {
+        let rows = nonzero_rows(m);
+        SECRETS
+            .iter()
+            .map(|s| {
+                unique_rows(s, &texts)
+                    .iter()
+                    .filter(|r| rows.contains(r))
+                    .count()
+            })
+            .sum()
+    };
+    let leaked_before = secret_rows(&raw);
     eprintln!("secret rows in the raw weights: {leaked_before}; report: {report:?}");
     assert!(
         leaked_before >= 16,
-        "the attack should carry secret bytes in the raw weights ({leaked_before})"
+        "with min_support = 0 the attack carries secret bytes in the raw weights ({leaked_before})"
+    );
+    // The default template (min_support = k) never learns those rows: the
+    // second model's weights carry none even before release.
+    let second = c
+        .show_model(&sci, &job.result.as_ref().unwrap().models[1])
+        .unwrap();
+    let second_raw = Trained::from_safetensors(
+        Kind::Logreg,
+        &cloister_host::models::weights(c.env().dir(), &second).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        secret_rows(&second_raw),
+        0,
+        "rows below min_support learned"
+    );
+    assert_eq!(
+        second.disclosure.as_ref().unwrap().features.disclosive,
+        0,
+        "nothing left to prune: {:?}",
+        second.disclosure
     );
     assert!(
         report.features.disclosive > 0,
@@ -223,16 +248,7 @@ price_per_label = 1.0
             let bundle = c.export_model(&sci, &id).unwrap();
             let b = cloister_host::models::verify_bundle(&bundle, None).unwrap();
             let released = Trained::from_safetensors(Kind::Logreg, &b.weights).unwrap();
-            let rows = nonzero_rows(&released);
-            let leaked_after: usize = SECRETS
-                .iter()
-                .map(|s| {
-                    unique_rows(s, &texts)
-                        .iter()
-                        .filter(|r| rows.contains(r))
-                        .count()
-                })
-                .sum();
+            let leaked_after = secret_rows(&released);
             assert_eq!(leaked_after, 0, "secret bytes in the released weights");
             // The released manifest names no record and no count below k.
             let manifest = &b.manifest;
@@ -311,5 +327,109 @@ fn a_model_without_a_passing_report_cannot_be_approved_or_exported() {
     assert_eq!(
         denials[0].record.policies,
         ["release-needs-a-disclosure-pass"]
+    );
+}
+
+#[test]
+fn policies_read_the_report_figures_and_an_older_environment_gets_the_new_schema() {
+    let Fx {
+        _dir,
+        c,
+        admin,
+        sci,
+        rev,
+        appr,
+    } = fx();
+    let e = c
+        .add_plugin(
+            &sci,
+            cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
+        )
+        .unwrap();
+    c.approve_plugin(&rev, &e.digest).unwrap();
+    let req = cloister_host::service::TrainRequest {
+        dataset: "d".into(),
+        preprocess: vec![],
+        features: e.digest.clone(),
+        template: "logreg".into(),
+        sets: vec![],
+        split_seed: None,
+    };
+    let m = c.train_model(&sci, &req, &mut |_| {}).unwrap();
+    let report = m.disclosure.clone().unwrap();
+    assert!(report.membership.repetitions > 0, "{report:?}");
+    assert_ne!(report.verdict.as_str(), "fail", "{report:?}");
+    c.request_release(&sci, &m.id, "share it").unwrap();
+    drop((c, sci, rev));
+
+    // An environment written by an earlier version: its schema copy lacks
+    // the figures; an administrator adds a policy that reads one.
+    let path = _dir.path().join("env");
+    let schema = path.join("policies/cloister.cedarschema");
+    let text = std::fs::read_to_string(&schema).unwrap();
+    let old: String = text
+        .lines()
+        .filter(|l| {
+            ![
+                "membership_flagged:",
+                "membership_auc_milli:",
+                "disclosive_rows:",
+            ]
+            .iter()
+            .any(|a| l.trim_start().starts_with(a))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(old, text);
+    std::fs::write(&schema, &old).unwrap();
+    std::fs::write(
+        path.join("policies/strict.cedar"),
+        r#"@id("no-release-with-any-membership-signal")
+forbid (principal, action == Action::"approve_release", resource)
+when { resource.membership_auc_milli > 0 };
+"#,
+    )
+    .unwrap();
+
+    let c = Cloister::open(&path, "cli").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&schema).unwrap(),
+        cloister_host::policy::DEFAULT_SCHEMA,
+        "the reference copy is rewritten"
+    );
+    match c.decide_release(&appr, &m.id, true) {
+        Err(ServiceError::Denied { .. }) => {}
+        other => panic!("the stricter policy should decide: {other:?}"),
+    }
+    let log = |action: &str| {
+        c.audit_log(
+            &admin,
+            &cloister_host::audit::AuditFilter {
+                action: Some(action.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    assert_eq!(log("refresh_schema").len(), 1);
+    let denied = log("approve_release");
+    assert_eq!(
+        denied.last().unwrap().record.policies,
+        ["no-release-with-any-membership-signal"]
+    );
+    // Opening again changes nothing more.
+    drop(c);
+    let c = Cloister::open(&path, "cli").unwrap();
+    assert_eq!(
+        c.audit_log(
+            &admin,
+            &cloister_host::audit::AuditFilter {
+                action: Some("refresh_schema".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .len(),
+        1
     );
 }

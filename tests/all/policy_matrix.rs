@@ -1,7 +1,7 @@
 //! Role × action × resource against the expected decision, for the default
 //! policy set.
 
-use cloister_host::policy::{Action, PolicyEngine, Principal, Resource, Role};
+use cloister_host::policy::{Action, DisclosureFacts, PolicyEngine, Principal, Resource, Role};
 
 fn principal(role: Role) -> Principal {
     Principal {
@@ -29,7 +29,12 @@ fn model_checked(requested: bool, approved: bool, by: Option<&str>, disclosure: 
         release_requested: requested,
         release_approved: approved,
         requested_by: by.map(str::to_string),
-        disclosure: disclosure.into(),
+        disclosure: DisclosureFacts {
+            verdict: disclosure.into(),
+            membership_flagged: false,
+            membership_auc_milli: 520,
+            disclosive_rows: 0,
+        },
     }
 }
 

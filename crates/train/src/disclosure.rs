@@ -98,6 +98,12 @@ pub struct Membership {
     /// True-positive rate at a false-positive rate of at most 1e-3, over
     /// all training and held-out records.
     pub tpr_at_low_fpr: f64,
+    /// The rate that threshold gives when members and non-members are
+    /// alike: with fewer than 1,000 held-out records the lowest
+    /// false-positive rate that can be measured is above 1e-3, and so is
+    /// this chance level.
+    #[serde(default)]
+    pub chance_tpr_at_low_fpr: f64,
 }
 
 /// The verdict the policies read.
@@ -136,6 +142,9 @@ pub struct Report {
     pub features: FeatureSupport,
     /// Membership inference.
     pub membership: Membership,
+    /// Whether the membership attack crossed a flag threshold ([`judge`]).
+    #[serde(default)]
+    pub membership_flagged: bool,
     /// Classes with fewer than `k` training records (names only).
     pub small_classes: Vec<String>,
     /// Seconds the checks took.
@@ -160,8 +169,9 @@ pub fn feature_support(x: &SparseBatch, rows: &[usize], dim: usize) -> Vec<u32> 
 
 /// Zeroes every input row fewer than `k` records support (unsupported
 /// rows included: they hold only their initial values, which the released
-/// copy does not need). Returns the number of rows that were supported and
-/// zeroed.
+/// copy does not need). Returns the number of rows that some training
+/// record supports and that held a non-zero weight: rows a model trained
+/// with `min_support >= k` never learned are not counted.
 pub fn prune(model: &mut Trained, support: &[u32], k: u32) -> u64 {
     let first = match &mut model.net {
         Network::Logreg(l) | Network::Mlp(l, _) => l,
@@ -170,10 +180,11 @@ pub fn prune(model: &mut Trained, support: &[u32], k: u32) -> u64 {
     let mut disclosive = 0;
     for (row, &s) in support.iter().enumerate().take(first.dim) {
         if s < k {
-            if s > 0 {
+            let weights = &mut first.w[row * out..(row + 1) * out];
+            if s > 0 && weights.iter().any(|w| *w != 0.0) {
                 disclosive += 1;
             }
-            first.w[row * out..(row + 1) * out].fill(0.0);
+            weights.fill(0.0);
         }
     }
     disclosive
@@ -292,45 +303,73 @@ pub fn membership(members: &[f64], others: &[f64], repetitions: u32, seed: u64) 
     let allowed = others.len() / 1000;
     let threshold = sorted.get(allowed).copied().unwrap_or(f64::INFINITY);
     let tpr = members.iter().filter(|&&l| l < threshold).count() as f64 / members.len() as f64;
+    // Under "alike", a member falls below the (allowed+1)-th lowest of n
+    // non-member losses with probability (allowed+1)/(n+1).
+    let chance = (allowed + 1) as f64 / (others.len() + 1) as f64;
     Membership {
         repetitions,
         sample: sample as u64,
         mean_auc: aucs.iter().sum::<f64>() / aucs.len() as f64,
         significant_share: f64::from(significant) / f64::from(repetitions),
         tpr_at_low_fpr: tpr,
+        chance_tpr_at_low_fpr: chance,
     }
 }
 
+/// How many times the chance level the low-FPR rate must be before it
+/// counts as singling members out (with few held-out records the chance
+/// level itself can exceed the limit).
+const OVER_CHANCE: f64 = 3.0;
+
 /// The verdict and its findings from the figures.
+///
+/// The membership attack is read the way the LiRA paper recommends: its
+/// mean AUC and the share of significant repetitions (SACRO-ML's two
+/// rules) *flag* a model that fits its training records better than
+/// held-out ones, which every accurate model on hard data does; the model
+/// *fails* when the attack also singles out members, i.e. its
+/// true-positive rate at a false-positive rate of 1e-3 is above
+/// `max_tpr_at_low_fpr` and well above chance. The flag is reported and
+/// is a policy attribute (`membership_flagged`), so a policy can be
+/// stricter than this verdict.
 pub fn judge(
     t: &Thresholds,
     features: &FeatureSupport,
     membership: &Membership,
     small_classes: &[String],
-) -> (Verdict, Vec<String>) {
+) -> (Verdict, Vec<String>, bool) {
     let mut findings = Vec::new();
     let mut fail = false;
     let m = membership;
-    if m.repetitions > 0 && m.mean_auc > t.max_auc {
-        fail = true;
-        findings.push(format!(
-            "membership inference: mean AUC {:.3} above the limit {:.2}",
-            m.mean_auc, t.max_auc
-        ));
-    } else if m.repetitions > 0 && m.significant_share > t.max_significant_share {
-        // With thousands of records a test at 0.05 detects gaps no
-        // attacker can use; the low-FPR rate says whether it singles
-        // anyone out (the LiRA paper's reading).
-        let useful = m.tpr_at_low_fpr > t.max_tpr_at_low_fpr;
+    let by_auc = m.repetitions > 0 && m.mean_auc > t.max_auc;
+    let by_share = m.repetitions > 0 && m.significant_share > t.max_significant_share;
+    let flagged = by_auc || by_share;
+    if flagged {
+        let useful = m.tpr_at_low_fpr > t.max_tpr_at_low_fpr
+            && m.tpr_at_low_fpr > OVER_CHANCE * m.chance_tpr_at_low_fpr;
         fail |= useful;
+        let mut why = Vec::new();
+        if by_auc {
+            why.push(format!("mean AUC {:.3} above {:.2}", m.mean_auc, t.max_auc));
+        }
+        if by_share {
+            why.push(format!(
+                "significant in {:.0}% of repetitions (above {:.0}%)",
+                100.0 * m.significant_share,
+                100.0 * t.max_significant_share
+            ));
+        }
         findings.push(format!(
-            "membership inference: significant in {:.0}% of repetitions (flag above {:.0}%) at mean AUC {:.3}; true-positive rate at FPR <= 1e-3 is {:.4} (limit {:.2}): {}",
-            100.0 * m.significant_share,
-            100.0 * t.max_significant_share,
-            m.mean_auc,
+            "membership inference flagged: {}; true-positive rate at FPR <= 1e-3 is {:.4} (limit {:.2}, chance {:.4}): {}",
+            why.join(", "),
             m.tpr_at_low_fpr,
             t.max_tpr_at_low_fpr,
-            if useful { "fails" } else { "flagged, not failed" }
+            m.chance_tpr_at_low_fpr,
+            if useful {
+                "it singles members out, fails"
+            } else {
+                "it does not single members out, flagged, not failed"
+            }
         ));
     }
     if !small_classes.is_empty() {
@@ -354,7 +393,7 @@ pub fn judge(
     } else {
         Verdict::Pass
     };
-    (verdict, findings)
+    (verdict, findings, flagged)
 }
 
 /// What the checks look at: the model's input features, the labels (class
@@ -441,7 +480,7 @@ pub fn check(
         test_accuracy: before,
         test_accuracy_pruned: after,
     };
-    let (verdict, findings) = judge(t, &features, &membership, &small_classes);
+    let (verdict, findings, membership_flagged) = judge(t, &features, &membership, &small_classes);
     Ok((
         Report {
             verdict,
@@ -449,6 +488,7 @@ pub fn check(
             thresholds: *t,
             features,
             membership,
+            membership_flagged,
             small_classes,
             seconds: started.elapsed().as_secs_f64(),
         },
@@ -529,26 +569,50 @@ mod tests {
             judge(&t, &FeatureSupport::default(), &fine, &[]).0,
             Verdict::Pass
         );
-        let leaky = Membership {
-            mean_auc: 0.7,
+        assert!(!judge(&t, &f, &fine, &[]).2);
+        // Above SACRO-ML's AUC rule but harmless at the tail (the 20
+        // Newsgroups case): flagged, not failed.
+        let gap = Membership {
+            mean_auc: 0.79,
+            significant_share: 1.0,
+            tpr_at_low_fpr: 0.004,
+            chance_tpr_at_low_fpr: 0.0018,
             ..fine.clone()
         };
-        assert_eq!(judge(&t, &f, &leaky, &[]).0, Verdict::Fail);
-        // Significant but harmless at the tail: flagged, not failed.
+        let (v, findings, flagged) = judge(&t, &f, &gap, &[]);
+        assert_eq!(v, Verdict::PassAfterPruning);
+        assert!(flagged);
+        assert!(findings[0].contains("mean AUC 0.790"), "{findings:?}");
+        assert!(findings[0].contains("flagged, not failed"), "{findings:?}");
+        // Significant only: flagged too.
         let detectable = Membership {
             mean_auc: 0.55,
-            significant_share: 1.0,
-            tpr_at_low_fpr: 0.002,
-            ..fine.clone()
+            ..gap.clone()
         };
-        let (v, findings) = judge(&t, &f, &detectable, &[]);
+        let (v, findings, flagged) = judge(&t, &f, &detectable, &[]);
         assert_eq!(v, Verdict::PassAfterPruning);
-        assert!(findings[0].contains("flagged, not failed"), "{findings:?}");
+        assert!(flagged && findings[0].contains("significant in 100%"));
+        // Singling members out fails, by either flag.
         let singling_out = Membership {
             tpr_at_low_fpr: 0.05,
             ..detectable
         };
         assert_eq!(judge(&t, &f, &singling_out, &[]).0, Verdict::Fail);
+        let leaky = Membership {
+            mean_auc: 0.9,
+            significant_share: 0.0,
+            tpr_at_low_fpr: 0.2,
+            ..gap.clone()
+        };
+        assert_eq!(judge(&t, &f, &leaky, &[]).0, Verdict::Fail);
+        // With few held-out records the chance level itself is above the
+        // limit: a rate near it does not fail.
+        let few = Membership {
+            tpr_at_low_fpr: 0.012,
+            chance_tpr_at_low_fpr: 0.0099,
+            ..gap
+        };
+        assert_eq!(judge(&t, &f, &few, &[]).0, Verdict::PassAfterPruning);
         assert_eq!(judge(&t, &f, &fine, &["rare".into()]).0, Verdict::Fail);
     }
 }

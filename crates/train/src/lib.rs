@@ -104,9 +104,17 @@ pub struct Hyper {
     pub hidden: Vec<usize>,
     /// Dropout on the first hidden layer (MLP).
     pub dropout: f32,
+    /// Input features that fewer than this many training records have are
+    /// not learned (their input rows stay zero), like a document-frequency
+    /// floor: a weight only a handful of records move carries those
+    /// records (docs/disclosure.md). The default matches the disclosure
+    /// check's `k`; 0 or 1 learns every feature. Manifests written before
+    /// this key existed read as 0.
+    #[serde(default)]
+    pub min_support: u32,
 }
 
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 10] = [
     "epochs",
     "batch_size",
     "learning_rate",
@@ -116,6 +124,7 @@ const KEYS: [&str; 9] = [
     "seed",
     "hidden",
     "dropout",
+    "min_support",
 ];
 
 impl Hyper {
@@ -130,6 +139,7 @@ impl Hyper {
             seed: 0,
             hidden: vec![128],
             dropout: 0.0,
+            min_support: 10,
         }
     }
 
@@ -190,6 +200,7 @@ impl Hyper {
             "patience" => self.patience = int(1, 1000)? as u32,
             "seed" => self.seed = int(0, u64::MAX)?,
             "dropout" => self.dropout = float(0.0, 0.95)?,
+            "min_support" => self.min_support = int(0, 1_000_000)? as u32,
             "class_weight" => {
                 self.class_weight = match value.trim().trim_matches('"') {
                     "balanced" => true,
@@ -630,6 +641,25 @@ pub fn fit(
     match &model.net {
         Network::Logreg(l) | Network::Mlp(l, _) => l.check(x)?,
     }
+    // Features too few training records have are dropped from the input
+    // and their rows zeroed, so no step ever moves them.
+    let supported;
+    let x = if h.min_support > 1 {
+        let support = disclosure::feature_support(x, train, dim);
+        let first = match &mut model.net {
+            Network::Logreg(l) | Network::Mlp(l, _) => l,
+        };
+        let out = first.out;
+        for (row, &s) in support.iter().enumerate() {
+            if s < h.min_support {
+                first.w[row * out..(row + 1) * out].fill(0.0);
+            }
+        }
+        supported = keep_supported(x, &support, h.min_support);
+        &supported
+    } else {
+        x
+    };
     let cw = class_weights(y, train, classes, h.class_weight);
     let mut rng = Rng::new(h.seed.wrapping_add(1));
     let mut order = train.to_vec();
@@ -715,6 +745,27 @@ pub fn fit(
         best_epoch,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `x` without the entries of features whose support is below `min`.
+fn keep_supported(x: &SparseBatch, support: &[u32], min: u32) -> SparseBatch {
+    let mut out = SparseBatch {
+        offsets: Vec::with_capacity(x.offsets.len()),
+        indices: Vec::with_capacity(x.indices.len()),
+        values: Vec::with_capacity(x.values.len()),
+    };
+    out.offsets.push(0);
+    for r in 0..x.rows() {
+        let (idx, vals) = x.row(r);
+        for (&i, &v) in idx.iter().zip(vals) {
+            if support.get(i as usize).is_some_and(|&s| s >= min) {
+                out.indices.push(i);
+                out.values.push(v);
+            }
+        }
+        out.offsets.push(out.indices.len() as u32);
+    }
+    out
 }
 
 /// Maps label strings to class indices (sorted class names).
@@ -865,6 +916,60 @@ mod tests {
                 pa,
                 "{name} round-trips"
             );
+        }
+    }
+
+    #[test]
+    fn features_below_min_support_are_never_learned() {
+        // The toy problem plus feature 14 on 5 training rows (each a
+        // class-1 row) and feature 15 on 12: with min_support = 10 row 14
+        // stays zero in both templates, row 15 is learned; with 0 both are.
+        let (base, y) = toy();
+        let mut x = SparseBatch {
+            offsets: vec![0],
+            indices: vec![],
+            values: vec![],
+        };
+        for (r, &c) in y.iter().enumerate() {
+            let (idx, vals) = base.row(r);
+            x.indices.extend_from_slice(idx);
+            x.values.extend_from_slice(vals);
+            if c == 1 && r < 10 {
+                x.indices.push(14);
+                x.values.push(1.0);
+            }
+            if c == 1 && r < 24 {
+                x.indices.push(15);
+                x.values.push(1.0);
+            }
+            x.offsets.push(x.indices.len() as u32);
+        }
+        let train: Vec<usize> = (0..300).collect();
+        let val: Vec<usize> = (300..400).collect();
+        let support = disclosure::feature_support(&x, &train, 16);
+        assert_eq!((support[14], support[15]), (5, 12));
+        let row = |m: &Trained, r: usize| -> bool {
+            let l = match &m.net {
+                Network::Logreg(l) | Network::Mlp(l, _) => l,
+            };
+            l.w[r * l.out..(r + 1) * l.out].iter().any(|w| *w != 0.0)
+        };
+        for name in ["logreg", "mlp"] {
+            for (min, learned14) in [("10", false), ("0", true)] {
+                let t = template(name, &[("min_support".into(), min.into())]).expect("template");
+                let data = TrainingSet {
+                    x: &x,
+                    dim: 16,
+                    y: &y,
+                    classes: 2,
+                    train: &train,
+                    val: &val,
+                    budget_bytes: 1 << 30,
+                };
+                let m = fit(&t, data, &mut |_| {}).expect("fit").model;
+                assert_eq!(row(&m, 14), learned14, "{name}, min_support {min}");
+                assert!(row(&m, 15), "{name}, min_support {min}");
+            }
         }
     }
 }

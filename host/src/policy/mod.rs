@@ -264,9 +264,8 @@ pub enum Resource {
         release_approved: bool,
         /// Who requested the release.
         requested_by: Option<String>,
-        /// The disclosure report's verdict: `pass`, `pass-after-pruning`,
-        /// `fail`, or `none` when the model has no report.
-        disclosure: String,
+        /// What the disclosure report found.
+        disclosure: DisclosureFacts,
     },
     /// An active-learning job.
     Job {
@@ -279,7 +278,49 @@ pub enum Resource {
     AuditLog,
 }
 
+/// What the policies read of a model's disclosure report
+/// (docs/disclosure.md, docs/policies.md).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DisclosureFacts {
+    /// The verdict: `pass`, `pass-after-pruning`, `fail`, or `none` when
+    /// the model has no report.
+    pub verdict: String,
+    /// Whether the membership-inference attack crossed a flag threshold
+    /// (mean AUC or share of significant repetitions), failing or not.
+    pub membership_flagged: bool,
+    /// The attack's mean AUC in thousandths (Cedar has integers only);
+    /// 0 when there is no report.
+    pub membership_auc_milli: i64,
+    /// Input rows fewer than `k` training records support that held
+    /// weights, zeroed in the released copy.
+    pub disclosive_rows: i64,
+}
+
+impl DisclosureFacts {
+    /// A model without a report (or one not known yet).
+    pub fn none() -> Self {
+        Self {
+            verdict: "none".into(),
+            membership_flagged: false,
+            membership_auc_milli: 0,
+            disclosive_rows: 0,
+        }
+    }
+}
+
 impl Resource {
+    /// A model known by its id only (before it exists, or before its
+    /// manifest is read): nothing requested, approved or checked.
+    pub fn bare_model(id: &str) -> Self {
+        Resource::Model {
+            id: id.into(),
+            release_requested: false,
+            release_approved: false,
+            requested_by: None,
+            disclosure: DisclosureFacts::none(),
+        }
+    }
+
     /// The Cedar entity uid, as text (`Dataset::"spam"`), which is also how
     /// the audit log names the resource.
     pub fn uid_text(&self) -> String {
@@ -376,7 +417,7 @@ impl DecisionKey {
                 requested_by,
                 disclosure,
                 ..
-            } => id.len() + requested_by.as_ref().map_or(0, String::len) + disclosure.len(),
+            } => id.len() + requested_by.as_ref().map_or(0, String::len) + disclosure.verdict.len(),
             Resource::Job { id, started_by } => id.len() + started_by.len(),
         };
         self.name.len() + self.channel.len() + r
@@ -641,7 +682,19 @@ impl PolicyEngine {
             } => {
                 attrs.insert(
                     "disclosure".into(),
-                    RestrictedExpression::new_string(disclosure.clone()),
+                    RestrictedExpression::new_string(disclosure.verdict.clone()),
+                );
+                attrs.insert(
+                    "membership_flagged".into(),
+                    RestrictedExpression::new_bool(disclosure.membership_flagged),
+                );
+                attrs.insert(
+                    "membership_auc_milli".into(),
+                    RestrictedExpression::new_long(disclosure.membership_auc_milli),
+                );
+                attrs.insert(
+                    "disclosive_rows".into(),
+                    RestrictedExpression::new_long(disclosure.disclosive_rows),
                 );
                 attrs.insert(
                     "release_requested".into(),
@@ -731,7 +784,7 @@ mod tests {
                 release_requested: true,
                 release_approved: false,
                 requested_by: Some("ann".into()),
-                disclosure: "none".into(),
+                disclosure: DisclosureFacts::none(),
             },
             Resource::Job {
                 id: "j".into(),

@@ -688,13 +688,7 @@ impl Cloister {
             self.guard(
                 &who.principal(),
                 Action::TrainModel,
-                &Resource::Model {
-                    id: id.clone(),
-                    release_requested: false,
-                    release_approved: false,
-                    requested_by: None,
-                    disclosure: "none".into(),
-                },
+                &Resource::bare_model(id),
                 &(&job.id, id),
             )?;
         }

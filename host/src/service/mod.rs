@@ -149,6 +149,18 @@ impl Cloister {
     /// Imports a crash interrupted are cleaned up first.
     pub fn open(path: &Path, channel: &'static str) -> Result<Self, ServiceError> {
         let env = Environment::open(path)?;
+        if env.schema_refreshed() {
+            // The host's own maintenance, like recovery: on the record.
+            env.audit().append(AuditRecord {
+                actor: "cloister".into(),
+                action: "refresh_schema".into(),
+                resource: Resource::Environment.uid_text(),
+                decision: Decision::Allow,
+                policies: vec!["host".into()],
+                params: params_digest(&("refresh_schema", crate::policy::DEFAULT_SCHEMA)),
+                outcome: None,
+            })?;
+        }
         crate::datasets::recover(&env)?;
         Ok(Self::new(env, channel))
     }

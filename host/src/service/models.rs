@@ -15,13 +15,7 @@ impl Cloister {
         self.guard(
             &who.principal(),
             Action::ViewModel,
-            &Resource::Model {
-                id: "*".into(),
-                release_requested: false,
-                release_approved: false,
-                requested_by: None,
-                disclosure: "none".into(),
-            },
+            &Resource::bare_model("*"),
             &"list",
         )?;
         Ok(crate::models::list(self.env.store().as_ref())?)
@@ -122,13 +116,7 @@ impl Cloister {
             crate::models::get(self.env.store().as_ref(), id),
             who,
             action,
-            || Resource::Model {
-                id: id.into(),
-                release_requested: false,
-                release_approved: false,
-                requested_by: None,
-                disclosure: "none".into(),
-            },
+            || Resource::bare_model(id),
             params,
         )?;
         self.guard(&who.principal(), action, &m.resource(), params)?;

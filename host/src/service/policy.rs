@@ -100,13 +100,7 @@ impl Cloister {
                 res
             }
             ("plugin", d) => registry::get(store, d)?.resource(),
-            ("model", id) if !id.is_empty() => Resource::Model {
-                id: id.into(),
-                release_requested: false,
-                release_approved: false,
-                requested_by: None,
-                disclosure: "none".into(),
-            },
+            ("model", id) if !id.is_empty() => Resource::bare_model(id),
             _ => return Err(bad()),
         })
     }

@@ -100,13 +100,7 @@ impl Cloister {
     ) -> Result<TrainingPlan, ServiceError> {
         let template = crate::train::template(&req.template, &req.sets)?;
         let id = format!("m-{}", hex::encode(crate::env::random_bytes(6)?));
-        let resource = Resource::Model {
-            id: id.clone(),
-            release_requested: false,
-            release_approved: false,
-            requested_by: None,
-            disclosure: "none".into(),
-        };
+        let resource = Resource::bare_model(&id);
         // Authorized before anything is looked up, so a caller the
         // policies refuse learns nothing about which datasets or plugins
         // exist.
