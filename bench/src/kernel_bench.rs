@@ -107,23 +107,6 @@ fn synthetic(records: usize, nnz: usize, classes: usize) -> (SparseBatch, Vec<us
     (x, y)
 }
 
-/// GFLOP/s of a 1024³ f32 matrix product through candle on the CPU (the
-/// dense layers' path), best of three.
-fn dense_gflops() -> Result<f64> {
-    use candle_core::{Device, Tensor};
-    let n = 1024;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let c = a.matmul(&b)?;
-        c.sum_all()?.to_scalar::<f32>()?;
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    Ok(2.0 * (n * n * n) as f64 / best / 1e9)
-}
-
 /// GB/s of copying a 256 MiB buffer (read + write counted), best of three.
 fn copy_gbps() -> f64 {
     let n = 64 << 20;
@@ -141,7 +124,7 @@ fn copy_gbps() -> f64 {
 
 fn main() -> Result<()> {
     let args = <Args as clap::Parser>::parse();
-    let gflops = dense_gflops()?;
+    let gflops = train::model::dense_matmul_gflops(1024)?;
     let gbps = copy_gbps();
     println!(
         "machine: {} CPUs; dense f32 matmul {gflops:.1} GFLOP/s (candle, 1024^3); memory copy {gbps:.1} GB/s",

@@ -45,6 +45,7 @@ pub mod audit;
 pub mod csv_records;
 pub mod datasets;
 pub mod env;
+pub mod feature_cache;
 pub mod jobs;
 pub mod limits;
 pub mod models;

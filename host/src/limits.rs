@@ -9,6 +9,7 @@
 //!
 //! [training]
 //! memory_budget_mb = 4096            # refuse training whose model state would need more
+//! feature_cache_mb = 2048            # features kept for reuse (0: no cache)
 //!
 //! [disclosure]
 //! min_records = 10                   # k: records behind every released weight and count
@@ -43,16 +44,22 @@ max_feature_dimension = 16777216
 # optimizer moments, gradients, the best-epoch copy) would need more than
 # this many MiB.
 memory_budget_mb = 4096
+# Features of a dataset version run through a plugin chain are kept in
+# feature-cache/ so the next train, job or resume on the same inputs skips
+# the plugins; the oldest entries go when the cache is larger than this
+# many MiB (0 to 1048576; 0 turns the cache off).
+feature_cache_mb = 2048
 
 [disclosure]
 # The checks every trained model gets before it may be released
 # (docs/disclosure.md). Input weights and released counts need at least
 # `min_records` training records behind them (2 to 1000000). A
-# loss-threshold membership attack fails the model when its mean AUC is
-# above `max_membership_auc` (0.5 to 1), or when it is significant at 0.05
-# in more than `max_significant_share` (0 to 1) of `repetitions` (1 to
-# 1000) samples and finds members at FPR <= 1e-3 at a rate above
-# `max_tpr_at_low_fpr` (0 to 1).
+# loss-threshold membership attack is flagged when its mean AUC is above
+# `max_membership_auc` (0.5 to 1) or it is significant at 0.05 in more
+# than `max_significant_share` (0 to 1) of `repetitions` (1 to 1000)
+# samples; a flagged attack fails the model when it finds members at
+# FPR <= 1e-3 at a rate above `max_tpr_at_low_fpr` (0 to 1) and three
+# times chance.
 min_records = 10
 max_membership_auc = 0.65
 max_significant_share = 0.10
@@ -142,6 +149,13 @@ pub struct TrainingLimits {
     /// Memory budget of one model's training state, in MiB.
     #[serde(default = "default_training_mb")]
     pub memory_budget_mb: u64,
+    /// Size of the feature cache, in MiB (0: off).
+    #[serde(default = "default_feature_cache_mb")]
+    pub feature_cache_mb: u64,
+}
+
+fn default_feature_cache_mb() -> u64 {
+    2048
 }
 
 fn default_dimension() -> u32 {
@@ -164,6 +178,7 @@ impl Default for TrainingLimits {
     fn default() -> Self {
         TrainingLimits {
             memory_budget_mb: DEFAULT_TRAINING_MEMORY_MB,
+            feature_cache_mb: default_feature_cache_mb(),
         }
     }
 }
@@ -182,6 +197,12 @@ impl EnvLimits {
         if mb == 0 || mb > 1 << 30 {
             return Err(format!(
                 "[training] memory_budget_mb = {mb}: must be between 1 and 1073741824"
+            ));
+        }
+        let cache = limits.training.feature_cache_mb;
+        if cache > 1 << 20 {
+            return Err(format!(
+                "[training] feature_cache_mb = {cache}: must be between 0 and 1048576"
             ));
         }
         let d = &limits.disclosure;
@@ -236,6 +257,11 @@ impl EnvLimits {
             max_dimension: self.plugins.max_feature_dimension,
             ..crate::runtime::Limits::default()
         }
+    }
+
+    /// The feature cache's size in bytes (0: off).
+    pub fn feature_cache_bytes(&self) -> u64 {
+        self.training.feature_cache_mb.saturating_mul(1024 * 1024)
     }
 
     /// The training memory budget in bytes.

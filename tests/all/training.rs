@@ -11,6 +11,7 @@ use cloister_host::users::User;
 struct Trained {
     _dir: tempfile::TempDir,
     c: Cloister,
+    admin: User,
     sci: User,
     appr: User,
     lab: User,
@@ -59,6 +60,7 @@ fn trained() -> &'static std::sync::Mutex<Trained> {
         std::sync::Mutex::new(Trained {
             _dir: dir,
             c,
+            admin,
             sci,
             appr,
             lab,
@@ -232,4 +234,68 @@ fn training_validates_its_request_and_the_mlp_template_trains_too() {
         m.evaluation.accuracy
     );
     assert_eq!(m.hyper.hidden, [16]);
+}
+
+#[test]
+fn a_second_train_on_the_same_inputs_takes_its_features_from_the_cache() {
+    let t = trained().lock().unwrap_or_else(|p| p.into_inner());
+    let first = t.c.show_model(&t.sci, &t.model).unwrap();
+    let calls = |t: &Trained| {
+        t.c.audit_log(
+            &t.admin,
+            &cloister_host::audit::AuditFilter {
+                action: Some("plugin_call".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| e.record.outcome)
+        .collect::<Vec<_>>()
+    };
+    let before = calls(&t).len();
+    let req = TrainRequest {
+        dataset: "spam".into(),
+        preprocess: vec![t.normalize.clone()],
+        features: t.ngrams.clone(),
+        template: "logreg".into(),
+        sets: vec![],
+        split_seed: None,
+    };
+    let mut stages = Vec::new();
+    let again =
+        t.c.train_model(&t.sci, &req, &mut |p| {
+            if let cloister_host::service::TrainProgress::Stage(s, _) = p {
+                stages.push(s.to_string());
+            }
+        })
+        .unwrap();
+    assert!(
+        stages.iter().any(|s| s == "features from the cache"),
+        "{stages:?}"
+    );
+    // Both plugins' stages are on the record as served from the cache.
+    let new: Vec<_> = calls(&t).into_iter().skip(before).collect();
+    let codes: Vec<(&str, &str)> = new
+        .iter()
+        .map(|o| (o.stage.as_str(), o.code.as_str()))
+        .collect();
+    assert_eq!(codes, [("preprocess", "cached"), ("featurize", "cached")]);
+    // The same features give the same weights.
+    assert_eq!(again.weights_sha256, first.weights_sha256);
+    assert_eq!(again.evaluation.accuracy, first.evaluation.accuracy);
+
+    // Another chain is another entry: the plugins run.
+    let other = TrainRequest {
+        preprocess: vec![],
+        ..req
+    };
+    let before = calls(&t).len();
+    t.c.train_model(&t.sci, &other, &mut |_| {}).unwrap();
+    let new: Vec<_> = calls(&t).into_iter().skip(before).collect();
+    assert_eq!(new.len(), 1);
+    assert_eq!(
+        (new[0].stage.as_str(), new[0].code.as_str()),
+        ("featurize", "ok")
+    );
 }

@@ -227,6 +227,23 @@ impl SparseLinear {
     }
 }
 
+/// GFLOP/s of an `n × n × n` f32 matrix product on the compute device
+/// (the dense layers' path), best of three: the machine's dense limit that
+/// the benchmarks set the kernels' figures against.
+pub fn dense_matmul_gflops(n: usize) -> Result<f64, KernelError> {
+    let dev = compute_device();
+    let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let c = a.matmul(&b)?;
+        c.sum_all()?.to_scalar::<f32>()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * n * n) as f64 / best.max(1e-12) / 1e9)
+}
+
 /// One Adam step's settings: step size, L2 decay and the bias
 /// corrections `1 - β^t`.
 #[derive(Debug, Clone, Copy)]

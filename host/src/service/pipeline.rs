@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use crate::datasets::{self, DatasetVersion, Split, StoredRecord};
 use crate::digest::Digest;
+use crate::feature_cache::{self, FeatureCache, KeyPlugin};
 use crate::models::{Lineage, ModelManifest, Release};
 use crate::registry::PluginEntry;
 use crate::runtime::LoadedPlugin;
@@ -174,19 +175,90 @@ impl Cloister {
             }
         }
         stage("records", records.len());
-        let (records, x, dim) = self.run_chain(who, purpose, records, chain, stage)?;
-        let mut rows = Vec::with_capacity(records.len());
-        for r in records {
+        let (ids, x, dim) = self.features_of(who, purpose, version, chain, records, stage)?;
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
             // The runtime holds a preprocessor's output to a subsequence
             // of its input, so each stored id comes back at most once.
-            let (split, kept) = meta.remove(&r.id).ok_or_else(|| {
+            let (split, kept) = meta.remove(&id).ok_or_else(|| {
                 ServiceError::BadRequest(
                     "a preprocessor returned a record id it was not given".into(),
                 )
             })?;
-            rows.push((r.id, split, kept));
+            rows.push((id, split, kept));
         }
         Ok(Featurized { rows, x, dim })
+    }
+
+    /// The chain's output on stored records of `version`: from the
+    /// feature cache when the same version, chain, configuration, limits
+    /// and records were featurized before (each plugin's stage audited as
+    /// a `plugin_call` with code `cached`), else by running the chain and
+    /// keeping the result. A cache that cannot be written costs the next
+    /// run its reuse, not this run its result.
+    fn features_of(
+        &self,
+        who: &User,
+        purpose: &str,
+        version: &DatasetVersion,
+        chain: &Chain,
+        records: Vec<DataRecord>,
+        stage: &mut dyn FnMut(&'static str, usize),
+    ) -> Result<(Vec<String>, SparseBatch, usize), ServiceError> {
+        let limit = self.env.limits().feature_cache_bytes();
+        let cache = if limit == 0 {
+            None
+        } else {
+            match FeatureCache::open(self.env.dir(), self.env.cache_secret(), limit) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "feature cache unavailable");
+                    None
+                }
+            }
+        };
+        let plugins: Vec<(&crate::runtime::LoadedPlugin, &Config)> = chain
+            .preprocess
+            .iter()
+            .map(|(_, p, c)| (p, c))
+            .chain(std::iter::once((&chain.features.1, &chain.features.2)))
+            .collect();
+        let hexes: Vec<String> = plugins.iter().map(|(p, _)| p.digest.to_hex()).collect();
+        let limits = format!("{:?}", self.env.limits().plugin_call_limits());
+        let key = feature_cache::key(
+            &version.digest,
+            hexes
+                .iter()
+                .zip(&plugins)
+                .map(|(digest, (_, config))| KeyPlugin {
+                    digest,
+                    config: config.as_slice(),
+                })
+                .chain(std::iter::once(KeyPlugin {
+                    digest: &limits,
+                    config: &[],
+                })),
+            records.iter().map(|r| r.id.as_str()),
+        );
+        if let Some(hit) = cache.as_ref().and_then(|c| c.get(&key)) {
+            for (plugin, _) in &plugins {
+                self.audit_cached_stage(who, purpose, plugin, records.len(), hit.ids.len())?;
+            }
+            stage("features from the cache", hit.ids.len());
+            return Ok((hit.ids, hit.x, hit.dim));
+        }
+        let (records, x, dim) = self.run_chain(who, purpose, records, chain, stage)?;
+        let entry = feature_cache::Entry {
+            ids: records.into_iter().map(|r| r.id).collect(),
+            x,
+            dim,
+        };
+        if let Some(c) = &cache
+            && let Err(e) = c.put(&key, &entry)
+        {
+            tracing::warn!(error = %e, "feature cache: entry not stored");
+        }
+        Ok((entry.ids, entry.x, entry.dim))
     }
 
     /// Stores a fitted model: its weights as safetensors in the

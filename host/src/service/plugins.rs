@@ -125,6 +125,62 @@ impl Cloister {
     /// figures) and, when the stage failed or the plugin wrote anything, an
     /// entry of the administrators' plugin log with the full detail.
     /// `run` does the work; `count` says how many results it accepted.
+    /// The `plugin_call` entry of one stage.
+    fn audit_plugin_call(
+        &self,
+        who: &User,
+        digest: &str,
+        outcome: PluginOutcome,
+    ) -> Result<u64, ServiceError> {
+        Ok(self.env.audit().append(AuditRecord {
+            actor: who.name.clone(),
+            action: "plugin_call".into(),
+            resource: Resource::Plugin {
+                digest: digest.into(),
+                approved: true,
+                added_by: String::new(),
+            }
+            .uid_text(),
+            decision: Decision::Allow,
+            policies: Vec::new(),
+            params: params_digest(&(&outcome.purpose, &outcome.stage, outcome.records_in)),
+            outcome: Some(outcome),
+        })?)
+    }
+
+    /// The `plugin_call` entry of a stage whose output came from the
+    /// feature cache: code `cached`, the chain's records in and out, no
+    /// resources used.
+    pub(crate) fn audit_cached_stage(
+        &self,
+        who: &User,
+        purpose: &str,
+        plugin: &LoadedPlugin,
+        records_in: usize,
+        records_out: usize,
+    ) -> Result<(), ServiceError> {
+        let stage = match plugin.kind {
+            PluginKind::Preprocessor => "preprocess",
+            PluginKind::Featurizer => "featurize",
+            PluginKind::Selector => "select",
+        };
+        self.audit_plugin_call(
+            who,
+            &plugin.digest.to_hex(),
+            PluginOutcome {
+                stage: stage.into(),
+                purpose: purpose.into(),
+                code: "cached".into(),
+                records_in: records_in as u64,
+                records_out: records_out as u64,
+                fuel: 0,
+                peak_memory_bytes: 0,
+                wall_ms: 0,
+            },
+        )?;
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn plugin_stage<T>(
         &self,
@@ -165,19 +221,10 @@ impl Cloister {
             }
         };
         let digest = plugin.digest.to_hex();
-        let seq = self.env.audit().append(AuditRecord {
-            actor: who.name.clone(),
-            action: "plugin_call".into(),
-            resource: Resource::Plugin {
-                digest: digest.clone(),
-                approved: true,
-                added_by: String::new(),
-            }
-            .uid_text(),
-            decision: Decision::Allow,
-            policies: Vec::new(),
-            params: params_digest(&(purpose, stage, records_in)),
-            outcome: Some(PluginOutcome {
+        let seq = self.audit_plugin_call(
+            who,
+            &digest,
+            PluginOutcome {
                 stage: stage.into(),
                 purpose: purpose.into(),
                 code: code.into(),
@@ -186,8 +233,8 @@ impl Cloister {
                 fuel: pow2(usage.fuel),
                 peak_memory_bytes: pow2(usage.peak_memory_bytes),
                 wall_ms: pow2(usage.wall_ms),
-            }),
-        })?;
+            },
+        )?;
         let (output, dropped) = log;
         if result.is_err() || !output.is_empty() || dropped > 0 {
             let entry = PluginLogEntry {
