@@ -85,14 +85,122 @@ pub struct SparseLinear {
     mb: Vec<f32>,
     vb: Vec<f32>,
     t: i32,
+    /// The workers' shares of the input rows, with their scratch
+    /// (created on the first step).
+    shards: Vec<Shard>,
+}
+
+/// One worker's share of a step: the input rows `lo..hi` it owns and its
+/// scratch for summing their gradients. Each input row's gradient is
+/// summed over the batch's records in order by exactly one shard, so the
+/// result is the same bit for bit whatever the number of shards.
+#[derive(Debug, Clone, Default)]
+struct Shard {
+    lo: usize,
+    hi: usize,
     /// Gradient rows of the current step, compact: `touched.len() × out`,
     /// in the order the rows were first touched.
     gbuf: Vec<f32>,
-    /// Input rows touched by the current step.
+    /// Input rows touched by the current step (relative to `lo`).
     touched: Vec<u32>,
-    /// Per input row, its place in `touched` plus one (0: untouched); all
-    /// zero between steps.
+    /// This shard's (input row relative to `lo`, batch row, value)
+    /// entries of the current batch, in batch order (several shards only).
+    entries: Vec<(u32, u32, f32)>,
+    /// Per owned input row, its place in `touched` plus one (0:
+    /// untouched); all zero between steps.
     slot: Vec<u32>,
+}
+
+impl Shard {
+    /// Sums the gradient of each owned input row the batch touches into
+    /// the compact block `gbuf`, from the batch itself (one shard) or from
+    /// `entries` (several). O(nnz · out), no sorting, and the block stays
+    /// small enough for the cache.
+    fn accumulate(&mut self, x: &SparseBatch, rows: &[usize], grad: &[f32], k: usize, all: bool) {
+        if self.slot.len() != self.hi - self.lo {
+            self.slot = vec![0; self.hi - self.lo];
+        }
+        self.touched.clear();
+        self.gbuf.clear();
+        if all {
+            for (r, &row) in rows.iter().enumerate() {
+                let (idx, val) = x.row(row);
+                for (&i, &v) in idx.iter().zip(val) {
+                    self.add(i, r, v, grad, k);
+                }
+            }
+        } else {
+            let entries = std::mem::take(&mut self.entries);
+            for &(li, r, v) in &entries {
+                self.add(li, r as usize, v, grad, k);
+            }
+            self.entries = entries;
+        }
+    }
+
+    /// Adds `v ·` batch row `r`'s output gradient to input row `li`'s.
+    #[inline]
+    fn add(&mut self, li: u32, r: usize, v: f32, grad: &[f32], k: usize) {
+        let li = li as usize;
+        let s = match self.slot[li] {
+            0 => {
+                self.touched.push(li as u32);
+                self.slot[li] = self.touched.len() as u32;
+                self.gbuf.resize(self.gbuf.len() + k, 0.0);
+                self.touched.len() - 1
+            }
+            s => s as usize - 1,
+        };
+        let gr = &grad[r * k..(r + 1) * k];
+        for (g, d) in self.gbuf[s * k..(s + 1) * k].iter_mut().zip(gr) {
+            *g += v * d;
+        }
+    }
+
+    /// Applies Adam to the touched rows; `w` and `mv` are this shard's
+    /// rows only.
+    fn update(
+        &mut self,
+        w: &mut [f32],
+        mv: &mut [f32],
+        k: usize,
+        a: Adam,
+        mut grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
+    ) {
+        for (s, &li) in self.touched.iter().enumerate() {
+            let base = li as usize * k;
+            let g = &self.gbuf[s * k..(s + 1) * k];
+            if let Some(map) = grad_w.as_deref_mut() {
+                map.insert((li as usize + self.lo) as u32, g.to_vec());
+            }
+            let (m, v) = mv[2 * base..2 * base + 2 * k].split_at_mut(k);
+            adam_row(&mut w[base..base + k], m, v, g, a);
+            self.slot[li as usize] = 0;
+        }
+    }
+}
+
+/// Layers narrower than this update on one core: every shard scans the
+/// whole batch, which only pays when each touched row has enough outputs
+/// to update (measured: 2 classes lose 45% on two shards, 20 classes gain
+/// 10%, 128 hidden units 90%; docs/BENCHMARKS.md).
+const PARALLEL_MIN_OUT: usize = 16;
+
+/// Workers for a layer of `dim` input rows and `out` outputs: one per core
+/// (at most 8), or one for small or narrow layers.
+fn shards(dim: usize, out: usize) -> Vec<Shard> {
+    let n = if dim < 4096 || out < PARALLEL_MIN_OUT {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 8))
+    };
+    (0..n)
+        .map(|j| Shard {
+            lo: dim * j / n,
+            hi: dim * (j + 1) / n,
+            ..Shard::default()
+        })
+        .collect()
 }
 
 impl SparseLinear {
@@ -116,9 +224,7 @@ impl SparseLinear {
             mb: vec![0.0; out],
             vb: vec![0.0; out],
             t: 0,
-            gbuf: Vec::new(),
-            touched: Vec::new(),
-            slot: Vec::new(),
+            shards: Vec::new(),
         }
     }
 
@@ -131,13 +237,28 @@ impl SparseLinear {
         }
     }
 
-    /// `out[r] = b + Σ v · W[idx]` for the given rows of `x`.
+    /// `out[r] = b + Σ v · W[idx]` for the given rows of `x`, the rows
+    /// split over the cores (each row's sum is computed the same way
+    /// whatever the split).
     pub fn forward(&self, x: &SparseBatch, rows: &[usize], out: &mut Vec<f32>) {
+        use rayon::prelude::*;
         let k = self.out;
         out.clear();
         out.resize(rows.len() * k, 0.0);
-        for (r, &row) in rows.iter().enumerate() {
-            let o = &mut out[r * k..(r + 1) * k];
+        // Small batches of narrow layers are not worth a second core.
+        if rows.len() * k < 64 * PARALLEL_MIN_OUT {
+            return self.forward_rows(x, rows, out);
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = rows.len().div_ceil(threads).max(16);
+        out.par_chunks_mut(chunk * k)
+            .zip(rows.par_chunks(chunk))
+            .for_each(|(out, rows)| self.forward_rows(x, rows, out));
+    }
+
+    fn forward_rows(&self, x: &SparseBatch, rows: &[usize], out: &mut [f32]) {
+        let k = self.out;
+        for (o, &row) in out.chunks_exact_mut(k).zip(rows) {
             o.copy_from_slice(&self.b);
             let (idx, val) = x.row(row);
             for (&i, &v) in idx.iter().zip(val) {
@@ -149,42 +270,12 @@ impl SparseLinear {
         }
     }
 
-    /// Sums the gradient of each touched input row into a compact block
-    /// (`gbuf`), rows of `x` in order, so every sum has the same order as
-    /// a per-feature sort would give. O(nnz · out), no sorting, and the
-    /// block stays small enough for the cache.
-    fn accumulate(&mut self, x: &SparseBatch, rows: &[usize], grad: &[f32]) {
-        let k = self.out;
-        if self.slot.len() != self.dim {
-            self.slot = vec![0; self.dim];
-        }
-        self.touched.clear();
-        self.gbuf.clear();
-        for (r, &row) in rows.iter().enumerate() {
-            let gr = &grad[r * k..(r + 1) * k];
-            let (idx, val) = x.row(row);
-            for (&i, &v) in idx.iter().zip(val) {
-                let iu = i as usize;
-                let s = match self.slot[iu] {
-                    0 => {
-                        self.touched.push(i);
-                        self.slot[iu] = self.touched.len() as u32;
-                        self.gbuf.resize(self.gbuf.len() + k, 0.0);
-                        self.touched.len() - 1
-                    }
-                    s => s as usize - 1,
-                };
-                for (g, d) in self.gbuf[s * k..(s + 1) * k].iter_mut().zip(gr) {
-                    *g += v * d;
-                }
-            }
-        }
-    }
-
     /// Backpropagates `grad` (`rows.len() × out`, already averaged over the
     /// batch) and applies one lazy-Adam step with L2 decay `l2` to the
-    /// touched rows and the bias. With `grad_w`, also returns the raw
-    /// gradient of W for the touched rows (tests only).
+    /// touched rows and the bias. The input rows are split over the cores
+    /// ([`Shard`]); the result does not depend on the split. With
+    /// `grad_w`, also returns the raw gradient of W for the touched rows
+    /// (tests only; then one core does it all).
     pub fn step(
         &mut self,
         x: &SparseBatch,
@@ -194,29 +285,64 @@ impl SparseLinear {
         l2: f32,
         mut grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
     ) {
+        use rayon::prelude::*;
         let k = self.out;
         if self.mv.is_empty() {
             self.mv = vec![0.0; 2 * self.w.len()];
         }
+        if self.shards.is_empty() {
+            self.shards = shards(self.dim, self.out);
+        }
         self.t += 1;
         let c1 = 1.0 - BETA1.powi(self.t);
         let c2 = 1.0 - BETA2.powi(self.t);
-        self.accumulate(x, rows, grad);
-        for (s, &i) in self.touched.iter().enumerate() {
-            let base = i as usize * k;
-            let g = &self.gbuf[s * k..(s + 1) * k];
-            if let Some(map) = grad_w.as_deref_mut() {
-                map.insert(i, g.to_vec());
+        let adam = Adam { lr, l2, c1, c2 };
+        // With several shards, one pass hands each its entries, in batch
+        // order (so every sum keeps the one-shard order).
+        let all = self.shards.len() == 1;
+        if !all {
+            let width = self.dim.div_ceil(self.shards.len());
+            for shard in &mut self.shards {
+                shard.entries.clear();
             }
-            let (m, v) = self.mv[2 * base..2 * base + 2 * k].split_at_mut(k);
-            adam_row(
-                &mut self.w[base..base + k],
-                m,
-                v,
-                g,
-                Adam { lr, l2, c1, c2 },
-            );
-            self.slot[i as usize] = 0;
+            for (r, &row) in rows.iter().enumerate() {
+                let (idx, val) = x.row(row);
+                for (&i, &v) in idx.iter().zip(val) {
+                    let mut j = (i as usize / width.max(1)).min(self.shards.len() - 1);
+                    // The ranges are dim·j/n..dim·(j+1)/n; step to the owner.
+                    while (i as usize) < self.shards[j].lo {
+                        j -= 1;
+                    }
+                    while (i as usize) >= self.shards[j].hi {
+                        j += 1;
+                    }
+                    let shard = &mut self.shards[j];
+                    shard
+                        .entries
+                        .push(((i as usize - shard.lo) as u32, r as u32, v));
+                }
+            }
+        }
+        // Each shard with its own rows of the weights and moments.
+        let mut jobs = Vec::with_capacity(self.shards.len());
+        let (mut w_rest, mut mv_rest) = (&mut self.w[..], &mut self.mv[..]);
+        for shard in &mut self.shards {
+            let n = (shard.hi - shard.lo) * k;
+            let (w, w_next) = std::mem::take(&mut w_rest).split_at_mut(n);
+            let (mv, mv_next) = std::mem::take(&mut mv_rest).split_at_mut(2 * n);
+            (w_rest, mv_rest) = (w_next, mv_next);
+            jobs.push((shard, w, mv));
+        }
+        if grad_w.is_some() {
+            for (shard, w, mv) in jobs {
+                shard.accumulate(x, rows, grad, k, all);
+                shard.update(w, mv, k, adam, grad_w.as_deref_mut());
+            }
+        } else {
+            jobs.into_par_iter().for_each(|(shard, w, mv)| {
+                shard.accumulate(x, rows, grad, k, all);
+                shard.update(w, mv, k, adam, None);
+            });
         }
         for c in 0..k {
             let gb: f32 = (0..rows.len()).map(|r| grad[r * k + c]).sum();
