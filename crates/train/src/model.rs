@@ -139,7 +139,7 @@ impl Shard {
     }
 
     /// Adds `v ·` batch row `r`'s output gradient to input row `li`'s.
-    #[inline]
+    #[inline(always)]
     fn add(&mut self, li: u32, r: usize, v: f32, grad: &[f32], k: usize) {
         let li = li as usize;
         let s = match self.slot[li] {
@@ -333,7 +333,7 @@ impl SparseLinear {
             (w_rest, mv_rest) = (w_next, mv_next);
             jobs.push((shard, w, mv));
         }
-        if grad_w.is_some() {
+        if grad_w.is_some() || jobs.len() == 1 {
             for (shard, w, mv) in jobs {
                 shard.accumulate(x, rows, grad, k, all);
                 shard.update(w, mv, k, adam, grad_w.as_deref_mut());

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""End-to-end `cloister train` against scikit-learn's TF-IDF + logistic
+regression, and the feature cache (docs/BENCHMARKS.md, "Training speed").
+
+For each dataset: imports it into a new environment, then times the
+`cloister train` command (text-normalize, hashed-ngrams, training,
+evaluation, the disclosure check) twice per template: the first run
+featurizes in the sandbox and fills the feature cache, the second takes
+its features from it. Then fits scikit-learn's `TfidfVectorizer` (unigrams
+and bigrams, sublinear TF, min_df 2) + `LogisticRegression` on the same
+training split (Cloister's split, recomputed here from its definition:
+SHA-256 of the record's text) and scores the same test split, timing
+vectorizing, fitting and predicting. Every figure is the median of
+`--reps` runs, alternating Cloister and scikit-learn.
+
+Usage: bench/e2e_train.py CLOISTER_BIN DATA.jsonl.gz [DATA ...] [--reps N]
+       [--C 10]   (needs `pip install scikit-learn`)
+"""
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+
+from cloister_cli import setup, sh
+
+
+def split_of(text):
+    """Cloister's split (datasets::split_of, seed 0) of a one-text record."""
+    h = hashlib.sha256()
+    h.update(b"cloister-split-v1")
+    h.update((0).to_bytes(8, "little"))
+    b = text.encode()
+    h.update(len(b).to_bytes(8, "little"))
+    h.update(b)
+    d = h.digest()
+    x = int.from_bytes(d[:2], "little") * 1000 // 65536
+    return "train" if x < 800 else "validation" if x < 900 else "test"
+
+
+def load(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sklearn_run(records, c):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    split = [split_of(r["text"]) for r in records]
+    train = [r for r, s in zip(records, split) if s == "train"]
+    test = [r for r, s in zip(records, split) if s == "test"]
+    t = time.perf_counter()
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+    xtr = vec.fit_transform([r["text"] for r in train])
+    clf = LogisticRegression(C=c, max_iter=1000)
+    clf.fit(xtr, [r["label"] for r in train])
+    pred = clf.predict(vec.transform([r["text"] for r in test]))
+    seconds = time.perf_counter() - t
+    acc = sum(p == r["label"] for p, r in zip(pred, test)) / len(test)
+    return seconds, acc, len(train), len(test)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bin")
+    ap.add_argument("data", nargs="+")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--C", type=float, default=10.0)
+    ap.add_argument("--templates", default="logreg,mlp")
+    a = ap.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs; binary: {a.bin}; scikit-learn C={a.C}\n")
+    print("| data | pipeline | wall s (median) | runs | test accuracy | vs scikit-learn |")
+    print("|---|---|---:|---|---:|---:|")
+    with tempfile.TemporaryDirectory() as root:
+        env, _, sci, d = setup(a.bin, root)
+        for n, data in enumerate(a.data):
+            name = f"d{n}"
+            sh(a.bin, env, "dataset", "import", name, data, token=sci)
+            records = load(data)
+            times = {}
+            accs = {}
+            for rep in range(a.reps):
+                s, acc, ntr, nte = sklearn_run(records, a.C)
+                times.setdefault("sklearn", []).append(s)
+                accs["sklearn"] = acc
+                for template in a.templates.split(","):
+                    for phase in ["cold", "cached"]:
+                        if phase == "cold":
+                            # A cold run: nothing cached for this dataset.
+                            cache = os.path.join(env, "feature-cache")
+                            for f in os.listdir(cache) if os.path.isdir(cache) else []:
+                                os.remove(os.path.join(cache, f))
+                        t = time.perf_counter()
+                        out = sh(a.bin, env, "train", "--dataset", name,
+                                 "--preprocess", d["text-normalize"],
+                                 "--features", d["hashed-ngrams"],
+                                 "--template", template, token=sci)
+                        s = time.perf_counter() - t
+                        cached = "features from the cache" in out
+                        if cached != (phase == "cached"):
+                            raise SystemExit(f"expected a {phase} run:\n{out}")
+                        model = re.findall(r"m-[0-9a-f]{12}", out)[-1]
+                        m = json.loads(sh(a.bin, env, "model", "show", model, "--json", token=sci))
+                        key = f"cloister {template}, {phase}"
+                        times.setdefault(key, []).append(s)
+                        accs[key] = m["evaluation"]["accuracy"]
+                        if m["split_sizes"][0] != ntr or m["split_sizes"][2] != nte:
+                            raise SystemExit(
+                                f"split mismatch: cloister {m['split_sizes']} vs {ntr}/{nte}")
+            base = statistics.median(times["sklearn"])
+            for key, ts in times.items():
+                med = statistics.median(ts)
+                print(
+                    f"| {os.path.basename(data)} | {key} | {med:.2f} | "
+                    f"{' '.join(f'{t:.2f}' for t in ts)} | {accs[key]:.4f} | "
+                    f"{base / med:.1f}x faster |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
