@@ -215,6 +215,28 @@ pub fn print_rounds(job: &Job) {
             r.pool_left
         );
     }
+    for r in &job.rounds {
+        if let Some(g) = &r.gate {
+            println!("round {}: {}", r.round, g.summary(&job.classes));
+            if r.spot_checks > 0 {
+                println!(
+                    "round {}: {} spot checks, {} answered, {} confirmed{}",
+                    r.round,
+                    r.spot_checks,
+                    r.spot_checked,
+                    r.spot_agreed,
+                    if r.revoked > 0 {
+                        format!(
+                            "; precision below the target: {} automatic labels revoked",
+                            r.revoked
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+    }
 }
 
 /// The label statistics.
@@ -233,6 +255,25 @@ pub fn print_stats(s: &JobStats) {
         pct(s.auto_precision),
         s.auto_checked
     );
+    if s.spot_checked > 0 {
+        println!(
+            "spot checks: {} automatic labels checked by people, {} confirmed ({}); {} revoked",
+            s.spot_checked,
+            s.spot_agreed,
+            pct(Some(s.spot_agreed as f64 / s.spot_checked as f64)),
+            s.revoked
+        );
+    }
+    if let (Some(e), Some(lo), Some(hi)) =
+        (s.auto_estimate, s.auto_estimate_low, s.auto_estimate_high)
+    {
+        println!(
+            "estimated precision without gold: {} (rounds' intervals {} to {})",
+            pct(Some(e)),
+            pct(Some(lo)),
+            pct(Some(hi))
+        );
+    }
     println!(
         "badcase reviews: {} of {} requested",
         s.reviews_done, s.reviews_requested

@@ -659,6 +659,13 @@ fn job_body(c: &Caller, j: &Job, stats: &cloister_host::jobs::JobStats) -> Strin
                 opt4(r.val_accuracy),
                 opt4(r.test_accuracy),
                 r.auto_accepted.to_string(),
+                r.gate
+                    .as_ref()
+                    .and_then(|g| g.estimate.zip(g.interval))
+                    .map_or_else(
+                        || "–".into(),
+                        |(e, (lo, hi))| format!("{e:.3} [{lo:.3}, {hi:.3}]"),
+                    ),
                 prec,
                 (r.queued + r.badcases_queued).to_string(),
                 r.fixed.len().to_string(),
@@ -675,13 +682,51 @@ fn job_body(c: &Caller, j: &Job, stats: &cloister_host::jobs::JobStats) -> Strin
             "val acc",
             "test acc",
             "+auto",
-            "auto precision",
+            "estimated precision",
+            "precision against gold",
             "queued",
             "badcases fixed",
             "new badcases",
         ],
         &rows,
     ));
+    let gates: Vec<String> = j
+        .rounds
+        .iter()
+        .filter_map(|r| {
+            r.gate.as_ref().map(|g| {
+                let spots = if r.spot_checks > 0 {
+                    format!(
+                        "; {} spot checks, {} answered, {} confirmed{}",
+                        r.spot_checks,
+                        r.spot_checked,
+                        r.spot_agreed,
+                        if r.revoked > 0 {
+                            format!(": {} automatic labels revoked", r.revoked)
+                        } else {
+                            String::new()
+                        }
+                    )
+                } else {
+                    String::new()
+                };
+                format!(
+                    "<li>round {}: {}{}</li>",
+                    r.round,
+                    esc(&g.summary(&j.classes)),
+                    esc(&spots)
+                )
+            })
+        })
+        .collect();
+    if !gates.is_empty() {
+        let _ = write!(
+            body,
+            "<h3>Precision gate</h3><p>Automatic labels are accepted only above thresholds \
+             certified on labeled validation records.</p><ul>{}</ul>",
+            gates.concat()
+        );
+    }
     let acc: Vec<(f64, f64)> = j
         .rounds
         .iter()
@@ -717,7 +762,7 @@ fn job_body(c: &Caller, j: &Job, stats: &cloister_host::jobs::JobStats) -> Strin
     let pct = |v: Option<f64>| v.map_or_else(|| "–".into(), |v| format!("{:.1}%", 100.0 * v));
     let _ = write!(
         body,
-        "<h2>Labels and cost</h2><table><tbody><tr><th>pool</th><td>{}</td></tr><tr><th>manual labels used / requested</th><td>{} / {} ({} of the pool)</td></tr><tr><th>automatic labels</th><td>{} (precision {} on {} checked)</td></tr><tr><th>badcase reviews</th><td>{} / {}</td></tr><tr><th>label utilization</th><td>{}</td></tr><tr><th>cost spent</th><td>{:.2}</td></tr><tr><th>cost saved</th><td>{:.2} (of {:.2} for the whole pool)</td></tr></tbody></table>",
+        "<h2>Labels and cost</h2><table><tbody><tr><th>pool</th><td>{}</td></tr><tr><th>manual labels used / requested</th><td>{} / {} ({} of the pool)</td></tr><tr><th>automatic labels</th><td>{} (precision against gold {} on {} checked; estimated without gold {})</td></tr><tr><th>badcase reviews</th><td>{} / {}</td></tr><tr><th>label utilization</th><td>{}</td></tr><tr><th>cost spent</th><td>{:.2}</td></tr><tr><th>cost saved</th><td>{:.2} (of {:.2} for the whole pool)</td></tr></tbody></table>",
         stats.pool_size,
         stats.manual_used,
         stats.manual_requested,
@@ -725,6 +770,15 @@ fn job_body(c: &Caller, j: &Job, stats: &cloister_host::jobs::JobStats) -> Strin
         stats.auto_accepted,
         pct(stats.auto_precision),
         stats.auto_checked,
+        match (
+            stats.auto_estimate,
+            stats.auto_estimate_low,
+            stats.auto_estimate_high
+        ) {
+            (Some(e), Some(lo), Some(hi)) =>
+                format!("{} [{} – {}]", pct(Some(e)), pct(Some(lo)), pct(Some(hi))),
+            _ => "–".into(),
+        },
         stats.reviews_done,
         stats.reviews_requested,
         pct(stats.label_utilization),

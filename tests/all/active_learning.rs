@@ -328,6 +328,94 @@ fn a_cap_on_automatic_labels_holds_back_the_rest_for_later_rounds() {
 }
 
 #[test]
+fn the_precision_gate_accepts_only_what_validation_certifies() {
+    let e = lock();
+    // A careless selector: it proposes every record both models give
+    // more than 0.5.
+    let lax = SPEC
+        .replace("threshold = 0.9", "threshold = 0.5")
+        .replace("seed_labels = 30", "seed_labels = 90")
+        .replace("budget = 120", "budget = 180");
+    let gated = format!("{lax}\n[auto_label]\ntarget_precision = 0.9\nper_class = false\n");
+    let free = run_to_done(&e, "lax.toml", &lax);
+    let job = run_to_done(&e, "gated.toml", &gated);
+    let store = e.c.env().store();
+    let ledger = jobs::ledger(store.as_ref(), &job.id).unwrap();
+    let mut held_back = 0;
+    for r in selecting_rounds(&job) {
+        let g = r
+            .gate
+            .as_ref()
+            .expect("every selecting round reports its gate");
+        assert!(free.rounds.iter().all(|f| f.gate.is_none()));
+        assert_eq!(g.groups.len(), 1);
+        let t = &g.groups[0];
+        assert!(g.calibration > 0 && t.covered <= g.calibration);
+        held_back += g.held_back;
+        match t.threshold {
+            Some(threshold) => {
+                // What was accepted clears the certified threshold, and the
+                // certificate is what the report says.
+                assert!(t.lower >= 0.9, "round {}: {t:?}", r.round);
+                for l in ledger.values().filter(|l| l.round == r.round) {
+                    if let LedgerSource::Auto { confidences, .. } = &l.source {
+                        let least = confidences.iter().copied().fold(f32::INFINITY, f32::min);
+                        assert!(
+                            least >= threshold,
+                            "round {}: {least} < {threshold}",
+                            r.round
+                        );
+                    }
+                }
+                let (est, (lo, hi)) = g.estimate.zip(g.interval).expect("an estimate");
+                assert!(lo <= est && est <= hi);
+            }
+            None => {
+                assert_eq!(r.auto_accepted, 0, "round {}", r.round);
+                assert!(g.closed_reason(&job.classes).is_some());
+            }
+        }
+    }
+    assert!(
+        held_back > 0,
+        "the gate never held back a proposal of the careless selector"
+    );
+    // Round 1 trains on the same seed labels in both jobs, so the selector
+    // proposes the same records: the gate accepts some, holds back the rest.
+    let (f1, g1) = (&free.rounds[1], &job.rounds[1]);
+    assert_eq!(f1.round, 1);
+    let scores = |r: &jobs::RoundReport| -> Vec<(f64, u32)> {
+        r.models
+            .iter()
+            .map(|m| (m.val_accuracy, m.best_epoch))
+            .collect()
+    };
+    assert_eq!(scores(f1), scores(g1));
+    let held = g1.gate.as_ref().unwrap().held_back;
+    assert_eq!(g1.auto_accepted + held, f1.auto_accepted);
+    let gated_auto: u64 = job.rounds.iter().map(|r| r.auto_accepted).sum();
+    let stats = e.c.job_stats(&e.sci, &job.id).unwrap();
+    if gated_auto > 0 {
+        assert!(stats.auto_estimate.is_some() && stats.auto_estimate_low.is_some());
+    }
+
+    // A target no validation split of this size can certify: no automatic
+    // label at all, and each round says why.
+    let strict = format!("{lax}\n[auto_label]\ntarget_precision = 0.999\n");
+    let job = run_to_done(&e, "strict.toml", &strict);
+    assert_eq!(job.rounds.iter().map(|r| r.auto_accepted).sum::<u64>(), 0);
+    for r in selecting_rounds(&job) {
+        let why = r
+            .gate
+            .as_ref()
+            .unwrap()
+            .closed_reason(&job.classes)
+            .unwrap();
+        assert!(why.contains("2995 are needed"), "{why}");
+    }
+}
+
+#[test]
 fn bad_specs_are_refused_before_anything_runs() {
     let e = lock();
     let before = e.c.list_jobs(&e.sci).unwrap().len();
@@ -402,8 +490,19 @@ fn a_fully_labeled_dataset_leaves_an_empty_pool_and_the_job_ends() {
 
 /// An environment with a dataset whose training records are mostly
 /// unlabeled, worked by two labelers.
-#[test]
-fn labelers_see_only_their_items_and_labels_move_the_job_on() {
+/// An environment where people label: users sci, rev, lea and leo, and
+/// a dataset `mail` of every `step`-th SpamAssassin email, keeping the
+/// label of those `labeled` picks by position; `plugins` approved.
+struct People {
+    _dir: tempfile::TempDir,
+    c: Cloister,
+    admin: User,
+    sci: User,
+    lea: User,
+    leo: User,
+}
+
+fn people(step: usize, labeled: impl Fn(usize) -> bool, plugins: &[&str]) -> People {
     let dir = tempfile::tempdir().unwrap();
     let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
     let admin = c.authenticate(&root).unwrap();
@@ -414,13 +513,12 @@ fn labelers_see_only_their_items_and_labels_move_the_job_on() {
         add("lea", Role::Labeler),
         add("leo", Role::Labeler),
     );
-    // 400 emails; only validation/test-sized share keeps its label.
     let all = crate::support::spamassassin();
     let path = dir.path().join("d.jsonl");
     let mut f = std::fs::File::create(&path).unwrap();
-    for (i, r) in all.iter().step_by(15).enumerate() {
+    for (i, r) in all.iter().step_by(step).enumerate() {
         let mut v = serde_json::json!({"id": r.id, "text": r.text("text").unwrap()});
-        if i % 3 == 0 {
+        if labeled(i) {
             v["label"] = r.label.clone().unwrap().into();
         }
         writeln!(f, "{v}").unwrap();
@@ -428,12 +526,35 @@ fn labelers_see_only_their_items_and_labels_move_the_job_on() {
     drop(f);
     c.import_dataset(&sci, "mail", &path, &ImportOptions::default())
         .unwrap();
-    for name in ["hashed-ngrams", "least-confidence"] {
+    for name in plugins {
         let en = c
             .add_plugin(&sci, cloister_bundled_plugins::get(name).unwrap())
             .unwrap();
         c.approve_plugin(&rev, &en.digest).unwrap();
     }
+    People {
+        _dir: dir,
+        c,
+        admin,
+        sci,
+        lea,
+        leo,
+    }
+}
+
+#[test]
+fn labelers_see_only_their_items_and_labels_move_the_job_on() {
+    // 400 emails; only validation/test-sized share keeps its label.
+    let p = people(15, |i| i % 3 == 0, &["hashed-ngrams", "least-confidence"]);
+    let People {
+        c,
+        admin,
+        sci,
+        lea,
+        leo,
+        ..
+    } = &p;
+    let (c, admin, sci, lea, leo) = (c, admin, sci, lea, leo);
     let spec = r#"
 name = "people"
 dataset = "mail"
@@ -523,6 +644,111 @@ badcases_per_round = 0
         )
         .unwrap();
     assert_eq!(views.len(), 3, "lea twice, leo's denied try once");
+}
+
+#[test]
+fn failed_spot_checks_revoke_a_rounds_automatic_labels_and_raise_the_gate() {
+    // A third of SpamAssassin; two records in three keep their label.
+    let p = people(3, |i| i % 3 != 0, &["hashed-ngrams", "dual-agree"]);
+    let (c, admin, sci, lea) = (&p.c, &p.admin, &p.sci, &p.lea);
+    let spec = r#"
+name = "checked"
+dataset = "mail"
+features = { plugin = "hashed-ngrams", config = { bits = 14 } }
+labelers = ["lea"]
+[[model]]
+template = "logreg"
+[[model]]
+template = "logreg"
+set = { seed = 7 }
+[selector]
+plugin = "dual-agree"
+config = { threshold = 0.5 }
+[loop]
+per_round = 2
+max_rounds = 3
+budget = 400
+badcases_per_round = 0
+[auto_label]
+target_precision = 0.85
+per_class = false
+spot_check = 0.1
+"#;
+    let job = c.start_job(&sci, "checked.toml", spec, None).unwrap();
+    let job = c.run_job(&sci, &job.id, &mut |_| {}).unwrap();
+    assert!(
+        matches!(job.state, JobState::AwaitingLabels { .. }),
+        "{:?}",
+        job.state
+    );
+    let r1 = job.rounds.iter().find(|r| r.round == 1).unwrap().clone();
+    let threshold = r1.gate.as_ref().unwrap().groups[0]
+        .threshold
+        .expect("the gate opens on this easy data");
+    assert!(r1.auto_accepted > 0 && r1.spot_checks > 0, "{r1:?}");
+    assert_eq!(
+        r1.spot_checks,
+        (r1.auto_accepted as f64 * 0.1).ceil() as u64
+    );
+
+    // The labeler contradicts every automatic label she is shown.
+    let store = c.env().store();
+    let ledger = jobs::ledger(store.as_ref(), &job.id).unwrap();
+    let items = jobs::open_items_for(store.as_ref(), "lea").unwrap();
+    let mut contradicted = 0;
+    for item in &items {
+        let answer = match (&item.reason, ledger.get(&item.record)) {
+            (QueueReason::SpotCheck, Some(l)) => {
+                contradicted += 1;
+                if l.label == "spam" { "ham" } else { "spam" }
+            }
+            _ => "ham",
+        };
+        c.label_item(&lea, &item.record, answer, None).unwrap();
+    }
+    assert_eq!(contradicted, r1.spot_checks);
+
+    let job = c.run_job(&sci, &job.id, &mut |_| {}).unwrap();
+    let r1 = job.rounds.iter().find(|r| r.round == 1).unwrap();
+    assert_eq!((r1.spot_checked, r1.spot_agreed), (r1.spot_checks, 0));
+    assert_eq!(r1.revoked, r1.auto_accepted - r1.spot_checks);
+    // The revoked labels are gone from the ledger: those records are back
+    // in the pool.
+    // (Spot-checked records keep their automatic label in the ledger as
+    // provenance; the labeler's answer is the label they train with.)
+    let ledger = jobs::ledger(store.as_ref(), &job.id).unwrap();
+    let spot_checked: Vec<&str> = items
+        .iter()
+        .filter(|i| i.reason == QueueReason::SpotCheck)
+        .map(|i| i.record.as_str())
+        .collect();
+    assert!(!ledger.iter().any(|(id, l)| l.round == 1
+        && matches!(l.source, LedgerSource::Auto { .. })
+        && !spot_checked.contains(&id.as_str())));
+    // The next round accepts only above the revoked round's threshold.
+    let r2 = job.rounds.iter().find(|r| r.round == 2).unwrap();
+    let g2 = r2.gate.as_ref().unwrap();
+    assert_eq!(g2.groups[0].floor, Some(threshold));
+    for l in ledger.values().filter(|l| l.round == 2) {
+        if let LedgerSource::Auto { confidences, .. } = &l.source {
+            let least = confidences.iter().copied().fold(f32::INFINITY, f32::min);
+            assert!(least > threshold, "{least} <= {threshold}");
+        }
+    }
+    let stats = c.job_stats(&sci, &job.id).unwrap();
+    assert_eq!(stats.revoked, r1.revoked);
+    assert_eq!(stats.spot_agreed, 0);
+    // The revocation is in the audit log.
+    let revocations = c
+        .audit_log(
+            &admin,
+            &AuditFilter {
+                action: Some("revoke_auto_labels".into()),
+                ..AuditFilter::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(revocations.len(), 1);
 }
 
 #[test]

@@ -24,6 +24,7 @@
 
 pub(crate) mod committee;
 pub(crate) mod label_file;
+pub mod precision;
 pub mod spec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -291,8 +292,25 @@ pub struct RoundReport {
     pub auto_checked: u64,
     /// Of those, automatic labels equal to gold.
     pub auto_correct: u64,
+    /// The precision gate's thresholds and estimate (with `[auto_label]`).
+    #[serde(default)]
+    pub gate: Option<precision::GateReport>,
     /// Pool records sent to humans this round.
     pub queued: u64,
+    /// Automatic labels of this round sent to humans as spot checks.
+    #[serde(default)]
+    pub spot_checks: u64,
+    /// Spot checks answered.
+    #[serde(default)]
+    pub spot_checked: u64,
+    /// Of those, answers equal to the automatic label.
+    #[serde(default)]
+    pub spot_agreed: u64,
+    /// Automatic labels of this round revoked because the spot checks
+    /// showed their precision below the target (they return to the
+    /// pool).
+    #[serde(default)]
+    pub revoked: u64,
     /// Validation badcases sent for review this round.
     pub badcases_queued: u64,
     /// Answers collected for this round's queue.
@@ -371,6 +389,11 @@ pub enum QueueReason {
     Selected,
     /// A misclassified validation record, for review.
     Badcase,
+    /// An automatic label sent to a person to check the precision gate
+    /// (`[auto_label] spot_check`). The person does not see the automatic
+    /// label; their answer replaces it.
+    #[serde(rename = "spot_check")]
+    SpotCheck,
 }
 
 /// An answer to a queue item.
@@ -508,6 +531,12 @@ pub fn put_ledger(
     Ok(())
 }
 
+/// Removes a record's label from a job's ledger (a revoked automatic
+/// label: the record returns to the pool).
+pub fn delete_ledger(batch: &mut WriteBatch, job: &str, record: &str) {
+    batch.delete(Space::Jobs, key(LEDGER, &[job, record]));
+}
+
 /// The job's queue, by record id.
 pub fn queue(store: &dyn Storage, job: &str) -> Result<BTreeMap<String, QueueItem>, JobError> {
     let p = prefix(QUEUE, job);
@@ -601,6 +630,26 @@ pub struct JobStats {
     pub auto_correct: u64,
     /// `auto_correct / auto_checked`, when any were checked.
     pub auto_precision: Option<f64>,
+    /// Spot checks answered (automatic labels checked by a person).
+    #[serde(default)]
+    pub spot_checked: u64,
+    /// Of those, automatic labels the person confirmed.
+    #[serde(default)]
+    pub spot_agreed: u64,
+    /// Automatic labels revoked after failed spot checks.
+    #[serde(default)]
+    pub revoked: u64,
+    /// The precision gate's estimate of the automatic labels' precision,
+    /// without gold: each round's estimate weighted by the labels it
+    /// accepted (rounds run with `[auto_label]` only).
+    #[serde(default)]
+    pub auto_estimate: Option<f64>,
+    /// The lowest lower end of those rounds' intervals.
+    #[serde(default)]
+    pub auto_estimate_low: Option<f64>,
+    /// The highest upper end.
+    #[serde(default)]
+    pub auto_estimate_high: Option<f64>,
     /// Share of the labels obtained (manual, automatic, reviews) that are
     /// training labels.
     pub label_utilization: Option<f64>,
@@ -643,6 +692,12 @@ pub fn stats(
         auto_checked: 0,
         auto_correct: 0,
         auto_precision: None,
+        spot_checked: job.rounds.iter().map(|r| r.spot_checked).sum(),
+        spot_agreed: job.rounds.iter().map(|r| r.spot_agreed).sum(),
+        revoked: job.rounds.iter().map(|r| r.revoked).sum(),
+        auto_estimate: None,
+        auto_estimate_low: None,
+        auto_estimate_high: None,
         label_utilization: None,
         double_labeled: 0,
         agreeing: 0,
@@ -664,7 +719,7 @@ pub fn stats(
                 s.reviews_requested += 1;
                 s.reviews_done += u64::from(done);
             }
-            QueueReason::Seed | QueueReason::Selected => {
+            QueueReason::Seed | QueueReason::Selected | QueueReason::SpotCheck => {
                 s.manual_requested += 1;
                 s.manual_used += u64::from(done);
             }
@@ -681,6 +736,22 @@ pub fn stats(
     }
     if s.auto_checked > 0 {
         s.auto_precision = Some(s.auto_correct as f64 / s.auto_checked as f64);
+    }
+    let (mut weight, mut sum) = (0u64, 0.0f64);
+    for r in &job.rounds {
+        if let Some(g) = &r.gate
+            && r.auto_accepted > r.revoked
+            && let (Some(e), Some((lo, hi))) = (g.estimate, g.interval)
+        {
+            let kept = r.auto_accepted - r.revoked;
+            weight += kept;
+            sum += e * kept as f64;
+            s.auto_estimate_low = Some(s.auto_estimate_low.map_or(lo, |v: f64| v.min(lo)));
+            s.auto_estimate_high = Some(s.auto_estimate_high.map_or(hi, |v: f64| v.max(hi)));
+        }
+    }
+    if weight > 0 {
+        s.auto_estimate = Some(sum / weight as f64);
     }
     let obtained = s.manual_used + s.auto_accepted + s.reviews_done;
     if obtained > 0 {

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::JobError;
+use super::precision::PrecisionTarget;
 
 /// A plugin and the configuration it is started with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +97,12 @@ pub struct LoopSettings {
     /// taking the most urgent records overall.
     #[serde(default)]
     pub balance_classes: bool,
+    /// The precision automatic labels must reach (`[auto_label]`): the
+    /// host accepts a selector's automatic labels only above thresholds
+    /// certified on the validation split. `None`: the selector alone
+    /// decides.
+    #[serde(default)]
+    pub auto_label: Option<PrecisionTarget>,
 }
 
 /// A validated pipeline specification.
@@ -141,6 +148,32 @@ struct RawSpec {
     labelers: Vec<String>,
     #[serde(default)]
     oracle: Option<Oracle>,
+    #[serde(default)]
+    auto_label: Option<RawAutoLabel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAutoLabel {
+    target_precision: f64,
+    #[serde(default = "default_confidence")]
+    confidence: f64,
+    #[serde(default = "default_per_class")]
+    per_class: bool,
+    #[serde(default = "default_spot_check")]
+    spot_check: f64,
+}
+
+fn default_confidence() -> f64 {
+    0.95
+}
+
+fn default_per_class() -> bool {
+    true
+}
+
+fn default_spot_check() -> f64 {
+    0.02
 }
 
 #[derive(Deserialize)]
@@ -389,6 +422,53 @@ impl PipelineSpec {
                 Some((t.metric, t.value))
             }
         };
+        let auto_label = match raw.auto_label {
+            None => None,
+            Some(a) => {
+                let open = |v: f64| v.is_finite() && v > 0.0 && v < 1.0;
+                if !open(a.target_precision) {
+                    return Err(err(
+                        at("target_precision"),
+                        format!(
+                            "[auto_label] target_precision: expected a number in (0, 1), got {}",
+                            a.target_precision
+                        ),
+                    ));
+                }
+                if !open(a.confidence) {
+                    return Err(err(
+                        at("confidence"),
+                        format!(
+                            "[auto_label] confidence: expected a number in (0, 1), got {}",
+                            a.confidence
+                        ),
+                    ));
+                }
+                if !(a.spot_check.is_finite() && (0.0..0.5).contains(&a.spot_check)) {
+                    return Err(err(
+                        at("spot_check"),
+                        format!(
+                            "[auto_label] spot_check: expected a share in [0, 0.5), got {}",
+                            a.spot_check
+                        ),
+                    ));
+                }
+                if matches!(selector, SelectorUse::Random) {
+                    return Err(err(
+                        at("target_precision"),
+                        "[auto_label] needs a selector plugin: the random baseline gives no \
+                         automatic labels"
+                            .into(),
+                    ));
+                }
+                Some(PrecisionTarget {
+                    target_precision: a.target_precision,
+                    confidence: a.confidence,
+                    per_class: a.per_class,
+                    spot_check: a.spot_check,
+                })
+            }
+        };
         let mut labelers = raw.labelers;
         labelers.dedup();
         Ok(PipelineSpec {
@@ -420,6 +500,7 @@ impl PipelineSpec {
                 price_per_label: l.price_per_label,
                 max_auto_per_round: l.max_auto_per_round,
                 balance_classes: l.balance_classes,
+                auto_label,
             },
             labelers,
             oracle: raw.oracle,
@@ -535,6 +616,37 @@ target = { metric = "accuracy", value = 0.98 }
             e.contains("p.toml:23:") && e.contains("balance_classes"),
             "{e}"
         );
+
+        let gated = format!("{GOOD}\n[auto_label]\ntarget_precision = 0.98\n");
+        let a = PipelineSpec::parse("p.toml", &gated)
+            .unwrap()
+            .settings
+            .auto_label
+            .expect("the gate");
+        assert_eq!(
+            (a.target_precision, a.confidence, a.per_class, a.spot_check),
+            (0.98, 0.95, true, 0.02)
+        );
+        for (bad, key) in [
+            ("target_precision = 1.0", "target_precision"),
+            ("target_precision = 0.9\nconfidence = 0", "confidence"),
+            ("target_precision = 0.9\nspot_check = 0.7", "spot_check"),
+        ] {
+            let text = format!("{GOOD}\n[auto_label]\n{bad}\n");
+            let e = PipelineSpec::parse("p.toml", &text)
+                .unwrap_err()
+                .to_string();
+            let line = text.lines().position(|l| l.starts_with(key)).unwrap() + 1;
+            assert!(
+                e.contains(&format!("p.toml:{line}:")) && e.contains(key),
+                "{e}"
+            );
+        }
+        let typo = format!("{GOOD}\n[auto_label]\ntarget_precison = 0.9\n");
+        let e = PipelineSpec::parse("p.toml", &typo)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("target_precison"), "{e}");
 
         let bad = GOOD.replace("value = 0.98", "value = 1.5");
         let e = PipelineSpec::parse("p.toml", &bad).unwrap_err().to_string();

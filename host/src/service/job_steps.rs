@@ -10,7 +10,7 @@ use crate::jobs::committee::{
 };
 use crate::jobs::{
     Answer, FinalReport, Job, JobEvent, JobState, LabelKind, LedgerLabel, LedgerSource, ModelScore,
-    PreparedRow, QueueItem, QueueReason, RoundReport, Step,
+    PreparedRow, QueueItem, QueueReason, RoundReport, Step, precision,
 };
 use crate::policy::{Action, Resource};
 use crate::registry::PluginEntry;
@@ -197,20 +197,25 @@ impl Cloister {
         round: u32,
         prep: &Prepared,
         labels: &Labels,
+        for_release: bool,
         progress: &mut dyn FnMut(JobEvent<'_>),
     ) -> Result<Committee, ServiceError> {
-        let mut scores = Vec::new();
-        let mut fitted = Vec::new();
-        let mut val_probs = Vec::new();
+        let budget = self.env().limits().training_budget_bytes();
+        let mut templates = Vec::with_capacity(job.spec.models.len());
         for m in &job.spec.models {
-            let template: Template = train::template(&m.template, &m.sets)?;
-            progress(JobEvent::Training {
-                round,
-                template: &m.template,
-                records: labels.train.len(),
-            });
+            let mut t = train::template(&m.template, &m.sets)?;
+            // A round's committee never leaves the environment: only the
+            // final models (trained by `step_finish` with the template's
+            // `min_support`) can be released. Dropping rare features in the
+            // rounds would starve the early ones, which have few labels.
+            if !for_release {
+                t.hyper.min_support = 0;
+            }
+            templates.push(t);
+        }
+        let fit_one = |template: &Template| -> Result<(train::Fitted, Vec<f32>), ServiceError> {
             let f = train::fit(
-                &template,
+                template,
                 train::TrainingSet {
                     x: &prep.x,
                     dim: prep.dim,
@@ -218,11 +223,45 @@ impl Cloister {
                     classes: job.classes.len(),
                     train: &labels.train,
                     val: &labels.val,
-                    budget_bytes: self.env().limits().training_budget_bytes(),
+                    budget_bytes: budget,
                 },
                 &mut |_| {},
             )?;
             let probs = f.model.predict(&prep.x, &labels.val)?;
+            Ok((f, probs))
+        };
+        for m in &job.spec.models {
+            progress(JobEvent::Training {
+                round,
+                template: &m.template,
+                records: labels.train.len(),
+            });
+        }
+        // The members train at the same time when their states fit the
+        // memory budget together (each is deterministic, so the result is
+        // the one sequential training gives); otherwise one after another.
+        let together: u64 = templates
+            .iter()
+            .map(|t| train::state_bytes(t.kind, prep.dim, job.classes.len(), &t.hyper))
+            .fold(0u64, u64::saturating_add);
+        let results: Vec<Result<(train::Fitted, Vec<f32>), ServiceError>> = if templates.len() > 1
+            && together <= budget
+        {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = templates.iter().map(|t| s.spawn(|| fit_one(t))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        } else {
+            templates.iter().map(fit_one).collect()
+        };
+        let mut scores = Vec::new();
+        let mut fitted = Vec::new();
+        let mut val_probs = Vec::new();
+        for (m, result) in job.spec.models.iter().zip(results) {
+            let (f, probs) = result?;
             let e = self.evaluate_rows(job, prep, labels, &labels.val, &probs);
             let score = ModelScore {
                 template: model_label(m),
@@ -273,6 +312,28 @@ impl Cloister {
         Ok((per_model, mean))
     }
 
+    /// The committee's predictions on `rows`, as the selector receives
+    /// them.
+    fn prediction_sets(
+        committee: &Committee,
+        prep: &Prepared,
+        rows: &[usize],
+        k: usize,
+    ) -> Result<Vec<PredictionSet>, ServiceError> {
+        let (per_model, _) = Self::committee_probs(committee, prep, rows)?;
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| PredictionSet {
+                id: prep.rows[i].id.clone(),
+                models: per_model
+                    .iter()
+                    .map(|p| p[j * k..(j + 1) * k].to_vec())
+                    .collect(),
+            })
+            .collect())
+    }
+
     /// Train, evaluate, select. Returns whether to go on.
     pub(super) fn step_select(
         &self,
@@ -316,7 +377,7 @@ impl Cloister {
                 job.next = Step::Select(1);
             }
         } else {
-            let committee = self.train_committee(job, round, prep, &labels, progress)?;
+            let committee = self.train_committee(job, round, prep, &labels, false, progress)?;
             let val = self.evaluate_round(job, prep, &labels, &committee, &mut report)?;
             let stop = stop_reason(&settings, &val, round, manual_so_far, &labels);
             if let Some(reason) = stop {
@@ -324,7 +385,10 @@ impl Cloister {
                 job.next = Step::Finish;
                 prep.stopped = Some((train_signature(&labels), committee));
             } else {
-                let take = settings.per_round.min(settings.budget - manual_so_far);
+                let take = settings
+                    .per_round
+                    .min(settings.budget.saturating_sub(manual_so_far));
+                let mut spot = Vec::new();
                 let chosen: Vec<(f32, usize)> = match &prep.selector {
                     None => crate::jobs::sample(&labels.pool, take, seed)
                         .into_iter()
@@ -340,14 +404,20 @@ impl Cloister {
                         &labels,
                         &committee,
                         take,
+                        manual_so_far,
                         &mut report,
                         &mut batch,
+                        &mut spot,
                     )?,
                 };
                 for (k, (_, i)) in chosen.into_iter().enumerate() {
                     new_items.push(self.queue_item(job, prep, round, i, QueueReason::Selected, k));
                 }
                 let mut n = new_items.len();
+                for i in spot {
+                    new_items.push(self.queue_item(job, prep, round, i, QueueReason::SpotCheck, n));
+                    n += 1;
+                }
                 for b in val
                     .badcases
                     .iter()
@@ -372,7 +442,8 @@ impl Cloister {
         for item in &new_items {
             match item.reason {
                 QueueReason::Badcase => report.badcases_queued += 1,
-                _ => report.queued += 1,
+                QueueReason::SpotCheck => report.spot_checks += 1,
+                QueueReason::Seed | QueueReason::Selected => report.queued += 1,
             }
             crate::jobs::put_queue(&mut batch, item)?;
             if let Some(user) = &item.assignee {
@@ -384,7 +455,7 @@ impl Cloister {
                 )?);
             }
         }
-        report.manual_total = (manual_so_far as u64) + report.queued;
+        report.manual_total = (manual_so_far as u64) + report.queued + report.spot_checks;
         report.pool_left =
             (labels.pool.len() as u64).saturating_sub(report.queued + report.auto_accepted);
         report.seconds = started.elapsed().as_secs_f64();
@@ -453,24 +524,13 @@ impl Cloister {
         labels: &Labels,
         committee: &Committee,
         take: usize,
+        manual_so_far: usize,
         report: &mut RoundReport,
         batch: &mut WriteBatch,
+        spot: &mut Vec<usize>,
     ) -> Result<Vec<(f32, usize)>, ServiceError> {
         let settings = &job.spec.settings;
-        let (per_model, _) = Self::committee_probs(committee, prep, &labels.pool)?;
-        let k = job.classes.len();
-        let sets: Vec<PredictionSet> = labels
-            .pool
-            .iter()
-            .enumerate()
-            .map(|(j, &i)| PredictionSet {
-                id: prep.rows[i].id.clone(),
-                models: per_model
-                    .iter()
-                    .map(|p| p[j * k..(j + 1) * k].to_vec())
-                    .collect(),
-            })
-            .collect();
+        let sets = Self::prediction_sets(committee, prep, &labels.pool, job.classes.len())?;
         let (decisions, _) = self.plugin_stage(
             who,
             &format!("job {} round {round}", job.id),
@@ -491,18 +551,27 @@ impl Cloister {
             match d.action {
                 types::Action::AutoAccept(c) => {
                     let c = c as usize;
-                    let least = set
-                        .models
-                        .iter()
-                        .map(|p| p.get(c).copied().unwrap_or(0.0))
-                        .fold(f32::INFINITY, f32::min);
-                    auto.push((least, i, c, n));
+                    auto.push((least_confidence(set, c), i, c, n));
                 }
                 types::Action::HumanReview => {
                     review.push((d.priority, i, predicted_class(&set.models)));
                 }
                 types::Action::Skip => {}
             }
+        }
+        if let Some(target) = &settings.auto_label {
+            let mut gate = self.precision_gate(
+                who, job, round, prep, plugin, config, labels, committee, target,
+            )?;
+            for r in job.rounds.iter().filter(|r| r.revoked > 0) {
+                if let Some(old) = &r.gate {
+                    precision::raise(&mut gate.groups, &old.groups);
+                }
+            }
+            let before = auto.len();
+            auto.retain(|&(score, _, c, _)| precision::accepts(&gate.groups, c, score));
+            gate.held_back = (before - auto.len()) as u64;
+            report.gate = Some(gate);
         }
         // Most confident first; beyond the cap, records stay in the pool
         // for the next round's models.
@@ -546,6 +615,20 @@ impl Cloister {
             };
             crate::jobs::put_ledger(batch, &job.id, &row.id, &ledger_label)?;
         }
+        // Spot checks: a share of this round's automatic labels, drawn at
+        // random, go to people too (within the budget).
+        if let Some(target) = &settings.auto_label
+            && target.spot_check > 0.0
+            && !auto.is_empty()
+        {
+            let want = (target.spot_check * auto.len() as f64).ceil() as usize;
+            let room = settings
+                .budget
+                .saturating_sub(manual_so_far + take.min(review.len()));
+            let rows: Vec<usize> = auto.iter().map(|a| a.1).collect();
+            let seed = job.spec.split_seed ^ 0x5107_c4ec ^ u64::from(round);
+            spot.extend(crate::jobs::sample(&rows, want.min(room), seed));
+        }
         review.sort_by(|a, b| {
             b.0.total_cmp(&a.0)
                 .then_with(|| prep.rows[a.1].id.cmp(&prep.rows[b.1].id))
@@ -559,6 +642,59 @@ impl Cloister {
                 .map(|(p, i, _)| (p, i))
                 .collect()
         })
+    }
+
+    /// Runs the selector over the committee's predictions on the labeled
+    /// validation records and certifies, per class (or overall), the
+    /// lowest confidence at which its automatic labels reach the target
+    /// precision (see [`crate::jobs::precision`]). The selector sees the
+    /// same prediction sets it sees for the pool, never a label.
+    #[allow(clippy::too_many_arguments)]
+    fn precision_gate(
+        &self,
+        who: &User,
+        job: &Job,
+        round: u32,
+        prep: &Prepared,
+        plugin: &LoadedPlugin,
+        config: &[(String, String)],
+        labels: &Labels,
+        committee: &Committee,
+        target: &precision::PrecisionTarget,
+    ) -> Result<precision::GateReport, ServiceError> {
+        let k = job.classes.len();
+        let sets = Self::prediction_sets(committee, prep, &labels.val, k)?;
+        let decisions = if sets.is_empty() {
+            Vec::new()
+        } else {
+            self.plugin_stage(
+                who,
+                &format!("job {} round {round} calibration", job.id),
+                plugin,
+                config,
+                sets.len(),
+                |r| r.select(&job.classes, &sets),
+                Vec::len,
+            )?
+            .0
+        };
+        let mut cal = Vec::new();
+        for (d, (set, &i)) in decisions.iter().zip(sets.iter().zip(&labels.val)) {
+            if let types::Action::AutoAccept(c) = d.action {
+                let c = c as usize;
+                cal.push(precision::Calibration {
+                    score: least_confidence(set, c),
+                    class: c,
+                    correct: labels.y[i] == c,
+                });
+            }
+        }
+        let groups = precision::gate(target, k, &cal);
+        Ok(precision::GateReport::new(
+            target,
+            labels.val.len() as u64,
+            groups,
+        ))
     }
 
     /// The queue item for `row`, the `k`-th queued this round (its rank).
@@ -591,6 +727,7 @@ impl Cloister {
     /// Collects answers: the oracle's at once, people's when all are in.
     pub(super) fn step_answer(
         &self,
+        who: &User,
         job: &mut Job,
         round: u32,
         prep: &Prepared,
@@ -600,6 +737,16 @@ impl Cloister {
         let queue = crate::jobs::queue(store.as_ref(), &job.id)?;
         let mut batch = WriteBatch::new();
         let mut answered = 0u64;
+        // (record, answer) of this round's spot checks
+        let mut spot_answers: Vec<(String, String)> = queue
+            .values()
+            .filter(|q| q.round == round && q.reason == QueueReason::SpotCheck)
+            .filter_map(|q| {
+                q.answer
+                    .as_ref()
+                    .map(|a| (q.record.clone(), a.label.clone()))
+            })
+            .collect();
         let open: Vec<&QueueItem> = queue.values().filter(|q| q.answer.is_none()).collect();
         if job.spec.oracle.is_some() {
             for item in open {
@@ -615,6 +762,9 @@ impl Cloister {
                     time_ms: crate::time::now_ms(),
                 });
                 crate::jobs::put_queue(&mut batch, &done)?;
+                if item.reason == QueueReason::SpotCheck && item.round == round {
+                    spot_answers.push((row.id.clone(), gold.clone()));
+                }
                 if item.reason != QueueReason::Badcase {
                     crate::jobs::put_ledger(
                         &mut batch,
@@ -646,12 +796,22 @@ impl Cloister {
                 .filter(|q| q.round == round && q.answer.is_some())
                 .count() as u64;
         }
+        let revoked = if spot_answers.is_empty() {
+            None
+        } else {
+            Some(self.check_spots(who, job, round, &spot_answers, &mut batch)?)
+        };
         let manual = queue
             .values()
             .filter(|q| q.reason != QueueReason::Badcase)
             .count();
         if let Some(r) = job.rounds.iter_mut().rev().find(|r| r.round == round) {
             r.answered = answered;
+            if let Some((checked, agreed, revoked)) = revoked {
+                r.spot_checked = checked;
+                r.spot_agreed = agreed;
+                r.revoked = revoked;
+            }
             if manual >= job.spec.settings.budget {
                 r.stop = Some("budget".into());
             }
@@ -667,6 +827,69 @@ impl Cloister {
         store.commit(batch)?;
         progress(JobEvent::Answered { round, answered });
         Ok(true)
+    }
+
+    /// Compares a round's spot-check answers with the automatic labels
+    /// they checked. When the answers show, at the gate's confidence, that
+    /// the round's precision is below the target (the one-sided upper
+    /// bound on it is below the target), every automatic label of the
+    /// round is revoked: removed from the ledger in `batch`, so the
+    /// records return to the pool, and the next rounds accept only above
+    /// this round's thresholds. Returns (checked, agreed, revoked); the
+    /// revocation is audited before it takes effect.
+    fn check_spots(
+        &self,
+        who: &User,
+        job: &Job,
+        round: u32,
+        answers: &[(String, String)],
+        batch: &mut WriteBatch,
+    ) -> Result<(u64, u64, u64), ServiceError> {
+        let ledger = crate::jobs::ledger(self.env().store().as_ref(), &job.id)?;
+        let auto_label = |record: &str| {
+            ledger.get(record).and_then(|l| match l.source {
+                LedgerSource::Auto { .. } if l.round == round => Some(l.label.as_str()),
+                _ => None,
+            })
+        };
+        let checked: Vec<(&str, bool)> = answers
+            .iter()
+            .filter_map(|(record, answer)| {
+                auto_label(record).map(|auto| (record.as_str(), auto == answer))
+            })
+            .collect();
+        let n = checked.len() as u64;
+        let agreed = checked.iter().filter(|(_, ok)| *ok).count() as u64;
+        let Some(target) = &job.spec.settings.auto_label else {
+            return Ok((n, agreed, 0));
+        };
+        let upper = precision::clopper_pearson_upper(agreed, n, 1.0 - target.confidence);
+        if n == 0 || upper >= target.target_precision {
+            return Ok((n, agreed, 0));
+        }
+        let checked_ids: HashSet<&str> = checked.iter().map(|(r, _)| *r).collect();
+        let revoke: Vec<&String> = ledger
+            .iter()
+            .filter(|(id, l)| {
+                l.round == round
+                    && matches!(l.source, LedgerSource::Auto { .. })
+                    && !checked_ids.contains(id.as_str())
+            })
+            .map(|(id, _)| id)
+            .collect();
+        self.env().audit().append(crate::audit::AuditRecord {
+            actor: who.name.clone(),
+            action: "revoke_auto_labels".into(),
+            resource: Self::dataset_resource(job).uid_text(),
+            decision: crate::audit::Decision::Allow,
+            policies: Vec::new(),
+            params: super::params_digest(&(&job.id, round, n, agreed, revoke.len())),
+            outcome: None,
+        })?;
+        for id in &revoke {
+            crate::jobs::delete_ledger(batch, &job.id, id);
+        }
+        Ok((n, agreed, revoke.len() as u64))
     }
 
     /// Trains the final committee on every label and registers its models.
@@ -693,9 +916,15 @@ impl Cloister {
             )?;
         }
         let round = job.rounds.last().map_or(0, |r| r.round) + 1;
+        // The committee of a stopping round is the final one when it saw the
+        // same labels and trained as release models do (no `min_support`).
+        let same_training =
+            job.spec.models.iter().all(|m| {
+                train::template(&m.template, &m.sets).is_ok_and(|t| t.hyper.min_support <= 1)
+            });
         let committee = match prep.stopped.take() {
-            Some((sig, c)) if sig == train_signature(&labels) => c,
-            _ => self.train_committee(job, round, prep, &labels, progress)?,
+            Some((sig, c)) if sig == train_signature(&labels) && same_training => c,
+            _ => self.train_committee(job, round, prep, &labels, true, progress)?,
         };
         let (per_model, mean) = Self::committee_probs(&committee, prep, &labels.test)?;
         let test = self.evaluate_rows(job, prep, &labels, &labels.test, &mean);
@@ -759,6 +988,15 @@ impl Cloister {
         }
         Ok(false)
     }
+}
+
+/// The least confident model's probability for class `c`: the score
+/// automatic labels are ranked and gated by.
+fn least_confidence(set: &PredictionSet, c: usize) -> f32 {
+    set.models
+        .iter()
+        .map(|p| p.get(c).copied().unwrap_or(0.0))
+        .fold(f32::INFINITY, f32::min)
 }
 
 fn train_signature(l: &Labels) -> Vec<(usize, usize)> {

@@ -390,7 +390,7 @@ impl Cloister {
                 )
                 .and_then(|()| match step {
                     Step::Select(r) => self.step_select(who, &mut job, r, &mut prep, progress),
-                    Step::Answer(r) => self.step_answer(&mut job, r, &prep, progress),
+                    Step::Answer(r) => self.step_answer(who, &mut job, r, &prep, progress),
                     Step::Finish => self.step_finish(who, &mut job, &mut prep, progress),
                     Step::End => Ok(false),
                 });
