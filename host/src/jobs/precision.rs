@@ -97,6 +97,11 @@ pub struct GateReport {
     pub estimate: Option<f64>,
     /// Two-sided Clopper–Pearson interval of `estimate` at `confidence`.
     pub interval: Option<(f64, f64)>,
+    /// Validation records this round's gate passed: later rounds leave
+    /// them out of calibration, as the pool records it passed leave the
+    /// pool.
+    #[serde(default)]
+    pub mirrored: Vec<String>,
 }
 
 impl GateReport {
@@ -126,6 +131,7 @@ impl GateReport {
             held_back: 0,
             estimate,
             interval,
+            mirrored: Vec::new(),
         }
     }
 

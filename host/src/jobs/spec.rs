@@ -548,6 +548,10 @@ target = { metric = "accuracy", value = 0.98 }
                 "spam-active-learning-capped.toml",
                 include_str!("../../../pipelines/spam-active-learning-capped.toml"),
             ),
+            (
+                "spam-active-learning-precise.toml",
+                include_str!("../../../pipelines/spam-active-learning-precise.toml"),
+            ),
         ] {
             let s = PipelineSpec::parse(file, text).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(s.dataset, "spamassassin", "{file}");

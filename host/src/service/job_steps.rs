@@ -563,11 +563,6 @@ impl Cloister {
             let mut gate = self.precision_gate(
                 who, job, round, prep, plugin, config, labels, committee, target,
             )?;
-            for r in job.rounds.iter().filter(|r| r.revoked > 0) {
-                if let Some(old) = &r.gate {
-                    precision::raise(&mut gate.groups, &old.groups);
-                }
-            }
             let before = auto.len();
             auto.retain(|&(score, _, c, _)| precision::accepts(&gate.groups, c, score));
             gate.held_back = (before - auto.len()) as u64;
@@ -663,7 +658,23 @@ impl Cloister {
         target: &precision::PrecisionTarget,
     ) -> Result<precision::GateReport, ServiceError> {
         let k = job.classes.len();
-        let sets = Self::prediction_sets(committee, prep, &labels.val, k)?;
+        // The validation records mirror the pool: those an earlier round's
+        // gate passed are left out, as the pool records it passed left the
+        // pool (otherwise later rounds would calibrate on the confident
+        // records the pool no longer has, and overestimate).
+        let mirrored: HashSet<&str> = job
+            .rounds
+            .iter()
+            .filter_map(|r| r.gate.as_ref())
+            .flat_map(|g| g.mirrored.iter().map(String::as_str))
+            .collect();
+        let rows: Vec<usize> = labels
+            .val
+            .iter()
+            .copied()
+            .filter(|&i| !mirrored.contains(prep.rows[i].id.as_str()))
+            .collect();
+        let sets = Self::prediction_sets(committee, prep, &rows, k)?;
         let decisions = if sets.is_empty() {
             Vec::new()
         } else {
@@ -678,23 +689,35 @@ impl Cloister {
             )?
             .0
         };
+        // (row, calibration record)
         let mut cal = Vec::new();
-        for (d, (set, &i)) in decisions.iter().zip(sets.iter().zip(&labels.val)) {
+        for (d, (set, &i)) in decisions.iter().zip(sets.iter().zip(&rows)) {
             if let types::Action::AutoAccept(c) = d.action {
                 let c = c as usize;
-                cal.push(precision::Calibration {
-                    score: least_confidence(set, c),
-                    class: c,
-                    correct: labels.y[i] == c,
-                });
+                cal.push((
+                    i,
+                    precision::Calibration {
+                        score: least_confidence(set, c),
+                        class: c,
+                        correct: labels.y[i] == c,
+                    },
+                ));
             }
         }
-        let groups = precision::gate(target, k, &cal);
-        Ok(precision::GateReport::new(
-            target,
-            labels.val.len() as u64,
-            groups,
-        ))
+        let records: Vec<precision::Calibration> = cal.iter().map(|(_, c)| *c).collect();
+        let mut groups = precision::gate(target, k, &records);
+        for r in job.rounds.iter().filter(|r| r.revoked > 0) {
+            if let Some(old) = &r.gate {
+                precision::raise(&mut groups, &old.groups);
+            }
+        }
+        let mut report = precision::GateReport::new(target, rows.len() as u64, groups);
+        report.mirrored = cal
+            .iter()
+            .filter(|(_, c)| precision::accepts(&report.groups, c.class, c.score))
+            .map(|(i, _)| prep.rows[*i].id.clone())
+            .collect();
+        Ok(report)
     }
 
     /// The queue item for `row`, the `k`-th queued this round (its rank).
