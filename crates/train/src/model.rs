@@ -194,6 +194,11 @@ fn shards(dim: usize, out: usize) -> Vec<Shard> {
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 8))
     };
+    shards_of(dim, n)
+}
+
+/// `n` shards of `dim` input rows, by range.
+fn shards_of(dim: usize, n: usize) -> Vec<Shard> {
     (0..n)
         .map(|j| Shard {
             lo: dim * j / n,
@@ -664,6 +669,54 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn the_weights_are_the_same_bit_for_bit_on_any_number_of_shards() {
+        // 64 records of 12 features out of 5,000 (many shared), 20 outputs.
+        let (dim, k) = (5000, 20);
+        let mut rng = Rng::new(3);
+        let mut x = SparseBatch {
+            offsets: vec![0],
+            indices: Vec::new(),
+            values: Vec::new(),
+        };
+        let mut labels = Vec::new();
+        for r in 0..64 {
+            let mut idx: Vec<u32> = (0..12)
+                .map(|_| (rng.next_u64() % if r % 2 == 0 { 50 } else { 5000 }) as u32)
+                .collect();
+            idx.sort_unstable();
+            idx.dedup();
+            x.values.extend(idx.iter().map(|_| rng.unit() - 0.5));
+            x.indices.extend(idx);
+            x.offsets.push(x.indices.len() as u32);
+            labels.push(r % k);
+        }
+        let weights = vec![1.0f32; 16];
+        let run = |n: usize| {
+            let mut layer = SparseLinear::new(dim, k, Some(&mut Rng::new(9)));
+            layer.shards = shards_of(dim, n);
+            for step in 0..12 {
+                let rows: Vec<usize> = (0..16).map(|j| (step * 16 + j * 5) % 64).collect();
+                let mut logits = Vec::new();
+                layer.forward(&x, &rows, &mut logits);
+                let y: Vec<usize> = rows.iter().map(|&r| labels[r]).collect();
+                softmax_xent_grad(&mut logits, k, &y, &weights);
+                layer.step(&x, &rows, &logits, 0.01, 1e-4, None);
+            }
+            layer.w
+        };
+        let one = run(1);
+        for n in [2, 3, 8] {
+            let many = run(n);
+            assert!(
+                one.iter()
+                    .zip(&many)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{n} shards"
+            );
+        }
     }
 
     #[test]
