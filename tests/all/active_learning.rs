@@ -573,12 +573,12 @@ max_rounds = 1
 budget = 4
 badcases_per_round = 0
 "#;
-    let job = c.start_job(&sci, "people.toml", spec, None).unwrap();
-    let job = c.run_job(&sci, &job.id, &mut |_| {}).unwrap();
+    let job = c.start_job(sci, "people.toml", spec, None).unwrap();
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
     assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
 
     // Each labeler sees only their own items, most uncertain first.
-    let task = c.next_label_item(&lea).unwrap().unwrap();
+    let task = c.next_label_item(lea).unwrap().unwrap();
     let (item, record, waiting) = (task.item, task.record, task.waiting);
     assert_eq!(task.classes, ["ham", "spam"]);
     assert_eq!(waiting, 2);
@@ -588,26 +588,26 @@ badcases_per_round = 0
     assert_eq!(leos.len(), 2);
     // Leo cannot label or view Lea's item: both are authorization
     // decisions (denied and audited).
-    let err = c.label_item(&leo, &item.record, "spam", None).unwrap_err();
+    let err = c.label_item(leo, &item.record, "spam", None).unwrap_err();
     assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
-    let err = c.view_record(&leo, "mail", &item.record).unwrap_err();
+    let err = c.view_record(leo, "mail", &item.record).unwrap_err();
     assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
     // A label outside the classes is refused.
-    let err = c.label_item(&lea, &item.record, "eggs", None).unwrap_err();
+    let err = c.label_item(lea, &item.record, "eggs", None).unwrap_err();
     assert!(err.to_string().contains("not a class"), "{err}");
-    c.label_item(&lea, &item.record, "spam", None).unwrap();
-    let next = c.next_label_item(&lea).unwrap().unwrap();
+    c.label_item(lea, &item.record, "spam", None).unwrap();
+    let next = c.next_label_item(lea).unwrap().unwrap();
     let (second, waiting) = (next.item, next.waiting);
     assert_eq!(waiting, 1);
-    c.label_item(&lea, &second.record, "ham", None).unwrap();
-    assert!(c.next_label_item(&lea).unwrap().is_none());
+    c.label_item(lea, &second.record, "ham", None).unwrap();
+    assert!(c.next_label_item(lea).unwrap().is_none());
 
     // Leo imports his labels; a bad line refuses the whole file.
     let bad = format!(
         "{{\"id\":\"{}\",\"label\":\"spam\"}}\n{{\"id\":\"{}\"}}\n",
         leos[0].record, leos[1].record
     );
-    let err = c.import_labels(&leo, "leo.jsonl", &bad).unwrap_err();
+    let err = c.import_labels(leo, "leo.jsonl", &bad).unwrap_err();
     assert_eq!(err.to_string(), "leo.jsonl:2: field `label` is missing");
     assert_eq!(
         jobs::open_items_for(c.env().store().as_ref(), "leo")
@@ -619,16 +619,16 @@ badcases_per_round = 0
         "id,label\n{},spam\n{},ham\n",
         leos[0].record, leos[1].record
     );
-    assert_eq!(c.import_labels(&leo, "leo.csv", &good).unwrap(), 2);
+    assert_eq!(c.import_labels(leo, "leo.csv", &good).unwrap(), 2);
 
     // The job moves on: the human labels are dataset labels now.
-    let job = c.run_job(&sci, &job.id, &mut |_| {}).unwrap();
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
     assert!(
         matches!(job.state, JobState::Done { .. }),
         "{:?}",
         job.state
     );
-    let stats = c.job_stats(&sci, &job.id).unwrap();
+    let stats = c.job_stats(sci, &job.id).unwrap();
     assert_eq!(stats.manual_used, 4);
     let r1 = &job.rounds[1];
     assert_eq!(r1.train_manual, 0);
@@ -636,7 +636,7 @@ badcases_per_round = 0
     // Labeler views were audited, one entry per view.
     let views = c
         .audit_log(
-            &admin,
+            admin,
             &AuditFilter {
                 action: Some("view_record".into()),
                 ..AuditFilter::default()
@@ -674,8 +674,8 @@ target_precision = 0.85
 per_class = false
 spot_check = 0.1
 "#;
-    let job = c.start_job(&sci, "checked.toml", spec, None).unwrap();
-    let job = c.run_job(&sci, &job.id, &mut |_| {}).unwrap();
+    let job = c.start_job(sci, "checked.toml", spec, None).unwrap();
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
     assert!(
         matches!(job.state, JobState::AwaitingLabels { .. }),
         "{:?}",
@@ -704,11 +704,11 @@ spot_check = 0.1
             }
             _ => "ham",
         };
-        c.label_item(&lea, &item.record, answer, None).unwrap();
+        c.label_item(lea, &item.record, answer, None).unwrap();
     }
     assert_eq!(contradicted, r1.spot_checks);
 
-    let job = c.run_job(&sci, &job.id, &mut |_| {}).unwrap();
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
     let r1 = job.rounds.iter().find(|r| r.round == 1).unwrap();
     assert_eq!((r1.spot_checked, r1.spot_agreed), (r1.spot_checks, 0));
     assert_eq!(r1.revoked, r1.auto_accepted - r1.spot_checks);
@@ -735,13 +735,13 @@ spot_check = 0.1
             assert!(least > threshold, "{least} <= {threshold}");
         }
     }
-    let stats = c.job_stats(&sci, &job.id).unwrap();
+    let stats = c.job_stats(sci, &job.id).unwrap();
     assert_eq!(stats.revoked, r1.revoked);
     assert_eq!(stats.spot_agreed, 0);
     // The revocation is in the audit log.
     let revocations = c
         .audit_log(
-            &admin,
+            admin,
             &AuditFilter {
                 action: Some("revoke_auto_labels".into()),
                 ..AuditFilter::default()
