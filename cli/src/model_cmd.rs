@@ -70,6 +70,11 @@ pub enum ModelCommand {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also measure canary exposure: retrain the model's template with
+        /// N planted canary records and report how far it singles them
+        /// out (stored in the report).
+        #[arg(long, value_name = "N")]
+        canaries: Option<u32>,
     },
     /// Ask for a model to be released.
     RequestRelease {
@@ -385,6 +390,22 @@ fn show_disclosure(m: &ModelManifest) {
             r.small_classes.join(", ")
         );
     }
+    if let Some(c) = &r.canaries {
+        println!(
+            "  canary exposure ({} planted records of {} random features, against {} references; \
+             about 1.4 means not memorised, {:.2} fully): mean {:.2}, max {:.2} as trained; \
+             mean {:.2}, max {:.2} as released ({:.1} s)",
+            c.planted,
+            c.features_each,
+            c.references,
+            c.max_possible,
+            c.mean_exposure,
+            c.max_exposure,
+            c.mean_exposure_released,
+            c.max_exposure_released,
+            c.seconds
+        );
+    }
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -434,8 +455,11 @@ pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
                 show(&m);
             }
         }
-        ModelCommand::CheckDisclosure { id, json } => {
-            let m = s.cloister.show_model(&s.user, &id)?;
+        ModelCommand::CheckDisclosure { id, json, canaries } => {
+            let m = match canaries {
+                Some(n) => s.cloister.measure_canaries(&s.user, &id, n)?,
+                None => s.cloister.show_model(&s.user, &id)?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&m.disclosure)?);
             } else {

@@ -1340,6 +1340,23 @@ fn disclosure_section(m: &cloister_host::models::ModelManifest) -> String {
             format!("classes with fewer than {} training records", t.k),
             esc(&r.small_classes.join(", ")),
         ],
+        vec![
+            "canary exposure, mean / max as trained; as released (of the maximum)".into(),
+            r.canaries.as_ref().map_or_else(
+                || "not measured (cloister model check-disclosure ID --canaries N)".into(),
+                |c| {
+                    format!(
+                        "{:.2} / {:.2}; {:.2} / {:.2} (of {:.2}; {} canaries)",
+                        c.mean_exposure,
+                        c.max_exposure,
+                        c.mean_exposure_released,
+                        c.max_exposure_released,
+                        c.max_possible,
+                        c.planted
+                    )
+                },
+            ),
+        ],
     ];
     out.push_str(&table(&["check", "result"], &rows));
     out

@@ -433,3 +433,73 @@ when { resource.membership_auc_milli > 0 };
         1
     );
 }
+
+#[test]
+fn canaries_show_what_a_template_memorises_and_what_the_release_keeps() {
+    let Fx {
+        _dir,
+        c,
+        admin,
+        sci,
+        rev,
+        ..
+    } = fx();
+    let e = c
+        .add_plugin(
+            &sci,
+            cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
+        )
+        .unwrap();
+    c.approve_plugin(&rev, &e.digest).unwrap();
+    let train = |sets: Vec<(String, String)>| {
+        let req = cloister_host::service::TrainRequest {
+            dataset: "d".into(),
+            preprocess: vec![],
+            features: e.digest.clone(),
+            template: "logreg".into(),
+            sets,
+            split_seed: None,
+        };
+        c.train_model(&sci, &req, &mut |_| {}).unwrap().id
+    };
+    // A template that learns every feature memorises the canaries; the
+    // released copy (rows under k records zeroed) does not carry them.
+    let learns = train(vec![
+        ("min_support".into(), "0".into()),
+        ("l2".into(), "0".into()),
+    ]);
+    let m = c.measure_canaries(&sci, &learns, 20).unwrap();
+    let k = m.disclosure.as_ref().unwrap().canaries.clone().unwrap();
+    assert_eq!((k.planted, k.references), (20, 1000));
+    assert!(k.mean_exposure > 0.6 * k.max_possible, "{k:?}");
+    assert!(k.mean_exposure_released < 0.3 * k.max_possible, "{k:?}");
+    // Stored with the model.
+    let shown = c.show_model(&sci, &learns).unwrap();
+    let stored = shown.disclosure.unwrap().canaries.unwrap();
+    assert_eq!(stored.planted, k.planted);
+    assert!((stored.mean_exposure_released - k.mean_exposure_released).abs() < 1e-9);
+    // The shipped template (min_support 10) never learns them.
+    let floor = train(vec![]);
+    let k = c
+        .measure_canaries(&sci, &floor, 20)
+        .unwrap()
+        .disclosure
+        .unwrap()
+        .canaries
+        .unwrap();
+    assert!(k.mean_exposure < 0.3 * k.max_possible, "{k:?}");
+    // Bad requests name what is wrong.
+    let err = c.measure_canaries(&sci, &floor, 0).unwrap_err();
+    assert!(err.to_string().contains("--canaries"), "{err}");
+    // Measuring trains a model: authorized and audited as training.
+    let entries = c
+        .audit_log(
+            &admin,
+            &cloister_host::audit::AuditFilter {
+                action: Some("train_model".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(entries.len() >= 4, "two trainings and two measurements");
+}

@@ -149,6 +149,152 @@ pub struct Report {
     pub small_classes: Vec<String>,
     /// Seconds the checks took.
     pub seconds: f64,
+    /// Canary exposure, when it was measured (`cloister model
+    /// check-disclosure ID --canaries N`).
+    #[serde(default)]
+    pub canaries: Option<Canaries>,
+}
+
+/// Canary exposure (the Secret Sharer method, read for a classifier): how
+/// much a template memorises records no other record resembles.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Canaries {
+    /// Canary records planted in the training split.
+    pub planted: u32,
+    /// Reference patterns drawn the same way and not planted.
+    pub references: u32,
+    /// Features per canary (the median of the training records').
+    pub features_each: u32,
+    /// `log2(references + 1)`: the exposure of a canary the model scores
+    /// above every reference.
+    pub max_possible: f64,
+    /// Mean and largest exposure over the canaries, on the model as
+    /// trained with them.
+    pub mean_exposure: f64,
+    /// See `mean_exposure`.
+    pub max_exposure: f64,
+    /// The same on the copy the release would carry (rows fewer than `k`
+    /// records support zeroed).
+    pub mean_exposure_released: f64,
+    /// See `mean_exposure_released`.
+    pub max_exposure_released: f64,
+    /// Seconds the retraining and scoring took.
+    pub seconds: f64,
+}
+
+/// Plants `planted` canary records in the training split, retrains the
+/// template on it and measures how far the model singles them out.
+///
+/// A canary is a record of `m` features (the median count of the training
+/// records'), drawn uniformly from the whole input space — so almost none
+/// is a feature any real record has, which is what a record with a unique
+/// token, or bytes a featurizer encoded, looks like — each with the
+/// training records' median absolute value, and a random class. The
+/// references are `references` more such patterns, never trained on. A
+/// canary's exposure is `log2(R + 1) - log2(rank)`, where `rank` is the
+/// place of the canary's probability of its class among the references'
+/// probabilities of that class (1: above all of them; ties count half):
+/// about 1.4 on average for a model that did not memorise it (a uniformly
+/// random rank), `log2(R + 1)` for one that did.
+pub fn canary_exposure(
+    template: &crate::Template,
+    data: crate::TrainingSet<'_>,
+    planted: u32,
+    references: u32,
+    k: u32,
+    seed: u64,
+) -> Result<Canaries, TrainError> {
+    let started = std::time::Instant::now();
+    let x = data.x;
+    let mut counts: Vec<usize> = data.train.iter().map(|&r| x.row(r).0.len()).collect();
+    counts.sort_unstable();
+    let m = counts
+        .get(counts.len() / 2)
+        .copied()
+        .unwrap_or(1)
+        .clamp(1, data.dim);
+    let mut values: Vec<f32> = data
+        .train
+        .iter()
+        .flat_map(|&r| x.row(r).1.iter().map(|v| v.abs()))
+        .filter(|v| *v > 0.0)
+        .collect();
+    values.sort_unstable_by(f32::total_cmp);
+    let value = values.get(values.len() / 2).copied().unwrap_or(1.0);
+    let mut rng = Rng::new(seed ^ 0xca9a_7135);
+    let mut x2 = x.clone();
+    let mut y2 = data.y.to_vec();
+    let first = x2.rows();
+    let classes = data.classes.max(1);
+    for _ in 0..(planted + references) {
+        let mut idx: Vec<u32> = Vec::with_capacity(m);
+        while idx.len() < m {
+            let i = (rng.next_u64() % data.dim as u64) as u32;
+            if !idx.contains(&i) {
+                idx.push(i);
+            }
+        }
+        idx.sort_unstable();
+        x2.values.extend(std::iter::repeat_n(value, idx.len()));
+        x2.indices.extend(idx);
+        x2.offsets.push(x2.indices.len() as u32);
+        y2.push((rng.next_u64() % classes as u64) as usize);
+    }
+    let canaries: Vec<usize> = (first..first + planted as usize).collect();
+    let refs: Vec<usize> = (first + planted as usize..x2.rows()).collect();
+    let mut train: Vec<usize> = data.train.to_vec();
+    train.extend(&canaries);
+    let fitted = crate::fit(
+        template,
+        crate::TrainingSet {
+            x: &x2,
+            y: &y2,
+            train: &train,
+            ..data
+        },
+        &mut |_| {},
+    )?;
+    let exposures = |model: &Trained| -> Result<Vec<f64>, TrainError> {
+        let c = model.predict(&x2, &canaries)?;
+        let r = model.predict(&x2, &refs)?;
+        Ok(canaries
+            .iter()
+            .enumerate()
+            .map(|(i, &row)| {
+                let label = y2[row];
+                let own = c[i * classes + label];
+                // Ties count half: a model that cannot tell the canary
+                // from the references (all scored alike) ranks it in the
+                // middle, not first.
+                let rank = 1.0
+                    + (0..refs.len())
+                        .map(|j| match r[j * classes + label].total_cmp(&own) {
+                            std::cmp::Ordering::Greater => 1.0,
+                            std::cmp::Ordering::Equal => 0.5,
+                            std::cmp::Ordering::Less => 0.0,
+                        })
+                        .sum::<f64>();
+                ((refs.len() + 1) as f64).log2() - rank.log2()
+            })
+            .collect())
+    };
+    let trained = exposures(&fitted.model)?;
+    let mut released = Trained::from_safetensors(template.kind, &fitted.model.to_safetensors()?)?;
+    prune(&mut released, &feature_support(&x2, &train, data.dim), k);
+    let after = exposures(&released)?;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    Ok(Canaries {
+        planted,
+        references,
+        features_each: m as u32,
+        max_possible: ((references + 1) as f64).log2(),
+        mean_exposure: mean(&trained),
+        max_exposure: max(&trained),
+        mean_exposure_released: mean(&after),
+        max_exposure_released: max(&after),
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// For each input feature, how many of `rows` have it (saturating).
@@ -491,6 +637,7 @@ pub fn check(
             membership_flagged,
             small_classes,
             seconds: started.elapsed().as_secs_f64(),
+            canaries: None,
         },
         released,
     ))
@@ -525,6 +672,79 @@ mod tests {
         let low: Vec<f64> = a.iter().map(|x| x * 0.2).collect();
         let m = membership(&low, &b, 20, 1);
         assert!(m.mean_auc > 0.9 && m.significant_share == 1.0, "{m:?}");
+    }
+
+    #[test]
+    fn canaries_expose_a_template_that_learns_rare_features_and_not_its_release() {
+        // 600 records of 12 features out of the first 300 of 8192, labeled
+        // by which third of that vocabulary most of their features are in.
+        let (dim, n) = (8192usize, 600usize);
+        let mut rng = Rng::new(5);
+        let mut x = SparseBatch {
+            offsets: vec![0],
+            indices: Vec::new(),
+            values: Vec::new(),
+        };
+        let mut y = Vec::new();
+        for r in 0..n {
+            let class = r % 3;
+            let mut idx: Vec<u32> = (0..12)
+                .map(|j| {
+                    let third = if j < 8 {
+                        class
+                    } else {
+                        (rng.next_u64() % 3) as usize
+                    };
+                    (third * 100) as u32 + (rng.next_u64() % 100) as u32
+                })
+                .collect();
+            idx.sort_unstable();
+            idx.dedup();
+            x.values.extend(idx.iter().map(|_| 0.3f32));
+            x.indices.extend(idx);
+            x.offsets.push(x.indices.len() as u32);
+            y.push(class);
+        }
+        let train: Vec<usize> = (0..n).filter(|r| r % 5 != 0).collect();
+        let val: Vec<usize> = (0..n).filter(|r| r % 5 == 0).collect();
+        let set = crate::TrainingSet {
+            x: &x,
+            dim,
+            y: &y,
+            classes: 3,
+            train: &train,
+            val: &val,
+            budget_bytes: 1 << 30,
+        };
+        let run = |min_support: &str| {
+            let t = crate::template(
+                "logreg",
+                &[
+                    ("min_support".into(), min_support.into()),
+                    ("l2".into(), "0".into()),
+                    ("epochs".into(), "40".into()),
+                    ("patience".into(), "40".into()),
+                ],
+            )
+            .expect("template");
+            canary_exposure(&t, set, 20, 200, 10, 1).expect("canaries")
+        };
+        let learns = run("0");
+        assert_eq!((learns.planted, learns.references), (20, 200));
+        assert!((learns.max_possible - 201f64.log2()).abs() < 1e-9);
+        // Learned as trained: exposure near the maximum.
+        assert!(
+            learns.mean_exposure > 0.6 * learns.max_possible,
+            "{learns:?}"
+        );
+        // The release prunes every canary row (each has support 1).
+        assert!(
+            learns.mean_exposure_released < 0.3 * learns.max_possible,
+            "{learns:?}"
+        );
+        // A template that never learns rare features is not exposed.
+        let floor = run("10");
+        assert!(floor.mean_exposure < 0.3 * floor.max_possible, "{floor:?}");
     }
 
     #[test]

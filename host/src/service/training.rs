@@ -218,6 +218,124 @@ impl Cloister {
         self.run_training(plan, progress)
     }
 
+    /// Measures canary exposure for a model trained by `train`
+    /// ([`crate::train::disclosure::canary_exposure`]): its dataset
+    /// version run again through its own chain (the feature cache makes
+    /// that cheap), `planted` canaries added to the training split, the
+    /// template retrained, and the exposure stored in the model's
+    /// disclosure report. Authorized as training (it trains a model) on
+    /// the model, and audited before it runs.
+    pub fn measure_canaries(
+        &self,
+        who: &User,
+        id: &str,
+        planted: u32,
+    ) -> Result<ModelManifest, ServiceError> {
+        if !(1..=1000).contains(&planted) {
+            return Err(ServiceError::BadRequest(format!(
+                "--canaries: expected 1 to 1000 canaries, got {planted}"
+            )));
+        }
+        let mut m = self.model_for(who, Action::TrainModel, id, &(id, "canaries", planted))?;
+        let l = m.lineage.clone();
+        if m.disclosure.is_none() {
+            return Err(ServiceError::BadRequest(format!(
+                "model {id} has no disclosure report to add the canaries to (it predates \
+                 disclosure control): retrain it"
+            )));
+        }
+        if l.job.is_some() {
+            return Err(ServiceError::BadRequest(format!(
+                "model {id} was trained by job {}: canary exposure needs the labels of a \
+                 `cloister train` model (retrain it with `cloister train` to measure)",
+                l.job.as_deref().unwrap_or("-")
+            )));
+        }
+        let version = datasets::resolve(&self.env, &l.dataset)?;
+        if version.digest != l.dataset_digest {
+            return Err(ServiceError::BadRequest(format!(
+                "dataset {} no longer matches the model's lineage",
+                l.dataset
+            )));
+        }
+        let preprocess: Vec<_> = l
+            .preprocess
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                (
+                    d.clone(),
+                    l.preprocess_config.get(i).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let chain = self.load_chain(
+            who,
+            &preprocess,
+            &(l.features.clone(), l.features_config.clone()),
+        )?;
+        let data = self.featurize_dataset(
+            who,
+            &format!("canaries {id}"),
+            &version,
+            &chain,
+            l.split_seed,
+            training_label,
+            &mut |_, _| {},
+        )?;
+        let class: std::collections::HashMap<&str, usize> = m
+            .classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i))
+            .collect();
+        let mut y = vec![0usize; data.rows.len()];
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for (row, (_, split, label)) in data.rows.iter().enumerate() {
+            let Some(&c) = class.get(label.as_str()) else {
+                continue;
+            };
+            y[row] = c;
+            match split {
+                Split::Train => train.push(row),
+                Split::Validation => val.push(row),
+                Split::Test => {}
+            }
+        }
+        let template = Template {
+            name: m.template.clone(),
+            kind: m.kind,
+            description: String::new(),
+            hyper: m.hyper.clone(),
+        };
+        let seed = u64::from_le_bytes(
+            crate::digest::Digest::of(id.as_bytes()).0[..8]
+                .try_into()
+                .unwrap_or([0; 8]),
+        );
+        let canaries = crate::train::disclosure::canary_exposure(
+            &template,
+            crate::train::TrainingSet {
+                x: &data.x,
+                dim: data.dim,
+                y: &y,
+                classes: m.classes.len(),
+                train: &train,
+                val: &val,
+                budget_bytes: self.env.limits().training_budget_bytes(),
+            },
+            planted,
+            1000,
+            self.env.limits().disclosure().k,
+            seed,
+        )?;
+        if let Some(report) = &mut m.disclosure {
+            report.canaries = Some(canaries);
+        }
+        crate::models::put(self.env.store().as_ref(), &m)?;
+        Ok(m)
+    }
+
     /// Predicts on records the caller supplies (a plugin author's mock
     /// data), through the model's own plugin chain.
     pub fn predict(
