@@ -109,6 +109,25 @@ impl Cloister {
         })
     }
 
+    /// Loads a model's own chain from its lineage, each plugin with the
+    /// configuration it was trained with.
+    pub(crate) fn lineage_chain(&self, who: &User, l: &Lineage) -> Result<Chain, ServiceError> {
+        let preprocess: Vec<_> = l
+            .preprocess
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let config = l.preprocess_config.get(i).cloned().unwrap_or_default();
+                (d.clone(), config)
+            })
+            .collect();
+        self.load_chain(
+            who,
+            &preprocess,
+            &(l.features.clone(), l.features_config.clone()),
+        )
+    }
+
     /// Runs records through a chain, every stage audited (see
     /// [`Cloister::plugin_stage`]): the records the preprocessors kept, their
     /// features and the featurizer's dimension.
@@ -267,11 +286,7 @@ impl Cloister {
     /// both digests and the disclosure report.
     pub(crate) fn register_model(&self, m: NewModel<'_>) -> Result<ModelManifest, ServiceError> {
         let weights = m.fitted.model.to_safetensors()?;
-        let seed = u64::from_le_bytes(
-            Digest::of(m.id.as_bytes()).0[..8]
-                .try_into()
-                .unwrap_or([0; 8]),
-        );
+        let seed = model_seed(&m.id);
         let (report, released) = disclosure::check(
             &m.fitted.model,
             m.template.kind,
@@ -309,4 +324,14 @@ impl Cloister {
         )?;
         Ok(manifest)
     }
+}
+
+/// The seed of a model's disclosure measurements: from its id, so a
+/// report can be recomputed.
+pub(crate) fn model_seed(id: &str) -> u64 {
+    u64::from_le_bytes(
+        Digest::of(id.as_bytes()).0[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    )
 }

@@ -258,22 +258,7 @@ impl Cloister {
                 l.dataset
             )));
         }
-        let preprocess: Vec<_> = l
-            .preprocess
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                (
-                    d.clone(),
-                    l.preprocess_config.get(i).cloned().unwrap_or_default(),
-                )
-            })
-            .collect();
-        let chain = self.load_chain(
-            who,
-            &preprocess,
-            &(l.features.clone(), l.features_config.clone()),
-        )?;
+        let chain = self.lineage_chain(who, &l)?;
         let data = self.featurize_dataset(
             who,
             &format!("canaries {id}"),
@@ -308,11 +293,7 @@ impl Cloister {
             description: String::new(),
             hyper: m.hyper.clone(),
         };
-        let seed = u64::from_le_bytes(
-            crate::digest::Digest::of(id.as_bytes()).0[..8]
-                .try_into()
-                .unwrap_or([0; 8]),
-        );
+        let seed = super::pipeline::model_seed(id);
         let canaries = crate::train::disclosure::canary_exposure(
             &template,
             crate::train::TrainingSet {
@@ -352,20 +333,7 @@ impl Cloister {
                 ..r.clone()
             })
             .collect();
-        // The model's own chain, each plugin with the configuration it
-        // was trained with.
-        let l = &m.lineage;
-        let preprocess: Vec<_> = l
-            .preprocess
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let config = l.preprocess_config.get(i).cloned().unwrap_or_default();
-                (d.clone(), config)
-            })
-            .collect();
-        let features = (l.features.clone(), l.features_config.clone());
-        let chain = self.load_chain(who, &preprocess, &features)?;
+        let chain = self.lineage_chain(who, &m.lineage)?;
         let (input, x, _) =
             self.run_chain(who, &format!("predict {id}"), input, &chain, &mut |_, _| {})?;
         let model = crate::train::Trained::from_safetensors(
