@@ -104,6 +104,16 @@ pub struct RunArgs {
     /// runs only: inside an environment this log is for administrators).
     #[arg(long)]
     show_plugin_log: bool,
+    /// A fitted featurizer's training records: it is fitted on these, as
+    /// an environment fits it on its training split, before it featurizes
+    /// `--input` (default: `--input` itself).
+    #[arg(long, value_name = "JSONL")]
+    fit_on: Option<PathBuf>,
+    /// The fewest records a term must occur in to enter a fitted
+    /// featurizer's vocabulary (an environment uses its minimum cell size,
+    /// 10 by default).
+    #[arg(long, default_value_t = 10)]
+    fit_min_records: u32,
 }
 
 pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode> {
@@ -244,6 +254,7 @@ fn inspection_json(file: &Path, r: &Inspection) -> serde_json::Value {
         "loadable": r.verdict.is_ok(),
         "refusal": r.verdict.as_ref().err().map(|e| serde_json::json!({"code": e.code(), "message": e.to_string()})),
         "metadata": r.metadata,
+        "fitted": r.fitted,
         "imports": imports,
         "exports": r.exports,
     })
@@ -260,7 +271,11 @@ fn print_inspection(file: &Path, r: &Inspection) {
     if let Some(m) = &r.metadata {
         println!("name:        {}", m.name);
         println!("version:     {}", m.version);
-        println!("kind:        {}", m.kind);
+        if r.fitted {
+            println!("kind:        {} (fitted: learns from the training split)", m.kind);
+        } else {
+            println!("kind:        {}", m.kind);
+        }
         println!("description: {}", m.description);
         if m.config.is_empty() {
             println!("config keys: (none)");
@@ -353,7 +368,7 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
         .load(&bytes)
         .with_context(|| format!("{}", args.file.display()))?;
     let mut runner = plugin
-        .runner(&runtime, &config, limits)?
+        .runner(&runtime, &config, limits.clone())?
         .batch_size(args.batch_size);
     if let Some(w) = args.workers {
         runner = runner.workers(w);
@@ -370,6 +385,27 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
             }
             let input = records::read_file(&args.input, Schema::default())?;
             let n = input.len();
+            if plugin.fitted {
+                let fit_records = match &args.fit_on {
+                    Some(path) => records::read_file(path, Schema::default())?,
+                    None => input.clone(),
+                };
+                let terms = match runner.terms(&fit_records) {
+                    Ok(t) => t,
+                    Err(e) => bail!("fitting on {} records: {} [{}]", fit_records.len(), e, e.code()),
+                };
+                let cap = (limits.max_dimension as usize).min(cloister_host::fitted::MAX_TERMS);
+                let vocabulary = cloister_host::fitted::count(&terms, args.fit_min_records, cap)?;
+                eprintln!(
+                    "fitted on {} records: {} terms at least {} of them contain",
+                    fit_records.len(),
+                    vocabulary.keys.len(),
+                    args.fit_min_records.max(1)
+                );
+                runner = runner.vocabulary(std::sync::Arc::new(vocabulary));
+            } else if args.fit_on.is_some() {
+                bail!("--fit-on is only for fitted featurizers; {} is not one", plugin.metadata.name);
+            }
             let result = if plugin.kind == PluginKind::Preprocessor {
                 runner.preprocess(&input).map(|out| {
                     write_output(args.output.as_deref(), |w| records::write_records(w, &out))

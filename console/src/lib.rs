@@ -157,7 +157,12 @@ impl From<ServiceError> for ApiError {
             | ServiceError::Policy(_)
             | ServiceError::Dataset(DatasetError::Store(_) | DatasetError::Damaged(_))
             | ServiceError::Model(ModelError::Store(_) | ModelError::File { .. })
-            | ServiceError::Job(JobError::Store(_) | JobError::Damaged(_)) => {
+            | ServiceError::Job(JobError::Store(_) | JobError::Damaged(_))
+            | ServiceError::Fit(
+                cloister_host::fitted::FitError::Store(_)
+                | cloister_host::fitted::FitError::Damaged { .. }
+                | cloister_host::fitted::FitError::Missing(_),
+            ) => {
                 tracing::error!(error = %e, "console request failed");
                 ApiError::Internal
             }

@@ -67,10 +67,10 @@ pub struct KeyPlugin<'a> {
 /// The name of the entry for a dataset version (`dataset_digest`), a chain
 /// (preprocessors then the featurizer) and the records given to it, in
 /// order.
-pub fn key<'a>(
+pub fn key<'a, 'b>(
     dataset_digest: &str,
     chain: impl IntoIterator<Item = KeyPlugin<'a>>,
-    ids: impl IntoIterator<Item = &'a str>,
+    ids: impl IntoIterator<Item = &'b str>,
 ) -> Digest {
     // Length-prefixed fields: no two inputs encode alike.
     let mut buf = Vec::new();

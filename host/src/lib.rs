@@ -20,7 +20,7 @@
 //! - [`policy`]: Cedar policies and the authorization decision;
 //! - [`audit`]: the tamper-evident audit log;
 //! - [`users`], [`datasets`], [`registry`], [`models`], [`jobs`],
-//!   [`plugin_log`]: what the store holds;
+//!   [`plugin_log`], [`fitted`]: what the store holds;
 //! - [`service`]: every operation, behind one authorization point.
 //!
 //! See `docs/ARCHITECTURE.md` for the map and the invariants.
@@ -46,6 +46,7 @@ pub mod csv_records;
 pub mod datasets;
 pub mod env;
 pub mod feature_cache;
+pub mod fitted;
 pub mod jobs;
 pub mod limits;
 pub mod models;

@@ -58,6 +58,9 @@ pub struct Lineage {
     /// The featurizer's configuration (empty: its defaults).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features_config: Vec<(String, String)>,
+    /// A fitted featurizer's state (its vocabulary), by digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features_state: Option<String>,
     /// Seed of the train/validation/test split.
     pub split_seed: u64,
     /// The active-learning job that trained it, if any.
@@ -334,40 +337,81 @@ fn read_checked(dir: &Dir, name: &str, sha256: &str) -> Result<Vec<u8>, ModelErr
 }
 
 const BUNDLE_MAGIC: &str = "cloister-model-bundle v1";
+/// A bundle that also carries a fitted featurizer's state.
+const BUNDLE_MAGIC_V2: &str = "cloister-model-bundle v2";
 
-fn signed_message(manifest: &[u8], weights: &[u8]) -> Vec<u8> {
-    let mut m = format!("{BUNDLE_MAGIC}\n").into_bytes();
+fn signed_message(manifest: &[u8], state: Option<&[u8]>, weights: &[u8]) -> Vec<u8> {
+    let magic = if state.is_some() {
+        BUNDLE_MAGIC_V2
+    } else {
+        BUNDLE_MAGIC
+    };
+    let mut m = format!("{magic}\n").into_bytes();
     m.extend_from_slice(&Digest::of(manifest).0);
+    if let Some(state) = state {
+        m.extend_from_slice(&Digest::of(state).0);
+    }
     m.extend_from_slice(&Digest::of(weights).0);
     m
 }
 
-/// A signed bundle: the manifest, the weights, and an Ed25519 signature
-/// over both, with the signing key.
+/// A signed bundle: the manifest, a fitted featurizer's state when the
+/// model has one, the weights, and an Ed25519 signature over all of them,
+/// with the signing key.
 ///
 /// ```text
 /// cloister-model-bundle v1\n
 /// key <hex>\n signature <hex>\n manifest <len>\n <manifest JSON> weights <len>\n <safetensors>
 /// ```
+///
+/// With a state the first line says `v2` and `state <len>\n <vocabulary>`
+/// comes before `weights` (its digest is the manifest's
+/// `lineage.features_state`).
 pub fn bundle(
     manifest: &ModelManifest,
+    state: Option<&[u8]>,
     weights: &[u8],
     sign: &dyn Fn(&[u8]) -> Vec<u8>,
     key: [u8; 32],
 ) -> Result<Vec<u8>, ModelError> {
     let m = serde_json::to_vec_pretty(manifest).map_err(|e| ModelError::Damaged(e.to_string()))?;
-    let sig = sign(&signed_message(&m, weights));
+    let sig = sign(&signed_message(&m, state, weights));
+    let magic = if state.is_some() {
+        BUNDLE_MAGIC_V2
+    } else {
+        BUNDLE_MAGIC
+    };
     let mut out = format!(
-        "{BUNDLE_MAGIC}\nkey {}\nsignature {}\nmanifest {}\n",
+        "{magic}\nkey {}\nsignature {}\nmanifest {}\n",
         hex::encode(key),
         hex::encode(sig),
         m.len()
     )
     .into_bytes();
     out.extend_from_slice(&m);
+    if let Some(state) = state {
+        out.extend_from_slice(format!("state {}\n", state.len()).as_bytes());
+        out.extend_from_slice(state);
+    }
     out.extend_from_slice(format!("weights {}\n", weights.len()).as_bytes());
     out.extend_from_slice(weights);
     Ok(out)
+}
+
+/// Reads a bundle's `NAME LEN\n` line off the front of `rest`: the length.
+fn section(rest: &mut &[u8], name: &str) -> Result<usize, ModelError> {
+    let end = rest
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| ModelError::Bundle("truncated".into()))?;
+    let n = std::str::from_utf8(&rest[..end])
+        .ok()
+        .and_then(|l| l.strip_prefix(name))
+        .and_then(|l| l.strip_prefix(' '))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| ModelError::Bundle(format!("expected `{name} LEN`")))?;
+    *rest = &rest[end + 1..];
+    Ok(n)
 }
 
 /// What a verified bundle holds.
@@ -379,6 +423,9 @@ pub struct VerifiedBundle {
     pub manifest: ModelManifest,
     /// The weights.
     pub weights: Vec<u8>,
+    /// A fitted featurizer's state (an encoded vocabulary), checked
+    /// against the manifest's lineage.
+    pub state: Option<Vec<u8>>,
 }
 
 /// Verifies a bundle offline. With `expected_key`, the bundle must be signed
@@ -399,9 +446,11 @@ pub fn verify_bundle(
         rest = &rest[end + 1..];
         Ok(l)
     };
-    if line()? != BUNDLE_MAGIC {
-        return Err(bad("not a cloister model bundle"));
-    }
+    let v2 = match line()? {
+        BUNDLE_MAGIC => false,
+        BUNDLE_MAGIC_V2 => true,
+        _ => return Err(bad("not a cloister model bundle")),
+    };
     let key_hex = line()?
         .strip_prefix("key ")
         .ok_or_else(|| bad("expected `key`"))?
@@ -419,19 +468,18 @@ pub fn verify_bundle(
     }
     let (m, after) = rest.split_at(mlen);
     rest = after;
-    let wlen: usize = {
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| bad("truncated"))?;
-        let l = std::str::from_utf8(&rest[..end]).map_err(|_| bad("header is not text"))?;
-        let n = l
-            .strip_prefix("weights ")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| bad("expected `weights LEN`"))?;
-        rest = &rest[end + 1..];
-        n
+    let state = if v2 {
+        let slen = section(&mut rest, "state")?;
+        if rest.len() < slen {
+            return Err(bad("truncated state"));
+        }
+        let (st, after) = rest.split_at(slen);
+        rest = after;
+        Some(st)
+    } else {
+        None
     };
+    let wlen = section(&mut rest, "weights")?;
     if rest.len() != wlen {
         return Err(bad("the weights are truncated or followed by extra bytes"));
     }
@@ -446,16 +494,22 @@ pub fn verify_bundle(
     }
     let sig = hex::decode(&sig_hex).map_err(|_| bad("signature is not hex"))?;
     UnparsedPublicKey::new(&ED25519, key)
-        .verify(&signed_message(m, rest), &sig)
+        .verify(&signed_message(m, state, rest), &sig)
         .map_err(|_| bad("the signature does not verify: the bundle was modified"))?;
     let manifest: ModelManifest =
         serde_json::from_slice(m).map_err(|e| ModelError::Bundle(format!("manifest: {e}")))?;
     if Digest::of(rest).to_hex() != manifest.weights_sha256 {
         return Err(bad("the weights do not match the manifest"));
     }
+    if state.map(|s| Digest::of(s).to_hex()) != manifest.lineage.features_state {
+        return Err(bad(
+            "the fitted state does not match the manifest's lineage",
+        ));
+    }
     Ok(VerifiedBundle {
         key,
         manifest,
         weights: rest.to_vec(),
+        state: state.map(<[u8]>::to_vec),
     })
 }

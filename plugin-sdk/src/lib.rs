@@ -53,7 +53,7 @@ pub use config::Config;
 pub use features::Features;
 pub use types::{
     Action, ConfigKey, DataRecord, Decision, ErrorCode, Metadata, Numeric, NumericField,
-    PluginError, PluginKind, PredictionSet, SparseBatch, TextField,
+    PluginError, PluginKind, PredictionSet, SparseBatch, TextField, Vocabulary,
 };
 
 /// A data record as plugins see it (the WIT `data-record`).
@@ -138,6 +138,53 @@ pub trait Featurizer: Plugin {
         }
         Ok(())
     }
+}
+
+/// A featurizer that learns from the training split before it featurizes
+/// (a vocabulary, document frequencies), exported with
+/// [`export_fitted_featurizer!`].
+///
+/// Fitting is split between plugin and host: the plugin names the term
+/// keys each training record contains ([`FittedFeaturizer::terms`], one
+/// record per fresh instance), the host counts them and keeps the keys
+/// that at least k records contain (k is the environment's minimum cell
+/// size, 10 by default), and every instance that featurizes first receives
+/// that [`Vocabulary`] ([`FittedFeaturizer::load`]). The plugin never sees
+/// the counts of a key fewer than k records contain, nor any label; what
+/// it learns is stored with the model and travels with it. Make keys with
+/// [`term_key`].
+pub trait FittedFeaturizer: Featurizer {
+    /// Push the term keys of one training record into `out` (any order;
+    /// repeats count once).
+    fn terms(&mut self, record: &Record, out: &mut Vec<u64>) -> Result<(), PluginError>;
+
+    /// Take the fitted vocabulary. Called once per instance, after
+    /// `configure` and before [`Featurizer::dimension`] and
+    /// [`Featurizer::featurize`], which may depend on it.
+    fn load(&mut self, vocabulary: &Vocabulary) -> Result<(), PluginError>;
+}
+
+/// A stable 64-bit key for a term (FNV-1a over its UTF-8 bytes): the same
+/// term gives the same key in every instance, build and platform.
+pub fn term_key(term: &str) -> u64 {
+    term_key_parts(&[term])
+}
+
+/// [`term_key`] of terms joined by single spaces, without building the
+/// joined string: `term_key_parts(&["new", "york"]) == term_key("new york")`.
+pub fn term_key_parts(parts: &[&str]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            h = (h ^ u64::from(b' ')).wrapping_mul(PRIME);
+        }
+        for &b in part.as_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+        }
+    }
+    h
 }
 
 /// A selector's verdict on one record.
@@ -264,8 +311,8 @@ include!(concat!(env!("OUT_DIR"), "/generate.rs"));
 #[doc(hidden)]
 pub mod __private {
     use super::{
-        Config, DataRecord, Decision, Features, Featurizer, Metadata, Plugin, PluginError,
-        PluginKind, PredictionSet, Preprocessor, Selector, SparseBatch,
+        Config, DataRecord, Decision, Features, Featurizer, FittedFeaturizer, Metadata, Plugin,
+        PluginError, PluginKind, PredictionSet, Preprocessor, Selector, SparseBatch, Vocabulary,
     };
     use std::any::Any;
     use std::cell::RefCell;
@@ -317,6 +364,18 @@ pub mod __private {
             p.featurize_batch(&batch, &mut out)?;
             Ok(out.into_batch())
         })
+    }
+
+    pub fn terms<T: FittedFeaturizer>(record: DataRecord) -> Result<Vec<u64>, PluginError> {
+        with_instance::<T, _>(|p| {
+            let mut out = Vec::new();
+            p.terms(&record, &mut out)?;
+            Ok(out)
+        })
+    }
+
+    pub fn load<T: FittedFeaturizer>(vocabulary: Vocabulary) -> Result<(), PluginError> {
+        with_instance::<T, _>(|p| p.load(&vocabulary))
     }
 
     pub fn select<T: Selector>(
@@ -375,6 +434,48 @@ macro_rules! export_featurizer {
                 }
                 fn configure(config: Vec<(String, String)>) -> Result<(), $crate::PluginError> {
                     $crate::__private::configure::<$plugin>(config)
+                }
+            }
+            impl exports::cloister::plugin::featurize::Guest for Export {
+                fn dimension() -> u32 {
+                    $crate::__private::dimension::<$plugin>()
+                }
+                fn featurize(
+                    batch: Vec<$crate::DataRecord>,
+                ) -> Result<$crate::SparseBatch, $crate::PluginError> {
+                    $crate::__private::featurize::<$plugin>(batch)
+                }
+            }
+            export!(Export);
+        }
+    };
+}
+
+/// Export a [`FittedFeaturizer`] as the component's plugin (the
+/// `fitted-featurizer` world). Expands to nothing on non-wasm targets.
+#[macro_export]
+macro_rules! export_fitted_featurizer {
+    ($plugin:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        mod __cloister_export {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::__cloister_generate_fitted_featurizer!();
+            struct Export;
+            impl exports::cloister::plugin::plugin::Guest for Export {
+                fn describe() -> $crate::Metadata {
+                    $crate::__private::metadata::<$plugin>($crate::PluginKind::Featurizer)
+                }
+                fn configure(config: Vec<(String, String)>) -> Result<(), $crate::PluginError> {
+                    $crate::__private::configure::<$plugin>(config)
+                }
+            }
+            impl exports::cloister::plugin::fit::Guest for Export {
+                fn terms(item: $crate::DataRecord) -> Result<Vec<u64>, $crate::PluginError> {
+                    $crate::__private::terms::<$plugin>(item)
+                }
+                fn load(vocabulary: $crate::Vocabulary) -> Result<(), $crate::PluginError> {
+                    $crate::__private::load::<$plugin>(vocabulary)
                 }
             }
             impl exports::cloister::plugin::featurize::Guest for Export {

@@ -119,6 +119,20 @@ pub struct SparseBatch {
     pub values: Vec<f32>,
 }
 
+/// What a fitted featurizer learnt from the training split, as the host
+/// counted it: term keys, strictly increasing, with the number of training
+/// records containing each. Every count is at least the environment's
+/// minimum cell size, so no term singles out a record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Vocabulary {
+    /// Training records the terms were counted over.
+    pub documents: u32,
+    /// Term keys, strictly increasing.
+    pub keys: Vec<u64>,
+    /// `document_frequencies[i]` training records contain `keys[i]`.
+    pub document_frequencies: Vec<u32>,
+}
+
 /// The predictions of two or more models for one record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PredictionSet {

@@ -27,6 +27,10 @@ const PLUGINS: &[PluginCrate] = &[
         package: "entropy",
         dir: "plugins/entropy",
     },
+    PluginCrate {
+        package: "tfidf",
+        dir: "plugins/tfidf",
+    },
 ];
 
 fn main() {

@@ -8,6 +8,7 @@ use wasmtime::component::InstancePre;
 use super::sandbox::HostState;
 use cloister_types::types::{
     DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch,
+    Vocabulary,
 };
 
 /// `cloister:plugin/types` as bindgen sees it: the host's own types, plus the
@@ -53,6 +54,14 @@ mod featurizer {
     });
 }
 
+mod fitted_featurizer {
+    wasmtime::component::bindgen!({
+        path: "../../plugin-sdk/wit",
+        world: "fitted-featurizer",
+        with: { "cloister:plugin/types": crate::bindings::types_iface },
+    });
+}
+
 mod selector {
     wasmtime::component::bindgen!({
         path: "../../plugin-sdk/wit",
@@ -62,6 +71,7 @@ mod selector {
 }
 
 const PLUGIN_IFACE: &str = "cloister:plugin/plugin@0.1";
+const FIT_IFACE: &str = "cloister:plugin/fit@0.1";
 const KIND_IFACES: [(&str, PluginKind); 3] = [
     ("cloister:plugin/preprocess@0.1", PluginKind::Preprocessor),
     ("cloister:plugin/featurize@0.1", PluginKind::Featurizer),
@@ -69,8 +79,10 @@ const KIND_IFACES: [(&str, PluginKind); 3] = [
 ];
 
 /// The kind whose world the exports implement: the common `plugin`
-/// interface plus exactly one kind interface (any 0.1.x version).
-pub(crate) fn exported_kind(exports: &[String]) -> Option<PluginKind> {
+/// interface plus exactly one kind interface (any 0.1.x version); and
+/// whether it is a fitted featurizer (a featurizer that also exports
+/// `fit`). `fit` beside any other kind is no world.
+pub(crate) fn exported_kind(exports: &[String]) -> Option<(PluginKind, bool)> {
     let has = |prefix: &str| exports.iter().any(|e| e.starts_with(&format!("{prefix}.")));
     if !has(PLUGIN_IFACE) {
         return None;
@@ -80,8 +92,10 @@ pub(crate) fn exported_kind(exports: &[String]) -> Option<PluginKind> {
         .filter(|(iface, _)| has(iface))
         .map(|&(_, k)| k)
         .collect();
+    let fitted = has(FIT_IFACE);
     match kinds.as_slice() {
-        [k] => Some(*k),
+        [PluginKind::Featurizer] => Some((PluginKind::Featurizer, fitted)),
+        [k] if !fitted => Some((*k, false)),
         _ => None,
     }
 }
@@ -90,13 +104,20 @@ pub(crate) fn exported_kind(exports: &[String]) -> Option<PluginKind> {
 pub(crate) enum Pre {
     Preprocessor(preprocessor::PreprocessorPre<HostState>),
     Featurizer(featurizer::FeaturizerPre<HostState>),
+    FittedFeaturizer(fitted_featurizer::FittedFeaturizerPre<HostState>),
     Selector(selector::SelectorPre<HostState>),
 }
 
 impl Pre {
-    pub(crate) fn new(kind: PluginKind, pre: InstancePre<HostState>) -> wasmtime::Result<Pre> {
+    pub(crate) fn new(
+        (kind, fitted): (PluginKind, bool),
+        pre: InstancePre<HostState>,
+    ) -> wasmtime::Result<Pre> {
         Ok(match kind {
             PluginKind::Preprocessor => Pre::Preprocessor(preprocessor::PreprocessorPre::new(pre)?),
+            PluginKind::Featurizer if fitted => {
+                Pre::FittedFeaturizer(fitted_featurizer::FittedFeaturizerPre::new(pre)?)
+            }
             PluginKind::Featurizer => Pre::Featurizer(featurizer::FeaturizerPre::new(pre)?),
             PluginKind::Selector => Pre::Selector(selector::SelectorPre::new(pre)?),
         })
@@ -106,6 +127,7 @@ impl Pre {
         Ok(match self {
             Pre::Preprocessor(p) => Bindings::Preprocessor(p.instantiate(store)?),
             Pre::Featurizer(p) => Bindings::Featurizer(p.instantiate(store)?),
+            Pre::FittedFeaturizer(p) => Bindings::FittedFeaturizer(p.instantiate(store)?),
             Pre::Selector(p) => Bindings::Selector(p.instantiate(store)?),
         })
     }
@@ -115,6 +137,7 @@ impl Pre {
 pub(crate) enum Bindings {
     Preprocessor(preprocessor::Preprocessor),
     Featurizer(featurizer::Featurizer),
+    FittedFeaturizer(fitted_featurizer::FittedFeaturizer),
     Selector(selector::Selector),
 }
 
@@ -131,6 +154,7 @@ impl Bindings {
         match self {
             Bindings::Preprocessor(b) => b.cloister_plugin_plugin().call_describe(store),
             Bindings::Featurizer(b) => b.cloister_plugin_plugin().call_describe(store),
+            Bindings::FittedFeaturizer(b) => b.cloister_plugin_plugin().call_describe(store),
             Bindings::Selector(b) => b.cloister_plugin_plugin().call_describe(store),
         }
     }
@@ -143,6 +167,9 @@ impl Bindings {
         match self {
             Bindings::Preprocessor(b) => b.cloister_plugin_plugin().call_configure(store, config),
             Bindings::Featurizer(b) => b.cloister_plugin_plugin().call_configure(store, config),
+            Bindings::FittedFeaturizer(b) => {
+                b.cloister_plugin_plugin().call_configure(store, config)
+            }
             Bindings::Selector(b) => b.cloister_plugin_plugin().call_configure(store, config),
         }
     }
@@ -150,6 +177,7 @@ impl Bindings {
     pub(crate) fn dimension(&self, store: &mut Store<HostState>) -> wasmtime::Result<u32> {
         match self {
             Bindings::Featurizer(b) => b.cloister_plugin_featurize().call_dimension(store),
+            Bindings::FittedFeaturizer(b) => b.cloister_plugin_featurize().call_dimension(store),
             _ => Err(wasmtime::format_err!("not a featurizer")),
         }
     }
@@ -172,6 +200,31 @@ impl Bindings {
     ) -> CallResult<SparseBatch> {
         match self {
             Bindings::Featurizer(b) => b.cloister_plugin_featurize().call_featurize(store, batch),
+            Bindings::FittedFeaturizer(b) => {
+                b.cloister_plugin_featurize().call_featurize(store, batch)
+            }
+            _ => wrong_kind(),
+        }
+    }
+
+    pub(crate) fn terms(
+        &self,
+        store: &mut Store<HostState>,
+        record: &DataRecord,
+    ) -> CallResult<Vec<u64>> {
+        match self {
+            Bindings::FittedFeaturizer(b) => b.cloister_plugin_fit().call_terms(store, record),
+            _ => wrong_kind(),
+        }
+    }
+
+    pub(crate) fn load(
+        &self,
+        store: &mut Store<HostState>,
+        vocabulary: &Vocabulary,
+    ) -> CallResult<()> {
+        match self {
+            Bindings::FittedFeaturizer(b) => b.cloister_plugin_fit().call_load(store, vocabulary),
             _ => wrong_kind(),
         }
     }

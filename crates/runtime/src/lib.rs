@@ -37,6 +37,7 @@ use bindings::{Bindings, Pre};
 use cloister_types::digest::Digest;
 use cloister_types::types::{
     DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch,
+    Vocabulary,
 };
 use sandbox::HostState;
 
@@ -283,6 +284,7 @@ impl Runtime {
             imports: Vec::new(),
             exports: Vec::new(),
             metadata: None,
+            fitted: false,
             verdict: Ok(()),
         };
         let loaded = (|| {
@@ -300,7 +302,10 @@ impl Runtime {
             self.finish_load(digest, component)
         })();
         match loaded {
-            Ok(p) => report.metadata = Some(p.metadata),
+            Ok(p) => {
+                report.fitted = p.fitted;
+                report.metadata = Some(p.metadata);
+            }
             Err(e) => report.verdict = Err(e),
         }
         report
@@ -333,18 +338,20 @@ impl Runtime {
             .exports(&self.engine)
             .map(|(n, _)| n.to_string())
             .collect();
-        let kind = bindings::exported_kind(&exports).ok_or(RuntimeError::NoPluginWorld)?;
+        let (kind, fitted) =
+            bindings::exported_kind(&exports).ok_or(RuntimeError::NoPluginWorld)?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             RuntimeError::InterfaceMismatch {
                 detail: Sealed::new(format!("{e:#}")),
             }
         })?;
-        let pre = Pre::new(kind, instance_pre).map_err(|e| RuntimeError::InterfaceMismatch {
+        let pre = Pre::new((kind, fitted), instance_pre).map_err(|e| RuntimeError::InterfaceMismatch {
             detail: Sealed::new(format!("{e:#}")),
         })?;
         let mut plugin = LoadedPlugin {
             digest,
             kind,
+            fitted,
             metadata: Metadata {
                 name: String::new(),
                 version: String::new(),
@@ -392,6 +399,8 @@ pub struct Inspection {
     pub exports: Vec<String>,
     /// The plugin's self-description, when it loaded.
     pub metadata: Option<Metadata>,
+    /// A fitted featurizer (it exports `fit`).
+    pub fitted: bool,
     /// Loadable, or why not.
     pub verdict: Result<(), RuntimeError>,
 }
@@ -403,6 +412,9 @@ pub struct LoadedPlugin {
     pub digest: Digest,
     /// Its kind, from its exports (and matching its metadata).
     pub kind: PluginKind,
+    /// A featurizer that fits on the training split first (it exports the
+    /// `fit` interface of the `fitted-featurizer` world).
+    pub fitted: bool,
     /// Its self-description, validated.
     pub metadata: Metadata,
     pre: Arc<Pre>,
@@ -414,6 +426,7 @@ impl std::fmt::Debug for LoadedPlugin {
         f.debug_struct("LoadedPlugin")
             .field("digest", &self.digest)
             .field("kind", &self.kind)
+            .field("fitted", &self.fitted)
             .field("name", &self.metadata.name)
             .finish_non_exhaustive()
     }
@@ -454,14 +467,34 @@ impl LoadedPlugin {
         Ok(out)
     }
 
-    /// A configured instance under `limits`.
+    /// A configured instance under `limits`. A fitted featurizer needs its
+    /// vocabulary: see [`LoadedPlugin::instantiate_fitted`].
     pub fn instantiate(
         &self,
         runtime: &Runtime,
         config: &[(String, String)],
         limits: &Limits,
     ) -> Result<PluginInstance, RuntimeError> {
-        self.instantiate_logged(runtime, config, limits)
+        self.instantiate_logged(runtime, config, limits, Purpose::Use(None))
+            .map_err(|f| f.error)
+    }
+
+    /// A configured instance of a fitted featurizer, loaded with the
+    /// vocabulary it was fitted to (`None`: an instance for
+    /// [`PluginInstance::terms`], configured but not loaded, whose
+    /// `featurize` is refused).
+    pub fn instantiate_fitted(
+        &self,
+        runtime: &Runtime,
+        config: &[(String, String)],
+        limits: &Limits,
+        vocabulary: Option<&Vocabulary>,
+    ) -> Result<PluginInstance, RuntimeError> {
+        let purpose = match vocabulary {
+            Some(v) => Purpose::Use(Some(v)),
+            None => Purpose::Fit,
+        };
+        self.instantiate_logged(runtime, config, limits, purpose)
             .map_err(|f| f.error)
     }
 
@@ -472,6 +505,7 @@ impl LoadedPlugin {
         runtime: &Runtime,
         config: &[(String, String)],
         limits: &Limits,
+        purpose: Purpose<'_>,
     ) -> Result<PluginInstance, FailedInstance> {
         let bare = |error| FailedInstance {
             error,
@@ -480,7 +514,7 @@ impl LoadedPlugin {
         };
         let resolved = self.resolve_config(config).map_err(bare)?;
         let mut inst = PluginInstance::raw(runtime, self, limits).map_err(bare)?;
-        match inst.configure_and_size(&resolved, limits.max_dimension) {
+        match inst.configure_and_size(&resolved, limits.max_dimension, purpose) {
             Ok(()) => Ok(inst),
             Err(error) => Err(FailedInstance {
                 error,
@@ -489,6 +523,16 @@ impl LoadedPlugin {
             }),
         }
     }
+}
+
+/// What an instance is made for, which decides the calls after `configure`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Purpose<'a> {
+    /// Batches: a fitted featurizer is loaded with its vocabulary (which it
+    /// must have), then asked its dimension.
+    Use(Option<&'a Vocabulary>),
+    /// A fitted featurizer's `terms` on one record: configured only.
+    Fit,
 }
 
 /// An instance that failed while being configured: the error, and what its
@@ -516,6 +560,9 @@ pub struct PluginInstance {
     plugin_name: String,
     digest: Digest,
     kind: PluginKind,
+    fitted: bool,
+    /// A fitted featurizer's vocabulary was loaded (its `featurize` may run).
+    loaded: bool,
     declared_keys: Vec<String>,
     limits: Limits,
     fuel_metered: bool,
@@ -575,6 +622,8 @@ impl PluginInstance {
             plugin_name: plugin.metadata.name.clone(),
             digest: plugin.digest,
             kind: plugin.kind,
+            fitted: plugin.fitted,
+            loaded: false,
             declared_keys: plugin
                 .metadata
                 .config
@@ -669,14 +718,41 @@ impl PluginInstance {
         r
     }
 
-    /// Configures the instance and, for a featurizer, asks its dimension and
-    /// holds it to `max_dimension` before anything is sized by it.
+    /// Configures the instance; loads a fitted featurizer's vocabulary;
+    /// and for a featurizer asks its dimension and holds it to
+    /// `max_dimension` before anything is sized by it.
     fn configure_and_size(
         &mut self,
         config: &[(String, String)],
         max_dimension: u32,
+        purpose: Purpose<'_>,
     ) -> Result<(), RuntimeError> {
+        match (self.fitted, purpose) {
+            (true, Purpose::Use(None)) => {
+                return Err(RuntimeError::InvalidInput(
+                    "a fitted featurizer runs only with the vocabulary it was fitted to".into(),
+                ));
+            }
+            (false, Purpose::Use(Some(_))) | (false, Purpose::Fit) => {
+                return Err(RuntimeError::InvalidInput(
+                    "this plugin is not a fitted featurizer: it takes no vocabulary".into(),
+                ));
+            }
+            _ => {}
+        }
         self.configure(config)?;
+        match purpose {
+            Purpose::Fit => return Ok(()),
+            Purpose::Use(Some(v)) => {
+                validate::vocabulary(v)?;
+                self.stage = CallStage::Configure;
+                let r = self.call(|store, b| b.load(store, v));
+                self.stage = CallStage::Batch;
+                r?;
+                self.loaded = true;
+            }
+            Purpose::Use(None) => {}
+        }
         if self.kind == PluginKind::Featurizer {
             let dim = self.call(|store, b| b.dimension(store).map(Ok))?;
             if dim == 0 || dim > max_dimension {
@@ -733,9 +809,42 @@ impl PluginInstance {
         Ok(out)
     }
 
+    /// A fitted featurizer's term keys of one training record, sorted and
+    /// without repeats (an instance made with
+    /// [`LoadedPlugin::instantiate_fitted`] and no vocabulary). The label is
+    /// withheld from the plugin.
+    pub fn terms(&mut self, record: &DataRecord) -> Result<Vec<u64>, RuntimeError> {
+        self.expect(PluginKind::Featurizer)?;
+        if !self.fitted || self.loaded {
+            return Err(RuntimeError::InvalidInput(
+                "terms are asked only of a fitted featurizer's fitting instance".into(),
+            ));
+        }
+        let unlabeled;
+        let input = if record.label.is_some() {
+            unlabeled = DataRecord {
+                label: None,
+                ..record.clone()
+            };
+            &unlabeled
+        } else {
+            record
+        };
+        let mut out = self.call(|store, b| b.terms(store, input))?;
+        validate::terms(&out, self.limits.output_bytes).map_err(|e| self.fail(e))?;
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
     /// Run a featurizer over a batch. Labels are withheld from the plugin.
     pub fn featurize(&mut self, batch: &[DataRecord]) -> Result<SparseBatch, RuntimeError> {
         self.expect(PluginKind::Featurizer)?;
+        if self.fitted && !self.loaded {
+            return Err(RuntimeError::InvalidInput(
+                "a fitted featurizer featurizes only after its vocabulary is loaded".into(),
+            ));
+        }
         let unlabeled = without_labels(batch);
         let input = unlabeled.as_deref().unwrap_or(batch);
         let out = self.call(|store, b| b.featurize(store, input))?;

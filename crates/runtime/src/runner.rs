@@ -11,9 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Limits, LoadedPlugin, PluginInstance, Runtime, RuntimeError, StopFlag, Usage, stopped,
+    Limits, LoadedPlugin, PluginInstance, Purpose, Runtime, RuntimeError, StopFlag, Usage,
+    stopped,
 };
-use cloister_types::types::{DataRecord, Decision, PluginKind, PredictionSet, SparseBatch};
+use cloister_types::types::{
+    DataRecord, Decision, PluginKind, PredictionSet, SparseBatch, Vocabulary,
+};
 
 /// Runs a plugin over many batches in parallel.
 pub struct Runner<'a> {
@@ -27,6 +30,7 @@ pub struct Runner<'a> {
     log_dropped: AtomicUsize,
     usage: Mutex<Usage>,
     dimension: std::sync::atomic::AtomicU32,
+    vocabulary: Option<Arc<Vocabulary>>,
 }
 
 impl std::fmt::Debug for Runner<'_> {
@@ -58,7 +62,19 @@ impl<'a> Runner<'a> {
             log_dropped: AtomicUsize::new(0),
             usage: Mutex::new(Usage::default()),
             dimension: std::sync::atomic::AtomicU32::new(0),
+            vocabulary: None,
         }
+    }
+
+    /// A fitted featurizer's vocabulary: every instance that featurizes
+    /// is loaded with it.
+    pub fn vocabulary(mut self, v: Arc<Vocabulary>) -> Self {
+        self.vocabulary = Some(v);
+        self
+    }
+
+    fn purpose(&self) -> Purpose<'_> {
+        Purpose::Use(self.vocabulary.as_deref())
     }
 
     /// Use `n` worker instances (at least 1).
@@ -156,6 +172,7 @@ impl<'a> Runner<'a> {
                         self.runtime,
                         &self.config,
                         &self.limits,
+                        self.purpose(),
                     ) {
                         Ok(i) => {
                             // The dimension is asked before any record is
@@ -221,9 +238,16 @@ impl<'a> Runner<'a> {
     /// dimension to the cap), then discard it: a bad configuration fails
     /// here, before any record is sent.
     pub fn check_configuration(&self) -> Result<(), RuntimeError> {
+        // A fitted featurizer not yet fitted is checked as the fit will
+        // make it: configured, not loaded.
+        let purpose = if self.plugin.fitted && self.vocabulary.is_none() {
+            Purpose::Fit
+        } else {
+            self.purpose()
+        };
         match self
             .plugin
-            .instantiate_logged(self.runtime, &self.config, &self.limits)
+            .instantiate_logged(self.runtime, &self.config, &self.limits, purpose)
         {
             Ok(mut inst) => {
                 self.collect_log(&mut inst);
@@ -241,6 +265,68 @@ impl<'a> Runner<'a> {
             inst.preprocess(batch)
         })?;
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// A fitted featurizer's term keys of each record (sorted, distinct),
+    /// in order. Each record goes to a fresh instance that has seen no
+    /// other, so a key that many records share is one each of them
+    /// produced alone: an instance cannot copy what it saw in one record
+    /// onto others. All-or-nothing, like every run.
+    pub fn terms(&self, records: &[DataRecord]) -> Result<Vec<Vec<u64>>, RuntimeError> {
+        self.plugin.require(PluginKind::Featurizer)?;
+        if !self.plugin.fitted {
+            return Err(RuntimeError::InvalidInput(
+                "this plugin is not a fitted featurizer: it has no terms".into(),
+            ));
+        }
+        let next = AtomicUsize::new(0);
+        let stop: StopFlag = Arc::new(AtomicBool::new(false));
+        let slots: Vec<Mutex<Vec<u64>>> = records.iter().map(|_| Mutex::new(Vec::new())).collect();
+        let errors: Mutex<Vec<(usize, RuntimeError)>> = Mutex::new(Vec::new());
+        let fail = |at: usize, e: RuntimeError| {
+            stop.store(true, Ordering::Relaxed);
+            errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((at, e));
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..self.workers.min(records.len()) {
+                scope.spawn(|| {
+                    while !stopped(&stop) {
+                        let at = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(record) = records.get(at) else { break };
+                        let mut inst = match self.plugin.instantiate_logged(
+                            self.runtime,
+                            &self.config,
+                            &self.limits,
+                            Purpose::Fit,
+                        ) {
+                            Ok(i) => i,
+                            Err(f) => return fail(at, self.absorb(f)),
+                        };
+                        let result = inst.terms(record);
+                        self.collect_log(&mut inst);
+                        self.collect_usage(&inst);
+                        match result {
+                            Ok(keys) => {
+                                *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = keys
+                            }
+                            Err(e) => return fail(at, e),
+                        }
+                    }
+                });
+            }
+        });
+        let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+        errors.sort_by_key(|(at, _)| *at);
+        if let Some((_, e)) = errors.into_iter().next() {
+            return Err(e);
+        }
+        Ok(slots
+            .into_iter()
+            .map(|s| s.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .collect())
     }
 
     /// Featurize `records`: one row per record, in order.

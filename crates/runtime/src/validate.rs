@@ -5,7 +5,9 @@
 use std::collections::HashSet;
 
 use super::error::{Limit, OutputViolation, RuntimeError, Sealed};
-use cloister_types::types::{Action, DataRecord, Decision, Metadata, PredictionSet, SparseBatch};
+use cloister_types::types::{
+    Action, DataRecord, Decision, Metadata, PredictionSet, SparseBatch, Vocabulary,
+};
 
 fn bad(field: &'static str, problem: &'static str) -> RuntimeError {
     RuntimeError::BadMetadata { field, problem }
@@ -150,6 +152,32 @@ pub(crate) fn preprocessed(
                 OutputViolation::NonFinite { row: position },
             )));
         }
+    }
+    Ok(())
+}
+
+/// A fitted featurizer's term keys for one record: only their size is
+/// bounded (any key is a valid term; the host counts them).
+pub(crate) fn terms(keys: &[u64], cap: usize) -> Result<(), RuntimeError> {
+    output_cap(8 * keys.len(), cap)
+}
+
+/// A vocabulary handed to a fitted featurizer: keys strictly increasing,
+/// one count per key, each count between 1 and the documents counted.
+pub(crate) fn vocabulary(v: &Vocabulary) -> Result<(), RuntimeError> {
+    let bad = |what: &str| Err(RuntimeError::InvalidInput(format!("vocabulary: {what}")));
+    if v.keys.len() != v.document_frequencies.len() {
+        return bad("one document frequency per key is needed");
+    }
+    if v.keys.windows(2).any(|w| w[0] >= w[1]) {
+        return bad("keys must be strictly increasing");
+    }
+    if v
+        .document_frequencies
+        .iter()
+        .any(|&df| df == 0 || df > v.documents)
+    {
+        return bad("a document frequency is 0 or above the documents counted");
     }
     Ok(())
 }

@@ -63,11 +63,14 @@ pub enum Space {
     /// The administrators' plugin log: `audit seq (u64 BE)` → entry
     /// (see [`crate::plugin_log`]).
     PluginLog = 15,
+    /// Fitted featurizer state: `s ‖ digest` → vocabulary bytes, and the
+    /// fits already made: `f ‖ fit key` → state digest.
+    Fitted = 16,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 15] = [
+    pub const ALL: [Space; 16] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -83,6 +86,7 @@ impl Space {
         Space::Jobs,
         Space::Passwords,
         Space::PluginLog,
+        Space::Fitted,
     ];
 
     /// The key prefix byte.

@@ -153,6 +153,39 @@ pub struct Report {
     /// check-disclosure ID --canaries N`).
     #[serde(default)]
     pub canaries: Option<Canaries>,
+    /// A fitted featurizer's vocabulary, when the model has one (see
+    /// [`Report::add_vocabulary`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocabulary: Option<VocabularySupport>,
+}
+
+/// What a fitted featurizer's vocabulary, which travels with the model,
+/// reveals: how many terms, and how many training records stand behind
+/// the rarest. It holds 64-bit term keys and counts, never text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VocabularySupport {
+    /// Terms in the vocabulary.
+    pub terms: u64,
+    /// Training records the terms were counted over.
+    pub documents: u64,
+    /// The fewest records any term occurs in.
+    pub min_records: u64,
+}
+
+impl Report {
+    /// Adds a fitted featurizer's vocabulary to the report. A term fewer
+    /// than `k` records contain (which the host's fit never keeps, so this
+    /// means a state that did not come from it) fails the model.
+    pub fn add_vocabulary(&mut self, v: VocabularySupport) {
+        if v.min_records < u64::from(self.thresholds.k) {
+            self.verdict = Verdict::Fail;
+            self.findings.push(format!(
+                "the fitted vocabulary holds a term fewer than {} training records contain",
+                self.thresholds.k
+            ));
+        }
+        self.vocabulary = Some(v);
+    }
 }
 
 /// Canary exposure (the Secret Sharer method, read for a classifier): how
@@ -638,6 +671,7 @@ pub fn check(
             small_classes,
             seconds: started.elapsed().as_secs_f64(),
             canaries: None,
+            vocabulary: None,
         },
         released,
     ))

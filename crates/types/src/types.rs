@@ -242,6 +242,22 @@ impl SparseBatch {
     }
 }
 
+/// What a fitted featurizer learnt from the training split, as the host
+/// counted it: term keys, strictly increasing, with the number of training
+/// records containing each (every count at least the environment's k).
+#[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "component", component(record))]
+pub struct Vocabulary {
+    /// Training records the terms were counted over.
+    pub documents: u32,
+    /// Term keys, strictly increasing.
+    pub keys: Vec<u64>,
+    /// Training records containing each key.
+    #[cfg_attr(feature = "component", component(name = "document-frequencies"))]
+    pub document_frequencies: Vec<u32>,
+}
+
 /// The predictions of two or more models for one record.
 #[cfg_attr(feature = "component", derive(ComponentType, Lift, Lower))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -79,7 +79,7 @@ impl Cloister {
                 job.dataset
             )));
         }
-        let chain = self.load_chain(who, &job.plugins.preprocess, &job.plugins.features)?;
+        let mut chain = self.load_chain(who, &job.plugins.preprocess, &job.plugins.features)?;
         let selector = match &job.plugins.selector {
             Some((d, c)) => {
                 let (e, l) = self.load_approved(who, d, PluginKind::Selector)?;
@@ -99,7 +99,7 @@ impl Cloister {
             who,
             &format!("job {}", job.id),
             &version,
-            &chain,
+            &mut chain,
             job.spec.split_seed,
             gold,
             &mut |s, n| progress(JobEvent::Stage(s, n)),

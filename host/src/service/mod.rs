@@ -92,6 +92,9 @@ pub enum ServiceError {
     /// An active-learning job failed.
     #[error(transparent)]
     Job(#[from] crate::jobs::JobError),
+    /// A fitted featurizer's fit or stored state failed.
+    #[error(transparent)]
+    Fit(#[from] crate::fitted::FitError),
     /// A request is malformed.
     #[error("{0}")]
     BadRequest(String),

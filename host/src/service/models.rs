@@ -93,9 +93,24 @@ impl Cloister {
         // input rows zeroed, and the manifest without record ids or counts
         // below k.
         let weights = crate::models::release_weights(self.env.dir(), &m)?;
+        // A fitted featurizer's vocabulary travels with the model: keys
+        // and counts of at least k, checked against its digest on read.
+        let state = match &m.lineage.features_state {
+            Some(hex) => {
+                let digest: crate::digest::Digest = hex.parse().map_err(|_| {
+                    ServiceError::BadRequest(format!(
+                        "model {id}: its lineage names a fitted state that is not a digest"
+                    ))
+                })?;
+                let v = crate::fitted::get(self.env.store().as_ref(), &digest)?;
+                Some(crate::fitted::encode(&v))
+            }
+            None => None,
+        };
         let audit = self.env.audit();
         Ok(crate::models::bundle(
             &m.released(),
+            state.as_deref(),
             &weights,
             &|msg| audit.sign_bytes(msg),
             audit.public_key(),

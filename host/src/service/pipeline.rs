@@ -6,8 +6,14 @@
 //! load_chain ─▶ featurize_dataset (or run_chain on a caller's records)
 //!            ─▶ train::fit ─▶ register_model
 //! ```
+//!
+//! A fitted featurizer first fits on the training split's preprocessed
+//! records (`fit`: terms in the sandbox, counted by the host, the
+//! vocabulary stored by digest); the chain then carries that state, the
+//! lineage names it, and `lineage_chain` loads it back for `predict`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::datasets::{self, DatasetVersion, Split, StoredRecord};
 use crate::digest::Digest;
@@ -17,9 +23,10 @@ use crate::registry::PluginEntry;
 use crate::runtime::LoadedPlugin;
 use crate::train::disclosure::{self, Evidence};
 use crate::train::{Fitted, Template, eval::Evaluation};
-use crate::types::{DataRecord, PluginKind, SparseBatch};
+use crate::types::{DataRecord, PluginKind, SparseBatch, Vocabulary};
 use crate::users::User;
 
+use super::plugins::StageSetup;
 use super::{Cloister, ServiceError};
 
 /// A plugin's configuration: `(key, value)` pairs.
@@ -31,6 +38,16 @@ pub(crate) type Config = Vec<(String, String)>;
 pub(crate) struct Chain {
     pub(crate) preprocess: Vec<(PluginEntry, LoadedPlugin, Config)>,
     pub(crate) features: (PluginEntry, LoadedPlugin, Config),
+    /// A fitted featurizer's vocabulary, once fitted (or loaded from a
+    /// model's lineage); `None` for other featurizers.
+    pub(crate) state: Option<FittedState>,
+}
+
+/// What a fitted featurizer learnt, by digest.
+#[derive(Debug, Clone)]
+pub(crate) struct FittedState {
+    pub(crate) digest: Digest,
+    pub(crate) vocabulary: Arc<Vocabulary>,
 }
 
 impl Chain {
@@ -56,6 +73,7 @@ impl Chain {
                 self.preprocess.iter().map(|(_, _, c)| c.clone()).collect()
             },
             features_config: self.features.2.clone(),
+            features_state: self.state.as_ref().map(|s| s.digest.to_hex()),
             split_seed,
             job,
         }
@@ -106,6 +124,7 @@ impl Cloister {
         Ok(Chain {
             preprocess: pre,
             features: (entry, loaded, features.1.clone()),
+            state: None,
         })
     }
 
@@ -121,11 +140,38 @@ impl Cloister {
                 (d.clone(), config)
             })
             .collect();
-        self.load_chain(
+        let mut chain = self.load_chain(
             who,
             &preprocess,
             &(l.features.clone(), l.features_config.clone()),
-        )
+        )?;
+        match (&l.features_state, chain.features.1.fitted) {
+            (Some(hex), true) => {
+                let digest: Digest = hex.parse().map_err(|_| {
+                    ServiceError::BadRequest(format!(
+                        "the lineage names a fitted state that is not a digest: {hex}"
+                    ))
+                })?;
+                let vocabulary = crate::fitted::get(self.env.store().as_ref(), &digest)?;
+                chain.state = Some(FittedState {
+                    digest,
+                    vocabulary: Arc::new(vocabulary),
+                });
+            }
+            (None, false) => {}
+            (None, true) => {
+                return Err(ServiceError::BadRequest(
+                    "the model's featurizer is fitted but its lineage names no fitted state".into(),
+                ));
+            }
+            (Some(_), false) => {
+                return Err(ServiceError::BadRequest(
+                    "the model's lineage names a fitted state but its featurizer is not fitted"
+                        .into(),
+                ));
+            }
+        }
+        Ok(chain)
     }
 
     /// Runs records through a chain, every stage audited (see
@@ -135,10 +181,25 @@ impl Cloister {
         &self,
         who: &User,
         purpose: &str,
-        mut records: Vec<DataRecord>,
+        records: Vec<DataRecord>,
         chain: &Chain,
         stage: &mut dyn FnMut(&'static str, usize),
     ) -> Result<(Vec<DataRecord>, SparseBatch, usize), ServiceError> {
+        let records = self.preprocess_records(who, purpose, records, chain, stage)?;
+        let (x, dim) = self.featurize_records(who, purpose, &records, chain, stage)?;
+        Ok((records, x, dim))
+    }
+
+    /// The chain's preprocessors over `records`, in order, each stage
+    /// audited: the records they kept.
+    fn preprocess_records(
+        &self,
+        who: &User,
+        purpose: &str,
+        mut records: Vec<DataRecord>,
+        chain: &Chain,
+        stage: &mut dyn FnMut(&'static str, usize),
+    ) -> Result<Vec<DataRecord>, ServiceError> {
         for (_, plugin, config) in &chain.preprocess {
             let n = records.len();
             records = self
@@ -154,18 +215,86 @@ impl Cloister {
                 .0;
             stage("preprocessed", records.len());
         }
+        Ok(records)
+    }
+
+    /// The chain's featurizer over preprocessed `records` (a fitted one
+    /// loaded with the chain's state, which it must have), audited: the
+    /// features and the dimension.
+    fn featurize_records(
+        &self,
+        who: &User,
+        purpose: &str,
+        records: &[DataRecord],
+        chain: &Chain,
+        stage: &mut dyn FnMut(&'static str, usize),
+    ) -> Result<(SparseBatch, usize), ServiceError> {
         let (_, featurizer, config) = &chain.features;
-        let (x, dim) = self.plugin_stage(
+        let vocabulary = match (&chain.state, featurizer.fitted) {
+            (Some(s), true) => Some(s.vocabulary.clone()),
+            (None, false) => None,
+            _ => {
+                return Err(ServiceError::BadRequest(
+                    "a fitted featurizer runs only after its fit, with its state".into(),
+                ));
+            }
+        };
+        let (x, dim) = self.plugin_stage_with(
             who,
             purpose,
             featurizer,
             config,
+            StageSetup {
+                fit: false,
+                vocabulary,
+            },
             records.len(),
-            |r| r.featurize(&records),
+            |r| r.featurize(records),
             SparseBatch::rows,
         )?;
         stage("featurized", x.rows());
-        Ok((records, x, dim as usize))
+        Ok((x, dim as usize))
+    }
+
+    /// Fits the chain's featurizer on `train` (preprocessed training
+    /// records): each record's term keys from a fresh sandboxed instance
+    /// (audited as the `fit` stage), counted into a vocabulary of the keys
+    /// at least k of them contain, stored by digest with `fit_key`.
+    fn fit_featurizer(
+        &self,
+        who: &User,
+        purpose: &str,
+        train: &[DataRecord],
+        chain: &mut Chain,
+        fit_key: &Digest,
+        stage: &mut dyn FnMut(&'static str, usize),
+    ) -> Result<(), ServiceError> {
+        let (_, featurizer, config) = &chain.features;
+        let (terms, _) = self.plugin_stage_with(
+            who,
+            purpose,
+            featurizer,
+            config,
+            StageSetup {
+                fit: true,
+                vocabulary: None,
+            },
+            train.len(),
+            |r| r.terms(train),
+            Vec::len,
+        )?;
+        let limits = self.env.limits();
+        let cap = (limits.plugin_call_limits().max_dimension as usize).min(crate::fitted::MAX_TERMS);
+        let vocabulary = crate::fitted::count(&terms, limits.disclosure().k, cap)?;
+        let mut batch = crate::store::WriteBatch::new();
+        let digest = crate::fitted::put(&mut batch, Some(fit_key), &vocabulary);
+        self.env.store().commit(batch)?;
+        stage("fitted terms", vocabulary.keys.len());
+        chain.state = Some(FittedState {
+            digest,
+            vocabulary: Arc::new(vocabulary),
+        });
+        Ok(())
     }
 
     /// Runs a dataset version through a chain. `keep` sees each stored
@@ -178,7 +307,7 @@ impl Cloister {
         who: &User,
         purpose: &str,
         version: &DatasetVersion,
-        chain: &Chain,
+        chain: &mut Chain,
         split_seed: u64,
         mut keep: impl FnMut(&StoredRecord) -> Option<T>,
         stage: &mut dyn FnMut(&'static str, usize),
@@ -194,7 +323,9 @@ impl Cloister {
             }
         }
         stage("records", records.len());
-        let (ids, x, dim) = self.features_of(who, purpose, version, chain, records, stage)?;
+        let in_fit = |id: &str| meta.get(id).is_some_and(|(s, _)| *s == Split::Train);
+        let (ids, x, dim) =
+            self.features_of(who, purpose, version, chain, records, &in_fit, stage)?;
         let mut rows = Vec::with_capacity(ids.len());
         for id in ids {
             // The runtime holds a preprocessor's output to a subsequence
@@ -215,13 +346,20 @@ impl Cloister {
     /// a `plugin_call` with code `cached`), else by running the chain and
     /// keeping the result. A cache that cannot be written costs the next
     /// run its reuse, not this run its result.
+    ///
+    /// A fitted featurizer without a state is fitted on the records
+    /// `in_fit` accepts (the training split), after preprocessing — or
+    /// takes the state an identical fit stored before (audited as a
+    /// `cached` fit) — and the state's digest joins the cache key.
+    #[allow(clippy::too_many_arguments)]
     fn features_of(
         &self,
         who: &User,
         purpose: &str,
         version: &DatasetVersion,
-        chain: &Chain,
+        chain: &mut Chain,
         records: Vec<DataRecord>,
+        in_fit: &dyn Fn(&str) -> bool,
         stage: &mut dyn FnMut(&'static str, usize),
     ) -> Result<(Vec<String>, SparseBatch, usize), ServiceError> {
         let limit = self.env.limits().feature_cache_bytes();
@@ -236,37 +374,86 @@ impl Cloister {
                 }
             }
         };
-        let plugins: Vec<(&crate::runtime::LoadedPlugin, &Config)> = chain
-            .preprocess
-            .iter()
-            .map(|(_, p, c)| (p, c))
-            .chain(std::iter::once((&chain.features.1, &chain.features.2)))
-            .collect();
-        let hexes: Vec<String> = plugins.iter().map(|(p, _)| p.digest.to_hex()).collect();
+        let fitted = chain.features.1.fitted;
         let limits = format!("{:?}", self.env.limits().plugin_call_limits());
-        let key = feature_cache::key(
-            &version.digest,
-            hexes
+        // Everything a fit depends on: the chain, the limits, the minimum
+        // count and the training records' ids.
+        let fit_key = fitted.then(|| {
+            let floor = format!(
+                "fit k={} max_terms={}",
+                self.env.limits().disclosure().k,
+                crate::fitted::MAX_TERMS
+            );
+            let mut fit_ids: Vec<&str> = records
                 .iter()
-                .zip(&plugins)
-                .map(|(digest, (_, config))| KeyPlugin {
-                    digest,
-                    config: config.as_slice(),
-                })
-                .chain(std::iter::once(KeyPlugin {
-                    digest: &limits,
-                    config: &[],
-                })),
-            records.iter().map(|r| r.id.as_str()),
-        );
-        if let Some(hit) = cache.as_ref().and_then(|c| c.get(&key)) {
-            for (plugin, _) in &plugins {
-                self.audit_cached_stage(who, purpose, plugin, records.len(), hit.ids.len())?;
-            }
-            stage("features from the cache", hit.ids.len());
-            return Ok((hit.ids, hit.x, hit.dim));
+                .map(|r| r.id.as_str())
+                .filter(|id| in_fit(id))
+                .collect();
+            fit_ids.sort_unstable();
+            chain_key(version, chain, &[&limits, &floor], fit_ids.into_iter())
+        });
+        if let (Some(fit_key), None) = (&fit_key, &chain.state)
+            && let Some(digest) = crate::fitted::lookup(self.env.store().as_ref(), fit_key)?
+        {
+            let vocabulary = crate::fitted::get(self.env.store().as_ref(), &digest)?;
+            self.audit_cached_stage(
+                who,
+                purpose,
+                &chain.features.1,
+                vocabulary.documents as usize,
+                vocabulary.documents as usize,
+                true,
+            )?;
+            stage("fitted terms from the store", vocabulary.keys.len());
+            chain.state = Some(FittedState {
+                digest,
+                vocabulary: Arc::new(vocabulary),
+            });
         }
-        let (records, x, dim) = self.run_chain(who, purpose, records, chain, stage)?;
+        // The cache key names the input records (before preprocessing)
+        // and, for a fitted featurizer, its state.
+        let input_ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        let key_of = |chain: &Chain| {
+            let state = chain
+                .state
+                .as_ref()
+                .map(|s| format!("state {}", s.digest.to_hex()))
+                .unwrap_or_default();
+            chain_key(
+                version,
+                chain,
+                &[&limits, &state],
+                input_ids.iter().map(String::as_str),
+            )
+        };
+        if !fitted || chain.state.is_some() {
+            let key = key_of(chain);
+            if let Some(hit) = cache.as_ref().and_then(|c| c.get(&key)) {
+                for plugin in chain_plugins(chain).map(|(p, _)| p) {
+                    self.audit_cached_stage(
+                        who,
+                        purpose,
+                        plugin,
+                        records.len(),
+                        hit.ids.len(),
+                        false,
+                    )?;
+                }
+                stage("features from the cache", hit.ids.len());
+                return Ok((hit.ids, hit.x, hit.dim));
+            }
+        }
+        let records = self.preprocess_records(who, purpose, records, chain, stage)?;
+        if let (Some(fit_key), None) = (&fit_key, &chain.state) {
+            let train: Vec<DataRecord> = records
+                .iter()
+                .filter(|r| in_fit(&r.id))
+                .cloned()
+                .collect();
+            self.fit_featurizer(who, purpose, &train, chain, fit_key, stage)?;
+        }
+        let key = key_of(chain);
+        let (x, dim) = self.featurize_records(who, purpose, &records, chain, stage)?;
         let entry = feature_cache::Entry {
             ids: records.into_iter().map(|r| r.id).collect(),
             x,
@@ -287,13 +474,24 @@ impl Cloister {
     pub(crate) fn register_model(&self, m: NewModel<'_>) -> Result<ModelManifest, ServiceError> {
         let weights = m.fitted.model.to_safetensors()?;
         let seed = model_seed(&m.id);
-        let (report, released) = disclosure::check(
+        let (mut report, released) = disclosure::check(
             &m.fitted.model,
             m.template.kind,
             m.evidence,
             &self.env.limits().disclosure(),
             seed,
         )?;
+        if let Some(hex) = &m.lineage.features_state {
+            let digest: Digest = hex.parse().map_err(|_| {
+                ServiceError::BadRequest(format!("fitted state {hex} is not a digest"))
+            })?;
+            let v = crate::fitted::get(self.env.store().as_ref(), &digest)?;
+            report.add_vocabulary(disclosure::VocabularySupport {
+                terms: v.keys.len() as u64,
+                documents: u64::from(v.documents),
+                min_records: u64::from(crate::fitted::df_range(&v).0),
+            });
+        }
         let release_weights = released.to_safetensors()?;
         let manifest = ModelManifest {
             id: m.id,
@@ -324,6 +522,44 @@ impl Cloister {
         )?;
         Ok(manifest)
     }
+}
+
+/// The chain's plugins with their configurations: preprocessors in order,
+/// then the featurizer.
+fn chain_plugins(chain: &Chain) -> impl Iterator<Item = (&LoadedPlugin, &Config)> {
+    chain
+        .preprocess
+        .iter()
+        .map(|(_, p, c)| (p, c))
+        .chain(std::iter::once((&chain.features.1, &chain.features.2)))
+}
+
+/// The digest of everything a chain's output on `ids` of `version`
+/// depends on: the dataset, each plugin with its configuration, and
+/// `extra` (the limits, a fit's floor, a state's digest).
+fn chain_key<'a>(
+    version: &DatasetVersion,
+    chain: &Chain,
+    extra: &[&str],
+    ids: impl Iterator<Item = &'a str>,
+) -> Digest {
+    let plugins: Vec<(String, &Config)> = chain_plugins(chain)
+        .map(|(p, c)| (p.digest.to_hex(), c))
+        .collect();
+    feature_cache::key(
+        &version.digest,
+        plugins
+            .iter()
+            .map(|(digest, config)| KeyPlugin {
+                digest,
+                config: config.as_slice(),
+            })
+            .chain(extra.iter().filter(|e| !e.is_empty()).map(|e| KeyPlugin {
+                digest: e,
+                config: &[],
+            })),
+        ids,
+    )
 }
 
 /// The seed of a model's disclosure measurements: from its id, so a

@@ -158,8 +158,10 @@ impl Cloister {
         plugin: &LoadedPlugin,
         records_in: usize,
         records_out: usize,
+        fit: bool,
     ) -> Result<(), ServiceError> {
         let stage = match plugin.kind {
+            _ if fit => "fit",
             PluginKind::Preprocessor => "preprocess",
             PluginKind::Featurizer => "featurize",
             PluginKind::Selector => "select",
@@ -192,10 +194,41 @@ impl Cloister {
         run: impl FnOnce(&Runner<'_>) -> Result<T, RuntimeError>,
         count: impl Fn(&T) -> usize,
     ) -> Result<(T, u32), ServiceError> {
+        self.plugin_stage_with(
+            who,
+            purpose,
+            plugin,
+            config,
+            StageSetup::default(),
+            records_in,
+            run,
+            count,
+        )
+    }
+
+    /// [`Cloister::plugin_stage`] for a fitted featurizer: its fit (the
+    /// stage audited as `fit`), or its featurizing instances loaded with
+    /// the vocabulary.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plugin_stage_with<T>(
+        &self,
+        who: &User,
+        purpose: &str,
+        plugin: &LoadedPlugin,
+        config: &[(String, String)],
+        setup: StageSetup,
+        records_in: usize,
+        run: impl FnOnce(&Runner<'_>) -> Result<T, RuntimeError>,
+        count: impl Fn(&T) -> usize,
+    ) -> Result<(T, u32), ServiceError> {
         let limits = self.env.limits().plugin_call_limits();
         let rt = self.runtime()?;
         let (result, usage, log, dimension) = match plugin.runner(rt, config, limits) {
             Ok(runner) => {
+                let runner = match setup.vocabulary {
+                    Some(v) => runner.vocabulary(v),
+                    None => runner,
+                };
                 let result = run(&runner);
                 (
                     result,
@@ -207,6 +240,7 @@ impl Cloister {
             Err(e) => (Err(e), Default::default(), (Vec::new(), 0), 0),
         };
         let stage = match plugin.kind {
+            _ if setup.fit => "fit",
             PluginKind::Preprocessor => "preprocess",
             PluginKind::Featurizer => "featurize",
             PluginKind::Selector => "select",
@@ -255,4 +289,13 @@ impl Cloister {
         }
         Ok((result?, dimension))
     }
+}
+
+/// How a plugin stage runs beyond its plugin and configuration.
+#[derive(Debug, Default)]
+pub(crate) struct StageSetup {
+    /// The stage is a fitted featurizer's fit (audited as `fit`).
+    pub(crate) fit: bool,
+    /// A fitted featurizer's vocabulary, loaded into every instance.
+    pub(crate) vocabulary: Option<std::sync::Arc<crate::types::Vocabulary>>,
 }

@@ -136,14 +136,14 @@ impl Cloister {
             id,
             template,
             version,
-            chain,
+            mut chain,
             split_seed,
         } = plan;
         let data = self.featurize_dataset(
             &who,
             &format!("train {id}"),
             &version,
-            &chain,
+            &mut chain,
             split_seed,
             training_label,
             &mut |stage, n| {
@@ -258,12 +258,12 @@ impl Cloister {
                 l.dataset
             )));
         }
-        let chain = self.lineage_chain(who, &l)?;
+        let mut chain = self.lineage_chain(who, &l)?;
         let data = self.featurize_dataset(
             who,
             &format!("canaries {id}"),
             &version,
-            &chain,
+            &mut chain,
             l.split_seed,
             training_label,
             &mut |_, _| {},

@@ -1,0 +1,411 @@
+//! `tfidf`: a fitted featurizer for text. It learns a vocabulary of word
+//! n-grams and their document frequencies from the training split, then
+//! maps each record to TF-IDF weights over that vocabulary: term counts
+//! (sublinear, `1 + ln(count)`, by default) times the smoothed inverse
+//! document frequency `ln((1 + n) / (1 + df)) + 1`, each row L2-normalised.
+//!
+//! Fitting is the host's: this plugin only names the n-grams of each
+//! training record ([`FittedFeaturizer::terms`]); the host counts them and
+//! keeps the ones at least k records contain (the environment's minimum
+//! cell size, 10 by default), so the vocabulary never holds a term that
+//! singles out a record. `min_df`, `max_df` and `max_features` narrow it
+//! further when it is loaded.
+//!
+//! A token is a maximal run of letters, digits and `_` of at least
+//! `min_token_len` characters, lowercased when `lowercase` is true; an
+//! n-gram is `n` consecutive tokens.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use cloister_plugin_sdk::{
+    Config, ConfigKey, Features, Featurizer, FittedFeaturizer, Plugin, PluginError, Record,
+    Vocabulary, term_key, term_key_parts,
+};
+
+/// Term keys are already hashes: mix once more and use them as they are.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        self.0 = (k ^ (k >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    }
+}
+
+type KeyMap = HashMap<u64, u32, BuildHasherDefault<KeyHasher>>;
+
+/// The featurizer.
+#[derive(Debug, Clone)]
+pub struct Tfidf {
+    field: String,
+    max_n: u32,
+    min_token_len: usize,
+    lowercase: bool,
+    min_df: u32,
+    max_df: f64,
+    max_features: u32,
+    sublinear_tf: bool,
+    l2: bool,
+    /// Term key → feature index, once loaded.
+    index: KeyMap,
+    /// Inverse document frequency of each feature.
+    idf: Vec<f32>,
+    token: String,
+    prev: String,
+}
+
+impl Tfidf {
+    /// Call `f` with the key of every n-gram of `text`, in order (repeats
+    /// included).
+    pub fn each_term(&mut self, text: &str, mut f: impl FnMut(u64)) {
+        let mut token = std::mem::take(&mut self.token);
+        let mut prev = std::mem::take(&mut self.prev);
+        token.clear();
+        prev.clear();
+        let mut have_prev = false;
+        let mut chars = 0usize;
+        let mut finish = |token: &mut String, chars: usize, prev: &mut String, have: &mut bool| {
+            if chars >= self.min_token_len {
+                f(term_key(token));
+                if self.max_n >= 2 && *have {
+                    f(term_key_parts(&[prev, token]));
+                }
+                std::mem::swap(prev, token);
+                *have = true;
+            }
+            token.clear();
+        };
+        for c in text.chars() {
+            if c.is_alphanumeric() || c == '_' {
+                if self.lowercase && !c.is_lowercase() {
+                    token.extend(c.to_lowercase());
+                } else {
+                    token.push(c);
+                }
+                chars += 1;
+            } else if chars > 0 {
+                finish(&mut token, chars, &mut prev, &mut have_prev);
+                chars = 0;
+            }
+        }
+        if chars > 0 {
+            finish(&mut token, chars, &mut prev, &mut have_prev);
+        }
+        self.token = token;
+        self.prev = prev;
+    }
+
+    fn text<'r>(&self, record: &'r Record) -> Result<&'r str, PluginError> {
+        record.text(&self.field).ok_or_else(|| {
+            PluginError::invalid_input(format!(
+                "record {} has no text field {:?}",
+                record.id, self.field
+            ))
+        })
+    }
+}
+
+impl Plugin for Tfidf {
+    const NAME: &'static str = "tfidf";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const DESCRIPTION: &'static str = "TF-IDF of word n-grams over a vocabulary fitted on the training split (terms at least k training records share)";
+
+    fn config_keys() -> Vec<ConfigKey> {
+        vec![
+            ConfigKey::new("field", "text", "the text field to featurize"),
+            ConfigKey::new(
+                "ngrams",
+                "2",
+                "largest n-gram: 1 (words) or 2 (words and bigrams)",
+            ),
+            ConfigKey::new(
+                "min_token_len",
+                "2",
+                "shortest token kept, in characters (1..=64)",
+            ),
+            ConfigKey::new("lowercase", "true", "lowercase tokens"),
+            ConfigKey::new(
+                "min_df",
+                "1",
+                "fewest training records a term must occur in (the environment's minimum, \
+                 10 by default, applies first)",
+            ),
+            ConfigKey::new(
+                "max_df",
+                "1.0",
+                "drop terms in more than this share of training records (0 < max_df <= 1)",
+            ),
+            ConfigKey::new(
+                "max_features",
+                "262144",
+                "keep at most this many terms, the most frequent (1..=1048576)",
+            ),
+            ConfigKey::new(
+                "sublinear_tf",
+                "true",
+                "use 1 + ln(count) instead of the count",
+            ),
+            ConfigKey::new(
+                "l2_normalize",
+                "true",
+                "scale each row to unit Euclidean length",
+            ),
+        ]
+    }
+
+    fn configure(config: &Config) -> Result<Self, PluginError> {
+        let max_n: u32 = config.get("ngrams")?;
+        if !(1..=2).contains(&max_n) {
+            return Err(PluginError::invalid_config("ngrams", "must be 1 or 2"));
+        }
+        let min_token_len: usize = config.get("min_token_len")?;
+        if !(1..=64).contains(&min_token_len) {
+            return Err(PluginError::invalid_config(
+                "min_token_len",
+                "must be between 1 and 64",
+            ));
+        }
+        let field = config.get_str("field")?.to_string();
+        if field.is_empty() {
+            return Err(PluginError::invalid_config("field", "must not be empty"));
+        }
+        let min_df: u32 = config.get("min_df")?;
+        if min_df == 0 {
+            return Err(PluginError::invalid_config("min_df", "must be at least 1"));
+        }
+        let max_df: f64 = config.get("max_df")?;
+        if !(max_df > 0.0 && max_df <= 1.0) {
+            return Err(PluginError::invalid_config(
+                "max_df",
+                "must be above 0 and at most 1",
+            ));
+        }
+        let max_features: u32 = config.get("max_features")?;
+        if !(1..=1 << 20).contains(&max_features) {
+            return Err(PluginError::invalid_config(
+                "max_features",
+                "must be between 1 and 1048576",
+            ));
+        }
+        Ok(Tfidf {
+            field,
+            max_n,
+            min_token_len,
+            lowercase: config.get_bool("lowercase")?,
+            min_df,
+            max_df,
+            max_features,
+            sublinear_tf: config.get_bool("sublinear_tf")?,
+            l2: config.get_bool("l2_normalize")?,
+            index: KeyMap::default(),
+            idf: Vec::new(),
+            token: String::with_capacity(64),
+            prev: String::with_capacity(64),
+        })
+    }
+}
+
+impl FittedFeaturizer for Tfidf {
+    fn terms(&mut self, record: &Record, out: &mut Vec<u64>) -> Result<(), PluginError> {
+        let text = self.text(record)?;
+        self.each_term(text, |k| out.push(k));
+        Ok(())
+    }
+
+    fn load(&mut self, v: &Vocabulary) -> Result<(), PluginError> {
+        let n = f64::from(v.documents);
+        let most = (self.max_df * n).floor();
+        let mut kept: Vec<(u64, u32)> = v
+            .keys
+            .iter()
+            .zip(&v.document_frequencies)
+            .filter(|&(_, &df)| df >= self.min_df && f64::from(df) <= most)
+            .map(|(&k, &df)| (k, df))
+            .collect();
+        if kept.len() > self.max_features as usize {
+            kept.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            kept.truncate(self.max_features as usize);
+            kept.sort_unstable_by_key(|&(k, _)| k);
+        }
+        if kept.is_empty() {
+            return Err(PluginError::unsupported(
+                "no term of the vocabulary passes min_df and max_df",
+            ));
+        }
+        self.index = kept
+            .iter()
+            .enumerate()
+            .map(|(i, &(k, _))| (k, i as u32))
+            .collect();
+        self.idf = kept
+            .iter()
+            .map(|&(_, df)| (((1.0 + n) / (1.0 + f64::from(df))).ln() + 1.0) as f32)
+            .collect();
+        Ok(())
+    }
+}
+
+impl Featurizer for Tfidf {
+    fn dimension(&self) -> u32 {
+        self.idf.len() as u32
+    }
+
+    fn featurize(&mut self, record: &Record, out: &mut Features) -> Result<(), PluginError> {
+        let text = self.text(record)?;
+        let index = std::mem::take(&mut self.index);
+        self.each_term(text, |k| {
+            if let Some(&i) = index.get(&k) {
+                out.push(i, 1.0);
+            }
+        });
+        self.index = index;
+        Ok(())
+    }
+
+    fn finish_row(&self, indices: &[u32], values: &mut [f32]) {
+        for (v, &i) in values.iter_mut().zip(indices) {
+            let tf = if self.sublinear_tf { 1.0 + v.ln() } else { *v };
+            *v = tf * self.idf.get(i as usize).copied().unwrap_or(0.0);
+        }
+        if self.l2 {
+            let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if norm > 0.0 {
+                values.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+    }
+}
+
+cloister_plugin_sdk::export_fitted_featurizer!(Tfidf);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloister_plugin_sdk::TextField;
+
+    fn plugin(pairs: &[(&str, &str)]) -> Result<Tfidf, PluginError> {
+        let pairs = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Tfidf::configure(&Config::new(&Tfidf::config_keys(), pairs)?)
+    }
+
+    fn record(text: &str) -> Record {
+        Record {
+            id: "r".into(),
+            texts: vec![TextField {
+                name: "text".into(),
+                value: text.into(),
+            }],
+            numerics: vec![],
+            label: None,
+        }
+    }
+
+    /// What the host does: distinct keys per record, counted, kept at `k`.
+    fn fit(p: &mut Tfidf, texts: &[&str], k: u32) -> Vocabulary {
+        let mut df: std::collections::BTreeMap<u64, u32> = Default::default();
+        for t in texts {
+            let mut keys = Vec::new();
+            p.terms(&record(t), &mut keys).unwrap();
+            keys.sort_unstable();
+            keys.dedup();
+            for key in keys {
+                *df.entry(key).or_default() += 1;
+            }
+        }
+        let kept: Vec<(u64, u32)> = df.into_iter().filter(|&(_, n)| n >= k).collect();
+        Vocabulary {
+            documents: texts.len() as u32,
+            keys: kept.iter().map(|e| e.0).collect(),
+            document_frequencies: kept.iter().map(|e| e.1).collect(),
+        }
+    }
+
+    #[test]
+    fn terms_are_words_and_bigrams_case_folded() -> Result<(), PluginError> {
+        let mut p = plugin(&[])?;
+        let mut keys = Vec::new();
+        p.terms(&record("New York, new YORK a"), &mut keys)?;
+        assert_eq!(
+            keys,
+            vec![
+                term_key("new"),
+                term_key("york"),
+                term_key("new york"),
+                term_key("new"),
+                term_key("york new"),
+                term_key("york"),
+                term_key("new york"),
+            ],
+            "`a` is shorter than min_token_len"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn weights_are_sublinear_tf_times_smoothed_idf_l2_normalised() -> Result<(), PluginError> {
+        let mut p = plugin(&[("ngrams", "1")])?;
+        let v = fit(&mut p, &["cat dog", "cat", "cat bird", "dog"], 1);
+        p.load(&v)?;
+        assert_eq!(p.dimension(), 3);
+        let mut out = Features::with_capacity(1, 4);
+        p.featurize_batch(&[record("cat cat dog fish")], &mut out)?;
+        let b = out.into_batch();
+        // Keys sorted: the feature index follows key order.
+        let idx = |w: &str| v.keys.iter().position(|&k| k == term_key(w)).unwrap() as u32;
+        let idf = |df: f64| ((1.0 + 4.0) / (1.0 + df)).ln() + 1.0;
+        let cat = (1.0 + 2f64.ln()) * idf(3.0);
+        let dog = idf(2.0);
+        let norm = (cat * cat + dog * dog).sqrt();
+        let want = [(idx("cat"), cat / norm), (idx("dog"), dog / norm)];
+        let mut want = want.to_vec();
+        want.sort_by_key(|w| w.0);
+        assert_eq!(b.indices, want.iter().map(|w| w.0).collect::<Vec<_>>());
+        for (got, (_, w)) in b.values.iter().zip(&want) {
+            assert!((f64::from(*got) - w).abs() < 1e-6, "{got} vs {w}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn load_narrows_by_min_df_max_df_and_max_features() -> Result<(), PluginError> {
+        let texts = ["aa bb cc", "aa bb", "aa", "aa dd"];
+        let mut p = plugin(&[("ngrams", "1"), ("min_df", "2"), ("max_df", "0.9")])?;
+        let v = fit(&mut p, &texts, 1);
+        p.load(&v)?;
+        // aa is in all 4 (over 0.9 * 4), cc and dd in one each.
+        assert_eq!(p.dimension(), 1, "only bb remains");
+        let mut q = plugin(&[("ngrams", "1"), ("max_features", "2")])?;
+        q.load(&v)?;
+        assert_eq!(q.dimension(), 2, "aa and bb, the most frequent");
+        let mut r = plugin(&[("ngrams", "1"), ("min_df", "5")])?;
+        assert!(r.load(&v).is_err(), "nothing left");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_configuration_names_the_key() {
+        for (key, value) in [
+            ("ngrams", "3"),
+            ("min_df", "0"),
+            ("max_df", "0"),
+            ("max_df", "1.5"),
+            ("max_features", "0"),
+            ("field", ""),
+        ] {
+            let e = plugin(&[(key, value)]).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{key}={value}");
+        }
+    }
+}
