@@ -21,6 +21,7 @@ mod console_hardening;
 mod crash;
 mod disclosure;
 mod example_plugins;
+mod fitted;
 mod hostile;
 mod house;
 mod policy_matrix;

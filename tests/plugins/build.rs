@@ -31,6 +31,10 @@ const PLUGINS: &[PluginCrate] = &[
         package: "hostile-meta",
         dir: "tests/plugins/hostile-meta",
     },
+    PluginCrate {
+        package: "hostile-fit",
+        dir: "tests/plugins/hostile-fit",
+    },
 ];
 
 fn main() {
