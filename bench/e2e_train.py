@@ -2,11 +2,13 @@
 """End-to-end `cloister train` against scikit-learn's TF-IDF + logistic
 regression, and the feature cache (docs/BENCHMARKS.md, "Training speed").
 
-For each dataset: imports it into a new environment, then times the
-`cloister train` command (text-normalize, hashed-ngrams, training,
-evaluation, the disclosure check) twice per template: the first run
-featurizes in the sandbox and fills the feature cache, the second takes
-its features from it. Then fits scikit-learn's `TfidfVectorizer` (unigrams
+For each dataset, featurizer and template: imports the dataset into a new
+environment, then times the `cloister train` command (text-normalize, the
+featurizer — `hashed-ngrams`, or `tfidf`, which first fits its vocabulary
+on the training split — training, evaluation, the disclosure check) twice:
+the first run ("cold") runs the plugins in the sandbox and fills the
+feature cache (and stores the fit), the second ("cached") takes its
+features (and its fit) from them. Then fits scikit-learn's `TfidfVectorizer` (unigrams
 and bigrams, sublinear TF, min_df 2) + `LogisticRegression` on the same
 training split (Cloister's split, recomputed here from its definition:
 SHA-256 of the record's text) and scores the same test split, timing
@@ -14,7 +16,8 @@ vectorizing, fitting and predicting. Every figure is the median of
 `--reps` runs, alternating Cloister and scikit-learn.
 
 Usage: bench/e2e_train.py CLOISTER_BIN DATA.jsonl.gz [DATA ...] [--reps N]
-       [--C 10]   (needs `pip install scikit-learn`)
+       [--C 10] [--features hashed-ngrams,tfidf] [--templates logreg,mlp]
+       (needs `pip install scikit-learn`)
 """
 
 import argparse
@@ -24,6 +27,7 @@ import json
 import os
 import re
 import statistics
+import shutil
 import tempfile
 import time
 
@@ -74,15 +78,13 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--C", type=float, default=10.0)
     ap.add_argument("--templates", default="logreg,mlp")
+    ap.add_argument("--features", default="hashed-ngrams,tfidf")
     a = ap.parse_args()
     print(f"machine: {os.cpu_count()} CPUs; binary: {a.bin}; scikit-learn C={a.C}\n")
     print("| data | pipeline | wall s (median) | runs | test accuracy | vs scikit-learn |")
     print("|---|---|---:|---|---:|---:|")
     with tempfile.TemporaryDirectory() as root:
-        env, _, sci, d = setup(a.bin, root)
         for n, data in enumerate(a.data):
-            name = f"d{n}"
-            sh(a.bin, env, "dataset", "import", name, data, token=sci)
             records = load(data)
             times = {}
             accs = {}
@@ -90,30 +92,35 @@ def main():
                 s, acc, ntr, nte = sklearn_run(records, a.C)
                 times.setdefault("sklearn", []).append(s)
                 accs["sklearn"] = acc
-                for template in a.templates.split(","):
-                    for phase in ["cold", "cached"]:
-                        if phase == "cold":
-                            # A cold run: nothing cached for this dataset.
-                            cache = os.path.join(env, "feature-cache")
-                            for f in os.listdir(cache) if os.path.isdir(cache) else []:
-                                os.remove(os.path.join(cache, f))
-                        t = time.perf_counter()
-                        out = sh(a.bin, env, "train", "--dataset", name,
-                                 "--preprocess", d["text-normalize"],
-                                 "--features", d["hashed-ngrams"],
-                                 "--template", template, token=sci)
-                        s = time.perf_counter() - t
-                        cached = "features from the cache" in out
-                        if cached != (phase == "cached"):
-                            raise SystemExit(f"expected a {phase} run:\n{out}")
-                        model = re.findall(r"m-[0-9a-f]{12}", out)[-1]
-                        m = json.loads(sh(a.bin, env, "model", "show", model, "--json", token=sci))
-                        key = f"cloister {template}, {phase}"
-                        times.setdefault(key, []).append(s)
-                        accs[key] = m["evaluation"]["accuracy"]
-                        if m["split_sizes"][0] != ntr or m["split_sizes"][2] != nte:
-                            raise SystemExit(
-                                f"split mismatch: cloister {m['split_sizes']} vs {ntr}/{nte}")
+                for features in a.features.split(","):
+                    for template in a.templates.split(","):
+                        # A cold run: a new environment, nothing cached or
+                        # fitted for this dataset.
+                        env_root = os.path.join(root, f"{n}-{rep}-{features}-{template}")
+                        os.makedirs(env_root)
+                        env, _, sci, d = setup(a.bin, env_root)
+                        sh(a.bin, env, "dataset", "import", "d", data, token=sci)
+                        for phase in ["cold", "cached"]:
+                            t = time.perf_counter()
+                            out = sh(a.bin, env, "train", "--dataset", "d",
+                                     "--preprocess", d["text-normalize"],
+                                     "--features", d[features],
+                                     "--template", template, token=sci)
+                            s = time.perf_counter() - t
+                            cached = "features from the cache" in out
+                            if cached != (phase == "cached"):
+                                raise SystemExit(f"expected a {phase} run:\n{out}")
+                            model = re.findall(r"m-[0-9a-f]{12}", out)[-1]
+                            m = json.loads(sh(a.bin, env, "model", "show", model, "--json",
+                                              token=sci))
+                            key = f"cloister {features} + {template}, {phase}"
+                            times.setdefault(key, []).append(s)
+                            accs[key] = m["evaluation"]["accuracy"]
+                            if m["split_sizes"][0] != ntr or m["split_sizes"][2] != nte:
+                                raise SystemExit(
+                                    f"split mismatch: cloister {m['split_sizes']} "
+                                    f"vs {ntr}/{nte}")
+                        shutil.rmtree(env_root)
             base = statistics.median(times["sklearn"])
             for key, ts in times.items():
                 med = statistics.median(ts)

@@ -100,7 +100,10 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     }
 
     println!(
-        "\nana runs pipelines/spam-active-learning.toml: logreg + mlp, dual-agree auto-labels where both agree with p >= 0.9,"
+        "\nana runs pipelines/spam-active-learning.toml: logreg + mlp, dual-agree proposes automatic labels where both agree with p >= 0.9,"
+    );
+    println!(
+        "and the host accepts them only above thresholds certified >= 98% precise on validation labels (95% confidence);"
     );
     println!(
         "50 records per round to humans (answered by the gold oracle), at most 480 manual labels.\n"
@@ -123,6 +126,18 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             stats.auto_accepted,
             100.0 * stats.auto_precision.unwrap_or(0.0)
         );
+        if let (Some(est), Some(lo), Some(hi)) = (
+            stats.auto_estimate,
+            stats.auto_estimate_low,
+            stats.auto_estimate_high,
+        ) {
+            println!(
+                "Without gold labels the precision would read as {:.2}% (95% interval {:.2}-{:.2}%), estimated on validation labels.",
+                100.0 * est,
+                100.0 * lo,
+                100.0 * hi
+            );
+        }
         println!(
             "Labeling the whole pool by hand would have taken {} labels: {} saved.",
             stats.pool_size,

@@ -248,6 +248,9 @@ fn show(m: &ModelManifest) {
         println!("         preprocess {d}");
     }
     println!("         features   {}", m.lineage.features);
+    if let Some(state) = &m.lineage.features_state {
+        println!("         fitted     {state} (vocabulary)");
+    }
     println!(
         "weights: sha256 {}, input dimension {}",
         m.weights_sha256, m.dim
@@ -388,6 +391,13 @@ fn show_disclosure(m: &ModelManifest) {
             "  classes with fewer than {} training records: {}",
             t.k,
             r.small_classes.join(", ")
+        );
+    }
+    if let Some(v) = &r.vocabulary {
+        println!(
+            "  fitted vocabulary: {} terms counted over {} training records, the rarest in {} \
+             (at least {})",
+            v.terms, v.documents, v.min_records, t.k
         );
     }
     if let Some(c) = &r.canaries {

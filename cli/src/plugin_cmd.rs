@@ -24,7 +24,7 @@ pub enum PluginCommand {
         json: bool,
     },
     /// Run one plugin locally over a mock JSONL file (never real data).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Add a component to the environment's registry (inspected, stored by
     /// digest, unapproved).
     Add {
@@ -207,7 +207,7 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Inspect { file, json } => inspect(&file, json),
-        PluginCommand::Run(args) => run_local(args),
+        PluginCommand::Run(args) => run_local(*args),
         PluginCommand::Bundled { write } => bundled(write.as_deref()),
     }
 }
@@ -272,7 +272,10 @@ fn print_inspection(file: &Path, r: &Inspection) {
         println!("name:        {}", m.name);
         println!("version:     {}", m.version);
         if r.fitted {
-            println!("kind:        {} (fitted: learns from the training split)", m.kind);
+            println!(
+                "kind:        {} (fitted: learns from the training split)",
+                m.kind
+            );
         } else {
             println!("kind:        {}", m.kind);
         }
@@ -392,7 +395,12 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
                 };
                 let terms = match runner.terms(&fit_records) {
                     Ok(t) => t,
-                    Err(e) => bail!("fitting on {} records: {} [{}]", fit_records.len(), e, e.code()),
+                    Err(e) => bail!(
+                        "fitting on {} records: {} [{}]",
+                        fit_records.len(),
+                        e,
+                        e.code()
+                    ),
                 };
                 let cap = (limits.max_dimension as usize).min(cloister_host::fitted::MAX_TERMS);
                 let vocabulary = cloister_host::fitted::count(&terms, args.fit_min_records, cap)?;
@@ -404,7 +412,10 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
                 );
                 runner = runner.vocabulary(std::sync::Arc::new(vocabulary));
             } else if args.fit_on.is_some() {
-                bail!("--fit-on is only for fitted featurizers; {} is not one", plugin.metadata.name);
+                bail!(
+                    "--fit-on is only for fitted featurizers; {} is not one",
+                    plugin.metadata.name
+                );
             }
             let result = if plugin.kind == PluginKind::Preprocessor {
                 runner.preprocess(&input).map(|out| {

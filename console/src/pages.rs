@@ -1028,11 +1028,12 @@ async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
     let l = &m.lineage;
     let _ = write!(
         body,
-        "<h2>Lineage</h2><table><tbody><tr><th>dataset</th><td>{} ({})</td></tr><tr><th>preprocess</th><td>{}</td></tr><tr><th>features</th><td>{}</td></tr><tr><th>split seed</th><td>{}</td></tr><tr><th>job</th><td>{}</td></tr><tr><th>weights sha256</th><td>{}</td></tr></tbody></table>",
+        "<h2>Lineage</h2><table><tbody><tr><th>dataset</th><td>{} ({})</td></tr><tr><th>preprocess</th><td>{}</td></tr><tr><th>features</th><td>{}</td></tr><tr><th>fitted state</th><td>{}</td></tr><tr><th>split seed</th><td>{}</td></tr><tr><th>job</th><td>{}</td></tr><tr><th>weights sha256</th><td>{}</td></tr></tbody></table>",
         esc(&l.dataset),
         esc(&l.dataset_digest),
         esc(&l.preprocess.join(", ")),
         esc(&l.features),
+        esc(l.features_state.as_deref().unwrap_or("–")),
         l.split_seed,
         esc(l.job.as_deref().unwrap_or("–")),
         esc(&m.weights_sha256)
@@ -1353,6 +1354,18 @@ fn disclosure_section(m: &cloister_host::models::ModelManifest) -> String {
                         c.max_exposure_released,
                         c.max_possible,
                         c.planted
+                    )
+                },
+            ),
+        ],
+        vec![
+            "fitted vocabulary: terms, fewest records behind one".into(),
+            r.vocabulary.map_or_else(
+                || "– (the featurizer does not fit)".into(),
+                |v| {
+                    format!(
+                        "{} terms counted over {} training records; the rarest in {} (at least {})",
+                        v.terms, v.documents, v.min_records, t.k
                     )
                 },
             ),

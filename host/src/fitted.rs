@@ -233,7 +233,10 @@ mod tests {
         assert_eq!(v.document_frequencies, vec![2, 3]);
         let capped = count(&terms, 1, 1).unwrap();
         assert_eq!(capped.keys, vec![7]);
-        assert!(matches!(count(&terms, 4, 10), Err(FitError::Empty { k: 4, .. })));
+        assert!(matches!(
+            count(&terms, 4, 10),
+            Err(FitError::Empty { k: 4, .. })
+        ));
     }
 
     #[test]

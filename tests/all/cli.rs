@@ -111,6 +111,93 @@ fn plugin_run_over_mock_jsonl() {
 }
 
 #[test]
+fn plugin_run_fits_a_fitted_featurizer_on_mock_data_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = write_plugin(
+        dir.path(),
+        "tfidf",
+        cloister_bundled_plugins::get("tfidf").unwrap(),
+    );
+    let o = cloister(&["plugin", "inspect", &plugin]);
+    assert!(
+        stdout(&o).contains("kind:        featurizer (fitted"),
+        "{}",
+        stdout(&o)
+    );
+    // "free" is in 12 records, "pills" in 3, "noon" in 1.
+    let mut mock = String::new();
+    for i in 0..12 {
+        let extra = if i < 3 { " pills" } else { "" };
+        mock.push_str(&format!(
+            "{{\"id\": \"m{i}\", \"text\": \"free offer{extra}\"}}\n"
+        ));
+    }
+    mock.push_str("{\"id\": \"n\", \"text\": \"meeting at noon\"}\n");
+    let input = dir.path().join("mock.jsonl");
+    std::fs::write(&input, mock).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "plugin",
+            "run",
+            &plugin,
+            "--input",
+            input.to_str().unwrap(),
+            "--config",
+            "ngrams=1",
+        ];
+        args.extend_from_slice(extra);
+        cloister(&args)
+    };
+    // Terms at least 10 records share: "free" and "offer".
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("fitted on 13 records: 2 terms at least 10 of them contain"),
+        "{}",
+        stderr(&o)
+    );
+    let rows: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 13);
+    assert_eq!(rows[0]["indices"].as_array().unwrap().len(), 2);
+    assert_eq!(rows[12]["indices"].as_array().unwrap().len(), 0);
+    // With a floor of 3, "pills" joins.
+    let o = run(&["--fit-min-records", "3"]);
+    assert!(stderr(&o).contains("3 terms"), "{}", stderr(&o));
+    // A floor nothing reaches is a clear error.
+    let o = run(&["--fit-min-records", "20"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no term that at least 20 of the 13 training records contain"),
+        "{}",
+        stderr(&o)
+    );
+    // --fit-on is for fitted featurizers only.
+    let ngrams = write_plugin(
+        dir.path(),
+        "ngrams",
+        cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
+    );
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &ngrams,
+        "--input",
+        input.to_str().unwrap(),
+        "--fit-on",
+        input.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("only for fitted featurizers"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn plugin_run_errors_name_line_key_or_limit_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = write_plugin(

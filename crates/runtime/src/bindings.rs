@@ -7,8 +7,7 @@ use wasmtime::component::InstancePre;
 
 use super::sandbox::HostState;
 use cloister_types::types::{
-    DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch,
-    Vocabulary,
+    DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch, Vocabulary,
 };
 
 /// `cloister:plugin/types` as bindgen sees it: the host's own types, plus the

@@ -36,8 +36,7 @@ pub use runner::Runner;
 use bindings::{Bindings, Pre};
 use cloister_types::digest::Digest;
 use cloister_types::types::{
-    DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch,
-    Vocabulary,
+    DataRecord, Decision, Metadata, PluginError, PluginKind, PredictionSet, SparseBatch, Vocabulary,
 };
 use sandbox::HostState;
 
@@ -345,8 +344,10 @@ impl Runtime {
                 detail: Sealed::new(format!("{e:#}")),
             }
         })?;
-        let pre = Pre::new((kind, fitted), instance_pre).map_err(|e| RuntimeError::InterfaceMismatch {
-            detail: Sealed::new(format!("{e:#}")),
+        let pre = Pre::new((kind, fitted), instance_pre).map_err(|e| {
+            RuntimeError::InterfaceMismatch {
+                detail: Sealed::new(format!("{e:#}")),
+            }
         })?;
         let mut plugin = LoadedPlugin {
             digest,

@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Limits, LoadedPlugin, PluginInstance, Purpose, Runtime, RuntimeError, StopFlag, Usage,
-    stopped,
+    Limits, LoadedPlugin, PluginInstance, Purpose, Runtime, RuntimeError, StopFlag, Usage, stopped,
 };
 use cloister_types::types::{
     DataRecord, Decision, PluginKind, PredictionSet, SparseBatch, Vocabulary,
@@ -309,9 +308,7 @@ impl<'a> Runner<'a> {
                         self.collect_log(&mut inst);
                         self.collect_usage(&inst);
                         match result {
-                            Ok(keys) => {
-                                *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = keys
-                            }
+                            Ok(keys) => *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = keys,
                             Err(e) => return fail(at, e),
                         }
                     }

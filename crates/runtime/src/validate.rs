@@ -172,8 +172,7 @@ pub(crate) fn vocabulary(v: &Vocabulary) -> Result<(), RuntimeError> {
     if v.keys.windows(2).any(|w| w[0] >= w[1]) {
         return bad("keys must be strictly increasing");
     }
-    if v
-        .document_frequencies
+    if v.document_frequencies
         .iter()
         .any(|&df| df == 0 || df > v.documents)
     {

@@ -284,7 +284,8 @@ impl Cloister {
             Vec::len,
         )?;
         let limits = self.env.limits();
-        let cap = (limits.plugin_call_limits().max_dimension as usize).min(crate::fitted::MAX_TERMS);
+        let cap =
+            (limits.plugin_call_limits().max_dimension as usize).min(crate::fitted::MAX_TERMS);
         let vocabulary = crate::fitted::count(&terms, limits.disclosure().k, cap)?;
         let mut batch = crate::store::WriteBatch::new();
         let digest = crate::fitted::put(&mut batch, Some(fit_key), &vocabulary);
@@ -445,11 +446,8 @@ impl Cloister {
         }
         let records = self.preprocess_records(who, purpose, records, chain, stage)?;
         if let (Some(fit_key), None) = (&fit_key, &chain.state) {
-            let train: Vec<DataRecord> = records
-                .iter()
-                .filter(|r| in_fit(&r.id))
-                .cloned()
-                .collect();
+            let train: Vec<DataRecord> =
+                records.iter().filter(|r| in_fit(&r.id)).cloned().collect();
             self.fit_featurizer(who, purpose, &train, chain, fit_key, stage)?;
         }
         let key = key_of(chain);

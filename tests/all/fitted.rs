@@ -1,0 +1,291 @@
+//! Fitted featurizers: the fit on the training split (terms in fresh
+//! sandboxed instances, counted by the host), the vocabulary by digest in a
+//! model's lineage, reused by a second run, loaded for predict, carried in
+//! the bundle, checked on every read — and a featurizer that tries to
+//! smuggle a record out through its vocabulary.
+
+use cloister_host::policy::Role;
+use cloister_host::service::{Cloister, ImportOptions, ServiceError, TrainProgress, TrainRequest};
+use cloister_host::store::{Space, WriteBatch};
+use cloister_host::users::User;
+
+use crate::support::{cfg, load, runtime, spamassassin, text};
+
+struct Env {
+    _dir: tempfile::TempDir,
+    c: Cloister,
+    admin: User,
+    sci: User,
+    appr: User,
+    rev: User,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+    let admin = c.authenticate(&root).unwrap();
+    let add = |n: &str, r: Role| c.add_user(&admin, n, &[r]).unwrap().0;
+    let (sci, rev, appr) = (
+        add("sci", Role::Scientist),
+        add("rev", Role::Reviewer),
+        add("appr", Role::Approver),
+    );
+    Env {
+        _dir: dir,
+        c,
+        admin,
+        sci,
+        appr,
+        rev,
+    }
+}
+
+fn approve(e: &Env, bytes: &[u8]) -> String {
+    let p = e.c.add_plugin(&e.sci, bytes).unwrap();
+    e.c.approve_plugin(&e.rev, &p.digest).unwrap();
+    p.digest
+}
+
+/// (stage, code) of every plugin call audited after the first `skip`.
+fn stages(e: &Env, skip: usize) -> Vec<(String, String)> {
+    e.c.audit_log(
+        &e.admin,
+        &cloister_host::audit::AuditFilter {
+            action: Some("plugin_call".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .into_iter()
+    .filter_map(|e| e.record.outcome)
+    .skip(skip)
+    .map(|o| (o.stage, o.code))
+    .collect()
+}
+
+fn vocabulary(e: &Env, hex: &str) -> cloister_host::types::Vocabulary {
+    cloister_host::fitted::get(e.c.env().store().as_ref(), &hex.parse().unwrap()).unwrap()
+}
+
+#[test]
+fn tfidf_fits_on_the_training_split_and_its_vocabulary_travels_with_the_model() {
+    let e = env();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/spamassassin/spamassassin.jsonl.gz");
+    e.c.import_dataset(&e.sci, "spam", &data, &ImportOptions::default())
+        .unwrap();
+    let normalize = approve(&e, cloister_bundled_plugins::get("text-normalize").unwrap());
+    let tfidf = approve(&e, cloister_bundled_plugins::get("tfidf").unwrap());
+    let req = TrainRequest {
+        dataset: "spam".into(),
+        preprocess: vec![normalize],
+        features: tfidf,
+        template: "logreg".into(),
+        sets: vec![],
+        split_seed: None,
+    };
+    let m = e.c.train_model(&e.sci, &req, &mut |_| {}).unwrap();
+    assert_eq!(
+        stages(&e, 0),
+        [
+            ("preprocess".into(), "ok".into()),
+            ("fit".into(), "ok".into()),
+            ("featurize".into(), "ok".into()),
+        ]
+    );
+    let state = m.lineage.features_state.clone().expect("a fitted state");
+    let v = vocabulary(&e, &state);
+    // Counted over the training records only, every term shared by at
+    // least k = 10 of them; the features are exactly the vocabulary.
+    assert_eq!(u64::from(v.documents), m.split_sizes[0]);
+    assert!(v.document_frequencies.iter().all(|&n| n >= 10));
+    assert_eq!(m.dim, v.keys.len());
+    assert!(m.evaluation.accuracy > 0.96, "{}", m.evaluation.accuracy);
+    let report = m.disclosure.as_ref().unwrap();
+    let support = report.vocabulary.expect("the vocabulary in the report");
+    assert_eq!(support.terms, v.keys.len() as u64);
+    assert!(support.min_records >= 10);
+
+    // A second run fits nothing and featurizes nothing: the same state,
+    // the same weights.
+    let before = stages(&e, 0).len();
+    let mut seen = Vec::new();
+    let again =
+        e.c.train_model(&e.sci, &req, &mut |p| {
+            if let TrainProgress::Stage(s, _) = p {
+                seen.push(s.to_string());
+            }
+        })
+        .unwrap();
+    assert_eq!(
+        stages(&e, before),
+        [
+            ("fit".into(), "cached".into()),
+            ("preprocess".into(), "cached".into()),
+            ("featurize".into(), "cached".into()),
+        ]
+    );
+    assert!(
+        seen.iter().any(|s| s == "features from the cache"),
+        "{seen:?}"
+    );
+    assert_eq!(again.lineage.features_state, m.lineage.features_state);
+    assert_eq!(again.weights_sha256, m.weights_sha256);
+
+    // Predict loads the state from the lineage: a spam-like text scores
+    // as spam.
+    let p =
+        e.c.predict(
+            &e.sci,
+            &m.id,
+            &[
+                text(
+                    "a",
+                    "Meeting notes for tomorrow: the agenda and last week's minutes",
+                ),
+                text(
+                    "b",
+                    "CLICK HERE for your FREE prize!!! Limited time offer, unsubscribe below",
+                ),
+            ],
+        )
+        .unwrap();
+    assert_eq!(p.classes, ["ham", "spam"]);
+    assert!(p.probs[3] > p.probs[1], "{:?}", p.probs);
+
+    // The bundle carries the state, signed; any changed byte of it fails.
+    e.c.request_release(&e.sci, &m.id, "ship it").unwrap();
+    e.c.decide_release(&e.appr, &m.id, true).unwrap();
+    let bundle = e.c.export_model(&e.sci, &m.id).unwrap();
+    let key = e.c.env().audit().public_key();
+    let b = cloister_host::models::verify_bundle(&bundle, Some(&key)).unwrap();
+    let carried = b.state.expect("the state in the bundle");
+    assert_eq!(cloister_host::fitted::decode(&carried).unwrap(), v);
+    let at = bundle
+        .windows(b"CLVOCAB1".len())
+        .position(|w| w == b"CLVOCAB1")
+        .unwrap();
+    let mut bad = bundle.clone();
+    bad[at + 40] ^= 1;
+    assert!(cloister_host::models::verify_bundle(&bad, Some(&key)).is_err());
+
+    // A stored state that no longer matches its digest is refused, never
+    // used.
+    let digest: cloister_host::Digest = state.parse().unwrap();
+    let mut k = b"s".to_vec();
+    k.extend_from_slice(&digest.0);
+    let mut stored = e.c.env().store().get(Space::Fitted, &k).unwrap().unwrap();
+    let last = stored.len() - 1;
+    stored[last] ^= 1;
+    let mut w = WriteBatch::new();
+    w.put(Space::Fitted, k, stored);
+    e.c.env().store().commit(w).unwrap();
+    let r = e.c.predict(&e.sci, &m.id, &[text("a", "hello there")]);
+    assert!(
+        matches!(
+            r,
+            Err(ServiceError::Fit(
+                cloister_host::fitted::FitError::Damaged { .. }
+            ))
+        ),
+        "{r:?}"
+    );
+}
+
+/// Positional byte keys, as the hostile plugin makes them.
+fn byte_keys(s: &str) -> Vec<u64> {
+    s.bytes()
+        .take(64)
+        .enumerate()
+        .map(|(i, b)| ((i as u64) << 8) | u64::from(b))
+        .collect()
+}
+
+#[test]
+fn a_featurizer_cannot_copy_one_record_into_the_vocabulary() {
+    const SECRET: &str = "QXZJ#7741-QXZJ#7741 launch code";
+    let mut records = spamassassin();
+    records.truncate(400);
+    records[0].texts[0].value = SECRET.into();
+    let secret_keys = byte_keys(SECRET);
+
+    // The attack is real: one instance that sees many records names the
+    // first one's bytes for all of them, so every secret key would be
+    // "shared" by every record.
+    let hostile = load(cloister_test_plugins::HOSTILE_FIT);
+    let limits = cloister_host::runtime::Limits::default();
+    let mut one = hostile
+        .instantiate_fitted(runtime(), &cfg(&[("attack", "copy")]), &limits, None)
+        .unwrap();
+    let shared: Vec<Vec<u64>> = records[..20]
+        .iter()
+        .map(|r| one.terms(r).unwrap())
+        .collect();
+    let as_if_shared = cloister_host::fitted::count(&shared, 10, 1 << 20).unwrap();
+    assert!(
+        secret_keys
+            .iter()
+            .all(|k| as_if_shared.keys.binary_search(k).is_ok())
+    );
+    // And an instance refuses to featurize before it is loaded.
+    assert!(one.featurize(&records[..1]).is_err());
+
+    // Inside an environment every training record is named by a fresh
+    // instance: only what k records share alone survives the count.
+    let e = env();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("planted.jsonl");
+    let mut lines = String::new();
+    for r in &records {
+        lines.push_str(
+            &serde_json::json!({
+                "id": r.id,
+                "text": r.texts[0].value,
+                "label": r.label,
+            })
+            .to_string(),
+        );
+        lines.push('\n');
+    }
+    std::fs::write(&path, lines).unwrap();
+    e.c.import_dataset(&e.sci, "planted", &path, &ImportOptions::default())
+        .unwrap();
+    let features = approve(&e, cloister_test_plugins::HOSTILE_FIT);
+    // The secret record must be in the training split for the test to
+    // mean anything: try split seeds until it is.
+    let split_of = |seed: u64| {
+        let r = cloister_host::types::DataRecord {
+            label: None,
+            ..records[0].clone()
+        };
+        cloister_host::datasets::split_of(&r, seed)
+    };
+    let seed = (0..64)
+        .find(|&s| split_of(s) == cloister_host::datasets::Split::Train)
+        .unwrap();
+    let m =
+        e.c.train_model(
+            &e.sci,
+            &TrainRequest {
+                dataset: "planted".into(),
+                preprocess: vec![],
+                features,
+                template: "logreg".into(),
+                sets: vec![],
+                split_seed: Some(seed),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    let v = vocabulary(&e, m.lineage.features_state.as_deref().unwrap());
+    assert!(v.document_frequencies.iter().all(|&n| n >= 10));
+    let leaked: Vec<&u64> = secret_keys
+        .iter()
+        .filter(|k| v.keys.binary_search(k).is_ok())
+        .collect();
+    // "QXZJ#7741" at the start of a text is this record's alone.
+    assert!(
+        secret_keys[..9].iter().all(|k| !leaked.contains(&k)),
+        "secret bytes in the vocabulary: {leaked:?}"
+    );
+}
