@@ -103,7 +103,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         "\nana runs pipelines/spam-active-learning.toml: logreg + mlp, dual-agree proposes automatic labels where both agree with p >= 0.9,"
     );
     println!(
-        "and the host accepts them only above thresholds certified >= 98% precise on validation labels (95% confidence);"
+        "and the host accepts them only above thresholds certified >= 95% precise per class on validation labels (95% confidence);"
     );
     println!(
         "50 records per round to humans (answered by the gold oracle), at most 480 manual labels.\n"
