@@ -393,17 +393,23 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
                     Some(path) => records::read_file(path, Schema::default())?,
                     None => input.clone(),
                 };
-                let terms = match runner.terms(&fit_records) {
-                    Ok(t) => t,
-                    Err(e) => bail!(
-                        "fitting on {} records: {} [{}]",
-                        fit_records.len(),
-                        e,
-                        e.code()
-                    ),
-                };
+                let terms =
+                    match runner.term_counts(&fit_records, cloister_host::fitted::MAX_DISTINCT) {
+                        Ok(t) => t,
+                        Err(e) => bail!(
+                            "fitting on {} records: {} [{}]",
+                            fit_records.len(),
+                            e,
+                            e.code()
+                        ),
+                    };
                 let cap = (limits.max_dimension as usize).min(cloister_host::fitted::MAX_TERMS);
-                let vocabulary = cloister_host::fitted::count(&terms, args.fit_min_records, cap)?;
+                let vocabulary = cloister_host::fitted::vocabulary(
+                    terms.documents,
+                    terms.counts,
+                    args.fit_min_records,
+                    cap,
+                )?;
                 eprintln!(
                     "fitted on {} records: {} terms at least {} of them contain",
                     fit_records.len(),

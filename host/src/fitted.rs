@@ -25,8 +25,8 @@ use crate::types::Vocabulary;
 pub const MAX_TERMS: usize = 1 << 20;
 
 /// Most distinct term keys a fit may produce before counting stops (their
-/// counts are held in memory).
-pub const MAX_DISTINCT: usize = 1 << 23;
+/// counts are held in memory: about 100 MB at the cap).
+pub const MAX_DISTINCT: usize = 1 << 22;
 
 const MAGIC: &[u8; 8] = b"CLVOCAB1";
 
@@ -43,15 +43,6 @@ pub enum FitError {
         k: u32,
         /// Records counted.
         documents: u32,
-    },
-    /// Too many distinct terms to count.
-    #[error(
-        "the fit produced more than {max} distinct terms: configure the featurizer with fewer \
-         n-grams"
-    )]
-    TooManyTerms {
-        /// The limit.
-        max: usize,
     },
     /// Stored bytes that do not decode, or do not match their digest.
     #[error("fitted state {digest}: {problem}")]
@@ -70,20 +61,28 @@ pub enum FitError {
 }
 
 /// Counts the records each key occurs in (`terms[i]` holds record `i`'s
-/// keys, sorted and distinct, as the runtime returns them) and keeps the
-/// keys at least `k` records contain; past `cap`, the most frequent
-/// (ties: the smaller key). Deterministic.
+/// keys, sorted and distinct, as `PluginInstance::terms` returns them) and
+/// makes the [`vocabulary`] of them.
 pub fn count(terms: &[Vec<u64>], k: u32, cap: usize) -> Result<Vocabulary, FitError> {
-    let documents = u32::try_from(terms.len()).unwrap_or(u32::MAX);
     let mut df: HashMap<u64, u32> = HashMap::new();
     for keys in terms {
         for &key in keys {
             *df.entry(key).or_insert(0) += 1;
         }
-        if df.len() > MAX_DISTINCT {
-            return Err(FitError::TooManyTerms { max: MAX_DISTINCT });
-        }
     }
+    vocabulary(terms.len(), df, k, cap)
+}
+
+/// The vocabulary of a fit over `documents` records whose keys occur in
+/// `df` records each: the keys at least `k` records contain; past `cap`,
+/// the most frequent (ties: the smaller key). Deterministic.
+pub fn vocabulary(
+    documents: usize,
+    df: HashMap<u64, u32>,
+    k: u32,
+    cap: usize,
+) -> Result<Vocabulary, FitError> {
+    let documents = u32::try_from(documents).unwrap_or(u32::MAX);
     let k = k.max(1);
     let mut kept: Vec<(u64, u32)> = df.into_iter().filter(|&(_, n)| n >= k).collect();
     if kept.is_empty() {

@@ -229,6 +229,16 @@ fn a_featurizer_cannot_copy_one_record_into_the_vocabulary() {
     );
     // And an instance refuses to featurize before it is loaded.
     assert!(one.featurize(&records[..1]).is_err());
+    // The host holds at most so many distinct keys while it counts: past
+    // the cap the fit stops with a limit, not with the host's memory.
+    let runner = hostile
+        .runner(runtime(), &cfg(&[("attack", "none")]), limits.clone())
+        .unwrap();
+    let counts = runner.term_counts(&records[..50], 1 << 20).unwrap();
+    assert_eq!(counts.documents, 50);
+    assert!(counts.counts.len() > 100);
+    let capped = runner.term_counts(&records[..50], 100);
+    assert_eq!(crate::support::code(capped), "limit-terms");
 
     // Inside an environment every training record is named by a fresh
     // instance: only what k records share alone survives the count.

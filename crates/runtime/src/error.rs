@@ -195,6 +195,7 @@ impl RuntimeError {
             RuntimeError::LimitExceeded(Limit::Memory { .. }) => "limit-memory",
             RuntimeError::LimitExceeded(Limit::Output { .. }) => "limit-output",
             RuntimeError::LimitExceeded(Limit::Timeout { .. }) => "limit-timeout",
+            RuntimeError::LimitExceeded(Limit::Terms { .. }) => "limit-terms",
             RuntimeError::DimensionOutOfRange { .. } => "limit-dimension",
             RuntimeError::Trap(_) => "trap",
             RuntimeError::Exited => "exited",
@@ -266,6 +267,11 @@ pub enum Limit {
         /// The timeout.
         after: Duration,
     },
+    /// The distinct term keys a fitted featurizer's fit may produce.
+    Terms {
+        /// The cap.
+        max: usize,
+    },
 }
 
 impl fmt::Display for Limit {
@@ -277,6 +283,7 @@ impl fmt::Display for Limit {
             Limit::Timeout { after } => {
                 write!(f, "wall-clock timeout of {} ms per call", after.as_millis())
             }
+            Limit::Terms { max } => write!(f, "fit cap of {max} distinct terms"),
         }
     }
 }

@@ -31,7 +31,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Stor
 
 pub use cache::ArtifactCache;
 pub use error::{CallStage, Limit, OutputViolation, RuntimeError, Sealed, TrapKind};
-pub use runner::Runner;
+pub use runner::{Runner, TermCounts};
 
 use bindings::{Bindings, Pre};
 use cloister_types::digest::Digest;

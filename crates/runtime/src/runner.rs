@@ -7,6 +7,7 @@
 //! starts fresh ones. Plugins must not depend on state kept between batches:
 //! which instance runs which batch is up to the scheduler.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +17,16 @@ use super::{
 use cloister_types::types::{
     DataRecord, Decision, PluginKind, PredictionSet, SparseBatch, Vocabulary,
 };
+
+/// What a fitted featurizer's fit counted: the records, and in how many
+/// of them each term key occurs.
+#[derive(Debug, Clone, Default)]
+pub struct TermCounts {
+    /// Records the keys were counted over.
+    pub documents: usize,
+    /// Term key → records that contain it.
+    pub counts: HashMap<u64, u32>,
+}
 
 /// Runs a plugin over many batches in parallel.
 pub struct Runner<'a> {
@@ -266,21 +277,30 @@ impl<'a> Runner<'a> {
         Ok(out.into_iter().flatten().collect())
     }
 
-    /// A fitted featurizer's term keys of each record (sorted, distinct),
-    /// in order. Each record goes to a fresh instance that has seen no
-    /// other, so a key that many records share is one each of them
+    /// A fitted featurizer's fit over `records`: in how many records each
+    /// term key occurs. Each record goes to a fresh instance that has seen
+    /// no other, so a key that many records share is one each of them
     /// produced alone: an instance cannot copy what it saw in one record
-    /// onto others. All-or-nothing, like every run.
-    pub fn terms(&self, records: &[DataRecord]) -> Result<Vec<Vec<u64>>, RuntimeError> {
+    /// onto others. The counts are held per worker and merged (a sum, so
+    /// the result does not depend on the schedule); more than
+    /// `max_distinct` distinct keys stops the fit with
+    /// [`Limit::Terms`](super::Limit::Terms), so a plugin cannot make the
+    /// host hold more. All-or-nothing, like every run.
+    pub fn term_counts(
+        &self,
+        records: &[DataRecord],
+        max_distinct: usize,
+    ) -> Result<TermCounts, RuntimeError> {
         self.plugin.require(PluginKind::Featurizer)?;
         if !self.plugin.fitted {
             return Err(RuntimeError::InvalidInput(
                 "this plugin is not a fitted featurizer: it has no terms".into(),
             ));
         }
+        let too_many = || RuntimeError::LimitExceeded(super::Limit::Terms { max: max_distinct });
         let next = AtomicUsize::new(0);
         let stop: StopFlag = Arc::new(AtomicBool::new(false));
-        let slots: Vec<Mutex<Vec<u64>>> = records.iter().map(|_| Mutex::new(Vec::new())).collect();
+        let merged: Mutex<HashMap<u64, u32>> = Mutex::new(HashMap::new());
         let errors: Mutex<Vec<(usize, RuntimeError)>> = Mutex::new(Vec::new());
         let fail = |at: usize, e: RuntimeError| {
             stop.store(true, Ordering::Relaxed);
@@ -292,6 +312,7 @@ impl<'a> Runner<'a> {
         std::thread::scope(|scope| {
             for _ in 0..self.workers.min(records.len()) {
                 scope.spawn(|| {
+                    let mut counts: HashMap<u64, u32> = HashMap::new();
                     while !stopped(&stop) {
                         let at = next.fetch_add(1, Ordering::Relaxed);
                         let Some(record) = records.get(at) else { break };
@@ -308,9 +329,24 @@ impl<'a> Runner<'a> {
                         self.collect_log(&mut inst);
                         self.collect_usage(&inst);
                         match result {
-                            Ok(keys) => *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = keys,
+                            Ok(keys) => {
+                                for key in keys {
+                                    *counts.entry(key).or_insert(0) += 1;
+                                }
+                                if counts.len() > max_distinct {
+                                    return fail(at, too_many());
+                                }
+                            }
                             Err(e) => return fail(at, e),
                         }
+                    }
+                    let mut all = merged.lock().unwrap_or_else(|p| p.into_inner());
+                    for (key, n) in counts {
+                        *all.entry(key).or_insert(0) += n;
+                    }
+                    if all.len() > max_distinct {
+                        drop(all);
+                        fail(records.len(), too_many());
                     }
                 });
             }
@@ -320,10 +356,10 @@ impl<'a> Runner<'a> {
         if let Some((_, e)) = errors.into_iter().next() {
             return Err(e);
         }
-        Ok(slots
-            .into_iter()
-            .map(|s| s.into_inner().unwrap_or_else(|p| p.into_inner()))
-            .collect())
+        Ok(TermCounts {
+            documents: records.len(),
+            counts: merged.into_inner().unwrap_or_else(|p| p.into_inner()),
+        })
     }
 
     /// Featurize `records`: one row per record, in order.

@@ -280,13 +280,14 @@ impl Cloister {
                 vocabulary: None,
             },
             train.len(),
-            |r| r.terms(train),
-            Vec::len,
+            |r| r.term_counts(train, crate::fitted::MAX_DISTINCT),
+            |t| t.documents,
         )?;
         let limits = self.env.limits();
         let cap =
             (limits.plugin_call_limits().max_dimension as usize).min(crate::fitted::MAX_TERMS);
-        let vocabulary = crate::fitted::count(&terms, limits.disclosure().k, cap)?;
+        let vocabulary =
+            crate::fitted::vocabulary(terms.documents, terms.counts, limits.disclosure().k, cap)?;
         let mut batch = crate::store::WriteBatch::new();
         let digest = crate::fitted::put(&mut batch, Some(fit_key), &vocabulary);
         self.env.store().commit(batch)?;
