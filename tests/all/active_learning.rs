@@ -57,6 +57,7 @@ fn env() -> &'static Mutex<Env> {
         for name in [
             "text-normalize",
             "hashed-ngrams",
+            "tfidf",
             "dual-agree",
             "least-confidence",
         ] {
@@ -250,6 +251,41 @@ fn selecting_rounds(job: &jobs::Job) -> Vec<&jobs::RoundReport> {
         .collect();
     assert!(!rounds.is_empty());
     rounds
+}
+
+#[test]
+fn a_job_fits_its_featurizer_on_the_training_split_once_and_its_models_carry_the_state() {
+    let e = lock();
+    let spec = SPEC
+        .replace(
+            r#"features = { plugin = "hashed-ngrams", config = { bits = 16 } }"#,
+            r#"features = { plugin = "tfidf", config = { ngrams = 1 } }"#,
+        )
+        .replace("max_rounds = 3", "max_rounds = 2");
+    let job = run_to_done(&e, "fitted.toml", &spec);
+    let result = job.result.as_ref().unwrap();
+    let states: Vec<String> = result
+        .models
+        .iter()
+        .map(|id| {
+            let m = e.c.show_model(&e.sci, id).unwrap();
+            let support = m.disclosure.as_ref().unwrap().vocabulary.unwrap();
+            assert!(support.min_records >= 10);
+            assert_eq!(m.dim as u64, support.terms);
+            m.lineage.features_state.expect("a fitted state")
+        })
+        .collect();
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "{states:?}");
+    // Fitted on the whole training split (labeled or not: texts only),
+    // never on validation or test records: the pool, the seed labels and
+    // the human answers are all training records.
+    let digest: cloister_host::Digest = states[0].parse().unwrap();
+    let v = cloister_host::fitted::get(e.c.env().store().as_ref(), &digest).unwrap();
+    let (_, splits) =
+        e.c.dataset_stats(&e.sci, "spam", Some(job.spec.split_seed))
+            .unwrap();
+    let (labeled, unlabeled) = splits.unwrap().counts[&cloister_host::datasets::Split::Train];
+    assert_eq!(u64::from(v.documents), labeled + unlabeled);
 }
 
 #[test]
