@@ -25,5 +25,6 @@ mod fitted;
 mod hostile;
 mod house;
 mod policy_matrix;
+mod python;
 mod runtime;
 mod training;

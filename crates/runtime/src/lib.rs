@@ -173,9 +173,15 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
         let mut pool = PoolingAllocationConfig::new();
         let n = config.max_instances.max(1);
+        // A component may instantiate up to 64 core modules: a Python
+        // plugin built with componentize-py has 38 (CPython, its libc, the
+        // WASI stubs and adapters), and at 8 it was refused as invalid.
+        // The pool's totals stay as they were, so more core instances in
+        // one component means fewer components at once, not more memory
+        // (docs/threat-model.md, "Python components").
         pool.total_component_instances(n)
             .total_core_instances(n * 8)
-            .max_core_instances_per_component(8)
+            .max_core_instances_per_component(64)
             .total_memories(n * 2)
             .max_memories_per_component(2)
             .total_tables(n * 8)
