@@ -13,9 +13,9 @@ use cloister_host::runtime::{Limits, Runtime, RuntimeConfig};
 
 use crate::support::text;
 
-/// Builds `plugins/python/NAME/app.py` against `world`; `None` when
-/// componentize-py is not installed.
-fn build(name: &str, world: &str, out: &Path) -> Option<Vec<u8>> {
+/// Builds `DIR/app.py` against `world`; `None` when componentize-py is
+/// not installed.
+fn build(dir: &str, world: &str, out: &Path) -> Option<Vec<u8>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let wit = root.join("plugin-sdk/wit");
     // Built from a copy, so that nothing the build writes (bytecode
@@ -23,7 +23,7 @@ fn build(name: &str, world: &str, out: &Path) -> Option<Vec<u8>> {
     let src = out.with_extension("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::copy(
-        root.join("plugins/python").join(name).join("app.py"),
+        root.join(dir).join("app.py"),
         src.join("app.py"),
     )
     .unwrap();
@@ -36,7 +36,7 @@ fn build(name: &str, world: &str, out: &Path) -> Option<Vec<u8>> {
         .status();
     match status {
         Ok(s) => {
-            assert!(s.success(), "componentize-py failed on {name}");
+            assert!(s.success(), "componentize-py failed on {dir}");
             Some(std::fs::read(out).unwrap())
         }
         Err(_) => {
@@ -53,7 +53,11 @@ fn build(name: &str, world: &str, out: &Path) -> Option<Vec<u8>> {
 #[test]
 fn a_componentize_py_preprocessor_runs_in_the_sandbox() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(bytes) = build("lowercase", "preprocessor", &dir.path().join("lc.wasm")) else {
+    let Some(bytes) = build(
+        "plugins/python/lowercase",
+        "preprocessor",
+        &dir.path().join("lc.wasm"),
+    ) else {
         return;
     };
     // Its own runtime: the component's many core instances (CPython, its
@@ -72,4 +76,48 @@ fn a_componentize_py_preprocessor_runs_in_the_sandbox() {
         .unwrap();
     let texts: Vec<&str> = out.iter().map(|r| r.texts[0].value.as_str()).collect();
     assert_eq!(texts, ["hello world", "mixed case"]);
+}
+
+#[test]
+fn python_attacks_on_the_sandbox_end_in_limits_and_traps() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bytes) = build(
+        "tests/plugins/python-hostile",
+        "preprocessor",
+        &dir.path().join("hostile.wasm"),
+    ) else {
+        return;
+    };
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let p = rt.load(&bytes).unwrap();
+    let tight = Limits {
+        fuel: 2_000_000_000,
+        memory_bytes: 128 << 20,
+        output_bytes: 1 << 20,
+        timeout: std::time::Duration::from_secs(5),
+        ..Limits::default()
+    };
+    let batch = [text("a", "Hello"), text("b", "World")];
+    let run = |attack: &str| {
+        let mut inst = p
+            .instantiate(&rt, &crate::support::cfg(&[("attack", attack)]), &tight)
+            .unwrap();
+        let r = inst.preprocess(&batch);
+        (r, inst.is_discarded())
+    };
+    let (ok, _) = run("none");
+    assert_eq!(ok.unwrap().len(), 2);
+    for (attack, code) in [
+        ("spin", "limit-fuel"),
+        ("memory", "limit-memory"),
+        ("recursion", "trap"),
+        ("output", "limit-output"),
+        ("stdout", "trap"),
+        ("invent", "invalid-output"),
+    ] {
+        let (r, discarded) = run(attack);
+        let got = crate::support::code(r);
+        assert_eq!(got, code, "{attack}");
+        assert!(discarded, "{attack}: the instance is discarded");
+    }
 }
