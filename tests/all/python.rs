@@ -22,11 +22,7 @@ fn build(dir: &str, world: &str, out: &Path) -> Option<Vec<u8>> {
     // caches) lands in the source tree.
     let src = out.with_extension("src");
     std::fs::create_dir_all(&src).unwrap();
-    std::fs::copy(
-        root.join(dir).join("app.py"),
-        src.join("app.py"),
-    )
-    .unwrap();
+    std::fs::copy(root.join(dir).join("app.py"), src.join("app.py")).unwrap();
     let status = Command::new("componentize-py")
         .arg("-d")
         .arg(&wit)
