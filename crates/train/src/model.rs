@@ -90,6 +90,23 @@ pub struct SparseLinear {
     shards: Vec<Shard>,
 }
 
+/// Calls `$avx2` — a twin of `$any` compiled with
+/// `#[target_feature(enable = "avx2")]` around the same `#[inline(always)]`
+/// body — when the CPU has AVX2, else `$any`.
+macro_rules! avx2_or {
+    ($avx2:expr, $any:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the one precondition of calling a function compiled
+            // with `target_feature(enable = "avx2")` is that the CPU has
+            // AVX2, which the line above just checked.
+            #[allow(unsafe_code)]
+            return unsafe { $avx2 };
+        }
+        $any
+    }};
+}
+
 /// One worker's share of a step: the input rows `lo..hi` it owns and its
 /// scratch for summing their gradients. Each input row's gradient is
 /// summed over the batch's records in order by exactly one shard, so the
@@ -117,17 +134,10 @@ impl Shard {
     /// `entries` (several). O(nnz · out), no sorting, and the block stays
     /// small enough for the cache.
     fn accumulate(&mut self, x: &SparseBatch, rows: &[usize], grad: &[f32], k: usize, all: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the one precondition of calling a function compiled
-            // with `target_feature(enable = "avx2")` is that the CPU has
-            // AVX2, which the line above just checked.
-            #[allow(unsafe_code)]
-            unsafe {
-                return self.accumulate_avx2(x, rows, grad, k, all);
-            }
-        }
-        self.accumulate_any(x, rows, grad, k, all)
+        avx2_or!(
+            self.accumulate_avx2(x, rows, grad, k, all),
+            self.accumulate_any(x, rows, grad, k, all)
+        )
     }
 
     /// [`Shard::accumulate`] compiled with AVX2: the same operations in
@@ -230,17 +240,10 @@ impl Shard {
         a: Adam,
         grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the one precondition of calling a function compiled
-            // with `target_feature(enable = "avx2")` is that the CPU has
-            // AVX2, which the line above just checked.
-            #[allow(unsafe_code)]
-            unsafe {
-                return self.update_avx2(w, mv, k, a, grad_w);
-            }
-        }
-        self.update_any(w, mv, k, a, grad_w)
+        avx2_or!(
+            self.update_avx2(w, mv, k, a, grad_w),
+            self.update_any(w, mv, k, a, grad_w)
+        )
     }
 
     /// [`Shard::update`] compiled with AVX2 (the same IEEE operations in
@@ -362,17 +365,10 @@ impl SparseLinear {
     }
 
     fn forward_rows(&self, x: &SparseBatch, rows: &[usize], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the one precondition of calling a function compiled
-            // with `target_feature(enable = "avx2")` is that the CPU has
-            // AVX2, which the line above just checked.
-            #[allow(unsafe_code)]
-            unsafe {
-                return self.forward_rows_avx2(x, rows, out);
-            }
-        }
-        self.forward_rows_any(x, rows, out)
+        avx2_or!(
+            self.forward_rows_avx2(x, rows, out),
+            self.forward_rows_any(x, rows, out)
+        )
     }
 
     /// [`SparseLinear::forward_rows`] compiled with AVX2 (same operations,
