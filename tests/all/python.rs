@@ -24,6 +24,7 @@ fn build(dir: &str, world: &str, out: &Path) -> Option<Vec<u8>> {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::copy(root.join(dir).join("app.py"), src.join("app.py")).unwrap();
     let status = Command::new("componentize-py")
+        .arg("-q")
         .arg("-d")
         .arg(&wit)
         .args(["-w", world, "componentize", "--stub-wasi", "app", "-o"])
@@ -116,4 +117,61 @@ fn python_attacks_on_the_sandbox_end_in_limits_and_traps() {
         assert_eq!(got, code, "{attack}");
         assert!(discarded, "{attack}: the instance is discarded");
     }
+}
+
+#[test]
+fn a_python_selector_decides_as_its_rust_twin_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bytes) = build(
+        "plugins/python/least-confidence",
+        "selector",
+        &dir.path().join("lc.wasm"),
+    ) else {
+        return;
+    };
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let py = rt.load(&bytes).unwrap();
+    let rust = rt
+        .load(cloister_bundled_plugins::get("least-confidence").unwrap())
+        .unwrap();
+    // 500 records, two models, three classes, random distributions.
+    let mut rng = cloister_host::train::model::Rng::new(9);
+    let mut dist = || {
+        let v: Vec<f32> = (0..3).map(|_| rng.unit() + 0.01).collect();
+        let s: f32 = v.iter().sum();
+        v.into_iter().map(|x| x / s).collect::<Vec<f32>>()
+    };
+    let items: Vec<cloister_host::types::PredictionSet> = (0..500)
+        .map(|i| cloister_host::types::PredictionSet {
+            id: format!("r{i}"),
+            models: vec![dist(), dist()],
+        })
+        .collect();
+    let classes: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+    let decide = |p: &cloister_host::runtime::LoadedPlugin| {
+        p.runner(&rt, &[], Limits::default())
+            .unwrap()
+            .select(&classes, &items)
+            .unwrap()
+    };
+    let (a, b) = (decide(&py), decide(&rust));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.id, &x.action), (&y.id, &y.action));
+        // Python computes in f64, Rust in f32: the same priority to f32
+        // rounding.
+        assert!((x.priority - y.priority).abs() < 1e-6, "{x:?} {y:?}");
+    }
+    // Distributions over the wrong classes never reach it: the host's
+    // input check refuses them, for Python as for Rust.
+    let bad = [cloister_host::types::PredictionSet {
+        id: "x".into(),
+        models: vec![vec![0.5, 0.5], vec![0.5, 0.5]],
+    }];
+    let mut inst = py.instantiate(&rt, &[], &Limits::default()).unwrap();
+    assert!(inst.select(&classes[..2], &bad).is_ok());
+    assert_eq!(
+        crate::support::code(inst.select(&classes, &bad)),
+        "invalid-input"
+    );
 }
