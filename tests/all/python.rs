@@ -175,3 +175,88 @@ fn a_python_selector_decides_as_its_rust_twin_does() {
         "invalid-input"
     );
 }
+
+/// The bundled digits (8×8 pixels): records, and the per-pixel mean and
+/// standard deviation as `standardize` configuration.
+fn digits() -> (Vec<cloister_host::types::DataRecord>, Vec<(String, String)>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/digits/digits.jsonl.gz");
+    let records = cloister_host::records::read_file(&path, Default::default()).unwrap();
+    let n = records.len() as f64;
+    let px =
+        |r: &cloister_host::types::DataRecord| r.numeric("pixels").unwrap().as_slice().to_vec();
+    let mut mean = vec![0f64; 64];
+    for r in &records {
+        for (m, x) in mean.iter_mut().zip(px(r)) {
+            *m += x / n;
+        }
+    }
+    let mut var = vec![0f64; 64];
+    for r in &records {
+        for ((v, m), x) in var.iter_mut().zip(&mean).zip(px(r)) {
+            *v += (x - m) * (x - m) / n;
+        }
+    }
+    let join = |v: &[f64]| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let std: Vec<f64> = var.iter().map(|v| v.sqrt()).collect();
+    let records = records
+        .into_iter()
+        .map(|r| cloister_host::types::DataRecord { label: None, ..r })
+        .collect();
+    (
+        records,
+        crate::support::cfg(&[
+            ("fields", "pixels"),
+            ("mean", &join(&mean)),
+            ("std", &join(&std)),
+        ]),
+    )
+}
+
+#[test]
+fn a_python_featurizer_gives_its_rust_twins_features_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bytes) = build(
+        "plugins/python/standardize",
+        "featurizer",
+        &dir.path().join("std.wasm"),
+    ) else {
+        return;
+    };
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let py = rt.load(&bytes).unwrap();
+    let rust = rt
+        .load(cloister_bundled_plugins::get("standardize").unwrap())
+        .unwrap();
+    let (records, config) = digits();
+    let run = |p: &cloister_host::runtime::LoadedPlugin| {
+        p.runner(&rt, &config, Limits::default())
+            .unwrap()
+            .featurize(&records)
+            .unwrap()
+    };
+    let (a, b) = (run(&py), run(&rust));
+    assert_eq!(a.offsets, b.offsets);
+    assert_eq!(a.indices, b.indices);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a.values), bits(&b.values), "bit for bit");
+    assert_eq!(a.rows(), records.len());
+    // Its configuration errors name the key, as the Rust one's do.
+    let bad = py.instantiate(
+        &rt,
+        &crate::support::cfg(&[("std", "1")]),
+        &Limits::default(),
+    );
+    assert_eq!(
+        crate::support::plugin_error(bad),
+        (
+            cloister_host::runtime::CallStage::Configure,
+            cloister_host::types::ErrorCode::InvalidConfig,
+            Some("mean".into())
+        )
+    );
+}
