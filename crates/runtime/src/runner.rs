@@ -18,6 +18,46 @@ use cloister_types::types::{
     DataRecord, Decision, PluginKind, PredictionSet, SparseBatch, Vocabulary,
 };
 
+/// The failures of a parallel run: the first to fail raises the flag
+/// that stops the other workers, and the run reports the error of the
+/// earliest item, whatever the schedule.
+struct Failures {
+    stop: StopFlag,
+    errors: Mutex<Vec<(usize, RuntimeError)>>,
+}
+
+impl Failures {
+    fn new() -> Self {
+        Failures {
+            stop: Arc::new(AtomicBool::new(false)),
+            errors: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Item `at` failed with `e`: stop the run.
+    fn fail(&self, at: usize, e: RuntimeError) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((at, e));
+    }
+
+    fn stopped(&self) -> bool {
+        stopped(&self.stop)
+    }
+
+    /// The earliest item's error, if any failed.
+    fn first(self) -> Result<(), RuntimeError> {
+        let mut errors = self.errors.into_inner().unwrap_or_else(|p| p.into_inner());
+        errors.sort_by_key(|(at, _)| *at);
+        match errors.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What a fitted featurizer's fit counted: the records, and in how many
 /// of them each term key occurs.
 #[derive(Debug, Clone, Default)]
@@ -164,17 +204,10 @@ impl<'a> Runner<'a> {
             return Ok(Vec::new());
         }
         let next = AtomicUsize::new(0);
-        let stop: StopFlag = Arc::new(AtomicBool::new(false));
         let slots: Vec<Mutex<Option<O>>> = chunks.iter().map(|_| Mutex::new(None)).collect();
-        let errors: Mutex<Vec<(usize, RuntimeError)>> = Mutex::new(Vec::new());
+        let failures = Failures::new();
         let workers = self.workers.min(chunks.len());
-        let fail = |at: usize, e: RuntimeError| {
-            stop.store(true, Ordering::Relaxed);
-            errors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((at, e));
-        };
+        let fail = |at: usize, e: RuntimeError| failures.fail(at, e);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
@@ -206,7 +239,7 @@ impl<'a> Runner<'a> {
                         }
                         Err(f) => return fail(0, self.absorb(f)),
                     };
-                    while !stopped(&stop) {
+                    while !failures.stopped() {
                         let at = next.fetch_add(1, Ordering::Relaxed);
                         let Some(chunk) = chunks.get(at) else { break };
                         let result = op(&mut inst, chunk);
@@ -225,11 +258,7 @@ impl<'a> Runner<'a> {
                 });
             }
         });
-        let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
-        errors.sort_by_key(|(at, _)| *at);
-        if let Some((_, e)) = errors.into_iter().next() {
-            return Err(e);
-        }
+        failures.first()?;
         slots
             .into_iter()
             .map(|s| {
@@ -299,21 +328,14 @@ impl<'a> Runner<'a> {
         }
         let too_many = || RuntimeError::LimitExceeded(super::Limit::Terms { max: max_distinct });
         let next = AtomicUsize::new(0);
-        let stop: StopFlag = Arc::new(AtomicBool::new(false));
         let merged: Mutex<HashMap<u64, u32>> = Mutex::new(HashMap::new());
-        let errors: Mutex<Vec<(usize, RuntimeError)>> = Mutex::new(Vec::new());
-        let fail = |at: usize, e: RuntimeError| {
-            stop.store(true, Ordering::Relaxed);
-            errors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((at, e));
-        };
+        let failures = Failures::new();
+        let fail = |at: usize, e: RuntimeError| failures.fail(at, e);
         std::thread::scope(|scope| {
             for _ in 0..self.workers.min(records.len()) {
                 scope.spawn(|| {
                     let mut counts: HashMap<u64, u32> = HashMap::new();
-                    while !stopped(&stop) {
+                    while !failures.stopped() {
                         let at = next.fetch_add(1, Ordering::Relaxed);
                         let Some(record) = records.get(at) else { break };
                         let mut inst = match self.plugin.instantiate_logged(
@@ -351,11 +373,7 @@ impl<'a> Runner<'a> {
                 });
             }
         });
-        let mut errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
-        errors.sort_by_key(|(at, _)| *at);
-        if let Some((_, e)) = errors.into_iter().next() {
-            return Err(e);
-        }
+        failures.first()?;
         Ok(TermCounts {
             documents: records.len(),
             counts: merged.into_inner().unwrap_or_else(|p| p.into_inner()),
