@@ -9,6 +9,7 @@ mod demo;
 mod job_cmd;
 mod model_cmd;
 mod plugin_cmd;
+mod python_build;
 mod session;
 
 use std::process::ExitCode;

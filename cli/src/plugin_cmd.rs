@@ -1,4 +1,5 @@
-//! `cloister plugin …`: inspect, run locally, list the bundled plugins.
+//! `cloister plugin …`: inspect, build (Python), run locally, list the
+//! bundled plugins; add, approve and list an environment's plugins.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,10 @@ pub enum PluginCommand {
     },
     /// Run one plugin locally over a mock JSONL file (never real data).
     Run(Box<RunArgs>),
+    /// Build a Python plugin (written with the Cloister Python SDK) into
+    /// a component with componentize-py, every WASI import stubbed; the
+    /// result is inspected before it is written.
+    Build(crate::python_build::BuildArgs),
     /// Add a component to the environment's registry (inspected, stored by
     /// digest, unapproved).
     Add {
@@ -208,6 +213,7 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
         }
         PluginCommand::Inspect { file, json } => inspect(&file, json),
         PluginCommand::Run(args) => run_local(*args),
+        PluginCommand::Build(args) => crate::python_build::build(args),
         PluginCommand::Bundled { write } => bundled(write.as_deref()),
     }
 }

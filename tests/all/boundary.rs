@@ -57,17 +57,17 @@ fn assert_clean(what: &str, text: &str) {
     }
 }
 
-struct Env {
-    dir: tempfile::TempDir,
-    tokens: std::collections::HashMap<&'static str, String>,
+pub(crate) struct Env {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) tokens: std::collections::HashMap<&'static str, String>,
 }
 
 impl Env {
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.path().join("env")
     }
 
-    fn cli(&self, role: &str, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, role: &str, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_cloister"))
             .args(args)
             .env("CLOISTER_ENV", self.path())
@@ -77,7 +77,7 @@ impl Env {
     }
 
     /// stdout and stderr of a CLI call, together.
-    fn cli_text(&self, role: &str, args: &[&str]) -> String {
+    pub(crate) fn cli_text(&self, role: &str, args: &[&str]) -> String {
         let o = self.cli(role, args);
         format!(
             "{}{}",
@@ -87,18 +87,18 @@ impl Env {
     }
 
     /// [`Env::cli_text`], checked clean of every marker.
-    fn cli_clean(&self, role: &str, args: &[&str]) -> String {
+    pub(crate) fn cli_clean(&self, role: &str, args: &[&str]) -> String {
         let all = self.cli_text(role, args);
         assert_clean(&format!("`cloister {}` as {role}", args.join(" ")), &all);
         all
     }
 
-    fn open(&self) -> Cloister {
+    pub(crate) fn open(&self) -> Cloister {
         Cloister::open(&self.path(), "console").unwrap()
     }
 
     /// GET `uri` from the console (API or page) as `role`; the body.
-    fn console_get(&self, role: &str, uri: &str) -> String {
+    pub(crate) fn console_get(&self, role: &str, uri: &str) -> String {
         let console = Console::new(self.open(), ConsoleConfig::default());
         let app = cloister_console::router(Arc::clone(&console));
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -136,6 +136,19 @@ fn env() -> Env {
 /// [`env`] with `records` records of which every `labeled_every`-th carries
 /// a label (the rest are the pool a job sends to people).
 fn env_with(records: usize, labeled_every: usize) -> Env {
+    env_with_plugins(
+        records,
+        labeled_every,
+        &[
+            HOSTILE_LEAK,
+            HOSTILE_SELECT,
+            cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
+        ],
+    )
+}
+
+/// [`env_with`] with these plugins added and approved instead.
+pub(crate) fn env_with_plugins(records: usize, labeled_every: usize, plugins: &[&[u8]]) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
     let admin = c.authenticate(&root).unwrap();
@@ -173,11 +186,7 @@ fn env_with(records: usize, labeled_every: usize) -> Env {
     std::fs::write(&data, lines).unwrap();
     c.import_dataset(&users["sci"], "d", &data, &ImportOptions::default())
         .unwrap();
-    for bytes in [
-        HOSTILE_LEAK,
-        HOSTILE_SELECT,
-        cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
-    ] {
+    for &bytes in plugins {
         let e = c.add_plugin(&users["sci"], bytes).unwrap();
         c.approve_plugin(&users["rev"], &e.digest).unwrap();
     }
@@ -185,7 +194,7 @@ fn env_with(records: usize, labeled_every: usize) -> Env {
     Env { dir, tokens }
 }
 
-fn digest_of(e: &Env, name: &str) -> String {
+pub(crate) fn digest_of(e: &Env, name: &str) -> String {
     let c = e.open();
     let admin = c.authenticate(&e.tokens["admin"]).unwrap();
     c.list_plugins(&admin)
@@ -219,8 +228,19 @@ fn job_ids(e: &Env) -> Vec<String> {
 
 #[test]
 fn featurizer_numbers_keys_counts_and_details_reach_no_one_but_admins() {
-    let e = env();
-    let leak = digest_of(&e, "hostile-leak");
+    featurizer_channels_are_sealed(
+        &env(),
+        "hostile-leak",
+        &["leak-index", "leak-key", "leak-detail", "leak-count"],
+    );
+}
+
+/// Runs the leaking featurizer `name` (hostile-leak's channels, by the
+/// same `attack` names) through `train` and through a job per attack, then
+/// searches everything a non-admin sees for the leaked bytes; only the
+/// administrators' plugin log may carry them.
+pub(crate) fn featurizer_channels_are_sealed(e: &Env, name: &str, attacks: &[&str]) {
+    let leak = digest_of(e, name);
 
     // `cloister train` configures nothing: the plugin's default attack
     // returns the window as a feature index out of its declared range.
@@ -241,17 +261,17 @@ fn featurizer_numbers_keys_counts_and_details_reach_no_one_but_admins() {
         "{out}"
     );
 
-    for attack in ["leak-index", "leak-key", "leak-detail", "leak-count"] {
+    for &attack in attacks {
         let spec = pipeline(
             e.dir.path(),
             attack,
-            &format!("{{ plugin = \"hostile-leak\", config = {{ attack = \"{attack}\" }} }}"),
+            &format!("{{ plugin = \"{name}\", config = {{ attack = \"{attack}\" }} }}"),
             "[selector]\nbuiltin = \"random\"\n",
             "",
         );
         let out = e.cli_clean("sci", &["run", &spec, "--oracle", "gold"]);
         assert!(out.contains("error"), "{attack}: {out}");
-        let id = job_ids(&e).pop().unwrap();
+        let id = job_ids(e).pop().unwrap();
         // The stored state: a fixed sentence, no number the plugin chose.
         let shown = e.cli_clean("sci", &["job", "show", &id, "--json"]);
         let job: serde_json::Value = serde_json::from_str(&shown).unwrap();

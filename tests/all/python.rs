@@ -1,60 +1,86 @@
-//! Plugins written in Python: a componentize-py component of the
-//! `preprocessor` world, built from `plugins/python/lowercase`, loads and
-//! runs in the same sandbox as the Rust plugins.
+//! Plugins written in Python: componentize-py components built with
+//! `cloister plugin build` from the Python SDK (`plugin-sdk/python`) run in
+//! the same sandbox as the Rust plugins, decide and featurize as their
+//! Rust twins do, meet the same limits when they attack, and say nothing a
+//! person may not see.
 //!
 //! Building needs `componentize-py` (PyPI). `.ci/run` installs it and sets
-//! `CLOISTER_REQUIRE_PYTHON=1`, so there the test fails if it is missing;
-//! elsewhere it says it skipped.
+//! `CLOISTER_REQUIRE_PYTHON=1`, so there the tests fail if it is missing;
+//! elsewhere they say they skipped.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, OnceLock};
 
 use cloister_host::runtime::{Limits, Runtime, RuntimeConfig};
 
+use crate::boundary::{digest_of, env_with_plugins, featurizer_channels_are_sealed};
 use crate::support::text;
 
-/// Builds `DIR/app.py` against `world`; `None` when componentize-py is
-/// not installed.
-fn build(dir: &str, world: &str, out: &Path) -> Option<Vec<u8>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let wit = root.join("plugin-sdk/wit");
-    // Built from a copy, so that nothing the build writes (bytecode
-    // caches) lands in the source tree.
-    let src = out.with_extension("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::copy(root.join(dir).join("app.py"), src.join("app.py")).unwrap();
-    let status = Command::new("componentize-py")
-        .arg("-q")
-        .arg("-d")
-        .arg(&wit)
-        .args(["-w", world, "componentize", "--stub-wasi", "app", "-o"])
-        .arg(out)
-        .current_dir(&src)
-        .status();
-    match status {
-        Ok(s) => {
-            assert!(s.success(), "componentize-py failed on {dir}");
-            Some(std::fs::read(out).unwrap())
-        }
-        Err(_) => {
-            assert!(
-                std::env::var_os("CLOISTER_REQUIRE_PYTHON").is_none(),
-                "componentize-py is required (pip install componentize-py==0.25.1)"
-            );
-            eprintln!("SKIPPED: componentize-py is not installed");
-            None
-        }
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Whether componentize-py runs here (a failure under
+/// `CLOISTER_REQUIRE_PYTHON`).
+fn python_available() -> bool {
+    let ok = Command::new("componentize-py")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CLOISTER_REQUIRE_PYTHON").is_none(),
+            "componentize-py is required (pip install componentize-py==0.25.1)"
+        );
+        eprintln!("SKIPPED: componentize-py is not installed");
     }
+    ok
+}
+
+/// A scratch directory for the whole test binary's builds.
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().unwrap()).path()
+}
+
+/// `cloister plugin build DIR --world WORLD`: the component's bytes, built
+/// once per test binary; `None` when componentize-py is not installed.
+fn build(dir: &str, world: &str) -> Option<Vec<u8>> {
+    static BUILT: OnceLock<Mutex<HashMap<String, Vec<u8>>>> = OnceLock::new();
+    if !python_available() {
+        return None;
+    }
+    let built = BUILT.get_or_init(Default::default);
+    // One build at a time: each is CPU-heavy, and a second test asking
+    // for the same plugin waits for the first one's bytes.
+    let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(bytes) = built.get(dir) {
+        return Some(bytes.clone());
+    }
+    let out = scratch().join(format!("{}.wasm", dir.replace('/', "_")));
+    let o = Command::new(env!("CARGO_BIN_EXE_cloister"))
+        .args(["plugin", "build"])
+        .arg(root().join(dir))
+        .args(["--world", world, "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cloister plugin build {dir}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    built.insert(dir.to_string(), bytes.clone());
+    Some(bytes)
 }
 
 #[test]
 fn a_componentize_py_preprocessor_runs_in_the_sandbox() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(bytes) = build(
-        "plugins/python/lowercase",
-        "preprocessor",
-        &dir.path().join("lc.wasm"),
-    ) else {
+    let Some(bytes) = build("plugins/python/lowercase", "preprocessor") else {
         return;
     };
     // Its own runtime: the component's many core instances (CPython, its
@@ -77,12 +103,7 @@ fn a_componentize_py_preprocessor_runs_in_the_sandbox() {
 
 #[test]
 fn python_attacks_on_the_sandbox_end_in_limits_and_traps() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(bytes) = build(
-        "tests/plugins/python-hostile",
-        "preprocessor",
-        &dir.path().join("hostile.wasm"),
-    ) else {
+    let Some(bytes) = build("tests/plugins/python-hostile", "preprocessor") else {
         return;
     };
     let rt = Runtime::new(RuntimeConfig::default()).unwrap();
@@ -121,12 +142,7 @@ fn python_attacks_on_the_sandbox_end_in_limits_and_traps() {
 
 #[test]
 fn a_python_selector_decides_as_its_rust_twin_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(bytes) = build(
-        "plugins/python/least-confidence",
-        "selector",
-        &dir.path().join("lc.wasm"),
-    ) else {
+    let Some(bytes) = build("plugins/python/least-confidence", "selector") else {
         return;
     };
     let rt = Runtime::new(RuntimeConfig::default()).unwrap();
@@ -219,12 +235,7 @@ fn digits() -> (Vec<cloister_host::types::DataRecord>, Vec<(String, String)>) {
 
 #[test]
 fn a_python_featurizer_gives_its_rust_twins_features_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(bytes) = build(
-        "plugins/python/standardize",
-        "featurizer",
-        &dir.path().join("std.wasm"),
-    ) else {
+    let Some(bytes) = build("plugins/python/standardize", "featurizer") else {
         return;
     };
     let rt = Runtime::new(RuntimeConfig::default()).unwrap();
@@ -259,4 +270,344 @@ fn a_python_featurizer_gives_its_rust_twins_features_exactly() {
             Some("mean".into())
         )
     );
+}
+
+/// `cloister` as `role` in the boundary environment `e`; (success,
+/// stdout + stderr).
+fn cli(e: &crate::boundary::Env, role: &str, args: &[&str]) -> (bool, String) {
+    let o = e.cli(role, args);
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_python_sdk_agrees_with_the_rust_sdk_natively() {
+    // Everything but `export` is plain Python: run it with python3, no
+    // component involved, and compare with the Rust SDK.
+    let terms = ["spam", "new york", "naïve", "", "日本語", "a b  c"];
+    let script = r#"
+import json, sys
+from cloister_plugin import *
+terms = json.loads(sys.argv[1])
+out = {"keys": [str(term_key(t)) for t in terms],
+       "parts": str(term_key_parts(["new", "york"]))}
+f = Features()
+f.push(5, 1.0); f.push(2, 2.0); f.push(5, 0.5); f.end_row(); f.end_row()
+out["features"] = [f.offsets, f.indices, f.values]
+errors = []
+for keys, pairs, get in [
+    ([ConfigKey("bits", "18")], [("bitz", "1")], None),
+    ([ConfigKey("bits", "18")], [("bits", "1"), ("bits", "2")], None),
+    ([ConfigKey("bits", "x")], [], lambda c: c.get_int("bits")),
+    ([ConfigKey("bits", "30")], [], lambda c: c.get_int("bits", 1, 24)),
+    ([ConfigKey("mean", "1,inf")], [], lambda c: c.get_list("mean", float)),
+    ([ConfigKey("flag", "maybe")], [], lambda c: c.get_bool("flag")),
+]:
+    try:
+        c = Config(keys, pairs)
+        get(c)
+        errors.append(None)
+    except PluginError as e:
+        errors.append([e.code, e.key])
+out["errors"] = errors
+c = Config([ConfigKey("bits", "18"), ConfigKey("on", "yes")], [("bits", " 12 ")])
+out["config"] = [c.get_int("bits"), c.get_bool("on"), c.get_list("bits", int)]
+print(json.dumps(out))
+"#;
+    let o = match Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(serde_json::to_string(&terms).unwrap())
+        .env("PYTHONPATH", root().join("plugin-sdk/python"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+    {
+        Ok(o) => o,
+        Err(_) if std::env::var_os("CLOISTER_REQUIRE_PYTHON").is_none() => {
+            eprintln!("SKIPPED: python3 is not installed");
+            return;
+        }
+        Err(e) => panic!("python3: {e}"),
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for (t, k) in terms.iter().zip(v["keys"].as_array().unwrap()) {
+        assert_eq!(
+            k.as_str().unwrap(),
+            cloister_plugin_sdk::term_key(t).to_string(),
+            "term_key({t:?})"
+        );
+    }
+    assert_eq!(
+        v["parts"].as_str().unwrap(),
+        cloister_plugin_sdk::term_key_parts(&["new", "york"]).to_string()
+    );
+    // Rows sorted, repeats summed, an empty row kept: as the Rust Features.
+    assert_eq!(
+        v["features"],
+        serde_json::json!([[0, 2, 2], [2, 5], [2.0, 1.5]])
+    );
+    assert_eq!(
+        v["errors"],
+        serde_json::json!([
+            ["invalid-config", "bitz"],
+            ["invalid-config", "bits"],
+            ["invalid-config", "bits"],
+            ["invalid-config", "bits"],
+            ["invalid-config", "mean"],
+            ["invalid-config", "flag"],
+        ])
+    );
+    assert_eq!(v["config"], serde_json::json!([12, true, [12]]));
+}
+
+#[test]
+fn python_featurizer_channels_reach_no_one_but_admins() {
+    let Some(leak) = build("tests/plugins/python-hostile-leak", "featurizer") else {
+        return;
+    };
+    let e = env_with_plugins(
+        80,
+        1,
+        &[
+            &leak,
+            cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
+        ],
+    );
+    // hostile-leak's channels, and Python's own: an exception whose
+    // message (and so its traceback) carries the text.
+    featurizer_channels_are_sealed(
+        &e,
+        "py-hostile-leak",
+        &[
+            "leak-index",
+            "leak-key",
+            "leak-detail",
+            "leak-exception",
+            "leak-count",
+        ],
+    );
+    // The traceback reached the administrators' log, whole.
+    let (ok, log) = cli(&e, "admin", &["plugin", "log", "--limit", "0", "--json"]);
+    assert!(ok, "{log}");
+    assert!(log.contains("KeyError") && log.contains("ZQXJ"), "{log}");
+}
+
+#[test]
+fn python_metadata_that_reads_differently_is_refused_by_build_and_add() {
+    if !python_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // `cloister plugin build` inspects what it built and keeps nothing
+    // the sandbox refuses.
+    let out = dir.path().join("meta.wasm");
+    let o = Command::new(env!("CARGO_BIN_EXE_cloister"))
+        .args(["plugin", "build"])
+        .arg(root().join("tests/plugins/python-hostile-meta"))
+        .args(["--world", "preprocessor", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success());
+    assert!(said.contains("[bad-metadata]"), "{said}");
+    assert!(!said.contains('\u{202E}'), "{said}");
+    assert!(!out.exists(), "nothing is written");
+    // Built by hand, as an attacker would, it is refused at add.
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("cloister_plugin")).unwrap();
+    std::fs::copy(
+        root().join("tests/plugins/python-hostile-meta/app.py"),
+        src.join("app.py"),
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("plugin-sdk/python/cloister_plugin/__init__.py"),
+        src.join("cloister_plugin/__init__.py"),
+    )
+    .unwrap();
+    let status = Command::new("componentize-py")
+        .arg("-q")
+        .arg("-d")
+        .arg(root().join("plugin-sdk/wit"))
+        .args([
+            "-w",
+            "preprocessor",
+            "componentize",
+            "--stub-wasi",
+            "app",
+            "-o",
+        ])
+        .arg(&out)
+        .current_dir(&src)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let e = env_with_plugins(4, 1, &[]);
+    let (ok, said) = cli(&e, "sci", &["plugin", "add", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        said.contains("bad-metadata") || said.contains("metadata field `description`"),
+        "{said}"
+    );
+    assert!(!said.contains('\u{202E}'), "{said}");
+    let (_, listed) = cli(&e, "rev", &["plugin", "list", "--json"]);
+    assert!(!listed.contains("py-hostile-meta"), "{listed}");
+}
+
+#[test]
+fn a_python_plugin_goes_from_source_to_train_and_a_pipeline() {
+    // docs/plugin-authoring.md, "Plugins in Python", step by step.
+    let (Some(words), Some(selector)) = (
+        build("plugins/python/hashed-words", "featurizer"),
+        build("plugins/python/least-confidence", "selector"),
+    ) else {
+        return;
+    };
+    let e = env_with_plugins(200, 1, &[]);
+    let dir = e.dir.path();
+    let (words_file, selector_file) = (dir.join("words.wasm"), dir.join("lc.wasm"));
+    std::fs::write(&words_file, &words).unwrap();
+    std::fs::write(&selector_file, &selector).unwrap();
+
+    // Run on mock data: no environment involved.
+    let mock = dir.join("mock.jsonl");
+    std::fs::write(
+        &mock,
+        "{\"id\": \"m1\", \"text\": \"FREE money, free!\"}\n{\"id\": \"m2\", \"text\": \"see you at lunch\"}\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cloister"))
+        .args(["plugin", "run", words_file.to_str().unwrap(), "--input"])
+        .arg(&mock)
+        .args(["--config", "bits=8"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    // "free" twice and "money" once: two buckets, the first weighted
+    // 1 + ln 2 before the row is scaled to unit length.
+    let values: Vec<f64> = rows[0]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let free = cloister_plugin_sdk::term_key("free") % 256;
+    let money = cloister_plugin_sdk::term_key("money") % 256;
+    assert_eq!(
+        rows[0]["indices"],
+        serde_json::json!([free.min(money), free.max(money)])
+    );
+    let norm: f64 = values.iter().map(|v| v * v).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-6, "{values:?}");
+    let (big, small) = (1.0 + 2f64.ln(), 1.0);
+    let want = |x: f64| x / (big * big + small * small).sqrt();
+    let by_index = |k: u64| {
+        if k == free.min(money) {
+            values[0]
+        } else {
+            values[1]
+        }
+    };
+    assert!((by_index(free) - want(big)).abs() < 1e-6, "{values:?}");
+    assert!((by_index(money) - want(small)).abs() < 1e-6, "{values:?}");
+
+    // Add (a scientist), approve (a reviewer), train with it.
+    let mut digests = HashMap::new();
+    for file in [&words_file, &selector_file] {
+        let (ok, said) = cli(&e, "sci", &["plugin", "add", file.to_str().unwrap()]);
+        assert!(ok, "{said}");
+        let name = said.split_whitespace().nth(1).unwrap().to_string();
+        let digest = said
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("sha256:"))
+            .unwrap()
+            .to_string();
+        let (ok, said) = cli(&e, "rev", &["plugin", "approve", &digest]);
+        assert!(ok, "{said}");
+        digests.insert(name, digest);
+    }
+    assert_eq!(digests["py-hashed-words"], digest_of(&e, "py-hashed-words"));
+    let (ok, said) = cli(
+        &e,
+        "sci",
+        &[
+            "train",
+            "--dataset",
+            "d",
+            "--features",
+            &digests["py-hashed-words"],
+            "--template",
+            "logreg",
+        ],
+    );
+    assert!(ok, "{said}");
+    let accuracy: f64 = said
+        .split("accuracy ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // "meeting lunch" against "winner prize": separable by its words.
+    assert!(accuracy > 0.95, "{said}");
+
+    // And in an active-learning pipeline, with the Python selector.
+    let spec = dir.join("py.toml");
+    std::fs::write(
+        &spec,
+        "name = \"py\"\ndataset = \"d\"\nsplit_seed = 0\nfeatures = { plugin = \"py-hashed-words\", config = { bits = 12 } }\n\n[[model]]\ntemplate = \"logreg\"\n\n[[model]]\ntemplate = \"mlp\"\nset = { hidden = [8] }\n\n[selector]\nplugin = \"py-least-confidence\"\n\n[loop]\nseed_labels = 20\nper_round = 10\nmax_rounds = 2\nbudget = 60\nbadcases_per_round = 0\n",
+    )
+    .unwrap();
+    let (ok, said) = cli(
+        &e,
+        "sci",
+        &["run", spec.to_str().unwrap(), "--oracle", "gold"],
+    );
+    assert!(ok, "{said}");
+    let c = e.open();
+    let sci = c.authenticate(&e.tokens["sci"]).unwrap();
+    let jobs = c.list_jobs(&sci).unwrap();
+    assert_eq!(jobs.len(), 1);
+    let job = c.show_job(&sci, &jobs[0].id).unwrap();
+    assert!(
+        matches!(job.state, cloister_host::jobs::JobState::Done { .. }),
+        "{:?}",
+        job.state
+    );
+    // Both Python plugins served the job's rounds, audited like any other.
+    let aud = c.authenticate(&e.tokens["aud"]).unwrap();
+    let calls = c
+        .audit_log(
+            &aud,
+            &cloister_host::audit::AuditFilter {
+                action: Some("plugin_call".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    for (stage, name) in [
+        ("featurize", "py-hashed-words"),
+        ("select", "py-least-confidence"),
+    ] {
+        let ran = calls.iter().any(|entry| {
+            entry.record.resource.contains(&digests[name])
+                && entry.record.outcome.as_ref().is_some_and(|o| {
+                    o.stage == stage && o.code == "ok" && o.purpose.starts_with("job ")
+                })
+        });
+        assert!(ran, "{name} ran its `{stage}` stage in the job");
+    }
 }

@@ -1,46 +1,26 @@
-"""`py-least-confidence`: uncertainty sampling written in Python, the twin
-of the Rust `least-confidence` selector. Every record goes to human
-review; the priority is one minus the top probability of the models' mean
-distribution, so the least confident records come first. Distributions
-that do not match the classes are refused with `invalid-input`.
+"""`py-least-confidence`: uncertainty sampling written in Python with the
+Cloister Python SDK, the twin of the Rust `least-confidence` selector.
+Every record goes to human review; the priority is one minus the top
+probability of the models' mean distribution, so the least confident
+records come first. Distributions that do not match the classes are
+refused with `invalid-input`.
 
-    componentize-py -d ../../../plugin-sdk/wit -w selector \
-        componentize --stub-wasi app -o py-least-confidence.wasm
+    cloister plugin build plugins/python/least-confidence --world selector
 """
 
-from componentize_py_types import Err
-from wit_world import exports
-from wit_world.imports import types
+from cloister_plugin import InvalidInput, Selector, Verdict, export, mean_distribution
 
 
-def invalid_input(detail):
-    return Err(types.PluginError(code=types.ErrorCode.INVALID_INPUT, key=None, detail=detail))
+class LeastConfidence(Selector):
+    NAME = "py-least-confidence"
+    VERSION = "0.1.0"
+    DESCRIPTION = "Uncertainty sampling: all to human review, least confident first (Python)"
+
+    def select(self, classes, item):
+        mean = mean_distribution(item.models)
+        if mean is None or len(mean) != len(classes):
+            raise InvalidInput(f"bad distributions for {item.id}")
+        return Verdict.human_review(1.0 - max(mean))
 
 
-class Plugin(exports.Plugin):
-    def describe(self) -> types.Metadata:
-        return types.Metadata(
-            name="py-least-confidence",
-            version="0.1.0",
-            kind=types.PluginKind.SELECTOR,
-            description="Uncertainty sampling: all to human review, least confident first (Python)",
-            config=[],
-        )
-
-    def configure(self, config):
-        pass
-
-
-class Select(exports.Select):
-    def select(self, classes, batch):
-        decisions = []
-        for item in batch:
-            models = item.models
-            if not models or any(len(m) != len(classes) for m in models):
-                raise invalid_input(f"bad distributions for {item.id}")
-            mean = [sum(col) / len(models) for col in zip(*models)]
-            top = max(mean)
-            decisions.append(
-                types.Decision(id=item.id, action=types.Action_HumanReview(), priority=1.0 - top)
-            )
-        return decisions
+Plugin, Select = export(LeastConfidence)

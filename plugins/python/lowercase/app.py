@@ -1,38 +1,26 @@
-"""`py-lowercase`: a preprocessor written in Python that lowercases every
-text field of every record.
+"""`py-lowercase`: a preprocessor written in Python with the Cloister
+Python SDK that lowercases every text field of every record.
 
-Build it into a component against Cloister's interface with
-componentize-py (https://pypi.org/project/componentize-py/, 0.25.1):
+    cloister plugin build plugins/python/lowercase --world preprocessor
 
-    componentize-py -d ../../../plugin-sdk/wit -w preprocessor \
-        componentize --stub-wasi app -o py-lowercase.wasm
-
-`--stub-wasi` replaces every WASI import with a trapping stub, so the
-component imports nothing but `cloister:plugin/types`. The runtime runs it
-like any other plugin (docs/threat-model.md, "Python components").
+The build runs componentize-py (https://pypi.org/project/componentize-py/,
+0.25.1) with `--stub-wasi`, which replaces every WASI import with a
+trapping stub, so the component imports nothing but
+`cloister:plugin/types`. The runtime runs it like any other plugin
+(docs/threat-model.md, "Python components").
 """
 
-from wit_world import exports
-from wit_world.imports import types
+from cloister_plugin import Preprocessor, export
 
 
-class Plugin(exports.Plugin):
-    def describe(self) -> types.Metadata:
-        return types.Metadata(
-            name="py-lowercase",
-            version="0.1.0",
-            kind=types.PluginKind.PREPROCESSOR,
-            description="Lowercases every text field (written in Python)",
-            config=[],
-        )
+class Lowercase(Preprocessor):
+    NAME = "py-lowercase"
+    VERSION = "0.1.0"
+    DESCRIPTION = "Lowercases every text field (written in Python)"
 
-    def configure(self, config):
-        pass
+    def process(self, record):
+        record.texts = {name: value.lower() for name, value in record.texts.items()}
+        return record
 
 
-class Preprocess(exports.Preprocess):
-    def process(self, batch):
-        for record in batch:
-            for field in record.texts:
-                field.value = field.value.lower()
-        return batch
+Plugin, Preprocess = export(Lowercase)
