@@ -173,10 +173,12 @@ pub fn build(args: BuildArgs) -> Result<ExitCode> {
     let runtime = Runtime::new(RuntimeConfig::default())?;
     let report = runtime.inspect(&bytes);
     if let Err(e) = &report.verdict {
-        bail!(
-            "the built component is refused by the sandbox [{}]: {e}",
+        // As `plugin inspect`: exit 2 for a component the sandbox refuses.
+        eprintln!(
+            "error: the built component is refused by the sandbox [{}]: {e}; nothing was written",
             e.code()
         );
+        return Ok(ExitCode::from(2));
     }
     let Some(metadata) = &report.metadata else {
         bail!("the built component does not describe itself");

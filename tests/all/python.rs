@@ -416,7 +416,7 @@ fn python_metadata_that_reads_differently_is_refused_by_build_and_add() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(2), "{said}");
     assert!(said.contains("[bad-metadata]"), "{said}");
     assert!(!said.contains('\u{202E}'), "{said}");
     assert!(!out.exists(), "nothing is written");
@@ -610,4 +610,74 @@ fn a_python_plugin_goes_from_source_to_train_and_a_pipeline() {
         });
         assert!(ran, "{name} ran its `{stage}` stage in the job");
     }
+}
+
+#[test]
+fn a_python_fitted_featurizer_gives_its_rust_twins_features() {
+    let Some(py) = build("plugins/python/tfidf", "fitted-featurizer") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let py_file = dir.path().join("py-tfidf.wasm");
+    let rust_file = dir.path().join("tfidf.wasm");
+    std::fs::write(&py_file, &py).unwrap();
+    std::fs::write(&rust_file, cloister_bundled_plugins::get("tfidf").unwrap()).unwrap();
+    // 120 texts over a small vocabulary, with repeats, punctuation,
+    // capitals, non-ASCII letters and one-letter words.
+    let words = "free money lunch meeting prize winner see you at the office today now click here Über naïve x_y a1 b"
+        .split(' ')
+        .collect::<Vec<_>>();
+    let mut rng = cloister_host::train::model::Rng::new(3);
+    let mut lines = String::new();
+    for i in 0..120 {
+        let text: Vec<&str> = (0..12)
+            .map(|_| words[(rng.unit() * words.len() as f32) as usize % words.len()])
+            .collect();
+        let tail = if i % 3 == 0 { " Free-MONEY!" } else { "" };
+        lines.push_str(&format!(
+            "{{\"id\":\"r{i}\",\"text\":\"{}{tail}\"}}\n",
+            text.join(" ")
+        ));
+    }
+    let input = dir.path().join("t.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    // Each fits on the same records (the host counts, keeping terms at
+    // least 5 records contain), then featurizes them.
+    let run = |file: &Path| -> Vec<serde_json::Value> {
+        let o = Command::new(env!("CARGO_BIN_EXE_cloister"))
+            .args(["plugin", "run"])
+            .arg(file)
+            .arg("--input")
+            .arg(&input)
+            .args(["--fit-min-records", "5"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (a, b) = (run(&py_file), run(&rust_file));
+    assert_eq!(a.len(), 120);
+    assert_eq!(a.len(), b.len());
+    let mut nonzero = 0;
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["id"], y["id"]);
+        assert_eq!(x["indices"], y["indices"], "{x} {y}");
+        let values = |v: &serde_json::Value| -> Vec<f64> {
+            v["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        };
+        for (p, r) in values(x).iter().zip(values(y)) {
+            // Python computes in f64, Rust in f32: equal to f32 rounding.
+            assert!((p - r).abs() < 1e-6, "{x} {y}");
+            nonzero += 1;
+        }
+    }
+    assert!(nonzero > 120 * 5, "{nonzero} weights");
 }
