@@ -357,17 +357,24 @@ pub(crate) fn featurizer_channels_are_sealed(e: &Env, name: &str, attacks: &[&st
 
 #[test]
 fn selector_priorities_are_stored_and_shown_as_ranks_only() {
-    let e = env_with(300, 3);
+    selector_priorities_are_sealed(&env_with(300, 3), "hostile-select");
+}
+
+/// Runs a job whose selector `name` scores every pool item 31337.25
+/// (`attack = "leak-priority"`) and checks that the labeling queue, the
+/// job and the API show ranks, never the number. `e` holds 300 records,
+/// every third labeled, and the approved `hashed-ngrams`.
+pub(crate) fn selector_priorities_are_sealed(e: &Env, name: &str) {
     let spec = pipeline(
         e.dir.path(),
         "prio",
         "{ plugin = \"hashed-ngrams\", config = { bits = 10 } }",
-        "[selector]\nplugin = \"hostile-select\"\nconfig = { attack = \"leak-priority\" }\n",
+        &format!("[selector]\nplugin = \"{name}\"\nconfig = {{ attack = \"leak-priority\" }}\n"),
         "labelers = [\"lab\"]",
     );
     // Seed labels go to the labeler first; answer them from the CLI.
     e.cli_clean("sci", &["run", &spec]);
-    let id = job_ids(&e).pop().unwrap();
+    let id = job_ids(e).pop().unwrap();
     for _ in 0..10 {
         let next = e.cli_text("lab", &["label", "next", "--json"]);
         let v: serde_json::Value = serde_json::from_str(next.trim()).unwrap();

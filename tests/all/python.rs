@@ -15,7 +15,9 @@ use std::sync::{Mutex, OnceLock};
 
 use cloister_host::runtime::{Limits, Runtime, RuntimeConfig};
 
-use crate::boundary::{digest_of, env_with_plugins, featurizer_channels_are_sealed};
+use crate::boundary::{
+    digest_of, env_with_plugins, featurizer_channels_are_sealed, selector_priorities_are_sealed,
+};
 use crate::support::text;
 
 fn root() -> PathBuf {
@@ -680,4 +682,43 @@ fn a_python_fitted_featurizer_gives_its_rust_twins_features() {
         }
     }
     assert!(nonzero > 120 * 5, "{nonzero} weights");
+}
+
+#[test]
+fn python_selector_priorities_are_shown_as_ranks_only() {
+    let Some(select) = build("tests/plugins/python-hostile-select", "selector") else {
+        return;
+    };
+    let e = env_with_plugins(
+        300,
+        3,
+        &[
+            &select,
+            cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
+        ],
+    );
+    selector_priorities_are_sealed(&e, "py-hostile-select");
+    // The rules the host checks hold for Python as for Rust: a class that
+    // does not exist and a priority that is not a number are refused.
+    let rt = Runtime::new(RuntimeConfig::default()).unwrap();
+    let p = rt.load(&select).unwrap();
+    let classes: Vec<String> = ["ham", "spam"].map(String::from).to_vec();
+    let items = [cloister_host::types::PredictionSet {
+        id: "x".into(),
+        models: vec![vec![0.9, 0.1], vec![0.8, 0.2]],
+    }];
+    for attack in ["bad-class", "nan-priority"] {
+        let mut inst = p
+            .instantiate(
+                &rt,
+                &crate::support::cfg(&[("attack", attack)]),
+                &Limits::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            crate::support::code(inst.select(&classes, &items)),
+            "invalid-output",
+            "{attack}"
+        );
+    }
 }
