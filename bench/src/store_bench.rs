@@ -132,6 +132,7 @@ fn audit_run(c: &Cloister, writers: usize, per_writer: usize) -> Result<(f64, Ve
                             policies: vec!["bench".into()],
                             params: "0".repeat(64),
                             outcome: None,
+                            serving: None,
                         })?;
                         lat.push(t.elapsed());
                     }

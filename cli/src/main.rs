@@ -6,6 +6,7 @@ mod admin_cmd;
 mod audit_cmd;
 mod dataset_cmd;
 mod demo;
+mod deploy_cmd;
 mod job_cmd;
 mod model_cmd;
 mod plugin_cmd;
@@ -106,6 +107,10 @@ enum Command {
     /// The human labeling queue: next item, set a label, import labels.
     #[command(subcommand)]
     Label(job_cmd::LabelCommand),
+    /// Deployments: serve released models to client accounts, with
+    /// candidates, a shadow, promotion and rollback.
+    #[command(subcommand)]
+    Deploy(deploy_cmd::DeployCommand),
     /// Serve the web console (and its JSON API under /api).
     Serve {
         /// Address to listen on.
@@ -193,6 +198,7 @@ fn main() -> ExitCode {
         Command::Dataset(cmd) => dataset_cmd::run(&cli.env, cmd),
         Command::Audit(cmd) => audit_cmd::run(&cli.env, cmd),
         Command::Plugin(cmd) => plugin_cmd::run(&cli.env, cmd),
+        Command::Deploy(cmd) => deploy_cmd::run(&cli.env, cmd),
         Command::Template(model_cmd::TemplateCommand::List { json }) => model_cmd::templates(json),
         Command::Train(args) => model_cmd::train(&cli.env, args),
         Command::Predict { model, input } => model_cmd::predict(&cli.env, &model, &input),

@@ -44,6 +44,7 @@ macro_rules! wall {
 pub mod audit;
 pub mod csv_records;
 pub mod datasets;
+pub mod deployments;
 pub mod env;
 pub mod feature_cache;
 pub mod fitted;
@@ -55,6 +56,7 @@ pub mod policy;
 pub mod records;
 pub mod registry;
 pub mod service;
+pub mod serving;
 pub mod users;
 
 pub use cloister_runtime as runtime;

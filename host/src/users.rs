@@ -29,6 +29,11 @@ pub enum UserError {
     /// A user needs at least one role.
     #[error("a user needs at least one role")]
     NoRoles,
+    /// The `client` role is a service account's only role.
+    #[error(
+        "the `client` role cannot be combined with other roles: a client account only calls `predict`"
+    )]
+    ClientWithOtherRoles,
     /// The token is not valid (unknown, malformed or of a disabled user).
     #[error("authentication failed: the token is not valid")]
     BadToken,
@@ -109,6 +114,9 @@ pub(crate) fn create(
     check_name(name)?;
     if roles.is_empty() {
         return Err(UserError::NoRoles);
+    }
+    if roles.contains(&Role::Client) && roles.iter().any(|r| *r != Role::Client) {
+        return Err(UserError::ClientWithOtherRoles);
     }
     if store.get(Space::Users, name.as_bytes())?.is_some() {
         return Err(UserError::Exists(name.to_string()));

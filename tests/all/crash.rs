@@ -66,6 +66,7 @@ fn crash_child() {
                                 policies: vec![],
                                 params: String::new(),
                                 outcome: None,
+                                serving: None,
                             })
                             .unwrap();
                         println!("ack {seq} t{t} n{n}");

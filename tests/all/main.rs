@@ -19,6 +19,7 @@ mod closed_env;
 mod console;
 mod console_hardening;
 mod crash;
+mod deployment;
 mod disclosure;
 mod example_plugins;
 mod fitted;

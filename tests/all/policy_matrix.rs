@@ -46,6 +46,13 @@ fn record(assignee: Option<&str>) -> Resource {
     }
 }
 
+fn deployment(clients: &[&str]) -> Resource {
+    Resource::Deployment {
+        name: "d1".into(),
+        clients: clients.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
 fn job(started_by: &str) -> Resource {
     Resource::Job {
         id: "j-1".into(),
@@ -67,7 +74,9 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
         (
             A::ListDatasets,
             Resource::Environment,
-            &[Admin, Scientist, Labeler, Reviewer, Approver, Auditor],
+            &[
+                Admin, Scientist, Labeler, Reviewer, Approver, Auditor, Operator,
+            ],
         ),
         (
             A::ListPlugins,
@@ -160,12 +169,54 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
             job("someone-else"),
             &[Admin, Scientist, Reviewer, Approver, Auditor],
         ),
-        (A::CancelJob, job(me), &Role::ALL),
+        (
+            A::CancelJob,
+            job(me),
+            &[
+                Admin, Scientist, Labeler, Reviewer, Approver, Auditor, Operator,
+            ],
+        ),
         (A::CancelJob, job("someone-else"), &[Admin]),
         (A::ReadAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::VerifyAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::CheckpointAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::ReadPluginLog, Resource::Environment, &[Admin]),
+        // Deployments: operators run them, the project sees them, a client
+        // calls the deployments that name it and does nothing else.
+        (
+            A::ListDeployments,
+            Resource::Environment,
+            &[Admin, Scientist, Approver, Auditor, Operator],
+        ),
+        (
+            A::ViewDeployment,
+            deployment(&[]),
+            &[Admin, Scientist, Approver, Auditor, Operator],
+        ),
+        (A::ManageDeployment, deployment(&[me]), &[Operator]),
+        (
+            A::DeployModel,
+            model(true, true, Some("someone-else")),
+            &[Operator],
+        ),
+        (
+            A::DeployModel,
+            model_checked(true, true, Some("someone-else"), "pass-after-pruning"),
+            &[Operator],
+        ),
+        (
+            A::DeployModel,
+            model(true, false, Some("someone-else")),
+            &[],
+        ),
+        (
+            A::DeployModel,
+            model_checked(true, true, Some("someone-else"), "fail"),
+            &[],
+        ),
+        (A::Predict, deployment(&[me]), &[Client]),
+        (A::Predict, deployment(&["someone-else"]), &[]),
+        (A::Predict, deployment(&[]), &[]),
     ]
 }
 
@@ -201,17 +252,45 @@ fn every_role_action_and_resource_gets_the_expected_decision() {
         Action::ALL.len(),
         "every action is in the matrix"
     );
-    assert_eq!(checked, 6 * cases("x").len());
+    assert_eq!(checked, Role::ALL.len() * cases("x").len());
 }
 
 #[test]
 fn no_role_combination_exports_a_dataset_and_disabled_users_do_nothing() {
     let engine = PolicyEngine::builtin().unwrap();
+    // Every role but `client`, which a user cannot combine with others.
     let everything = Principal {
         name: "boss".into(),
-        roles: Role::ALL.to_vec(),
+        roles: Role::ALL
+            .into_iter()
+            .filter(|r| *r != Role::Client)
+            .collect(),
         disabled: false,
     };
+    // Were it combined anyway, the account could only call `predict`.
+    let client_too = Principal {
+        roles: Role::ALL.to_vec(),
+        ..everything.clone()
+    };
+    for action in Action::ALL {
+        if action == Action::Predict {
+            continue;
+        }
+        for resource in [
+            Resource::Environment,
+            Resource::Dataset { name: "ds".into() },
+            Resource::AuditLog,
+            deployment(&["boss"]),
+        ] {
+            let got = engine.authorize(&client_too, action, &resource, "cli");
+            assert!(!got.allowed, "{action:?} {resource:?}");
+        }
+    }
+    assert!(
+        engine
+            .authorize(&client_too, Action::Predict, &deployment(&["boss"]), "cli")
+            .allowed
+    );
     let ds = Resource::Dataset { name: "ds".into() };
     let got = engine.authorize(&everything, Action::ExportDataset, &ds, "console");
     assert!(!got.allowed);

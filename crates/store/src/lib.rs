@@ -66,11 +66,16 @@ pub enum Space {
     /// Fitted featurizer state: `s ‖ digest` → vocabulary bytes, and the
     /// fits already made: `f ‖ fit key` → state digest.
     Fitted = 16,
+    /// Deployments: name → deployment (see `cloister_host::deployments`).
+    Deployments = 17,
+    /// Serving metrics: `deployment \0 model \0 minute (u64 BE)` →
+    /// the variant's counters for that minute.
+    ServingMetrics = 18,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 16] = [
+    pub const ALL: [Space; 18] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -87,6 +92,8 @@ impl Space {
         Space::Passwords,
         Space::PluginLog,
         Space::Fitted,
+        Space::Deployments,
+        Space::ServingMetrics,
     ];
 
     /// The key prefix byte.

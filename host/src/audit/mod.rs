@@ -105,6 +105,29 @@ pub struct AuditRecord {
     /// it existed, whose canonical bytes are unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<PluginOutcome>,
+    /// For `predict` entries: what the request asked of the deployment.
+    /// Absent from every other entry (and from entries written before it
+    /// existed, whose canonical bytes are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingFacts>,
+}
+
+/// What a prediction request asked (`predict` entries): host-chosen
+/// facts and a digest of the input, never the input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServingFacts {
+    /// The deployment.
+    pub deployment: String,
+    /// The model that answers.
+    pub model: String,
+    /// `champion` or `candidate`.
+    pub variant: String,
+    /// Records sent.
+    pub records: u64,
+    /// Hex SHA-256 of the records as sent (JSON).
+    pub input_sha256: String,
+    /// The shadow model that also receives the request, if sampled.
+    pub shadow: Option<String>,
 }
 
 /// The outcome of one plugin stage of a run (`plugin_call` entries).

@@ -59,17 +59,25 @@ pub enum Role {
     Approver,
     /// Reads and verifies the audit log.
     Auditor,
+    /// Runs deployments: creates them, routes traffic between their
+    /// models, promotes, rolls back and pauses them.
+    Operator,
+    /// A service account that calls `predict` on the deployments that name
+    /// it, and does nothing else.
+    Client,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 8] = [
         Role::Admin,
         Role::Scientist,
         Role::Labeler,
         Role::Reviewer,
         Role::Approver,
         Role::Auditor,
+        Role::Operator,
+        Role::Client,
     ];
 
     /// The name used in policies and on the command line.
@@ -81,6 +89,8 @@ impl Role {
             Role::Reviewer => "reviewer",
             Role::Approver => "approver",
             Role::Auditor => "auditor",
+            Role::Operator => "operator",
+            Role::Client => "client",
         }
     }
 }
@@ -144,11 +154,16 @@ pub enum Action {
     ListJobs,
     ViewJob,
     CancelJob,
+    ListDeployments,
+    ViewDeployment,
+    ManageDeployment,
+    DeployModel,
+    Predict,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 29] = [
+    pub const ALL: [Action; 34] = [
         Action::AddUser,
         Action::DisableUser,
         Action::ListUsers,
@@ -178,6 +193,11 @@ impl Action {
         Action::ListJobs,
         Action::ViewJob,
         Action::CancelJob,
+        Action::ListDeployments,
+        Action::ViewDeployment,
+        Action::ManageDeployment,
+        Action::DeployModel,
+        Action::Predict,
     ];
 
     /// The action's id in the schema.
@@ -212,6 +232,11 @@ impl Action {
             Action::ListJobs => "list_jobs",
             Action::ViewJob => "view_job",
             Action::CancelJob => "cancel_job",
+            Action::ListDeployments => "list_deployments",
+            Action::ViewDeployment => "view_deployment",
+            Action::ManageDeployment => "manage_deployment",
+            Action::DeployModel => "deploy_model",
+            Action::Predict => "predict",
         }
     }
 }
@@ -276,6 +301,13 @@ pub enum Resource {
     },
     /// The audit log.
     AuditLog,
+    /// A deployment (a named prediction endpoint).
+    Deployment {
+        /// Its name.
+        name: String,
+        /// The client accounts it serves.
+        clients: Vec<String>,
+    },
 }
 
 /// What the policies read of a model's disclosure report
@@ -337,6 +369,7 @@ impl Resource {
             Resource::Model { id, .. } => ("Model", id.clone()),
             Resource::Job { id, .. } => ("Job", id.clone()),
             Resource::AuditLog => ("AuditLog", "main".into()),
+            Resource::Deployment { name, .. } => ("Deployment", name.clone()),
         }
     }
 }
@@ -419,6 +452,9 @@ impl DecisionKey {
                 ..
             } => id.len() + requested_by.as_ref().map_or(0, String::len) + disclosure.verdict.len(),
             Resource::Job { id, started_by } => id.len() + started_by.len(),
+            Resource::Deployment { name, clients } => {
+                name.len() + clients.iter().map(String::len).sum::<usize>()
+            }
         };
         self.name.len() + self.channel.len() + r
     }
@@ -710,6 +746,13 @@ impl PolicyEngine {
             }
             Resource::Job { started_by, .. } => {
                 attrs.insert("started_by".into(), user_ref(started_by, &mut entities)?);
+            }
+            Resource::Deployment { clients, .. } => {
+                let mut set = Vec::with_capacity(clients.len());
+                for c in clients {
+                    set.push(user_ref(c, &mut entities)?);
+                }
+                attrs.insert("clients".into(), RestrictedExpression::new_set(set));
             }
             Resource::Environment | Resource::Dataset { .. } | Resource::AuditLog => {}
         }

@@ -908,6 +908,7 @@ impl Cloister {
             policies: Vec::new(),
             params: super::params_digest(&(&job.id, round, n, agreed, revoke.len())),
             outcome: None,
+            serving: None,
         })?;
         for id in &revoke {
             crate::jobs::delete_ledger(batch, &job.id, id);

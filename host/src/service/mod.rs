@@ -26,6 +26,7 @@ use crate::users::{User, UserError};
 
 mod audit;
 mod datasets;
+mod deployments;
 mod job_steps;
 mod jobs;
 mod labeling;
@@ -37,6 +38,9 @@ mod training;
 mod users;
 
 pub use datasets::ImportOptions;
+pub use deployments::{
+    Answer, DeployedPredictions, DeploymentChange, DeploymentStatus, MAX_PREDICT_RECORDS,
+};
 pub use policy::Explanation;
 pub use training::{Predictions, TrainProgress, TrainRequest, TrainingPlan};
 
@@ -98,6 +102,9 @@ pub enum ServiceError {
     /// A request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// A deployment could not be found, created or changed.
+    #[error(transparent)]
+    Deployment(#[from] crate::deployments::DeploymentError),
 }
 
 /// An open environment with its authorization point.
@@ -110,6 +117,8 @@ pub struct Cloister {
     runtime: OnceLock<Runtime>,
     import_lock: Mutex<()>,
     running: Mutex<std::collections::HashSet<String>>,
+    /// Models loaded for serving, and the metrics lock.
+    serving: deployments::ServingState,
 }
 
 /// Held while a job is being driven; releases the claim when dropped.
@@ -145,6 +154,7 @@ impl Cloister {
             runtime: OnceLock::new(),
             import_lock: Mutex::new(()),
             running: Mutex::new(std::collections::HashSet::new()),
+            serving: deployments::ServingState::default(),
         }
     }
 
@@ -162,6 +172,7 @@ impl Cloister {
                 policies: vec!["host".into()],
                 params: params_digest(&("refresh_schema", crate::policy::DEFAULT_SCHEMA)),
                 outcome: None,
+                serving: None,
             })?;
         }
         crate::datasets::recover(&env)?;
@@ -181,6 +192,7 @@ impl Cloister {
             policies: vec!["bootstrap".into()],
             params: params_digest(&("init", admin)),
             outcome: None,
+            serving: None,
         })?;
         Ok((me, token))
     }
@@ -235,6 +247,7 @@ impl Cloister {
             policies: Vec::new(),
             params: params_digest(&Digest::of(token.as_bytes()).short()),
             outcome: None,
+            serving: None,
         });
         match appended {
             Ok(_) => ServiceError::Auth(why),
@@ -353,6 +366,7 @@ impl Cloister {
             policies: decision.policies,
             params: params_digest(params),
             outcome: None,
+            serving: None,
         };
         (decision.allowed, record)
     }

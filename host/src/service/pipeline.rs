@@ -43,6 +43,11 @@ pub(crate) struct Chain {
     pub(crate) state: Option<FittedState>,
 }
 
+/// How a chain's plugins are looked up and authorized: a digest and the
+/// kind it must be, to the registry entry and the loaded component.
+type PluginLoader<'a> =
+    dyn Fn(&str, PluginKind) -> Result<(PluginEntry, LoadedPlugin), ServiceError> + 'a;
+
 /// What a fitted featurizer learnt, by digest.
 #[derive(Debug, Clone)]
 pub(crate) struct FittedState {
@@ -115,12 +120,25 @@ impl Cloister {
         preprocess: &[(String, Config)],
         features: &(String, Config),
     ) -> Result<Chain, ServiceError> {
+        self.load_chain_with(preprocess, features, &|digest, kind| {
+            self.load_approved(who, digest, kind)
+        })
+    }
+
+    /// [`Cloister::load_chain`] with `load` deciding how each plugin is
+    /// looked up and authorized.
+    fn load_chain_with(
+        &self,
+        preprocess: &[(String, Config)],
+        features: &(String, Config),
+        load: &PluginLoader<'_>,
+    ) -> Result<Chain, ServiceError> {
         let mut pre = Vec::with_capacity(preprocess.len());
         for (digest, config) in preprocess {
-            let (entry, loaded) = self.load_approved(who, digest, PluginKind::Preprocessor)?;
+            let (entry, loaded) = load(digest, PluginKind::Preprocessor)?;
             pre.push((entry, loaded, config.clone()));
         }
-        let (entry, loaded) = self.load_approved(who, &features.0, PluginKind::Featurizer)?;
+        let (entry, loaded) = load(&features.0, PluginKind::Featurizer)?;
         Ok(Chain {
             preprocess: pre,
             features: (entry, loaded, features.1.clone()),
@@ -131,6 +149,35 @@ impl Cloister {
     /// Loads a model's own chain from its lineage, each plugin with the
     /// configuration it was trained with.
     pub(crate) fn lineage_chain(&self, who: &User, l: &Lineage) -> Result<Chain, ServiceError> {
+        self.lineage_chain_with(l, &|digest, kind| self.load_approved(who, digest, kind))
+    }
+
+    /// A deployed model's chain. The request was authorized as `predict`
+    /// on the deployment, and the model as `deploy_model` when it was
+    /// added; each plugin must still be approved in the registry, exactly
+    /// this digest, or nothing runs.
+    pub(crate) fn serving_chain(&self, l: &Lineage) -> Result<Chain, ServiceError> {
+        self.lineage_chain_with(l, &|digest, kind| {
+            let store = self.env.store();
+            let entry = crate::registry::get(store.as_ref(), digest)?;
+            if entry.approval.is_none() {
+                return Err(ServiceError::BadRequest(format!(
+                    "plugin {} of the deployed model is not approved",
+                    &digest[..digest.len().min(16)]
+                )));
+            }
+            let bytes = crate::registry::bytes(store.as_ref(), &entry)?;
+            let loaded = self.runtime()?.load(&bytes)?;
+            loaded.require(kind)?;
+            Ok((entry, loaded))
+        })
+    }
+
+    fn lineage_chain_with(
+        &self,
+        l: &Lineage,
+        load: &PluginLoader<'_>,
+    ) -> Result<Chain, ServiceError> {
         let preprocess: Vec<_> = l
             .preprocess
             .iter()
@@ -140,10 +187,10 @@ impl Cloister {
                 (d.clone(), config)
             })
             .collect();
-        let mut chain = self.load_chain(
-            who,
+        let mut chain = self.load_chain_with(
             &preprocess,
             &(l.features.clone(), l.features_config.clone()),
+            load,
         )?;
         match (&l.features_state, chain.features.1.fitted) {
             (Some(hex), true) => {

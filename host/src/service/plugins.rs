@@ -145,6 +145,7 @@ impl Cloister {
             policies: Vec::new(),
             params: params_digest(&(&outcome.purpose, &outcome.stage, outcome.records_in)),
             outcome: Some(outcome),
+            serving: None,
         })?)
     }
 

@@ -61,6 +61,7 @@ impl Cloister {
                     policies: Vec::new(),
                     params: params_digest(&self.channel),
                     outcome: None,
+                    serving: None,
                 })?;
                 Ok(u)
             }
@@ -78,6 +79,7 @@ impl Cloister {
                     policies: Vec::new(),
                     params: params_digest(&self.channel),
                     outcome: None,
+                    serving: None,
                 })?;
                 Err(ServiceError::Auth(e))
             }
@@ -109,6 +111,7 @@ impl Cloister {
             policies: vec![reason.into()],
             params: params_digest(&(self.channel, reason)),
             outcome: None,
+            serving: None,
         })?;
         Ok(())
     }

@@ -1,0 +1,550 @@
+//! Deployments: named prediction endpoints that serve released models
+//! inside the environment (docs/deployment.md).
+//!
+//! A deployment has one **champion** and any number of **candidates**,
+//! each a model with a traffic weight in basis points (1/100 of a
+//! percent); the champion takes whatever the candidates do not. An
+//! optional **shadow** model receives a copy of a sampled share of the
+//! requests; its answers are compared with the champion's and never
+//! returned. Routing is **sticky** ([`Deployment::route`]): a request's
+//! key maps to a variant through a salted hash, so a key stays on its
+//! variant while weights change, and raising a candidate's weight only
+//! moves keys toward that candidate.
+//!
+//! Stored in [`Space::Deployments`] by name, with every change appended to
+//! the deployment's own history (the audit log has the authorization of
+//! each change). Metrics live in [`crate::serving`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Space, Storage, StoreError, WriteBatch};
+
+/// Traffic weights are in basis points: 10,000 is all of it.
+pub const ALL_TRAFFIC: u32 = 10_000;
+/// The most candidates one deployment routes to.
+pub const MAX_CANDIDATES: usize = 8;
+/// The most client accounts one deployment serves.
+pub const MAX_CLIENTS: usize = 64;
+/// The most entries a deployment's history keeps (the oldest go first;
+/// the audit log keeps every change regardless).
+pub const MAX_HISTORY: usize = 200;
+
+/// What went wrong with a deployment.
+#[derive(Debug, thiserror::Error)]
+pub enum DeploymentError {
+    /// The name does not follow the rules.
+    #[error(
+        "invalid deployment name `{0}`: use 1–64 of a-z 0-9 . _ - starting with a letter or digit"
+    )]
+    BadName(String),
+    /// No deployment of that name.
+    #[error("no deployment `{0}`")]
+    Unknown(String),
+    /// A deployment of that name exists.
+    #[error("deployment `{0}` already exists")]
+    Exists(String),
+    /// A change that the deployment's state does not allow.
+    #[error("{0}")]
+    Invalid(String),
+    /// A stored deployment is damaged.
+    #[error("the stored deployment `{0}` is damaged")]
+    Damaged(String),
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One model a deployment routes traffic to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Variant {
+    /// The model id.
+    pub model: String,
+    /// Its share of the traffic in basis points (the champion's is what
+    /// the candidates leave).
+    pub weight: u32,
+}
+
+/// The shadow: a model that sees a copy of a sampled share of requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shadow {
+    /// The model id.
+    pub model: String,
+    /// The share of requests copied to it, in basis points.
+    pub sample: u32,
+}
+
+/// One change to a deployment, as its history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// When, in ms since the epoch.
+    pub time_ms: u64,
+    /// Who made it.
+    pub by: String,
+    /// What it was, e.g. `set-weight m-… 500`, `promote m-…`.
+    pub what: String,
+    /// The champion after the change.
+    pub champion: String,
+}
+
+/// A deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// Its name (the endpoint is `/api/deployments/{name}/predict`).
+    pub name: String,
+    /// The model that answers unless a candidate takes the request.
+    pub champion: String,
+    /// Candidates, in the order they were added.
+    pub candidates: Vec<Variant>,
+    /// The shadow, if any.
+    pub shadow: Option<Shadow>,
+    /// The client accounts it serves.
+    pub clients: Vec<String>,
+    /// A paused deployment keeps serving but takes no routing change
+    /// except `resume` and `rollback`.
+    pub paused: bool,
+    /// The champions before the current one, oldest first (what
+    /// `rollback` returns to).
+    pub previous: Vec<String>,
+    /// The routing salt (hex): keys are hashed with it.
+    pub salt: String,
+    /// Who created it.
+    pub created_by: String,
+    /// When.
+    pub created_ms: u64,
+    /// Every change, oldest first (at most [`MAX_HISTORY`]).
+    pub history: Vec<Change>,
+}
+
+/// Which variant serves a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The champion.
+    Champion,
+    /// The candidate at this index of [`Deployment::candidates`].
+    Candidate(usize),
+}
+
+impl Deployment {
+    /// A new deployment serving `champion` to `clients`.
+    pub fn new(
+        name: &str,
+        champion: &str,
+        clients: Vec<String>,
+        salt: [u8; 16],
+        by: &str,
+        now_ms: u64,
+    ) -> Result<Self, DeploymentError> {
+        check_name(name)?;
+        let mut d = Deployment {
+            name: name.to_string(),
+            champion: champion.to_string(),
+            candidates: Vec::new(),
+            shadow: None,
+            clients: Vec::new(),
+            paused: false,
+            previous: Vec::new(),
+            salt: hex::encode(salt),
+            created_by: by.to_string(),
+            created_ms: now_ms,
+            history: Vec::new(),
+        };
+        d.set_clients(clients)?;
+        d.record(by, now_ms, format!("create {champion}"));
+        Ok(d)
+    }
+
+    /// Replaces the client list (deduplicated, at most [`MAX_CLIENTS`]).
+    pub fn set_clients(&mut self, mut clients: Vec<String>) -> Result<(), DeploymentError> {
+        clients.sort();
+        clients.dedup();
+        if clients.len() > MAX_CLIENTS {
+            return Err(DeploymentError::Invalid(format!(
+                "at most {MAX_CLIENTS} clients per deployment"
+            )));
+        }
+        self.clients = clients;
+        Ok(())
+    }
+
+    /// Appends a change to the history.
+    pub fn record(&mut self, by: &str, now_ms: u64, what: String) {
+        self.history.push(Change {
+            time_ms: now_ms,
+            by: by.to_string(),
+            what,
+            champion: self.champion.clone(),
+        });
+        if self.history.len() > MAX_HISTORY {
+            let extra = self.history.len() - MAX_HISTORY;
+            self.history.drain(..extra);
+        }
+    }
+
+    /// The champion's share: what the candidates leave, in basis points.
+    pub fn champion_weight(&self) -> u32 {
+        ALL_TRAFFIC.saturating_sub(self.candidates.iter().map(|c| c.weight).sum())
+    }
+
+    /// Every model the deployment serves or shadows.
+    pub fn models(&self) -> Vec<String> {
+        let mut m = vec![self.champion.clone()];
+        m.extend(self.candidates.iter().map(|c| c.model.clone()));
+        m.extend(self.shadow.iter().map(|s| s.model.clone()));
+        m
+    }
+
+    fn refuse_when_paused(&self, what: &str) -> Result<(), DeploymentError> {
+        if self.paused {
+            Err(DeploymentError::Invalid(format!(
+                "deployment `{}` is paused: resume it before you {what}",
+                self.name
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sets `model`'s traffic weight, adding it as a candidate when it is
+    /// not one yet (0 keeps it as a candidate with no traffic). The
+    /// candidates' weights may not exceed all the traffic.
+    pub fn set_weight(&mut self, model: &str, weight: u32) -> Result<(), DeploymentError> {
+        self.refuse_when_paused("change weights")?;
+        if model == self.champion {
+            return Err(DeploymentError::Invalid(format!(
+                "`{model}` is the champion: its weight is what the candidates leave"
+            )));
+        }
+        if weight > ALL_TRAFFIC {
+            return Err(DeploymentError::Invalid(format!(
+                "a weight is at most {ALL_TRAFFIC} basis points (100%), not {weight}"
+            )));
+        }
+        let others: u32 = self
+            .candidates
+            .iter()
+            .filter(|c| c.model != model)
+            .map(|c| c.weight)
+            .sum();
+        if others + weight > ALL_TRAFFIC {
+            return Err(DeploymentError::Invalid(format!(
+                "the candidates would take {} basis points, more than all the traffic",
+                others + weight
+            )));
+        }
+        match self.candidates.iter_mut().find(|c| c.model == model) {
+            Some(c) => c.weight = weight,
+            None => {
+                if self.candidates.len() >= MAX_CANDIDATES {
+                    return Err(DeploymentError::Invalid(format!(
+                        "at most {MAX_CANDIDATES} candidates per deployment"
+                    )));
+                }
+                self.candidates.push(Variant {
+                    model: model.to_string(),
+                    weight,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a candidate.
+    pub fn remove_candidate(&mut self, model: &str) -> Result<(), DeploymentError> {
+        self.refuse_when_paused("remove candidates")?;
+        let before = self.candidates.len();
+        self.candidates.retain(|c| c.model != model);
+        if self.candidates.len() == before {
+            return Err(DeploymentError::Invalid(format!(
+                "`{model}` is not a candidate of `{}`",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sets (or with `None`, removes) the shadow.
+    pub fn set_shadow(&mut self, shadow: Option<Shadow>) -> Result<(), DeploymentError> {
+        self.refuse_when_paused("change the shadow")?;
+        if let Some(s) = &shadow {
+            if s.sample == 0 || s.sample > ALL_TRAFFIC {
+                return Err(DeploymentError::Invalid(format!(
+                    "a shadow's sample is 1..={ALL_TRAFFIC} basis points, not {}",
+                    s.sample
+                )));
+            }
+            if s.model == self.champion {
+                return Err(DeploymentError::Invalid(format!(
+                    "`{}` is the champion; a shadow is another model",
+                    s.model
+                )));
+            }
+        }
+        self.shadow = shadow;
+        Ok(())
+    }
+
+    /// Makes `model` (a candidate) the champion; the old champion is
+    /// remembered for [`Deployment::rollback`] and leaves the candidates.
+    pub fn promote(&mut self, model: &str) -> Result<(), DeploymentError> {
+        self.refuse_when_paused("promote")?;
+        let Some(i) = self.candidates.iter().position(|c| c.model == model) else {
+            return Err(DeploymentError::Invalid(format!(
+                "`{model}` is not a candidate of `{}`: add it with a weight first",
+                self.name
+            )));
+        };
+        self.candidates.remove(i);
+        let old = std::mem::replace(&mut self.champion, model.to_string());
+        self.previous.push(old);
+        Ok(())
+    }
+
+    /// Returns to the previous champion and takes every candidate's
+    /// traffic away (they stay, at weight 0). Allowed while paused.
+    pub fn rollback(&mut self) -> Result<String, DeploymentError> {
+        let Some(back) = self.previous.pop() else {
+            for c in &mut self.candidates {
+                c.weight = 0;
+            }
+            return Ok(self.champion.clone());
+        };
+        let demoted = std::mem::replace(&mut self.champion, back);
+        for c in &mut self.candidates {
+            c.weight = 0;
+        }
+        self.candidates.retain(|c| c.model != self.champion);
+        if !self.candidates.iter().any(|c| c.model == demoted) {
+            self.candidates.push(Variant {
+                model: demoted,
+                weight: 0,
+            });
+        }
+        Ok(self.champion.clone())
+    }
+
+    /// The variant that serves requests with routing key `key`.
+    ///
+    /// Each candidate `c` draws its own uniform number `u_c` from
+    /// SHA-256(salt ‖ key ‖ model); the key is eligible for `c` when
+    /// `u_c < w_c` (its weight as a share), and goes to the eligible
+    /// candidate with the smallest `u_c / w_c`, else to the champion. So a
+    /// key's variant depends only on the key, the salt and the weights;
+    /// raising `w_c` can only make keys eligible for `c` and lower `c`'s
+    /// ratio, so keys move only toward `c`; lowering it only away. With
+    /// one candidate its share is exactly its weight; with several, two
+    /// candidates both eligible share the overlap, so each gets slightly
+    /// less than its weight (at most half the product of the weights).
+    pub fn route(&self, key: &str) -> Route {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, c) in self.candidates.iter().enumerate() {
+            if c.weight == 0 {
+                continue;
+            }
+            let share = f64::from(c.weight) / f64::from(ALL_TRAFFIC);
+            let u = self.uniform(key, &c.model);
+            if u < share {
+                let ratio = u / share;
+                if best.is_none_or(|(_, r)| ratio < r) {
+                    best = Some((i, ratio));
+                }
+            }
+        }
+        best.map_or(Route::Champion, |(i, _)| Route::Candidate(i))
+    }
+
+    /// Whether a request with routing key `key` is copied to the shadow.
+    pub fn shadowed(&self, key: &str) -> bool {
+        self.shadow.as_ref().is_some_and(|s| {
+            self.uniform(key, &format!("shadow\0{}", s.model))
+                < f64::from(s.sample) / f64::from(ALL_TRAFFIC)
+        })
+    }
+
+    /// The model a route names.
+    pub fn model_of(&self, route: Route) -> &str {
+        match route {
+            Route::Champion => &self.champion,
+            Route::Candidate(i) => &self.candidates[i].model,
+        }
+    }
+
+    /// A uniform number in [0, 1) from the salt, the key and `what`.
+    fn uniform(&self, key: &str, what: &str) -> f64 {
+        let mut buf = Vec::with_capacity(self.salt.len() + key.len() + what.len() + 2);
+        buf.extend_from_slice(self.salt.as_bytes());
+        buf.push(0);
+        buf.extend_from_slice(key.as_bytes());
+        buf.push(0);
+        buf.extend_from_slice(what.as_bytes());
+        let d = ring::digest::digest(&ring::digest::SHA256, &buf);
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d.as_ref()[..8]);
+        // 53 bits: exactly representable.
+        (u64::from_be_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Deployment names: as user names.
+pub fn check_name(name: &str) -> Result<(), DeploymentError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(DeploymentError::BadName(name.chars().take(80).collect()))
+    }
+}
+
+/// The write of a deployment.
+pub fn put(batch: &mut WriteBatch, d: &Deployment) -> Result<(), DeploymentError> {
+    let bytes = serde_json::to_vec(d).map_err(|_| DeploymentError::Damaged(d.name.clone()))?;
+    batch.put(Space::Deployments, d.name.as_bytes().to_vec(), bytes);
+    Ok(())
+}
+
+/// The delete of a deployment.
+pub fn delete(batch: &mut WriteBatch, name: &str) {
+    batch.delete(Space::Deployments, name.as_bytes().to_vec());
+}
+
+/// Reads a deployment.
+pub fn get(store: &dyn Storage, name: &str) -> Result<Deployment, DeploymentError> {
+    let v = store
+        .get(Space::Deployments, name.as_bytes())?
+        .ok_or_else(|| DeploymentError::Unknown(name.chars().take(80).collect()))?;
+    serde_json::from_slice(&v).map_err(|_| DeploymentError::Damaged(name.to_string()))
+}
+
+/// Whether a deployment of that name exists.
+pub fn exists(store: &dyn Storage, name: &str) -> Result<bool, DeploymentError> {
+    Ok(store.get(Space::Deployments, name.as_bytes())?.is_some())
+}
+
+/// Every deployment, by name.
+pub fn list(store: &dyn Storage) -> Result<Vec<Deployment>, DeploymentError> {
+    store
+        .scan(Space::Deployments, b"")
+        .map(|item| {
+            let (k, v) = item?;
+            serde_json::from_slice(&v)
+                .map_err(|_| DeploymentError::Damaged(String::from_utf8_lossy(&k).into_owned()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dep() -> Deployment {
+        Deployment::new("d", "champ", vec!["c".into()], [7; 16], "op", 0).unwrap()
+    }
+
+    fn routes(d: &Deployment, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| d.model_of(d.route(&format!("key-{i}"))).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_single_candidate_gets_its_weight_and_keys_only_move_toward_it() {
+        let mut d = dep();
+        let n = 20_000;
+        let mut before = routes(&d, n);
+        assert!(before.iter().all(|m| m == "champ"));
+        for w in [100, 500, 2_500, 5_000, 10_000] {
+            d.set_weight("cand", w).unwrap();
+            let after = routes(&d, n);
+            let share = after.iter().filter(|m| *m == "cand").count() as f64 / n as f64;
+            let want = f64::from(w) / 1e4;
+            assert!((share - want).abs() < 0.01, "{w}: {share}");
+            for (b, a) in before.iter().zip(&after) {
+                assert!(b == a || a == "cand", "a key moved from {b} to {a}");
+            }
+            before = after;
+        }
+        // The same key, the same variant: sticky.
+        assert_eq!(routes(&d, 100), routes(&d, 100));
+    }
+
+    #[test]
+    fn with_several_candidates_raising_one_moves_keys_only_to_it() {
+        let mut d = dep();
+        d.set_weight("a", 1_000).unwrap();
+        d.set_weight("b", 2_000).unwrap();
+        let n = 20_000;
+        let before = routes(&d, n);
+        d.set_weight("a", 3_000).unwrap();
+        let after = routes(&d, n);
+        let mut moved = 0;
+        for (b, a) in before.iter().zip(&after) {
+            if b != a {
+                assert_eq!(a, "a", "a key moved from {b} to {a}");
+                moved += 1;
+            }
+        }
+        assert!(moved > n / 10, "{moved}");
+        let share = |m: &str| after.iter().filter(|x| *x == m).count() as f64 / n as f64;
+        // Shares are within half the product of the weights of each weight.
+        assert!((share("a") - 0.3).abs() < 0.3 * 0.2 / 2.0 + 0.01);
+        assert!((share("b") - 0.2).abs() < 0.3 * 0.2 / 2.0 + 0.01);
+        // A new salt routes differently.
+        let mut other = d.clone();
+        other.salt = hex::encode([8u8; 16]);
+        assert_ne!(routes(&other, 200), routes(&d, 200));
+    }
+
+    #[test]
+    fn weights_promotion_rollback_and_pause_follow_the_rules() {
+        let mut d = dep();
+        assert!(d.set_weight("champ", 10).is_err());
+        assert!(d.set_weight("a", 10_001).is_err());
+        d.set_weight("a", 6_000).unwrap();
+        assert!(d.set_weight("b", 5_000).is_err(), "over all the traffic");
+        assert_eq!(d.champion_weight(), 4_000);
+        d.promote("a").unwrap();
+        assert_eq!(d.champion, "a");
+        assert!(d.candidates.is_empty());
+        assert_eq!(d.previous, ["champ"]);
+        d.set_weight("b", 500).unwrap();
+        d.paused = true;
+        assert!(d.set_weight("b", 600).is_err());
+        assert!(d.promote("b").is_err());
+        // Rollback works while paused: back to the old champion, every
+        // candidate at 0, the demoted one kept as a candidate.
+        assert_eq!(d.rollback().unwrap(), "champ");
+        assert_eq!(d.champion, "champ");
+        assert!(d.candidates.iter().all(|c| c.weight == 0));
+        assert!(d.candidates.iter().any(|c| c.model == "a"));
+        assert!(routes(&d, 1000).iter().all(|m| m == "champ"));
+        assert!(check_name("Bad Name").is_err());
+        assert!(check_name("fraud-v2").is_ok());
+    }
+
+    #[test]
+    fn the_shadow_sees_its_sample() {
+        let mut d = dep();
+        d.set_shadow(Some(Shadow {
+            model: "s".into(),
+            sample: 2_500,
+        }))
+        .unwrap();
+        let n = 20_000;
+        let seen = (0..n).filter(|i| d.shadowed(&format!("k{i}"))).count();
+        assert!((seen as f64 / n as f64 - 0.25).abs() < 0.01, "{seen}");
+        assert!(
+            d.set_shadow(Some(Shadow {
+                model: "champ".into(),
+                sample: 1
+            }))
+            .is_err()
+        );
+    }
+}

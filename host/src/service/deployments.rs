@@ -1,0 +1,580 @@
+//! Deployments: serve released models to client accounts
+//! (docs/deployment.md).
+//!
+//! Managing a deployment is `manage_deployment` on it, and every model it
+//! is to serve is first checked with `deploy_model` (the shipped policies
+//! forbid it unless the release was approved by a second person with a
+//! passing disclosure report). A prediction is `predict` on the
+//! deployment, which the policies allow only to the client accounts the
+//! deployment names; it is audited before it runs, with the variant, the
+//! record count and the input's digest — never the input. The variants'
+//! plugin chains then run as any chain does, each stage audited as a
+//! `plugin_call` of the client.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{Cloister, ServiceError};
+use crate::audit::{AuditRecord, ServingFacts};
+use crate::deployments::{self, Deployment, DeploymentError, Route, Shadow};
+use crate::policy::{Action, Resource, Role};
+use crate::serving::{self, Observation, Summary};
+use crate::store::WriteBatch;
+use crate::types::DataRecord;
+use crate::users::User;
+
+/// The most records one prediction request may carry.
+pub const MAX_PREDICT_RECORDS: usize = 1_000;
+
+/// A model loaded for serving: its plugin chain and its released weights.
+#[derive(Debug)]
+pub(crate) struct Served {
+    chain: super::pipeline::Chain,
+    model: crate::train::Trained,
+    classes: Vec<String>,
+}
+
+/// The serving state of one process: loaded models, and the lock that
+/// serializes metric updates.
+#[derive(Debug, Default)]
+pub(crate) struct ServingState {
+    loaded: Mutex<HashMap<String, Arc<Served>>>,
+    metrics: Mutex<()>,
+}
+
+/// One record's answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Answer {
+    /// The record's id, as sent.
+    pub id: String,
+    /// The predicted class.
+    pub label: String,
+    /// Its probability.
+    pub confidence: f32,
+    /// Every class's probability.
+    pub probabilities: std::collections::BTreeMap<String, f32>,
+}
+
+/// What a deployment answered.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeployedPredictions {
+    /// The deployment.
+    pub deployment: String,
+    /// The model that answered.
+    pub model: String,
+    /// `champion` or `candidate`.
+    pub variant: &'static str,
+    /// One answer per record kept by the chain, in order.
+    pub predictions: Vec<Answer>,
+}
+
+/// A deployment with its variants' figures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeploymentStatus {
+    /// The deployment.
+    pub deployment: Deployment,
+    /// The figures of every variant over the window.
+    pub variants: Vec<Summary>,
+    /// The window's start, ms since the epoch.
+    pub since_ms: u64,
+}
+
+/// One change to a deployment's routing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeploymentChange {
+    /// Set a candidate's weight (basis points), adding it if new.
+    SetWeight {
+        /// The model.
+        model: String,
+        /// Its weight.
+        weight: u32,
+    },
+    /// Remove a candidate.
+    RemoveCandidate(String),
+    /// Set the shadow (`None` removes it).
+    Shadow(Option<Shadow>),
+    /// Make a candidate the champion.
+    Promote(String),
+    /// Back to the previous champion, every candidate at weight 0.
+    Rollback,
+    /// Stop routing changes (serving goes on).
+    Pause,
+    /// Allow routing changes again.
+    Resume,
+    /// Replace the client accounts.
+    Clients(Vec<String>),
+}
+
+impl DeploymentChange {
+    fn describe(&self) -> String {
+        match self {
+            DeploymentChange::SetWeight { model, weight } => format!("set-weight {model} {weight}"),
+            DeploymentChange::RemoveCandidate(m) => format!("remove {m}"),
+            DeploymentChange::Shadow(Some(s)) => format!("shadow {} {}", s.model, s.sample),
+            DeploymentChange::Shadow(None) => "shadow off".into(),
+            DeploymentChange::Promote(m) => format!("promote {m}"),
+            DeploymentChange::Rollback => "rollback".into(),
+            DeploymentChange::Pause => "pause".into(),
+            DeploymentChange::Resume => "resume".into(),
+            DeploymentChange::Clients(c) => format!("clients {}", c.join(",")),
+        }
+    }
+
+    /// The model the change brings into service, if any.
+    fn new_model(&self) -> Option<&str> {
+        match self {
+            DeploymentChange::SetWeight { model, .. } | DeploymentChange::Promote(model) => {
+                Some(model)
+            }
+            DeploymentChange::Shadow(Some(s)) => Some(&s.model),
+            _ => None,
+        }
+    }
+}
+
+fn resource(d: &Deployment) -> Resource {
+    Resource::Deployment {
+        name: d.name.clone(),
+        clients: d.clients.clone(),
+    }
+}
+
+fn stand_in(name: &str) -> Resource {
+    Resource::Deployment {
+        name: name.to_string(),
+        clients: Vec::new(),
+    }
+}
+
+impl Cloister {
+    /// Creates deployment `name` serving model `champion` to `clients`
+    /// (accounts with the `client` role).
+    pub fn create_deployment(
+        &self,
+        who: &User,
+        name: &str,
+        champion: &str,
+        clients: &[String],
+    ) -> Result<Deployment, ServiceError> {
+        let params = ("create", name, champion, clients);
+        let candidate = Resource::Deployment {
+            name: name.to_string(),
+            clients: clients.to_vec(),
+        };
+        self.guard(
+            &who.principal(),
+            Action::ManageDeployment,
+            &candidate,
+            &params,
+        )?;
+        deployments::check_name(name)?;
+        self.check_clients(clients)?;
+        self.model_for(who, Action::DeployModel, champion, &params)?;
+        let store = self.env.store();
+        if deployments::exists(store.as_ref(), name)? {
+            return Err(DeploymentError::Exists(name.to_string()).into());
+        }
+        let d = Deployment::new(
+            name,
+            champion,
+            clients.to_vec(),
+            random_salt()?,
+            &who.name,
+            crate::time::now_ms(),
+        )?;
+        let mut b = WriteBatch::new();
+        deployments::put(&mut b, &d)?;
+        store.commit(b)?;
+        Ok(d)
+    }
+
+    /// Every deployment.
+    pub fn list_deployments(&self, who: &User) -> Result<Vec<Deployment>, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ListDeployments,
+            &Resource::Environment,
+            &"deployments",
+        )?;
+        Ok(deployments::list(self.env.store().as_ref())?)
+    }
+
+    /// A deployment with its variants' figures since `since_ms`.
+    pub fn deployment_status(
+        &self,
+        who: &User,
+        name: &str,
+        since_ms: u64,
+    ) -> Result<DeploymentStatus, ServiceError> {
+        let d = self.deployment_for(who, Action::ViewDeployment, name, &(name, since_ms))?;
+        let store = self.env.store();
+        let mut variants = Vec::new();
+        let mut add = |model: &str, role: &str, weight: u32| -> Result<(), ServiceError> {
+            let c = serving::window(store.as_ref(), &d.name, role, model, since_ms)?;
+            variants.push(Summary::of(model, role, weight, &c));
+            Ok(())
+        };
+        add(&d.champion, "champion", d.champion_weight())?;
+        for c in &d.candidates {
+            add(&c.model, "candidate", c.weight)?;
+        }
+        if let Some(s) = &d.shadow {
+            add(&s.model, "shadow", s.sample)?;
+        }
+        Ok(DeploymentStatus {
+            deployment: d,
+            variants,
+            since_ms,
+        })
+    }
+
+    /// Applies one routing change. Every model it brings into service is
+    /// checked with `deploy_model` first.
+    pub fn change_deployment(
+        &self,
+        who: &User,
+        name: &str,
+        change: DeploymentChange,
+    ) -> Result<Deployment, ServiceError> {
+        let what = change.describe();
+        let mut d = self.deployment_for(who, Action::ManageDeployment, name, &(name, &what))?;
+        if let Some(model) = change.new_model()
+            && !d.models().iter().any(|m| m == model)
+        {
+            self.model_for(who, Action::DeployModel, model, &(name, &what))?;
+        }
+        match change {
+            DeploymentChange::SetWeight { model, weight } => d.set_weight(&model, weight)?,
+            DeploymentChange::RemoveCandidate(model) => d.remove_candidate(&model)?,
+            DeploymentChange::Shadow(s) => d.set_shadow(s)?,
+            DeploymentChange::Promote(model) => d.promote(&model)?,
+            DeploymentChange::Rollback => {
+                d.rollback()?;
+            }
+            DeploymentChange::Pause => d.paused = true,
+            DeploymentChange::Resume => d.paused = false,
+            DeploymentChange::Clients(clients) => {
+                self.check_clients(&clients)?;
+                d.set_clients(clients)?;
+            }
+        }
+        d.record(&who.name, crate::time::now_ms(), what);
+        let mut b = WriteBatch::new();
+        deployments::put(&mut b, &d)?;
+        self.env.store().commit(b)?;
+        Ok(d)
+    }
+
+    /// Deletes a deployment and its metrics.
+    pub fn delete_deployment(&self, who: &User, name: &str) -> Result<(), ServiceError> {
+        let d = self.deployment_for(who, Action::ManageDeployment, name, &("delete", name))?;
+        let store = self.env.store();
+        let mut b = WriteBatch::new();
+        serving::delete_all(store.as_ref(), &mut b, &d.name)?;
+        deployments::delete(&mut b, &d.name);
+        store.commit(b)?;
+        Ok(())
+    }
+
+    /// Predicts `records` with deployment `name` for a client. `key` routes
+    /// the request (a caller-chosen id: the same key, the same variant);
+    /// without one, the caller's account is the key. The request is
+    /// authorized and audited first; a candidate's request also runs the
+    /// champion, and a sampled request the shadow, for the comparison
+    /// metrics — their answers are never returned.
+    pub fn predict_deployed(
+        &self,
+        who: &User,
+        name: &str,
+        key: Option<&str>,
+        records: &[DataRecord],
+    ) -> Result<DeployedPredictions, ServiceError> {
+        let started = Instant::now();
+        let looked_up = deployments::get(self.env.store().as_ref(), name);
+        let d = self.found(looked_up, who, Action::Predict, || stand_in(name), &name)?;
+        let key = key.unwrap_or(&who.name);
+        let route = d.route(key);
+        let model = d.model_of(route).to_string();
+        let input = input_digest(records);
+        let shadow = d
+            .shadowed(key)
+            .then(|| d.shadow.as_ref().map(|s| s.model.clone()))
+            .flatten();
+        let facts = ServingFacts {
+            deployment: d.name.clone(),
+            model: model.clone(),
+            variant: match route {
+                Route::Champion => "champion".into(),
+                Route::Candidate(_) => "candidate".into(),
+            },
+            records: records.len() as u64,
+            input_sha256: input,
+            shadow: shadow.clone(),
+        };
+        self.guard_serving(who, &d, facts)?;
+        if records.is_empty() || records.len() > MAX_PREDICT_RECORDS {
+            return Err(ServiceError::BadRequest(format!(
+                "a prediction request carries 1 to {MAX_PREDICT_RECORDS} records, not {}",
+                records.len()
+            )));
+        }
+        let input: Vec<DataRecord> = records
+            .iter()
+            .map(|r| DataRecord {
+                label: None,
+                ..r.clone()
+            })
+            .collect();
+        let purpose = format!("deploy {}", d.name);
+        let served = self.serve(who, &purpose, &model, input.clone());
+        let served_us = started.elapsed().as_micros() as u64;
+        // The champion's answer, for the agreement of a candidate and the
+        // shadow (not returned).
+        let champion = match route {
+            Route::Champion => served.as_ref().ok().cloned(),
+            Route::Candidate(_) => self.serve(who, &purpose, &d.champion, input.clone()).ok(),
+        };
+        let now = crate::time::now_ms();
+        let observe = |role: &str,
+                       m: &str,
+                       result: &Result<DeployedAnswer, ServiceError>,
+                       latency_us,
+                       compare| {
+            let o = observation(result, latency_us, compare);
+            let _held = self
+                .serving
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            serving::observe(self.env.store().as_ref(), &d.name, role, m, now, &o)
+        };
+        let variant = match route {
+            Route::Champion => "champion",
+            Route::Candidate(_) => "candidate",
+        };
+        let compare = match route {
+            Route::Champion => None,
+            Route::Candidate(_) => champion.as_ref(),
+        };
+        observe(variant, &model, &served, served_us, compare)?;
+        if let Some(shadow_model) = shadow {
+            let t = Instant::now();
+            let result = self.serve(who, &format!("{purpose} shadow"), &shadow_model, input);
+            observe(
+                "shadow",
+                &shadow_model,
+                &result,
+                t.elapsed().as_micros() as u64,
+                champion.as_ref(),
+            )?;
+        }
+        let answer = served?;
+        Ok(DeployedPredictions {
+            deployment: d.name.clone(),
+            model,
+            variant,
+            predictions: answer.answers,
+        })
+    }
+
+    /// Runs one model on `input` through its chain.
+    fn serve(
+        &self,
+        who: &User,
+        purpose: &str,
+        model: &str,
+        input: Vec<DataRecord>,
+    ) -> Result<DeployedAnswer, ServiceError> {
+        let s = self.served(model)?;
+        let (kept, x, _) = self.run_chain(who, purpose, input, &s.chain, &mut |_, _| {})?;
+        let rows: Vec<usize> = (0..x.rows()).collect();
+        let probs = s.model.predict(&x, &rows)?;
+        let k = s.classes.len().max(1);
+        let answers = kept
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let p = &probs[i * k..(i + 1) * k];
+                let (best, conf) = p
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
+                Answer {
+                    id: r.id,
+                    label: s.classes.get(best).cloned().unwrap_or_default(),
+                    confidence: conf,
+                    probabilities: s.classes.iter().cloned().zip(p.iter().copied()).collect(),
+                }
+            })
+            .collect();
+        Ok(DeployedAnswer { answers })
+    }
+
+    /// A model loaded for serving: its chain (the plugins must still be
+    /// approved) and its released weights, loaded once per process.
+    fn served(&self, id: &str) -> Result<Arc<Served>, ServiceError> {
+        if let Some(s) = self
+            .serving
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            return Ok(Arc::clone(s));
+        }
+        let m = crate::models::get(self.env.store().as_ref(), id)?;
+        let chain = self.serving_chain(&m.lineage)?;
+        let model = crate::train::Trained::from_safetensors(
+            m.kind,
+            &crate::models::release_weights(self.env.dir(), &m)?,
+        )?;
+        let s = Arc::new(Served {
+            chain,
+            model,
+            classes: m.classes,
+        });
+        self.serving
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), Arc::clone(&s));
+        Ok(s)
+    }
+
+    fn deployment_for(
+        &self,
+        who: &User,
+        action: Action,
+        name: &str,
+        params: &impl Serialize,
+    ) -> Result<Deployment, ServiceError> {
+        let looked_up = deployments::get(self.env.store().as_ref(), name);
+        let d = self.found(looked_up, who, action, || stand_in(name), params)?;
+        self.guard(&who.principal(), action, &resource(&d), params)?;
+        Ok(d)
+    }
+
+    /// The authorization point for a prediction: the same decision as
+    /// `guard`, with the request's facts on the audit record.
+    fn guard_serving(
+        &self,
+        who: &User,
+        d: &Deployment,
+        facts: ServingFacts,
+    ) -> Result<(), ServiceError> {
+        let principal = who.principal();
+        let r = resource(d);
+        let (allowed, mut record): (bool, AuditRecord) =
+            self.decide(&principal, Action::Predict, &r, &facts);
+        record.serving = Some(facts);
+        self.env.audit().append(record)?;
+        Self::verdict(allowed, &principal, Action::Predict, &r)
+    }
+
+    /// Every name must be an account with the `client` role.
+    fn check_clients(&self, clients: &[String]) -> Result<(), ServiceError> {
+        for c in clients {
+            let u = crate::users::get(self.env.store().as_ref(), c)?;
+            if !u.roles.contains(&Role::Client) {
+                return Err(DeploymentError::Invalid(format!(
+                    "user `{c}` is not a client account (create one with `cloister user add NAME --role client`)"
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A model's answers to one request.
+#[derive(Debug, Clone)]
+struct DeployedAnswer {
+    answers: Vec<Answer>,
+}
+
+fn observation(
+    result: &Result<DeployedAnswer, ServiceError>,
+    latency_us: u64,
+    compare: Option<&DeployedAnswer>,
+) -> Observation {
+    match result {
+        Err(_) => Observation {
+            error: true,
+            latency_us,
+            ..Observation::default()
+        },
+        Ok(a) => Observation {
+            error: false,
+            latency_us,
+            classes: a.answers.iter().map(|x| x.label.clone()).collect(),
+            confidences: a.answers.iter().map(|x| x.confidence).collect(),
+            agreement: compare.map(|c| {
+                let theirs: HashMap<&str, &str> = c
+                    .answers
+                    .iter()
+                    .map(|x| (x.id.as_str(), x.label.as_str()))
+                    .collect();
+                let mut compared = 0;
+                let mut agreed = 0;
+                for x in &a.answers {
+                    if let Some(l) = theirs.get(x.id.as_str()) {
+                        compared += 1;
+                        agreed += u64::from(*l == x.label);
+                    }
+                }
+                (compared, agreed)
+            }),
+        },
+    }
+}
+
+/// SHA-256 of the records as sent, over a length-prefixed encoding of
+/// every id, field name and value (numbers by their bits), so two
+/// different inputs never share an encoding.
+fn input_digest(records: &[DataRecord]) -> String {
+    fn put(buf: &mut Vec<u8>, b: &[u8]) {
+        buf.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        buf.extend_from_slice(b);
+    }
+    let mut buf = Vec::new();
+    put(&mut buf, &(records.len() as u64).to_le_bytes());
+    for r in records {
+        put(&mut buf, r.id.as_bytes());
+        put(&mut buf, &(r.texts.len() as u64).to_le_bytes());
+        for t in &r.texts {
+            put(&mut buf, t.name.as_bytes());
+            put(&mut buf, t.value.as_bytes());
+        }
+        put(&mut buf, &(r.numerics.len() as u64).to_le_bytes());
+        for n in &r.numerics {
+            put(&mut buf, n.name.as_bytes());
+            let values: Vec<u8> = n
+                .value
+                .as_slice()
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect();
+            let tag: &[u8] = match n.value {
+                crate::types::Numeric::Scalar(_) => b"s",
+                crate::types::Numeric::Vector(_) => b"v",
+            };
+            put(&mut buf, tag);
+            put(&mut buf, &values);
+        }
+    }
+    crate::digest::Digest::of(&buf).to_hex()
+}
+
+fn random_salt() -> Result<[u8; 16], ServiceError> {
+    use ring::rand::SecureRandom;
+    let mut salt = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut salt)
+        .map_err(|_| {
+            ServiceError::BadRequest("the system random number generator failed".into())
+        })?;
+    Ok(salt)
+}

@@ -1,0 +1,296 @@
+//! Serving metrics: per deployment, variant and minute, what the variant
+//! answered (docs/deployment.md).
+//!
+//! Kept in [`Space::ServingMetrics`] under `deployment \0 role \0 model \0
+//! minute` (role: `champion`, `candidate` or `shadow`; the minute as u64
+//! big-endian minutes since the epoch), so a range scan reads a variant's
+//! window in time order, and a model's figures as a candidate stay apart
+//! from its figures as the champion. Only aggregates are stored: counts, a
+//! latency histogram, the predicted-class counts, sums of confidence and
+//! of agreement with the champion. No input, no output, no key.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Space, Storage, StoreError, WriteBatch};
+
+/// Latency histogram buckets: bucket `i` holds latencies up to
+/// `LATENCY_BASE_US · 2^(i/4)` µs (four buckets per doubling, about 19%
+/// wide), from 50 µs to beyond 10 minutes; the last is open.
+pub const LATENCY_BUCKETS: usize = 96;
+const LATENCY_BASE_US: f64 = 50.0;
+
+/// The upper bound of latency bucket `i`, in µs.
+pub fn bucket_upper_us(i: usize) -> f64 {
+    LATENCY_BASE_US * 2f64.powf(i as f64 / 4.0)
+}
+
+fn bucket_of(us: u64) -> usize {
+    let x = (us.max(1) as f64 / LATENCY_BASE_US).log2() * 4.0;
+    (x.ceil().max(0.0) as usize).min(LATENCY_BUCKETS - 1)
+}
+
+/// One variant's counters for one minute.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Requests it answered (or, for a shadow, received a copy of).
+    pub requests: u64,
+    /// Requests that ended in an error.
+    pub errors: u64,
+    /// Records predicted.
+    pub records: u64,
+    /// Latency histogram (see [`LATENCY_BUCKETS`]), requests per bucket.
+    pub latency: Vec<u64>,
+    /// Predicted records per class.
+    pub classes: BTreeMap<String, u64>,
+    /// Sum of the top-class probability over predicted records.
+    pub confidence_sum: f64,
+    /// Records also predicted by the champion (shadow and candidates:
+    /// only when the champion ran on the same request, i.e. the shadow).
+    pub compared: u64,
+    /// Of those, records where both chose the same class.
+    pub agreed: u64,
+}
+
+/// What one request did on one variant.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    /// Whether it failed.
+    pub error: bool,
+    /// Wall-clock time in µs.
+    pub latency_us: u64,
+    /// The predicted class of each record.
+    pub classes: Vec<String>,
+    /// The top-class probability of each record.
+    pub confidences: Vec<f32>,
+    /// `(compared, agreed)` records against the champion.
+    pub agreement: Option<(u64, u64)>,
+}
+
+impl Counters {
+    fn add(&mut self, o: &Observation) {
+        if self.latency.len() != LATENCY_BUCKETS {
+            self.latency.resize(LATENCY_BUCKETS, 0);
+        }
+        self.requests += 1;
+        self.errors += u64::from(o.error);
+        self.records += o.classes.len() as u64;
+        self.latency[bucket_of(o.latency_us)] += 1;
+        for c in &o.classes {
+            *self.classes.entry(c.clone()).or_default() += 1;
+        }
+        self.confidence_sum += o.confidences.iter().map(|&c| f64::from(c)).sum::<f64>();
+        if let Some((c, a)) = o.agreement {
+            self.compared += c;
+            self.agreed += a;
+        }
+    }
+
+    /// Adds another minute's counters.
+    pub fn merge(&mut self, other: &Counters) {
+        if self.latency.len() != LATENCY_BUCKETS {
+            self.latency.resize(LATENCY_BUCKETS, 0);
+        }
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.records += other.records;
+        for (i, n) in other.latency.iter().enumerate().take(LATENCY_BUCKETS) {
+            self.latency[i] += n;
+        }
+        for (c, n) in &other.classes {
+            *self.classes.entry(c.clone()).or_default() += n;
+        }
+        self.confidence_sum += other.confidence_sum;
+        self.compared += other.compared;
+        self.agreed += other.agreed;
+    }
+
+    /// The latency at quantile `q` (0..=1), in ms, as its bucket's upper
+    /// bound; `None` without requests.
+    pub fn latency_ms(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return Some(bucket_upper_us(i) / 1000.0);
+            }
+        }
+        Some(bucket_upper_us(LATENCY_BUCKETS - 1) / 1000.0)
+    }
+}
+
+/// A variant's figures over a window, as `deploy status` and the API show
+/// them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The model.
+    pub model: String,
+    /// `champion`, `candidate` or `shadow`.
+    pub role: String,
+    /// Its traffic weight in basis points (the shadow's: its sample).
+    pub weight: u32,
+    /// Requests in the window.
+    pub requests: u64,
+    /// Error rate (0 without requests).
+    pub error_rate: f64,
+    /// Records predicted.
+    pub records: u64,
+    /// Latency quantiles in ms (bucket upper bounds).
+    pub p50_ms: Option<f64>,
+    /// 95th percentile.
+    pub p95_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+    /// Predicted records per class.
+    pub classes: BTreeMap<String, u64>,
+    /// Mean top-class probability.
+    pub mean_confidence: Option<f64>,
+    /// Share of compared records where it chose the champion's class.
+    pub agreement: Option<f64>,
+}
+
+impl Summary {
+    /// The figures of `c` for a variant.
+    pub fn of(model: &str, role: &str, weight: u32, c: &Counters) -> Self {
+        Summary {
+            model: model.to_string(),
+            role: role.to_string(),
+            weight,
+            requests: c.requests,
+            error_rate: if c.requests == 0 {
+                0.0
+            } else {
+                c.errors as f64 / c.requests as f64
+            },
+            records: c.records,
+            p50_ms: c.latency_ms(0.50),
+            p95_ms: c.latency_ms(0.95),
+            p99_ms: c.latency_ms(0.99),
+            classes: c.classes.clone(),
+            mean_confidence: (c.records > 0).then(|| c.confidence_sum / c.records as f64),
+            agreement: (c.compared > 0).then(|| c.agreed as f64 / c.compared as f64),
+        }
+    }
+}
+
+fn prefix(deployment: &str, role: &str, model: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(deployment.len() + role.len() + model.len() + 3);
+    for part in [deployment, role, model] {
+        k.extend_from_slice(part.as_bytes());
+        k.push(0);
+    }
+    k
+}
+
+fn key(deployment: &str, role: &str, model: &str, minute: u64) -> Vec<u8> {
+    let mut k = prefix(deployment, role, model);
+    k.extend_from_slice(&minute.to_be_bytes());
+    k
+}
+
+/// Adds `o` to the variant's counters of the minute of `now_ms`. A
+/// read-modify-write: callers serialize it (the service holds one lock
+/// for all serving metrics).
+pub fn observe(
+    store: &dyn Storage,
+    deployment: &str,
+    role: &str,
+    model: &str,
+    now_ms: u64,
+    o: &Observation,
+) -> Result<(), StoreError> {
+    let k = key(deployment, role, model, now_ms / 60_000);
+    let mut c: Counters = match store.get(Space::ServingMetrics, &k)? {
+        Some(v) => serde_json::from_slice(&v).unwrap_or_default(),
+        None => Counters::default(),
+    };
+    c.add(o);
+    let mut b = WriteBatch::new();
+    b.put(
+        Space::ServingMetrics,
+        k,
+        serde_json::to_vec(&c).unwrap_or_default(),
+    );
+    store.commit(b)
+}
+
+/// The variant's counters summed over the minutes from `since_ms` on.
+pub fn window(
+    store: &dyn Storage,
+    deployment: &str,
+    role: &str,
+    model: &str,
+    since_ms: u64,
+) -> Result<Counters, StoreError> {
+    let p = prefix(deployment, role, model);
+    let from = since_ms / 60_000;
+    let mut total = Counters::default();
+    for item in store.scan(Space::ServingMetrics, &p) {
+        let (k, v) = item?;
+        let Some(minute) = k
+            .get(p.len()..)
+            .and_then(|m| <[u8; 8]>::try_from(m).ok())
+            .map(u64::from_be_bytes)
+        else {
+            continue;
+        };
+        if minute < from {
+            continue;
+        }
+        if let Ok(c) = serde_json::from_slice::<Counters>(&v) {
+            total.merge(&c);
+        }
+    }
+    Ok(total)
+}
+
+/// The deletes of every metric of a deployment.
+pub fn delete_all(
+    store: &dyn Storage,
+    batch: &mut WriteBatch,
+    deployment: &str,
+) -> Result<(), StoreError> {
+    let mut p = deployment.as_bytes().to_vec();
+    p.push(0);
+    for item in store.scan(Space::ServingMetrics, &p) {
+        let (k, _) = item?;
+        batch.delete(Space::ServingMetrics, k);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_the_histogram() {
+        let mut c = Counters::default();
+        for us in 1..=1000u64 {
+            c.add(&Observation {
+                latency_us: us * 100,
+                classes: vec!["a".into()],
+                confidences: vec![0.5],
+                ..Observation::default()
+            });
+        }
+        let p50 = c.latency_ms(0.5).unwrap();
+        let p99 = c.latency_ms(0.99).unwrap();
+        // 50 ms and 99 ms, within a bucket's width (19%).
+        assert!((50.0..50.0 * 1.2).contains(&p50), "{p50}");
+        assert!((99.0..99.0 * 1.2).contains(&p99), "{p99}");
+        let s = Summary::of("m", "champion", 10_000, &c);
+        assert_eq!(s.records, 1000);
+        assert_eq!(s.classes["a"], 1000);
+        assert!((s.mean_confidence.unwrap() - 0.5).abs() < 1e-9);
+        assert_eq!(s.agreement, None);
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+}

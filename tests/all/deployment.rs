@@ -1,0 +1,433 @@
+//! Deployments: released models served to client accounts inside the
+//! environment, with sticky weighted routing, a shadow, promotion,
+//! rollback, per-request authorization and audit, and per-variant metrics
+//! (docs/deployment.md).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use cloister_host::audit::AuditFilter;
+use cloister_host::deployments::Shadow;
+use cloister_host::policy::Role;
+use cloister_host::service::{
+    Cloister, DeploymentChange, ImportOptions, ServiceError, TrainRequest,
+};
+use cloister_host::types::DataRecord;
+use cloister_host::users::User;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    /// The environment, open in this process until [`Setup::close`] (the
+    /// CLI needs it closed).
+    open: Option<Cloister>,
+    tokens: HashMap<&'static str, String>,
+    users: HashMap<&'static str, User>,
+    /// Two released models and one that never went through the gate.
+    a: String,
+    b: String,
+    unreleased: String,
+}
+
+impl Setup {
+    fn env(&self) -> PathBuf {
+        self.dir.path().join("env")
+    }
+
+    fn cli(&self, role: &str, args: &[&str]) -> (bool, String, String) {
+        let o = Command::new(env!("CARGO_BIN_EXE_cloister"))
+            .args(args)
+            .env("CLOISTER_ENV", self.env())
+            .env("CLOISTER_TOKEN", &self.tokens[role])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    fn u(&self, name: &str) -> &User {
+        &self.users[name]
+    }
+
+    fn c(&self) -> &Cloister {
+        self.open.as_ref().expect("open")
+    }
+
+    fn close(&mut self) {
+        self.open = None;
+    }
+}
+
+/// SpamAssassin, its two plugins, two released `logreg` models (two seeds)
+/// and an unreleased one; an operator, two clients and the usual roles.
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+    let admin = c.authenticate(&root).unwrap();
+    let mut tokens = HashMap::from([("root", root)]);
+    let mut users = HashMap::new();
+    for (name, role) in [
+        ("sci", Role::Scientist),
+        ("rev", Role::Reviewer),
+        ("appr", Role::Approver),
+        ("op", Role::Operator),
+        ("aud", Role::Auditor),
+        ("app", Role::Client),
+        ("other-app", Role::Client),
+    ] {
+        let (u, t) = c.add_user(&admin, name, &[role]).unwrap();
+        tokens.insert(name, t);
+        users.insert(name, u);
+    }
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/spamassassin/spamassassin.jsonl.gz");
+    c.import_dataset(&users["sci"], "spam", &data, &ImportOptions::default())
+        .unwrap();
+    let digest = |name: &str| {
+        let e = c
+            .add_plugin(&users["sci"], cloister_bundled_plugins::get(name).unwrap())
+            .unwrap();
+        c.approve_plugin(&users["rev"], &e.digest).unwrap();
+        e.digest
+    };
+    let normalize = digest("text-normalize");
+    let ngrams = digest("hashed-ngrams");
+    let train = |seed: &str| {
+        let req = TrainRequest {
+            dataset: "spam".into(),
+            preprocess: vec![normalize.clone()],
+            features: ngrams.clone(),
+            template: "logreg".into(),
+            sets: vec![("seed".into(), seed.into())],
+            split_seed: Some(0),
+        };
+        c.train_model(&users["sci"], &req, &mut |_| {}).unwrap().id
+    };
+    let (a, b, unreleased) = (train("0"), train("1"), train("2"));
+    for m in [&a, &b] {
+        c.request_release(&users["sci"], m, "serve it").unwrap();
+        c.decide_release(&users["appr"], m, true).unwrap();
+    }
+    Setup {
+        dir,
+        open: Some(c),
+        tokens,
+        users,
+        a,
+        b,
+        unreleased,
+    }
+}
+
+fn denied<T: std::fmt::Debug>(r: Result<T, ServiceError>) {
+    assert!(
+        matches!(r, Err(ServiceError::Denied { .. })),
+        "expected a denial, got {r:?}"
+    );
+}
+
+fn mails() -> Vec<DataRecord> {
+    [
+        (
+            "m1",
+            "WIN a FREE prize now!!! click here to claim your cash",
+        ),
+        (
+            "m2",
+            "Hi team, the meeting moved to 3pm, see the agenda attached",
+        ),
+        ("m3", "cheap meds online, no prescription, best prices"),
+    ]
+    .iter()
+    .map(|(id, t)| crate::support::text(id, t))
+    .collect()
+}
+
+#[test]
+fn deployments_serve_released_models_to_their_clients_only() {
+    let mut s = setup();
+    let (op, app, other, sci) = (s.u("op"), s.u("app"), s.u("other-app"), s.u("sci"));
+    let clients = vec!["app".to_string()];
+    // Only operators create; only released models are served; clients are
+    // client accounts.
+    denied(s.c().create_deployment(sci, "spam", &s.a, &clients));
+    denied(s.c().create_deployment(op, "spam", &s.unreleased, &clients));
+    let e = s
+        .c()
+        .create_deployment(op, "spam", &s.a, &["sci".into()])
+        .unwrap_err();
+    assert!(e.to_string().contains("not a client account"), "{e}");
+    assert!(
+        s.c()
+            .create_deployment(op, "Bad Name", &s.a, &clients)
+            .is_err()
+    );
+    let d = s.c().create_deployment(op, "spam", &s.a, &clients).unwrap();
+    assert_eq!(
+        (d.champion.as_str(), d.champion_weight()),
+        (s.a.as_str(), 10_000)
+    );
+
+    // Its client gets the released model's answers, through its chain.
+    let got = s.c().predict_deployed(app, "spam", None, &mails()).unwrap();
+    assert_eq!(
+        (got.model.as_str(), got.variant),
+        (s.a.as_str(), "champion")
+    );
+    let direct = s.c().predict(sci, &s.a, &mails()).unwrap();
+    assert_eq!(got.predictions.len(), 3);
+    for (i, p) in got.predictions.iter().enumerate() {
+        let row = &direct.probs[i * 2..i * 2 + 2];
+        for (c, v) in direct.classes.iter().zip(row) {
+            assert!((p.probabilities[c] - v).abs() < 1e-6, "{p:?} {row:?}");
+        }
+    }
+    assert_eq!(got.predictions[0].label, "spam");
+    assert_eq!(got.predictions[1].label, "ham");
+
+    // No one else calls it: another client, a scientist, an operator; and
+    // an unknown deployment is refused the same way.
+    denied(s.c().predict_deployed(other, "spam", None, &mails()));
+    denied(s.c().predict_deployed(sci, "spam", None, &mails()));
+    denied(s.c().predict_deployed(op, "spam", None, &mails()));
+    denied(s.c().predict_deployed(app, "nope", None, &mails()));
+    // And a client does nothing but predict.
+    denied(s.c().list_deployments(app));
+    denied(s.c().list_models(app));
+    let e = s
+        .c()
+        .add_user(
+            &s.c().authenticate(&s.tokens["root"]).unwrap(),
+            "mixed",
+            &[Role::Client, Role::Scientist],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot be combined"), "{e}");
+    // Too many records, or none: refused after the audited decision.
+    assert!(s.c().predict_deployed(app, "spam", None, &[]).is_err());
+
+    // The audit log has every request: who, the deployment, the variant,
+    // the record count and the input's digest; never a text.
+    let aud = s.u("aud");
+    let entries = s
+        .c()
+        .audit_log(
+            aud,
+            &AuditFilter {
+                action: Some("predict".into()),
+                ..AuditFilter::default()
+            },
+        )
+        .unwrap();
+    let allowed: Vec<_> = entries
+        .iter()
+        .filter(|e| e.record.decision == cloister_host::audit::Decision::Allow)
+        .collect();
+    assert_eq!(allowed.len(), 2, "the good request and the empty one");
+    let facts = allowed[0].record.serving.as_ref().unwrap();
+    assert_eq!(
+        (
+            facts.deployment.as_str(),
+            facts.variant.as_str(),
+            facts.records
+        ),
+        ("spam", "champion", 3)
+    );
+    assert_eq!(facts.input_sha256.len(), 64);
+    assert!(entries.len() >= 6, "the denials are on the record too");
+    s.close();
+    let (ok, log, err) = s.cli("aud", &["audit", "log", "--json"]);
+    assert!(ok, "{err}");
+    for text in ["FREE prize", "meeting moved", "meds online"] {
+        assert!(!log.contains(text), "the audit log carries a text");
+    }
+}
+
+#[test]
+fn routing_is_sticky_candidates_ramp_and_roll_back_and_metrics_are_kept() {
+    let mut s = setup();
+    let (op, app) = (s.u("op"), s.u("app"));
+    s.c()
+        .create_deployment(op, "spam", &s.a, &["app".into()])
+        .unwrap();
+    let keys: Vec<String> = (0..120).map(|i| format!("user-{i}")).collect();
+    let record = [crate::support::text("r", "free cash prize, click now")];
+    let route = |k: &str| {
+        s.c()
+            .predict_deployed(app, "spam", Some(k), &record)
+            .unwrap()
+            .model
+    };
+    // 25% to a candidate: about a quarter of the keys move, sticky.
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::SetWeight {
+                model: s.b.clone(),
+                weight: 2_500,
+            },
+        )
+        .unwrap();
+    let at25: Vec<String> = keys.iter().map(|k| route(k)).collect();
+    let to_b = at25.iter().filter(|m| **m == s.b).count();
+    assert!(
+        (15..=45).contains(&to_b),
+        "{to_b} of 120 keys on the candidate"
+    );
+    assert_eq!(
+        keys.iter().take(20).map(|k| route(k)).collect::<Vec<_>>(),
+        at25[..20],
+        "the same key, the same variant"
+    );
+    // Raising the weight moves keys only toward the candidate.
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::SetWeight {
+                model: s.b.clone(),
+                weight: 6_000,
+            },
+        )
+        .unwrap();
+    let at60: Vec<String> = keys.iter().map(|k| route(k)).collect();
+    for (before, after) in at25.iter().zip(&at60) {
+        assert!(before == after || *after == s.b, "{before} → {after}");
+    }
+    assert!(at60.iter().filter(|m| **m == s.b).count() > to_b);
+
+    // The unreleased model cannot be brought in, as a candidate or shadow.
+    denied(s.c().change_deployment(
+        op,
+        "spam",
+        DeploymentChange::Shadow(Some(Shadow {
+            model: s.unreleased.clone(),
+            sample: 10_000,
+        })),
+    ));
+
+    // The metrics: requests per variant, latency, classes, confidence, and
+    // the candidate's agreement with the champion (it also ran).
+    let st = s.c().deployment_status(s.u("aud"), "spam", 0).unwrap();
+    let champion = &st.variants[0];
+    let candidate = &st.variants[1];
+    assert_eq!(champion.role, "champion");
+    assert_eq!(candidate.role, "candidate");
+    let on_b = |v: &[String]| v.iter().filter(|m| **m == s.b).count() as u64;
+    assert_eq!(
+        candidate.requests,
+        on_b(&at25) + on_b(&at25[..20]) + on_b(&at60)
+    );
+    assert_eq!(
+        champion.requests + candidate.requests,
+        120 + 20 + 120,
+        "every request is counted once, on the variant that answered"
+    );
+    assert_eq!(champion.error_rate, 0.0);
+    assert!(champion.p50_ms.is_some() && champion.p99_ms >= champion.p50_ms);
+    assert_eq!(champion.classes.values().sum::<u64>(), champion.records);
+    assert!(candidate.agreement.is_some(), "{candidate:?}");
+    assert!(champion.agreement.is_none());
+    assert!(candidate.mean_confidence.unwrap() > 0.5);
+
+    // Promote, then roll back: the old champion returns, candidates at 0.
+    let d = s
+        .c()
+        .change_deployment(op, "spam", DeploymentChange::Promote(s.b.clone()))
+        .unwrap();
+    assert_eq!(d.champion, s.b);
+    assert!(keys.iter().take(30).all(|k| route(k) == s.b));
+    s.c()
+        .change_deployment(op, "spam", DeploymentChange::Pause)
+        .unwrap();
+    assert!(
+        s.c()
+            .change_deployment(
+                op,
+                "spam",
+                DeploymentChange::SetWeight {
+                    model: s.a.clone(),
+                    weight: 100
+                }
+            )
+            .is_err()
+    );
+    let d = s
+        .c()
+        .change_deployment(op, "spam", DeploymentChange::Rollback)
+        .unwrap();
+    assert_eq!(d.champion, s.a);
+    assert!(d.candidates.iter().all(|c| c.weight == 0));
+    assert!(keys.iter().take(30).all(|k| route(k) == s.a));
+    assert_eq!(
+        d.history
+            .iter()
+            .map(|h| h.what.as_str())
+            .collect::<Vec<_>>(),
+        [
+            format!("create {}", s.a).as_str(),
+            &format!("set-weight {} 2500", s.b),
+            &format!("set-weight {} 6000", s.b),
+            &format!("promote {}", s.b),
+            "pause",
+            "rollback"
+        ]
+    );
+
+    // A shadow sees its sample and is compared, never returned.
+    s.c()
+        .change_deployment(op, "spam", DeploymentChange::Resume)
+        .unwrap();
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::Shadow(Some(Shadow {
+                model: s.b.clone(),
+                sample: 10_000,
+            })),
+        )
+        .unwrap();
+    for k in keys.iter().take(10) {
+        let p = s
+            .c()
+            .predict_deployed(app, "spam", Some(k), &record)
+            .unwrap();
+        assert_eq!(p.model, s.a, "the shadow never answers");
+    }
+    let st = s.c().deployment_status(s.u("op"), "spam", 0).unwrap();
+    let shadow = st.variants.iter().find(|v| v.role == "shadow").unwrap();
+    assert_eq!(shadow.requests, 10);
+    assert_eq!(shadow.agreement, Some(1.0), "{shadow:?}");
+
+    // The CLI: status as an auditor, a client calls it, nobody else.
+    s.close();
+    let (ok, out, err) = s.cli("aud", &["deploy", "status", "spam"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("champion") && out.contains("shadow"), "{out}");
+    let mock = s.dir.path().join("mock.jsonl");
+    std::fs::write(
+        &mock,
+        "{\"id\":\"x\",\"text\":\"claim your free prize money now\"}\n",
+    )
+    .unwrap();
+    let mock = mock.to_str().unwrap();
+    let (ok, out, err) = s.cli("app", &["deploy", "predict", "spam", "--input", mock]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["label"], "spam");
+    assert_eq!(v["model"], s.a.as_str());
+    let (ok, _, err) = s.cli("other-app", &["deploy", "predict", "spam", "--input", mock]);
+    assert!(!ok && err.contains("denied"), "{err}");
+    let (ok, _, err) = s.cli("app", &["deploy", "list"]);
+    assert!(!ok && err.contains("denied"), "{err}");
+    let (ok, out, err) = s.cli("op", &["deploy", "set-weight", "spam", &s.b, "12.5"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("12.50%"), "{out}");
+    let (ok, _, err) = s.cli("op", &["deploy", "set-weight", "spam", &s.b, "120"]);
+    assert!(!ok && err.contains("0 to 100"), "{err}");
+}
