@@ -85,6 +85,9 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         .route("/api/audit/verify", get(audit_verify))
         .route("/api/audit/checkpoint", get(audit_checkpoint))
         .route("/api/plugin-log", get(plugin_log))
+        .route("/api/deployments", get(deployments))
+        .route("/api/deployments/{name}", get(deployment))
+        .route("/api/deployments/{name}/predict", post(predict_deployed))
 }
 
 async fn openapi() -> Json<Value> {
@@ -331,6 +334,73 @@ async fn models(State(k): S, h: HeaderMap) -> Out {
 async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
     let u = reader(&k, &h).await?.user;
     to_json(blocking(&k, move |c| c.show_model(&u, &id)).await?)
+}
+
+async fn deployments(State(k): S, h: HeaderMap) -> Out {
+    let u = reader(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.list_deployments(&u)).await?)
+}
+
+#[derive(Deserialize)]
+struct WindowQuery {
+    /// Metrics over the last this many minutes (default 60).
+    minutes: Option<u64>,
+}
+
+async fn deployment(
+    State(k): S,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<WindowQuery>,
+) -> Out {
+    let u = reader(&k, &h).await?.user;
+    let minutes = q.minutes.unwrap_or(60).min(60 * 24 * 366);
+    let since = cloister_host::time::now_ms().saturating_sub(minutes * 60_000);
+    to_json(blocking(&k, move |c| c.deployment_status(&u, &name, since)).await?)
+}
+
+#[derive(Deserialize)]
+struct PredictBody {
+    /// Routes the request: the same key, the same variant (default: the
+    /// caller's account).
+    key: Option<String>,
+    /// Records, each as one line of a JSONL dataset file would be.
+    records: Vec<Value>,
+}
+
+async fn predict_deployed(
+    State(k): S,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(b): Json<PredictBody>,
+) -> Out {
+    let u = writer(&k, &h).await?.user;
+    if b.records.len() > cloister_host::service::MAX_PREDICT_RECORDS {
+        return Err(ApiError::BadRequest(format!(
+            "a prediction request carries at most {} records",
+            cloister_host::service::MAX_PREDICT_RECORDS
+        )));
+    }
+    // The records are read as the lines of a JSONL file would be, so a bad
+    // one is named by its place ("request body:3").
+    let mut lines = Vec::new();
+    for r in &b.records {
+        serde_json::to_writer(&mut lines, r).map_err(|_| ApiError::Internal)?;
+        lines.push(b'\n');
+    }
+    let records = cloister_host::records::JsonlReader::new(
+        "request body",
+        std::io::Cursor::new(lines),
+        cloister_host::records::Schema::default(),
+    )
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    to_json(
+        blocking(&k, move |c| {
+            c.predict_deployed(&u, &name, b.key.as_deref(), &records)
+        })
+        .await?,
+    )
 }
 
 #[derive(Deserialize)]

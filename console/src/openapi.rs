@@ -148,6 +148,27 @@ pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
     (
         "get",
+        "/api/deployments",
+        "Deployments the caller may view",
+        None,
+        200,
+    ),
+    (
+        "get",
+        "/api/deployments/{name}",
+        "A deployment: champion, candidates, shadow, clients, history, and each variant's metrics over the last `minutes` (60)",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/deployments/{name}/predict",
+        "Predict with a deployment (its client accounts only): records in, label and class probabilities out",
+        Some("Predict"),
+        200,
+    ),
+    (
+        "get",
         "/api/labels/next",
         "The caller's next queued record with its text (audited per view)",
         None,
@@ -205,6 +226,10 @@ fn schemas() -> Value {
         "Reason": s(json!({"reason": {"type": "string"}}), &["reason"]),
         "Label": s(json!({"id": {"type": "string"}, "label": {"type": "string"}, "job": {"type": "string"}}), &["id", "label"]),
         "Error": s(json!({"error": {"type": "string"}}), &["error"]),
+        "Predict": s(json!({
+            "key": {"type": "string"},
+            "records": {"type": "array", "maxItems": 1000, "items": {"type": "object"}}
+        }), &["records"]),
     })
 }
 
@@ -216,6 +241,7 @@ fn params(path: &str) -> Vec<Value> {
         .collect();
     let query: &[(&str, &str)] = match path {
         "/api/datasets/{name}" => &[("seed", "integer")],
+        "/api/deployments/{name}" => &[("minutes", "integer")],
         "/api/audit" => &[
             ("actor", "string"),
             ("action", "string"),

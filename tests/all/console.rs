@@ -52,6 +52,8 @@ fn fixture() -> &'static Fixture {
             ("approver", Role::Approver),
             ("auditor", Role::Auditor),
             ("victim", Role::Approver),
+            ("operator", Role::Operator),
+            ("client", Role::Client),
         ] {
             let (u, t) = c.add_user(&admin, name, &[role]).unwrap();
             c.set_password(&admin, name, PASSWORD).unwrap();
@@ -109,6 +111,13 @@ fn fixture() -> &'static Fixture {
             .unwrap()
             .id;
         c.run_job(sci, &job, &mut |_| {}).unwrap();
+        c.create_deployment(
+            &users["operator"],
+            "spam",
+            &approved_model,
+            &["client".to_string()],
+        )
+        .unwrap();
         let console = Console::new(c, ConsoleConfig::default());
         Fixture {
             _dir: dir,
@@ -170,13 +179,15 @@ fn as_role(role: &str, method: &str, uri: &str, body: Option<serde_json::Value>)
     send(b.body(body).unwrap())
 }
 
-const ROLES: [&str; 6] = [
+const ROLES: [&str; 8] = [
     "admin",
     "scientist",
     "labeler",
     "reviewer",
     "approver",
     "auditor",
+    "operator",
+    "client",
 ];
 
 #[test]
@@ -185,10 +196,15 @@ fn every_read_route_answers_each_role_as_the_policy_says() {
     let m = &f.model;
     let j = &f.job;
     let all: &[&str] = &ROLES;
+    // A client account calls its deployments and nothing else; what it
+    // may read otherwise is who it is, the product's template list and its
+    // (always empty) labeling queue.
+    let no_client: &[&str] = &ROLES[..7];
     let no_labeler: &[&str] = &["admin", "scientist", "reviewer", "approver", "auditor"];
+    let project: &[&str] = &["admin", "scientist", "approver", "auditor", "operator"];
     let cases: Vec<(String, &[&str])> = vec![
         ("/api/me".into(), all),
-        ("/api/datasets".into(), all),
+        ("/api/datasets".into(), no_client),
         ("/api/datasets/spam".into(), no_labeler),
         ("/api/plugins".into(), &["admin", "scientist", "reviewer"]),
         ("/api/templates".into(), all),
@@ -202,7 +218,11 @@ fn every_read_route_answers_each_role_as_the_policy_says() {
             &["scientist", "approver"],
         ),
         (format!("/api/models/{m}/bundle"), &[]),
+        // (An empty queue for anyone with no assignment: a client is never
+        // assigned a record.)
         ("/api/labels/next".into(), all),
+        ("/api/deployments".into(), project),
+        ("/api/deployments/spam".into(), project),
         ("/api/audit".into(), &["admin", "auditor"]),
         ("/api/audit/verify".into(), &["admin", "auditor"]),
         ("/api/audit/checkpoint".into(), &["admin", "auditor"]),
@@ -653,4 +673,64 @@ fn every_dataset_listing_is_on_disk_in_the_audit_log_before_its_answer() {
         // user at the same time.
         assert!(listings() >= before + n);
     }
+}
+
+#[test]
+fn a_deployment_answers_its_client_over_the_api_and_no_one_else() {
+    let uri = "/api/deployments/spam/predict";
+    let body = serde_json::json!({
+        "key": "customer-7",
+        "records": [
+            {"id": "a", "text": "WIN a FREE prize, click now to claim your cash"},
+            {"id": "b", "text": "lunch at noon? the report is attached"}
+        ]
+    });
+    let r = as_role("client", "POST", uri, Some(body.clone()));
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["deployment"], "spam");
+    assert_eq!(v["variant"], "champion");
+    let p = v["predictions"].as_array().unwrap();
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0]["id"], "a");
+    let probs = p[0]["probabilities"].as_object().unwrap();
+    let total: f64 = probs.values().map(|x| x.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-4, "{v}");
+    for role in ROLES.iter().filter(|r| **r != "client") {
+        let r = as_role(role, "POST", uri, Some(body.clone()));
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{role}: {}", r.text());
+    }
+    // A deployment that does not exist: the same answer as one that does
+    // not name the caller.
+    let r = as_role(
+        "client",
+        "POST",
+        "/api/deployments/nope/predict",
+        Some(body.clone()),
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // Bad records are named by their place; too many are refused.
+    let r = as_role(
+        "client",
+        "POST",
+        uri,
+        Some(serde_json::json!({"records": [{"id": "a", "text": "x"}, {"text": "no id"}]})),
+    );
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.text().contains("request body"), "{}", r.text());
+    let many: Vec<serde_json::Value> = (0..1001)
+        .map(|i| serde_json::json!({"id": format!("r{i}"), "text": "x"}))
+        .collect();
+    let r = as_role(
+        "client",
+        "POST",
+        uri,
+        Some(serde_json::json!({ "records": many })),
+    );
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // The status shows the request on the champion.
+    let r = as_role("operator", "GET", "/api/deployments/spam?minutes=5", None);
+    assert_eq!(r.status, StatusCode::OK);
+    let v = r.json();
+    assert!(v["variants"][0]["requests"].as_u64().unwrap() >= 1, "{v}");
 }
