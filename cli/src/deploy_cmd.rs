@@ -86,6 +86,40 @@ pub enum DeployCommand {
         /// The deployment.
         name: String,
     },
+    /// Ramp a candidate up step by step: each step is held for its bake
+    /// time and at least `--min-requests` candidate requests, judged by the
+    /// guards on the candidate's figures over the step; a breach rolls it
+    /// back to 0% (recording the values), the last step promotes it. The
+    /// host advances the ramp as requests arrive.
+    Ramp {
+        /// The deployment.
+        name: String,
+        /// The candidate (released).
+        model: String,
+        /// Its share at each step, in percent, increasing.
+        #[arg(long, value_delimiter = ',', default_value = "1,5,25,50,100")]
+        steps: Vec<f64>,
+        /// How long each step is held, in minutes.
+        #[arg(long, default_value_t = 10.0)]
+        bake_minutes: f64,
+        /// Candidate requests each step needs before it can end.
+        #[arg(long, default_value_t = 100)]
+        min_requests: u64,
+        /// Roll back above this error rate (a share, e.g. 0.01).
+        #[arg(long)]
+        max_error_rate: Option<f64>,
+        /// Roll back above this p99 latency, in ms.
+        #[arg(long)]
+        max_p99_ms: Option<f64>,
+        /// Roll back below this agreement with the champion (a share).
+        #[arg(long)]
+        min_agreement: Option<f64>,
+    },
+    /// Stop a running ramp where it is (the candidate keeps its share).
+    StopRamp {
+        /// The deployment.
+        name: String,
+    },
     /// Stop routing changes (it keeps serving); `resume` allows them again.
     Pause {
         /// The deployment.
@@ -248,6 +282,39 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
         }
         DeployCommand::Promote { name, model } => change(&name, DeploymentChange::Promote(model)),
         DeployCommand::Rollback { name } => change(&name, DeploymentChange::Rollback),
+        DeployCommand::Ramp {
+            name,
+            model,
+            steps,
+            bake_minutes,
+            min_requests,
+            max_error_rate,
+            max_p99_ms,
+            min_agreement,
+        } => {
+            if !bake_minutes.is_finite() || bake_minutes < 0.0 {
+                bail!("--bake-minutes is a number of minutes >= 0, not {bake_minutes}");
+            }
+            let steps = steps
+                .into_iter()
+                .map(basis_points)
+                .collect::<Result<Vec<_>>>()?;
+            change(
+                &name,
+                DeploymentChange::Ramp {
+                    model,
+                    steps,
+                    bake_ms: (bake_minutes * 60_000.0).round() as u64,
+                    guards: cloister_host::deployments::Guards {
+                        max_error_rate,
+                        max_p99_ms,
+                        min_agreement,
+                        min_requests,
+                    },
+                },
+            )
+        }
+        DeployCommand::StopRamp { name } => change(&name, DeploymentChange::StopRamp),
         DeployCommand::Pause { name } => change(&name, DeploymentChange::Pause),
         DeployCommand::Resume { name } => change(&name, DeploymentChange::Resume),
         DeployCommand::Clients { name, clients } => {
@@ -328,6 +395,26 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
             let classes: Vec<String> = v.classes.iter().map(|(c, n)| format!("{c} {n}")).collect();
             println!("  {:<10} classes: {}", "", classes.join(", "));
         }
+    }
+    if let Some(r) = &d.ramp {
+        let steps: Vec<String> = r
+            .steps
+            .iter()
+            .map(|w| format!("{:.2}%", f64::from(*w) / 100.0))
+            .collect();
+        println!(
+            "ramp of {} [{}]: step {} of {} ({}), {} requests this step{}",
+            r.model,
+            r.state,
+            (r.step + 1).min(r.steps.len()),
+            r.steps.len(),
+            steps.join(" → "),
+            r.counters.requests,
+            r.reason
+                .as_ref()
+                .map(|w| format!("; rolled back: {w}"))
+                .unwrap_or_default()
+        );
     }
     if let Some(last) = d.history.last() {
         println!(

@@ -17,6 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::serving::Counters;
 use crate::store::{Space, Storage, StoreError, WriteBatch};
 
 /// Traffic weights are in basis points: 10,000 is all of it.
@@ -87,7 +88,7 @@ pub struct Change {
 }
 
 /// A deployment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Deployment {
     /// Its name (the endpoint is `/api/deployments/{name}/predict`).
     pub name: String,
@@ -113,6 +114,63 @@ pub struct Deployment {
     pub created_ms: u64,
     /// Every change, oldest first (at most [`MAX_HISTORY`]).
     pub history: Vec<Change>,
+    /// The ramp in progress or last run, if any.
+    #[serde(default)]
+    pub ramp: Option<Ramp>,
+}
+
+/// When a ramp stops a step and rolls back: thresholds on the candidate's
+/// figures over the current step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Guards {
+    /// Roll back when the candidate's error rate exceeds this.
+    pub max_error_rate: Option<f64>,
+    /// Roll back when the candidate's p99 latency (ms) exceeds this.
+    pub max_p99_ms: Option<f64>,
+    /// Roll back when the candidate agrees with the champion on less than
+    /// this share of the records both predicted.
+    pub min_agreement: Option<f64>,
+    /// A step ends only after this many candidate requests (and its bake
+    /// time); the guards are judged from the first request on.
+    pub min_requests: u64,
+}
+
+/// A ramp: a candidate's traffic raised step by step, each step held for
+/// its bake time and judged by the guards; the last step promotes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ramp {
+    /// The candidate.
+    pub model: String,
+    /// Its weight at each step, in basis points, increasing; a last step
+    /// of 10,000 promotes it.
+    pub steps: Vec<u32>,
+    /// The current step's index.
+    pub step: usize,
+    /// When it started, ms since the epoch.
+    pub step_started_ms: u64,
+    /// How long each step is held, in ms.
+    pub bake_ms: u64,
+    /// When to roll back.
+    pub guards: Guards,
+    /// The candidate's figures over the current step.
+    pub counters: Counters,
+    /// Who started it.
+    pub started_by: String,
+    /// `running`, `done` (promoted), `rolled-back` or `stopped`.
+    pub state: String,
+    /// Why it rolled back: the guard and the values that breached it.
+    pub reason: Option<String>,
+}
+
+/// What judging a ramp did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RampEvent {
+    /// The next step began: the candidate's new weight.
+    Advanced(u32),
+    /// The last step passed: the candidate is the champion.
+    Promoted,
+    /// A guard was breached: the candidate's traffic went to 0.
+    RolledBack(String),
 }
 
 /// Which variant serves a request.
@@ -147,6 +205,7 @@ impl Deployment {
             created_by: by.to_string(),
             created_ms: now_ms,
             history: Vec::new(),
+            ramp: None,
         };
         d.set_clients(clients)?;
         d.record(by, now_ms, format!("create {champion}"));
@@ -302,6 +361,11 @@ impl Deployment {
     /// Returns to the previous champion and takes every candidate's
     /// traffic away (they stay, at weight 0). Allowed while paused.
     pub fn rollback(&mut self) -> Result<String, DeploymentError> {
+        if let Some(r) = &mut self.ramp
+            && r.state == "running"
+        {
+            r.state = "stopped".into();
+        }
         let Some(back) = self.previous.pop() else {
             for c in &mut self.candidates {
                 c.weight = 0;
@@ -320,6 +384,167 @@ impl Deployment {
             });
         }
         Ok(self.champion.clone())
+    }
+
+    /// Starts a ramp of `model` (a released model, checked by the caller):
+    /// its weight becomes the first step's.
+    pub fn start_ramp(
+        &mut self,
+        model: &str,
+        steps: Vec<u32>,
+        bake_ms: u64,
+        guards: Guards,
+        by: &str,
+        now_ms: u64,
+    ) -> Result<(), DeploymentError> {
+        self.refuse_when_paused("start a ramp")?;
+        if self.ramp.as_ref().is_some_and(|r| r.state == "running") {
+            return Err(DeploymentError::Invalid(format!(
+                "deployment `{}` is already ramping; stop it first",
+                self.name
+            )));
+        }
+        if steps.is_empty()
+            || steps.windows(2).any(|w| w[0] >= w[1])
+            || steps.iter().any(|&w| w == 0 || w > ALL_TRAFFIC)
+        {
+            return Err(DeploymentError::Invalid(
+                "ramp steps are increasing shares above 0% and at most 100%".into(),
+            ));
+        }
+        for (what, v) in [
+            ("max error rate", guards.max_error_rate),
+            ("min agreement", guards.min_agreement),
+        ] {
+            if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+                return Err(DeploymentError::Invalid(format!(
+                    "the {what} is a share from 0 to 1"
+                )));
+            }
+        }
+        if guards
+            .max_p99_ms
+            .is_some_and(|v| !v.is_finite() || v <= 0.0)
+        {
+            return Err(DeploymentError::Invalid(
+                "the p99 latency limit is a positive number of ms".into(),
+            ));
+        }
+        self.set_weight(model, steps[0])?;
+        self.ramp = Some(Ramp {
+            model: model.to_string(),
+            steps,
+            step: 0,
+            step_started_ms: now_ms,
+            bake_ms,
+            guards,
+            counters: Counters::default(),
+            started_by: by.to_string(),
+            state: "running".into(),
+            reason: None,
+        });
+        Ok(())
+    }
+
+    /// Stops a running ramp where it is (the candidate keeps its weight).
+    pub fn stop_ramp(&mut self) -> Result<(), DeploymentError> {
+        match &mut self.ramp {
+            Some(r) if r.state == "running" => {
+                r.state = "stopped".into();
+                Ok(())
+            }
+            _ => Err(DeploymentError::Invalid(format!(
+                "deployment `{}` is not ramping",
+                self.name
+            ))),
+        }
+    }
+
+    /// Adds one request's figures for `model` to a running ramp of it and
+    /// judges the step: a breached guard rolls the candidate back to 0; a
+    /// step held for its bake time with enough requests advances (the
+    /// last one promotes the candidate). A paused deployment still rolls
+    /// back, but does not advance.
+    pub fn judge_ramp(
+        &mut self,
+        model: &str,
+        o: &crate::serving::Observation,
+        now_ms: u64,
+    ) -> Option<RampEvent> {
+        let ramp = self.ramp.as_mut()?;
+        if ramp.state != "running" || ramp.model != model {
+            return None;
+        }
+        ramp.counters.add(o);
+        let c = &ramp.counters;
+        let g = &ramp.guards;
+        let error_rate = c.errors as f64 / c.requests.max(1) as f64;
+        let mut breach = None;
+        if let Some(max) = g.max_error_rate
+            && error_rate > max
+        {
+            breach = Some(format!(
+                "error rate {error_rate:.4} > {max} over {} requests",
+                c.requests
+            ));
+        }
+        if let (Some(max), Some(p99)) = (g.max_p99_ms, c.latency_ms(0.99))
+            && breach.is_none()
+            && p99 > max
+        {
+            breach = Some(format!(
+                "p99 latency {p99:.2} ms > {max} ms over {} requests",
+                c.requests
+            ));
+        }
+        if let Some(min) = g.min_agreement
+            && breach.is_none()
+            && c.compared > 0
+        {
+            let a = c.agreed as f64 / c.compared as f64;
+            if a < min {
+                breach = Some(format!(
+                    "agreement with the champion {a:.4} < {min} over {} records",
+                    c.compared
+                ));
+            }
+        }
+        if let Some(reason) = breach {
+            ramp.state = "rolled-back".into();
+            ramp.reason = Some(reason.clone());
+            let model = ramp.model.clone();
+            if let Some(c) = self.candidates.iter_mut().find(|c| c.model == model) {
+                c.weight = 0;
+            }
+            return Some(RampEvent::RolledBack(reason));
+        }
+        if self.paused
+            || c.requests < g.min_requests
+            || now_ms.saturating_sub(ramp.step_started_ms) < ramp.bake_ms
+        {
+            return None;
+        }
+        ramp.step += 1;
+        ramp.step_started_ms = now_ms;
+        ramp.counters = Counters::default();
+        let model = ramp.model.clone();
+        match ramp.steps.get(ramp.step).copied() {
+            Some(w) if w < ALL_TRAFFIC => {
+                if let Some(c) = self.candidates.iter_mut().find(|c| c.model == model) {
+                    c.weight = w;
+                }
+                Some(RampEvent::Advanced(w))
+            }
+            _ => {
+                ramp.state = "done".into();
+                if let Some(i) = self.candidates.iter().position(|c| c.model == model) {
+                    self.candidates.remove(i);
+                    let old = std::mem::replace(&mut self.champion, model);
+                    self.previous.push(old);
+                }
+                Some(RampEvent::Promoted)
+            }
+        }
     }
 
     /// The variant that serves requests with routing key `key`.
@@ -526,6 +751,104 @@ mod tests {
         assert!(routes(&d, 1000).iter().all(|m| m == "champ"));
         assert!(check_name("Bad Name").is_err());
         assert!(check_name("fraud-v2").is_ok());
+    }
+
+    fn seen(latency_us: u64, classes: &[&str], agreed: u64) -> crate::serving::Observation {
+        crate::serving::Observation {
+            error: false,
+            latency_us,
+            classes: classes.iter().map(|c| c.to_string()).collect(),
+            confidences: vec![0.9; classes.len()],
+            agreement: Some((classes.len() as u64, agreed)),
+        }
+    }
+
+    #[test]
+    fn a_ramp_advances_after_its_bake_time_and_promotes_at_the_end() {
+        let mut d = dep();
+        let guards = Guards {
+            max_error_rate: Some(0.1),
+            max_p99_ms: Some(100.0),
+            min_agreement: Some(0.5),
+            min_requests: 2,
+        };
+        d.start_ramp("cand", vec![500, 5_000, 10_000], 1_000, guards, "op", 0)
+            .unwrap();
+        assert_eq!(d.candidates[0].weight, 500);
+        // Too early, then too few requests.
+        assert_eq!(d.judge_ramp("cand", &seen(1_000, &["a"], 1), 10), None);
+        assert_eq!(d.judge_ramp("other", &seen(1_000, &["a"], 1), 2_000), None);
+        assert_eq!(
+            d.judge_ramp("cand", &seen(1_000, &["a"], 1), 2_000),
+            Some(RampEvent::Advanced(5_000))
+        );
+        assert_eq!(d.candidates[0].weight, 5_000);
+        d.judge_ramp("cand", &seen(1_000, &["a"], 1), 2_500);
+        // Paused: no step forward.
+        d.paused = true;
+        assert_eq!(d.judge_ramp("cand", &seen(1_000, &["a"], 1), 9_000), None);
+        d.paused = false;
+        assert_eq!(
+            d.judge_ramp("cand", &seen(1_000, &["a"], 1), 9_000),
+            Some(RampEvent::Promoted)
+        );
+        assert_eq!(d.champion, "cand");
+        assert_eq!(d.previous, ["champ"]);
+        assert_eq!(d.ramp.as_ref().unwrap().state, "done");
+    }
+
+    #[test]
+    fn a_breached_guard_rolls_the_candidate_back_with_its_values() {
+        for (o, guard) in [
+            (seen(500_000, &["a"], 1), "p99 latency"),
+            (seen(1_000, &["a", "b", "c", "d"], 1), "agreement"),
+            (
+                crate::serving::Observation {
+                    error: true,
+                    latency_us: 1_000,
+                    ..Default::default()
+                },
+                "error rate",
+            ),
+        ] {
+            let mut d = dep();
+            let guards = Guards {
+                max_error_rate: Some(0.0),
+                max_p99_ms: Some(100.0),
+                min_agreement: Some(0.5),
+                min_requests: 100,
+            };
+            d.start_ramp("cand", vec![1_000, 10_000], 0, guards, "op", 0)
+                .unwrap();
+            d.paused = true;
+            match d.judge_ramp("cand", &o, 1) {
+                Some(RampEvent::RolledBack(reason)) => {
+                    assert!(reason.starts_with(guard), "{reason}")
+                }
+                other => panic!("{guard}: {other:?}"),
+            }
+            assert_eq!(d.candidates[0].weight, 0);
+            assert_eq!(d.champion, "champ");
+            assert_eq!(d.ramp.as_ref().unwrap().state, "rolled-back");
+        }
+        let mut d = dep();
+        let g = Guards {
+            max_error_rate: None,
+            max_p99_ms: None,
+            min_agreement: None,
+            min_requests: 0,
+        };
+        assert!(
+            d.start_ramp("cand", vec![500, 400], 0, g.clone(), "op", 0)
+                .is_err()
+        );
+        assert!(d.start_ramp("cand", vec![], 0, g.clone(), "op", 0).is_err());
+        d.start_ramp("cand", vec![500], 0, g.clone(), "op", 0)
+            .unwrap();
+        assert!(
+            d.start_ramp("cand", vec![600], 0, g, "op", 0).is_err(),
+            "one at a time"
+        );
     }
 
     #[test]

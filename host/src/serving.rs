@@ -69,7 +69,8 @@ pub struct Observation {
 }
 
 impl Counters {
-    fn add(&mut self, o: &Observation) {
+    /// Adds one request's observation.
+    pub fn add(&mut self, o: &Observation) {
         if self.latency.len() != LATENCY_BUCKETS {
             self.latency.resize(LATENCY_BUCKETS, 0);
         }

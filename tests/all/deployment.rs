@@ -431,3 +431,126 @@ fn routing_is_sticky_candidates_ramp_and_roll_back_and_metrics_are_kept() {
     let (ok, _, err) = s.cli("op", &["deploy", "set-weight", "spam", &s.b, "120"]);
     assert!(!ok && err.contains("0 to 100"), "{err}");
 }
+
+#[test]
+fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
+    use cloister_host::deployments::Guards;
+    let s = setup();
+    let (op, app) = (s.u("op"), s.u("app"));
+    s.c()
+        .create_deployment(op, "spam", &s.a, &["app".into()])
+        .unwrap();
+    let record = [crate::support::text("r", "free cash prize, click now")];
+    let mut sent = 0;
+    let mut send = |n: usize| {
+        for _ in 0..n {
+            s.c()
+                .predict_deployed(app, "spam", Some(&format!("k{sent}")), &record)
+                .unwrap();
+            sent += 1;
+        }
+    };
+    // 20% → 60% → 100%, three candidate requests a step, no bake time;
+    // the guards hold (the two seeds agree on this record).
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::Ramp {
+                model: s.b.clone(),
+                steps: vec![2_000, 6_000, 10_000],
+                bake_ms: 0,
+                guards: Guards {
+                    max_error_rate: Some(0.0),
+                    max_p99_ms: None,
+                    min_agreement: Some(0.5),
+                    min_requests: 3,
+                },
+            },
+        )
+        .unwrap();
+    let weight = |s: &Setup| {
+        let d = s.c().deployment_status(op, "spam", 0).unwrap().deployment;
+        (d.champion.clone(), d.candidates.first().map(|c| c.weight))
+    };
+    assert_eq!(weight(&s), (s.a.clone(), Some(2_000)));
+    let mut steps = vec![];
+    for _ in 0..300 {
+        send(1);
+        let w = weight(&s);
+        if steps.last() != Some(&w) {
+            steps.push(w.clone());
+        }
+        if w.0 == s.b {
+            break;
+        }
+    }
+    assert_eq!(
+        steps,
+        [
+            (s.a.clone(), Some(2_000)),
+            (s.a.clone(), Some(6_000)),
+            (s.b.clone(), None)
+        ],
+        "{sent} requests"
+    );
+    let d = s.c().deployment_status(op, "spam", 0).unwrap().deployment;
+    let ramp = d.ramp.as_ref().unwrap();
+    assert_eq!(ramp.state, "done");
+    assert!(
+        d.history
+            .iter()
+            .any(|h| h.by == "cloister" && h.what.ends_with("promoted")),
+        "{:?}",
+        d.history
+    );
+
+    // Now ramp the old champion back in with an impossible latency limit:
+    // its first request breaches it, and it goes back to 0%.
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::Ramp {
+                model: s.a.clone(),
+                steps: vec![5_000, 10_000],
+                bake_ms: 60_000,
+                guards: Guards {
+                    max_error_rate: None,
+                    max_p99_ms: Some(0.001),
+                    min_agreement: None,
+                    min_requests: 1,
+                },
+            },
+        )
+        .unwrap();
+    for _ in 0..100 {
+        send(1);
+        if weight(&s).1 == Some(0) {
+            break;
+        }
+    }
+    let d = s.c().deployment_status(op, "spam", 0).unwrap().deployment;
+    assert_eq!(d.champion, s.b);
+    assert_eq!(d.candidates[0].weight, 0);
+    let ramp = d.ramp.as_ref().unwrap();
+    assert_eq!(ramp.state, "rolled-back");
+    let reason = ramp.reason.as_deref().unwrap();
+    assert!(
+        reason.starts_with("p99 latency") && reason.contains("> 0.001 ms"),
+        "{reason}"
+    );
+    // Each automatic step is on the record as the host's own action.
+    let ramps = s
+        .c()
+        .audit_log(
+            s.u("aud"),
+            &AuditFilter {
+                action: Some("ramp".into()),
+                ..AuditFilter::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(ramps.len(), 3, "two steps and a rollback");
+    assert!(ramps.iter().all(|e| e.record.actor == "cloister"));
+}

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::{Cloister, ServiceError};
 use crate::audit::{AuditRecord, ServingFacts};
-use crate::deployments::{self, Deployment, DeploymentError, Route, Shadow};
+use crate::deployments::{self, Deployment, DeploymentError, Guards, RampEvent, Route, Shadow};
 use crate::policy::{Action, Resource, Role};
 use crate::serving::{self, Observation, Summary};
 use crate::store::WriteBatch;
@@ -83,7 +83,7 @@ pub struct DeploymentStatus {
 }
 
 /// One change to a deployment's routing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DeploymentChange {
     /// Set a candidate's weight (basis points), adding it if new.
     SetWeight {
@@ -106,6 +106,20 @@ pub enum DeploymentChange {
     Resume,
     /// Replace the client accounts.
     Clients(Vec<String>),
+    /// Ramp a candidate up step by step (weights in basis points), each
+    /// step held `bake_ms` and judged by `guards`; the last promotes it.
+    Ramp {
+        /// The candidate.
+        model: String,
+        /// Its weight at each step.
+        steps: Vec<u32>,
+        /// How long each step is held.
+        bake_ms: u64,
+        /// When to roll back.
+        guards: Guards,
+    },
+    /// Stop a running ramp where it is.
+    StopRamp,
 }
 
 impl DeploymentChange {
@@ -120,15 +134,34 @@ impl DeploymentChange {
             DeploymentChange::Pause => "pause".into(),
             DeploymentChange::Resume => "resume".into(),
             DeploymentChange::Clients(c) => format!("clients {}", c.join(",")),
+            DeploymentChange::Ramp {
+                model,
+                steps,
+                bake_ms,
+                guards,
+            } => format!(
+                "ramp {model} steps {} bake {} s, guards: error rate {}, p99 {} ms, agreement {}, {} requests a step",
+                steps
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                bake_ms / 1000,
+                guards.max_error_rate.map_or("-".into(), |v| v.to_string()),
+                guards.max_p99_ms.map_or("-".into(), |v| v.to_string()),
+                guards.min_agreement.map_or("-".into(), |v| v.to_string()),
+                guards.min_requests
+            ),
+            DeploymentChange::StopRamp => "stop ramp".into(),
         }
     }
 
     /// The model the change brings into service, if any.
     fn new_model(&self) -> Option<&str> {
         match self {
-            DeploymentChange::SetWeight { model, .. } | DeploymentChange::Promote(model) => {
-                Some(model)
-            }
+            DeploymentChange::SetWeight { model, .. }
+            | DeploymentChange::Promote(model)
+            | DeploymentChange::Ramp { model, .. } => Some(model),
             DeploymentChange::Shadow(Some(s)) => Some(&s.model),
             _ => None,
         }
@@ -260,6 +293,20 @@ impl Cloister {
                 self.check_clients(&clients)?;
                 d.set_clients(clients)?;
             }
+            DeploymentChange::Ramp {
+                model,
+                steps,
+                bake_ms,
+                guards,
+            } => d.start_ramp(
+                &model,
+                steps,
+                bake_ms,
+                guards,
+                &who.name,
+                crate::time::now_ms(),
+            )?,
+            DeploymentChange::StopRamp => d.stop_ramp()?,
         }
         d.record(&who.name, crate::time::now_ms(), what);
         let mut b = WriteBatch::new();
@@ -338,18 +385,17 @@ impl Cloister {
             Route::Candidate(_) => self.serve(who, &purpose, &d.champion, input.clone()).ok(),
         };
         let now = crate::time::now_ms();
-        let observe = |role: &str,
-                       m: &str,
-                       result: &Result<DeployedAnswer, ServiceError>,
-                       latency_us,
-                       compare| {
-            let o = observation(result, latency_us, compare);
+        let observe = |role: &str, m: &str, o: &Observation| -> Result<(), ServiceError> {
             let _held = self
                 .serving
                 .metrics
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            serving::observe(self.env.store().as_ref(), &d.name, role, m, now, &o)
+            serving::observe(self.env.store().as_ref(), &d.name, role, m, now, o)?;
+            if role == "candidate" {
+                self.judge_ramp(&d.name, m, o, now)?;
+            }
+            Ok(())
         };
         let variant = match route {
             Route::Champion => "champion",
@@ -359,16 +405,15 @@ impl Cloister {
             Route::Champion => None,
             Route::Candidate(_) => champion.as_ref(),
         };
-        observe(variant, &model, &served, served_us, compare)?;
+        observe(variant, &model, &observation(&served, served_us, compare))?;
         if let Some(shadow_model) = shadow {
             let t = Instant::now();
             let result = self.serve(who, &format!("{purpose} shadow"), &shadow_model, input);
+            let latency = t.elapsed().as_micros() as u64;
             observe(
                 "shadow",
                 &shadow_model,
-                &result,
-                t.elapsed().as_micros() as u64,
-                champion.as_ref(),
+                &observation(&result, latency, champion.as_ref()),
             )?;
         }
         let answer = served?;
@@ -378,6 +423,53 @@ impl Cloister {
             variant,
             predictions: answer.answers,
         })
+    }
+
+    /// Judges a running ramp of `model` on one more request (the caller
+    /// holds the metrics lock): the deployment is read again, the ramp's
+    /// counters updated, and a step, a promotion or a rollback written
+    /// with its history entry and a `ramp` audit entry of the host.
+    fn judge_ramp(
+        &self,
+        name: &str,
+        model: &str,
+        o: &Observation,
+        now: u64,
+    ) -> Result<(), ServiceError> {
+        let store = self.env.store();
+        let mut d = deployments::get(store.as_ref(), name)?;
+        let Some(event) = d.judge_ramp(model, o, now) else {
+            if d.ramp
+                .as_ref()
+                .is_some_and(|r| r.state == "running" && r.model == model)
+            {
+                let mut b = WriteBatch::new();
+                deployments::put(&mut b, &d)?;
+                store.commit(b)?;
+            }
+            return Ok(());
+        };
+        let what = match &event {
+            RampEvent::Advanced(w) => format!("ramp {model}: step to {w}"),
+            RampEvent::Promoted => format!("ramp {model}: promoted"),
+            RampEvent::RolledBack(reason) => format!("ramp {model}: rolled back: {reason}"),
+        };
+        // The host's own action, on the record before it takes effect.
+        self.env.audit().append(AuditRecord {
+            actor: "cloister".into(),
+            action: "ramp".into(),
+            resource: resource(&d).uid_text(),
+            decision: crate::audit::Decision::Allow,
+            policies: vec!["host".into()],
+            params: super::params_digest(&(name, &what)),
+            outcome: None,
+            serving: None,
+        })?;
+        d.record("cloister", now, what);
+        let mut b = WriteBatch::new();
+        deployments::put(&mut b, &d)?;
+        store.commit(b)?;
+        Ok(())
     }
 
     /// Runs one model on `input` through its chain.
