@@ -195,30 +195,36 @@ fn key(deployment: &str, role: &str, model: &str, minute: u64) -> Vec<u8> {
     k
 }
 
-/// Adds `o` to the variant's counters of the minute of `now_ms`. A
-/// read-modify-write: callers serialize it (the service holds one lock
-/// for all serving metrics).
-pub fn observe(
+/// The minute of `now_ms` (ms since the epoch).
+pub fn minute(now_ms: u64) -> u64 {
+    now_ms / 60_000
+}
+
+/// Adds `c` to the stored counters of a variant's `minute`. Written
+/// without waiting for the disk (metrics are not the record of what
+/// happened; the audit log is): the next durable commit or the store's own
+/// flush makes them durable. A read-modify-write: callers serialize it.
+pub fn add(
     store: &dyn Storage,
     deployment: &str,
     role: &str,
     model: &str,
-    now_ms: u64,
-    o: &Observation,
+    minute: u64,
+    c: &Counters,
 ) -> Result<(), StoreError> {
-    let k = key(deployment, role, model, now_ms / 60_000);
-    let mut c: Counters = match store.get(Space::ServingMetrics, &k)? {
+    let k = key(deployment, role, model, minute);
+    let mut total: Counters = match store.get(Space::ServingMetrics, &k)? {
         Some(v) => serde_json::from_slice(&v).unwrap_or_default(),
         None => Counters::default(),
     };
-    c.add(o);
+    total.merge(c);
     let mut b = WriteBatch::new();
     b.put(
         Space::ServingMetrics,
         k,
-        serde_json::to_vec(&c).unwrap_or_default(),
+        serde_json::to_vec(&total).unwrap_or_default(),
     );
-    store.commit(b)
+    store.stage(b)
 }
 
 /// The variant's counters summed over the minutes from `since_ms` on.

@@ -37,13 +37,25 @@ pub(crate) struct Served {
     classes: Vec<String>,
 }
 
-/// The serving state of one process: loaded models, and the lock that
-/// serializes metric updates.
+/// The serving state of one process: loaded models, and the metrics not
+/// yet written to the store.
 #[derive(Debug, Default)]
 pub(crate) struct ServingState {
     loaded: Mutex<HashMap<String, Arc<Served>>>,
-    metrics: Mutex<()>,
+    metrics: Mutex<PendingMetrics>,
 }
+
+/// Counters added since the last write, by (deployment, role, model,
+/// minute). Written at most once a second, and before any status is read,
+/// so a request costs a map update instead of a store write.
+#[derive(Debug, Default)]
+pub(crate) struct PendingMetrics {
+    counters: HashMap<(String, String, String, u64), serving::Counters>,
+    written_ms: u64,
+}
+
+/// How often pending metrics are written, at most.
+const METRICS_EVERY_MS: u64 = 1_000;
 
 /// One record's answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -243,6 +255,7 @@ impl Cloister {
         since_ms: u64,
     ) -> Result<DeploymentStatus, ServiceError> {
         let d = self.deployment_for(who, Action::ViewDeployment, name, &(name, since_ms))?;
+        self.flush_metrics()?;
         let store = self.env.store();
         let mut variants = Vec::new();
         let mut add = |model: &str, role: &str, weight: u32| -> Result<(), ServiceError> {
@@ -318,6 +331,7 @@ impl Cloister {
     /// Deletes a deployment and its metrics.
     pub fn delete_deployment(&self, who: &User, name: &str) -> Result<(), ServiceError> {
         let d = self.deployment_for(who, Action::ManageDeployment, name, &("delete", name))?;
+        self.flush_metrics()?;
         let store = self.env.store();
         let mut b = WriteBatch::new();
         serving::delete_all(store.as_ref(), &mut b, &d.name)?;
@@ -386,13 +400,25 @@ impl Cloister {
         };
         let now = crate::time::now_ms();
         let observe = |role: &str, m: &str, o: &Observation| -> Result<(), ServiceError> {
-            let _held = self
+            let mut pending = self
                 .serving
                 .metrics
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            serving::observe(self.env.store().as_ref(), &d.name, role, m, now, o)?;
-            if role == "candidate" {
+            pending
+                .counters
+                .entry((
+                    d.name.clone(),
+                    role.to_string(),
+                    m.to_string(),
+                    serving::minute(now),
+                ))
+                .or_default()
+                .add(o);
+            if now.saturating_sub(pending.written_ms) >= METRICS_EVERY_MS {
+                self.write_metrics(&mut pending, now)?;
+            }
+            if role == "candidate" && d.ramp.as_ref().is_some_and(|r| r.state == "running") {
                 self.judge_ramp(&d.name, m, o, now)?;
             }
             Ok(())
@@ -425,6 +451,26 @@ impl Cloister {
         })
     }
 
+    /// Writes the pending metrics (the caller holds their lock).
+    fn write_metrics(&self, pending: &mut PendingMetrics, now: u64) -> Result<(), ServiceError> {
+        let store = self.env.store();
+        for ((dep, role, model, minute), c) in pending.counters.drain() {
+            serving::add(store.as_ref(), &dep, &role, &model, minute, &c)?;
+        }
+        pending.written_ms = now;
+        Ok(())
+    }
+
+    /// Writes the pending metrics now (before a status is read).
+    fn flush_metrics(&self) -> Result<(), ServiceError> {
+        let mut pending = self
+            .serving
+            .metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.write_metrics(&mut pending, crate::time::now_ms())
+    }
+
     /// Judges a running ramp of `model` on one more request (the caller
     /// holds the metrics lock): the deployment is read again, the ramp's
     /// counters updated, and a step, a promotion or a rollback written
@@ -443,9 +489,10 @@ impl Cloister {
                 .as_ref()
                 .is_some_and(|r| r.state == "running" && r.model == model)
             {
+                // The step's counters: like the metrics, not waited for.
                 let mut b = WriteBatch::new();
                 deployments::put(&mut b, &d)?;
-                store.commit(b)?;
+                store.stage(b)?;
             }
             return Ok(());
         };

@@ -41,6 +41,9 @@ pub(crate) struct Chain {
     /// A fitted featurizer's vocabulary, once fitted (or loaded from a
     /// model's lineage); `None` for other featurizers.
     pub(crate) state: Option<FittedState>,
+    /// A deployed model's chain: its successful stages are audited by the
+    /// request's `predict` entry (see [`StageSetup::quiet`]).
+    pub(crate) serving: bool,
 }
 
 /// How a chain's plugins are looked up and authorized: a digest and the
@@ -143,6 +146,7 @@ impl Cloister {
             preprocess: pre,
             features: (entry, loaded, features.1.clone()),
             state: None,
+            serving: false,
         })
     }
 
@@ -157,7 +161,7 @@ impl Cloister {
     /// added; each plugin must still be approved in the registry, exactly
     /// this digest, or nothing runs.
     pub(crate) fn serving_chain(&self, l: &Lineage) -> Result<Chain, ServiceError> {
-        self.lineage_chain_with(l, &|digest, kind| {
+        let mut chain = self.lineage_chain_with(l, &|digest, kind| {
             let store = self.env.store();
             let entry = crate::registry::get(store.as_ref(), digest)?;
             if entry.approval.is_none() {
@@ -170,7 +174,9 @@ impl Cloister {
             let loaded = self.runtime()?.load(&bytes)?;
             loaded.require(kind)?;
             Ok((entry, loaded))
-        })
+        })?;
+        chain.serving = true;
+        Ok(chain)
     }
 
     fn lineage_chain_with(
@@ -250,11 +256,15 @@ impl Cloister {
         for (_, plugin, config) in &chain.preprocess {
             let n = records.len();
             records = self
-                .plugin_stage(
+                .plugin_stage_with(
                     who,
                     purpose,
                     plugin,
                     config,
+                    StageSetup {
+                        quiet: chain.serving,
+                        ..StageSetup::default()
+                    },
                     n,
                     |r| r.preprocess(&records),
                     Vec::len,
@@ -294,6 +304,7 @@ impl Cloister {
             StageSetup {
                 fit: false,
                 vocabulary,
+                quiet: chain.serving,
             },
             records.len(),
             |r| r.featurize(records),
@@ -324,7 +335,7 @@ impl Cloister {
             config,
             StageSetup {
                 fit: true,
-                vocabulary: None,
+                ..StageSetup::default()
             },
             train.len(),
             |r| r.term_counts(train, crate::fitted::MAX_DISTINCT),

@@ -256,6 +256,10 @@ impl Cloister {
             }
         };
         let digest = plugin.digest.to_hex();
+        let (output, dropped) = log;
+        if setup.quiet && result.is_ok() && output.is_empty() && dropped == 0 {
+            return Ok((result?, dimension));
+        }
         let seq = self.audit_plugin_call(
             who,
             &digest,
@@ -270,7 +274,6 @@ impl Cloister {
                 wall_ms: pow2(usage.wall_ms),
             },
         )?;
-        let (output, dropped) = log;
         if result.is_err() || !output.is_empty() || dropped > 0 {
             let entry = PluginLogEntry {
                 seq,
@@ -299,4 +302,10 @@ pub(crate) struct StageSetup {
     pub(crate) fit: bool,
     /// A fitted featurizer's vocabulary, loaded into every instance.
     pub(crate) vocabulary: Option<std::sync::Arc<crate::types::Vocabulary>>,
+    /// A deployment's stage: a success is covered by the request's
+    /// `predict` audit entry (written before the chain ran, naming the
+    /// model whose lineage names every plugin and configuration), so only
+    /// a failure gets its own `plugin_call` entry. Plugin output and
+    /// failures go to the plugin log as always.
+    pub(crate) quiet: bool,
 }
