@@ -85,8 +85,9 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         .route("/api/audit/verify", get(audit_verify))
         .route("/api/audit/checkpoint", get(audit_checkpoint))
         .route("/api/plugin-log", get(plugin_log))
-        .route("/api/deployments", get(deployments))
+        .route("/api/deployments", get(deployments).post(create_deployment))
         .route("/api/deployments/{name}", get(deployment))
+        .route("/api/deployments/{name}/change", post(change_deployment))
         .route("/api/deployments/{name}/predict", post(predict_deployed))
 }
 
@@ -339,6 +340,99 @@ async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
 async fn deployments(State(k): S, h: HeaderMap) -> Out {
     let u = reader(&k, &h).await?.user;
     to_json(blocking(&k, move |c| c.list_deployments(&u)).await?)
+}
+
+#[derive(Deserialize)]
+struct CreateDeploymentBody {
+    name: String,
+    model: String,
+    #[serde(default)]
+    clients: Vec<String>,
+}
+
+async fn create_deployment(State(k): S, h: HeaderMap, Json(b): Json<CreateDeploymentBody>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(
+        blocking(&k, move |c| {
+            c.create_deployment(&u, &b.name, &b.model, &b.clients)
+        })
+        .await?,
+    )
+}
+
+/// A routing change, as `cloister deploy …` makes them (weights and
+/// samples in basis points).
+#[derive(Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case", deny_unknown_fields)]
+enum ChangeBody {
+    SetWeight {
+        model: String,
+        weight: u32,
+    },
+    Remove {
+        model: String,
+    },
+    Shadow {
+        model: Option<String>,
+        #[serde(default)]
+        sample: u32,
+    },
+    Promote {
+        model: String,
+    },
+    Rollback,
+    Pause,
+    Resume,
+    Clients {
+        clients: Vec<String>,
+    },
+    Ramp {
+        model: String,
+        steps: Vec<u32>,
+        bake_ms: u64,
+        guards: cloister_host::deployments::Guards,
+    },
+    StopRamp,
+}
+
+impl From<ChangeBody> for cloister_host::service::DeploymentChange {
+    fn from(b: ChangeBody) -> Self {
+        use cloister_host::service::DeploymentChange as C;
+        match b {
+            ChangeBody::SetWeight { model, weight } => C::SetWeight { model, weight },
+            ChangeBody::Remove { model } => C::RemoveCandidate(model),
+            ChangeBody::Shadow { model, sample } => {
+                C::Shadow(model.map(|model| cloister_host::deployments::Shadow { model, sample }))
+            }
+            ChangeBody::Promote { model } => C::Promote(model),
+            ChangeBody::Rollback => C::Rollback,
+            ChangeBody::Pause => C::Pause,
+            ChangeBody::Resume => C::Resume,
+            ChangeBody::Clients { clients } => C::Clients(clients),
+            ChangeBody::Ramp {
+                model,
+                steps,
+                bake_ms,
+                guards,
+            } => C::Ramp {
+                model,
+                steps,
+                bake_ms,
+                guards,
+            },
+            ChangeBody::StopRamp => C::StopRamp,
+        }
+    }
+}
+
+async fn change_deployment(
+    State(k): S,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(b): Json<ChangeBody>,
+) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.change_deployment(&u, &name, b.into())).await?)
 }
 
 #[derive(Deserialize)]

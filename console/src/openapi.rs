@@ -154,6 +154,20 @@ pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
         200,
     ),
     (
+        "post",
+        "/api/deployments",
+        "Create a deployment serving a released model to client accounts (operators)",
+        Some("CreateDeployment"),
+        200,
+    ),
+    (
+        "post",
+        "/api/deployments/{name}/change",
+        "Change a deployment's routing: set-weight, remove, shadow, promote, rollback, pause, resume, clients, ramp, stop-ramp (operators)",
+        Some("DeploymentChange"),
+        200,
+    ),
+    (
         "get",
         "/api/deployments/{name}",
         "A deployment: champion, candidates, shadow, clients, history, and each variant's metrics over the last `minutes` (60)",
@@ -226,6 +240,26 @@ fn schemas() -> Value {
         "Reason": s(json!({"reason": {"type": "string"}}), &["reason"]),
         "Label": s(json!({"id": {"type": "string"}, "label": {"type": "string"}, "job": {"type": "string"}}), &["id", "label"]),
         "Error": s(json!({"error": {"type": "string"}}), &["error"]),
+        "CreateDeployment": s(json!({
+            "name": {"type": "string"},
+            "model": {"type": "string"},
+            "clients": {"type": "array", "items": {"type": "string"}}
+        }), &["name", "model"]),
+        "DeploymentChange": s(json!({
+            "action": {"type": "string", "enum": ["set-weight", "remove", "shadow", "promote", "rollback", "pause", "resume", "clients", "ramp", "stop-ramp"]},
+            "model": {"type": "string"},
+            "weight": {"type": "integer", "description": "basis points (1/100 %)"},
+            "sample": {"type": "integer", "description": "basis points"},
+            "clients": {"type": "array", "items": {"type": "string"}},
+            "steps": {"type": "array", "items": {"type": "integer"}},
+            "bake_ms": {"type": "integer"},
+            "guards": {"type": "object", "properties": {
+                "max_error_rate": {"type": "number"},
+                "max_p99_ms": {"type": "number"},
+                "min_agreement": {"type": "number"},
+                "min_requests": {"type": "integer"}
+            }}
+        }), &["action"]),
         "Predict": s(json!({
             "key": {"type": "string"},
             "records": {"type": "array", "maxItems": 1000, "items": {"type": "object"}}

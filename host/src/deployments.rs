@@ -681,7 +681,7 @@ mod tests {
     #[test]
     fn a_single_candidate_gets_its_weight_and_keys_only_move_toward_it() {
         let mut d = dep();
-        let n = 20_000;
+        let n = 100_000;
         let mut before = routes(&d, n);
         assert!(before.iter().all(|m| m == "champ"));
         for w in [100, 500, 2_500, 5_000, 10_000] {
@@ -702,6 +702,16 @@ mod tests {
     #[test]
     fn with_several_candidates_raising_one_moves_keys_only_to_it() {
         let mut d = dep();
+        // Small weights, as ramps start: each share within a point of its
+        // weight over 100,000 keys.
+        d.set_weight("a", 500).unwrap();
+        d.set_weight("b", 1_000).unwrap();
+        let n = 100_000;
+        let small = routes(&d, n);
+        for (m, w) in [("a", 0.05), ("b", 0.10)] {
+            let share = small.iter().filter(|x| *x == m).count() as f64 / n as f64;
+            assert!((share - w).abs() < 0.01, "{m}: {share}");
+        }
         d.set_weight("a", 1_000).unwrap();
         d.set_weight("b", 2_000).unwrap();
         let n = 20_000;

@@ -728,6 +728,43 @@ fn a_deployment_answers_its_client_over_the_api_and_no_one_else() {
         Some(serde_json::json!({ "records": many })),
     );
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Operators change the routing over the API; no one else does, and an
+    // unreleased model cannot be brought in.
+    let f = fixture();
+    let change = "/api/deployments/spam/change";
+    let r = as_role(
+        "operator",
+        "POST",
+        change,
+        Some(serde_json::json!({"action": "set-weight", "model": f.model, "weight": 100})),
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    for role in ["scientist", "approver", "admin", "client"] {
+        let r = as_role(
+            role,
+            "POST",
+            change,
+            Some(serde_json::json!({"action": "pause"})),
+        );
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{role}");
+    }
+    for action in ["pause", "resume"] {
+        let r = as_role(
+            "operator",
+            "POST",
+            change,
+            Some(serde_json::json!({ "action": action })),
+        );
+        assert_eq!(r.status, StatusCode::OK, "{action}: {}", r.text());
+        assert_eq!(r.json()["paused"], action == "pause");
+    }
+    let r = as_role(
+        "operator",
+        "POST",
+        change,
+        Some(serde_json::json!({"action": "explode"})),
+    );
+    assert!(r.status.is_client_error(), "{}", r.status);
     // The status shows the request on the champion.
     let r = as_role("operator", "GET", "/api/deployments/spam?minutes=5", None);
     assert_eq!(r.status, StatusCode::OK);

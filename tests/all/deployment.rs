@@ -27,6 +27,9 @@ struct Setup {
     a: String,
     b: String,
     unreleased: String,
+    /// A released model whose chain has no preprocessor: its featurizer
+    /// refuses records without text, which the others' preprocessor drops.
+    fragile: String,
 }
 
 impl Setup {
@@ -95,10 +98,10 @@ fn setup() -> Setup {
     };
     let normalize = digest("text-normalize");
     let ngrams = digest("hashed-ngrams");
-    let train = |seed: &str| {
+    let train_with = |seed: &str, preprocess: Vec<String>| {
         let req = TrainRequest {
             dataset: "spam".into(),
-            preprocess: vec![normalize.clone()],
+            preprocess,
             features: ngrams.clone(),
             template: "logreg".into(),
             sets: vec![("seed".into(), seed.into())],
@@ -106,8 +109,10 @@ fn setup() -> Setup {
         };
         c.train_model(&users["sci"], &req, &mut |_| {}).unwrap().id
     };
+    let train = |seed: &str| train_with(seed, vec![normalize.clone()]);
     let (a, b, unreleased) = (train("0"), train("1"), train("2"));
-    for m in [&a, &b] {
+    let fragile = train_with("3", vec![]);
+    for m in [&a, &b, &fragile] {
         c.request_release(&users["sci"], m, "serve it").unwrap();
         c.decide_release(&users["appr"], m, true).unwrap();
     }
@@ -119,6 +124,7 @@ fn setup() -> Setup {
         a,
         b,
         unreleased,
+        fragile,
     }
 }
 
@@ -553,4 +559,125 @@ fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
         .unwrap();
     assert_eq!(ramps.len(), 3, "two steps and a rollback");
     assert!(ramps.iter().all(|e| e.record.actor == "cloister"));
+
+    // A candidate whose chain starts failing (records its featurizer
+    // refuses, which the champion's preprocessor drops) is rolled back by
+    // the error-rate guard.
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::Ramp {
+                model: s.fragile.clone(),
+                steps: vec![5_000, 10_000],
+                bake_ms: 60_000,
+                guards: Guards {
+                    max_error_rate: Some(0.0),
+                    max_p99_ms: None,
+                    min_agreement: None,
+                    min_requests: 1,
+                },
+            },
+        )
+        .unwrap();
+    let broken = [DataRecord {
+        texts: vec![],
+        ..crate::support::text("r", "")
+    }];
+    let mut failed = 0;
+    for i in 0..100 {
+        if s.c()
+            .predict_deployed(app, "spam", Some(&format!("broken{i}")), &broken)
+            .is_err()
+        {
+            failed += 1;
+        }
+        let d = s.c().deployment_status(op, "spam", 0).unwrap().deployment;
+        if d.ramp.as_ref().unwrap().state != "running" {
+            break;
+        }
+    }
+    assert!(failed > 0);
+    let d = s.c().deployment_status(op, "spam", 0).unwrap().deployment;
+    let ramp = d.ramp.as_ref().unwrap();
+    assert_eq!(ramp.state, "rolled-back");
+    assert!(
+        ramp.reason.as_deref().unwrap().starts_with("error rate"),
+        "{:?}",
+        ramp.reason
+    );
+    assert_eq!(d.champion, s.b);
+}
+
+#[test]
+fn no_request_fails_while_weights_change_promote_and_roll_back_under_load() {
+    let s = setup();
+    let (op, app) = (s.u("op"), s.u("app"));
+    s.c()
+        .create_deployment(op, "spam", &s.a, &["app".into()])
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let record = [crate::support::text(
+        "r",
+        "meeting at noon, agenda attached",
+    )];
+    let (served, failed) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..3)
+            .map(|t| {
+                let (s, stop, record) = (&s, &stop, &record);
+                scope.spawn(move || {
+                    let (mut ok, mut bad) = (0u64, 0u64);
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let key = format!("t{t}-{i}");
+                        match s.c().predict_deployed(app, "spam", Some(&key), record) {
+                            Ok(_) => ok += 1,
+                            Err(_) => bad += 1,
+                        }
+                        i += 1;
+                    }
+                    (ok, bad)
+                })
+            })
+            .collect();
+        let changes = [
+            DeploymentChange::SetWeight {
+                model: s.b.clone(),
+                weight: 2_500,
+            },
+            DeploymentChange::SetWeight {
+                model: s.b.clone(),
+                weight: 7_500,
+            },
+            DeploymentChange::Promote(s.b.clone()),
+            DeploymentChange::Rollback,
+            DeploymentChange::SetWeight {
+                model: s.b.clone(),
+                weight: 5_000,
+            },
+            DeploymentChange::Promote(s.b.clone()),
+            DeploymentChange::Rollback,
+        ];
+        for c in changes {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            s.c().change_deployment(op, "spam", c).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        clients
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+    });
+    assert_eq!(failed, 0, "{served} served");
+    assert!(served > 20, "{served}");
+    let st = s.c().deployment_status(op, "spam", 0).unwrap();
+    let total: u64 = st
+        .variants
+        .iter()
+        .filter(|v| v.role != "shadow")
+        .map(|v| v.requests)
+        .sum();
+    assert!(total <= served, "only the current variants are listed");
+    assert!(st.variants.iter().all(|v| v.error_rate == 0.0));
 }
