@@ -14,7 +14,8 @@ secs="${1:-15}"
 cargo build --release -j2 -p cloister -p cloister-bench --bin cloister --bin serve-bench
 bin=target/release/cloister
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+if [ -n "${KEEP:-}" ]; then echo "environment kept in $work"; fi
 tok() { grep -o 'clt_[0-9a-f]*' | head -1; }
 root=$($bin init "$work/env" 2>&1 | tok)
 export CLOISTER_ENV="$work/env"
@@ -84,7 +85,7 @@ curl -s -H "Authorization: Bearer $op" "http://127.0.0.1:18090/api/deployments/s
 import json, sys
 d = json.load(sys.stdin)
 for v in d["variants"]:
-    print(f"{v[\"role\"]:9} {v[\"model\"]} requests {v[\"requests\"]} error rate {v[\"error_rate\"]} p99 {v[\"p99_ms\"]} ms")
+    print("{:9} {} requests {} error rate {} p99 {} ms".format(v["role"], v["model"], v["requests"], v["error_rate"], v["p99_ms"]))
 print("history:", [h["what"].split(" ")[0] for h in d["deployment"]["history"]])'
 kill %1 2>/dev/null || true; sleep 1
 echo "audit log after the run: $(CLOISTER_TOKEN=$root $bin audit verify 2>&1 | head -1)"

@@ -62,6 +62,9 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         .route("/models/{id}/approve", post(approve_release))
         .route("/models/{id}/reject", post(reject_release))
         .route("/models/{id}/bundle", get(bundle))
+        .route("/deployments", get(deployments))
+        .route("/deployments/{name}", get(deployment))
+        .route("/deployments/{name}/{action}", post(change_deployment))
         .route("/label", get(label_page).post(label))
         .route("/audit", get(audit))
         .route("/audit/verify", post(audit_verify))
@@ -122,6 +125,12 @@ fn nav(x: &Cloister, u: &User) -> Vec<(&'static str, &'static str)> {
         ("/train", "Train", Action::TrainModel, &any_model),
         ("/jobs", "Jobs", Action::ListJobs, &Resource::Environment),
         ("/models", "Models", Action::ViewModel, &any_model),
+        (
+            "/deployments",
+            "Deployments",
+            Action::ListDeployments,
+            &Resource::Environment,
+        ),
         ("/label", "Label", Action::LabelRecord, &own_item),
         (
             "/audit",
@@ -836,6 +845,231 @@ async fn cancel_job(
     let (u, jid) = (c.user.clone(), id.clone());
     run(&k, &c, move |x| x.cancel_job(&u, &jid)).await?;
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+// ------------------------------------------------------- deployments --
+
+fn share(bp: u32) -> String {
+    format!("{:.2}%", f64::from(bp) / 100.0)
+}
+
+async fn deployments(State(k): S, h: HeaderMap) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let list = run(&k, &c, move |x| x.list_deployments(&u)).await?;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            vec![
+                format!(
+                    "<a href=\"/deployments/{}\">{}</a>",
+                    esc(&d.name),
+                    esc(&d.name)
+                ),
+                format!("{} ({})", esc(&d.champion), share(d.champion_weight())),
+                d.candidates
+                    .iter()
+                    .map(|v| format!("{} ({})", esc(&v.model), share(v.weight)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                d.shadow
+                    .as_ref()
+                    .map(|s| format!("{} ({})", esc(&s.model), share(s.sample)))
+                    .unwrap_or_default(),
+                d.ramp
+                    .as_ref()
+                    .map(|r| esc(&format!("{} {}", r.model, r.state)))
+                    .unwrap_or_default(),
+                if d.paused { "paused" } else { "" }.to_string(),
+            ]
+        })
+        .collect();
+    let body = if rows.is_empty() {
+        "<p>No deployments yet. An operator creates one from a released model with <code>cloister deploy create</code>.</p>".to_string()
+    } else {
+        table(
+            &["deployment", "champion", "candidates", "shadow", "ramp", ""],
+            &rows,
+        )
+    };
+    ok(&c, "Deployments", &body)
+}
+
+async fn deployment(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let since = cloister_host::time::now_ms().saturating_sub(60 * 60_000);
+    let st = run(&k, &c, move |x| x.deployment_status(&u, &name, since)).await?;
+    let d = &st.deployment;
+    let opt = |v: Option<f64>, p: usize| v.map_or_else(|| "–".to_string(), |x| format!("{x:.p$}"));
+    let rows: Vec<Vec<String>> = st
+        .variants
+        .iter()
+        .map(|v| {
+            vec![
+                esc(&v.role),
+                format!(
+                    "<a href=\"/models/{}\">{}</a>",
+                    esc(&v.model),
+                    esc(&v.model)
+                ),
+                share(v.weight),
+                v.requests.to_string(),
+                format!("{:.2}%", v.error_rate * 100.0),
+                opt(v.p50_ms, 1),
+                opt(v.p95_ms, 1),
+                opt(v.p99_ms, 1),
+                opt(v.mean_confidence, 3),
+                opt(v.agreement.map(|a| a * 100.0), 1),
+                esc(&v
+                    .classes
+                    .iter()
+                    .map(|(c, n)| format!("{c} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")),
+            ]
+        })
+        .collect();
+    let mut body = format!(
+        "<p>Serves {} to {}{}. The figures cover the last hour.</p>",
+        esc(&d.champion),
+        if d.clients.is_empty() {
+            "no client yet".to_string()
+        } else {
+            esc(&d.clients.join(", "))
+        },
+        if d.paused {
+            " — <strong>paused</strong>"
+        } else {
+            ""
+        }
+    );
+    body.push_str(&table(
+        &[
+            "role",
+            "model",
+            "share",
+            "requests",
+            "errors",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "confidence",
+            "agreement %",
+            "classes",
+        ],
+        &rows,
+    ));
+    let label = |v: &cloister_host::serving::Summary| format!("{} {}", v.role, v.model);
+    body.push_str(&bars(
+        "Requests in the last hour, per variant",
+        &st.variants
+            .iter()
+            .map(|v| (label(v), v.requests as f64))
+            .collect::<Vec<_>>(),
+    ));
+    body.push_str(&bars(
+        "p99 latency (ms), per variant",
+        &st.variants
+            .iter()
+            .map(|v| (label(v), v.p99_ms.unwrap_or(0.0)))
+            .collect::<Vec<_>>(),
+    ));
+    if let Some(r) = &d.ramp {
+        let _ = write!(
+            body,
+            "<h2>Ramp</h2><p>{} <strong>{}</strong>: step {} of {} ({}); {} requests this step.{}</p>",
+            esc(&r.model),
+            esc(&r.state),
+            (r.step + 1).min(r.steps.len()),
+            r.steps.len(),
+            esc(&r
+                .steps
+                .iter()
+                .map(|w| share(*w))
+                .collect::<Vec<_>>()
+                .join(" → ")),
+            r.counters.requests,
+            r.reason
+                .as_ref()
+                .map(|w| format!(" Rolled back: {}.", esc(w)))
+                .unwrap_or_default()
+        );
+    }
+    let resource = Resource::Deployment {
+        name: d.name.clone(),
+        clients: d.clients.clone(),
+    };
+    if k.cloister()
+        .can(&c.user, Action::ManageDeployment, &resource)
+    {
+        let base = format!("/deployments/{}", d.name);
+        body.push_str("<h2>Actions</h2><p>");
+        if d.paused {
+            body.push_str(&button(&c, &format!("{base}/resume"), "Resume"));
+        } else {
+            body.push_str(&button(&c, &format!("{base}/pause"), "Pause"));
+        }
+        body.push_str(&button(&c, &format!("{base}/rollback"), "Roll back"));
+        if !d.paused {
+            for v in &d.candidates {
+                body.push_str(&button(
+                    &c,
+                    &format!("{base}/promote?model={}", v.model),
+                    &format!("Promote {}", v.model),
+                ));
+            }
+        }
+        body.push_str("</p>");
+    }
+    let hist: Vec<Vec<String>> = d
+        .history
+        .iter()
+        .rev()
+        .take(30)
+        .map(|h| {
+            vec![
+                esc(&cloister_host::time::rfc3339(h.time_ms)),
+                esc(&h.by),
+                esc(&h.what),
+                esc(&h.champion),
+            ]
+        })
+        .collect();
+    body.push_str("<h2>History</h2>");
+    body.push_str(&table(&["when", "by", "change", "champion after"], &hist));
+    ok(&c, &format!("Deployment {}", d.name), &body)
+}
+
+#[derive(Deserialize)]
+struct ModelQuery {
+    model: Option<String>,
+}
+
+async fn change_deployment(
+    State(k): S,
+    h: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+    Query(q): Query<ModelQuery>,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    use cloister_host::service::DeploymentChange as C;
+    let c = poster(&k, &h, &f.csrf).await?;
+    let change = match (action.as_str(), q.model) {
+        ("pause", _) => C::Pause,
+        ("resume", _) => C::Resume,
+        ("rollback", _) => C::Rollback,
+        ("promote", Some(m)) => C::Promote(m),
+        _ => {
+            return Err(error_page(
+                Some(&c),
+                ApiError::BadRequest(format!("unknown deployment action `{action}`")),
+            ));
+        }
+    };
+    let (u, n) = (c.user.clone(), name.clone());
+    run(&k, &c, move |x| x.change_deployment(&u, &n, change)).await?;
+    Ok(Redirect::to(&format!("/deployments/{name}")).into_response())
 }
 
 // ------------------------------------------------------------ models --

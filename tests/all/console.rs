@@ -584,6 +584,8 @@ fn pages_render_for_each_role_without_server_errors() {
         format!("/models/{}", f.model),
         "/label".into(),
         "/audit".into(),
+        "/deployments".into(),
+        "/deployments/spam".into(),
     ];
     for role in ROLES {
         let r = login(role_user(role), PASSWORD);
@@ -609,6 +611,38 @@ fn pages_render_for_each_role_without_server_errors() {
             );
         }
     }
+    // The deployment page: figures for the project, buttons for operators.
+    let page_as = |role: &str, p: &str| {
+        let cookie = cookie_of(&login(role_user(role), PASSWORD));
+        send(
+            Request::get(p)
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+    };
+    let op = page_as("operator", "/deployments/spam");
+    assert_eq!(op.status, StatusCode::OK);
+    let html = op.text();
+    assert!(
+        html.contains("Roll back") && html.contains("Pause"),
+        "{html}"
+    );
+    assert!(html.contains("href=\"/deployments\""), "the nav links it");
+    let aud = page_as("auditor", "/deployments/spam").text();
+    assert!(
+        aud.contains("champion") && !aud.contains("Roll back"),
+        "{aud}"
+    );
+    assert!(
+        !page_as("labeler", "/")
+            .text()
+            .contains("href=\"/deployments\"")
+    );
+    assert_eq!(
+        page_as("client", "/deployments").status,
+        StatusCode::FORBIDDEN
+    );
     // Without a session, pages send you to the login form.
     let r = send(Request::get("/models").body(Body::empty()).unwrap());
     assert_eq!(r.status, StatusCode::SEE_OTHER);

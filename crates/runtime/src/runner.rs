@@ -208,56 +208,59 @@ impl<'a> Runner<'a> {
         let failures = Failures::new();
         let workers = self.workers.min(chunks.len());
         let fail = |at: usize, e: RuntimeError| failures.fail(at, e);
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| {
-                    let mut inst = match self.plugin.instantiate_logged(
-                        self.runtime,
-                        &self.config,
-                        &self.limits,
-                        self.purpose(),
-                    ) {
-                        Ok(i) => {
-                            // The dimension is asked before any record is
-                            // seen: every instance must declare the same.
-                            let d = i.dimension();
-                            if let Err(seen) = self.dimension.compare_exchange(
-                                0,
-                                d,
-                                Ordering::Relaxed,
-                                Ordering::Relaxed,
-                            ) && seen != d
-                            {
-                                return fail(
-                                    0,
-                                    RuntimeError::InvalidOutput(super::Sealed::new(
-                                        super::OutputViolation::InconsistentDimension,
-                                    )),
-                                );
-                            }
-                            i
-                        }
-                        Err(f) => return fail(0, self.absorb(f)),
-                    };
-                    while !failures.stopped() {
-                        let at = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(chunk) = chunks.get(at) else { break };
-                        let result = op(&mut inst, chunk);
-                        self.collect_log(&mut inst);
-                        match result {
-                            Ok(out) => {
-                                *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = Some(out)
-                            }
-                            Err(e) => {
-                                self.collect_usage(&inst);
-                                return fail(at, e);
-                            }
-                        }
+        let work = || {
+            let mut inst = match self.plugin.instantiate_logged(
+                self.runtime,
+                &self.config,
+                &self.limits,
+                self.purpose(),
+            ) {
+                Ok(i) => {
+                    // The dimension is asked before any record is
+                    // seen: every instance must declare the same.
+                    let d = i.dimension();
+                    if let Err(seen) =
+                        self.dimension
+                            .compare_exchange(0, d, Ordering::Relaxed, Ordering::Relaxed)
+                        && seen != d
+                    {
+                        return fail(
+                            0,
+                            RuntimeError::InvalidOutput(super::Sealed::new(
+                                super::OutputViolation::InconsistentDimension,
+                            )),
+                        );
                     }
-                    self.collect_usage(&inst);
-                });
+                    i
+                }
+                Err(f) => return fail(0, self.absorb(f)),
+            };
+            while !failures.stopped() {
+                let at = next.fetch_add(1, Ordering::Relaxed);
+                let Some(chunk) = chunks.get(at) else { break };
+                let result = op(&mut inst, chunk);
+                self.collect_log(&mut inst);
+                match result {
+                    Ok(out) => *slots[at].lock().unwrap_or_else(|p| p.into_inner()) = Some(out),
+                    Err(e) => {
+                        self.collect_usage(&inst);
+                        return fail(at, e);
+                    }
+                }
             }
-        });
+            self.collect_usage(&inst);
+        };
+        // One worker runs on the calling thread: a small batch (a
+        // deployment's request) pays no thread spawn.
+        if workers == 1 {
+            work();
+        } else {
+            std::thread::scope(|scope| {
+                for _ in 0..workers {
+                    scope.spawn(work);
+                }
+            });
+        }
         failures.first()?;
         slots
             .into_iter()

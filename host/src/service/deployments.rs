@@ -43,6 +43,10 @@ pub(crate) struct Served {
 pub(crate) struct ServingState {
     loaded: Mutex<HashMap<String, Arc<Served>>>,
     metrics: Mutex<PendingMetrics>,
+    /// Deployments as last read or written by this process, for the
+    /// request path. Every write of a deployment goes through this process
+    /// (one process opens an environment) and forgets its entry.
+    deployments: Mutex<HashMap<String, Arc<Deployment>>>,
 }
 
 /// Counters added since the last write, by (deployment, role, model,
@@ -233,6 +237,7 @@ impl Cloister {
         let mut b = WriteBatch::new();
         deployments::put(&mut b, &d)?;
         store.commit(b)?;
+        self.forget_deployment(name);
         Ok(d)
     }
 
@@ -325,6 +330,7 @@ impl Cloister {
         let mut b = WriteBatch::new();
         deployments::put(&mut b, &d)?;
         self.env.store().commit(b)?;
+        self.forget_deployment(&d.name);
         Ok(d)
     }
 
@@ -337,6 +343,7 @@ impl Cloister {
         serving::delete_all(store.as_ref(), &mut b, &d.name)?;
         deployments::delete(&mut b, &d.name);
         store.commit(b)?;
+        self.forget_deployment(&d.name);
         Ok(())
     }
 
@@ -354,7 +361,7 @@ impl Cloister {
         records: &[DataRecord],
     ) -> Result<DeployedPredictions, ServiceError> {
         let started = Instant::now();
-        let looked_up = deployments::get(self.env.store().as_ref(), name);
+        let looked_up = self.deployment_cached(name);
         let d = self.found(looked_up, who, Action::Predict, || stand_in(name), &name)?;
         let key = key.unwrap_or(&who.name);
         let route = d.route(key);
@@ -451,6 +458,34 @@ impl Cloister {
         })
     }
 
+    /// A deployment for the request path: from this process's cache, or
+    /// read and kept.
+    fn deployment_cached(&self, name: &str) -> Result<Arc<Deployment>, DeploymentError> {
+        let mut cache = self
+            .serving
+            .deployments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = cache.get(name) {
+            return Ok(Arc::clone(d));
+        }
+        let d = Arc::new(deployments::get(self.env.store().as_ref(), name)?);
+        if cache.len() >= 1024 {
+            cache.clear();
+        }
+        cache.insert(name.to_string(), Arc::clone(&d));
+        Ok(d)
+    }
+
+    /// Forgets a deployment after it was written.
+    fn forget_deployment(&self, name: &str) {
+        self.serving
+            .deployments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
     /// Writes the pending metrics (the caller holds their lock).
     fn write_metrics(&self, pending: &mut PendingMetrics, now: u64) -> Result<(), ServiceError> {
         let store = self.env.store();
@@ -493,6 +528,7 @@ impl Cloister {
                 let mut b = WriteBatch::new();
                 deployments::put(&mut b, &d)?;
                 store.stage(b)?;
+                self.forget_deployment(name);
             }
             return Ok(());
         };
@@ -516,6 +552,7 @@ impl Cloister {
         let mut b = WriteBatch::new();
         deployments::put(&mut b, &d)?;
         store.commit(b)?;
+        self.forget_deployment(name);
         Ok(())
     }
 
