@@ -4,7 +4,8 @@
 # hashed-ngrams + logreg on SpamAssassin), single-record and 64-record
 # requests, over HTTP (`cloister serve`, wrk on loopback, client token:
 # every request authenticated, authorized and durably audited) against the
-# same calls in-process without HTTP (serve-bench), in one run; then the
+# same calls in-process without HTTP (serve-bench, 32 threads as wrk has 32
+# connections), in one run; then the
 # same single-record load while an operator sets a candidate's weight,
 # promotes it and rolls back, counting failed requests.
 # Needs wrk (apt-get install wrk). Usage: bench/serve.sh [SECONDS]
@@ -37,6 +38,7 @@ for m in "$a" "$b"; do
   as "$appr" model approve-release "$m" >/dev/null
 done
 as "$op" deploy create spam --model "$a" --client app >/dev/null
+if [ -n "${KEEP:-}" ]; then printf 'root=%s\napp=%s\nop=%s\n' "$root" "$app" "$op" > "$work/tokens"; fi
 # Request bodies: 1 and 64 records of the corpus (texts cut to 2,000 chars).
 python3 - "$work" <<'PY'
 import gzip, json, sys
@@ -57,11 +59,14 @@ echo "command: bench/serve.sh $secs"
 echo
 for n in 1 64; do
   target/release/serve-bench --env "$work/env" --token "$app" --deployment spam \
-    --input "$work/records.jsonl" --records $n --threads 2 --seconds "$secs"
+    --input "$work/records.jsonl" --records $n --threads 32 --seconds "$secs"
 done
 $bin serve --addr 127.0.0.1:18090 2>/dev/null &
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18090) 2>/dev/null && break; sleep 0.1; done
 url=http://127.0.0.1:18090/api/deployments/spam/predict
+# One request first: the server loads the model and its chain once.
+curl -s -o /dev/null -X POST -H "Authorization: Bearer $app" -H 'Content-Type: application/json' \
+  -d '{"records":[{"id":"warm","text":"hello"}]}' "$url"
 for n in 1 64; do
   echo
   echo "## HTTP, $n record(s) per request (wrk -t2 -c32 -d${secs}s)"
