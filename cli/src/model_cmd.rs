@@ -209,10 +209,7 @@ pub fn predict(env: &EnvArgs, id: &str, input: &std::path::Path) -> Result<ExitC
     let k = classes.len().max(1);
     for (i, rid) in ids.iter().enumerate() {
         let p = &probs[i * k..(i + 1) * k];
-        let (best, conf) = p
-            .iter()
-            .enumerate()
-            .fold((0, f32::MIN), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
+        let (best, conf) = cloister_host::train::eval::top_class(p);
         let all: serde_json::Map<String, serde_json::Value> = classes
             .iter()
             .zip(p)

@@ -75,6 +75,15 @@ pub struct Evaluation {
     pub false_positives: std::collections::BTreeMap<String, Vec<String>>,
 }
 
+/// The predicted class of one probability row and its probability: the
+/// first largest entry (`(0, f32::MIN)` for an empty row).
+pub fn top_class(row: &[f32]) -> (usize, f32) {
+    row.iter().enumerate().fold(
+        (0, f32::MIN),
+        |best, (j, &p)| if p > best.1 { (j, p) } else { best },
+    )
+}
+
 /// Evaluates predictions. `probs` is row-major `ids.len() × classes.len()`;
 /// `truth` holds class indices.
 pub fn evaluate(classes: &[String], ids: &[String], truth: &[usize], probs: &[f32]) -> Evaluation {
@@ -89,11 +98,7 @@ pub fn evaluate(classes: &[String], ids: &[String], truth: &[usize], probs: &[f3
     let mut correct = 0u64;
     for i in 0..n {
         let row = &probs[i * k..(i + 1) * k];
-        let (pred, conf) =
-            row.iter().enumerate().fold(
-                (0, f32::MIN),
-                |best, (j, &p)| if p > best.1 { (j, p) } else { best },
-            );
+        let (pred, conf) = top_class(row);
         let t = truth[i].min(k - 1);
         confusion[t][pred] += 1;
         let b = ((f64::from(conf) * bins as f64) as usize).min(bins - 1);

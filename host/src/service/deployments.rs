@@ -389,13 +389,7 @@ impl Cloister {
                 records.len()
             )));
         }
-        let input: Vec<DataRecord> = records
-            .iter()
-            .map(|r| DataRecord {
-                label: None,
-                ..r.clone()
-            })
-            .collect();
+        let input = super::pipeline::unlabeled(records);
         let purpose = format!("deploy {}", d.name);
         let served = self.serve(who, &purpose, &model, input.clone());
         let served_us = started.elapsed().as_micros() as u64;
@@ -574,10 +568,7 @@ impl Cloister {
             .enumerate()
             .map(|(i, r)| {
                 let p = &probs[i * k..(i + 1) * k];
-                let (best, conf) = p
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::MIN), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
+                let (best, conf) = crate::train::eval::top_class(p);
                 Answer {
                     id: r.id,
                     label: s.classes.get(best).cloned().unwrap_or_default(),

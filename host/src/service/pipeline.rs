@@ -51,6 +51,18 @@ pub(crate) struct Chain {
 type PluginLoader<'a> =
     dyn Fn(&str, PluginKind) -> Result<(PluginEntry, LoadedPlugin), ServiceError> + 'a;
 
+/// Records a caller supplies, without their labels: features never see
+/// the target (`predict` on mock data, a deployment's requests).
+pub(crate) fn unlabeled(records: &[DataRecord]) -> Vec<DataRecord> {
+    records
+        .iter()
+        .map(|r| DataRecord {
+            label: None,
+            ..r.clone()
+        })
+        .collect()
+}
+
 /// What a fitted featurizer learnt, by digest.
 #[derive(Debug, Clone)]
 pub(crate) struct FittedState {

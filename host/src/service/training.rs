@@ -326,13 +326,7 @@ impl Cloister {
         records: &[DataRecord],
     ) -> Result<Predictions, ServiceError> {
         let m = self.model_for(who, Action::ViewModel, id, &(id, records.len()))?;
-        let input: Vec<DataRecord> = records
-            .iter()
-            .map(|r| DataRecord {
-                label: None,
-                ..r.clone()
-            })
-            .collect();
+        let input = super::pipeline::unlabeled(records);
         let chain = self.lineage_chain(who, &m.lineage)?;
         let (input, x, _) =
             self.run_chain(who, &format!("predict {id}"), input, &chain, &mut |_, _| {})?;
