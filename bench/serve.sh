@@ -38,6 +38,9 @@ for m in "$a" "$b"; do
   as "$appr" model approve-release "$m" >/dev/null
 done
 as "$op" deploy create spam --model "$a" --client app >/dev/null
+# The regression gate: the candidate's signed pass on the labeled corpus,
+# without which the policies hold it at 5% of the traffic.
+as "$op" deploy test spam --candidate "$b" --dataset spam >/dev/null
 if [ -n "${KEEP:-}" ]; then printf 'root=%s\napp=%s\nop=%s\n' "$root" "$app" "$op" > "$work/tokens"; fi
 # Request bodies: 1 and 64 records of the corpus (texts cut to 2,000 chars).
 python3 - "$work" <<'PY'

@@ -114,6 +114,71 @@ pub enum DeployCommand {
         /// Roll back below this agreement with the champion (a share).
         #[arg(long)]
         min_agreement: Option<f64>,
+        /// Roll back when the candidate's online accuracy (labels from
+        /// feedback) falls more than this below the champion's on the same
+        /// records (a share, e.g. 0.02).
+        #[arg(long)]
+        max_accuracy_drop: Option<f64>,
+        /// Labeled candidate records a step needs before the accuracy guard
+        /// is judged.
+        #[arg(long, default_value_t = 30)]
+        min_labels: u64,
+    },
+    /// The regression gate: test a candidate against the champion on the
+    /// freshest labeled data (the capture dataset's newest versions, or
+    /// `--dataset`); the signed report is stored, and the policies hold a
+    /// candidate at 5% or less of the traffic until it passes.
+    Test {
+        /// The deployment.
+        name: String,
+        /// The candidate model (released).
+        #[arg(long)]
+        candidate: String,
+        /// A labeled dataset to test on instead (`NAME` or `NAME@VERSION`).
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Capture a sampled share of the requests into a dataset inside the
+    /// environment (new versions of `--batch` records each); `--off`
+    /// stops, `--write` writes the waiting records as a version now.
+    Capture {
+        /// The deployment.
+        name: String,
+        /// The dataset (new, or one this deployment captured into before).
+        #[arg(long, required_unless_present_any = ["off", "write"])]
+        dataset: Option<String>,
+        /// Share of requests captured, in percent.
+        #[arg(long, default_value_t = 10.0)]
+        percent: f64,
+        /// Records per version.
+        #[arg(long, default_value_t = 1000)]
+        batch: u32,
+        /// Stop capturing (waiting records stay until `--write`).
+        #[arg(long, conflicts_with_all = ["dataset", "write"])]
+        off: bool,
+        /// Write the waiting records as the next version now.
+        #[arg(long, conflicts_with = "dataset")]
+        write: bool,
+    },
+    /// How many recent answers the deployment keeps for feedback (0 turns
+    /// feedback off).
+    KeepAnswers {
+        /// The deployment.
+        name: String,
+        /// Answers kept.
+        count: u64,
+    },
+    /// Send true labels as the deployment's client: JSONL lines
+    /// `{"id": …, "label": …}` for records predicted before.
+    Feedback {
+        /// The deployment.
+        name: String,
+        /// The labels (JSONL).
+        #[arg(long)]
+        input: PathBuf,
     },
     /// Stop a running ramp where it is (the candidate keeps its share).
     StopRamp {
@@ -291,6 +356,8 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
             max_error_rate,
             max_p99_ms,
             min_agreement,
+            max_accuracy_drop,
+            min_labels,
         } => {
             if !bake_minutes.is_finite() || bake_minutes < 0.0 {
                 bail!("--bake-minutes is a number of minutes >= 0, not {bake_minutes}");
@@ -310,9 +377,76 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
                         max_p99_ms,
                         min_agreement,
                         min_requests,
+                        max_accuracy_drop,
+                        min_labels,
                     },
                 },
             )
+        }
+        DeployCommand::Test {
+            name,
+            candidate,
+            dataset,
+            json,
+        } => {
+            let s = env.session()?;
+            let r = s
+                .cloister
+                .test_candidate(&s.user, &name, &candidate, dataset.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_report(&r);
+            }
+            Ok(if r.verdict == "pass" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(crate::session::EXIT_FAILED_CHECK)
+            })
+        }
+        DeployCommand::Capture {
+            name,
+            dataset,
+            percent,
+            batch,
+            off,
+            write,
+        } => {
+            if write {
+                let s = env.session()?;
+                let w = s.cloister.write_capture(&s.user, &name)?;
+                match &w.version {
+                    Some(v) => println!(
+                        "wrote {v}: {} records, {} labeled by feedback",
+                        w.records, w.labeled
+                    ),
+                    None => println!("no captured record was waiting"),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let spec = match (off, dataset) {
+                (true, _) => None,
+                (false, Some(dataset)) => Some(cloister_host::service::CaptureSpec {
+                    dataset,
+                    sample: basis_points(percent)?,
+                    batch,
+                }),
+                (false, None) => bail!("name the dataset with --dataset, or pass --off or --write"),
+            };
+            change(&name, DeploymentChange::Capture(spec))
+        }
+        DeployCommand::KeepAnswers { name, count } => {
+            change(&name, DeploymentChange::KeepAnswers(count))
+        }
+        DeployCommand::Feedback { name, input } => {
+            let items = read_feedback(&input)?;
+            let s = env.session()?;
+            let o = s.cloister.send_feedback(&s.user, &name, &items)?;
+            println!(
+                "scored {} labels ({} stored with captured records); {} ids unknown, {} repeated",
+                o.scored, o.labeled_captures, o.unknown, o.repeated
+            );
+            Ok(ExitCode::SUCCESS)
         }
         DeployCommand::StopRamp { name } => change(&name, DeploymentChange::StopRamp),
         DeployCommand::Pause { name } => change(&name, DeploymentChange::Pause),
@@ -347,6 +481,81 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Reads feedback lines `{"id", "label"}`, naming the line at fault.
+fn read_feedback(path: &std::path::Path) -> Result<Vec<cloister_host::service::Feedback>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        let field = |f: &str| -> Result<String> {
+            match v.get(f) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(serde_json::Value::Number(n)) if f == "id" => Ok(n.to_string()),
+                _ => bail!(
+                    "{}:{}: field `{f}`: a string is required",
+                    path.display(),
+                    i + 1
+                ),
+            }
+        };
+        out.push(cloister_host::service::Feedback {
+            id: field("id")?,
+            label: field("label")?,
+        });
+    }
+    Ok(out)
+}
+
+fn print_report(r: &cloister_host::regression::RegressionReport) {
+    println!(
+        "regression test of {} against {} on {} ({} labeled, {} unlabeled records): {}",
+        r.candidate.model,
+        r.champion.model,
+        r.datasets.join(", "),
+        r.labeled,
+        r.unlabeled,
+        r.verdict.to_uppercase()
+    );
+    println!(
+        "  {:<10} {:>9} {:>9} {:>7} {:>7}",
+        "", "accuracy", "macro-F1", "ECE", "Brier"
+    );
+    for (who, f) in [("candidate", &r.candidate), ("champion", &r.champion)] {
+        println!(
+            "  {:<10} {:>9.4} {:>9.4} {:>7.4} {:>7.4}",
+            who, f.accuracy, f.macro_f1, f.ece, f.brier
+        );
+    }
+    println!(
+        "  accuracy difference {:+.4} (95% bootstrap interval {:+.4} to {:+.4}); McNemar p = {:.4} ({} only the champion got right, {} only the candidate)",
+        r.accuracy_delta,
+        r.accuracy_delta_ci.0,
+        r.accuracy_delta_ci.1,
+        r.mcnemar.p_value,
+        r.mcnemar.champion_only,
+        r.mcnemar.candidate_only
+    );
+    for (class, n) in &r.support {
+        println!(
+            "  recall {:<16} {:>7.4} vs {:>7.4} ({n} records)",
+            class,
+            r.candidate.recall.get(class).copied().unwrap_or(0.0),
+            r.champion.recall.get(class).copied().unwrap_or(0.0)
+        );
+    }
+    if let Some(p) = r.psi {
+        println!("  prediction drift (PSI) {p:.4}");
+    }
+    for reason in &r.reasons {
+        println!("  fail: {reason}");
     }
 }
 
@@ -391,6 +600,12 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
             opt(v.mean_confidence, 3),
             opt(v.agreement.map(|a| a * 100.0), 1),
         );
+        if let (Some(a), Some(c)) = (v.accuracy, v.champion_accuracy) {
+            println!(
+                "  {:<10} online accuracy {:.4} on {} labeled records (champion on the same: {:.4})",
+                "", a, v.labeled, c
+            );
+        }
         if !v.classes.is_empty() {
             let classes: Vec<String> = v.classes.iter().map(|(c, n)| format!("{c} {n}")).collect();
             println!("  {:<10} classes: {}", "", classes.join(", "));
@@ -414,6 +629,25 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
                 .as_ref()
                 .map(|w| format!("; rolled back: {w}"))
                 .unwrap_or_default()
+        );
+    }
+    for r in &st.reports {
+        println!(
+            "regression report of {}: {} (accuracy {:+.4} on {} labeled records of {})",
+            r.report.candidate.model,
+            r.standing,
+            r.report.accuracy_delta,
+            r.report.labeled,
+            r.report.datasets.join(", ")
+        );
+    }
+    if let Some(c) = &d.capture {
+        println!(
+            "capture: {:.2}% of requests into {} (versions of {} records; {} waiting)",
+            f64::from(c.sample) / 100.0,
+            c.dataset,
+            c.batch,
+            st.captured_waiting
         );
     }
     if let Some(last) = d.history.last() {

@@ -56,6 +56,8 @@ impl EnvArgs {
 pub const EXIT_DENIED: u8 = 3;
 /// Exit code for a failed audit verification.
 pub const EXIT_TAMPERED: u8 = 4;
+/// A check ran and its verdict is `fail` (`deploy test`).
+pub const EXIT_FAILED_CHECK: u8 = 5;
 
 /// Maps an error to an exit code: denials get their own.
 pub fn exit_code(e: &anyhow::Error) -> u8 {

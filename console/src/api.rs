@@ -89,6 +89,9 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         .route("/api/deployments/{name}", get(deployment))
         .route("/api/deployments/{name}/change", post(change_deployment))
         .route("/api/deployments/{name}/predict", post(predict_deployed))
+        .route("/api/deployments/{name}/feedback", post(send_feedback))
+        .route("/api/deployments/{name}/test", post(test_candidate))
+        .route("/api/deployments/{name}/capture", post(write_capture))
 }
 
 async fn openapi() -> Json<Value> {
@@ -393,6 +396,21 @@ enum ChangeBody {
         guards: cloister_host::deployments::Guards,
     },
     StopRamp,
+    Capture {
+        /// The dataset; absent stops capturing.
+        dataset: Option<String>,
+        #[serde(default)]
+        sample: u32,
+        #[serde(default = "default_batch")]
+        batch: u32,
+    },
+    KeepAnswers {
+        count: u64,
+    },
+}
+
+fn default_batch() -> u32 {
+    1000
 }
 
 impl From<ChangeBody> for cloister_host::service::DeploymentChange {
@@ -421,6 +439,16 @@ impl From<ChangeBody> for cloister_host::service::DeploymentChange {
                 guards,
             },
             ChangeBody::StopRamp => C::StopRamp,
+            ChangeBody::Capture {
+                dataset,
+                sample,
+                batch,
+            } => C::Capture(dataset.map(|dataset| cloister_host::service::CaptureSpec {
+                dataset,
+                sample,
+                batch,
+            })),
+            ChangeBody::KeepAnswers { count } => C::KeepAnswers(count),
         }
     }
 }
@@ -495,6 +523,58 @@ async fn predict_deployed(
         })
         .await?,
     )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackBody {
+    /// True labels: `{"id", "label"}` for records predicted before.
+    labels: Vec<cloister_host::service::Feedback>,
+}
+
+async fn send_feedback(
+    State(k): S,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(b): Json<FeedbackBody>,
+) -> Out {
+    let u = writer(&k, &h).await?.user;
+    if b.labels.len() > cloister_host::service::MAX_FEEDBACK {
+        return Err(ApiError::BadRequest(format!(
+            "a feedback request carries at most {} labels",
+            cloister_host::service::MAX_FEEDBACK
+        )));
+    }
+    to_json(blocking(&k, move |c| c.send_feedback(&u, &name, &b.labels)).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestBody {
+    candidate: String,
+    /// A labeled dataset (`NAME` or `NAME@VERSION`) instead of the capture
+    /// dataset's newest versions.
+    dataset: Option<String>,
+}
+
+async fn test_candidate(
+    State(k): S,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(b): Json<TestBody>,
+) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(
+        blocking(&k, move |c| {
+            c.test_candidate(&u, &name, &b.candidate, b.dataset.as_deref())
+        })
+        .await?,
+    )
+}
+
+async fn write_capture(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.write_capture(&u, &name)).await?)
 }
 
 #[derive(Deserialize)]

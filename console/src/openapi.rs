@@ -163,7 +163,7 @@ pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
     (
         "post",
         "/api/deployments/{name}/change",
-        "Change a deployment's routing: set-weight, remove, shadow, promote, rollback, pause, resume, clients, ramp, stop-ramp (operators)",
+        "Change a deployment: set-weight, remove, shadow, promote, rollback, pause, resume, clients, ramp, stop-ramp, capture, keep-answers (operators; a weight above 5% needs a passing regression report)",
         Some("DeploymentChange"),
         200,
     ),
@@ -179,6 +179,27 @@ pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
         "/api/deployments/{name}/predict",
         "Predict with a deployment (its client accounts only): records in, label and class probabilities out",
         Some("Predict"),
+        200,
+    ),
+    (
+        "post",
+        "/api/deployments/{name}/feedback",
+        "True labels for records the caller had predicted (the deployment's client accounts only): scored into online accuracy, and stored as labels of captured records",
+        Some("Feedback"),
+        200,
+    ),
+    (
+        "post",
+        "/api/deployments/{name}/test",
+        "The regression gate: test a candidate against the champion on the freshest labeled data (or `dataset`); returns the signed report (operators)",
+        Some("RegressionTest"),
+        200,
+    ),
+    (
+        "post",
+        "/api/deployments/{name}/capture",
+        "Write the deployment's waiting captured records as the next version of its capture dataset (operators)",
+        None,
         200,
     ),
     (
@@ -246,7 +267,10 @@ fn schemas() -> Value {
             "clients": {"type": "array", "items": {"type": "string"}}
         }), &["name", "model"]),
         "DeploymentChange": s(json!({
-            "action": {"type": "string", "enum": ["set-weight", "remove", "shadow", "promote", "rollback", "pause", "resume", "clients", "ramp", "stop-ramp"]},
+            "action": {"type": "string", "enum": ["set-weight", "remove", "shadow", "promote", "rollback", "pause", "resume", "clients", "ramp", "stop-ramp", "capture", "keep-answers"]},
+            "dataset": {"type": "string", "description": "capture: the dataset (absent: stop capturing)"},
+            "batch": {"type": "integer", "description": "capture: records per version"},
+            "count": {"type": "integer", "description": "keep-answers: answers kept for feedback"},
             "model": {"type": "string"},
             "weight": {"type": "integer", "description": "basis points (1/100 %)"},
             "sample": {"type": "integer", "description": "basis points"},
@@ -257,13 +281,24 @@ fn schemas() -> Value {
                 "max_error_rate": {"type": "number"},
                 "max_p99_ms": {"type": "number"},
                 "min_agreement": {"type": "number"},
-                "min_requests": {"type": "integer"}
+                "min_requests": {"type": "integer"},
+                "max_accuracy_drop": {"type": "number"},
+                "min_labels": {"type": "integer"}
             }}
         }), &["action"]),
         "Predict": s(json!({
             "key": {"type": "string"},
             "records": {"type": "array", "maxItems": 1000, "items": {"type": "object"}}
         }), &["records"]),
+        "Feedback": s(json!({
+            "labels": {"type": "array", "maxItems": 1000, "items": {"type": "object", "properties": {
+                "id": {"type": "string"}, "label": {"type": "string"}
+            }, "required": ["id", "label"]}}
+        }), &["labels"]),
+        "RegressionTest": s(json!({
+            "candidate": {"type": "string"},
+            "dataset": {"type": "string"}
+        }), &["candidate"]),
     })
 }
 

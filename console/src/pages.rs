@@ -921,6 +921,16 @@ async fn deployment(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Page
                 opt(v.p99_ms, 1),
                 opt(v.mean_confidence, 3),
                 opt(v.agreement.map(|a| a * 100.0), 1),
+                match (v.accuracy, v.champion_accuracy) {
+                    (Some(a), Some(ch)) if v.role != "champion" => format!(
+                        "{:.1} (champion {:.1}) on {}",
+                        a * 100.0,
+                        ch * 100.0,
+                        v.labeled
+                    ),
+                    (Some(a), _) => format!("{:.1} on {}", a * 100.0, v.labeled),
+                    _ => "–".into(),
+                },
                 esc(&v
                     .classes
                     .iter()
@@ -956,10 +966,12 @@ async fn deployment(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Page
             "p99 ms",
             "confidence",
             "agreement %",
+            "online accuracy % (labeled)",
             "classes",
         ],
         &rows,
     ));
+    body.push_str(&series_charts(&st));
     let label = |v: &cloister_host::serving::Summary| format!("{} {}", v.role, v.model);
     body.push_str(&bars(
         "Requests in the last hour, per variant",
@@ -996,6 +1008,61 @@ async fn deployment(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Page
                 .unwrap_or_default()
         );
     }
+    if let Some(cap) = &d.capture {
+        let _ = write!(
+            body,
+            "<h2>Fresh data</h2><p>{} of the requests are captured into dataset <a href=\"/datasets/{}\">{}</a>, in versions of {} records; {} waiting.</p>",
+            share(cap.sample),
+            esc(&cap.dataset),
+            esc(&cap.dataset),
+            cap.batch,
+            st.captured_waiting
+        );
+    }
+    if !st.reports.is_empty() {
+        body.push_str("<h2>Regression reports</h2><p>A candidate takes more than 5% of the traffic only with a passing report against the current champion.</p>");
+        let rows: Vec<Vec<String>> = st
+            .reports
+            .iter()
+            .map(|r| {
+                let p = &r.report;
+                vec![
+                    esc(&p.candidate.model),
+                    format!("<strong>{}</strong>", esc(&r.standing)),
+                    esc(&p.champion.model),
+                    esc(&p.datasets.join(", ")),
+                    p.labeled.to_string(),
+                    format!(
+                        "{:+.2} [{:+.2}, {:+.2}]",
+                        p.accuracy_delta * 100.0,
+                        p.accuracy_delta_ci.0 * 100.0,
+                        p.accuracy_delta_ci.1 * 100.0
+                    ),
+                    format!("{:+.2}", p.macro_f1_delta * 100.0),
+                    format!("{:.4}", p.mcnemar.p_value),
+                    format!("{:.3} / {:.3}", p.candidate.ece, p.champion.ece),
+                    opt(p.psi, 3),
+                    esc(&p.reasons.join("; ")),
+                ]
+            })
+            .collect();
+        body.push_str(&table(
+            &[
+                "candidate",
+                "standing",
+                "against",
+                "data",
+                "labeled",
+                "accuracy Δ pt [95%]",
+                "macro-F1 Δ pt",
+                "McNemar p",
+                "ECE cand / champ",
+                "PSI",
+                "why it failed",
+            ],
+            &rows,
+        ));
+    }
     let resource = Resource::Deployment {
         name: d.name.clone(),
         clients: d.clients.clone(),
@@ -1020,6 +1087,20 @@ async fn deployment(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Page
                 ));
             }
         }
+        if d.capture.is_some() {
+            for v in &d.candidates {
+                body.push_str(&button(
+                    &c,
+                    &format!("{base}/test?model={}", v.model),
+                    &format!("Test {} on fresh data", v.model),
+                ));
+            }
+            body.push_str(&button(
+                &c,
+                &format!("{base}/capture"),
+                "Write captured records",
+            ));
+        }
         body.push_str("</p>");
     }
     let hist: Vec<Vec<String>> = d
@@ -1041,6 +1122,87 @@ async fn deployment(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Page
     ok(&c, &format!("Deployment {}", d.name), &body)
 }
 
+/// Per-minute charts of a deployment's variants over the window: each
+/// variant's share of the requests, its p99 latency, and its online
+/// accuracy where feedback arrived.
+fn series_charts(st: &cloister_host::service::DeploymentStatus) -> String {
+    const COLOURS: [&str; 6] = [
+        "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+    ];
+    let now = cloister_host::time::now_ms();
+    // Minutes before now, as a negative x (0 is now, never "-0").
+    let minutes_ago = |ms: u64| 0.0 - (now.saturating_sub(ms) as f64 / 60_000.0).round();
+    let mut total: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    for v in st.series.iter().filter(|v| v.role != "shadow") {
+        for p in &v.points {
+            *total.entry(p.minute_ms).or_default() += p.requests;
+        }
+    }
+    let names: Vec<String> = st
+        .series
+        .iter()
+        .map(|v| {
+            format!(
+                "{} {}",
+                v.role,
+                v.model.chars().take(10).collect::<String>()
+            )
+        })
+        .collect();
+    let mut share = Vec::new();
+    let mut p99 = Vec::new();
+    let mut accuracy = Vec::new();
+    for (i, v) in st.series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        if v.role != "shadow" {
+            share.push((
+                names[i].as_str(),
+                colour,
+                v.points
+                    .iter()
+                    .map(|p| {
+                        let t = total.get(&p.minute_ms).copied().unwrap_or(0).max(1);
+                        (
+                            minutes_ago(p.minute_ms),
+                            p.requests as f64 * 100.0 / t as f64,
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            ));
+        }
+        p99.push((
+            names[i].as_str(),
+            colour,
+            v.points
+                .iter()
+                .filter_map(|p| p.p99_ms.map(|l| (minutes_ago(p.minute_ms), l)))
+                .collect(),
+        ));
+        accuracy.push((
+            names[i].as_str(),
+            colour,
+            v.points
+                .iter()
+                .filter_map(|p| p.accuracy.map(|a| (minutes_ago(p.minute_ms), a * 100.0)))
+                .collect(),
+        ));
+    }
+    let mut out = String::from("<div class=\"charts\">");
+    out.push_str(&lines(
+        "Share of requests per minute (%)",
+        "minutes ago",
+        &share,
+    ));
+    out.push_str(&lines("p99 latency per minute (ms)", "minutes ago", &p99));
+    out.push_str(&lines(
+        "Online accuracy per minute (%), from feedback",
+        "minutes ago",
+        &accuracy,
+    ));
+    out.push_str("</div>");
+    out
+}
+
 #[derive(Deserialize)]
 struct ModelQuery {
     model: Option<String>,
@@ -1055,6 +1217,19 @@ async fn change_deployment(
 ) -> Page {
     use cloister_host::service::DeploymentChange as C;
     let c = poster(&k, &h, &f.csrf).await?;
+    match (action.as_str(), &q.model) {
+        ("test", Some(m)) => {
+            let (u, n, m) = (c.user.clone(), name.clone(), m.clone());
+            run(&k, &c, move |x| x.test_candidate(&u, &n, &m, None)).await?;
+            return Ok(Redirect::to(&format!("/deployments/{name}")).into_response());
+        }
+        ("capture", _) => {
+            let (u, n) = (c.user.clone(), name.clone());
+            run(&k, &c, move |x| x.write_capture(&u, &n)).await?;
+            return Ok(Redirect::to(&format!("/deployments/{name}")).into_response());
+        }
+        _ => {}
+    }
     let change = match (action.as_str(), q.model) {
         ("pause", _) => C::Pause,
         ("resume", _) => C::Resume,

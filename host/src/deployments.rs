@@ -117,7 +117,41 @@ pub struct Deployment {
     /// The ramp in progress or last run, if any.
     #[serde(default)]
     pub ramp: Option<Ramp>,
+    /// Where sampled requests are captured, if anywhere.
+    #[serde(default)]
+    pub capture: Option<Capture>,
+    /// How many of its most recent answered records are kept for feedback
+    /// (0: none, and feedback is refused).
+    #[serde(default = "default_keep_answers")]
+    pub keep_answers: u64,
 }
+
+/// The default of [`Deployment::keep_answers`].
+pub const DEFAULT_KEEP_ANSWERS: u64 = 100_000;
+/// The most answers a deployment may keep.
+pub const MAX_KEEP_ANSWERS: u64 = 10_000_000;
+
+fn default_keep_answers() -> u64 {
+    DEFAULT_KEEP_ANSWERS
+}
+
+/// Fresh-data capture: a sampled share of a deployment's requests becomes
+/// new versions of a dataset inside the environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capture {
+    /// The dataset the captured records go to.
+    pub dataset: String,
+    /// The share of requests captured, in basis points.
+    pub sample: u32,
+    /// A new version is written once this many records wait.
+    pub batch: u32,
+    /// Who set it up (the versions are imported in the host's name, on
+    /// this user's authorization).
+    pub by: String,
+}
+
+/// The most records one capture version holds.
+pub const MAX_CAPTURE_BATCH: u32 = 100_000;
 
 /// When a ramp stops a step and rolls back: thresholds on the candidate's
 /// figures over the current step.
@@ -133,16 +167,44 @@ pub struct Guards {
     /// A step ends only after this many candidate requests (and its bake
     /// time); the guards are judged from the first request on.
     pub min_requests: u64,
+    /// Roll back when the candidate's online accuracy (true labels from
+    /// feedback) is more than this below the champion's on the same
+    /// records.
+    #[serde(default)]
+    pub max_accuracy_drop: Option<f64>,
+    /// The accuracy guard is judged once this many of the candidate's
+    /// records in the step have feedback.
+    #[serde(default = "default_min_labels")]
+    pub min_labels: u64,
+}
+
+fn default_min_labels() -> u64 {
+    30
+}
+
+impl Guards {
+    /// No guard, no minimum.
+    pub fn none() -> Self {
+        Guards {
+            max_error_rate: None,
+            max_p99_ms: None,
+            min_agreement: None,
+            min_requests: 0,
+            max_accuracy_drop: None,
+            min_labels: default_min_labels(),
+        }
+    }
 }
 
 /// A ramp: a candidate's traffic raised step by step, each step held for
-/// its bake time and judged by the guards; the last step promotes it.
+/// its bake time and judged by the guards; a step of 100% promotes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ramp {
     /// The candidate.
     pub model: String,
-    /// Its weight at each step, in basis points, increasing; a last step
-    /// of 10,000 promotes it.
+    /// Its weight at each step, in basis points, increasing; a step of
+    /// 10,000 promotes it, and a ramp whose last step is lower ends with
+    /// the candidate holding that share.
     pub steps: Vec<u32>,
     /// The current step's index.
     pub step: usize,
@@ -169,6 +231,9 @@ pub enum RampEvent {
     Advanced(u32),
     /// The last step passed: the candidate is the champion.
     Promoted,
+    /// The last step, below 100%, passed: the ramp is done and the
+    /// candidate keeps that share.
+    Held,
     /// A guard was breached: the candidate's traffic went to 0.
     RolledBack(String),
 }
@@ -206,6 +271,8 @@ impl Deployment {
             created_ms: now_ms,
             history: Vec::new(),
             ramp: None,
+            capture: None,
+            keep_answers: DEFAULT_KEEP_ANSWERS,
         };
         d.set_clients(clients)?;
         d.record(by, now_ms, format!("create {champion}"));
@@ -415,6 +482,7 @@ impl Deployment {
         for (what, v) in [
             ("max error rate", guards.max_error_rate),
             ("min agreement", guards.min_agreement),
+            ("max accuracy drop", guards.max_accuracy_drop),
         ] {
             if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
                 return Err(DeploymentError::Invalid(format!(
@@ -476,40 +544,76 @@ impl Deployment {
             return None;
         }
         ramp.counters.add(o);
+        self.judge_step(now_ms, true)
+    }
+
+    /// Adds feedback on one of `model`'s answers (whether it and the
+    /// champion were right) to a running ramp of it and judges the guards
+    /// (a step does not advance on feedback alone).
+    pub fn judge_feedback(
+        &mut self,
+        model: &str,
+        correct: bool,
+        champion_correct: bool,
+        now_ms: u64,
+    ) -> Option<RampEvent> {
+        let ramp = self.ramp.as_mut()?;
+        if ramp.state != "running" || ramp.model != model {
+            return None;
+        }
+        ramp.counters.add_feedback(correct, champion_correct);
+        self.judge_step(now_ms, false)
+    }
+
+    /// The first guard the ramp's counters breach, with the values.
+    fn breach(ramp: &Ramp) -> Option<String> {
         let c = &ramp.counters;
         let g = &ramp.guards;
         let error_rate = c.errors as f64 / c.requests.max(1) as f64;
-        let mut breach = None;
         if let Some(max) = g.max_error_rate
             && error_rate > max
         {
-            breach = Some(format!(
+            return Some(format!(
                 "error rate {error_rate:.4} > {max} over {} requests",
                 c.requests
             ));
         }
         if let (Some(max), Some(p99)) = (g.max_p99_ms, c.latency_ms(0.99))
-            && breach.is_none()
             && p99 > max
         {
-            breach = Some(format!(
+            return Some(format!(
                 "p99 latency {p99:.2} ms > {max} ms over {} requests",
                 c.requests
             ));
         }
         if let Some(min) = g.min_agreement
-            && breach.is_none()
             && c.compared > 0
         {
             let a = c.agreed as f64 / c.compared as f64;
             if a < min {
-                breach = Some(format!(
+                return Some(format!(
                     "agreement with the champion {a:.4} < {min} over {} records",
                     c.compared
                 ));
             }
         }
-        if let Some(reason) = breach {
+        if let (Some(max), Some((acc, champ))) = (g.max_accuracy_drop, c.accuracy())
+            && c.labeled >= g.min_labels.max(1)
+            && champ - acc > max
+        {
+            return Some(format!(
+                "online accuracy {acc:.4} against the champion's {champ:.4} on the same {} labeled records: a drop of {:.4} > {max}",
+                c.labeled,
+                champ - acc
+            ));
+        }
+        None
+    }
+
+    fn judge_step(&mut self, now_ms: u64, may_advance: bool) -> Option<RampEvent> {
+        let paused = self.paused;
+        let ramp = self.ramp.as_mut()?;
+        if let Some(reason) = Self::breach(ramp) {
             ramp.state = "rolled-back".into();
             ramp.reason = Some(reason.clone());
             let model = ramp.model.clone();
@@ -518,8 +622,9 @@ impl Deployment {
             }
             return Some(RampEvent::RolledBack(reason));
         }
-        if self.paused
-            || c.requests < g.min_requests
+        if !may_advance
+            || paused
+            || ramp.counters.requests < ramp.guards.min_requests
             || now_ms.saturating_sub(ramp.step_started_ms) < ramp.bake_ms
         {
             return None;
@@ -535,7 +640,14 @@ impl Deployment {
                 }
                 Some(RampEvent::Advanced(w))
             }
-            _ => {
+            None => {
+                // The last step was below 100%: the ramp ends there, the
+                // candidate keeping its share (an A/B split).
+                ramp.state = "done".into();
+                ramp.step = ramp.steps.len() - 1;
+                Some(RampEvent::Held)
+            }
+            Some(_) => {
                 ramp.state = "done".into();
                 if let Some(i) = self.candidates.iter().position(|c| c.model == model) {
                     self.candidates.remove(i);
@@ -545,6 +657,33 @@ impl Deployment {
                 Some(RampEvent::Promoted)
             }
         }
+    }
+
+    /// Sets (or with `None`, stops) fresh-data capture.
+    pub fn set_capture(&mut self, capture: Option<Capture>) -> Result<(), DeploymentError> {
+        if let Some(c) = &capture {
+            if c.sample == 0 || c.sample > ALL_TRAFFIC {
+                return Err(DeploymentError::Invalid(format!(
+                    "a capture's sample is 1..={ALL_TRAFFIC} basis points, not {}",
+                    c.sample
+                )));
+            }
+            if c.batch == 0 || c.batch > MAX_CAPTURE_BATCH {
+                return Err(DeploymentError::Invalid(format!(
+                    "a capture's batch is 1..={MAX_CAPTURE_BATCH} records, not {}",
+                    c.batch
+                )));
+            }
+        }
+        self.capture = capture;
+        Ok(())
+    }
+
+    /// Whether a request with routing key `key` is captured.
+    pub fn captured(&self, key: &str) -> bool {
+        self.capture.as_ref().is_some_and(|c| {
+            self.uniform(key, "capture") < f64::from(c.sample) / f64::from(ALL_TRAFFIC)
+        })
     }
 
     /// The variant that serves requests with routing key `key`.
@@ -645,6 +784,23 @@ pub fn get(store: &dyn Storage, name: &str) -> Result<Deployment, DeploymentErro
         .get(Space::Deployments, name.as_bytes())?
         .ok_or_else(|| DeploymentError::Unknown(name.chars().take(80).collect()))?;
     serde_json::from_slice(&v).map_err(|_| DeploymentError::Damaged(name.to_string()))
+}
+
+/// The deletes of every key of `space` under `deployment \0` (what a
+/// deployment's metrics, kept answers, captures and reports are keyed by).
+pub fn delete_under(
+    store: &dyn Storage,
+    batch: &mut WriteBatch,
+    space: Space,
+    deployment: &str,
+) -> Result<(), StoreError> {
+    let mut p = deployment.as_bytes().to_vec();
+    p.push(0);
+    for item in store.scan(space, &p) {
+        let (k, _) = item?;
+        batch.delete(space, k);
+    }
+    Ok(())
 }
 
 /// Whether a deployment of that name exists.
@@ -781,6 +937,7 @@ mod tests {
             max_p99_ms: Some(100.0),
             min_agreement: Some(0.5),
             min_requests: 2,
+            ..Guards::none()
         };
         d.start_ramp("cand", vec![500, 5_000, 10_000], 1_000, guards, "op", 0)
             .unwrap();
@@ -827,6 +984,7 @@ mod tests {
                 max_p99_ms: Some(100.0),
                 min_agreement: Some(0.5),
                 min_requests: 100,
+                ..Guards::none()
             };
             d.start_ramp("cand", vec![1_000, 10_000], 0, guards, "op", 0)
                 .unwrap();
@@ -842,12 +1000,7 @@ mod tests {
             assert_eq!(d.ramp.as_ref().unwrap().state, "rolled-back");
         }
         let mut d = dep();
-        let g = Guards {
-            max_error_rate: None,
-            max_p99_ms: None,
-            min_agreement: None,
-            min_requests: 0,
-        };
+        let g = Guards::none();
         assert!(
             d.start_ramp("cand", vec![500, 400], 0, g.clone(), "op", 0)
                 .is_err()
@@ -859,6 +1012,60 @@ mod tests {
             d.start_ramp("cand", vec![600], 0, g, "op", 0).is_err(),
             "one at a time"
         );
+    }
+
+    #[test]
+    fn a_ramp_below_all_traffic_holds_and_the_accuracy_guard_reads_feedback() {
+        let mut d = dep();
+        d.start_ramp("cand", vec![500, 2_000], 0, Guards::none(), "op", 0)
+            .unwrap();
+        assert_eq!(
+            d.judge_ramp("cand", &seen(1_000, &["a"], 1), 1),
+            Some(RampEvent::Advanced(2_000))
+        );
+        assert_eq!(
+            d.judge_ramp("cand", &seen(1_000, &["a"], 1), 2),
+            Some(RampEvent::Held)
+        );
+        assert_eq!(d.champion, "champ");
+        assert_eq!(d.candidates[0].weight, 2_000);
+        assert_eq!(d.ramp.as_ref().unwrap().state, "done");
+
+        let mut d = dep();
+        let guards = Guards {
+            max_accuracy_drop: Some(0.1),
+            min_labels: 10,
+            ..Guards::none()
+        };
+        d.start_ramp("cand", vec![500, 10_000], 60_000, guards, "op", 0)
+            .unwrap();
+        // Feedback alone never advances a step; under `min_labels` the
+        // guard waits.
+        for _ in 0..9 {
+            assert_eq!(d.judge_feedback("cand", false, true, 100_000), None);
+        }
+        assert_eq!(d.judge_feedback("other", false, true, 100_000), None);
+        match d.judge_feedback("cand", false, true, 100_000) {
+            Some(RampEvent::RolledBack(reason)) => {
+                assert!(reason.starts_with("online accuracy 0.0000"), "{reason}");
+                assert!(reason.contains("10 labeled records"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(d.candidates[0].weight, 0);
+        // Equal accuracy passes.
+        let mut d = dep();
+        let guards = Guards {
+            max_accuracy_drop: Some(0.0),
+            min_labels: 1,
+            ..Guards::none()
+        };
+        d.start_ramp("cand", vec![500], 60_000, guards, "op", 0)
+            .unwrap();
+        for _ in 0..20 {
+            assert_eq!(d.judge_feedback("cand", true, true, 1), None);
+            assert_eq!(d.judge_feedback("cand", false, false, 1), None);
+        }
     }
 
     #[test]

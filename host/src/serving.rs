@@ -51,6 +51,17 @@ pub struct Counters {
     pub compared: u64,
     /// Of those, records where both chose the same class.
     pub agreed: u64,
+    /// Records whose true label arrived through feedback.
+    #[serde(default)]
+    pub labeled: u64,
+    /// Of those, records it predicted right.
+    #[serde(default)]
+    pub correct: u64,
+    /// Of those, records the champion predicted right on the same request
+    /// (candidates and the shadow; for the champion, equal to `correct`):
+    /// the paired comparison the accuracy guard reads.
+    #[serde(default)]
+    pub champion_correct: u64,
 }
 
 /// What one request did on one variant.
@@ -105,6 +116,27 @@ impl Counters {
         self.confidence_sum += other.confidence_sum;
         self.compared += other.compared;
         self.agreed += other.agreed;
+        self.labeled += other.labeled;
+        self.correct += other.correct;
+        self.champion_correct += other.champion_correct;
+    }
+
+    /// Adds one labeled record's outcome: whether this variant and the
+    /// champion predicted it right.
+    pub fn add_feedback(&mut self, correct: bool, champion_correct: bool) {
+        self.labeled += 1;
+        self.correct += u64::from(correct);
+        self.champion_correct += u64::from(champion_correct);
+    }
+
+    /// Online accuracy, and the champion's on the same records.
+    pub fn accuracy(&self) -> Option<(f64, f64)> {
+        (self.labeled > 0).then(|| {
+            (
+                self.correct as f64 / self.labeled as f64,
+                self.champion_correct as f64 / self.labeled as f64,
+            )
+        })
     }
 
     /// The latency at quantile `q` (0..=1), in ms, as its bucket's upper
@@ -154,6 +186,12 @@ pub struct Summary {
     pub mean_confidence: Option<f64>,
     /// Share of compared records where it chose the champion's class.
     pub agreement: Option<f64>,
+    /// Records labeled through feedback.
+    pub labeled: u64,
+    /// Online accuracy on those records.
+    pub accuracy: Option<f64>,
+    /// The champion's accuracy on the same records.
+    pub champion_accuracy: Option<f64>,
 }
 
 impl Summary {
@@ -176,6 +214,9 @@ impl Summary {
             classes: c.classes.clone(),
             mean_confidence: (c.records > 0).then(|| c.confidence_sum / c.records as f64),
             agreement: (c.compared > 0).then(|| c.agreed as f64 / c.compared as f64),
+            labeled: c.labeled,
+            accuracy: c.accuracy().map(|a| a.0),
+            champion_accuracy: c.accuracy().map(|a| a.1),
         }
     }
 }
@@ -235,11 +276,30 @@ pub fn window(
     model: &str,
     since_ms: u64,
 ) -> Result<Counters, StoreError> {
+    let mut total = Counters::default();
+    for (_, c) in series(store, deployment, role, model, since_ms)? {
+        total.merge(&c);
+    }
+    Ok(total)
+}
+
+/// The variant's counters per minute from `since_ms` on, oldest first
+/// (minutes without traffic are absent).
+pub fn series(
+    store: &dyn Storage,
+    deployment: &str,
+    role: &str,
+    model: &str,
+    since_ms: u64,
+) -> Result<Vec<(u64, Counters)>, StoreError> {
     let p = prefix(deployment, role, model);
     let from = since_ms / 60_000;
-    let mut total = Counters::default();
-    for item in store.scan(Space::ServingMetrics, &p) {
+    let mut out = Vec::new();
+    for item in store.scan_from(Space::ServingMetrics, &key(deployment, role, model, from)) {
         let (k, v) = item?;
+        if !k.starts_with(&p) {
+            break;
+        }
         let Some(minute) = k
             .get(p.len()..)
             .and_then(|m| <[u8; 8]>::try_from(m).ok())
@@ -247,14 +307,11 @@ pub fn window(
         else {
             continue;
         };
-        if minute < from {
-            continue;
-        }
         if let Ok(c) = serde_json::from_slice::<Counters>(&v) {
-            total.merge(&c);
+            out.push((minute, c));
         }
     }
-    Ok(total)
+    Ok(out)
 }
 
 /// The deletes of every metric of a deployment.
@@ -263,13 +320,7 @@ pub fn delete_all(
     batch: &mut WriteBatch,
     deployment: &str,
 ) -> Result<(), StoreError> {
-    let mut p = deployment.as_bytes().to_vec();
-    p.push(0);
-    for item in store.scan(Space::ServingMetrics, &p) {
-        let (k, _) = item?;
-        batch.delete(Space::ServingMetrics, k);
-    }
-    Ok(())
+    crate::deployments::delete_under(store, batch, Space::ServingMetrics, deployment)
 }
 
 #[cfg(test)]

@@ -482,6 +482,63 @@ fn a_browser_walks_the_console_for_every_role() {
     let key = console.cloister().env().audit().public_key();
     cloister_host::models::verify_bundle(&bundle, Some(&key)).unwrap();
 
+    // An operator serves the released model to a client, capturing every
+    // request; the client predicts and sends true labels. The operator's
+    // page shows the variant, online accuracy and the capture, and its
+    // buttons pause the deployment and write the captured records.
+    {
+        use cloister_host::service::{CaptureSpec, DeploymentChange, Feedback};
+        let cl = console.cloister();
+        let ori = cl.add_user(&admin, "ori", &[Role::Operator]).unwrap().0;
+        cl.set_password(&admin, "ori", PASSWORD).unwrap();
+        let app = cl.add_user(&admin, "app", &[Role::Client]).unwrap().0;
+        cl.create_deployment(&ori, "mail", &model, &["app".into()])
+            .unwrap();
+        cl.change_deployment(
+            &ori,
+            "mail",
+            DeploymentChange::Capture(Some(CaptureSpec {
+                dataset: "mail-live".into(),
+                sample: 10_000,
+                batch: 1_000,
+            })),
+        )
+        .unwrap();
+        let records: Vec<_> = all.iter().skip(1).step_by(50).take(40).cloned().collect();
+        let truth: Vec<Feedback> = records
+            .iter()
+            .map(|r| Feedback {
+                id: r.id.clone(),
+                label: r.label.clone().unwrap(),
+            })
+            .collect();
+        let unlabeled: Vec<_> = records
+            .into_iter()
+            .map(|mut r| {
+                r.label = None;
+                r
+            })
+            .collect();
+        cl.predict_deployed(&app, "mail", Some("k"), &unlabeled)
+            .unwrap();
+        assert_eq!(cl.send_feedback(&app, "mail", &truth).unwrap().scored, 40);
+    }
+    b.login(&base, "ori");
+    b.open(&format!("{base}/deployments"));
+    assert!(b.source().contains("href=\"/deployments/mail\""));
+    b.open(&format!("{base}/deployments/mail"));
+    let src = b.source();
+    assert!(src.contains("Online accuracy per minute"), "{src}");
+    assert!(src.contains(" on 40</td>"), "{src}");
+    assert!(src.contains("40 waiting"), "{src}");
+    b.shot("deployment");
+    b.click("form[action='/deployments/mail/pause'] button");
+    b.wait_for("<strong>paused</strong>");
+    b.click("form[action='/deployments/mail/capture'] button");
+    b.wait_for("0 waiting");
+    b.click("form[action='/deployments/mail/resume'] button");
+    b.wait_for("Pause</button>");
+
     // The auditor reads and verifies the log.
     b.login(&base, "ada");
     b.open(&format!("{base}/audit"));
@@ -499,6 +556,7 @@ fn a_browser_walks_the_console_for_every_role() {
         "label",
         "model",
         "release",
+        "deployment",
         "audit",
         "audit-verified",
     ] {

@@ -201,11 +201,21 @@ fn every_read_route_answers_each_role_as_the_policy_says() {
     // (always empty) labeling queue.
     let no_client: &[&str] = &ROLES[..7];
     let no_labeler: &[&str] = &["admin", "scientist", "reviewer", "approver", "auditor"];
+    // Operators read a dataset's aggregate statistics (the regression gate
+    // runs on fresh data they capture).
+    let stats: &[&str] = &[
+        "admin",
+        "scientist",
+        "reviewer",
+        "approver",
+        "auditor",
+        "operator",
+    ];
     let project: &[&str] = &["admin", "scientist", "approver", "auditor", "operator"];
     let cases: Vec<(String, &[&str])> = vec![
         ("/api/me".into(), all),
         ("/api/datasets".into(), no_client),
-        ("/api/datasets/spam".into(), no_labeler),
+        ("/api/datasets/spam".into(), stats),
         ("/api/plugins".into(), &["admin", "scientist", "reviewer"]),
         ("/api/templates".into(), all),
         ("/api/jobs".into(), no_labeler),

@@ -128,6 +128,29 @@ fn setup() -> Setup {
     }
 }
 
+/// The audit entries of `action`, read by the auditor.
+fn audited(s: &Setup, action: &str) -> Vec<cloister_host::audit::AuditEntry> {
+    s.c()
+        .audit_log(
+            s.u("aud"),
+            &AuditFilter {
+                action: Some(action.into()),
+                ..AuditFilter::default()
+            },
+        )
+        .unwrap()
+}
+
+/// Runs the regression gate for `model` on the bundled (gold-labeled)
+/// data and requires a pass.
+fn pass_gate(s: &Setup, model: &str) {
+    let r = s
+        .c()
+        .test_candidate(s.u("op"), "spam", model, Some("spam"))
+        .unwrap();
+    assert_eq!(r.verdict, "pass", "{:?}", r.reasons);
+}
+
 fn denied<T: std::fmt::Debug>(r: Result<T, ServiceError>) {
     assert!(
         matches!(r, Err(ServiceError::Denied { .. })),
@@ -267,6 +290,16 @@ fn routing_is_sticky_candidates_ramp_and_roll_back_and_metrics_are_kept() {
             .unwrap()
             .model
     };
+    // 25% to a candidate needs a passing regression report first.
+    denied(s.c().change_deployment(
+        op,
+        "spam",
+        DeploymentChange::SetWeight {
+            model: s.b.clone(),
+            weight: 2_500,
+        },
+    ));
+    pass_gate(&s, &s.b);
     // 25% to a candidate: about a quarter of the keys move, sticky.
     s.c()
         .change_deployment(
@@ -376,6 +409,7 @@ fn routing_is_sticky_candidates_ramp_and_roll_back_and_metrics_are_kept() {
             .collect::<Vec<_>>(),
         [
             format!("create {}", s.a).as_str(),
+            &format!("test {} on spam@1: pass", s.b),
             &format!("set-weight {} 2500", s.b),
             &format!("set-weight {} 6000", s.b),
             &format!("promote {}", s.b),
@@ -458,6 +492,7 @@ fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
     };
     // 20% → 60% → 100%, three candidate requests a step, no bake time;
     // the guards hold (the two seeds agree on this record).
+    pass_gate(&s, &s.b);
     s.c()
         .change_deployment(
             op,
@@ -468,9 +503,9 @@ fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
                 bake_ms: 0,
                 guards: Guards {
                     max_error_rate: Some(0.0),
-                    max_p99_ms: None,
                     min_agreement: Some(0.5),
                     min_requests: 3,
+                    ..Guards::none()
                 },
             },
         )
@@ -513,6 +548,7 @@ fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
 
     // Now ramp the old champion back in with an impossible latency limit:
     // its first request breaches it, and it goes back to 0%.
+    pass_gate(&s, &s.a);
     s.c()
         .change_deployment(
             op,
@@ -522,10 +558,9 @@ fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
                 steps: vec![5_000, 10_000],
                 bake_ms: 60_000,
                 guards: Guards {
-                    max_error_rate: None,
                     max_p99_ms: Some(0.001),
-                    min_agreement: None,
                     min_requests: 1,
+                    ..Guards::none()
                 },
             },
         )
@@ -547,16 +582,7 @@ fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
         "{reason}"
     );
     // Each automatic step is on the record as the host's own action.
-    let ramps = s
-        .c()
-        .audit_log(
-            s.u("aud"),
-            &AuditFilter {
-                action: Some("ramp".into()),
-                ..AuditFilter::default()
-            },
-        )
-        .unwrap();
+    let ramps = audited(&s, "ramp");
     assert_eq!(ramps.len(), 3, "two steps and a rollback");
     assert!(ramps.iter().all(|e| e.record.actor == "cloister"));
 
@@ -567,15 +593,15 @@ fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
         .change_deployment(
             op,
             "spam",
+            // 5%, held: no regression report is needed that far.
             DeploymentChange::Ramp {
                 model: s.fragile.clone(),
-                steps: vec![5_000, 10_000],
+                steps: vec![500],
                 bake_ms: 60_000,
                 guards: Guards {
                     max_error_rate: Some(0.0),
-                    max_p99_ms: None,
-                    min_agreement: None,
                     min_requests: 1,
+                    ..Guards::none()
                 },
             },
         )
@@ -585,7 +611,7 @@ fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
         ..crate::support::text("r", "")
     }];
     let mut failed = 0;
-    for i in 0..100 {
+    for i in 0..600 {
         if s.c()
             .predict_deployed(app, "spam", Some(&format!("broken{i}")), &broken)
             .is_err()
@@ -616,6 +642,7 @@ fn no_request_fails_while_weights_change_promote_and_roll_back_under_load() {
     s.c()
         .create_deployment(op, "spam", &s.a, &["app".into()])
         .unwrap();
+    pass_gate(&s, &s.b);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let record = [crate::support::text(
         "r",
@@ -658,12 +685,19 @@ fn no_request_fails_while_weights_change_promote_and_roll_back_under_load() {
             DeploymentChange::Promote(s.b.clone()),
             DeploymentChange::Rollback,
         ];
+        // The clients stop even when a change fails (the scope joins them
+        // before the failure is reported).
+        let mut changed = Ok(());
         for c in changes {
             std::thread::sleep(std::time::Duration::from_millis(150));
-            s.c().change_deployment(op, "spam", c).unwrap();
+            if let Err(e) = s.c().change_deployment(op, "spam", c.clone()) {
+                changed = Err(format!("{c:?}: {e}"));
+                break;
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(150));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        changed.unwrap();
         clients
             .into_iter()
             .map(|h| h.join().unwrap())
@@ -680,4 +714,418 @@ fn no_request_fails_while_weights_change_promote_and_roll_back_under_load() {
         .sum();
     assert!(total <= served, "only the current variants are listed");
     assert!(st.variants.iter().all(|v| v.error_rate == 0.0));
+}
+
+/// The bundled SpamAssassin records with their gold labels.
+fn spam_records() -> Vec<DataRecord> {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/spamassassin/spamassassin.jsonl.gz");
+    cloister_host::records::read_file(&data, Default::default()).unwrap()
+}
+
+#[test]
+fn feedback_scores_online_accuracy_labels_captures_and_the_accuracy_guard_rolls_back() {
+    use cloister_host::datasets::Provenance;
+    use cloister_host::deployments::Guards;
+    use cloister_host::service::{CaptureSpec, Feedback};
+    let s = setup();
+    let (op, app) = (s.u("op"), s.u("app"));
+    s.c()
+        .create_deployment(op, "spam", &s.a, &["app".into(), "other-app".into()])
+        .unwrap();
+    // Capture every request into a new dataset, versions of 1,000.
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::Capture(Some(CaptureSpec {
+                dataset: "spam-live".into(),
+                sample: 10_000,
+                batch: 1_000,
+            })),
+        )
+        .unwrap();
+    // A dataset with other data is refused as a capture target.
+    let e = s
+        .c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::Capture(Some(CaptureSpec {
+                dataset: "spam".into(),
+                sample: 10_000,
+                batch: 10,
+            })),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("holds other data"), "{e}");
+
+    let all = spam_records();
+    let truth: HashMap<String, String> = all
+        .iter()
+        .map(|r| (r.id.clone(), r.label.clone().unwrap()))
+        .collect();
+    let sample: Vec<DataRecord> = all.iter().take(60).cloned().collect();
+    let answers = s
+        .c()
+        .predict_deployed(app, "spam", Some("k"), &sample)
+        .unwrap();
+    // The client sends the true labels of 50 of them, one id it never
+    // sent, and one twice.
+    let mut items: Vec<Feedback> = sample
+        .iter()
+        .take(50)
+        .map(|r| Feedback {
+            id: r.id.clone(),
+            label: truth[&r.id].clone(),
+        })
+        .collect();
+    items.push(Feedback {
+        id: "never-sent".into(),
+        label: "spam".into(),
+    });
+    items.push(items[0].clone());
+    let o = s.c().send_feedback(app, "spam", &items).unwrap();
+    assert_eq!((o.scored, o.unknown, o.repeated), (50, 1, 1), "{o:?}");
+    assert_eq!(o.labeled_captures, 50);
+    // Another client's ids are not this one's: nothing matches.
+    let o = s
+        .c()
+        .send_feedback(s.u("other-app"), "spam", &items[..5])
+        .unwrap();
+    assert_eq!(o.unknown, 5);
+    // Nobody else may send feedback, and a label must be a class.
+    denied(s.c().send_feedback(op, "spam", &items[..1]));
+    denied(s.c().send_feedback(s.u("sci"), "spam", &items[..1]));
+    let e = s
+        .c()
+        .send_feedback(
+            app,
+            "spam",
+            &[Feedback {
+                id: sample[55].id.clone(),
+                label: "eggs".into(),
+            }],
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("feedback 0") && e.to_string().contains("`eggs`"),
+        "{e}"
+    );
+    // Online accuracy: what the client was told, against the truth.
+    let right = answers
+        .predictions
+        .iter()
+        .take(50)
+        .filter(|a| truth[&a.id] == a.label)
+        .count() as f64;
+    let st = s.c().deployment_status(s.u("aud"), "spam", 0).unwrap();
+    let champion = &st.variants[0];
+    assert_eq!(champion.labeled, 50);
+    assert!((champion.accuracy.unwrap() - right / 50.0).abs() < 1e-9);
+    assert_eq!(champion.champion_accuracy, champion.accuracy);
+    assert_eq!(st.captured_waiting, 60);
+    assert!(st.series[0].points.iter().map(|p| p.labeled).sum::<u64>() == 50);
+
+    // The waiting records become spam-live@1, the feedback their labels.
+    let w = s.c().write_capture(op, "spam").unwrap();
+    assert_eq!(w.version.as_deref(), Some("spam-live@1"));
+    assert_eq!((w.records, w.labeled), (60, 50));
+    // Feedback after the version was written lands in it too.
+    let late = Feedback {
+        id: sample[50].id.clone(),
+        label: truth[&sample[50].id].clone(),
+    };
+    assert_eq!(
+        s.c()
+            .send_feedback(app, "spam", &[late])
+            .unwrap()
+            .labeled_captures,
+        1
+    );
+    let v = cloister_host::datasets::resolve(s.c().env(), "spam-live@1").unwrap();
+    assert_eq!(v.created_by, "cloister");
+    let stored: Vec<_> = cloister_host::datasets::records(s.c().env(), &v)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(stored.len(), 60);
+    let labeled: Vec<_> = stored.iter().filter(|r| !r.labels.is_empty()).collect();
+    assert_eq!(labeled.len(), 51);
+    for r in &labeled {
+        let (client, id) = r.record.id.split_once('/').unwrap();
+        assert_eq!(client, "app");
+        assert_eq!(r.labels[0].label, truth[id]);
+        assert!(matches!(
+            &r.labels[0].provenance,
+            Provenance::Feedback { deployment, client } if deployment == "spam" && client == "app"
+        ));
+        assert!(r.record.label.is_none());
+    }
+    // The capture is the host's act, on the record before it took effect.
+    let captures = audited(&s, "capture");
+    assert_eq!(captures.len(), 1);
+    assert_eq!(captures[0].record.actor, "cloister");
+    assert_eq!(captures[0].record.resource, "Dataset::\"spam-live\"");
+
+    // The accuracy guard. Records the two models label differently,
+    // found by serving them with each as champion…
+    s.c()
+        .create_deployment(op, "probe-a", &s.a, &["app".into()])
+        .unwrap();
+    s.c()
+        .create_deployment(op, "probe-b", &s.b, &["app".into()])
+        .unwrap();
+    let mut differ = Vec::new();
+    for chunk in all.chunks(1_000) {
+        let pa = s.c().predict_deployed(app, "probe-a", None, chunk).unwrap();
+        let pb = s.c().predict_deployed(app, "probe-b", None, chunk).unwrap();
+        for (x, y) in pa.predictions.iter().zip(&pb.predictions) {
+            assert_eq!(x.id, y.id);
+            if x.label != y.label {
+                differ.push((x.id.clone(), x.label.clone()));
+            }
+        }
+    }
+    assert!(differ.len() >= 3, "{} records differ", differ.len());
+    // …sent with a key that routes to the candidate at 5%, with feedback
+    // that proves the champion right: the ramp rolls back on accuracy.
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::Ramp {
+                model: s.b.clone(),
+                steps: vec![500],
+                bake_ms: 3_600_000,
+                guards: Guards {
+                    max_accuracy_drop: Some(0.05),
+                    min_labels: 3,
+                    ..Guards::none()
+                },
+            },
+        )
+        .unwrap();
+    let probe = [crate::support::text("p", "hello")];
+    let key = (0..100_000)
+        .map(|i| format!("key-{i}"))
+        .find(|k| {
+            s.c()
+                .predict_deployed(app, "spam", Some(k), &probe)
+                .unwrap()
+                .variant
+                == "candidate"
+        })
+        .unwrap();
+    let by_id: HashMap<&str, &DataRecord> = all.iter().map(|r| (r.id.as_str(), r)).collect();
+    let records: Vec<DataRecord> = differ
+        .iter()
+        .take(20)
+        .map(|(id, _)| by_id[id.as_str()].clone())
+        .collect();
+    let p = s
+        .c()
+        .predict_deployed(app, "spam", Some(&key), &records)
+        .unwrap();
+    assert_eq!(p.model, s.b);
+    let feedback: Vec<Feedback> = differ
+        .iter()
+        .take(20)
+        .map(|(id, champion_label)| Feedback {
+            id: id.clone(),
+            label: champion_label.clone(),
+        })
+        .collect();
+    s.c().send_feedback(app, "spam", &feedback).unwrap();
+    let d = s.c().deployment_status(op, "spam", 0).unwrap();
+    let ramp = d.deployment.ramp.as_ref().unwrap();
+    assert_eq!(ramp.state, "rolled-back");
+    let reason = ramp.reason.as_deref().unwrap();
+    assert!(
+        reason.starts_with("online accuracy 0.0000 against the champion's 1.0000"),
+        "{reason}"
+    );
+    assert_eq!(d.deployment.candidates[0].weight, 0);
+    let cand = d.variants.iter().find(|v| v.role == "candidate").unwrap();
+    assert_eq!(cand.accuracy, Some(0.0));
+    assert_eq!(cand.champion_accuracy, Some(1.0));
+}
+
+#[test]
+fn the_regression_gate_holds_candidates_at_five_percent_until_a_signed_pass() {
+    use cloister_host::service::{CaptureSpec, Feedback};
+    use cloister_host::store::{Space, WriteBatch};
+    let mut s = setup();
+    let (op, app) = (s.u("op"), s.u("app"));
+    s.c()
+        .create_deployment(op, "spam", &s.a, &["app".into()])
+        .unwrap();
+    let set = |w: u32| {
+        s.c().change_deployment(
+            op,
+            "spam",
+            DeploymentChange::SetWeight {
+                model: s.b.clone(),
+                weight: w,
+            },
+        )
+    };
+    // 5% without a report; more is refused by the shipped policy.
+    set(500).unwrap();
+    match set(501) {
+        Err(ServiceError::Denied { action, .. }) => assert_eq!(action, "route_traffic"),
+        other => panic!("{other:?}"),
+    }
+    denied(
+        s.c()
+            .change_deployment(op, "spam", DeploymentChange::Promote(s.b.clone())),
+    );
+    // Without capture and without --dataset the test says what to do.
+    let e = s.c().test_candidate(op, "spam", &s.b, None).unwrap_err();
+    assert!(e.to_string().contains("--dataset"), "{e}");
+    // On fresh data with too few labels: a signed fail.
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::Capture(Some(CaptureSpec {
+                dataset: "fresh".into(),
+                sample: 10_000,
+                batch: 1_000,
+            })),
+        )
+        .unwrap();
+    let all = spam_records();
+    let recent: Vec<DataRecord> = all.iter().skip(100).take(40).cloned().collect();
+    s.c()
+        .predict_deployed(app, "spam", Some("k"), &recent)
+        .unwrap();
+    let labels: Vec<Feedback> = recent
+        .iter()
+        .take(10)
+        .map(|r| Feedback {
+            id: r.id.clone(),
+            label: r.label.clone().unwrap(),
+        })
+        .collect();
+    s.c().send_feedback(app, "spam", &labels).unwrap();
+    s.c().write_capture(op, "spam").unwrap();
+    let r = s.c().test_candidate(op, "spam", &s.b, None).unwrap();
+    assert_eq!(r.datasets, ["fresh@1"]);
+    assert_eq!((r.labeled, r.unlabeled), (10, 30));
+    assert_eq!(r.verdict, "fail");
+    assert!(r.reasons[0].contains("only 10 labeled records"), "{r:?}");
+    assert!(r.verifies(&s.c().public_key()));
+    assert!(set(2_500).is_err());
+    // Only operators run the gate; a client cannot.
+    denied(s.c().test_candidate(app, "spam", &s.b, Some("spam")));
+    denied(s.c().test_candidate(s.u("sci"), "spam", &s.b, Some("spam")));
+
+    // On the labeled bundled data: a pass, and the traffic may go up.
+    let r = s
+        .c()
+        .test_candidate(op, "spam", &s.b, Some("spam"))
+        .unwrap();
+    assert_eq!(r.verdict, "pass", "{:?}", r.reasons);
+    assert!(r.labeled >= 1_000);
+    assert!(r.accuracy_delta.abs() <= 0.01, "{r:?}");
+    assert!(r.accuracy_delta_ci.0 <= r.accuracy_delta && r.accuracy_delta <= r.accuracy_delta_ci.1);
+    assert!(r.candidate.ece < 0.2 && r.candidate.brier < 0.2, "{r:?}");
+    set(2_500).unwrap();
+    let st = s.c().deployment_status(op, "spam", 0).unwrap();
+    assert_eq!(st.reports.len(), 1);
+    assert_eq!(st.reports[0].standing, "pass");
+
+    // A report changed in the store no longer verifies: it counts as none.
+    let key = b"spam\0"
+        .iter()
+        .chain(s.b.as_bytes())
+        .copied()
+        .collect::<Vec<u8>>();
+    let store = s.c().env().store();
+    let stored = store.get(Space::RegressionReports, &key).unwrap().unwrap();
+    let mut forged: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+    let body = forged["body"]
+        .as_str()
+        .unwrap()
+        .replace("\"labeled\":", "\"labeled\":1");
+    forged["body"] = body.into();
+    let mut b = WriteBatch::new();
+    b.put(
+        Space::RegressionReports,
+        key.clone(),
+        serde_json::to_vec(&forged).unwrap(),
+    );
+    store.commit(b).unwrap();
+    match set(3_000) {
+        Err(ServiceError::Denied { action, .. }) => assert_eq!(action, "route_traffic"),
+        other => panic!("{other:?}"),
+    }
+    let st = s.c().deployment_status(op, "spam", 0).unwrap();
+    assert_eq!(st.reports[0].standing, "damaged");
+    let mut b = WriteBatch::new();
+    b.put(Space::RegressionReports, key, stored);
+    store.commit(b).unwrap();
+
+    // Promotion with the pass; the report of the old champion's rival
+    // then stands against another champion: stale.
+    s.c()
+        .test_candidate(op, "spam", &s.fragile, Some("spam"))
+        .unwrap();
+    s.c()
+        .change_deployment(op, "spam", DeploymentChange::Promote(s.b.clone()))
+        .unwrap();
+    let st = s.c().deployment_status(op, "spam", 0).unwrap();
+    let fragile = st
+        .reports
+        .iter()
+        .find(|r| r.report.candidate.model == s.fragile)
+        .unwrap();
+    assert_eq!(fragile.standing, "stale");
+    denied(s.c().change_deployment(
+        op,
+        "spam",
+        DeploymentChange::SetWeight {
+            model: s.fragile.clone(),
+            weight: 1_000,
+        },
+    ));
+
+    // The CLI: the report, and an exit code that says the verdict.
+    s.close();
+    let (ok, out, err) = s.cli(
+        "op",
+        &[
+            "deploy",
+            "test",
+            "spam",
+            "--candidate",
+            &s.a,
+            "--dataset",
+            "spam@1",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("PASS") && out.contains("McNemar"), "{out}");
+    let (ok, out, _) = s.cli(
+        "op",
+        &[
+            "deploy",
+            "test",
+            "spam",
+            "--candidate",
+            &s.a,
+            "--dataset",
+            "fresh",
+        ],
+    );
+    assert!(
+        !ok && out.contains("FAIL") && out.contains("only 10 labeled"),
+        "{out}"
+    );
+    let (ok, out, err) = s.cli("op", &["deploy", "status", "spam"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("regression report of") && out.contains("capture:"),
+        "{out}"
+    );
 }

@@ -88,7 +88,7 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
         (
             A::ViewStats,
             ds(),
-            &[Admin, Scientist, Reviewer, Approver, Auditor],
+            &[Admin, Scientist, Reviewer, Approver, Auditor, Operator],
         ),
         (A::ExportDataset, ds(), &[]),
         (A::ViewRecord, record(Some(me)), &[Labeler]),
@@ -217,7 +217,28 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
         (A::Predict, deployment(&[me]), &[Client]),
         (A::Predict, deployment(&["someone-else"]), &[]),
         (A::Predict, deployment(&[]), &[]),
+        (A::SendFeedback, deployment(&[me]), &[Client]),
+        (A::SendFeedback, deployment(&["someone-else"]), &[]),
+        (A::CaptureData, ds(), &[Operator]),
+        // More than 5% of the traffic only with a passing regression
+        // report against the current champion.
+        (A::RouteTraffic, traffic(500, "none"), &[Operator]),
+        (A::RouteTraffic, traffic(501, "pass"), &[Operator]),
+        (A::RouteTraffic, traffic(10_000, "pass"), &[Operator]),
+        (A::RouteTraffic, traffic(501, "none"), &[]),
+        (A::RouteTraffic, traffic(2_500, "fail"), &[]),
+        (A::RouteTraffic, traffic(2_500, "stale"), &[]),
+        (A::RouteTraffic, traffic(10_000, "damaged"), &[]),
     ]
+}
+
+fn traffic(weight: i64, regression: &str) -> Resource {
+    Resource::Traffic {
+        deployment: "d1".into(),
+        model: "m2".into(),
+        weight,
+        regression: regression.into(),
+    }
 }
 
 #[test]
@@ -267,13 +288,14 @@ fn no_role_combination_exports_a_dataset_and_disabled_users_do_nothing() {
             .collect(),
         disabled: false,
     };
-    // Were it combined anyway, the account could only call `predict`.
+    // Were it combined anyway, the account could only call `predict` and
+    // send feedback.
     let client_too = Principal {
         roles: Role::ALL.to_vec(),
         ..everything.clone()
     };
     for action in Action::ALL {
-        if action == Action::Predict {
+        if action == Action::Predict || action == Action::SendFeedback {
             continue;
         }
         for resource in [

@@ -71,11 +71,20 @@ pub enum Space {
     /// Serving metrics: `deployment \0 model \0 minute (u64 BE)` →
     /// the variant's counters for that minute.
     ServingMetrics = 18,
+    /// The answers a deployment gave, kept for feedback: `deployment \0 a
+    /// seq (u64 BE)` → answer, and `deployment \0 i client \0 record id`
+    /// → seq (see `cloister_host::feedback`).
+    ServingAnswers = 19,
+    /// Requests captured by a deployment and not yet in a dataset version:
+    /// `deployment \0 client \0 record id` → captured record.
+    Captures = 20,
+    /// Signed regression reports: `deployment \0 candidate` → report.
+    RegressionReports = 21,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 18] = [
+    pub const ALL: [Space; 21] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -94,6 +103,9 @@ impl Space {
         Space::Fitted,
         Space::Deployments,
         Space::ServingMetrics,
+        Space::ServingAnswers,
+        Space::Captures,
+        Space::RegressionReports,
     ];
 
     /// The key prefix byte.

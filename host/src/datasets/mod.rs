@@ -130,6 +130,14 @@ pub enum Provenance {
         /// The confidence the selector acted on.
         confidence: f64,
     },
+    /// Sent by a deployment's client as the true outcome of a captured
+    /// request (`POST /api/deployments/{name}/feedback`).
+    Feedback {
+        /// The deployment that captured the record.
+        deployment: String,
+        /// The client account that sent the label.
+        client: String,
+    },
 }
 
 impl Provenance {
@@ -139,6 +147,9 @@ impl Provenance {
             Provenance::Gold => "gold".into(),
             Provenance::Human { user } => format!("human:{user}"),
             Provenance::Auto { selector, .. } => format!("auto:{selector}"),
+            Provenance::Feedback { deployment, client } => {
+                format!("feedback:{deployment}:{client}")
+            }
         }
     }
 }
@@ -641,6 +652,21 @@ pub fn list(env: &Environment, cache: &ManifestCache) -> Result<Vec<DatasetVersi
         .map(|item| {
             let (key, bytes) = item?;
             cache.parse(key, bytes)
+        })
+        .collect()
+}
+
+/// Every version of dataset `name`, oldest first.
+pub fn versions(env: &Environment, name: &str) -> Result<Vec<DatasetVersion>, DatasetError> {
+    check_name(name)?;
+    let mut prefix = name.as_bytes().to_vec();
+    prefix.push(0);
+    env.store()
+        .scan(Space::Datasets, &prefix)
+        .map(|item| {
+            let (_, bytes) = item?;
+            serde_json::from_slice(&bytes)
+                .map_err(|_| DatasetError::Damaged("a version manifest".into()))
         })
         .collect()
 }

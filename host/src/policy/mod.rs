@@ -159,11 +159,14 @@ pub enum Action {
     ManageDeployment,
     DeployModel,
     Predict,
+    SendFeedback,
+    CaptureData,
+    RouteTraffic,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 34] = [
+    pub const ALL: [Action; 37] = [
         Action::AddUser,
         Action::DisableUser,
         Action::ListUsers,
@@ -198,6 +201,9 @@ impl Action {
         Action::ManageDeployment,
         Action::DeployModel,
         Action::Predict,
+        Action::SendFeedback,
+        Action::CaptureData,
+        Action::RouteTraffic,
     ];
 
     /// The action's id in the schema.
@@ -237,6 +243,9 @@ impl Action {
             Action::ManageDeployment => "manage_deployment",
             Action::DeployModel => "deploy_model",
             Action::Predict => "predict",
+            Action::SendFeedback => "send_feedback",
+            Action::CaptureData => "capture_data",
+            Action::RouteTraffic => "route_traffic",
         }
     }
 }
@@ -308,6 +317,18 @@ pub enum Resource {
         /// The client accounts it serves.
         clients: Vec<String>,
     },
+    /// Traffic a routing change gives a model of a deployment.
+    Traffic {
+        /// The deployment.
+        deployment: String,
+        /// The model.
+        model: String,
+        /// The largest share the change gives it, in basis points.
+        weight: i64,
+        /// Its regression report's standing against the current champion:
+        /// `pass`, `fail`, `stale`, `damaged` or `none`.
+        regression: String,
+    },
 }
 
 /// What the policies read of a model's disclosure report
@@ -370,6 +391,9 @@ impl Resource {
             Resource::Job { id, .. } => ("Job", id.clone()),
             Resource::AuditLog => ("AuditLog", "main".into()),
             Resource::Deployment { name, .. } => ("Deployment", name.clone()),
+            Resource::Traffic {
+                deployment, model, ..
+            } => ("Traffic", format!("{deployment}/{model}")),
         }
     }
 }
@@ -455,6 +479,12 @@ impl DecisionKey {
             Resource::Deployment { name, clients } => {
                 name.len() + clients.iter().map(String::len).sum::<usize>()
             }
+            Resource::Traffic {
+                deployment,
+                model,
+                regression,
+                ..
+            } => deployment.len() + model.len() + regression.len(),
         };
         self.name.len() + self.channel.len() + r
     }
@@ -753,6 +783,22 @@ impl PolicyEngine {
                     set.push(user_ref(c, &mut entities)?);
                 }
                 attrs.insert("clients".into(), RestrictedExpression::new_set(set));
+            }
+            Resource::Traffic {
+                deployment,
+                weight,
+                regression,
+                ..
+            } => {
+                attrs.insert(
+                    "deployment".into(),
+                    RestrictedExpression::new_string(deployment.clone()),
+                );
+                attrs.insert("weight".into(), RestrictedExpression::new_long(*weight));
+                attrs.insert(
+                    "regression".into(),
+                    RestrictedExpression::new_string(regression.clone()),
+                );
             }
             Resource::Environment | Resource::Dataset { .. } | Resource::AuditLog => {}
         }

@@ -19,7 +19,10 @@ use serde::Serialize;
 
 use super::{Cloister, ServiceError};
 use crate::audit::{AuditRecord, ServingFacts};
-use crate::deployments::{self, Deployment, DeploymentError, Guards, RampEvent, Route, Shadow};
+use crate::deployments::{
+    self, Capture, Deployment, DeploymentError, Guards, RampEvent, Route, Shadow,
+};
+use crate::feedback::{self, Captured, KeptAnswer};
 use crate::policy::{Action, Resource, Role};
 use crate::serving::{self, Observation, Summary};
 use crate::store::WriteBatch;
@@ -42,7 +45,9 @@ pub(crate) struct Served {
 #[derive(Debug, Default)]
 pub(crate) struct ServingState {
     loaded: Mutex<HashMap<String, Arc<Served>>>,
-    metrics: Mutex<PendingMetrics>,
+    pub(super) metrics: Mutex<PendingMetrics>,
+    /// Held while captured records become a dataset version.
+    pub(super) capture_lock: Mutex<()>,
     /// Deployments as last read or written by this process, for the
     /// request path. Every write of a deployment goes through this process
     /// (one process opens an environment) and forgets its entry.
@@ -54,8 +59,13 @@ pub(crate) struct ServingState {
 /// so a request costs a map update instead of a store write.
 #[derive(Debug, Default)]
 pub(crate) struct PendingMetrics {
-    counters: HashMap<(String, String, String, u64), serving::Counters>,
+    pub(super) counters: HashMap<(String, String, String, u64), serving::Counters>,
     written_ms: u64,
+    /// Answers to keep for feedback, by deployment, with how many the
+    /// deployment keeps.
+    answers: HashMap<String, (u64, Vec<KeptAnswer>)>,
+    /// Captured records: (deployment, client, record id, capture).
+    captures: Vec<(String, String, String, Captured)>,
 }
 
 /// How often pending metrics are written, at most.
@@ -96,6 +106,50 @@ pub struct DeploymentStatus {
     pub variants: Vec<Summary>,
     /// The window's start, ms since the epoch.
     pub since_ms: u64,
+    /// Every variant's figures per minute over the window.
+    pub series: Vec<VariantSeries>,
+    /// The candidates' last regression reports.
+    pub reports: Vec<ReportStanding>,
+    /// Captured records waiting for their dataset version.
+    pub captured_waiting: u64,
+}
+
+/// A variant's figures per minute.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VariantSeries {
+    /// The model.
+    pub model: String,
+    /// `champion`, `candidate` or `shadow`.
+    pub role: String,
+    /// One point per minute with traffic or feedback, oldest first.
+    pub points: Vec<SeriesPoint>,
+}
+
+/// One minute of a variant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeriesPoint {
+    /// The minute's start, ms since the epoch.
+    pub minute_ms: u64,
+    /// Requests.
+    pub requests: u64,
+    /// Errors.
+    pub errors: u64,
+    /// p99 latency in ms.
+    pub p99_ms: Option<f64>,
+    /// Records labeled by feedback in that minute.
+    pub labeled: u64,
+    /// Online accuracy on them.
+    pub accuracy: Option<f64>,
+}
+
+/// A stored regression report and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReportStanding {
+    /// The report.
+    pub report: crate::regression::RegressionReport,
+    /// `pass`, `fail`, `stale` (run against another champion) or
+    /// `damaged` (its signature does not verify).
+    pub standing: String,
 }
 
 /// One change to a deployment's routing.
@@ -136,6 +190,21 @@ pub enum DeploymentChange {
     },
     /// Stop a running ramp where it is.
     StopRamp,
+    /// Capture a sampled share of requests into a dataset (`None` stops).
+    Capture(Option<CaptureSpec>),
+    /// Keep this many recent answers for feedback (0: none).
+    KeepAnswers(u64),
+}
+
+/// Where and how much to capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureSpec {
+    /// The dataset (created by the first version if new).
+    pub dataset: String,
+    /// The share of requests, in basis points.
+    pub sample: u32,
+    /// Records per version.
+    pub batch: u32,
 }
 
 impl DeploymentChange {
@@ -169,6 +238,12 @@ impl DeploymentChange {
                 guards.min_requests
             ),
             DeploymentChange::StopRamp => "stop ramp".into(),
+            DeploymentChange::Capture(Some(c)) => format!(
+                "capture {} bp into {} in versions of {} records",
+                c.sample, c.dataset, c.batch
+            ),
+            DeploymentChange::Capture(None) => "capture off".into(),
+            DeploymentChange::KeepAnswers(n) => format!("keep {n} answers"),
         }
     }
 
@@ -263,9 +338,29 @@ impl Cloister {
         self.flush_metrics()?;
         let store = self.env.store();
         let mut variants = Vec::new();
+        let mut series = Vec::new();
         let mut add = |model: &str, role: &str, weight: u32| -> Result<(), ServiceError> {
-            let c = serving::window(store.as_ref(), &d.name, role, model, since_ms)?;
+            let points = serving::series(store.as_ref(), &d.name, role, model, since_ms)?;
+            let mut c = serving::Counters::default();
+            for (_, p) in &points {
+                c.merge(p);
+            }
             variants.push(Summary::of(model, role, weight, &c));
+            series.push(VariantSeries {
+                model: model.to_string(),
+                role: role.to_string(),
+                points: points
+                    .into_iter()
+                    .map(|(minute, p)| SeriesPoint {
+                        minute_ms: minute * 60_000,
+                        requests: p.requests,
+                        errors: p.errors,
+                        p99_ms: p.latency_ms(0.99),
+                        labeled: p.labeled,
+                        accuracy: p.accuracy().map(|a| a.0),
+                    })
+                    .collect(),
+            });
             Ok(())
         };
         add(&d.champion, "champion", d.champion_weight())?;
@@ -275,10 +370,19 @@ impl Cloister {
         if let Some(s) = &d.shadow {
             add(&s.model, "shadow", s.sample)?;
         }
+        let reports = self.report_standings(&d)?;
+        let captured_waiting = feedback::count_captures(
+            store.as_ref(),
+            &d.name,
+            u64::from(deployments::MAX_CAPTURE_BATCH),
+        )?;
         Ok(DeploymentStatus {
             deployment: d,
             variants,
             since_ms,
+            series,
+            reports,
+            captured_waiting,
         })
     }
 
@@ -296,6 +400,22 @@ impl Cloister {
             && !d.models().iter().any(|m| m == model)
         {
             self.model_for(who, Action::DeployModel, model, &(name, &what))?;
+        }
+        let traffic = match &change {
+            DeploymentChange::SetWeight { model, weight } if *weight > 0 => {
+                Some((model.as_str(), *weight))
+            }
+            // A ramp gives its largest step, decided now: the host advances
+            // it later without asking again.
+            DeploymentChange::Ramp { model, steps, .. } => {
+                steps.iter().max().map(|w| (model.as_str(), *w))
+            }
+            DeploymentChange::Promote(model) => Some((model.as_str(), deployments::ALL_TRAFFIC)),
+            _ => None,
+        };
+        if let Some((model, weight)) = traffic {
+            let r = self.traffic(&d, model, weight)?;
+            self.guard(&who.principal(), Action::RouteTraffic, &r, &(name, &what))?;
         }
         match change {
             DeploymentChange::SetWeight { model, weight } => d.set_weight(&model, weight)?,
@@ -325,6 +445,35 @@ impl Cloister {
                 crate::time::now_ms(),
             )?,
             DeploymentChange::StopRamp => d.stop_ramp()?,
+            DeploymentChange::Capture(Some(spec)) => {
+                crate::datasets::check_name(&spec.dataset)?;
+                self.guard(
+                    &who.principal(),
+                    Action::CaptureData,
+                    &Resource::Dataset {
+                        name: spec.dataset.clone(),
+                    },
+                    &(name, &what),
+                )?;
+                self.check_capture_dataset(&spec.dataset, &d.name)?;
+                d.set_capture(Some(Capture {
+                    dataset: spec.dataset,
+                    sample: spec.sample,
+                    batch: spec.batch,
+                    by: who.name.clone(),
+                }))?;
+            }
+            DeploymentChange::Capture(None) => d.set_capture(None)?,
+            DeploymentChange::KeepAnswers(n) => {
+                if n > deployments::MAX_KEEP_ANSWERS {
+                    return Err(DeploymentError::Invalid(format!(
+                        "a deployment keeps at most {} answers, not {n}",
+                        deployments::MAX_KEEP_ANSWERS
+                    ))
+                    .into());
+                }
+                d.keep_answers = n;
+            }
         }
         d.record(&who.name, crate::time::now_ms(), what);
         let mut b = WriteBatch::new();
@@ -341,6 +490,8 @@ impl Cloister {
         let store = self.env.store();
         let mut b = WriteBatch::new();
         serving::delete_all(store.as_ref(), &mut b, &d.name)?;
+        feedback::delete_all(store.as_ref(), &mut b, &d.name)?;
+        crate::regression::delete_all(store.as_ref(), &mut b, &d.name)?;
         deployments::delete(&mut b, &d.name);
         store.commit(b)?;
         self.forget_deployment(&d.name);
@@ -400,30 +551,6 @@ impl Cloister {
             Route::Candidate(_) => self.serve(who, &purpose, &d.champion, input.clone()).ok(),
         };
         let now = crate::time::now_ms();
-        let observe = |role: &str, m: &str, o: &Observation| -> Result<(), ServiceError> {
-            let mut pending = self
-                .serving
-                .metrics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            pending
-                .counters
-                .entry((
-                    d.name.clone(),
-                    role.to_string(),
-                    m.to_string(),
-                    serving::minute(now),
-                ))
-                .or_default()
-                .add(o);
-            if now.saturating_sub(pending.written_ms) >= METRICS_EVERY_MS {
-                self.write_metrics(&mut pending, now)?;
-            }
-            if role == "candidate" && d.ramp.as_ref().is_some_and(|r| r.state == "running") {
-                self.judge_ramp(&d.name, m, o, now)?;
-            }
-            Ok(())
-        };
         let variant = match route {
             Route::Champion => "champion",
             Route::Candidate(_) => "candidate",
@@ -432,16 +559,83 @@ impl Cloister {
             Route::Champion => None,
             Route::Candidate(_) => champion.as_ref(),
         };
-        observe(variant, &model, &observation(&served, served_us, compare))?;
+        let mut observed = vec![(
+            variant,
+            model.clone(),
+            observation(&served, served_us, compare),
+        )];
+        let mut shadow_answer = None;
         if let Some(shadow_model) = shadow {
             let t = Instant::now();
             let result = self.serve(who, &format!("{purpose} shadow"), &shadow_model, input);
             let latency = t.elapsed().as_micros() as u64;
-            observe(
+            observed.push((
                 "shadow",
-                &shadow_model,
-                &observation(&result, latency, champion.as_ref()),
-            )?;
+                shadow_model.clone(),
+                observation(&result, latency, champion.as_ref()),
+            ));
+            shadow_answer = result.ok().map(|a| (shadow_model, a));
+        }
+        let kept = match (&served, d.keep_answers) {
+            (Ok(a), keep) if keep > 0 => kept_answers(
+                &who.name,
+                now,
+                variant,
+                &model,
+                a,
+                compare,
+                shadow_answer.as_ref(),
+                d.capture.as_ref().filter(|_| d.captured(key)),
+            ),
+            _ => Vec::new(),
+        };
+        let captures = match (&d.capture, served.is_ok() && d.captured(key)) {
+            (Some(_), true) => captured_records(&who.name, now, records),
+            _ => Vec::new(),
+        };
+        let mut roll = Vec::new();
+        {
+            let mut pending = self
+                .serving
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (role, m, o) in &observed {
+                pending
+                    .counters
+                    .entry((
+                        d.name.clone(),
+                        role.to_string(),
+                        m.clone(),
+                        serving::minute(now),
+                    ))
+                    .or_default()
+                    .add(o);
+            }
+            if !kept.is_empty() {
+                let e = pending
+                    .answers
+                    .entry(d.name.clone())
+                    .or_insert_with(|| (d.keep_answers, Vec::new()));
+                e.0 = d.keep_answers;
+                e.1.extend(kept);
+            }
+            for (client, id, c) in captures {
+                pending.captures.push((d.name.clone(), client, id, c));
+            }
+            if now.saturating_sub(pending.written_ms) >= METRICS_EVERY_MS {
+                roll = self.write_metrics(&mut pending, now)?;
+            }
+            if d.ramp.as_ref().is_some_and(|r| r.state == "running") {
+                for (role, m, o) in &observed {
+                    if *role == "candidate" {
+                        self.judge_ramp(&d.name, m, RampInput::Request(o), now)?;
+                    }
+                }
+            }
+        }
+        for name in roll {
+            self.roll_capture_noting_failure(&name);
         }
         let answer = served?;
         Ok(DeployedPredictions {
@@ -454,7 +648,7 @@ impl Cloister {
 
     /// A deployment for the request path: from this process's cache, or
     /// read and kept.
-    fn deployment_cached(&self, name: &str) -> Result<Arc<Deployment>, DeploymentError> {
+    pub(super) fn deployment_cached(&self, name: &str) -> Result<Arc<Deployment>, DeploymentError> {
         let mut cache = self
             .serving
             .deployments
@@ -472,7 +666,7 @@ impl Cloister {
     }
 
     /// Forgets a deployment after it was written.
-    fn forget_deployment(&self, name: &str) {
+    pub(super) fn forget_deployment(&self, name: &str) {
         self.serving
             .deployments
             .lock()
@@ -480,40 +674,82 @@ impl Cloister {
             .remove(name);
     }
 
-    /// Writes the pending metrics (the caller holds their lock).
-    fn write_metrics(&self, pending: &mut PendingMetrics, now: u64) -> Result<(), ServiceError> {
+    /// Writes the pending metrics, kept answers and captured records (the
+    /// caller holds their lock), without waiting for the disk. Returns the
+    /// deployments with a full batch of captured records waiting.
+    pub(super) fn write_metrics(
+        &self,
+        pending: &mut PendingMetrics,
+        now: u64,
+    ) -> Result<Vec<String>, ServiceError> {
         let store = self.env.store();
         for ((dep, role, model, minute), c) in pending.counters.drain() {
             serving::add(store.as_ref(), &dep, &role, &model, minute, &c)?;
         }
+        let mut b = WriteBatch::new();
+        for (dep, (keep, answers)) in pending.answers.drain() {
+            feedback::keep(store.as_ref(), &mut b, &dep, &answers, keep)?;
+        }
+        let mut captured: Vec<String> = Vec::new();
+        for (dep, client, id, c) in pending.captures.drain(..) {
+            feedback::capture(&mut b, &dep, &client, &id, &c)?;
+            if !captured.contains(&dep) {
+                captured.push(dep);
+            }
+        }
+        if !b.is_empty() {
+            store.stage(b)?;
+        }
         pending.written_ms = now;
-        Ok(())
+        let mut due = Vec::new();
+        for dep in captured {
+            let Ok(d) = self.deployment_cached(&dep) else {
+                continue;
+            };
+            if let Some(c) = &d.capture
+                && feedback::count_captures(store.as_ref(), &dep, u64::from(c.batch))?
+                    >= u64::from(c.batch)
+            {
+                due.push(dep);
+            }
+        }
+        Ok(due)
     }
 
-    /// Writes the pending metrics now (before a status is read).
-    fn flush_metrics(&self) -> Result<(), ServiceError> {
+    /// Writes the pending metrics now (before a status is read, feedback
+    /// is matched or a capture is written).
+    pub(super) fn flush_metrics(&self) -> Result<(), ServiceError> {
         let mut pending = self
             .serving
             .metrics
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        self.write_metrics(&mut pending, crate::time::now_ms())
+        self.write_metrics(&mut pending, crate::time::now_ms())?;
+        Ok(())
     }
 
-    /// Judges a running ramp of `model` on one more request (the caller
-    /// holds the metrics lock): the deployment is read again, the ramp's
-    /// counters updated, and a step, a promotion or a rollback written
-    /// with its history entry and a `ramp` audit entry of the host.
-    fn judge_ramp(
+    /// Judges a running ramp of `model` on one more request or one more
+    /// labeled record (the caller holds the metrics lock): the deployment
+    /// is read again, the ramp's counters updated, and a step, a promotion
+    /// or a rollback written with its history entry and a `ramp` audit
+    /// entry of the host.
+    pub(super) fn judge_ramp(
         &self,
         name: &str,
         model: &str,
-        o: &Observation,
+        input: RampInput<'_>,
         now: u64,
     ) -> Result<(), ServiceError> {
         let store = self.env.store();
         let mut d = deployments::get(store.as_ref(), name)?;
-        let Some(event) = d.judge_ramp(model, o, now) else {
+        let judged = match input {
+            RampInput::Request(o) => d.judge_ramp(model, o, now),
+            RampInput::Feedback {
+                correct,
+                champion_correct,
+            } => d.judge_feedback(model, correct, champion_correct, now),
+        };
+        let Some(event) = judged else {
             if d.ramp
                 .as_ref()
                 .is_some_and(|r| r.state == "running" && r.model == model)
@@ -529,6 +765,7 @@ impl Cloister {
         let what = match &event {
             RampEvent::Advanced(w) => format!("ramp {model}: step to {w}"),
             RampEvent::Promoted => format!("ramp {model}: promoted"),
+            RampEvent::Held => format!("ramp {model}: done, holding its share"),
             RampEvent::RolledBack(reason) => format!("ramp {model}: rolled back: {reason}"),
         };
         // The host's own action, on the record before it takes effect.
@@ -551,7 +788,7 @@ impl Cloister {
     }
 
     /// Runs one model on `input` through its chain.
-    fn serve(
+    pub(super) fn serve(
         &self,
         who: &User,
         purpose: &str,
@@ -611,7 +848,7 @@ impl Cloister {
         Ok(s)
     }
 
-    fn deployment_for(
+    pub(super) fn deployment_for(
         &self,
         who: &User,
         action: Action,
@@ -656,10 +893,100 @@ impl Cloister {
     }
 }
 
+/// What a ramp is judged on.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum RampInput<'a> {
+    /// One more request of the candidate.
+    Request(&'a Observation),
+    /// One more labeled record the candidate answered.
+    Feedback {
+        /// Whether the candidate was right.
+        correct: bool,
+        /// Whether the champion was, on the same record.
+        champion_correct: bool,
+    },
+}
+
 /// A model's answers to one request.
 #[derive(Debug, Clone)]
-struct DeployedAnswer {
-    answers: Vec<Answer>,
+pub(super) struct DeployedAnswer {
+    pub(super) answers: Vec<Answer>,
+}
+
+/// The answers of one request as kept for feedback.
+#[allow(clippy::too_many_arguments)]
+fn kept_answers(
+    client: &str,
+    now: u64,
+    role: &str,
+    model: &str,
+    answer: &DeployedAnswer,
+    champion: Option<&DeployedAnswer>,
+    shadow: Option<&(String, DeployedAnswer)>,
+    capture: Option<&Capture>,
+) -> Vec<KeptAnswer> {
+    let by_id = |a: &DeployedAnswer| -> HashMap<String, String> {
+        a.answers
+            .iter()
+            .map(|x| (x.id.clone(), x.label.clone()))
+            .collect()
+    };
+    let champion = champion.map(by_id);
+    let shadow = shadow.map(|(m, a)| (m.clone(), by_id(a)));
+    answer
+        .answers
+        .iter()
+        .map(|x| KeptAnswer {
+            client: client.to_string(),
+            id: x.id.clone(),
+            time_ms: now,
+            role: role.to_string(),
+            model: model.to_string(),
+            label: x.label.clone(),
+            champion: champion.as_ref().and_then(|c| c.get(&x.id).cloned()),
+            shadow: shadow
+                .as_ref()
+                .and_then(|(m, s)| s.get(&x.id).map(|l| (m.clone(), l.clone()))),
+            captured: capture
+                .filter(|_| captured_fits(client, &x.id))
+                .map(|c| c.dataset.clone()),
+            truth: None,
+        })
+        .collect()
+}
+
+/// Whether a record's capture id fits the dataset id rules.
+fn captured_fits(client: &str, id: &str) -> bool {
+    feedback::captured_id(client, id).len() <= 256
+}
+
+/// The records of one request as captured: JSON lines with their ids made
+/// `client/id` and no label (records whose id would grow past 256 bytes
+/// are not captured).
+fn captured_records(
+    client: &str,
+    now: u64,
+    records: &[DataRecord],
+) -> Vec<(String, String, Captured)> {
+    records
+        .iter()
+        .filter(|r| captured_fits(client, &r.id))
+        .map(|r| {
+            let mut r = r.clone();
+            let new_id = feedback::captured_id(client, &r.id);
+            let id = std::mem::replace(&mut r.id, new_id);
+            r.label = None;
+            (
+                client.to_string(),
+                id,
+                Captured {
+                    line: crate::records::record_to_json(&r).to_string(),
+                    time_ms: now,
+                    truth: None,
+                },
+            )
+        })
+        .collect()
 }
 
 fn observation(

@@ -27,6 +27,7 @@ use crate::users::{User, UserError};
 mod audit;
 mod datasets;
 mod deployments;
+mod feedback;
 mod job_steps;
 mod jobs;
 mod labeling;
@@ -34,13 +35,16 @@ mod models;
 mod pipeline;
 mod plugins;
 mod policy;
+mod regression;
 mod training;
 mod users;
 
 pub use datasets::ImportOptions;
 pub use deployments::{
-    Answer, DeployedPredictions, DeploymentChange, DeploymentStatus, MAX_PREDICT_RECORDS,
+    Answer, CaptureSpec, DeployedPredictions, DeploymentChange, DeploymentStatus,
+    MAX_PREDICT_RECORDS, ReportStanding, SeriesPoint, VariantSeries,
 };
+pub use feedback::{CaptureWritten, Feedback, FeedbackOutcome, MAX_FEEDBACK};
 pub use policy::Explanation;
 pub use training::{Predictions, TrainProgress, TrainRequest, TrainingPlan};
 

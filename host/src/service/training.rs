@@ -74,9 +74,9 @@ impl TrainingPlan {
     }
 }
 
-/// The label a model trains on: a person's over gold over an automatic
-/// one, the latest of each kind.
-fn training_label(r: &StoredRecord) -> Option<String> {
+/// The label a model trains on: a person's over a deployment client's
+/// feedback over gold over an automatic one, the latest of each kind.
+pub(crate) fn training_label(r: &StoredRecord) -> Option<String> {
     let pick = |f: &dyn Fn(&Provenance) -> bool| {
         r.labels
             .iter()
@@ -85,6 +85,7 @@ fn training_label(r: &StoredRecord) -> Option<String> {
             .map(|l| l.label.clone())
     };
     pick(&|p| matches!(p, Provenance::Human { .. }))
+        .or_else(|| pick(&|p| matches!(p, Provenance::Feedback { .. })))
         .or_else(|| pick(&|p| matches!(p, Provenance::Gold)))
         .or_else(|| pick(&|p| matches!(p, Provenance::Auto { .. })))
 }
