@@ -3,13 +3,14 @@
 //! them) and the captured records waiting to become a dataset version
 //! (docs/deployment.md).
 //!
-//! **Answers** live in [`Space::ServingAnswers`] as a ring per deployment:
-//! `deployment \0 a seq` → [`KeptAnswer`] (no input, only ids, models and
-//! labels), and an index `deployment \0 i client \0 record id` → seq, so
-//! feedback finds the answer a client was given for its record id (a
-//! client's ids are its own: another client's feedback never reaches
-//! them). At most [`crate::deployments::Deployment::keep_answers`] are
-//! kept; the oldest go first.
+//! **Answers** live in [`Space::ServingAnswers`] in generations per
+//! deployment: `deployment \0 g generation client \0 record id` →
+//! [`KeptAnswer`] (no input, only ids, models and labels), so feedback
+//! finds the answer a client was given for its record id with a few point
+//! reads (a client's ids are its own: another client's feedback never
+//! reaches them), and a request costs one write per record. About
+//! [`crate::deployments::Deployment::keep_answers`] are kept; the oldest
+//! generation goes whole ([`keep`]).
 //!
 //! **Captures** live in [`Space::Captures`]: `deployment \0 client \0
 //! record id` → [`Captured`], the record as JSON with its id made
@@ -59,40 +60,59 @@ pub struct Captured {
     pub truth: Option<(String, String, u64)>,
 }
 
-fn ring_prefix(deployment: &str) -> Vec<u8> {
+/// Answers are kept in generations of `keep / GENERATIONS` answers; the
+/// current one and the `GENERATIONS` before it are kept, older ones are
+/// deleted whole.
+pub const GENERATIONS: u32 = 4;
+
+/// Where a deployment's answers stand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Ring {
+    /// The generation new answers go to.
+    generation: u32,
+    /// Answers in it.
+    count: u64,
+    /// Generations below this one are deleted.
+    kept_from: u32,
+}
+
+fn meta_key(deployment: &str) -> Vec<u8> {
     let mut k = deployment.as_bytes().to_vec();
-    k.extend_from_slice(b"\0a");
+    k.extend_from_slice(b"\0m");
     k
 }
 
-fn ring_key(deployment: &str, seq: u64) -> Vec<u8> {
-    let mut k = ring_prefix(deployment);
-    k.extend_from_slice(&seq.to_be_bytes());
+fn generation_prefix(deployment: &str, generation: u32) -> Vec<u8> {
+    let mut k = deployment.as_bytes().to_vec();
+    k.extend_from_slice(b"\0g");
+    k.extend_from_slice(&generation.to_be_bytes());
     k
 }
 
-fn index_key(deployment: &str, client: &str, id: &str) -> Vec<u8> {
-    let mut k = deployment.as_bytes().to_vec();
-    k.extend_from_slice(b"\0i");
+fn answer_key(deployment: &str, generation: u32, client: &str, id: &str) -> Vec<u8> {
+    let mut k = generation_prefix(deployment, generation);
     k.extend_from_slice(client.as_bytes());
     k.push(0);
     k.extend_from_slice(id.as_bytes());
     k
 }
 
-fn seq_of(key: &[u8], prefix_len: usize) -> Option<u64> {
-    key.get(prefix_len..)
-        .and_then(|m| <[u8; 8]>::try_from(m).ok())
-        .map(u64::from_be_bytes)
-}
-
 fn damaged(what: &str) -> StoreError {
     StoreError::Corrupted(format!("a kept {what} does not decode"))
 }
 
-/// Adds `answers` to the deployment's ring (stage the batch), evicting the
-/// oldest beyond `keep`. A record id answered again points at its newest
-/// answer.
+fn ring(store: &dyn Storage, deployment: &str) -> Result<Ring, StoreError> {
+    match store.get(Space::ServingAnswers, &meta_key(deployment))? {
+        Some(v) => serde_json::from_slice(&v).map_err(|_| damaged("answer ring")),
+        None => Ok(Ring::default()),
+    }
+}
+
+/// Adds `answers` to the deployment's kept answers (stage the batch): one
+/// write per answer; a generation that falls out of the newest
+/// [`GENERATIONS`] + 1 is deleted whole, so between `keep` and
+/// `keep · (1 + 1/GENERATIONS)` recent answers are kept. A record id
+/// answered again is found at its newest answer.
 pub fn keep(
     store: &dyn Storage,
     batch: &mut WriteBatch,
@@ -103,101 +123,82 @@ pub fn keep(
     if keep == 0 || answers.is_empty() {
         return Ok(());
     }
-    let p = ring_prefix(deployment);
-    let next = match store.last(Space::ServingAnswers, &p)? {
-        Some((k, _)) => seq_of(&k, p.len()).map_or(0, |s| s + 1),
-        None => 0,
-    };
-    let mut seq = next;
+    let per_generation = keep.div_ceil(u64::from(GENERATIONS)).max(1);
+    let mut r = ring(store, deployment)?;
+    // Generations after this one hold nothing stored yet.
+    let stored_up_to = r.generation;
+    let mut placed = Vec::with_capacity(answers.len());
     for a in answers {
+        if r.count >= per_generation {
+            r.generation += 1;
+            r.count = 0;
+        }
+        placed.push((r.generation, a));
+        r.count += 1;
+    }
+    let oldest = r.generation.saturating_sub(GENERATIONS);
+    // (Answers of this very batch that already fall out are not written.)
+    for (generation, a) in placed.into_iter().filter(|(g, _)| *g >= oldest) {
         let v = serde_json::to_vec(a).map_err(|_| damaged("answer"))?;
-        batch.put(Space::ServingAnswers, ring_key(deployment, seq), v);
         batch.put(
             Space::ServingAnswers,
-            index_key(deployment, &a.client, &a.id),
-            seq.to_be_bytes().to_vec(),
+            answer_key(deployment, generation, &a.client, &a.id),
+            v,
         );
-        seq += 1;
     }
-    let cutoff = seq.saturating_sub(keep);
-    if cutoff == 0 {
-        return Ok(());
-    }
-    // Index entries this batch writes must survive the evictions below
-    // (writes apply in order, and a delete after the put would win).
-    let fresh: std::collections::HashSet<(&str, &str)> = answers
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| next + *i as u64 >= cutoff)
-        .map(|(_, a)| (a.client.as_str(), a.id.as_str()))
-        .collect();
-    let in_batch: std::collections::HashSet<(&str, &str)> = answers
-        .iter()
-        .map(|a| (a.client.as_str(), a.id.as_str()))
-        .collect();
-    for item in store.scan(Space::ServingAnswers, &p) {
-        let (k, v) = item?;
-        let Some(s) = seq_of(&k, p.len()) else {
-            continue;
-        };
-        if s >= cutoff {
-            break;
+    while r.kept_from < oldest.min(stored_up_to + 1) {
+        for item in store.scan(
+            Space::ServingAnswers,
+            &generation_prefix(deployment, r.kept_from),
+        ) {
+            let (k, _) = item?;
+            batch.delete(Space::ServingAnswers, k);
         }
-        batch.delete(Space::ServingAnswers, k);
-        if let Ok(old) = serde_json::from_slice::<KeptAnswer>(&v)
-            && !in_batch.contains(&(old.client.as_str(), old.id.as_str()))
-        {
-            let ik = index_key(deployment, &old.client, &old.id);
-            if store.get(Space::ServingAnswers, &ik)?.as_deref() == Some(&s.to_be_bytes()[..]) {
-                batch.delete(Space::ServingAnswers, ik);
-            }
-        }
+        r.kept_from += 1;
     }
-    // Answers of this very batch beyond `keep` (a batch larger than the
-    // ring): drop them again.
-    for s in next..cutoff.min(seq) {
-        batch.delete(Space::ServingAnswers, ring_key(deployment, s));
-        let a = &answers[(s - next) as usize];
-        if !fresh.contains(&(a.client.as_str(), a.id.as_str())) {
-            batch.delete(
-                Space::ServingAnswers,
-                index_key(deployment, &a.client, &a.id),
-            );
-        }
-    }
+    r.kept_from = r.kept_from.max(oldest);
+    batch.put(
+        Space::ServingAnswers,
+        meta_key(deployment),
+        serde_json::to_vec(&r).map_err(|_| damaged("answer ring"))?,
+    );
     Ok(())
 }
 
-/// The answer `client` was last given for record `id`, with its seq.
+/// The answer `client` was last given for record `id`, with the
+/// generation it is kept in.
 pub fn find(
     store: &dyn Storage,
     deployment: &str,
     client: &str,
     id: &str,
-) -> Result<Option<(u64, KeptAnswer)>, StoreError> {
-    let Some(seq) = store.get(Space::ServingAnswers, &index_key(deployment, client, id))? else {
-        return Ok(None);
-    };
-    let seq = <[u8; 8]>::try_from(seq.as_slice())
-        .map(u64::from_be_bytes)
-        .map_err(|_| damaged("answer index"))?;
-    let Some(v) = store.get(Space::ServingAnswers, &ring_key(deployment, seq))? else {
-        return Ok(None);
-    };
-    let a: KeptAnswer = serde_json::from_slice(&v).map_err(|_| damaged("answer"))?;
-    // An evicted slot reused by another record is not this record's answer.
-    Ok((a.client == client && a.id == id).then_some((seq, a)))
+) -> Result<Option<(u32, KeptAnswer)>, StoreError> {
+    let r = ring(store, deployment)?;
+    for generation in (r.kept_from..=r.generation).rev() {
+        if let Some(v) = store.get(
+            Space::ServingAnswers,
+            &answer_key(deployment, generation, client, id),
+        )? {
+            let a = serde_json::from_slice(&v).map_err(|_| damaged("answer"))?;
+            return Ok(Some((generation, a)));
+        }
+    }
+    Ok(None)
 }
 
 /// The write that stores an answer again (with its true label).
 pub fn update(
     batch: &mut WriteBatch,
     deployment: &str,
-    seq: u64,
+    generation: u32,
     a: &KeptAnswer,
 ) -> Result<(), StoreError> {
     let v = serde_json::to_vec(a).map_err(|_| damaged("answer"))?;
-    batch.put(Space::ServingAnswers, ring_key(deployment, seq), v);
+    batch.put(
+        Space::ServingAnswers,
+        answer_key(deployment, generation, &a.client, &a.id),
+        v,
+    );
     Ok(())
 }
 
@@ -323,43 +324,53 @@ mod tests {
     }
 
     #[test]
-    fn the_ring_keeps_the_newest_answers_per_client_and_id() {
+    fn the_newest_answers_are_kept_per_client_and_id() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStorage::open(dir.path(), true).unwrap();
-        for round in 0..5 {
-            let answers: Vec<KeptAnswer> = (0..4)
-                .map(|i| answer("app", &format!("r{}", round * 4 + i), "spam"))
-                .collect();
+        let put = |answers: &[KeptAnswer]| {
             let mut b = WriteBatch::new();
-            keep(&store, &mut b, "d", &answers, 10).unwrap();
+            keep(&store, &mut b, "d", answers, 8).unwrap();
             store.commit(b).unwrap();
+        };
+        // keep 8: generations of 2, the current and 4 before it.
+        for i in 0..20 {
+            put(&[answer("app", &format!("r{i}"), "spam")]);
         }
-        // 20 answers, 10 kept: the oldest ten are gone with their index.
+        let kept = store.scan(Space::ServingAnswers, b"d\0g").count();
+        assert!((8..=10).contains(&kept), "{kept}");
+        assert!(find(&store, "d", "app", "r0").unwrap().is_none());
         assert!(find(&store, "d", "app", "r9").unwrap().is_none());
-        let (_, a) = find(&store, "d", "app", "r10").unwrap().unwrap();
-        assert_eq!(a.id, "r10");
-        assert!(find(&store, "d", "other", "r10").unwrap().is_none());
-        let kept = store.scan(Space::ServingAnswers, b"d\0a").count();
-        assert_eq!(kept, 10);
-        // The same id answered again points at the new answer; the old
-        // slot's eviction leaves the new index alone.
+        let (_, a) = find(&store, "d", "app", "r19").unwrap().unwrap();
+        assert_eq!(a.id, "r19");
+        assert!(find(&store, "d", "app", "r12").unwrap().is_some());
+        assert!(find(&store, "d", "other", "r19").unwrap().is_none());
+        // The same id answered again is found at its new answer, and an
+        // update lands where it was found.
+        put(&[answer("app", "r12", "ham")]);
+        let (g, mut a) = find(&store, "d", "app", "r12").unwrap().unwrap();
+        assert_eq!(a.label, "ham");
+        a.truth = Some("spam".into());
         let mut b = WriteBatch::new();
-        keep(&store, &mut b, "d", &[answer("app", "r19", "ham")], 10).unwrap();
+        update(&mut b, "d", g, &a).unwrap();
         store.commit(b).unwrap();
         assert_eq!(
-            find(&store, "d", "app", "r19").unwrap().unwrap().1.label,
-            "ham"
+            find(&store, "d", "app", "r12")
+                .unwrap()
+                .unwrap()
+                .1
+                .truth
+                .as_deref(),
+            Some("spam")
         );
-        // A batch larger than the ring keeps only its newest.
+        // A batch larger than the ring keeps about the ring's worth.
         let many: Vec<KeptAnswer> = (0..25)
             .map(|i| answer("app", &format!("x{i}"), "a"))
             .collect();
-        let mut b = WriteBatch::new();
-        keep(&store, &mut b, "d", &many, 10).unwrap();
-        store.commit(b).unwrap();
-        assert_eq!(store.scan(Space::ServingAnswers, b"d\0a").count(), 10);
-        assert!(find(&store, "d", "app", "x14").unwrap().is_none());
-        assert!(find(&store, "d", "app", "x15").unwrap().is_some());
+        put(&many);
+        let kept = store.scan(Space::ServingAnswers, b"d\0g").count();
+        assert!((8..=10).contains(&kept), "{kept}");
+        assert!(find(&store, "d", "app", "x24").unwrap().is_some());
+        assert!(find(&store, "d", "app", "x0").unwrap().is_none());
         let mut b = WriteBatch::new();
         delete_all(&store, &mut b, "d").unwrap();
         store.commit(b).unwrap();

@@ -948,6 +948,22 @@ fn feedback_scores_online_accuracy_labels_captures_and_the_accuracy_guard_rolls_
     let cand = d.variants.iter().find(|v| v.role == "candidate").unwrap();
     assert_eq!(cand.accuracy, Some(0.0));
     assert_eq!(cand.champion_accuracy, Some(1.0));
+
+    // Turning capture off first writes what waits (the probes and the
+    // records above), so nothing captured is dropped.
+    assert!(d.captured_waiting > 0);
+    s.c()
+        .change_deployment(op, "spam", DeploymentChange::Capture(None))
+        .unwrap();
+    let v2 = cloister_host::datasets::resolve(s.c().env(), "spam-live@2").unwrap();
+    assert_eq!(v2.stats.records, d.captured_waiting);
+    assert_eq!(
+        s.c()
+            .deployment_status(op, "spam", 0)
+            .unwrap()
+            .captured_waiting,
+        0
+    );
 }
 
 #[test]

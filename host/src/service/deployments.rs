@@ -46,6 +46,11 @@ pub(crate) struct Served {
 pub(crate) struct ServingState {
     loaded: Mutex<HashMap<String, Arc<Served>>>,
     pub(super) metrics: Mutex<PendingMetrics>,
+    /// How many taken batches of [`PendingMetrics`] are written; held while
+    /// one is written (writes are serialized, requests are not).
+    written: Mutex<u64>,
+    /// Signalled after each batch is written.
+    written_cv: std::sync::Condvar,
     /// Held while captured records become a dataset version.
     pub(super) capture_lock: Mutex<()>,
     /// Deployments as last read or written by this process, for the
@@ -66,6 +71,40 @@ pub(crate) struct PendingMetrics {
     answers: HashMap<String, (u64, Vec<KeptAnswer>)>,
     /// Captured records: (deployment, client, record id, capture).
     captures: Vec<(String, String, String, Captured)>,
+    /// Batches taken so far.
+    taken: u64,
+}
+
+/// What was pending, taken to be written outside the lock, with its
+/// number.
+#[derive(Debug)]
+pub(super) struct TakenMetrics {
+    number: u64,
+    pending: PendingMetrics,
+}
+
+impl PendingMetrics {
+    /// Takes everything pending (the caller holds the lock; the writing
+    /// happens after it is released).
+    pub(super) fn take(&mut self, now: u64) -> TakenMetrics {
+        self.taken += 1;
+        self.written_ms = now;
+        TakenMetrics {
+            number: self.taken,
+            pending: PendingMetrics {
+                counters: std::mem::take(&mut self.counters),
+                written_ms: now,
+                answers: std::mem::take(&mut self.answers),
+                captures: std::mem::take(&mut self.captures),
+                taken: 0,
+            },
+        }
+    }
+
+    /// Whether a write is due.
+    fn due(&self, now: u64) -> bool {
+        now.saturating_sub(self.written_ms) >= METRICS_EVERY_MS
+    }
 }
 
 /// How often pending metrics are written, at most.
@@ -417,6 +456,12 @@ impl Cloister {
             let r = self.traffic(&d, model, weight)?;
             self.guard(&who.principal(), Action::RouteTraffic, &r, &(name, &what))?;
         }
+        if matches!(change, DeploymentChange::Capture(_)) && d.capture.is_some() {
+            // Records captured under the old setting go where it said,
+            // before it changes.
+            self.flush_metrics()?;
+            self.roll_capture(&d.name)?;
+        }
         match change {
             DeploymentChange::SetWeight { model, weight } => d.set_weight(&model, weight)?,
             DeploymentChange::RemoveCandidate(model) => d.remove_candidate(&model)?,
@@ -487,6 +532,8 @@ impl Cloister {
     pub fn delete_deployment(&self, who: &User, name: &str) -> Result<(), ServiceError> {
         let d = self.deployment_for(who, Action::ManageDeployment, name, &("delete", name))?;
         self.flush_metrics()?;
+        // Captured records are data: they become their version first.
+        self.roll_capture(&d.name)?;
         let store = self.env.store();
         let mut b = WriteBatch::new();
         serving::delete_all(store.as_ref(), &mut b, &d.name)?;
@@ -593,7 +640,7 @@ impl Cloister {
             (Some(_), true) => captured_records(&who.name, now, records),
             _ => Vec::new(),
         };
-        let mut roll = Vec::new();
+        let mut taken = None;
         {
             let mut pending = self
                 .serving
@@ -623,8 +670,8 @@ impl Cloister {
             for (client, id, c) in captures {
                 pending.captures.push((d.name.clone(), client, id, c));
             }
-            if now.saturating_sub(pending.written_ms) >= METRICS_EVERY_MS {
-                roll = self.write_metrics(&mut pending, now)?;
+            if pending.due(now) {
+                taken = Some(pending.take(now));
             }
             if d.ramp.as_ref().is_some_and(|r| r.state == "running") {
                 for (role, m, o) in &observed {
@@ -634,6 +681,11 @@ impl Cloister {
                 }
             }
         }
+        // Written after the lock is released: requests go on meanwhile.
+        let roll = match taken {
+            Some(t) => self.write_metrics(t)?,
+            None => Vec::new(),
+        };
         for name in roll {
             self.roll_capture_noting_failure(&name);
         }
@@ -674,14 +726,23 @@ impl Cloister {
             .remove(name);
     }
 
-    /// Writes the pending metrics, kept answers and captured records (the
-    /// caller holds their lock), without waiting for the disk. Returns the
+    /// Writes a taken batch of metrics, kept answers and captured records
+    /// without waiting for the disk, one batch at a time. Returns the
     /// deployments with a full batch of captured records waiting.
-    pub(super) fn write_metrics(
-        &self,
-        pending: &mut PendingMetrics,
-        now: u64,
-    ) -> Result<Vec<String>, ServiceError> {
+    pub(super) fn write_metrics(&self, t: TakenMetrics) -> Result<Vec<String>, ServiceError> {
+        let mut written = self
+            .serving
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let result = self.write_taken(t.pending);
+        // Counted whether or not it failed, so no flush waits forever.
+        *written += 1;
+        self.serving.written_cv.notify_all();
+        result
+    }
+
+    fn write_taken(&self, mut pending: PendingMetrics) -> Result<Vec<String>, ServiceError> {
         let store = self.env.store();
         for ((dep, role, model, minute), c) in pending.counters.drain() {
             serving::add(store.as_ref(), &dep, &role, &model, minute, &c)?;
@@ -700,7 +761,6 @@ impl Cloister {
         if !b.is_empty() {
             store.stage(b)?;
         }
-        pending.written_ms = now;
         let mut due = Vec::new();
         for dep in captured {
             let Ok(d) = self.deployment_cached(&dep) else {
@@ -716,15 +776,30 @@ impl Cloister {
         Ok(due)
     }
 
-    /// Writes the pending metrics now (before a status is read, feedback
-    /// is matched or a capture is written).
+    /// Writes everything pending now, and waits until every batch taken
+    /// before it is written too (before a status is read, feedback is
+    /// matched or a capture is written).
     pub(super) fn flush_metrics(&self) -> Result<(), ServiceError> {
-        let mut pending = self
+        let taken = self
             .serving
             .metrics
             .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(crate::time::now_ms());
+        let number = taken.number;
+        self.write_metrics(taken)?;
+        let mut written = self
+            .serving
+            .written
+            .lock()
             .unwrap_or_else(|p| p.into_inner());
-        self.write_metrics(&mut pending, crate::time::now_ms())?;
+        while *written < number {
+            written = self
+                .serving
+                .written_cv
+                .wait(written)
+                .unwrap_or_else(|p| p.into_inner());
+        }
         Ok(())
     }
 

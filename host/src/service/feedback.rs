@@ -129,7 +129,8 @@ impl Cloister {
                 out.repeated += 1;
                 continue;
             }
-            let Some((seq, mut a)) = feedback::find(store.as_ref(), &d.name, &who.name, &f.id)?
+            let Some((generation, mut a)) =
+                feedback::find(store.as_ref(), &d.name, &who.name, &f.id)?
             else {
                 out.unknown += 1;
                 continue;
@@ -155,7 +156,7 @@ impl Cloister {
                 out.labeled_captures += 1;
             }
             a.truth = Some(f.label.clone());
-            feedback::update(&mut b, &d.name, seq, &a)?;
+            feedback::update(&mut b, &d.name, generation, &a)?;
             out.scored += 1;
         }
         // The labels are data: durable before the request is answered.
@@ -187,7 +188,9 @@ impl Cloister {
                 }
             }
         }
-        self.write_metrics(&mut pending, now)?;
+        let taken = pending.take(now);
+        drop(pending);
+        self.write_metrics(taken)?;
         Ok(out)
     }
 
