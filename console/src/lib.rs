@@ -309,7 +309,10 @@ pub fn router(console: Arc<Console>) -> Router {
         .with_state(console)
 }
 
-/// Serves the console on `addr` until the process ends.
+/// Serves the console on `addr` until SIGINT (Ctrl-C) or SIGTERM: then it
+/// takes no new connection, lets the requests in flight finish, and
+/// returns, so that dropping the console writes what serving kept in
+/// memory (metrics, answers kept for feedback, captured records).
 pub async fn serve(console: Arc<Console>, addr: SocketAddr) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "console listening");
@@ -317,5 +320,31 @@ pub async fn serve(console: Arc<Console>, addr: SocketAddr) -> std::io::Result<(
         listener,
         router(console).into_make_service_with_connect_info::<SocketAddr>(),
     )
+    .with_graceful_shutdown(stop_signal())
     .await
+}
+
+/// The first SIGINT or SIGTERM.
+async fn stop_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("stopping: finishing the requests in flight");
 }

@@ -746,19 +746,33 @@ fn feedback_scores_online_accuracy_labels_captures_and_the_accuracy_guard_rolls_
         )
         .unwrap();
     // A dataset with other data is refused as a capture target.
+    let capture = |dataset: &str, sample: u32, batch: u32| {
+        s.c()
+            .change_deployment(
+                op,
+                "spam",
+                DeploymentChange::Capture(Some(CaptureSpec {
+                    dataset: dataset.into(),
+                    sample,
+                    batch,
+                })),
+            )
+            .unwrap_err()
+            .to_string()
+    };
+    let e = capture("spam", 10_000, 10);
+    assert!(e.contains("holds other data"), "{e}");
+    let e = capture("spam-live", 0, 10);
+    assert!(e.contains("sample is 1..=10000"), "{e}");
+    let e = capture("spam-live", 10_000, 0);
+    assert!(e.contains("batch is 1..=100000"), "{e}");
+    let e = capture("Bad Name", 10_000, 10);
+    assert!(e.contains("Bad Name"), "{e}");
     let e = s
         .c()
-        .change_deployment(
-            op,
-            "spam",
-            DeploymentChange::Capture(Some(CaptureSpec {
-                dataset: "spam".into(),
-                sample: 10_000,
-                batch: 10,
-            })),
-        )
+        .change_deployment(op, "spam", DeploymentChange::KeepAnswers(u64::MAX))
         .unwrap_err();
-    assert!(e.to_string().contains("holds other data"), "{e}");
+    assert!(e.to_string().contains("at most 10000000 answers"), "{e}");
 
     let all = spam_records();
     let truth: HashMap<String, String> = all
@@ -1107,6 +1121,18 @@ fn the_regression_gate_holds_candidates_at_five_percent_until_a_signed_pass() {
     ));
 
     // The CLI: the report, and an exit code that says the verdict.
+    // Answered just before the environment closes: what serving holds in
+    // memory is written when it closes (a status read just before writes
+    // everything earlier, so this answer is the one left in memory).
+    s.c().deployment_status(op, "spam", 0).unwrap();
+    s.c()
+        .predict_deployed(
+            app,
+            "spam",
+            Some("k"),
+            &[crate::support::text("late-1", "hi")],
+        )
+        .unwrap();
     s.close();
     let (ok, out, err) = s.cli(
         "op",
@@ -1144,4 +1170,49 @@ fn the_regression_gate_holds_candidates_at_five_percent_until_a_signed_pass() {
         out.contains("regression report of") && out.contains("capture:"),
         "{out}"
     );
+    // Feedback from a file as the client; a bad line is named, and
+    // nothing of the file is scored.
+    let labels = s.dir.path().join("labels.jsonl");
+    std::fs::write(
+        &labels,
+        format!(
+            "{{\"id\": \"{}\", \"label\": \"spam\"}}\n{{\"id\": \"x\"}}\n",
+            recent[20].id
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = s.cli(
+        "app",
+        &[
+            "deploy",
+            "feedback",
+            "spam",
+            "--input",
+            labels.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && err.contains("labels.jsonl:2: field `label`"),
+        "{err}"
+    );
+    std::fs::write(
+        &labels,
+        format!(
+            "{{\"id\": \"{}\", \"label\": \"spam\"}}\n{{\"id\": \"late-1\", \"label\": \"ham\"}}\n",
+            recent[20].id
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = s.cli(
+        "app",
+        &[
+            "deploy",
+            "feedback",
+            "spam",
+            "--input",
+            labels.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("scored 2 labels"), "{out}");
 }

@@ -776,6 +776,28 @@ impl Cloister {
         Ok(due)
     }
 
+    /// Writes what serving keeps in memory, durably, when there is any
+    /// (when the environment is closed).
+    pub(super) fn write_pending_on_close(&self) {
+        let taken = {
+            let mut pending = self
+                .serving
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if pending.counters.is_empty()
+                && pending.answers.is_empty()
+                && pending.captures.is_empty()
+            {
+                return;
+            }
+            pending.take(crate::time::now_ms())
+        };
+        if self.write_metrics(taken).is_ok() {
+            let _ = self.env.store().sync();
+        }
+    }
+
     /// Writes everything pending now, and waits until every batch taken
     /// before it is written too (before a status is read, feedback is
     /// matched or a capture is written).

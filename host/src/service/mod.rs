@@ -132,6 +132,14 @@ pub(crate) struct JobClaim<'a> {
     id: String,
 }
 
+impl Drop for Cloister {
+    /// Closing the environment writes what serving still holds in memory
+    /// (the last second of metrics, kept answers and captured records).
+    fn drop(&mut self) {
+        self.write_pending_on_close();
+    }
+}
+
 impl Drop for JobClaim<'_> {
     fn drop(&mut self) {
         self.c
