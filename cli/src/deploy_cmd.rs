@@ -572,44 +572,41 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
         }
     );
     println!("last {minutes} min:");
-    println!(
-        "  {:<10} {:<16} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>9}",
-        "role",
-        "model",
-        "share",
-        "requests",
-        "errors",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "confidence",
-        "agreement"
-    );
-    let opt = |v: Option<f64>, p: usize| v.map_or_else(|| "–".to_string(), |x| format!("{x:.p$}"));
+    // One row per variant: role, model, then the host's columns; every
+    // column but the last (classes) padded to its widest cell.
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut head = vec!["role".to_string(), "model".to_string()];
     for v in &st.variants {
-        println!(
-            "  {:<10} {:<16} {:>7.2}% {:>9} {:>7.2}% {:>8} {:>8} {:>8} {:>10} {:>9}",
-            v.role,
-            v.model,
-            f64::from(v.weight) / 100.0,
-            v.requests,
-            v.error_rate * 100.0,
-            opt(v.p50_ms, 1),
-            opt(v.p95_ms, 1),
-            opt(v.p99_ms, 1),
-            opt(v.mean_confidence, 3),
-            opt(v.agreement.map(|a| a * 100.0), 1),
-        );
-        if let (Some(a), Some(c)) = (v.accuracy, v.champion_accuracy) {
-            println!(
-                "  {:<10} online accuracy {:.4} on {} labeled records (champion on the same: {:.4})",
-                "", a, v.labeled, c
-            );
+        let cols = v.columns();
+        if rows.is_empty() {
+            head.extend(cols.iter().map(|(h, _)| h.to_string()));
         }
-        if !v.classes.is_empty() {
-            let classes: Vec<String> = v.classes.iter().map(|(c, n)| format!("{c} {n}")).collect();
-            println!("  {:<10} classes: {}", "", classes.join(", "));
-        }
+        let mut row = vec![v.role.clone(), v.model.clone()];
+        row.extend(cols.into_iter().map(|(_, c)| c));
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..head.len())
+        .map(|i| {
+            std::iter::once(&head)
+                .chain(&rows)
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in std::iter::once(&head).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == row.len() {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        println!("  {}", cells.join("  "));
     }
     if let Some(r) = &d.ramp {
         let steps: Vec<String> = r

@@ -902,42 +902,25 @@ async fn deployment(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Page
     let st = run(&k, &c, move |x| x.deployment_status(&u, &name, since)).await?;
     let d = &st.deployment;
     let opt = |v: Option<f64>, p: usize| v.map_or_else(|| "–".to_string(), |x| format!("{x:.p$}"));
+    let mut head = vec!["role", "model"];
     let rows: Vec<Vec<String>> = st
         .variants
         .iter()
         .map(|v| {
-            vec![
+            let cols = v.columns();
+            if head.len() == 2 {
+                head.extend(cols.iter().map(|(h, _)| *h));
+            }
+            let mut row = vec![
                 esc(&v.role),
                 format!(
                     "<a href=\"/models/{}\">{}</a>",
                     esc(&v.model),
                     esc(&v.model)
                 ),
-                share(v.weight),
-                v.requests.to_string(),
-                format!("{:.2}%", v.error_rate * 100.0),
-                opt(v.p50_ms, 1),
-                opt(v.p95_ms, 1),
-                opt(v.p99_ms, 1),
-                opt(v.mean_confidence, 3),
-                opt(v.agreement.map(|a| a * 100.0), 1),
-                match (v.accuracy, v.champion_accuracy) {
-                    (Some(a), Some(ch)) if v.role != "champion" => format!(
-                        "{:.1} (champion {:.1}) on {}",
-                        a * 100.0,
-                        ch * 100.0,
-                        v.labeled
-                    ),
-                    (Some(a), _) => format!("{:.1} on {}", a * 100.0, v.labeled),
-                    _ => "–".into(),
-                },
-                esc(&v
-                    .classes
-                    .iter()
-                    .map(|(c, n)| format!("{c} {n}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")),
-            ]
+            ];
+            row.extend(cols.into_iter().map(|(_, c)| esc(&c)));
+            row
         })
         .collect();
     let mut body = format!(
@@ -954,23 +937,7 @@ async fn deployment(State(k): S, h: HeaderMap, Path(name): Path<String>) -> Page
             ""
         }
     );
-    body.push_str(&table(
-        &[
-            "role",
-            "model",
-            "share",
-            "requests",
-            "errors",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "confidence",
-            "agreement %",
-            "online accuracy % (labeled)",
-            "classes",
-        ],
-        &rows,
-    ));
+    body.push_str(&table(&head, &rows));
     body.push_str(&series_charts(&st));
     let label = |v: &cloister_host::serving::Summary| format!("{} {}", v.role, v.model);
     body.push_str(&bars(

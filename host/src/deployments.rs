@@ -786,23 +786,6 @@ pub fn get(store: &dyn Storage, name: &str) -> Result<Deployment, DeploymentErro
     serde_json::from_slice(&v).map_err(|_| DeploymentError::Damaged(name.to_string()))
 }
 
-/// The deletes of every key of `space` under `deployment \0` (what a
-/// deployment's metrics, kept answers, captures and reports are keyed by).
-pub fn delete_under(
-    store: &dyn Storage,
-    batch: &mut WriteBatch,
-    space: Space,
-    deployment: &str,
-) -> Result<(), StoreError> {
-    let mut p = deployment.as_bytes().to_vec();
-    p.push(0);
-    for item in store.scan(space, &p) {
-        let (k, _) = item?;
-        batch.delete(space, k);
-    }
-    Ok(())
-}
-
 /// Whether a deployment of that name exists.
 pub fn exists(store: &dyn Storage, name: &str) -> Result<bool, DeploymentError> {
     Ok(store.get(Space::Deployments, name.as_bytes())?.is_some())

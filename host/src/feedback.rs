@@ -298,7 +298,7 @@ pub fn delete_all(
     deployment: &str,
 ) -> Result<(), StoreError> {
     for space in [Space::ServingAnswers, Space::Captures] {
-        crate::deployments::delete_under(store, batch, space, deployment)?;
+        crate::store::delete_prefixed(store, batch, space, &capture_prefix(deployment))?;
     }
     Ok(())
 }

@@ -564,7 +564,12 @@ pub fn delete_all(
     batch: &mut WriteBatch,
     deployment: &str,
 ) -> Result<(), StoreError> {
-    crate::deployments::delete_under(store, batch, Space::RegressionReports, deployment)
+    crate::store::delete_prefixed(
+        store,
+        batch,
+        Space::RegressionReports,
+        &[deployment.as_bytes(), b"\0"].concat(),
+    )
 }
 
 #[cfg(test)]

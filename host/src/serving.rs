@@ -221,6 +221,45 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// The figures as `deploy status` and the console's deployment page
+    /// show them, column by column (header, text); role and model are
+    /// each front end's own.
+    pub fn columns(&self) -> Vec<(&'static str, String)> {
+        let opt =
+            |v: Option<f64>, p: usize| v.map_or_else(|| "–".to_string(), |x| format!("{x:.p$}"));
+        let accuracy = match (self.accuracy, self.champion_accuracy) {
+            (Some(a), Some(c)) if self.role != "champion" => format!(
+                "{:.1} (champion {:.1}) on {}",
+                a * 100.0,
+                c * 100.0,
+                self.labeled
+            ),
+            (Some(a), _) => format!("{:.1} on {}", a * 100.0, self.labeled),
+            _ => "–".into(),
+        };
+        vec![
+            ("share", format!("{:.2}%", f64::from(self.weight) / 100.0)),
+            ("requests", self.requests.to_string()),
+            ("errors", format!("{:.2}%", self.error_rate * 100.0)),
+            ("p50 ms", opt(self.p50_ms, 1)),
+            ("p95 ms", opt(self.p95_ms, 1)),
+            ("p99 ms", opt(self.p99_ms, 1)),
+            ("confidence", opt(self.mean_confidence, 3)),
+            ("agreement %", opt(self.agreement.map(|a| a * 100.0), 1)),
+            ("online accuracy % (labeled)", accuracy),
+            (
+                "classes",
+                self.classes
+                    .iter()
+                    .map(|(c, n)| format!("{c} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        ]
+    }
+}
+
 fn prefix(deployment: &str, role: &str, model: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(deployment.len() + role.len() + model.len() + 3);
     for part in [deployment, role, model] {
@@ -320,7 +359,12 @@ pub fn delete_all(
     batch: &mut WriteBatch,
     deployment: &str,
 ) -> Result<(), StoreError> {
-    crate::deployments::delete_under(store, batch, Space::ServingMetrics, deployment)
+    crate::store::delete_prefixed(
+        store,
+        batch,
+        Space::ServingMetrics,
+        &[deployment.as_bytes(), b"\0"].concat(),
+    )
 }
 
 #[cfg(test)]

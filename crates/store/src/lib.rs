@@ -190,6 +190,21 @@ pub enum StoreError {
     Engine(String),
 }
 
+/// Adds to `batch` the delete of every key of `space` that starts with
+/// `prefix`.
+pub fn delete_prefixed(
+    store: &dyn Storage,
+    batch: &mut WriteBatch,
+    space: Space,
+    prefix: &[u8],
+) -> Result<(), StoreError> {
+    for item in store.scan(space, prefix) {
+        let (k, _) = item?;
+        batch.delete(space, k);
+    }
+    Ok(())
+}
+
 /// The contract of a storage engine. See the module docs.
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Reads one key.

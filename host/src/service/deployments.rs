@@ -623,6 +623,7 @@ impl Cloister {
             ));
             shadow_answer = result.ok().map(|a| (shadow_model, a));
         }
+        let captured = d.captured(key);
         let kept = match (&served, d.keep_answers) {
             (Ok(a), keep) if keep > 0 => kept_answers(
                 &who.name,
@@ -632,11 +633,11 @@ impl Cloister {
                 a,
                 compare,
                 shadow_answer.as_ref(),
-                d.capture.as_ref().filter(|_| d.captured(key)),
+                d.capture.as_ref().filter(|_| captured),
             ),
             _ => Vec::new(),
         };
-        let captures = match (&d.capture, served.is_ok() && d.captured(key)) {
+        let captures = match (&d.capture, served.is_ok() && captured) {
             (Some(_), true) => captured_records(&who.name, now, records),
             _ => Vec::new(),
         };
