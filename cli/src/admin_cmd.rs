@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Subcommand;
 
 use cloister_host::policy::Role;
@@ -67,18 +67,31 @@ fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
 }
 
-pub fn init(dir: PathBuf, admin: String) -> Result<ExitCode> {
-    let (cloister, token) = Cloister::init(&dir, &admin)?;
+pub fn init(dir: PathBuf, admin: String, store: &str) -> Result<ExitCode> {
+    let (cloister, token) = Cloister::init_with(&dir, &admin, store)?;
     println!(
-        "created environment {} at {}",
+        "created environment {} at {} (store: {})",
         cloister.environment_id(),
-        dir.display()
+        dir.display(),
+        cloister.store_location()
     );
     println!("admin user: {admin}");
     println!("admin token (shown once; keep it secret): {token}");
     println!();
     println!("  export CLOISTER_ENV={}", dir.display());
     println!("  export CLOISTER_TOKEN=<the token above>");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn migrate(env: &EnvArgs) -> Result<ExitCode> {
+    let applied = Cloister::migrate(&env.env)
+        .with_context(|| format!("cannot migrate the environment {}", env.env.display()))?;
+    if applied.is_empty() {
+        println!("the store's schema is up to date");
+    } else {
+        let list: Vec<String> = applied.iter().map(|v| v.to_string()).collect();
+        println!("applied migrations {}", list.join(", "));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -31,6 +31,16 @@ pub struct DemoArgs {
     /// Keep the environment in DIR (a new directory) instead of deleting it.
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
+    /// The store: `sled` (embedded) or a postgres:// URL naming an empty
+    /// database (docs/SCALING.md).
+    #[arg(
+        long,
+        env = "CLOISTER_STORE",
+        hide_env_values = true,
+        default_value = "sled",
+        value_name = "URL"
+    )]
+    store: String,
 }
 
 fn import_bundled(
@@ -57,15 +67,16 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     println!(
         "Cloister demo: active learning in a closed environment, on the bundled SpamAssassin corpus.\n"
     );
-    let (c, root) = Cloister::init(&env_path, "admin")?;
+    let (c, root) = Cloister::init_with(&env_path, "admin", &args.store)?;
     let admin = c.authenticate(&root)?;
     let add = |name: &str, role: Role| -> Result<User> { Ok(c.add_user(&admin, name, &[role])?.0) };
     let ana = add("ana", Role::Scientist)?;
     let rui = add("rui", Role::Reviewer)?;
     let ada = add("ada", Role::Auditor)?;
     println!(
-        "Environment {} with users admin, ana (scientist), rui (reviewer), ada (auditor).",
-        c.environment_id()
+        "Environment {} (store: {}) with users admin, ana (scientist), rui (reviewer), ada (auditor).",
+        c.environment_id(),
+        c.store_location()
     );
 
     let spam = import_bundled(&c, &ana, scratch.path(), "spamassassin", SPAMASSASSIN)?;

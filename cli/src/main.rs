@@ -56,7 +56,21 @@ enum Command {
         /// Name of the first admin.
         #[arg(long, default_value = "admin")]
         admin: String,
+        /// Where the state lives: `sled` (embedded, in DIR/store) or a
+        /// postgres:// URL naming an empty database (docs/SCALING.md).
+        /// Prefer the variable when the URL holds a password.
+        #[arg(
+            long,
+            env = "CLOISTER_STORE",
+            hide_env_values = true,
+            default_value = "sled",
+            value_name = "URL"
+        )]
+        store: String,
     },
+    /// Apply the store's missing schema migrations (PostgreSQL), with the
+    /// environment closed; recorded in the audit log.
+    Migrate,
     /// Manage users and their roles.
     #[command(subcommand)]
     User(admin_cmd::UserCommand),
@@ -192,7 +206,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.verbose);
     let result = match cli.command {
-        Command::Init { dir, admin } => admin_cmd::init(dir, admin),
+        Command::Init { dir, admin, store } => admin_cmd::init(dir, admin, &store),
+        Command::Migrate => admin_cmd::migrate(&cli.env),
         Command::User(cmd) => admin_cmd::user(&cli.env, cmd),
         Command::Policy(cmd) => admin_cmd::policy(&cli.env, cmd),
         Command::Dataset(cmd) => dataset_cmd::run(&cli.env, cmd),

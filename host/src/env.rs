@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! DIR/                 0700
-//!   store/             the sled database (opened by path: sled needs one)
+//!   cloister.toml      0600; the environment id and its store (`env_config`)
+//!   store/             the sled database (opened by path: sled needs one);
+//!                      absent when the store is a PostgreSQL database
 //!   keys/              0700; each key file 0600
 //!     audit-signing.pk8    Ed25519 key for checkpoints (PKCS#8)
 //!     audit-mac.key        HMAC secret for audit entries
@@ -29,9 +31,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 
 use crate::audit::{AuditError, AuditKeys, AuditLog};
+use crate::env_config::{CONFIG_FILE, EnvConfig, StoreLocation};
 use crate::limits::{DEFAULT_LIMITS_TOML, EnvLimits, LIMITS_FILE};
 use crate::policy::{DEFAULT_POLICIES, DEFAULT_SCHEMA, PolicyEngine, PolicyError, SCHEMA_FILE};
-use crate::store::{SledStorage, Space, Storage, StoreError, WriteBatch};
+use crate::store::{PgStorage, SledStorage, Space, Storage, StoreError, WriteBatch};
 
 /// On-disk format version of an environment.
 pub const FORMAT_VERSION: &str = "cloister-env 1";
@@ -88,6 +91,9 @@ pub enum EnvError {
     /// The system random source failed.
     #[error("the system random number generator failed")]
     Random,
+    /// `cloister.toml` is malformed, or names another environment's store.
+    #[error("{CONFIG_FILE}: {0}")]
+    Config(String),
     /// `limits.toml` is malformed.
     #[error("{file}: {message}")]
     Limits {
@@ -128,6 +134,7 @@ pub struct Environment {
     schema_refreshed: bool,
     cache_secret: Vec<u8>,
     limits: EnvLimits,
+    location: StoreLocation,
 }
 
 fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
@@ -149,6 +156,13 @@ impl Environment {
     /// Creates a new environment at `path` and returns it open, together
     /// with the first admin's API token (shown once; only its hash is kept).
     pub fn init(path: &Path, admin: &str) -> Result<(Self, String), EnvError> {
+        Self::init_with(path, admin, "sled")
+    }
+
+    /// [`Environment::init`] with its store: `sled` (embedded, in
+    /// `DIR/store`) or a `postgres://` URL naming an empty database.
+    pub fn init_with(path: &Path, admin: &str, store: &str) -> Result<(Self, String), EnvError> {
+        let location = StoreLocation::parse(store)?;
         if path.exists() {
             return Err(EnvError::Exists(path.to_path_buf()));
         }
@@ -171,7 +185,7 @@ impl Environment {
             });
         }
         let staging = parent.join(format!(".{name}.init-{}", hex::encode(random_bytes(6)?)));
-        let result = Self::build(&staging, admin);
+        let result = Self::build(&staging, admin, &location, store);
         let token = match result {
             Ok(token) => token,
             Err(e) => {
@@ -188,7 +202,12 @@ impl Environment {
         Ok((Self::open(path)?, token))
     }
 
-    fn build(staging: &Path, admin: &str) -> Result<String, EnvError> {
+    fn build(
+        staging: &Path,
+        admin: &str,
+        location: &StoreLocation,
+        url: &str,
+    ) -> Result<String, EnvError> {
         {
             use std::os::unix::fs::DirBuilderExt as _;
             std::fs::DirBuilder::new()
@@ -217,20 +236,23 @@ impl Environment {
         for d in ["keys", "policies", "cache", "datasets", "tmp"] {
             sync_dir(&dir, d)?;
         }
-        let store = SledStorage::open(&staging.join("store"), true)?;
+        let id = format!("env-{}", hex::encode(random_bytes(8)?));
+        write_secret(&dir, CONFIG_FILE, EnvConfig::render(&id, url).as_bytes())?;
+        let store: Box<dyn Storage> = match location {
+            StoreLocation::Sled => Box::new(SledStorage::open(&staging.join("store"), true)?),
+            StoreLocation::Postgres(url) => Box::new(PgStorage::open(url, true)?),
+        };
         let mut b = WriteBatch::new();
         b.put(
             Space::Meta,
             FORMAT_KEY.to_vec(),
             FORMAT_VERSION.as_bytes().to_vec(),
         );
-        b.put(
-            Space::Meta,
-            ID_KEY.to_vec(),
-            format!("env-{}", hex::encode(random_bytes(8)?)).into_bytes(),
-        );
+        b.put(Space::Meta, ID_KEY.to_vec(), id.into_bytes());
+        let token = crate::users::bootstrap_admin_batch(&*store, admin, &mut b)?;
+        // One commit: a database is either empty or holds a whole
+        // environment, so a failed `init` can be run again.
         store.commit(b)?;
-        let token = crate::users::bootstrap_admin(&store, admin)?;
         drop(store);
         sync_dir(&dir, ".")?;
         Ok(token)
@@ -240,7 +262,19 @@ impl Environment {
     pub fn open(path: &Path) -> Result<Self, EnvError> {
         let dir = Dir::open_ambient_dir(path, ambient_authority())
             .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
-        if !dir.exists("store") || !dir.exists("keys") {
+        let config = match dir.read_to_string(CONFIG_FILE) {
+            Ok(text) => Some(EnvConfig::parse(&text).map_err(EnvError::Config)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(file_err(CONFIG_FILE)(e)),
+        };
+        let location = config
+            .as_ref()
+            .map_or(StoreLocation::Sled, |c| c.store.clone());
+        let has_store = match location {
+            StoreLocation::Sled => dir.exists("store"),
+            StoreLocation::Postgres(_) => true,
+        };
+        if !has_store || !dir.exists("keys") {
             return Err(EnvError::NotAnEnvironment(path.to_path_buf()));
         }
         let pkcs8 = dir
@@ -251,7 +285,10 @@ impl Environment {
         let keys = Arc::new(AuditKeys::new(&pkcs8, &mac)?);
         let policy = Self::load_policies(&dir)?;
         let limits = Self::load_limits(&dir)?;
-        let store: Arc<dyn Storage> = Arc::new(SledStorage::open(&path.join("store"), false)?);
+        let store: Arc<dyn Storage> = match &location {
+            StoreLocation::Sled => Arc::new(SledStorage::open(&path.join("store"), false)?),
+            StoreLocation::Postgres(url) => Arc::new(PgStorage::open(url, false)?),
+        };
         // After the store's lock: one process at a time rewrites the copy.
         let schema_refreshed = refresh_schema(&dir)?;
         let format = store.get(Space::Meta, FORMAT_KEY)?.unwrap_or_default();
@@ -263,6 +300,14 @@ impl Environment {
         }
         let id = String::from_utf8_lossy(&store.get(Space::Meta, ID_KEY)?.unwrap_or_default())
             .into_owned();
+        if let Some(config) = &config
+            && config.environment != id
+        {
+            return Err(EnvError::Config(format!(
+                "this directory is environment {}, but its store ({location}) holds environment {id}",
+                config.environment
+            )));
+        }
         let audit = AuditLog::open(Arc::clone(&store), keys, &id, CHECKPOINT_EVERY)?;
         let env = Self {
             path: path.to_path_buf(),
@@ -274,8 +319,26 @@ impl Environment {
             cache_secret,
             limits,
             schema_refreshed,
+            location,
         };
         Ok(env)
+    }
+
+    /// Applies the store's missing schema migrations (PostgreSQL; a sled
+    /// store has none) and returns the versions applied. Refused while a
+    /// process has the environment open.
+    pub fn migrate(path: &Path) -> Result<Vec<i32>, EnvError> {
+        let dir = Dir::open_ambient_dir(path, ambient_authority())
+            .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
+        let text = match dir.read_to_string(CONFIG_FILE) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(file_err(CONFIG_FILE)(e)),
+        };
+        match EnvConfig::parse(&text).map_err(EnvError::Config)?.store {
+            StoreLocation::Sled => Ok(Vec::new()),
+            StoreLocation::Postgres(url) => Ok(PgStorage::migrate(&url)?),
+        }
     }
 
     /// Loads the schema and every `*.cedar` file of `dir/policies`.
@@ -304,6 +367,12 @@ impl Environment {
     /// The environment's directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the environment keeps its state (`sled`, or the PostgreSQL
+    /// URL without its password).
+    pub fn store_location(&self) -> &StoreLocation {
+        &self.location
     }
 
     /// The environment id (the audit log's origin).

@@ -46,6 +46,7 @@ pub mod csv_records;
 pub mod datasets;
 pub mod deployments;
 pub mod env;
+pub mod env_config;
 pub mod feature_cache;
 pub mod feedback;
 pub mod fitted;

@@ -144,9 +144,15 @@ fn encode(user: &User) -> Result<Vec<u8>, UserError> {
 
 /// Creates the first admin of a new environment (no authorization: there
 /// is nobody to authorize yet).
-pub(crate) fn bootstrap_admin(store: &dyn Storage, name: &str) -> Result<String, UserError> {
+/// Adds to `batch` the writes that create the first admin; returns the
+/// admin's token.
+pub(crate) fn bootstrap_admin_batch(
+    store: &dyn Storage,
+    name: &str,
+    batch: &mut WriteBatch,
+) -> Result<String, UserError> {
     let (b, _, token) = create(store, name, &[Role::Admin])?;
-    store.commit(b)?;
+    batch.extend(b);
     Ok(token)
 }
 

@@ -30,8 +30,14 @@ impl Env {
 }
 
 pub fn env() -> Env {
+    env_with("sled")
+}
+
+/// An environment on `store` (`sled` or a postgres:// URL) with one user
+/// per role.
+pub fn env_with(store: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let (c, token) = Cloister::init(&dir.path().join("env"), "root").unwrap();
+    let (c, token) = Cloister::init_with(&dir.path().join("env"), "root", store).unwrap();
     let admin = c.authenticate(&token).unwrap();
     let add = |name: &str, role: Role| c.add_user(&admin, name, &[role]).unwrap().0;
     let sci = add("sci", Role::Scientist);

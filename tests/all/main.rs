@@ -26,6 +26,7 @@ mod fitted;
 mod hostile;
 mod house;
 mod policy_matrix;
+mod postgres;
 mod python;
 mod runtime;
 mod training;

@@ -2,9 +2,11 @@
 //!
 //! Everything Cloister keeps lives in one ordered key–value space, divided
 //! into [`Space`]s by a one-byte key prefix. The [`Storage`] trait is the
-//! whole contract a storage engine must meet; [`SledStorage`] implements it
-//! over sled 0.34.7 and is the **only** code in the workspace that touches
-//! sled (an invariant in `docs/ARCHITECTURE.md`).
+//! whole contract a storage engine must meet. [`SledStorage`] implements it
+//! over sled 0.34.7 (the embedded default) and [`PgStorage`] over a
+//! PostgreSQL database; they are the **only** code in the workspace that
+//! touches sled or a PostgreSQL client (an invariant in
+//! `docs/ARCHITECTURE.md`).
 //!
 //! The contract:
 //! - [`Storage::commit`] applies a [`WriteBatch`] atomically and durably:
@@ -15,9 +17,11 @@
 //!   reachable with one final `commit`; see [`crate::datasets`].
 //! - Reads see every write that returned before them.
 
+mod pg_backend;
 pub mod segment;
 mod sled_backend;
 
+pub use pg_backend::{MIGRATIONS, PgStorage, PgUrl, schema_version};
 pub use sled_backend::SledStorage;
 
 use thiserror::Error;

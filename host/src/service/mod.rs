@@ -191,10 +191,41 @@ impl Cloister {
         Ok(Self::new(env, channel))
     }
 
+    /// Applies the store's missing schema migrations (`cloister migrate`),
+    /// then opens the environment and records them in the audit log as the
+    /// host's own maintenance. Returns the versions applied.
+    pub fn migrate(path: &Path) -> Result<Vec<i32>, ServiceError> {
+        let applied = Environment::migrate(path)?;
+        let me = Self::open(path, "cli")?;
+        if !applied.is_empty() {
+            me.env.audit().append(AuditRecord {
+                actor: "cloister".into(),
+                action: "migrate_store".into(),
+                resource: Resource::Environment.uid_text(),
+                decision: Decision::Allow,
+                policies: vec!["host".into()],
+                params: params_digest(&("migrate_store", &applied)),
+                outcome: None,
+                serving: None,
+            })?;
+        }
+        Ok(applied)
+    }
+
     /// Creates an environment at `path` with a first admin; returns it and
     /// the admin's token. The creation is the log's first entry.
     pub fn init(path: &Path, admin: &str) -> Result<(Self, String), ServiceError> {
-        let (env, token) = Environment::init(path, admin)?;
+        Self::init_with(path, admin, "sled")
+    }
+
+    /// [`Cloister::init`] with its store: `sled` or a `postgres://` URL
+    /// naming an empty database (see [`crate::env_config`]).
+    pub fn init_with(
+        path: &Path,
+        admin: &str,
+        store: &str,
+    ) -> Result<(Self, String), ServiceError> {
+        let (env, token) = Environment::init_with(path, admin, store)?;
         let me = Self::new(env, "cli");
         me.env.audit().append(AuditRecord {
             actor: admin.to_string(),
@@ -280,6 +311,11 @@ impl Cloister {
     /// The environment's id (the audit log's origin).
     pub fn environment_id(&self) -> &str {
         self.env.id()
+    }
+
+    /// Where the environment keeps its state (never with a password).
+    pub fn store_location(&self) -> &crate::env_config::StoreLocation {
+        self.env.store_location()
     }
 
     /// The public key the environment signs audit checkpoints and model

@@ -1,0 +1,700 @@
+//! The PostgreSQL engine behind [`Storage`]. The only module that names
+//! tokio-postgres.
+//!
+//! Layout: one table, `cloister_kv (space smallint, key bytea, value
+//! bytea, primary key (space, key))`. PostgreSQL orders `bytea` byte by
+//! byte, as sled orders its keys, so every scan of the contract is one
+//! range of the primary-key index and each module keeps its own key layout
+//! whatever the engine. Schema changes are numbered migrations
+//! ([`MIGRATIONS`]) recorded in `cloister_migrations`; [`PgStorage::migrate`]
+//! applies the missing ones and [`PgStorage::open`] refuses a database
+//! whose schema is not this build's.
+//!
+//! **One process per environment**, as with sled: opening takes a session
+//! advisory lock on a dedicated connection, and every write goes through
+//! that same connection. A second process is refused as
+//! [`StoreError::Busy`]; if the connection is lost (the server restarted,
+//! the network failed) the lock is lost with it, and every later write
+//! fails: the environment must be reopened, which takes the lock again and
+//! re-reads everything. Reads use a small pool of other connections.
+//!
+//! Durability: [`Storage::commit`] is one transaction committed with
+//! `synchronous_commit` on (the server's WAL is flushed before it returns);
+//! [`Storage::stage`] commits with it off; [`Storage::sync`] commits a
+//! one-row write synchronously, which flushes the WAL up to and including
+//! every staged commit before it.
+//!
+//! The client runs on this store's own two-thread Tokio runtime, and
+//! callers wait on a channel, so the synchronous contract can be called
+//! from any thread, including one of another runtime's workers.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::{Entry, Space, Storage, StoreError, Write, WriteBatch, prefix_end};
+
+/// The advisory-lock key an open environment holds (`"cloister"` in
+/// ASCII). Advisory locks are per database: one environment per database.
+const ENV_LOCK: i64 = 0x636c_6f69_7374_6572;
+/// A different key for migrations, so `migrate` and `open` exclude each
+/// other through [`ENV_LOCK`] while two migrations also exclude each other.
+const MIGRATE_LOCK: i64 = ENV_LOCK + 1;
+/// Rows per page of a scan.
+const PAGE: i64 = 512;
+/// Most rows one statement of a commit carries.
+const CHUNK: usize = 2048;
+/// Most pooled read connections.
+const POOL: usize = 8;
+
+/// The schema, one migration per entry: (version, name, SQL). Append only;
+/// never edit a released migration.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "key-value spaces",
+    "CREATE TABLE cloister_kv (
+         space smallint NOT NULL,
+         key bytea NOT NULL,
+         value bytea NOT NULL,
+         PRIMARY KEY (space, key)
+     );
+     CREATE TABLE cloister_sync (id integer PRIMARY KEY, n bigint NOT NULL);
+     INSERT INTO cloister_sync VALUES (1, 0);",
+)];
+
+/// The schema version this build reads and writes.
+pub fn schema_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// A PostgreSQL connection string, parsed and checked, that prints without
+/// its password.
+#[derive(Clone)]
+pub struct PgUrl {
+    config: Config,
+}
+
+impl std::fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgUrl({self})")
+    }
+}
+
+impl std::fmt::Display for PgUrl {
+    /// `postgres://USER@HOST:PORT/DB`, never the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let user = self.config.get_user().unwrap_or("");
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => String::new(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let db = self.config.get_dbname().unwrap_or("");
+        write!(f, "postgres://{user}@{host}:{port}/{db}")
+    }
+}
+
+impl FromStr for PgUrl {
+    type Err = StoreError;
+
+    /// Accepts `postgres://` / `postgresql://` URLs and `key=value`
+    /// strings. The error never repeats the input (it may hold a
+    /// password).
+    fn from_str(s: &str) -> Result<Self, StoreError> {
+        let config = Config::from_str(s)
+            .map_err(|e| StoreError::Engine(format!("not a PostgreSQL connection string: {e}")))?;
+        if config.get_hosts().is_empty() {
+            return Err(StoreError::Engine(
+                "the PostgreSQL connection string names no host (give host=… or postgres://HOST/…)"
+                    .into(),
+            ));
+        }
+        if config.get_dbname().is_none() {
+            return Err(StoreError::Engine(
+                "the PostgreSQL connection string names no database (give dbname=… or postgres://HOST/DB)"
+                    .into(),
+            ));
+        }
+        Ok(Self { config })
+    }
+}
+
+/// [`Storage`] over one PostgreSQL database. See the module docs.
+pub struct PgStorage {
+    /// `Some` until dropped: a runtime must not be dropped on another
+    /// runtime's thread, so `Drop` shuts it down in the background.
+    rt: Option<tokio::runtime::Runtime>,
+    inner: Arc<Inner>,
+}
+
+impl Drop for PgStorage {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            // Closes every connection; the server releases the lock when
+            // it sees the writer's connection end.
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for PgStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgStorage({})", self.inner.url)
+    }
+}
+
+struct Inner {
+    url: PgUrl,
+    /// The connection holding [`ENV_LOCK`]; every write uses it.
+    writer: tokio::sync::Mutex<Client>,
+    idle: Mutex<Vec<Client>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+fn pg_err(url: &PgUrl) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
+    move |e| {
+        if e.is_closed() {
+            StoreError::Engine(format!(
+                "the connection to {url} was lost; the environment holds no lock any more and must be reopened"
+            ))
+        } else {
+            StoreError::Engine(format!("PostgreSQL at {url}: {}", describe(&e)))
+        }
+    }
+}
+
+/// The server's message when there is one (tokio-postgres's own text is
+/// often just "db error").
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+async fn connect(url: &PgUrl) -> Result<Client, StoreError> {
+    let (client, conn) =
+        url.config.connect(NoTls).await.map_err(|e| {
+            StoreError::Engine(format!("cannot connect to {url}: {}", describe(&e)))
+        })?;
+    tokio::spawn(async move {
+        // Ends when the client is dropped or the server goes away; the
+        // client then reports itself closed.
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// How long `open` waits for the environment lock of a process that has
+/// just ended (the server releases it when it notices the connection end).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes [`ENV_LOCK`] on `client`'s session, waiting up to [`LOCK_WAIT`].
+async fn try_lock(client: &Client, url: &PgUrl) -> Result<bool, StoreError> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&ENV_LOCK])
+            .await
+            .map_err(pg_err(url))?
+            .get(0);
+        if locked || start.elapsed() >= LOCK_WAIT {
+            return Ok(locked);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(200));
+    }
+}
+
+async fn apply_migrations(client: &mut Client, url: &PgUrl) -> Result<Vec<i32>, StoreError> {
+    let err = pg_err(url);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(&err)?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS cloister_migrations (
+                 version integer PRIMARY KEY,
+                 name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .map_err(&err)?;
+    let have = current_version(client, url).await?;
+    if have > schema_version() {
+        return Err(newer_schema(url, have));
+    }
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > have) {
+        let tx = client.transaction().await.map_err(&err)?;
+        tx.batch_execute(sql).await.map_err(&err)?;
+        tx.execute(
+            "INSERT INTO cloister_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .map_err(&err)?;
+        tx.commit().await.map_err(&err)?;
+        applied.push(*version);
+    }
+    Ok(applied)
+}
+
+/// The schema version recorded in the database (0 before any migration).
+async fn current_version(client: &Client, url: &PgUrl) -> Result<i32, StoreError> {
+    let exists = client
+        .query_one("SELECT to_regclass('cloister_migrations') IS NOT NULL", &[])
+        .await
+        .map_err(pg_err(url))?
+        .get::<_, bool>(0);
+    if !exists {
+        return Ok(0);
+    }
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM cloister_migrations",
+            &[],
+        )
+        .await
+        .map_err(pg_err(url))?;
+    Ok(row.get::<_, i32>(0))
+}
+
+impl PgStorage {
+    fn runtime() -> Result<tokio::runtime::Runtime, StoreError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cloister-pg")
+            .enable_all()
+            .build()
+            .map_err(StoreError::Io)
+    }
+
+    /// Applies every migration the database lacks, in order, each in its
+    /// own transaction; returns the versions applied. Refused while an
+    /// environment has the database open.
+    pub fn migrate(url: &PgUrl) -> Result<Vec<i32>, StoreError> {
+        let rt = Self::runtime()?;
+        let url = url.clone();
+        let out = wait_on(&rt, async move {
+            let mut client = connect(&url).await?;
+            if !try_lock(&client, &url).await? {
+                return Err(StoreError::Busy);
+            }
+            let out = apply_migrations(&mut client, &url).await;
+            // Released now, not when the server notices the connection
+            // end, so an `open` right after finds the lock free.
+            let _ = client.execute("SELECT pg_advisory_unlock_all()", &[]).await;
+            out
+        });
+        rt.shutdown_background();
+        out
+    }
+
+    /// Opens the database. With `create`, the schema is migrated first and
+    /// the database must hold no environment yet (an empty `cloister_kv`);
+    /// without it, the schema must be exactly this build's.
+    pub fn open(url: &PgUrl, create: bool) -> Result<Self, StoreError> {
+        if create {
+            Self::migrate(url)?;
+        }
+        let rt = Self::runtime()?;
+        let url2 = url.clone();
+        let writer = wait_on(&rt, async move {
+            let url = url2;
+            let client = connect(&url).await?;
+            if !try_lock(&client, &url).await? {
+                return Err(StoreError::Busy);
+            }
+            let have = current_version(&client, &url).await?;
+            if have == 0 {
+                return Err(StoreError::Engine(format!(
+                    "no store at {url} (the database has no Cloister schema; create an environment with `cloister init --store`)"
+                )));
+            }
+            if have > schema_version() {
+                return Err(newer_schema(&url, have));
+            }
+            if have < schema_version() {
+                return Err(StoreError::Engine(format!(
+                    "the store at {url} has schema version {have}, this build needs {}; run `cloister migrate`",
+                    schema_version()
+                )));
+            }
+            if create {
+                let used: bool = client
+                    .query_one("SELECT EXISTS (SELECT 1 FROM cloister_kv)", &[])
+                    .await
+                    .map_err(pg_err(&url))?
+                    .get(0);
+                if used {
+                    return Err(StoreError::Engine(format!(
+                        "the database at {url} already holds a Cloister environment; give `cloister init` an empty database"
+                    )));
+                }
+            }
+            Ok::<_, StoreError>(client)
+        });
+        let writer = match writer {
+            Ok(w) => w,
+            Err(e) => {
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            rt: Some(rt),
+            inner: Arc::new(Inner {
+                url: url.clone(),
+                writer: tokio::sync::Mutex::new(writer),
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(tokio::sync::Semaphore::new(POOL)),
+            }),
+        })
+    }
+
+    /// Runs `f` on this store's runtime and waits for it. Safe to call from
+    /// any thread, including another runtime's worker (the caller only
+    /// blocks on a channel).
+    fn run<T, F>(&self, f: impl FnOnce(Arc<Inner>) -> F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| StoreError::Engine("the PostgreSQL client stopped".into()))?;
+        wait_on(rt, f(Arc::clone(&self.inner)))
+    }
+
+    /// A read query on a pooled connection.
+    fn read<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Inner>, Arc<Client>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        self.run(move |inner| async move {
+            let _permit = Arc::clone(&inner.permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| StoreError::Engine("the PostgreSQL pool is closed".into()))?;
+            let pooled = inner.idle.lock().map_err(|_| poisoned())?.pop();
+            let client = match pooled {
+                Some(c) if !c.is_closed() => c,
+                _ => connect(&inner.url).await?,
+            };
+            let client = Arc::new(client);
+            let out = f(Arc::clone(&inner), Arc::clone(&client)).await;
+            if let Ok(client) = Arc::try_unwrap(client)
+                && !client.is_closed()
+            {
+                inner.idle.lock().map_err(|_| poisoned())?.push(client);
+            }
+            out
+        })
+    }
+
+    /// Writes `batch` in one transaction on the lock-holding connection.
+    fn write(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
+        // The last write to a key wins, as it would applied in order; what
+        // is left is disjoint puts and deletes per space.
+        let mut last: BTreeMap<(u8, Vec<u8>), Option<Vec<u8>>> = BTreeMap::new();
+        for w in batch.writes {
+            match w {
+                Write::Put(s, k, v) => last.insert((s.prefix(), k), Some(v)),
+                Write::Delete(s, k) => last.insert((s.prefix(), k), None),
+            };
+        }
+        let mut per_space: BTreeMap<i16, (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>)> =
+            BTreeMap::new();
+        for ((space, key), value) in last {
+            let slot = per_space.entry(i16::from(space)).or_default();
+            match value {
+                Some(v) => {
+                    slot.0.push(key);
+                    slot.1.push(v);
+                }
+                None => slot.2.push(key),
+            }
+        }
+        self.run(move |inner| async move {
+            let err = pg_err(&inner.url);
+            let mut writer = inner.writer.lock().await;
+            let tx = writer.transaction().await.map_err(&err)?;
+            if !durable {
+                tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
+                    .await
+                    .map_err(&err)?;
+            }
+            for (space, (put_keys, put_values, deletes)) in &per_space {
+                for keys in deletes.chunks(CHUNK) {
+                    tx.execute(
+                        "DELETE FROM cloister_kv WHERE space = $1 AND key = ANY($2)",
+                        &[space, &keys],
+                    )
+                    .await
+                    .map_err(&err)?;
+                }
+                for (keys, values) in put_keys.chunks(CHUNK).zip(put_values.chunks(CHUNK)) {
+                    tx.execute(
+                        "INSERT INTO cloister_kv (space, key, value)
+                         SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS t(k, v)
+                         ON CONFLICT (space, key) DO UPDATE SET value = EXCLUDED.value",
+                        &[space, &keys, &values],
+                    )
+                    .await
+                    .map_err(&err)?;
+                }
+            }
+            tx.commit().await.map_err(&err)
+        })
+    }
+
+    fn page(&self, space: Space, from: Vec<u8>, inclusive: bool, end: Option<Vec<u8>>) -> Page {
+        let space = i16::from(space.prefix());
+        let rows = self.read(move |inner, client| async move {
+            let op = if inclusive { ">=" } else { ">" };
+            let rows = match &end {
+                Some(end) => {
+                    client
+                        .query(
+                            &format!(
+                                "SELECT key, value FROM cloister_kv WHERE space = $1 AND key {op} $2 AND key < $3 ORDER BY key LIMIT $4"
+                            ),
+                            &[&space, &from, end, &PAGE],
+                        )
+                        .await
+                }
+                None => {
+                    client
+                        .query(
+                            &format!(
+                                "SELECT key, value FROM cloister_kv WHERE space = $1 AND key {op} $2 ORDER BY key LIMIT $3"
+                            ),
+                            &[&space, &from, &PAGE],
+                        )
+                        .await
+                }
+            }
+            .map_err(pg_err(&inner.url))?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+                .collect::<Vec<_>>())
+        });
+        Page { rows }
+    }
+
+    fn scan_range(
+        &self,
+        space: Space,
+        from: Vec<u8>,
+        end: Option<Vec<u8>>,
+    ) -> Box<dyn Iterator<Item = Result<Entry, StoreError>> + Send + '_> {
+        Box::new(Scan {
+            store: self,
+            space,
+            next_from: Some((from, true)),
+            end,
+            buffer: std::collections::VecDeque::new(),
+        })
+    }
+}
+
+/// Runs `fut` on `rt` and waits for it on a channel: unlike
+/// `Runtime::block_on`, callable from inside another runtime.
+fn wait_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .map_err(|_| StoreError::Engine("the PostgreSQL client stopped".into()))?
+}
+
+fn newer_schema(url: &PgUrl, have: i32) -> StoreError {
+    StoreError::Engine(format!(
+        "the store at {url} has schema version {have}, newer than this build's {}; use a newer cloister",
+        schema_version()
+    ))
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Engine("the PostgreSQL pool lock is poisoned".into())
+}
+
+struct Page {
+    rows: Result<Vec<Entry>, StoreError>,
+}
+
+/// A scan read one page at a time; each page continues after the last key
+/// of the one before.
+struct Scan<'a> {
+    store: &'a PgStorage,
+    space: Space,
+    next_from: Option<(Vec<u8>, bool)>,
+    end: Option<Vec<u8>>,
+    buffer: std::collections::VecDeque<Entry>,
+}
+
+impl Iterator for Scan<'_> {
+    type Item = Result<Entry, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.buffer.pop_front() {
+            return Some(Ok(e));
+        }
+        let (from, inclusive) = self.next_from.take()?;
+        match self
+            .store
+            .page(self.space, from, inclusive, self.end.clone())
+            .rows
+        {
+            Err(e) => Some(Err(e)),
+            Ok(rows) => {
+                if rows.len() as i64 == PAGE
+                    && let Some(last) = rows.last()
+                {
+                    self.next_from = Some((last.0.clone(), false));
+                }
+                self.buffer.extend(rows);
+                self.buffer.pop_front().map(Ok)
+            }
+        }
+    }
+}
+
+impl Storage for PgStorage {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let space = i16::from(space.prefix());
+        let key = key.to_vec();
+        self.read(move |inner, client| async move {
+            let row = client
+                .query_opt(
+                    "SELECT value FROM cloister_kv WHERE space = $1 AND key = $2",
+                    &[&space, &key],
+                )
+                .await
+                .map_err(pg_err(&inner.url))?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    fn scan(
+        &self,
+        space: Space,
+        prefix: &[u8],
+    ) -> Box<dyn Iterator<Item = Result<Entry, StoreError>> + Send + '_> {
+        self.scan_range(space, prefix.to_vec(), prefix_end(prefix))
+    }
+
+    fn scan_from(
+        &self,
+        space: Space,
+        from: &[u8],
+    ) -> Box<dyn Iterator<Item = Result<Entry, StoreError>> + Send + '_> {
+        self.scan_range(space, from.to_vec(), None)
+    }
+
+    fn last(&self, space: Space, prefix: &[u8]) -> Result<Option<Entry>, StoreError> {
+        let space = i16::from(space.prefix());
+        let from = prefix.to_vec();
+        let end = prefix_end(prefix);
+        self.read(move |inner, client| async move {
+            let row = match &end {
+                Some(end) => {
+                    client
+                        .query_opt(
+                            "SELECT key, value FROM cloister_kv WHERE space = $1 AND key >= $2 AND key < $3 ORDER BY key DESC LIMIT 1",
+                            &[&space, &from, end],
+                        )
+                        .await
+                }
+                None => {
+                    client
+                        .query_opt(
+                            "SELECT key, value FROM cloister_kv WHERE space = $1 AND key >= $2 ORDER BY key DESC LIMIT 1",
+                            &[&space, &from],
+                        )
+                        .await
+                }
+            }
+            .map_err(pg_err(&inner.url))?;
+            Ok(row.map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1))))
+        })
+    }
+
+    fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.write(batch, true)
+    }
+
+    fn stage(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        self.write(batch, false)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.run(|inner| async move {
+            let err = pg_err(&inner.url);
+            let writer = inner.writer.lock().await;
+            writer
+                .execute("UPDATE cloister_sync SET n = n + 1 WHERE id = 1", &[])
+                .await
+                .map_err(&err)?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_print_without_their_password() -> Result<(), StoreError> {
+        let u: PgUrl = "postgres://ana:s3cret@db.example:6543/cloister".parse()?;
+        assert_eq!(u.to_string(), "postgres://ana@db.example:6543/cloister");
+        assert!(!format!("{u:?}").contains("s3cret"));
+        let u: PgUrl = "host=/run/pg user=x dbname=y password=hunter2".parse()?;
+        assert_eq!(u.to_string(), "postgres://x@/run/pg:5432/y");
+        let e = "postgres://a:hunter2@h".parse::<PgUrl>().unwrap_err();
+        assert!(e.to_string().contains("no database"), "{e}");
+        assert!(!e.to_string().contains("hunter2"));
+        let e = "host=h dbname=d bogus=hunter2"
+            .parse::<PgUrl>()
+            .unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order() {
+        let mut last = 0;
+        for (v, _, _) in MIGRATIONS {
+            assert_eq!(*v, last + 1);
+            last = *v;
+        }
+        assert_eq!(schema_version(), last);
+    }
+}

@@ -1,0 +1,128 @@
+//! `cloister.toml`: which store an environment uses.
+//!
+//! `cloister init` writes the file into the environment directory (mode
+//! 0600, the directory is 0700) and every open reads it:
+//!
+//! ```toml
+//! environment = "env-0123456789abcdef"
+//!
+//! [store]
+//! url = "sled"                     # the embedded store in DIR/store
+//! # url = "postgres://cloister@db.internal:5432/cloister"
+//! ```
+//!
+//! An environment made before the file existed has none and uses sled.
+//! The environment id is repeated here so that a directory opened against
+//! another environment's database is refused by name instead of failing
+//! its audit checks. The URL may hold a password: it is never printed
+//! (see [`crate::store::PgUrl`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{PgUrl, StoreError};
+
+/// The file's name in the environment directory.
+pub const CONFIG_FILE: &str = "cloister.toml";
+
+/// Where an environment keeps its state.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    /// The embedded sled database in `DIR/store` (the default).
+    Sled,
+    /// A PostgreSQL database, one environment per database.
+    Postgres(PgUrl),
+}
+
+impl StoreLocation {
+    /// Parses `sled` or a `postgres://` / `postgresql://` URL.
+    pub fn parse(text: &str) -> Result<Self, StoreError> {
+        let t = text.trim();
+        if t == "sled" {
+            Ok(Self::Sled)
+        } else if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+            Ok(Self::Postgres(t.parse()?))
+        } else {
+            Err(StoreError::Engine(
+                "a store is `sled` or a postgres:// URL (postgres://USER@HOST:PORT/DB, or postgresql:///DB?host=/socket/dir for a Unix socket)"
+                    .into(),
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sled => f.write_str("sled"),
+            Self::Postgres(url) => url.fmt(f),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    url: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    environment: String,
+    store: FileStore,
+}
+
+/// What `cloister.toml` says.
+#[derive(Debug, Clone)]
+pub struct EnvConfig {
+    /// The environment id the store must hold.
+    pub environment: String,
+    /// The store.
+    pub store: StoreLocation,
+}
+
+impl EnvConfig {
+    /// Parses the file's text; errors name the line and field.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let store = StoreLocation::parse(&file.store.url).map_err(|e| format!("store.url: {e}"))?;
+        Ok(Self {
+            environment: file.environment,
+            store,
+        })
+    }
+
+    /// The file's text. `url` is the store as given to `init` (with its
+    /// password, if any: the file is the environment's secret, like its
+    /// keys).
+    pub fn render(environment: &str, url: &str) -> String {
+        let body = toml::to_string(&File {
+            environment: environment.to_string(),
+            store: FileStore {
+                url: url.to_string(),
+            },
+        })
+        .unwrap_or_default();
+        format!("# Written by `cloister init`; read at every open (see docs/SCALING.md).\n{body}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_round_trips_and_bad_files_are_named() {
+        let text = EnvConfig::render("env-1", "postgres://a:pw@h:5/d");
+        let c = EnvConfig::parse(&text).expect("parses");
+        assert_eq!(c.environment, "env-1");
+        assert!(matches!(c.store, StoreLocation::Postgres(_)));
+        assert_eq!(c.store.to_string(), "postgres://a@h:5/d");
+        let e = EnvConfig::parse("environment = \"e\"\n[store]\nurl = \"mysql://x\"\n")
+            .expect_err("refused");
+        assert!(e.contains("store.url"), "{e}");
+        let e = EnvConfig::parse("environment = \"e\"\n[store]\nurl = \"sled\"\nextra = 1\n")
+            .expect_err("refused");
+        assert!(e.contains("extra") && e.contains("line 4"), "{e}");
+    }
+}

@@ -1,0 +1,668 @@
+//! The PostgreSQL store (issue 21), on a real server: each test starts a
+//! throwaway PostgreSQL from the distribution's binaries (`initdb` +
+//! `pg_ctl`, listening only on a Unix socket in a temporary directory) and
+//! stops it when it ends. `initdb` refuses to run as root, so when the
+//! tests run as root the server runs as the `postgres` (or `nobody`) user.
+//!
+//! Without the binaries the tests report that they skipped, unless
+//! `CLOISTER_REQUIRE_POSTGRES` is set (`.ci/run` sets it and installs
+//! PostgreSQL 15 where it is missing), in which case they fail.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use cloister_host::audit::{Checkpoint, Verdict};
+use cloister_host::service::{Cloister, ServiceError};
+use cloister_host::store::{PgStorage, PgUrl, SledStorage, Space, Storage, StoreError, WriteBatch};
+
+use crate::closed_env::{Env, env_with};
+
+/// A running throwaway server. Dropping it stops the server and removes
+/// its files.
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
+}
+
+/// The directory with `initdb` and `pg_ctl`: on PATH, or Debian's
+/// `/usr/lib/postgresql/N/bin` (newest N).
+fn server_bin() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            if d.join("initdb").is_file() && d.join("pg_ctl").is_file() {
+                return Some(d);
+            }
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|d| d.join("initdb").is_file())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// (uid, gid) of a user from /etc/passwd.
+fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 3 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+    })
+}
+
+fn am_root() -> bool {
+    // The effective uid, as `id -u` prints it (no libc in this crate).
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PgServer {
+    /// Starts a server, or `None` (having said so) when PostgreSQL is not
+    /// installed and not required.
+    pub fn start() -> Option<Self> {
+        let Some(bin) = server_bin() else {
+            assert!(
+                std::env::var_os("CLOISTER_REQUIRE_POSTGRES").is_none(),
+                "PostgreSQL server binaries are required (apt-get install postgresql-15)"
+            );
+            eprintln!("SKIPPED: no PostgreSQL server binaries (apt-get install postgresql-15)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let owner = if am_root() {
+            let ids = user_ids("postgres")
+                .or_else(|| user_ids("nobody"))
+                .expect("an unprivileged user (postgres or nobody) to run the server as");
+            std::os::unix::fs::chown(dir.path(), Some(ids.0), Some(ids.1)).unwrap();
+            Some(ids)
+        } else {
+            None
+        };
+        let me = Self { dir, bin, owner };
+        let out = me
+            .command("initdb")
+            .args([
+                "-D",
+                &me.data(),
+                "-U",
+                "cloister",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ])
+            .args(["--no-sync", "--no-instructions"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::create_dir_all(me.socket_dir()).unwrap();
+        if let Some((u, g)) = me.owner {
+            std::os::unix::fs::chown(me.socket_dir(), Some(u), Some(g)).unwrap();
+        }
+        me.start_again();
+        Some(me)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(self.bin.join(program));
+        c.stdin(Stdio::null());
+        if let Some((u, g)) = self.owner {
+            c.uid(u).gid(g).env("HOME", self.dir.path());
+        }
+        c
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("sock")
+    }
+
+    /// Starts the (stopped) server and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let opts = format!(
+            "-k {} -c listen_addresses= -c max_connections=200",
+            self.socket_dir().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        let out = self
+            .command("pg_ctl")
+            .args(["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "start"])
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Stops the server at once, as a crash would (no checkpoint; the WAL
+    /// is replayed at the next start).
+    pub fn crash(&self) {
+        let out = self
+            .command("pg_ctl")
+            .args(["-D", &self.data(), "-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A new empty database; returns its URL.
+    pub fn database(&self, name: &str) -> String {
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));
+        self.url(name)
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgresql:///{db}?host={}&user=cloister",
+            self.socket_dir().display()
+        )
+    }
+
+    /// Runs SQL with psql; returns what it printed (unaligned, tuples
+    /// only).
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-h", &self.socket_dir().display().to_string()])
+            .args(["-U", "cloister", "-d", db, "-v", "ON_ERROR_STOP=1", "-At"])
+            .args(["-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql `{sql}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &self.data(), "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// ------------------------------------------------------------ contract --
+
+/// The storage contract, as every module relies on it.
+fn contract(s: &dyn Storage) -> Result<(), StoreError> {
+    // Byte order of keys, including 0x00 and 0xff and a prefix of another.
+    let keys: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0x00],
+        vec![0x00, 0x00],
+        vec![0x01],
+        vec![0x7f],
+        vec![0x80],
+        vec![0xff],
+        vec![0xff, 0xff],
+    ];
+    let mut b = WriteBatch::new();
+    for (i, k) in keys.iter().enumerate() {
+        b.put(Space::Users, k.clone(), vec![i as u8]);
+    }
+    b.put(Space::Tokens, vec![0x01], b"other space".to_vec());
+    s.commit(b)?;
+    let all: Vec<Vec<u8>> = s
+        .scan(Space::Users, b"")
+        .map(|e| e.map(|e| e.0))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(all, keys, "keys in byte order, one space only");
+    let ff: Vec<_> = s.scan(Space::Users, &[0xff]).collect::<Result<_, _>>()?;
+    assert_eq!(ff.len(), 2, "a prefix of all 0xff bytes has no end key");
+    assert_eq!(
+        s.last(Space::Users, &[0xff])?.map(|e| e.0),
+        Some(vec![0xff, 0xff])
+    );
+    assert_eq!(
+        s.last(Space::Users, &[0x00])?.map(|e| e.0),
+        Some(vec![0x00, 0x00])
+    );
+    assert_eq!(s.last(Space::Datasets, b"")?, None);
+    let from: Vec<_> = s
+        .scan_from(Space::Users, &[0x7f])
+        .collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(from.len(), 4);
+    assert_eq!(s.get(Space::Users, &[])?, Some(vec![0]));
+    assert_eq!(
+        s.get(Space::Tokens, &[0x01])?,
+        Some(b"other space".to_vec())
+    );
+    assert_eq!(s.get(Space::Tokens, &[0x02])?, None);
+
+    // Within a batch the last write to a key wins, as applied in order.
+    let mut b = WriteBatch::new();
+    b.put(Space::Models, b"a".to_vec(), b"1".to_vec());
+    b.delete(Space::Models, b"a".to_vec());
+    b.delete(Space::Models, b"b".to_vec());
+    b.put(Space::Models, b"b".to_vec(), b"2".to_vec());
+    b.put(Space::Models, b"b".to_vec(), b"3".to_vec());
+    b.put(Space::Models, b"empty".to_vec(), Vec::new());
+    s.commit(b)?;
+    assert_eq!(s.get(Space::Models, b"a")?, None);
+    assert_eq!(s.get(Space::Models, b"b")?, Some(b"3".to_vec()));
+    assert_eq!(s.get(Space::Models, b"empty")?, Some(Vec::new()));
+
+    // Large batches and scans across many pages, staged then synced.
+    let mut b = WriteBatch::new();
+    for i in 0u32..5000 {
+        b.put(
+            Space::Labels,
+            i.to_be_bytes().to_vec(),
+            vec![7; (i % 300) as usize],
+        );
+    }
+    s.stage(b)?;
+    s.sync()?;
+    let mut n = 0u32;
+    for item in s.scan(Space::Labels, b"") {
+        let (k, v) = item?;
+        assert_eq!(k, n.to_be_bytes().to_vec());
+        assert_eq!(v.len(), (n % 300) as usize);
+        n += 1;
+    }
+    assert_eq!(n, 5000);
+    let tail: Vec<_> = s
+        .scan(Space::Labels, &[0, 0, 0x13])
+        .collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(tail.len(), 5000 - 0x1300);
+    let mut b = WriteBatch::new();
+    for i in (0u32..5000).step_by(2) {
+        b.delete(Space::Labels, i.to_be_bytes().to_vec());
+    }
+    s.commit(b)?;
+    assert_eq!(s.scan(Space::Labels, b"").count(), 2500);
+    // A big value.
+    let big = vec![0xa5u8; 3 << 20];
+    let mut b = WriteBatch::new();
+    b.put(Space::PluginBlobs, b"big".to_vec(), big.clone());
+    s.commit(b)?;
+    assert_eq!(s.get(Space::PluginBlobs, b"big")?, Some(big));
+    Ok(())
+}
+
+#[test]
+fn both_engines_keep_the_storage_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    contract(&SledStorage::open(&dir.path().join("store"), true).unwrap()).unwrap();
+    let Some(pg) = PgServer::start() else { return };
+    let url: PgUrl = pg.database("contract").parse().unwrap();
+    contract(&PgStorage::open(&url, true).unwrap()).unwrap();
+}
+
+#[test]
+fn one_process_holds_a_database_and_losing_the_connection_fails_closed() {
+    let Some(pg) = PgServer::start() else { return };
+    let url: PgUrl = pg.database("lock").parse().unwrap();
+    let first = PgStorage::open(&url, true).unwrap();
+    assert!(matches!(
+        PgStorage::open(&url, false),
+        Err(StoreError::Busy)
+    ));
+    assert!(matches!(PgStorage::migrate(&url), Err(StoreError::Busy)));
+    let mut b = WriteBatch::new();
+    b.put(Space::Users, b"a".to_vec(), b"1".to_vec());
+    first.commit(b.clone()).unwrap();
+    // The writer's connection goes away (an administrator, a failover):
+    // the lock goes with it, so this handle must not write again.
+    let killed = pg.psql(
+        "lock",
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory'",
+    );
+    assert_eq!(killed, "1");
+    let err = first.commit(b.clone()).unwrap_err();
+    assert!(err.to_string().contains("must be reopened"), "{err}");
+    // Another process may now open it and write.
+    let second = PgStorage::open(&url, false).unwrap();
+    second.commit(b).unwrap();
+    assert!(first.commit(WriteBatch::new()).is_err());
+    drop(second);
+    drop(first);
+}
+
+// ---------------------------------------------------------- environment --
+
+#[test]
+fn init_refuses_a_used_database_and_open_refuses_another_environments_store() {
+    let Some(pg) = PgServer::start() else { return };
+    let url = pg.database("env");
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _) = Cloister::init_with(&dir.path().join("a"), "root", &url).unwrap();
+    let id = c.environment_id().to_string();
+    assert!(
+        c.store_location()
+            .to_string()
+            .starts_with("postgres://cloister@")
+    );
+    drop(c);
+    // The directory holds no sled store and its config file is private.
+    assert!(!dir.path().join("a/store").exists());
+    let meta = std::fs::metadata(dir.path().join("a/cloister.toml")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+
+    let err = Cloister::init_with(&dir.path().join("b"), "root", &url).unwrap_err();
+    assert!(err.to_string().contains("already holds"), "{err}");
+    assert!(
+        !dir.path().join("b").exists(),
+        "a failed init leaves nothing"
+    );
+
+    // A directory copied from another environment but pointed at this
+    // database is refused by name.
+    let (other, _) = Cloister::init(&dir.path().join("c"), "root").unwrap();
+    let other_id = other.environment_id().to_string();
+    drop(other);
+    let toml = std::fs::read_to_string(dir.path().join("a/cloister.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("c/cloister.toml"),
+        toml.replace(&id, &other_id),
+    )
+    .unwrap();
+    let err = Cloister::open(&dir.path().join("c"), "cli").unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&other_id) && text.contains(&id), "{text}");
+
+    // A bad store URL is named.
+    let err = Cloister::init_with(&dir.path().join("d"), "root", "mysql://x/y").unwrap_err();
+    assert!(err.to_string().contains("postgres://"), "{err}");
+
+    // A schema newer than this build's is refused with what to do.
+    pg.psql(
+        "env",
+        "INSERT INTO cloister_migrations (version, name) VALUES (999, 'future')",
+    );
+    let err = Cloister::open(&dir.path().join("a"), "cli").unwrap_err();
+    assert!(err.to_string().contains("newer than this build"), "{err}");
+}
+
+// --------------------------------------------------------------- audit --
+
+/// An environment on `db` with some traffic in its log.
+fn busy(pg: &PgServer, db: &str) -> Env {
+    let e = env_with(&pg.database(db));
+    for _ in 0..10 {
+        e.c.list_datasets(&e.sci).unwrap();
+    }
+    e
+}
+
+fn tampered(c: &Cloister) -> (u64, String) {
+    match c.env().audit().verify(None).unwrap() {
+        Verdict::Tampered { first_bad, reason } => (first_bad, reason),
+        v => panic!("tampering not detected: {v:?}"),
+    }
+}
+
+/// SQL naming audit entry `seq` (its key is the big-endian sequence
+/// number).
+fn entry(seq: u64) -> String {
+    entry_in("cloister_kv", seq)
+}
+
+fn entry_in(table: &str, seq: u64) -> String {
+    format!(
+        "{table}.space = {} AND {table}.key = int8send({seq})",
+        Space::Audit.prefix()
+    )
+}
+
+#[test]
+fn rows_edited_deleted_swapped_or_truncated_in_the_database_are_caught() {
+    let Some(pg) = PgServer::start() else { return };
+
+    let e = busy(&pg, "edit");
+    pg.psql(
+        "edit",
+        &format!(
+            "UPDATE cloister_kv SET value = set_byte(value, 40, get_byte(value, 40) # 1) WHERE {}",
+            entry(9)
+        ),
+    );
+    let (at, why) = tampered(&e.c);
+    assert_eq!(at, 9, "{why}");
+
+    let e = busy(&pg, "delete");
+    pg.psql(
+        "delete",
+        &format!("DELETE FROM cloister_kv WHERE {}", entry(7)),
+    );
+    let (at, why) = tampered(&e.c);
+    assert_eq!(at, 7, "{why}");
+    assert!(why.contains("missing"), "{why}");
+
+    let e = busy(&pg, "swap");
+    pg.psql(
+        "swap",
+        &format!(
+            "UPDATE cloister_kv a SET value = b.value FROM cloister_kv b
+             WHERE ({} AND {}) OR ({} AND {})",
+            entry_in("a", 4),
+            entry_in("b", 5),
+            entry_in("a", 5),
+            entry_in("b", 4)
+        ),
+    );
+    assert_eq!(tampered(&e.c).0, 4);
+
+    let e = busy(&pg, "truncate");
+    let size = e.c.env().audit().size();
+    pg.psql(
+        "truncate",
+        &format!(
+            "DELETE FROM cloister_kv WHERE space = {} AND key >= int8send({})",
+            Space::Audit.prefix(),
+            size - 3
+        ),
+    );
+    let (at, why) = tampered(&e.c);
+    assert_eq!(at, size - 3, "{why}");
+    let (path, sci) = (e.path(), e.sci.clone());
+    drop(e.c);
+    let reopened = Cloister::open(&path, "cli").unwrap();
+    let err = reopened.list_datasets(&sci).unwrap_err();
+    assert!(matches!(err, ServiceError::Audit(_)), "fails closed: {err}");
+}
+
+#[test]
+fn restoring_an_old_copy_of_the_tables_is_caught_by_a_saved_checkpoint() {
+    let Some(pg) = PgServer::start() else { return };
+    let e = busy(&pg, "rollback");
+    let (path, sci, aud) = (e.path(), e.sci.clone(), e.aud.clone());
+    drop(e.c);
+    pg.psql(
+        "rollback",
+        "CREATE TABLE old_copy AS SELECT * FROM cloister_kv",
+    );
+    let c = Cloister::open(&path, "cli").unwrap();
+    for _ in 0..5 {
+        c.list_datasets(&sci).unwrap();
+    }
+    let saved = c.audit_checkpoint(&aud).unwrap().to_text();
+    drop(c);
+    pg.psql(
+        "rollback",
+        "BEGIN; DELETE FROM cloister_kv; INSERT INTO cloister_kv SELECT * FROM old_copy; COMMIT;",
+    );
+    let c = Cloister::open(&path, "cli").unwrap();
+    assert!(matches!(
+        c.env().audit().verify(None).unwrap(),
+        Verdict::Intact { .. }
+    ));
+    let cp = Checkpoint::parse(&saved).unwrap();
+    match c.env().audit().verify(Some(&cp)).unwrap() {
+        Verdict::Tampered { reason, .. } => assert!(reason.contains("rollback"), "{reason}"),
+        v => panic!("rollback not detected: {v:?}"),
+    }
+}
+
+#[test]
+fn concurrent_appends_on_postgres_are_contiguous_and_verify() {
+    let Some(pg) = PgServer::start() else { return };
+    let e = env_with(&pg.database("concurrent"));
+    let start = e.c.env().audit().size();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    e.c.list_datasets(&e.sci).unwrap();
+                }
+            });
+        }
+    });
+    match e.c.env().audit().verify(None).unwrap() {
+        Verdict::Intact { size, .. } => assert_eq!(size, start + 400),
+        v => panic!("{v:?}"),
+    }
+    let rows = pg.psql(
+        "concurrent",
+        &format!(
+            "SELECT count(*) FROM cloister_kv WHERE space = {}",
+            Space::Audit.prefix()
+        ),
+    );
+    assert_eq!(rows, (start + 400).to_string());
+}
+
+#[test]
+fn a_database_crash_during_appends_fails_closed_and_keeps_every_acknowledged_entry() {
+    let Some(pg) = PgServer::start() else { return };
+    let e = env_with(&pg.database("crash"));
+    let before = e.c.env().audit().size();
+    let (acked, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    match e.c.list_datasets(&e.sci) {
+                        Ok(_) => acked.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        pg.crash();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let acked = acked.load(Ordering::Relaxed);
+    assert!(acked > 0, "nothing was appended before the crash");
+    assert!(
+        failed.load(Ordering::Relaxed) > 0,
+        "operations went on without a database"
+    );
+    pg.start_again();
+    // The process that lost its connection stays closed…
+    assert!(
+        e.c.list_datasets(&e.sci).is_err(),
+        "must fail closed after a lost connection"
+    );
+    let (path, sci) = (e.path(), e.sci.clone());
+    drop(e.c);
+    // …and a reopened environment finds every acknowledged entry, intact.
+    let c = Cloister::open(&path, "cli").unwrap();
+    match c.env().audit().verify(None).unwrap() {
+        Verdict::Intact { size, .. } => assert!(
+            size >= before + acked,
+            "{size} entries, but {before} + {acked} were acknowledged"
+        ),
+        v => panic!("{v:?}"),
+    }
+    c.list_datasets(&sci).unwrap();
+}
+
+// ----------------------------------------------------------------- CLI --
+
+fn cli(env: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cloister"));
+    c.env("CLOISTER_ENV", env).env_remove("CLOISTER_STORE");
+    c
+}
+
+#[test]
+fn the_cli_creates_migrates_and_uses_an_environment_on_postgres() {
+    let Some(pg) = PgServer::start() else { return };
+    let url = pg.database("cli");
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("env");
+    let out = cli(&env)
+        .args(["init", env.to_str().unwrap()])
+        .env("CLOISTER_STORE", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("(store: postgres://cloister@"), "{text}");
+    let token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("admin token (shown once; keep it secret): "))
+        .unwrap()
+        .to_string();
+    let out = cli(&env).arg("migrate").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
+    let out = cli(&env)
+        .env("CLOISTER_TOKEN", &token)
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // While one process holds the environment, another is refused.
+    let held = Cloister::open(&env, "cli").unwrap();
+    let out = cli(&env)
+        .env("CLOISTER_TOKEN", &token)
+        .args(["audit", "verify"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another process"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(held);
+}
