@@ -811,7 +811,7 @@ fn cloister(env: &Path, token: &str) -> Command {
 }
 
 /// Per round (manual, auto, queued); the ledger's labels; the accuracy.
-type Outcome = (Vec<(u64, u64, u64)>, BTreeMap<String, String>, String);
+pub type Outcome = (Vec<(u64, u64, u64)>, BTreeMap<String, String>, String);
 
 /// What a finished job amounts to: per round, the counts; the ledger's
 /// labels; the final accuracy.
@@ -833,11 +833,18 @@ fn outcome(c: &Cloister, who: &User, id: &str) -> Outcome {
 
 #[test]
 fn a_job_killed_at_any_point_resumes_to_the_same_result() {
+    killed_jobs_resume_to_the_same_result("sled", super::crash::trials().min(6));
+}
+
+/// Runs a job once uninterrupted in a new environment on `store`, then
+/// `trials` times killed at a random point and resumed; every run must end
+/// with the uninterrupted run's outcome, which is returned.
+pub fn killed_jobs_resume_to_the_same_result(store: &str, trials: u64) -> Outcome {
     // Its own environment: child processes need it unlocked.
     let dir = tempfile::tempdir().unwrap();
     let env_path = dir.path().join("env");
     let token = {
-        let (c, root) = Cloister::init(&env_path, "root").unwrap();
+        let (c, root) = Cloister::init_with(&env_path, "root", store).unwrap();
         let admin = c.authenticate(&root).unwrap();
         let (sci, token) = c.add_user(&admin, "sci", &[Role::Scientist]).unwrap();
         let rev = c.add_user(&admin, "rev", &[Role::Reviewer]).unwrap().0;
@@ -892,7 +899,6 @@ fn a_job_killed_at_any_point_resumes_to_the_same_result() {
     // The kill lands at a random point of the run. The first run also
     // compiled the plugins, so later runs are faster: a kill that finds the
     // job already done narrows the window for the next ones.
-    let trials = super::crash::trials().min(6);
     let mut seed = 0x5eed_u64;
     let (mut started, mut interrupted) = (0, 0);
     let lo = (run_ms / 20).max(1);
@@ -936,4 +942,5 @@ fn a_job_killed_at_any_point_resumes_to_the_same_result() {
         interrupted * 2 >= trials,
         "only {interrupted} of {started} kills hit a running job"
     );
+    want
 }
