@@ -56,7 +56,7 @@ fn generate(path: &Path, n: u64) -> Result<u64> {
     Ok(std::fs::metadata(path)?.len())
 }
 
-fn import(records: u64, keep: bool) -> Result<()> {
+fn import(records: u64, keep: bool, store: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("records.jsonl");
     let bytes = generate(&file, records)?;
@@ -81,7 +81,8 @@ fn import(records: u64, keep: bool) -> Result<()> {
         n as f64 / parse_s
     );
 
-    let (c, root) = Cloister::init(&dir.path().join("env"), "root")?;
+    let (c, root) = Cloister::init_with(&dir.path().join("env"), "root", store)?;
+    println!("store: {}", c.store_location());
     let admin = c.authenticate(&root)?;
     let (sci, _) = c.add_user(&admin, "sci", &[Role::Scientist])?;
     let rss_before = peak_rss_mib();
@@ -152,9 +153,10 @@ fn audit_run(c: &Cloister, writers: usize, per_writer: usize) -> Result<(f64, Ve
     Ok(((writers * per_writer) as f64 / secs, lat))
 }
 
-fn audit(writers: usize, appends: usize) -> Result<()> {
+fn audit(writers: usize, appends: usize, store: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (c, root) = Cloister::init(&dir.path().join("env"), "root")?;
+    let (c, root) = Cloister::init_with(&dir.path().join("env"), "root", store)?;
+    println!("store: {}", c.store_location());
     let admin = c.authenticate(&root)?;
     let report = |label: &str, rate: f64, lat: &[Duration]| {
         println!(
@@ -211,6 +213,9 @@ enum Bench {
         /// Keep the generated file and environment.
         #[arg(long)]
         keep: bool,
+        /// The store: `sled` or a postgres:// URL naming an empty database.
+        #[arg(long, default_value = "sled")]
+        store: String,
     },
     /// Durable audit appends from several writers.
     Audit {
@@ -220,12 +225,23 @@ enum Bench {
         /// Appends in all.
         #[arg(long, default_value_t = 20_000)]
         appends: usize,
+        /// The store: `sled` or a postgres:// URL naming an empty database.
+        #[arg(long, default_value = "sled")]
+        store: String,
     },
 }
 
 fn main() -> Result<()> {
     match <Bench as clap::Parser>::parse() {
-        Bench::Import { records, keep } => import(records, keep),
-        Bench::Audit { writers, appends } => audit(writers, appends),
+        Bench::Import {
+            records,
+            keep,
+            store,
+        } => import(records, keep, &store),
+        Bench::Audit {
+            writers,
+            appends,
+            store,
+        } => audit(writers, appends, &store),
     }
 }

@@ -11,6 +11,7 @@
 //!     audit-signing.pk8    Ed25519 key for checkpoints (PKCS#8)
 //!     audit-mac.key        HMAC secret for audit entries
 //!     cache.key            HMAC secret for compiled-plugin artifacts
+//!     store-mac.key        HMAC secret for the rows of a PostgreSQL store
 //!   policies/          the active Cedar schema and policy set
 //!   limits.toml        resource limits set by an administrator (optional)
 //!   cache/             compiled plugin artifacts
@@ -43,6 +44,7 @@ const ID_KEY: &[u8] = b"env-id";
 const SIGNING_KEY_FILE: &str = "keys/audit-signing.pk8";
 const MAC_KEY_FILE: &str = "keys/audit-mac.key";
 const CACHE_KEY_FILE: &str = "keys/cache.key";
+const STORE_KEY_FILE: &str = "keys/store-mac.key";
 /// A signed checkpoint is stored every this many audit entries.
 pub const CHECKPOINT_EVERY: u64 = 1024;
 
@@ -227,6 +229,8 @@ impl Environment {
         write_secret(&dir, SIGNING_KEY_FILE, pkcs8.as_ref())?;
         write_secret(&dir, MAC_KEY_FILE, &random_bytes(32)?)?;
         write_secret(&dir, CACHE_KEY_FILE, &random_bytes(32)?)?;
+        let store_secret = random_bytes(32)?;
+        write_secret(&dir, STORE_KEY_FILE, &store_secret)?;
         dir.write(format!("policies/{SCHEMA_FILE}"), DEFAULT_SCHEMA)
             .map_err(file_err("policies"))?;
         dir.write("policies/default.cedar", DEFAULT_POLICIES)
@@ -240,7 +244,7 @@ impl Environment {
         write_secret(&dir, CONFIG_FILE, EnvConfig::render(&id, url).as_bytes())?;
         let store: Box<dyn Storage> = match location {
             StoreLocation::Sled => Box::new(SledStorage::open(&staging.join("store"), true)?),
-            StoreLocation::Postgres(url) => Box::new(PgStorage::open(url, true)?),
+            StoreLocation::Postgres(url) => Box::new(PgStorage::open(url, true, &store_secret)?),
         };
         let mut b = WriteBatch::new();
         b.put(
@@ -287,11 +291,22 @@ impl Environment {
         let limits = Self::load_limits(&dir)?;
         let store: Arc<dyn Storage> = match &location {
             StoreLocation::Sled => Arc::new(SledStorage::open(&path.join("store"), false)?),
-            StoreLocation::Postgres(url) => Arc::new(PgStorage::open(url, false)?),
+            StoreLocation::Postgres(url) => {
+                let secret = dir.read(STORE_KEY_FILE).map_err(file_err(STORE_KEY_FILE))?;
+                Arc::new(PgStorage::open(url, false, &secret)?)
+            }
         };
         // After the store's lock: one process at a time rewrites the copy.
         let schema_refreshed = refresh_schema(&dir)?;
-        let format = store.get(Space::Meta, FORMAT_KEY)?.unwrap_or_default();
+        let format = match (store.get(Space::Meta, FORMAT_KEY), &config) {
+            (Err(StoreError::Corrupted(_)), Some(config)) => {
+                return Err(EnvError::Config(format!(
+                    "this directory is environment {}, but its store ({location}) does not carry its tags: the database belongs to another environment, or its rows were changed outside Cloister",
+                    config.environment
+                )));
+            }
+            (read, _) => read?.unwrap_or_default(),
+        };
         if format != FORMAT_VERSION.as_bytes() {
             return Err(EnvError::Format {
                 path: path.to_path_buf(),

@@ -315,16 +315,16 @@ fn both_engines_keep_the_storage_contract() {
     contract(&SledStorage::open(&dir.path().join("store"), true).unwrap()).unwrap();
     let Some(pg) = PgServer::start() else { return };
     let url: PgUrl = pg.database("contract").parse().unwrap();
-    contract(&PgStorage::open(&url, true).unwrap()).unwrap();
+    contract(&PgStorage::open(&url, true, &[7; 32]).unwrap()).unwrap();
 }
 
 #[test]
 fn one_process_holds_a_database_and_losing_the_connection_fails_closed() {
     let Some(pg) = PgServer::start() else { return };
     let url: PgUrl = pg.database("lock").parse().unwrap();
-    let first = PgStorage::open(&url, true).unwrap();
+    let first = PgStorage::open(&url, true, &[7; 32]).unwrap();
     assert!(matches!(
-        PgStorage::open(&url, false),
+        PgStorage::open(&url, false, &[7; 32]),
         Err(StoreError::Busy)
     ));
     assert!(matches!(PgStorage::migrate(&url), Err(StoreError::Busy)));
@@ -341,7 +341,7 @@ fn one_process_holds_a_database_and_losing_the_connection_fails_closed() {
     let err = first.commit(b.clone()).unwrap_err();
     assert!(err.to_string().contains("must be reopened"), "{err}");
     // Another process may now open it and write.
-    let second = PgStorage::open(&url, false).unwrap();
+    let second = PgStorage::open(&url, false, &[7; 32]).unwrap();
     second.commit(b).unwrap();
     assert!(first.commit(WriteBatch::new()).is_err());
     drop(second);
@@ -391,7 +391,10 @@ fn init_refuses_a_used_database_and_open_refuses_another_environments_store() {
     .unwrap();
     let err = Cloister::open(&dir.path().join("c"), "cli").unwrap_err();
     let text = err.to_string();
-    assert!(text.contains(&other_id) && text.contains(&id), "{text}");
+    assert!(
+        text.contains(&other_id) && text.contains("another environment"),
+        "{text}"
+    );
 
     // A bad store URL is named.
     let err = Cloister::init_with(&dir.path().join("d"), "root", "mysql://x/y").unwrap_err();
@@ -404,6 +407,41 @@ fn init_refuses_a_used_database_and_open_refuses_another_environments_store() {
     );
     let err = Cloister::open(&dir.path().join("a"), "cli").unwrap_err();
     assert!(err.to_string().contains("newer than this build"), "{err}");
+}
+
+#[test]
+fn rows_changed_in_the_database_are_refused_not_used() {
+    let Some(pg) = PgServer::start() else { return };
+    let e = env_with(&pg.database("rows"));
+    let users = Space::Users.prefix();
+    // The scientist makes herself an admin by editing her row.
+    pg.psql(
+        "rows",
+        &format!(
+            "UPDATE cloister_kv SET value = convert_to(replace(convert_from(
+                 substring(value FROM 1 FOR length(value) - 32), 'UTF8'), 'scientist', 'admin'), 'UTF8')
+                 || substring(value FROM length(value) - 31)
+             WHERE space = {users} AND key = 'sci'::bytea"
+        ),
+    );
+    let err = cloister_host::users::get(e.c.env().store().as_ref(), "sci")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Users/sci") && err.contains("tag"), "{err}");
+    // Everything that looks the user up fails closed, audited or not.
+    assert!(e.c.list_users(&e.admin).is_err());
+    // A valid row copied under another key is refused too.
+    pg.psql(
+        "rows",
+        &format!(
+            "INSERT INTO cloister_kv SELECT space, 'eve'::bytea, value FROM cloister_kv
+             WHERE space = {users} AND key = 'aud'::bytea"
+        ),
+    );
+    let err = cloister_host::users::get(e.c.env().store().as_ref(), "eve").unwrap_err();
+    assert!(err.to_string().contains("Users/eve"), "{err}");
+    // Listing users meets both and fails closed.
+    assert!(cloister_host::users::list(e.c.env().store().as_ref()).is_err());
 }
 
 // --------------------------------------------------------------- audit --

@@ -18,6 +18,17 @@
 //! fails: the environment must be reopened, which takes the lock again and
 //! re-reads everything. Reads use a small pool of other connections.
 //!
+//! **Row tags.** The database is administered apart from the environment's
+//! directory (which holds the keys), so every value is stored with an
+//! HMAC-SHA256 tag over its space, key and value under a secret of the
+//! environment (`keys/store-mac.key`), and every read checks it: a row
+//! edited, forged or moved to another key in the database is reported as
+//! [`StoreError::Corrupted`] and not used. A tag cannot show that a row was
+//! deleted or put back to an earlier value of the same key; the audit log
+//! catches that for its own entries (see `docs/SCALING.md`). Audit entries
+//! and checkpoints are stored without a row tag: they carry their own, and
+//! the audit log's checks name the entry that was changed.
+//!
 //! Durability: [`Storage::commit`] is one transaction committed with
 //! `synchronous_commit` on (the server's WAL is flushed before it returns);
 //! [`Storage::stage`] commits with it off; [`Storage::sync`] commits a
@@ -150,6 +161,7 @@ impl std::fmt::Debug for PgStorage {
 
 struct Inner {
     url: PgUrl,
+    tags: RowTags,
     /// The connection holding [`ENV_LOCK`]; every write uses it.
     writer: tokio::sync::Mutex<Client>,
     idle: Mutex<Vec<Client>>,
@@ -197,6 +209,87 @@ async fn connect(url: &PgUrl) -> Result<Client, StoreError> {
         let _ = conn.await;
     });
     Ok(client)
+}
+
+/// Length of a row tag (HMAC-SHA256).
+const TAG_LEN: usize = 32;
+
+/// Tags values with their space and key; see the module docs.
+struct RowTags {
+    key: ring::hmac::Key,
+}
+
+impl RowTags {
+    fn message(space: i16, key: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(24 + key.len() + value.len());
+        m.extend_from_slice(b"cloister-row\0");
+        m.extend_from_slice(&space.to_be_bytes());
+        m.extend_from_slice(&(key.len() as u64).to_be_bytes());
+        m.extend_from_slice(key);
+        m.extend_from_slice(value);
+        m
+    }
+
+    /// Audit entries carry their own tags (with their sequence number and
+    /// predecessor) and checkpoints their own signatures; the audit log's
+    /// checks name the entry that was changed, so these rows are stored as
+    /// they are.
+    fn untagged(space: i16) -> bool {
+        space == i16::from(Space::Audit.prefix()) || space == i16::from(Space::Checkpoints.prefix())
+    }
+
+    /// `value ‖ tag`.
+    fn seal(&self, space: i16, key: &[u8], mut value: Vec<u8>) -> Vec<u8> {
+        if Self::untagged(space) {
+            return value;
+        }
+        let tag = ring::hmac::sign(&self.key, &Self::message(space, key, &value));
+        value.extend_from_slice(tag.as_ref());
+        value
+    }
+
+    /// The value, if its tag is this environment's for this space and key.
+    fn open(
+        &self,
+        url: &PgUrl,
+        space: i16,
+        key: &[u8],
+        mut stored: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        if Self::untagged(space) {
+            return Ok(stored);
+        }
+        let bad = || {
+            StoreError::Corrupted(format!(
+                "row {}/{} at {url} does not carry this environment's tag: it was changed outside Cloister, or the database belongs to another environment",
+                space_name(space),
+                hex_key(key)
+            ))
+        };
+        if stored.len() < TAG_LEN {
+            return Err(bad());
+        }
+        let tag = stored.split_off(stored.len() - TAG_LEN);
+        ring::hmac::verify(&self.key, &Self::message(space, key, &stored), &tag)
+            .map_err(|_| bad())?;
+        Ok(stored)
+    }
+}
+
+fn space_name(space: i16) -> String {
+    Space::ALL
+        .iter()
+        .find(|s| i16::from(s.prefix()) == space)
+        .map_or_else(|| space.to_string(), |s| format!("{s:?}"))
+}
+
+/// A key for messages: printable ASCII as is, anything else as hex.
+fn hex_key(key: &[u8]) -> String {
+    if key.iter().all(|b| b.is_ascii_graphic()) {
+        String::from_utf8_lossy(key).into_owned()
+    } else {
+        key.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 /// How long `open` waits for the environment lock of a process that has
@@ -310,8 +403,14 @@ impl PgStorage {
 
     /// Opens the database. With `create`, the schema is migrated first and
     /// the database must hold no environment yet (an empty `cloister_kv`);
-    /// without it, the schema must be exactly this build's.
-    pub fn open(url: &PgUrl, create: bool) -> Result<Self, StoreError> {
+    /// without it, the schema must be exactly this build's. `row_secret`
+    /// keys the row tags (at least 32 bytes).
+    pub fn open(url: &PgUrl, create: bool, row_secret: &[u8]) -> Result<Self, StoreError> {
+        if row_secret.len() < 32 {
+            return Err(StoreError::Engine(
+                "the row-tag secret must be at least 32 bytes".into(),
+            ));
+        }
         if create {
             Self::migrate(url)?;
         }
@@ -363,6 +462,9 @@ impl PgStorage {
             rt: Some(rt),
             inner: Arc::new(Inner {
                 url: url.clone(),
+                tags: RowTags {
+                    key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, row_secret),
+                },
                 writer: tokio::sync::Mutex::new(writer),
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(tokio::sync::Semaphore::new(POOL)),
@@ -427,11 +529,12 @@ impl PgStorage {
         let mut per_space: BTreeMap<i16, (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>)> =
             BTreeMap::new();
         for ((space, key), value) in last {
-            let slot = per_space.entry(i16::from(space)).or_default();
+            let space = i16::from(space);
+            let slot = per_space.entry(space).or_default();
             match value {
                 Some(v) => {
+                    slot.1.push(self.inner.tags.seal(space, &key, v));
                     slot.0.push(key);
-                    slot.1.push(v);
                 }
                 None => slot.2.push(key),
             }
@@ -496,10 +599,13 @@ impl PgStorage {
                 }
             }
             .map_err(pg_err(&inner.url))?;
-            Ok(rows
-                .into_iter()
-                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
-                .collect::<Vec<_>>())
+            rows.into_iter()
+                .map(|r| {
+                    let key: Vec<u8> = r.get(0);
+                    let value = inner.tags.open(&inner.url, space, &key, r.get(1))?;
+                    Ok((key, value))
+                })
+                .collect::<Result<Vec<_>, _>>()
         });
         Page { rows }
     }
@@ -598,7 +704,8 @@ impl Storage for PgStorage {
                 )
                 .await
                 .map_err(pg_err(&inner.url))?;
-            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+            row.map(|r| inner.tags.open(&inner.url, space, &key, r.get(0)))
+                .transpose()
         })
     }
 
@@ -642,7 +749,12 @@ impl Storage for PgStorage {
                 }
             }
             .map_err(pg_err(&inner.url))?;
-            Ok(row.map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1))))
+            row.map(|r| {
+                let key: Vec<u8> = r.get(0);
+                let value = inner.tags.open(&inner.url, space, &key, r.get(1))?;
+                Ok((key, value))
+            })
+            .transpose()
         })
     }
 
