@@ -21,11 +21,10 @@ trap cleanup EXIT
 "${as[@]}" mkdir "$work/sock"
 "${as[@]}" "$bin/pg_ctl" -D "$work/data" -l "$work/server.log" \
   -o "-k $work/sock -c listen_addresses=" -w start >/dev/null
-i=0
-db() {
-  i=$((i + 1))
-  psql -h "$work/sock" -U cloister -d postgres -Atqc "CREATE DATABASE bench$i" >/dev/null
-  echo "postgresql:///bench$i?host=$work/sock&user=cloister"
+db() {  # a new empty database (called in a subshell: the name must be unique by itself)
+  local name="bench$(date +%s%N)"
+  psql -h "$work/sock" -U cloister -d postgres -Atqc "CREATE DATABASE $name" >/dev/null
+  echo "postgresql:///$name?host=$work/sock&user=cloister"
 }
 
 out="bench/results/pg-bench-$(date -u +%Y%m%dT%H%M%SZ).md"

@@ -30,7 +30,7 @@ pub enum StoreLocation {
     /// The embedded sled database in `DIR/store` (the default).
     Sled,
     /// A PostgreSQL database, one environment per database.
-    Postgres(PgUrl),
+    Postgres(Box<PgUrl>),
 }
 
 impl StoreLocation {
@@ -40,7 +40,7 @@ impl StoreLocation {
         if t == "sled" {
             Ok(Self::Sled)
         } else if t.starts_with("postgres://") || t.starts_with("postgresql://") {
-            Ok(Self::Postgres(t.parse()?))
+            Ok(Self::Postgres(Box::new(t.parse()?)))
         } else {
             Err(StoreError::Engine(
                 "a store is `sled` or a postgres:// URL (postgres://USER@HOST:PORT/DB, or postgresql:///DB?host=/socket/dir for a Unix socket)"

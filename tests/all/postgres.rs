@@ -715,3 +715,52 @@ fn a_job_on_postgres_killed_and_resumed_ends_as_the_same_job_on_sled() {
     let on_sled = crate::active_learning::killed_jobs_resume_to_the_same_result("sled", 0);
     assert_eq!(on_pg, on_sled, "the engine changed the job's result");
 }
+
+// ------------------------------------------------------------- console --
+
+#[test]
+fn the_console_answers_from_a_postgres_store_inside_its_runtime() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode, header};
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("env");
+    let (c, root) = Cloister::init_with(&env, "root", &pg.database("console")).unwrap();
+    let admin = c.authenticate(&root).unwrap();
+    let (_, token) = c
+        .add_user(&admin, "sci", &[cloister_host::policy::Role::Scientist])
+        .unwrap();
+    drop(c);
+    let c = Cloister::open(&env, "console").unwrap();
+    let console = cloister_console::Console::new(c, cloister_console::ConsoleConfig::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Token checks and some listings run on the runtime's own threads: the
+    // store must answer there without blocking a runtime inside a runtime.
+    let get = |token: &str| {
+        let app = cloister_console::router(console.clone());
+        let req = Request::builder()
+            .uri("/api/datasets")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        rt.block_on(async {
+            let r = app.oneshot(req).await.unwrap();
+            let status = r.status();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    };
+    let (status, body) = get(&token);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = get("not-a-token");
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    drop(console);
+    rt.shutdown_background();
+}

@@ -526,8 +526,7 @@ impl PgStorage {
                 Write::Delete(s, k) => last.insert((s.prefix(), k), None),
             };
         }
-        let mut per_space: BTreeMap<i16, (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>)> =
-            BTreeMap::new();
+        let mut per_space: BTreeMap<i16, SpaceWrites> = BTreeMap::new();
         for ((space, key), value) in last {
             let space = i16::from(space);
             let slot = per_space.entry(space).or_default();
@@ -646,6 +645,9 @@ fn newer_schema(url: &PgUrl, have: i32) -> StoreError {
         schema_version()
     ))
 }
+
+/// One space's share of a batch: put keys, their sealed values, deletes.
+type SpaceWrites = (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>);
 
 fn poisoned() -> StoreError {
     StoreError::Engine("the PostgreSQL pool lock is poisoned".into())
