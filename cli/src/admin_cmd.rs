@@ -67,8 +67,16 @@ fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
 }
 
-pub fn init(dir: PathBuf, admin: String, store: &str) -> Result<ExitCode> {
-    let (cloister, token) = Cloister::init_with(&dir, &admin, store)?;
+pub fn init(
+    dir: PathBuf,
+    admin: String,
+    store: &str,
+    store_ca: Option<&std::path::Path>,
+) -> Result<ExitCode> {
+    let ca = store_ca
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()?;
+    let (cloister, token) = Cloister::init_with_ca(&dir, &admin, store, ca.as_deref())?;
     println!(
         "created environment {} at {} (store: {})",
         cloister.environment_id(),

@@ -67,6 +67,10 @@ enum Command {
             value_name = "URL"
         )]
         store: String,
+        /// A PEM file of CA certificates: trust only these for the database
+        /// server's TLS certificate (default: the system's trust store).
+        #[arg(long, value_name = "FILE")]
+        store_ca: Option<std::path::PathBuf>,
     },
     /// Apply the store's missing schema migrations (PostgreSQL), with the
     /// environment closed; recorded in the audit log.
@@ -206,7 +210,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.verbose);
     let result = match cli.command {
-        Command::Init { dir, admin, store } => admin_cmd::init(dir, admin, &store),
+        Command::Init {
+            dir,
+            admin,
+            store,
+            store_ca,
+        } => admin_cmd::init(dir, admin, &store, store_ca.as_deref()),
         Command::Migrate => admin_cmd::migrate(&cli.env),
         Command::User(cmd) => admin_cmd::user(&cli.env, cmd),
         Command::Policy(cmd) => admin_cmd::policy(&cli.env, cmd),

@@ -32,7 +32,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 
 use crate::audit::{AuditError, AuditKeys, AuditLog};
-use crate::env_config::{CONFIG_FILE, EnvConfig, StoreLocation};
+use crate::env_config::{CONFIG_FILE, EnvConfig, STORE_CA_FILE, StoreLocation};
 use crate::limits::{DEFAULT_LIMITS_TOML, EnvLimits, LIMITS_FILE};
 use crate::policy::{DEFAULT_POLICIES, DEFAULT_SCHEMA, PolicyEngine, PolicyError, SCHEMA_FILE};
 use crate::store::{PgStorage, SledStorage, Space, Storage, StoreError, WriteBatch};
@@ -164,7 +164,22 @@ impl Environment {
     /// [`Environment::init`] with its store: `sled` (embedded, in
     /// `DIR/store`) or a `postgres://` URL naming an empty database.
     pub fn init_with(path: &Path, admin: &str, store: &str) -> Result<(Self, String), EnvError> {
-        let location = StoreLocation::parse(store)?;
+        Self::init_with_ca(path, admin, store, None)
+    }
+
+    /// [`Environment::init_with`], trusting only the CA certificates in
+    /// `ca_pem` for the database server (copied into the environment as
+    /// `store-ca.pem`).
+    pub fn init_with_ca(
+        path: &Path,
+        admin: &str,
+        store: &str,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<(Self, String), EnvError> {
+        let mut location = StoreLocation::parse(store)?;
+        if let (StoreLocation::Postgres(url), Some(pem)) = (&mut location, ca_pem) {
+            **url = (**url).clone().with_ca(pem)?;
+        }
         if path.exists() {
             return Err(EnvError::Exists(path.to_path_buf()));
         }
@@ -187,7 +202,7 @@ impl Environment {
             });
         }
         let staging = parent.join(format!(".{name}.init-{}", hex::encode(random_bytes(6)?)));
-        let result = Self::build(&staging, admin, &location, store);
+        let result = Self::build(&staging, admin, &location, store, ca_pem);
         let token = match result {
             Ok(token) => token,
             Err(e) => {
@@ -209,6 +224,7 @@ impl Environment {
         admin: &str,
         location: &StoreLocation,
         url: &str,
+        ca_pem: Option<&[u8]>,
     ) -> Result<String, EnvError> {
         {
             use std::os::unix::fs::DirBuilderExt as _;
@@ -241,7 +257,11 @@ impl Environment {
             sync_dir(&dir, d)?;
         }
         let id = format!("env-{}", hex::encode(random_bytes(8)?));
-        write_secret(&dir, CONFIG_FILE, EnvConfig::render(&id, url).as_bytes())?;
+        if let Some(pem) = ca_pem {
+            write_secret(&dir, STORE_CA_FILE, pem)?;
+        }
+        let config = EnvConfig::render(&id, url, ca_pem.map(|_| STORE_CA_FILE));
+        write_secret(&dir, CONFIG_FILE, config.as_bytes())?;
         let store: Box<dyn Storage> = match location {
             StoreLocation::Sled => Box::new(SledStorage::open(&staging.join("store"), true)?),
             StoreLocation::Postgres(url) => Box::new(PgStorage::open(url, true, &store_secret)?),
@@ -271,9 +291,16 @@ impl Environment {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(file_err(CONFIG_FILE)(e)),
         };
-        let location = config
+        let mut location = config
             .as_ref()
             .map_or(StoreLocation::Sled, |c| c.store.clone());
+        if let (StoreLocation::Postgres(url), Some(name)) = (
+            &mut location,
+            config.as_ref().and_then(|c| c.ca_file.as_deref()),
+        ) {
+            let pem = dir.read(name).map_err(file_err(name))?;
+            **url = (**url).clone().with_ca(&pem)?;
+        }
         let has_store = match location {
             StoreLocation::Sled => dir.exists("store"),
             StoreLocation::Postgres(_) => true,

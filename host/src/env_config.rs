@@ -9,6 +9,8 @@
 //! [store]
 //! url = "sled"                     # the embedded store in DIR/store
 //! # url = "postgres://cloister@db.internal:5432/cloister"
+//! # ca_file = "store-ca.pem"       # trust only this CA for the server (a
+//! #                                # file in DIR; default: the system's)
 //! ```
 //!
 //! An environment made before the file existed has none and uses sled.
@@ -63,7 +65,13 @@ impl std::fmt::Display for StoreLocation {
 #[serde(deny_unknown_fields)]
 struct FileStore {
     url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_file: Option<String>,
 }
+
+/// The name `init --store-ca` gives the CA file it copies into the
+/// environment directory.
+pub const STORE_CA_FILE: &str = "store-ca.pem";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +87,9 @@ pub struct EnvConfig {
     pub environment: String,
     /// The store.
     pub store: StoreLocation,
+    /// A file in the environment directory with the CA certificates that
+    /// alone are trusted for the database server's certificate.
+    pub ca_file: Option<String>,
 }
 
 impl EnvConfig {
@@ -86,20 +97,29 @@ impl EnvConfig {
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         let store = StoreLocation::parse(&file.store.url).map_err(|e| format!("store.url: {e}"))?;
+        if let Some(name) = &file.store.ca_file
+            && (name.is_empty() || name.contains('/') || name.starts_with('.'))
+        {
+            return Err(format!(
+                "store.ca_file: `{name}` must be the name of a file in the environment directory"
+            ));
+        }
         Ok(Self {
             environment: file.environment,
             store,
+            ca_file: file.store.ca_file,
         })
     }
 
     /// The file's text. `url` is the store as given to `init` (with its
     /// password, if any: the file is the environment's secret, like its
     /// keys).
-    pub fn render(environment: &str, url: &str) -> String {
+    pub fn render(environment: &str, url: &str, ca_file: Option<&str>) -> String {
         let body = toml::to_string(&File {
             environment: environment.to_string(),
             store: FileStore {
                 url: url.to_string(),
+                ca_file: ca_file.map(str::to_string),
             },
         })
         .unwrap_or_default();
@@ -113,11 +133,18 @@ mod tests {
 
     #[test]
     fn the_file_round_trips_and_bad_files_are_named() {
-        let text = EnvConfig::render("env-1", "postgres://a:pw@h:5/d");
+        let text = EnvConfig::render("env-1", "postgres://a:pw@h:5/d", None);
         let c = EnvConfig::parse(&text).expect("parses");
         assert_eq!(c.environment, "env-1");
         assert!(matches!(c.store, StoreLocation::Postgres(_)));
         assert_eq!(c.store.to_string(), "postgres://a@h:5/d");
+        let text = EnvConfig::render("env-1", "sled", Some("ca.pem"));
+        assert_eq!(
+            EnvConfig::parse(&text).expect("parses").ca_file.as_deref(),
+            Some("ca.pem")
+        );
+        let e = EnvConfig::parse(&text.replace("ca.pem", "../etc/ca.pem")).expect_err("refused");
+        assert!(e.contains("store.ca_file"), "{e}");
         let e = EnvConfig::parse("environment = \"e\"\n[store]\nurl = \"mysql://x\"\n")
             .expect_err("refused");
         assert!(e.contains("store.url"), "{e}");

@@ -25,6 +25,11 @@ pub struct PgServer {
     dir: tempfile::TempDir,
     bin: PathBuf,
     owner: Option<(u32, u32)>,
+    /// The TCP port on 127.0.0.1, when the server listens there too.
+    tcp: Option<u16>,
+    /// Whether the server offers TLS (a certificate for `localhost` from
+    /// a test CA in `ca.pem`).
+    tls: bool,
 }
 
 /// The directory with `initdb` and `pg_ctl`: on PATH, or Debian's
@@ -68,6 +73,16 @@ impl PgServer {
     /// Starts a server, or `None` (having said so) when PostgreSQL is not
     /// installed and not required.
     pub fn start() -> Option<Self> {
+        Self::start_with(false, false)
+    }
+
+    /// A server that also listens on 127.0.0.1 (a free port), offering TLS
+    /// or not.
+    pub fn start_tcp(tls: bool) -> Option<Self> {
+        Self::start_with(true, tls)
+    }
+
+    fn start_with(tcp: bool, tls: bool) -> Option<Self> {
         let Some(bin) = server_bin() else {
             assert!(
                 std::env::var_os("CLOISTER_REQUIRE_POSTGRES").is_none(),
@@ -86,7 +101,17 @@ impl PgServer {
         } else {
             None
         };
-        let me = Self { dir, bin, owner };
+        let tcp = tcp.then(|| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        });
+        let me = Self {
+            dir,
+            bin,
+            owner,
+            tcp,
+            tls,
+        };
         let out = me
             .command("initdb")
             .args([
@@ -106,6 +131,9 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if tls {
+            me.make_certificates();
+        }
         std::fs::create_dir_all(me.socket_dir()).unwrap();
         if let Some((u, g)) = me.owner {
             std::os::unix::fs::chown(me.socket_dir(), Some(u), Some(g)).unwrap();
@@ -131,12 +159,110 @@ impl PgServer {
         self.dir.path().join("sock")
     }
 
+    /// A test CA (`ca.pem`) and a server certificate for `localhost` only
+    /// (not for 127.0.0.1), in the data directory.
+    fn make_certificates(&self) {
+        let d = self.dir.path();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=cloister test CA",
+            ],
+        ]
+        .concat());
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat());
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        for f in ["server.pem", "server.key"] {
+            let to = d.join("data").join(f);
+            std::fs::copy(d.join(f), &to).unwrap();
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if let Some((u, g)) = self.owner {
+                std::os::unix::fs::chown(&to, Some(u), Some(g)).unwrap();
+            }
+        }
+    }
+
+    /// The test CA's certificate (PEM).
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("ca.pem")).unwrap()
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.tcp.expect("a server started with start_tcp")
+    }
+
     /// Starts the (stopped) server and waits until it accepts connections.
     pub fn start_again(&self) {
-        let opts = format!(
-            "-k {} -c listen_addresses= -c max_connections=200",
-            self.socket_dir().display()
-        );
+        let mut opts = format!("-k {} -c max_connections=200", self.socket_dir().display());
+        match self.tcp {
+            Some(port) => opts.push_str(&format!(" -c listen_addresses=127.0.0.1 -p {port}")),
+            None => opts.push_str(" -c listen_addresses="),
+        }
+        if self.tls {
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.pem -c ssl_key_file=server.key");
+        }
         let log = self.dir.path().join("server.log").display().to_string();
         let out = self
             .command("pg_ctl")
@@ -176,8 +302,9 @@ impl PgServer {
 
     pub fn url(&self, db: &str) -> String {
         format!(
-            "postgresql:///{db}?host={}&user=cloister",
-            self.socket_dir().display()
+            "postgresql:///{db}?host={}&user=cloister{}",
+            self.socket_dir().display(),
+            self.tcp.map(|p| format!("&port={p}")).unwrap_or_default()
         )
     }
 
@@ -186,6 +313,7 @@ impl PgServer {
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new("psql")
             .args(["-h", &self.socket_dir().display().to_string()])
+            .args(["-p", &self.tcp.unwrap_or(5432).to_string()])
             .args(["-U", "cloister", "-d", db, "-v", "ON_ERROR_STOP=1", "-At"])
             .args(["-c", sql])
             .output()
@@ -763,4 +891,63 @@ fn the_console_answers_from_a_postgres_store_inside_its_runtime() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     drop(console);
     rt.shutdown_background();
+}
+
+// ----------------------------------------------------------------- TLS --
+
+#[test]
+fn over_tcp_the_store_talks_only_verified_tls_unless_told_otherwise() {
+    let Some(pg) = PgServer::start_tcp(true) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = pg.port();
+    pg.psql("postgres", "CREATE DATABASE tls");
+    let by_name = format!("postgres://cloister@localhost:{port}/tls");
+
+    // The system's trust store does not know the test CA: refused.
+    let err = Cloister::init_with(&dir.path().join("a"), "root", &by_name).unwrap_err();
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    // The right CA, but a name the certificate does not carry: refused.
+    let by_ip = format!("postgres://cloister@127.0.0.1:{port}/tls");
+    let err = Cloister::init_with_ca(&dir.path().join("a"), "root", &by_ip, Some(&pg.ca_pem()))
+        .unwrap_err();
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+    // The CA and the name: TLS, and the environment keeps the CA.
+    let (c, _) =
+        Cloister::init_with_ca(&dir.path().join("a"), "root", &by_name, Some(&pg.ca_pem()))
+            .unwrap();
+    assert!(!c.store_location().to_string().contains("without TLS"));
+    let tls_connections = pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE datname = 'tls' AND ssl",
+    );
+    assert_ne!(tls_connections, "0");
+    let plain = pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE datname = 'tls' AND NOT ssl",
+    );
+    assert_eq!(plain, "0");
+    drop(c);
+    let c = Cloister::open(&dir.path().join("a"), "cli").unwrap();
+    drop(c);
+
+    // A server without TLS: refused over TCP, even with sslmode=prefer…
+    let Some(plain_server) = PgServer::start_tcp(false) else {
+        return;
+    };
+    plain_server.psql("postgres", "CREATE DATABASE p");
+    let url = format!(
+        "postgres://cloister@localhost:{}/p?sslmode=prefer",
+        plain_server.port()
+    );
+    let err = Cloister::init_with(&dir.path().join("b"), "root", &url).unwrap_err();
+    assert!(
+        err.to_string().contains("server does not support TLS"),
+        "{err}"
+    );
+    // …and used in plain text only when the URL says so, which shows.
+    let url = url.replace("sslmode=prefer", "sslmode=disable");
+    let (c, _) = Cloister::init_with(&dir.path().join("b"), "root", &url).unwrap();
+    assert!(c.store_location().to_string().ends_with("(without TLS)"));
 }

@@ -18,6 +18,7 @@
 //! - Reads see every write that returned before them.
 
 mod pg_backend;
+mod pg_tls;
 pub mod segment;
 mod sled_backend;
 

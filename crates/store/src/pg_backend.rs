@@ -44,8 +44,10 @@ use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use tokio_postgres::config::Host;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::{Client, Config};
+
+use super::pg_tls::{MakeRustls, client_config};
 
 use super::{Entry, Space, Storage, StoreError, Write, WriteBatch, prefix_end};
 
@@ -84,9 +86,39 @@ pub fn schema_version() -> i32 {
 
 /// A PostgreSQL connection string, parsed and checked, that prints without
 /// its password.
+///
+/// Over TCP the connection is TLS with the server's certificate and name
+/// verified (against the system's trust store, or a CA given with
+/// [`PgUrl::with_ca`]), whatever `sslmode` says, unless it says
+/// `sslmode=disable`: a missing or unverifiable TLS fails the connection
+/// instead of falling back to plain text. A Unix socket is used without
+/// TLS.
 #[derive(Clone)]
 pub struct PgUrl {
     config: Config,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+}
+
+impl PgUrl {
+    /// Trusts the PEM certificates in `pem` (and only them) for the
+    /// server's certificate.
+    pub fn with_ca(mut self, pem: &[u8]) -> Result<Self, StoreError> {
+        self.tls = client_config(Some(pem))?;
+        Ok(self)
+    }
+
+    fn over_tcp(&self) -> bool {
+        self.config
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, Host::Tcp(_)))
+    }
+
+    /// Whether the connection goes over TCP without TLS
+    /// (`sslmode=disable`).
+    pub fn plaintext(&self) -> bool {
+        self.over_tcp() && self.config.get_ssl_mode() == SslMode::Disable
+    }
 }
 
 impl std::fmt::Debug for PgUrl {
@@ -106,7 +138,11 @@ impl std::fmt::Display for PgUrl {
         };
         let port = self.config.get_ports().first().copied().unwrap_or(5432);
         let db = self.config.get_dbname().unwrap_or("");
-        write!(f, "postgres://{user}@{host}:{port}/{db}")
+        write!(f, "postgres://{user}@{host}:{port}/{db}")?;
+        if self.plaintext() {
+            f.write_str(" (without TLS)")?;
+        }
+        Ok(())
     }
 }
 
@@ -117,7 +153,7 @@ impl FromStr for PgUrl {
     /// strings. The error never repeats the input (it may hold a
     /// password).
     fn from_str(s: &str) -> Result<Self, StoreError> {
-        let config = Config::from_str(s)
+        let mut config = Config::from_str(s)
             .map_err(|e| StoreError::Engine(format!("not a PostgreSQL connection string: {e}")))?;
         if config.get_hosts().is_empty() {
             return Err(StoreError::Engine(
@@ -131,7 +167,21 @@ impl FromStr for PgUrl {
                     .into(),
             ));
         }
-        Ok(Self { config })
+        let tcp = config.get_hosts().iter().any(|h| matches!(h, Host::Tcp(_)));
+        match config.get_ssl_mode() {
+            SslMode::Disable => {}
+            // Never a silent fall-back to plain text over a network.
+            _ if tcp => {
+                config.ssl_mode(SslMode::Require);
+            }
+            _ => {
+                config.ssl_mode(SslMode::Disable);
+            }
+        }
+        Ok(Self {
+            config,
+            tls: client_config(None)?,
+        })
     }
 }
 
@@ -199,10 +249,13 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 async fn connect(url: &PgUrl) -> Result<Client, StoreError> {
-    let (client, conn) =
-        url.config.connect(NoTls).await.map_err(|e| {
-            StoreError::Engine(format!("cannot connect to {url}: {}", describe(&e)))
-        })?;
+    let (client, conn) = url
+        .config
+        .connect(MakeRustls {
+            config: Arc::clone(&url.tls),
+        })
+        .await
+        .map_err(|e| StoreError::Engine(format!("cannot connect to {url}: {}", describe(&e))))?;
     tokio::spawn(async move {
         // Ends when the client is dropped or the server goes away; the
         // client then reports itself closed.

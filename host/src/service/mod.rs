@@ -225,7 +225,18 @@ impl Cloister {
         admin: &str,
         store: &str,
     ) -> Result<(Self, String), ServiceError> {
-        let (env, token) = Environment::init_with(path, admin, store)?;
+        Self::init_with_ca(path, admin, store, None)
+    }
+
+    /// [`Cloister::init_with`], trusting only the CA certificates in
+    /// `ca_pem` for the database server's certificate.
+    pub fn init_with_ca(
+        path: &Path,
+        admin: &str,
+        store: &str,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<(Self, String), ServiceError> {
+        let (env, token) = Environment::init_with_ca(path, admin, store, ca_pem)?;
         let me = Self::new(env, "cli");
         me.env.audit().append(AuditRecord {
             actor: admin.to_string(),
