@@ -70,13 +70,19 @@ fn parse_role(s: &str) -> Result<Role, String> {
 pub fn init(
     dir: PathBuf,
     admin: String,
-    store: &str,
+    store: String,
     store_ca: Option<&std::path::Path>,
+    objects: Option<String>,
 ) -> Result<ExitCode> {
-    let ca = store_ca
+    let store_ca = store_ca
         .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
         .transpose()?;
-    let (cloister, token) = Cloister::init_with_ca(&dir, &admin, store, ca.as_deref())?;
+    let options = cloister_host::env_config::InitOptions {
+        store,
+        store_ca,
+        objects,
+    };
+    let (cloister, token) = Cloister::init_with_options(&dir, &admin, &options)?;
     println!(
         "created environment {} at {} (store: {})",
         cloister.environment_id(),

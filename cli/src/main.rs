@@ -71,6 +71,10 @@ enum Command {
         /// server's TLS certificate (default: the system's trust store).
         #[arg(long, value_name = "FILE")]
         store_ca: Option<std::path::PathBuf>,
+        /// Also keep bulk bytes (dataset segments, model weights) in this
+        /// object store, by content digest: file:///ABSOLUTE/PATH.
+        #[arg(long, value_name = "URL")]
+        objects: Option<String>,
     },
     /// Apply the store's missing schema migrations (PostgreSQL), with the
     /// environment closed; recorded in the audit log.
@@ -215,7 +219,8 @@ fn main() -> ExitCode {
             admin,
             store,
             store_ca,
-        } => admin_cmd::init(dir, admin, &store, store_ca.as_deref()),
+            objects,
+        } => admin_cmd::init(dir, admin, store, store_ca.as_deref(), objects),
         Command::Migrate => admin_cmd::migrate(&cli.env),
         Command::User(cmd) => admin_cmd::user(&cli.env, cmd),
         Command::Policy(cmd) => admin_cmd::policy(&cli.env, cmd),

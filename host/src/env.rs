@@ -32,9 +32,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 
 use crate::audit::{AuditError, AuditKeys, AuditLog};
-use crate::env_config::{CONFIG_FILE, EnvConfig, STORE_CA_FILE, StoreLocation};
+use crate::env_config::{CONFIG_FILE, EnvConfig, InitOptions, STORE_CA_FILE, StoreLocation};
 use crate::limits::{DEFAULT_LIMITS_TOML, EnvLimits, LIMITS_FILE};
 use crate::policy::{DEFAULT_POLICIES, DEFAULT_SCHEMA, PolicyEngine, PolicyError, SCHEMA_FILE};
+use crate::store::objects::Objects;
 use crate::store::{PgStorage, SledStorage, Space, Storage, StoreError, WriteBatch};
 
 /// On-disk format version of an environment.
@@ -137,6 +138,7 @@ pub struct Environment {
     cache_secret: Vec<u8>,
     limits: EnvLimits,
     location: StoreLocation,
+    objects: Option<Objects>,
 }
 
 fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
@@ -164,18 +166,29 @@ impl Environment {
     /// [`Environment::init`] with its store: `sled` (embedded, in
     /// `DIR/store`) or a `postgres://` URL naming an empty database.
     pub fn init_with(path: &Path, admin: &str, store: &str) -> Result<(Self, String), EnvError> {
-        Self::init_with_ca(path, admin, store, None)
+        Self::init_with_options(
+            path,
+            admin,
+            &InitOptions {
+                store: store.to_string(),
+                ..InitOptions::default()
+            },
+        )
     }
 
-    /// [`Environment::init_with`], trusting only the CA certificates in
-    /// `ca_pem` for the database server (copied into the environment as
-    /// `store-ca.pem`).
-    pub fn init_with_ca(
+    /// [`Environment::init`] with its storage set up as `options` say: the
+    /// store, the CA trusted for a database server (copied into the
+    /// environment as `store-ca.pem`), an object store for bulk bytes.
+    pub fn init_with_options(
         path: &Path,
         admin: &str,
-        store: &str,
-        ca_pem: Option<&[u8]>,
+        options: &InitOptions,
     ) -> Result<(Self, String), EnvError> {
+        let store = options.store.as_str();
+        let ca_pem = options.store_ca.as_deref();
+        if let Some(url) = &options.objects {
+            Objects::open(url)?;
+        }
         let mut location = StoreLocation::parse(store)?;
         if let (StoreLocation::Postgres(url), Some(pem)) = (&mut location, ca_pem) {
             **url = (**url).clone().with_ca(pem)?;
@@ -202,7 +215,7 @@ impl Environment {
             });
         }
         let staging = parent.join(format!(".{name}.init-{}", hex::encode(random_bytes(6)?)));
-        let result = Self::build(&staging, admin, &location, store, ca_pem);
+        let result = Self::build(&staging, admin, &location, options);
         let token = match result {
             Ok(token) => token,
             Err(e) => {
@@ -223,9 +236,9 @@ impl Environment {
         staging: &Path,
         admin: &str,
         location: &StoreLocation,
-        url: &str,
-        ca_pem: Option<&[u8]>,
+        options: &InitOptions,
     ) -> Result<String, EnvError> {
+        let ca_pem = options.store_ca.as_deref();
         {
             use std::os::unix::fs::DirBuilderExt as _;
             std::fs::DirBuilder::new()
@@ -260,7 +273,12 @@ impl Environment {
         if let Some(pem) = ca_pem {
             write_secret(&dir, STORE_CA_FILE, pem)?;
         }
-        let config = EnvConfig::render(&id, url, ca_pem.map(|_| STORE_CA_FILE));
+        let config = EnvConfig::render(
+            &id,
+            &options.store,
+            ca_pem.map(|_| STORE_CA_FILE),
+            options.objects.as_deref(),
+        );
         write_secret(&dir, CONFIG_FILE, config.as_bytes())?;
         let store: Box<dyn Storage> = match location {
             StoreLocation::Sled => Box::new(SledStorage::open(&staging.join("store"), true)?),
@@ -316,6 +334,11 @@ impl Environment {
         let keys = Arc::new(AuditKeys::new(&pkcs8, &mac)?);
         let policy = Self::load_policies(&dir)?;
         let limits = Self::load_limits(&dir)?;
+        let objects = config
+            .as_ref()
+            .and_then(|c| c.objects.as_deref())
+            .map(Objects::open)
+            .transpose()?;
         let store: Arc<dyn Storage> = match &location {
             StoreLocation::Sled => Arc::new(SledStorage::open(&path.join("store"), false)?),
             StoreLocation::Postgres(url) => {
@@ -362,6 +385,7 @@ impl Environment {
             limits,
             schema_refreshed,
             location,
+            objects,
         };
         Ok(env)
     }
@@ -433,6 +457,13 @@ impl Environment {
         /// The store.
         fn store(&self) -> &Arc<dyn Storage> {
             &self.store
+        }
+    }
+
+    wall! {
+        /// The object store for bulk bytes, when the environment names one.
+        fn objects(&self) -> Option<&Objects> {
+            self.objects.as_ref()
         }
     }
 

@@ -11,6 +11,9 @@
 //! # url = "postgres://cloister@db.internal:5432/cloister"
 //! # ca_file = "store-ca.pem"       # trust only this CA for the server (a
 //! #                                # file in DIR; default: the system's)
+//!
+//! [objects]                        # optional: bulk bytes also here
+//! url = "file:///srv/cloister-objects"
 //! ```
 //!
 //! An environment made before the file existed has none and uses sled.
@@ -25,6 +28,27 @@ use crate::store::{PgUrl, StoreError};
 
 /// The file's name in the environment directory.
 pub const CONFIG_FILE: &str = "cloister.toml";
+
+/// How `cloister init` sets up an environment's storage.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// `sled` or a `postgres://` URL naming an empty database.
+    pub store: String,
+    /// PEM CA certificates to trust (alone) for the database server.
+    pub store_ca: Option<Vec<u8>>,
+    /// An object store for bulk bytes (`file:///PATH`), if any.
+    pub objects: Option<String>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self {
+            store: "sled".into(),
+            store_ca: None,
+            objects: None,
+        }
+    }
+}
 
 /// Where an environment keeps its state.
 #[derive(Debug, Clone)]
@@ -75,9 +99,17 @@ pub const STORE_CA_FILE: &str = "store-ca.pem";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileObjects {
+    url: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct File {
     environment: String,
     store: FileStore,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    objects: Option<FileObjects>,
 }
 
 /// What `cloister.toml` says.
@@ -90,6 +122,8 @@ pub struct EnvConfig {
     /// A file in the environment directory with the CA certificates that
     /// alone are trusted for the database server's certificate.
     pub ca_file: Option<String>,
+    /// The object store for bulk bytes, if any (`file:///PATH`).
+    pub objects: Option<String>,
 }
 
 impl EnvConfig {
@@ -108,19 +142,26 @@ impl EnvConfig {
             environment: file.environment,
             store,
             ca_file: file.store.ca_file,
+            objects: file.objects.map(|o| o.url),
         })
     }
 
     /// The file's text. `url` is the store as given to `init` (with its
     /// password, if any: the file is the environment's secret, like its
     /// keys).
-    pub fn render(environment: &str, url: &str, ca_file: Option<&str>) -> String {
+    pub fn render(
+        environment: &str,
+        url: &str,
+        ca_file: Option<&str>,
+        objects: Option<&str>,
+    ) -> String {
         let body = toml::to_string(&File {
             environment: environment.to_string(),
             store: FileStore {
                 url: url.to_string(),
                 ca_file: ca_file.map(str::to_string),
             },
+            objects: objects.map(|u| FileObjects { url: u.to_string() }),
         })
         .unwrap_or_default();
         format!("# Written by `cloister init`; read at every open (see docs/SCALING.md).\n{body}")
@@ -133,12 +174,13 @@ mod tests {
 
     #[test]
     fn the_file_round_trips_and_bad_files_are_named() {
-        let text = EnvConfig::render("env-1", "postgres://a:pw@h:5/d", None);
+        let text = EnvConfig::render("env-1", "postgres://a:pw@h:5/d", None, Some("file:///o"));
         let c = EnvConfig::parse(&text).expect("parses");
         assert_eq!(c.environment, "env-1");
+        assert_eq!(c.objects.as_deref(), Some("file:///o"));
         assert!(matches!(c.store, StoreLocation::Postgres(_)));
         assert_eq!(c.store.to_string(), "postgres://a@h:5/d");
-        let text = EnvConfig::render("env-1", "sled", Some("ca.pem"));
+        let text = EnvConfig::render("env-1", "sled", Some("ca.pem"), None);
         assert_eq!(
             EnvConfig::parse(&text).expect("parses").ca_file.as_deref(),
             Some("ca.pem")

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::digest::Digest;
+use crate::store::objects::Objects;
 use crate::store::{Space, Storage, StoreError, WriteBatch};
 use crate::train::eval::Evaluation;
 use crate::train::{EpochStats, Hyper, Kind};
@@ -232,17 +233,29 @@ fn models_dir(dir: &Dir) -> Result<Dir, ModelError> {
 
 /// Stores weights (and the released copy's, when there is one) and the
 /// manifest: weights first, synced; the manifest makes the model visible.
+///
+/// With an object store, both files are copied there (by digest) before
+/// the manifest is committed.
 pub fn save(
     store: &dyn Storage,
     dir: &Dir,
+    objects: Option<&Objects>,
     manifest: &ModelManifest,
     weights: &[u8],
     release_weights: Option<&[u8]>,
 ) -> Result<(), ModelError> {
     let mdir = models_dir(dir)?;
-    write_synced(&mdir, &weights_name(&manifest.id), weights)?;
+    let name = weights_name(&manifest.id);
+    write_synced(&mdir, &name, weights)?;
+    if let Some(o) = objects {
+        o.put_file(&mdir, &name, &manifest.weights_sha256)?;
+    }
     if let Some(bytes) = release_weights {
-        write_synced(&mdir, &release_weights_name(&manifest.id), bytes)?;
+        let name = release_weights_name(&manifest.id);
+        write_synced(&mdir, &name, bytes)?;
+        if let (Some(o), Some(sha)) = (objects, &manifest.release_weights_sha256) {
+            o.put_file(&mdir, &name, sha)?;
+        }
     }
     put(store, manifest)
 }
@@ -305,29 +318,53 @@ pub fn list(store: &dyn Storage) -> Result<Vec<ModelManifest>, ModelError> {
 }
 
 /// Reads the weights, checked against the manifest's digest.
-pub fn weights(dir: &Dir, manifest: &ModelManifest) -> Result<Vec<u8>, ModelError> {
-    read_checked(dir, &weights_name(&manifest.id), &manifest.weights_sha256)
+pub fn weights(
+    dir: &Dir,
+    objects: Option<&Objects>,
+    manifest: &ModelManifest,
+) -> Result<Vec<u8>, ModelError> {
+    read_checked(
+        dir,
+        objects,
+        &weights_name(&manifest.id),
+        &manifest.weights_sha256,
+    )
 }
 
 /// The released copy's weights (checked against the manifest): what a
 /// bundle carries.
-pub fn release_weights(dir: &Dir, manifest: &ModelManifest) -> Result<Vec<u8>, ModelError> {
+pub fn release_weights(
+    dir: &Dir,
+    objects: Option<&Objects>,
+    manifest: &ModelManifest,
+) -> Result<Vec<u8>, ModelError> {
     let digest = manifest.release_weights_sha256.as_deref().ok_or_else(|| {
         ModelError::Release(format!(
             "{} has no released copy (it was trained before disclosure checks)",
             manifest.id
         ))
     })?;
-    read_checked(dir, &release_weights_name(&manifest.id), digest)
+    read_checked(dir, objects, &release_weights_name(&manifest.id), digest)
 }
 
-fn read_checked(dir: &Dir, name: &str, sha256: &str) -> Result<Vec<u8>, ModelError> {
-    let bytes = models_dir(dir)?
-        .read(name)
-        .map_err(|source| ModelError::File {
-            file: format!("models/{name}"),
-            source,
-        })?;
+/// Reads file `name` of `models/` and checks its digest; a file missing
+/// here is fetched from the object store first (verified as it arrives).
+fn read_checked(
+    dir: &Dir,
+    objects: Option<&Objects>,
+    name: &str,
+    sha256: &str,
+) -> Result<Vec<u8>, ModelError> {
+    let mdir = models_dir(dir)?;
+    if let Some(o) = objects
+        && !mdir.exists(name)
+    {
+        o.fetch_to(sha256, &mdir, name)?;
+    }
+    let bytes = mdir.read(name).map_err(|source| ModelError::File {
+        file: format!("models/{name}"),
+        source,
+    })?;
     if Digest::of(&bytes).to_hex() != sha256 {
         return Err(ModelError::Damaged(format!(
             "models/{name} does not match its manifest"

@@ -185,7 +185,7 @@ price_per_label = 1.0
         .collect();
     let raw = Trained::from_safetensors(
         Kind::Logreg,
-        &cloister_host::models::weights(c.env().dir(), &m).unwrap(),
+        &cloister_host::models::weights(c.env().dir(), None, &m).unwrap(),
     )
     .unwrap();
     let secret_rows = |m: &Trained| -> usize {
@@ -213,7 +213,7 @@ price_per_label = 1.0
         .unwrap();
     let second_raw = Trained::from_safetensors(
         Kind::Logreg,
-        &cloister_host::models::weights(c.env().dir(), &second).unwrap(),
+        &cloister_host::models::weights(c.env().dir(), None, &second).unwrap(),
     )
     .unwrap();
     assert_eq!(

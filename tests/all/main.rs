@@ -25,6 +25,7 @@ mod example_plugins;
 mod fitted;
 mod hostile;
 mod house;
+mod objects;
 mod policy_matrix;
 mod postgres;
 mod python;

@@ -904,19 +904,23 @@ fn over_tcp_the_store_talks_only_verified_tls_unless_told_otherwise() {
     let port = pg.port();
     pg.psql("postgres", "CREATE DATABASE tls");
     let by_name = format!("postgres://cloister@localhost:{port}/tls");
+    let with_ca = |url: &str| cloister_host::env_config::InitOptions {
+        store: url.to_string(),
+        store_ca: Some(pg.ca_pem()),
+        objects: None,
+    };
 
     // The system's trust store does not know the test CA: refused.
     let err = Cloister::init_with(&dir.path().join("a"), "root", &by_name).unwrap_err();
     assert!(err.to_string().contains("UnknownIssuer"), "{err}");
     // The right CA, but a name the certificate does not carry: refused.
     let by_ip = format!("postgres://cloister@127.0.0.1:{port}/tls");
-    let err = Cloister::init_with_ca(&dir.path().join("a"), "root", &by_ip, Some(&pg.ca_pem()))
-        .unwrap_err();
+    let err =
+        Cloister::init_with_options(&dir.path().join("a"), "root", &with_ca(&by_ip)).unwrap_err();
     assert!(err.to_string().contains("not valid for name"), "{err}");
     // The CA and the name: TLS, and the environment keeps the CA.
     let (c, _) =
-        Cloister::init_with_ca(&dir.path().join("a"), "root", &by_name, Some(&pg.ca_pem()))
-            .unwrap();
+        Cloister::init_with_options(&dir.path().join("a"), "root", &with_ca(&by_name)).unwrap();
     assert!(!c.store_location().to_string().contains("without TLS"));
     let tls_connections = pg.psql(
         "postgres",

@@ -17,6 +17,7 @@
 //!   reachable with one final `commit`; see [`crate::datasets`].
 //! - Reads see every write that returned before them.
 
+pub mod objects;
 mod pg_backend;
 mod pg_tls;
 pub mod segment;

@@ -528,6 +528,10 @@ fn stream_in(
         .map_err(merge_err(&file_name(source), id_field))?;
     let chunks = segment.chunks();
     let segment_digest = segment.finish(&ddir)?;
+    // The object store's copy is durable before the manifest that names it.
+    if let Some(objects) = env.objects() {
+        objects.put_file(&ddir, &seg_name, &segment_digest.to_hex())?;
+    }
     let version = match store.last(Space::Datasets, &key2(name.as_bytes(), &[0]))? {
         Some((k, _)) => {
             let tail: [u8; 4] = k[k.len() - 4..]
@@ -737,7 +741,16 @@ pub fn resolve(env: &Environment, reference: &str) -> Result<DatasetVersion, Dat
 
 /// Opens the segment of a version.
 pub fn open_segment(env: &Environment, version: &DatasetVersion) -> Result<Segment, DatasetError> {
-    let seg = Segment::open(&datasets_dir(env)?, &segment_name(version.import_id))?;
+    let ddir = datasets_dir(env)?;
+    let name = segment_name(version.import_id);
+    // Another process sharing the object store wrote it: fetch it by its
+    // digest (verified as it arrives).
+    if let Some(objects) = env.objects()
+        && !ddir.exists(&name)
+    {
+        objects.fetch_to(&version.segment_sha256, &ddir, &name)?;
+    }
+    let seg = Segment::open(&ddir, &name)?;
     if seg.chunk_count() != version.chunks || seg.bucket_count() != version.buckets {
         return Err(DatasetError::Damaged(format!(
             "the segment of {} does not match its manifest",

@@ -931,7 +931,7 @@ impl Cloister {
         let chain = self.serving_chain(&m.lineage)?;
         let model = crate::train::Trained::from_safetensors(
             m.kind,
-            &crate::models::release_weights(self.env.dir(), &m)?,
+            &crate::models::release_weights(self.env.dir(), self.env.objects(), &m)?,
         )?;
         let s = Arc::new(Served {
             chain,

@@ -225,18 +225,24 @@ impl Cloister {
         admin: &str,
         store: &str,
     ) -> Result<(Self, String), ServiceError> {
-        Self::init_with_ca(path, admin, store, None)
+        Self::init_with_options(
+            path,
+            admin,
+            &crate::env_config::InitOptions {
+                store: store.to_string(),
+                ..Default::default()
+            },
+        )
     }
 
-    /// [`Cloister::init_with`], trusting only the CA certificates in
-    /// `ca_pem` for the database server's certificate.
-    pub fn init_with_ca(
+    /// [`Cloister::init`] with its storage set up as `options` say (see
+    /// [`crate::env_config::InitOptions`]).
+    pub fn init_with_options(
         path: &Path,
         admin: &str,
-        store: &str,
-        ca_pem: Option<&[u8]>,
+        options: &crate::env_config::InitOptions,
     ) -> Result<(Self, String), ServiceError> {
-        let (env, token) = Environment::init_with_ca(path, admin, store, ca_pem)?;
+        let (env, token) = Environment::init_with_options(path, admin, options)?;
         let me = Self::new(env, "cli");
         me.env.audit().append(AuditRecord {
             actor: admin.to_string(),

@@ -92,7 +92,7 @@ impl Cloister {
         // What leaves is the released copy: the weights with disclosive
         // input rows zeroed, and the manifest without record ids or counts
         // below k.
-        let weights = crate::models::release_weights(self.env.dir(), &m)?;
+        let weights = crate::models::release_weights(self.env.dir(), self.env.objects(), &m)?;
         // A fitted featurizer's vocabulary travels with the model: keys
         // and counts of at least k, checked against its digest on read.
         let state = match &m.lineage.features_state {

@@ -585,6 +585,7 @@ impl Cloister {
         crate::models::save(
             self.env.store().as_ref(),
             self.env.dir(),
+            self.env.objects(),
             &manifest,
             &weights,
             Some(&release_weights),

@@ -333,7 +333,7 @@ impl Cloister {
             self.run_chain(who, &format!("predict {id}"), input, &chain, &mut |_, _| {})?;
         let model = crate::train::Trained::from_safetensors(
             m.kind,
-            &crate::models::weights(self.env.dir(), &m)?,
+            &crate::models::weights(self.env.dir(), self.env.objects(), &m)?,
         )?;
         let rows: Vec<usize> = (0..x.rows()).collect();
         let probs = model.predict(&x, &rows)?;

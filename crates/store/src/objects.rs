@@ -1,0 +1,247 @@
+//! Bulk bytes in an object store, addressed by content.
+//!
+//! Dataset segments and model weights are written to the environment
+//! directory first (synced, renamed into place) and then, when the
+//! environment names an object store, copied there under
+//! `sha256/XX/HEX` — the SHA-256 of the bytes. Their manifests, which
+//! carry the digest, are committed only after the copy is durable. A
+//! process that lacks a file locally (another machine sharing the store)
+//! fetches it by digest; the bytes are hashed as they arrive and a file
+//! whose digest differs is discarded, not used.
+//!
+//! The backend is the `object_store` crate's local filesystem
+//! (`file:///path`, e.g. a shared volume); the objects themselves are
+//! synced after they are written. The only module that names
+//! `object_store`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
+
+use cloister_types::digest::Digest;
+
+use super::StoreError;
+
+/// Bytes per part when uploading.
+const PART: usize = 8 << 20;
+
+/// An object store for bulk bytes. See the module docs.
+pub struct Objects {
+    rt: Option<tokio::runtime::Runtime>,
+    store: Arc<dyn ObjectStore>,
+    root: PathBuf,
+    url: String,
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Objects({})", self.url)
+    }
+}
+
+impl Drop for Objects {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn engine(url: &str) -> impl Fn(object_store::Error) -> StoreError + '_ {
+    move |e| StoreError::Engine(format!("object store {url}: {e}"))
+}
+
+/// The object name of content `sha256` (lower-case hex).
+fn location(sha256: &str) -> Result<ObjectPath, StoreError> {
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(StoreError::Engine(format!(
+            "`{sha256}` is not a SHA-256 digest"
+        )));
+    }
+    Ok(ObjectPath::from(format!(
+        "sha256/{}/{sha256}",
+        &sha256[..2]
+    )))
+}
+
+impl Objects {
+    /// Opens the store at `url`: `file:///ABSOLUTE/PATH` (an existing
+    /// directory).
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let Some(path) = url.strip_prefix("file://") else {
+            return Err(StoreError::Engine(format!(
+                "objects: `{url}` is not a supported object store URL (file:///ABSOLUTE/PATH)"
+            )));
+        };
+        let root = PathBuf::from(path);
+        if !root.is_absolute() || !root.is_dir() {
+            return Err(StoreError::Engine(format!(
+                "objects: {url} is not an existing directory given by an absolute path"
+            )));
+        }
+        let store = LocalFileSystem::new_with_prefix(&root).map_err(engine(url))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cloister-objects")
+            .enable_all()
+            .build()
+            .map_err(StoreError::Io)?;
+        Ok(Self {
+            rt: Some(rt),
+            store: Arc::new(store),
+            root,
+            url: url.to_string(),
+        })
+    }
+
+    /// The store's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn wait<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| StoreError::Engine("the object store client stopped".into()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| StoreError::Engine("the object store client stopped".into()))?
+    }
+
+    /// Whether content `sha256` is stored.
+    pub fn contains(&self, sha256: &str) -> Result<bool, StoreError> {
+        let loc = location(sha256)?;
+        let store = Arc::clone(&self.store);
+        let url = self.url.clone();
+        self.wait(async move {
+            match store.head(&loc).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(engine(&url)(e)),
+            }
+        })
+    }
+
+    /// Copies file `name` of `dir`, whose content has digest `sha256`, into
+    /// the store, durably. The file is hashed as it is read; if it does not
+    /// match `sha256` nothing is stored. Content already stored is not
+    /// copied again.
+    pub fn put_file(&self, dir: &Dir, name: &str, sha256: &str) -> Result<(), StoreError> {
+        if self.contains(sha256)? {
+            return Ok(());
+        }
+        let loc = location(sha256)?;
+        let mut file = dir.open(name)?.into_std();
+        let store = Arc::clone(&self.store);
+        let url = self.url.clone();
+        let want = sha256.to_string();
+        let shown = name.to_string();
+        self.wait(async move {
+            let err = engine(&url);
+            let mut upload = store.put_multipart(&loc).await.map_err(&err)?;
+            let mut hasher = Digest::hasher();
+            loop {
+                let mut part = vec![0u8; PART];
+                let mut filled = 0;
+                while filled < PART {
+                    let n = file.read(&mut part[filled..])?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                part.truncate(filled);
+                if part.is_empty() {
+                    break;
+                }
+                hasher.update(&part);
+                upload
+                    .put_part(PutPayload::from(part))
+                    .await
+                    .map_err(&err)?;
+            }
+            if hasher.finish().to_hex() != want {
+                let _ = upload.abort().await;
+                return Err(StoreError::Corrupted(format!(
+                    "{shown} does not have the digest its manifest records; not stored"
+                )));
+            }
+            upload.complete().await.map_err(&err)?;
+            Ok(())
+        })?;
+        self.sync_object(sha256)
+    }
+
+    /// Makes a stored object durable (the filesystem backend does not sync
+    /// what it writes).
+    fn sync_object(&self, sha256: &str) -> Result<(), StoreError> {
+        let path = self.root.join("sha256").join(&sha256[..2]).join(sha256);
+        std::fs::File::open(&path)?.sync_all()?;
+        for dir in [path.parent(), path.parent().and_then(|p| p.parent())]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Fetches content `sha256` into file `name` of `dir` (written under a
+    /// temporary name, synced, renamed into place). The bytes are hashed as
+    /// they arrive; content that does not match is discarded and reported
+    /// as [`StoreError::Corrupted`].
+    pub fn fetch_to(&self, sha256: &str, dir: &Dir, name: &str) -> Result<(), StoreError> {
+        let loc = location(sha256)?;
+        let tmp = format!("{name}.fetch");
+        let _ = dir.remove_file(&tmp);
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true).mode(0o600);
+        let mut out = dir.open_with(&tmp, &opts)?.into_std();
+        let store = Arc::clone(&self.store);
+        let url = self.url.clone();
+        let fetched = self.wait(async move {
+            use futures_util::StreamExt as _;
+            use std::io::Write as _;
+            let err = engine(&url);
+            let got = store.get(&loc).await.map_err(|e| match e {
+                object_store::Error::NotFound { .. } => {
+                    StoreError::Engine(format!("object store {url}: content {} is missing", loc))
+                }
+                e => err(e),
+            })?;
+            let mut stream = got.into_stream();
+            let mut hasher = Digest::hasher();
+            while let Some(bytes) = stream.next().await {
+                let bytes = bytes.map_err(&err)?;
+                hasher.update(&bytes);
+                out.write_all(&bytes)?;
+            }
+            out.sync_all()?;
+            Ok(hasher.finish().to_hex())
+        });
+        let result = match fetched {
+            Ok(got) if got == sha256 => dir.rename(&tmp, dir, name).map_err(StoreError::Io),
+            Ok(_) => Err(StoreError::Corrupted(format!(
+                "object store {}: the object stored for {name} does not have its digest (changed in the store); not used",
+                self.url
+            ))),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let _ = dir.remove_file(&tmp);
+        }
+        result
+    }
+}
