@@ -56,7 +56,7 @@ fn generate(path: &Path, n: u64) -> Result<u64> {
     Ok(std::fs::metadata(path)?.len())
 }
 
-fn import(records: u64, keep: bool, store: &str) -> Result<()> {
+fn import(records: u64, keep: bool, store: &str, objects: Option<String>) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("records.jsonl");
     let bytes = generate(&file, records)?;
@@ -81,8 +81,17 @@ fn import(records: u64, keep: bool, store: &str) -> Result<()> {
         n as f64 / parse_s
     );
 
-    let (c, root) = Cloister::init_with(&dir.path().join("env"), "root", store)?;
-    println!("store: {}", c.store_location());
+    let options = cloister_host::env_config::InitOptions {
+        store: store.to_string(),
+        store_ca: None,
+        objects,
+    };
+    let (c, root) = Cloister::init_with_options(&dir.path().join("env"), "root", &options)?;
+    println!(
+        "store: {}; objects: {}",
+        c.store_location(),
+        options.objects.as_deref().unwrap_or("none")
+    );
     let admin = c.authenticate(&root)?;
     let (sci, _) = c.add_user(&admin, "sci", &[Role::Scientist])?;
     let rss_before = peak_rss_mib();
@@ -216,6 +225,9 @@ enum Bench {
         /// The store: `sled` or a postgres:// URL naming an empty database.
         #[arg(long, default_value = "sled")]
         store: String,
+        /// An object store for the segment (file:///PATH).
+        #[arg(long)]
+        objects: Option<String>,
     },
     /// Durable audit appends from several writers.
     Audit {
@@ -237,7 +249,8 @@ fn main() -> Result<()> {
             records,
             keep,
             store,
-        } => import(records, keep, &store),
+            objects,
+        } => import(records, keep, &store, objects),
         Bench::Audit {
             writers,
             appends,

@@ -43,6 +43,13 @@ fn segments_and_weights_live_in_the_object_store_and_come_back_verified() {
     let dir = tempfile::tempdir().unwrap();
     let objects = dir.path().join("objects");
     std::fs::create_dir(&objects).unwrap();
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap()
+    };
     let env = dir.path().join("env");
     let options = InitOptions {
         objects: Some(format!("file://{}", objects.display())),
@@ -57,6 +64,12 @@ fn segments_and_weights_live_in_the_object_store_and_come_back_verified() {
     assert!(err.to_string().contains("file:///"), "{err}");
     assert!(!dir.path().join("x").exists());
 
+    // Records would sit there in the clear: a directory others can read
+    // is refused.
+    chmod(&objects, 0o755);
+    let err = Cloister::init_with_options(&env, "root", &options).unwrap_err();
+    assert!(err.to_string().contains("chmod 700"), "{err}");
+    chmod(&objects, 0o700);
     let (c, root) = Cloister::init_with_options(&env, "root", &options).unwrap();
     let admin = c.authenticate(&root).unwrap();
     let sci = c.add_user(&admin, "sci", &[Role::Scientist]).unwrap().0;
@@ -86,6 +99,8 @@ fn segments_and_weights_live_in_the_object_store_and_come_back_verified() {
     assert!(seg_object.is_file());
     assert!(object(&objects, &m.weights_sha256).is_file());
     assert!(object(&objects, m.release_weights_sha256.as_ref().unwrap()).is_file());
+    assert_eq!(mode(&seg_object), 0o600);
+    assert_eq!(mode(seg_object.parent().unwrap()), 0o700);
 
     // Another machine: the same directory without its local bulk files.
     drop(c);

@@ -84,6 +84,16 @@ impl Objects {
                 "objects: {url} is not an existing directory given by an absolute path"
             )));
         }
+        // The objects are records and weights in the clear: the directory
+        // must be closed to everyone but its owner, like the environment's.
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&root)?.permissions());
+        if mode & 0o077 != 0 {
+            return Err(StoreError::Engine(format!(
+                "objects: {url} is open to other users (mode {:o}); make it private (chmod 700)",
+                mode & 0o777
+            )));
+        }
         let store = LocalFileSystem::new_with_prefix(&root).map_err(engine(url))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -184,15 +194,19 @@ impl Objects {
         self.sync_object(sha256)
     }
 
-    /// Makes a stored object durable (the filesystem backend does not sync
-    /// what it writes).
+    /// Makes a stored object private (0600, its directories 0700: the
+    /// filesystem backend creates them with the process's umask) and
+    /// durable (it does not sync what it writes).
     fn sync_object(&self, sha256: &str) -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt as _;
         let path = self.root.join("sha256").join(&sha256[..2]).join(sha256);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         std::fs::File::open(&path)?.sync_all()?;
         for dir in [path.parent(), path.parent().and_then(|p| p.parent())]
             .into_iter()
             .flatten()
         {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
             std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
