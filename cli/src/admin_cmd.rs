@@ -109,6 +109,24 @@ pub fn migrate(env: &EnvArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn move_store(env: &EnvArgs, to: &str, store_ca: Option<&std::path::Path>) -> Result<ExitCode> {
+    let ca = store_ca
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()?;
+    let copied = Cloister::move_store(&env.env, to, ca.as_deref())
+        .with_context(|| format!("cannot move the environment {}", env.env.display()))?;
+    let c = Cloister::open(&env.env, "cli")?;
+    println!(
+        "moved {copied} entries to {}; the audit log verifies",
+        c.store_location()
+    );
+    println!(
+        "the sled store is kept as {}/store.moved: delete it once you no longer need to go back",
+        env.env.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
     let s = env.session()?;
     match cmd {

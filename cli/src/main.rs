@@ -79,6 +79,24 @@ enum Command {
     /// Apply the store's missing schema migrations (PostgreSQL), with the
     /// environment closed; recorded in the audit log.
     Migrate,
+    /// Move the environment's state from its sled store to an empty
+    /// PostgreSQL database, with the environment closed; recorded in the
+    /// audit log (docs/SCALING.md).
+    MoveStore {
+        /// The database: a postgres:// URL (prefer the variable when it
+        /// holds a password).
+        #[arg(
+            long,
+            env = "CLOISTER_STORE",
+            hide_env_values = true,
+            value_name = "URL"
+        )]
+        to: String,
+        /// A PEM file of CA certificates: trust only these for the
+        /// database server's TLS certificate.
+        #[arg(long, value_name = "FILE")]
+        store_ca: Option<std::path::PathBuf>,
+    },
     /// Manage users and their roles.
     #[command(subcommand)]
     User(admin_cmd::UserCommand),
@@ -222,6 +240,9 @@ fn main() -> ExitCode {
             objects,
         } => admin_cmd::init(dir, admin, store, store_ca.as_deref(), objects),
         Command::Migrate => admin_cmd::migrate(&cli.env),
+        Command::MoveStore { to, store_ca } => {
+            admin_cmd::move_store(&cli.env, &to, store_ca.as_deref())
+        }
         Command::User(cmd) => admin_cmd::user(&cli.env, cmd),
         Command::Policy(cmd) => admin_cmd::policy(&cli.env, cmd),
         Command::Dataset(cmd) => dataset_cmd::run(&cli.env, cmd),

@@ -407,6 +407,106 @@ impl Environment {
         }
     }
 
+    /// Moves an environment's state from its sled store to an empty
+    /// PostgreSQL database (`cloister move-store`), with the environment
+    /// closed. Everything is copied in one transaction and compared entry
+    /// by entry before `cloister.toml` is switched to the database; the
+    /// sled store is then renamed `store.moved` (kept until the operator
+    /// deletes it). A failure before the switch leaves the environment on
+    /// sled as it was (and the database empty). Returns the entries copied.
+    pub fn move_to_postgres(
+        path: &Path,
+        url_text: &str,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<u64, EnvError> {
+        let dir = Dir::open_ambient_dir(path, ambient_authority())
+            .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
+        let config = match dir.read_to_string(CONFIG_FILE) {
+            Ok(text) => Some(EnvConfig::parse(&text).map_err(EnvError::Config)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(file_err(CONFIG_FILE)(e)),
+        };
+        if let Some(StoreLocation::Postgres(url)) = config.as_ref().map(|c| &c.store) {
+            return Err(EnvError::Config(format!(
+                "the environment's store is already a PostgreSQL database ({url})"
+            )));
+        }
+        let StoreLocation::Postgres(mut url) = StoreLocation::parse(url_text)? else {
+            return Err(EnvError::Config(
+                "move-store moves to a postgres:// database".into(),
+            ));
+        };
+        if let Some(pem) = ca_pem {
+            *url = (*url).clone().with_ca(pem)?;
+        }
+        if !dir.exists("store") {
+            return Err(EnvError::NotAnEnvironment(path.to_path_buf()));
+        }
+        let source = SledStorage::open(&path.join("store"), false)?;
+        let id = String::from_utf8_lossy(&source.get(Space::Meta, ID_KEY)?.unwrap_or_default())
+            .into_owned();
+        let secret = match dir.read(STORE_KEY_FILE) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let s = random_bytes(32)?;
+                write_secret(&dir, STORE_KEY_FILE, &s)?;
+                s
+            }
+            Err(e) => return Err(file_err(STORE_KEY_FILE)(e)),
+        };
+        let target = PgStorage::open(&url, true, &secret)?;
+        let mut batch = WriteBatch::new();
+        for space in Space::ALL {
+            for item in source.scan(space, b"") {
+                let (k, v) = item?;
+                batch.put(space, k, v);
+            }
+        }
+        let copied = batch.len() as u64;
+        target.commit(batch)?;
+        for space in Space::ALL {
+            let mut theirs = target.scan(space, b"");
+            for mine in source.scan(space, b"") {
+                let mine = mine?;
+                match theirs.next().transpose()? {
+                    Some(t) if t == mine => {}
+                    _ => {
+                        return Err(EnvError::Config(format!(
+                            "the copy in {url} differs from the sled store in space {space:?}; the environment stays on sled"
+                        )));
+                    }
+                }
+            }
+            if theirs.next().is_some() {
+                return Err(EnvError::Config(format!(
+                    "the copy in {url} has more entries than the sled store in space {space:?}; the environment stays on sled"
+                )));
+            }
+        }
+        drop(target);
+        drop(source);
+        // The switch: the CA file, then the new config by rename.
+        if let Some(pem) = ca_pem {
+            let _ = dir.remove_file(STORE_CA_FILE);
+            write_secret(&dir, STORE_CA_FILE, pem)?;
+        }
+        let text = EnvConfig::render(
+            &id,
+            url_text,
+            ca_pem.map(|_| STORE_CA_FILE),
+            config.as_ref().and_then(|c| c.objects.as_deref()),
+        );
+        let tmp = format!("{CONFIG_FILE}.tmp");
+        let _ = dir.remove_file(&tmp);
+        write_secret(&dir, &tmp, text.as_bytes())?;
+        dir.rename(&tmp, &dir, CONFIG_FILE)
+            .map_err(file_err(CONFIG_FILE))?;
+        dir.rename("store", &dir, "store.moved")
+            .map_err(file_err("store"))?;
+        sync_dir(&dir, ".")?;
+        Ok(copied)
+    }
+
     /// Loads the schema and every `*.cedar` file of `dir/policies`.
     fn load_policies(dir: &Dir) -> Result<PolicyEngine, EnvError> {
         let pdir = dir.open_dir("policies").map_err(file_err("policies"))?;

@@ -955,3 +955,110 @@ fn over_tcp_the_store_talks_only_verified_tls_unless_told_otherwise() {
     let (c, _) = Cloister::init_with(&dir.path().join("b"), "root", &url).unwrap();
     assert!(c.store_location().to_string().ends_with("(without TLS)"));
 }
+
+// ---------------------------------------------------------- move-store --
+
+#[test]
+fn an_environment_moves_from_sled_to_postgres_whole_and_on_the_record() {
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("env");
+    let token = {
+        let out = cli(&env)
+            .args(["init", env.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("admin token (shown once; keep it secret): "))
+            .unwrap()
+            .to_string()
+    };
+    // Some state: a user, a dataset, traffic in the log.
+    let (datasets, size) = {
+        let c = Cloister::open(&env, "cli").unwrap();
+        let admin = c.authenticate(&token).unwrap();
+        let (sci, _) = c
+            .add_user(&admin, "sci", &[cloister_host::policy::Role::Scientist])
+            .unwrap();
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, "{\"id\":\"a\",\"text\":\"x\",\"label\":\"l\"}\n").unwrap();
+        c.import_dataset(
+            &sci,
+            "d",
+            &data,
+            &cloister_host::service::ImportOptions::default(),
+        )
+        .unwrap();
+        (c.list_datasets(&sci).unwrap().len(), c.env().audit().size())
+    };
+
+    // A used database is refused and the environment stays on sled.
+    let used = pg.database("used");
+    pg.psql("used", "SELECT 1");
+    Cloister::init_with(&dir.path().join("other"), "root", &used).unwrap();
+    let out = cli(&env)
+        .args(["move-store", "--to", &used])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already holds"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(env.join("store").is_dir());
+    Cloister::open(&env, "cli").unwrap();
+
+    let url = pg.database("moved");
+    let out = cli(&env)
+        .args(["move-store"])
+        .env("CLOISTER_STORE", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("the audit log verifies"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!env.join("store").exists() && env.join("store.moved").is_dir());
+    let c = Cloister::open(&env, "cli").unwrap();
+    assert!(c.store_location().to_string().starts_with("postgres://"));
+    let admin = c.authenticate(&token).unwrap();
+    let sci = cloister_host::users::get(c.env().store().as_ref(), "sci").unwrap();
+    assert_eq!(c.list_datasets(&sci).unwrap().len(), datasets);
+    let log = c
+        .audit_log(
+            &admin,
+            &cloister_host::audit::AuditFilter {
+                action: Some("move_store".into()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(log.len(), 2, "both attempts (the refused one too) are on the record");
+    assert!(c.env().audit().size() > size);
+    match c.env().audit().verify(None).unwrap() {
+        Verdict::Intact { .. } => {}
+        v => panic!("{v:?}"),
+    }
+    drop(c);
+    // Once on PostgreSQL, there is nothing to move.
+    let out = cli(&env)
+        .args(["move-store", "--to", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already a PostgreSQL database"));
+}

@@ -212,6 +212,38 @@ impl Cloister {
         Ok(applied)
     }
 
+    /// Moves the environment at `path` from its sled store to an empty
+    /// PostgreSQL database (`cloister move-store`), trusting only `ca_pem`
+    /// for the server's certificate when given. The move is recorded in
+    /// the audit log before it happens (and so is part of what is copied);
+    /// the moved environment must verify. Returns the entries copied.
+    pub fn move_store(path: &Path, url: &str, ca_pem: Option<&[u8]>) -> Result<u64, ServiceError> {
+        let shown = crate::env_config::StoreLocation::parse(url)
+            .map_err(crate::env::EnvError::from)?
+            .to_string();
+        {
+            let me = Self::open(path, "cli")?;
+            me.env.audit().append(AuditRecord {
+                actor: "cloister".into(),
+                action: "move_store".into(),
+                resource: Resource::Environment.uid_text(),
+                decision: Decision::Allow,
+                policies: vec!["host".into()],
+                params: params_digest(&("move_store", &shown)),
+                outcome: None,
+                serving: None,
+            })?;
+        }
+        let copied = Environment::move_to_postgres(path, url, ca_pem)?;
+        let moved = Self::open(path, "cli")?;
+        match moved.env.audit().verify(None)? {
+            crate::audit::Verdict::Intact { .. } => Ok(copied),
+            v => Err(ServiceError::Audit(crate::audit::AuditError::Unavailable(
+                format!("the moved audit log does not verify: {v:?}"),
+            ))),
+        }
+    }
+
     /// Creates an environment at `path` with a first admin; returns it and
     /// the admin's token. The creation is the log's first entry.
     pub fn init(path: &Path, admin: &str) -> Result<(Self, String), ServiceError> {
