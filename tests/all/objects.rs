@@ -163,3 +163,148 @@ fn segments_and_weights_live_in_the_object_store_and_come_back_verified() {
         .unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+/// A running `moto_server` (an S3-compatible server, from PyPI's `moto`).
+struct Moto {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto() -> Option<Moto> {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("moto_server"))
+            .find(|f| f.is_file())
+    });
+    let Some(bin) = found else {
+        assert!(
+            std::env::var_os("CLOISTER_REQUIRE_S3").is_none(),
+            "moto_server is required (python3 -m pip install 'moto[server]')"
+        );
+        eprintln!("SKIPPED: no moto_server (python3 -m pip install 'moto[server]')");
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let m = Moto { child, port };
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(m);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("moto_server did not start");
+}
+
+#[test]
+fn an_s3_compatible_store_holds_the_bulk_bytes_and_gives_them_back() {
+    let Some(s3) = moto() else { return };
+    let endpoint = format!("http://127.0.0.1:{}", s3.port);
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sf"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "curl {args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    curl(&["-X", "PUT", &format!("{endpoint}/cloister")]);
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("env");
+    // Credentials and endpoint come from the environment, as in a pod.
+    let cloister = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cloister"))
+            .args(args)
+            .env("CLOISTER_ENV", &env)
+            .env_remove("CLOISTER_STORE")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT", &endpoint)
+            .env("AWS_ALLOW_HTTP", "true")
+            .output()
+            .unwrap()
+    };
+    // A bucket that does not exist is refused before anything is made.
+    let out = cloister(&["init", env.to_str().unwrap(), "--objects", "s3://nope/x"]);
+    assert!(!out.status.success());
+    assert!(!env.exists());
+
+    let out = cloister(&[
+        "init",
+        env.to_str().unwrap(),
+        "--objects",
+        "s3://cloister/envs/a",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("admin token (shown once; keep it secret): "))
+        .unwrap()
+        .to_string();
+    let data = dir.path().join("d.jsonl");
+    let mut f = std::fs::File::create(&data).unwrap();
+    for r in crate::support::spamassassin().iter().step_by(20) {
+        let v = serde_json::json!({"id": r.id, "text": r.text("text").unwrap(), "label": r.label.clone().unwrap()});
+        writeln!(f, "{v}").unwrap();
+    }
+    drop(f);
+    let as_user = |token: &str, args: &[&str]| {
+        let mut all = vec!["--token", token];
+        all.extend_from_slice(args);
+        cloister(&all)
+    };
+    let out = as_user(&token, &["user", "add", "sci", "--role", "scientist"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sci = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("token (shown once; keep it secret): "))
+        .unwrap()
+        .to_string();
+    let with_token = |args: &[&str]| as_user(&sci, args);
+    let out = with_token(&["dataset", "import", "spam", data.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = curl(&[&format!(
+        "{endpoint}/cloister?list-type=2&prefix=envs/a/sha256/"
+    )]);
+    assert_eq!(listing.matches("<Key>").count(), 1, "{listing}");
+
+    // Without its local segment, the environment fetches it from S3.
+    clear(&env.join("datasets"));
+    let out = with_token(&["dataset", "stats", "spam", "--seed", "7"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.join("datasets").read_dir().unwrap().count(), 1);
+}

@@ -1047,7 +1047,11 @@ fn an_environment_moves_from_sled_to_postgres_whole_and_on_the_record() {
             },
         )
         .unwrap();
-    assert_eq!(log.len(), 2, "both attempts (the refused one too) are on the record");
+    assert_eq!(
+        log.len(),
+        2,
+        "both attempts (the refused one too) are on the record"
+    );
     assert!(c.env().audit().size() > size);
     match c.env().audit().verify(None).unwrap() {
         Verdict::Intact { .. } => {}

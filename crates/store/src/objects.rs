@@ -9,18 +9,22 @@
 //! fetches it by digest; the bytes are hashed as they arrive and a file
 //! whose digest differs is discarded, not used.
 //!
-//! The backend is the `object_store` crate's local filesystem
-//! (`file:///path`, e.g. a shared volume); the objects themselves are
-//! synced after they are written. The only module that names
-//! `object_store`.
+//! Backends (the `object_store` crate): the local filesystem
+//! (`file:///path`, e.g. a shared volume; objects are made private and
+//! synced after they are written) and S3-compatible stores
+//! (`s3://BUCKET/PREFIX`; credentials, region and endpoint from the
+//! standard `AWS_*` environment variables, never from a file of the
+//! environment). The only module that names `object_store`.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
+use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, PutPayload};
 
 use cloister_types::digest::Digest;
@@ -34,7 +38,8 @@ const PART: usize = 8 << 20;
 pub struct Objects {
     rt: Option<tokio::runtime::Runtime>,
     store: Arc<dyn ObjectStore>,
-    root: PathBuf,
+    /// The directory of a `file://` store.
+    root: Option<PathBuf>,
     url: String,
 }
 
@@ -71,11 +76,14 @@ fn location(sha256: &str) -> Result<ObjectPath, StoreError> {
 
 impl Objects {
     /// Opens the store at `url`: `file:///ABSOLUTE/PATH` (an existing
-    /// directory).
+    /// private directory) or `s3://BUCKET[/PREFIX]` (reachable now).
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            return Self::open_s3(url, rest);
+        }
         let Some(path) = url.strip_prefix("file://") else {
             return Err(StoreError::Engine(format!(
-                "objects: `{url}` is not a supported object store URL (file:///ABSOLUTE/PATH)"
+                "objects: `{url}` is not a supported object store URL (file:///ABSOLUTE/PATH or s3://BUCKET/PREFIX)"
             )));
         };
         let root = PathBuf::from(path);
@@ -95,18 +103,59 @@ impl Objects {
             )));
         }
         let store = LocalFileSystem::new_with_prefix(&root).map_err(engine(url))?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
+        Ok(Self {
+            rt: Some(Self::runtime()?),
+            store: Arc::new(store),
+            root: Some(root),
+            url: url.to_string(),
+        })
+    }
+
+    fn runtime() -> Result<tokio::runtime::Runtime, StoreError> {
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("cloister-objects")
             .enable_all()
             .build()
-            .map_err(StoreError::Io)?;
-        Ok(Self {
-            rt: Some(rt),
-            store: Arc::new(store),
-            root,
+            .map_err(StoreError::Io)
+    }
+
+    fn open_s3(url: &str, rest: &str) -> Result<Self, StoreError> {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(StoreError::Engine(format!(
+                "objects: `{url}` names no bucket (s3://BUCKET/PREFIX)"
+            )));
+        }
+        let s3 = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map_err(engine(url))?;
+        let prefix = prefix.trim_matches('/');
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            Arc::new(PrefixStore::new(s3, prefix.to_string()))
+        };
+        let me = Self {
+            rt: Some(Self::runtime()?),
+            store,
+            root: None,
             url: url.to_string(),
-        })
+        };
+        // Fail now, not at the first import, when the bucket or the
+        // credentials are wrong (a HEAD of an absent object cannot tell a
+        // missing bucket from a missing object; a listing can).
+        let store = Arc::clone(&me.store);
+        let shown = url.to_string();
+        me.wait(async move {
+            store
+                .list_with_delimiter(Some(&ObjectPath::from("sha256")))
+                .await
+                .map(|_| ())
+                .map_err(engine(&shown))
+        })?;
+        Ok(me)
     }
 
     /// The store's URL.
@@ -199,7 +248,11 @@ impl Objects {
     /// durable (it does not sync what it writes).
     fn sync_object(&self, sha256: &str) -> Result<(), StoreError> {
         use std::os::unix::fs::PermissionsExt as _;
-        let path = self.root.join("sha256").join(&sha256[..2]).join(sha256);
+        let Some(root) = &self.root else {
+            // An S3 store has it durably when the upload completes.
+            return Ok(());
+        };
+        let path = root.join("sha256").join(&sha256[..2]).join(sha256);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         std::fs::File::open(&path)?.sync_all()?;
         for dir in [path.parent(), path.parent().and_then(|p| p.parent())]
