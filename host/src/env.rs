@@ -150,6 +150,16 @@ fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
     Ok(())
 }
 
+/// `cloister.toml`, or `None` for an environment made before it existed
+/// (sled).
+fn read_config(dir: &Dir) -> Result<Option<EnvConfig>, EnvError> {
+    match dir.read_to_string(CONFIG_FILE) {
+        Ok(text) => Ok(Some(EnvConfig::parse(&text).map_err(EnvError::Config)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(file_err(CONFIG_FILE)(e)),
+    }
+}
+
 fn sync_dir(dir: &Dir, name: &str) -> Result<(), EnvError> {
     dir.open(name)
         .and_then(|f| f.sync_all())
@@ -304,11 +314,7 @@ impl Environment {
     pub fn open(path: &Path) -> Result<Self, EnvError> {
         let dir = Dir::open_ambient_dir(path, ambient_authority())
             .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
-        let config = match dir.read_to_string(CONFIG_FILE) {
-            Ok(text) => Some(EnvConfig::parse(&text).map_err(EnvError::Config)?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(file_err(CONFIG_FILE)(e)),
-        };
+        let config = read_config(&dir)?;
         let mut location = config
             .as_ref()
             .map_or(StoreLocation::Sled, |c| c.store.clone());
@@ -396,14 +402,9 @@ impl Environment {
     pub fn migrate(path: &Path) -> Result<Vec<i32>, EnvError> {
         let dir = Dir::open_ambient_dir(path, ambient_authority())
             .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
-        let text = match dir.read_to_string(CONFIG_FILE) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(file_err(CONFIG_FILE)(e)),
-        };
-        match EnvConfig::parse(&text).map_err(EnvError::Config)?.store {
-            StoreLocation::Sled => Ok(Vec::new()),
-            StoreLocation::Postgres(url) => Ok(PgStorage::migrate(&url)?),
+        match read_config(&dir)?.map(|c| c.store) {
+            None | Some(StoreLocation::Sled) => Ok(Vec::new()),
+            Some(StoreLocation::Postgres(url)) => Ok(PgStorage::migrate(&url)?),
         }
     }
 
@@ -421,11 +422,7 @@ impl Environment {
     ) -> Result<u64, EnvError> {
         let dir = Dir::open_ambient_dir(path, ambient_authority())
             .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
-        let config = match dir.read_to_string(CONFIG_FILE) {
-            Ok(text) => Some(EnvConfig::parse(&text).map_err(EnvError::Config)?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(file_err(CONFIG_FILE)(e)),
-        };
+        let config = read_config(&dir)?;
         if let Some(StoreLocation::Postgres(url)) = config.as_ref().map(|c| &c.store) {
             return Err(EnvError::Config(format!(
                 "the environment's store is already a PostgreSQL database ({url})"

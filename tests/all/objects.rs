@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use cloister_host::env_config::InitOptions;
 use cloister_host::policy::Role;
-use cloister_host::service::{Cloister, ImportOptions, TrainRequest};
+use cloister_host::service::{Cloister, ImportOptions, ServiceError, TrainRequest};
+
+use crate::postgres::{printed_token, succeeded};
 use cloister_host::users::User;
 
 /// The object file of content `sha`.
@@ -21,7 +23,7 @@ fn clear(dir: &Path) {
     }
 }
 
-fn train(c: &Cloister, sci: &User, features: &str, seed: u64) -> String {
+fn try_train(c: &Cloister, sci: &User, features: &str, seed: u64) -> Result<String, ServiceError> {
     c.train_model(
         sci,
         &TrainRequest {
@@ -34,8 +36,11 @@ fn train(c: &Cloister, sci: &User, features: &str, seed: u64) -> String {
         },
         &mut |_| {},
     )
-    .unwrap()
-    .id
+    .map(|m| m.id)
+}
+
+fn train(c: &Cloister, sci: &User, features: &str, seed: u64) -> String {
+    try_train(c, sci, features, seed).unwrap()
 }
 
 #[test]
@@ -121,20 +126,7 @@ fn segments_and_weights_live_in_the_object_store_and_come_back_verified() {
     bytes[10] ^= 0x40;
     std::fs::write(&seg_object, &bytes).unwrap();
     let c = Cloister::open(&env, "cli").unwrap();
-    let err = c
-        .train_model(
-            &sci,
-            &TrainRequest {
-                dataset: "spam".into(),
-                preprocess: vec![],
-                features: e.digest.clone(),
-                template: "logreg".into(),
-                sets: vec![],
-                split_seed: Some(3),
-            },
-            &mut |_| {},
-        )
-        .unwrap_err();
+    let err = try_train(&c, &sci, &e.digest, 3).unwrap_err();
     assert!(
         err.to_string().contains("does not have its digest"),
         "{err}"
@@ -147,20 +139,7 @@ fn segments_and_weights_live_in_the_object_store_and_come_back_verified() {
 
     // A missing object is named as missing.
     std::fs::remove_file(&seg_object).unwrap();
-    let err = c
-        .train_model(
-            &sci,
-            &TrainRequest {
-                dataset: "spam".into(),
-                preprocess: vec![],
-                features: e.digest.clone(),
-                template: "logreg".into(),
-                sets: vec![],
-                split_seed: Some(4),
-            },
-            &mut |_| {},
-        )
-        .unwrap_err();
+    let err = try_train(&c, &sci, &e.digest, 4).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
 }
 
@@ -247,22 +226,15 @@ fn an_s3_compatible_store_holds_the_bulk_bytes_and_gives_them_back() {
     assert!(!out.status.success());
     assert!(!env.exists());
 
-    let out = cloister(&[
-        "init",
-        env.to_str().unwrap(),
-        "--objects",
-        "s3://cloister/envs/a",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let token = printed_token(
+        &succeeded(&cloister(&[
+            "init",
+            env.to_str().unwrap(),
+            "--objects",
+            "s3://cloister/envs/a",
+        ])),
+        "admin token",
     );
-    let token = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("admin token (shown once; keep it secret): "))
-        .unwrap()
-        .to_string();
     let data = dir.path().join("d.jsonl");
     let mut f = std::fs::File::create(&data).unwrap();
     for r in crate::support::spamassassin().iter().step_by(20) {
@@ -275,24 +247,20 @@ fn an_s3_compatible_store_holds_the_bulk_bytes_and_gives_them_back() {
         all.extend_from_slice(args);
         cloister(&all)
     };
-    let out = as_user(&token, &["user", "add", "sci", "--role", "scientist"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let sci = printed_token(
+        &succeeded(&as_user(
+            &token,
+            &["user", "add", "sci", "--role", "scientist"],
+        )),
+        "token",
     );
-    let sci = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("token (shown once; keep it secret): "))
-        .unwrap()
-        .to_string();
     let with_token = |args: &[&str]| as_user(&sci, args);
-    let out = with_token(&["dataset", "import", "spam", data.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&with_token(&[
+        "dataset",
+        "import",
+        "spam",
+        data.to_str().unwrap(),
+    ]));
     let listing = curl(&[&format!(
         "{endpoint}/cloister?list-type=2&prefix=envs/a/sha256/"
     )]);
@@ -300,11 +268,6 @@ fn an_s3_compatible_store_holds_the_bulk_bytes_and_gives_them_back() {
 
     // Without its local segment, the environment fetches it from S3.
     clear(&env.join("datasets"));
-    let out = with_token(&["dataset", "stats", "spam", "--seed", "7"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&with_token(&["dataset", "stats", "spam", "--seed", "7"]));
     assert_eq!(env.join("datasets").read_dir().unwrap().count(), 1);
 }

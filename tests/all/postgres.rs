@@ -771,6 +771,27 @@ fn a_database_crash_during_appends_fails_closed_and_keeps_every_acknowledged_ent
 
 // ----------------------------------------------------------------- CLI --
 
+/// Asserts that a command succeeded; returns what it printed.
+pub fn succeeded(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The token a command printed after `label` (`admin token` for `init`,
+/// `token` for `user add`).
+pub fn printed_token(stdout: &str, label: &str) -> String {
+    let prefix = format!("{label} (shown once; keep it secret): ");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {label} in {stdout}"))
+        .to_string()
+}
+
 fn cli(env: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cloister"));
     c.env("CLOISTER_ENV", env).env_remove("CLOISTER_STORE");
@@ -783,39 +804,23 @@ fn the_cli_creates_migrates_and_uses_an_environment_on_postgres() {
     let url = pg.database("cli");
     let dir = tempfile::tempdir().unwrap();
     let env = dir.path().join("env");
-    let out = cli(&env)
-        .args(["init", env.to_str().unwrap()])
-        .env("CLOISTER_STORE", &url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = succeeded(
+        &cli(&env)
+            .args(["init", env.to_str().unwrap()])
+            .env("CLOISTER_STORE", &url)
+            .output()
+            .unwrap(),
     );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains("(store: postgres://cloister@"), "{text}");
-    let token = text
-        .lines()
-        .find_map(|l| l.strip_prefix("admin token (shown once; keep it secret): "))
-        .unwrap()
-        .to_string();
-    let out = cli(&env).arg("migrate").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
-    let out = cli(&env)
-        .env("CLOISTER_TOKEN", &token)
-        .args(["audit", "verify"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let token = printed_token(&text, "admin token");
+    let text = succeeded(&cli(&env).arg("migrate").output().unwrap());
+    assert!(text.contains("up to date"), "{text}");
+    succeeded(
+        &cli(&env)
+            .env("CLOISTER_TOKEN", &token)
+            .args(["audit", "verify"])
+            .output()
+            .unwrap(),
     );
     // While one process holds the environment, another is refused.
     let held = Cloister::open(&env, "cli").unwrap();
@@ -963,22 +968,15 @@ fn an_environment_moves_from_sled_to_postgres_whole_and_on_the_record() {
     let Some(pg) = PgServer::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let env = dir.path().join("env");
-    let token = {
-        let out = cli(&env)
-            .args(["init", env.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("admin token (shown once; keep it secret): "))
-            .unwrap()
-            .to_string()
-    };
+    let token = printed_token(
+        &succeeded(
+            &cli(&env)
+                .args(["init", env.to_str().unwrap()])
+                .output()
+                .unwrap(),
+        ),
+        "admin token",
+    );
     // Some state: a user, a dataset, traffic in the log.
     let (datasets, size) = {
         let c = Cloister::open(&env, "cli").unwrap();
@@ -1016,21 +1014,14 @@ fn an_environment_moves_from_sled_to_postgres_whole_and_on_the_record() {
     Cloister::open(&env, "cli").unwrap();
 
     let url = pg.database("moved");
-    let out = cli(&env)
-        .args(["move-store"])
-        .env("CLOISTER_STORE", &url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let text = succeeded(
+        &cli(&env)
+            .args(["move-store"])
+            .env("CLOISTER_STORE", &url)
+            .output()
+            .unwrap(),
     );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("the audit log verifies"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(text.contains("the audit log verifies"), "{text}");
     assert!(!env.join("store").exists() && env.join("store.moved").is_dir());
     let c = Cloister::open(&env, "cli").unwrap();
     assert!(c.store_location().to_string().starts_with("postgres://"));

@@ -243,6 +243,22 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn sync(&self) -> Result<(), StoreError>;
 }
 
+/// Runs `fut` on `rt` and waits for it on a channel: unlike
+/// `Runtime::block_on`, callable from inside another runtime (the
+/// console's), which is how the engines' async clients serve the
+/// synchronous contract.
+pub(crate) fn wait_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .map_err(|_| StoreError::Engine("the store's client runtime stopped".into()))?
+}
+
 /// Key helper: `a ‖ b`.
 pub fn key2(a: &[u8], b: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(a.len() + b.len());

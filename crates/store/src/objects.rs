@@ -171,12 +171,7 @@ impl Objects {
             .rt
             .as_ref()
             .ok_or_else(|| StoreError::Engine("the object store client stopped".into()))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv()
-            .map_err(|_| StoreError::Engine("the object store client stopped".into()))?
+        super::wait_on(rt, fut)
     }
 
     /// Whether content `sha256` is stored.

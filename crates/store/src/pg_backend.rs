@@ -48,6 +48,7 @@ use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Client, Config};
 
 use super::pg_tls::{MakeRustls, client_config};
+use super::wait_on;
 
 use super::{Entry, Space, Storage, StoreError, Write, WriteBatch, prefix_end};
 
@@ -676,20 +677,6 @@ impl PgStorage {
             buffer: std::collections::VecDeque::new(),
         })
     }
-}
-
-/// Runs `fut` on `rt` and waits for it on a channel: unlike
-/// `Runtime::block_on`, callable from inside another runtime.
-fn wait_on<T: Send + 'static>(
-    rt: &tokio::runtime::Runtime,
-    fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
-) -> Result<T, StoreError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    rt.spawn(async move {
-        let _ = tx.send(fut.await);
-    });
-    rx.recv()
-        .map_err(|_| StoreError::Engine("the PostgreSQL client stopped".into()))?
 }
 
 fn newer_schema(url: &PgUrl, have: i32) -> StoreError {
