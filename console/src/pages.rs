@@ -38,6 +38,7 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
     Router::new()
         .route("/static/style.css", get(style))
         .route("/static/app.js", get(script))
+        .route("/healthz", get(healthz))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
         .route("/", get(home))
@@ -76,6 +77,21 @@ fn asset(body: &'static str, kind: &'static str) -> Response {
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
     r
+}
+
+/// The health probe: `200 ok` when the store answers and the audit log
+/// accepts appends, else `503 unavailable` (the reason goes to the log,
+/// not to the caller).
+async fn healthz(State(k): State<Arc<Console>>) -> Response {
+    let checked = tokio::task::spawn_blocking(move || k.c.health()).await;
+    match checked {
+        Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "health check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n").into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n").into_response(),
+    }
 }
 
 async fn style() -> Response {

@@ -52,6 +52,9 @@ fn fixture() -> &'static Fixture {
             ("approver", Role::Approver),
             ("auditor", Role::Auditor),
             ("victim", Role::Approver),
+            // Its own user: a login ends the user's older sessions, and
+            // the page walk logs in as every role at the same time.
+            ("session-auditor", Role::Auditor),
             ("operator", Role::Operator),
             ("client", Role::Client),
         ] {
@@ -325,7 +328,7 @@ fn cookie_of(r: &Reply) -> String {
 
 #[test]
 fn sessions_need_csrf_tokens_for_writes_and_end_at_logout() {
-    let r = login("auditor", PASSWORD);
+    let r = login("session-auditor", PASSWORD);
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let set = r.headers[header::SET_COOKIE].to_str().unwrap().to_string();
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
@@ -348,7 +351,10 @@ fn sessions_need_csrf_tokens_for_writes_and_end_at_logout() {
         with("GET", "/api/audit/verify", None).status,
         StatusCode::OK
     );
-    assert_eq!(with("GET", "/api/me", None).json()["user"], "auditor");
+    assert_eq!(
+        with("GET", "/api/me", None).json()["user"],
+        "session-auditor"
+    );
     // A write without the token, or with a wrong one, is refused.
     assert_eq!(
         with("POST", "/api/logout", None).status,

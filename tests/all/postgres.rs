@@ -894,6 +894,30 @@ fn the_console_answers_from_a_postgres_store_inside_its_runtime() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, _) = get("not-a-token");
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The health probe sees a lost writer connection (and so a lost
+    // environment lock); it says one word either way.
+    let health = || {
+        let app = cloister_console::router(console.clone());
+        let req = Request::builder()
+            .uri("/healthz")
+            .body(Body::empty())
+            .unwrap();
+        rt.block_on(async {
+            let r = app.oneshot(req).await.unwrap();
+            let status = r.status();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    };
+    assert_eq!(health(), (StatusCode::OK, "ok\n".to_string()));
+    pg.psql(
+        "postgres",
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'",
+    );
+    assert_eq!(
+        health(),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n".to_string())
+    );
     drop(console);
     rt.shutdown_background();
 }

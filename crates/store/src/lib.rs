@@ -241,6 +241,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Makes every staged write durable.
     fn sync(&self) -> Result<(), StoreError>;
+
+    /// Whether the engine can still read and write (for a health probe).
+    /// The default reads one key.
+    fn health(&self) -> Result<(), StoreError> {
+        self.get(Space::Meta, b"format").map(|_| ())
+    }
 }
 
 /// Runs `fut` on `rt` and waits for it on a channel: unlike

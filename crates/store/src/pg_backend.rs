@@ -808,6 +808,19 @@ impl Storage for PgStorage {
         self.write(batch, false)
     }
 
+    /// A round trip on the writer connection: fails once the connection
+    /// (and with it the environment lock) is lost.
+    fn health(&self) -> Result<(), StoreError> {
+        self.run(|inner| async move {
+            let writer = inner.writer.lock().await;
+            writer
+                .simple_query("SELECT 1")
+                .await
+                .map_err(pg_err(&inner.url))?;
+            Ok(())
+        })
+    }
+
     fn sync(&self) -> Result<(), StoreError> {
         self.run(|inner| async move {
             let err = pg_err(&inner.url);

@@ -437,6 +437,11 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Whether the log accepts appends (it has not failed closed).
+    pub fn available(&self) -> bool {
+        !self.inner.failed.load(Ordering::SeqCst)
+    }
+
     /// Number of entries.
     pub fn size(&self) -> u64 {
         self.inner

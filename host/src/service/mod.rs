@@ -362,6 +362,22 @@ impl Cloister {
         self.env.id()
     }
 
+    /// Whether the environment can work: the store answers (on
+    /// PostgreSQL, on the connection that holds the environment lock) and
+    /// the audit log accepts appends. For a health probe; it reads no
+    /// data, returns no detail to the caller, and, being no operation on
+    /// anything, is not audited (a probe every few seconds would fill the
+    /// log with nothing).
+    pub fn health(&self) -> Result<(), ServiceError> {
+        self.env.store().health()?;
+        if !self.env.audit().available() {
+            return Err(ServiceError::Audit(crate::audit::AuditError::Unavailable(
+                "the audit log has failed closed".into(),
+            )));
+        }
+        Ok(())
+    }
+
     /// Where the environment keeps its state (never with a password).
     pub fn store_location(&self) -> &crate::env_config::StoreLocation {
         self.env.store_location()
