@@ -414,7 +414,9 @@ impl Environment {
     /// by entry before `cloister.toml` is switched to the database; the
     /// sled store is then renamed `store.moved` (kept until the operator
     /// deletes it). A failure before the switch leaves the environment on
-    /// sled as it was (and the database empty). Returns the entries copied.
+    /// sled as it was; the database stays empty unless the copy committed
+    /// and then differed (a fault, left for inspection). Returns the
+    /// entries copied.
     pub fn move_to_postgres(
         path: &Path,
         url_text: &str,
