@@ -345,9 +345,21 @@ impl Console {
         if let Some(token) = bearer(headers) {
             // A valid token costs one hash and two reads of small, hot
             // trees that sled serves from memory: checked in place, sparing
-            // a hand-off to the blocking pool. A bad token is audited, which
-            // waits for a durable write, so that half runs off the runtime.
-            return match self.c.check_token(&token) {
+            // a hand-off to the blocking pool. On a database server the two
+            // reads are round trips, which must not hold a runtime thread:
+            // there the check runs on the blocking pool too. A bad token is
+            // audited, which waits for a durable write, so that half always
+            // runs off the runtime.
+            let checked = if self.c.store_location().reads_in_process() {
+                self.c.check_token(&token)
+            } else {
+                let k = Arc::clone(self);
+                let t = token.clone();
+                tokio::task::spawn_blocking(move || k.c.check_token(&t))
+                    .await
+                    .map_err(|_| ApiError::Internal)?
+            };
+            return match checked {
                 Ok(user) => Ok(Caller {
                     user,
                     csrf: None,

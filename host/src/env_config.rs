@@ -76,6 +76,15 @@ impl StoreLocation {
     }
 }
 
+impl StoreLocation {
+    /// Whether reads are answered in this process, from memory (sled's
+    /// page cache), rather than by a round trip to a server: what decides
+    /// if a read may run on an async runtime's thread.
+    pub fn reads_in_process(&self) -> bool {
+        matches!(self, Self::Sled)
+    }
+}
+
 impl std::fmt::Display for StoreLocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
