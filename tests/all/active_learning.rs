@@ -42,7 +42,7 @@ fn subset(dir: &Path) -> PathBuf {
 fn env() -> &'static Mutex<Env> {
     static E: OnceLock<Mutex<Env>> = OnceLock::new();
     E.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::support::fixture_dir();
         let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
         let admin = c.authenticate(&root).unwrap();
         let add = |n: &str, r: Role| c.add_user(&admin, n, &[r]).unwrap();

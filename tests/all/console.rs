@@ -34,7 +34,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::support::fixture_dir();
         let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
         let c = {
             drop(c);

@@ -123,7 +123,9 @@ impl PgServer {
                 "-E",
                 "UTF8",
             ])
-            .args(["--no-sync", "--no-instructions"])
+            // 1 MiB WAL segments: a throwaway server needs a few MiB of
+            // WAL, not the 16 MiB segments of a real one.
+            .args(["--no-sync", "--no-instructions", "--wal-segsize=1"])
             .output()
             .unwrap();
         assert!(
@@ -255,7 +257,10 @@ impl PgServer {
 
     /// Starts the (stopped) server and waits until it accepts connections.
     pub fn start_again(&self) {
-        let mut opts = format!("-k {} -c max_connections=200", self.socket_dir().display());
+        let mut opts = format!(
+            "-k {} -c max_connections=200 -c min_wal_size=4MB -c max_wal_size=32MB",
+            self.socket_dir().display()
+        );
         match self.tcp {
             Some(port) => opts.push_str(&format!(" -c listen_addresses=127.0.0.1 -p {port}")),
             None => opts.push_str(" -c listen_addresses="),

@@ -28,6 +28,34 @@ pub fn runtime_without_fuel() -> &'static Runtime {
     })
 }
 
+/// A scratch directory for a fixture that lives as long as the test
+/// binary. Statics are never dropped, so a plain `TempDir` held by one would
+/// stay on disk after every run: these live under
+/// `$TMPDIR/cloister-test-fixtures/PID/`, and the first call of a run removes
+/// the directories of runs whose process is gone.
+pub fn fixture_dir() -> tempfile::TempDir {
+    static ROOT: OnceLock<std::path::PathBuf> = OnceLock::new();
+    let root = ROOT.get_or_init(|| {
+        let base = std::env::temp_dir().join("cloister-test-fixtures");
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let gone = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+                if gone {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let mine = base.join(std::process::id().to_string());
+        std::fs::create_dir_all(&mine).expect("fixture directory");
+        mine
+    });
+    tempfile::tempdir_in(root).expect("fixture directory")
+}
+
 pub fn load(bytes: &[u8]) -> LoadedPlugin {
     runtime().load(bytes).expect("plugin loads")
 }

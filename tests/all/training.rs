@@ -25,7 +25,7 @@ struct Trained {
 fn trained() -> &'static std::sync::Mutex<Trained> {
     static T: OnceLock<std::sync::Mutex<Trained>> = OnceLock::new();
     T.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::support::fixture_dir();
         let (c, root) = Cloister::init(&dir.path().join("env"), "root").unwrap();
         let admin = c.authenticate(&root).unwrap();
         let add = |n: &str, r: Role| c.add_user(&admin, n, &[r]).unwrap().0;
