@@ -44,7 +44,7 @@ fn python_available() -> bool {
 /// A scratch directory for the whole test binary's builds.
 fn scratch() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| crate::support::fixture_dir()).path()
+    DIR.get_or_init(crate::support::fixture_dir).path()
 }
 
 /// `cloister plugin build DIR --world WORLD`: the component's bytes, built
