@@ -85,6 +85,7 @@ fn import(records: u64, keep: bool, store: &str, objects: Option<String>) -> Res
         store: store.to_string(),
         store_ca: None,
         objects,
+        workers: false,
     };
     let (c, root) = Cloister::init_with_options(&dir.path().join("env"), "root", &options)?;
     println!(

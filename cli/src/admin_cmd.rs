@@ -73,6 +73,7 @@ pub fn init(
     store: String,
     store_ca: Option<&std::path::Path>,
     objects: Option<String>,
+    workers: bool,
 ) -> Result<ExitCode> {
     let store_ca = store_ca
         .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
@@ -81,6 +82,7 @@ pub fn init(
         store,
         store_ca,
         objects,
+        workers,
     };
     let (cloister, token) = Cloister::init_with_options(&dir, &admin, &options)?;
     println!(
@@ -94,6 +96,42 @@ pub fn init(
     println!();
     println!("  export CLOISTER_ENV={}", dir.display());
     println!("  export CLOISTER_TOKEN=<the token above>");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cloister worker`: runs fit tasks until stopped (or `max_tasks`), one
+/// line per task.
+pub fn worker(
+    env: &EnvArgs,
+    name: Option<String>,
+    lease_seconds: u64,
+    max_tasks: Option<u64>,
+) -> Result<ExitCode> {
+    use cloister_host::workers::{WorkerEvent, WorkerOptions, run_worker};
+    let name = name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let options = WorkerOptions {
+        name: name.clone(),
+        lease: std::time::Duration::from_secs(lease_seconds),
+        idle: std::time::Duration::from_millis(200),
+        max_tasks,
+    };
+    println!("worker {name}: waiting for tasks of {}", env.env.display());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let done = run_worker(&env.env, &options, &stop, &mut |e| match e {
+        WorkerEvent::Claimed { id, attempt } => println!("task {id}: claimed (attempt {attempt})"),
+        WorkerEvent::Finished { id, seconds } => println!("task {id}: done in {seconds:.2} s"),
+        WorkerEvent::Failed { id, error } => println!("task {id}: failed: {error}"),
+        WorkerEvent::Lost { id } => {
+            println!("task {id}: another worker holds it now; result dropped")
+        }
+    })
+    .with_context(|| format!("worker {name} for {}", env.env.display()))?;
+    println!("worker {name}: {done} tasks done");
     Ok(ExitCode::SUCCESS)
 }
 

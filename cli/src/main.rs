@@ -75,6 +75,28 @@ enum Command {
         /// object store, by content digest: file:///ABSOLUTE/PATH.
         #[arg(long, value_name = "URL")]
         objects: Option<String>,
+        /// Fit models on `cloister worker` processes (needs a postgres
+        /// store and --objects; `[workers]` in cloister.toml).
+        #[arg(long)]
+        workers: bool,
+    },
+    /// Claim and run the environment's model fits from its work queue
+    /// (`[workers]` in cloister.toml, docs/SCALING.md); any number of
+    /// workers, on any machines that reach the database and the object
+    /// store.
+    Worker {
+        /// The name this worker claims tasks under (default: host name and
+        /// process id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Seconds of each claim's lease; the worker renews it every third
+        /// of that while it fits, and a task whose lease runs out goes to
+        /// another worker.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
+        lease_seconds: u64,
+        /// Exit after this many tasks (default: run until stopped).
+        #[arg(long)]
+        max_tasks: Option<u64>,
     },
     /// Apply the store's missing schema migrations (PostgreSQL), with the
     /// environment closed; recorded in the audit log.
@@ -238,7 +260,13 @@ fn main() -> ExitCode {
             store,
             store_ca,
             objects,
-        } => admin_cmd::init(dir, admin, store, store_ca.as_deref(), objects),
+            workers,
+        } => admin_cmd::init(dir, admin, store, store_ca.as_deref(), objects, workers),
+        Command::Worker {
+            name,
+            lease_seconds,
+            max_tasks,
+        } => admin_cmd::worker(&cli.env, name, lease_seconds, max_tasks),
         Command::Migrate => admin_cmd::migrate(&cli.env),
         Command::MoveStore { to, store_ca } => {
             admin_cmd::move_store(&cli.env, &to, store_ca.as_deref())

@@ -46,6 +46,9 @@ const SIGNING_KEY_FILE: &str = "keys/audit-signing.pk8";
 const MAC_KEY_FILE: &str = "keys/audit-mac.key";
 const CACHE_KEY_FILE: &str = "keys/cache.key";
 const STORE_KEY_FILE: &str = "keys/store-mac.key";
+/// HMAC secret that tags work-queue tasks and results (shared with the
+/// environment's `cloister worker` processes).
+pub(crate) const WORK_KEY_FILE: &str = "keys/work.key";
 /// A signed checkpoint is stored every this many audit entries.
 pub const CHECKPOINT_EVERY: u64 = 1024;
 
@@ -139,6 +142,22 @@ pub struct Environment {
     limits: EnvLimits,
     location: StoreLocation,
     objects: Option<Objects>,
+    workers: Option<crate::workers::Workers>,
+}
+
+/// The work-queue secret: read, or made on first use (an environment
+/// created before workers existed, or whose `[workers]` was enabled
+/// later).
+pub(crate) fn work_key(dir: &Dir) -> Result<Vec<u8>, EnvError> {
+    match dir.read(WORK_KEY_FILE) {
+        Ok(k) => Ok(k),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = random_bytes(32)?;
+            write_secret(dir, WORK_KEY_FILE, &k)?;
+            Ok(k)
+        }
+        Err(e) => Err(file_err(WORK_KEY_FILE)(e)),
+    }
 }
 
 fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
@@ -152,7 +171,7 @@ fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
 
 /// `cloister.toml`, or `None` for an environment made before it existed
 /// (sled).
-fn read_config(dir: &Dir) -> Result<Option<EnvConfig>, EnvError> {
+pub(crate) fn read_config(dir: &Dir) -> Result<Option<EnvConfig>, EnvError> {
     match dir.read_to_string(CONFIG_FILE) {
         Ok(text) => Ok(Some(EnvConfig::parse(&text).map_err(EnvError::Config)?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -196,6 +215,11 @@ impl Environment {
     ) -> Result<(Self, String), EnvError> {
         let store = options.store.as_str();
         let ca_pem = options.store_ca.as_deref();
+        if options.workers && (options.objects.is_none() || !store.starts_with("postgres")) {
+            return Err(EnvError::Config(
+                "--workers needs a postgres store (--store) and an object store (--objects)".into(),
+            ));
+        }
         if let Some(url) = &options.objects {
             Objects::open(url)?;
         }
@@ -270,6 +294,7 @@ impl Environment {
         write_secret(&dir, CACHE_KEY_FILE, &random_bytes(32)?)?;
         let store_secret = random_bytes(32)?;
         write_secret(&dir, STORE_KEY_FILE, &store_secret)?;
+        write_secret(&dir, WORK_KEY_FILE, &random_bytes(32)?)?;
         dir.write(format!("policies/{SCHEMA_FILE}"), DEFAULT_SCHEMA)
             .map_err(file_err("policies"))?;
         dir.write("policies/default.cedar", DEFAULT_POLICIES)
@@ -288,6 +313,10 @@ impl Environment {
             &options.store,
             ca_pem.map(|_| STORE_CA_FILE),
             options.objects.as_deref(),
+            options
+                .workers
+                .then(crate::env_config::WorkersConfig::enabled)
+                .as_ref(),
         );
         write_secret(&dir, CONFIG_FILE, config.as_bytes())?;
         let store: Box<dyn Storage> = match location {
@@ -345,6 +374,13 @@ impl Environment {
             .and_then(|c| c.objects.as_deref())
             .map(Objects::open)
             .transpose()?;
+        let workers = match (&location, &config, &objects) {
+            (StoreLocation::Postgres(url), Some(c), Some(_)) => match c.workers.clone() {
+                Some(w) => Some(crate::workers::Workers::connect(url, w, &work_key(&dir)?)?),
+                None => None,
+            },
+            _ => None,
+        };
         let store: Arc<dyn Storage> = match &location {
             StoreLocation::Sled => Arc::new(SledStorage::open(&path.join("store"), false)?),
             StoreLocation::Postgres(url) => {
@@ -392,6 +428,7 @@ impl Environment {
             schema_refreshed,
             location,
             objects,
+            workers,
         };
         Ok(env)
     }
@@ -494,6 +531,7 @@ impl Environment {
             url_text,
             ca_pem.map(|_| STORE_CA_FILE),
             config.as_ref().and_then(|c| c.objects.as_deref()),
+            config.as_ref().and_then(|c| c.workers.as_ref()),
         );
         let tmp = format!("{CONFIG_FILE}.tmp");
         let _ = dir.remove_file(&tmp);
@@ -564,6 +602,11 @@ impl Environment {
         fn objects(&self) -> Option<&Objects> {
             self.objects.as_ref()
         }
+    }
+
+    /// The work queue's client, when `[workers]` is enabled.
+    pub(crate) fn workers(&self) -> Option<&crate::workers::Workers> {
+        self.workers.as_ref()
     }
 
     wall! {

@@ -14,6 +14,11 @@
 //!
 //! [objects]                        # optional: bulk bytes also here
 //! url = "file:///srv/cloister-objects"
+//!
+//! [workers]                        # optional: training on `cloister worker`s
+//! enabled = true                   # needs a postgres store and [objects]
+//! claim_timeout_seconds = 300      # no worker for this long: the run fails
+//! max_attempts = 3                 # claims of one task before it fails
 //! ```
 //!
 //! An environment made before the file existed has none and uses sled.
@@ -38,6 +43,8 @@ pub struct InitOptions {
     pub store_ca: Option<Vec<u8>>,
     /// An object store for bulk bytes (`file:///PATH`), if any.
     pub objects: Option<String>,
+    /// Whether training runs go to `cloister worker` processes.
+    pub workers: bool,
 }
 
 impl Default for InitOptions {
@@ -46,6 +53,45 @@ impl Default for InitOptions {
             store: "sled".into(),
             store_ca: None,
             objects: None,
+            workers: false,
+        }
+    }
+}
+
+/// `[workers]`: training runs and the models of active-learning rounds
+/// are fitted by `cloister worker` processes that claim them from the
+/// database's work queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Whether the queue is used (`false` fits in the process, as without
+    /// the section).
+    pub enabled: bool,
+    /// A task no worker has claimed (or whose worker's lease ran out
+    /// without another taking it) for this long fails the run.
+    #[serde(default = "WorkersConfig::default_claim_timeout")]
+    pub claim_timeout_seconds: u64,
+    /// Claims of one task (a worker that dies loses its claim when the
+    /// lease runs out) before the run fails.
+    #[serde(default = "WorkersConfig::default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+impl WorkersConfig {
+    fn default_claim_timeout() -> u64 {
+        300
+    }
+
+    fn default_max_attempts() -> u32 {
+        3
+    }
+
+    /// The section `init --workers` writes.
+    pub fn enabled() -> Self {
+        Self {
+            enabled: true,
+            claim_timeout_seconds: Self::default_claim_timeout(),
+            max_attempts: Self::default_max_attempts(),
         }
     }
 }
@@ -119,6 +165,8 @@ struct File {
     store: FileStore,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     objects: Option<FileObjects>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    workers: Option<WorkersConfig>,
 }
 
 /// What `cloister.toml` says.
@@ -133,6 +181,8 @@ pub struct EnvConfig {
     pub ca_file: Option<String>,
     /// The object store for bulk bytes, if any (`file:///PATH`).
     pub objects: Option<String>,
+    /// The work queue's settings, when `[workers]` is enabled.
+    pub workers: Option<WorkersConfig>,
 }
 
 impl EnvConfig {
@@ -147,11 +197,33 @@ impl EnvConfig {
                 "store.ca_file: `{name}` must be the name of a file in the environment directory"
             ));
         }
+        let workers = file.workers.filter(|w| w.enabled);
+        if let Some(w) = &workers {
+            if !matches!(store, StoreLocation::Postgres(_)) {
+                return Err(
+                    "workers.enabled: workers need a postgres store (the work queue is in its database)"
+                        .into(),
+                );
+            }
+            if file.objects.is_none() {
+                return Err(
+                    "workers.enabled: workers need an [objects] store (tasks and results travel through it)"
+                        .into(),
+                );
+            }
+            if w.max_attempts == 0 {
+                return Err("workers.max_attempts: must be at least 1".into());
+            }
+            if w.claim_timeout_seconds == 0 {
+                return Err("workers.claim_timeout_seconds: must be at least 1".into());
+            }
+        }
         Ok(Self {
             environment: file.environment,
             store,
             ca_file: file.store.ca_file,
             objects: file.objects.map(|o| o.url),
+            workers,
         })
     }
 
@@ -163,6 +235,7 @@ impl EnvConfig {
         url: &str,
         ca_file: Option<&str>,
         objects: Option<&str>,
+        workers: Option<&WorkersConfig>,
     ) -> String {
         let body = toml::to_string(&File {
             environment: environment.to_string(),
@@ -171,6 +244,7 @@ impl EnvConfig {
                 ca_file: ca_file.map(str::to_string),
             },
             objects: objects.map(|u| FileObjects { url: u.to_string() }),
+            workers: workers.cloned(),
         })
         .unwrap_or_default();
         format!("# Written by `cloister init`; read at every open (see docs/SCALING.md).\n{body}")
@@ -183,13 +257,29 @@ mod tests {
 
     #[test]
     fn the_file_round_trips_and_bad_files_are_named() {
-        let text = EnvConfig::render("env-1", "postgres://a:pw@h:5/d", None, Some("file:///o"));
+        let text = EnvConfig::render(
+            "env-1",
+            "postgres://a:pw@h:5/d",
+            None,
+            Some("file:///o"),
+            Some(&WorkersConfig::enabled()),
+        );
         let c = EnvConfig::parse(&text).expect("parses");
         assert_eq!(c.environment, "env-1");
         assert_eq!(c.objects.as_deref(), Some("file:///o"));
         assert!(matches!(c.store, StoreLocation::Postgres(_)));
+        assert_eq!(c.workers, Some(WorkersConfig::enabled()));
+        let w = WorkersConfig::enabled();
+        for (url, objects) in [("postgres://h/d", None), ("sled", Some("file:///o"))] {
+            let text = EnvConfig::render("env-1", url, None, objects, Some(&w));
+            let e = EnvConfig::parse(&text).expect_err("refused");
+            assert!(e.contains("workers.enabled"), "{e}");
+        }
+        let e = EnvConfig::parse(&text.replace("max_attempts = 3", "max_attempts = 0"))
+            .expect_err("refused");
+        assert!(e.contains("workers.max_attempts"), "{e}");
         assert_eq!(c.store.to_string(), "postgres://a@h:5/d");
-        let text = EnvConfig::render("env-1", "sled", Some("ca.pem"), None);
+        let text = EnvConfig::render("env-1", "sled", Some("ca.pem"), None, None);
         assert_eq!(
             EnvConfig::parse(&text).expect("parses").ca_file.as_deref(),
             Some("ca.pem")

@@ -61,6 +61,7 @@ pub mod regression;
 pub mod service;
 pub mod serving;
 pub mod users;
+pub mod workers;
 
 pub use cloister_runtime as runtime;
 pub use cloister_store as store;

@@ -84,7 +84,7 @@ fn lock() -> std::sync::MutexGuard<'static, Env> {
     env().lock().unwrap_or_else(|p| p.into_inner())
 }
 
-const SPEC: &str = r#"
+pub const SPEC: &str = r#"
 name = "t"
 dataset = "spam"
 preprocess = ["text-normalize"]
@@ -815,7 +815,7 @@ pub type Outcome = (Vec<(u64, u64, u64)>, BTreeMap<String, String>, String);
 
 /// What a finished job amounts to: per round, the counts; the ledger's
 /// labels; the final accuracy.
-fn outcome(c: &Cloister, who: &User, id: &str) -> Outcome {
+pub fn outcome(c: &Cloister, who: &User, id: &str) -> Outcome {
     let job = c.show_job(who, id).unwrap();
     let rounds = job
         .rounds

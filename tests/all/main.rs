@@ -31,3 +31,4 @@ mod postgres;
 mod python;
 mod runtime;
 mod training;
+mod workers;

@@ -942,6 +942,7 @@ fn over_tcp_the_store_talks_only_verified_tls_unless_told_otherwise() {
         store: url.to_string(),
         store_ca: Some(pg.ca_pem()),
         objects: None,
+        workers: false,
     };
 
     // The system's trust store does not know the test CA: refused.

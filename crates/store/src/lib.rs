@@ -22,6 +22,7 @@ mod pg_backend;
 mod pg_tls;
 pub mod segment;
 mod sled_backend;
+pub mod work;
 
 pub use pg_backend::{MIGRATIONS, PgStorage, PgUrl, schema_version};
 pub use sled_backend::SledStorage;
@@ -253,6 +254,21 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 /// `Runtime::block_on`, callable from inside another runtime (the
 /// console's), which is how the engines' async clients serve the
 /// synchronous contract.
+/// The small Tokio runtime each of the store's async clients (PostgreSQL,
+/// the object store, the work queue) runs on, apart from any runtime of
+/// its callers.
+pub(crate) fn client_runtime(
+    name: &'static str,
+    threads: usize,
+) -> Result<tokio::runtime::Runtime, StoreError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .map_err(StoreError::Io)
+}
+
 pub(crate) fn wait_on<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
     fut: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,

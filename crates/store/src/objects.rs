@@ -112,12 +112,7 @@ impl Objects {
     }
 
     fn runtime() -> Result<tokio::runtime::Runtime, StoreError> {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("cloister-objects")
-            .enable_all()
-            .build()
-            .map_err(StoreError::Io)
+        super::client_runtime("cloister-objects", 1)
     }
 
     fn open_s3(url: &str, rest: &str) -> Result<Self, StoreError> {
@@ -236,6 +231,65 @@ impl Objects {
             Ok(())
         })?;
         self.sync_object(sha256)
+    }
+
+    /// Stores `bytes` durably under their digest, which is returned.
+    /// Content already stored is not written again.
+    pub fn put_bytes(&self, bytes: Vec<u8>) -> Result<String, StoreError> {
+        let sha256 = Digest::of(&bytes).to_hex();
+        if self.contains(&sha256)? {
+            return Ok(sha256);
+        }
+        let loc = location(&sha256)?;
+        let store = Arc::clone(&self.store);
+        let url = self.url.clone();
+        self.wait(async move {
+            store
+                .put(&loc, PutPayload::from(bytes))
+                .await
+                .map_err(engine(&url))?;
+            Ok(())
+        })?;
+        self.sync_object(&sha256)?;
+        Ok(sha256)
+    }
+
+    /// The content with digest `sha256`, hashed after it arrived: content
+    /// that does not match is reported as [`StoreError::Corrupted`], not
+    /// returned. `limit` bounds the bytes read.
+    pub fn get_bytes(&self, sha256: &str, limit: u64) -> Result<Vec<u8>, StoreError> {
+        let loc = location(sha256)?;
+        let store = Arc::clone(&self.store);
+        let url = self.url.clone();
+        let bytes = self.wait(async move {
+            use futures_util::StreamExt as _;
+            let err = engine(&url);
+            let got = store.get(&loc).await.map_err(|e| match e {
+                object_store::Error::NotFound { .. } => {
+                    StoreError::Engine(format!("object store {url}: content {loc} is missing"))
+                }
+                e => err(e),
+            })?;
+            let mut stream = got.into_stream();
+            let mut out = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(&err)?;
+                if (out.len() + chunk.len()) as u64 > limit {
+                    return Err(StoreError::Corrupted(format!(
+                        "object store {url}: content {loc} is larger than the {limit} bytes allowed; not used"
+                    )));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out)
+        })?;
+        if Digest::of(&bytes).to_hex() != sha256 {
+            return Err(StoreError::Corrupted(format!(
+                "object store {}: content {sha256} does not have its digest (changed in the store); not used",
+                self.url
+            )));
+        }
+        Ok(bytes)
     }
 
     /// Makes a stored object private (0600, its directories 0700: the

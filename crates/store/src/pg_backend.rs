@@ -67,10 +67,11 @@ const POOL: usize = 8;
 
 /// The schema, one migration per entry: (version, name, SQL). Append only;
 /// never edit a released migration.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "key-value spaces",
-    "CREATE TABLE cloister_kv (
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "key-value spaces",
+        "CREATE TABLE cloister_kv (
          space smallint NOT NULL,
          key bytea NOT NULL,
          value bytea NOT NULL,
@@ -78,7 +79,29 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
      );
      CREATE TABLE cloister_sync (id integer PRIMARY KEY, n bigint NOT NULL);
      INSERT INTO cloister_sync VALUES (1, 0);",
-)];
+    ),
+    (
+        2,
+        "work queue",
+        "CREATE TABLE cloister_work (
+         id bigserial PRIMARY KEY,
+         kind text NOT NULL,
+         input text NOT NULL,
+         tag bytea NOT NULL,
+         state text NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+         owner text,
+         lease_until timestamptz,
+         attempts integer NOT NULL DEFAULT 0,
+         max_attempts integer NOT NULL CHECK (max_attempts > 0),
+         result text,
+         result_tag bytea,
+         error text,
+         created timestamptz NOT NULL DEFAULT now(),
+         finished timestamptz
+     );
+     CREATE INDEX cloister_work_open ON cloister_work (id) WHERE state IN ('queued', 'running');",
+    ),
+];
 
 /// The schema version this build reads and writes.
 pub fn schema_version() -> i32 {
@@ -219,7 +242,7 @@ struct Inner {
     permits: Arc<tokio::sync::Semaphore>,
 }
 
-fn pg_err(url: &PgUrl) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
+pub(crate) fn pg_err(url: &PgUrl) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
     move |e| {
         if e.is_closed() {
             StoreError::Engine(format!(
@@ -233,7 +256,7 @@ fn pg_err(url: &PgUrl) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
 
 /// The server's message when there is one (tokio-postgres's own text is
 /// often just "db error").
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => {
@@ -249,7 +272,7 @@ fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
-async fn connect(url: &PgUrl) -> Result<Client, StoreError> {
+pub(crate) async fn connect(url: &PgUrl) -> Result<Client, StoreError> {
     let (client, conn) = url
         .config
         .connect(MakeRustls {
@@ -405,7 +428,7 @@ async fn apply_migrations(client: &mut Client, url: &PgUrl) -> Result<Vec<i32>, 
 }
 
 /// The schema version recorded in the database (0 before any migration).
-async fn current_version(client: &Client, url: &PgUrl) -> Result<i32, StoreError> {
+pub(crate) async fn current_version(client: &Client, url: &PgUrl) -> Result<i32, StoreError> {
     let exists = client
         .query_one("SELECT to_regclass('cloister_migrations') IS NOT NULL", &[])
         .await
@@ -426,12 +449,7 @@ async fn current_version(client: &Client, url: &PgUrl) -> Result<i32, StoreError
 
 impl PgStorage {
     fn runtime() -> Result<tokio::runtime::Runtime, StoreError> {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("cloister-pg")
-            .enable_all()
-            .build()
-            .map_err(StoreError::Io)
+        super::client_runtime("cloister-pg", 2)
     }
 
     /// Applies every migration the database lacks, in order, each in its

@@ -214,7 +214,7 @@ impl Cloister {
             templates.push(t);
         }
         let fit_one = |template: &Template| -> Result<(train::Fitted, Vec<f32>), ServiceError> {
-            let f = train::fit(
+            self.fit(
                 template,
                 train::TrainingSet {
                     x: &prep.x,
@@ -225,10 +225,9 @@ impl Cloister {
                     val: &labels.val,
                     budget_bytes: budget,
                 },
+                &labels.val,
                 &mut |_| {},
-            )?;
-            let probs = f.model.predict(&prep.x, &labels.val)?;
-            Ok((f, probs))
+            )
         };
         for m in &job.spec.models {
             progress(JobEvent::Training {
@@ -244,8 +243,11 @@ impl Cloister {
             .iter()
             .map(|t| train::state_bytes(t.kind, prep.dim, job.classes.len(), &t.hyper))
             .fold(0u64, u64::saturating_add);
+        // On workers the fits run elsewhere, so they are always submitted
+        // together.
+        let remote = self.env().workers().is_some();
         let results: Vec<Result<(train::Fitted, Vec<f32>), ServiceError>> = if templates.len() > 1
-            && together <= budget
+            && (together <= budget || remote)
         {
             std::thread::scope(|s| {
                 let handles: Vec<_> = templates.iter().map(|t| s.spawn(|| fit_one(t))).collect();

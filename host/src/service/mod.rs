@@ -91,6 +91,9 @@ pub enum ServiceError {
     /// Training failed.
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
+    /// The work queue (training on `cloister worker`s) failed.
+    #[error(transparent)]
+    Work(#[from] crate::workers::WorkError),
     /// The model registry failed.
     #[error(transparent)]
     Model(#[from] crate::models::ModelError),

@@ -169,7 +169,7 @@ impl Cloister {
             }
         }
         let epochs = template.hyper.epochs;
-        let fitted = crate::train::fit(
+        let (fitted, probs) = self.fit(
             &template,
             crate::train::TrainingSet {
                 x: &data.x,
@@ -180,9 +180,9 @@ impl Cloister {
                 val: &val,
                 budget_bytes: self.env.limits().training_budget_bytes(),
             },
+            &test,
             &mut |e| progress(TrainProgress::Epoch(e.clone(), epochs)),
         )?;
-        let probs = fitted.model.predict(&data.x, &test)?;
         let ids: Vec<String> = test.iter().map(|&r| data.rows[r].0.clone()).collect();
         let truth: Vec<usize> = test.iter().map(|&r| y[r]).collect();
         let evaluation = crate::train::eval::evaluate(&classes, &ids, &truth, &probs);
@@ -204,6 +204,22 @@ impl Cloister {
                 classes: &classes,
             },
         })
+    }
+
+    /// Fits `template` and predicts the `predict` rows: on the
+    /// environment's workers when `[workers]` is enabled (epochs are not
+    /// reported then), in this process otherwise.
+    pub(super) fn fit(
+        &self,
+        template: &crate::train::Template,
+        set: crate::train::TrainingSet<'_>,
+        predict: &[usize],
+        progress: &mut dyn FnMut(&crate::train::EpochStats),
+    ) -> Result<(crate::train::Fitted, Vec<f32>), ServiceError> {
+        match (self.env.workers(), self.env.objects()) {
+            (Some(workers), Some(objects)) => Ok(workers.fit(objects, template, &set, predict)?),
+            _ => Ok(crate::workers::fit_here(template, set, predict, progress)?),
+        }
     }
 
     /// Runs approved plugins over a dataset in the sandbox, trains a model

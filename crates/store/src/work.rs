@@ -1,0 +1,352 @@
+//! The work queue: tasks that `cloister worker` processes claim from the
+//! environment's PostgreSQL database (table `cloister_work`, migration 2).
+//!
+//! A task names its input by content (the SHA-256 of an object in the
+//! object store) and carries a tag the submitter computed over it; the
+//! queue stores both as given and knows nothing of what they mean. The
+//! life of a task:
+//!
+//! - [`WorkQueue::submit`] inserts it `queued`, with a limit on attempts.
+//! - [`WorkQueue::claim`] hands the oldest claimable task to one worker:
+//!   one `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED LIMIT 1)`, so
+//!   concurrent workers never get the same task and never wait on each
+//!   other. Claimable: `queued`, or `running` with its lease run out (the
+//!   worker died or lost the database) and attempts left. Each claim counts
+//!   an attempt and sets a lease of the database's clock.
+//! - [`WorkQueue::renew`] extends the lease (the worker's heartbeat); it
+//!   answers `false` once the task is no longer this worker's.
+//! - [`WorkQueue::finish`] / [`WorkQueue::fail`] record the outcome, again
+//!   only for the worker that holds the task.
+//! - The submitter polls [`WorkQueue::state`], takes the result, and
+//!   [`WorkQueue::remove`]s the row; [`WorkQueue::give_up`] ends a task whose
+//!   attempts are spent.
+//!
+//! Times are the database server's (`now()`), so workers on machines with
+//! different clocks agree on when a lease ran out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::pg_backend::{connect, current_version, describe};
+use super::{PgUrl, StoreError, schema_version};
+
+/// A task as a worker claims it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// The queue's id.
+    pub id: i64,
+    /// What kind of work (`fit`, …), as submitted.
+    pub kind: String,
+    /// The input's digest, as submitted.
+    pub input: String,
+    /// The submitter's tag, as submitted.
+    pub tag: Vec<u8>,
+    /// Which attempt this claim is (1 for the first).
+    pub attempts: i32,
+}
+
+/// Where a task stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskState {
+    /// Waiting for a worker.
+    Queued,
+    /// Claimed by `owner`; `expired` when its lease ran out.
+    Running {
+        /// The worker's name.
+        owner: String,
+        /// Attempts so far.
+        attempts: i32,
+        /// Attempts allowed.
+        max_attempts: i32,
+        /// Whether the lease has run out.
+        expired: bool,
+    },
+    /// Finished by `owner` with the result's digest and tag.
+    Done {
+        /// The worker's name.
+        owner: String,
+        /// The result's digest.
+        result: String,
+        /// The worker's tag over it.
+        result_tag: Vec<u8>,
+    },
+    /// Ended without a result.
+    Failed {
+        /// Why, as the worker or the submitter said.
+        error: String,
+    },
+    /// No such task (removed, or never submitted).
+    Missing,
+}
+
+/// A connection to the work queue of one environment's database.
+pub struct WorkQueue {
+    rt: Option<tokio::runtime::Runtime>,
+    url: PgUrl,
+    client: std::sync::Mutex<Option<Arc<Client>>>,
+}
+
+impl std::fmt::Debug for WorkQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WorkQueue({})", self.url)
+    }
+}
+
+impl Drop for WorkQueue {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn queue_err(url: &PgUrl) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
+    move |e| StoreError::Engine(format!("work queue at {url}: {}", describe(&e)))
+}
+
+fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64().max(1.0)
+}
+
+impl WorkQueue {
+    /// Connects to the database at `url`, whose schema must be this
+    /// build's (the queue's table comes with migration 2).
+    pub fn connect(url: &PgUrl) -> Result<Self, StoreError> {
+        let q = Self {
+            rt: Some(super::client_runtime("cloister-work", 1)?),
+            url: url.clone(),
+            client: std::sync::Mutex::new(None),
+        };
+        let url = q.url.clone();
+        q.run(move |c| async move {
+            let have = current_version(&c, &url).await?;
+            if have != schema_version() {
+                return Err(StoreError::Engine(format!(
+                    "the store at {url} has schema version {have}, this build needs {}; run `cloister migrate`",
+                    schema_version()
+                )));
+            }
+            Ok(())
+        })?;
+        Ok(q)
+    }
+
+    /// The connection, opened again if the last one was lost.
+    fn client(&self) -> Result<Arc<Client>, StoreError> {
+        let mut slot = self.client.lock().map_err(|_| {
+            StoreError::Engine("the work queue's connection lock was poisoned".into())
+        })?;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(Arc::clone(c));
+        }
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| StoreError::Engine("the work queue's client stopped".into()))?;
+        let url = self.url.clone();
+        let c = Arc::new(super::wait_on(rt, async move { connect(&url).await })?);
+        *slot = Some(Arc::clone(&c));
+        Ok(c)
+    }
+
+    fn run<T, F>(&self, f: impl FnOnce(Arc<Client>) -> F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let client = self.client()?;
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| StoreError::Engine("the work queue's client stopped".into()))?;
+        super::wait_on(rt, f(client))
+    }
+
+    /// Queues a task; returns its id.
+    pub fn submit(
+        &self,
+        kind: &str,
+        input: &str,
+        tag: &[u8],
+        max_attempts: i32,
+    ) -> Result<i64, StoreError> {
+        let (kind, input, tag) = (kind.to_string(), input.to_string(), tag.to_vec());
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            let row = c
+                .query_one(
+                    "INSERT INTO cloister_work (kind, input, tag, state, max_attempts)
+                     VALUES ($1, $2, $3, 'queued', $4) RETURNING id",
+                    &[&kind, &input, &tag, &max_attempts.max(1)],
+                )
+                .await
+                .map_err(queue_err(&url))?;
+            Ok(row.get(0))
+        })
+    }
+
+    /// Claims the oldest claimable task for `owner` with a lease of `lease`
+    /// (at least a second), or `None` when there is none.
+    pub fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Task>, StoreError> {
+        let owner = owner.to_string();
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            let row = c
+                .query_opt(
+                    "UPDATE cloister_work
+                        SET state = 'running', owner = $1, attempts = attempts + 1,
+                            lease_until = now() + make_interval(secs => $2)
+                      WHERE id = (
+                            SELECT id FROM cloister_work
+                             WHERE (state = 'queued'
+                                    OR (state = 'running' AND lease_until < now()))
+                               AND attempts < max_attempts
+                             ORDER BY id
+                             FOR UPDATE SKIP LOCKED
+                             LIMIT 1)
+                  RETURNING id, kind, input, tag, attempts",
+                    &[&owner, &seconds(lease)],
+                )
+                .await
+                .map_err(queue_err(&url))?;
+            Ok(row.map(|r| Task {
+                id: r.get(0),
+                kind: r.get(1),
+                input: r.get(2),
+                tag: r.get(3),
+                attempts: r.get(4),
+            }))
+        })
+    }
+
+    /// Extends `owner`'s lease on task `id` to `lease` from now; `false`
+    /// when the task is no longer running under `owner`.
+    pub fn renew(&self, id: i64, owner: &str, lease: Duration) -> Result<bool, StoreError> {
+        let owner = owner.to_string();
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            let n = c
+                .execute(
+                    "UPDATE cloister_work SET lease_until = now() + make_interval(secs => $3)
+                      WHERE id = $1 AND owner = $2 AND state = 'running'",
+                    &[&id, &owner, &seconds(lease)],
+                )
+                .await
+                .map_err(queue_err(&url))?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Records `owner`'s result for task `id`; `false` (nothing recorded)
+    /// when the task is no longer running under `owner`.
+    pub fn finish(
+        &self,
+        id: i64,
+        owner: &str,
+        result: &str,
+        result_tag: &[u8],
+    ) -> Result<bool, StoreError> {
+        let (owner, result, tag) = (owner.to_string(), result.to_string(), result_tag.to_vec());
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            let n = c
+                .execute(
+                    "UPDATE cloister_work
+                        SET state = 'done', result = $3, result_tag = $4, finished = now()
+                      WHERE id = $1 AND owner = $2 AND state = 'running'",
+                    &[&id, &owner, &result, &tag],
+                )
+                .await
+                .map_err(queue_err(&url))?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Records that task `id` failed under `owner` in a way another attempt
+    /// would repeat; `false` when it is no longer `owner`'s.
+    pub fn fail(&self, id: i64, owner: &str, error: &str) -> Result<bool, StoreError> {
+        let (owner, error) = (owner.to_string(), error.to_string());
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            let n = c
+                .execute(
+                    "UPDATE cloister_work SET state = 'failed', error = $3, finished = now()
+                      WHERE id = $1 AND owner = $2 AND state = 'running'",
+                    &[&id, &owner, &error],
+                )
+                .await
+                .map_err(queue_err(&url))?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Ends task `id` as failed, whoever holds it (the submitter giving
+    /// up: attempts spent, or no worker came).
+    pub fn give_up(&self, id: i64, error: &str) -> Result<(), StoreError> {
+        let error = error.to_string();
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            c.execute(
+                "UPDATE cloister_work SET state = 'failed', error = $2, finished = now()
+                  WHERE id = $1 AND state IN ('queued', 'running')",
+                &[&id, &error],
+            )
+            .await
+            .map_err(queue_err(&url))?;
+            Ok(())
+        })
+    }
+
+    /// Where task `id` stands.
+    pub fn state(&self, id: i64) -> Result<TaskState, StoreError> {
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            let Some(r) = c
+                .query_opt(
+                    "SELECT state, owner, attempts, max_attempts, lease_until < now(),
+                            result, result_tag, error
+                       FROM cloister_work WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(queue_err(&url))?
+            else {
+                return Ok(TaskState::Missing);
+            };
+            let state: String = r.get(0);
+            let owner = || r.get::<_, Option<String>>(1).unwrap_or_default();
+            Ok(match state.as_str() {
+                "queued" => TaskState::Queued,
+                "running" => TaskState::Running {
+                    owner: owner(),
+                    attempts: r.get(2),
+                    max_attempts: r.get(3),
+                    expired: r.get::<_, Option<bool>>(4).unwrap_or(true),
+                },
+                "done" => TaskState::Done {
+                    owner: owner(),
+                    result: r.get::<_, Option<String>>(5).unwrap_or_default(),
+                    result_tag: r.get::<_, Option<Vec<u8>>>(6).unwrap_or_default(),
+                },
+                _ => TaskState::Failed {
+                    error: r
+                        .get::<_, Option<String>>(7)
+                        .unwrap_or_else(|| "no reason recorded".into()),
+                },
+            })
+        })
+    }
+
+    /// Deletes task `id` (its submitter has taken the outcome).
+    pub fn remove(&self, id: i64) -> Result<(), StoreError> {
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            c.execute("DELETE FROM cloister_work WHERE id = $1", &[&id])
+                .await
+                .map_err(queue_err(&url))?;
+            Ok(())
+        })
+    }
+}

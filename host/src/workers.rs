@@ -1,0 +1,776 @@
+//! Training on `cloister worker` processes.
+//!
+//! With `[workers] enabled = true` in `cloister.toml` (a PostgreSQL store
+//! and an object store), the process that runs an operation — `train`, an
+//! active-learning job's rounds — does everything as before (authorizes,
+//! audits, runs the plugins, evaluates, stores) except the model fits,
+//! which it hands to the environment's workers through the work queue
+//! ([`crate::store::work`]):
+//!
+//! 1. The features (a sparse matrix) go to the object store under their
+//!    digest, once for all the fits that share them; a small task object
+//!    (template, labels, splits, rows to predict, the memory budget) goes
+//!    next to them; the queue gets a row naming the task's digest, tagged
+//!    with HMAC-SHA256 under `keys/work.key`.
+//! 2. A worker claims the row (`FOR UPDATE SKIP LOCKED`, a lease it renews
+//!    while it fits), checks the tag, fetches both objects (verified by
+//!    digest), fits with the same code a local fit runs, and stores the
+//!    result — the model's weights, its training curve, the predictions
+//!    asked for — as an object whose digest it records with its own tag
+//!    over the task's and the result's digests.
+//! 3. The operation's process checks that tag, fetches and decodes the
+//!    result, deletes the row, and goes on.
+//!
+//! A worker that dies (or loses the database) stops renewing its lease;
+//! when the lease runs out another worker claims the task and fits it
+//! again. A fit is deterministic for its inputs, so the result is the one
+//! the first worker would have given (tested: a worker killed with SIGKILL
+//! mid-fit). Attempts are limited (`max_attempts`); a fit that fails for a
+//! reason another attempt would repeat (over the memory budget, too few
+//! rows) fails the operation at once with the worker's message.
+//!
+//! What workers hold: `cloister.toml` (the database and object-store URLs),
+//! `keys/work.key`, and the CA file if one is named — not the audit keys,
+//! not the row-tag key. They never touch the key–value store or the audit
+//! log: the operation's process audits the operation, as without workers.
+//! Work-queue rows are not audit records; they are deleted once taken.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::env::EnvError;
+use crate::env_config::{StoreLocation, WorkersConfig};
+use crate::store::objects::Objects;
+use crate::store::work::{Task, TaskState, WorkQueue};
+use crate::store::{PgUrl, StoreError};
+use crate::train::{self, Fitted, Template, TrainError, Trained, TrainingSet};
+use crate::types::SparseBatch;
+
+/// The kind of task this module submits.
+const FIT: &str = "fit";
+
+/// Bytes a task or result object may have when fetched (the features of
+/// a large dataset are the biggest).
+const OBJECT_LIMIT: u64 = 16 << 30;
+
+/// Work-queue failures.
+#[derive(Debug, Error)]
+pub enum WorkError {
+    /// The queue or the object store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `cloister.toml`, a key, or the directory.
+    #[error(transparent)]
+    Env(#[from] Box<EnvError>),
+    /// The fit itself failed (in this process or on a worker).
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// A task or result object does not decode.
+    #[error("work queue: {0}")]
+    Format(String),
+    /// A row's tag does not match: written by something without the
+    /// environment's work key.
+    #[error(
+        "work queue: task {task}'s {what} does not carry the environment's tag (the row was written or changed outside Cloister); not used"
+    )]
+    Tag {
+        /// The task.
+        task: i64,
+        /// `task` or `result`.
+        what: &'static str,
+    },
+    /// A worker reported a failure another attempt would repeat.
+    #[error("the fit failed on worker {owner}: {error}")]
+    Failed {
+        /// The worker (empty when the submitter gave up).
+        owner: String,
+        /// Its message.
+        error: String,
+    },
+    /// No worker took the task in time.
+    #[error(
+        "work queue: no worker took task {task} within {seconds} s (start `cloister worker` for this environment, or raise workers.claim_timeout_seconds)"
+    )]
+    NoWorker {
+        /// The task.
+        task: i64,
+        /// The timeout.
+        seconds: u64,
+    },
+    /// Every allowed claim of the task ended with its worker's lease
+    /// running out.
+    #[error("work queue: task {task} was claimed {attempts} times and no worker finished it")]
+    AttemptsSpent {
+        /// The task.
+        task: i64,
+        /// Claims made.
+        attempts: i32,
+    },
+}
+
+impl From<EnvError> for WorkError {
+    fn from(e: EnvError) -> Self {
+        Self::Env(Box::new(e))
+    }
+}
+
+fn tag_key(secret: &[u8]) -> ring::hmac::Key {
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret)
+}
+
+fn task_message(input: &str) -> Vec<u8> {
+    [b"cloister work task\0fit\0".as_slice(), input.as_bytes()].concat()
+}
+
+fn result_message(input: &str, result: &str) -> Vec<u8> {
+    [
+        b"cloister work result\0".as_slice(),
+        input.as_bytes(),
+        b"\0",
+        result.as_bytes(),
+    ]
+    .concat()
+}
+
+// ------------------------------------------------------------- encoding --
+
+const FEATURES_MAGIC: &[u8; 8] = b"CLFEAT1\n";
+const RESULT_MAGIC: &[u8; 8] = b"CLFRES1\n";
+
+/// The features, as stored: magic, rows + 1 and non-zeros (u64 LE), then
+/// the offsets and indices (u32 LE) and values (f32 LE).
+fn encode_features(x: &SparseBatch) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + 4 * (x.offsets.len() + 2 * x.indices.len()));
+    out.extend_from_slice(FEATURES_MAGIC);
+    out.extend_from_slice(&(x.offsets.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(x.indices.len() as u64).to_le_bytes());
+    for v in &x.offsets {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in &x.indices {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in &x.values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Reads little-endian words off the front of a byte slice.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WorkError> {
+        if self.bytes.len() < n {
+            return Err(WorkError::Format(format!(
+                "the {} object is truncated",
+                self.what
+            )));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<u64, WorkError> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+
+    fn len(&mut self, per: usize) -> Result<usize, WorkError> {
+        let n = self.u64()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|n| n.checked_mul(per).is_some_and(|b| b <= self.bytes.len()))
+            .ok_or_else(|| {
+                WorkError::Format(format!(
+                    "the {} object announces more than it holds",
+                    self.what
+                ))
+            })
+    }
+
+    fn words(&mut self, n: usize) -> Result<impl Iterator<Item = [u8; 4]> + 'a, WorkError> {
+        Ok(self
+            .take(n * 4)?
+            .chunks_exact(4)
+            .map(|c| [c[0], c[1], c[2], c[3]]))
+    }
+
+    fn magic(&mut self, want: &[u8; 8]) -> Result<(), WorkError> {
+        if self.take(8)? != want {
+            return Err(WorkError::Format(format!("not a {} object", self.what)));
+        }
+        Ok(())
+    }
+
+    fn end(&self) -> Result<(), WorkError> {
+        if !self.bytes.is_empty() {
+            return Err(WorkError::Format(format!(
+                "the {} object has bytes after its end",
+                self.what
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn decode_features(bytes: &[u8]) -> Result<SparseBatch, WorkError> {
+    let mut r = Reader {
+        bytes,
+        what: "features",
+    };
+    r.magic(FEATURES_MAGIC)?;
+    let rows = usize::try_from(r.u64()?).map_err(|_| WorkError::Format("too many rows".into()))?;
+    let nnz = usize::try_from(r.u64()?).map_err(|_| WorkError::Format("too many values".into()))?;
+    if rows
+        .checked_add(nnz.saturating_mul(2))
+        .and_then(|w| w.checked_mul(4))
+        != Some(r.bytes.len())
+    {
+        return Err(WorkError::Format(
+            "the features object's size does not match its header".into(),
+        ));
+    }
+    let offsets: Vec<u32> = r.words(rows)?.map(u32::from_le_bytes).collect();
+    let indices: Vec<u32> = r.words(nnz)?.map(u32::from_le_bytes).collect();
+    let values: Vec<f32> = r.words(nnz)?.map(f32::from_le_bytes).collect();
+    r.end()?;
+    let ordered = offsets.first() == Some(&0)
+        && offsets.windows(2).all(|w| w[0] <= w[1])
+        && offsets.last().is_some_and(|&l| l as usize == nnz);
+    if !ordered {
+        return Err(WorkError::Format(
+            "the features object's row offsets are not in order".into(),
+        ));
+    }
+    Ok(SparseBatch {
+        offsets,
+        indices,
+        values,
+    })
+}
+
+/// A fit, as a worker receives it (JSON, next to the features).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FitTask {
+    template: Template,
+    /// Digest of the features object.
+    features: String,
+    dim: usize,
+    classes: usize,
+    y: Vec<usize>,
+    train: Vec<usize>,
+    val: Vec<usize>,
+    /// Rows whose class probabilities the result carries.
+    predict: Vec<usize>,
+    budget_bytes: u64,
+}
+
+impl FitTask {
+    /// The same checks a local fit's inputs pass by construction.
+    fn check(&self, x: &SparseBatch) -> Result<(), WorkError> {
+        let rows = x.rows();
+        let in_range = |v: &[usize]| v.iter().all(|&r| r < rows);
+        if self.y.len() != rows
+            || !in_range(&self.train)
+            || !in_range(&self.val)
+            || !in_range(&self.predict)
+            || self.y.iter().any(|&c| c >= self.classes)
+            || x.indices.iter().any(|&i| i as usize >= self.dim)
+        {
+            return Err(WorkError::Format(
+                "the task's rows, labels or features are out of range".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResultHead {
+    curve: Vec<train::EpochStats>,
+    best_epoch: u32,
+    seconds: f64,
+    weights_len: u64,
+    probs_len: u64,
+    worker: String,
+}
+
+/// Magic, the JSON head's length (u64 LE) and the head, the weights
+/// (safetensors), the predictions (f32 LE).
+fn encode_result(f: &Fitted, probs: &[f32], worker: &str) -> Result<Vec<u8>, WorkError> {
+    let weights = f.model.to_safetensors()?;
+    let head = serde_json::to_vec(&ResultHead {
+        curve: f.curve.clone(),
+        best_epoch: f.best_epoch,
+        seconds: f.seconds,
+        weights_len: weights.len() as u64,
+        probs_len: probs.len() as u64,
+        worker: worker.to_string(),
+    })
+    .map_err(|e| WorkError::Format(e.to_string()))?;
+    let mut out = Vec::with_capacity(16 + head.len() + weights.len() + 4 * probs.len());
+    out.extend_from_slice(RESULT_MAGIC);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&weights);
+    for p in probs {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
+    Ok(out)
+}
+
+fn decode_result(
+    bytes: &[u8],
+    template: &Template,
+    predicted: usize,
+    classes: usize,
+) -> Result<(Fitted, Vec<f32>), WorkError> {
+    let mut r = Reader {
+        bytes,
+        what: "result",
+    };
+    r.magic(RESULT_MAGIC)?;
+    let n = r.len(1)?;
+    let head: ResultHead = serde_json::from_slice(r.take(n)?)
+        .map_err(|e| WorkError::Format(format!("the result's head: {e}")))?;
+    let weights_len = usize::try_from(head.weights_len)
+        .map_err(|_| WorkError::Format("the result's weights are too large".into()))?;
+    let weights = r.take(weights_len)?;
+    let probs_len = usize::try_from(head.probs_len)
+        .map_err(|_| WorkError::Format("too many predictions".into()))?;
+    if probs_len != predicted * classes {
+        return Err(WorkError::Format(format!(
+            "the result has {probs_len} probabilities, the task asked for {predicted} rows of {classes}"
+        )));
+    }
+    let probs: Vec<f32> = r.words(probs_len)?.map(f32::from_le_bytes).collect();
+    r.end()?;
+    let model = Trained::from_safetensors(template.kind, weights)?;
+    Ok((
+        Fitted {
+            model,
+            curve: head.curve,
+            best_epoch: head.best_epoch,
+            seconds: head.seconds,
+        },
+        probs,
+    ))
+}
+
+// ------------------------------------------------------------ submitter --
+
+/// The work queue as the operation's process uses it.
+pub(crate) struct Workers {
+    queue: WorkQueue,
+    key: ring::hmac::Key,
+    config: WorkersConfig,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Workers({:?})", self.queue)
+    }
+}
+
+impl Workers {
+    pub(crate) fn connect(
+        url: &PgUrl,
+        config: WorkersConfig,
+        secret: &[u8],
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            queue: WorkQueue::connect(url)?,
+            key: tag_key(secret),
+            config,
+        })
+    }
+
+    /// Fits `template` on `set` on a worker and returns the model with its
+    /// class probabilities for `predict` (rows of `set.x`) — what
+    /// [`fit_here`] returns in this process.
+    pub(crate) fn fit(
+        &self,
+        objects: &Objects,
+        template: &Template,
+        set: &TrainingSet<'_>,
+        predict: &[usize],
+    ) -> Result<(Fitted, Vec<f32>), WorkError> {
+        let features = objects.put_bytes(encode_features(set.x))?;
+        let task = FitTask {
+            template: template.clone(),
+            features,
+            dim: set.dim,
+            classes: set.classes,
+            y: set.y.to_vec(),
+            train: set.train.to_vec(),
+            val: set.val.to_vec(),
+            predict: predict.to_vec(),
+            budget_bytes: set.budget_bytes,
+        };
+        let body = serde_json::to_vec(&task).map_err(|e| WorkError::Format(e.to_string()))?;
+        let input = objects.put_bytes(body)?;
+        let tag = ring::hmac::sign(&self.key, &task_message(&input));
+        let max = i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX);
+        let id = self.queue.submit(FIT, &input, tag.as_ref(), max)?;
+        let outcome = self.wait(id, &input, objects, template, predict.len(), set.classes);
+        // The row has done its job either way (a failure is reported to
+        // the caller, and the operation's audit record stands for it).
+        let _ = self.queue.remove(id);
+        outcome
+    }
+
+    fn wait(
+        &self,
+        id: i64,
+        input: &str,
+        objects: &Objects,
+        template: &Template,
+        predicted: usize,
+        classes: usize,
+    ) -> Result<(Fitted, Vec<f32>), WorkError> {
+        let timeout = Duration::from_secs(self.config.claim_timeout_seconds);
+        // Since when no live worker has held the task.
+        let mut unheld = Some(Instant::now());
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self.queue.state(id)? {
+                TaskState::Done {
+                    result, result_tag, ..
+                } => {
+                    ring::hmac::verify(&self.key, &result_message(input, &result), &result_tag)
+                        .map_err(|_| WorkError::Tag {
+                            task: id,
+                            what: "result",
+                        })?;
+                    let bytes = objects.get_bytes(&result, OBJECT_LIMIT)?;
+                    return decode_result(&bytes, template, predicted, classes);
+                }
+                TaskState::Failed { error } => {
+                    return Err(WorkError::Failed {
+                        owner: String::new(),
+                        error,
+                    });
+                }
+                TaskState::Missing => {
+                    return Err(WorkError::Format(format!(
+                        "task {id} was removed from the queue before it finished"
+                    )));
+                }
+                TaskState::Running {
+                    attempts,
+                    max_attempts,
+                    expired: true,
+                    ..
+                } if attempts >= max_attempts => {
+                    self.queue
+                        .give_up(id, "every allowed claim ran out of lease")?;
+                    return Err(WorkError::AttemptsSpent { task: id, attempts });
+                }
+                TaskState::Running { expired: false, .. } => unheld = None,
+                TaskState::Queued | TaskState::Running { .. } => {
+                    let since = *unheld.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= timeout {
+                        self.queue.give_up(id, "no worker took it in time")?;
+                        return Err(WorkError::NoWorker {
+                            task: id,
+                            seconds: timeout.as_secs(),
+                        });
+                    }
+                }
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Fits in this process: what a worker runs for a task, and what an
+/// operation runs when the environment has no workers.
+pub(crate) fn fit_here(
+    template: &Template,
+    set: TrainingSet<'_>,
+    predict: &[usize],
+    progress: &mut dyn FnMut(&train::EpochStats),
+) -> Result<(Fitted, Vec<f32>), TrainError> {
+    let x = set.x;
+    let fitted = train::fit(template, set, progress)?;
+    let probs = fitted.model.predict(x, predict)?;
+    Ok((fitted, probs))
+}
+
+// --------------------------------------------------------------- worker --
+
+/// How `cloister worker` runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The name this worker claims tasks under (unique per process).
+    pub name: String,
+    /// The lease each claim takes and each heartbeat renews.
+    pub lease: Duration,
+    /// How long to wait between looks at an empty queue.
+    pub idle: Duration,
+    /// Stop after this many tasks (`None`: run until stopped).
+    pub max_tasks: Option<u64>,
+}
+
+/// What a worker did with one task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerEvent {
+    /// Claimed task `id` (attempt `attempt`).
+    Claimed {
+        /// The task.
+        id: i64,
+        /// Which claim of the task this is.
+        attempt: i32,
+    },
+    /// Finished it in `seconds`.
+    Finished {
+        /// The task.
+        id: i64,
+        /// Wall time of the fit.
+        seconds: f64,
+    },
+    /// The fit failed; the task is failed with this message.
+    Failed {
+        /// The task.
+        id: i64,
+        /// The message recorded.
+        error: String,
+    },
+    /// Another worker holds the task now (this one's lease ran out); its
+    /// result was dropped.
+    Lost {
+        /// The task.
+        id: i64,
+    },
+}
+
+/// A worker's connection to its environment: read from the environment
+/// directory's `cloister.toml` and `keys/work.key`, without opening the
+/// environment (no store lock, no audit keys).
+struct WorkerContext {
+    queue: WorkQueue,
+    objects: Objects,
+    key: ring::hmac::Key,
+    /// The last features fetched (rounds of a job share them).
+    features: Option<(String, Arc<SparseBatch>)>,
+}
+
+impl WorkerContext {
+    fn open(path: &Path) -> Result<Self, WorkError> {
+        use cap_std::ambient_authority;
+        let dir = cap_std::fs::Dir::open_ambient_dir(path, ambient_authority())
+            .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
+        let config = crate::env::read_config(&dir)?.ok_or_else(|| {
+            EnvError::Config("no cloister.toml: workers need a postgres store".into())
+        })?;
+        let Some(workers) = config.workers else {
+            return Err(EnvError::Config(
+                "workers.enabled is not set: this environment fits in its own process".into(),
+            )
+            .into());
+        };
+        let _ = workers;
+        let StoreLocation::Postgres(mut url) = config.store else {
+            return Err(EnvError::Config("workers need a postgres store".into()).into());
+        };
+        if let Some(name) = config.ca_file.as_deref() {
+            let pem = dir.read(name).map_err(|error| EnvError::File {
+                file: name.to_string(),
+                error,
+            })?;
+            *url = (*url).clone().with_ca(&pem)?;
+        }
+        let objects = Objects::open(config.objects.as_deref().unwrap_or_default())?;
+        let secret = crate::env::work_key(&dir)?;
+        Ok(Self {
+            queue: WorkQueue::connect(&url)?,
+            objects,
+            key: tag_key(&secret),
+            features: None,
+        })
+    }
+
+    fn features(&mut self, digest: &str) -> Result<Arc<SparseBatch>, WorkError> {
+        if let Some((d, x)) = &self.features
+            && d == digest
+        {
+            return Ok(Arc::clone(x));
+        }
+        self.features = None;
+        let x = Arc::new(decode_features(
+            &self.objects.get_bytes(digest, OBJECT_LIMIT)?,
+        )?);
+        self.features = Some((digest.to_string(), Arc::clone(&x)));
+        Ok(x)
+    }
+
+    /// Runs one claimed task to its end.
+    fn run(
+        &mut self,
+        task: &Task,
+        options: &WorkerOptions,
+        log: &mut dyn FnMut(WorkerEvent),
+    ) -> Result<(), WorkError> {
+        let id = task.id;
+        let fail = |ctx: &Self, error: String, log: &mut dyn FnMut(WorkerEvent)| {
+            ctx.queue.fail(id, &options.name, &error)?;
+            log(WorkerEvent::Failed { id, error });
+            Ok(())
+        };
+        if task.kind != FIT
+            || ring::hmac::verify(&self.key, &task_message(&task.input), &task.tag).is_err()
+        {
+            return fail(
+                self,
+                WorkError::Tag {
+                    task: id,
+                    what: "task",
+                }
+                .to_string(),
+                log,
+            );
+        }
+        let prepared = (|| {
+            let body = self.objects.get_bytes(&task.input, OBJECT_LIMIT)?;
+            let spec: FitTask = serde_json::from_slice(&body)
+                .map_err(|e| WorkError::Format(format!("the task object: {e}")))?;
+            let x = self.features(&spec.features)?;
+            spec.check(&x)?;
+            Ok::<_, WorkError>((spec, x))
+        })();
+        let (spec, x) = match prepared {
+            Ok(p) => p,
+            Err(e) => return fail(self, e.to_string(), log),
+        };
+        // The heartbeat: renews the lease at a third of its length while
+        // the fit runs; a renewal refused means another worker has it.
+        let done = AtomicBool::new(false);
+        let lost = AtomicBool::new(false);
+        let fitted = std::thread::scope(|s| {
+            s.spawn(|| {
+                let step = options.lease / 3;
+                let mut last = Instant::now();
+                while !done.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(50).min(step));
+                    if last.elapsed() < step {
+                        continue;
+                    }
+                    last = Instant::now();
+                    if !matches!(self.queue.renew(id, &options.name, options.lease), Ok(true)) {
+                        lost.store(true, Ordering::Release);
+                    }
+                }
+            });
+            let out = fit_here(
+                &spec.template,
+                TrainingSet {
+                    x: &x,
+                    dim: spec.dim,
+                    y: &spec.y,
+                    classes: spec.classes,
+                    train: &spec.train,
+                    val: &spec.val,
+                    budget_bytes: spec.budget_bytes,
+                },
+                &spec.predict,
+                &mut |_| {},
+            );
+            done.store(true, Ordering::Release);
+            out
+        });
+        let (fitted, probs) = match fitted {
+            Ok(f) => f,
+            Err(e) => return fail(self, e.to_string(), log),
+        };
+        let seconds = fitted.seconds;
+        let result = self
+            .objects
+            .put_bytes(encode_result(&fitted, &probs, &options.name)?)?;
+        let tag = ring::hmac::sign(&self.key, &result_message(&task.input, &result));
+        if !self
+            .queue
+            .finish(id, &options.name, &result, tag.as_ref())?
+            || lost.into_inner()
+        {
+            log(WorkerEvent::Lost { id });
+            return Ok(());
+        }
+        log(WorkerEvent::Finished { id, seconds });
+        Ok(())
+    }
+}
+
+/// `cloister worker`: claims and runs fit tasks of the environment at
+/// `path` until `stop` is set (checked between tasks and while the queue
+/// is empty) or `options.max_tasks` are done. Returns the tasks done.
+pub fn run_worker(
+    path: &Path,
+    options: &WorkerOptions,
+    stop: &AtomicBool,
+    log: &mut dyn FnMut(WorkerEvent),
+) -> Result<u64, WorkError> {
+    let mut ctx = WorkerContext::open(path)?;
+    let mut done = 0u64;
+    while !stop.load(Ordering::Acquire) && options.max_tasks.is_none_or(|m| done < m) {
+        let Some(task) = ctx.queue.claim(&options.name, options.lease)? else {
+            std::thread::sleep(options.idle);
+            continue;
+        };
+        log(WorkerEvent::Claimed {
+            id: task.id,
+            attempt: task.attempts,
+        });
+        ctx.run(&task, options, log)?;
+        done += 1;
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_round_trip_and_bad_bytes_are_refused() {
+        let x = SparseBatch {
+            offsets: vec![0, 2, 2, 3],
+            indices: vec![1, 7, 3],
+            values: vec![0.5, -1.0, 2.0],
+        };
+        let bytes = encode_features(&x);
+        assert_eq!(decode_features(&bytes).expect("decodes"), x);
+        assert!(decode_features(&bytes[..bytes.len() - 1]).is_err());
+        let mut extra = bytes.clone();
+        extra.push(0);
+        assert!(decode_features(&extra).is_err());
+        let mut disordered = bytes.clone();
+        // offsets[1] = 4 > nnz
+        disordered[24 + 4] = 4;
+        assert!(decode_features(&disordered).is_err());
+        assert!(decode_features(b"CLFEAT1\n").is_err());
+        assert!(decode_features(b"garbage").is_err());
+    }
+
+    #[test]
+    fn tags_bind_the_result_to_its_task() {
+        let key = tag_key(&[7u8; 32]);
+        let t = ring::hmac::sign(&key, &result_message("a", "b"));
+        assert!(ring::hmac::verify(&key, &result_message("a", "b"), t.as_ref()).is_ok());
+        assert!(ring::hmac::verify(&key, &result_message("a", "c"), t.as_ref()).is_err());
+        assert!(ring::hmac::verify(&key, &result_message("x", "b"), t.as_ref()).is_err());
+        assert!(ring::hmac::verify(&key, &task_message("a"), t.as_ref()).is_err());
+    }
+}

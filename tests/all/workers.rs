@@ -1,0 +1,278 @@
+//! Model fits on `cloister worker` processes (issue 21): the work queue in
+//! PostgreSQL, tasks and results through the object store, leases that
+//! hand a dead worker's task to another, and the same model as a fit in
+//! the process.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use cloister_host::env_config::InitOptions;
+use cloister_host::policy::Role;
+use cloister_host::service::{Cloister, ImportOptions, ServiceError, TrainRequest};
+use cloister_host::users::User;
+
+use crate::postgres::PgServer;
+
+/// An environment: its path, a scientist, the approved featurizer.
+struct Env {
+    path: PathBuf,
+    cloister: Cloister,
+    sci: User,
+    features: String,
+}
+
+/// SpamAssassin, one record in `step`, as JSONL in `dir`.
+fn data(dir: &Path, step: usize) -> PathBuf {
+    let path = dir.join(format!("spam-{step}.jsonl"));
+    let mut f = std::fs::File::create(&path).unwrap();
+    for r in crate::support::spamassassin().iter().step_by(step) {
+        let v = serde_json::json!({"id": r.id, "text": r.text("text").unwrap(), "label": r.label.clone().unwrap()});
+        writeln!(f, "{v}").unwrap();
+    }
+    path
+}
+
+fn setup(dir: &Path, name: &str, options: &InitOptions, step: usize) -> Env {
+    let path = dir.join(name);
+    let (c, root) = Cloister::init_with_options(&path, "root", options).unwrap();
+    let admin = c.authenticate(&root).unwrap();
+    let sci = c.add_user(&admin, "sci", &[Role::Scientist]).unwrap().0;
+    let rev = c.add_user(&admin, "rev", &[Role::Reviewer]).unwrap().0;
+    c.import_dataset(&sci, "spam", &data(dir, step), &ImportOptions::default())
+        .unwrap();
+    let mut digests = Vec::new();
+    for name in ["hashed-ngrams", "text-normalize", "dual-agree"] {
+        let e = c
+            .add_plugin(&sci, cloister_bundled_plugins::get(name).unwrap())
+            .unwrap();
+        c.approve_plugin(&rev, &e.digest).unwrap();
+        digests.push(e.digest);
+    }
+    Env {
+        path,
+        cloister: c,
+        sci,
+        features: digests.swap_remove(0),
+    }
+}
+
+/// An environment on `pg` whose fits go to workers, with its own private
+/// object store directory.
+fn on_workers(pg: &PgServer, dir: &Path, step: usize) -> Env {
+    let objects = dir.join("objects");
+    std::fs::create_dir(&objects).unwrap();
+    std::fs::set_permissions(
+        &objects,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let options = InitOptions {
+        store: pg.database("work"),
+        objects: Some(format!("file://{}", objects.display())),
+        workers: true,
+        ..InitOptions::default()
+    };
+    setup(dir, "env", &options, step)
+}
+
+fn request(features: &str, template: &str, epochs: u32) -> TrainRequest {
+    TrainRequest {
+        dataset: "spam".into(),
+        preprocess: vec![],
+        features: features.into(),
+        template: template.into(),
+        sets: vec![
+            ("epochs".into(), epochs.to_string()),
+            ("patience".into(), epochs.to_string()),
+        ],
+        split_seed: Some(7),
+    }
+}
+
+fn try_train(e: &Env, req: &TrainRequest) -> Result<(String, f64), ServiceError> {
+    let m = e.cloister.train_model(&e.sci, req, &mut |_| {})?;
+    Ok((m.weights_sha256, m.evaluation.accuracy))
+}
+
+/// `cloister worker` for the environment at `env`, its output piped.
+fn worker(env: &Path, name: &str, lease: u64, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_cloister"))
+        .env("CLOISTER_ENV", env)
+        .args(["worker", "--name", name])
+        .args(["--lease-seconds", &lease.to_string()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Stops a worker and returns what it printed.
+fn stop(mut w: Child) -> String {
+    let _ = w.kill();
+    let out = w.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn fits_on_two_workers_give_the_models_a_fit_in_the_process_gives() {
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let remote = on_workers(&pg, dir.path(), 8);
+    let here = setup(dir.path(), "here", &InitOptions::default(), 8);
+    let workers = [
+        worker(&remote.path, "w1", 10, &[]),
+        worker(&remote.path, "w2", 10, &[]),
+    ];
+    for template in ["logreg", "mlp"] {
+        let req = request(&remote.features, template, 4);
+        let got = try_train(&remote, &req).unwrap();
+        let want = try_train(&here, &request(&here.features, template, 4)).unwrap();
+        assert_eq!(got, want, "{template}: weights digest and accuracy");
+    }
+    let printed: String = workers.into_iter().map(stop).collect();
+    assert_eq!(printed.matches(": done in").count(), 2, "{printed}");
+    // The rows are gone once taken.
+    assert_eq!(pg.psql("work", "SELECT count(*) FROM cloister_work"), "0");
+}
+
+#[test]
+fn a_worker_killed_mid_fit_leaves_its_task_to_another_and_the_model_is_the_same() {
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let remote = on_workers(&pg, dir.path(), 2);
+    let here = setup(dir.path(), "here", &InitOptions::default(), 2);
+    // Long enough that the kill lands while the first worker fits.
+    let epochs = 40;
+    let want = try_train(&here, &request(&here.features, "mlp", epochs)).unwrap();
+
+    let mut first = worker(&remote.path, "first", 3, &[]);
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    let got = std::thread::scope(|s| {
+        let training = s.spawn(|| try_train(&remote, &request(&remote.features, "mlp", epochs)));
+        // The first worker claims the task; it dies at once, mid-fit.
+        let claimed = lines
+            .by_ref()
+            .map(|l| l.unwrap())
+            .find(|l| l.contains("claimed"));
+        assert!(claimed.is_some(), "the first worker never claimed the task");
+        first.kill().unwrap();
+        first.wait().unwrap();
+        let state = pg.psql("work", "SELECT state, attempts, owner FROM cloister_work");
+        assert_eq!(
+            state, "running|1|first",
+            "the dead worker still holds the task"
+        );
+        // A second worker takes it once the lease has run out.
+        let second = worker(&remote.path, "second", 3, &["--max-tasks", "1"]);
+        let got = training.join().unwrap();
+        let out = second.wait_with_output().unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(printed.contains("claimed (attempt 2)"), "{printed}");
+        assert!(printed.contains("done in"), "{printed}");
+        assert!(out.status.success(), "{printed}");
+        got
+    });
+    assert_eq!(got.unwrap(), want, "the same model as a fit in the process");
+}
+
+#[test]
+fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = on_workers(&pg, dir.path(), 8);
+    let toml = e.path.join("cloister.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("[workers]"), "{text}");
+    std::fs::write(
+        &toml,
+        text.replace("claim_timeout_seconds = 300", "claim_timeout_seconds = 1"),
+    )
+    .unwrap();
+    drop(e.cloister);
+    e.cloister = Cloister::open(&e.path, "cli").unwrap();
+    let err = try_train(&e, &request(&e.features, "logreg", 2)).unwrap_err();
+    assert!(
+        err.to_string().contains("no worker took task")
+            && err.to_string().contains("cloister worker"),
+        "{err}"
+    );
+    assert_eq!(
+        pg.psql("work", "SELECT count(*) FROM cloister_work"),
+        "0",
+        "the abandoned task is not left behind"
+    );
+
+    // A task row written without the environment's key: the worker
+    // refuses it, and says why.
+    let input = "ab".repeat(32);
+    pg.psql(
+        "work",
+        &format!(
+            "INSERT INTO cloister_work (kind, input, tag, state, max_attempts)
+             VALUES ('fit', '{input}', '\\x00', 'queued', 3)"
+        ),
+    );
+    let out = worker(&e.path, "w", 3, &["--max-tasks", "1"])
+        .wait_with_output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("failed") && printed.contains("does not carry the environment's tag"),
+        "{printed}"
+    );
+    assert_eq!(pg.psql("work", "SELECT state FROM cloister_work"), "failed");
+
+    // Workers are refused for an environment without [workers].
+    drop(e.cloister);
+    std::fs::write(&toml, text.replace("enabled = true", "enabled = false")).unwrap();
+    let out = worker(&e.path, "w", 3, &["--max-tasks", "1"])
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("workers.enabled is not set"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_active_learning_job_on_workers_ends_as_the_job_in_the_process() {
+    use cloister_host::jobs::Oracle;
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let remote = on_workers(&pg, dir.path(), 8);
+    let here = setup(dir.path(), "here", &InitOptions::default(), 8);
+    let workers = [
+        worker(&remote.path, "w1", 10, &[]),
+        worker(&remote.path, "w2", 10, &[]),
+    ];
+    let spec = crate::active_learning::SPEC;
+    let run = |e: &Env| {
+        let job = e
+            .cloister
+            .start_job(&e.sci, "t.toml", spec, Some(Oracle::Gold))
+            .unwrap();
+        e.cloister.run_job(&e.sci, &job.id, &mut |_| {}).unwrap();
+        crate::active_learning::outcome(&e.cloister, &e.sci, &job.id)
+    };
+    let got = run(&remote);
+    let want = run(&here);
+    assert_eq!(got, want);
+    let printed: String = workers.into_iter().map(stop).collect();
+    // Two members per round, every round and the final models.
+    let fits = printed.matches(": done in").count();
+    assert!(fits >= 2 * (got.0.len() - 1), "{fits} fits\n{printed}");
+    for w in ["w1", "w2"] {
+        assert!(
+            printed.contains(&format!("worker {w}: waiting")),
+            "{printed}"
+        );
+    }
+}
