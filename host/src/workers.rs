@@ -9,17 +9,19 @@
 //!
 //! 1. The features (a sparse matrix) go to the object store under their
 //!    digest, once for all the fits that share them; a small task object
-//!    (template, labels, splits, rows to predict, the memory budget) goes
+//!    (template, labels, splits, the memory budget) goes
 //!    next to them; the queue gets a row naming the task's digest, tagged
 //!    with HMAC-SHA256 under `keys/work.key`.
 //! 2. A worker claims the row (`FOR UPDATE SKIP LOCKED`, a lease it renews
 //!    while it fits), checks the tag, fetches both objects (verified by
 //!    digest), fits with the same code a local fit runs, and stores the
-//!    result — the model's weights, its training curve, the predictions
-//!    asked for — as an object whose digest it records with its own tag
-//!    over the task's and the result's digests.
+//!    result — the model's weights and its training curve — as an object
+//!    whose digest it records with its own tag over the task's and the
+//!    result's digests.
 //! 3. The operation's process checks that tag, fetches and decodes the
-//!    result, deletes the row, and goes on.
+//!    result, deletes the row, computes the predictions it needs from the
+//!    weights itself (so an evaluation is always of the weights that are
+//!    stored), and goes on.
 //!
 //! A worker that dies (or loses the database) stops renewing its lease;
 //! when the lease runs out another worker claims the task and fits it
@@ -271,8 +273,6 @@ struct FitTask {
     y: Vec<usize>,
     train: Vec<usize>,
     val: Vec<usize>,
-    /// Rows whose class probabilities the result carries.
-    predict: Vec<usize>,
     budget_bytes: u64,
 }
 
@@ -284,7 +284,6 @@ impl FitTask {
         if self.y.len() != rows
             || !in_range(&self.train)
             || !in_range(&self.val)
-            || !in_range(&self.predict)
             || self.y.iter().any(|&c| c >= self.classes)
             || x.indices.iter().any(|&i| i as usize >= self.dim)
         {
@@ -303,40 +302,35 @@ struct ResultHead {
     best_epoch: u32,
     seconds: f64,
     weights_len: u64,
-    probs_len: u64,
     worker: String,
 }
 
 /// Magic, the JSON head's length (u64 LE) and the head, the weights
-/// (safetensors), the predictions (f32 LE).
-fn encode_result(f: &Fitted, probs: &[f32], worker: &str) -> Result<Vec<u8>, WorkError> {
+/// (safetensors).
+fn encode_result(f: &Fitted, worker: &str) -> Result<Vec<u8>, WorkError> {
     let weights = f.model.to_safetensors()?;
     let head = serde_json::to_vec(&ResultHead {
         curve: f.curve.clone(),
         best_epoch: f.best_epoch,
         seconds: f.seconds,
         weights_len: weights.len() as u64,
-        probs_len: probs.len() as u64,
         worker: worker.to_string(),
     })
     .map_err(|e| WorkError::Format(e.to_string()))?;
-    let mut out = Vec::with_capacity(16 + head.len() + weights.len() + 4 * probs.len());
+    let mut out = Vec::with_capacity(16 + head.len() + weights.len());
     out.extend_from_slice(RESULT_MAGIC);
     out.extend_from_slice(&(head.len() as u64).to_le_bytes());
     out.extend_from_slice(&head);
     out.extend_from_slice(&weights);
-    for p in probs {
-        out.extend_from_slice(&p.to_le_bytes());
-    }
     Ok(out)
 }
 
 fn decode_result(
     bytes: &[u8],
     template: &Template,
-    predicted: usize,
+    dim: usize,
     classes: usize,
-) -> Result<(Fitted, Vec<f32>), WorkError> {
+) -> Result<Fitted, WorkError> {
     let mut r = Reader {
         bytes,
         what: "result",
@@ -348,25 +342,20 @@ fn decode_result(
     let weights_len = usize::try_from(head.weights_len)
         .map_err(|_| WorkError::Format("the result's weights are too large".into()))?;
     let weights = r.take(weights_len)?;
-    let probs_len = usize::try_from(head.probs_len)
-        .map_err(|_| WorkError::Format("too many predictions".into()))?;
-    if probs_len != predicted * classes {
-        return Err(WorkError::Format(format!(
-            "the result has {probs_len} probabilities, the task asked for {predicted} rows of {classes}"
-        )));
-    }
-    let probs: Vec<f32> = r.words(probs_len)?.map(f32::from_le_bytes).collect();
     r.end()?;
     let model = Trained::from_safetensors(template.kind, weights)?;
-    Ok((
-        Fitted {
-            model,
-            curve: head.curve,
-            best_epoch: head.best_epoch,
-            seconds: head.seconds,
-        },
-        probs,
-    ))
+    if model.dim != dim || model.classes != classes {
+        return Err(WorkError::Format(format!(
+            "the result's model is {}×{}, the task was {dim}×{classes}",
+            model.dim, model.classes
+        )));
+    }
+    Ok(Fitted {
+        model,
+        curve: head.curve,
+        best_epoch: head.best_epoch,
+        seconds: head.seconds,
+    })
 }
 
 // ------------------------------------------------------------ submitter --
@@ -416,7 +405,6 @@ impl Workers {
             y: set.y.to_vec(),
             train: set.train.to_vec(),
             val: set.val.to_vec(),
-            predict: predict.to_vec(),
             budget_bytes: set.budget_bytes,
         };
         let body = serde_json::to_vec(&task).map_err(|e| WorkError::Format(e.to_string()))?;
@@ -424,11 +412,14 @@ impl Workers {
         let tag = ring::hmac::sign(&self.key, &task_message(&input));
         let max = i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX);
         let id = self.queue.submit(FIT, &input, tag.as_ref(), max)?;
-        let outcome = self.wait(id, &input, objects, template, predict.len(), set.classes);
+        let outcome = self.wait(id, &input, objects, template, set.dim, set.classes);
         // The row has done its job either way (a failure is reported to
         // the caller, and the operation's audit record stands for it).
         let _ = self.queue.remove(id);
-        outcome
+        let fitted = outcome?;
+        // Predicted here, from the weights that will be stored.
+        let probs = fitted.model.predict(set.x, predict)?;
+        Ok((fitted, probs))
     }
 
     fn wait(
@@ -437,9 +428,9 @@ impl Workers {
         input: &str,
         objects: &Objects,
         template: &Template,
-        predicted: usize,
+        dim: usize,
         classes: usize,
-    ) -> Result<(Fitted, Vec<f32>), WorkError> {
+    ) -> Result<Fitted, WorkError> {
         let timeout = Duration::from_secs(self.config.claim_timeout_seconds);
         // Since when no live worker has held the task.
         let mut unheld = Some(Instant::now());
@@ -455,7 +446,7 @@ impl Workers {
                             what: "result",
                         })?;
                     let bytes = objects.get_bytes(&result, OBJECT_LIMIT)?;
-                    return decode_result(&bytes, template, predicted, classes);
+                    return decode_result(&bytes, template, dim, classes);
                 }
                 TaskState::Failed { error } => {
                     return Err(WorkError::Failed {
@@ -576,13 +567,12 @@ impl WorkerContext {
         let config = crate::env::read_config(&dir)?.ok_or_else(|| {
             EnvError::Config("no cloister.toml: workers need a postgres store".into())
         })?;
-        let Some(workers) = config.workers else {
+        if config.workers.is_none() {
             return Err(EnvError::Config(
                 "workers.enabled is not set: this environment fits in its own process".into(),
             )
             .into());
-        };
-        let _ = workers;
+        }
         let StoreLocation::Postgres(mut url) = config.store else {
             return Err(EnvError::Config("workers need a postgres store".into()).into());
         };
@@ -594,7 +584,17 @@ impl WorkerContext {
             *url = (*url).clone().with_ca(&pem)?;
         }
         let objects = Objects::open(config.objects.as_deref().unwrap_or_default())?;
-        let secret = crate::env::work_key(&dir)?;
+        // Read only: a worker that made its own key would tag results the
+        // environment refuses.
+        let secret = dir
+            .read(crate::env::WORK_KEY_FILE)
+            .map_err(|error| EnvError::File {
+                file: format!(
+                    "{} (copy it from the environment's directory)",
+                    crate::env::WORK_KEY_FILE
+                ),
+                error,
+            })?;
         Ok(Self {
             queue: WorkQueue::connect(&url)?,
             objects,
@@ -674,7 +674,7 @@ impl WorkerContext {
                     }
                 }
             });
-            let out = fit_here(
+            let out = train::fit(
                 &spec.template,
                 TrainingSet {
                     x: &x,
@@ -685,20 +685,19 @@ impl WorkerContext {
                     val: &spec.val,
                     budget_bytes: spec.budget_bytes,
                 },
-                &spec.predict,
                 &mut |_| {},
             );
             done.store(true, Ordering::Release);
             out
         });
-        let (fitted, probs) = match fitted {
+        let fitted = match fitted {
             Ok(f) => f,
             Err(e) => return fail(self, e.to_string(), log),
         };
         let seconds = fitted.seconds;
         let result = self
             .objects
-            .put_bytes(encode_result(&fitted, &probs, &options.name)?)?;
+            .put_bytes(encode_result(&fitted, &options.name)?)?;
         let tag = ring::hmac::sign(&self.key, &result_message(&task.input, &result));
         if !self
             .queue

@@ -228,6 +228,19 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
     );
     assert_eq!(pg.psql("work", "SELECT state FROM cloister_work"), "failed");
 
+    // A worker given the configuration without the work key does not
+    // make one of its own (its results would be refused): it stops.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    std::fs::copy(&toml, bare.join("cloister.toml")).unwrap();
+    let out = worker(&bare, "w", 3, &["--max-tasks", "1"])
+        .wait_with_output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(said.contains("keys/work.key (copy it from"), "{said}");
+    assert!(!bare.join("keys").exists());
+
     // Workers are refused for an environment without [workers].
     drop(e.cloister);
     std::fs::write(&toml, text.replace("enabled = true", "enabled = false")).unwrap();
