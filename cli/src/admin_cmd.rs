@@ -129,6 +129,9 @@ pub fn worker(
         WorkerEvent::Lost { id } => {
             println!("task {id}: another worker holds it now; result dropped")
         }
+        WorkerEvent::Unreachable { error } => {
+            eprintln!("the work queue is unreachable ({error}); trying again")
+        }
     })
     .with_context(|| format!("worker {name} for {}", env.env.display()))?;
     println!("worker {name}: {done} tasks done");

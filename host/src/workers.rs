@@ -546,6 +546,12 @@ pub enum WorkerEvent {
         /// The task.
         id: i64,
     },
+    /// The queue could not be read (the database is away); the worker
+    /// tries again after a pause.
+    Unreachable {
+        /// The error.
+        error: String,
+    },
 }
 
 /// A worker's connection to its environment: read from the environment
@@ -712,6 +718,9 @@ impl WorkerContext {
     }
 }
 
+/// How long a worker waits before it asks an unreachable queue again.
+const UNREACHABLE_PAUSE: Duration = Duration::from_secs(2);
+
 /// `cloister worker`: claims and runs fit tasks of the environment at
 /// `path` until `stop` is set (checked between tasks and while the queue
 /// is empty) or `options.max_tasks` are done. Returns the tasks done.
@@ -724,15 +733,34 @@ pub fn run_worker(
     let mut ctx = WorkerContext::open(path)?;
     let mut done = 0u64;
     while !stop.load(Ordering::Acquire) && options.max_tasks.is_none_or(|m| done < m) {
-        let Some(task) = ctx.queue.claim(&options.name, options.lease)? else {
-            std::thread::sleep(options.idle);
-            continue;
+        let task = match ctx.queue.claim(&options.name, options.lease) {
+            Ok(Some(task)) => task,
+            Ok(None) => {
+                std::thread::sleep(options.idle);
+                continue;
+            }
+            // A database restart or failover is waited out: the queue's
+            // client reconnects on its next call.
+            Err(e) => {
+                log(WorkerEvent::Unreachable {
+                    error: e.to_string(),
+                });
+                std::thread::sleep(UNREACHABLE_PAUSE);
+                continue;
+            }
         };
         log(WorkerEvent::Claimed {
             id: task.id,
             attempt: task.attempts,
         });
-        ctx.run(&task, options, log)?;
+        // The task could not be ended (the database or the object store
+        // went away): its lease runs out and a worker takes it again.
+        if let Err(e) = ctx.run(&task, options, log) {
+            log(WorkerEvent::Unreachable {
+                error: e.to_string(),
+            });
+            std::thread::sleep(UNREACHABLE_PAUSE);
+        }
         done += 1;
     }
     Ok(done)
