@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::runtime::Inspection;
+use crate::store::objects::Objects;
 use crate::store::{Space, Storage, StoreError, WriteBatch};
 use crate::types::{ConfigKey, PluginKind};
 
@@ -86,9 +87,13 @@ fn encode(e: &PluginEntry) -> Result<Vec<u8>, RegistryError> {
     serde_json::to_vec(e).map_err(|_| RegistryError::Damaged(e.digest.clone()))
 }
 
-/// Writes that register an inspected component.
+/// Writes that register an inspected component. With an object store the
+/// component's bytes go there (durably, under their digest) before the
+/// writes are returned, and the store keeps only the entry; without one
+/// they are part of the writes.
 pub fn add(
     store: &dyn Storage,
+    objects: Option<&Objects>,
     inspection: &Inspection,
     bytes: &[u8],
     by: &str,
@@ -119,7 +124,14 @@ pub fn add(
     };
     let mut b = WriteBatch::new();
     b.put(Space::Plugins, digest.clone().into_bytes(), encode(&entry)?);
-    b.put(Space::PluginBlobs, digest.into_bytes(), bytes.to_vec());
+    match objects {
+        Some(o) => {
+            if o.put_bytes(bytes.to_vec())? != digest {
+                return Err(RegistryError::Damaged(digest));
+            }
+        }
+        None => b.put(Space::PluginBlobs, digest.into_bytes(), bytes.to_vec()),
+    }
     Ok((b, entry))
 }
 
@@ -152,11 +164,22 @@ pub fn list(store: &dyn Storage) -> Result<Vec<PluginEntry>, RegistryError> {
         .collect()
 }
 
-/// The component bytes of a registered plugin, checked against its digest.
-pub fn bytes(store: &dyn Storage, entry: &PluginEntry) -> Result<Vec<u8>, RegistryError> {
-    let b = store
-        .get(Space::PluginBlobs, entry.digest.as_bytes())?
-        .ok_or_else(|| RegistryError::Damaged(entry.digest.clone()))?;
+/// The component bytes of a registered plugin, checked against its digest:
+/// from the store, or (registered with an object store) from the object
+/// store, verified as they arrive.
+pub fn bytes(
+    store: &dyn Storage,
+    objects: Option<&Objects>,
+    entry: &PluginEntry,
+) -> Result<Vec<u8>, RegistryError> {
+    let b = match (
+        store.get(Space::PluginBlobs, entry.digest.as_bytes())?,
+        objects,
+    ) {
+        (Some(b), _) => b,
+        (None, Some(o)) => o.get_bytes(&entry.digest, entry.size as u64)?,
+        (None, None) => return Err(RegistryError::Damaged(entry.digest.clone())),
+    };
     if crate::Digest::of(&b).to_hex() != entry.digest {
         return Err(RegistryError::Damaged(entry.digest.clone()));
     }

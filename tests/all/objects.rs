@@ -103,6 +103,19 @@ fn segments_and_weights_live_in_the_object_store_and_come_back_verified() {
     let seg_object = object(&objects, &version.segment_sha256);
     assert!(seg_object.is_file());
     assert!(object(&objects, &m.weights_sha256).is_file());
+    let plugin_object = object(&objects, &e.digest);
+    assert!(plugin_object.is_file(), "the plugin component too");
+    assert!(
+        c.env()
+            .store()
+            .get(
+                cloister_host::store::Space::PluginBlobs,
+                e.digest.as_bytes()
+            )
+            .unwrap()
+            .is_none(),
+        "and not in the store"
+    );
     assert!(object(&objects, m.release_weights_sha256.as_ref().unwrap()).is_file());
     assert_eq!(mode(&seg_object), 0o600);
     assert_eq!(mode(seg_object.parent().unwrap()), 0o700);
@@ -141,6 +154,17 @@ fn segments_and_weights_live_in_the_object_store_and_come_back_verified() {
     std::fs::remove_file(&seg_object).unwrap();
     let err = try_train(&c, &sci, &e.digest, 4).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
+
+    // A plugin component changed in the store is refused before it runs.
+    let mut bytes = std::fs::read(&plugin_object).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&plugin_object, &bytes).unwrap();
+    let err = c.plugin_for_run(&sci, &e.digest).unwrap_err();
+    assert!(
+        err.to_string().contains("does not have its digest"),
+        "{err}"
+    );
 }
 
 /// A running `moto_server` (an S3-compatible server, from PyPI's `moto`).

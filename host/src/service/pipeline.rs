@@ -182,7 +182,7 @@ impl Cloister {
                     &digest[..digest.len().min(16)]
                 )));
             }
-            let bytes = crate::registry::bytes(store.as_ref(), &entry)?;
+            let bytes = crate::registry::bytes(store.as_ref(), self.env.objects(), &entry)?;
             let loaded = self.runtime()?.load(&bytes)?;
             loaded.require(kind)?;
             Ok((entry, loaded))

@@ -45,8 +45,13 @@ impl Cloister {
             &digest,
         )?;
         let inspection = self.runtime()?.inspect(bytes);
-        let (batch, entry) =
-            registry::add(self.env.store().as_ref(), &inspection, bytes, &who.name)?;
+        let (batch, entry) = registry::add(
+            self.env.store().as_ref(),
+            self.env.objects(),
+            &inspection,
+            bytes,
+            &who.name,
+        )?;
         self.env.store().commit(batch)?;
         Ok(entry)
     }
@@ -101,7 +106,7 @@ impl Cloister {
         digest: &str,
     ) -> Result<(PluginEntry, Vec<u8>), ServiceError> {
         let entry = self.plugin_for(who, Action::RunPlugin, digest)?;
-        let bytes = registry::bytes(self.env.store().as_ref(), &entry)?;
+        let bytes = registry::bytes(self.env.store().as_ref(), self.env.objects(), &entry)?;
         Ok((entry, bytes))
     }
 
