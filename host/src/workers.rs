@@ -265,6 +265,9 @@ fn decode_features(bytes: &[u8]) -> Result<SparseBatch, WorkError> {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FitTask {
+    /// Random: makes every task's digest (and so its result's) its own,
+    /// so both objects can be deleted once taken.
+    nonce: String,
     template: Template,
     /// Digest of the features object.
     features: String,
@@ -303,11 +306,13 @@ struct ResultHead {
     seconds: f64,
     weights_len: u64,
     worker: String,
+    /// The task's digest (so that each result object is its task's own).
+    task: String,
 }
 
 /// Magic, the JSON head's length (u64 LE) and the head, the weights
 /// (safetensors).
-fn encode_result(f: &Fitted, worker: &str) -> Result<Vec<u8>, WorkError> {
+fn encode_result(f: &Fitted, worker: &str, task: &str) -> Result<Vec<u8>, WorkError> {
     let weights = f.model.to_safetensors()?;
     let head = serde_json::to_vec(&ResultHead {
         curve: f.curve.clone(),
@@ -315,6 +320,7 @@ fn encode_result(f: &Fitted, worker: &str) -> Result<Vec<u8>, WorkError> {
         seconds: f.seconds,
         weights_len: weights.len() as u64,
         worker: worker.to_string(),
+        task: task.to_string(),
     })
     .map_err(|e| WorkError::Format(e.to_string()))?;
     let mut out = Vec::with_capacity(16 + head.len() + weights.len());
@@ -397,7 +403,9 @@ impl Workers {
         predict: &[usize],
     ) -> Result<(Fitted, Vec<f32>), WorkError> {
         let features = objects.put_bytes(encode_features(set.x))?;
+        let nonce = crate::env::random_bytes(16).map_err(|e| WorkError::Env(Box::new(e)))?;
         let task = FitTask {
+            nonce: hex::encode(nonce),
             template: template.clone(),
             features,
             dim: set.dim,
@@ -413,9 +421,15 @@ impl Workers {
         let max = i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX);
         let id = self.queue.submit(FIT, &input, tag.as_ref(), max)?;
         let outcome = self.wait(id, &input, objects, template, set.dim, set.classes);
-        // The row has done its job either way (a failure is reported to
-        // the caller, and the operation's audit record stands for it).
+        // The row and the task's own objects have done their job either
+        // way (a failure is reported to the caller, and the operation's
+        // audit record stands for it). The features stay: other fits share
+        // them.
+        if let Ok(TaskState::Done { result, .. }) = self.queue.state(id) {
+            let _ = objects.delete(&result);
+        }
         let _ = self.queue.remove(id);
+        let _ = objects.delete(&input);
         let fitted = outcome?;
         // Predicted here, from the weights that will be stored.
         let probs = fitted.model.predict(set.x, predict)?;
@@ -662,9 +676,10 @@ impl WorkerContext {
             Err(e) => return fail(self, e.to_string(), log),
         };
         // The heartbeat: renews the lease at a third of its length while
-        // the fit runs; a renewal refused means another worker has it.
+        // the fit runs. A renewal refused means another worker has the
+        // task; the fit cannot be stopped half-way, and `finish` below
+        // then records nothing.
         let done = AtomicBool::new(false);
-        let lost = AtomicBool::new(false);
         let fitted = std::thread::scope(|s| {
             s.spawn(|| {
                 let step = options.lease / 3;
@@ -675,9 +690,7 @@ impl WorkerContext {
                         continue;
                     }
                     last = Instant::now();
-                    if !matches!(self.queue.renew(id, &options.name, options.lease), Ok(true)) {
-                        lost.store(true, Ordering::Release);
-                    }
+                    let _ = self.queue.renew(id, &options.name, options.lease);
                 }
             });
             let out = train::fit(
@@ -703,13 +716,15 @@ impl WorkerContext {
         let seconds = fitted.seconds;
         let result = self
             .objects
-            .put_bytes(encode_result(&fitted, &options.name)?)?;
+            .put_bytes(encode_result(&fitted, &options.name, &task.input)?)?;
         let tag = ring::hmac::sign(&self.key, &result_message(&task.input, &result));
         if !self
             .queue
             .finish(id, &options.name, &result, tag.as_ref())?
-            || lost.into_inner()
         {
+            // Another worker's result is the one recorded (its head names
+            // that worker, so the bytes differ); this one is nobody's.
+            let _ = self.objects.delete(&result);
             log(WorkerEvent::Lost { id });
             return Ok(());
         }

@@ -137,8 +137,23 @@ fn fits_on_two_workers_give_the_models_a_fit_in_the_process_gives() {
     }
     let printed: String = workers.into_iter().map(stop).collect();
     assert_eq!(printed.matches(": done in").count(), 2, "{printed}");
-    // The rows are gone once taken.
+    // The rows are gone once taken, and so are the tasks' and results' own
+    // objects; the features stay for the next fit that shares them.
     assert_eq!(pg.psql("work", "SELECT count(*) FROM cloister_work"), "0");
+    let mut heads = Vec::new();
+    for shard in std::fs::read_dir(dir.path().join("objects/sha256")).unwrap() {
+        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let bytes = std::fs::read(f.unwrap().path()).unwrap();
+            heads.push(bytes[..bytes.len().min(10)].to_vec());
+        }
+    }
+    assert!(heads.iter().any(|h| h.starts_with(b"CLFEAT1\n")));
+    assert!(
+        !heads
+            .iter()
+            .any(|h| h.starts_with(b"CLFRES1\n") || h.starts_with(b"{\"nonce\"")),
+        "a task or result object was left behind"
+    );
 }
 
 #[test]

@@ -254,6 +254,20 @@ impl Objects {
         Ok(sha256)
     }
 
+    /// Deletes content `sha256` (gone already is not an error). Only for
+    /// content no one else can name: the store does not count references.
+    pub fn delete(&self, sha256: &str) -> Result<(), StoreError> {
+        let loc = location(sha256)?;
+        let store = Arc::clone(&self.store);
+        let url = self.url.clone();
+        self.wait(async move {
+            match store.delete(&loc).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(engine(&url)(e)),
+            }
+        })
+    }
+
     /// The content with digest `sha256`, hashed after it arrived: content
     /// that does not match is reported as [`StoreError::Corrupted`], not
     /// returned. `limit` bounds the bytes read.
