@@ -403,7 +403,7 @@ impl Workers {
         predict: &[usize],
     ) -> Result<(Fitted, Vec<f32>), WorkError> {
         let features = objects.put_bytes(encode_features(set.x))?;
-        let nonce = crate::env::random_bytes(16).map_err(|e| WorkError::Env(Box::new(e)))?;
+        let nonce = crate::env::random_bytes(16)?;
         let task = FitTask {
             nonce: hex::encode(nonce),
             template: template.clone(),

@@ -159,6 +159,22 @@ pub(super) fn params_digest(params: &impl Serialize) -> String {
     Digest::of(&bytes).to_hex()
 }
 
+/// An audit record of the environment's own life (creation, schema and
+/// store maintenance): allowed by `policy` (`bootstrap`, `host`) rather
+/// than by a Cedar decision, on the environment.
+fn host_entry(actor: &str, action: &str, policy: &str, params: String) -> AuditRecord {
+    AuditRecord {
+        actor: actor.to_string(),
+        action: action.to_string(),
+        resource: Resource::Environment.uid_text(),
+        decision: Decision::Allow,
+        policies: vec![policy.to_string()],
+        params,
+        outcome: None,
+        serving: None,
+    }
+}
+
 impl Cloister {
     /// Wraps an open environment; `channel` is "cli" or "console".
     fn new(env: Environment, channel: &'static str) -> Self {
@@ -179,16 +195,12 @@ impl Cloister {
         let env = Environment::open(path)?;
         if env.schema_refreshed() {
             // The host's own maintenance, like recovery: on the record.
-            env.audit().append(AuditRecord {
-                actor: "cloister".into(),
-                action: "refresh_schema".into(),
-                resource: Resource::Environment.uid_text(),
-                decision: Decision::Allow,
-                policies: vec!["host".into()],
-                params: params_digest(&("refresh_schema", crate::policy::DEFAULT_SCHEMA)),
-                outcome: None,
-                serving: None,
-            })?;
+            env.audit().append(host_entry(
+                "cloister",
+                "refresh_schema",
+                "host",
+                params_digest(&("refresh_schema", crate::policy::DEFAULT_SCHEMA)),
+            ))?;
         }
         crate::datasets::recover(&env)?;
         Ok(Self::new(env, channel))
@@ -201,16 +213,12 @@ impl Cloister {
         let applied = Environment::migrate(path)?;
         let me = Self::open(path, "cli")?;
         if !applied.is_empty() {
-            me.env.audit().append(AuditRecord {
-                actor: "cloister".into(),
-                action: "migrate_store".into(),
-                resource: Resource::Environment.uid_text(),
-                decision: Decision::Allow,
-                policies: vec!["host".into()],
-                params: params_digest(&("migrate_store", &applied)),
-                outcome: None,
-                serving: None,
-            })?;
+            me.env.audit().append(host_entry(
+                "cloister",
+                "migrate_store",
+                "host",
+                params_digest(&("migrate_store", &applied)),
+            ))?;
         }
         Ok(applied)
     }
@@ -226,16 +234,12 @@ impl Cloister {
             .to_string();
         {
             let me = Self::open(path, "cli")?;
-            me.env.audit().append(AuditRecord {
-                actor: "cloister".into(),
-                action: "move_store".into(),
-                resource: Resource::Environment.uid_text(),
-                decision: Decision::Allow,
-                policies: vec!["host".into()],
-                params: params_digest(&("move_store", &shown)),
-                outcome: None,
-                serving: None,
-            })?;
+            me.env.audit().append(host_entry(
+                "cloister",
+                "move_store",
+                "host",
+                params_digest(&("move_store", &shown)),
+            ))?;
         }
         let copied = Environment::move_to_postgres(path, url, ca_pem)?;
         let moved = Self::open(path, "cli")?;
@@ -279,16 +283,12 @@ impl Cloister {
     ) -> Result<(Self, String), ServiceError> {
         let (env, token) = Environment::init_with_options(path, admin, options)?;
         let me = Self::new(env, "cli");
-        me.env.audit().append(AuditRecord {
-            actor: admin.to_string(),
-            action: "init".into(),
-            resource: Resource::Environment.uid_text(),
-            decision: Decision::Allow,
-            policies: vec!["bootstrap".into()],
-            params: params_digest(&("init", admin)),
-            outcome: None,
-            serving: None,
-        })?;
+        me.env.audit().append(host_entry(
+            admin,
+            "init",
+            "bootstrap",
+            params_digest(&("init", admin)),
+        ))?;
         Ok((me, token))
     }
 
