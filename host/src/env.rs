@@ -32,7 +32,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 
 use crate::audit::{AuditError, AuditKeys, AuditLog};
-use crate::env_config::{CONFIG_FILE, EnvConfig, InitOptions, STORE_CA_FILE, StoreLocation};
+use crate::env_config::{
+    CONFIG_FILE, EnvConfig, InitOptions, STORE_CA_FILE, StoreLocation, WORK_KEY_FILE,
+};
 use crate::limits::{DEFAULT_LIMITS_TOML, EnvLimits, LIMITS_FILE};
 use crate::policy::{DEFAULT_POLICIES, DEFAULT_SCHEMA, PolicyEngine, PolicyError, SCHEMA_FILE};
 use crate::store::objects::Objects;
@@ -46,9 +48,7 @@ const SIGNING_KEY_FILE: &str = "keys/audit-signing.pk8";
 const MAC_KEY_FILE: &str = "keys/audit-mac.key";
 const CACHE_KEY_FILE: &str = "keys/cache.key";
 const STORE_KEY_FILE: &str = "keys/store-mac.key";
-/// HMAC secret that tags work-queue tasks and results (shared with the
-/// environment's `cloister worker` processes).
-pub(crate) const WORK_KEY_FILE: &str = "keys/work.key";
+
 /// A signed checkpoint is stored every this many audit entries.
 pub const CHECKPOINT_EVERY: u64 = 1024;
 
@@ -171,12 +171,8 @@ fn write_secret(dir: &Dir, name: &str, bytes: &[u8]) -> Result<(), EnvError> {
 
 /// `cloister.toml`, or `None` for an environment made before it existed
 /// (sled).
-pub(crate) fn read_config(dir: &Dir) -> Result<Option<EnvConfig>, EnvError> {
-    match dir.read_to_string(CONFIG_FILE) {
-        Ok(text) => Ok(Some(EnvConfig::parse(&text).map_err(EnvError::Config)?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(file_err(CONFIG_FILE)(e)),
-    }
+fn read_config(dir: &Dir) -> Result<Option<EnvConfig>, EnvError> {
+    EnvConfig::read(dir).map_err(EnvError::Config)
 }
 
 fn sync_dir(dir: &Dir, name: &str) -> Result<(), EnvError> {

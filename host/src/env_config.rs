@@ -34,6 +34,10 @@ use crate::store::{PgUrl, StoreError};
 /// The file's name in the environment directory.
 pub const CONFIG_FILE: &str = "cloister.toml";
 
+/// HMAC secret that tags work-queue tasks and results, in the environment
+/// directory (shared with the environment's `cloister worker` processes).
+pub const WORK_KEY_FILE: &str = "keys/work.key";
+
 /// How `cloister init` sets up an environment's storage.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
@@ -186,6 +190,17 @@ pub struct EnvConfig {
 }
 
 impl EnvConfig {
+    /// Reads `cloister.toml` from an environment directory: `None` when
+    /// there is none (an environment made before it existed, on sled); the
+    /// error says what is wrong (the I/O error, or the line and field).
+    pub fn read(dir: &cap_std::fs::Dir) -> Result<Option<Self>, String> {
+        match dir.read_to_string(CONFIG_FILE) {
+            Ok(text) => Self::parse(&text).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Parses the file's text; errors name the line and field.
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;

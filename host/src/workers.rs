@@ -45,8 +45,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::env::EnvError;
-use crate::env_config::{StoreLocation, WorkersConfig};
+use crate::env_config::{CONFIG_FILE, EnvConfig, StoreLocation, WORK_KEY_FILE, WorkersConfig};
 use crate::store::objects::Objects;
 use crate::store::work::{Task, TaskState, WorkQueue};
 use crate::store::{PgUrl, StoreError};
@@ -66,9 +65,17 @@ pub enum WorkError {
     /// The queue or the object store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// `cloister.toml`, a key, or the directory.
-    #[error(transparent)]
-    Env(#[from] Box<EnvError>),
+    /// The worker's directory: `cloister.toml`, the work key, the CA file.
+    #[error("{file}: {message}")]
+    Setup {
+        /// The file (or directory).
+        file: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The system random source failed.
+    #[error("the system random number generator failed")]
+    Random,
     /// The fit itself failed (in this process or on a worker).
     #[error(transparent)]
     Train(#[from] TrainError),
@@ -113,12 +120,6 @@ pub enum WorkError {
         /// Claims made.
         attempts: i32,
     },
-}
-
-impl From<EnvError> for WorkError {
-    fn from(e: EnvError) -> Self {
-        Self::Env(Box::new(e))
-    }
 }
 
 fn tag_key(secret: &[u8]) -> ring::hmac::Key {
@@ -403,7 +404,9 @@ impl Workers {
         predict: &[usize],
     ) -> Result<(Fitted, Vec<f32>), WorkError> {
         let features = objects.put_bytes(encode_features(set.x))?;
-        let nonce = crate::env::random_bytes(16)?;
+        let mut nonce = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| WorkError::Random)?;
         let task = FitTask {
             nonce: hex::encode(nonce),
             template: template.clone(),
@@ -582,39 +585,44 @@ struct WorkerContext {
 impl WorkerContext {
     fn open(path: &Path) -> Result<Self, WorkError> {
         use cap_std::ambient_authority;
+        let setup = |file: &str, message: String| WorkError::Setup {
+            file: file.to_string(),
+            message,
+        };
         let dir = cap_std::fs::Dir::open_ambient_dir(path, ambient_authority())
-            .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
-        let config = crate::env::read_config(&dir)?.ok_or_else(|| {
-            EnvError::Config("no cloister.toml: workers need a postgres store".into())
-        })?;
+            .map_err(|e| setup(&path.display().to_string(), e.to_string()))?;
+        let config = match EnvConfig::read(&dir) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return Err(setup(
+                    CONFIG_FILE,
+                    "missing: workers need an environment on a postgres store".into(),
+                ));
+            }
+            Err(e) => return Err(setup(CONFIG_FILE, e)),
+        };
         if config.workers.is_none() {
-            return Err(EnvError::Config(
+            return Err(setup(
+                CONFIG_FILE,
                 "workers.enabled is not set: this environment fits in its own process".into(),
-            )
-            .into());
+            ));
         }
         let StoreLocation::Postgres(mut url) = config.store else {
-            return Err(EnvError::Config("workers need a postgres store".into()).into());
+            return Err(setup(CONFIG_FILE, "workers need a postgres store".into()));
         };
         if let Some(name) = config.ca_file.as_deref() {
-            let pem = dir.read(name).map_err(|error| EnvError::File {
-                file: name.to_string(),
-                error,
-            })?;
+            let pem = dir.read(name).map_err(|e| setup(name, e.to_string()))?;
             *url = (*url).clone().with_ca(&pem)?;
         }
         let objects = Objects::open(config.objects.as_deref().unwrap_or_default())?;
         // Read only: a worker that made its own key would tag results the
         // environment refuses.
-        let secret = dir
-            .read(crate::env::WORK_KEY_FILE)
-            .map_err(|error| EnvError::File {
-                file: format!(
-                    "{} (copy it from the environment's directory)",
-                    crate::env::WORK_KEY_FILE
-                ),
-                error,
-            })?;
+        let secret = dir.read(WORK_KEY_FILE).map_err(|e| {
+            setup(
+                WORK_KEY_FILE,
+                format!("{e} (copy it from the environment's directory)"),
+            )
+        })?;
         Ok(Self {
             queue: WorkQueue::connect(&url)?,
             objects,

@@ -253,7 +253,10 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(said.contains("keys/work.key (copy it from"), "{said}");
+    assert!(
+        said.contains("keys/work.key: ") && said.contains("copy it from the environment's"),
+        "{said}"
+    );
     assert!(!bare.join("keys").exists());
 
     // Workers are refused for an environment without [workers].
