@@ -135,6 +135,7 @@ def one(bin_, data, sock, kind, workers):
                 p.kill()
             logs = [p.communicate()[0] for p in procs]
         fits = [len(re.findall(r": done in", log)) for log in logs]
+        fit_s = sum(float(x) for log in logs for x in re.findall(r": done in ([0-9.]+) s", log))
         rounds = [(r["train_manual"], r["auto_accepted"], r["queued"]) for r in shown["rounds"]]
         return {
             "train_s": train_s,
@@ -143,6 +144,7 @@ def one(bin_, data, sock, kind, workers):
             "job_acc": shown["result"]["test_accuracy"],
             "rounds": rounds,
             "fits": fits,
+            "fit_s": fit_s,
         }
 
 
@@ -156,17 +158,20 @@ def main():
             results[c].append(r)
             print(f"- rep {rep + 1} {c[0]}, {c[1]} workers: train {r['train_s']:.2f} s "
                   f"(accuracy {r['train_acc']}), job {r['job_s']:.2f} s "
-                  f"(test accuracy {r['job_acc']:.4f}, rounds {r['rounds']}, fits per worker {r['fits']})",
+                  f"(test accuracy {r['job_acc']:.4f}, rounds {r['rounds']}, fits per worker {r['fits']}, "
+                  f"fitting {r['fit_s']:.2f} s on workers)",
                   flush=True)
     print()
-    print("| configuration | train mlp, s (median) | AL job, s (median) | job vs in-process PostgreSQL |")
-    print("|---|---|---|---|")
+    print("| configuration | train mlp, s (median) | AL job, s (median) | job vs in-process PostgreSQL | fits on workers | fitting on workers, s (median) |")
+    print("|---|---|---|---|---|---|")
     base = statistics.median(r["job_s"] for r in results[("postgres", 0)])
     for c in configs:
         tr = statistics.median(r["train_s"] for r in results[c])
         jb = statistics.median(r["job_s"] for r in results[c])
+        fs = statistics.median(r["fit_s"] for r in results[c])
+        n = statistics.median(sum(r["fits"]) for r in results[c])
         name = f"{c[0]}, in the process" if c[1] == 0 else f"{c[0]}, {c[1]} worker{'s' if c[1] > 1 else ''}"
-        print(f"| {name} | {tr:.2f} | {jb:.2f} | {jb / base:.2f}× |")
+        print(f"| {name} | {tr:.2f} | {jb:.2f} | {jb / base:.2f}× | {n:.0f} | {fs:.2f} |")
     same = {(json.dumps(r["rounds"]), round(r["job_acc"], 6)) for rs in results.values() for r in rs}
     print()
     print(f"job outcomes (rounds, test accuracy) identical across all runs: {len(same) == 1}")

@@ -117,7 +117,7 @@ pub fn worker(
     let options = WorkerOptions {
         name: name.clone(),
         lease: std::time::Duration::from_secs(lease_seconds),
-        idle: std::time::Duration::from_millis(200),
+        idle: std::time::Duration::from_millis(50),
         max_tasks,
     };
     println!("worker {name}: waiting for tasks of {}", env.env.display());

@@ -126,7 +126,7 @@ pub fn add(
     b.put(Space::Plugins, digest.clone().into_bytes(), encode(&entry)?);
     match objects {
         Some(o) => {
-            if o.put_bytes(bytes.to_vec())? != digest {
+            if o.put_bytes(bytes.to_vec(), true)? != digest {
                 return Err(RegistryError::Damaged(digest));
             }
         }

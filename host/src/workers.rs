@@ -52,6 +52,10 @@ use crate::store::{PgUrl, StoreError};
 use crate::train::{self, Fitted, Template, TrainError, Trained, TrainingSet};
 use crate::types::SparseBatch;
 
+/// The longest pause between two looks at a task's row (a primary-key
+/// read), and so the most a finished fit waits to be noticed.
+const POLL: Duration = Duration::from_millis(50);
+
 /// The kind of task this module submits.
 const FIT: &str = "fit";
 
@@ -403,7 +407,9 @@ impl Workers {
         set: &TrainingSet<'_>,
         predict: &[usize],
     ) -> Result<(Fitted, Vec<f32>), WorkError> {
-        let features = objects.put_bytes(encode_features(set.x))?;
+        // Work objects are not synced: lost in a crash, the fit is simply
+        // run again.
+        let features = objects.put_bytes(encode_features(set.x), false)?;
         let mut nonce = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
             .map_err(|_| WorkError::Random)?;
@@ -419,7 +425,7 @@ impl Workers {
             budget_bytes: set.budget_bytes,
         };
         let body = serde_json::to_vec(&task).map_err(|e| WorkError::Format(e.to_string()))?;
-        let input = objects.put_bytes(body)?;
+        let input = objects.put_bytes(body, false)?;
         let tag = ring::hmac::sign(&self.key, &task_message(&input));
         let max = i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX);
         let id = self.queue.submit(FIT, &input, tag.as_ref(), max)?;
@@ -451,7 +457,7 @@ impl Workers {
         let timeout = Duration::from_secs(self.config.claim_timeout_seconds);
         // Since when no live worker has held the task.
         let mut unheld = Some(Instant::now());
-        let mut pause = Duration::from_millis(10);
+        let mut pause = Duration::from_millis(5);
         loop {
             match self.queue.state(id)? {
                 TaskState::Done {
@@ -499,7 +505,7 @@ impl Workers {
                 }
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(200));
+            pause = (pause * 2).min(POLL);
         }
     }
 }
@@ -724,7 +730,7 @@ impl WorkerContext {
         let seconds = fitted.seconds;
         let result = self
             .objects
-            .put_bytes(encode_result(&fitted, &options.name, &task.input)?)?;
+            .put_bytes(encode_result(&fitted, &options.name, &task.input)?, false)?;
         let tag = ring::hmac::sign(&self.key, &result_message(&task.input, &result));
         if !self
             .queue

@@ -230,12 +230,14 @@ impl Objects {
             upload.complete().await.map_err(&err)?;
             Ok(())
         })?;
-        self.sync_object(sha256)
+        self.finish_object(sha256, true)
     }
 
-    /// Stores `bytes` durably under their digest, which is returned.
-    /// Content already stored is not written again.
-    pub fn put_bytes(&self, bytes: Vec<u8>) -> Result<String, StoreError> {
+    /// Stores `bytes` under their digest, which is returned; `durable`
+    /// waits until they survive a power loss (a `file://` store syncs
+    /// them), which content that can be made again does not need. Content
+    /// already stored is not written again.
+    pub fn put_bytes(&self, bytes: Vec<u8>, durable: bool) -> Result<String, StoreError> {
         let sha256 = Digest::of(&bytes).to_hex();
         if self.contains(&sha256)? {
             return Ok(sha256);
@@ -250,7 +252,7 @@ impl Objects {
                 .map_err(engine(&url))?;
             Ok(())
         })?;
-        self.sync_object(&sha256)?;
+        self.finish_object(&sha256, durable)?;
         Ok(sha256)
     }
 
@@ -307,9 +309,9 @@ impl Objects {
     }
 
     /// Makes a stored object private (0600, its directories 0700: the
-    /// filesystem backend creates them with the process's umask) and
-    /// durable (it does not sync what it writes).
-    fn sync_object(&self, sha256: &str) -> Result<(), StoreError> {
+    /// filesystem backend creates them with the process's umask) and, when
+    /// asked, durable (the backend does not sync what it writes).
+    fn finish_object(&self, sha256: &str, durable: bool) -> Result<(), StoreError> {
         use std::os::unix::fs::PermissionsExt as _;
         let Some(root) = &self.root else {
             // An S3 store has it durably when the upload completes.
@@ -317,13 +319,17 @@ impl Objects {
         };
         let path = root.join("sha256").join(&sha256[..2]).join(sha256);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::File::open(&path)?.sync_all()?;
+        if durable {
+            std::fs::File::open(&path)?.sync_all()?;
+        }
         for dir in [path.parent(), path.parent().and_then(|p| p.parent())]
             .into_iter()
             .flatten()
         {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-            std::fs::File::open(dir)?.sync_all()?;
+            if durable {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
         }
         Ok(())
     }
