@@ -100,7 +100,7 @@ pub enum WorkError {
     /// A worker reported a failure another attempt would repeat.
     #[error("the fit failed on worker {owner}: {error}")]
     Failed {
-        /// The worker (empty when the submitter gave up).
+        /// The worker.
         owner: String,
         /// Its message.
         error: String,
@@ -434,12 +434,10 @@ impl Workers {
         // way (a failure is reported to the caller, and the operation's
         // audit record stands for it). The features stay: other fits share
         // them.
-        if let Ok(TaskState::Done { result, .. }) = self.queue.state(id) {
-            let _ = objects.delete(&result);
-        }
         let _ = self.queue.remove(id);
         let _ = objects.delete(&input);
-        let fitted = outcome?;
+        let (fitted, result) = outcome?;
+        let _ = objects.delete(&result);
         // Predicted here, from the weights that will be stored.
         let probs = fitted.model.predict(set.x, predict)?;
         Ok((fitted, probs))
@@ -453,7 +451,7 @@ impl Workers {
         template: &Template,
         dim: usize,
         classes: usize,
-    ) -> Result<Fitted, WorkError> {
+    ) -> Result<(Fitted, String), WorkError> {
         let timeout = Duration::from_secs(self.config.claim_timeout_seconds);
         // Since when no live worker has held the task.
         let mut unheld = Some(Instant::now());
@@ -469,13 +467,10 @@ impl Workers {
                             what: "result",
                         })?;
                     let bytes = objects.get_bytes(&result, OBJECT_LIMIT)?;
-                    return decode_result(&bytes, template, dim, classes);
+                    return Ok((decode_result(&bytes, template, dim, classes)?, result));
                 }
-                TaskState::Failed { error } => {
-                    return Err(WorkError::Failed {
-                        owner: String::new(),
-                        error,
-                    });
+                TaskState::Failed { owner, error } => {
+                    return Err(WorkError::Failed { owner, error });
                 }
                 TaskState::Missing => {
                     return Err(WorkError::Format(format!(
@@ -510,8 +505,9 @@ impl Workers {
     }
 }
 
-/// Fits in this process: what a worker runs for a task, and what an
-/// operation runs when the environment has no workers.
+/// Fits in this process and predicts the `predict` rows: what an
+/// operation runs when the environment has no workers (a worker runs the
+/// same `train::fit`).
 pub(crate) fn fit_here(
     template: &Template,
     set: TrainingSet<'_>,

@@ -74,6 +74,8 @@ pub enum TaskState {
     },
     /// Ended without a result.
     Failed {
+        /// The worker that last held it (empty if none did).
+        owner: String,
         /// Why, as the worker or the submitter said.
         error: String,
     },
@@ -331,6 +333,7 @@ impl WorkQueue {
                     result_tag: r.get::<_, Option<Vec<u8>>>(6).unwrap_or_default(),
                 },
                 _ => TaskState::Failed {
+                    owner: owner(),
                     error: r
                         .get::<_, Option<String>>(7)
                         .unwrap_or_else(|| "no reason recorded".into()),
