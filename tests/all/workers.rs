@@ -243,6 +243,31 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
     );
     assert_eq!(pg.psql("work", "SELECT state FROM cloister_work"), "failed");
 
+    // A fit that fails on the worker for a reason another attempt would
+    // repeat (over the memory budget) fails the operation at once, naming
+    // the worker.
+    drop(e.cloister);
+    std::fs::write(&toml, &text).unwrap();
+    let limits = e.path.join("limits.toml");
+    let l = std::fs::read_to_string(&limits).unwrap();
+    assert!(l.contains("memory_budget_mb = 4096"), "{l}");
+    std::fs::write(
+        &limits,
+        l.replace("memory_budget_mb = 4096", "memory_budget_mb = 1"),
+    )
+    .unwrap();
+    e.cloister = Cloister::open(&e.path, "cli").unwrap();
+    let w = worker(&e.path, "small", 3, &["--max-tasks", "1"]);
+    let err = try_train(&e, &request(&e.features, "mlp", 2)).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("the fit failed on worker small:")
+            && err.to_string().contains("budget"),
+        "{err}"
+    );
+    assert!(w.wait_with_output().unwrap().status.success());
+    std::fs::write(&limits, l).unwrap();
+
     // A worker given the configuration without the work key does not
     // make one of its own (its results would be refused): it stops.
     let bare = dir.path().join("bare");
