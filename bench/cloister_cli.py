@@ -28,11 +28,12 @@ def token(text):
     return m.group(0)
 
 
-def setup(bin_, root):
-    """A new environment under `root`: returns (env, admin token, scientist
-    token, {plugin name: approved digest})."""
+def setup(bin_, root, init_args=()):
+    """A new environment under `root` (`init_args` go to `cloister init`):
+    returns (env, admin token, scientist token, {plugin name: approved
+    digest})."""
     env = os.path.join(root, "env")
-    admin = token(sh(bin_, env, "init", env))
+    admin = token(sh(bin_, env, "init", env, *init_args))
     sci = token(sh(bin_, env, "user", "add", "sci", "--role", "scientist", token=admin))
     rev = token(sh(bin_, env, "user", "add", "rev", "--role", "reviewer", token=admin))
     wasm = os.path.join(root, "wasm")

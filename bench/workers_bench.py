@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from cloister_cli import setup, sh
+
 SPEC = """
 name = "w"
 dataset = "data"
@@ -47,24 +49,10 @@ badcases_per_round = 0
 """
 
 
-def sh(bin_, env, *args, token=None, extra_env=None):
-    e = dict(os.environ, CLOISTER_ENV=env, **(extra_env or {}))
-    if token:
-        e["CLOISTER_TOKEN"] = token
-    p = subprocess.run([bin_, *args], env=e, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed:\n{p.stderr}")
-    return p.stdout + p.stderr
-
-
 def sh_json(bin_, env, *args, token=None):
     e = dict(os.environ, CLOISTER_ENV=env, CLOISTER_TOKEN=token)
     p = subprocess.run([bin_, *args], env=e, capture_output=True, text=True, check=True)
     return json.loads(p.stdout)
-
-
-def tok(text):
-    return re.search(r"clt_[0-9a-f]{64}", text).group(0)
 
 
 def new_db(sock):
@@ -76,23 +64,6 @@ def new_db(sock):
     return f"postgresql:///{name}?host={sock}&user=cloister"
 
 
-def setup(bin_, data, root, init_args):
-    env = os.path.join(root, "env")
-    admin = tok(sh(bin_, env, "init", env, *init_args))
-    sci = tok(sh(bin_, env, "user", "add", "sci", "--role", "scientist", token=admin))
-    rev = tok(sh(bin_, env, "user", "add", "rev", "--role", "reviewer", token=admin))
-    sh(bin_, env, "dataset", "import", "data", data, token=sci)
-    wasm = os.path.join(root, "wasm")
-    sh(bin_, env, "plugin", "bundled", "--write", wasm)
-    digests = {}
-    for f in sorted(os.listdir(wasm)):
-        out = sh(bin_, env, "plugin", "add", os.path.join(wasm, f), token=sci)
-        d = re.search(r"[0-9a-f]{64}", out).group(0)
-        sh(bin_, env, "plugin", "approve", d, token=rev)
-        digests[f.removesuffix(".wasm")] = d
-    return env, sci, digests
-
-
 def one(bin_, data, sock, kind, workers):
     with tempfile.TemporaryDirectory() as root:
         init_args = []
@@ -102,7 +73,8 @@ def one(bin_, data, sock, kind, workers):
             init_args = ["--store", new_db(sock), "--objects", f"file://{objects}"]
             if workers:
                 init_args.append("--workers")
-        env, sci, d = setup(bin_, data, root, init_args)
+        env, _admin, sci, d = setup(bin_, root, init_args)
+        sh(bin_, env, "dataset", "import", "data", data, token=sci)
         procs = [
             subprocess.Popen(
                 [bin_, "worker", "--name", f"w{i}"],

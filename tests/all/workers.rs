@@ -119,16 +119,23 @@ fn stop(mut w: Child) -> String {
     )
 }
 
-#[test]
-fn fits_on_two_workers_give_the_models_a_fit_in_the_process_gives() {
-    let Some(pg) = PgServer::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let remote = on_workers(&pg, dir.path(), 8);
-    let here = setup(dir.path(), "here", &InitOptions::default(), 8);
+/// The same data in an environment on workers (two of them running) and
+/// in one that fits in its own process (sled).
+fn remote_and_here(pg: &PgServer, dir: &Path) -> (Env, Env, [Child; 2]) {
+    let remote = on_workers(pg, dir, 8);
+    let here = setup(dir, "here", &InitOptions::default(), 8);
     let workers = [
         worker(&remote.path, "w1", 10, &[]),
         worker(&remote.path, "w2", 10, &[]),
     ];
+    (remote, here, workers)
+}
+
+#[test]
+fn fits_on_two_workers_give_the_models_a_fit_in_the_process_gives() {
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, here, workers) = remote_and_here(&pg, dir.path());
     for template in ["logreg", "mlp"] {
         let req = request(&remote.features, template, 4);
         let got = try_train(&remote, &req).unwrap();
@@ -303,12 +310,7 @@ fn an_active_learning_job_on_workers_ends_as_the_job_in_the_process() {
     use cloister_host::jobs::Oracle;
     let Some(pg) = PgServer::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let remote = on_workers(&pg, dir.path(), 8);
-    let here = setup(dir.path(), "here", &InitOptions::default(), 8);
-    let workers = [
-        worker(&remote.path, "w1", 10, &[]),
-        worker(&remote.path, "w2", 10, &[]),
-    ];
+    let (remote, here, workers) = remote_and_here(&pg, dir.path());
     let spec = crate::active_learning::SPEC;
     let run = |e: &Env| {
         let job = e

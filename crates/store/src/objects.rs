@@ -74,6 +74,21 @@ fn location(sha256: &str) -> Result<ObjectPath, StoreError> {
     )))
 }
 
+/// The object stored at `loc`; a missing object is named as missing.
+async fn open_object(
+    store: &dyn ObjectStore,
+    loc: &ObjectPath,
+    url: &str,
+) -> Result<object_store::GetResult, StoreError> {
+    match store.get(loc).await {
+        Ok(got) => Ok(got),
+        Err(object_store::Error::NotFound { .. }) => Err(StoreError::Engine(format!(
+            "object store {url}: content {loc} is missing"
+        ))),
+        Err(e) => Err(engine(url)(e)),
+    }
+}
+
 impl Objects {
     /// Opens the store at `url`: `file:///ABSOLUTE/PATH` (an existing
     /// private directory) or `s3://BUCKET[/PREFIX]` (reachable now).
@@ -280,13 +295,9 @@ impl Objects {
         let bytes = self.wait(async move {
             use futures_util::StreamExt as _;
             let err = engine(&url);
-            let got = store.get(&loc).await.map_err(|e| match e {
-                object_store::Error::NotFound { .. } => {
-                    StoreError::Engine(format!("object store {url}: content {loc} is missing"))
-                }
-                e => err(e),
-            })?;
-            let mut stream = got.into_stream();
+            let mut stream = open_object(store.as_ref(), &loc, &url)
+                .await?
+                .into_stream();
             let mut out = Vec::new();
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(&err)?;
@@ -351,13 +362,7 @@ impl Objects {
             use futures_util::StreamExt as _;
             use std::io::Write as _;
             let err = engine(&url);
-            let got = store.get(&loc).await.map_err(|e| match e {
-                object_store::Error::NotFound { .. } => {
-                    StoreError::Engine(format!("object store {url}: content {} is missing", loc))
-                }
-                e => err(e),
-            })?;
-            let mut stream = got.into_stream();
+            let mut stream = open_object(store.as_ref(), &loc, &url).await?.into_stream();
             let mut hasher = Digest::hasher();
             while let Some(bytes) = stream.next().await {
                 let bytes = bytes.map_err(&err)?;
