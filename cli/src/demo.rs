@@ -31,16 +31,8 @@ pub struct DemoArgs {
     /// Keep the environment in DIR (a new directory) instead of deleting it.
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
-    /// The store: `sled` (embedded) or a postgres:// URL naming an empty
-    /// database (docs/SCALING.md).
-    #[arg(
-        long,
-        env = "CLOISTER_STORE",
-        hide_env_values = true,
-        default_value = "sled",
-        value_name = "URL"
-    )]
-    store: String,
+    #[command(flatten)]
+    store: crate::session::StoreArg,
 }
 
 fn import_bundled(
@@ -67,7 +59,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     println!(
         "Cloister demo: active learning in a closed environment, on the bundled SpamAssassin corpus.\n"
     );
-    let (c, root) = Cloister::init_with(&env_path, "admin", &args.store)?;
+    let (c, root) = Cloister::init_with(&env_path, "admin", &args.store.store)?;
     let admin = c.authenticate(&root)?;
     let add = |name: &str, role: Role| -> Result<User> { Ok(c.add_user(&admin, name, &[role])?.0) };
     let ana = add("ana", Role::Scientist)?;

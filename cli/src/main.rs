@@ -56,17 +56,8 @@ enum Command {
         /// Name of the first admin.
         #[arg(long, default_value = "admin")]
         admin: String,
-        /// Where the state lives: `sled` (embedded, in DIR/store) or a
-        /// postgres:// URL naming an empty database (docs/SCALING.md).
-        /// Prefer the variable when the URL holds a password.
-        #[arg(
-            long,
-            env = "CLOISTER_STORE",
-            hide_env_values = true,
-            default_value = "sled",
-            value_name = "URL"
-        )]
-        store: String,
+        #[command(flatten)]
+        store: session::StoreArg,
         /// A PEM file of CA certificates: trust only these for the database
         /// server's TLS certificate (default: the system's trust store).
         #[arg(long, value_name = "FILE")]
@@ -261,7 +252,14 @@ fn main() -> ExitCode {
             store_ca,
             objects,
             workers,
-        } => admin_cmd::init(dir, admin, store, store_ca.as_deref(), objects, workers),
+        } => admin_cmd::init(
+            dir,
+            admin,
+            store.store,
+            store_ca.as_deref(),
+            objects,
+            workers,
+        ),
         Command::Worker {
             name,
             lease_seconds,

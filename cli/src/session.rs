@@ -8,6 +8,23 @@ use clap::Args;
 use cloister_host::service::{Cloister, ServiceError};
 use cloister_host::users::User;
 
+/// Where a new environment keeps its state (`init`, `demo`).
+#[derive(Debug, Clone, Args)]
+pub struct StoreArg {
+    /// Where the state lives: `sled` (embedded, in the environment
+    /// directory) or a postgres:// URL naming an empty database
+    /// (docs/SCALING.md). Prefer the variable when the URL holds a
+    /// password.
+    #[arg(
+        long,
+        env = "CLOISTER_STORE",
+        hide_env_values = true,
+        default_value = "sled",
+        value_name = "URL"
+    )]
+    pub store: String,
+}
+
 /// Where the environment is and who is acting.
 #[derive(Debug, Clone, Args)]
 pub struct EnvArgs {

@@ -786,6 +786,15 @@ pub fn succeeded(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Asserts that a command failed and that its stderr says `want`;
+/// returns the stderr.
+pub fn failed_with(out: &std::process::Output, want: &str) -> String {
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "it succeeded: {said}");
+    assert!(said.contains(want), "{said}");
+    said
+}
+
 /// The token a command printed after `label` (`admin token` for `init`,
 /// `token` for `user add`).
 pub fn printed_token(stdout: &str, label: &str) -> String {
@@ -834,12 +843,7 @@ fn the_cli_creates_migrates_and_uses_an_environment_on_postgres() {
         .args(["audit", "verify"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("in use by another process"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    failed_with(&out, "in use by another process");
     drop(held);
 }
 
@@ -1034,12 +1038,7 @@ fn an_environment_moves_from_sled_to_postgres_whole_and_on_the_record() {
         .args(["move-store", "--to", &used])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("already holds"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    failed_with(&out, "already holds");
     assert!(env.join("store").is_dir());
     Cloister::open(&env, "cli").unwrap();
 
@@ -1084,6 +1083,5 @@ fn an_environment_moves_from_sled_to_postgres_whole_and_on_the_record() {
         .args(["move-store", "--to", &url])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already a PostgreSQL database"));
+    failed_with(&out, "already a PostgreSQL database");
 }

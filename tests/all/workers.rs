@@ -12,7 +12,7 @@ use cloister_host::policy::Role;
 use cloister_host::service::{Cloister, ImportOptions, ServiceError, TrainRequest};
 use cloister_host::users::User;
 
-use crate::postgres::PgServer;
+use crate::postgres::{PgServer, failed_with};
 
 /// An environment: its path, a scientist, the approved featurizer.
 struct Env {
@@ -283,12 +283,8 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
     let out = worker(&bare, "w", 3, &["--max-tasks", "1"])
         .wait_with_output()
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        said.contains("keys/work.key: ") && said.contains("copy it from the environment's"),
-        "{said}"
-    );
+    let said = failed_with(&out, "keys/work.key: ");
+    assert!(said.contains("copy it from the environment's"), "{said}");
     assert!(!bare.join("keys").exists());
 
     // Workers are refused for an environment without [workers].
@@ -297,12 +293,7 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
     let out = worker(&e.path, "w", 3, &["--max-tasks", "1"])
         .wait_with_output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("workers.enabled is not set"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    failed_with(&out, "workers.enabled is not set");
 }
 
 #[test]
