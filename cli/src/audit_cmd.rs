@@ -66,7 +66,9 @@ fn parse_decision(s: &str) -> Result<Decision, String> {
 }
 
 pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
-    let s = env.session()?;
+    // Auditors read the log while the environment works: beside a `serve`
+    // on PostgreSQL, these commands append only their own audit entries.
+    let s = env.reading_session()?;
     match cmd {
         AuditCommand::Log {
             actor,

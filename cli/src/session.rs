@@ -60,6 +60,20 @@ impl EnvArgs {
     pub fn session(&self) -> Result<Session> {
         let cloister = Cloister::open(&self.env, "cli")
             .with_context(|| format!("cannot open the environment {}", self.env.display()))?;
+        self.authenticated(cloister)
+    }
+
+    /// Opens the environment to read it, beside a `serve` or job that has
+    /// it open when the store is PostgreSQL (see
+    /// `Cloister::open_reader`), and authenticates the token. For commands
+    /// that change nothing but the audit log.
+    pub fn reading_session(&self) -> Result<Session> {
+        let cloister = Cloister::open_reader(&self.env, "cli")
+            .with_context(|| format!("cannot open the environment {}", self.env.display()))?;
+        self.authenticated(cloister)
+    }
+
+    fn authenticated(&self, cloister: Cloister) -> Result<Session> {
         let token = self
             .token
             .as_deref()

@@ -337,6 +337,22 @@ impl Environment {
 
     /// Opens an existing environment.
     pub fn open(path: &Path) -> Result<Self, EnvError> {
+        Self::open_as(path, false)
+    }
+
+    /// Opens an existing environment to read it beside the process that has
+    /// it open (a `serve`, a job): on PostgreSQL, as a reader of the
+    /// database, whose only writes are audit appends (every operation is
+    /// recorded, reads too); anything else it tries to write is refused.
+    /// A sled store admits one process, so there this opens it as
+    /// [`Environment::open`] does, with the same restriction. Opening to
+    /// read changes nothing: the schema copy in `policies/` is left as it
+    /// is, for the writer to refresh.
+    pub fn open_reader(path: &Path) -> Result<Self, EnvError> {
+        Self::open_as(path, true)
+    }
+
+    fn open_as(path: &Path, reader: bool) -> Result<Self, EnvError> {
         let dir = Dir::open_ambient_dir(path, ambient_authority())
             .map_err(|_| EnvError::NotAnEnvironment(path.to_path_buf()))?;
         let config = read_config(&dir)?;
@@ -371,6 +387,7 @@ impl Environment {
             .map(Objects::open)
             .transpose()?;
         let workers = match (&location, &config, &objects) {
+            _ if reader => None,
             (StoreLocation::Postgres(url), Some(c), Some(_)) => match c.workers.clone() {
                 Some(w) => Some(crate::workers::Workers::connect(url, w, &work_key(&dir)?)?),
                 None => None,
@@ -381,11 +398,20 @@ impl Environment {
             StoreLocation::Sled => Arc::new(SledStorage::open(&path.join("store"), false)?),
             StoreLocation::Postgres(url) => {
                 let secret = dir.read(STORE_KEY_FILE).map_err(file_err(STORE_KEY_FILE))?;
-                Arc::new(PgStorage::open(url, false, &secret)?)
+                if reader {
+                    Arc::new(PgStorage::open_reader(url, &secret)?)
+                } else {
+                    Arc::new(PgStorage::open(url, false, &secret)?)
+                }
             }
         };
+        let store = if reader {
+            Arc::new(crate::audit::AuditOnly::new(store))
+        } else {
+            store
+        };
         // After the store's lock: one process at a time rewrites the copy.
-        let schema_refreshed = refresh_schema(&dir)?;
+        let schema_refreshed = !reader && refresh_schema(&dir)?;
         let format = match (store.get(Space::Meta, FORMAT_KEY), &config) {
             (Err(StoreError::Corrupted(_)), Some(config)) => {
                 return Err(EnvError::Config(format!(

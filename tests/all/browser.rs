@@ -10,7 +10,7 @@
 //! `CLOISTER_REQUIRE_BROWSER=1`, so there the test fails if they are
 //! missing; elsewhere it says it skipped.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,89 +20,11 @@ use cloister_console::{Console, ConsoleConfig};
 use cloister_host::jobs::JobState;
 use cloister_host::policy::Role;
 use cloister_host::service::{Cloister, ImportOptions};
+
+use crate::support::{free_port, http};
 use serde_json::{Value, json};
 
 const PASSWORD: &str = "browser test password";
-
-/// A raw HTTP/1.1 exchange: (status, headers, body).
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-) -> (u16, String, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    let body = body.unwrap_or(b"");
-    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    // Read the head, then exactly the body (a peer may keep the connection
-    // open whatever `Connection: close` says).
-    let mut out = Vec::new();
-    let mut buf = [0u8; 65536];
-    let split = loop {
-        if let Some(p) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p;
-        }
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "connection closed before the response head");
-        out.extend_from_slice(&buf[..n]);
-    };
-    let head = String::from_utf8_lossy(&out[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    let lower = head.to_ascii_lowercase();
-    let mut body = out[split + 4..].to_vec();
-    let length = lower
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    if let Some(len) = length {
-        while body.len() < len {
-            let n = s.read(&mut buf).unwrap();
-            assert!(n > 0, "connection closed inside the body");
-            body.extend_from_slice(&buf[..n]);
-        }
-        body.truncate(len);
-    } else {
-        loop {
-            if lower.contains("transfer-encoding: chunked") && body.ends_with(b"0\r\n\r\n") {
-                break;
-            }
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => body.extend_from_slice(&buf[..n]),
-                Err(e) => panic!("reading a response: {e}"),
-            }
-        }
-        if lower.contains("transfer-encoding: chunked") {
-            body = dechunk(&body);
-        }
-    }
-    (status, head, body)
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
-        b = &b[eol + 2 + n + 2..];
-    }
-    out
-}
 
 /// A WebDriver session.
 struct Browser {
@@ -264,14 +186,6 @@ fn base64_decode(s: &str) -> Vec<u8> {
         }
     }
     out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start_browser(shots: PathBuf, profile: &Path) -> Option<Browser> {

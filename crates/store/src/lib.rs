@@ -195,6 +195,74 @@ pub enum StoreError {
     /// Any other engine error.
     #[error("store error: {0}")]
     Engine(String),
+    /// A [`Storage::commit_if`] found a key changed since it was read (by
+    /// another thread or another process); nothing was written. The caller
+    /// re-reads and tries again.
+    #[error("a concurrent write changed {space:?} key {key} first; nothing was written")]
+    Conflict {
+        /// The space of the key that changed.
+        space: Space,
+        /// The key, printable ASCII as is, anything else as hex.
+        key: String,
+    },
+}
+
+/// What [`Storage::commit_if`] expects a key to hold when it commits:
+/// `Some(value)`, or `None` for "absent".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expect {
+    /// The key's space.
+    pub space: Space,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value it must hold, or `None` if it must be absent.
+    pub value: Option<Vec<u8>>,
+}
+
+impl Expect {
+    /// `key` of `space` must hold `value` (`None`: must be absent).
+    pub fn new(space: Space, key: impl Into<Vec<u8>>, value: Option<Vec<u8>>) -> Self {
+        Self {
+            space,
+            key: key.into(),
+            value,
+        }
+    }
+
+    /// The [`StoreError::Conflict`] naming this key.
+    pub fn conflict(&self) -> StoreError {
+        StoreError::Conflict {
+            space: self.space,
+            key: printable_key(&self.key),
+        }
+    }
+}
+
+/// A key for messages: printable ASCII as is, anything else as hex.
+pub fn printable_key(key: &[u8]) -> String {
+    if key.iter().all(|b| b.is_ascii_graphic()) {
+        String::from_utf8_lossy(key).into_owned()
+    } else {
+        key.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Checks the rule of [`Storage::commit_if`] that every expected key is
+/// also written by the batch.
+pub(crate) fn check_expectations(expect: &[Expect], batch: &WriteBatch) -> Result<(), StoreError> {
+    for e in expect {
+        let written = batch.writes().iter().any(|w| match w {
+            Write::Put(s, k, _) | Write::Delete(s, k) => *s == e.space && *k == e.key,
+        });
+        if !written {
+            return Err(StoreError::Engine(format!(
+                "commit_if expects {:?} key {} without writing it",
+                e.space,
+                printable_key(&e.key)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Adds to `batch` the delete of every key of `space` that starts with
@@ -236,6 +304,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Applies `batch` atomically and durably (see the module docs).
     fn commit(&self, batch: WriteBatch) -> Result<(), StoreError>;
+
+    /// Applies `batch` atomically and durably if, at that moment, every key
+    /// of `expect` holds its expected value; otherwise writes nothing and
+    /// returns [`StoreError::Conflict`]. This is the one read-modify-write
+    /// primitive, and it holds across processes sharing a store (the
+    /// PostgreSQL engine checks inside the transaction that writes). Every
+    /// expected key must also be written by `batch`: a key that is only
+    /// read is an error, since engines guard a key by the write.
+    fn commit_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError>;
 
     /// Applies `batch` atomically, without waiting for durability.
     fn stage(&self, batch: WriteBatch) -> Result<(), StoreError>;

@@ -10,13 +10,17 @@
 //! applies the missing ones and [`PgStorage::open`] refuses a database
 //! whose schema is not this build's.
 //!
-//! **One process per environment**, as with sled: opening takes a session
-//! advisory lock on a dedicated connection, and every write goes through
-//! that same connection. A second process is refused as
+//! **One writing process per environment**, as with sled: opening takes a
+//! session advisory lock on a dedicated connection, and every write goes
+//! through that same connection. A second writer is refused as
 //! [`StoreError::Busy`]; if the connection is lost (the server restarted,
 //! the network failed) the lock is lost with it, and every later write
 //! fails: the environment must be reopened, which takes the lock again and
 //! re-reads everything. Reads use a small pool of other connections.
+//! Beside the writer, any number of *readers* ([`PgStorage::open_reader`])
+//! may have the database open; what they may write is the caller's rule,
+//! and [`Storage::commit_if`] makes a read-modify-write safe between
+//! processes (the audit log appends with it).
 //!
 //! **Row tags.** The database is administered apart from the environment's
 //! directory (which holds the keys), so every value is stored with an
@@ -50,7 +54,10 @@ use tokio_postgres::{Client, Config};
 use super::pg_tls::{MakeRustls, client_config};
 use super::wait_on;
 
-use super::{Entry, Space, Storage, StoreError, Write, WriteBatch, prefix_end};
+use super::{
+    Entry, Expect, Space, Storage, StoreError, Write, WriteBatch, check_expectations, prefix_end,
+    printable_key,
+};
 
 /// The advisory-lock key an open environment holds (`"cloister"` in
 /// ASCII). Advisory locks are per database: one environment per database.
@@ -58,6 +65,10 @@ const ENV_LOCK: i64 = 0x636c_6f69_7374_6572;
 /// A different key for migrations, so `migrate` and `open` exclude each
 /// other through [`ENV_LOCK`] while two migrations also exclude each other.
 const MIGRATE_LOCK: i64 = ENV_LOCK + 1;
+/// Held shared by every open store, the writer's and readers' (see
+/// [`PgStorage::open_reader`]), and exclusively by `migrate`, so that no
+/// schema changes under a process that has the database open.
+const OPEN_LOCK: i64 = ENV_LOCK + 2;
 /// Rows per page of a scan.
 const PAGE: i64 = 512;
 /// Most rows one statement of a commit carries.
@@ -236,7 +247,8 @@ impl std::fmt::Debug for PgStorage {
 struct Inner {
     url: PgUrl,
     tags: RowTags,
-    /// The connection holding [`ENV_LOCK`]; every write uses it.
+    /// The connection holding the locks ([`ENV_LOCK`] for a writer,
+    /// [`OPEN_LOCK`] shared); every write uses it.
     writer: tokio::sync::Mutex<Client>,
     idle: Mutex<Vec<Client>>,
     permits: Arc<tokio::sync::Semaphore>,
@@ -340,7 +352,7 @@ impl RowTags {
             StoreError::Corrupted(format!(
                 "row {}/{} at {url} does not carry this environment's tag: it was changed outside Cloister, or the database belongs to another environment",
                 space_name(space),
-                hex_key(key)
+                printable_key(key)
             ))
         };
         if stored.len() < TAG_LEN {
@@ -360,26 +372,28 @@ fn space_name(space: i16) -> String {
         .map_or_else(|| space.to_string(), |s| format!("{s:?}"))
 }
 
-/// A key for messages: printable ASCII as is, anything else as hex.
-fn hex_key(key: &[u8]) -> String {
-    if key.iter().all(|b| b.is_ascii_graphic()) {
-        String::from_utf8_lossy(key).into_owned()
-    } else {
-        key.iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
 /// How long `open` waits for the environment lock of a process that has
 /// just ended (the server releases it when it notices the connection end).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Takes [`ENV_LOCK`] on `client`'s session, waiting up to [`LOCK_WAIT`].
-async fn try_lock(client: &Client, url: &PgUrl) -> Result<bool, StoreError> {
+/// Takes the advisory lock `key` on `client`'s session (shared or
+/// exclusive), waiting up to [`LOCK_WAIT`]; whether it was taken.
+async fn try_lock(
+    client: &Client,
+    url: &PgUrl,
+    key: i64,
+    shared: bool,
+) -> Result<bool, StoreError> {
+    let sql = if shared {
+        "SELECT pg_try_advisory_lock_shared($1)"
+    } else {
+        "SELECT pg_try_advisory_lock($1)"
+    };
     let start = std::time::Instant::now();
     let mut pause = std::time::Duration::from_millis(5);
     loop {
         let locked: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&ENV_LOCK])
+            .query_one(sql, &[&key])
             .await
             .map_err(pg_err(url))?
             .get(0);
@@ -460,7 +474,10 @@ impl PgStorage {
         let url = url.clone();
         let out = wait_on(&rt, async move {
             let mut client = connect(&url).await?;
-            if !try_lock(&client, &url).await? {
+            if !try_lock(&client, &url, ENV_LOCK, false).await?
+                || !try_lock(&client, &url, OPEN_LOCK, false).await?
+            {
+                let _ = client.execute("SELECT pg_advisory_unlock_all()", &[]).await;
                 return Err(StoreError::Busy);
             }
             let out = apply_migrations(&mut client, &url).await;
@@ -478,6 +495,26 @@ impl PgStorage {
     /// without it, the schema must be exactly this build's. `row_secret`
     /// keys the row tags (at least 32 bytes).
     pub fn open(url: &PgUrl, create: bool, row_secret: &[u8]) -> Result<Self, StoreError> {
+        Self::open_as(url, create, false, row_secret)
+    }
+
+    /// Opens the database beside the process that has it open for writing:
+    /// a *reader* takes no write lock, only the shared lock that keeps
+    /// `migrate` out, so any number of readers and one writer share the
+    /// database. The store does not restrict what a reader writes; the
+    /// caller does (the environment lets a reader append to the audit log
+    /// and nothing else, through [`Storage::commit_if`], which is safe
+    /// across processes).
+    pub fn open_reader(url: &PgUrl, row_secret: &[u8]) -> Result<Self, StoreError> {
+        Self::open_as(url, false, true, row_secret)
+    }
+
+    fn open_as(
+        url: &PgUrl,
+        create: bool,
+        reader: bool,
+        row_secret: &[u8],
+    ) -> Result<Self, StoreError> {
         if row_secret.len() < 32 {
             return Err(StoreError::Engine(
                 "the row-tag secret must be at least 32 bytes".into(),
@@ -491,7 +528,9 @@ impl PgStorage {
         let writer = wait_on(&rt, async move {
             let url = url2;
             let client = connect(&url).await?;
-            if !try_lock(&client, &url).await? {
+            let locked = (reader || try_lock(&client, &url, ENV_LOCK, false).await?)
+                && try_lock(&client, &url, OPEN_LOCK, true).await?;
+            if !locked {
                 return Err(StoreError::Busy);
             }
             let have = current_version(&client, &url).await?;
@@ -587,8 +626,23 @@ impl PgStorage {
         })
     }
 
-    /// Writes `batch` in one transaction on the lock-holding connection.
-    fn write(&self, batch: WriteBatch, durable: bool) -> Result<(), StoreError> {
+    /// Writes `batch` in one transaction on the lock-holding connection;
+    /// with expectations, a `REPEATABLE READ` one that first checks them
+    /// (see [`Storage::commit_if`]).
+    ///
+    /// Why that is enough across processes: every expected key is also
+    /// written, and under `REPEATABLE READ` PostgreSQL refuses to update
+    /// or upsert a row that another transaction changed after this one's
+    /// snapshot (SQLSTATE 40001), so a write that lands between the check
+    /// and the commit fails this transaction instead of being lost. Two
+    /// inserts of a key expected absent collide on the primary key
+    /// (23505). Both become [`StoreError::Conflict`].
+    fn write(
+        &self,
+        batch: WriteBatch,
+        durable: bool,
+        expect: Vec<Expect>,
+    ) -> Result<(), StoreError> {
         // The last write to a key wins, as it would applied in order; what
         // is left is disjoint puts and deletes per space.
         let mut last: BTreeMap<(u8, Vec<u8>), Option<Vec<u8>>> = BTreeMap::new();
@@ -611,9 +665,50 @@ impl PgStorage {
             }
         }
         self.run(move |inner| async move {
-            let err = pg_err(&inner.url);
+            let plain = pg_err(&inner.url);
+            // A refused serialization names the first expected key.
+            let conflict = expect.first().map(Expect::conflict);
+            let err = |e: tokio_postgres::Error| {
+                let code = e.as_db_error().map(|d| d.code().code().to_string());
+                match (&conflict, code.as_deref()) {
+                    (Some(c), Some("40001" | "23505")) => match c {
+                        StoreError::Conflict { space, key } => StoreError::Conflict {
+                            space: *space,
+                            key: key.clone(),
+                        },
+                        _ => plain(e),
+                    },
+                    _ => plain(e),
+                }
+            };
             let mut writer = inner.writer.lock().await;
-            let tx = writer.transaction().await.map_err(&err)?;
+            let tx = if expect.is_empty() {
+                writer.transaction().await.map_err(err)?
+            } else {
+                writer
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .start()
+                    .await
+                    .map_err(err)?
+            };
+            for e in &expect {
+                let space = i16::from(e.space.prefix());
+                let row = tx
+                    .query_opt(
+                        "SELECT value FROM cloister_kv WHERE space = $1 AND key = $2",
+                        &[&space, &e.key],
+                    )
+                    .await
+                    .map_err(err)?;
+                let now = row
+                    .map(|r| inner.tags.open(&inner.url, space, &e.key, r.get(0)))
+                    .transpose()?;
+                if now != e.value {
+                    // Dropping the transaction rolls it back.
+                    return Err(e.conflict());
+                }
+            }
             if !durable {
                 tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
                     .await
@@ -819,11 +914,16 @@ impl Storage for PgStorage {
     }
 
     fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.write(batch, true)
+        self.write(batch, true, Vec::new())
+    }
+
+    fn commit_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError> {
+        check_expectations(expect, &batch)?;
+        self.write(batch, true, expect.to_vec())
     }
 
     fn stage(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.write(batch, false)
+        self.write(batch, false, Vec::new())
     }
 
     /// A round trip on the writer connection: fails once the connection

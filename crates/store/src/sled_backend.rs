@@ -2,13 +2,23 @@
 
 use std::path::Path;
 
-use super::{Entry, Space, Storage, StoreError, Write, WriteBatch, prefix_end};
+use std::sync::Mutex;
+
+use super::{
+    Entry, Expect, Space, Storage, StoreError, Write, WriteBatch, check_expectations, prefix_end,
+};
 
 /// [`Storage`] over one sled tree; each [`Space`] is a one-byte key prefix,
 /// so one `apply_batch` is atomic across spaces.
+///
+/// Only one process opens a sled store, so [`Storage::commit_if`] needs
+/// only this process's writers to wait: every batch is applied under
+/// `apply` (an in-memory step), and the flush that makes it durable runs
+/// outside it, shared by concurrent committers as before.
 #[derive(Debug)]
 pub struct SledStorage {
     db: sled::Db,
+    apply: Mutex<()>,
 }
 
 /// Cache size for sled's page cache. Imports stream through the store, so
@@ -27,7 +37,10 @@ impl SledStorage {
             )));
         }
         let db = open_waiting(path)?;
-        let me = Self { db };
+        let me = Self {
+            db,
+            apply: Mutex::new(()),
+        };
         if create {
             me.sync()?;
             fsync_dir(path)?;
@@ -101,6 +114,10 @@ fn fsync_dir(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+fn poisoned() -> StoreError {
+    StoreError::Engine("the sled apply lock is poisoned".into())
+}
+
 fn map_err(e: sled::Error) -> StoreError {
     match e {
         sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
@@ -160,11 +177,30 @@ impl Storage for SledStorage {
     }
 
     fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.db.apply_batch(Self::to_sled(batch)).map_err(map_err)?;
+        self.stage(batch)?;
+        self.sync()
+    }
+
+    fn commit_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError> {
+        check_expectations(expect, &batch)?;
+        {
+            let _applying = self.apply.lock().map_err(|_| poisoned())?;
+            for e in expect {
+                let now = self
+                    .db
+                    .get(Self::full_key(e.space, &e.key))
+                    .map_err(map_err)?;
+                if now.as_deref() != e.value.as_deref() {
+                    return Err(e.conflict());
+                }
+            }
+            self.db.apply_batch(Self::to_sled(batch)).map_err(map_err)?;
+        }
         self.sync()
     }
 
     fn stage(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let _applying = self.apply.lock().map_err(|_| poisoned())?;
         self.db.apply_batch(Self::to_sled(batch)).map_err(map_err)
     }
 
@@ -202,6 +238,63 @@ mod tests {
         d.delete(Space::Users, b"alice".to_vec());
         s.commit(d)?;
         assert_eq!(s.get(Space::Users, b"alice")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn commit_if_writes_only_what_it_expected_and_counts_exactly_under_threads()
+    -> Result<(), StoreError> {
+        let dir = tempfile::tempdir()?;
+        let s = std::sync::Arc::new(SledStorage::open(&dir.path().join("store"), true)?);
+        let mut b = WriteBatch::new();
+        b.put(Space::Meta, b"n".to_vec(), b"x".to_vec());
+        let stale = [Expect::new(Space::Meta, b"n".to_vec(), Some(b"y".to_vec()))];
+        assert!(matches!(
+            s.commit_if(&stale, b),
+            Err(StoreError::Conflict {
+                space: Space::Meta,
+                ..
+            })
+        ));
+        assert_eq!(s.get(Space::Meta, b"n")?, None);
+        let unwritten = [Expect::new(Space::Meta, b"other".to_vec(), None)];
+        assert!(matches!(
+            s.commit_if(&unwritten, WriteBatch::new()),
+            Err(StoreError::Engine(_))
+        ));
+        // Four threads each add 1 fifty times by read-modify-write.
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let s = std::sync::Arc::clone(&s);
+                std::thread::spawn(move || -> Result<u32, StoreError> {
+                    let mut conflicts = 0;
+                    for _ in 0..50 {
+                        loop {
+                            let seen = s.get(Space::Meta, b"n")?;
+                            let n = seen
+                                .as_deref()
+                                .map_or(0, |v| u32::from_be_bytes(v.try_into().unwrap_or([0; 4])));
+                            let mut b = WriteBatch::new();
+                            b.put(Space::Meta, b"n".to_vec(), (n + 1).to_be_bytes().to_vec());
+                            match s.commit_if(&[Expect::new(Space::Meta, b"n".to_vec(), seen)], b) {
+                                Ok(()) => break,
+                                Err(StoreError::Conflict { .. }) => conflicts += 1,
+                                Err(e) => return Err(e),
+                            }
+                        }
+                    }
+                    Ok(conflicts)
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join()
+                .map_err(|_| StoreError::Engine("thread panicked".into()))??;
+        }
+        assert_eq!(
+            s.get(Space::Meta, b"n")?,
+            Some(200u32.to_be_bytes().to_vec())
+        );
         Ok(())
     }
 

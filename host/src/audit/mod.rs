@@ -35,12 +35,18 @@ use thiserror::Error;
 pub use checkpoint::{AuditKeys, Checkpoint};
 use merkle::{Frontier, Hash};
 
-use crate::store::{Space, Storage, StoreError, WriteBatch};
+use crate::store::{Expect, Space, Storage, StoreError, WriteBatch};
 
 const HEAD_KEY: &[u8] = b"audit-head";
 const FRONTIER_KEY: &[u8] = b"audit-frontier";
 /// Most entries one group commit writes.
 const MAX_GROUP: usize = 4096;
+/// How often [`AuditLog::load_state`] re-reads a state that moved while it
+/// was being read, before it judges what it has.
+const LOAD_TRIES: usize = 100;
+/// How often one group commit is rebuilt after other processes appended
+/// first, before it gives up (without failing the log closed).
+const COMMIT_TRIES: usize = 1000;
 
 /// Errors of the audit log.
 #[derive(Debug, Error)]
@@ -257,6 +263,9 @@ impl Reply {
 struct State {
     frontier: Frontier,
     prev: Hash,
+    /// The tree state's bytes as stored (`None` before the first append):
+    /// what the next group commit expects to replace.
+    stored: Option<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -326,19 +335,43 @@ impl AuditLog {
         })
     }
 
+    /// Reads the tree state, the last entry and the signed head, and checks
+    /// that they agree. Another process may append between these reads (a
+    /// PostgreSQL store shared by several processes); every append changes
+    /// the stored tree state in the same transaction as its entries and
+    /// head, so the reads are repeated until the tree state read last is
+    /// the one read first.
     fn load_state(
         store: &dyn Storage,
         keys: &AuditKeys,
     ) -> Result<(State, Option<String>), AuditError> {
-        let frontier = match store.get(Space::Meta, FRONTIER_KEY)? {
+        let mut tries = 0;
+        loop {
+            let before = store.get(Space::Meta, FRONTIER_KEY)?;
+            let loaded = Self::load_state_from(store, keys, before.clone())?;
+            let after = store.get(Space::Meta, FRONTIER_KEY)?;
+            tries += 1;
+            if before == after || tries >= LOAD_TRIES {
+                return Ok(loaded);
+            }
+        }
+    }
+
+    fn load_state_from(
+        store: &dyn Storage,
+        keys: &AuditKeys,
+        stored: Option<Vec<u8>>,
+    ) -> Result<(State, Option<String>), AuditError> {
+        let frontier = match &stored {
             None => Frontier::new(),
-            Some(b) => match Frontier::from_bytes(&b) {
+            Some(b) => match Frontier::from_bytes(b) {
                 Some(f) => f,
                 None => {
                     return Ok((
                         State {
                             frontier: Frontier::new(),
                             prev: [0; 32],
+                            stored,
                         },
                         Some("the stored tree state is malformed".into()),
                     ));
@@ -383,7 +416,14 @@ impl AuditLog {
                 None => {}
             }
         }
-        Ok((State { frontier, prev }, problem))
+        Ok((
+            State {
+                frontier,
+                prev,
+                stored,
+            },
+            problem,
+        ))
     }
 
     wall! {
@@ -564,95 +604,61 @@ impl AuditLog {
         }
         stored_cps.sort_by_key(|c| c.size);
 
-        let mut frontier = Frontier::new();
-        let mut prev: Hash = [0; 32];
-        let mut cps = stored_cps.iter().peekable();
-        let mut matched = 0;
-        while let Some(cp) = cps.peek() {
-            if cp.size != 0 {
-                break;
-            }
-            if cp.root != frontier.root() {
-                return tampered(0, "a checkpoint of the empty log has the wrong root".into());
-            }
-            cps.next();
-            matched += 1;
+        let mut walk = Walk {
+            keys,
+            frontier: Frontier::new(),
+            prev: [0; 32],
+            cps: stored_cps,
+            next_cp: 0,
+            matched: 0,
+        };
+        if let Some(bad) = walk.checkpoints_at_size()? {
+            return Ok(bad);
         }
-        for item in store.scan(Space::Audit, b"") {
-            let (k, v) = item?;
-            let expect = frontier.size();
-            let key_seq = k.as_slice().try_into().ok().map(u64::from_be_bytes);
-            match key_seq {
-                Some(s) if s == expect => {}
-                Some(s) if s > expect => {
-                    return tampered(
-                        expect,
-                        format!("entry {expect} is missing (the next stored entry is {s})"),
-                    );
-                }
-                _ => {
-                    return tampered(
-                        expect,
-                        format!(
-                            "an entry is stored under a malformed key after entry {}",
-                            expect.saturating_sub(1)
-                        ),
-                    );
-                }
-            }
-            let Some((tag, bytes)) = split_value(&v) else {
-                return tampered(expect, format!("entry {expect} is truncated"));
-            };
-            if !keys.mac_ok(bytes, tag) {
-                return tampered(
-                    expect,
-                    format!("entry {expect} was modified (its authentication tag does not match)"),
-                );
-            }
-            let entry: AuditEntry = match serde_json::from_slice(bytes) {
-                Ok(e) => e,
-                Err(_) => return tampered(expect, format!("entry {expect} is unreadable")),
-            };
-            if entry.seq != expect {
-                return tampered(
-                    expect,
-                    format!(
-                        "entry {expect} is out of place (it is entry {} of the original order)",
-                        entry.seq
-                    ),
-                );
-            }
-            if entry.prev != hex::encode(prev) {
-                return tampered(
-                    expect,
-                    format!(
-                        "entry {expect} does not follow entry {} (the chain is broken: an entry was removed or replaced)",
-                        expect.saturating_sub(1)
-                    ),
-                );
-            }
-            prev = merkle::leaf_hash(bytes);
-            frontier.push(prev);
-            while let Some(cp) = cps.peek() {
-                if cp.size != frontier.size() {
-                    break;
-                }
-                if cp.root != frontier.root() {
-                    return tampered(
-                        cp.size - 1,
-                        format!(
-                            "the first {} entries do not match the checkpoint signed at {}: the log was rewritten or rolled back",
-                            cp.size,
-                            crate::time::rfc3339(cp.time_ms)
-                        ),
-                    );
-                }
-                cps.next();
-                matched += 1;
-            }
+        if let Some(bad) = walk.entries(store.scan(Space::Audit, b""))? {
+            return Ok(bad);
         }
+        // The head is read after the entries: whatever it covers was
+        // committed with it, before it was read. Another process may have
+        // appended after the scan passed (a shared PostgreSQL store); such
+        // entries are read and checked too, until the entries read are the
+        // ones the head covers or a read finds nothing new.
+        let head = loop {
+            let head = match store.get(Space::Meta, HEAD_KEY)? {
+                None => None,
+                Some(text) => {
+                    let head = std::str::from_utf8(&text)
+                        .map_err(|_| AuditError::BadCheckpoint("not text".into()))
+                        .and_then(Checkpoint::parse)
+                        .and_then(|h| h.verify_signature(&keys.public_key()).map(|()| h));
+                    match head {
+                        Ok(h) => Some(h),
+                        Err(_) => {
+                            return tampered(
+                                walk.frontier.size(),
+                                "the signed head is forged or damaged".into(),
+                            );
+                        }
+                    }
+                }
+            };
+            let size = walk.frontier.size();
+            match &head {
+                Some(h) if h.size > size => {
+                    let more = store.scan_from(Space::Audit, &seq_key(size));
+                    if let Some(bad) = walk.entries(more)? {
+                        return Ok(bad);
+                    }
+                    if walk.frontier.size() == size {
+                        break head;
+                    }
+                }
+                _ => break head,
+            }
+        };
+        let frontier = &walk.frontier;
         let size = frontier.size();
-        if let Some(cp) = cps.next() {
+        if let Some(cp) = walk.cps.get(walk.next_cp) {
             return tampered(
                 size,
                 format!(
@@ -662,44 +668,36 @@ impl AuditLog {
                 ),
             );
         }
-        match store.get(Space::Meta, HEAD_KEY)? {
-            Some(text) => {
-                let head = std::str::from_utf8(&text)
-                    .map_err(|_| AuditError::BadCheckpoint("not text".into()))
-                    .and_then(Checkpoint::parse)
-                    .and_then(|h| h.verify_signature(&keys.public_key()).map(|()| h));
-                match head {
-                    Err(_) => return tampered(size, "the signed head is forged or damaged".into()),
-                    Ok(h) if h.size > size => {
-                        return tampered(
-                            size,
-                            format!(
-                                "the signed head covers {} entries but only {size} are stored: entries from {size} on were removed",
-                                h.size
-                            ),
-                        );
-                    }
-                    Ok(h) if h.size < size => {
-                        return tampered(
-                            h.size,
-                            format!(
-                                "entries from {} on are not covered by the signed head: they were added outside cloister",
-                                h.size
-                            ),
-                        );
-                    }
-                    Ok(h) if h.root != frontier.root() => {
-                        return tampered(
-                            size.saturating_sub(1),
-                            "the entries do not match the signed head".into(),
-                        );
-                    }
-                    Ok(_) => {}
-                }
+        match head {
+            Some(h) if h.size > size => {
+                return tampered(
+                    size,
+                    format!(
+                        "the signed head covers {} entries but only {size} are stored: entries from {size} on were removed",
+                        h.size
+                    ),
+                );
             }
+            Some(h) if h.size < size => {
+                return tampered(
+                    h.size,
+                    format!(
+                        "entries from {} on are not covered by the signed head: they were added outside cloister",
+                        h.size
+                    ),
+                );
+            }
+            Some(h) if h.root != frontier.root() => {
+                return tampered(
+                    size.saturating_sub(1),
+                    "the entries do not match the signed head".into(),
+                );
+            }
+            Some(_) => {}
             None if size > 0 => return tampered(0, "the signed head is missing".into()),
             None => {}
         }
+        let matched = walk.matched;
         Ok(Verdict::Intact {
             size,
             root: frontier.root(),
@@ -776,6 +774,202 @@ impl AuditLog {
     }
 }
 
+/// The state of [`AuditLog::verify`] as it reads the entries in order.
+struct Walk<'a> {
+    keys: &'a AuditKeys,
+    frontier: Frontier,
+    prev: Hash,
+    /// Checkpoints to compare against, by size.
+    cps: Vec<Checkpoint>,
+    /// The first checkpoint not yet reached.
+    next_cp: usize,
+    matched: usize,
+}
+
+impl Walk<'_> {
+    /// Compares the checkpoints of the tree's current size with its root.
+    fn checkpoints_at_size(&mut self) -> Result<Option<Verdict>, AuditError> {
+        while let Some(cp) = self.cps.get(self.next_cp) {
+            if cp.size != self.frontier.size() {
+                break;
+            }
+            if cp.root != self.frontier.root() {
+                let reason = if cp.size == 0 {
+                    "a checkpoint of the empty log has the wrong root".to_string()
+                } else {
+                    format!(
+                        "the first {} entries do not match the checkpoint signed at {}: the log was rewritten or rolled back",
+                        cp.size,
+                        crate::time::rfc3339(cp.time_ms)
+                    )
+                };
+                return Ok(Some(Verdict::Tampered {
+                    first_bad: cp.size.saturating_sub(1),
+                    reason,
+                }));
+            }
+            self.next_cp += 1;
+            self.matched += 1;
+        }
+        Ok(None)
+    }
+
+    /// Checks `entries` (stored entries, in key order, starting where the
+    /// walk stands) and adds them to the tree.
+    fn entries(
+        &mut self,
+        entries: impl Iterator<Item = Result<crate::store::Entry, StoreError>>,
+    ) -> Result<Option<Verdict>, AuditError> {
+        let tampered =
+            |first_bad: u64, reason: String| Ok(Some(Verdict::Tampered { first_bad, reason }));
+        for item in entries {
+            let (k, v) = item?;
+            let expect = self.frontier.size();
+            let key_seq = k.as_slice().try_into().ok().map(u64::from_be_bytes);
+            match key_seq {
+                Some(s) if s == expect => {}
+                Some(s) if s > expect => {
+                    return tampered(
+                        expect,
+                        format!("entry {expect} is missing (the next stored entry is {s})"),
+                    );
+                }
+                _ => {
+                    return tampered(
+                        expect,
+                        format!(
+                            "an entry is stored under a malformed key after entry {}",
+                            expect.saturating_sub(1)
+                        ),
+                    );
+                }
+            }
+            let Some((tag, bytes)) = split_value(&v) else {
+                return tampered(expect, format!("entry {expect} is truncated"));
+            };
+            if !self.keys.mac_ok(bytes, tag) {
+                return tampered(
+                    expect,
+                    format!("entry {expect} was modified (its authentication tag does not match)"),
+                );
+            }
+            let entry: AuditEntry = match serde_json::from_slice(bytes) {
+                Ok(e) => e,
+                Err(_) => return tampered(expect, format!("entry {expect} is unreadable")),
+            };
+            if entry.seq != expect {
+                return tampered(
+                    expect,
+                    format!(
+                        "entry {expect} is out of place (it is entry {} of the original order)",
+                        entry.seq
+                    ),
+                );
+            }
+            if entry.prev != hex::encode(self.prev) {
+                return tampered(
+                    expect,
+                    format!(
+                        "entry {expect} does not follow entry {} (the chain is broken: an entry was removed or replaced)",
+                        expect.saturating_sub(1)
+                    ),
+                );
+            }
+            self.prev = merkle::leaf_hash(bytes);
+            self.frontier.push(self.prev);
+            if let Some(bad) = self.checkpoints_at_size()? {
+                return Ok(Some(bad));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A store through which only the audit log writes: its entries, its
+/// checkpoints, its head and tree state. What an environment opened to
+/// read ([`crate::env::Environment::open_reader`]) writes through, so that
+/// a process beside the writer records what it does and changes nothing
+/// else. Reads pass through.
+#[derive(Debug)]
+pub struct AuditOnly {
+    inner: Arc<dyn Storage>,
+}
+
+impl AuditOnly {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Storage>) -> Self {
+        Self { inner }
+    }
+
+    fn check(batch: &WriteBatch) -> Result<(), StoreError> {
+        for w in batch.writes() {
+            let (space, key) = match w {
+                crate::store::Write::Put(s, k, _) | crate::store::Write::Delete(s, k) => (*s, k),
+            };
+            let audit = match space {
+                Space::Audit | Space::Checkpoints => true,
+                Space::Meta => key.as_slice() == HEAD_KEY || key.as_slice() == FRONTIER_KEY,
+                _ => false,
+            };
+            if !audit {
+                return Err(StoreError::Engine(format!(
+                    "this process opened the environment to read beside its writer; it may append to the audit log and nothing else (refused a write to {space:?})"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Storage for AuditOnly {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(space, key)
+    }
+
+    fn scan(
+        &self,
+        space: Space,
+        prefix: &[u8],
+    ) -> Box<dyn Iterator<Item = Result<crate::store::Entry, StoreError>> + Send + '_> {
+        self.inner.scan(space, prefix)
+    }
+
+    fn scan_from(
+        &self,
+        space: Space,
+        from: &[u8],
+    ) -> Box<dyn Iterator<Item = Result<crate::store::Entry, StoreError>> + Send + '_> {
+        self.inner.scan_from(space, from)
+    }
+
+    fn last(&self, space: Space, prefix: &[u8]) -> Result<Option<crate::store::Entry>, StoreError> {
+        self.inner.last(space, prefix)
+    }
+
+    fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        Self::check(&batch)?;
+        self.inner.commit(batch)
+    }
+
+    fn commit_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError> {
+        Self::check(&batch)?;
+        self.inner.commit_if(expect, batch)
+    }
+
+    fn stage(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        Self::check(&batch)?;
+        self.inner.stage(batch)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.inner.sync()
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        self.inner.health()
+    }
+}
+
 fn poisoned() -> AuditError {
     AuditError::Unavailable("internal lock poisoned".into())
 }
@@ -821,8 +1015,50 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<u64, String> {
         .state
         .lock()
         .map_err(|_| "internal lock poisoned".to_string())?;
-    let mut state = state_guard.clone();
-    let first_seq = state.frontier.size();
+    for _ in 0..COMMIT_TRIES {
+        let (batch, state) = build_group(inner, &state_guard, jobs)?;
+        let expect = [Expect::new(
+            Space::Meta,
+            FRONTIER_KEY,
+            state_guard.stored.clone(),
+        )];
+        match inner.store.commit_if(&expect, batch) {
+            Ok(()) => {
+                let first_seq = state_guard.frontier.size();
+                *state_guard = state;
+                return Ok(first_seq);
+            }
+            Err(StoreError::Conflict { .. }) => {
+                // Another process appended since this one last looked:
+                // take up the log where it now ends (checked as at open)
+                // and number this group after it.
+                let reloaded = AuditLog::load_state(inner.store.as_ref(), &inner.keys);
+                match reloaded {
+                    Ok((fresh, None)) => *state_guard = fresh,
+                    Ok((_, Some(problem))) => return Err(fail_closed(inner, problem)),
+                    Err(e) => return Err(fail_closed(inner, format!("an append failed: {e}"))),
+                }
+            }
+            Err(e) => return Err(fail_closed(inner, format!("an append failed: {e}"))),
+        }
+    }
+    Err(format!(
+        "other processes appended first {COMMIT_TRIES} times in a row; the records were not written"
+    ))
+}
+
+/// Marks the log failed (no more appends) and returns why.
+fn fail_closed(inner: &Inner, why: String) -> String {
+    inner.failed.store(true, Ordering::SeqCst);
+    if let Ok(mut f) = inner.failure.lock() {
+        *f = why.clone();
+    }
+    why
+}
+
+/// The batch that appends `jobs` after `from`, and the state after it.
+fn build_group(inner: &Inner, from: &State, jobs: &[Job]) -> Result<(WriteBatch, State), String> {
+    let mut state = from.clone();
     let now = crate::time::now_ms();
     let mut batch = WriteBatch::new();
     for job in jobs {
@@ -861,23 +1097,98 @@ fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<u64, String> {
         now,
     );
     batch.put(Space::Meta, HEAD_KEY.to_vec(), head.to_text().into_bytes());
-    batch.put(
-        Space::Meta,
-        FRONTIER_KEY.to_vec(),
-        state.frontier.to_bytes(),
-    );
-    match inner.store.commit(batch) {
-        Ok(()) => {
-            *state_guard = state;
-            Ok(first_seq)
+    let stored = state.frontier.to_bytes();
+    batch.put(Space::Meta, FRONTIER_KEY.to_vec(), stored.clone());
+    state.stored = Some(stored);
+    Ok((batch, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStorage;
+
+    fn keys() -> Arc<AuditKeys> {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+        Arc::new(AuditKeys::new(pkcs8.as_ref(), &[9; 32]).expect("keys"))
+    }
+
+    fn record(actor: &str) -> AuditRecord {
+        AuditRecord {
+            actor: actor.into(),
+            action: "list_datasets".into(),
+            resource: "Cloister::Environment::\"env\"".into(),
+            decision: Decision::Allow,
+            policies: vec![],
+            params: String::new(),
+            outcome: None,
+            serving: None,
         }
-        Err(e) => {
-            let why = format!("an append failed: {e}");
-            inner.failed.store(true, Ordering::SeqCst);
-            if let Ok(mut f) = inner.failure.lock() {
-                *f = why.clone();
+    }
+
+    /// Two logs over one store stand for two processes: each appends after
+    /// the other's entries (re-reading the tree when its expectation
+    /// fails), and the result is one log that verifies.
+    #[test]
+    fn two_logs_on_one_store_append_in_one_order_that_verifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Storage> =
+            Arc::new(SledStorage::open(&dir.path().join("store"), true).expect("store"));
+        let keys = keys();
+        let a = AuditLog::open(Arc::clone(&store), Arc::clone(&keys), "env", 7).expect("a");
+        let b = AuditLog::open(Arc::clone(&store), Arc::clone(&keys), "env", 7).expect("b");
+        std::thread::scope(|s| {
+            for (log, who) in [(&a, "a"), (&b, "b")] {
+                for _ in 0..3 {
+                    s.spawn(move || {
+                        for _ in 0..30 {
+                            log.append(record(who)).expect("append");
+                        }
+                    });
+                }
             }
-            Err(why)
+        });
+        match a.verify(None).expect("verify") {
+            Verdict::Intact {
+                size, checkpoints, ..
+            } => {
+                assert_eq!(size, 180);
+                assert_eq!(checkpoints, 25);
+            }
+            v => panic!("{v:?}"),
         }
+        let all = b.query(&AuditFilter::default()).expect("query");
+        assert_eq!(all.iter().filter(|e| e.record.actor == "a").count(), 90);
+        assert_eq!(all.iter().filter(|e| e.record.actor == "b").count(), 90);
+    }
+
+    #[test]
+    fn a_reader_store_writes_the_audit_log_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner: Arc<dyn Storage> =
+            Arc::new(SledStorage::open(&dir.path().join("store"), true).expect("store"));
+        let reader: Arc<dyn Storage> = Arc::new(AuditOnly::new(Arc::clone(&inner)));
+        let log = AuditLog::open(Arc::clone(&reader), keys(), "env", 2).expect("log");
+        for _ in 0..3 {
+            log.append(record("aud")).expect("append");
+        }
+        log.checkpoint().expect("checkpoint");
+        for (space, key) in [
+            (Space::Users, b"eve".as_slice()),
+            (Space::Meta, b"format".as_slice()),
+            (Space::Models, b"m-1".as_slice()),
+        ] {
+            let mut b = WriteBatch::new();
+            b.put(space, key.to_vec(), b"x".to_vec());
+            let err = reader.commit(b.clone()).expect_err("refused");
+            assert!(err.to_string().contains("nothing else"), "{err}");
+            assert!(reader.stage(b).is_err());
+            assert_eq!(inner.get(space, key).expect("get"), None);
+        }
+        assert!(matches!(
+            log.verify(None).expect("verify"),
+            Verdict::Intact { size: 3, .. }
+        ));
     }
 }

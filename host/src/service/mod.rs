@@ -206,6 +206,15 @@ impl Cloister {
         Ok(Self::new(env, channel))
     }
 
+    /// Opens the environment at `path` to read it beside the process that
+    /// has it open (see [`Environment::open_reader`]): every operation is
+    /// authorized and audited as always, and any operation that would
+    /// change the environment fails (after its audit entry) with a store
+    /// error. Nothing is recovered or refreshed; that is the writer's.
+    pub fn open_reader(path: &Path, channel: &'static str) -> Result<Self, ServiceError> {
+        Ok(Self::new(Environment::open_reader(path)?, channel))
+    }
+
     /// Applies the store's missing schema migrations (`cloister migrate`),
     /// then opens the environment and records them in the audit log as the
     /// host's own maintenance. Returns the versions applied.
