@@ -10,6 +10,12 @@
 //! `store-bench audit --writers W --appends N`: durable audit appends from W
 //! concurrent threads (group commit), against one writer in the same run:
 //! appends/s and latency percentiles.
+//!
+//! `store-bench processes --store URL --processes 1,2,4`: durable audit
+//! appends into one PostgreSQL environment from several processes at once
+//! (each opens it as a reader, whose writes are audit appends, and appends
+//! from its own threads), against one process on sled in the same run:
+//! what a log shared by several processes costs.
 
 #![allow(clippy::print_stdout)]
 
@@ -135,16 +141,9 @@ fn audit_run(c: &Cloister, writers: usize, per_writer: usize) -> Result<(f64, Ve
                     let mut lat = Vec::with_capacity(per_writer);
                     for n in 0..per_writer {
                         let t = Instant::now();
-                        c.env().audit().append(AuditRecord {
-                            actor: format!("writer{w}"),
-                            action: "bench".into(),
-                            resource: format!("Dataset::\"d{n}\""),
-                            decision: Decision::Allow,
-                            policies: vec!["bench".into()],
-                            params: "0".repeat(64),
-                            outcome: None,
-                            serving: None,
-                        })?;
+                        c.env()
+                            .audit()
+                            .append(bench_record(&format!("writer{w}"), n))?;
                         lat.push(t.elapsed());
                     }
                     Ok(lat)
@@ -211,6 +210,162 @@ fn audit(writers: usize, appends: usize, store: &str) -> Result<()> {
     Ok(())
 }
 
+fn bench_record(who: &str, n: usize) -> AuditRecord {
+    AuditRecord {
+        actor: who.to_string(),
+        action: "bench".into(),
+        resource: format!("Dataset::\"d{n}\""),
+        decision: Decision::Allow,
+        policies: vec!["bench".into()],
+        params: "0".repeat(64),
+        outcome: None,
+        serving: None,
+    }
+}
+
+/// One appending process of `processes`: opens the environment beside
+/// the others, says `ready`, waits for `go` on stdin, appends from
+/// `writers` threads, and prints its latencies in microseconds.
+fn append_child(env: &Path, writers: usize, appends: usize) -> Result<()> {
+    let c = Cloister::open_reader(env, "cli")?;
+    let who = format!("process{}", std::process::id());
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let lat = std::thread::scope(|s| -> Result<Vec<Duration>> {
+        let handles: Vec<_> = (0..writers)
+            .map(|_| {
+                let who = &who;
+                let c = &c;
+                s.spawn(move || -> Result<Vec<Duration>> {
+                    let mut lat = Vec::new();
+                    for n in 0..appends / writers {
+                        let t = Instant::now();
+                        c.env().audit().append(bench_record(who, n))?;
+                        lat.push(t.elapsed());
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??);
+        }
+        Ok(all)
+    })?;
+    let text: Vec<String> = lat.iter().map(|d| d.as_micros().to_string()).collect();
+    println!("{}", text.join(" "));
+    Ok(())
+}
+
+/// `processes` appending processes into the environment at `env`: the
+/// rate over the wall time from `go` to the last one's end, and every
+/// append's latency.
+fn processes_run(
+    env: &Path,
+    processes: usize,
+    writers: usize,
+    appends: usize,
+) -> Result<(f64, Vec<Duration>)> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let me = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for _ in 0..processes {
+        let mut child = Command::new(&me)
+            .args(["append-child", "--env"])
+            .arg(env)
+            .args(["--writers", &writers.to_string()])
+            .args(["--appends", &(appends / processes).to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut out = BufReader::new(
+            child
+                .stdout
+                .take()
+                .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+        );
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("an appending process did not start: {line}");
+        }
+        children.push((child, out));
+    }
+    let t = Instant::now();
+    for (child, _) in &mut children {
+        let stdin = child
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+        stdin.write_all(b"go\n")?;
+        stdin.flush()?;
+    }
+    let mut lat = Vec::new();
+    for (mut child, mut out) in children {
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if !child.wait()?.success() {
+            bail!("an appending process failed");
+        }
+        for us in line.split_whitespace() {
+            lat.push(Duration::from_micros(us.parse()?));
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    lat.sort();
+    Ok((lat.len() as f64 / secs, lat))
+}
+
+fn processes(store: &str, counts: &[usize], writers: usize, appends: usize) -> Result<()> {
+    let report = |label: &str, rate: f64, lat: &[Duration]| {
+        println!(
+            "{label}: {rate:.0} appends/s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            percentile(lat, 0.5),
+            percentile(lat, 0.99),
+            percentile(lat, 1.0)
+        );
+    };
+    let dir = tempfile::tempdir()?;
+    let sled_env = dir.path().join("sled");
+    drop(Cloister::init(&sled_env, "root")?);
+    let (sled_rate, lat) = processes_run(&sled_env, 1, writers, appends)?;
+    report(
+        &format!("sled, 1 process x {writers} threads"),
+        sled_rate,
+        &lat,
+    );
+    let pg_env = dir.path().join("pg");
+    let (c, _) = Cloister::init_with(&pg_env, "root", store)?;
+    println!("store: {}", c.store_location());
+    drop(c);
+    let mut first = None;
+    for &p in counts {
+        let (rate, lat) = processes_run(&pg_env, p, writers, appends)?;
+        let base = *first.get_or_insert(rate);
+        report(
+            &format!(
+                "PostgreSQL, {p} process(es) x {writers} threads ({:.2}x 1 process, {:.2}x sled)",
+                rate / base,
+                rate / sled_rate
+            ),
+            rate,
+            &lat,
+        );
+    }
+    let c = Cloister::open(&pg_env, "cli")?;
+    match c.env().audit().verify(None)? {
+        cloister_host::audit::Verdict::Intact { size, .. } => {
+            println!("the shared log verifies: {size} entries")
+        }
+        v => bail!("the shared log does not verify after the benchmark: {v:?}"),
+    }
+    Ok(())
+}
+
 /// Store and audit benchmarks.
 #[derive(Debug, clap::Parser)]
 #[command(name = "store-bench")]
@@ -242,6 +397,32 @@ enum Bench {
         #[arg(long, default_value = "sled")]
         store: String,
     },
+    /// Durable audit appends from several processes sharing one
+    /// PostgreSQL environment, against one process on sled.
+    Processes {
+        /// A postgres:// URL naming an empty database.
+        #[arg(long)]
+        store: String,
+        /// How many processes, one run each (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        processes: Vec<usize>,
+        /// Appending threads in each process.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        /// Appends in all, per run.
+        #[arg(long, default_value_t = 8000)]
+        appends: usize,
+    },
+    /// One process of `processes` (started by it).
+    #[command(hide = true)]
+    AppendChild {
+        #[arg(long)]
+        env: std::path::PathBuf,
+        #[arg(long)]
+        writers: usize,
+        #[arg(long)]
+        appends: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -257,5 +438,16 @@ fn main() -> Result<()> {
             appends,
             store,
         } => audit(writers, appends, &store),
+        Bench::Processes {
+            store,
+            processes: counts,
+            writers,
+            appends,
+        } => processes(&store, &counts, writers, appends),
+        Bench::AppendChild {
+            env,
+            writers,
+            appends,
+        } => append_child(&env, writers, appends),
     }
 }

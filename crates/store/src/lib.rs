@@ -314,6 +314,21 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// read is an error, since engines guard a key by the write.
     fn commit_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError>;
 
+    /// Runs `f` holding the lock `name`, which excludes every other holder
+    /// of that name in any process sharing the store, and returns what `f`
+    /// returned. Not reentrant. [`Storage::commit_if`] is what keeps a
+    /// read-modify-write correct; this lock only spares the work that
+    /// collisions cost when several processes update the same keys at
+    /// once, so an engine only one process opens (sled) runs `f` at once.
+    fn exclusive(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let _ = name;
+        f()
+    }
+
     /// Applies `batch` atomically, without waiting for durability.
     fn stage(&self, batch: WriteBatch) -> Result<(), StoreError>;
 

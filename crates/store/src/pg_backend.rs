@@ -252,6 +252,9 @@ struct Inner {
     writer: tokio::sync::Mutex<Client>,
     idle: Mutex<Vec<Client>>,
     permits: Arc<tokio::sync::Semaphore>,
+    /// The connection that holds [`Storage::exclusive`] locks (connected
+    /// at first use), and the in-process turn to use it.
+    locker: Mutex<Option<Arc<Client>>>,
 }
 
 pub(crate) fn pg_err(url: &PgUrl) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
@@ -579,6 +582,7 @@ impl PgStorage {
                 writer: tokio::sync::Mutex::new(writer),
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(tokio::sync::Semaphore::new(POOL)),
+                locker: Mutex::new(None),
             }),
         })
     }
@@ -920,6 +924,49 @@ impl Storage for PgStorage {
     fn commit_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError> {
         check_expectations(expect, &batch)?;
         self.write(batch, true, expect.to_vec())
+    }
+
+    /// A session advisory lock on a connection of its own (so that waiting
+    /// for it holds up no other statement of this process), keyed by the
+    /// first 8 bytes of the SHA-256 of `name`. If that connection is lost
+    /// while `f` runs, the lock is lost with it; [`Storage::commit_if`]
+    /// still keeps `f`'s writes correct.
+    fn exclusive(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut turn = self.inner.locker.lock().map_err(|_| poisoned())?;
+        let client = match turn.as_ref() {
+            Some(c) if !c.is_closed() => Arc::clone(c),
+            _ => {
+                let c = Arc::new(self.run(|inner| async move { connect(&inner.url).await })?);
+                *turn = Some(Arc::clone(&c));
+                c
+            }
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest.as_ref()[..8]);
+        let key = i64::from_be_bytes(first);
+        let locking = Arc::clone(&client);
+        self.run(move |inner| async move {
+            locking
+                .execute("SELECT pg_advisory_lock($1)", &[&key])
+                .await
+                .map_err(pg_err(&inner.url))
+                .map(|_| ())
+        })?;
+        let out = f();
+        let unlocked = self.run(move |inner| async move {
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&key])
+                .await
+                .map_err(pg_err(&inner.url))
+                .map(|_| ())
+        });
+        drop(turn);
+        out.and(unlocked)
     }
 
     fn stage(&self, batch: WriteBatch) -> Result<(), StoreError> {

@@ -47,6 +47,11 @@ const LOAD_TRIES: usize = 100;
 /// How often one group commit is rebuilt after other processes appended
 /// first, before it gives up (without failing the log closed).
 const COMMIT_TRIES: usize = 1000;
+/// The name of the store's lock that appends of several processes take
+/// once they collide (see [`Storage::exclusive`]).
+const APPEND_LOCK: &str = "cloister-audit-append";
+/// How long a process that collided keeps appending under that lock.
+const CONTENDED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Errors of the audit log.
 #[derive(Debug, Error)]
@@ -70,6 +75,11 @@ pub enum AuditError {
     /// A proof file is malformed.
     #[error("proof: {0}")]
     BadProof(String),
+    /// Other processes appended so fast that this one could not read a
+    /// consistent state of the log; nothing was written, and the log stays
+    /// open (try again).
+    #[error("the audit log is too busy ({0}); try again")]
+    Busy(String),
 }
 
 /// Outcome of the authorization check, as recorded.
@@ -345,16 +355,18 @@ impl AuditLog {
         store: &dyn Storage,
         keys: &AuditKeys,
     ) -> Result<(State, Option<String>), AuditError> {
-        let mut tries = 0;
-        loop {
+        for _ in 0..LOAD_TRIES {
             let before = store.get(Space::Meta, FRONTIER_KEY)?;
             let loaded = Self::load_state_from(store, keys, before.clone())?;
             let after = store.get(Space::Meta, FRONTIER_KEY)?;
-            tries += 1;
-            if before == after || tries >= LOAD_TRIES {
+            if before == after {
                 return Ok(loaded);
             }
         }
+        // Not a finding about the log: it is not failed closed for this.
+        Err(AuditError::Busy(format!(
+            "the log moved {LOAD_TRIES} times while it was being read"
+        )))
     }
 
     fn load_state_from(
@@ -965,6 +977,14 @@ impl Storage for AuditOnly {
         self.inner.sync()
     }
 
+    fn exclusive(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.inner.exclusive(name, f)
+    }
+
     fn health(&self) -> Result<(), StoreError> {
         self.inner.health()
     }
@@ -988,6 +1008,9 @@ impl Drop for AuditLog {
 }
 
 fn committer(inner: &Inner, rx: &Receiver<Job>) {
+    // Until when this process appends under the store's lock (see
+    // `commit_group`).
+    let mut contended_until: Option<std::time::Instant> = None;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -996,7 +1019,7 @@ fn committer(inner: &Inner, rx: &Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let result = commit_group(inner, &jobs);
+        let result = commit_group(inner, &jobs, &mut contended_until);
         for (i, job) in jobs.into_iter().enumerate() {
             let reply = match &result {
                 Ok(first_seq) => Ok(first_seq + i as u64),
@@ -1007,44 +1030,98 @@ fn committer(inner: &Inner, rx: &Receiver<Job>) {
     }
 }
 
-fn commit_group(inner: &Inner, jobs: &[Job]) -> Result<u64, String> {
+fn commit_group(
+    inner: &Inner,
+    jobs: &[Job],
+    contended_until: &mut Option<std::time::Instant>,
+) -> Result<u64, String> {
     if inner.failed.load(Ordering::SeqCst) {
         return Err(inner.failure.lock().map(|s| s.clone()).unwrap_or_default());
     }
-    let mut state_guard = inner
+    let mut state = inner
         .state
         .lock()
         .map_err(|_| "internal lock poisoned".to_string())?;
-    for _ in 0..COMMIT_TRIES {
-        let (batch, state) = build_group(inner, &state_guard, jobs)?;
-        let expect = [Expect::new(
-            Space::Meta,
-            FRONTIER_KEY,
-            state_guard.stored.clone(),
-        )];
-        match inner.store.commit_if(&expect, batch) {
-            Ok(()) => {
-                let first_seq = state_guard.frontier.size();
-                *state_guard = state;
-                return Ok(first_seq);
-            }
-            Err(StoreError::Conflict { .. }) => {
-                // Another process appended since this one last looked:
-                // take up the log where it now ends (checked as at open)
-                // and number this group after it.
-                let reloaded = AuditLog::load_state(inner.store.as_ref(), &inner.keys);
-                match reloaded {
-                    Ok((fresh, None)) => *state_guard = fresh,
-                    Ok((_, Some(problem))) => return Err(fail_closed(inner, problem)),
-                    Err(e) => return Err(fail_closed(inner, format!("an append failed: {e}"))),
-                }
-            }
-            Err(e) => return Err(fail_closed(inner, format!("an append failed: {e}"))),
+    // Alone on the log (always, on sled), the first try commits.
+    let now = std::time::Instant::now();
+    if contended_until.is_none_or(|until| now >= until) {
+        if let Some(first_seq) = try_commit(inner, &mut state, jobs)? {
+            return Ok(first_seq);
         }
     }
-    Err(format!(
-        "other processes appended first {COMMIT_TRIES} times in a row; the records were not written"
-    ))
+    // Another process appended first. Rather than race it again, append
+    // under the store's lock on appends, as every process does for a while
+    // once it has collided; under it, read first whether the log moved.
+    *contended_until = Some(now + CONTENDED_FOR);
+    let mut outcome: Option<Result<u64, String>> = None;
+    let locked = inner.store.exclusive(APPEND_LOCK, &mut || {
+        for _ in 0..COMMIT_TRIES {
+            if let Err(why) = follow(inner, &mut state) {
+                outcome = Some(Err(why));
+                break;
+            }
+            match try_commit(inner, &mut state, jobs) {
+                Ok(None) => continue,
+                Ok(Some(first_seq)) => {
+                    outcome = Some(Ok(first_seq));
+                    break;
+                }
+                Err(why) => {
+                    outcome = Some(Err(why));
+                    break;
+                }
+            }
+        }
+        Ok(())
+    });
+    match (outcome, locked) {
+        (Some(done), _) => done,
+        (None, Err(e)) => Err(format!(
+            "the records were not written: the lock on appends failed: {e}"
+        )),
+        (None, Ok(())) => Err(format!(
+            "other processes appended first {COMMIT_TRIES} times in a row; the records were not written"
+        )),
+    }
+}
+
+/// Brings `state` up to the log as stored, if another process moved it
+/// (checked as at open). An error has failed the log closed.
+fn follow(inner: &Inner, state: &mut State) -> Result<(), String> {
+    let stored = inner
+        .store
+        .get(Space::Meta, FRONTIER_KEY)
+        .map_err(|e| fail_closed(inner, format!("an append failed: {e}")))?;
+    if stored == state.stored {
+        return Ok(());
+    }
+    match AuditLog::load_state(inner.store.as_ref(), &inner.keys) {
+        Ok((fresh, None)) => {
+            *state = fresh;
+            Ok(())
+        }
+        Ok((_, Some(problem))) => Err(fail_closed(inner, problem)),
+        Err(e @ AuditError::Busy(_)) => Err(format!("the records were not written: {e}")),
+        Err(e) => Err(fail_closed(inner, format!("an append failed: {e}"))),
+    }
+}
+
+/// One try at appending `jobs` after `state`: the first sequence number
+/// if they are committed; `None` if another process appended first, in
+/// which case `state` is now the log as it stands (checked as at open).
+/// An error has failed the log closed.
+fn try_commit(inner: &Inner, state: &mut State, jobs: &[Job]) -> Result<Option<u64>, String> {
+    let (batch, next) = build_group(inner, state, jobs)?;
+    let expect = [Expect::new(Space::Meta, FRONTIER_KEY, state.stored.clone())];
+    match inner.store.commit_if(&expect, batch) {
+        Ok(()) => {
+            let first_seq = state.frontier.size();
+            *state = next;
+            Ok(Some(first_seq))
+        }
+        Err(StoreError::Conflict { .. }) => follow(inner, state).map(|()| None),
+        Err(e) => Err(fail_closed(inner, format!("an append failed: {e}"))),
+    }
 }
 
 /// Marks the log failed (no more appends) and returns why.
