@@ -297,6 +297,32 @@ pub fn put(store: &dyn Storage, manifest: &ModelManifest) -> Result<(), ModelErr
     Ok(store.commit(b)?)
 }
 
+/// Changes a stored manifest with `change`, which sees the manifest as it
+/// is stored at that moment and may refuse; a concurrent change to the same
+/// model makes it run again on the newer manifest rather than be lost.
+pub fn update(
+    store: &dyn Storage,
+    id: &str,
+    mut change: impl FnMut(&mut ModelManifest) -> Result<(), ModelError>,
+) -> Result<ModelManifest, ModelError> {
+    crate::store::update(store, &[(Space::Models, id.as_bytes())], |values| {
+        let bytes = values
+            .first()
+            .and_then(|v| v.as_deref())
+            .ok_or_else(|| ModelError::Unknown(id.to_string()))?;
+        let mut m: ModelManifest = serde_json::from_slice(bytes)
+            .map_err(|_| ModelError::Damaged(format!("manifest of {id}")))?;
+        change(&mut m)?;
+        let mut b = WriteBatch::new();
+        b.put(
+            Space::Models,
+            id.as_bytes().to_vec(),
+            serde_json::to_vec(&m).map_err(|e| ModelError::Damaged(e.to_string()))?,
+        );
+        Ok((b, m))
+    })
+}
+
 /// Reads a manifest.
 pub fn get(store: &dyn Storage, id: &str) -> Result<ModelManifest, ModelError> {
     let v = store

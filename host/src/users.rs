@@ -105,8 +105,28 @@ fn new_token() -> Result<(String, String), UserError> {
     Ok((token, hash))
 }
 
+/// Creates a user; returns them with the token. Of two creations of one
+/// name at once, one is refused as existing.
+pub(crate) fn add(
+    store: &dyn Storage,
+    name: &str,
+    roles: &[Role],
+) -> Result<(User, String), UserError> {
+    let (batch, user, token) = create(store, name, roles)?;
+    let absent = [crate::store::Expect::new(
+        Space::Users,
+        name.as_bytes(),
+        None,
+    )];
+    match store.commit_if(&absent, batch) {
+        Ok(()) => Ok((user, token)),
+        Err(StoreError::Conflict { .. }) => Err(UserError::Exists(name.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Writes for a new user; returns them with the token.
-pub(crate) fn create(
+fn create(
     store: &dyn Storage,
     name: &str,
     roles: &[Role],
@@ -178,13 +198,22 @@ pub fn list(store: &dyn Storage) -> Result<Vec<User>, UserError> {
 }
 
 /// Writes that disable a user and revoke their token.
-pub(crate) fn disable(store: &dyn Storage, name: &str) -> Result<WriteBatch, UserError> {
-    let mut user = get(store, name)?;
-    user.disabled = true;
-    let mut b = WriteBatch::new();
-    b.delete(Space::Tokens, user.token_sha256.clone().into_bytes());
-    b.put(Space::Users, name.as_bytes().to_vec(), encode(&user)?);
-    Ok(b)
+pub(crate) fn disable(store: &dyn Storage, name: &str) -> Result<(), UserError> {
+    // On the row as stored when the write lands: a concurrent change to
+    // the user cannot bring the old token back.
+    crate::store::update(store, &[(Space::Users, name.as_bytes())], |values| {
+        let bytes = values
+            .first()
+            .and_then(|v| v.as_deref())
+            .ok_or_else(|| UserError::Unknown(name.to_string()))?;
+        let mut user: User =
+            serde_json::from_slice(bytes).map_err(|_| UserError::Damaged(name.to_string()))?;
+        user.disabled = true;
+        let mut b = WriteBatch::new();
+        b.delete(Space::Tokens, user.token_sha256.clone().into_bytes());
+        b.put(Space::Users, name.as_bytes().to_vec(), encode(&user)?);
+        Ok((b, ()))
+    })
 }
 
 /// The user a token belongs to. Unknown, malformed and disabled-user tokens
@@ -280,6 +309,36 @@ pub fn check_password(store: &dyn Storage, name: &str, password: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Creating one name from several threads at once: one user, one
+    /// valid token, the others refused as existing. Disabling revokes the
+    /// token that is stored, whoever wrote it.
+    #[test]
+    fn one_name_created_at_once_makes_one_user_and_disabling_revokes_its_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStorage::open(&dir.path().join("s"), true).unwrap();
+        let made: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| add(&store, "bob", &[Role::Scientist])))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let tokens: Vec<&String> = made
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|(_, t)| t)
+            .collect();
+        assert_eq!(tokens.len(), 1);
+        assert!(
+            made.iter()
+                .filter_map(|r| r.as_ref().err())
+                .all(|e| matches!(e, UserError::Exists(n) if n == "bob"))
+        );
+        assert_eq!(authenticate(&store, tokens[0]).unwrap().name, "bob");
+        disable(&store, "bob").unwrap();
+        assert!(authenticate(&store, tokens[0]).is_err());
+        assert!(get(&store, "bob").unwrap().disabled);
+    }
 
     #[test]
     fn names_are_checked() {

@@ -330,6 +330,67 @@ fn a_model_without_a_passing_report_cannot_be_approved_or_exported() {
     );
 }
 
+/// The release gate's steps are each checked and changed in one step:
+/// of several requests at once one lands, and of approvals and rejections
+/// at once exactly one decides, the stored release saying which.
+#[test]
+fn concurrent_release_requests_and_decisions_land_exactly_once() {
+    let Fx {
+        _dir,
+        c,
+        sci,
+        rev,
+        appr,
+        ..
+    } = fx();
+    let e = c
+        .add_plugin(
+            &sci,
+            cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
+        )
+        .unwrap();
+    c.approve_plugin(&rev, &e.digest).unwrap();
+    let req = cloister_host::service::TrainRequest {
+        dataset: "d".into(),
+        preprocess: vec![],
+        features: e.digest,
+        template: "logreg".into(),
+        sets: vec![],
+        split_seed: None,
+    };
+    let m = c.train_model(&sci, &req, &mut |_| {}).unwrap();
+    let requested: Vec<bool> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let (c, sci, id) = (&c, &sci, &m.id);
+                s.spawn(move || c.request_release(sci, id, &format!("reason {i}")).is_ok())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(requested.iter().filter(|ok| **ok).count(), 1);
+    let decided: Vec<(bool, bool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let (c, appr, id) = (&c, &appr, &m.id);
+                let approve = i % 2 == 0;
+                s.spawn(move || (approve, c.decide_release(appr, id, approve).is_ok()))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let landed: Vec<bool> = decided
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(approve, _)| *approve)
+        .collect();
+    assert_eq!(landed.len(), 1, "{decided:?}");
+    let stored = c.show_model(&sci, &m.id).unwrap();
+    let want = if landed[0] { "approved" } else { "rejected" };
+    assert_eq!(stored.release.decision.as_deref(), Some(want));
+    assert_eq!(stored.release.decided_by.as_deref(), Some("appr"));
+}
+
 #[test]
 fn policies_read_the_report_figures_and_an_older_environment_gets_the_new_schema() {
     let Fx {

@@ -265,6 +265,43 @@ pub(crate) fn check_expectations(expect: &[Expect], batch: &WriteBatch) -> Resul
     Ok(())
 }
 
+/// Most tries of [`update`] before it reports the last conflict.
+pub const UPDATE_TRIES: usize = 64;
+
+/// A read-modify-write of `keys` that no concurrent writer can undo: reads
+/// their values, lets `build` make a batch from them (the batch must write
+/// every key read; see [`Storage::commit_if`]) and a result, and commits it
+/// only if the keys still hold what was read. On a conflict it reads and
+/// builds again, so `build` must be a function of the values alone (it
+/// re-checks whatever it checked), at most [`UPDATE_TRIES`] times.
+pub fn update<T, E: From<StoreError>>(
+    store: &dyn Storage,
+    keys: &[(Space, &[u8])],
+    mut build: impl FnMut(&[Option<Vec<u8>>]) -> Result<(WriteBatch, T), E>,
+) -> Result<T, E> {
+    let mut last = None;
+    for _ in 0..UPDATE_TRIES {
+        let values = keys
+            .iter()
+            .map(|(space, key)| store.get(*space, key))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (batch, out) = build(&values)?;
+        let expect: Vec<Expect> = keys
+            .iter()
+            .zip(values)
+            .map(|((space, key), value)| Expect::new(*space, key.to_vec(), value))
+            .collect();
+        match store.commit_if(&expect, batch) {
+            Ok(()) => return Ok(out),
+            Err(e @ StoreError::Conflict { .. }) => last = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| StoreError::Engine("update made no try".into()))
+        .into())
+}
+
 /// Adds to `batch` the delete of every key of `space` that starts with
 /// `prefix`.
 pub fn delete_prefixed(

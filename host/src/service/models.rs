@@ -38,25 +38,28 @@ impl Cloister {
         id: &str,
         reason: &str,
     ) -> Result<crate::models::ModelManifest, ServiceError> {
-        let mut m = self.model_for(
+        self.model_for(
             who,
             Action::RequestRelease,
             id,
             &(id, Digest::of(reason.as_bytes()).to_hex()),
         )?;
-        if m.release.requested_by.is_some() {
-            return Err(crate::models::ModelError::Release(format!(
-                "a release of {id} was already requested"
-            ))
-            .into());
-        }
-        m.release = crate::models::Release {
-            requested_by: Some(who.name.clone()),
-            reason: Some(reason.to_string()),
-            decision: None,
-            decided_by: None,
-        };
-        crate::models::put(self.env.store().as_ref(), &m)?;
+        // Checked and changed in one step: of two concurrent requests, one
+        // is refused.
+        let m = crate::models::update(self.env.store().as_ref(), id, |m| {
+            if m.release.requested_by.is_some() {
+                return Err(crate::models::ModelError::Release(format!(
+                    "a release of {id} was already requested"
+                )));
+            }
+            m.release = crate::models::Release {
+                requested_by: Some(who.name.clone()),
+                reason: Some(reason.to_string()),
+                decision: None,
+                decided_by: None,
+            };
+            Ok(())
+        })?;
         Ok(m)
     }
 
@@ -72,16 +75,25 @@ impl Cloister {
         } else {
             Action::RejectRelease
         };
-        let mut m = self.model_for(who, action, id, &id)?;
-        if m.release.decision.is_some() {
-            return Err(crate::models::ModelError::Release(format!(
-                "the release of {id} was already decided"
-            ))
-            .into());
-        }
-        m.release.decision = Some(if approve { "approved" } else { "rejected" }.into());
-        m.release.decided_by = Some(who.name.clone());
-        crate::models::put(self.env.store().as_ref(), &m)?;
+        let authorized = self.model_for(who, action, id, &id)?;
+        // Checked and changed in one step, on the release that was
+        // authorized: of an approval and a rejection at once, one is
+        // refused, and neither lands on a release requested again since.
+        let m = crate::models::update(self.env.store().as_ref(), id, |m| {
+            if m.release.decision.is_some() {
+                return Err(crate::models::ModelError::Release(format!(
+                    "the release of {id} was already decided"
+                )));
+            }
+            if m.release.requested_by != authorized.release.requested_by {
+                return Err(crate::models::ModelError::Release(format!(
+                    "the release request of {id} changed while it was being decided"
+                )));
+            }
+            m.release.decision = Some(if approve { "approved" } else { "rejected" }.into());
+            m.release.decided_by = Some(who.name.clone());
+            Ok(())
+        })?;
         Ok(m)
     }
 

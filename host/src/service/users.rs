@@ -20,9 +20,7 @@ impl Cloister {
             &Resource::Environment,
             &(name, roles),
         )?;
-        let (batch, user, token) = users::create(self.env.store().as_ref(), name, roles)?;
-        self.env.store().commit(batch)?;
-        Ok((user, token))
+        Ok(users::add(self.env.store().as_ref(), name, roles)?)
     }
 
     /// Sets a user's console password (admins).
@@ -135,8 +133,7 @@ impl Cloister {
             &Resource::Environment,
             &name,
         )?;
-        let batch = users::disable(self.env.store().as_ref(), name)?;
-        self.env.store().commit(batch)?;
+        users::disable(self.env.store().as_ref(), name)?;
         Ok(())
     }
 }
