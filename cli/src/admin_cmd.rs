@@ -169,7 +169,11 @@ pub fn move_store(env: &EnvArgs, to: &str, store_ca: Option<&std::path::Path>) -
 }
 
 pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
-    let s = env.session()?;
+    let s = if matches!(cmd, UserCommand::List { .. }) {
+        env.reading_session()?
+    } else {
+        env.session()?
+    };
     match cmd {
         UserCommand::Add { name, roles } => {
             let (user, token) = s.cloister.add_user(&s.user, &name, &roles)?;

@@ -65,7 +65,14 @@ pub enum DatasetCommand {
 }
 
 pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
-    let s = env.session()?;
+    let s = if matches!(
+        cmd,
+        DatasetCommand::List { .. } | DatasetCommand::Stats { .. }
+    ) {
+        env.reading_session()?
+    } else {
+        env.session()?
+    };
     match cmd {
         DatasetCommand::Import {
             name,

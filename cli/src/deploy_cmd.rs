@@ -278,7 +278,7 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         DeployCommand::List { json } => {
-            let s = env.session()?;
+            let s = env.reading_session()?;
             let all = s.cloister.list_deployments(&s.user)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);

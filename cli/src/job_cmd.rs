@@ -342,7 +342,14 @@ pub fn run(env: &EnvArgs, args: RunArgs) -> Result<ExitCode> {
 }
 
 pub fn job(env: &EnvArgs, cmd: JobCommand) -> Result<ExitCode> {
-    let s = env.session()?;
+    let s = if matches!(
+        cmd,
+        JobCommand::List { .. } | JobCommand::Show { .. } | JobCommand::Stats { .. }
+    ) {
+        env.reading_session()?
+    } else {
+        env.session()?
+    };
     let (c, who) = (&s.cloister, &s.user);
     match cmd {
         JobCommand::List { json } => {

@@ -420,7 +420,11 @@ fn truncate(s: &str, n: usize) -> String {
 }
 
 pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
-    let s = env.session()?;
+    let s = if matches!(cmd, ModelCommand::List { .. } | ModelCommand::Show { .. }) {
+        env.reading_session()?
+    } else {
+        env.session()?
+    };
     match cmd {
         ModelCommand::List { json } => {
             let all = s.cloister.list_models(&s.user)?;

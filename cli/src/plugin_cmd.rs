@@ -147,7 +147,7 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::List { json } => {
-            let s = env.session()?;
+            let s = env.reading_session()?;
             let all = s.cloister.list_plugins(&s.user)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);

@@ -186,17 +186,27 @@ pub fn bytes(
     Ok(b)
 }
 
-/// Writes that record an approval.
-pub fn approve(entry: &PluginEntry, by: &str) -> Result<WriteBatch, RegistryError> {
-    if entry.approval.is_some() {
-        return Err(RegistryError::AlreadyApproved(entry.digest.clone()));
-    }
-    let mut e = entry.clone();
-    e.approval = Some(Approval {
-        by: by.to_string(),
-        time_ms: crate::time::now_ms(),
-    });
-    let mut b = WriteBatch::new();
-    b.put(Space::Plugins, e.digest.clone().into_bytes(), encode(&e)?);
-    Ok(b)
+/// Records an approval of the plugin `digest` (in full) by `by`; returns
+/// the approved entry.
+pub fn approve(store: &dyn Storage, digest: &str, by: &str) -> Result<PluginEntry, RegistryError> {
+    // Checked and changed on the entry as stored when the write lands: of
+    // two approvals at once, one is refused.
+    crate::store::update(store, &[(Space::Plugins, digest.as_bytes())], |values| {
+        let bytes = values
+            .first()
+            .and_then(|v| v.as_deref())
+            .ok_or_else(|| RegistryError::Unknown(digest.to_string()))?;
+        let mut e: PluginEntry = serde_json::from_slice(bytes)
+            .map_err(|_| RegistryError::Damaged(digest.to_string()))?;
+        if e.approval.is_some() {
+            return Err(RegistryError::AlreadyApproved(e.digest));
+        }
+        e.approval = Some(Approval {
+            by: by.to_string(),
+            time_ms: crate::time::now_ms(),
+        });
+        let mut b = WriteBatch::new();
+        b.put(Space::Plugins, e.digest.clone().into_bytes(), encode(&e)?);
+        Ok((b, e))
+    })
 }

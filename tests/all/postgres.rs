@@ -816,15 +816,31 @@ fn audit_commands_run_beside_serve_and_both_append_to_one_log_that_verifies() {
         assert!(started.elapsed().as_secs() < 60, "serve did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    // A second writer is still refused.
+    // A second writer is still refused; commands that only read run
+    // beside the server (and are recorded like any).
     failed_with(
         &cli(&env)
-            .args(["dataset", "list"])
-            .env("CLOISTER_TOKEN", &sci)
+            .args(["user", "add", "eve", "--role", "scientist"])
+            .env("CLOISTER_TOKEN", &root)
             .output()
             .unwrap(),
         "in use by another process",
     );
+    for (token, args) in [
+        (&sci, &["dataset", "list"][..]),
+        (&sci, &["model", "list"]),
+        (&sci, &["job", "list"]),
+        (&sci, &["plugin", "list"]),
+        (&root, &["user", "list"]),
+    ] {
+        succeeded(
+            &cli(&env)
+                .args(args)
+                .env("CLOISTER_TOKEN", token)
+                .output()
+                .unwrap(),
+        );
+    }
     let bearer = format!("Bearer {sci}");
     let (verified, checkpoints) = std::thread::scope(|s| {
         for _ in 0..4 {
@@ -883,7 +899,9 @@ fn audit_commands_run_beside_serve_and_both_append_to_one_log_that_verifies() {
             .filter(|e| e.record.actor == actor && e.record.action == action)
             .count()
     };
-    assert_eq!(count("sci", "list_datasets"), 160);
+    assert_eq!(count("sci", "list_datasets"), 161);
+    assert_eq!(count("sci", "view_model"), 1);
+    assert_eq!(count("root", "list_users"), 1);
     assert_eq!(count("aud", "verify_audit"), verified);
     assert_eq!(count("aud", "checkpoint_audit"), checkpoints);
 }
@@ -1004,7 +1022,7 @@ fn the_cli_creates_migrates_and_uses_an_environment_on_postgres() {
     let held = Cloister::open(&env, "cli").unwrap();
     let out = cli(&env)
         .env("CLOISTER_TOKEN", &token)
-        .args(["dataset", "list"])
+        .args(["user", "add", "eve", "--role", "scientist"])
         .output()
         .unwrap();
     failed_with(&out, "in use by another process");

@@ -52,16 +52,28 @@ impl Cloister {
             bytes,
             &who.name,
         )?;
-        self.env.store().commit(batch)?;
-        Ok(entry)
+        // Of two registrations of one component at once, one is refused.
+        let absent = [crate::store::Expect::new(
+            crate::store::Space::Plugins,
+            entry.digest.as_bytes(),
+            None,
+        )];
+        match self.env.store().commit_if(&absent, batch) {
+            Err(crate::store::StoreError::Conflict { .. }) => {
+                Err(registry::RegistryError::Exists(entry.digest).into())
+            }
+            done => done.map(|()| entry).map_err(Into::into),
+        }
     }
 
     /// Approves a plugin digest (a reviewer who did not add it).
     pub fn approve_plugin(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
         let entry = self.plugin_for(who, Action::ApprovePlugin, digest)?;
-        let batch = registry::approve(&entry, &who.name)?;
-        self.env.store().commit(batch)?;
-        Ok(registry::get(self.env.store().as_ref(), &entry.digest)?)
+        Ok(registry::approve(
+            self.env.store().as_ref(),
+            &entry.digest,
+            &who.name,
+        )?)
     }
 
     /// A plugin looked up and authorized for `action` (see
