@@ -671,17 +671,11 @@ impl PgStorage {
         self.run(move |inner| async move {
             let plain = pg_err(&inner.url);
             // A refused serialization names the first expected key.
-            let conflict = expect.first().map(Expect::conflict);
+            let first = expect.first();
             let err = |e: tokio_postgres::Error| {
                 let code = e.as_db_error().map(|d| d.code().code().to_string());
-                match (&conflict, code.as_deref()) {
-                    (Some(c), Some("40001" | "23505")) => match c {
-                        StoreError::Conflict { space, key } => StoreError::Conflict {
-                            space: *space,
-                            key: key.clone(),
-                        },
-                        _ => plain(e),
-                    },
+                match (first, code.as_deref()) {
+                    (Some(x), Some("40001" | "23505")) => x.conflict(),
                     _ => plain(e),
                 }
             };

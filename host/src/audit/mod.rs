@@ -1044,10 +1044,10 @@ fn commit_group(
         .map_err(|_| "internal lock poisoned".to_string())?;
     // Alone on the log (always, on sled), the first try commits.
     let now = std::time::Instant::now();
-    if contended_until.is_none_or(|until| now >= until) {
-        if let Some(first_seq) = try_commit(inner, &mut state, jobs)? {
-            return Ok(first_seq);
-        }
+    if contended_until.is_none_or(|until| now >= until)
+        && let Some(first_seq) = try_commit(inner, &mut state, jobs)?
+    {
+        return Ok(first_seq);
     }
     // Another process appended first. Rather than race it again, append
     // under the store's lock on appends, as every process does for a while
@@ -1153,7 +1153,7 @@ fn build_group(inner: &Inner, from: &State, jobs: &[Job]) -> Result<(WriteBatch,
         batch.put(Space::Audit, seq_key(entry.seq).to_vec(), value);
         state.prev = merkle::leaf_hash(&bytes);
         state.frontier.push(state.prev);
-        if state.frontier.size() % inner.checkpoint_every == 0 {
+        if state.frontier.size().is_multiple_of(inner.checkpoint_every) {
             let cp = inner.keys.sign(
                 &inner.origin,
                 state.frontier.size(),
