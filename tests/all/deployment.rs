@@ -717,6 +717,48 @@ fn no_request_fails_while_weights_change_promote_and_roll_back_under_load() {
 }
 
 /// The bundled SpamAssassin records with their gold labels.
+/// Operators changing one deployment at once: every change either lands
+/// whole on the deployment it was decided on or is refused as overtaken;
+/// none is written over another (the history keeps one entry per change
+/// that landed).
+#[test]
+fn concurrent_changes_to_one_deployment_land_whole_or_are_refused() {
+    let s = setup();
+    let (c, op) = (s.c(), s.u("op"));
+    c.create_deployment(op, "d1", &s.a, &["app".to_string()])
+        .unwrap();
+    let before = c.deployment_status(s.u("op"), "d1", 0).unwrap();
+    let history = |st: &cloister_host::service::DeploymentStatus| st.deployment.history.len();
+    let outcomes: Vec<Result<(), String>> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..4)
+            .map(|t| {
+                scope.spawn(move || {
+                    (0..10)
+                        .map(|i| {
+                            let change = if (t + i) % 2 == 0 {
+                                DeploymentChange::Pause
+                            } else {
+                                DeploymentChange::Resume
+                            };
+                            c.change_deployment(op, "d1", change)
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let landed = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert!(landed > 0);
+    for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert!(refused.contains("changed while this change"), "{refused}");
+    }
+    let after = c.deployment_status(s.u("op"), "d1", 0).unwrap();
+    assert_eq!(history(&after), history(&before) + landed);
+}
+
 fn spam_records() -> Vec<DataRecord> {
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../data/spamassassin/spamassassin.jsonl.gz");

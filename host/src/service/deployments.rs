@@ -434,6 +434,12 @@ impl Cloister {
         change: DeploymentChange,
     ) -> Result<Deployment, ServiceError> {
         let what = change.describe();
+        // The deployment as stored before anything is decided on it: the
+        // change lands only on that (see the end).
+        let before = self
+            .env
+            .store()
+            .get(crate::store::Space::Deployments, name.as_bytes())?;
         let mut d = self.deployment_for(who, Action::ManageDeployment, name, &(name, &what))?;
         if let Some(model) = change.new_model()
             && !d.models().iter().any(|m| m == model)
@@ -523,7 +529,32 @@ impl Cloister {
         d.record(&who.name, crate::time::now_ms(), what);
         let mut b = WriteBatch::new();
         deployments::put(&mut b, &d)?;
-        self.env.store().commit(b)?;
+        {
+            // Everything above was decided on `before`; if the host judged
+            // a ramp step (which it does under this lock) or another
+            // operator changed the deployment meanwhile, this change is
+            // refused rather than written over theirs.
+            let _serving = self
+                .serving
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let expect = [crate::store::Expect::new(
+                crate::store::Space::Deployments,
+                d.name.as_bytes(),
+                before,
+            )];
+            match self.env.store().commit_if(&expect, b) {
+                Err(crate::store::StoreError::Conflict { .. }) => {
+                    return Err(DeploymentError::Invalid(format!(
+                        "deployment `{}` changed while this change was being made (a ramp step, or another operator); nothing was changed: look at it again and retry",
+                        d.name
+                    ))
+                    .into());
+                }
+                done => done?,
+            }
+        }
         self.forget_deployment(&d.name);
         Ok(d)
     }
