@@ -121,7 +121,40 @@ pub fn worker(
         max_tasks,
     };
     println!("worker {name}: waiting for tasks of {}", env.env.display());
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    // SIGTERM (a Kubernetes pod stopping) or Ctrl-C: finish the task in
+    // hand, record its result, claim no more. Without that, the task would
+    // wait for its lease to run out before another worker took it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("worker-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let mut signal = std::pin::pin!(cloister_console::stop_signal());
+                // The handlers are installed at the first poll; the worker
+                // starts after that.
+                let fired = tokio::select! {
+                    biased;
+                    () = &mut signal => true,
+                    () = std::future::ready(()) => false,
+                };
+                let _ = ready_tx.send(());
+                if !fired {
+                    signal.await;
+                }
+            });
+            flag.store(true, std::sync::atomic::Ordering::Release);
+            println!("stopping: finishing the task in hand, claiming no more");
+        })
+        .context("cannot watch for the stop signal")?;
+    let _ = ready.recv();
     let done = run_worker(&env.env, &options, &stop, &mut |e| match e {
         WorkerEvent::Claimed { id, attempt } => println!("task {id}: claimed (attempt {attempt})"),
         WorkerEvent::Finished { id, seconds } => println!("task {id}: done in {seconds:.2} s"),

@@ -74,7 +74,7 @@ enum Command {
     /// Claim and run the environment's model fits from its work queue
     /// (`[workers]` in cloister.toml, docs/SCALING.md); any number of
     /// workers, on any machines that reach the database and the object
-    /// store.
+    /// store. SIGTERM or Ctrl-C stops it once the task in hand is done.
     Worker {
         /// The name this worker claims tasks under (default: host name and
         /// process id).

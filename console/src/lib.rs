@@ -320,12 +320,17 @@ pub async fn serve(console: Arc<Console>, addr: SocketAddr) -> std::io::Result<(
         listener,
         router(console).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(stop_signal())
+    .with_graceful_shutdown(async {
+        stop_signal().await;
+        tracing::info!("stopping: finishing the requests in flight");
+    })
     .await
 }
 
-/// The first SIGINT or SIGTERM.
-async fn stop_signal() {
+/// Resolves at the first SIGINT or SIGTERM this process receives (from
+/// then on, those signals no longer end the process by themselves): how
+/// `serve` and `cloister worker` stop gracefully.
+pub async fn stop_signal() {
     let interrupt = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
@@ -346,5 +351,4 @@ async fn stop_signal() {
         () = interrupt => {},
         () = terminate => {},
     }
-    tracing::info!("stopping: finishing the requests in flight");
 }

@@ -108,6 +108,13 @@ fn worker(env: &Path, name: &str, lease: u64, extra: &[&str]) -> Child {
         .unwrap()
 }
 
+/// A worker that takes one task (or fails to start), run to its end.
+fn run_once(env: &Path, name: &str) -> std::process::Output {
+    worker(env, name, 3, &["--max-tasks", "1"])
+        .wait_with_output()
+        .unwrap()
+}
+
 /// Stops a worker and returns what it printed.
 fn stop(mut w: Child) -> String {
     let _ = w.kill();
@@ -201,6 +208,37 @@ fn a_worker_killed_mid_fit_leaves_its_task_to_another_and_the_model_is_the_same(
         got
     });
     assert_eq!(got.unwrap(), want, "the same model as a fit in the process");
+
+    // A worker told to stop (SIGTERM, as Kubernetes does) while it fits
+    // finishes the fit, records it and exits: attempt 1, nobody waits for
+    // a lease to run out.
+    let mut polite = worker(&remote.path, "polite", 3, &[]);
+    let mut lines = BufReader::new(polite.stdout.take().unwrap()).lines();
+    let got = std::thread::scope(|s| {
+        let training = s.spawn(|| try_train(&remote, &request(&remote.features, "mlp", epochs)));
+        let claimed = lines
+            .by_ref()
+            .map(|l| l.unwrap())
+            .find(|l| l.contains("claimed"))
+            .expect("the worker never claimed the task");
+        assert!(claimed.contains("(attempt 1)"), "{claimed}");
+        let signalled = Command::new("kill")
+            .args(["-TERM", &polite.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(signalled.success());
+        let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+        let status = polite.wait().unwrap();
+        assert!(status.success(), "{rest:?}");
+        assert!(rest.iter().any(|l| l.starts_with("stopping")), "{rest:?}");
+        assert!(rest.iter().any(|l| l.contains("done in")), "{rest:?}");
+        assert!(
+            rest.iter().any(|l| l.ends_with(": 1 tasks done")),
+            "{rest:?}"
+        );
+        training.join().unwrap()
+    });
+    assert_eq!(got.unwrap(), want, "the same model as a fit in the process");
 }
 
 #[test]
@@ -240,9 +278,7 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
              VALUES ('fit', '{input}', '\\x00', 'queued', 3)"
         ),
     );
-    let out = worker(&e.path, "w", 3, &["--max-tasks", "1"])
-        .wait_with_output()
-        .unwrap();
+    let out = run_once(&e.path, "w");
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
         printed.contains("failed") && printed.contains("does not carry the environment's tag"),
@@ -280,9 +316,7 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
     let bare = dir.path().join("bare");
     std::fs::create_dir(&bare).unwrap();
     std::fs::copy(&toml, bare.join("cloister.toml")).unwrap();
-    let out = worker(&bare, "w", 3, &["--max-tasks", "1"])
-        .wait_with_output()
-        .unwrap();
+    let out = run_once(&bare, "w");
     let said = failed_with(&out, "keys/work.key: ");
     assert!(said.contains("copy it from the environment's"), "{said}");
     assert!(!bare.join("keys").exists());
@@ -290,9 +324,7 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
     // Workers are refused for an environment without [workers].
     drop(e.cloister);
     std::fs::write(&toml, text.replace("enabled = true", "enabled = false")).unwrap();
-    let out = worker(&e.path, "w", 3, &["--max-tasks", "1"])
-        .wait_with_output()
-        .unwrap();
+    let out = run_once(&e.path, "w");
     failed_with(&out, "workers.enabled is not set");
 }
 
