@@ -130,6 +130,40 @@ fn tag_key(secret: &[u8]) -> ring::hmac::Key {
     ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret)
 }
 
+/// How often a worker reports its progress at most.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// A worker's progress report on the task `input`: the epoch's figures as
+/// JSON, a space, and the hex HMAC over the task and the JSON, so that a
+/// report written into the queue by anyone without the work key is not
+/// shown as the fit's.
+fn progress_text(
+    key: &ring::hmac::Key,
+    input: &str,
+    stats: &train::EpochStats,
+) -> Result<String, WorkError> {
+    let json = serde_json::to_string(stats).map_err(|e| WorkError::Format(e.to_string()))?;
+    let tag = ring::hmac::sign(key, &progress_message(input, &json));
+    Ok(format!("{json} {}", hex::encode(tag.as_ref())))
+}
+
+fn progress_message(input: &str, json: &str) -> Vec<u8> {
+    let mut m = b"cloister-work-progress\0".to_vec();
+    m.extend_from_slice(input.as_bytes());
+    m.push(0);
+    m.extend_from_slice(json.as_bytes());
+    m
+}
+
+/// The epoch figures of a progress report, if its tag is this
+/// environment's for this task.
+fn read_progress(key: &ring::hmac::Key, input: &str, text: &str) -> Option<train::EpochStats> {
+    let (json, tag) = text.rsplit_once(' ')?;
+    let tag = hex::decode(tag).ok()?;
+    ring::hmac::verify(key, &progress_message(input, json), &tag).ok()?;
+    serde_json::from_str(json).ok()
+}
+
 fn task_message(input: &str) -> Vec<u8> {
     [b"cloister work task\0fit\0".as_slice(), input.as_bytes()].concat()
 }
@@ -406,6 +440,7 @@ impl Workers {
         template: &Template,
         set: &TrainingSet<'_>,
         predict: &[usize],
+        progress: &mut dyn FnMut(&train::EpochStats),
     ) -> Result<(Fitted, Vec<f32>), WorkError> {
         // Work objects are not synced: lost in a crash, the fit is simply
         // run again.
@@ -429,7 +464,13 @@ impl Workers {
         let tag = ring::hmac::sign(&self.key, &task_message(&input));
         let max = i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX);
         let id = self.queue.submit(FIT, &input, tag.as_ref(), max)?;
-        let outcome = self.wait(id, &input, objects, template, set.dim, set.classes);
+        let outcome = self.wait(
+            id,
+            &input,
+            objects,
+            (template, set.dim, set.classes),
+            progress,
+        );
         // The row and the task's own objects have done their job either
         // way (a failure is reported to the caller, and the operation's
         // audit record stands for it). The features stay: other fits share
@@ -443,15 +484,17 @@ impl Workers {
         Ok((fitted, probs))
     }
 
+    /// Waits for task `id` (on `input`) to end; relays the worker's
+    /// progress reports that carry the environment's tag, each epoch once.
     fn wait(
         &self,
         id: i64,
         input: &str,
         objects: &Objects,
-        template: &Template,
-        dim: usize,
-        classes: usize,
+        (template, dim, classes): (&Template, usize, usize),
+        progress: &mut dyn FnMut(&train::EpochStats),
     ) -> Result<(Fitted, String), WorkError> {
+        let mut shown = 0u32;
         let timeout = Duration::from_secs(self.config.claim_timeout_seconds);
         // Since when no live worker has held the task.
         let mut unheld = Some(Instant::now());
@@ -487,7 +530,23 @@ impl Workers {
                         .give_up(id, "every allowed claim ran out of lease")?;
                     return Err(WorkError::AttemptsSpent { task: id, attempts });
                 }
-                TaskState::Running { expired: false, .. } => unheld = None,
+                TaskState::Running {
+                    expired: false,
+                    progress: report,
+                    ..
+                } => {
+                    unheld = None;
+                    // A later attempt starts again from epoch 1; its
+                    // reports are shown from where the last one got to.
+                    if let Some(stats) = report
+                        .as_deref()
+                        .and_then(|text| read_progress(&self.key, input, text))
+                        && stats.epoch > shown
+                    {
+                        shown = stats.epoch;
+                        progress(&stats);
+                    }
+                }
                 TaskState::Queued | TaskState::Running { .. } => {
                     let since = *unheld.get_or_insert_with(Instant::now);
                     if since.elapsed() >= timeout {
@@ -689,13 +748,27 @@ impl WorkerContext {
         // the fit runs. A renewal refused means another worker has the
         // task; the fit cannot be stopped half-way, and `finish` below
         // then records nothing.
+        // It also reports the last finished epoch, at most every
+        // PROGRESS_EVERY, tagged, for the operation's progress display.
         let done = AtomicBool::new(false);
+        let epoch: std::sync::Mutex<Option<train::EpochStats>> = std::sync::Mutex::new(None);
         let fitted = std::thread::scope(|s| {
             s.spawn(|| {
                 let step = options.lease / 3;
                 let mut last = Instant::now();
+                let mut reported: Option<(u32, Instant)> = None;
                 while !done.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(50).min(step));
+                    let latest = epoch.lock().ok().and_then(|e| e.clone());
+                    if let Some(stats) = latest
+                        && reported.is_none_or(|(n, at)| {
+                            n != stats.epoch && at.elapsed() >= PROGRESS_EVERY
+                        })
+                        && let Ok(text) = progress_text(&self.key, &task.input, &stats)
+                    {
+                        reported = Some((stats.epoch, Instant::now()));
+                        let _ = self.queue.report(id, &options.name, &text);
+                    }
                     if last.elapsed() < step {
                         continue;
                     }
@@ -714,7 +787,11 @@ impl WorkerContext {
                     val: &spec.val,
                     budget_bytes: spec.budget_bytes,
                 },
-                &mut |_| {},
+                &mut |stats| {
+                    if let Ok(mut e) = epoch.lock() {
+                        *e = Some(stats.clone());
+                    }
+                },
             );
             done.store(true, Ordering::Release);
             out
@@ -794,6 +871,27 @@ pub fn run_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_reports_are_read_only_with_the_environments_tag() {
+        let key = tag_key(&[3; 32]);
+        let stats = train::EpochStats {
+            epoch: 4,
+            train_loss: 0.5,
+            val_loss: 0.6,
+            val_accuracy: 0.9,
+            samples_per_s: 1000.0,
+            elapsed_s: 1.5,
+        };
+        let text = progress_text(&key, "task", &stats).expect("text");
+        assert_eq!(read_progress(&key, "task", &text), Some(stats));
+        assert_eq!(read_progress(&key, "another task", &text), None);
+        assert_eq!(read_progress(&tag_key(&[4; 32]), "task", &text), None);
+        let forged = text.replace("\"epoch\":4", "\"epoch\":40");
+        assert_ne!(forged, text);
+        assert_eq!(read_progress(&key, "task", &forged), None);
+        assert_eq!(read_progress(&key, "task", "no tag at all"), None);
+    }
 
     #[test]
     fn features_round_trip_and_bad_bytes_are_refused() {

@@ -214,8 +214,17 @@ fn a_worker_killed_mid_fit_leaves_its_task_to_another_and_the_model_is_the_same(
     // a lease to run out.
     let mut polite = worker(&remote.path, "polite", 3, &[]);
     let mut lines = BufReader::new(polite.stdout.take().unwrap()).lines();
+    let mut shown = Vec::new();
     let got = std::thread::scope(|s| {
-        let training = s.spawn(|| try_train(&remote, &request(&remote.features, "mlp", epochs)));
+        let training = s.spawn(|| {
+            let req = request(&remote.features, "mlp", epochs);
+            let m = remote.cloister.train_model(&remote.sci, &req, &mut |p| {
+                if let cloister_host::service::TrainProgress::Epoch(stats, _) = p {
+                    shown.push(stats.epoch);
+                }
+            })?;
+            Ok::<_, ServiceError>((m.weights_sha256, m.evaluation.accuracy))
+        });
         let claimed = lines
             .by_ref()
             .map(|l| l.unwrap())
@@ -239,6 +248,11 @@ fn a_worker_killed_mid_fit_leaves_its_task_to_another_and_the_model_is_the_same(
         training.join().unwrap()
     });
     assert_eq!(got.unwrap(), want, "the same model as a fit in the process");
+    // The worker's epochs reached the operation while it fitted: some of
+    // them (reports are at most every 250 ms), in order, none made up.
+    assert!(!shown.is_empty(), "no epoch was shown");
+    assert!(shown.windows(2).all(|w| w[0] < w[1]), "{shown:?}");
+    assert!(shown.iter().all(|e| (1..=epochs).contains(e)), "{shown:?}");
 }
 
 #[test]

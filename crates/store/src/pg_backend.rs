@@ -112,6 +112,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
      );
      CREATE INDEX cloister_work_open ON cloister_work (id) WHERE state IN ('queued', 'running');",
     ),
+    (
+        3,
+        "work progress",
+        "ALTER TABLE cloister_work ADD COLUMN progress text;",
+    ),
 ];
 
 /// The schema version this build reads and writes.
@@ -259,7 +264,13 @@ struct Inner {
 
 pub(crate) fn pg_err(url: &PgUrl) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
     move |e| {
-        if e.is_closed() {
+        // The server ending the session (an administrator, a shutdown)
+        // arrives as an error on the next statement, before the client
+        // sees the connection closed: the lock is gone either way.
+        let ended = e
+            .as_db_error()
+            .is_some_and(|d| matches!(d.code().code(), "57P01" | "57P02" | "57P03"));
+        if e.is_closed() || ended {
             StoreError::Engine(format!(
                 "the connection to {url} was lost; the environment holds no lock any more and must be reopened"
             ))

@@ -62,6 +62,9 @@ pub enum TaskState {
         max_attempts: i32,
         /// Whether the lease has run out.
         expired: bool,
+        /// What the worker last reported of its progress (see
+        /// [`WorkQueue::report`]), as it wrote it.
+        progress: Option<String>,
     },
     /// Finished by `owner` with the result's digest and tag.
     Done {
@@ -199,7 +202,8 @@ impl WorkQueue {
                 .query_opt(
                     "UPDATE cloister_work
                         SET state = 'running', owner = $1, attempts = attempts + 1,
-                            lease_until = now() + make_interval(secs => $2)
+                            lease_until = now() + make_interval(secs => $2),
+                            progress = NULL
                       WHERE id = (
                             SELECT id FROM cloister_work
                              WHERE (state = 'queued'
@@ -234,6 +238,25 @@ impl WorkQueue {
                     "UPDATE cloister_work SET lease_until = now() + make_interval(secs => $3)
                       WHERE id = $1 AND owner = $2 AND state = 'running'",
                     &[&id, &owner, &seconds(lease)],
+                )
+                .await
+                .map_err(queue_err(&url))?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Records what `owner` reports of its progress on task `id` (the
+    /// worker's own text, tagged by it: the queue does not read it);
+    /// `false` when the task is no longer running under `owner`.
+    pub fn report(&self, id: i64, owner: &str, progress: &str) -> Result<bool, StoreError> {
+        let (owner, progress) = (owner.to_string(), progress.to_string());
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            let n = c
+                .execute(
+                    "UPDATE cloister_work SET progress = $3
+                      WHERE id = $1 AND owner = $2 AND state = 'running'",
+                    &[&id, &owner, &progress],
                 )
                 .await
                 .map_err(queue_err(&url))?;
@@ -308,7 +331,7 @@ impl WorkQueue {
             let Some(r) = c
                 .query_opt(
                     "SELECT state, owner, attempts, max_attempts, lease_until < now(),
-                            result, result_tag, error
+                            result, result_tag, error, progress
                        FROM cloister_work WHERE id = $1",
                     &[&id],
                 )
@@ -326,6 +349,7 @@ impl WorkQueue {
                     attempts: r.get(2),
                     max_attempts: r.get(3),
                     expired: r.get::<_, Option<bool>>(4).unwrap_or(true),
+                    progress: r.get::<_, Option<String>>(8),
                 },
                 "done" => TaskState::Done {
                     owner: owner(),

@@ -217,7 +217,9 @@ impl Cloister {
         progress: &mut dyn FnMut(&crate::train::EpochStats),
     ) -> Result<(crate::train::Fitted, Vec<f32>), ServiceError> {
         match (self.env.workers(), self.env.objects()) {
-            (Some(workers), Some(objects)) => Ok(workers.fit(objects, template, &set, predict)?),
+            (Some(workers), Some(objects)) => {
+                Ok(workers.fit(objects, template, &set, predict, progress)?)
+            }
             _ => Ok(crate::workers::fit_here(template, set, predict, progress)?),
         }
     }
