@@ -254,12 +254,55 @@ struct Inner {
     tags: RowTags,
     /// The connection holding the locks ([`ENV_LOCK`] for a writer,
     /// [`OPEN_LOCK`] shared); every write uses it.
-    writer: tokio::sync::Mutex<Client>,
+    writer: tokio::sync::Mutex<Writer>,
     idle: Mutex<Vec<Client>>,
     permits: Arc<tokio::sync::Semaphore>,
     /// The connection that holds [`Storage::exclusive`] locks (connected
     /// at first use), and the in-process turn to use it.
     locker: Mutex<Option<Arc<Client>>>,
+}
+
+/// The writer's connection and its statements, prepared at the first
+/// write and reused: a statement given as text is prepared again at every
+/// call, which costs a round trip of its own.
+struct Writer {
+    client: Client,
+    statements: Option<Statements>,
+}
+
+#[derive(Clone)]
+struct Statements {
+    select: tokio_postgres::Statement,
+    delete: tokio_postgres::Statement,
+    upsert: tokio_postgres::Statement,
+}
+
+impl Writer {
+    async fn statements(&mut self) -> Result<Statements, tokio_postgres::Error> {
+        if let Some(s) = &self.statements {
+            return Ok(s.clone());
+        }
+        let s = Statements {
+            select: self
+                .client
+                .prepare("SELECT value FROM cloister_kv WHERE space = $1 AND key = $2")
+                .await?,
+            delete: self
+                .client
+                .prepare("DELETE FROM cloister_kv WHERE space = $1 AND key = ANY($2)")
+                .await?,
+            upsert: self
+                .client
+                .prepare(
+                    "INSERT INTO cloister_kv (space, key, value)
+                     SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS t(k, v)
+                     ON CONFLICT (space, key) DO UPDATE SET value = EXCLUDED.value",
+                )
+                .await?,
+        };
+        self.statements = Some(s.clone());
+        Ok(s)
+    }
 }
 
 pub(crate) fn pg_err(url: &PgUrl) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
@@ -590,7 +633,10 @@ impl PgStorage {
                 tags: RowTags {
                     key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, row_secret),
                 },
-                writer: tokio::sync::Mutex::new(writer),
+                writer: tokio::sync::Mutex::new(Writer {
+                    client: writer,
+                    statements: None,
+                }),
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(tokio::sync::Semaphore::new(POOL)),
                 locker: Mutex::new(None),
@@ -691,10 +737,12 @@ impl PgStorage {
                 }
             };
             let mut writer = inner.writer.lock().await;
+            let statements = writer.statements().await.map_err(err)?;
             let tx = if expect.is_empty() {
-                writer.transaction().await.map_err(err)?
+                writer.client.transaction().await.map_err(err)?
             } else {
                 writer
+                    .client
                     .build_transaction()
                     .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
                     .start()
@@ -704,10 +752,7 @@ impl PgStorage {
             for e in &expect {
                 let space = i16::from(e.space.prefix());
                 let row = tx
-                    .query_opt(
-                        "SELECT value FROM cloister_kv WHERE space = $1 AND key = $2",
-                        &[&space, &e.key],
-                    )
+                    .query_opt(&statements.select, &[&space, &e.key])
                     .await
                     .map_err(err)?;
                 let now = row
@@ -725,22 +770,14 @@ impl PgStorage {
             }
             for (space, (put_keys, put_values, deletes)) in &per_space {
                 for keys in deletes.chunks(CHUNK) {
-                    tx.execute(
-                        "DELETE FROM cloister_kv WHERE space = $1 AND key = ANY($2)",
-                        &[space, &keys],
-                    )
-                    .await
-                    .map_err(&err)?;
+                    tx.execute(&statements.delete, &[space, &keys])
+                        .await
+                        .map_err(&err)?;
                 }
                 for (keys, values) in put_keys.chunks(CHUNK).zip(put_values.chunks(CHUNK)) {
-                    tx.execute(
-                        "INSERT INTO cloister_kv (space, key, value)
-                         SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS t(k, v)
-                         ON CONFLICT (space, key) DO UPDATE SET value = EXCLUDED.value",
-                        &[space, &keys, &values],
-                    )
-                    .await
-                    .map_err(&err)?;
+                    tx.execute(&statements.upsert, &[space, &keys, &values])
+                        .await
+                        .map_err(&err)?;
                 }
             }
             tx.commit().await.map_err(&err)
@@ -984,6 +1021,7 @@ impl Storage for PgStorage {
         self.run(|inner| async move {
             let writer = inner.writer.lock().await;
             writer
+                .client
                 .simple_query("SELECT 1")
                 .await
                 .map_err(pg_err(&inner.url))?;
@@ -996,6 +1034,7 @@ impl Storage for PgStorage {
             let err = pg_err(&inner.url);
             let writer = inner.writer.lock().await;
             writer
+                .client
                 .execute("UPDATE cloister_sync SET n = n + 1 WHERE id = 1", &[])
                 .await
                 .map_err(&err)?;
