@@ -1023,25 +1023,38 @@ fn committer(inner: &Inner, rx: &Receiver<Job>) {
         for (i, job) in jobs.into_iter().enumerate() {
             let reply = match &result {
                 Ok(first_seq) => Ok(first_seq + i as u64),
-                Err(why) => Err(AuditError::Unavailable(why.clone())),
+                Err(GroupError::Closed(why)) => Err(AuditError::Unavailable(why.clone())),
+                Err(GroupError::NotWritten(why)) => Err(AuditError::Busy(why.clone())),
             };
             job.reply.send(reply);
         }
     }
 }
 
+/// Why a group was not committed.
+#[derive(Debug)]
+enum GroupError {
+    /// The log failed closed (it takes no more appends).
+    Closed(String),
+    /// Not this time (other processes kept appending first, or the lock on
+    /// appends failed); the log stays open.
+    NotWritten(String),
+}
+
 fn commit_group(
     inner: &Inner,
     jobs: &[Job],
     contended_until: &mut Option<std::time::Instant>,
-) -> Result<u64, String> {
+) -> Result<u64, GroupError> {
     if inner.failed.load(Ordering::SeqCst) {
-        return Err(inner.failure.lock().map(|s| s.clone()).unwrap_or_default());
+        return Err(GroupError::Closed(
+            inner.failure.lock().map(|s| s.clone()).unwrap_or_default(),
+        ));
     }
     let mut state = inner
         .state
         .lock()
-        .map_err(|_| "internal lock poisoned".to_string())?;
+        .map_err(|_| GroupError::Closed("internal lock poisoned".to_string()))?;
     // Alone on the log (always, on sled), the first try commits.
     let now = std::time::Instant::now();
     if contended_until.is_none_or(|until| now >= until)
@@ -1051,23 +1064,26 @@ fn commit_group(
     }
     // Another process appended first. Rather than race it again, append
     // under the store's lock on appends, as every process does for a while
-    // once it has collided; under it, read first whether the log moved.
+    // once it has collided; under it, first catch up with the log.
     *contended_until = Some(now + CONTENDED_FOR);
-    let mut outcome: Option<Result<u64, String>> = None;
+    let mut outcome: Option<Result<u64, GroupError>> = None;
     let locked = inner.store.exclusive(APPEND_LOCK, &mut || {
         for _ in 0..COMMIT_TRIES {
-            if let Err(why) = follow(inner, &mut state) {
-                outcome = Some(Err(why));
-                break;
-            }
-            match try_commit(inner, &mut state, jobs) {
+            let step = follow(inner, &mut state).and_then(|caught_up| {
+                if caught_up {
+                    try_commit(inner, &mut state, jobs)
+                } else {
+                    Ok(None)
+                }
+            });
+            match step {
                 Ok(None) => continue,
                 Ok(Some(first_seq)) => {
                     outcome = Some(Ok(first_seq));
                     break;
                 }
-                Err(why) => {
-                    outcome = Some(Err(why));
+                Err(e) => {
+                    outcome = Some(Err(e));
                     break;
                 }
             }
@@ -1076,42 +1092,43 @@ fn commit_group(
     });
     match (outcome, locked) {
         (Some(done), _) => done,
-        (None, Err(e)) => Err(format!(
+        (None, Err(e)) => Err(GroupError::NotWritten(format!(
             "the records were not written: the lock on appends failed: {e}"
-        )),
-        (None, Ok(())) => Err(format!(
+        ))),
+        (None, Ok(())) => Err(GroupError::NotWritten(format!(
             "other processes appended first {COMMIT_TRIES} times in a row; the records were not written"
-        )),
+        ))),
     }
 }
 
 /// Brings `state` up to the log as stored, if another process moved it
-/// (checked as at open). An error has failed the log closed.
-fn follow(inner: &Inner, state: &mut State) -> Result<(), String> {
+/// (checked as at open): `true` once it has, `false` if the log moved too
+/// often while it was being read (try again). A disagreement fails the log
+/// closed.
+fn follow(inner: &Inner, state: &mut State) -> Result<bool, GroupError> {
     let stored = inner
         .store
         .get(Space::Meta, FRONTIER_KEY)
         .map_err(|e| fail_closed(inner, format!("an append failed: {e}")))?;
     if stored == state.stored {
-        return Ok(());
+        return Ok(true);
     }
     match AuditLog::load_state(inner.store.as_ref(), &inner.keys) {
         Ok((fresh, None)) => {
             *state = fresh;
-            Ok(())
+            Ok(true)
         }
         Ok((_, Some(problem))) => Err(fail_closed(inner, problem)),
-        Err(e @ AuditError::Busy(_)) => Err(format!("the records were not written: {e}")),
+        Err(AuditError::Busy(_)) => Ok(false),
         Err(e) => Err(fail_closed(inner, format!("an append failed: {e}"))),
     }
 }
 
 /// One try at appending `jobs` after `state`: the first sequence number
-/// if they are committed; `None` if another process appended first, in
-/// which case `state` is now the log as it stands (checked as at open).
-/// An error has failed the log closed.
-fn try_commit(inner: &Inner, state: &mut State, jobs: &[Job]) -> Result<Option<u64>, String> {
-    let (batch, next) = build_group(inner, state, jobs)?;
+/// if they are committed; `None` if another process appended first (the
+/// caller catches up under the lock on appends).
+fn try_commit(inner: &Inner, state: &mut State, jobs: &[Job]) -> Result<Option<u64>, GroupError> {
+    let (batch, next) = build_group(inner, state, jobs).map_err(GroupError::NotWritten)?;
     let expect = [Expect::new(Space::Meta, FRONTIER_KEY, state.stored.clone())];
     match inner.store.commit_if(&expect, batch) {
         Ok(()) => {
@@ -1119,18 +1136,18 @@ fn try_commit(inner: &Inner, state: &mut State, jobs: &[Job]) -> Result<Option<u
             *state = next;
             Ok(Some(first_seq))
         }
-        Err(StoreError::Conflict { .. }) => follow(inner, state).map(|()| None),
+        Err(StoreError::Conflict { .. }) => Ok(None),
         Err(e) => Err(fail_closed(inner, format!("an append failed: {e}"))),
     }
 }
 
-/// Marks the log failed (no more appends) and returns why.
-fn fail_closed(inner: &Inner, why: String) -> String {
+/// Marks the log failed (no more appends) and says why.
+fn fail_closed(inner: &Inner, why: String) -> GroupError {
     inner.failed.store(true, Ordering::SeqCst);
     if let Ok(mut f) = inner.failure.lock() {
         *f = why.clone();
     }
-    why
+    GroupError::Closed(why)
 }
 
 /// The batch that appends `jobs` after `from`, and the state after it.
