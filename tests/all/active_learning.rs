@@ -631,7 +631,18 @@ badcases_per_round = 0
     // A label outside the classes is refused.
     let err = c.label_item(lea, &item.record, "eggs", None).unwrap_err();
     assert!(err.to_string().contains("not a class"), "{err}");
-    c.label_item(lea, &item.record, "spam", None).unwrap();
+    // The same item labeled from several requests at once: one answer
+    // lands; the others are refused.
+    let landed = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| c.label_item(lea, &item.record, "spam", None).is_ok()))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|ok| *ok)
+            .count()
+    });
+    assert_eq!(landed, 1);
     let next = c.next_label_item(lea).unwrap().unwrap();
     let (second, waiting) = (next.item, next.waiting);
     assert_eq!(waiting, 1);

@@ -20,6 +20,15 @@
 //! Appends use group commit: concurrent writers hand their entries to one
 //! committer thread, which writes everything waiting as one atomic, durable
 //! batch and then acknowledges each writer.
+//!
+//! Several processes may append to one log (a PostgreSQL store shared by
+//! the environment's writer and its readers): each group is committed with
+//! [`Storage::commit_if`], expecting the tree state it was built on. When
+//! another process appended first, the committer catches up with the log
+//! (re-reading and checking it as at open) under the store's lock on
+//! appends and builds the group again after it, so the log keeps one
+//! total order, one chain and one tree. The in-memory head is a cache of
+//! the stored one.
 
 pub mod checkpoint;
 pub mod merkle;

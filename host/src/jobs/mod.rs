@@ -550,6 +550,15 @@ pub fn queue(store: &dyn Storage, job: &str) -> Result<BTreeMap<String, QueueIte
 }
 
 /// Writes a queue item and its labeler index (in a batch).
+/// The key that marks `item` open in its assignee's queue (present, empty,
+/// while unanswered; [`put_queue`] deletes it with the answer). What a
+/// labeling expects, so that an item is answered once.
+pub fn open_marker(item: &QueueItem) -> Option<Vec<u8>> {
+    item.assignee
+        .as_ref()
+        .map(|user| key(BY_USER, &[user, &item.job, &item.record]))
+}
+
 pub fn put_queue(batch: &mut WriteBatch, item: &QueueItem) -> Result<(), JobError> {
     batch.put(
         Space::Jobs,

@@ -93,6 +93,13 @@ impl Cloister {
         }
         let mut batch = WriteBatch::new();
         let mut out = Vec::new();
+        // Each item is answered once: the batch lands only while every
+        // item is still open in the caller's queue.
+        let expect: Vec<crate::store::Expect> = chosen
+            .iter()
+            .filter_map(|(item, _)| crate::jobs::open_marker(item))
+            .map(|k| crate::store::Expect::new(crate::store::Space::Jobs, k, Some(Vec::new())))
+            .collect();
         for (item, label) in chosen {
             let (v, resource) = self.lookup_record(&item.dataset, &item.record)?;
             self.guard(
@@ -116,8 +123,12 @@ impl Cloister {
             crate::jobs::put_queue(&mut batch, &done)?;
             out.push(done);
         }
-        self.env().store().commit(batch)?;
-        Ok(out)
+        match self.env().store().commit_if(&expect, batch) {
+            Err(crate::store::StoreError::Conflict { .. }) => Err(ServiceError::BadRequest(
+                "a record of this request was labeled meanwhile (by another request); nothing was written".into(),
+            )),
+            done => done.map(|()| out).map_err(Into::into),
+        }
     }
 
     /// The answer to labeling a record that is not in the caller's open
