@@ -64,7 +64,7 @@ pub enum PluginCommand {
     },
     /// List the plugins bundled with Cloister; optionally write them out.
     Bundled {
-        /// Write each bundled component to DIR/<name>.wasm.
+        /// Write each bundled component to DIR/NAME.wasm.
         #[arg(long, value_name = "DIR")]
         write: Option<PathBuf>,
     },

@@ -15,7 +15,7 @@
 //!
 //! This crate:
 //! - [`records`], [`csv_records`]: reading and writing records;
-//! - [`env`]: an environment directory, opened once as a cap-std `Dir`;
+//! - [`env`](mod@env): an environment directory, opened once as a cap-std `Dir`;
 //!   [`limits`]: its `limits.toml`;
 //! - [`policy`]: Cedar policies and the authorization decision;
 //! - [`audit`]: the tamper-evident audit log;

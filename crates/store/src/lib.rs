@@ -14,7 +14,7 @@
 //!   and after a crash either all or none of them are visible.
 //! - [`Storage::stage`] applies a batch atomically but without waiting for
 //!   durability. Bulk writers (dataset import) stage their data and make it
-//!   reachable with one final `commit`; see [`crate::datasets`].
+//!   reachable with one final `commit`; see `cloister_host::datasets`.
 //! - Reads see every write that returned before them.
 
 pub mod objects;
@@ -63,12 +63,12 @@ pub enum Space {
     /// Model manifests: model id → manifest.
     Models = 12,
     /// Active-learning jobs, their label ledgers and human queues
-    /// (see [`crate::jobs`]).
+    /// (see `cloister_host::jobs`).
     Jobs = 13,
     /// Console passwords: user name → Argon2id PHC string.
     Passwords = 14,
     /// The administrators' plugin log: `audit seq (u64 BE)` → entry
-    /// (see [`crate::plugin_log`]).
+    /// (see `cloister_host::plugin_log`).
     PluginLog = 15,
     /// Fitted featurizer state: `s ‖ digest` → vocabulary bytes, and the
     /// fits already made: `f ‖ fit key` → state digest.

@@ -2,7 +2,7 @@
 //! and model weights as safetensors.
 //!
 //! The pipeline that feeds it (approved plugins over a stored dataset) and
-//! the model registry live in [`crate::service`] and [`crate::models`].
+//! the model registry live in `cloister_host::service` and `cloister_host::models`.
 
 pub mod disclosure;
 pub mod eval;

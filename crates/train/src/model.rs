@@ -397,7 +397,7 @@ impl SparseLinear {
     /// Backpropagates `grad` (`rows.len() × out`, already averaged over the
     /// batch) and applies one lazy-Adam step with L2 decay `l2` to the
     /// touched rows and the bias. The input rows are split over the cores
-    /// ([`Shard`]); the result does not depend on the split. With
+    /// (`Shard`); the result does not depend on the split. With
     /// `grad_w`, also returns the raw gradient of W for the touched rows
     /// (tests only; then one core does it all).
     pub fn step(

@@ -460,7 +460,7 @@ impl AuditLog {
 
     /// Queues one record for the next group commit and returns a future of
     /// its sequence number, ready once the record is on disk: the
-    /// [`AuditLog::append`] of async callers, which wait without holding a
+    /// `AuditLog::append` of async callers, which wait without holding a
     /// thread. The record's place in the log is fixed by this call; it is
     /// committed even if the future is dropped.
     pub fn submit(

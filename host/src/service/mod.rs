@@ -2,7 +2,7 @@
 //! authorization point.
 //!
 //! Each public method names its action and resource and calls
-//! [`Cloister::guard`] first. `guard` asks the policy engine, appends the
+//! `Cloister::guard` first. `guard` asks the policy engine, appends the
 //! decision to the audit log (durably), and only then lets the operation
 //! proceed — or returns [`ServiceError::Denied`]. If the append fails, the
 //! operation fails. The CLI and the console call these methods and nothing
@@ -360,7 +360,7 @@ impl Cloister {
     }
 
     /// Whether the policies would allow `who` to take `action` on
-    /// `resource`: the same Cedar evaluation as [`Cloister::guard`], with
+    /// `resource`: the same Cedar evaluation as `Cloister::guard`, with
     /// no side effect and no audit entry. For deciding what to *show* (a
     /// console link, a button); it lets nothing through: the operation
     /// itself still passes `guard`. It reads nothing from the store, so it
