@@ -395,6 +395,54 @@ impl Trained {
         Ok(out)
     }
 
+    /// Copies the weights into `best`, reusing its buffers (so keeping
+    /// the best epoch costs a copy, not an allocation and a serialization).
+    fn save_into(&self, best: &mut Best) -> Result<(), TrainError> {
+        let first = match &self.net {
+            Network::Logreg(l) | Network::Mlp(l, _) => l,
+        };
+        best.w.clear();
+        best.w.extend_from_slice(&first.w);
+        best.b.clear();
+        best.b.extend_from_slice(&first.b);
+        best.dense.clear();
+        if let Network::Mlp(_, dense) = &self.net {
+            for (w, b) in &dense.layers {
+                best.dense.push((
+                    w.as_tensor()
+                        .flatten_all()
+                        .and_then(|t| t.to_vec1())
+                        .map_err(KernelError::from)?,
+                    b.as_tensor().to_vec1().map_err(KernelError::from)?,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the weights saved in `best` back, and drops the optimizer's
+    /// state: the model is done training.
+    fn restore(&mut self, best: &Best) -> Result<(), TrainError> {
+        let first = match &mut self.net {
+            Network::Logreg(l) | Network::Mlp(l, _) => l,
+        };
+        first.w.copy_from_slice(&best.w);
+        first.b.copy_from_slice(&best.b);
+        first.finish();
+        if let Network::Mlp(_, dense) = &mut self.net {
+            let dev = dense.device().clone();
+            for ((w, b), (wv, bv)) in dense.layers.iter_mut().zip(&best.dense) {
+                let t = candle_core::Tensor::from_slice(wv, w.as_tensor().dims(), &dev)
+                    .map_err(KernelError::from)?;
+                w.set(&t).map_err(KernelError::from)?;
+                let t = candle_core::Tensor::from_slice(bv, bv.len(), &dev)
+                    .map_err(KernelError::from)?;
+                b.set(&t).map_err(KernelError::from)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The weights as safetensors bytes.
     pub fn to_safetensors(&self) -> Result<Vec<u8>, TrainError> {
         let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
@@ -506,6 +554,14 @@ impl Trained {
     }
 }
 
+/// The weights of the best epoch so far (see [`Trained::save_into`]).
+#[derive(Debug, Default)]
+struct Best {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    dense: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
 /// What [`fit`] returns.
 #[derive(Debug)]
 pub struct Fitted {
@@ -584,8 +640,9 @@ pub struct TrainingSet<'a> {
 }
 
 /// Bytes the training state of a model takes, estimated from above: the
-/// sparse input layer's weights, both Adam moments and the gradient
-/// accumulator, the best-epoch copy and its serialization (six
+/// sparse input layer's weights, Adam's first moment (the second is one
+/// float per row), the gradient accumulator, the best-epoch copy, and the
+/// copy and bytes of the result's serialization (at most six
 /// `dim × width` f32 arrays), plus the dense stack's layers four times.
 pub fn state_bytes(kind: Kind, dim: usize, classes: usize, hyper: &Hyper) -> u64 {
     let (first, dense) = match kind {
@@ -664,7 +721,8 @@ pub fn fit(
     let mut rng = Rng::new(h.seed.wrapping_add(1));
     let mut order = train.to_vec();
     let mut curve = Vec::new();
-    let mut best: Option<(f64, f64, u32, Vec<u8>)> = None;
+    let mut best: Option<(f64, f64, u32)> = None;
+    let mut best_weights = Best::default();
     let mut since_best = 0;
     let mut buf = Vec::new();
     for epoch in 1..=h.epochs {
@@ -722,12 +780,13 @@ pub fn fit(
         curve.push(stats);
         let better = match &best {
             None => true,
-            Some((acc, loss, _, _)) => {
+            Some((acc, loss, _)) => {
                 val_accuracy > *acc || (val_accuracy == *acc && val_loss < *loss)
             }
         };
         if better {
-            best = Some((val_accuracy, val_loss, epoch, model.to_safetensors()?));
+            model.save_into(&mut best_weights)?;
+            best = Some((val_accuracy, val_loss, epoch));
             since_best = 0;
         } else {
             since_best += 1;
@@ -736,9 +795,9 @@ pub fn fit(
             }
         }
     }
-    let (_, _, best_epoch, weights) =
+    let (_, _, best_epoch) =
         best.ok_or_else(|| TrainError::NotEnoughData("no epoch ran".into()))?;
-    let model = Trained::from_safetensors(template.kind, &weights)?;
+    model.restore(&best_weights)?;
     Ok(Fitted {
         model,
         curve,

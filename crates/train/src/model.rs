@@ -4,8 +4,8 @@
 //! weighted segment sum (an "embedding bag"): each row touches only the
 //! weight rows of its non-zero features, so 2^18-dimensional hashed features
 //! train without a dense matrix ever being built. Its gradient is written by
-//! hand and applied with lazy Adam (only the touched rows move), with L2
-//! weight decay. Softmax regression is entirely hand-written (the measured
+//! hand and applied with lazy partial row-wise Adam (only the touched rows
+//! move; [`adam_row`]), with L2 weight decay. Softmax regression is entirely hand-written (the measured
 //! prototype ran 4–5× slower through candle's generic autograd); the MLP's
 //! dense layers above the sparse one use candle tensors and autograd.
 //! `tests` checks the hand-written gradients against candle's autograd.
@@ -79,8 +79,9 @@ pub struct SparseLinear {
     pub w: Vec<f32>,
     /// `out`.
     pub b: Vec<f32>,
-    /// Adam's moments, interleaved per input row: `[m; out]` then
-    /// `[v; out]`, so a touched row's state is one contiguous block.
+    /// Adam's moments, per input row `[m; out]` then the row's one `v`
+    /// (partial row-wise Adam, [`adam_row`]), so a touched row's state is
+    /// one contiguous block of `out + 1` floats.
     mv: Vec<f32>,
     mb: Vec<f32>,
     vb: Vec<f32>,
@@ -105,6 +106,38 @@ macro_rules! avx2_or {
         }
         $any
     }};
+}
+
+/// How many entries (forward pass) or touched rows (update) ahead the
+/// loops ask for the weight rows they will need. The rows sit at random
+/// places in tables larger than the cache, so without the hint every row
+/// starts with a full memory latency (measured: docs/BENCHMARKS.md).
+const AHEAD: usize = 6;
+
+/// Hints the CPU to start loading `row` (all its cache lines) into the
+/// cache. Only a hint: it changes no value and cannot fault.
+#[inline(always)]
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const LINE: usize = 64 / std::mem::size_of::<f32>();
+        let mut i = 0;
+        while i < row.len() {
+            // SAFETY: `row[i]` is in bounds (i < row.len()), so the pointer
+            // is valid; `_mm_prefetch` (SSE, which every x86_64 CPU has)
+            // only hints the cache hierarchy: it reads nothing into the
+            // program, writes nothing, and never faults.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    (&raw const row[i]).cast::<i8>(),
+                );
+            }
+            i += LINE;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
 }
 
 /// One worker's share of a step: the input rows `lo..hi` it owns and its
@@ -271,13 +304,20 @@ impl Shard {
         mut grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
     ) {
         for (s, &li) in self.touched.iter().enumerate() {
+            if let Some(&next) = self.touched.get(s + AHEAD) {
+                let base = next as usize * k;
+                prefetch(w.get(base..base + k).unwrap_or_default());
+                let state = next as usize * (k + 1);
+                prefetch(mv.get(state..state + k + 1).unwrap_or_default());
+            }
             let base = li as usize * k;
+            let state = li as usize * (k + 1);
             let g = &self.gbuf[s * k..(s + 1) * k];
             if let Some(map) = grad_w.as_deref_mut() {
                 map.insert((li as usize + self.lo) as u32, g.to_vec());
             }
-            let (m, v) = mv[2 * base..2 * base + 2 * k].split_at_mut(k);
-            adam_row(&mut w[base..base + k], m, v, g, a);
+            let (m, v) = mv[state..state + k + 1].split_at_mut(k);
+            adam_row(&mut w[base..base + k], m, &mut v[0], g, a);
             self.slot[li as usize] = 0;
         }
     }
@@ -336,6 +376,13 @@ impl SparseLinear {
         }
     }
 
+    /// Drops the optimizer's state and scratch (training is over; the
+    /// weights stay).
+    pub fn finish(&mut self) {
+        self.mv = Vec::new();
+        self.shards = Vec::new();
+    }
+
     /// Checks every feature index of `x` against the input dimension.
     pub fn check(&self, x: &SparseBatch) -> Result<(), KernelError> {
         if x.indices.iter().any(|&i| i as usize >= self.dim) {
@@ -385,7 +432,18 @@ impl SparseLinear {
         for (o, &row) in out.chunks_exact_mut(k).zip(rows) {
             o.copy_from_slice(&self.b);
             let (idx, val) = x.row(row);
-            for (&i, &v) in idx.iter().zip(val) {
+            for &i in idx.iter().take(AHEAD) {
+                prefetch(
+                    self.w
+                        .get(i as usize * k..(i as usize + 1) * k)
+                        .unwrap_or_default(),
+                );
+            }
+            for (j, (&i, &v)) in idx.iter().zip(val).enumerate() {
+                if let Some(&next) = idx.get(j + AHEAD) {
+                    let n = next as usize * k;
+                    prefetch(self.w.get(n..n + k).unwrap_or_default());
+                }
                 let wr = &self.w[i as usize * k..(i as usize + 1) * k];
                 for (o, w) in o.iter_mut().zip(wr) {
                     *o += v * w;
@@ -412,7 +470,7 @@ impl SparseLinear {
         use rayon::prelude::*;
         let k = self.out;
         if self.mv.is_empty() {
-            self.mv = vec![0.0; 2 * self.w.len()];
+            self.mv = vec![0.0; self.dim * (k + 1)];
         }
         if self.shards.is_empty() {
             self.shards = shards(self.dim, self.out);
@@ -452,7 +510,8 @@ impl SparseLinear {
         for shard in &mut self.shards {
             let n = (shard.hi - shard.lo) * k;
             let (w, w_next) = std::mem::take(&mut w_rest).split_at_mut(n);
-            let (mv, mv_next) = std::mem::take(&mut mv_rest).split_at_mut(2 * n);
+            let (mv, mv_next) =
+                std::mem::take(&mut mv_rest).split_at_mut((shard.hi - shard.lo) * (k + 1));
             (w_rest, mv_rest) = (w_next, mv_next);
             jobs.push((shard, w, mv));
         }
@@ -516,21 +575,32 @@ impl Adam {
     }
 }
 
-/// One Adam step over a row of weights with its moments and raw gradient,
-/// written over slices of one length so the compiler vectorizes it. The
-/// textbook update `w -= lr · (m / c1) / (sqrt(v / c2) + ε)` is computed
-/// as `w -= (lr / c1) · m / (sqrt(v) · (1 / sqrt(c2)) + ε)` — the same
-/// quantity with one square root and one division per element instead of
-/// three divisions, the per-step constants computed once ([`Adam::new`]).
+/// One step of partial row-wise Adam over a row of weights: the first
+/// moment per weight as in Adam, the second moment one per row — the
+/// running mean of the row's squared gradient, so every weight of a row
+/// takes the same adaptive step size. This is the optimizer large
+/// embedding tables are trained with (FBGEMM's `PARTIAL_ROWWISE_ADAM`):
+/// a touched row moves `out + 1` floats of state instead of `2 · out`,
+/// and takes one square root instead of one per weight. On the sparse
+/// layer the update is bound by memory traffic (docs/BENCHMARKS.md), so
+/// the smaller state is the speed. The textbook bias corrections are
+/// folded into the per-step constants ([`Adam::new`]):
+/// `w -= (lr / c1) · m / (sqrt(v) · (1 / sqrt(c2)) + ε)`.
 #[inline(always)]
-fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], a: Adam) {
-    let n = w.len().min(m.len()).min(v.len()).min(g.len());
-    let (w, m, v, g) = (&mut w[..n], &mut m[..n], &mut v[..n], &g[..n]);
+fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut f32, g: &[f32], a: Adam) {
+    let n = w.len().min(m.len()).min(g.len());
+    let (w, m, g) = (&mut w[..n], &mut m[..n], &g[..n]);
+    let mut sq = 0f32;
+    for j in 0..n {
+        let gc = g[j] + a.l2 * w[j];
+        sq += gc * gc;
+    }
+    *v = BETA2 * *v + (1.0 - BETA2) * (sq / n.max(1) as f32);
+    let step = a.step / (v.sqrt() * a.inv_sqrt_c2 + EPS);
     for j in 0..n {
         let gc = g[j] + a.l2 * w[j];
         m[j] = BETA1 * m[j] + (1.0 - BETA1) * gc;
-        v[j] = BETA2 * v[j] + (1.0 - BETA2) * gc * gc;
-        w[j] -= a.step * m[j] / (v[j].sqrt() * a.inv_sqrt_c2 + EPS);
+        w[j] -= step * m[j];
     }
 }
 
@@ -805,6 +875,49 @@ mod tests {
     }
 
     #[test]
+    fn a_sparse_step_is_partial_row_wise_adam_as_written_in_the_textbook_form() {
+        // Three steps of one layer through `step`, against the update
+        // written out in f64 the unfolded way: per weight
+        // m ← β1·m + (1−β1)·g, per row v ← β2·v + (1−β2)·mean(g²), and
+        // w ← w − lr · (m / (1−β1^t)) / (sqrt(v / (1−β2^t)) + ε), with
+        // g = raw gradient + l2·w.
+        let (k, dim, lr, l2) = (3usize, 5usize, 0.05f32, 0.01f32);
+        let x = batch();
+        let rows = [0usize, 1, 2];
+        let mut rng = Rng::new(11);
+        let mut layer = SparseLinear::new(dim, k, Some(&mut rng));
+        let mut w: Vec<f64> = layer.w.iter().map(|&v| f64::from(v)).collect();
+        let mut m = vec![0f64; dim * k];
+        let mut v = vec![0f64; dim];
+        for t in 1..=3 {
+            let grad: Vec<f32> = (0..rows.len() * k).map(|_| rng.unit() - 0.5).collect();
+            let mut raw = BTreeMap::new();
+            layer.step(&x, &rows, &grad, lr, l2, Some(&mut raw));
+            let (b1, b2) = (f64::from(BETA1), f64::from(BETA2));
+            let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+            for (&row, g) in &raw {
+                let row = row as usize;
+                let gc: Vec<f64> = (0..k)
+                    .map(|j| f64::from(g[j]) + f64::from(l2) * w[row * k + j])
+                    .collect();
+                let mean_sq = gc.iter().map(|g| g * g).sum::<f64>() / k as f64;
+                v[row] = b2 * v[row] + (1.0 - b2) * mean_sq;
+                for j in 0..k {
+                    let i = row * k + j;
+                    m[i] = b1 * m[i] + (1.0 - b1) * gc[j];
+                    w[i] -= f64::from(lr) * (m[i] / c1) / ((v[row] / c2).sqrt() + f64::from(EPS));
+                }
+            }
+            for (i, (&got, &want)) in layer.w.iter().zip(&w).enumerate() {
+                assert!(
+                    (f64::from(got) - want).abs() <= 1e-5 * want.abs() + 1e-6,
+                    "step {t}, weight {i}: {got} against {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn the_avx2_copies_of_the_hot_loops_give_the_portable_results_bit_for_bit() {
         // Whatever this CPU runs through the dispatching entry points must
         // equal the portable bodies exactly: same operations, same order.
@@ -836,7 +949,7 @@ mod tests {
 
             let grad: Vec<f32> = (0..32 * k).map(|_| rng.unit() - 0.5).collect();
             let adam = Adam::new(0.01, 1e-4, 3);
-            let mv: Vec<f32> = (0..2 * dim * k).map(|_| rng.unit() * 0.01).collect();
+            let mv: Vec<f32> = (0..dim * (k + 1)).map(|_| rng.unit() * 0.01).collect();
             let (mut w1, mut mv1) = (layer.w.clone(), mv.clone());
             let (mut w2, mut mv2) = (layer.w.clone(), mv);
             let mut a = shards_of(dim, 1).remove(0);
