@@ -902,9 +902,9 @@ mod tests {
                     .collect();
                 let mean_sq = gc.iter().map(|g| g * g).sum::<f64>() / k as f64;
                 v[row] = b2 * v[row] + (1.0 - b2) * mean_sq;
-                for j in 0..k {
+                for (j, &gc) in gc.iter().enumerate() {
                     let i = row * k + j;
-                    m[i] = b1 * m[i] + (1.0 - b1) * gc[j];
+                    m[i] = b1 * m[i] + (1.0 - b1) * gc;
                     w[i] -= f64::from(lr) * (m[i] / c1) / ((v[row] / c2).sqrt() + f64::from(EPS));
                 }
             }
