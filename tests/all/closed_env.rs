@@ -563,6 +563,56 @@ fn concurrent_appends_get_distinct_contiguous_numbers_and_verify() {
 }
 
 #[test]
+fn concurrent_imports_of_one_dataset_get_distinct_versions_and_lose_none() {
+    let e = env();
+    let files: Vec<PathBuf> = (0..8)
+        .map(|i| write(e.dir.path(), &format!("d{i}.jsonl"), &jsonl(20 + i)))
+        .collect();
+    // Straight to the import (as two processes would run it: no lock in
+    // between), then through the service, all at once.
+    let imported = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let e = &e;
+                s.spawn(move || {
+                    if i % 2 == 0 {
+                        let mut source = datasets::open_source(f, None, Schema::default()).unwrap();
+                        datasets::import(e.c.env(), "d", source.as_mut(), "id", "sci").unwrap()
+                    } else {
+                        e.c.import_dataset(&e.sci, "d", f, &opts()).unwrap()
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let mut versions: Vec<u32> = imported.iter().map(|v| v.version).collect();
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=8).collect::<Vec<_>>(), "one number each");
+    let mut ids: Vec<u64> = imported.iter().map(|v| v.import_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 8, "one import id each");
+    // Every import's manifest is the one stored under its number, and its
+    // records read back.
+    for v in &imported {
+        let stored = datasets::resolve(e.c.env(), &format!("d@{}", v.version)).unwrap();
+        assert_eq!(
+            (&stored.digest, &stored.segment_sha256, stored.import_id),
+            (&v.digest, &v.segment_sha256, v.import_id)
+        );
+        assert_eq!(stored.stats.records, v.stats.records);
+    }
+    let listed = e.c.list_datasets(&e.sci).unwrap();
+    assert_eq!(listed.iter().filter(|v| v.name == "d").count(), 8);
+}
+
+#[test]
 fn whoever_the_policies_refuse_learns_nothing_about_what_exists_and_is_on_the_record() {
     let e = env();
     // Things that exist: a dataset with a record, a plugin.

@@ -26,7 +26,7 @@ use crate::digest::{Digest, Hasher};
 use crate::env::Environment;
 use crate::records::{RecordError, RecordSource};
 use crate::store::segment::{Segment, SegmentError, SegmentWriter, segment_name};
-use crate::store::{Space, Storage, StoreError, WriteBatch, key2};
+use crate::store::{Expect, Space, Storage, StoreError, WriteBatch, key2};
 use crate::types::{DataRecord, Numeric};
 
 const NEXT_IMPORT_KEY: &[u8] = b"next-import";
@@ -371,15 +371,30 @@ fn hash_record(h: &mut Hasher, r: &DataRecord, encoded: &[u8]) {
     }
 }
 
-fn next_import_id(store: &dyn Storage) -> Result<u64, DatasetError> {
-    Ok(match store.get(Space::Meta, NEXT_IMPORT_KEY)? {
+/// The import id the counter's stored bytes say is next.
+fn import_counter(stored: Option<&[u8]>) -> Result<u64, DatasetError> {
+    Ok(match stored {
         Some(b) => u64::from_be_bytes(
-            b.as_slice()
-                .try_into()
+            b.try_into()
                 .map_err(|_| DatasetError::Damaged("import counter".into()))?,
         ),
         None => 1,
     })
+}
+
+/// The version number after the last stored version of `name`.
+fn next_version(store: &dyn Storage, name: &str) -> Result<u32, DatasetError> {
+    Ok(
+        match store.last(Space::Datasets, &key2(name.as_bytes(), &[0]))? {
+            Some((k, _)) => {
+                let tail: [u8; 4] = k[k.len() - 4..]
+                    .try_into()
+                    .map_err(|_| DatasetError::Damaged("version key".into()))?;
+                u32::from_be_bytes(tail) + 1
+            }
+            None => 1,
+        },
+    )
 }
 
 fn env_file_err(file: String) -> impl FnOnce(std::io::Error) -> DatasetError {
@@ -407,19 +422,23 @@ pub fn import(
 ) -> Result<DatasetVersion, DatasetError> {
     check_name(name)?;
     let store = env.store().as_ref();
-    let import_id = next_import_id(store)?;
-    let mut start = WriteBatch::new();
-    start.put(
-        Space::Meta,
-        NEXT_IMPORT_KEY.to_vec(),
-        (import_id + 1).to_be_bytes().to_vec(),
-    );
-    start.put(
-        Space::Imports,
-        import_id.to_be_bytes().to_vec(),
-        name.as_bytes().to_vec(),
-    );
-    store.commit(start)?;
+    // The id comes from the counter by compare-and-set, so imports running
+    // at the same time (threads or processes) never share one.
+    let import_id = crate::store::update(store, &[(Space::Meta, NEXT_IMPORT_KEY)], |stored| {
+        let id = import_counter(stored[0].as_deref())?;
+        let mut start = WriteBatch::new();
+        start.put(
+            Space::Meta,
+            NEXT_IMPORT_KEY.to_vec(),
+            (id + 1).to_be_bytes().to_vec(),
+        );
+        start.put(
+            Space::Imports,
+            id.to_be_bytes().to_vec(),
+            name.as_bytes().to_vec(),
+        );
+        Ok::<_, DatasetError>((start, id))
+    })?;
     let result = stream_in(env, name, import_id, source, id_field, by);
     if result.is_err() {
         // Best effort: whatever is left is removed by `recover` at the next
@@ -532,41 +551,47 @@ fn stream_in(
     if let Some(objects) = env.objects() {
         objects.put_file(&ddir, &seg_name, &segment_digest.to_hex())?;
     }
-    let version = match store.last(Space::Datasets, &key2(name.as_bytes(), &[0]))? {
-        Some((k, _)) => {
-            let tail: [u8; 4] = k[k.len() - 4..]
-                .try_into()
-                .map_err(|_| DatasetError::Damaged("version key".into()))?;
-            u32::from_be_bytes(tail) + 1
+    // The version number is claimed by creating its key: the commit
+    // expects the key absent, so of two imports finishing at the same time
+    // one gets the number and the other takes the next.
+    let source_name = source
+        .file()
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let digest = hasher.finish().to_hex();
+    let mut tries = 0;
+    loop {
+        let version = next_version(store, name)?;
+        let manifest = DatasetVersion {
+            name: name.to_string(),
+            version,
+            import_id,
+            chunks,
+            buckets,
+            segment_sha256: segment_digest.to_hex(),
+            digest: digest.clone(),
+            source: source_name.clone(),
+            created_by: by.to_string(),
+            created_ms: crate::time::now_ms(),
+            stats: stats.clone(),
+        };
+        let key = version_key(name, version);
+        let mut commit = WriteBatch::new();
+        commit.put(
+            Space::Datasets,
+            key.clone(),
+            serde_json::to_vec(&manifest).map_err(|e| DatasetError::Damaged(e.to_string()))?,
+        );
+        commit.delete(Space::Imports, import_id.to_be_bytes().to_vec());
+        match store.commit_if(&[Expect::new(Space::Datasets, key, None)], commit) {
+            Ok(()) => return Ok(manifest),
+            Err(StoreError::Conflict { .. }) if tries + 1 < crate::store::UPDATE_TRIES => {
+                tries += 1;
+            }
+            Err(e) => return Err(e.into()),
         }
-        None => 1,
-    };
-    let manifest = DatasetVersion {
-        name: name.to_string(),
-        version,
-        import_id,
-        chunks,
-        buckets,
-        segment_sha256: segment_digest.to_hex(),
-        digest: hasher.finish().to_hex(),
-        source: source
-            .file()
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        created_by: by.to_string(),
-        created_ms: crate::time::now_ms(),
-        stats,
-    };
-    let mut commit = WriteBatch::new();
-    commit.put(
-        Space::Datasets,
-        version_key(name, version),
-        serde_json::to_vec(&manifest).map_err(|e| DatasetError::Damaged(e.to_string()))?,
-    );
-    commit.delete(Space::Imports, import_id.to_be_bytes().to_vec());
-    store.commit(commit)?;
-    Ok(manifest)
+    }
 }
 
 fn merge_err<'a>(

@@ -46,10 +46,6 @@ impl Cloister {
         )?;
         let mut source =
             datasets::open_source(file, options.format.as_deref(), options.schema.clone())?;
-        let _one_at_a_time = self
-            .import_lock
-            .lock()
-            .map_err(|_| ServiceError::BadRequest("an earlier import panicked".into()))?;
         Ok(datasets::import(
             &self.env,
             name,

@@ -347,13 +347,7 @@ impl Cloister {
             std::io::Cursor::new(lines),
             crate::records::Schema::default(),
         );
-        let version = {
-            let _imports = self
-                .import_lock
-                .lock()
-                .map_err(|_| ServiceError::BadRequest("an earlier import panicked".into()))?;
-            datasets::import(&self.env, &capture.dataset, &mut source, "id", "cloister")?
-        };
+        let version = datasets::import(&self.env, &capture.dataset, &mut source, "id", "cloister")?;
         let mut b = WriteBatch::new();
         let mut labeled = 0;
         for (key, c) in &waiting {

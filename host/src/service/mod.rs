@@ -122,7 +122,6 @@ pub struct Cloister {
     /// Parsed dataset version manifests (see [`crate::datasets::list`]).
     manifests: crate::datasets::ManifestCache,
     runtime: OnceLock<Runtime>,
-    import_lock: Mutex<()>,
     running: Mutex<std::collections::HashSet<String>>,
     /// Models loaded for serving, and the metrics lock.
     serving: deployments::ServingState,
@@ -183,7 +182,6 @@ impl Cloister {
             channel,
             manifests: crate::datasets::ManifestCache::default(),
             runtime: OnceLock::new(),
-            import_lock: Mutex::new(()),
             running: Mutex::new(std::collections::HashSet::new()),
             serving: deployments::ServingState::default(),
         }
