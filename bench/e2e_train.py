@@ -16,6 +16,7 @@ vectorizing, fitting and predicting. Every figure is the median of
 `--reps` runs, alternating Cloister and scikit-learn.
 
 Usage: bench/e2e_train.py CLOISTER_BIN DATA.jsonl.gz [DATA ...] [--reps N]
+       [--baseline OTHER_CLOISTER_BIN]
        [--C 10] [--features hashed-ngrams,tfidf] [--templates logreg,mlp]
        (needs `pip install scikit-learn`)
 """
@@ -71,6 +72,35 @@ def sklearn_run(records, c):
     return seconds, acc, len(train), len(test)
 
 
+def cloister_run(bin_, label, root, n, rep, data, features, template, ntr, nte, times,
+                 accs):
+    """A cold run (a new environment: nothing cached or fitted for this
+    dataset), then a cached one, of `bin_ train`; their times and accuracy
+    go under `label` + the pipeline."""
+    env_root = os.path.join(root, f"{n}-{rep}-{features}-{template}-{label.strip()}")
+    os.makedirs(env_root)
+    env, _, sci, d = setup(bin_, env_root)
+    sh(bin_, env, "dataset", "import", "d", data, token=sci)
+    for phase in ["cold", "cached"]:
+        t = time.perf_counter()
+        out = sh(bin_, env, "train", "--dataset", "d",
+                 "--preprocess", d["text-normalize"],
+                 "--features", d[features],
+                 "--template", template, token=sci)
+        s = time.perf_counter() - t
+        cached = "features from the cache" in out
+        if cached != (phase == "cached"):
+            raise SystemExit(f"expected a {phase} run:\n{out}")
+        model = re.findall(r"m-[0-9a-f]{12}", out)[-1]
+        m = json.loads(sh(bin_, env, "model", "show", model, "--json", token=sci))
+        key = f"{label}cloister {features} + {template}, {phase}"
+        times.setdefault(key, []).append(s)
+        accs[key] = m["evaluation"]["accuracy"]
+        if m["split_sizes"][0] != ntr or m["split_sizes"][2] != nte:
+            raise SystemExit(f"split mismatch: cloister {m['split_sizes']} vs {ntr}/{nte}")
+    shutil.rmtree(env_root)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bin")
@@ -79,8 +109,12 @@ def main():
     ap.add_argument("--C", type=float, default=10.0)
     ap.add_argument("--templates", default="logreg,mlp")
     ap.add_argument("--features", default="hashed-ngrams,tfidf")
+    ap.add_argument("--baseline", help="another cloister binary (e.g. an older build), "
+                    "timed in the same loop right after BIN, so the two compare in one run")
     a = ap.parse_args()
-    print(f"machine: {os.cpu_count()} CPUs; binary: {a.bin}; scikit-learn C={a.C}\n")
+    bins = [("", a.bin)] + ([("baseline ", a.baseline)] if a.baseline else [])
+    print(f"machine: {os.cpu_count()} CPUs; binary: {a.bin}; "
+          f"baseline: {a.baseline or '-'}; scikit-learn C={a.C}\n")
     print("| data | pipeline | wall s (median) | runs | test accuracy | vs scikit-learn |")
     print("|---|---|---:|---|---:|---:|")
     with tempfile.TemporaryDirectory() as root:
@@ -94,33 +128,9 @@ def main():
                 accs["sklearn"] = acc
                 for features in a.features.split(","):
                     for template in a.templates.split(","):
-                        # A cold run: a new environment, nothing cached or
-                        # fitted for this dataset.
-                        env_root = os.path.join(root, f"{n}-{rep}-{features}-{template}")
-                        os.makedirs(env_root)
-                        env, _, sci, d = setup(a.bin, env_root)
-                        sh(a.bin, env, "dataset", "import", "d", data, token=sci)
-                        for phase in ["cold", "cached"]:
-                            t = time.perf_counter()
-                            out = sh(a.bin, env, "train", "--dataset", "d",
-                                     "--preprocess", d["text-normalize"],
-                                     "--features", d[features],
-                                     "--template", template, token=sci)
-                            s = time.perf_counter() - t
-                            cached = "features from the cache" in out
-                            if cached != (phase == "cached"):
-                                raise SystemExit(f"expected a {phase} run:\n{out}")
-                            model = re.findall(r"m-[0-9a-f]{12}", out)[-1]
-                            m = json.loads(sh(a.bin, env, "model", "show", model, "--json",
-                                              token=sci))
-                            key = f"cloister {features} + {template}, {phase}"
-                            times.setdefault(key, []).append(s)
-                            accs[key] = m["evaluation"]["accuracy"]
-                            if m["split_sizes"][0] != ntr or m["split_sizes"][2] != nte:
-                                raise SystemExit(
-                                    f"split mismatch: cloister {m['split_sizes']} "
-                                    f"vs {ntr}/{nte}")
-                        shutil.rmtree(env_root)
+                        for label, bin_ in bins:
+                            cloister_run(bin_, label, root, n, rep, data, features,
+                                         template, ntr, nte, times, accs)
             base = statistics.median(times["sklearn"])
             for key, ts in times.items():
                 med = statistics.median(ts)
