@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Space, Storage, StoreError, WriteBatch};
+use crate::store::{Expect, Space, Storage, StoreError, WriteBatch};
 
 /// One record's answer, as kept for feedback.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,21 +166,24 @@ pub fn keep(
 }
 
 /// The answer `client` was last given for record `id`, with the
-/// generation it is kept in.
+/// generation it is kept in and what a write of it must expect (the key
+/// holding the bytes just read: see [`Storage::commit_if`]).
 pub fn find(
     store: &dyn Storage,
     deployment: &str,
     client: &str,
     id: &str,
-) -> Result<Option<(u32, KeptAnswer)>, StoreError> {
+) -> Result<Option<(u32, KeptAnswer, Expect)>, StoreError> {
     let r = ring(store, deployment)?;
     for generation in (r.kept_from..=r.generation).rev() {
-        if let Some(v) = store.get(
-            Space::ServingAnswers,
-            &answer_key(deployment, generation, client, id),
-        )? {
+        let key = answer_key(deployment, generation, client, id);
+        if let Some(v) = store.get(Space::ServingAnswers, &key)? {
             let a = serde_json::from_slice(&v).map_err(|_| damaged("answer"))?;
-            return Ok(Some((generation, a)));
+            return Ok(Some((
+                generation,
+                a,
+                Expect::new(Space::ServingAnswers, key, Some(v)),
+            )));
         }
     }
     Ok(None)

@@ -766,6 +766,63 @@ fn spam_records() -> Vec<DataRecord> {
 }
 
 #[test]
+fn concurrent_feedback_on_one_answer_is_scored_once() {
+    use cloister_host::service::{CaptureSpec, Feedback};
+    let s = setup();
+    let (op, app) = (s.u("op"), s.u("app"));
+    s.c()
+        .create_deployment(op, "spam", &s.a, &["app".into()])
+        .unwrap();
+    s.c()
+        .change_deployment(
+            op,
+            "spam",
+            DeploymentChange::Capture(Some(CaptureSpec {
+                dataset: "spam-live".into(),
+                sample: 10_000,
+                batch: 1_000,
+            })),
+        )
+        .unwrap();
+    let sample: Vec<DataRecord> = spam_records().into_iter().take(20).collect();
+    s.c()
+        .predict_deployed(app, "spam", Some("k"), &sample)
+        .unwrap();
+    let items: Vec<Feedback> = sample
+        .iter()
+        .map(|r| Feedback {
+            id: r.id.clone(),
+            label: r.label.clone().unwrap(),
+        })
+        .collect();
+    // Six clients' worth of the same labels at once: each answer is
+    // scored (and its captured record labeled) by exactly one request.
+    let outcomes = std::thread::scope(|t| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| t.spawn(|| s.c().send_feedback(app, "spam", &items).unwrap()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let sum = |f: fn(&cloister_host::service::FeedbackOutcome) -> u64| -> u64 {
+        outcomes.iter().map(f).sum()
+    };
+    assert_eq!(
+        (
+            sum(|o| o.scored),
+            sum(|o| o.repeated),
+            sum(|o| o.labeled_captures)
+        ),
+        (20, 100, 20),
+        "{outcomes:?}"
+    );
+    let st = s.c().deployment_status(s.u("aud"), "spam", 0).unwrap();
+    assert_eq!(st.variants[0].labeled, 20);
+}
+
+#[test]
 fn feedback_scores_online_accuracy_labels_captures_and_the_accuracy_guard_rolls_back() {
     use cloister_host::datasets::Provenance;
     use cloister_host::deployments::Guards;

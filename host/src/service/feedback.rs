@@ -22,7 +22,7 @@ use crate::deployments::{self, DeploymentError};
 use crate::feedback;
 use crate::policy::{Action, Resource};
 use crate::serving;
-use crate::store::WriteBatch;
+use crate::store::{StoreError, WriteBatch};
 use crate::users::User;
 
 /// The most labels one feedback request may carry.
@@ -120,47 +120,63 @@ impl Cloister {
         let store = self.env.store();
         let now = crate::time::now_ms();
         let minute = serving::minute(now);
-        let mut out = FeedbackOutcome::default();
-        let mut b = WriteBatch::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut scores = Vec::new();
-        for f in items {
-            if !seen.insert(f.id.as_str()) {
-                out.repeated += 1;
-                continue;
+        // Each answer is scored once: the batch commits only if every
+        // answer it marks still holds the bytes read (no truth yet), so of
+        // two requests labeling one answer at the same time one lands and
+        // the other, read again, finds it answered.
+        let mut tries = 0;
+        let (out, scores) = loop {
+            let mut out = FeedbackOutcome::default();
+            let mut b = WriteBatch::new();
+            let mut expect = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut scores = Vec::new();
+            for f in items {
+                if !seen.insert(f.id.as_str()) {
+                    out.repeated += 1;
+                    continue;
+                }
+                let Some((generation, mut a, read)) =
+                    feedback::find(store.as_ref(), &d.name, &who.name, &f.id)?
+                else {
+                    out.unknown += 1;
+                    continue;
+                };
+                if a.truth.is_some() {
+                    out.repeated += 1;
+                    continue;
+                }
+                let champion_label = if a.role == "champion" {
+                    Some(a.label.clone())
+                } else {
+                    a.champion.clone()
+                };
+                let champion_correct = champion_label.as_deref() == Some(f.label.as_str());
+                let correct = a.label == f.label;
+                scores.push((a.role.clone(), a.model.clone(), correct, champion_correct));
+                if let Some((m, l)) = &a.shadow {
+                    scores.push(("shadow".into(), m.clone(), *l == f.label, champion_correct));
+                }
+                if let Some(dataset) = &a.captured
+                    && self
+                        .label_capture(&mut b, &d.name, dataset, &who.name, &f.id, &f.label, now)?
+                {
+                    out.labeled_captures += 1;
+                }
+                a.truth = Some(f.label.clone());
+                feedback::update(&mut b, &d.name, generation, &a)?;
+                expect.push(read);
+                out.scored += 1;
             }
-            let Some((generation, mut a)) =
-                feedback::find(store.as_ref(), &d.name, &who.name, &f.id)?
-            else {
-                out.unknown += 1;
-                continue;
-            };
-            if a.truth.is_some() {
-                out.repeated += 1;
-                continue;
+            // The labels are data: durable before the request is answered.
+            match store.commit_if(&expect, b) {
+                Ok(()) => break (out, scores),
+                Err(StoreError::Conflict { .. }) if tries + 1 < crate::store::UPDATE_TRIES => {
+                    tries += 1;
+                }
+                Err(e) => return Err(e.into()),
             }
-            let champion_label = if a.role == "champion" {
-                Some(a.label.clone())
-            } else {
-                a.champion.clone()
-            };
-            let champion_correct = champion_label.as_deref() == Some(f.label.as_str());
-            let correct = a.label == f.label;
-            scores.push((a.role.clone(), a.model.clone(), correct, champion_correct));
-            if let Some((m, l)) = &a.shadow {
-                scores.push(("shadow".into(), m.clone(), *l == f.label, champion_correct));
-            }
-            if let Some(dataset) = &a.captured
-                && self.label_capture(&mut b, &d.name, dataset, &who.name, &f.id, &f.label, now)?
-            {
-                out.labeled_captures += 1;
-            }
-            a.truth = Some(f.label.clone());
-            feedback::update(&mut b, &d.name, generation, &a)?;
-            out.scored += 1;
-        }
-        // The labels are data: durable before the request is answered.
-        store.commit(b)?;
+        };
         let mut pending = self
             .serving
             .metrics
