@@ -343,14 +343,14 @@ mod tests {
         assert!((8..=10).contains(&kept), "{kept}");
         assert!(find(&store, "d", "app", "r0").unwrap().is_none());
         assert!(find(&store, "d", "app", "r9").unwrap().is_none());
-        let (_, a) = find(&store, "d", "app", "r19").unwrap().unwrap();
+        let (_, a, _) = find(&store, "d", "app", "r19").unwrap().unwrap();
         assert_eq!(a.id, "r19");
         assert!(find(&store, "d", "app", "r12").unwrap().is_some());
         assert!(find(&store, "d", "other", "r19").unwrap().is_none());
         // The same id answered again is found at its new answer, and an
         // update lands where it was found.
         put(&[answer("app", "r12", "ham")]);
-        let (g, mut a) = find(&store, "d", "app", "r12").unwrap().unwrap();
+        let (g, mut a, _) = find(&store, "d", "app", "r12").unwrap().unwrap();
         assert_eq!(a.label, "ham");
         a.truth = Some("spam".into());
         let mut b = WriteBatch::new();
