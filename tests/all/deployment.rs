@@ -765,14 +765,13 @@ fn spam_records() -> Vec<DataRecord> {
     cloister_host::records::read_file(&data, Default::default()).unwrap()
 }
 
-#[test]
-fn concurrent_feedback_on_one_answer_is_scored_once() {
-    use cloister_host::service::{CaptureSpec, Feedback};
-    let s = setup();
-    let (op, app) = (s.u("op"), s.u("app"));
-    s.c()
-        .create_deployment(op, "spam", &s.a, &["app".into()])
-        .unwrap();
+/// Deployment `spam` of model `a` for `clients`, capturing every request
+/// into dataset `spam-live` in versions of 1,000.
+fn deploy_capturing(s: &Setup, clients: &[&str]) {
+    use cloister_host::service::CaptureSpec;
+    let op = s.u("op");
+    let clients: Vec<String> = clients.iter().map(|c| c.to_string()).collect();
+    s.c().create_deployment(op, "spam", &s.a, &clients).unwrap();
     s.c()
         .change_deployment(
             op,
@@ -784,6 +783,14 @@ fn concurrent_feedback_on_one_answer_is_scored_once() {
             })),
         )
         .unwrap();
+}
+
+#[test]
+fn concurrent_feedback_on_one_answer_is_scored_once() {
+    use cloister_host::service::Feedback;
+    let s = setup();
+    let app = s.u("app");
+    deploy_capturing(&s, &["app"]);
     let sample: Vec<DataRecord> = spam_records().into_iter().take(20).collect();
     s.c()
         .predict_deployed(app, "spam", Some("k"), &sample)
@@ -829,21 +836,8 @@ fn feedback_scores_online_accuracy_labels_captures_and_the_accuracy_guard_rolls_
     use cloister_host::service::{CaptureSpec, Feedback};
     let s = setup();
     let (op, app) = (s.u("op"), s.u("app"));
-    s.c()
-        .create_deployment(op, "spam", &s.a, &["app".into(), "other-app".into()])
-        .unwrap();
     // Capture every request into a new dataset, versions of 1,000.
-    s.c()
-        .change_deployment(
-            op,
-            "spam",
-            DeploymentChange::Capture(Some(CaptureSpec {
-                dataset: "spam-live".into(),
-                sample: 10_000,
-                batch: 1_000,
-            })),
-        )
-        .unwrap();
+    deploy_capturing(&s, &["app", "other-app"]);
     // A dataset with other data is refused as a capture target.
     let capture = |dataset: &str, sample: u32, batch: u32| {
         s.c()

@@ -94,6 +94,33 @@ fn fx() -> Fx {
     }
 }
 
+/// Adds and approves the bundled `hashed-ngrams` featurizer: its digest.
+fn hashed_ngrams(c: &Cloister, sci: &User, rev: &User) -> String {
+    let e = c
+        .add_plugin(sci, cloister_bundled_plugins::get("hashed-ngrams").unwrap())
+        .unwrap();
+    c.approve_plugin(rev, &e.digest).unwrap();
+    e.digest
+}
+
+/// `logreg` trained on `d` through the featurizer `features`, with `sets`.
+fn train_logreg(
+    c: &Cloister,
+    sci: &User,
+    features: &str,
+    sets: Vec<(String, String)>,
+) -> cloister_host::models::ModelManifest {
+    let req = cloister_host::service::TrainRequest {
+        dataset: "d".into(),
+        preprocess: vec![],
+        features: features.to_string(),
+        template: "logreg".into(),
+        sets,
+        split_seed: None,
+    };
+    c.train_model(sci, &req, &mut |_| {}).unwrap()
+}
+
 /// The (position, byte) feature rows only `secret` has among `texts`.
 fn unique_rows(secret: &str, texts: &[String]) -> Vec<usize> {
     secret
@@ -343,22 +370,8 @@ fn concurrent_release_requests_and_decisions_land_exactly_once() {
         appr,
         ..
     } = fx();
-    let e = c
-        .add_plugin(
-            &sci,
-            cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
-        )
-        .unwrap();
-    c.approve_plugin(&rev, &e.digest).unwrap();
-    let req = cloister_host::service::TrainRequest {
-        dataset: "d".into(),
-        preprocess: vec![],
-        features: e.digest,
-        template: "logreg".into(),
-        sets: vec![],
-        split_seed: None,
-    };
-    let m = c.train_model(&sci, &req, &mut |_| {}).unwrap();
+    let features = hashed_ngrams(&c, &sci, &rev);
+    let m = train_logreg(&c, &sci, &features, vec![]);
     let requested: Vec<bool> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..8)
             .map(|i| {
@@ -401,22 +414,8 @@ fn policies_read_the_report_figures_and_an_older_environment_gets_the_new_schema
         rev,
         appr,
     } = fx();
-    let e = c
-        .add_plugin(
-            &sci,
-            cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
-        )
-        .unwrap();
-    c.approve_plugin(&rev, &e.digest).unwrap();
-    let req = cloister_host::service::TrainRequest {
-        dataset: "d".into(),
-        preprocess: vec![],
-        features: e.digest.clone(),
-        template: "logreg".into(),
-        sets: vec![],
-        split_seed: None,
-    };
-    let m = c.train_model(&sci, &req, &mut |_| {}).unwrap();
+    let features = hashed_ngrams(&c, &sci, &rev);
+    let m = train_logreg(&c, &sci, &features, vec![]);
     let report = m.disclosure.clone().unwrap();
     assert!(report.membership.repetitions > 0, "{report:?}");
     assert_ne!(report.verdict.as_str(), "fail", "{report:?}");
@@ -505,24 +504,8 @@ fn canaries_show_what_a_template_memorises_and_what_the_release_keeps() {
         rev,
         ..
     } = fx();
-    let e = c
-        .add_plugin(
-            &sci,
-            cloister_bundled_plugins::get("hashed-ngrams").unwrap(),
-        )
-        .unwrap();
-    c.approve_plugin(&rev, &e.digest).unwrap();
-    let train = |sets: Vec<(String, String)>| {
-        let req = cloister_host::service::TrainRequest {
-            dataset: "d".into(),
-            preprocess: vec![],
-            features: e.digest.clone(),
-            template: "logreg".into(),
-            sets,
-            split_seed: None,
-        };
-        c.train_model(&sci, &req, &mut |_| {}).unwrap().id
-    };
+    let features = hashed_ngrams(&c, &sci, &rev);
+    let train = |sets: Vec<(String, String)>| train_logreg(&c, &sci, &features, sets).id;
     // A template that learns every feature memorises the canaries; the
     // released copy (rows under k records zeroed) does not carry them.
     let learns = train(vec![
