@@ -279,18 +279,33 @@ pub fn update<T, E: From<StoreError>>(
     keys: &[(Space, &[u8])],
     mut build: impl FnMut(&[Option<Vec<u8>>]) -> Result<(WriteBatch, T), E>,
 ) -> Result<T, E> {
-    let mut last = None;
-    for _ in 0..UPDATE_TRIES {
+    update_reading(store, || {
         let values = keys
             .iter()
             .map(|(space, key)| store.get(*space, key))
             .collect::<Result<Vec<_>, _>>()?;
         let (batch, out) = build(&values)?;
-        let expect: Vec<Expect> = keys
+        let expect = keys
             .iter()
             .zip(values)
             .map(|((space, key), value)| Expect::new(*space, key.to_vec(), value))
             .collect();
+        Ok((expect, batch, out))
+    })
+}
+
+/// [`update`] for a read-modify-write whose keys are known only while
+/// reading: `build` reads what it needs and returns what it read (as
+/// [`Expect`]s), the batch and a result; the batch commits only if every
+/// expectation still holds, else `build` runs again, at most
+/// [`UPDATE_TRIES`] times.
+pub fn update_reading<T, E: From<StoreError>>(
+    store: &dyn Storage,
+    mut build: impl FnMut() -> Result<(Vec<Expect>, WriteBatch, T), E>,
+) -> Result<T, E> {
+    let mut last = None;
+    for _ in 0..UPDATE_TRIES {
+        let (expect, batch, out) = build()?;
         match store.commit_if(&expect, batch) {
             Ok(()) => return Ok(out),
             Err(e @ StoreError::Conflict { .. }) => last = Some(e),

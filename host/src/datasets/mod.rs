@@ -560,8 +560,7 @@ fn stream_in(
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
     let digest = hasher.finish().to_hex();
-    let mut tries = 0;
-    loop {
+    crate::store::update_reading(store, || {
         let version = next_version(store, name)?;
         let manifest = DatasetVersion {
             name: name.to_string(),
@@ -584,14 +583,12 @@ fn stream_in(
             serde_json::to_vec(&manifest).map_err(|e| DatasetError::Damaged(e.to_string()))?,
         );
         commit.delete(Space::Imports, import_id.to_be_bytes().to_vec());
-        match store.commit_if(&[Expect::new(Space::Datasets, key, None)], commit) {
-            Ok(()) => return Ok(manifest),
-            Err(StoreError::Conflict { .. }) if tries + 1 < crate::store::UPDATE_TRIES => {
-                tries += 1;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+        Ok::<_, DatasetError>((
+            vec![Expect::new(Space::Datasets, key, None)],
+            commit,
+            manifest,
+        ))
+    })
 }
 
 fn merge_err<'a>(

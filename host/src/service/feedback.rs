@@ -22,7 +22,7 @@ use crate::deployments::{self, DeploymentError};
 use crate::feedback;
 use crate::policy::{Action, Resource};
 use crate::serving;
-use crate::store::{StoreError, WriteBatch};
+use crate::store::WriteBatch;
 use crate::users::User;
 
 /// The most labels one feedback request may carry.
@@ -124,8 +124,7 @@ impl Cloister {
         // answer it marks still holds the bytes read (no truth yet), so of
         // two requests labeling one answer at the same time one lands and
         // the other, read again, finds it answered.
-        let mut tries = 0;
-        let (out, scores) = loop {
+        let (out, scores) = crate::store::update_reading(store.as_ref(), || {
             let mut out = FeedbackOutcome::default();
             let mut b = WriteBatch::new();
             let mut expect = Vec::new();
@@ -169,14 +168,8 @@ impl Cloister {
                 out.scored += 1;
             }
             // The labels are data: durable before the request is answered.
-            match store.commit_if(&expect, b) {
-                Ok(()) => break (out, scores),
-                Err(StoreError::Conflict { .. }) if tries + 1 < crate::store::UPDATE_TRIES => {
-                    tries += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+            Ok::<_, ServiceError>((expect, b, (out, scores)))
+        })?;
         let mut pending = self
             .serving
             .metrics
