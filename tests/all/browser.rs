@@ -78,10 +78,43 @@ impl Browser {
 
     fn click(&self, css: &str) {
         let e = self.find(css);
+        self.mark_stale();
         self.call("POST", &format!("/element/{e}/click"), Some(json!({})));
     }
 
+    /// Marks the document now shown, so that `wait_for` accepts only the
+    /// page an action navigates to: text that the old page happens to
+    /// contain ("40 waiting" contains "0 waiting") must not end the wait
+    /// while the browser is still leaving it.
+    fn mark_stale(&self) {
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": "window.__cloisterStale = true;", "args": []})),
+        );
+    }
+
+    /// Whether the document now shown is one that `mark_stale` marked; a
+    /// script that cannot run (the browser is between documents) counts
+    /// as stale.
+    fn is_stale(&self) -> bool {
+        let (status, _, out) = http(
+            self.addr,
+            "POST",
+            &format!("/session/{}/execute/sync", self.session),
+            &[("Content-Type", "application/json")],
+            Some(
+                json!({"script": "return window.__cloisterStale === true || document.readyState !== 'complete';", "args": []})
+                    .to_string()
+                    .as_bytes(),
+            ),
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+        status != 200 || v["value"] != Value::Bool(false)
+    }
+
     fn keys(&self, text: &str) {
+        self.mark_stale();
         self.call(
             "POST",
             "/actions",
@@ -123,13 +156,15 @@ impl Browser {
         self.call("DELETE", "/cookie", None);
     }
 
-    /// Waits (up to 30 s) until the page shows `text`; a click that
-    /// submits a form returns before the next page has loaded.
+    /// Waits (up to 30 s) until a page newer than the last action's shows
+    /// `text`; a click that submits a form returns before the next page
+    /// has loaded.
     fn wait_for(&self, text: &str) {
         let t = Instant::now();
         loop {
+            let stale = self.is_stale();
             let src = self.source();
-            if src.contains(text) {
+            if !stale && src.contains(text) {
                 return;
             }
             assert!(
@@ -449,7 +484,7 @@ fn a_browser_walks_the_console_for_every_role() {
     b.click("form[action='/deployments/mail/pause'] button");
     b.wait_for("<strong>paused</strong>");
     b.click("form[action='/deployments/mail/capture'] button");
-    b.wait_for("0 waiting");
+    b.wait_for("; 0 waiting.");
     b.click("form[action='/deployments/mail/resume'] button");
     b.wait_for("Pause</button>");
 
