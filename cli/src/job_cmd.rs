@@ -109,7 +109,7 @@ pub fn progress_printer() -> impl FnMut(JobEvent<'_>) {
     move |e: JobEvent<'_>| {
         let t = started.elapsed().as_secs_f64();
         match e {
-            JobEvent::Stage(what, n) => eprintln!("[{t:6.1}s] {what}: {n} records"),
+            JobEvent::Stage(s) => eprintln!("[{t:6.1}s] {s}"),
             JobEvent::Training {
                 round,
                 template,

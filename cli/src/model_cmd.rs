@@ -162,7 +162,7 @@ pub fn train(env: &EnvArgs, args: TrainArgs) -> Result<ExitCode> {
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut progress = |p: TrainProgress| match p {
-        TrainProgress::Stage(what, n) => eprintln!("{what}: {n} records"),
+        TrainProgress::Stage(s) => eprintln!("{s}"),
         TrainProgress::Epoch(e, max) => {
             let elapsed = started.elapsed().as_secs_f64();
             let eta = elapsed / f64::from(e.epoch) * f64::from(max.saturating_sub(e.epoch));

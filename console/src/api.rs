@@ -222,9 +222,7 @@ pub(crate) async fn start_training(
     let plan = blocking(k, move |c| c.plan_training(&who, &req)).await?;
     tasks::spawn(k, "train", &owner.name, move |console, p| {
         let m = console.cloister().run_training(plan, &mut |e| match e {
-            cloister_host::service::TrainProgress::Stage(s, n) => {
-                p.line(format!("{s}: {n} records"))
-            }
+            cloister_host::service::TrainProgress::Stage(s) => p.line(s.to_string()),
             cloister_host::service::TrainProgress::Epoch(e, max) => p.line(format!(
                 "epoch {}/{max}: val accuracy {:.4}",
                 e.epoch, e.val_accuracy

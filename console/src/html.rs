@@ -277,7 +277,7 @@ pub(crate) fn heatmap(classes: &[String], m: &[Vec<u64>]) -> String {
 /// One progress line for a job event.
 pub(crate) fn job_event_line(e: &JobEvent<'_>) -> Option<String> {
     Some(match e {
-        JobEvent::Stage(s, n) => format!("{s}: {n} records"),
+        JobEvent::Stage(s) => s.to_string(),
         JobEvent::Training {
             round,
             template,

@@ -25,7 +25,8 @@ use crate::types::Vocabulary;
 pub const MAX_TERMS: usize = 1 << 20;
 
 /// Most distinct term keys a fit may produce before counting stops (their
-/// counts are held in memory: about 100 MB at the cap).
+/// counts are held in memory, as sorted runs: about 130 MB at the cap while
+/// a worker merges its buffer into its run).
 pub const MAX_DISTINCT: usize = 1 << 22;
 
 const MAGIC: &[u8; 8] = b"CLVOCAB1";
@@ -78,7 +79,7 @@ pub fn count(terms: &[Vec<u64>], k: u32, cap: usize) -> Result<Vocabulary, FitEr
 /// the most frequent (ties: the smaller key). Deterministic.
 pub fn vocabulary(
     documents: usize,
-    df: HashMap<u64, u32>,
+    df: impl IntoIterator<Item = (u64, u32)>,
     k: u32,
     cap: usize,
 ) -> Result<Vocabulary, FitError> {

@@ -112,8 +112,8 @@ fn tfidf_fits_on_the_training_split_and_its_vocabulary_travels_with_the_model() 
     let mut seen = Vec::new();
     let again =
         e.c.train_model(&e.sci, &req, &mut |p| {
-            if let TrainProgress::Stage(s, _) = p {
-                seen.push(s.to_string());
+            if let TrainProgress::Stage(s) = p {
+                seen.push(s.what.to_string());
             }
         })
         .unwrap();

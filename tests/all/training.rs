@@ -265,8 +265,8 @@ fn a_second_train_on_the_same_inputs_takes_its_features_from_the_cache() {
     let mut stages = Vec::new();
     let again =
         t.c.train_model(&t.sci, &req, &mut |p| {
-            if let cloister_host::service::TrainProgress::Stage(s, _) = p {
-                stages.push(s.to_string());
+            if let cloister_host::service::TrainProgress::Stage(s) = p {
+                stages.push(s.what.to_string());
             }
         })
         .unwrap();

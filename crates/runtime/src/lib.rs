@@ -16,6 +16,7 @@
 mod bindings;
 mod cache;
 mod error;
+mod key_counts;
 mod runner;
 pub mod sandbox;
 mod validate;

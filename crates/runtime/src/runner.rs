@@ -7,10 +7,10 @@
 //! starts fresh ones. Plugins must not depend on state kept between batches:
 //! which instance runs which batch is up to the scheduler.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::key_counts::{KeyCounter, TooMany};
 use super::{
     Limits, LoadedPlugin, PluginInstance, Purpose, Runtime, RuntimeError, StopFlag, Usage, stopped,
 };
@@ -64,8 +64,9 @@ impl Failures {
 pub struct TermCounts {
     /// Records the keys were counted over.
     pub documents: usize,
-    /// Term key → records that contain it.
-    pub counts: HashMap<u64, u32>,
+    /// Each term key with the number of records that contain it, sorted
+    /// by key.
+    pub counts: Vec<(u64, u32)>,
 }
 
 /// Runs a plugin over many batches in parallel.
@@ -331,13 +332,13 @@ impl<'a> Runner<'a> {
         }
         let too_many = || RuntimeError::LimitExceeded(super::Limit::Terms { max: max_distinct });
         let next = AtomicUsize::new(0);
-        let merged: Mutex<HashMap<u64, u32>> = Mutex::new(HashMap::new());
+        let done: Mutex<Vec<KeyCounter>> = Mutex::new(Vec::new());
         let failures = Failures::new();
         let fail = |at: usize, e: RuntimeError| failures.fail(at, e);
         std::thread::scope(|scope| {
             for _ in 0..self.workers.min(records.len()) {
                 scope.spawn(|| {
-                    let mut counts: HashMap<u64, u32> = HashMap::new();
+                    let mut counts = KeyCounter::default();
                     while !failures.stopped() {
                         let at = next.fetch_add(1, Ordering::Relaxed);
                         let Some(record) = records.get(at) else { break };
@@ -355,31 +356,32 @@ impl<'a> Runner<'a> {
                         self.collect_usage(&inst);
                         match result {
                             Ok(keys) => {
-                                for key in keys {
-                                    *counts.entry(key).or_insert(0) += 1;
-                                }
-                                if counts.len() > max_distinct {
+                                if counts.add(&keys, max_distinct).is_err() {
                                     return fail(at, too_many());
                                 }
                             }
                             Err(e) => return fail(at, e),
                         }
                     }
-                    let mut all = merged.lock().unwrap_or_else(|p| p.into_inner());
-                    for (key, n) in counts {
-                        *all.entry(key).or_insert(0) += n;
-                    }
-                    if all.len() > max_distinct {
-                        drop(all);
-                        fail(records.len(), too_many());
+                    match counts.flush(max_distinct) {
+                        Ok(()) => done.lock().unwrap_or_else(|p| p.into_inner()).push(counts),
+                        Err(TooMany) => fail(records.len(), too_many()),
                     }
                 });
             }
         });
         failures.first()?;
+        // A sum: the order the workers finished in does not matter.
+        let mut all = KeyCounter::default();
+        for counts in done.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            all.absorb(counts, max_distinct)
+                .map_err(|TooMany| too_many())?;
+        }
         Ok(TermCounts {
             documents: records.len(),
-            counts: merged.into_inner().unwrap_or_else(|p| p.into_inner()),
+            counts: all
+                .into_sorted(max_distinct)
+                .map_err(|TooMany| too_many())?,
         })
     }
 

@@ -40,8 +40,8 @@ pub use spec::{Metric, Oracle, PipelineSpec, SelectorUse};
 /// What a running job reports.
 #[derive(Debug)]
 pub enum JobEvent<'a> {
-    /// A stage of preparing the data finished: (stage, records out).
-    Stage(&'static str, usize),
+    /// A stage of preparing the data finished.
+    Stage(crate::service::Stage),
     /// A model of the committee is training.
     Training {
         /// Round.

@@ -925,7 +925,7 @@ impl Cloister {
         input: Vec<DataRecord>,
     ) -> Result<DeployedAnswer, ServiceError> {
         let s = self.served(model)?;
-        let (kept, x, _) = self.run_chain(who, purpose, input, &s.chain, &mut |_, _| {})?;
+        let (kept, x, _) = self.run_chain(who, purpose, input, &s.chain, &mut |_| {})?;
         let rows: Vec<usize> = (0..x.rows()).collect();
         let probs = s.model.predict(&x, &rows)?;
         let k = s.classes.len().max(1);

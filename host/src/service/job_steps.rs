@@ -102,7 +102,7 @@ impl Cloister {
             &mut chain,
             job.spec.split_seed,
             gold,
-            &mut |s, n| progress(JobEvent::Stage(s, n)),
+            &mut |s| progress(JobEvent::Stage(s)),
         )?;
         let lineage = chain.lineage(&version, job.spec.split_seed, Some(job.id.clone()));
         let (x, dim) = (data.x, data.dim);

@@ -45,6 +45,7 @@ pub use deployments::{
     MAX_PREDICT_RECORDS, ReportStanding, SeriesPoint, VariantSeries,
 };
 pub use feedback::{CaptureWritten, Feedback, FeedbackOutcome, MAX_FEEDBACK};
+pub use pipeline::Stage;
 pub use policy::Explanation;
 pub use training::{Predictions, TrainProgress, TrainRequest, TrainingPlan};
 

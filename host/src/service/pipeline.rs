@@ -29,6 +29,45 @@ use crate::users::User;
 use super::plugins::StageSetup;
 use super::{Cloister, ServiceError};
 
+/// A stage of preparing data that finished: what it made, how many, and
+/// of what — `featurized: 11293 records`, `fitted vocabulary: 35800
+/// terms` — so that whoever shows progress names the right unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stage {
+    /// The stage (`read`, `preprocessed`, `fitted vocabulary`, …).
+    pub what: &'static str,
+    /// How many of `unit` it made.
+    pub n: usize,
+    /// What `n` counts: `records` or `terms`.
+    pub unit: &'static str,
+}
+
+impl Stage {
+    /// A stage that made `n` records.
+    pub fn records(what: &'static str, n: usize) -> Self {
+        Self {
+            what,
+            n,
+            unit: "records",
+        }
+    }
+
+    /// A stage that made a vocabulary of `n` terms.
+    pub fn terms(what: &'static str, n: usize) -> Self {
+        Self {
+            what,
+            n,
+            unit: "terms",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} {}", self.what, self.n, self.unit)
+    }
+}
+
 /// A plugin's configuration: `(key, value)` pairs.
 pub(crate) type Config = Vec<(String, String)>;
 
@@ -248,7 +287,7 @@ impl Cloister {
         purpose: &str,
         records: Vec<DataRecord>,
         chain: &Chain,
-        stage: &mut dyn FnMut(&'static str, usize),
+        stage: &mut dyn FnMut(Stage),
     ) -> Result<(Vec<DataRecord>, SparseBatch, usize), ServiceError> {
         let records = self.preprocess_records(who, purpose, records, chain, stage)?;
         let (x, dim) = self.featurize_records(who, purpose, &records, chain, stage)?;
@@ -263,7 +302,7 @@ impl Cloister {
         purpose: &str,
         mut records: Vec<DataRecord>,
         chain: &Chain,
-        stage: &mut dyn FnMut(&'static str, usize),
+        stage: &mut dyn FnMut(Stage),
     ) -> Result<Vec<DataRecord>, ServiceError> {
         for (_, plugin, config) in &chain.preprocess {
             let n = records.len();
@@ -282,7 +321,7 @@ impl Cloister {
                     Vec::len,
                 )?
                 .0;
-            stage("preprocessed", records.len());
+            stage(Stage::records("preprocessed", records.len()));
         }
         Ok(records)
     }
@@ -296,7 +335,7 @@ impl Cloister {
         purpose: &str,
         records: &[DataRecord],
         chain: &Chain,
-        stage: &mut dyn FnMut(&'static str, usize),
+        stage: &mut dyn FnMut(Stage),
     ) -> Result<(SparseBatch, usize), ServiceError> {
         let (_, featurizer, config) = &chain.features;
         let vocabulary = match (&chain.state, featurizer.fitted) {
@@ -322,7 +361,7 @@ impl Cloister {
             |r| r.featurize(records),
             SparseBatch::rows,
         )?;
-        stage("featurized", x.rows());
+        stage(Stage::records("featurized", x.rows()));
         Ok((x, dim as usize))
     }
 
@@ -337,7 +376,7 @@ impl Cloister {
         train: &[DataRecord],
         chain: &mut Chain,
         fit_key: &Digest,
-        stage: &mut dyn FnMut(&'static str, usize),
+        stage: &mut dyn FnMut(Stage),
     ) -> Result<(), ServiceError> {
         let (_, featurizer, config) = &chain.features;
         let (terms, _) = self.plugin_stage_with(
@@ -361,7 +400,7 @@ impl Cloister {
         let mut batch = crate::store::WriteBatch::new();
         let digest = crate::fitted::put(&mut batch, Some(fit_key), &vocabulary);
         self.env.store().commit(batch)?;
-        stage("fitted terms", vocabulary.keys.len());
+        stage(Stage::terms("fitted vocabulary", vocabulary.keys.len()));
         chain.state = Some(FittedState {
             digest,
             vocabulary: Arc::new(vocabulary),
@@ -382,7 +421,7 @@ impl Cloister {
         chain: &mut Chain,
         split_seed: u64,
         mut keep: impl FnMut(&StoredRecord) -> Option<T>,
-        stage: &mut dyn FnMut(&'static str, usize),
+        stage: &mut dyn FnMut(Stage),
     ) -> Result<Featurized<T>, ServiceError> {
         let mut records = Vec::new();
         let mut meta: HashMap<String, (Split, T)> = HashMap::new();
@@ -394,7 +433,7 @@ impl Cloister {
                 records.push(r.record);
             }
         }
-        stage("records", records.len());
+        stage(Stage::records("read", records.len()));
         let in_fit = |id: &str| meta.get(id).is_some_and(|(s, _)| *s == Split::Train);
         let (ids, x, dim) =
             self.features_of(who, purpose, version, chain, records, &in_fit, stage)?;
@@ -432,7 +471,7 @@ impl Cloister {
         chain: &mut Chain,
         records: Vec<DataRecord>,
         in_fit: &dyn Fn(&str) -> bool,
-        stage: &mut dyn FnMut(&'static str, usize),
+        stage: &mut dyn FnMut(Stage),
     ) -> Result<(Vec<String>, SparseBatch, usize), ServiceError> {
         let limit = self.env.limits().feature_cache_bytes();
         let cache = if limit == 0 {
@@ -476,7 +515,10 @@ impl Cloister {
                 vocabulary.documents as usize,
                 true,
             )?;
-            stage("fitted terms from the store", vocabulary.keys.len());
+            stage(Stage::terms(
+                "fitted vocabulary from the store",
+                vocabulary.keys.len(),
+            ));
             chain.state = Some(FittedState {
                 digest,
                 vocabulary: Arc::new(vocabulary),
@@ -511,7 +553,7 @@ impl Cloister {
                         false,
                     )?;
                 }
-                stage("features from the cache", hit.ids.len());
+                stage(Stage::records("features from the cache", hit.ids.len()));
                 return Ok((hit.ids, hit.x, hit.dim));
             }
         }

@@ -10,7 +10,7 @@ use crate::train::Template;
 use crate::types::DataRecord;
 use crate::users::User;
 
-use super::pipeline::{Chain, NewModel};
+use super::pipeline::{Chain, NewModel, Stage};
 use super::{Cloister, ServiceError};
 use crate::train::disclosure::Evidence;
 
@@ -34,8 +34,8 @@ pub struct TrainRequest {
 /// Progress reported while training.
 #[derive(Debug, Clone)]
 pub enum TrainProgress {
-    /// A pipeline stage finished: (stage, records out).
-    Stage(&'static str, usize),
+    /// A pipeline stage finished.
+    Stage(Stage),
     /// An epoch finished.
     Epoch(crate::train::EpochStats, u32),
 }
@@ -147,13 +147,17 @@ impl Cloister {
             &mut chain,
             split_seed,
             training_label,
-            &mut |stage, n| {
-                let stage = if stage == "records" {
-                    "labeled records"
+            &mut |stage| {
+                // Training reads the labeled records only.
+                let stage = if stage.what == "read" {
+                    Stage {
+                        what: "labeled",
+                        ..stage
+                    }
                 } else {
                     stage
                 };
-                progress(TrainProgress::Stage(stage, n))
+                progress(TrainProgress::Stage(stage))
             },
         )?;
         let labels: Vec<String> = data.rows.iter().map(|(_, _, l)| l.clone()).collect();
@@ -285,7 +289,7 @@ impl Cloister {
             &mut chain,
             l.split_seed,
             training_label,
-            &mut |_, _| {},
+            &mut |_| {},
         )?;
         let class: std::collections::HashMap<&str, usize> = m
             .classes
@@ -348,7 +352,7 @@ impl Cloister {
         let input = super::pipeline::unlabeled(records);
         let chain = self.lineage_chain(who, &m.lineage)?;
         let (input, x, _) =
-            self.run_chain(who, &format!("predict {id}"), input, &chain, &mut |_, _| {})?;
+            self.run_chain(who, &format!("predict {id}"), input, &chain, &mut |_| {})?;
         let model = crate::train::Trained::from_safetensors(
             m.kind,
             &crate::models::weights(self.env.dir(), self.env.objects(), &m)?,
