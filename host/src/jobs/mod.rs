@@ -41,7 +41,7 @@ pub use spec::{Metric, Oracle, PipelineSpec, SelectorUse};
 #[derive(Debug)]
 pub enum JobEvent<'a> {
     /// A stage of preparing the data finished.
-    Stage(crate::service::Stage),
+    Stage(crate::types::Stage),
     /// A model of the committee is training.
     Training {
         /// Round.

@@ -39,13 +39,13 @@ mod regression;
 mod training;
 mod users;
 
+pub use crate::types::Stage;
 pub use datasets::ImportOptions;
 pub use deployments::{
     Answer, CaptureSpec, DeployedPredictions, DeploymentChange, DeploymentStatus,
     MAX_PREDICT_RECORDS, ReportStanding, SeriesPoint, VariantSeries,
 };
 pub use feedback::{CaptureWritten, Feedback, FeedbackOutcome, MAX_FEEDBACK};
-pub use pipeline::Stage;
 pub use policy::Explanation;
 pub use training::{Predictions, TrainProgress, TrainRequest, TrainingPlan};
 

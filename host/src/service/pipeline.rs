@@ -23,50 +23,11 @@ use crate::registry::PluginEntry;
 use crate::runtime::LoadedPlugin;
 use crate::train::disclosure::{self, Evidence};
 use crate::train::{Fitted, Template, eval::Evaluation};
-use crate::types::{DataRecord, PluginKind, SparseBatch, Vocabulary};
+use crate::types::{DataRecord, PluginKind, SparseBatch, Stage, Vocabulary};
 use crate::users::User;
 
 use super::plugins::StageSetup;
 use super::{Cloister, ServiceError};
-
-/// A stage of preparing data that finished: what it made, how many, and
-/// of what — `featurized: 11293 records`, `fitted vocabulary: 35800
-/// terms` — so that whoever shows progress names the right unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stage {
-    /// The stage (`read`, `preprocessed`, `fitted vocabulary`, …).
-    pub what: &'static str,
-    /// How many of `unit` it made.
-    pub n: usize,
-    /// What `n` counts: `records` or `terms`.
-    pub unit: &'static str,
-}
-
-impl Stage {
-    /// A stage that made `n` records.
-    pub fn records(what: &'static str, n: usize) -> Self {
-        Self {
-            what,
-            n,
-            unit: "records",
-        }
-    }
-
-    /// A stage that made a vocabulary of `n` terms.
-    pub fn terms(what: &'static str, n: usize) -> Self {
-        Self {
-            what,
-            n,
-            unit: "terms",
-        }
-    }
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {} {}", self.what, self.n, self.unit)
-    }
-}
 
 /// A plugin's configuration: `(key, value)` pairs.
 pub(crate) type Config = Vec<(String, String)>;

@@ -10,9 +10,10 @@ use crate::train::Template;
 use crate::types::DataRecord;
 use crate::users::User;
 
-use super::pipeline::{Chain, NewModel, Stage};
+use super::pipeline::{Chain, NewModel};
 use super::{Cloister, ServiceError};
 use crate::train::disclosure::Evidence;
+use crate::types::Stage;
 
 /// What `cloister train` asks for.
 #[derive(Debug, Clone, Serialize)]
