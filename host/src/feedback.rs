@@ -101,36 +101,30 @@ fn damaged(what: &str) -> StoreError {
     StoreError::Corrupted(format!("a kept {what} does not decode"))
 }
 
-/// The deployment's ring of kept answers, and the bytes it was read from.
-fn ring(store: &dyn Storage, deployment: &str) -> Result<(Ring, Option<Vec<u8>>), StoreError> {
-    let read = store.get(Space::ServingAnswers, &meta_key(deployment))?;
-    let r = match &read {
-        Some(v) => serde_json::from_slice(v).map_err(|_| damaged("answer ring"))?,
-        None => Ring::default(),
-    };
-    Ok((r, read))
+fn ring(store: &dyn Storage, deployment: &str) -> Result<Ring, StoreError> {
+    match store.get(Space::ServingAnswers, &meta_key(deployment))? {
+        Some(v) => serde_json::from_slice(&v).map_err(|_| damaged("answer ring")),
+        None => Ok(Ring::default()),
+    }
 }
 
-/// Adds `answers` to the deployment's kept answers (to `batch`, which the
-/// caller stages): one write per answer; a generation that falls out of
-/// the newest [`GENERATIONS`] + 1 is deleted whole, so between `keep` and
+/// Adds `answers` to the deployment's kept answers (stage the batch): one
+/// write per answer; a generation that falls out of the newest
+/// [`GENERATIONS`] + 1 is deleted whole, so between `keep` and
 /// `keep · (1 + 1/GENERATIONS)` recent answers are kept. A record id
-/// answered again is found at its newest answer. Returns what the write
-/// must expect — the ring as it was read — so that two processes keeping
-/// answers of one deployment cannot both advance it from the same state
-/// (see [`Storage::stage_if`]).
+/// answered again is found at its newest answer.
 pub fn keep(
     store: &dyn Storage,
     batch: &mut WriteBatch,
     deployment: &str,
     answers: &[KeptAnswer],
     keep: u64,
-) -> Result<Option<Expect>, StoreError> {
+) -> Result<(), StoreError> {
     if keep == 0 || answers.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
     let per_generation = keep.div_ceil(u64::from(GENERATIONS)).max(1);
-    let (mut r, read) = ring(store, deployment)?;
+    let mut r = ring(store, deployment)?;
     // Generations after this one hold nothing stored yet.
     let stored_up_to = r.generation;
     let mut placed = Vec::with_capacity(answers.len());
@@ -168,11 +162,7 @@ pub fn keep(
         meta_key(deployment),
         serde_json::to_vec(&r).map_err(|_| damaged("answer ring"))?,
     );
-    Ok(Some(Expect::new(
-        Space::ServingAnswers,
-        meta_key(deployment),
-        read,
-    )))
+    Ok(())
 }
 
 /// The answer `client` was last given for record `id`, with the
@@ -184,7 +174,7 @@ pub fn find(
     client: &str,
     id: &str,
 ) -> Result<Option<(u32, KeptAnswer, Expect)>, StoreError> {
-    let (r, _) = ring(store, deployment)?;
+    let r = ring(store, deployment)?;
     for generation in (r.kept_from..=r.generation).rev() {
         let key = answer_key(deployment, generation, client, id);
         if let Some(v) = store.get(Space::ServingAnswers, &key)? {
