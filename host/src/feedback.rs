@@ -101,30 +101,36 @@ fn damaged(what: &str) -> StoreError {
     StoreError::Corrupted(format!("a kept {what} does not decode"))
 }
 
-fn ring(store: &dyn Storage, deployment: &str) -> Result<Ring, StoreError> {
-    match store.get(Space::ServingAnswers, &meta_key(deployment))? {
-        Some(v) => serde_json::from_slice(&v).map_err(|_| damaged("answer ring")),
-        None => Ok(Ring::default()),
-    }
+/// The deployment's ring of kept answers, and the bytes it was read from.
+fn ring(store: &dyn Storage, deployment: &str) -> Result<(Ring, Option<Vec<u8>>), StoreError> {
+    let read = store.get(Space::ServingAnswers, &meta_key(deployment))?;
+    let r = match &read {
+        Some(v) => serde_json::from_slice(v).map_err(|_| damaged("answer ring"))?,
+        None => Ring::default(),
+    };
+    Ok((r, read))
 }
 
-/// Adds `answers` to the deployment's kept answers (stage the batch): one
-/// write per answer; a generation that falls out of the newest
-/// [`GENERATIONS`] + 1 is deleted whole, so between `keep` and
+/// Adds `answers` to the deployment's kept answers (to `batch`, which the
+/// caller stages): one write per answer; a generation that falls out of
+/// the newest [`GENERATIONS`] + 1 is deleted whole, so between `keep` and
 /// `keep · (1 + 1/GENERATIONS)` recent answers are kept. A record id
-/// answered again is found at its newest answer.
+/// answered again is found at its newest answer. Returns what the write
+/// must expect — the ring as it was read — so that two processes keeping
+/// answers of one deployment cannot both advance it from the same state
+/// (see [`Storage::stage_if`]).
 pub fn keep(
     store: &dyn Storage,
     batch: &mut WriteBatch,
     deployment: &str,
     answers: &[KeptAnswer],
     keep: u64,
-) -> Result<(), StoreError> {
+) -> Result<Option<Expect>, StoreError> {
     if keep == 0 || answers.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let per_generation = keep.div_ceil(u64::from(GENERATIONS)).max(1);
-    let mut r = ring(store, deployment)?;
+    let (mut r, read) = ring(store, deployment)?;
     // Generations after this one hold nothing stored yet.
     let stored_up_to = r.generation;
     let mut placed = Vec::with_capacity(answers.len());
@@ -162,7 +168,11 @@ pub fn keep(
         meta_key(deployment),
         serde_json::to_vec(&r).map_err(|_| damaged("answer ring"))?,
     );
-    Ok(())
+    Ok(Some(Expect::new(
+        Space::ServingAnswers,
+        meta_key(deployment),
+        read,
+    )))
 }
 
 /// The answer `client` was last given for record `id`, with the
@@ -174,7 +184,7 @@ pub fn find(
     client: &str,
     id: &str,
 ) -> Result<Option<(u32, KeptAnswer, Expect)>, StoreError> {
-    let r = ring(store, deployment)?;
+    let (r, _) = ring(store, deployment)?;
     for generation in (r.kept_from..=r.generation).rev() {
         let key = answer_key(deployment, generation, client, id);
         if let Some(v) = store.get(Space::ServingAnswers, &key)? {

@@ -293,18 +293,22 @@ pub fn add(
     c: &Counters,
 ) -> Result<(), StoreError> {
     let k = key(deployment, role, model, minute);
-    let mut total: Counters = match store.get(Space::ServingMetrics, &k)? {
-        Some(v) => serde_json::from_slice(&v).unwrap_or_default(),
-        None => Counters::default(),
-    };
-    total.merge(c);
-    let mut b = WriteBatch::new();
-    b.put(
-        Space::ServingMetrics,
-        k,
-        serde_json::to_vec(&total).unwrap_or_default(),
-    );
-    store.stage(b)
+    // Another process serving the same deployment may add to the same
+    // minute: the sum is written only over what was read.
+    crate::store::stage_update(store, &[(Space::ServingMetrics, &k)], |values| {
+        let mut total: Counters = match &values[0] {
+            Some(v) => serde_json::from_slice(v).unwrap_or_default(),
+            None => Counters::default(),
+        };
+        total.merge(c);
+        let mut b = WriteBatch::new();
+        b.put(
+            Space::ServingMetrics,
+            k.clone(),
+            serde_json::to_vec(&total).unwrap_or_default(),
+        );
+        Ok::<_, StoreError>((b, ()))
+    })
 }
 
 /// The variant's counters summed over the minutes from `since_ms` on.

@@ -348,6 +348,72 @@ impl Drop for PgServer {
 // ------------------------------------------------------------ contract --
 
 /// The storage contract, as every module relies on it.
+/// Two processes serving one deployment write its per-minute counters and
+/// its kept answers at the same time (threads here, each writing straight
+/// to the store as a process's metrics writer does): every request is
+/// counted once, and the ring of kept answers stays within its documented
+/// bound with the newest answers findable.
+fn serving_writes_at_once(s: &dyn Storage) {
+    use cloister_host::feedback::{self, GENERATIONS, KeptAnswer};
+    use cloister_host::serving::{self, Counters, Observation};
+    let keep = 40u64;
+    std::thread::scope(|scope| {
+        for process in 0..2 {
+            scope.spawn(move || {
+                for round in 0..30 {
+                    let mut c = Counters::default();
+                    c.add(&Observation {
+                        error: false,
+                        latency_us: 900,
+                        classes: vec!["spam".into(), "ham".into()],
+                        confidences: vec![0.9, 0.8],
+                        agreement: None,
+                    });
+                    serving::add(s, "mail", "champion", "m-1", 7, &c).unwrap();
+                    let answers: Vec<KeptAnswer> = (0..3)
+                        .map(|i| KeptAnswer {
+                            client: format!("p{process}"),
+                            id: format!("r{round}-{i}"),
+                            time_ms: 0,
+                            role: "champion".into(),
+                            model: "m-1".into(),
+                            label: "spam".into(),
+                            champion: None,
+                            shadow: None,
+                            captured: None,
+                            truth: None,
+                        })
+                        .collect();
+                    cloister_host::store::stage_update_reading(s, || {
+                        let mut b = WriteBatch::new();
+                        let expect: Vec<Expect> =
+                            feedback::keep(s, &mut b, "mail", &answers, keep)?
+                                .into_iter()
+                                .collect();
+                        Ok::<_, StoreError>((expect, b, ()))
+                    })
+                    .unwrap();
+                }
+            });
+        }
+    });
+    s.sync().unwrap();
+    let total = serving::window(s, "mail", "champion", "m-1", 0).unwrap();
+    assert_eq!(total.requests, 60, "a request was counted twice or lost");
+    assert_eq!(total.records, 120);
+    let stored = s.scan(Space::ServingAnswers, b"mail\0g").count() as u64;
+    let bound = keep + keep.div_ceil(u64::from(GENERATIONS));
+    assert!(
+        (keep..=bound).contains(&stored),
+        "{stored} kept answers, outside {keep}..={bound}"
+    );
+    // The last answers of both processes are there to be scored.
+    for process in 0..2 {
+        let found = feedback::find(s, "mail", &format!("p{process}"), "r29-2").unwrap();
+        assert!(found.is_some(), "process {process}'s newest answer is gone");
+    }
+}
+
 fn contract(s: &dyn Storage) -> Result<(), StoreError> {
     // Byte order of keys, including 0x00 and 0xff and a prefix of another.
     let keys: Vec<Vec<u8>> = vec![
@@ -435,6 +501,51 @@ fn contract(s: &dyn Storage) -> Result<(), StoreError> {
     }
     s.commit(b)?;
     assert_eq!(s.scan(Space::Labels, b"").count(), 2500);
+    // Staged read-modify-writes from several threads, as several processes
+    // would run them, lose no update; a stale expectation writes nothing.
+    let mut b = WriteBatch::new();
+    b.put(Space::Models, b"staged".to_vec(), b"x".to_vec());
+    let stale = [Expect::new(
+        Space::Models,
+        b"staged".to_vec(),
+        Some(b"y".to_vec()),
+    )];
+    assert!(matches!(
+        s.stage_if(&stale, b),
+        Err(StoreError::Conflict { .. })
+    ));
+    assert_eq!(s.get(Space::Models, b"staged")?, None);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..25 {
+                    cloister_host::store::stage_update(
+                        s,
+                        &[(Space::Models, b"staged".as_slice())],
+                        |v| {
+                            let n = v[0]
+                                .as_deref()
+                                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                                .map_or(0, u32::from_le_bytes);
+                            let mut b = WriteBatch::new();
+                            b.put(
+                                Space::Models,
+                                b"staged".to_vec(),
+                                (n + 1).to_le_bytes().to_vec(),
+                            );
+                            Ok::<_, StoreError>((b, ()))
+                        },
+                    )
+                    .unwrap();
+                }
+            });
+        }
+    });
+    s.sync()?;
+    assert_eq!(
+        s.get(Space::Models, b"staged")?,
+        Some(100u32.to_le_bytes().to_vec())
+    );
     // A big value.
     let big = vec![0xa5u8; 3 << 20];
     let mut b = WriteBatch::new();
@@ -447,10 +558,14 @@ fn contract(s: &dyn Storage) -> Result<(), StoreError> {
 #[test]
 fn both_engines_keep_the_storage_contract() {
     let dir = tempfile::tempdir().unwrap();
-    contract(&SledStorage::open(&dir.path().join("store"), true).unwrap()).unwrap();
+    let sled = SledStorage::open(&dir.path().join("store"), true).unwrap();
+    contract(&sled).unwrap();
+    serving_writes_at_once(&sled);
     let Some(pg) = PgServer::start() else { return };
     let url: PgUrl = pg.database("contract").parse().unwrap();
-    contract(&PgStorage::open(&url, true, &[7; 32]).unwrap()).unwrap();
+    let pg_store = PgStorage::open(&url, true, &[7; 32]).unwrap();
+    contract(&pg_store).unwrap();
+    serving_writes_at_once(&pg_store);
 }
 
 #[test]

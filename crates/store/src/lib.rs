@@ -277,9 +277,56 @@ pub const UPDATE_TRIES: usize = 64;
 pub fn update<T, E: From<StoreError>>(
     store: &dyn Storage,
     keys: &[(Space, &[u8])],
+    build: impl FnMut(&[Option<Vec<u8>>]) -> Result<(WriteBatch, T), E>,
+) -> Result<T, E> {
+    retry_keys(store, Durability::Commit, keys, build)
+}
+
+/// [`update`] for a read-modify-write whose keys are known only while
+/// reading: `build` reads what it needs and returns what it read (as
+/// [`Expect`]s), the batch and a result; the batch commits only if every
+/// expectation still holds, else `build` runs again, at most
+/// [`UPDATE_TRIES`] times.
+pub fn update_reading<T, E: From<StoreError>>(
+    store: &dyn Storage,
+    build: impl FnMut() -> Result<(Vec<Expect>, WriteBatch, T), E>,
+) -> Result<T, E> {
+    retry(store, Durability::Commit, build)
+}
+
+/// [`update`] that stages its batch ([`Storage::stage_if`]) instead of
+/// waiting for durability: for counters written often, whose last staged
+/// writes a crash may lose but no concurrent writer may undo.
+pub fn stage_update<T, E: From<StoreError>>(
+    store: &dyn Storage,
+    keys: &[(Space, &[u8])],
+    build: impl FnMut(&[Option<Vec<u8>>]) -> Result<(WriteBatch, T), E>,
+) -> Result<T, E> {
+    retry_keys(store, Durability::Stage, keys, build)
+}
+
+/// [`update_reading`] that stages its batch ([`Storage::stage_if`]).
+pub fn stage_update_reading<T, E: From<StoreError>>(
+    store: &dyn Storage,
+    build: impl FnMut() -> Result<(Vec<Expect>, WriteBatch, T), E>,
+) -> Result<T, E> {
+    retry(store, Durability::Stage, build)
+}
+
+/// Whether a conditional batch waits for the disk.
+#[derive(Debug, Clone, Copy)]
+enum Durability {
+    Commit,
+    Stage,
+}
+
+fn retry_keys<T, E: From<StoreError>>(
+    store: &dyn Storage,
+    durability: Durability,
+    keys: &[(Space, &[u8])],
     mut build: impl FnMut(&[Option<Vec<u8>>]) -> Result<(WriteBatch, T), E>,
 ) -> Result<T, E> {
-    update_reading(store, || {
+    retry(store, durability, || {
         let values = keys
             .iter()
             .map(|(space, key)| store.get(*space, key))
@@ -294,19 +341,19 @@ pub fn update<T, E: From<StoreError>>(
     })
 }
 
-/// [`update`] for a read-modify-write whose keys are known only while
-/// reading: `build` reads what it needs and returns what it read (as
-/// [`Expect`]s), the batch and a result; the batch commits only if every
-/// expectation still holds, else `build` runs again, at most
-/// [`UPDATE_TRIES`] times.
-pub fn update_reading<T, E: From<StoreError>>(
+fn retry<T, E: From<StoreError>>(
     store: &dyn Storage,
+    durability: Durability,
     mut build: impl FnMut() -> Result<(Vec<Expect>, WriteBatch, T), E>,
 ) -> Result<T, E> {
     let mut last = None;
     for _ in 0..UPDATE_TRIES {
         let (expect, batch, out) = build()?;
-        match store.commit_if(&expect, batch) {
+        let written = match durability {
+            Durability::Commit => store.commit_if(&expect, batch),
+            Durability::Stage => store.stage_if(&expect, batch),
+        };
+        match written {
             Ok(()) => return Ok(out),
             Err(e @ StoreError::Conflict { .. }) => last = Some(e),
             Err(e) => return Err(e.into()),
@@ -383,6 +430,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Applies `batch` atomically, without waiting for durability.
     fn stage(&self, batch: WriteBatch) -> Result<(), StoreError>;
+
+    /// [`Storage::commit_if`] without waiting for durability: the check
+    /// and the write are as atomic, across processes too, but a crash may
+    /// lose the write like any staged one.
+    fn stage_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError>;
 
     /// Makes every staged write durable.
     fn sync(&self) -> Result<(), StoreError>;

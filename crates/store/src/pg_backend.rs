@@ -1015,6 +1015,11 @@ impl Storage for PgStorage {
         self.write(batch, false, Vec::new())
     }
 
+    fn stage_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError> {
+        check_expectations(expect, &batch)?;
+        self.write(batch, false, expect.to_vec())
+    }
+
     /// A round trip on the writer connection: fails once the connection
     /// (and with it the environment lock) is lost.
     fn health(&self) -> Result<(), StoreError> {

@@ -182,21 +182,23 @@ impl Storage for SledStorage {
     }
 
     fn commit_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError> {
-        check_expectations(expect, &batch)?;
-        {
-            let _applying = self.apply.lock().map_err(|_| poisoned())?;
-            for e in expect {
-                let now = self
-                    .db
-                    .get(Self::full_key(e.space, &e.key))
-                    .map_err(map_err)?;
-                if now.as_deref() != e.value.as_deref() {
-                    return Err(e.conflict());
-                }
-            }
-            self.db.apply_batch(Self::to_sled(batch)).map_err(map_err)?;
-        }
+        self.stage_if(expect, batch)?;
         self.sync()
+    }
+
+    fn stage_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError> {
+        check_expectations(expect, &batch)?;
+        let _applying = self.apply.lock().map_err(|_| poisoned())?;
+        for e in expect {
+            let now = self
+                .db
+                .get(Self::full_key(e.space, &e.key))
+                .map_err(map_err)?;
+            if now.as_deref() != e.value.as_deref() {
+                return Err(e.conflict());
+            }
+        }
+        self.db.apply_batch(Self::to_sled(batch)).map_err(map_err)
     }
 
     fn stage(&self, batch: WriteBatch) -> Result<(), StoreError> {

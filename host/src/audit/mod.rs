@@ -982,6 +982,11 @@ impl Storage for AuditOnly {
         self.inner.stage(batch)
     }
 
+    fn stage_if(&self, expect: &[Expect], batch: WriteBatch) -> Result<(), StoreError> {
+        Self::check(&batch)?;
+        self.inner.stage_if(expect, batch)
+    }
+
     fn sync(&self) -> Result<(), StoreError> {
         self.inner.sync()
     }

@@ -25,7 +25,7 @@ use crate::deployments::{
 use crate::feedback::{self, Captured, KeptAnswer};
 use crate::policy::{Action, Resource, Role};
 use crate::serving::{self, Observation, Summary};
-use crate::store::WriteBatch;
+use crate::store::{StoreError, WriteBatch};
 use crate::types::DataRecord;
 use crate::users::User;
 
@@ -779,19 +779,27 @@ impl Cloister {
         for ((dep, role, model, minute), c) in pending.counters.drain() {
             serving::add(store.as_ref(), &dep, &role, &model, minute, &c)?;
         }
-        let mut b = WriteBatch::new();
-        for (dep, (keep, answers)) in pending.answers.drain() {
-            feedback::keep(store.as_ref(), &mut b, &dep, &answers, keep)?;
+        let answers = std::mem::take(&mut pending.answers);
+        let captures = std::mem::take(&mut pending.captures);
+        if !answers.is_empty() || !captures.is_empty() {
+            // The rings are read again if another process advanced one.
+            crate::store::stage_update_reading(store.as_ref(), || {
+                let mut b = WriteBatch::new();
+                let mut expect = Vec::new();
+                for (dep, (keep, kept)) in &answers {
+                    expect.extend(feedback::keep(store.as_ref(), &mut b, dep, kept, *keep)?);
+                }
+                for (dep, client, id, c) in &captures {
+                    feedback::capture(&mut b, dep, client, id, c)?;
+                }
+                Ok::<_, StoreError>((expect, b, ()))
+            })?;
         }
         let mut captured: Vec<String> = Vec::new();
-        for (dep, client, id, c) in pending.captures.drain(..) {
-            feedback::capture(&mut b, &dep, &client, &id, &c)?;
+        for (dep, _, _, _) in captures {
             if !captured.contains(&dep) {
                 captured.push(dep);
             }
-        }
-        if !b.is_empty() {
-            store.stage(b)?;
         }
         let mut due = Vec::new();
         for dep in captured {
