@@ -357,10 +357,16 @@ fn serving_writes_at_once(s: &dyn Storage) {
     use cloister_host::feedback::{self, GENERATIONS, KeptAnswer};
     use cloister_host::serving::{self, Counters, Observation};
     let keep = 40u64;
+    // The two processes take their rounds together (both write each round
+    // at once, then wait for each other), so that when both are done each
+    // one's last answers are among the newest six, which the ring keeps.
+    let together = std::sync::Barrier::new(2);
+    let together = &together;
     std::thread::scope(|scope| {
         for process in 0..2 {
             scope.spawn(move || {
                 for round in 0..30 {
+                    together.wait();
                     let mut c = Counters::default();
                     c.add(&Observation {
                         error: false,
@@ -407,7 +413,9 @@ fn serving_writes_at_once(s: &dyn Storage) {
         (keep..=bound).contains(&stored),
         "{stored} kept answers, outside {keep}..={bound}"
     );
-    // The last answers of both processes are there to be scored.
+    // The last answers of both processes are there to be scored (without
+    // the rounds taken together, one process could finish so far ahead that
+    // the other's later answers rightly push its last ones out).
     for process in 0..2 {
         let found = feedback::find(s, "mail", &format!("p{process}"), "r29-2").unwrap();
         assert!(found.is_some(), "process {process}'s newest answer is gone");

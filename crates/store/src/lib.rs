@@ -347,7 +347,10 @@ fn retry<T, E: From<StoreError>>(
     mut build: impl FnMut() -> Result<(Vec<Expect>, WriteBatch, T), E>,
 ) -> Result<T, E> {
     let mut last = None;
-    for _ in 0..UPDATE_TRIES {
+    for attempt in 0..UPDATE_TRIES {
+        if last.is_some() {
+            std::thread::sleep(backoff(attempt));
+        }
         let (expect, batch, out) = build()?;
         let written = match durability {
             Durability::Commit => store.commit_if(&expect, batch),
@@ -362,6 +365,37 @@ fn retry<T, E: From<StoreError>>(
     Err(last
         .unwrap_or_else(|| StoreError::Engine("update made no try".into()))
         .into())
+}
+
+/// Shortest and longest ceiling of the wait between two tries of a
+/// conflicted [`update`].
+const BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_micros(200);
+const BACKOFF_MOST: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// How long to wait before try `attempt` (from 1) after a conflict: a
+/// uniformly random time below a ceiling that doubles with every conflict
+/// from [`BACKOFF_FIRST`] up to [`BACKOFF_MOST`] ("full jitter"). Writers
+/// that conflicted on one key then come back at different times instead of
+/// reading the same value and colliding again, so none starves however the
+/// engine orders their commits (PostgreSQL's single writer connection
+/// grouped them so that one thread lost 64 times in a row). The worst case
+/// over all tries stays under `UPDATE_TRIES * BACKOFF_MOST` (1.6 s).
+fn backoff(attempt: usize) -> std::time::Duration {
+    let doublings = u32::try_from(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(16);
+    let ceiling = BACKOFF_FIRST
+        .saturating_mul(1u32 << doublings)
+        .min(BACKOFF_MOST);
+    let mut noise = [0u8; 4];
+    // Without randomness the wait is the ceiling itself: still a backoff,
+    // only a less spread one.
+    let fraction =
+        match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut noise) {
+            Ok(()) => f64::from(u32::from_le_bytes(noise)) / f64::from(u32::MAX),
+            Err(_) => 1.0,
+        };
+    ceiling.mul_f64(fraction)
 }
 
 /// Adds to `batch` the delete of every key of `space` that starts with
@@ -507,6 +541,20 @@ mod tests {
         assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
         assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
         assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn the_wait_after_a_conflict_is_random_below_a_doubling_capped_ceiling() {
+        for attempt in 1..UPDATE_TRIES {
+            let ceiling = BACKOFF_FIRST
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(BACKOFF_MOST);
+            let waits: Vec<_> = (0..32).map(|_| backoff(attempt)).collect();
+            assert!(waits.iter().all(|w| *w <= ceiling), "{attempt}: {waits:?}");
+            // Spread, not one fixed wait: 32 draws are not all equal.
+            assert!(waits.iter().any(|w| *w != waits[0]), "{attempt}: {waits:?}");
+        }
+        assert!(backoff(UPDATE_TRIES) <= BACKOFF_MOST);
     }
 
     #[test]
