@@ -3,18 +3,23 @@
 "Fitted features").
 
 For each dataset, split seed and template, trains through the `cloister`
-binary with `text-normalize` + `tfidf` twice, each in its own environment:
-once with the default k = 10 (the fit keeps terms at least 10 training
-records share; the templates' `min_support = 10`), and once in an
-environment whose `limits.toml` sets `[disclosure] min_records = 2`, with
-`--set min_support=0` — scikit-learn's `min_df = 2` vocabulary, the
-reference the end-to-end benchmark compares with. Reports each model's
-vocabulary size, test accuracy as trained and as released (the disclosure
-check's pruned copy), and the cost: the k = 10 model's released accuracy
-against the k = 2 model as trained.
+binary with `text-normalize` + `tfidf` once per *variant*, each variant in
+an environment of its k: k = 10 is the default (the fit keeps terms at
+least 10 training records share; the templates' `min_support = 10`); any
+other k gets an environment whose `limits.toml` sets `[disclosure]
+min_records = k`, trained with `--set min_support=0`. A variant is
+`K:CONFIG`, CONFIG being the featurizer's `KEY=VALUE` pairs joined by `+`
+(empty for its defaults). The default variants are `2:` — scikit-learn's
+`min_df = 2` vocabulary, the reference the end-to-end benchmark compares
+with — and `10:`.
+
+Reports each model's vocabulary size, test accuracy as trained and as
+released (the disclosure check's pruned copy), and the cost: its released
+accuracy against the *first* variant's model as trained.
 
 Usage: bench/fitted_cost.py CLOISTER_BIN DATA.jsonl.gz [DATA ...]
        [--seeds 0,1,2] [--templates logreg,mlp]
+       [--variants "2:,10:,10:char_ngrams=2-5"]
 """
 
 import argparse
@@ -22,8 +27,18 @@ import json
 import os
 import re
 import tempfile
+import time
 
 from cloister_cli import setup, sh
+
+
+def parse_variant(v):
+    k, _, config = v.partition(":")
+    pairs = [p for p in config.split("+") if p]
+    for p in pairs:
+        if "=" not in p:
+            raise SystemExit(f"variant {v!r}: {p!r} is not KEY=VALUE")
+    return int(k), pairs
 
 
 def main():
@@ -32,12 +47,15 @@ def main():
     ap.add_argument("data", nargs="+")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--templates", default="logreg,mlp")
+    ap.add_argument("--variants", default="2:,10:")
     a = ap.parse_args()
-    print("| data | template | split seed | k | terms | test acc. trained | released | cost (points) | verdict |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    variants = [parse_variant(v) for v in a.variants.split(",")]
+    print("| data | template | split seed | k | featurizer config | terms | train s | "
+          "test acc. trained | released | cost (points) | verdict |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as root:
         envs = {}
-        for k in [2, 10]:
+        for k in sorted({k for k, _ in variants}):
             r = os.path.join(root, f"k{k}")
             os.makedirs(r)
             env, _, sci, d = setup(a.bin, r)
@@ -51,15 +69,19 @@ def main():
             for template in a.templates.split(","):
                 for seed in a.seeds.split(","):
                     ref = None
-                    for k in [2, 10]:
+                    for k, config in variants:
                         env, sci, d = envs[k]
                         args = ["train", "--dataset", f"d{n}",
                                 "--preprocess", d["text-normalize"],
                                 "--features", d["tfidf"],
                                 "--template", template, "--split-seed", seed]
+                        for p in config:
+                            args += ["--features-config", p]
                         if k != 10:
                             args += ["--set", "min_support=0"]
+                        t = time.perf_counter()
                         out = sh(a.bin, env, *args, token=sci)
+                        secs = time.perf_counter() - t
                         model = re.findall(r"m-[0-9a-f]{12}", out)[-1]
                         m = json.loads(sh(a.bin, env, "model", "show", model, "--json",
                                           token=sci))
@@ -70,8 +92,9 @@ def main():
                             ref = trained
                         print(
                             f"| {os.path.basename(data)} | {template} | {seed} | {k} | "
-                            f"{rep['vocabulary']['terms']:,} | {trained:.4f} | {released:.4f} | "
-                            f"{100 * (ref - released):+.2f} | {rep['verdict']} |",
+                            f"{' '.join(config) or 'defaults'} | "
+                            f"{rep['vocabulary']['terms']:,} | {secs:.1f} | {trained:.4f} | "
+                            f"{released:.4f} | {100 * (ref - released):+.2f} | {rep['verdict']} |",
                             flush=True,
                         )
 

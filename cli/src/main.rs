@@ -292,8 +292,39 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::from(session::exit_code(&e))
         }
+    }
+}
+
+/// An error and its causes on one line, `outer: cause: …`, leaving out a
+/// cause whose text the line already ends with (a message that names its
+/// source, such as `FILE: No such file or directory`, would otherwise say
+/// it twice).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[test]
+    fn a_cause_the_message_already_ends_with_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let named = anyhow::Error::new(io).context("data.jsonl: no such file");
+        assert_eq!(error_line(&named), "data.jsonl: no such file");
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let plain = anyhow::Error::new(io).context("reading data.jsonl");
+        assert_eq!(error_line(&plain), "reading data.jsonl: no such file");
     }
 }

@@ -34,6 +34,11 @@ pub struct TrainArgs {
     /// The approved featurizer digest.
     #[arg(long = "features", value_name = "DIGEST")]
     features: String,
+    /// A configuration value of the featurizer, KEY=VALUE (repeatable; see
+    /// `plugin show DIGEST` for its keys), e.g. `char_ngrams=2-5` for
+    /// `tfidf`.
+    #[arg(long = "features-config", value_name = "KEY=VALUE")]
+    features_config: Vec<String>,
     /// Template: logreg or mlp.
     #[arg(long, default_value = "logreg")]
     template: String,
@@ -105,11 +110,17 @@ pub enum ModelCommand {
 }
 
 fn parse_sets(sets: &[String]) -> Result<Vec<(String, String)>> {
-    sets.iter()
-        .map(|s| {
-            s.split_once('=')
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                .with_context(|| format!("--set {s}: expected KEY=VALUE"))
+    parse_pairs("--set", sets)
+}
+
+fn parse_pairs(flag: &str, pairs: &[String]) -> Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => anyhow::bail!("{flag} {s:?}: expected KEY=VALUE"),
         })
         .collect()
 }
@@ -155,6 +166,7 @@ pub fn train(env: &EnvArgs, args: TrainArgs) -> Result<ExitCode> {
         dataset: args.dataset,
         preprocess: args.preprocess,
         features: args.features,
+        features_config: parse_pairs("--features-config", &args.features_config)?,
         template: args.template,
         sets: parse_sets(&args.sets)?,
         split_seed: args.split_seed,

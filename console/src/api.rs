@@ -198,6 +198,9 @@ pub(crate) struct TrainBody {
     #[serde(default)]
     pub preprocess: Vec<String>,
     pub features: String,
+    /// The featurizer's configuration over its defaults.
+    #[serde(default)]
+    pub features_config: BTreeMap<String, String>,
     pub template: String,
     #[serde(default)]
     pub sets: BTreeMap<String, String>,
@@ -212,6 +215,7 @@ pub(crate) async fn start_training(
         dataset: b.dataset,
         preprocess: b.preprocess,
         features: b.features,
+        features_config: b.features_config.into_iter().collect(),
         template: b.template,
         sets: b.sets.into_iter().collect(),
         split_seed: None,

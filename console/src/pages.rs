@@ -537,6 +537,7 @@ async fn train(State(k): S, h: HeaderMap, Form(f): Form<TrainForm>) -> Page {
             vec![f.preprocess]
         },
         features: f.features,
+        features_config: Default::default(),
         template: f.template,
         sets,
     };

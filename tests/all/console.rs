@@ -94,6 +94,7 @@ fn fixture() -> &'static Fixture {
                     dataset: "spam".into(),
                     preprocess: vec![],
                     features: digests["hashed-ngrams"].clone(),
+                    features_config: Vec::new(),
                     template: "logreg".into(),
                     sets: vec![("epochs".into(), "3".into())],
                     split_seed: None,

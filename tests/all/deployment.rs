@@ -103,6 +103,7 @@ fn setup() -> Setup {
             dataset: "spam".into(),
             preprocess,
             features: ngrams.clone(),
+            features_config: Vec::new(),
             template: "logreg".into(),
             sets: vec![("seed".into(), seed.into())],
             split_seed: Some(0),

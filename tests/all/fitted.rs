@@ -80,6 +80,7 @@ fn tfidf_fits_on_the_training_split_and_its_vocabulary_travels_with_the_model() 
         dataset: "spam".into(),
         preprocess: vec![normalize],
         features: tfidf,
+        features_config: Vec::new(),
         template: "logreg".into(),
         sets: vec![],
         split_seed: None,
@@ -192,6 +193,71 @@ fn tfidf_fits_on_the_training_split_and_its_vocabulary_travels_with_the_model() 
     );
 }
 
+/// `train` configures the featurizer (`--features-config`): the lineage
+/// records the configuration and predict featurizes with it; `tfidf`'s
+/// character n-grams are a block of their own keys, each as supported by
+/// k records as the words; an unknown key is refused naming it, a bad
+/// value in the boundary's words, and no model is registered.
+#[test]
+fn the_featurizers_configuration_is_the_models_and_a_bad_one_names_its_key() {
+    let e = env();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/spamassassin/spamassassin.jsonl.gz");
+    e.c.import_dataset(&e.sci, "spam", &data, &ImportOptions::default())
+        .unwrap();
+    let normalize = approve(&e, cloister_bundled_plugins::get("text-normalize").unwrap());
+    let tfidf = approve(&e, cloister_bundled_plugins::get("tfidf").unwrap());
+    let req = |config: &[(&str, &str)]| TrainRequest {
+        dataset: "spam".into(),
+        preprocess: vec![normalize.clone()],
+        features: tfidf.clone(),
+        features_config: cfg(config),
+        template: "logreg".into(),
+        sets: vec![],
+        split_seed: None,
+    };
+    let m =
+        e.c.train_model(&e.sci, &req(&[("char_ngrams", "2-5")]), &mut |_| {})
+            .unwrap();
+    assert_eq!(m.lineage.features_config, cfg(&[("char_ngrams", "2-5")]));
+    let v = vocabulary(&e, m.lineage.features_state.as_ref().unwrap());
+    assert!(v.document_frequencies.iter().all(|&n| n >= 10));
+    let grams = v.keys.iter().filter(|&&k| k & 1 == 1).count();
+    assert!(
+        grams > 1000 && v.keys.len() - grams > 1000,
+        "{grams} character n-grams of {} terms",
+        v.keys.len()
+    );
+    assert!(m.evaluation.accuracy > 0.96, "{}", m.evaluation.accuracy);
+    let p =
+        e.c.predict(
+            &e.sci,
+            &m.id,
+            &[
+                text("a", "Meeting notes for tomorrow: the agenda and minutes"),
+                text("b", "CLICK HERE for your FREE prize!!! Limited time offer"),
+            ],
+        )
+        .unwrap();
+    assert!(p.probs[3] > p.probs[1], "{:?}", p.probs);
+
+    let models = e.c.list_models(&e.sci).unwrap().len();
+    // The host names a key the plugin does not declare; a value the
+    // plugin refuses gets the boundary's fixed sentence (the plugin's own
+    // words, and the key it names, go to the plugin log only).
+    for (key, value, said) in [
+        ("no_such_key", "1", "no_such_key"),
+        ("char_ngrams", "9-2", "the plugin refused its configuration"),
+    ] {
+        let err =
+            e.c.train_model(&e.sci, &req(&[(key, value)]), &mut |_| {})
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains(said), "{key}={value}: {err}");
+    }
+    assert_eq!(e.c.list_models(&e.sci).unwrap().len(), models);
+}
+
 /// Positional byte keys, as the hostile plugin makes them.
 fn byte_keys(s: &str) -> Vec<u64> {
     s.bytes()
@@ -280,6 +346,7 @@ fn a_featurizer_cannot_copy_one_record_into_the_vocabulary() {
                 dataset: "planted".into(),
                 preprocess: vec![],
                 features,
+                features_config: Vec::new(),
                 template: "logreg".into(),
                 sets: vec![],
                 split_seed: Some(seed),

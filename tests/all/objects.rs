@@ -30,6 +30,7 @@ fn try_train(c: &Cloister, sci: &User, features: &str, seed: u64) -> Result<Stri
             dataset: "spam".into(),
             preprocess: vec![],
             features: features.into(),
+            features_config: Vec::new(),
             template: "logreg".into(),
             sets: vec![("epochs".into(), "2".into())],
             split_seed: Some(seed),

@@ -52,6 +52,7 @@ fn trained() -> &'static std::sync::Mutex<Trained> {
             dataset: "spam".into(),
             preprocess: vec![normalize.clone()],
             features: ngrams.clone(),
+            features_config: Vec::new(),
             template: "logreg".into(),
             sets: vec![],
             split_seed: None,
@@ -198,6 +199,7 @@ fn training_validates_its_request_and_the_mlp_template_trains_too() {
         dataset: "spam".into(),
         preprocess: vec![t.normalize.clone()],
         features: t.ngrams.clone(),
+        features_config: Vec::new(),
         template: template.into(),
         sets: sets
             .iter()
@@ -258,6 +260,7 @@ fn a_second_train_on_the_same_inputs_takes_its_features_from_the_cache() {
         dataset: "spam".into(),
         preprocess: vec![t.normalize.clone()],
         features: t.ngrams.clone(),
+        features_config: Vec::new(),
         template: "logreg".into(),
         sets: vec![],
         split_seed: None,

@@ -81,6 +81,7 @@ fn request(features: &str, template: &str, epochs: u32) -> TrainRequest {
         dataset: "spam".into(),
         preprocess: vec![],
         features: features.into(),
+        features_config: Vec::new(),
         template: template.into(),
         sets: vec![
             ("epochs".into(), epochs.to_string()),

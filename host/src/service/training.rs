@@ -24,6 +24,10 @@ pub struct TrainRequest {
     pub preprocess: Vec<String>,
     /// Approved featurizer digest.
     pub features: String,
+    /// The featurizer's configuration, `(key, value)` pairs over its
+    /// defaults (recorded in the model's lineage, so prediction and
+    /// deployment featurize the same way).
+    pub features_config: Vec<(String, String)>,
     /// Template name.
     pub template: String,
     /// `--set key=value` overrides.
@@ -113,7 +117,11 @@ impl Cloister {
             .iter()
             .map(|d| (d.clone(), Vec::new()))
             .collect();
-        let chain = self.load_chain(who, &preprocess, &(req.features.clone(), Vec::new()))?;
+        let chain = self.load_chain(
+            who,
+            &preprocess,
+            &(req.features.clone(), req.features_config.clone()),
+        )?;
         let split_seed = req.split_seed.unwrap_or(template.hyper.seed);
         Ok(TrainingPlan {
             who: who.clone(),

@@ -14,6 +14,16 @@
 //! A token is a maximal run of letters, digits and `_` of at least
 //! `min_token_len` characters, lowercased when `lowercase` is true; an
 //! n-gram is `n` consecutive tokens.
+//!
+//! With `char_ngrams = "LO-HI"` the terms also include the character
+//! n-grams (LO to HI characters) of each token padded with a space on
+//! either side, as scikit-learn's `char_wb` analyzer makes them. A rare
+//! word — a name, a signature — is then still seen through the pieces it
+//! shares with at least k records, which is what keeps the vocabulary's
+//! floor from costing accuracy (docs/disclosure.md). Words and character
+//! n-grams are two blocks of the row, each normalised on its own, then
+//! scaled together to unit length, so the many character n-grams do not
+//! drown the words.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -55,12 +65,33 @@ pub struct Tfidf {
     max_features: u32,
     sublinear_tf: bool,
     l2: bool,
+    /// Lengths of the character n-grams, or `None` for words only.
+    chars: Option<(usize, usize)>,
+    /// Per feature, whether it is a character n-gram (the key's low bit),
+    /// once loaded; empty for words only.
+    is_char: Vec<bool>,
     /// Term key → feature index, once loaded.
     index: KeyMap,
     /// Inverse document frequency of each feature.
     idf: Vec<f32>,
     token: String,
     prev: String,
+    /// The padded token's characters, for its character n-grams.
+    padded: Vec<char>,
+}
+
+/// The mark of a character n-gram's key: the first byte hashed (no token
+/// holds it, so no word or bigram key is the key of a character n-gram
+/// but by a 64-bit collision).
+const CHAR_MARK: u8 = 1;
+
+/// With character n-grams on, a key's low bit says which block it is in:
+/// words and bigrams have it clear, character n-grams set.
+fn word_key(k: u64) -> u64 {
+    k & !1
+}
+fn char_key(k: u64) -> u64 {
+    k | 1
 }
 
 impl Tfidf {
@@ -69,15 +100,25 @@ impl Tfidf {
     pub fn each_term(&mut self, text: &str, mut f: impl FnMut(u64)) {
         let mut token = std::mem::take(&mut self.token);
         let mut prev = std::mem::take(&mut self.prev);
+        let mut padded = std::mem::take(&mut self.padded);
         token.clear();
         prev.clear();
         let mut have_prev = false;
         let mut chars = 0usize;
+        let grams = self.chars;
+        let mark = if grams.is_some() { word_key } else { |k| k };
         let mut finish = |token: &mut String, chars: usize, prev: &mut String, have: &mut bool| {
             if chars >= self.min_token_len {
-                f(term_key(token));
+                f(mark(term_key(token)));
                 if self.max_n >= 2 && *have {
-                    f(term_key_parts(&[prev, token]));
+                    f(mark(term_key_parts(&[prev, token])));
+                }
+                if let Some((lo, hi)) = grams {
+                    padded.clear();
+                    padded.push(' ');
+                    padded.extend(token.chars());
+                    padded.push(' ');
+                    char_grams(&padded, lo, hi, &mut f);
                 }
                 std::mem::swap(prev, token);
                 *have = true;
@@ -102,6 +143,7 @@ impl Tfidf {
         }
         self.token = token;
         self.prev = prev;
+        self.padded = padded;
     }
 
     fn text<'r>(&self, record: &'r Record) -> Result<&'r str, PluginError> {
@@ -114,10 +156,41 @@ impl Tfidf {
     }
 }
 
+/// Calls `f` with the key of every character n-gram of `padded` (a token
+/// with a space on either side) from `lo` to `hi` characters, every window
+/// of each length that fits; a padded token shorter than `lo` gives itself
+/// once (scikit-learn's `char_wb`).
+fn char_grams(padded: &[char], lo: usize, hi: usize, f: &mut impl FnMut(u64)) {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let marked = (OFFSET ^ u64::from(CHAR_MARK)).wrapping_mul(PRIME);
+    let len = padded.len();
+    let mut buf = [0u8; 4];
+    let mut extend = |h: u64, c: char| {
+        c.encode_utf8(&mut buf)
+            .bytes()
+            .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+    };
+    if len < lo {
+        f(char_key(padded.iter().fold(marked, |h, &c| extend(h, c))));
+        return;
+    }
+    for start in 0..len {
+        // The n-grams starting here, each hash extending the last one.
+        let mut h = marked;
+        for (i, &c) in padded[start..len.min(start + hi)].iter().enumerate() {
+            h = extend(h, c);
+            if i + 1 >= lo {
+                f(char_key(h));
+            }
+        }
+    }
+}
+
 impl Plugin for Tfidf {
     const NAME: &'static str = "tfidf";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const DESCRIPTION: &'static str = "TF-IDF of word n-grams over a vocabulary fitted on the training split (terms at least k training records share)";
+    const DESCRIPTION: &'static str = "TF-IDF of word n-grams (and optionally character n-grams) over a vocabulary fitted on the training split (terms at least k training records share)";
 
     fn config_keys() -> Vec<ConfigKey> {
         vec![
@@ -126,6 +199,12 @@ impl Plugin for Tfidf {
                 "ngrams",
                 "2",
                 "largest n-gram: 1 (words) or 2 (words and bigrams)",
+            ),
+            ConfigKey::new(
+                "char_ngrams",
+                "0",
+                "also character n-grams of each token padded with spaces, \"LO-HI\" characters \
+                 (1 <= LO <= HI <= 8, e.g. \"2-5\"), or 0 for none",
             ),
             ConfigKey::new(
                 "min_token_len",
@@ -174,6 +253,8 @@ impl Plugin for Tfidf {
                 "must be between 1 and 64",
             ));
         }
+        let chars = parse_char_ngrams(config.get_str("char_ngrams")?)
+            .map_err(|why| PluginError::invalid_config("char_ngrams", why))?;
         let field = config.get_str("field")?.to_string();
         if field.is_empty() {
             return Err(PluginError::invalid_config("field", "must not be empty"));
@@ -206,12 +287,31 @@ impl Plugin for Tfidf {
             max_features,
             sublinear_tf: config.get_bool("sublinear_tf")?,
             l2: config.get_bool("l2_normalize")?,
+            chars,
+            is_char: Vec::new(),
             index: KeyMap::default(),
             idf: Vec::new(),
             token: String::with_capacity(64),
             prev: String::with_capacity(64),
+            padded: Vec::with_capacity(66),
         })
     }
+}
+
+/// `"0"` (none) or `"LO-HI"` with `1 <= LO <= HI <= 8`.
+fn parse_char_ngrams(v: &str) -> Result<Option<(usize, usize)>, &'static str> {
+    const RULE: &str = "must be 0 or LO-HI with 1 <= LO <= HI <= 8, e.g. 2-5";
+    let v = v.trim();
+    if v == "0" {
+        return Ok(None);
+    }
+    let (lo, hi) = v.split_once('-').ok_or(RULE)?;
+    let lo: usize = lo.trim().parse().map_err(|_| RULE)?;
+    let hi: usize = hi.trim().parse().map_err(|_| RULE)?;
+    if !(1 <= lo && lo <= hi && hi <= 8) {
+        return Err(RULE);
+    }
+    Ok(Some((lo, hi)))
 }
 
 impl FittedFeaturizer for Tfidf {
@@ -250,6 +350,10 @@ impl FittedFeaturizer for Tfidf {
             .iter()
             .map(|&(_, df)| (((1.0 + n) / (1.0 + f64::from(df))).ln() + 1.0) as f32)
             .collect();
+        self.is_char = match self.chars {
+            Some(_) => kept.iter().map(|&(k, _)| k & 1 == 1).collect(),
+            None => Vec::new(),
+        };
         Ok(())
     }
 }
@@ -276,11 +380,32 @@ impl Featurizer for Tfidf {
             let tf = if self.sublinear_tf { 1.0 + v.ln() } else { *v };
             *v = tf * self.idf.get(i as usize).copied().unwrap_or(0.0);
         }
-        if self.l2 {
+        if !self.l2 {
+            return;
+        }
+        if self.is_char.is_empty() {
             let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
             if norm > 0.0 {
                 values.iter_mut().for_each(|v| *v /= norm);
             }
+            return;
+        }
+        // Two blocks: each to unit length, then the row to unit length.
+        let char_at = |i: u32| self.is_char.get(i as usize).copied().unwrap_or(false);
+        let mut sums = [0f32; 2];
+        for (v, &i) in values.iter().zip(indices) {
+            sums[usize::from(char_at(i))] += v * v;
+        }
+        let present = sums.iter().filter(|&&s| s > 0.0).count() as f32;
+        let scale = sums.map(|s| {
+            if s > 0.0 {
+                1.0 / (s.sqrt() * present.sqrt())
+            } else {
+                0.0
+            }
+        });
+        for (v, &i) in values.iter_mut().zip(indices) {
+            *v *= scale[usize::from(char_at(i))];
         }
     }
 }
@@ -394,9 +519,92 @@ mod tests {
         Ok(())
     }
 
+    /// The key of a character n-gram, hashed the long way.
+    fn gram_key(gram: &str) -> u64 {
+        let mut bytes = vec![CHAR_MARK];
+        bytes.extend_from_slice(gram.as_bytes());
+        let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        h | 1
+    }
+
+    #[test]
+    fn character_ngrams_are_the_padded_tokens_windows_in_a_block_of_their_own()
+    -> Result<(), PluginError> {
+        let mut p = plugin(&[("ngrams", "1"), ("char_ngrams", "2-3")])?;
+        let mut keys = Vec::new();
+        p.terms(&record("Ab é"), &mut keys)?;
+        let mut want = vec![
+            word_key(term_key("ab")),
+            gram_key(" a"),
+            gram_key(" ab"),
+            gram_key("ab"),
+            gram_key("ab "),
+            gram_key("b "),
+        ];
+        // "é" is one token of one (two-byte) character: " é" "é " and " é ".
+        want.extend([
+            word_key(term_key("é")),
+            gram_key(" é"),
+            gram_key(" é "),
+            gram_key("é "),
+        ]);
+        let mut p1 = plugin(&[
+            ("ngrams", "1"),
+            ("char_ngrams", "2-3"),
+            ("min_token_len", "1"),
+        ])?;
+        let mut keys1 = Vec::new();
+        p1.terms(&record("Ab é"), &mut keys1)?;
+        assert_eq!(keys1, want);
+        assert_eq!(keys, want[..6], "`é` is shorter than min_token_len 2");
+        // A padded token shorter than LO gives itself once.
+        let mut q = plugin(&[
+            ("ngrams", "1"),
+            ("char_ngrams", "4-5"),
+            ("min_token_len", "1"),
+        ])?;
+        keys.clear();
+        q.terms(&record("x"), &mut keys)?;
+        assert_eq!(keys, vec![word_key(term_key("x")), gram_key(" x ")]);
+        // Without character n-grams the word keys are as they always were.
+        let mut w = plugin(&[("ngrams", "1")])?;
+        keys.clear();
+        w.terms(&record("Ab"), &mut keys)?;
+        assert_eq!(keys, vec![term_key("ab")]);
+
+        // Each block to unit length, then both scaled by 1/sqrt(2).
+        let texts = ["ab cd", "ab", "cd ab", "ef"];
+        let v = fit(&mut p1, &texts, 1);
+        p1.load(&v)?;
+        let mut out = Features::with_capacity(1, 16);
+        p1.featurize_batch(&[record("ab ab cd")], &mut out)?;
+        let b = out.into_batch();
+        let (mut words, mut grams) = (0f64, 0f64);
+        for (&i, &x) in b.indices.iter().zip(&b.values) {
+            let k = v.keys[i as usize];
+            if k & 1 == 1 {
+                grams += f64::from(x) * f64::from(x);
+            } else {
+                words += f64::from(x) * f64::from(x);
+            }
+        }
+        assert!(
+            (words - 0.5).abs() < 1e-5 && (grams - 0.5).abs() < 1e-5,
+            "{words} {grams}"
+        );
+        Ok(())
+    }
+
     #[test]
     fn bad_configuration_names_the_key() {
         for (key, value) in [
+            ("char_ngrams", "5"),
+            ("char_ngrams", "3-2"),
+            ("char_ngrams", "0-4"),
+            ("char_ngrams", "2-9"),
+            ("char_ngrams", "a-b"),
             ("ngrams", "3"),
             ("min_df", "0"),
             ("max_df", "0"),
