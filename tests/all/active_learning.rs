@@ -227,6 +227,50 @@ fn an_oracle_job_runs_to_the_end_with_every_label_accounted_for() {
     assert!(e.c.cancel_job(&e.sci, &job.id).is_err());
 }
 
+/// Two processes driving one job cannot write over each other's steps:
+/// when the stored job changes while this process runs a step (here,
+/// written straight to the store during the round's training, as another
+/// process would), the step's write is refused, the run stops with
+/// "changed by another process" without recording a failure over the
+/// other's state, and a later run resumes from what is stored.
+#[test]
+fn a_job_written_by_another_process_mid_step_stops_this_run_without_writing() {
+    let e = lock();
+    let job =
+        e.c.start_job(&e.sci, "moved.toml", SPEC, Some(Oracle::Gold))
+            .unwrap();
+    let store = e.c.env().store();
+    let mut theirs = None;
+    let err =
+        e.c.run_job(&e.sci, &job.id, &mut |ev| {
+            if theirs.is_none() && matches!(ev, jobs::JobEvent::Training { .. }) {
+                let mut other = jobs::get(store.as_ref(), &job.id).unwrap();
+                other.updated_ms += 1;
+                let mut b = cloister_host::store::WriteBatch::new();
+                jobs::put_job(&mut b, &other).unwrap();
+                store.commit(b).unwrap();
+                theirs = Some(other);
+            }
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, ServiceError::Job(jobs::JobError::Moved(_))),
+        "{err}"
+    );
+    let theirs = theirs.expect("a round trained");
+    let stored = jobs::get(store.as_ref(), &job.id).unwrap();
+    assert_eq!(
+        stored, theirs,
+        "the other process's state stands, not a failure written over it"
+    );
+    let done = e.c.run_job(&e.sci, &job.id, &mut |_| {}).unwrap();
+    assert!(
+        matches!(done.state, JobState::Done { .. }),
+        "{:?}",
+        done.state
+    );
+}
+
 /// Starts `spec` with the gold oracle and runs it; it must end `Done`.
 fn run_to_done(e: &Env, file: &str, spec: &str) -> jobs::Job {
     let job =

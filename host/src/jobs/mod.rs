@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::datasets::Split;
-use crate::store::{Space, Storage, StoreError, WriteBatch};
+use crate::store::{Expect, Space, Storage, StoreError, WriteBatch};
 
 pub use spec::{Metric, Oracle, PipelineSpec, SelectorUse};
 
@@ -119,6 +119,10 @@ pub enum JobError {
     /// The job is already being driven by this process.
     #[error("job {0} is already running")]
     Running(String),
+    /// Another process wrote the job while this one was running a step of
+    /// it: this run stops without writing, and the other's state stands.
+    #[error("job {0} was changed by another process while this one ran it; this run stops")]
+    Moved(String),
     /// Nothing queued for this labeler.
     #[error("no queued item {0} for you")]
     NotQueued(String),
@@ -472,6 +476,12 @@ pub fn put_job(batch: &mut WriteBatch, job: &Job) -> Result<(), JobError> {
 
 /// Reads a job; its state says `cancelled` once a cancel was recorded.
 pub fn get(store: &dyn Storage, id: &str) -> Result<Job, JobError> {
+    get_read(store, id).map(|(job, _)| job)
+}
+
+/// [`get`], with the stored bytes the job was decoded from: what a
+/// [`commit_job`] of its next state must find still there.
+pub fn get_read(store: &dyn Storage, id: &str) -> Result<(Job, Vec<u8>), JobError> {
     let bytes = store
         .get(Space::Jobs, &key(JOB, &[id]))?
         .ok_or_else(|| JobError::Unknown(id.to_string()))?;
@@ -483,7 +493,33 @@ pub fn get(store: &dyn Storage, id: &str) -> Result<Job, JobError> {
             by: String::from_utf8_lossy(&by).into_owned(),
         };
     }
-    Ok(job)
+    Ok((job, bytes))
+}
+
+/// Writes `job` with the rest of `batch`, durably, only if the stored job
+/// is still `read` (the bytes this process read or last wrote), and then
+/// makes `read` the new bytes. Two processes driving one job therefore
+/// cannot write over each other's steps: the later one gets
+/// [`JobError::Moved`] and stops. (A cancel is a key of its own, so it
+/// never collides with a step.)
+pub fn commit_job(
+    store: &dyn Storage,
+    mut batch: WriteBatch,
+    job: &Job,
+    read: &mut Vec<u8>,
+) -> Result<(), JobError> {
+    let k = key(JOB, &[&job.id]);
+    let bytes = json(job)?;
+    batch.put(Space::Jobs, k.clone(), bytes.clone());
+    let expect = [Expect::new(Space::Jobs, k, Some(read.clone()))];
+    match store.commit_if(&expect, batch) {
+        Ok(()) => {
+            *read = bytes;
+            Ok(())
+        }
+        Err(StoreError::Conflict { .. }) => Err(JobError::Moved(job.id.clone())),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Every job, oldest first.

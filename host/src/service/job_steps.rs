@@ -341,6 +341,7 @@ impl Cloister {
         &self,
         who: &User,
         job: &mut Job,
+        read: &mut Vec<u8>,
         round: u32,
         prep: &mut Prepared,
         progress: &mut dyn FnMut(JobEvent<'_>),
@@ -464,8 +465,7 @@ impl Cloister {
         job.rounds.push(report);
         job.state = JobState::Running;
         job.updated_ms = crate::time::now_ms();
-        crate::jobs::put_job(&mut batch, job)?;
-        store.commit(batch)?;
+        crate::jobs::commit_job(store.as_ref(), batch, job, read)?;
         if let Some(r) = job.rounds.last() {
             progress(JobEvent::Round(r));
         }
@@ -754,6 +754,7 @@ impl Cloister {
         &self,
         who: &User,
         job: &mut Job,
+        read: &mut Vec<u8>,
         round: u32,
         prep: &Prepared,
         progress: &mut dyn FnMut(JobEvent<'_>),
@@ -810,8 +811,7 @@ impl Cloister {
             if job.state != (JobState::AwaitingLabels { open: n }) {
                 job.state = JobState::AwaitingLabels { open: n };
                 job.updated_ms = crate::time::now_ms();
-                crate::jobs::put_job(&mut batch, job)?;
-                store.commit(batch)?;
+                crate::jobs::commit_job(store.as_ref(), batch, job, read)?;
             }
             progress(JobEvent::Waiting { open: n });
             return Ok(false);
@@ -848,8 +848,7 @@ impl Cloister {
         };
         job.state = JobState::Running;
         job.updated_ms = crate::time::now_ms();
-        crate::jobs::put_job(&mut batch, job)?;
-        store.commit(batch)?;
+        crate::jobs::commit_job(store.as_ref(), batch, job, read)?;
         progress(JobEvent::Answered { round, answered });
         Ok(true)
     }
@@ -923,6 +922,7 @@ impl Cloister {
         &self,
         who: &User,
         job: &mut Job,
+        read: &mut Vec<u8>,
         prep: &mut Prepared,
         progress: &mut dyn FnMut(JobEvent<'_>),
     ) -> Result<bool, ServiceError> {
@@ -1006,9 +1006,8 @@ impl Cloister {
         job.state = JobState::Done { reason };
         job.next = Step::End;
         job.updated_ms = crate::time::now_ms();
-        let mut b = WriteBatch::new();
-        crate::jobs::put_job(&mut b, job)?;
-        store.commit(b)?;
+        let b = WriteBatch::new();
+        crate::jobs::commit_job(store.as_ref(), b, job, read)?;
         if let Some(r) = &job.result {
             progress(JobEvent::Finished(r));
         }

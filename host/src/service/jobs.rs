@@ -371,16 +371,23 @@ impl Cloister {
             _ => {}
         }
         let _claim = self.claim_job(id)?;
+        // What the job's next write must find stored: another process's
+        // step in between stops this run (JobError::Moved).
+        let (job, mut read) = crate::jobs::get_read(self.env().store().as_ref(), id)?;
         let mut prep = match self.prepare(who, &job, progress) {
             Ok(p) => p,
-            Err(e) => return Err(self.fail(job, e)),
+            Err(e) => return Err(self.fail(job, &mut read, e)),
         };
         loop {
-            let mut job = crate::jobs::get(self.env().store().as_ref(), id)?;
+            let (mut job, now) = crate::jobs::get_read(self.env().store().as_ref(), id)?;
+            if now != read {
+                return Err(JobError::Moved(id.to_string()).into());
+            }
             if matches!(job.state, JobState::Cancelled { .. }) {
                 return Ok(job);
             }
             let step = job.next;
+            let r = &mut read;
             let result = self
                 .guard(
                     &who.principal(),
@@ -389,31 +396,35 @@ impl Cloister {
                     &(id, step),
                 )
                 .and_then(|()| match step {
-                    Step::Select(r) => self.step_select(who, &mut job, r, &mut prep, progress),
-                    Step::Answer(r) => self.step_answer(who, &mut job, r, &prep, progress),
-                    Step::Finish => self.step_finish(who, &mut job, &mut prep, progress),
+                    Step::Select(n) => self.step_select(who, &mut job, r, n, &mut prep, progress),
+                    Step::Answer(n) => self.step_answer(who, &mut job, r, n, &prep, progress),
+                    Step::Finish => self.step_finish(who, &mut job, r, &mut prep, progress),
                     Step::End => Ok(false),
                 });
             match result {
                 Ok(true) => {}
                 Ok(false) => return Ok(job),
-                Err(e) => return Err(self.fail(job, e)),
+                Err(e) => return Err(self.fail(job, &mut read, e)),
             }
         }
     }
 
-    /// Records a failed step (best effort) and passes the error on.
-    pub(super) fn fail(&self, mut job: Job, e: ServiceError) -> ServiceError {
-        if matches!(e, ServiceError::Denied { .. }) {
+    /// Records a failed step (best effort, and only over the job as this
+    /// run last read or wrote it) and passes the error on.
+    pub(super) fn fail(&self, mut job: Job, read: &mut Vec<u8>, e: ServiceError) -> ServiceError {
+        if matches!(
+            e,
+            ServiceError::Denied { .. } | ServiceError::Job(JobError::Moved(_))
+        ) {
             return e;
         }
         job.state = JobState::Failed {
             error: e.to_string(),
         };
         job.updated_ms = crate::time::now_ms();
-        let mut b = WriteBatch::new();
-        if crate::jobs::put_job(&mut b, &job).is_ok()
-            && let Err(store_err) = self.env().store().commit(b)
+        let store = self.env().store();
+        if let Err(store_err) =
+            crate::jobs::commit_job(store.as_ref(), WriteBatch::new(), &job, read)
         {
             tracing::warn!(job = %job.id, error = %store_err, "could not record the failure");
         }
