@@ -780,10 +780,14 @@ pub fn delete(batch: &mut WriteBatch, name: &str) {
 
 /// Reads a deployment.
 pub fn get(store: &dyn Storage, name: &str) -> Result<Deployment, DeploymentError> {
-    let v = store
-        .get(Space::Deployments, name.as_bytes())?
-        .ok_or_else(|| DeploymentError::Unknown(name.chars().take(80).collect()))?;
-    serde_json::from_slice(&v).map_err(|_| DeploymentError::Damaged(name.to_string()))
+    let v = store.get(Space::Deployments, name.as_bytes())?;
+    decode(name, v.as_deref())
+}
+
+/// A deployment from its stored bytes (`None`: there is none).
+pub fn decode(name: &str, bytes: Option<&[u8]>) -> Result<Deployment, DeploymentError> {
+    let v = bytes.ok_or_else(|| DeploymentError::Unknown(name.chars().take(80).collect()))?;
+    serde_json::from_slice(v).map_err(|_| DeploymentError::Damaged(name.to_string()))
 }
 
 /// Whether a deployment of that name exists.

@@ -118,20 +118,28 @@ impl Cloister {
                 .audit()
                 .sign_bytes(&regression::signed_message(&body)),
         );
-        let mut b = WriteBatch::new();
-        regression::put(&mut b, &report, body);
-        let mut changed = crate::deployments::get(self.env.store().as_ref(), &d.name)?;
-        changed.record(
-            &who.name,
-            crate::time::now_ms(),
-            format!(
-                "test {candidate} on {}: {}",
-                report.datasets.join(", "),
-                report.verdict
-            ),
+        // The report and a line in the deployment's history, written over
+        // the deployment as it is read here: a ramp step or an operator's
+        // change made meanwhile (in this process or another) is kept, and
+        // the line is added to it.
+        let store = self.env.store();
+        let what = format!(
+            "test {candidate} on {}: {}",
+            report.datasets.join(", "),
+            report.verdict
         );
-        crate::deployments::put(&mut b, &changed)?;
-        self.env.store().commit(b)?;
+        crate::store::update(
+            store.as_ref(),
+            &[(crate::store::Space::Deployments, d.name.as_bytes())],
+            |values| {
+                let mut changed = crate::deployments::decode(&d.name, values[0].as_deref())?;
+                changed.record(&who.name, crate::time::now_ms(), what.clone());
+                let mut b = WriteBatch::new();
+                regression::put(&mut b, &report, body.clone());
+                crate::deployments::put(&mut b, &changed)?;
+                Ok::<_, ServiceError>((b, ()))
+            },
+        )?;
         self.forget_deployment(&d.name);
         Ok(report)
     }
