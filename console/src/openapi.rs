@@ -254,6 +254,7 @@ fn schemas() -> Value {
             "dataset": {"type": "string"},
             "preprocess": {"type": "array", "items": {"type": "string"}},
             "features": {"type": "string"},
+            "features_config": {"type": "object", "additionalProperties": {"type": "string"}},
             "template": {"type": "string"},
             "sets": {"type": "object", "additionalProperties": {"type": "string"}}
         }), &["dataset", "features", "template"]),

@@ -488,7 +488,7 @@ async fn train_form(State(k): S, h: HeaderMap) -> Page {
         .map(|t| (t.name.clone(), format!("{} — {}", t.name, t.description)))
         .collect();
     let body = format!(
-        "<form method=\"post\" action=\"/train\" class=\"stack\">{}<label>Dataset <select name=\"dataset\">{}</select></label><label>Preprocessor <select name=\"preprocess\">{}</select></label><label>Featurizer <select name=\"features\">{}</select></label><label>Template <select name=\"template\">{}</select></label><label>Settings (key=value, comma-separated) <input name=\"sets\" placeholder=\"epochs=10\"></label><button>Train</button></form><p>Only approved plugins are offered. Training runs the plugins in the sandbox, trains, evaluates on the test split and stores the model with its lineage.</p>",
+        "<form method=\"post\" action=\"/train\" class=\"stack\">{}<label>Dataset <select name=\"dataset\">{}</select></label><label>Preprocessor <select name=\"preprocess\">{}</select></label><label>Featurizer <select name=\"features\">{}</select></label><label>Template <select name=\"template\">{}</select></label><label>Featurizer settings (key=value, comma-separated) <input name=\"features_config\" placeholder=\"char_ngrams=2-5\"></label><label>Settings (key=value, comma-separated) <input name=\"sets\" placeholder=\"epochs=10\"></label><button>Train</button></form><p>Only approved plugins are offered. Training runs the plugins in the sandbox, trains, evaluates on the test split and stores the model with its lineage.</p>",
         csrf(&c),
         options(&dsets, false),
         options(
@@ -514,21 +514,38 @@ struct TrainForm {
     features: String,
     template: String,
     #[serde(default)]
+    features_config: String,
+    #[serde(default)]
     sets: String,
+}
+
+/// `key=value` pairs, comma-separated, from a form field; an item without
+/// `=` is refused naming the field and the item.
+fn form_pairs(
+    field: &str,
+    text: &str,
+) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    let mut pairs = std::collections::BTreeMap::new();
+    for kv in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match kv.split_once('=') {
+            Some((key, v)) if !key.trim().is_empty() => {
+                pairs.insert(key.trim().to_string(), v.trim().to_string());
+            }
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "{field}: `{kv}` is not key=value"
+                )));
+            }
+        }
+    }
+    Ok(pairs)
 }
 
 async fn train(State(k): S, h: HeaderMap, Form(f): Form<TrainForm>) -> Page {
     let c = poster(&k, &h, &f.csrf).await?;
-    let mut sets = std::collections::BTreeMap::new();
-    for kv in f.sets.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let Some((key, v)) = kv.split_once('=') else {
-            return Err(error_page(
-                Some(&c),
-                ApiError::BadRequest(format!("setting `{kv}` is not key=value")),
-            ));
-        };
-        sets.insert(key.trim().to_string(), v.trim().to_string());
-    }
+    let sets = form_pairs("settings", &f.sets).map_err(|e| error_page(Some(&c), e))?;
+    let features_config = form_pairs("featurizer settings", &f.features_config)
+        .map_err(|e| error_page(Some(&c), e))?;
     let body = TrainBody {
         dataset: f.dataset,
         preprocess: if f.preprocess.is_empty() {
@@ -537,7 +554,7 @@ async fn train(State(k): S, h: HeaderMap, Form(f): Form<TrainForm>) -> Page {
             vec![f.preprocess]
         },
         features: f.features,
-        features_config: Default::default(),
+        features_config,
         template: f.template,
         sets,
     };

@@ -368,6 +368,11 @@ fn a_browser_walks_the_console_for_every_role() {
     b.shot("plugins");
     b.open(&format!("{base}/train"));
     b.shot("train");
+    // A featurizer setting that is not key=value is refused before
+    // anything runs, naming the field and the item.
+    b.type_into("input[name='features_config']", "char_ngrams");
+    b.click("form[action='/train'] button");
+    b.wait_for("featurizer settings: `char_ngrams` is not key=value");
     b.open(&format!("{base}/jobs"));
     b.shot("jobs");
     b.click("form[action='/jobs'] button");

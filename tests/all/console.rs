@@ -499,6 +499,8 @@ fn bad_inputs_never_get_a_server_error() {
         "{\"id\": \"x\", \"label\": \"spam\", \"job\": \"j-nope\"}",
         "{\"reason\": \"\"}",
         "{\"dataset\": \"spam\", \"features\": \"ffff\", \"template\": \"nope\"}",
+        "{\"dataset\": \"spam\", \"features\": \"ffff\", \"template\": \"logreg\", \"features_config\": {\"a\": 1}}",
+        "{\"dataset\": \"spam\", \"features\": \"ffff\", \"template\": \"logreg\", \"features_config\": [\"a=1\"]}",
     ];
     let long = format!("{{\"dataset\": \"{}\"}}", "a".repeat(100_000));
     let posts = [
