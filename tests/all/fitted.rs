@@ -63,6 +63,19 @@ fn stages(e: &Env, skip: usize) -> Vec<(String, String)> {
     .collect()
 }
 
+/// SpamAssassin imported as `spam`, and `text-normalize` and `tfidf`
+/// approved: their digests.
+fn spam_with_tfidf(e: &Env) -> (String, String) {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/spamassassin/spamassassin.jsonl.gz");
+    e.c.import_dataset(&e.sci, "spam", &data, &ImportOptions::default())
+        .unwrap();
+    (
+        approve(e, cloister_bundled_plugins::get("text-normalize").unwrap()),
+        approve(e, cloister_bundled_plugins::get("tfidf").unwrap()),
+    )
+}
+
 fn vocabulary(e: &Env, hex: &str) -> cloister_host::types::Vocabulary {
     cloister_host::fitted::get(e.c.env().store().as_ref(), &hex.parse().unwrap()).unwrap()
 }
@@ -70,12 +83,7 @@ fn vocabulary(e: &Env, hex: &str) -> cloister_host::types::Vocabulary {
 #[test]
 fn tfidf_fits_on_the_training_split_and_its_vocabulary_travels_with_the_model() {
     let e = env();
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/spamassassin/spamassassin.jsonl.gz");
-    e.c.import_dataset(&e.sci, "spam", &data, &ImportOptions::default())
-        .unwrap();
-    let normalize = approve(&e, cloister_bundled_plugins::get("text-normalize").unwrap());
-    let tfidf = approve(&e, cloister_bundled_plugins::get("tfidf").unwrap());
+    let (normalize, tfidf) = spam_with_tfidf(&e);
     let req = TrainRequest {
         dataset: "spam".into(),
         preprocess: vec![normalize],
@@ -201,12 +209,7 @@ fn tfidf_fits_on_the_training_split_and_its_vocabulary_travels_with_the_model() 
 #[test]
 fn the_featurizers_configuration_is_the_models_and_a_bad_one_names_its_key() {
     let e = env();
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/spamassassin/spamassassin.jsonl.gz");
-    e.c.import_dataset(&e.sci, "spam", &data, &ImportOptions::default())
-        .unwrap();
-    let normalize = approve(&e, cloister_bundled_plugins::get("text-normalize").unwrap());
-    let tfidf = approve(&e, cloister_bundled_plugins::get("tfidf").unwrap());
+    let (normalize, tfidf) = spam_with_tfidf(&e);
     let req = |config: &[(&str, &str)]| TrainRequest {
         dataset: "spam".into(),
         preprocess: vec![normalize.clone()],
