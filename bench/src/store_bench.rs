@@ -223,11 +223,12 @@ fn bench_record(who: &str, n: usize) -> AuditRecord {
     }
 }
 
-/// One appending process of `processes`: opens the environment beside
-/// the others, says `ready`, waits for `go` on stdin, appends from
-/// `writers` threads, and prints its latencies in microseconds.
+/// One appending process of `processes`: opens the environment for
+/// writing beside the others (as a CLI command beside `serve` does), says
+/// `ready`, waits for `go` on stdin, appends from `writers` threads, and
+/// prints its latencies in microseconds.
 fn append_child(env: &Path, writers: usize, appends: usize) -> Result<()> {
-    let c = Cloister::open_reader(env, "cli")?;
+    let c = Cloister::open(env, "cli")?;
     let who = format!("process{}", std::process::id());
     println!("ready");
     std::io::stdout().flush()?;

@@ -410,7 +410,8 @@ impl Environment {
         } else {
             store
         };
-        // After the store's lock: one process at a time rewrites the copy.
+        // Several processes may open at once (on PostgreSQL): each writes
+        // its own temporary file, and the rename is atomic.
         let schema_refreshed = !reader && refresh_schema(&dir)?;
         let format = match (store.get(Space::Meta, FORMAT_KEY), &config) {
             (Err(StoreError::Corrupted(_)), Some(config)) => {
@@ -688,7 +689,7 @@ pub fn refresh_schema(dir: &Dir) -> Result<bool, EnvError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(file_err(SCHEMA_FILE)(e)),
     }
-    let tmp = format!("{name}.tmp");
+    let tmp = format!("{name}.{}.tmp", hex::encode(random_bytes(6)?));
     dir.write(&tmp, DEFAULT_SCHEMA)
         .map_err(file_err(SCHEMA_FILE))?;
     dir.rename(&tmp, dir, &name)

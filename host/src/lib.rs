@@ -42,6 +42,7 @@ macro_rules! wall {
 }
 
 pub mod audit;
+pub mod claims;
 pub mod csv_records;
 pub mod datasets;
 pub mod deployments;

@@ -268,6 +268,18 @@ fn deployments_serve_released_models_to_their_clients_only() {
     );
     assert_eq!(facts.input_sha256.len(), 64);
     assert!(entries.len() >= 6, "the denials are on the record too");
+
+    // A change another process writes (here straight to the store, as its
+    // commit lands) applies from the next request: the request path never
+    // serves a parsed deployment the store no longer holds.
+    let store = s.c().env().store();
+    let mut d = cloister_host::deployments::get(store.as_ref(), "spam").unwrap();
+    d.champion = s.b.clone();
+    let mut batch = cloister_host::store::WriteBatch::new();
+    cloister_host::deployments::put(&mut batch, &d).unwrap();
+    store.commit(batch).unwrap();
+    let got = s.c().predict_deployed(app, "spam", None, &mails()).unwrap();
+    assert_eq!(got.model, s.b);
     s.close();
     let (ok, log, err) = s.cli("aud", &["audit", "log", "--json"]);
     assert!(ok, "{err}");

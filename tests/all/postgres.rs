@@ -568,6 +568,9 @@ fn both_engines_keep_the_storage_contract() {
     let dir = tempfile::tempdir().unwrap();
     let sled = SledStorage::open(&dir.path().join("store"), true).unwrap();
     contract(&sled).unwrap();
+    // One open of sled at a time: it is the only holder alive.
+    assert!(sled.holder_alive(sled.holder()).unwrap());
+    assert!(!sled.holder_alive(sled.holder() ^ 1).unwrap());
     serving_writes_at_once(&sled);
     let Some(pg) = PgServer::start() else { return };
     let url: PgUrl = pg.database("contract").parse().unwrap();
@@ -577,15 +580,29 @@ fn both_engines_keep_the_storage_contract() {
 }
 
 #[test]
-fn one_process_holds_a_database_and_losing_the_connection_fails_closed() {
+fn writers_share_a_database_and_losing_the_connection_fails_closed() {
     let Some(pg) = PgServer::start() else { return };
     let url: PgUrl = pg.database("lock").parse().unwrap();
-    let first = PgStorage::open(&url, true, &[7; 32]).unwrap();
+    let creating = PgStorage::open(&url, true, &[7; 32]).unwrap();
+    // `init` has the database to itself while it makes the environment.
     assert!(matches!(
         PgStorage::open(&url, false, &[7; 32]),
         Err(StoreError::Busy)
     ));
+    drop(creating);
+    let first = PgStorage::open(&url, false, &[7; 32]).unwrap();
+    // Writers share it; `migrate` and another `init` are refused.
+    let beside = PgStorage::open(&url, false, &[7; 32]).unwrap();
     assert!(matches!(PgStorage::migrate(&url), Err(StoreError::Busy)));
+    assert!(matches!(
+        PgStorage::open(&url, true, &[7; 32]),
+        Err(StoreError::Busy)
+    ));
+    let mut b = WriteBatch::new();
+    b.put(Space::Users, b"b".to_vec(), b"2".to_vec());
+    beside.commit(b).unwrap();
+    assert_eq!(first.get(Space::Users, b"b").unwrap(), Some(b"2".to_vec()));
+    drop(beside);
     let mut b = WriteBatch::new();
     b.put(Space::Users, b"a".to_vec(), b"1".to_vec());
     first.commit(b.clone()).unwrap();
@@ -617,10 +634,6 @@ fn readers_share_the_database_and_commit_if_loses_no_update_between_them() {
     let readers: Vec<_> = (0..2)
         .map(|_| PgStorage::open_reader(&url, &[7; 32]).unwrap())
         .collect();
-    assert!(matches!(
-        PgStorage::open(&url, false, &[7; 32]),
-        Err(StoreError::Busy)
-    ));
     assert!(matches!(PgStorage::migrate(&url), Err(StoreError::Busy)));
     let handles: Vec<&dyn Storage> = [&writer as &dyn Storage]
         .into_iter()
@@ -664,6 +677,121 @@ fn readers_share_the_database_and_commit_if_loses_no_update_between_them() {
     drop(readers);
     drop(writer);
     assert_eq!(PgStorage::migrate(&url).unwrap(), Vec::<i32>::new());
+}
+
+/// Each open of a database is a holder that every other open can see alive
+/// until it ends; work claimed by a live holder is refused to others, and
+/// a dead holder's claim is taken over at once.
+#[test]
+fn a_live_holders_claim_is_refused_and_a_dead_ones_is_taken_over() {
+    use cloister_host::claims::{self, ClaimError};
+    use std::sync::Arc;
+    let Some(pg) = PgServer::start() else { return };
+    let url: PgUrl = pg.database("holders").parse().unwrap();
+    let writer: Arc<dyn Storage> = Arc::new(PgStorage::open(&url, true, &[7; 32]).unwrap());
+    let other: Arc<dyn Storage> = Arc::new(PgStorage::open_reader(&url, &[7; 32]).unwrap());
+    assert_ne!(writer.holder(), other.holder());
+    assert!(writer.holder_alive(other.holder()).unwrap());
+    assert!(other.holder_alive(writer.holder()).unwrap());
+    assert!(!writer.holder_alive(other.holder() ^ 1).unwrap());
+
+    let held = claims::take(&other, "job", "j1").unwrap();
+    assert!(matches!(
+        claims::take(&writer, "job", "j1"),
+        Err(ClaimError::Held)
+    ));
+    assert_eq!(
+        claims::holder_of(writer.as_ref(), "job", "j1").unwrap(),
+        Some(other.holder())
+    );
+    // Released: free for the other open.
+    drop(held);
+    let mine = claims::take(&writer, "job", "j1").unwrap();
+    assert!(matches!(
+        claims::take(&other, "job", "j1"),
+        Err(ClaimError::Held)
+    ));
+    drop(mine);
+
+    // A holder that ends without releasing (a killed process): its claim
+    // stays in the store, and is taken over once its connection is gone.
+    let gone = other.holder();
+    let mut b = WriteBatch::new();
+    b.put(
+        Space::Claims,
+        b"job\0j2".to_vec(),
+        gone.to_be_bytes().to_vec(),
+    );
+    other.commit(b).unwrap();
+    assert_eq!(
+        claims::holder_of(writer.as_ref(), "job", "j2").unwrap(),
+        Some(gone)
+    );
+    assert!(matches!(
+        claims::take(&writer, "job", "j2"),
+        Err(ClaimError::Held)
+    ));
+    drop(other);
+    let start = std::time::Instant::now();
+    while writer.holder_alive(gone).unwrap() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        claims::holder_of(writer.as_ref(), "job", "j2").unwrap(),
+        None
+    );
+    let _taken = claims::take(&writer, "job", "j2").unwrap();
+}
+
+/// Recovery at open removes only the imports of holders that have ended:
+/// an import another process is running is left alone.
+#[test]
+fn recovery_leaves_a_live_processs_import_alone() {
+    let Some(pg) = PgServer::start() else { return };
+    let e = env_with(&pg.database("recovery"));
+    let store = e.c.env().store();
+    let url: PgUrl = pg.url("recovery").parse().unwrap();
+    let other = PgStorage::open_reader(&url, &[7; 32]).unwrap();
+    let marker = |holder: u64| {
+        let mut v = vec![0xff];
+        v.extend_from_slice(&holder.to_be_bytes());
+        v.extend_from_slice(b"ds");
+        v
+    };
+    let mut b = WriteBatch::new();
+    b.put(
+        Space::Imports,
+        900u64.to_be_bytes().to_vec(),
+        marker(other.holder()),
+    );
+    b.put(
+        Space::Imports,
+        901u64.to_be_bytes().to_vec(),
+        marker(other.holder() ^ 1),
+    );
+    // A marker from before holders were recorded: the name alone.
+    b.put(
+        Space::Imports,
+        902u64.to_be_bytes().to_vec(),
+        b"ds".to_vec(),
+    );
+    store.commit(b).unwrap();
+    assert_eq!(cloister_host::datasets::recover(e.c.env()).unwrap(), 2);
+    let left: Vec<_> = store
+        .scan(Space::Imports, b"")
+        .map(|r| r.unwrap().0)
+        .collect();
+    assert_eq!(left, vec![900u64.to_be_bytes().to_vec()]);
+    let gone = other.holder();
+    drop(other);
+    let start = std::time::Instant::now();
+    while store.holder_alive(gone).unwrap() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(cloister_host::datasets::recover(e.c.env()).unwrap(), 1);
+    assert_eq!(store.scan(Space::Imports, b"").count(), 0);
 }
 
 // ---------------------------------------------------------- environment --
@@ -916,7 +1044,7 @@ fn concurrent_appends_on_postgres_are_contiguous_and_verify() {
 /// while it grows. Every verification passes, and afterwards the log
 /// holds every entry of both, in one order that verifies.
 #[test]
-fn audit_commands_run_beside_serve_and_both_append_to_one_log_that_verifies() {
+fn writers_and_audit_commands_run_beside_serve_and_all_append_to_one_log_that_verifies() {
     use cloister_host::policy::Role;
     let Some(pg) = PgServer::start() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -939,15 +1067,22 @@ fn audit_commands_run_beside_serve_and_both_append_to_one_log_that_verifies() {
         assert!(started.elapsed().as_secs() < 60, "serve did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    // A second writer is still refused; commands that only read run
-    // beside the server (and are recorded like any).
-    failed_with(
+    // A second writer runs beside the server; a second console does not
+    // (its sessions are kept in the first one's memory). Commands that only
+    // read run beside it too (and are recorded like any).
+    succeeded(
         &cli(&env)
             .args(["user", "add", "eve", "--role", "scientist"])
             .env("CLOISTER_TOKEN", &root)
             .output()
             .unwrap(),
-        "in use by another process",
+    );
+    failed_with(
+        &cli(&env)
+            .args(["serve", "--addr", "127.0.0.1:1"])
+            .output()
+            .unwrap(),
+        "another `cloister serve` has this environment's console open",
     );
     for (token, args) in [
         (&sci, &["dataset", "list"][..]),
@@ -977,6 +1112,22 @@ fn audit_commands_run_beside_serve_and_both_append_to_one_log_that_verifies() {
                         None,
                     );
                     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                }
+            });
+        }
+        // Two more writing processes at once, each adding users while the
+        // server answers and the auditors verify.
+        for w in 0..2 {
+            let (env, root) = (&env, &root);
+            s.spawn(move || {
+                for i in 0..3 {
+                    succeeded(
+                        &cli(env)
+                            .args(["user", "add", &format!("w{w}u{i}"), "--role", "labeler"])
+                            .env("CLOISTER_TOKEN", root)
+                            .output()
+                            .unwrap(),
+                    );
                 }
             });
         }
@@ -1025,6 +1176,18 @@ fn audit_commands_run_beside_serve_and_both_append_to_one_log_that_verifies() {
     assert_eq!(count("sci", "list_datasets"), 161);
     assert_eq!(count("sci", "view_model"), 1);
     assert_eq!(count("root", "list_users"), 1);
+    // sci, aud, eve and the six users of the two writers, all stored.
+    assert_eq!(count("root", "add_user"), 9);
+    let users: Vec<String> = cloister_host::users::list(c.env().store().as_ref())
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    for w in 0..2 {
+        for i in 0..3 {
+            assert!(users.contains(&format!("w{w}u{i}")), "{users:?}");
+        }
+    }
     assert_eq!(count("aud", "verify_audit"), verified);
     assert_eq!(count("aud", "checkpoint_audit"), checkpoints);
 }
@@ -1140,15 +1303,20 @@ fn the_cli_creates_migrates_and_uses_an_environment_on_postgres() {
             .output()
             .unwrap(),
     );
-    // While one process holds the environment, another writer is
-    // refused; the audit commands read it beside the holder.
+    // While one process has the environment open, another writes beside
+    // it; `migrate` needs the database to itself.
     let held = Cloister::open(&env, "cli").unwrap();
-    let out = cli(&env)
-        .env("CLOISTER_TOKEN", &token)
-        .args(["user", "add", "eve", "--role", "scientist"])
-        .output()
-        .unwrap();
-    failed_with(&out, "in use by another process");
+    succeeded(
+        &cli(&env)
+            .env("CLOISTER_TOKEN", &token)
+            .args(["user", "add", "eve", "--role", "scientist"])
+            .output()
+            .unwrap(),
+    );
+    failed_with(
+        &cli(&env).args(["migrate"]).output().unwrap(),
+        "in use by another process",
+    );
     succeeded(
         &cli(&env)
             .env("CLOISTER_TOKEN", &token)

@@ -87,11 +87,15 @@ pub enum Space {
     Captures = 20,
     /// Signed regression reports: `deployment \0 candidate` → report.
     RegressionReports = 21,
+    /// Work one open store does that no other may do at the same time:
+    /// `kind \0 name` → the claiming open's holder id (u64 BE); see
+    /// [`Storage::holder`].
+    Claims = 22,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 21] = [
+    pub const ALL: [Space; 22] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -113,6 +117,7 @@ impl Space {
         Space::ServingAnswers,
         Space::Captures,
         Space::RegressionReports,
+        Space::Claims,
     ];
 
     /// The key prefix byte.
@@ -182,7 +187,7 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 pub enum StoreError {
     /// Another process holds the store open.
     #[error(
-        "the store is in use by another process (only one cloister process may open an environment at a time)"
+        "the store is in use by another process (an embedded store admits one process at a time; on PostgreSQL, `init` and `migrate` need the database to themselves)"
     )]
     Busy,
     /// The engine found damaged data. The store fails closed: nothing more
@@ -398,6 +403,14 @@ fn backoff(attempt: usize) -> std::time::Duration {
     ceiling.mul_f64(fraction)
 }
 
+/// A fresh random holder id (see [`Storage::holder`]).
+pub(crate) fn random_holder() -> Result<u64, StoreError> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| StoreError::Engine("no randomness for the store's holder id".into()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
 /// Adds to `batch` the delete of every key of `space` that starts with
 /// `prefix`.
 pub fn delete_prefixed(
@@ -472,6 +485,22 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Makes every staged write durable.
     fn sync(&self) -> Result<(), StoreError>;
+
+    /// This open's holder id: a random number chosen when the store was
+    /// opened, which every process sharing the store can ask about with
+    /// [`Storage::holder_alive`]. Work that must not run twice at once (a
+    /// job's rounds, an import in progress) is marked in the store with the
+    /// holder that does it, so that another open can tell a live holder's
+    /// work from a dead one's.
+    fn holder(&self) -> u64;
+
+    /// Whether the open with holder id `holder` still has the store open,
+    /// in this process or any other. On PostgreSQL a holder is a session
+    /// lock on the connection every write goes through, so a process that
+    /// died (or lost that connection, and with it any right to write) is
+    /// not alive; an engine only one process opens (sled) knows only its
+    /// own holder.
+    fn holder_alive(&self, holder: u64) -> Result<bool, StoreError>;
 
     /// Whether the engine can still read and write (for a health probe).
     /// The default reads one key.

@@ -10,17 +10,22 @@
 //! applies the missing ones and [`PgStorage::open`] refuses a database
 //! whose schema is not this build's.
 //!
-//! **One writing process per environment**, as with sled: opening takes a
-//! session advisory lock on a dedicated connection, and every write goes
-//! through that same connection. A second writer is refused as
-//! [`StoreError::Busy`]; if the connection is lost (the server restarted,
-//! the network failed) the lock is lost with it, and every later write
-//! fails: the environment must be reopened, which takes the lock again and
+//! **Any number of writing processes per environment** (unlike sled):
+//! opening takes the environment's session advisory lock *shared* on a
+//! dedicated connection, and every write of that open goes through that
+//! same connection. Everything the host reads, changes and writes back is
+//! written with [`Storage::commit_if`], checked inside the writing
+//! transaction, so writers of different processes cannot undo each other;
+//! work that must not run twice is claimed by holder
+//! ([`Storage::holder`], a session lock of its own on the same connection).
+//! `init` (with `create`) holds the lock alone, and `migrate` excludes
+//! every open, so either is refused as [`StoreError::Busy`] while another
+//! process has the database open. If the connection is lost (the server
+//! restarted, the network failed) its locks are lost with it, and every
+//! later write of that open fails: the environment must be reopened, which
 //! re-reads everything. Reads use a small pool of other connections.
-//! Beside the writer, any number of *readers* ([`PgStorage::open_reader`])
-//! may have the database open; what they may write is the caller's rule,
-//! and [`Storage::commit_if`] makes a read-modify-write safe between
-//! processes (the audit log appends with it).
+//! Beside the writers, any number of *readers* ([`PgStorage::open_reader`])
+//! may have the database open; what they may write is the caller's rule.
 //!
 //! **Row tags.** The database is administered apart from the environment's
 //! directory (which holds the keys), so every value is stored with an
@@ -260,6 +265,9 @@ struct Inner {
     /// The connection that holds [`Storage::exclusive`] locks (connected
     /// at first use), and the in-process turn to use it.
     locker: Mutex<Option<Arc<Client>>>,
+    /// This open's holder id ([`Storage::holder`]): the key of a session
+    /// advisory lock the writer connection holds.
+    holder: u64,
 }
 
 /// The writer's connection and its statements, prepared at the first
@@ -429,6 +437,36 @@ fn space_name(space: i16) -> String {
         .map_or_else(|| space.to_string(), |s| format!("{s:?}"))
 }
 
+/// Takes a session advisory lock on a fresh random key on `client` (the
+/// connection every write goes through) and returns the key as this open's
+/// holder id: alive exactly as long as that connection ([`Storage::holder_alive`]
+/// looks for the lock in `pg_locks`).
+async fn take_holder(client: &Client, url: &PgUrl) -> Result<u64, StoreError> {
+    for _ in 0..16 {
+        let holder = super::random_holder()?;
+        let key = holder_key(holder);
+        if [ENV_LOCK, MIGRATE_LOCK, OPEN_LOCK].contains(&key) {
+            continue;
+        }
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await
+            .map_err(pg_err(url))?
+            .get(0);
+        if taken {
+            return Ok(holder);
+        }
+    }
+    Err(StoreError::Engine(
+        "could not take a holder lock: 16 random keys were all in use".into(),
+    ))
+}
+
+/// The advisory-lock key of holder id `holder`.
+fn holder_key(holder: u64) -> i64 {
+    i64::from_be_bytes(holder.to_be_bytes())
+}
+
 /// How long `open` waits for the environment lock of a process that has
 /// just ended (the server releases it when it notices the connection end).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -585,11 +623,15 @@ impl PgStorage {
         let writer = wait_on(&rt, async move {
             let url = url2;
             let client = connect(&url).await?;
-            let locked = (reader || try_lock(&client, &url, ENV_LOCK, false).await?)
+            // Writers share the environment lock (what one writer does is
+            // safe from another: see the module docs); `init` holds it
+            // alone, so that no process opens a half-made environment.
+            let locked = (reader || try_lock(&client, &url, ENV_LOCK, !create).await?)
                 && try_lock(&client, &url, OPEN_LOCK, true).await?;
             if !locked {
                 return Err(StoreError::Busy);
             }
+            let holder = take_holder(&client, &url).await?;
             let have = current_version(&client, &url).await?;
             if have == 0 {
                 return Err(StoreError::Engine(format!(
@@ -617,9 +659,9 @@ impl PgStorage {
                     )));
                 }
             }
-            Ok::<_, StoreError>(client)
+            Ok::<_, StoreError>((client, holder))
         });
-        let writer = match writer {
+        let (writer, holder) = match writer {
             Ok(w) => w,
             Err(e) => {
                 rt.shutdown_background();
@@ -640,6 +682,7 @@ impl PgStorage {
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(tokio::sync::Semaphore::new(POOL)),
                 locker: Mutex::new(None),
+                holder,
             }),
         })
     }
@@ -894,6 +937,34 @@ impl Iterator for Scan<'_> {
 }
 
 impl Storage for PgStorage {
+    fn holder(&self) -> u64 {
+        self.inner.holder
+    }
+
+    fn holder_alive(&self, holder: u64) -> Result<bool, StoreError> {
+        if holder == self.inner.holder {
+            return Ok(true);
+        }
+        // A bigint advisory key shows in pg_locks as its high and low 32
+        // bits (classid, objid) with objsubid 1.
+        let key = holder_key(holder).to_be_bytes();
+        let high = u32::from_be_bytes([key[0], key[1], key[2], key[3]]);
+        let low = u32::from_be_bytes([key[4], key[5], key[6], key[7]]);
+        self.read(move |inner, client| async move {
+            let row = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks
+                       WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                         AND classid = $1 AND objid = $2)",
+                    &[&high, &low],
+                )
+                .await
+                .map_err(pg_err(&inner.url))?;
+            Ok(row.get::<_, bool>(0))
+        })
+    }
+
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let space = i16::from(space.prefix());
         let key = key.to_vec();

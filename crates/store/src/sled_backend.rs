@@ -19,6 +19,9 @@ use super::{
 pub struct SledStorage {
     db: sled::Db,
     apply: Mutex<()>,
+    /// See [`Storage::holder`]: only this open has the store, so it is the
+    /// only holder alive.
+    holder: u64,
 }
 
 /// Cache size for sled's page cache. Imports stream through the store, so
@@ -40,6 +43,7 @@ impl SledStorage {
         let me = Self {
             db,
             apply: Mutex::new(()),
+            holder: super::random_holder()?,
         };
         if create {
             me.sync()?;
@@ -132,6 +136,16 @@ fn map_err(e: sled::Error) -> StoreError {
 }
 
 impl Storage for SledStorage {
+    fn holder(&self) -> u64 {
+        self.holder
+    }
+
+    fn holder_alive(&self, holder: u64) -> Result<bool, StoreError> {
+        // sled's file lock admits one open at a time: any other holder
+        // named in the store belongs to an open that has ended.
+        Ok(holder == self.holder)
+    }
+
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .db

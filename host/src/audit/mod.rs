@@ -943,6 +943,14 @@ impl AuditOnly {
 }
 
 impl Storage for AuditOnly {
+    fn holder(&self) -> u64 {
+        self.inner.holder()
+    }
+
+    fn holder_alive(&self, holder: u64) -> Result<bool, StoreError> {
+        self.inner.holder_alive(holder)
+    }
+
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(space, key)
     }

@@ -435,7 +435,7 @@ pub fn import(
         start.put(
             Space::Imports,
             id.to_be_bytes().to_vec(),
-            name.as_bytes().to_vec(),
+            import_marker(store.holder(), name),
         );
         Ok::<_, DatasetError>((start, id))
     })?;
@@ -584,7 +584,16 @@ fn stream_in(
         );
         commit.delete(Space::Imports, import_id.to_be_bytes().to_vec());
         Ok::<_, DatasetError>((
-            vec![Expect::new(Space::Datasets, key, None)],
+            vec![
+                Expect::new(Space::Datasets, key, None),
+                // The marker is still this import's: if another process
+                // judged it dead and removed its files, nothing commits.
+                Expect::new(
+                    Space::Imports,
+                    import_id.to_be_bytes().to_vec(),
+                    Some(import_marker(store.holder(), name)),
+                ),
+            ],
             commit,
             manifest,
         ))
@@ -654,21 +663,77 @@ fn discard_import(env: &Environment, import_id: u64) -> Result<(), DatasetError>
     Ok(())
 }
 
+/// An import marker's value: a tag byte, the holder id of the store's open
+/// that runs the import ([`Storage::holder`]), and the dataset's name.
+/// Markers written before holders existed hold the name alone.
+fn import_marker(holder: u64, name: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + name.len());
+    v.push(MARKER_WITH_HOLDER);
+    v.extend_from_slice(&holder.to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+/// The first byte of a marker that names its holder (no dataset name
+/// starts with it: names are ASCII).
+const MARKER_WITH_HOLDER: u8 = 0xff;
+
+/// The holder a marker names, if it names one.
+fn marker_holder(value: &[u8]) -> Option<u64> {
+    match value.split_first() {
+        Some((&MARKER_WITH_HOLDER, rest)) => rest
+            .get(..8)
+            .and_then(|h| <[u8; 8]>::try_from(h).ok())
+            .map(u64::from_be_bytes),
+        _ => None,
+    }
+}
+
 /// Removes the remains of imports that never committed (after a crash or a
-/// failed cleanup). [`crate::service::Cloister::open`] runs it before the
-/// environment serves anything.
+/// failed cleanup): every import whose marker names no live holder, so an
+/// import another process is running right now is left alone.
+/// [`crate::service::Cloister::open`] runs it before the environment
+/// serves anything. Returns how many were removed.
 pub fn recover(env: &Environment) -> Result<usize, DatasetError> {
     let store = env.store().as_ref();
     let markers: Vec<_> = store.scan(Space::Imports, b"").collect::<Result<_, _>>()?;
-    for (k, _) in &markers {
+    let mut removed = 0;
+    for (k, v) in &markers {
+        if let Some(holder) = marker_holder(v)
+            && store.holder_alive(holder)?
+        {
+            continue;
+        }
+        // The marker is taken over first, conditionally: if its import
+        // committed or another process took it meanwhile, there is nothing
+        // to do here; once it names this open, that import can no longer
+        // commit (its commit expects its own marker), so removing its
+        // files is safe, and a crash during the removal leaves a marker of
+        // a dead holder for the next open to finish.
+        let name = match v.split_first() {
+            Some((&MARKER_WITH_HOLDER, rest)) => rest.get(8..).unwrap_or_default(),
+            _ => v.as_slice(),
+        };
+        let mine = import_marker(store.holder(), &String::from_utf8_lossy(name));
+        let mut take = WriteBatch::new();
+        take.put(Space::Imports, k.clone(), mine.clone());
+        match store.commit_if(
+            &[Expect::new(Space::Imports, k.clone(), Some(v.clone()))],
+            take,
+        ) {
+            Ok(()) => {}
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
         if let Ok(id) = <[u8; 8]>::try_from(k.as_slice()) {
             discard_import(env, u64::from_be_bytes(id))?;
         }
         let mut b = WriteBatch::new();
         b.delete(Space::Imports, k.clone());
-        store.commit(b)?;
+        store.commit_if(&[Expect::new(Space::Imports, k.clone(), Some(mine))], b)?;
+        removed += 1;
     }
-    Ok(markers.len())
+    Ok(removed)
 }
 
 /// Every version of every dataset, by name then version.

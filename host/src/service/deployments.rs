@@ -53,11 +53,15 @@ pub(crate) struct ServingState {
     written_cv: std::sync::Condvar,
     /// Held while captured records become a dataset version.
     pub(super) capture_lock: Mutex<()>,
-    /// Deployments as last read or written by this process, for the
-    /// request path. Every write of a deployment goes through this process
-    /// (one process opens an environment) and forgets its entry.
-    deployments: Mutex<HashMap<String, Arc<Deployment>>>,
+    /// Deployments as last parsed, with the stored bytes they were parsed
+    /// from, for the request path: an entry is used only while the store
+    /// still holds exactly those bytes, so a change made by any process
+    /// (a rollback, a ramp step) takes effect at the next request.
+    deployments: Mutex<HashMap<String, ParsedDeployment>>,
 }
+
+/// A deployment's stored bytes and what they parsed to.
+type ParsedDeployment = (Vec<u8>, Arc<Deployment>);
 
 /// Counters added since the last write, by (deployment, role, model,
 /// minute). Written at most once a second, and before any status is read,
@@ -730,22 +734,31 @@ impl Cloister {
         })
     }
 
-    /// A deployment for the request path: from this process's cache, or
-    /// read and kept.
+    /// A deployment for the request path: read from the store every time
+    /// (another process may have changed it), parsed only when its bytes
+    /// differ from those last parsed.
     pub(super) fn deployment_cached(&self, name: &str) -> Result<Arc<Deployment>, DeploymentError> {
+        let stored = self
+            .env
+            .store()
+            .get(crate::store::Space::Deployments, name.as_bytes())?;
         let mut cache = self
             .serving
             .deployments
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = cache.get(name) {
+        if let (Some(bytes), Some((seen, d))) = (&stored, cache.get(name))
+            && bytes == seen
+        {
             return Ok(Arc::clone(d));
         }
-        let d = Arc::new(deployments::get(self.env.store().as_ref(), name)?);
+        let d = Arc::new(deployments::decode(name, stored.as_deref())?);
         if cache.len() >= 1024 {
             cache.clear();
         }
-        cache.insert(name.to_string(), Arc::clone(&d));
+        if let Some(bytes) = stored {
+            cache.insert(name.to_string(), (bytes, Arc::clone(&d)));
+        }
         Ok(d)
     }
 

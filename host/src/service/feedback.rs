@@ -292,11 +292,19 @@ impl Cloister {
     /// Appends a host note to a deployment's history.
     fn note(&self, name: &str, what: &str) -> Result<(), ServiceError> {
         let store = self.env.store();
-        let mut d = deployments::get(store.as_ref(), name)?;
-        d.record("cloister", crate::time::now_ms(), what.to_string());
-        let mut b = WriteBatch::new();
-        deployments::put(&mut b, &d)?;
-        store.commit(b)?;
+        // Over the deployment as read: a change another process made
+        // meanwhile is kept.
+        crate::store::update(
+            store.as_ref(),
+            &[(crate::store::Space::Deployments, name.as_bytes())],
+            |stored| {
+                let mut d = deployments::decode(name, stored[0].as_deref())?;
+                d.record("cloister", crate::time::now_ms(), what.to_string());
+                let mut b = WriteBatch::new();
+                deployments::put(&mut b, &d)?;
+                Ok::<_, ServiceError>((b, ()))
+            },
+        )?;
         self.forget_deployment(name);
         Ok(())
     }
@@ -311,6 +319,19 @@ impl Cloister {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let store = self.env.store();
+        // One process at a time turns a deployment's captures into a
+        // version; another that is doing it now will take these too.
+        let _claim = match crate::claims::take(store, "capture", name) {
+            Ok(c) => c,
+            Err(crate::claims::ClaimError::Held) => {
+                return Ok(CaptureWritten {
+                    version: None,
+                    records: 0,
+                    labeled: 0,
+                });
+            }
+            Err(crate::claims::ClaimError::Store(e)) => return Err(e.into()),
+        };
         let d = deployments::get(store.as_ref(), name)?;
         let Some(capture) = &d.capture else {
             return Ok(CaptureWritten {

@@ -133,6 +133,10 @@ pub struct Cloister {
 pub(crate) struct JobClaim<'a> {
     c: &'a Cloister,
     id: String,
+    /// The claim in the store, which other processes see; released before
+    /// this process's own mark, so that a new claim of this process never
+    /// meets the old one's release.
+    stored: Option<crate::claims::Claim>,
 }
 
 impl Drop for Cloister {
@@ -145,6 +149,7 @@ impl Drop for Cloister {
 
 impl Drop for JobClaim<'_> {
     fn drop(&mut self) {
+        drop(self.stored.take());
         self.c
             .running
             .lock()
@@ -300,15 +305,53 @@ impl Cloister {
         Ok((me, token))
     }
 
-    /// Marks job `id` as driven by this process until the guard drops.
+    /// Marks job `id` as driven by this process until the guard drops: in
+    /// this process's set, and in the store for every other process
+    /// ([`crate::claims`]); a job a live process drives is refused as
+    /// running.
     pub(crate) fn claim_job(&self, id: &str) -> Result<JobClaim<'_>, ServiceError> {
-        let mut set = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if !set.insert(id.to_string()) {
+        if !self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+        {
             return Err(crate::jobs::JobError::Running(id.to_string()).into());
         }
+        let stored = crate::claims::take(self.env.store(), "job", id);
+        let stored = match stored {
+            Ok(c) => c,
+            Err(e) => {
+                self.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                return Err(match e {
+                    crate::claims::ClaimError::Held => {
+                        crate::jobs::JobError::Running(id.to_string()).into()
+                    }
+                    crate::claims::ClaimError::Store(e) => e.into(),
+                });
+            }
+        };
         Ok(JobClaim {
             c: self,
             id: id.to_string(),
+            stored: Some(stored),
+        })
+    }
+
+    /// Claims the environment's one console for this process, until the
+    /// claim is dropped: a second `serve` on the same environment (in any
+    /// process) is refused while this one lives, because the console's
+    /// login sessions, login throttle and background tasks are kept in the
+    /// serving process's memory.
+    pub fn claim_console(&self) -> Result<crate::claims::Claim, ServiceError> {
+        crate::claims::take(self.env.store(), "console", "serve").map_err(|e| match e {
+            crate::claims::ClaimError::Held => ServiceError::BadRequest(
+                "another `cloister serve` has this environment's console open (one console per environment: its sessions are kept in that process)".into(),
+            ),
+            crate::claims::ClaimError::Store(e) => e.into(),
         })
     }
 
