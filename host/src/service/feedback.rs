@@ -305,6 +305,7 @@ impl Cloister {
                 Ok::<_, ServiceError>((b, ()))
             },
         )?;
+        self.forget_deployment(name);
         Ok(())
     }
 

@@ -140,6 +140,7 @@ impl Cloister {
                 Ok::<_, ServiceError>((b, ()))
             },
         )?;
+        self.forget_deployment(&d.name);
         Ok(report)
     }
 
