@@ -736,13 +736,43 @@ fn no_request_fails_while_weights_change_promote_and_roll_back_under_load() {
 /// that landed).
 #[test]
 fn concurrent_changes_to_one_deployment_land_whole_or_are_refused() {
+    use cloister_host::deployments::Guards;
     let s = setup();
     let (c, op) = (s.c(), s.u("op"));
     c.create_deployment(op, "d1", &s.a, &["app".to_string()])
         .unwrap();
+    // A ramp that counts every candidate request (and never steps) runs
+    // meanwhile: its counters are written on the request path, which must
+    // not write over the operators' changes.
+    let gate = c.test_candidate(op, "d1", &s.b, Some("spam")).unwrap();
+    assert_eq!(gate.verdict, "pass", "{:?}", gate.reasons);
+    c.change_deployment(
+        op,
+        "d1",
+        DeploymentChange::Ramp {
+            model: s.b.clone(),
+            steps: vec![5_000],
+            bake_ms: 0,
+            guards: Guards {
+                min_requests: 1_000_000,
+                ..Guards::none()
+            },
+        },
+    )
+    .unwrap();
     let before = c.deployment_status(s.u("op"), "d1", 0).unwrap();
     let history = |st: &cloister_host::service::DeploymentStatus| st.deployment.history.len();
+    let serving = std::sync::atomic::AtomicBool::new(true);
     let outcomes: Vec<Result<(), String>> = std::thread::scope(|scope| {
+        let (app, record, serving) = (s.u("app"), mails(), &serving);
+        scope.spawn(move || {
+            let mut n = 0;
+            while serving.load(std::sync::atomic::Ordering::Relaxed) {
+                c.predict_deployed(app, "d1", Some(&format!("k{n}")), &record[..1])
+                    .unwrap();
+                n += 1;
+            }
+        });
         let hs: Vec<_> = (0..4)
             .map(|t| {
                 scope.spawn(move || {
@@ -761,7 +791,9 @@ fn concurrent_changes_to_one_deployment_land_whole_or_are_refused() {
                 })
             })
             .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        let all = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        serving.store(false, std::sync::atomic::Ordering::Relaxed);
+        all
     });
     let landed = outcomes.iter().filter(|o| o.is_ok()).count();
     assert!(landed > 0);

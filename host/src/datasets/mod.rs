@@ -678,14 +678,15 @@ fn import_marker(holder: u64, name: &str) -> Vec<u8> {
 /// starts with it: names are ASCII).
 const MARKER_WITH_HOLDER: u8 = 0xff;
 
-/// The holder a marker names, if it names one.
-fn marker_holder(value: &[u8]) -> Option<u64> {
+/// A marker's holder (if it names one) and dataset name.
+fn parse_marker(value: &[u8]) -> (Option<u64>, &[u8]) {
     match value.split_first() {
-        Some((&MARKER_WITH_HOLDER, rest)) => rest
-            .get(..8)
-            .and_then(|h| <[u8; 8]>::try_from(h).ok())
-            .map(u64::from_be_bytes),
-        _ => None,
+        Some((&MARKER_WITH_HOLDER, rest)) if rest.len() >= 8 => {
+            let (holder, name) = rest.split_at(8);
+            let holder = <[u8; 8]>::try_from(holder).ok().map(u64::from_be_bytes);
+            (holder, name)
+        }
+        _ => (None, value),
     }
 }
 
@@ -699,7 +700,8 @@ pub fn recover(env: &Environment) -> Result<usize, DatasetError> {
     let markers: Vec<_> = store.scan(Space::Imports, b"").collect::<Result<_, _>>()?;
     let mut removed = 0;
     for (k, v) in &markers {
-        if let Some(holder) = marker_holder(v)
+        let (holder, name) = parse_marker(v);
+        if let Some(holder) = holder
             && store.holder_alive(holder)?
         {
             continue;
@@ -710,10 +712,6 @@ pub fn recover(env: &Environment) -> Result<usize, DatasetError> {
         // commit (its commit expects its own marker), so removing its
         // files is safe, and a crash during the removal leaves a marker of
         // a dead holder for the next open to finish.
-        let name = match v.split_first() {
-            Some((&MARKER_WITH_HOLDER, rest)) => rest.get(8..).unwrap_or_default(),
-            _ => v.as_slice(),
-        };
         let mine = import_marker(store.holder(), &String::from_utf8_lossy(name));
         let mut take = WriteBatch::new();
         take.put(Space::Imports, k.clone(), mine.clone());

@@ -355,7 +355,6 @@ impl Cloister {
         let mut b = WriteBatch::new();
         deployments::put(&mut b, &d)?;
         store.commit(b)?;
-        self.forget_deployment(name);
         Ok(d)
     }
 
@@ -559,7 +558,6 @@ impl Cloister {
                 done => done?,
             }
         }
-        self.forget_deployment(&d.name);
         Ok(d)
     }
 
@@ -576,7 +574,6 @@ impl Cloister {
         crate::regression::delete_all(store.as_ref(), &mut b, &d.name)?;
         deployments::delete(&mut b, &d.name);
         store.commit(b)?;
-        self.forget_deployment(&d.name);
         Ok(())
     }
 
@@ -762,15 +759,6 @@ impl Cloister {
         Ok(d)
     }
 
-    /// Forgets a deployment after it was written.
-    pub(super) fn forget_deployment(&self, name: &str) {
-        self.serving
-            .deployments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
-    }
-
     /// Writes a taken batch of metrics, kept answers and captured records
     /// without waiting for the disk, one batch at a time. Returns the
     /// deployments with a full batch of captured records waiting.
@@ -891,50 +879,73 @@ impl Cloister {
         now: u64,
     ) -> Result<(), ServiceError> {
         let store = self.env.store();
-        let mut d = deployments::get(store.as_ref(), name)?;
-        let judged = match input {
-            RampInput::Request(o) => d.judge_ramp(model, o, now),
-            RampInput::Feedback {
-                correct,
-                champion_correct,
-            } => d.judge_feedback(model, correct, champion_correct, now),
-        };
-        let Some(event) = judged else {
-            if d.ramp
-                .as_ref()
-                .is_some_and(|r| r.state == "running" && r.model == model)
-            {
+        let key = name.as_bytes();
+        // Over the deployment as read: if another process changed it
+        // meanwhile (an operator's rollback), this judgement is made again
+        // on the new one rather than written over it.
+        for _ in 0..crate::store::UPDATE_TRIES {
+            let stored = store.get(crate::store::Space::Deployments, key)?;
+            let mut d = deployments::decode(name, stored.as_deref())?;
+            let expect = [crate::store::Expect::new(
+                crate::store::Space::Deployments,
+                key.to_vec(),
+                stored,
+            )];
+            let judged = match &input {
+                RampInput::Request(o) => d.judge_ramp(model, o, now),
+                RampInput::Feedback {
+                    correct,
+                    champion_correct,
+                } => d.judge_feedback(model, *correct, *champion_correct, now),
+            };
+            let Some(event) = judged else {
+                if !d
+                    .ramp
+                    .as_ref()
+                    .is_some_and(|r| r.state == "running" && r.model == model)
+                {
+                    return Ok(());
+                }
                 // The step's counters: like the metrics, not waited for.
                 let mut b = WriteBatch::new();
                 deployments::put(&mut b, &d)?;
-                store.stage(b)?;
-                self.forget_deployment(name);
-            }
+                match store.stage_if(&expect, b) {
+                    Ok(()) => return Ok(()),
+                    Err(crate::store::StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let what = match &event {
+                RampEvent::Advanced(w) => format!("ramp {model}: step to {w}"),
+                RampEvent::Promoted => format!("ramp {model}: promoted"),
+                RampEvent::Held => format!("ramp {model}: done, holding its share"),
+                RampEvent::RolledBack(reason) => format!("ramp {model}: rolled back: {reason}"),
+            };
+            // The host's own action, on the record before it takes effect.
+            self.env.audit().append(AuditRecord {
+                actor: "cloister".into(),
+                action: "ramp".into(),
+                resource: resource(&d).uid_text(),
+                decision: crate::audit::Decision::Allow,
+                policies: vec!["host".into()],
+                params: super::params_digest(&(name, &what)),
+                outcome: None,
+                serving: None,
+            })?;
+            d.record("cloister", now, what);
+            let mut b = WriteBatch::new();
+            deployments::put(&mut b, &d)?;
+            // A change that landed since the read fails this step (after
+            // its audited decision, like any operation that fails); the
+            // next request judges the ramp again.
+            store.commit_if(&expect, b)?;
             return Ok(());
-        };
-        let what = match &event {
-            RampEvent::Advanced(w) => format!("ramp {model}: step to {w}"),
-            RampEvent::Promoted => format!("ramp {model}: promoted"),
-            RampEvent::Held => format!("ramp {model}: done, holding its share"),
-            RampEvent::RolledBack(reason) => format!("ramp {model}: rolled back: {reason}"),
-        };
-        // The host's own action, on the record before it takes effect.
-        self.env.audit().append(AuditRecord {
-            actor: "cloister".into(),
-            action: "ramp".into(),
-            resource: resource(&d).uid_text(),
-            decision: crate::audit::Decision::Allow,
-            policies: vec!["host".into()],
-            params: super::params_digest(&(name, &what)),
-            outcome: None,
-            serving: None,
-        })?;
-        d.record("cloister", now, what);
-        let mut b = WriteBatch::new();
-        deployments::put(&mut b, &d)?;
-        store.commit(b)?;
-        self.forget_deployment(name);
-        Ok(())
+        }
+        Err(crate::store::StoreError::Conflict {
+            space: crate::store::Space::Deployments,
+            key: crate::store::printable_key(key),
+        }
+        .into())
     }
 
     /// Runs one model on `input` through its chain.

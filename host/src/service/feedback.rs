@@ -305,7 +305,6 @@ impl Cloister {
                 Ok::<_, ServiceError>((b, ()))
             },
         )?;
-        self.forget_deployment(name);
         Ok(())
     }
 

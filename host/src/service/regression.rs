@@ -140,7 +140,6 @@ impl Cloister {
                 Ok::<_, ServiceError>((b, ()))
             },
         )?;
-        self.forget_deployment(&d.name);
         Ok(report)
     }
 
