@@ -406,7 +406,11 @@ fn a_browser_walks_the_console_for_every_role() {
     // The labeler labels a queue item with a keyboard shortcut.
     b.login(&base, "lea");
     b.open(&format!("{base}/label"));
-    assert!(b.source().contains("3 waiting for you"));
+    let src = b.source();
+    assert!(
+        src.contains("3 waiting for you"),
+        "the queue page shows:\n{src}"
+    );
     b.shot("label");
     b.keys("1");
     b.wait_for("2 waiting for you");

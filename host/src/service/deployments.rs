@@ -354,8 +354,20 @@ impl Cloister {
         )?;
         let mut b = WriteBatch::new();
         deployments::put(&mut b, &d)?;
-        store.commit(b)?;
-        Ok(d)
+        // Created only if still absent: of two processes creating one name
+        // at once, the second is refused instead of replacing the first.
+        let absent = [crate::store::Expect::new(
+            crate::store::Space::Deployments,
+            name.as_bytes().to_vec(),
+            None,
+        )];
+        match store.commit_if(&absent, b) {
+            Ok(()) => Ok(d),
+            Err(crate::store::StoreError::Conflict { .. }) => {
+                Err(DeploymentError::Exists(name.to_string()).into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Every deployment.

@@ -268,7 +268,7 @@ impl Cloister {
                 "--canaries: expected 1 to 1000 canaries, got {planted}"
             )));
         }
-        let mut m = self.model_for(who, Action::TrainModel, id, &(id, "canaries", planted))?;
+        let m = self.model_for(who, Action::TrainModel, id, &(id, "canaries", planted))?;
         let l = m.lineage.clone();
         if m.disclosure.is_none() {
             return Err(ServiceError::BadRequest(format!(
@@ -342,11 +342,18 @@ impl Cloister {
             self.env.limits().disclosure().k,
             seed,
         )?;
-        if let Some(report) = &mut m.disclosure {
-            report.canaries = Some(canaries);
-        }
-        crate::models::put(self.env.store().as_ref(), &m)?;
-        Ok(m)
+        // On the manifest as stored now: a release decision made meanwhile
+        // (in this process or another) is kept.
+        Ok(crate::models::update(
+            self.env.store().as_ref(),
+            &m.id,
+            |stored| {
+                if let Some(report) = &mut stored.disclosure {
+                    report.canaries = Some(canaries.clone());
+                }
+                Ok(())
+            },
+        )?)
     }
 
     /// Predicts on records the caller supplies (a plugin author's mock
