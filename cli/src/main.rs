@@ -186,7 +186,6 @@ fn serve(
     use anyhow::Context;
     let c = cloister_host::service::Cloister::open(&env.env, "console")
         .with_context(|| format!("cannot open the environment {}", env.env.display()))?;
-    let _console_claim = c.claim_console()?;
     let console = cloister_console::Console::new(
         c,
         cloister_console::ConsoleConfig {

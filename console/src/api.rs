@@ -124,7 +124,7 @@ async fn login(
 
 async fn logout(State(k): S, h: HeaderMap) -> Result<Response, ApiError> {
     writer(&k, &h).await?;
-    let cookie = k.logout(&h);
+    let cookie = k.logout(&h).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
@@ -234,6 +234,7 @@ pub(crate) async fn start_training(
         })?;
         Ok(m.id)
     })
+    .await
 }
 
 async fn train(State(k): S, h: HeaderMap, Json(b): Json<TrainBody>) -> Out {
@@ -244,9 +245,9 @@ async fn train(State(k): S, h: HeaderMap, Json(b): Json<TrainBody>) -> Out {
 
 async fn task(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
     let u = reader(&k, &h).await?.user;
-    match k.tasks.get(&id) {
-        Some(t) if t.owner == u.name => to_json(t),
-        _ => Err(ApiError::NotFound(format!("no task {id}"))),
+    match tasks::get(&k, id.clone(), &u.name).await? {
+        Some(t) => to_json(t),
+        None => Err(ApiError::NotFound(format!("no task {id}"))),
     }
 }
 
@@ -262,7 +263,7 @@ pub(crate) struct JobBody {
     pub oracle: Option<String>,
 }
 
-pub(crate) fn run_in_background(
+pub(crate) async fn run_in_background(
     k: &Arc<Console>,
     owner: &cloister_host::users::User,
     id: String,
@@ -276,6 +277,7 @@ pub(crate) fn run_in_background(
         })?;
         Ok(job.id)
     })
+    .await
 }
 
 pub(crate) async fn create_job(
@@ -297,7 +299,7 @@ pub(crate) async fn create_job(
         c.start_job(&who, "console.toml", &b.spec, oracle)
     })
     .await?;
-    let task = run_in_background(k, &u, job.id.clone())?;
+    let task = run_in_background(k, &u, job.id.clone()).await?;
     Ok((job.id, task))
 }
 
@@ -323,7 +325,7 @@ async fn resume_job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
     let who = u.clone();
     let jid = id.clone();
     blocking(&k, move |c| c.show_job(&who, &jid)).await?;
-    let task = run_in_background(&k, &u, id)?;
+    let task = run_in_background(&k, &u, id).await?;
     to_json(json!({ "task": task }))
 }
 

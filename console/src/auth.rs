@@ -1,30 +1,32 @@
 //! Who is asking: a session cookie (after a password login) or an API
 //! token; CSRF tokens for sessions; throttling of failed logins.
 //!
-//! Sessions live in memory only (a restart logs everyone out). The cookie
-//! holds a random session id; the server keeps only its SHA-256, with the
-//! user name, a per-session CSRF token, an idle expiry that each use renews
-//! and an absolute one that nothing renews. A new login ends the user's
-//! older sessions (when `one_session_per_user` is set, the default). The
-//! user is read from the store on every request, so disabling a user ends
-//! their sessions at once.
+//! Sessions, known devices and the throttle's counts are kept in the
+//! environment's store ([`cloister_host::console_state`]), so every
+//! `cloister serve` process over one environment shares them: a session
+//! is valid on any replica, a logout ends it on all, and failed logins are
+//! counted across replicas. The cookie holds a random session id; the
+//! store keeps only its SHA-256, with the user name, a per-session CSRF
+//! token, an idle expiry that use renews and an absolute one that nothing
+//! renews. A new login ends the user's older sessions (when
+//! `one_session_per_user` is set, the default). The user is read from the
+//! store on every request, so disabling a user ends their sessions at once.
 //!
 //! Failed logins are throttled per user name, per client address and per
-//! known device ([`crate::throttle`]). A successful login also sets a
-//! long-lived device cookie: a later login from that browser is counted
-//! against the device, not the name, so a stranger who locks a name out
-//! by guessing does not lock out its owner's own browsers. The trade-off:
-//! a browser without such a cookie (new, cleared, or after a console
-//! restart, since devices are kept in memory) waits out the name's lockout
-//! like anyone else.
+//! known device ([`cloister_host::console_state::ConsoleState::attempt`]).
+//! A successful login also sets a long-lived device cookie: a later login
+//! from that browser is counted against the device, not the name, so a
+//! stranger who locks a name out by guessing does not lock out its owner's
+//! own browsers. The trade-off: a browser without such a cookie (new or
+//! cleared) waits out the name's lockout like anyone else.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use cloister_host::Digest;
+use cloister_host::console_state::{ConsoleState, Session, now_ms};
 use cloister_host::users::User;
 
 use crate::{ApiError, Console, blocking};
@@ -40,44 +42,6 @@ const DEVICE_MAX_AGE: Duration = Duration::from_secs(180 * 24 * 3600);
 
 /// The longest password accepted (longer ones are refused unhashed).
 const MAX_PASSWORD_BYTES: usize = 1024;
-
-pub(crate) struct Session {
-    user: String,
-    csrf: String,
-    expires: Instant,
-    created: Instant,
-}
-
-/// Devices that logged in successfully: SHA-256 of the device cookie →
-/// (user name, last login). Bounded like the throttle table.
-#[derive(Default)]
-pub(crate) struct Devices {
-    known: HashMap<String, (String, Instant)>,
-}
-
-impl Devices {
-    fn owner(&self, key: &str) -> Option<&str> {
-        self.known.get(key).map(|(u, _)| u.as_str())
-    }
-
-    fn remember(&mut self, key: String, user: String, now: Instant, cap: usize) {
-        if !self.known.contains_key(&key)
-            && self.known.len() >= cap.max(1)
-            && let Some(oldest) = self
-                .known
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| k.clone())
-        {
-            self.known.remove(&oldest);
-        }
-        self.known.insert(key, (user, now));
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.known.len()
-    }
-}
 
 /// A successful login: the user, the `Set-Cookie` values, the CSRF token.
 pub(crate) struct LoggedIn {
@@ -177,28 +141,31 @@ impl Console {
         let name_key = format!("user:{}", name.to_ascii_lowercase());
         let device = named_cookie(headers, DEVICE_COOKIE).map(|d| session_key(&d));
         let client_key = client.map(|ip| format!("client:{ip}"));
-        let now = Instant::now();
-        let throttled = {
-            let devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-            let own_device = device
-                .as_ref()
-                .filter(|d| {
-                    devices
-                        .owner(d)
-                        .is_some_and(|u| u.eq_ignore_ascii_case(&name))
-                })
-                .map(|d| format!("device:{d}"));
-            drop(devices);
-            let mut t = self.throttle.lock().unwrap_or_else(|p| p.into_inner());
-            let by_client = match &client_key {
-                Some(k) => t.attempt(k, self.config.client_free_failures, now),
-                None => Ok(()),
-            };
-            let key = own_device.unwrap_or(name_key.clone());
-            by_client
-                .and_then(|()| t.attempt(&key, self.config.free_failures, now))
-                .map(|()| key)
-        };
+        let (free, client_free, cap) = (
+            self.config.free_failures,
+            self.config.client_free_failures,
+            self.config.max_tracked,
+        );
+        let (who, dev, ck) = (name.clone(), device.clone(), client_key.clone());
+        let throttled = self
+            .state(move |st| {
+                let now = now_ms();
+                let own_device = match &dev {
+                    Some(d) => st
+                        .device_owner(d)?
+                        .filter(|u| u.eq_ignore_ascii_case(&who))
+                        .map(|_| format!("device:{d}")),
+                    None => None,
+                };
+                if let Some(k) = &ck
+                    && let Err(left) = st.attempt(k, client_free, now, cap)?
+                {
+                    return Ok(Err(left));
+                }
+                let key = own_device.unwrap_or(name_key);
+                Ok(st.attempt(&key, free, now, cap)?.map(|()| key))
+            })
+            .await?;
         let key = match throttled {
             Ok(key) => key,
             Err(left) => {
@@ -212,47 +179,85 @@ impl Console {
             Err(ApiError::Internal) => return Err(ApiError::Internal),
             Err(_) => return Err(ApiError::Unauthorized),
         };
-        {
-            let mut t = self.throttle.lock().unwrap_or_else(|p| p.into_inner());
+        self.state(move |st| {
             // The password is proven: the name's (or device's) failures are
             // forgotten. The client's count only loses this attempt, so
             // logging into one's own account between guesses at others
             // does not reset it.
-            t.success(&key);
+            st.forget(&key)?;
             if let Some(k) = &client_key {
-                t.refund(k);
+                st.refund(k)?;
             }
-        }
-        self.start_session(user, device, now)
+            Ok(())
+        })
+        .await?;
+        self.start_session(user, device).await
+    }
+
+    /// Runs `f` over the console's stored state on a blocking thread (the
+    /// store blocks); a store failure is an internal error.
+    pub(crate) async fn state<T, F>(self: &Arc<Self>, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(ConsoleState<'_>) -> Result<T, cloister_host::store::StoreError> + Send + 'static,
+    {
+        let k = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(k.c.console_state()))
+            .await
+            .map_err(|_| ApiError::Internal)?
+            .map_err(|e| {
+                tracing::error!(error = %e, "the console's stored state failed");
+                ApiError::Internal
+            })
     }
 
     /// A new session for `user` (and the device cookie): the login's result.
-    fn start_session(
-        &self,
+    async fn start_session(
+        self: &Arc<Self>,
         user: User,
         device: Option<String>,
-        now: Instant,
     ) -> Result<LoggedIn, ApiError> {
         let sid = random_hex(32)?;
         let csrf = random_hex(32)?;
-        {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            let max = self.config.session_max;
-            sessions.retain(|_, s| {
-                s.expires > now
-                    && s.created + max > now
-                    && !(self.config.one_session_per_user && s.user == user.name)
-            });
-            sessions.insert(
-                session_key(&sid),
-                Session {
-                    user: user.name.clone(),
-                    csrf: csrf.clone(),
-                    expires: now + self.config.session_ttl,
-                    created: now,
-                },
-            );
-        }
+        let new_device = random_hex(32)?;
+        let (key, name, token) = (session_key(&sid), user.name.clone(), csrf.clone());
+        let (ttl, max, one, cap) = (
+            self.config.session_ttl,
+            self.config.session_max,
+            self.config.one_session_per_user,
+            self.config.max_tracked,
+        );
+        let device_key = session_key(&new_device);
+        let set_device = self
+            .state(move |st| {
+                let now = now_ms();
+                st.start_session(
+                    &key,
+                    &Session {
+                        user: name.clone(),
+                        csrf: token,
+                        expires_ms: now + ttl.as_millis() as u64,
+                        created_ms: now,
+                    },
+                    one,
+                    max,
+                )?;
+                let known = match &device {
+                    Some(d) => st.device_owner(d)?.is_some_and(|u| u == name),
+                    None => false,
+                };
+                match device.filter(|_| known) {
+                    Some(d) => {
+                        st.remember_device(&d, &name, now, cap)?;
+                        Ok(false)
+                    }
+                    None => {
+                        st.remember_device(&device_key, &name, now, cap)?;
+                        Ok(true)
+                    }
+                }
+            })
+            .await?;
         let mut cookies = vec![format!(
             "{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
             self.config
@@ -261,26 +266,12 @@ impl Console {
                 .as_secs(),
             self.secure()
         )];
-        let mut devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        let known = device
-            .as_ref()
-            .is_some_and(|d| devices.owner(d).is_some_and(|u| u == user.name));
-        match device.filter(|_| known) {
-            Some(d) => devices.remember(d, user.name.clone(), now, self.config.max_tracked),
-            None => {
-                let id = random_hex(32)?;
-                devices.remember(
-                    session_key(&id),
-                    user.name.clone(),
-                    now,
-                    self.config.max_tracked,
-                );
-                cookies.push(format!(
-                    "{DEVICE_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
-                    DEVICE_MAX_AGE.as_secs(),
-                    self.secure()
-                ));
-            }
+        if set_device {
+            cookies.push(format!(
+                "{DEVICE_COOKIE}={new_device}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+                DEVICE_MAX_AGE.as_secs(),
+                self.secure()
+            ));
         }
         Ok(LoggedIn {
             user,
@@ -326,18 +317,17 @@ impl Console {
         }
     }
 
-    /// Ends the caller's session; the cookie value that clears it.
-    pub(crate) fn logout(&self, headers: &HeaderMap) -> String {
+    /// Ends the caller's session on every replica; the cookie value that
+    /// clears it.
+    pub(crate) async fn logout(self: &Arc<Self>, headers: &HeaderMap) -> Result<String, ApiError> {
         if let Some(sid) = cookie_value(headers) {
-            self.sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&session_key(&sid));
+            let key = session_key(&sid);
+            self.state(move |st| st.end_session(&key)).await?;
         }
-        format!(
+        Ok(format!(
             "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
             self.secure()
-        )
+        ))
     }
 
     /// The caller, from an API token or a live session.
@@ -375,22 +365,27 @@ impl Console {
             };
         }
         let sid = cookie_value(headers).ok_or(ApiError::Unauthorized)?;
-        let (name, csrf) = {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            let key = session_key(&sid);
-            let now = Instant::now();
-            let max = self.config.session_max;
-            match sessions.get_mut(&key) {
-                Some(s) if s.expires > now && s.created + max > now => {
-                    s.expires = now + self.config.session_ttl;
-                    (s.user.clone(), s.csrf.clone())
-                }
-                Some(_) => {
-                    sessions.remove(&key);
-                    return Err(ApiError::Unauthorized);
-                }
-                None => return Err(ApiError::Unauthorized),
-            }
+        let key = session_key(&sid);
+        let (ttl, max) = (self.config.session_ttl, self.config.session_max);
+        // As for tokens: on sled a read (and, now and then, an unsynced
+        // renewal) in place; on a database server, off the runtime.
+        let session = if self.c.store_location().reads_in_process() {
+            self.c
+                .console_state()
+                .session(&key, now_ms(), ttl, max)
+                .map_err(|e| {
+                    tracing::error!(error = %e, "reading a console session failed");
+                    ApiError::Internal
+                })?
+        } else {
+            self.state(move |st| st.session(&key, now_ms(), ttl, max))
+                .await?
+        };
+        let Some(Session {
+            user: name, csrf, ..
+        }) = session
+        else {
+            return Err(ApiError::Unauthorized);
         };
         // One read of a small, hot tree (see the token path above).
         let user = self

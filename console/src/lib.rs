@@ -21,11 +21,9 @@ mod html;
 mod openapi;
 mod pages;
 mod tasks;
-mod throttle;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -69,14 +67,13 @@ impl Default for ConsoleConfig {
     }
 }
 
-/// The console's state: the environment and the browser sessions.
+/// The console: the environment and its settings. Sessions, known
+/// devices, the login throttle and background tasks are kept in the
+/// environment's store ([`cloister_host::console_state`]), so several
+/// consoles (`serve` processes) over one environment act as one.
 pub struct Console {
     c: Cloister,
     config: ConsoleConfig,
-    sessions: Mutex<HashMap<String, auth::Session>>,
-    throttle: Mutex<throttle::Throttle>,
-    devices: Mutex<auth::Devices>,
-    tasks: tasks::Tasks,
 }
 
 impl std::fmt::Debug for Console {
@@ -90,26 +87,15 @@ impl std::fmt::Debug for Console {
 impl Console {
     /// A console over `c` (open it with channel `"console"`).
     pub fn new(c: Cloister, config: ConsoleConfig) -> Arc<Self> {
-        Arc::new(Self {
-            c,
-            sessions: Mutex::new(HashMap::new()),
-            throttle: Mutex::new(throttle::Throttle::new(config.max_tracked)),
-            devices: Mutex::new(auth::Devices::default()),
-            config,
-            tasks: tasks::Tasks::default(),
-        })
+        Arc::new(Self { c, config })
     }
 
     /// How many keys the login throttle and the device table hold now
-    /// (both bounded by `max_tracked`), for monitoring.
-    pub fn tracked_logins(&self) -> (usize, usize) {
-        (
-            self.throttle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .len(),
-            self.devices.lock().unwrap_or_else(|p| p.into_inner()).len(),
-        )
+    /// (both bounded by `max_tracked`), for monitoring; a store failure
+    /// is returned as is.
+    pub fn tracked_logins(&self) -> Result<(usize, usize), cloister_host::store::StoreError> {
+        let st = self.c.console_state();
+        Ok((st.throttle_len()?, st.devices_len()?))
     }
 
     /// The environment.

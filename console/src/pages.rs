@@ -234,8 +234,8 @@ struct CsrfForm {
 }
 
 async fn logout(State(k): S, h: HeaderMap, Form(f): Form<CsrfForm>) -> Page {
-    poster(&k, &h, &f.csrf).await?;
-    let cookie = k.logout(&h);
+    let c = poster(&k, &h, &f.csrf).await?;
+    let cookie = k.logout(&h).await.map_err(|e| error_page(Some(&c), e))?;
     let mut r = Redirect::to("/login").into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
@@ -566,7 +566,10 @@ async fn train(State(k): S, h: HeaderMap, Form(f): Form<TrainForm>) -> Page {
 
 async fn task(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
     let c = who(&k, &h).await?;
-    let Some(t) = k.tasks.get(&id).filter(|t| t.owner == c.user.name) else {
+    let found = crate::tasks::get(&k, id.clone(), &c.user.name)
+        .await
+        .map_err(|e| error_page(Some(&c), e))?;
+    let Some(t) = found else {
         return Err(error_page(
             Some(&c),
             ApiError::NotFound(format!("no task {id}")),
@@ -576,7 +579,7 @@ async fn task(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
     if t.state == "running" {
         body.push_str("<p data-refresh=\"2\">Running… this page refreshes itself.</p>");
     }
-    let _ = write!(body, "<p>State: <strong>{}</strong></p>", esc(t.state));
+    let _ = write!(body, "<p>State: <strong>{}</strong></p>", esc(&t.state));
     if let Some(r) = &t.result {
         let link = if t.kind == "train" {
             format!("/models/{r}")
@@ -865,7 +868,9 @@ async fn resume_job(
     let c = poster(&k, &h, &f.csrf).await?;
     let (u, jid) = (c.user.clone(), id.clone());
     run(&k, &c, move |x| x.show_job(&u, &jid)).await?;
-    crate::api::run_in_background(&k, &c.user, id.clone()).map_err(|e| error_page(Some(&c), e))?;
+    crate::api::run_in_background(&k, &c.user, id.clone())
+        .await
+        .map_err(|e| error_page(Some(&c), e))?;
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
 }
 

@@ -1,22 +1,23 @@
 //! Long operations (training, active-learning runs) started from the
-//! console run on their own threads; their progress lines and result are
-//! kept here, visible to the user who started them.
+//! console run on their own threads of the process that took the request;
+//! their state, progress lines and result are kept in the store
+//! ([`cloister_host::console_state`]), so their owner can follow them from
+//! any `serve` process over the environment.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::Console;
+use crate::{ApiError, Console};
 
-/// One background task.
+/// One background task as its owner sees it.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Task {
     pub id: String,
-    pub kind: &'static str,
+    pub kind: String,
     pub owner: String,
     /// `running`, `done` or `failed`.
-    pub state: &'static str,
+    pub state: String,
     /// Progress lines (host-written; never plugin text).
     pub lines: Vec<String>,
     /// Where the result is: a model or job id.
@@ -24,30 +25,29 @@ pub(crate) struct Task {
     pub error: Option<String>,
 }
 
-#[derive(Default)]
-pub(crate) struct Tasks {
-    map: Mutex<HashMap<String, Task>>,
-}
-
-impl Tasks {
-    pub(crate) fn get(&self, id: &str) -> Option<Task> {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
-    }
-
-    fn update(&self, id: &str, f: impl FnOnce(&mut Task)) {
-        if let Some(t) = self
-            .map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(id)
-        {
-            f(t);
-        }
-    }
+/// The task `id` if `user` owns it (store reads: run off the runtime).
+pub(crate) async fn get(
+    console: &Arc<Console>,
+    id: String,
+    user: &str,
+) -> Result<Option<Task>, ApiError> {
+    let k = Arc::clone(console);
+    let found = tokio::task::spawn_blocking(move || k.c.console_state().task(&id))
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "reading a console task failed");
+            ApiError::Internal
+        })?;
+    Ok(found.filter(|t| t.owner == user).map(|t| Task {
+        id: t.id,
+        kind: t.kind,
+        owner: t.owner,
+        state: t.state,
+        lines: t.lines,
+        result: t.result,
+        error: t.error,
+    }))
 }
 
 /// Progress handle passed to a task's body.
@@ -58,45 +58,38 @@ pub(crate) struct Progress {
 
 impl Progress {
     pub(crate) fn line(&self, line: String) {
-        self.console.tasks.update(&self.id, |t| {
-            if t.lines.len() >= 500 {
-                t.lines.remove(0);
-            }
-            t.lines.push(line);
-        });
+        // A progress line that cannot be stored is lost, not fatal: the
+        // task's end is what must land.
+        if let Err(e) = self.console.c.console_state().task_line(&self.id, line) {
+            tracing::warn!(error = %e, "a task's progress line was not stored");
+        }
     }
 }
 
 /// Starts `body` on its own thread; returns the task id.
-pub(crate) fn spawn(
+pub(crate) async fn spawn(
     console: &Arc<Console>,
     kind: &'static str,
     owner: &str,
     body: impl FnOnce(&Console, &Progress) -> Result<String, cloister_host::service::ServiceError>
     + Send
     + 'static,
-) -> Result<String, crate::ApiError> {
+) -> Result<String, ApiError> {
     let mut raw = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-        .map_err(|_| crate::ApiError::Internal)?;
+        .map_err(|_| ApiError::Internal)?;
     let id = format!("t-{}", hex::encode(raw));
-    console
-        .tasks
-        .map
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(
-            id.clone(),
-            Task {
-                id: id.clone(),
-                kind,
-                owner: owner.to_string(),
-                state: "running",
-                lines: Vec::new(),
-                result: None,
-                error: None,
-            },
-        );
+    let (k, task, who) = (Arc::clone(console), id.clone(), owner.to_string());
+    tokio::task::spawn_blocking(move || {
+        k.c.console_state()
+            .start_task(&task, kind, &who, cloister_host::console_state::now_ms())
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+    .map_err(|e| {
+        tracing::error!(error = %e, "storing a console task failed");
+        ApiError::Internal
+    })?;
     let progress = Progress {
         console: console.clone(),
         id: id.clone(),
@@ -104,18 +97,16 @@ pub(crate) fn spawn(
     std::thread::Builder::new()
         .name(format!("console-{kind}"))
         .spawn(move || {
-            let out = body(&progress.console, &progress);
-            progress.console.tasks.update(&progress.id, |t| match out {
-                Ok(result) => {
-                    t.state = "done";
-                    t.result = Some(result);
-                }
-                Err(e) => {
-                    t.state = "failed";
-                    t.error = Some(crate::ApiError::from(e).to_string());
-                }
-            });
+            let out = body(&progress.console, &progress).map_err(|e| ApiError::from(e).to_string());
+            if let Err(e) = progress
+                .console
+                .c
+                .console_state()
+                .finish_task(&progress.id, out)
+            {
+                tracing::error!(error = %e, "a task's end was not stored");
+            }
         })
-        .map_err(|_| crate::ApiError::Internal)?;
+        .map_err(|_| ApiError::Internal)?;
     Ok(id)
 }

@@ -43,6 +43,7 @@ macro_rules! wall {
 
 pub mod audit;
 pub mod claims;
+pub mod console_state;
 pub mod csv_records;
 pub mod datasets;
 pub mod deployments;

@@ -1038,13 +1038,15 @@ fn concurrent_appends_on_postgres_are_contiguous_and_verify() {
     assert_eq!(rows, (start + 400).to_string());
 }
 
-/// Two processes append to one log: `cloister serve` answering requests on
-/// four connections, and `cloister audit verify` / `audit checkpoint` run
-/// beside it, each a reader that records itself and verifies the log
-/// while it grows. Every verification passes, and afterwards the log
-/// holds every entry of both, in one order that verifies.
+/// Several processes append to one log: two `cloister serve` replicas
+/// answering requests on four connections, CLI writers adding users, and
+/// `cloister audit verify` / `audit checkpoint` run beside them. The two
+/// consoles act as one: a session started on one is valid on the other, a
+/// logout on one ends it on both, and failed logins are counted across
+/// them. Every verification passes, and afterwards the log holds every
+/// entry of all of them, in one order that verifies.
 #[test]
-fn writers_and_audit_commands_run_beside_serve_and_all_append_to_one_log_that_verifies() {
+fn two_consoles_writers_and_audit_commands_share_sessions_and_append_to_one_log_that_verifies() {
     use cloister_host::policy::Role;
     let Some(pg) = PgServer::start() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -1053,36 +1055,93 @@ fn writers_and_audit_commands_run_beside_serve_and_all_append_to_one_log_that_ve
     let admin = c.authenticate(&root).unwrap();
     let (_, sci) = c.add_user(&admin, "sci", &[Role::Scientist]).unwrap();
     let (_, aud) = c.add_user(&admin, "aud", &[Role::Auditor]).unwrap();
+    const PW: &str = "correct horse battery staple";
+    c.set_password(&admin, "sci", PW).unwrap();
+    c.set_password(&admin, "aud", PW).unwrap();
     drop(c);
-    let port = crate::support::free_port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut serve = cli(&env)
-        .args(["serve", "--addr", &addr.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(started.elapsed().as_secs() < 60, "serve did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut serves = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let port = crate::support::free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        serves.push(
+            cli(&env)
+                .args(["serve", "--addr", &addr.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        addrs.push(addr);
     }
-    // A second writer runs beside the server; a second console does not
-    // (its sessions are kept in the first one's memory). Commands that only
-    // read run beside it too (and are recorded like any).
+    let started = std::time::Instant::now();
+    for addr in &addrs {
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(started.elapsed().as_secs() < 60, "serve did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let (a, b) = (addrs[0], addrs[1]);
+    let login = |addr, user: &str, pw: &str| {
+        let body = serde_json::json!({"user": user, "password": pw}).to_string();
+        crate::support::http(
+            addr,
+            "POST",
+            "/api/login",
+            &[("Content-Type", "application/json")],
+            Some(body.as_bytes()),
+        )
+    };
+    // A session started on one console is valid on the other.
+    let (status, head, body) = login(a, "sci", PW);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let sid = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+                .and_then(|(_, v)| v.trim().strip_prefix("cloister_session="))
+        })
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_string();
+    let csrf = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["csrf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cookie = format!("cloister_session={sid}");
+    for addr in [a, b] {
+        let (status, _, _) =
+            crate::support::http(addr, "GET", "/api/datasets", &[("Cookie", &cookie)], None);
+        assert_eq!(status, 200);
+    }
+    // Failed logins are counted across consoles: with three free failures
+    // per name, the fourth locks the name for 2 s (then 4, 8, …) on both,
+    // so guesses spread over the two are refused from the fifth or sixth
+    // on. (Counted per console, each would evaluate four, and the first
+    // refusal would come at the ninth.)
+    let mut guesses = 0;
+    let locked_on = loop {
+        let addr = [a, b][guesses % 2];
+        let (status, _, _) = login(addr, "aud", "not the password");
+        guesses += 1;
+        match status {
+            401 => assert!(guesses < 8, "{guesses} guesses evaluated"),
+            429 => break addr,
+            other => panic!("guess {guesses}: {other}"),
+        }
+    };
+    let other = if locked_on == a { b } else { a };
+    let (status, _, _) = login(other, "aud", PW);
+    assert_eq!(status, 429, "the name is locked on the other console too");
+    // A second writer runs beside the servers. Commands that only read
+    // run beside them too (and are recorded like any).
     succeeded(
         &cli(&env)
             .args(["user", "add", "eve", "--role", "scientist"])
             .env("CLOISTER_TOKEN", &root)
             .output()
             .unwrap(),
-    );
-    failed_with(
-        &cli(&env)
-            .args(["serve", "--addr", "127.0.0.1:1"])
-            .output()
-            .unwrap(),
-        "another `cloister serve` has this environment's console open",
     );
     for (token, args) in [
         (&sci, &["dataset", "list"][..]),
@@ -1101,14 +1160,16 @@ fn writers_and_audit_commands_run_beside_serve_and_all_append_to_one_log_that_ve
     }
     let bearer = format!("Bearer {sci}");
     let (verified, checkpoints) = std::thread::scope(|s| {
-        for _ in 0..4 {
-            s.spawn(|| {
+        for t in 0..4 {
+            let addr = addrs[t % 2];
+            let bearer = &bearer;
+            s.spawn(move || {
                 for _ in 0..40 {
                     let (status, _, body) = crate::support::http(
                         addr,
                         "GET",
                         "/api/datasets",
-                        &[("Authorization", &bearer)],
+                        &[("Authorization", bearer)],
                         None,
                     );
                     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -1154,9 +1215,25 @@ fn writers_and_audit_commands_run_beside_serve_and_all_append_to_one_log_that_ve
         }
         (verified, checkpoints)
     });
+    // A logout on one console ends the session on both.
+    let (status, _, _) = crate::support::http(
+        b,
+        "POST",
+        "/api/logout",
+        &[("Cookie", &cookie), ("X-CSRF-Token", &csrf)],
+        None,
+    );
+    assert_eq!(status, 204);
+    for addr in [a, b] {
+        let (status, _, _) =
+            crate::support::http(addr, "GET", "/api/datasets", &[("Cookie", &cookie)], None);
+        assert_eq!(status, 401);
+    }
     // Acknowledged entries are committed; a killed server loses none.
-    serve.kill().unwrap();
-    serve.wait().unwrap();
+    for mut serve in serves {
+        serve.kill().unwrap();
+        serve.wait().unwrap();
+    }
     let c = Cloister::open(&env, "cli").unwrap();
     let size = match c.env().audit().verify(None).unwrap() {
         Verdict::Intact { size, .. } => size,
@@ -1173,11 +1250,14 @@ fn writers_and_audit_commands_run_beside_serve_and_all_append_to_one_log_that_ve
             .filter(|e| e.record.actor == actor && e.record.action == action)
             .count()
     };
-    assert_eq!(count("sci", "list_datasets"), 161);
+    // 160 with the token, 2 with the session, 1 from the CLI.
+    assert_eq!(count("sci", "list_datasets"), 163);
+    assert_eq!(count("sci", "login"), 1);
     assert_eq!(count("sci", "view_model"), 1);
     assert_eq!(count("root", "list_users"), 1);
-    // sci, aud, eve and the six users of the two writers, all stored.
-    assert_eq!(count("root", "add_user"), 9);
+    // sci, aud, eve and the six users of the two writers, all stored, and
+    // the two passwords set (audited under the same action).
+    assert_eq!(count("root", "add_user"), 11);
     let users: Vec<String> = cloister_host::users::list(c.env().store().as_ref())
         .unwrap()
         .into_iter()

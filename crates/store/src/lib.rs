@@ -91,11 +91,22 @@ pub enum Space {
     /// `kind \0 name` → the claiming open's holder id (u64 BE); see
     /// [`Storage::holder`].
     Claims = 22,
+    /// The console's login sessions: SHA-256 of the session cookie (hex)
+    /// → session (see `cloister_host::console_state`).
+    Sessions = 23,
+    /// The console's login throttle: key (`user:…`, `client:…`,
+    /// `device:…`) → failed-attempt count and lockout.
+    Throttle = 24,
+    /// Devices that logged in to the console: SHA-256 of the device
+    /// cookie (hex) → user and last login.
+    Devices = 25,
+    /// The console's background tasks: task id → state and progress.
+    Tasks = 26,
 }
 
 impl Space {
     /// Every space, in prefix order.
-    pub const ALL: [Space; 22] = [
+    pub const ALL: [Space; 26] = [
         Space::Meta,
         Space::Users,
         Space::Tokens,
@@ -118,6 +129,10 @@ impl Space {
         Space::Captures,
         Space::RegressionReports,
         Space::Claims,
+        Space::Sessions,
+        Space::Throttle,
+        Space::Devices,
+        Space::Tasks,
     ];
 
     /// The key prefix byte.

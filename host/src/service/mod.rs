@@ -341,18 +341,12 @@ impl Cloister {
         })
     }
 
-    /// Claims the environment's one console for this process, until the
-    /// claim is dropped: a second `serve` on the same environment (in any
-    /// process) is refused while this one lives, because the console's
-    /// login sessions, login throttle and background tasks are kept in the
-    /// serving process's memory.
-    pub fn claim_console(&self) -> Result<crate::claims::Claim, ServiceError> {
-        crate::claims::take(self.env.store(), "console", "serve").map_err(|e| match e {
-            crate::claims::ClaimError::Held => ServiceError::BadRequest(
-                "another `cloister serve` has this environment's console open (one console per environment: its sessions are kept in that process)".into(),
-            ),
-            crate::claims::ClaimError::Store(e) => e.into(),
-        })
+    /// The web console's sessions, known devices, login throttle and
+    /// background tasks, kept in the store so that every `serve` process
+    /// over this environment shares them (see
+    /// [`crate::console_state`]). Console housekeeping: not audited.
+    pub fn console_state(&self) -> crate::console_state::ConsoleState<'_> {
+        crate::console_state::ConsoleState::new(self.env.store().as_ref())
     }
 
     /// How requests arrive here: "cli" or "console".
