@@ -172,6 +172,13 @@ enum Command {
         /// Mark the session cookie Secure (when a TLS proxy is in front).
         #[arg(long)]
         secure_cookies: bool,
+        /// Take over, looking every SECONDS (default 5), the jobs whose
+        /// driving process ended (killed, crashed, its machine lost) and
+        /// drive them on with the authority of the user who started them.
+        /// One replica takes each; every takeover is audited.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "5",
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        take_over_jobs: Option<u64>,
     },
     /// The active-learning demo on the bundled SpamAssassin data, in a
     /// throwaway environment.
@@ -182,6 +189,7 @@ fn serve(
     env: &session::EnvArgs,
     addr: std::net::SocketAddr,
     secure_cookies: bool,
+    take_over_jobs: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     let c = cloister_host::service::Cloister::open(&env.env, "console")
@@ -197,7 +205,15 @@ fn serve(
         .enable_all()
         .build()?;
     eprintln!("console on http://{addr} (Ctrl-C stops it)");
-    rt.block_on(cloister_console::serve(console, addr))?;
+    rt.block_on(async {
+        if let Some(every) = take_over_jobs {
+            cloister_console::take_over_jobs(
+                std::sync::Arc::clone(&console),
+                std::time::Duration::from_secs(every),
+            );
+        }
+        cloister_console::serve(console, addr).await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -286,7 +302,8 @@ fn main() -> ExitCode {
         Command::Serve {
             addr,
             secure_cookies,
-        } => serve(&cli.env, addr, secure_cookies),
+            take_over_jobs,
+        } => serve(&cli.env, addr, secure_cookies, take_over_jobs),
         Command::Demo(args) => demo::run(args),
     };
     match result {

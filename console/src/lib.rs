@@ -313,6 +313,53 @@ pub async fn serve(console: Arc<Console>, addr: SocketAddr) -> std::io::Result<(
     .await
 }
 
+/// Looks every `every` (at once first) for jobs whose driving process
+/// ended ([`Cloister::orphaned_jobs`]) and takes each over on a thread of
+/// its own ([`Cloister::take_over_job`]: one process of several gets it,
+/// it runs with the authority of the user who started the job, and the
+/// takeover is audited). The jobs' progress is in their stored state (the
+/// job pages); the log says which job was taken over and how its run
+/// ended, by id and state only. Runs until the runtime stops.
+pub fn take_over_jobs(console: Arc<Console>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let k = Arc::clone(&console);
+            let orphans = match tokio::task::spawn_blocking(move || k.c.orphaned_jobs()).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "looking for jobs to take over failed");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            for orphan in orphans {
+                let k = Arc::clone(&console);
+                let spawned = std::thread::Builder::new()
+                    .name("console-takeover".into())
+                    .spawn(move || match k.c.take_over_job(&orphan, &mut |_| {}) {
+                        Ok(Some(job)) => tracing::info!(
+                            job = %job.id,
+                            state = job.state.name(),
+                            "a job whose process had ended was taken over and driven until it stopped"
+                        ),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(
+                            job = %orphan.id,
+                            error = %e,
+                            "a job taken over stopped"
+                        ),
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "no thread to take over a job");
+                }
+            }
+        }
+    })
+}
+
 /// Resolves at the first SIGINT or SIGTERM this process receives (from
 /// then on, those signals no longer end the process by themselves): how
 /// `serve` and `cloister worker` stop gracefully.

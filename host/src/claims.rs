@@ -86,6 +86,65 @@ pub fn holder_of(store: &dyn Storage, kind: &str, name: &str) -> Result<Option<u
     }
 }
 
+/// The claims of `kind` whose holder is no longer alive, as (name, holder
+/// id): work a process was doing when it ended (killed, crashed, its
+/// machine lost) without releasing it. Values that are not a holder id
+/// are left out (they are taken like dead claims by [`take`], but name
+/// no process).
+pub fn dead(store: &dyn Storage, kind: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    let prefix = claim_key(kind, "");
+    let mut out = Vec::new();
+    for item in store.scan(Space::Claims, &prefix) {
+        let (key, value) = item?;
+        let Some(holder) = decode(&value) else {
+            continue;
+        };
+        let Ok(name) = std::str::from_utf8(&key[prefix.len()..]) else {
+            continue;
+        };
+        if !store.holder_alive(holder)? {
+            out.push((name.to_string(), holder));
+        }
+    }
+    Ok(out)
+}
+
+/// Takes over the claim `kind`/`name` only if it still names `dead`, a
+/// holder [`dead`] found ended: `None` when it changed meanwhile (another
+/// process took it over first, or the work ended and released it), so
+/// that a claim is never taken over twice and released work is not
+/// started again.
+pub fn take_over(
+    store: &Arc<dyn Storage>,
+    kind: &str,
+    name: &str,
+    dead: u64,
+) -> Result<Option<Claim>, StoreError> {
+    let key = claim_key(kind, name);
+    if store.holder_alive(dead)? {
+        return Ok(None);
+    }
+    let mut batch = WriteBatch::new();
+    batch.put(
+        Space::Claims,
+        key.clone(),
+        store.holder().to_be_bytes().to_vec(),
+    );
+    let expect = [Expect::new(
+        Space::Claims,
+        key.clone(),
+        Some(dead.to_be_bytes().to_vec()),
+    )];
+    match store.commit_if(&expect, batch) {
+        Ok(()) => Ok(Some(Claim {
+            store: Arc::clone(store),
+            key,
+        })),
+        Err(StoreError::Conflict { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         // Only if it is still ours; if the store cannot be reached the claim
@@ -98,5 +157,56 @@ impl Drop for Claim {
             &[Expect::new(Space::Claims, self.key.clone(), Some(mine))],
             batch,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStorage;
+
+    #[test]
+    fn a_dead_claim_is_found_and_taken_over_once() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Storage> = Arc::new(SledStorage::open(&dir.path().join("s"), true)?);
+        // An ended open's claim (on sled any holder but this open's is
+        // ended), this open's own claim, and another kind's.
+        let dead = store.holder().wrapping_add(1);
+        let mut b = WriteBatch::new();
+        b.put(
+            Space::Claims,
+            claim_key("job", "j-1"),
+            dead.to_be_bytes().to_vec(),
+        );
+        b.put(
+            Space::Claims,
+            claim_key("capture", "d"),
+            dead.to_be_bytes().to_vec(),
+        );
+        store.commit(b)?;
+        let mine = take(&store, "job", "j-2").expect("a free claim is taken");
+        assert_eq!(dead_claims(&store), vec![("j-1".to_string(), dead)]);
+
+        // Taken over once: the second attempt finds it changed.
+        let first = take_over(&store, "job", "j-1", dead)?;
+        assert!(first.is_some());
+        assert!(take_over(&store, "job", "j-1", dead)?.is_none());
+        assert!(dead_claims(&store).is_empty());
+        // Released work is not taken over again.
+        drop(first);
+        assert!(
+            store
+                .get(Space::Claims, &claim_key("job", "j-1"))?
+                .is_none()
+        );
+        assert!(take_over(&store, "job", "j-1", dead)?.is_none());
+        // A live holder's claim is not dead and not taken over.
+        assert!(take_over(&store, "job", "j-2", store.holder())?.is_none());
+        drop(mine);
+        Ok(())
+    }
+
+    fn dead_claims(store: &Arc<dyn Storage>) -> Vec<(String, u64)> {
+        dead(store.as_ref(), "job").unwrap_or_default()
     }
 }

@@ -888,18 +888,24 @@ pub fn outcome(c: &Cloister, who: &User, id: &str) -> Outcome {
 
 #[test]
 fn a_job_killed_at_any_point_resumes_to_the_same_result() {
-    killed_jobs_resume_to_the_same_result("sled", super::crash::trials().min(6));
+    killed_jobs_resume_to_the_same_result("sled", super::crash::trials().min(6), true);
 }
 
 /// Runs a job once uninterrupted in a new environment on `store`, then
 /// `trials` times killed at a random point and resumed; every run must end
-/// with the uninterrupted run's outcome, which is returned.
-pub fn killed_jobs_resume_to_the_same_result(store: &str, trials: u64) -> Outcome {
+/// with the uninterrupted run's outcome, which is returned. With
+/// `take_over`, the jobs the kill left orphaned (claimed by the dead
+/// process) are brought to their end alternately by a `serve` process
+/// that takes them over by itself (the first one) and by `job resume`;
+/// without, all by `job resume`.
+pub fn killed_jobs_resume_to_the_same_result(store: &str, trials: u64, take_over: bool) -> Outcome {
     // Its own environment: child processes need it unlocked.
     let dir = tempfile::tempdir().unwrap();
     let env_path = dir.path().join("env");
+    let root_token;
     let token = {
         let (c, root) = Cloister::init_with(&env_path, "root", store).unwrap();
+        root_token = root.clone();
         let admin = c.authenticate(&root).unwrap();
         let (sci, token) = c.add_user(&admin, "sci", &[Role::Scientist]).unwrap();
         let rev = c.add_user(&admin, "rev", &[Role::Reviewer]).unwrap().0;
@@ -956,6 +962,7 @@ pub fn killed_jobs_resume_to_the_same_result(store: &str, trials: u64) -> Outcom
     // job already done narrows the window for the next ones.
     let mut seed = 0x5eed_u64;
     let (mut started, mut interrupted) = (0, 0);
+    let (mut by_serve, mut by_cli) = (0u64, 0u64);
     let lo = (run_ms / 20).max(1);
     let mut hi = (run_ms * 17 / 20).max(lo + 1);
     for trial in 0..trials * 2 {
@@ -977,15 +984,25 @@ pub fn killed_jobs_resume_to_the_same_result(store: &str, trials: u64) -> Outcom
             interrupted += 1;
         }
         // Resume: a kill can leave the job at any step.
-        let o = cloister(&env_path, &token)
-            .args(["job", "resume", &id])
-            .output()
-            .unwrap();
+        let orphaned = {
+            let c = Cloister::open(&env_path, "cli").unwrap();
+            c.orphaned_jobs().unwrap().iter().any(|o| o.id == id)
+        };
+        let stderr = if take_over && orphaned && by_serve <= by_cli {
+            by_serve += 1;
+            take_over_by_serve(&env_path, &token, &id)
+        } else {
+            by_cli += u64::from(orphaned);
+            let o = cloister(&env_path, &token)
+                .args(["job", "resume", &id])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        };
         let (done, got) = state(&id);
         assert!(
             done,
-            "trial {trial} (kill after {delay} ms): not done after resume\n{}",
-            String::from_utf8_lossy(&o.stderr)
+            "trial {trial} (kill after {delay} ms): not done after resume\n{stderr}"
         );
         assert_eq!(
             got.unwrap(),
@@ -997,5 +1014,91 @@ pub fn killed_jobs_resume_to_the_same_result(store: &str, trials: u64) -> Outcom
         interrupted * 2 >= trials,
         "only {interrupted} of {started} kills hit a running job"
     );
+    if take_over && trials > 0 {
+        assert!(
+            by_serve >= 1,
+            "no kill left a job for serve to take over ({by_cli} resumed by hand)"
+        );
+        // Each takeover is on the record as the host's act, and nothing
+        // else took one over.
+        let c = Cloister::open(&env_path, "cli").unwrap();
+        let root = c.authenticate(&root_token).unwrap();
+        let log = c
+            .audit_log(
+                &root,
+                &cloister_host::audit::AuditFilter {
+                    action: Some("take_over_job".into()),
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(log.len() as u64, by_serve, "{log:?}");
+        assert!(c.orphaned_jobs().unwrap().is_empty());
+    }
     want
+}
+
+/// Starts `cloister serve --take-over-jobs 1` on the environment, waits
+/// until it has driven job `id` to its end (read through the API), and
+/// stops it; returns what it wrote to stderr.
+fn take_over_by_serve(env_path: &Path, token: &str, id: &str) -> String {
+    let port = crate::support::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut serve = cloister(env_path, token)
+        .args([
+            "serve",
+            "--addr",
+            &addr.to_string(),
+            "--take-over-jobs",
+            "1",
+        ])
+        .env("CLOISTER_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let bearer = format!("Bearer {token}");
+    let state = loop {
+        assert!(
+            serve.try_wait().unwrap().is_none(),
+            "serve ended: {}",
+            std::fs::read_to_string(log.path()).unwrap_or_default()
+        );
+        if std::net::TcpStream::connect(addr).is_ok() {
+            let (status, _, body) = crate::support::http(
+                addr,
+                "GET",
+                &format!("/api/jobs/{id}"),
+                &[("Authorization", &bearer)],
+                None,
+            );
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            let job: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let state = job["state"]["state"].as_str().unwrap_or("").to_string();
+            if state != "running" {
+                break state;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "job {id} not taken over and finished in 300 s: {}",
+            std::fs::read_to_string(log.path()).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status();
+    let status = serve.wait().unwrap();
+    let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+    assert!(status.success(), "serve: {status}\n{text}");
+    assert_eq!(state, "done", "{text}");
+    assert!(
+        text.contains("taken over"),
+        "serve did not say it took the job over: {text}"
+    );
+    text
 }

@@ -1413,8 +1413,8 @@ fn the_cli_creates_migrates_and_uses_an_environment_on_postgres() {
 fn a_job_on_postgres_killed_and_resumed_ends_as_the_same_job_on_sled() {
     let Some(pg) = PgServer::start() else { return };
     let on_pg =
-        crate::active_learning::killed_jobs_resume_to_the_same_result(&pg.database("job"), 2);
-    let on_sled = crate::active_learning::killed_jobs_resume_to_the_same_result("sled", 0);
+        crate::active_learning::killed_jobs_resume_to_the_same_result(&pg.database("job"), 2, true);
+    let on_sled = crate::active_learning::killed_jobs_resume_to_the_same_result("sled", 0, false);
     assert_eq!(on_pg, on_sled, "the engine changed the job's result");
 }
 

@@ -35,6 +35,31 @@ fn spec_err(job_file: &str, spec_text: &str, key: &str, message: String) -> Serv
     .into()
 }
 
+/// The claim kind of a job being driven ([`crate::claims`]).
+const JOB_CLAIM: &str = "job";
+
+/// How many times in a row a job is taken over at one step before it is
+/// marked failed instead ([`Cloister::take_over_job`]).
+pub const MAX_TAKEOVERS: u32 = 3;
+
+/// A job whose driving process ended while it drove it
+/// ([`Cloister::orphaned_jobs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanedJob {
+    /// The job's id.
+    pub id: String,
+    /// The holder id of the process that ended.
+    pub holder: u64,
+}
+
+/// Where the takeovers of job `id` are counted: beside the claims, as
+/// the count (4 bytes) and the step it was taken over at.
+fn takeover_key(id: &str) -> Vec<u8> {
+    let mut k = b"job-takeovers\0".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 impl Cloister {
     pub(super) fn job_resource(job: &Job) -> Resource {
         Resource::Job {
@@ -370,7 +395,22 @@ impl Cloister {
             }
             _ => {}
         }
-        let _claim = self.claim_job(id)?;
+        let claim = self.claim_job(id)?;
+        // A person runs it now: the count of takeovers starts again.
+        self.forget_takeovers(id)?;
+        self.drive_job(who, id, claim, progress)
+    }
+
+    /// Drives job `id` under `claim` (this process's, taken by the
+    /// caller) with `who`'s authority: every step is authorized for `who`
+    /// and audited before it takes effect.
+    fn drive_job(
+        &self,
+        who: &User,
+        id: &str,
+        _claim: super::JobClaim<'_>,
+        progress: &mut dyn FnMut(JobEvent<'_>),
+    ) -> Result<Job, ServiceError> {
         // What the job's next write must find stored: another process's
         // step in between stops this run (JobError::Moved).
         let (job, mut read) = crate::jobs::get_read(self.env().store().as_ref(), id)?;
@@ -407,6 +447,137 @@ impl Cloister {
                 Err(e) => return Err(self.fail(job, &mut read, e)),
             }
         }
+    }
+
+    /// Jobs a process was driving when it ended (killed, crashed, its
+    /// machine lost): their claim is still stored and names a holder that
+    /// is no longer alive. Housekeeping that shows no person anything, so
+    /// not audited; taking one over ([`Cloister::take_over_job`]) is.
+    pub fn orphaned_jobs(&self) -> Result<Vec<OrphanedJob>, ServiceError> {
+        Ok(crate::claims::dead(self.env().store().as_ref(), JOB_CLAIM)?
+            .into_iter()
+            .map(|(id, holder)| OrphanedJob { id, holder })
+            .collect())
+    }
+
+    /// Takes over an orphaned job and drives it on, as `cloister job
+    /// resume` would, with the authority of the user who started it: this
+    /// process claims it only if the claim still names the ended process
+    /// (so of several processes one takes it, and a job resumed or
+    /// finished meanwhile is left alone), records the takeover in the
+    /// audit log as the host's own act, then authorizes the run and every
+    /// step for that user as it stands now (disabled, or refused by the
+    /// policies: the job is not run). A job taken over
+    /// [`MAX_TAKEOVERS`] times at the same step is marked failed instead,
+    /// so that a job that brings its process down does not bring down
+    /// one replica after another; a person resuming it starts the count
+    /// again. `None` when there was nothing to take over.
+    pub fn take_over_job(
+        &self,
+        orphan: &OrphanedJob,
+        progress: &mut dyn FnMut(JobEvent<'_>),
+    ) -> Result<Option<Job>, ServiceError> {
+        let Some(claim) = self.claim_dead_job(&orphan.id, orphan.holder)? else {
+            return Ok(None);
+        };
+        let store = self.env().store();
+        let (mut job, mut read) = match crate::jobs::get_read(store.as_ref(), &orphan.id) {
+            Ok(j) => j,
+            // A claim without its job: released when `claim` drops.
+            Err(JobError::Unknown(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if !matches!(
+            job.state,
+            JobState::Running | JobState::AwaitingLabels { .. }
+        ) {
+            // Failed, cancelled or done: there is no run to continue.
+            return Ok(None);
+        }
+        let times = self.count_takeover(&job)?;
+        self.env().audit().append(crate::audit::AuditRecord {
+            actor: "cloister".into(),
+            action: "take_over_job".into(),
+            resource: Self::job_resource(&job).uid_text(),
+            decision: crate::audit::Decision::Allow,
+            policies: vec!["host".into()],
+            params: super::params_digest(&(&job.id, orphan.holder, &job.started_by, times)),
+            outcome: None,
+            serving: None,
+        })?;
+        let step = serde_json::to_string(&job.next).unwrap_or_default();
+        if times > MAX_TAKEOVERS {
+            job.state = JobState::Failed {
+                error: format!(
+                    "the process driving it ended {MAX_TAKEOVERS} times in a row at step {step}; \
+                     it is not taken over again: find out why, then resume it (`cloister job resume {}`)",
+                    job.id
+                ),
+            };
+            job.updated_ms = crate::time::now_ms();
+            crate::jobs::commit_job(store.as_ref(), WriteBatch::new(), &job, &mut read)?;
+            return Ok(Some(job));
+        }
+        let owner = match crate::users::get(store.as_ref(), &job.started_by) {
+            Ok(u) if !u.disabled => u,
+            _ => {
+                job.state = JobState::Failed {
+                    error: format!(
+                        "its process ended, and the user who started it (`{}`) can no longer run it: \
+                         another user must resume it",
+                        job.started_by
+                    ),
+                };
+                job.updated_ms = crate::time::now_ms();
+                crate::jobs::commit_job(store.as_ref(), WriteBatch::new(), &job, &mut read)?;
+                return Ok(Some(job));
+            }
+        };
+        self.guard(
+            &owner.principal(),
+            Action::RunJob,
+            &Self::dataset_resource(&job),
+            &(&job.id, "take over", orphan.holder),
+        )?;
+        self.drive_job(&owner, &orphan.id, claim, progress)
+            .map(Some)
+    }
+
+    /// Counts one more takeover of `job` at its current step (the count
+    /// starts again when the job has moved on) and returns the count.
+    fn count_takeover(&self, job: &Job) -> Result<u32, ServiceError> {
+        let step = serde_json::to_vec(&job.next).map_err(|e| JobError::Damaged(e.to_string()))?;
+        let key = takeover_key(&job.id);
+        let store = self.env().store();
+        let n = crate::store::update(
+            store.as_ref(),
+            &[(crate::store::Space::Claims, &key)],
+            |stored| {
+                let before = stored[0]
+                    .as_deref()
+                    .filter(|v| v.len() >= 4 && v[4..] == step[..])
+                    .map_or(0, |v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+                let n = before.saturating_add(1);
+                let mut value = n.to_be_bytes().to_vec();
+                value.extend_from_slice(&step);
+                let mut b = WriteBatch::new();
+                b.put(crate::store::Space::Claims, key.clone(), value);
+                Ok::<_, crate::store::StoreError>((b, n))
+            },
+        )?;
+        Ok(n)
+    }
+
+    /// Forgets the takeovers counted for job `id` (a person runs it).
+    fn forget_takeovers(&self, id: &str) -> Result<(), ServiceError> {
+        let store = self.env().store();
+        let key = takeover_key(id);
+        if store.get(crate::store::Space::Claims, &key)?.is_some() {
+            let mut b = WriteBatch::new();
+            b.delete(crate::store::Space::Claims, key);
+            store.commit(b)?;
+        }
+        Ok(())
     }
 
     /// Records a failed step (best effort, and only over the job as this

@@ -46,6 +46,7 @@ pub use deployments::{
     MAX_PREDICT_RECORDS, ReportStanding, SeriesPoint, VariantSeries,
 };
 pub use feedback::{CaptureWritten, Feedback, FeedbackOutcome, MAX_FEEDBACK};
+pub use jobs::{MAX_TAKEOVERS, OrphanedJob};
 pub use policy::Explanation;
 pub use training::{Predictions, TrainProgress, TrainRequest, TrainingPlan};
 
@@ -339,6 +340,38 @@ impl Cloister {
             id: id.to_string(),
             stored: Some(stored),
         })
+    }
+
+    /// [`Cloister::claim_job`] for a job whose claim names `dead`, an
+    /// ended process ([`crate::claims::take_over`]): `None` when another
+    /// process (or this one) has taken it since, or it was released.
+    pub(crate) fn claim_dead_job(
+        &self,
+        id: &str,
+        dead: u64,
+    ) -> Result<Option<JobClaim<'_>>, ServiceError> {
+        if !self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+        {
+            return Ok(None);
+        }
+        match crate::claims::take_over(self.env.store(), "job", id, dead) {
+            Ok(Some(stored)) => Ok(Some(JobClaim {
+                c: self,
+                id: id.to_string(),
+                stored: Some(stored),
+            })),
+            other => {
+                self.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                other.map(|_| None).map_err(ServiceError::from)
+            }
+        }
     }
 
     /// The web console's sessions, known devices, login throttle and
