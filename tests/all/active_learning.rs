@@ -22,6 +22,9 @@ struct Env {
     lea: User,
     leo: User,
     auditor: User,
+    admin: User,
+    /// A second scientist, whom a test disables.
+    sid: User,
 }
 
 /// A quarter of SpamAssassin (every fourth email), as JSONL.
@@ -47,6 +50,7 @@ fn env() -> &'static Mutex<Env> {
         let admin = c.authenticate(&root).unwrap();
         let add = |n: &str, r: Role| c.add_user(&admin, n, &[r]).unwrap();
         let sci = add("sci", Role::Scientist).0;
+        let sid = add("sid", Role::Scientist).0;
         let rev = add("rev", Role::Reviewer).0;
         let lea = add("lea", Role::Labeler).0;
         let leo = add("leo", Role::Labeler).0;
@@ -76,6 +80,8 @@ fn env() -> &'static Mutex<Env> {
             lea,
             leo,
             auditor,
+            admin,
+            sid,
         })
     })
 }
@@ -855,6 +861,118 @@ fn a_job_can_be_cancelled_only_by_its_owner_or_an_admin() {
     let err = e.c.run_job(&e.sci, &job.id, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("cancelled"), "{err}");
     let _ = &e.leo;
+}
+
+#[test]
+fn an_orphaned_job_is_taken_over_as_its_owner_unless_it_keeps_ending_or_its_owner_is_disabled() {
+    use cloister_host::service::MAX_TAKEOVERS;
+    use cloister_host::store::{Space, WriteBatch};
+    let e = lock();
+    let store = e.c.env().store();
+    // What a process that ended while driving a job leaves: its claim,
+    // naming its holder (on sled every holder but this open's has ended).
+    let orphan = |id: &str| {
+        let mut key = b"job\0".to_vec();
+        key.extend_from_slice(id.as_bytes());
+        let dead = store.holder().wrapping_add(1);
+        let mut b = WriteBatch::new();
+        b.put(Space::Claims, key, dead.to_be_bytes().to_vec());
+        store.commit(b).unwrap();
+        let found = e.c.orphaned_jobs().unwrap();
+        found
+            .into_iter()
+            .find(|o| o.id == id)
+            .expect("the job is listed as orphaned")
+    };
+    let takeovers = || {
+        e.c.audit_log(
+            &e.admin,
+            &AuditFilter {
+                action: Some("take_over_job".into()),
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .len()
+    };
+    let before = takeovers();
+
+    // Taken over and run to its end as the user who started it; once.
+    let job =
+        e.c.start_job(&e.sci, "t.toml", SPEC, Some(Oracle::Gold))
+            .unwrap();
+    let o = orphan(&job.id);
+    let done = e.c.take_over_job(&o, &mut |_| {}).unwrap().unwrap();
+    assert!(
+        matches!(done.state, JobState::Done { .. }),
+        "{:?}",
+        done.state
+    );
+    assert!(e.c.take_over_job(&o, &mut |_| {}).unwrap().is_none());
+    assert!(e.c.orphaned_jobs().unwrap().iter().all(|x| x.id != job.id));
+    assert_eq!(takeovers(), before + 1);
+    let run_as_owner =
+        e.c.audit_log(
+            &e.admin,
+            &AuditFilter {
+                actor: Some("sci".into()),
+                action: Some("run_job".into()),
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        !run_as_owner.is_empty(),
+        "the steps are authorized for the owner"
+    );
+
+    // A job whose run brings its process down at the same step each time:
+    // taken over MAX_TAKEOVERS times, then failed instead.
+    let job =
+        e.c.start_job(&e.sci, "t.toml", SPEC, Some(Oracle::Gold))
+            .unwrap();
+    for n in 1..=MAX_TAKEOVERS {
+        let o = orphan(&job.id);
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            e.c.take_over_job(&o, &mut |_| panic!("the process ends here"))
+        }));
+        assert!(ended.is_err(), "takeover {n} ran without an event");
+        let stored = jobs::get(store.as_ref(), &job.id).unwrap();
+        assert_eq!(stored.next, job.next, "takeover {n} moved the job on");
+        assert_eq!(stored.state, JobState::Running);
+    }
+    let o = orphan(&job.id);
+    let failed = e.c.take_over_job(&o, &mut |_| {}).unwrap().unwrap();
+    match &failed.state {
+        JobState::Failed { error } => {
+            assert!(error.contains(&format!("{MAX_TAKEOVERS} times")), "{error}")
+        }
+        s => panic!("{s:?}"),
+    }
+    assert!(e.c.orphaned_jobs().unwrap().iter().all(|x| x.id != job.id));
+    // A person resumes it: it runs, and the count starts again.
+    let done = e.c.run_job(&e.sci, &job.id, &mut |_| {}).unwrap();
+    assert!(
+        matches!(done.state, JobState::Done { .. }),
+        "{:?}",
+        done.state
+    );
+
+    // The owner disabled: the job is not run under their name.
+    let job =
+        e.c.start_job(&e.sid, "t.toml", SPEC, Some(Oracle::Gold))
+            .unwrap();
+    e.c.disable_user(&e.admin, "sid").unwrap();
+    let o = orphan(&job.id);
+    let failed = e.c.take_over_job(&o, &mut |_| {}).unwrap().unwrap();
+    match &failed.state {
+        JobState::Failed { error } => assert!(error.contains("`sid`"), "{error}"),
+        s => panic!("{s:?}"),
+    }
+    assert_eq!(failed.next, job.next, "no step ran");
+    assert_eq!(takeovers(), before + 1 + MAX_TAKEOVERS as usize + 1 + 1);
 }
 
 // ------------------------------------------------------------ kill -9 --
