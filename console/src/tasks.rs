@@ -6,24 +6,10 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
-
 use crate::{ApiError, Console};
 
 /// One background task as its owner sees it.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct Task {
-    pub id: String,
-    pub kind: String,
-    pub owner: String,
-    /// `running`, `done` or `failed`.
-    pub state: String,
-    /// Progress lines (host-written; never plugin text).
-    pub lines: Vec<String>,
-    /// Where the result is: a model or job id.
-    pub result: Option<String>,
-    pub error: Option<String>,
-}
+pub(crate) use cloister_host::console_state::Task;
 
 /// The task `id` if `user` owns it (store reads: run off the runtime).
 pub(crate) async fn get(
@@ -39,15 +25,7 @@ pub(crate) async fn get(
             tracing::error!(error = %e, "reading a console task failed");
             ApiError::Internal
         })?;
-    Ok(found.filter(|t| t.owner == user).map(|t| Task {
-        id: t.id,
-        kind: t.kind,
-        owner: t.owner,
-        state: t.state,
-        lines: t.lines,
-        result: t.result,
-        error: t.error,
-    }))
+    Ok(found.filter(|t| t.owner == user))
 }
 
 /// Progress handle passed to a task's body.

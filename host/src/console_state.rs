@@ -103,8 +103,14 @@ pub struct Task {
     pub error: Option<String>,
     /// When it started.
     pub started_ms: u64,
-    /// The holder id of the process running it: a running task whose
-    /// process has ended is reported failed.
+}
+
+/// A task as stored: with the holder id of the process running it, so
+/// that a running task whose process has ended is reported failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct StoredTask {
+    #[serde(flatten)]
+    task: Task,
     holder: u64,
 }
 
@@ -413,22 +419,24 @@ impl<'a> ConsoleState<'a> {
     ) -> Result<(), StoreError> {
         let mut b = WriteBatch::new();
         for (k, v) in entries(self.store, Space::Tasks)? {
-            if let Ok(t) = serde_json::from_slice::<Task>(&v)
+            if let Ok(StoredTask { task: t, .. }) = serde_json::from_slice::<StoredTask>(&v)
                 && t.state != "running"
                 && now.saturating_sub(t.started_ms) > TASK_KEEP_MS
             {
                 b.delete(Space::Tasks, k);
             }
         }
-        let t = Task {
-            id: id.to_string(),
-            kind: kind.to_string(),
-            owner: owner.to_string(),
-            state: "running".into(),
-            lines: Vec::new(),
-            result: None,
-            error: None,
-            started_ms: now,
+        let t = StoredTask {
+            task: Task {
+                id: id.to_string(),
+                kind: kind.to_string(),
+                owner: owner.to_string(),
+                state: "running".into(),
+                lines: Vec::new(),
+                result: None,
+                error: None,
+                started_ms: now,
+            },
             holder: self.store.holder(),
         };
         b.put(Space::Tasks, id.as_bytes().to_vec(), encode("task", &t)?);
@@ -446,8 +454,8 @@ impl<'a> ConsoleState<'a> {
         let build = |stored: &[Option<Vec<u8>>]| {
             let mut b = WriteBatch::new();
             if let Some(v) = &stored[0] {
-                let mut t = decode::<Task>("task", v)?;
-                f(&mut t);
+                let mut t = decode::<StoredTask>("task", v)?;
+                f(&mut t.task);
                 b.put(Space::Tasks, k.to_vec(), encode("task", &t)?);
             }
             Ok::<_, StoreError>((b, ()))
@@ -489,12 +497,13 @@ impl<'a> ConsoleState<'a> {
         let Some(v) = self.store.get(Space::Tasks, id.as_bytes())? else {
             return Ok(None);
         };
-        let mut t = decode::<Task>("task", &v)?;
-        if t.state == "running" && !self.store.holder_alive(t.holder)? {
-            t.state = "failed".into();
-            t.error = Some("the console process running this task ended before it finished".into());
+        let StoredTask { mut task, holder } = decode::<StoredTask>("task", &v)?;
+        if task.state == "running" && !self.store.holder_alive(holder)? {
+            task.state = "failed".into();
+            task.error =
+                Some("the console process running this task ended before it finished".into());
         }
-        Ok(Some(t))
+        Ok(Some(task))
     }
 }
 
@@ -642,9 +651,11 @@ mod tests {
         );
         // A task marked running by an open that has ended (on sled: any
         // holder but this open's).
-        let mut dead = st.task("t-1")?.expect("stored");
-        dead.state = "running".into();
-        dead.holder = s.holder().wrapping_add(1);
+        let mut dead = StoredTask {
+            task: st.task("t-1")?.expect("stored"),
+            holder: s.holder().wrapping_add(1),
+        };
+        dead.task.state = "running".into();
         let mut b = WriteBatch::new();
         b.put(Space::Tasks, b"t-2".to_vec(), encode("task", &dead)?);
         s.commit(b)?;
