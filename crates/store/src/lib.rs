@@ -400,7 +400,8 @@ const BACKOFF_MOST: std::time::Duration = std::time::Duration::from_millis(25);
 /// engine orders their commits (PostgreSQL's single writer connection
 /// grouped them so that one thread lost 64 times in a row). The worst case
 /// over all tries stays under `UPDATE_TRIES * BACKOFF_MOST` (1.6 s).
-fn backoff(attempt: usize) -> std::time::Duration {
+/// Public for the callers that run their own conditional loop.
+pub fn backoff(attempt: usize) -> std::time::Duration {
     let doublings = u32::try_from(attempt.saturating_sub(1))
         .unwrap_or(u32::MAX)
         .min(16);

@@ -895,7 +895,13 @@ impl Cloister {
         // Over the deployment as read: if another process changed it
         // meanwhile (an operator's rollback), this judgement is made again
         // on the new one rather than written over it.
-        for _ in 0..crate::store::UPDATE_TRIES {
+        for attempt in 0..crate::store::UPDATE_TRIES {
+            if attempt > 0 {
+                // A conflict: come back at a random time, as
+                // `store::update` does, rather than at once into the same
+                // collision.
+                std::thread::sleep(crate::store::backoff(attempt));
+            }
             let stored = store.get(crate::store::Space::Deployments, key)?;
             let mut d = deployments::decode(name, stored.as_deref())?;
             let expect = [crate::store::Expect::new(
