@@ -29,6 +29,8 @@ struct Fixture {
     approved_model: String,
     job: String,
     plugin: String,
+    /// The approved `hashed-ngrams` featurizer's digest.
+    ngrams: String,
 }
 
 fn fixture() -> &'static Fixture {
@@ -132,6 +134,7 @@ fn fixture() -> &'static Fixture {
             approved_model,
             job,
             plugin: unapproved,
+            ngrams: digests["hashed-ngrams"].clone(),
         }
     })
 }
@@ -181,6 +184,48 @@ fn as_role(role: &str, method: &str, uri: &str, body: Option<serde_json::Value>)
         None => Body::empty(),
     };
     send(b.body(body).unwrap())
+}
+
+#[test]
+fn a_training_started_through_the_api_is_followed_by_its_owner_alone() {
+    let f = fixture();
+    let r = as_role(
+        "scientist",
+        "POST",
+        "/api/train",
+        Some(serde_json::json!({
+            "dataset": "spam", "features": f.ngrams, "template": "logreg",
+            "sets": {"epochs": "2"}
+        })),
+    );
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let task = r.json()["task"].as_str().unwrap().to_string();
+    let uri = format!("/api/tasks/{task}");
+    let started = std::time::Instant::now();
+    let t = loop {
+        let r = as_role("scientist", "GET", &uri, None);
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let t = r.json();
+        if t["state"] != "running" {
+            break t;
+        }
+        assert!(started.elapsed().as_secs() < 300, "still running: {t}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(t["state"], "done", "{t}");
+    assert_eq!(t["kind"], "train");
+    assert!(
+        t["result"].as_str().is_some_and(|m| m.starts_with("m-")),
+        "{t}"
+    );
+    assert!(t["started_ms"].as_u64().is_some_and(|ms| ms > 0), "{t}");
+    assert!(
+        t.get("holder").is_none(),
+        "the running process's holder id is not shown: {t}"
+    );
+    // Another user, even of the same role, hears of no such task.
+    let other = as_role("scientist2", "GET", &uri, None);
+    assert_eq!(other.status, StatusCode::NOT_FOUND, "{}", other.text());
 }
 
 const ROLES: [&str; 8] = [
