@@ -912,6 +912,9 @@ fn an_orphaned_job_is_taken_over_as_its_owner_unless_it_keeps_ending_or_its_owne
     assert!(e.c.take_over_job(&o, &mut |_| {}).unwrap().is_none());
     assert!(e.c.orphaned_jobs().unwrap().iter().all(|x| x.id != job.id));
     assert_eq!(takeovers(), before + 1);
+    // Its process lived through the run: no count of takeovers is left.
+    let count_key = [b"job-takeovers\0".as_slice(), job.id.as_bytes()].concat();
+    assert!(store.get(Space::Claims, &count_key).unwrap().is_none());
     let run_as_owner =
         e.c.audit_log(
             &e.admin,

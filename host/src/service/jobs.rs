@@ -470,8 +470,9 @@ impl Cloister {
     /// policies: the job is not run). A job taken over
     /// [`MAX_TAKEOVERS`] times at the same step is marked failed instead,
     /// so that a job that brings its process down does not bring down
-    /// one replica after another; a person resuming it starts the count
-    /// again. `None` when there was nothing to take over.
+    /// one replica after another; the count starts again when the job
+    /// moves on, when a takeover's run returns, and when a person resumes
+    /// it. `None` when there was nothing to take over.
     pub fn take_over_job(
         &self,
         orphan: &OrphanedJob,
@@ -509,7 +510,7 @@ impl Cloister {
         if times > MAX_TAKEOVERS {
             job.state = JobState::Failed {
                 error: format!(
-                    "the process driving it ended {MAX_TAKEOVERS} times in a row at step {step}; \
+                    "it was taken over {MAX_TAKEOVERS} times in a row at step {step} and its process ended each time; \
                      it is not taken over again: find out why, then resume it (`cloister job resume {}`)",
                     job.id
                 ),
@@ -539,8 +540,13 @@ impl Cloister {
             &Self::dataset_resource(&job),
             &(&job.id, "take over", orphan.holder),
         )?;
-        self.drive_job(&owner, &orphan.id, claim, progress)
-            .map(Some)
+        let out = self.drive_job(&owner, &orphan.id, claim, progress);
+        // This process lived through the run (whatever its outcome): the
+        // count of takeovers in a row starts again.
+        if let Err(e) = self.forget_takeovers(&orphan.id) {
+            tracing::warn!(job = %orphan.id, error = %e, "the count of takeovers was not reset");
+        }
+        out.map(Some)
     }
 
     /// Counts one more takeover of `job` at its current step (the count
