@@ -834,3 +834,23 @@ fn lists_speak_json_errors_name_files_and_a_closed_pipe_is_quiet() {
         o.status
     );
 }
+
+#[test]
+fn serve_refuses_a_take_over_interval_out_of_range_before_opening_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join("env");
+    for bad in ["0", "3601", "soon"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_cloister"))
+            .env("CLOISTER_ENV", &env)
+            .args(["serve", "--addr", "127.0.0.1:0", "--take-over-jobs", bad])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("--take-over-jobs"),
+            "{bad}: {}",
+            stderr(&o)
+        );
+        assert!(!env.exists(), "nothing is created");
+    }
+}
