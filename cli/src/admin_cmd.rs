@@ -156,8 +156,12 @@ pub fn worker(
         .context("cannot watch for the stop signal")?;
     let _ = ready.recv();
     let done = run_worker(&env.env, &options, &stop, &mut |e| match e {
-        WorkerEvent::Claimed { id, attempt } => println!("task {id}: claimed (attempt {attempt})"),
-        WorkerEvent::Finished { id, seconds } => println!("task {id}: done in {seconds:.2} s"),
+        WorkerEvent::Claimed { id, kind, attempt } => {
+            println!("task {id} ({kind}): claimed (attempt {attempt})")
+        }
+        WorkerEvent::Finished { id, kind, seconds } => {
+            println!("task {id} ({kind}): done in {seconds:.2} s")
+        }
         WorkerEvent::Failed { id, error } => println!("task {id}: failed: {error}"),
         WorkerEvent::Lost { id } => {
             println!("task {id}: another worker holds it now; result dropped")

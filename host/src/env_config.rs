@@ -62,9 +62,9 @@ impl Default for InitOptions {
     }
 }
 
-/// `[workers]`: training runs and the models of active-learning rounds
-/// are fitted by `cloister worker` processes that claim them from the
-/// database's work queue.
+/// `[workers]`: the plugin stages and model fits of training runs and
+/// active-learning rounds are run by `cloister worker` processes that
+/// claim them from the database's work queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkersConfig {
@@ -79,6 +79,11 @@ pub struct WorkersConfig {
     /// lease runs out) before the run fails.
     #[serde(default = "WorkersConfig::default_max_attempts")]
     pub max_attempts: u32,
+    /// Records per task of a plugin stage (rounded up to a multiple of
+    /// the runner's batch of 256): a stage over more records is cut into
+    /// that many tasks, which free workers take at once.
+    #[serde(default = "WorkersConfig::default_stage_records")]
+    pub stage_records: usize,
 }
 
 impl WorkersConfig {
@@ -90,12 +95,17 @@ impl WorkersConfig {
         3
     }
 
+    fn default_stage_records() -> usize {
+        2048
+    }
+
     /// The section `init --workers` writes.
     pub fn enabled() -> Self {
         Self {
             enabled: true,
             claim_timeout_seconds: Self::default_claim_timeout(),
             max_attempts: Self::default_max_attempts(),
+            stage_records: Self::default_stage_records(),
         }
     }
 }
@@ -231,6 +241,9 @@ impl EnvConfig {
             }
             if w.claim_timeout_seconds == 0 {
                 return Err("workers.claim_timeout_seconds: must be at least 1".into());
+            }
+            if w.stage_records == 0 {
+                return Err("workers.stage_records: must be at least 1".into());
             }
         }
         Ok(Self {

@@ -46,18 +46,30 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::env_config::{CONFIG_FILE, EnvConfig, StoreLocation, WORK_KEY_FILE, WorkersConfig};
+use crate::runtime::{
+    LoadedPlugin, Runner, Runtime, RuntimeConfig, RuntimeError, TermCounts, Usage,
+};
 use crate::store::objects::Objects;
 use crate::store::work::{Task, TaskState, WorkQueue};
 use crate::store::{PgUrl, StoreError};
 use crate::train::{self, Fitted, Template, TrainError, Trained, TrainingSet};
-use crate::types::SparseBatch;
+use crate::types::{DataRecord, SparseBatch, Vocabulary};
 
 /// The longest pause between two looks at a task's row (a primary-key
 /// read), and so the most a finished fit waits to be noticed.
 const POLL: Duration = Duration::from_millis(50);
 
-/// The kind of task this module submits.
+/// The kind of task that fits a model.
 const FIT: &str = "fit";
+
+/// The kind of task that runs one plugin stage over a shard of records.
+const STAGE: &str = "stage";
+
+/// The records of one stage task are a multiple of this: the runner's
+/// batch, so that the shards' batches are the batches one run over all
+/// the records would make (plugins may not keep state between batches,
+/// and a fit counts each record alone).
+const SHARD_ALIGN: usize = 256;
 
 /// Bytes a task or result object may have when fetched (the features of
 /// a large dataset are the biggest).
@@ -164,8 +176,14 @@ fn read_progress(key: &ring::hmac::Key, input: &str, text: &str) -> Option<train
     serde_json::from_str(json).ok()
 }
 
-fn task_message(input: &str) -> Vec<u8> {
-    [b"cloister work task\0fit\0".as_slice(), input.as_bytes()].concat()
+fn task_message(kind: &str, input: &str) -> Vec<u8> {
+    [
+        b"cloister work task\0".as_slice(),
+        kind.as_bytes(),
+        b"\0",
+        input.as_bytes(),
+    ]
+    .concat()
 }
 
 fn result_message(input: &str, result: &str) -> Vec<u8> {
@@ -219,6 +237,11 @@ impl<'a> Reader<'a> {
         let (head, rest) = self.bytes.split_at(n);
         self.bytes = rest;
         Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<u32, WorkError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
     }
 
     fn u64(&mut self) -> Result<u64, WorkError> {
@@ -403,6 +426,403 @@ fn decode_result(
     })
 }
 
+// ------------------------------------------------------- plugin stages --
+
+const STAGE_TASK_MAGIC: &[u8; 8] = b"CLSTSK1\n";
+const STAGE_RESULT_MAGIC: &[u8; 8] = b"CLSRES1\n";
+
+/// What a plugin stage does with its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub(crate) enum StageOp {
+    /// A preprocessor: the records it keeps.
+    Preprocess,
+    /// A featurizer: one row of features per record.
+    Featurize,
+    /// A fitted featurizer's fit: in how many records each term key
+    /// occurs, at most `max_distinct` keys.
+    Terms {
+        /// The cap on distinct keys.
+        max_distinct: usize,
+    },
+}
+
+/// What a plugin stage gave.
+#[derive(Debug)]
+pub(crate) enum StageOutput {
+    /// A preprocessor's records.
+    Records(Vec<DataRecord>),
+    /// A featurizer's rows.
+    Features(SparseBatch),
+    /// A fit's term counts.
+    Terms(TermCounts),
+}
+
+impl StageOutput {
+    /// The results the stage accepted: records kept, rows, or records
+    /// counted.
+    pub(crate) fn count(&self) -> usize {
+        match self {
+            StageOutput::Records(r) => r.len(),
+            StageOutput::Features(x) => x.rows(),
+            StageOutput::Terms(t) => t.documents,
+        }
+    }
+}
+
+/// A plugin stage's run, in this process or on workers: its output (or
+/// the error), what the plugin's instances used, what they wrote (with
+/// the bytes dropped over the cap) and the dimension a featurizer
+/// declared.
+#[derive(Debug)]
+pub(crate) struct StageRun<T = StageOutput> {
+    pub(crate) result: Result<T, RuntimeError>,
+    pub(crate) usage: Usage,
+    pub(crate) log: (Vec<u8>, usize),
+    pub(crate) dimension: u32,
+}
+
+/// A plugin stage as it is run: the plugin and its configuration, the
+/// limits, the operation and, for a fitted featurizer's featurizing, its
+/// vocabulary.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stage<'a> {
+    pub(crate) plugin: &'a LoadedPlugin,
+    pub(crate) config: &'a [(String, String)],
+    pub(crate) limits: &'a crate::runtime::Limits,
+    pub(crate) op: StageOp,
+    pub(crate) vocabulary: Option<&'a Arc<Vocabulary>>,
+}
+
+/// Runs `stage` over `records` with this process's runtime: what an
+/// operation does without workers, and what a worker does with a shard.
+pub(crate) fn stage_here(rt: &Runtime, stage: Stage<'_>, records: &[DataRecord]) -> StageRun {
+    let runner = match stage.plugin.runner(rt, stage.config, stage.limits.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            return StageRun {
+                result: Err(e),
+                usage: Usage::default(),
+                log: (Vec::new(), 0),
+                dimension: 0,
+            };
+        }
+    };
+    let runner = match stage.vocabulary {
+        Some(v) => runner.vocabulary(Arc::clone(v)),
+        None => runner,
+    };
+    let result = run_op(&runner, stage.op, records);
+    StageRun {
+        result,
+        usage: runner.usage(),
+        log: runner.take_log(),
+        dimension: runner.dimension(),
+    }
+}
+
+fn run_op(
+    runner: &Runner<'_>,
+    op: StageOp,
+    records: &[DataRecord],
+) -> Result<StageOutput, RuntimeError> {
+    match op {
+        StageOp::Preprocess => runner.preprocess(records).map(StageOutput::Records),
+        StageOp::Featurize => runner.featurize(records).map(StageOutput::Features),
+        StageOp::Terms { max_distinct } => runner
+            .term_counts(records, max_distinct)
+            .map(StageOutput::Terms),
+    }
+}
+
+/// Records as a stage task carries them: the count (u64 LE), then each
+/// record's id and body (the stored form, [`crate::datasets::codec`]),
+/// each with its length (u32 LE). Labels are not part of it: plugins
+/// never see them, and workers are not sent them.
+fn encode_records(records: &[DataRecord], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(records.len() as u64).to_le_bytes());
+    let mut body = Vec::new();
+    for r in records {
+        out.extend_from_slice(&(r.id.len() as u32).to_le_bytes());
+        out.extend_from_slice(r.id.as_bytes());
+        body.clear();
+        crate::datasets::codec::encode(r, &mut body);
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+    }
+}
+
+fn decode_records(r: &mut Reader<'_>) -> Result<Vec<DataRecord>, WorkError> {
+    let n = r.len(8)?;
+    let mut records = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = r.u32()? as usize;
+        let id = String::from_utf8(r.take(len)?.to_vec())
+            .map_err(|_| WorkError::Format(format!("a record id in the {} object", r.what)))?;
+        let len = r.u32()? as usize;
+        let record = crate::datasets::codec::decode(id, r.take(len)?).ok_or_else(|| {
+            WorkError::Format(format!("a record in the {} object is damaged", r.what))
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// A stage task's head (JSON, before its records).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageTask {
+    /// Random: every task (and so its result) is its own object.
+    nonce: String,
+    /// The plugin component's digest (an object).
+    plugin: String,
+    config: Vec<(String, String)>,
+    limits: crate::runtime::Limits,
+    op: StageOp,
+    /// Digest of the vocabulary object ([`crate::fitted::encode`]).
+    vocabulary: Option<String>,
+}
+
+/// How a stage ended on the worker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+enum StageOutcome {
+    /// The kept records follow the head.
+    Records,
+    /// The features follow the head.
+    Features,
+    /// The term counts.
+    Terms {
+        documents: u64,
+        counts: Vec<(u64, u32)>,
+    },
+    /// The plugin (or its configuration) failed: the runtime error's code,
+    /// message and administrators' detail.
+    Failed {
+        code: String,
+        message: String,
+        detail: String,
+    },
+}
+
+/// A stage result's head (JSON, before the records or features).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageResultHead {
+    /// The task's digest.
+    task: String,
+    worker: String,
+    usage: Usage,
+    /// What the plugin wrote (hex), for the administrators' plugin log.
+    log: String,
+    log_dropped: u64,
+    dimension: u32,
+    outcome: StageOutcome,
+}
+
+fn framed(magic: &[u8; 8], head: &impl Serialize, body: &[u8]) -> Result<Vec<u8>, WorkError> {
+    let head = serde_json::to_vec(head).map_err(|e| WorkError::Format(e.to_string()))?;
+    let mut out = Vec::with_capacity(16 + head.len() + body.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(body);
+    Ok(out)
+}
+
+fn unframe<'a, T: serde::de::DeserializeOwned>(
+    bytes: &'a [u8],
+    magic: &[u8; 8],
+    what: &'static str,
+) -> Result<(T, Reader<'a>), WorkError> {
+    let mut r = Reader { bytes, what };
+    r.magic(magic)?;
+    let n = r.len(1)?;
+    let head = serde_json::from_slice(r.take(n)?)
+        .map_err(|e| WorkError::Format(format!("the {what}'s head: {e}")))?;
+    Ok((head, r))
+}
+
+fn encode_stage_result(run: &StageRun, worker: &str, task: &str) -> Result<Vec<u8>, WorkError> {
+    let mut body = Vec::new();
+    let outcome = match &run.result {
+        Ok(StageOutput::Records(records)) => {
+            encode_records(records, &mut body);
+            StageOutcome::Records
+        }
+        Ok(StageOutput::Features(x)) => {
+            body = encode_features(x);
+            StageOutcome::Features
+        }
+        Ok(StageOutput::Terms(t)) => StageOutcome::Terms {
+            documents: t.documents as u64,
+            counts: t.counts.clone(),
+        },
+        Err(e) => StageOutcome::Failed {
+            code: e.code().to_string(),
+            message: e.to_string(),
+            detail: e.admin_detail(),
+        },
+    };
+    let head = StageResultHead {
+        task: task.to_string(),
+        worker: worker.to_string(),
+        usage: run.usage,
+        log: hex::encode(&run.log.0),
+        log_dropped: run.log.1 as u64,
+        dimension: run.dimension,
+        outcome,
+    };
+    framed(STAGE_RESULT_MAGIC, &head, &body)
+}
+
+/// A stage result, checked against its task: the records a preprocessor
+/// kept are a subsequence of the shard's (the worker's runtime checked
+/// that too), a featurizer's rows are one per record.
+fn decode_stage_result(
+    bytes: &[u8],
+    task: &str,
+    op: StageOp,
+    shard: &[DataRecord],
+) -> Result<StageRun, WorkError> {
+    let (head, mut r): (StageResultHead, _) = unframe(bytes, STAGE_RESULT_MAGIC, "stage result")?;
+    if head.task != task {
+        return Err(WorkError::Format(
+            "the stage result is another task's".into(),
+        ));
+    }
+    let mismatch = || WorkError::Format("the stage result does not match its task".into());
+    let result = match (head.outcome, op) {
+        (StageOutcome::Records, StageOp::Preprocess) => {
+            let kept = decode_records(&mut r)?;
+            let mut ids = shard.iter().map(|s| &s.id);
+            if !kept.iter().all(|k| ids.any(|id| *id == k.id)) {
+                return Err(mismatch());
+            }
+            Ok(StageOutput::Records(kept))
+        }
+        (StageOutcome::Features, StageOp::Featurize) => {
+            let x = decode_features(r.take(r.bytes.len())?)?;
+            if x.rows() != shard.len() {
+                return Err(mismatch());
+            }
+            Ok(StageOutput::Features(x))
+        }
+        (StageOutcome::Terms { documents, counts }, StageOp::Terms { max_distinct }) => {
+            if documents != shard.len() as u64
+                || counts.len() > max_distinct
+                || !counts.windows(2).all(|w| w[0].0 < w[1].0)
+            {
+                return Err(mismatch());
+            }
+            Ok(StageOutput::Terms(TermCounts {
+                documents: shard.len(),
+                counts,
+            }))
+        }
+        (
+            StageOutcome::Failed {
+                code,
+                message,
+                detail,
+            },
+            _,
+        ) => Err(RuntimeError::on_worker(&code, message, detail)),
+        _ => return Err(mismatch()),
+    };
+    r.end()?;
+    let log = hex::decode(&head.log)
+        .map_err(|_| WorkError::Format("the stage result's log is not hex".into()))?;
+    Ok(StageRun {
+        result,
+        usage: head.usage,
+        log: (log, usize::try_from(head.log_dropped).unwrap_or(usize::MAX)),
+        dimension: head.dimension,
+    })
+}
+
+/// The shards' runs as one run over all their records, in order: usage
+/// summed, logs joined, outputs joined (a fit's counts summed), and the
+/// earliest shard's error if any failed — as one run in this process
+/// reports the earliest failing batch. Shards whose featurizer declared
+/// different dimensions fail like a run whose instances did.
+fn merge_stage_runs(op: StageOp, parts: Vec<StageRun>) -> StageRun {
+    let mut usage = Usage::default();
+    let mut log = Vec::new();
+    let mut dropped = 0usize;
+    let mut dimension = 0u32;
+    let mut error = None;
+    let mut outputs = Vec::with_capacity(parts.len());
+    for part in parts {
+        usage.add(&part.usage);
+        log.extend_from_slice(&part.log.0);
+        dropped = dropped.saturating_add(part.log.1);
+        if part.dimension != 0 {
+            if dimension == 0 {
+                dimension = part.dimension;
+            } else if dimension != part.dimension && error.is_none() {
+                error = Some(RuntimeError::inconsistent_dimension());
+            }
+        }
+        match part.result {
+            Ok(o) => outputs.push(o),
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+    let result = match error {
+        Some(e) => Err(e),
+        None => join_outputs(op, outputs),
+    };
+    StageRun {
+        result,
+        usage,
+        log: (log, dropped),
+        dimension,
+    }
+}
+
+fn join_outputs(op: StageOp, outputs: Vec<StageOutput>) -> Result<StageOutput, RuntimeError> {
+    let internal =
+        || RuntimeError::on_worker("internal", "internal runtime error".into(), String::new());
+    match op {
+        StageOp::Preprocess => {
+            let mut all = Vec::new();
+            for o in outputs {
+                let StageOutput::Records(r) = o else {
+                    return Err(internal());
+                };
+                all.extend(r);
+            }
+            Ok(StageOutput::Records(all))
+        }
+        StageOp::Featurize => {
+            let mut all = SparseBatch {
+                offsets: vec![0],
+                ..SparseBatch::default()
+            };
+            for o in outputs {
+                let StageOutput::Features(x) = o else {
+                    return Err(internal());
+                };
+                all.extend(&x);
+            }
+            Ok(StageOutput::Features(all))
+        }
+        StageOp::Terms { max_distinct } => {
+            let mut parts = Vec::with_capacity(outputs.len());
+            for o in outputs {
+                let StageOutput::Terms(t) = o else {
+                    return Err(internal());
+                };
+                parts.push(t);
+            }
+            TermCounts::merge(parts, max_distinct).map(StageOutput::Terms)
+        }
+    }
+}
+
 // ------------------------------------------------------------ submitter --
 
 /// The work queue as the operation's process uses it.
@@ -461,39 +881,118 @@ impl Workers {
         };
         let body = serde_json::to_vec(&task).map_err(|e| WorkError::Format(e.to_string()))?;
         let input = objects.put_bytes(body, false)?;
-        let tag = ring::hmac::sign(&self.key, &task_message(&input));
+        let tag = ring::hmac::sign(&self.key, &task_message(FIT, &input));
         let max = i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX);
         let id = self.queue.submit(FIT, &input, tag.as_ref(), max)?;
-        let outcome = self.wait(
-            id,
-            &input,
-            objects,
-            (template, set.dim, set.classes),
-            progress,
-        );
+        let outcome = self.wait(id, &input, progress).and_then(|result| {
+            let fitted = objects
+                .get_bytes(&result, OBJECT_LIMIT)
+                .map_err(WorkError::from)
+                .and_then(|bytes| decode_result(&bytes, template, set.dim, set.classes));
+            let _ = objects.delete(&result);
+            fitted
+        });
         // The row and the task's own objects have done their job either
         // way (a failure is reported to the caller, and the operation's
         // audit record stands for it). The features stay: other fits share
         // them.
         let _ = self.queue.remove(id);
         let _ = objects.delete(&input);
-        let (fitted, result) = outcome?;
-        let _ = objects.delete(&result);
+        let fitted = outcome?;
         // Predicted here, from the weights that will be stored.
         let probs = fitted.model.predict(set.x, predict)?;
         Ok((fitted, probs))
     }
 
-    /// Waits for task `id` (on `input`) to end; relays the worker's
-    /// progress reports that carry the environment's tag, each epoch once.
+    /// Runs a plugin stage over `records` on the workers: the records cut
+    /// into shards of `stage_records` (a multiple of the runner's batch),
+    /// one task each, all queued at once so that every free worker takes
+    /// one; the results joined in order into what one run over all the
+    /// records in this process gives ([`merge_stage_runs`]). The plugin's
+    /// component and the vocabulary (`vocabulary`, its object's digest)
+    /// must be objects already.
+    pub(crate) fn run_stage(
+        &self,
+        objects: &Objects,
+        stage: Stage<'_>,
+        vocabulary: Option<&str>,
+        records: &[DataRecord],
+    ) -> Result<StageRun, WorkError> {
+        let size = self.config.stage_records.max(1).div_ceil(SHARD_ALIGN) * SHARD_ALIGN;
+        let mut shards: Vec<&[DataRecord]> = records.chunks(size).collect();
+        if shards.is_empty() {
+            shards.push(&[]);
+        }
+        let max = i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX);
+        let mut tasks: Vec<(i64, String)> = Vec::with_capacity(shards.len());
+        let mut outcome = (|| {
+            for shard in &shards {
+                let mut nonce = [0u8; 16];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+                    .map_err(|_| WorkError::Random)?;
+                let head = StageTask {
+                    nonce: hex::encode(nonce),
+                    plugin: stage.plugin.digest.to_hex(),
+                    config: stage.config.to_vec(),
+                    limits: stage.limits.clone(),
+                    op: stage.op,
+                    vocabulary: vocabulary.map(str::to_string),
+                };
+                let mut body = Vec::new();
+                encode_records(shard, &mut body);
+                // Not synced: lost in a crash, the stage is run again.
+                let input = objects.put_bytes(framed(STAGE_TASK_MAGIC, &head, &body)?, false)?;
+                let tag = ring::hmac::sign(&self.key, &task_message(STAGE, &input));
+                match self.queue.submit(STAGE, &input, tag.as_ref(), max) {
+                    Ok(id) => tasks.push((id, input)),
+                    Err(e) => {
+                        let _ = objects.delete(&input);
+                        return Err(e.into());
+                    }
+                }
+            }
+            Ok::<_, WorkError>(())
+        })();
+        let mut parts = Vec::with_capacity(shards.len());
+        if outcome.is_ok() {
+            for ((id, input), shard) in tasks.iter().zip(&shards) {
+                let part = self.wait(*id, input, &mut |_| {}).and_then(|result| {
+                    let run = objects
+                        .get_bytes(&result, OBJECT_LIMIT)
+                        .map_err(WorkError::from)
+                        .and_then(|bytes| decode_stage_result(&bytes, input, stage.op, shard));
+                    let _ = objects.delete(&result);
+                    run
+                });
+                match part {
+                    Ok(run) => parts.push(run),
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        // Every row and task object has done its job (or is abandoned with
+        // the operation): a worker still running a removed task finds it
+        // gone and drops its result.
+        for (id, input) in &tasks {
+            let _ = self.queue.remove(*id);
+            let _ = objects.delete(input);
+        }
+        outcome?;
+        Ok(merge_stage_runs(stage.op, parts))
+    }
+
+    /// Waits for task `id` (on `input`) to end and returns its result's
+    /// digest, once its tag is checked; relays the worker's progress
+    /// reports that carry the environment's tag, each epoch once.
     fn wait(
         &self,
         id: i64,
         input: &str,
-        objects: &Objects,
-        (template, dim, classes): (&Template, usize, usize),
         progress: &mut dyn FnMut(&train::EpochStats),
-    ) -> Result<(Fitted, String), WorkError> {
+    ) -> Result<String, WorkError> {
         let mut shown = 0u32;
         let timeout = Duration::from_secs(self.config.claim_timeout_seconds);
         // Since when no live worker has held the task.
@@ -509,8 +1008,7 @@ impl Workers {
                             task: id,
                             what: "result",
                         })?;
-                    let bytes = objects.get_bytes(&result, OBJECT_LIMIT)?;
-                    return Ok((decode_result(&bytes, template, dim, classes)?, result));
+                    return Ok(result);
                 }
                 TaskState::Failed { owner, error } => {
                     return Err(WorkError::Failed { owner, error });
@@ -601,6 +1099,8 @@ pub enum WorkerEvent {
     Claimed {
         /// The task.
         id: i64,
+        /// Its kind: `fit` or `stage`.
+        kind: String,
         /// Which claim of the task this is.
         attempt: i32,
     },
@@ -608,6 +1108,8 @@ pub enum WorkerEvent {
     Finished {
         /// The task.
         id: i64,
+        /// Its kind: `fit` or `stage`.
+        kind: String,
         /// Wall time of the fit.
         seconds: f64,
     },
@@ -641,6 +1143,12 @@ struct WorkerContext {
     key: ring::hmac::Key,
     /// The last features fetched (rounds of a job share them).
     features: Option<(String, Arc<SparseBatch>)>,
+    /// The plugin runtime, made when the first stage task comes.
+    runtime: Option<Runtime>,
+    /// Plugins compiled so far, by component digest.
+    plugins: std::collections::HashMap<String, LoadedPlugin>,
+    /// The last vocabulary fetched.
+    vocabulary: Option<(String, Arc<Vocabulary>)>,
 }
 
 impl WorkerContext {
@@ -689,6 +1197,9 @@ impl WorkerContext {
             objects,
             key: tag_key(&secret),
             features: None,
+            runtime: None,
+            plugins: std::collections::HashMap::new(),
+            vocabulary: None,
         })
     }
 
@@ -719,8 +1230,9 @@ impl WorkerContext {
             log(WorkerEvent::Failed { id, error });
             Ok(())
         };
-        if task.kind != FIT
-            || ring::hmac::verify(&self.key, &task_message(&task.input), &task.tag).is_err()
+        if ![FIT, STAGE].contains(&task.kind.as_str())
+            || ring::hmac::verify(&self.key, &task_message(&task.kind, &task.input), &task.tag)
+                .is_err()
         {
             return fail(
                 self,
@@ -731,6 +1243,9 @@ impl WorkerContext {
                 .to_string(),
                 log,
             );
+        }
+        if task.kind == STAGE {
+            return self.run_stage(task, options, log);
         }
         let prepared = (|| {
             let body = self.objects.get_bytes(&task.input, OBJECT_LIMIT)?;
@@ -744,39 +1259,9 @@ impl WorkerContext {
             Ok(p) => p,
             Err(e) => return fail(self, e.to_string(), log),
         };
-        // The heartbeat: renews the lease at a third of its length while
-        // the fit runs. A renewal refused means another worker has the
-        // task; the fit cannot be stopped half-way, and `finish` below
-        // then records nothing.
-        // It also reports the last finished epoch, at most every
-        // PROGRESS_EVERY, tagged, for the operation's progress display.
-        let done = AtomicBool::new(false);
         let epoch: std::sync::Mutex<Option<train::EpochStats>> = std::sync::Mutex::new(None);
-        let fitted = std::thread::scope(|s| {
-            s.spawn(|| {
-                let step = options.lease / 3;
-                let mut last = Instant::now();
-                let mut reported: Option<(u32, Instant)> = None;
-                while !done.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(50).min(step));
-                    let latest = epoch.lock().ok().and_then(|e| e.clone());
-                    if let Some(stats) = latest
-                        && reported.is_none_or(|(n, at)| {
-                            n != stats.epoch && at.elapsed() >= PROGRESS_EVERY
-                        })
-                        && let Ok(text) = progress_text(&self.key, &task.input, &stats)
-                    {
-                        reported = Some((stats.epoch, Instant::now()));
-                        let _ = self.queue.report(id, &options.name, &text);
-                    }
-                    if last.elapsed() < step {
-                        continue;
-                    }
-                    last = Instant::now();
-                    let _ = self.queue.renew(id, &options.name, options.lease);
-                }
-            });
-            let out = train::fit(
+        let fitted = with_lease(&self.queue, &self.key, task, options, Some(&epoch), || {
+            train::fit(
                 &spec.template,
                 TrainingSet {
                     x: &x,
@@ -792,32 +1277,196 @@ impl WorkerContext {
                         *e = Some(stats.clone());
                     }
                 },
-            );
-            done.store(true, Ordering::Release);
-            out
+            )
         });
         let fitted = match fitted {
             Ok(f) => f,
             Err(e) => return fail(self, e.to_string(), log),
         };
         let seconds = fitted.seconds;
-        let result = self
-            .objects
-            .put_bytes(encode_result(&fitted, &options.name, &task.input)?, false)?;
+        let bytes = encode_result(&fitted, &options.name, &task.input)?;
+        self.hand_back(task, options, bytes, seconds, log)
+    }
+
+    /// Stores a task's result and records it as the task's, if the task
+    /// is still this worker's.
+    fn hand_back(
+        &self,
+        task: &Task,
+        options: &WorkerOptions,
+        bytes: Vec<u8>,
+        seconds: f64,
+        log: &mut dyn FnMut(WorkerEvent),
+    ) -> Result<(), WorkError> {
+        let id = task.id;
+        let result = self.objects.put_bytes(bytes, false)?;
         let tag = ring::hmac::sign(&self.key, &result_message(&task.input, &result));
         if !self
             .queue
             .finish(id, &options.name, &result, tag.as_ref())?
         {
             // Another worker's result is the one recorded (its head names
-            // that worker, so the bytes differ); this one is nobody's.
+            // that worker, so the bytes differ), or the task was given up;
+            // this one is nobody's.
             let _ = self.objects.delete(&result);
             log(WorkerEvent::Lost { id });
             return Ok(());
         }
-        log(WorkerEvent::Finished { id, seconds });
+        log(WorkerEvent::Finished {
+            id,
+            kind: task.kind.clone(),
+            seconds,
+        });
         Ok(())
     }
+
+    /// The plugin with component digest `digest`, compiled by this
+    /// worker's runtime (once: kept for the tasks that follow).
+    fn plugin(&mut self, digest: &str) -> Result<LoadedPlugin, WorkError> {
+        if let Some(p) = self.plugins.get(digest) {
+            return Ok(p.clone());
+        }
+        if self.runtime.is_none() {
+            self.runtime = Some(Runtime::new(RuntimeConfig::default()).map_err(|e| {
+                WorkError::Format(format!("the plugin runtime: {}", e.admin_detail()))
+            })?);
+        }
+        let rt = self.runtime.as_ref().ok_or(WorkError::Random)?;
+        // Verified against its digest as it is read; the runtime digests
+        // it again and must agree.
+        let bytes = self.objects.get_bytes(digest, COMPONENT_LIMIT)?;
+        let loaded = rt
+            .load(&bytes)
+            .map_err(|e| WorkError::Format(format!("the plugin {digest}: {e}")))?;
+        if loaded.digest.to_hex() != digest {
+            return Err(WorkError::Format(format!(
+                "the plugin object {digest} holds another component"
+            )));
+        }
+        if self.plugins.len() >= PLUGINS_KEPT {
+            self.plugins.clear();
+        }
+        self.plugins.insert(digest.to_string(), loaded.clone());
+        Ok(loaded)
+    }
+
+    fn vocabulary(&mut self, digest: &str) -> Result<Arc<Vocabulary>, WorkError> {
+        if let Some((d, v)) = &self.vocabulary
+            && d == digest
+        {
+            return Ok(Arc::clone(v));
+        }
+        self.vocabulary = None;
+        let v = crate::fitted::decode(&self.objects.get_bytes(digest, OBJECT_LIMIT)?)
+            .map(Arc::new)
+            .map_err(|e| WorkError::Format(format!("the vocabulary object: {e}")))?;
+        self.vocabulary = Some((digest.to_string(), Arc::clone(&v)));
+        Ok(v)
+    }
+
+    /// Runs one claimed plugin-stage task: the plugin over the task's
+    /// records in this worker's sandbox, under the task's limits. A plugin
+    /// that fails is a result like any other (its error goes back to the
+    /// operation, which audits it); a task that cannot be read fails.
+    fn run_stage(
+        &mut self,
+        task: &Task,
+        options: &WorkerOptions,
+        log: &mut dyn FnMut(WorkerEvent),
+    ) -> Result<(), WorkError> {
+        let id = task.id;
+        let prepared = (|| {
+            let body = self.objects.get_bytes(&task.input, OBJECT_LIMIT)?;
+            let (head, mut r): (StageTask, _) = unframe(&body, STAGE_TASK_MAGIC, "stage task")?;
+            let records = decode_records(&mut r)?;
+            r.end()?;
+            let plugin = self.plugin(&head.plugin)?;
+            let vocabulary = head
+                .vocabulary
+                .as_deref()
+                .map(|d| self.vocabulary(d))
+                .transpose()?;
+            Ok::<_, WorkError>((head, records, plugin, vocabulary))
+        })();
+        let (head, records, plugin, vocabulary) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                self.queue.fail(id, &options.name, &e.to_string())?;
+                log(WorkerEvent::Failed {
+                    id,
+                    error: e.to_string(),
+                });
+                return Ok(());
+            }
+        };
+        let rt = self.runtime.as_ref().ok_or(WorkError::Random)?;
+        let started = Instant::now();
+        let run = with_lease(&self.queue, &self.key, task, options, None, || {
+            stage_here(
+                rt,
+                Stage {
+                    plugin: &plugin,
+                    config: &head.config,
+                    limits: &head.limits,
+                    op: head.op,
+                    vocabulary: vocabulary.as_ref(),
+                },
+                &records,
+            )
+        });
+        let bytes = encode_stage_result(&run, &options.name, &task.input)?;
+        self.hand_back(task, options, bytes, started.elapsed().as_secs_f64(), log)
+    }
+}
+
+/// Plugins a worker keeps compiled.
+const PLUGINS_KEPT: usize = 16;
+
+/// Bytes a plugin component object may have.
+const COMPONENT_LIMIT: u64 = 256 << 20;
+
+/// Runs `work` while a heartbeat renews the task's lease at a third of
+/// its length. A renewal refused means another worker has the task (or
+/// it was given up); the work cannot be stopped half-way, and handing
+/// back its result then records nothing. With `epoch`, the heartbeat also
+/// reports the last finished epoch, at most every [`PROGRESS_EVERY`],
+/// tagged, for the operation's progress display.
+fn with_lease<T>(
+    queue: &WorkQueue,
+    key: &ring::hmac::Key,
+    task: &Task,
+    options: &WorkerOptions,
+    epoch: Option<&std::sync::Mutex<Option<train::EpochStats>>>,
+    work: impl FnOnce() -> T,
+) -> T {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let step = options.lease / 3;
+            let mut last = Instant::now();
+            let mut reported: Option<(u32, Instant)> = None;
+            while !done.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(50).min(step));
+                let latest = epoch.and_then(|e| e.lock().ok().and_then(|e| e.clone()));
+                if let Some(stats) = latest
+                    && reported
+                        .is_none_or(|(n, at)| n != stats.epoch && at.elapsed() >= PROGRESS_EVERY)
+                    && let Ok(text) = progress_text(key, &task.input, &stats)
+                {
+                    reported = Some((stats.epoch, Instant::now()));
+                    let _ = queue.report(task.id, &options.name, &text);
+                }
+                if last.elapsed() < step {
+                    continue;
+                }
+                last = Instant::now();
+                let _ = queue.renew(task.id, &options.name, options.lease);
+            }
+        });
+        let out = work();
+        done.store(true, Ordering::Release);
+        out
+    })
 }
 
 /// How long a worker waits before it asks an unreachable queue again.
@@ -853,6 +1502,7 @@ pub fn run_worker(
         };
         log(WorkerEvent::Claimed {
             id: task.id,
+            kind: task.kind.clone(),
             attempt: task.attempts,
         });
         // The task could not be ended (the database or the object store
@@ -914,6 +1564,203 @@ mod tests {
         assert!(decode_features(b"garbage").is_err());
     }
 
+    fn record(id: &str, text: &str) -> DataRecord {
+        DataRecord {
+            id: id.into(),
+            texts: vec![crate::types::TextField {
+                name: "text".into(),
+                value: text.into(),
+            }],
+            numerics: Vec::new(),
+            label: Some("spam".into()),
+        }
+    }
+
+    fn run_of(result: Result<StageOutput, RuntimeError>, dimension: u32, log: &[u8]) -> StageRun {
+        StageRun {
+            result,
+            usage: Usage {
+                calls: 2,
+                fuel: 10,
+                peak_memory_bytes: 64,
+                wall_ms: 3,
+            },
+            log: (log.to_vec(), 1),
+            dimension,
+        }
+    }
+
+    #[test]
+    fn stage_results_round_trip_and_are_held_to_their_task() {
+        let shard = vec![record("a", "x"), record("b", "y"), record("c", "z")];
+        // Records travel without their labels.
+        let mut bytes = Vec::new();
+        encode_records(&shard, &mut bytes);
+        let back = decode_records(&mut Reader {
+            bytes: &bytes,
+            what: "test",
+        })
+        .expect("decodes");
+        assert_eq!(back.len(), 3);
+        assert!(back.iter().all(|r| r.label.is_none()));
+        assert_eq!(back[1].text("text"), Some("y"));
+
+        let kept = run_of(
+            Ok(StageOutput::Records(vec![
+                shard[0].clone(),
+                shard[2].clone(),
+            ])),
+            0,
+            b"hello",
+        );
+        let bytes = encode_stage_result(&kept, "w1", "task-1").expect("encodes");
+        let got = decode_stage_result(&bytes, "task-1", StageOp::Preprocess, &shard).expect("ok");
+        let Ok(StageOutput::Records(r)) = &got.result else {
+            panic!("records expected")
+        };
+        assert_eq!(
+            r.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert_eq!((got.log.0.as_slice(), got.log.1), (b"hello".as_slice(), 1));
+        assert_eq!(got.usage, kept.usage);
+        // Another task's result, or a result for another operation, is
+        // refused.
+        assert!(decode_stage_result(&bytes, "task-2", StageOp::Preprocess, &shard).is_err());
+        assert!(decode_stage_result(&bytes, "task-1", StageOp::Featurize, &shard).is_err());
+        // Records out of order, or not from the shard, are refused.
+        for ids in [["c", "a"], ["a", "q"]] {
+            let odd = run_of(
+                Ok(StageOutput::Records(
+                    ids.iter().map(|id| record(id, "x")).collect(),
+                )),
+                0,
+                b"",
+            );
+            let bytes = encode_stage_result(&odd, "w1", "task-1").expect("encodes");
+            assert!(decode_stage_result(&bytes, "task-1", StageOp::Preprocess, &shard).is_err());
+        }
+        // A featurizer's rows are one per record.
+        let x = SparseBatch {
+            offsets: vec![0, 1, 1],
+            indices: vec![4],
+            values: vec![1.0],
+        };
+        let two = encode_stage_result(&run_of(Ok(StageOutput::Features(x)), 8, b""), "w", "t")
+            .expect("encodes");
+        assert!(decode_stage_result(&two, "t", StageOp::Featurize, &shard).is_err());
+        assert!(decode_stage_result(&two, "t", StageOp::Featurize, &shard[..2]).is_ok());
+        // A failure comes back with its code, message and sealed detail.
+        let failed = run_of(
+            Err(RuntimeError::on_worker(
+                "trap",
+                "the plugin crashed".into(),
+                "panic".into(),
+            )),
+            0,
+            b"",
+        );
+        let bytes = encode_stage_result(&failed, "w", "t").expect("encodes");
+        let got = decode_stage_result(&bytes, "t", StageOp::Featurize, &shard).expect("decodes");
+        let err = got.result.expect_err("the failure");
+        assert_eq!(
+            (err.code(), err.to_string()),
+            ("trap", "the plugin crashed".into())
+        );
+        assert_eq!(err.admin_detail(), "panic");
+        // Truncated or padded bytes are refused.
+        assert!(
+            decode_stage_result(&bytes[..bytes.len() - 1], "t", StageOp::Featurize, &shard)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn shards_join_in_order_and_the_earliest_failure_wins() {
+        let rows = |index: u32| SparseBatch {
+            offsets: vec![0, 1],
+            indices: vec![index],
+            values: vec![1.0],
+        };
+        let joined = merge_stage_runs(
+            StageOp::Featurize,
+            vec![
+                run_of(Ok(StageOutput::Features(rows(1))), 8, b"a"),
+                run_of(Ok(StageOutput::Features(rows(2))), 8, b"b"),
+            ],
+        );
+        let Ok(StageOutput::Features(x)) = &joined.result else {
+            panic!("features expected")
+        };
+        assert_eq!(
+            (x.offsets.as_slice(), x.indices.as_slice()),
+            ([0, 1, 2].as_slice(), [1, 2].as_slice())
+        );
+        assert_eq!(joined.dimension, 8);
+        assert_eq!(
+            (joined.log.0.as_slice(), joined.log.1),
+            (b"ab".as_slice(), 2)
+        );
+        assert_eq!(
+            (
+                joined.usage.calls,
+                joined.usage.fuel,
+                joined.usage.peak_memory_bytes
+            ),
+            (4, 20, 64)
+        );
+        // Two dimensions: the run fails as one whose instances disagreed.
+        let split = merge_stage_runs(
+            StageOp::Featurize,
+            vec![
+                run_of(Ok(StageOutput::Features(rows(1))), 8, b""),
+                run_of(Ok(StageOutput::Features(rows(2))), 9, b""),
+            ],
+        );
+        assert_eq!(
+            split.result.expect_err("dimensions differ").code(),
+            "invalid-output"
+        );
+        // The earliest shard's failure is the run's.
+        let failed = merge_stage_runs(
+            StageOp::Featurize,
+            vec![
+                run_of(Ok(StageOutput::Features(rows(1))), 8, b""),
+                run_of(
+                    Err(RuntimeError::on_worker("trap", "t".into(), String::new())),
+                    8,
+                    b"",
+                ),
+                run_of(
+                    Err(RuntimeError::on_worker(
+                        "limit-fuel",
+                        "f".into(),
+                        String::new(),
+                    )),
+                    8,
+                    b"",
+                ),
+            ],
+        );
+        assert_eq!(failed.result.expect_err("failed").code(), "trap");
+        // A fit's counts are summed across shards.
+        let terms = |counts: Vec<(u64, u32)>, documents| {
+            run_of(
+                Ok(StageOutput::Terms(TermCounts { documents, counts })),
+                0,
+                b"",
+            )
+        };
+        let fit = merge_stage_runs(
+            StageOp::Terms { max_distinct: 10 },
+            vec![terms(vec![(1, 1), (3, 2)], 2), terms(vec![(3, 1)], 1)],
+        );
+        let Ok(StageOutput::Terms(t)) = fit.result else {
+            panic!("terms expected")
+        };
+        assert_eq!((t.documents, t.counts), (3, vec![(1, 1), (3, 3)]));
+    }
+
     #[test]
     fn tags_bind_the_result_to_its_task() {
         let key = tag_key(&[7u8; 32]);
@@ -921,6 +1768,8 @@ mod tests {
         assert!(ring::hmac::verify(&key, &result_message("a", "b"), t.as_ref()).is_ok());
         assert!(ring::hmac::verify(&key, &result_message("a", "c"), t.as_ref()).is_err());
         assert!(ring::hmac::verify(&key, &result_message("x", "b"), t.as_ref()).is_err());
-        assert!(ring::hmac::verify(&key, &task_message("a"), t.as_ref()).is_err());
+        assert!(ring::hmac::verify(&key, &task_message(FIT, "a"), t.as_ref()).is_err());
+        let fit = ring::hmac::sign(&key, &task_message(FIT, "a"));
+        assert!(ring::hmac::verify(&key, &task_message(STAGE, "a"), fit.as_ref()).is_err());
     }
 }

@@ -1,7 +1,7 @@
-//! Model fits on `cloister worker` processes (issue 21): the work queue in
-//! PostgreSQL, tasks and results through the object store, leases that
-//! hand a dead worker's task to another, and the same model as a fit in
-//! the process.
+//! Plugin stages and model fits on `cloister worker` processes (issue
+//! 21): the work queue in PostgreSQL, tasks and results through the
+//! object store, leases that hand a dead worker's task to another, and
+//! the same features, audit entries and model as a run in the process.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
@@ -14,12 +14,16 @@ use cloister_host::users::User;
 
 use crate::postgres::{PgServer, failed_with};
 
-/// An environment: its path, a scientist, the approved featurizer.
+/// An environment: its path, an administrator, a scientist, a reviewer,
+/// the approved featurizer and preprocessor.
 struct Env {
     path: PathBuf,
     cloister: Cloister,
+    admin: User,
     sci: User,
+    rev: User,
     features: String,
+    normalize: String,
 }
 
 /// SpamAssassin, one record in `step`, as JSONL in `dir`.
@@ -52,13 +56,47 @@ fn setup(dir: &Path, name: &str, options: &InitOptions, step: usize) -> Env {
     Env {
         path,
         cloister: c,
+        admin,
         sci,
+        rev,
+        normalize: digests.swap_remove(1),
         features: digests.swap_remove(0),
     }
 }
 
-/// An environment on `pg` whose fits go to workers, with its own private
-/// object store directory.
+impl Env {
+    /// Registers and approves a plugin; its digest.
+    fn approved(&self, bytes: &[u8]) -> String {
+        let p = self.cloister.add_plugin(&self.sci, bytes).unwrap();
+        self.cloister.approve_plugin(&self.rev, &p.digest).unwrap();
+        p.digest
+    }
+
+    /// (stage, code, records in, records out) of every plugin call audited.
+    fn plugin_calls(&self) -> Vec<(String, String, u64, u64)> {
+        self.cloister
+            .audit_log(
+                &self.admin,
+                &cloister_host::audit::AuditFilter {
+                    action: Some("plugin_call".into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| e.record.outcome)
+            .map(|o| (o.stage, o.code, o.records_in, o.records_out))
+            .collect()
+    }
+}
+
+/// Records per stage task in the environments on workers (the smallest
+/// shard: the 756 records of `step` 8 are three tasks).
+const SHARD: u64 = 256;
+
+/// An environment on `pg` whose plugin stages and fits go to workers,
+/// with its own private object store directory, and stage tasks of
+/// [`SHARD`] records.
 fn on_workers(pg: &PgServer, dir: &Path, step: usize) -> Env {
     let objects = dir.join("objects");
     std::fs::create_dir(&objects).unwrap();
@@ -73,7 +111,18 @@ fn on_workers(pg: &PgServer, dir: &Path, step: usize) -> Env {
         workers: true,
         ..InitOptions::default()
     };
-    setup(dir, "env", &options, step)
+    let mut e = setup(dir, "env", &options, step);
+    let toml = e.path.join("cloister.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("stage_records = 2048"), "{text}");
+    std::fs::write(
+        &toml,
+        text.replace("stage_records = 2048", &format!("stage_records = {SHARD}")),
+    )
+    .unwrap();
+    drop(e.cloister);
+    e.cloister = Cloister::open(&e.path, "cli").unwrap();
+    e
 }
 
 fn request(features: &str, template: &str, epochs: u32) -> TrainRequest {
@@ -140,7 +189,7 @@ fn remote_and_here(pg: &PgServer, dir: &Path) -> (Env, Env, [Child; 2]) {
 }
 
 #[test]
-fn fits_on_two_workers_give_the_models_a_fit_in_the_process_gives() {
+fn stages_and_fits_on_two_workers_give_the_features_audit_and_models_of_the_process() {
     let Some(pg) = PgServer::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (remote, here, workers) = remote_and_here(&pg, dir.path());
@@ -150,8 +199,43 @@ fn fits_on_two_workers_give_the_models_a_fit_in_the_process_gives() {
         let want = try_train(&here, &request(&here.features, template, 4)).unwrap();
         assert_eq!(got, want, "{template}: weights digest and accuracy");
     }
+    // A preprocessor and a fitted featurizer: preprocessing, the fit's term
+    // counts and featurizing each run in shards on the workers; joined,
+    // they are what one run in the process gives — the same vocabulary
+    // (its digest) and the same model.
+    let tfidf = cloister_bundled_plugins::get("tfidf").unwrap();
+    let chained = |e: &Env| {
+        let req = TrainRequest {
+            preprocess: vec![e.normalize.clone()],
+            ..request(&e.approved(tfidf), "logreg", 4)
+        };
+        let m = e.cloister.train_model(&e.sci, &req, &mut |_| {}).unwrap();
+        (
+            m.weights_sha256,
+            m.evaluation.accuracy,
+            m.lineage.features_state.expect("a fitted state"),
+        )
+    };
+    assert_eq!(chained(&remote), chained(&here));
+    // The audit says the same of every stage: its code and its records in
+    // and out, whichever process ran it.
+    let calls = remote.plugin_calls();
+    assert_eq!(calls, here.plugin_calls());
     let printed: String = workers.into_iter().map(stop).collect();
-    assert_eq!(printed.matches(": done in").count(), 2, "{printed}");
+    assert_eq!(printed.matches("(fit): done in").count(), 3, "{printed}");
+    // Every stage that ran (not from the cache) was cut into tasks of
+    // SHARD records, each done by a worker.
+    let tasks: u64 = calls
+        .iter()
+        .filter(|(_, code, _, _)| code == "ok")
+        .map(|(_, _, records_in, _)| records_in.div_ceil(SHARD).max(1))
+        .sum();
+    assert!(tasks >= 3 + 3 + 2 + 3, "{calls:?}");
+    assert_eq!(
+        printed.matches("(stage): done in").count() as u64,
+        tasks,
+        "{printed}"
+    );
     // The rows are gone once taken, and so are the tasks' and results' own
     // objects; the features stay for the next fit that shares them.
     assert_eq!(pg.psql("work", "SELECT count(*) FROM cloister_work"), "0");
@@ -164,11 +248,49 @@ fn fits_on_two_workers_give_the_models_a_fit_in_the_process_gives() {
     }
     assert!(heads.iter().any(|h| h.starts_with(b"CLFEAT1\n")));
     assert!(
-        !heads
-            .iter()
-            .any(|h| h.starts_with(b"CLFRES1\n") || h.starts_with(b"{\"nonce\"")),
+        !heads.iter().any(|h| h.starts_with(b"CLFRES1\n")
+            || h.starts_with(b"{\"nonce\"")
+            || h.starts_with(b"CLSTSK1\n")
+            || h.starts_with(b"CLSRES1\n")),
         "a task or result object was left behind"
     );
+}
+
+#[test]
+fn a_plugin_that_breaks_its_rules_on_a_worker_fails_as_it_does_in_the_process() {
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (remote, here, workers) = remote_and_here(&pg, dir.path());
+    let run = |e: &Env| {
+        let hostile = e.approved(cloister_test_plugins::HOSTILE);
+        let req = TrainRequest {
+            features_config: vec![("attack".into(), "out-of-range".into())],
+            ..request(&hostile, "logreg", 2)
+        };
+        let err = try_train(e, &req).unwrap_err().to_string();
+        let log = e.cloister.plugin_log(&e.admin, None, 0).unwrap();
+        let newest = log.first().expect("a plugin log entry").clone();
+        (err, newest.code, newest.detail, e.plugin_calls())
+    };
+    let (err, code, detail, calls) = run(&remote);
+    assert_eq!(
+        (err.clone(), code.clone(), detail.clone(), calls.clone()),
+        run(&here)
+    );
+    // The user is told what the host says of the output; the index the
+    // plugin chose is in the administrators' log only.
+    assert!(err.contains("breaks the plugin interface's rules"), "{err}");
+    assert!(!err.contains("1048576"), "{err}");
+    assert_eq!(code, "invalid-output");
+    let detail = detail.expect("the failure's detail");
+    assert!(
+        detail.contains("feature index 1048576 is out of range"),
+        "{detail}"
+    );
+    assert_eq!(calls.last().map(|c| c.1.as_str()), Some("invalid-output"));
+    let printed: String = workers.into_iter().map(stop).collect();
+    assert!(printed.contains("(stage): done in"), "{printed}");
+    assert!(!printed.contains("(fit)"), "nothing was fitted: {printed}");
 }
 
 #[test]
@@ -185,11 +307,12 @@ fn a_worker_killed_mid_fit_leaves_its_task_to_another_and_the_model_is_the_same(
     let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
     let got = std::thread::scope(|s| {
         let training = s.spawn(|| try_train(&remote, &request(&remote.features, "mlp", epochs)));
-        // The first worker claims the task; it dies at once, mid-fit.
+        // The first worker runs the plugin stages, then claims the fit; it
+        // dies at once, mid-fit.
         let claimed = lines
             .by_ref()
             .map(|l| l.unwrap())
-            .find(|l| l.contains("claimed"));
+            .find(|l| l.contains("(fit): claimed"));
         assert!(claimed.is_some(), "the first worker never claimed the task");
         first.kill().unwrap();
         first.wait().unwrap();
@@ -226,11 +349,13 @@ fn a_worker_killed_mid_fit_leaves_its_task_to_another_and_the_model_is_the_same(
             })?;
             Ok::<_, ServiceError>((m.weights_sha256, m.evaluation.accuracy))
         });
+        // The features come from the cache: the fit is the only task.
         let claimed = lines
             .by_ref()
             .map(|l| l.unwrap())
             .find(|l| l.contains("claimed"))
             .expect("the worker never claimed the task");
+        assert!(claimed.contains("(fit)"), "{claimed}");
         assert!(claimed.contains("(attempt 1)"), "{claimed}");
         let signalled = Command::new("kill")
             .args(["-TERM", &polite.id().to_string()])
@@ -315,7 +440,7 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
     )
     .unwrap();
     e.cloister = Cloister::open(&e.path, "cli").unwrap();
-    let w = worker(&e.path, "small", 3, &["--max-tasks", "1"]);
+    let w = worker(&e.path, "small", 3, &[]);
     let err = try_train(&e, &request(&e.features, "mlp", 2)).unwrap_err();
     assert!(
         err.to_string()
@@ -323,7 +448,8 @@ fn a_fit_no_worker_takes_fails_in_time_and_forged_tasks_are_refused() {
             && err.to_string().contains("budget"),
         "{err}"
     );
-    assert!(w.wait_with_output().unwrap().status.success());
+    let printed = stop(w);
+    assert!(printed.contains("(stage): done in"), "{printed}");
     std::fs::write(&limits, l).unwrap();
 
     // A worker given the configuration without the work key does not
@@ -362,8 +488,10 @@ fn an_active_learning_job_on_workers_ends_as_the_job_in_the_process() {
     let want = run(&here);
     assert_eq!(got, want);
     let printed: String = workers.into_iter().map(stop).collect();
-    // Two members per round, every round and the final models.
-    let fits = printed.matches(": done in").count();
+    // Two members per round, every round and the final models; the
+    // plugin stages as well.
+    assert!(printed.contains("(stage): done in"), "{printed}");
+    let fits = printed.matches("(fit): done in").count();
     assert!(fits >= 2 * (got.0.len() - 1), "{fits} fits\n{printed}");
     for w in ["w1", "w2"] {
         assert!(

@@ -174,7 +174,52 @@ pub enum RuntimeError {
     /// An engine or host failure unrelated to the plugin's behaviour.
     #[error("internal runtime error")]
     Internal(Sealed<String>),
+    /// A stage that ran on a `cloister worker` failed there: the code and
+    /// the message (host-written, like every message here) as the worker's
+    /// runtime gave them; the full detail, plugin-chosen values included,
+    /// sealed for the administrators' log.
+    #[error("{}", .0.message)]
+    OnWorker(Box<WorkerFailure>),
 }
+
+/// A runtime error as a worker reported it ([`RuntimeError::OnWorker`]).
+#[derive(Debug)]
+pub struct WorkerFailure {
+    /// The error's code on the worker (one of [`RuntimeError::code`]'s).
+    code: &'static str,
+    /// Its message there.
+    message: String,
+    /// Its [`RuntimeError::admin_detail`] there.
+    detail: Sealed<String>,
+}
+
+/// Every code [`RuntimeError::code`] gives.
+const CODES: &[&str] = &[
+    "not-a-component",
+    "too-large",
+    "invalid-component",
+    "forbidden-imports",
+    "no-plugin-world",
+    "interface-mismatch",
+    "bad-metadata",
+    "kind-mismatch",
+    "wrong-kind",
+    "unknown-config-key",
+    "duplicate-config-key",
+    "limit-fuel",
+    "limit-memory",
+    "limit-output",
+    "limit-timeout",
+    "limit-terms",
+    "limit-dimension",
+    "trap",
+    "exited",
+    "plugin-error",
+    "invalid-output",
+    "invalid-input",
+    "discarded",
+    "internal",
+];
 
 impl RuntimeError {
     /// A short stable code for logs, APIs and tests.
@@ -204,7 +249,29 @@ impl RuntimeError {
             RuntimeError::InvalidInput(_) => "invalid-input",
             RuntimeError::Discarded => "discarded",
             RuntimeError::Internal(_) => "internal",
+            RuntimeError::OnWorker(f) => f.code,
         }
+    }
+
+    /// The error a worker reported for a stage it ran (its
+    /// [`code`](Self::code), `Display` text and
+    /// [`admin_detail`](Self::admin_detail)). A code this runtime does not
+    /// know becomes `internal`.
+    pub fn on_worker(code: &str, message: String, detail: String) -> Self {
+        RuntimeError::OnWorker(Box::new(WorkerFailure {
+            code: CODES
+                .iter()
+                .find(|c| **c == code)
+                .copied()
+                .unwrap_or("internal"),
+            message,
+            detail: Sealed::new(detail),
+        }))
+    }
+
+    /// Two parts of one featurizer's run declared different dimensions.
+    pub fn inconsistent_dimension() -> Self {
+        RuntimeError::InvalidOutput(Sealed::new(OutputViolation::InconsistentDimension))
     }
 
     /// Everything known about the error, plugin-chosen values included:
@@ -239,6 +306,7 @@ impl RuntimeError {
             RuntimeError::InvalidOutput(v) => {
                 format!("{self} [{}]: {}", self.code(), v.for_admin_log())
             }
+            RuntimeError::OnWorker(f) => f.detail.for_admin_log().clone(),
             _ => format!("{self} [{}]", self.code()),
         }
     }
@@ -388,4 +456,42 @@ pub enum OutputViolation {
         /// Number of classes.
         classes: usize,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_from_a_worker_keeps_its_code_and_seals_its_detail() {
+        let e = RuntimeError::on_worker(
+            "invalid-output",
+            "the plugin returned output that breaks the plugin interface's rules".into(),
+            "row 3: feature index 99 is out of range".into(),
+        );
+        assert_eq!(e.code(), "invalid-output");
+        assert_eq!(
+            e.to_string(),
+            "the plugin returned output that breaks the plugin interface's rules"
+        );
+        assert_eq!(e.admin_detail(), "row 3: feature index 99 is out of range");
+        let debug = format!("{e:?}");
+        assert!(
+            debug.contains("<sealed>") && !debug.contains("99"),
+            "{debug}"
+        );
+        // A code this runtime does not give is not passed on.
+        let odd = RuntimeError::on_worker("made-up", "x".into(), String::new());
+        assert_eq!(odd.code(), "internal");
+        // Every code the runtime gives is known.
+        for e in [
+            RuntimeError::Exited,
+            RuntimeError::Discarded,
+            RuntimeError::NoPluginWorld,
+            RuntimeError::LimitExceeded(Limit::Terms { max: 1 }),
+            RuntimeError::inconsistent_dimension(),
+        ] {
+            assert!(CODES.contains(&e.code()), "{}", e.code());
+        }
+    }
 }

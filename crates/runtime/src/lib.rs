@@ -31,7 +31,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 pub use cache::ArtifactCache;
-pub use error::{CallStage, Limit, OutputViolation, RuntimeError, Sealed, TrapKind};
+pub use error::{CallStage, Limit, OutputViolation, RuntimeError, Sealed, TrapKind, WorkerFailure};
 pub use runner::{Runner, TermCounts};
 
 use bindings::{Bindings, Pre};
@@ -53,7 +53,7 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Per-call resource limits. Defaults are safe for batches of a few hundred
 /// records; every limit can be raised or lowered per run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Limits {
     /// CPU budget per call in fuel units (about one per wasm instruction).
     /// Ignored when the runtime was built without fuel metering.

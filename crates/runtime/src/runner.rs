@@ -69,6 +69,33 @@ pub struct TermCounts {
     pub counts: Vec<(u64, u32)>,
 }
 
+impl TermCounts {
+    /// The counts of several parts of one fit (disjoint sets of records,
+    /// each counted by [`Runner::term_counts`], on workers), summed: what
+    /// one run over all their records counts. More than `max_distinct`
+    /// distinct keys fails as that run would.
+    pub fn merge(parts: Vec<TermCounts>, max_distinct: usize) -> Result<TermCounts, RuntimeError> {
+        let documents = parts.iter().map(|p| p.documents).sum();
+        let mut all: Vec<(u64, u32)> = parts.into_iter().flat_map(|p| p.counts).collect();
+        all.sort_unstable_by_key(|(k, _)| *k);
+        let mut counts: Vec<(u64, u32)> = Vec::with_capacity(all.len());
+        for (key, n) in all {
+            match counts.last_mut() {
+                Some((k, m)) if *k == key => *m = m.saturating_add(n),
+                _ => {
+                    if counts.len() == max_distinct {
+                        return Err(RuntimeError::LimitExceeded(super::Limit::Terms {
+                            max: max_distinct,
+                        }));
+                    }
+                    counts.push((key, n));
+                }
+            }
+        }
+        Ok(TermCounts { documents, counts })
+    }
+}
+
 /// Runs a plugin over many batches in parallel.
 pub struct Runner<'a> {
     runtime: &'a Runtime,
@@ -414,5 +441,30 @@ impl<'a> Runner<'a> {
             inst.select(classes, batch)
         })?;
         Ok(out.into_iter().flatten().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn term_counts_of_parts_merge_into_the_counts_of_the_whole() {
+        let a = TermCounts {
+            documents: 3,
+            counts: vec![(1, 2), (5, 1), (9, 3)],
+        };
+        let b = TermCounts {
+            documents: 2,
+            counts: vec![(2, 1), (5, 2)],
+        };
+        let m = TermCounts::merge(vec![a.clone(), b.clone()], 10).expect("merges");
+        assert_eq!(m.documents, 5);
+        assert_eq!(m.counts, vec![(1, 2), (2, 1), (5, 3), (9, 3)]);
+        // Four distinct keys do not fit a cap of three.
+        let err = TermCounts::merge(vec![a, b], 3).expect_err("over the cap");
+        assert_eq!(err.code(), "limit-terms");
+        let none = TermCounts::merge(Vec::new(), 3).expect("nothing");
+        assert_eq!((none.documents, none.counts.len()), (0, 0));
     }
 }

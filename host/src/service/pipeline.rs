@@ -26,8 +26,16 @@ use crate::train::{Fitted, Template, eval::Evaluation};
 use crate::types::{DataRecord, PluginKind, SparseBatch, Stage, Vocabulary};
 use crate::users::User;
 
+use crate::workers::{StageOp, StageOutput};
+
 use super::plugins::StageSetup;
 use super::{Cloister, ServiceError};
+
+/// A stage's output of another kind than its operation gives (a bug, not
+/// a plugin's doing: the output's kind is the host's choice).
+fn wrong_output() -> ServiceError {
+    ServiceError::BadRequest("internal error: a plugin stage gave output of another kind".into())
+}
 
 /// A plugin's configuration: `(key, value)` pairs.
 pub(crate) type Config = Vec<(String, String)>;
@@ -266,22 +274,22 @@ impl Cloister {
         stage: &mut dyn FnMut(Stage),
     ) -> Result<Vec<DataRecord>, ServiceError> {
         for (_, plugin, config) in &chain.preprocess {
-            let n = records.len();
-            records = self
-                .plugin_stage_with(
-                    who,
-                    purpose,
-                    plugin,
-                    config,
-                    StageSetup {
-                        quiet: chain.serving,
-                        ..StageSetup::default()
-                    },
-                    n,
-                    |r| r.preprocess(&records),
-                    Vec::len,
-                )?
-                .0;
+            let (out, _) = self.chain_stage(
+                who,
+                purpose,
+                plugin,
+                config,
+                StageSetup {
+                    quiet: chain.serving,
+                    ..StageSetup::default()
+                },
+                StageOp::Preprocess,
+                &records,
+            )?;
+            let StageOutput::Records(kept) = out else {
+                return Err(wrong_output());
+            };
+            records = kept;
             stage(Stage::records("preprocessed", records.len()));
         }
         Ok(records)
@@ -308,7 +316,7 @@ impl Cloister {
                 ));
             }
         };
-        let (x, dim) = self.plugin_stage_with(
+        let (out, dim) = self.chain_stage(
             who,
             purpose,
             featurizer,
@@ -318,10 +326,12 @@ impl Cloister {
                 vocabulary,
                 quiet: chain.serving,
             },
-            records.len(),
-            |r| r.featurize(records),
-            SparseBatch::rows,
+            StageOp::Featurize,
+            records,
         )?;
+        let StageOutput::Features(x) = out else {
+            return Err(wrong_output());
+        };
         stage(Stage::records("featurized", x.rows()));
         Ok((x, dim as usize))
     }
@@ -340,7 +350,7 @@ impl Cloister {
         stage: &mut dyn FnMut(Stage),
     ) -> Result<(), ServiceError> {
         let (_, featurizer, config) = &chain.features;
-        let (terms, _) = self.plugin_stage_with(
+        let (out, _) = self.chain_stage(
             who,
             purpose,
             featurizer,
@@ -349,10 +359,14 @@ impl Cloister {
                 fit: true,
                 ..StageSetup::default()
             },
-            train.len(),
-            |r| r.term_counts(train, crate::fitted::MAX_DISTINCT),
-            |t| t.documents,
+            StageOp::Terms {
+                max_distinct: crate::fitted::MAX_DISTINCT,
+            },
+            train,
         )?;
+        let StageOutput::Terms(terms) = out else {
+            return Err(wrong_output());
+        };
         let limits = self.env.limits();
         let cap =
             (limits.plugin_call_limits().max_dimension as usize).min(crate::fitted::MAX_TERMS);

@@ -8,8 +8,9 @@ use crate::plugin_log::{self, PluginLogEntry};
 use crate::policy::{Action, Resource};
 use crate::registry::{self, PluginEntry};
 use crate::runtime::{ArtifactCache, LoadedPlugin, Runner, Runtime, RuntimeConfig, RuntimeError};
-use crate::types::PluginKind;
+use crate::types::{DataRecord, PluginKind};
 use crate::users::User;
+use crate::workers::{Stage, StageOp, StageOutput, StageRun, stage_here};
 
 use super::{Cloister, ServiceError, params_digest};
 
@@ -243,7 +244,7 @@ impl Cloister {
         let rt = self.runtime()?;
         let (result, usage, log, dimension) = match plugin.runner(rt, config, limits) {
             Ok(runner) => {
-                let runner = match setup.vocabulary {
+                let runner = match setup.vocabulary.clone() {
                     Some(v) => runner.vocabulary(v),
                     None => runner,
                 };
@@ -257,6 +258,101 @@ impl Cloister {
             }
             Err(e) => (Err(e), Default::default(), (Vec::new(), 0), 0),
         };
+        self.record_stage(
+            who,
+            purpose,
+            plugin,
+            &setup,
+            records_in,
+            StageRun {
+                result,
+                usage,
+                log,
+                dimension,
+            },
+            count,
+        )
+    }
+
+    /// A stage of a chain over `records` (preprocessing, a fitted
+    /// featurizer's fit, featurizing): on the environment's workers when
+    /// `[workers]` is enabled — cut into shards that run at once, with the
+    /// result one run here would give — and in this process otherwise,
+    /// or for a deployment's request. Recorded the same way either way
+    /// ([`Cloister::plugin_stage_with`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn chain_stage(
+        &self,
+        who: &User,
+        purpose: &str,
+        plugin: &LoadedPlugin,
+        config: &[(String, String)],
+        setup: StageSetup,
+        op: StageOp,
+        records: &[DataRecord],
+    ) -> Result<(StageOutput, u32), ServiceError> {
+        let limits = self.env.limits().plugin_call_limits();
+        let stage = Stage {
+            plugin,
+            config,
+            limits: &limits,
+            op,
+            vocabulary: setup.vocabulary.as_ref(),
+        };
+        let run = match (self.env.workers(), self.env.objects()) {
+            (Some(workers), Some(objects)) if !setup.quiet => {
+                // The component travels by digest: an object already when
+                // it was registered with the object store.
+                let digest = plugin.digest.to_hex();
+                if !objects.contains(&digest)? {
+                    let store = self.env.store();
+                    let entry = registry::get(store.as_ref(), &digest)?;
+                    objects.put_bytes(
+                        registry::bytes(store.as_ref(), Some(objects), &entry)?,
+                        true,
+                    )?;
+                }
+                let vocabulary = setup
+                    .vocabulary
+                    .as_ref()
+                    .map(|v| objects.put_bytes(crate::fitted::encode(v), false))
+                    .transpose()?;
+                workers.run_stage(objects, stage, vocabulary.as_deref(), records)?
+            }
+            _ => stage_here(self.runtime()?, stage, records),
+        };
+        self.record_stage(
+            who,
+            purpose,
+            plugin,
+            &setup,
+            records.len(),
+            run,
+            StageOutput::count,
+        )
+    }
+
+    /// Records a stage's outcome: one `plugin_call` audit entry (the
+    /// code, the counts, coarse resource figures) and, when the stage
+    /// failed or the plugin wrote anything, an entry of the
+    /// administrators' plugin log with the full detail.
+    #[allow(clippy::too_many_arguments)]
+    fn record_stage<T>(
+        &self,
+        who: &User,
+        purpose: &str,
+        plugin: &LoadedPlugin,
+        setup: &StageSetup,
+        records_in: usize,
+        run: StageRun<T>,
+        count: impl Fn(&T) -> usize,
+    ) -> Result<(T, u32), ServiceError> {
+        let StageRun {
+            result,
+            usage,
+            log,
+            dimension,
+        } = run;
         let stage = match plugin.kind {
             _ if setup.fit => "fit",
             PluginKind::Preprocessor => "preprocess",
