@@ -3,13 +3,16 @@
 21), through the `cloister` binary: for each configuration a new
 environment, the dataset imported, the bundled plugins approved, then
 
-- `train` with the mlp template (one fit), timed;
+- `train` with the mlp template (one fit), timed twice: first from cold
+  (the plugin stages run — on the workers when there are workers — and
+  fill the feature cache), then again (the features from the cache);
 - an active-learning job (`run --oracle gold`; two committee members per
   round, logreg and mlp), timed; its rounds and test accuracy printed so
   that the configurations can be seen to agree.
 
 Configurations: sled in the process; PostgreSQL in the process;
-PostgreSQL with the fits on 1 and on 2 workers (processes on this machine).
+PostgreSQL with the plugin stages and fits on 1 and on 2 workers
+(processes on this machine).
 
 Usage: bench/workers_bench.py CLOISTER_BIN DATA.jsonl.gz SOCKET_DIR REPS
 (SOCKET_DIR: a PostgreSQL server's Unix socket directory, user cloister,
@@ -89,7 +92,9 @@ def one(bin_, data, sock, kind, workers):
             train = ["train", "--dataset", "data", "--preprocess", d["text-normalize"],
                      "--features", d["hashed-ngrams"], "--template", "mlp",
                      "--set", "epochs=12", "--set", "hidden=64"]
+            t = time.monotonic()
             sh(bin_, env, *train, token=sci)
+            cold_s = time.monotonic() - t
             t = time.monotonic()
             out = sh(bin_, env, *train, token=sci)
             train_s = time.monotonic() - t
@@ -106,10 +111,15 @@ def one(bin_, data, sock, kind, workers):
             for p in procs:
                 p.kill()
             logs = [p.communicate()[0] for p in procs]
-        fits = [len(re.findall(r": done in", log)) for log in logs]
-        fit_s = sum(float(x) for log in logs for x in re.findall(r": done in ([0-9.]+) s", log))
+        fits = [len(re.findall(r"\(fit\): done in", log)) for log in logs]
+        stages = [len(re.findall(r"\(stage\): done in", log)) for log in logs]
+        fit_s = sum(float(x) for log in logs for x in re.findall(r"\(fit\): done in ([0-9.]+) s", log))
+        stage_s = sum(float(x) for log in logs for x in re.findall(r"\(stage\): done in ([0-9.]+) s", log))
         rounds = [(r["train_manual"], r["auto_accepted"], r["queued"]) for r in shown["rounds"]]
         return {
+            "cold_s": cold_s,
+            "stages": stages,
+            "stage_s": stage_s,
             "train_s": train_s,
             "train_acc": acc.group(1) if acc else "?",
             "job_s": job_s,
@@ -128,22 +138,27 @@ def main():
         for c in configs:
             r = one(bin_, data, sock, *c)
             results[c].append(r)
-            print(f"- rep {rep + 1} {c[0]}, {c[1]} workers: train {r['train_s']:.2f} s "
+            print(f"- rep {rep + 1} {c[0]}, {c[1]} workers: cold train {r['cold_s']:.2f} s "
+                  f"(stage tasks per worker {r['stages']}, {r['stage_s']:.2f} s on workers), "
+                  f"train {r['train_s']:.2f} s "
                   f"(accuracy {r['train_acc']}), job {r['job_s']:.2f} s "
                   f"(test accuracy {r['job_acc']:.4f}, rounds {r['rounds']}, fits per worker {r['fits']}, "
                   f"fitting {r['fit_s']:.2f} s on workers)",
                   flush=True)
     print()
-    print("| configuration | train mlp, s (median) | AL job, s (median) | job vs in-process PostgreSQL | fits on workers | fitting on workers, s (median) |")
-    print("|---|---|---|---|---|---|")
+    print("| configuration | cold train mlp, s (median) | stage tasks | stages on workers, s (median) | train mlp, s (median) | AL job, s (median) | job vs in-process PostgreSQL | fits on workers | fitting on workers, s (median) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = statistics.median(r["job_s"] for r in results[("postgres", 0)])
     for c in configs:
+        cold = statistics.median(r["cold_s"] for r in results[c])
+        st = statistics.median(sum(r["stages"]) for r in results[c])
+        sts = statistics.median(r["stage_s"] for r in results[c])
         tr = statistics.median(r["train_s"] for r in results[c])
         jb = statistics.median(r["job_s"] for r in results[c])
         fs = statistics.median(r["fit_s"] for r in results[c])
         n = statistics.median(sum(r["fits"]) for r in results[c])
         name = f"{c[0]}, in the process" if c[1] == 0 else f"{c[0]}, {c[1]} worker{'s' if c[1] > 1 else ''}"
-        print(f"| {name} | {tr:.2f} | {jb:.2f} | {jb / base:.2f}× | {n:.0f} | {fs:.2f} |")
+        print(f"| {name} | {cold:.2f} | {st:.0f} | {sts:.2f} | {tr:.2f} | {jb:.2f} | {jb / base:.2f}× | {n:.0f} | {fs:.2f} |")
     same = {(json.dumps(r["rounds"]), round(r["job_acc"], 6)) for rs in results.values() for r in rs}
     print()
     print(f"job outcomes (rounds, test accuracy) identical across all runs: {len(same) == 1}")

@@ -68,4 +68,4 @@ pub mod workers;
 pub use cloister_runtime as runtime;
 pub use cloister_store as store;
 pub use cloister_train as train;
-pub use cloister_types::{Digest, digest, text, time, types};
+pub use cloister_types::{Digest, codec, digest, text, time, types};

@@ -536,7 +536,7 @@ fn run_op(
 }
 
 /// Records as a stage task carries them: the count (u64 LE), then each
-/// record's id and body (the stored form, [`crate::datasets::codec`]),
+/// record's id and body (the stored form, [`crate::codec`]),
 /// each with its length (u32 LE). Labels are not part of it: plugins
 /// never see them, and workers are not sent them.
 fn encode_records(records: &[DataRecord], out: &mut Vec<u8>) {
@@ -546,7 +546,7 @@ fn encode_records(records: &[DataRecord], out: &mut Vec<u8>) {
         out.extend_from_slice(&(r.id.len() as u32).to_le_bytes());
         out.extend_from_slice(r.id.as_bytes());
         body.clear();
-        crate::datasets::codec::encode(r, &mut body);
+        crate::codec::encode(r, &mut body);
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(&body);
     }
@@ -560,7 +560,7 @@ fn decode_records(r: &mut Reader<'_>) -> Result<Vec<DataRecord>, WorkError> {
         let id = String::from_utf8(r.take(len)?.to_vec())
             .map_err(|_| WorkError::Format(format!("a record id in the {} object", r.what)))?;
         let len = r.u32()? as usize;
-        let record = crate::datasets::codec::decode(id, r.take(len)?).ok_or_else(|| {
+        let record = crate::codec::decode(id, r.take(len)?).ok_or_else(|| {
             WorkError::Format(format!("a record in the {} object is damaged", r.what))
         })?;
         records.push(record);

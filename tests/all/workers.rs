@@ -294,6 +294,43 @@ fn a_plugin_that_breaks_its_rules_on_a_worker_fails_as_it_does_in_the_process() 
 }
 
 #[test]
+fn a_worker_killed_mid_stage_leaves_its_shard_to_another_and_the_model_is_the_same() {
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let remote = on_workers(&pg, dir.path(), 8);
+    let here = setup(dir.path(), "here", &InitOptions::default(), 8);
+    let want = try_train(&here, &request(&here.features, "logreg", 4)).unwrap();
+    let mut first = worker(&remote.path, "first", 3, &[]);
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    let got = std::thread::scope(|s| {
+        let training = s.spawn(|| try_train(&remote, &request(&remote.features, "logreg", 4)));
+        // The first worker claims a shard of the featurizing stage (its
+        // first task: it compiles the plugin before it runs it) and dies.
+        let claimed = lines
+            .by_ref()
+            .map(|l| l.unwrap())
+            .find(|l| l.contains("(stage): claimed"));
+        assert!(claimed.is_some(), "the first worker never claimed a stage");
+        first.kill().unwrap();
+        first.wait().unwrap();
+        // A second worker takes the other shards at once, and the dead
+        // worker's shard once its lease has run out; then the fit.
+        let second = worker(&remote.path, "second", 3, &[]);
+        let got = training.join().unwrap();
+        let printed = stop(second);
+        assert!(
+            printed.contains("(stage): claimed (attempt 2)"),
+            "{printed}"
+        );
+        assert!(printed.contains("(fit): done in"), "{printed}");
+        got
+    });
+    assert_eq!(got.unwrap(), want, "the same model as in the process");
+    // One audit entry for the stage, as in the process: not one per attempt.
+    assert_eq!(remote.plugin_calls(), here.plugin_calls());
+}
+
+#[test]
 fn a_worker_killed_mid_fit_leaves_its_task_to_another_and_the_model_is_the_same() {
     let Some(pg) = PgServer::start() else { return };
     let dir = tempfile::tempdir().unwrap();

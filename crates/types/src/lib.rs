@@ -5,10 +5,13 @@
 //! - [`types`]: the data exchanged with plugins, mirroring
 //!   `plugin-sdk/wit/plugin.wit` (with the wasmtime derives behind the
 //!   `component` feature, which only the runtime turns on);
+//! - [`codec`]: the compact binary form of a record (stored in dataset
+//!   segments, and sent to workers);
 //! - [`digest`]: SHA-256 identities;
 //! - [`time`]: timestamps (RFC 3339);
 //! - [`text`]: neutralizing deceptive characters in text shown to people.
 
+pub mod codec;
 pub mod digest;
 pub mod text;
 pub mod time;

@@ -11,7 +11,6 @@
 //!
 //! Labels are stored apart from records, each with its [`Provenance`].
 
-pub mod codec;
 pub mod layout;
 
 use std::collections::BTreeMap;
@@ -509,7 +508,7 @@ fn stream_in(
             what,
         })?;
         encoded.clear();
-        codec::encode(&record, &mut encoded);
+        crate::codec::encode(&record, &mut encoded);
         hash_record(&mut hasher, &record, &encoded);
         put_str(&mut chunk, &record.id);
         chunk.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
@@ -914,7 +913,7 @@ fn decode_chunk(
     for _ in 0..n {
         let id = r.str().ok_or_else(bad)?.to_string();
         let payload = r.bytes().ok_or_else(bad)?;
-        let record = codec::decode(id, payload).ok_or_else(bad)?;
+        let record = crate::codec::decode(id, payload).ok_or_else(bad)?;
         if g.str() != Some(record.id.as_str()) {
             return Err(bad());
         }

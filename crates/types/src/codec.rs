@@ -1,5 +1,7 @@
 //! The stored form of a record: compact, length-prefixed binary. The label
-//! is not part of it (labels live apart, with provenance).
+//! is not part of it (labels live apart, with provenance). Dataset
+//! segments store records in it, and plugin-stage tasks carry them to
+//! workers in it.
 
 use crate::types::{DataRecord, Numeric, NumericField, TextField};
 
