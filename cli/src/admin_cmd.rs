@@ -99,8 +99,8 @@ pub fn init(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `cloister worker`: runs fit tasks until stopped (or `max_tasks`), one
-/// line per task.
+/// `cloister worker`: runs stage and fit tasks until stopped (or
+/// `max_tasks`), one line per task.
 pub fn worker(
     env: &EnvArgs,
     name: Option<String>,

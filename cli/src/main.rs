@@ -66,12 +66,14 @@ enum Command {
         /// object store, by content digest: file:///ABSOLUTE/PATH.
         #[arg(long, value_name = "URL")]
         objects: Option<String>,
-        /// Fit models on `cloister worker` processes (needs a postgres
-        /// store and --objects; `[workers]` in cloister.toml).
+        /// Run plugin stages and model fits on `cloister worker`
+        /// processes (needs a postgres store and --objects; `[workers]` in
+        /// cloister.toml).
         #[arg(long)]
         workers: bool,
     },
-    /// Claim and run the environment's model fits from its work queue
+    /// Claim and run the environment's plugin stages and model fits from
+    /// its work queue
     /// (`[workers]` in cloister.toml, docs/SCALING.md); any number of
     /// workers, on any machines that reach the database and the object
     /// store. SIGTERM or Ctrl-C stops it once the task in hand is done.
@@ -81,7 +83,7 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
         /// Seconds of each claim's lease; the worker renews it every third
-        /// of that while it fits, and a task whose lease runs out goes to
+        /// of that while it works, and a task whose lease runs out goes to
         /// another worker.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
         lease_seconds: u64,
