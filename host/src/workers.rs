@@ -497,7 +497,29 @@ pub(crate) struct Stage<'a> {
 /// Runs `stage` over `records` with this process's runtime: what an
 /// operation does without workers, and what a worker does with a shard.
 pub(crate) fn stage_here(rt: &Runtime, stage: Stage<'_>, records: &[DataRecord]) -> StageRun {
-    let runner = match stage.plugin.runner(rt, stage.config, stage.limits.clone()) {
+    run_here(
+        rt,
+        stage.plugin,
+        stage.config,
+        stage.limits,
+        stage.vocabulary,
+        |runner| run_op(runner, stage.op, records),
+    )
+}
+
+/// Runs `run` on a runner of `plugin` (configured, with the limits and,
+/// for a fitted featurizer's featurizing, the vocabulary) and collects
+/// what its instances used and wrote: every plugin call of the host goes
+/// through here.
+pub(crate) fn run_here<T>(
+    rt: &Runtime,
+    plugin: &LoadedPlugin,
+    config: &[(String, String)],
+    limits: &crate::runtime::Limits,
+    vocabulary: Option<&Arc<Vocabulary>>,
+    run: impl FnOnce(&Runner<'_>) -> Result<T, RuntimeError>,
+) -> StageRun<T> {
+    let runner = match plugin.runner(rt, config, limits.clone()) {
         Ok(r) => r,
         Err(e) => {
             return StageRun {
@@ -508,11 +530,11 @@ pub(crate) fn stage_here(rt: &Runtime, stage: Stage<'_>, records: &[DataRecord])
             };
         }
     };
-    let runner = match stage.vocabulary {
+    let runner = match vocabulary {
         Some(v) => runner.vocabulary(Arc::clone(v)),
         None => runner,
     };
-    let result = run_op(&runner, stage.op, records);
+    let result = run(&runner);
     StageRun {
         result,
         usage: runner.usage(),
@@ -1225,17 +1247,13 @@ impl WorkerContext {
         log: &mut dyn FnMut(WorkerEvent),
     ) -> Result<(), WorkError> {
         let id = task.id;
-        let fail = |ctx: &Self, error: String, log: &mut dyn FnMut(WorkerEvent)| {
-            ctx.queue.fail(id, &options.name, &error)?;
-            log(WorkerEvent::Failed { id, error });
-            Ok(())
-        };
         if ![FIT, STAGE].contains(&task.kind.as_str())
             || ring::hmac::verify(&self.key, &task_message(&task.kind, &task.input), &task.tag)
                 .is_err()
         {
-            return fail(
-                self,
+            return self.fail(
+                id,
+                options,
                 WorkError::Tag {
                     task: id,
                     what: "task",
@@ -1257,7 +1275,7 @@ impl WorkerContext {
         })();
         let (spec, x) = match prepared {
             Ok(p) => p,
-            Err(e) => return fail(self, e.to_string(), log),
+            Err(e) => return self.fail(id, options, e.to_string(), log),
         };
         let epoch: std::sync::Mutex<Option<train::EpochStats>> = std::sync::Mutex::new(None);
         let fitted = with_lease(&self.queue, &self.key, task, options, Some(&epoch), || {
@@ -1281,11 +1299,25 @@ impl WorkerContext {
         });
         let fitted = match fitted {
             Ok(f) => f,
-            Err(e) => return fail(self, e.to_string(), log),
+            Err(e) => return self.fail(id, options, e.to_string(), log),
         };
         let seconds = fitted.seconds;
         let bytes = encode_result(&fitted, &options.name, &task.input)?;
         self.hand_back(task, options, bytes, seconds, log)
+    }
+
+    /// Fails task `id` with `error` (a failure another attempt would
+    /// repeat), and says so.
+    fn fail(
+        &self,
+        id: i64,
+        options: &WorkerOptions,
+        error: String,
+        log: &mut dyn FnMut(WorkerEvent),
+    ) -> Result<(), WorkError> {
+        self.queue.fail(id, &options.name, &error)?;
+        log(WorkerEvent::Failed { id, error });
+        Ok(())
     }
 
     /// Stores a task's result and records it as the task's, if the task
@@ -1326,12 +1358,7 @@ impl WorkerContext {
         if let Some(p) = self.plugins.get(digest) {
             return Ok(p.clone());
         }
-        if self.runtime.is_none() {
-            self.runtime = Some(Runtime::new(RuntimeConfig::default()).map_err(|e| {
-                WorkError::Format(format!("the plugin runtime: {}", e.admin_detail()))
-            })?);
-        }
-        let rt = self.runtime.as_ref().ok_or(WorkError::Random)?;
+        let rt = runtime(&mut self.runtime)?;
         // Verified against its digest as it is read; the runtime digests
         // it again and must agree.
         let bytes = self.objects.get_bytes(digest, COMPONENT_LIMIT)?;
@@ -1390,16 +1417,9 @@ impl WorkerContext {
         })();
         let (head, records, plugin, vocabulary) = match prepared {
             Ok(p) => p,
-            Err(e) => {
-                self.queue.fail(id, &options.name, &e.to_string())?;
-                log(WorkerEvent::Failed {
-                    id,
-                    error: e.to_string(),
-                });
-                return Ok(());
-            }
+            Err(e) => return self.fail(id, options, e.to_string(), log),
         };
-        let rt = self.runtime.as_ref().ok_or(WorkError::Random)?;
+        let rt = runtime(&mut self.runtime)?;
         let started = Instant::now();
         let run = with_lease(&self.queue, &self.key, task, options, None, || {
             stage_here(
@@ -1417,6 +1437,16 @@ impl WorkerContext {
         let bytes = encode_stage_result(&run, &options.name, &task.input)?;
         self.hand_back(task, options, bytes, started.elapsed().as_secs_f64(), log)
     }
+}
+
+/// The worker's plugin runtime, made at its first use.
+fn runtime(slot: &mut Option<Runtime>) -> Result<&Runtime, WorkError> {
+    let rt = match slot.take() {
+        Some(rt) => rt,
+        None => Runtime::new(RuntimeConfig::default())
+            .map_err(|e| WorkError::Format(format!("the plugin runtime: {}", e.admin_detail())))?,
+    };
+    Ok(slot.insert(rt))
 }
 
 /// Plugins a worker keeps compiled.

@@ -48,19 +48,11 @@ fn approve(e: &Env, bytes: &[u8]) -> String {
 
 /// (stage, code) of every plugin call audited after the first `skip`.
 fn stages(e: &Env, skip: usize) -> Vec<(String, String)> {
-    e.c.audit_log(
-        &e.admin,
-        &cloister_host::audit::AuditFilter {
-            action: Some("plugin_call".into()),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .into_iter()
-    .filter_map(|e| e.record.outcome)
-    .skip(skip)
-    .map(|o| (o.stage, o.code))
-    .collect()
+    crate::support::plugin_calls(&e.c, &e.admin)
+        .into_iter()
+        .skip(skip)
+        .map(|o| (o.stage, o.code))
+        .collect()
 }
 
 /// SpamAssassin imported as `spam`, and `text-normalize` and `tfidf`

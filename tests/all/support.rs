@@ -117,6 +117,25 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, RuntimeError>) -> &'static str {
 }
 
 /// The bundled SpamAssassin records (labels included).
+/// The outcome of every plugin stage audited in `c`, oldest first, read
+/// as `admin`.
+pub fn plugin_calls(
+    c: &cloister_host::service::Cloister,
+    admin: &cloister_host::users::User,
+) -> Vec<cloister_host::audit::PluginOutcome> {
+    c.audit_log(
+        admin,
+        &cloister_host::audit::AuditFilter {
+            action: Some("plugin_call".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .into_iter()
+    .filter_map(|e| e.record.outcome)
+    .collect()
+}
+
 pub fn spamassassin() -> Vec<DataRecord> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../data/spamassassin/spamassassin.jsonl.gz");

@@ -242,19 +242,7 @@ fn training_validates_its_request_and_the_mlp_template_trains_too() {
 fn a_second_train_on_the_same_inputs_takes_its_features_from_the_cache() {
     let t = trained().lock().unwrap_or_else(|p| p.into_inner());
     let first = t.c.show_model(&t.sci, &t.model).unwrap();
-    let calls = |t: &Trained| {
-        t.c.audit_log(
-            &t.admin,
-            &cloister_host::audit::AuditFilter {
-                action: Some("plugin_call".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| e.record.outcome)
-        .collect::<Vec<_>>()
-    };
+    let calls = |t: &Trained| crate::support::plugin_calls(&t.c, &t.admin);
     let before = calls(&t).len();
     let req = TrainRequest {
         dataset: "spam".into(),

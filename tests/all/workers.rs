@@ -74,17 +74,8 @@ impl Env {
 
     /// (stage, code, records in, records out) of every plugin call audited.
     fn plugin_calls(&self) -> Vec<(String, String, u64, u64)> {
-        self.cloister
-            .audit_log(
-                &self.admin,
-                &cloister_host::audit::AuditFilter {
-                    action: Some("plugin_call".into()),
-                    ..Default::default()
-                },
-            )
-            .unwrap()
+        crate::support::plugin_calls(&self.cloister, &self.admin)
             .into_iter()
-            .filter_map(|e| e.record.outcome)
             .map(|o| (o.stage, o.code, o.records_in, o.records_out))
             .collect()
     }

@@ -10,7 +10,7 @@ use crate::registry::{self, PluginEntry};
 use crate::runtime::{ArtifactCache, LoadedPlugin, Runner, Runtime, RuntimeConfig, RuntimeError};
 use crate::types::{DataRecord, PluginKind};
 use crate::users::User;
-use crate::workers::{Stage, StageOp, StageOutput, StageRun, stage_here};
+use crate::workers::{Stage, StageOp, StageOutput, StageRun, run_here, stage_here};
 
 use super::{Cloister, ServiceError, params_digest};
 
@@ -241,37 +241,15 @@ impl Cloister {
         count: impl Fn(&T) -> usize,
     ) -> Result<(T, u32), ServiceError> {
         let limits = self.env.limits().plugin_call_limits();
-        let rt = self.runtime()?;
-        let (result, usage, log, dimension) = match plugin.runner(rt, config, limits) {
-            Ok(runner) => {
-                let runner = match setup.vocabulary.clone() {
-                    Some(v) => runner.vocabulary(v),
-                    None => runner,
-                };
-                let result = run(&runner);
-                (
-                    result,
-                    runner.usage(),
-                    runner.take_log(),
-                    runner.dimension(),
-                )
-            }
-            Err(e) => (Err(e), Default::default(), (Vec::new(), 0), 0),
-        };
-        self.record_stage(
-            who,
-            purpose,
+        let run = run_here(
+            self.runtime()?,
             plugin,
-            &setup,
-            records_in,
-            StageRun {
-                result,
-                usage,
-                log,
-                dimension,
-            },
-            count,
-        )
+            config,
+            &limits,
+            setup.vocabulary.as_ref(),
+            run,
+        );
+        self.record_stage(who, purpose, plugin, &setup, records_in, run, count)
     }
 
     /// A stage of a chain over `records` (preprocessing, a fitted
