@@ -306,6 +306,12 @@ mod tests {
         let e = EnvConfig::parse(&text.replace("max_attempts = 3", "max_attempts = 0"))
             .expect_err("refused");
         assert!(e.contains("workers.max_attempts"), "{e}");
+        let e = EnvConfig::parse(&text.replace("stage_records = 2048", "stage_records = 0"))
+            .expect_err("refused");
+        assert!(e.contains("workers.stage_records"), "{e}");
+        // A file written before stage_records existed takes its default.
+        let older = EnvConfig::parse(&text.replace("stage_records = 2048\n", "")).expect("parses");
+        assert_eq!(older.workers.map(|w| w.stage_records), Some(2048));
         assert_eq!(c.store.to_string(), "postgres://a@h:5/d");
         let text = EnvConfig::render("env-1", "sled", Some("ca.pem"), None, None);
         assert_eq!(
