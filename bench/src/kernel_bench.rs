@@ -25,6 +25,13 @@ use cloister_host::types::SparseBatch;
 
 const DIM: usize = 1 << 18;
 
+/// The allocator of the `cloister` binary, so the kernels run on the memory
+/// they get there: mimalloc backs large blocks such as the sparse tables
+/// with transparent huge pages, which the C library's allocator does not ask
+/// for on kernels set to `madvise` (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, clap::Parser)]
 #[command(name = "kernel-bench")]
 struct Args {
