@@ -12,7 +12,10 @@
 //! value of 1/sqrt(K) each, labelled by a random sparse linear teacher so
 //! that training has something to learn. Each template trains `E` epochs
 //! (no early stopping) on 80% and validates on 20%; the figure is the
-//! median of the epochs' samples/s.
+//! median of the epochs' samples/s. Beside it: the share of the dense
+//! limit its multiply-adds reach, and the share of the copy bandwidth its
+//! sparse update's memory traffic reaches (distinct input rows a batch
+//! touches × each row's weights and optimizer state, read and written).
 
 #![allow(clippy::print_stdout)]
 
@@ -129,6 +132,41 @@ fn copy_gbps() -> f64 {
     2.0 * (n * 4) as f64 / best / 1e9
 }
 
+/// Distinct input rows that a mini-batch of `batch` training records
+/// touches, per record: each such row's weights and optimizer state are
+/// read and written once per step, so this sets the sparse layer's memory
+/// traffic. Batches are cut from a shuffled order, as training cuts them;
+/// the figure hardly depends on the order.
+fn rows_per_record(x: &SparseBatch, train: &[usize], batch: usize) -> f64 {
+    let mut order = train.to_vec();
+    Rng::new(11).shuffle(&mut order);
+    let mut seen_in = vec![usize::MAX; DIM];
+    let mut distinct = 0usize;
+    for (b, rows) in order.chunks(batch.max(1)).enumerate() {
+        for &r in rows {
+            for &i in x.row(r).0 {
+                if let Some(seen) = seen_in.get_mut(i as usize)
+                    && *seen != b
+                {
+                    *seen = b;
+                    distinct += 1;
+                }
+            }
+        }
+    }
+    distinct as f64 / order.len().max(1) as f64
+}
+
+/// Bytes moved between memory and cache for one touched row of a sparse
+/// layer `width` outputs wide: its weights (`width` floats) and its partial
+/// row-wise Adam state (`width + 1` floats), each read and written once, in
+/// whole 64-byte lines (a span of `n` bytes at a 4-byte-aligned place
+/// covers `(n + 60) / 64` lines on average).
+fn bytes_per_row(width: usize) -> f64 {
+    let lines = |floats: usize| (floats * 4 + 60) as f64 / 64.0;
+    2.0 * 64.0 * (lines(width) + lines(width + 1))
+}
+
 fn main() -> Result<()> {
     let args = <Args as clap::Parser>::parse();
     let gflops = train::model::dense_matmul_gflops(1024)?;
@@ -142,9 +180,9 @@ fn main() -> Result<()> {
         args.records, args.nnz, args.epochs
     );
     println!(
-        "\n| template | classes | samples/s (median epoch) | multiply-adds per sample | GFLOP/s | share of dense matmul | val. accuracy |"
+        "\n| template | classes | samples/s (median epoch) | multiply-adds per sample | GFLOP/s | share of dense matmul | input rows updated per sample | memory traffic per sample | GB/s | share of memory copy | val. accuracy |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for classes in args.classes.split(',') {
         let classes: usize = classes.trim().parse().context("--classes")?;
         let (x, y) = synthetic(args.records, args.nnz, classes);
@@ -182,9 +220,18 @@ fn main() -> Result<()> {
             // layers of the MLP come on top).
             let madds = 3 * args.nnz * width;
             let gf = rate * 2.0 * madds as f64 / 1e9;
+            // The sparse layer's update: the traffic to memory that the
+            // kernel cannot avoid (the batch's rows can stay in the cache
+            // between the forward pass and the update, so reading them
+            // there is not counted; the MLP's dense layers fit in cache).
+            let rows = rows_per_record(&x, &train, t.hyper.batch_size);
+            let traffic = rows * bytes_per_row(width);
+            let mem = rate * traffic / 1e9;
             println!(
-                "| {name} | {classes} | {rate:.0} | {madds} | {gf:.2} | {:.1}% | {:.3} |",
+                "| {name} | {classes} | {rate:.0} | {madds} | {gf:.2} | {:.1}% | {rows:.0} | {:.0} KB | {mem:.1} | {:.0}% | {:.3} |",
                 100.0 * gf / gflops,
+                traffic / 1e3,
+                100.0 * mem / gbps,
                 fitted.curve.last().map_or(f64::NAN, |c| c.val_accuracy)
             );
         }
