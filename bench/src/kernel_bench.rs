@@ -5,7 +5,7 @@
 //! bandwidth).
 //!
 //! `kernel-bench [--records N] [--nnz K] [--classes 2,5,8,20] [--epochs E]
-//! [--precisions bf16,f32] [--set KEY=VALUE …]`
+//! [--set KEY=VALUE …]`
 //!
 //! The data: `N` records of `K` distinct features each out of 2^18, drawn
 //! from a Zipf-like law (a few features common, most rare, as in text), a
@@ -16,9 +16,6 @@
 //! limit its multiply-adds reach, and the share of the copy bandwidth its
 //! sparse update's memory traffic reaches (distinct input rows a batch
 //! touches × each row's weights and optimizer state, read and written).
-//! Each template runs once per storage precision of the sparse layer
-//! (`sparse_precision`), one after the other, and the rows after the first
-//! give their rate as a ratio to the first's, measured in the same run.
 
 #![allow(clippy::print_stdout)]
 
@@ -56,10 +53,6 @@ struct Args {
     /// Templates to measure, comma-separated.
     #[arg(long, default_value = "logreg,mlp")]
     templates: String,
-    /// Storage precisions of the sparse layer to measure, comma-separated
-    /// (the first is the baseline of the ratio column).
-    #[arg(long, default_value = "f32,bf16")]
-    precisions: String,
     /// Override a hyper-parameter of every template, KEY=VALUE.
     #[arg(long = "set", value_parser = parse_set)]
     sets: Vec<(String, String)>,
@@ -165,22 +158,13 @@ fn rows_per_record(x: &SparseBatch, train: &[usize], batch: usize) -> f64 {
 }
 
 /// Bytes moved between memory and cache for one touched row of a sparse
-/// layer `width` outputs wide whose weights and first moments take `elem`
-/// bytes each: its weights (`width` numbers) and its partial row-wise Adam
-/// state (`width` first moments and one f32 second moment), each read and
-/// written once, in whole 64-byte lines. A table's rows start at multiples
-/// of their stride from a line-aligned base, so a row of `n` bytes with
-/// stride `n` starts at a multiple of `g = gcd(n, 64)` within its line and
-/// spans `(n + 64 - g) / 64` lines on average.
-fn bytes_per_row(width: usize, elem: usize) -> f64 {
-    let gcd = |mut a: usize, mut b: usize| {
-        while b != 0 {
-            (a, b) = (b, a % b);
-        }
-        a
-    };
-    let lines = |n: usize| (n + 64 - gcd(n, 64)) as f64 / 64.0;
-    2.0 * 64.0 * (lines(width * elem) + lines(width * elem + 4))
+/// layer `width` outputs wide: its weights (`width` floats) and its partial
+/// row-wise Adam state (`width + 1` floats), each read and written once, in
+/// whole 64-byte lines (a span of `n` bytes at a 4-byte-aligned place
+/// covers `(n + 60) / 64` lines on average).
+fn bytes_per_row(width: usize) -> f64 {
+    let lines = |floats: usize| (floats * 4 + 60) as f64 / 64.0;
+    2.0 * 64.0 * (lines(width) + lines(width + 1))
 }
 
 fn main() -> Result<()> {
@@ -196,21 +180,17 @@ fn main() -> Result<()> {
         args.records, args.nnz, args.epochs
     );
     println!(
-        "\n| template | classes | precision | samples/s (median epoch) | ratio | multiply-adds per sample | GFLOP/s | share of dense matmul | input rows updated per sample | memory traffic per sample | GB/s | share of memory copy | val. accuracy |"
+        "\n| template | classes | samples/s (median epoch) | multiply-adds per sample | GFLOP/s | share of dense matmul | input rows updated per sample | memory traffic per sample | GB/s | share of memory copy | val. accuracy |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for classes in args.classes.split(',') {
         let classes: usize = classes.trim().parse().context("--classes")?;
         let (x, y) = synthetic(args.records, args.nnz, classes);
         let cut = args.records * 4 / 5;
         let train: Vec<usize> = (0..cut).collect();
         let val: Vec<usize> = (cut..args.records).collect();
-        let mut baseline: Option<(&str, f64)> = None;
-        for (name, precision) in args.templates.split(',').flat_map(|n| {
-            args.precisions.split(',').map(move |p| (n.trim(), p.trim()))
-        }) {
+        for name in args.templates.split(',') {
             let mut sets = args.sets.clone();
-            sets.push(("sparse_precision".into(), precision.into()));
             sets.push(("epochs".into(), args.epochs.to_string()));
             sets.push(("patience".into(), "1000".into()));
             sets.push(("min_support".into(), "0".into()));
@@ -245,23 +225,10 @@ fn main() -> Result<()> {
             // between the forward pass and the update, so reading them
             // there is not counted; the MLP's dense layers fit in cache).
             let rows = rows_per_record(&x, &train, t.hyper.batch_size);
-            let elem = match t.hyper.sparse_precision {
-                train::Precision::F32 => 4,
-                train::Precision::Bf16 => 2,
-            };
-            let traffic = rows * bytes_per_row(width, elem);
-            let ratio = match baseline {
-                Some((base_name, base_rate)) if base_name == name => {
-                    format!("{:.2}×", rate / base_rate)
-                }
-                _ => {
-                    baseline = Some((name, rate));
-                    "1".into()
-                }
-            };
+            let traffic = rows * bytes_per_row(width);
             let mem = rate * traffic / 1e9;
             println!(
-                "| {name} | {classes} | {precision} | {rate:.0} | {ratio} | {madds} | {gf:.2} | {:.1}% | {rows:.0} | {:.0} KB | {mem:.1} | {:.0}% | {:.3} |",
+                "| {name} | {classes} | {rate:.0} | {madds} | {gf:.2} | {:.1}% | {rows:.0} | {:.0} KB | {mem:.1} | {:.0}% | {:.3} |",
                 100.0 * gf / gflops,
                 traffic / 1e3,
                 100.0 * mem / gbps,

@@ -355,13 +355,15 @@ pub fn prune(model: &mut Trained, support: &[u32], k: u32) -> u64 {
     let first = match &mut model.net {
         Network::Logreg(l) | Network::Mlp(l, _) => l,
     };
+    let out = first.out;
     let mut disclosive = 0;
     for (row, &s) in support.iter().enumerate().take(first.dim) {
         if s < k {
-            if s > 0 && first.row_is_nonzero(row) {
+            let weights = &mut first.w[row * out..(row + 1) * out];
+            if s > 0 && weights.iter().any(|w| *w != 0.0) {
                 disclosive += 1;
             }
-            first.zero_row(row);
+            weights.fill(0.0);
         }
     }
     disclosive
@@ -372,7 +374,7 @@ pub fn nonzero_input_weights(model: &Trained) -> u64 {
     let first = match &model.net {
         Network::Logreg(l) | Network::Mlp(l, _) => l,
     };
-    first.nonzero_weights()
+    first.w.iter().filter(|w| **w != 0.0).count() as u64
 }
 
 /// Per-record cross-entropy loss: `probs` row-major over `classes`.
@@ -788,18 +790,19 @@ mod tests {
         };
         assert_eq!(feature_support(&x, &[0, 1, 2], 4), [1, 1, 2, 0]);
         assert_eq!(feature_support(&x, &[1], 4), [0, 0, 1, 0]);
-        let layer = crate::model::SparseLinear::from_weights(4, 2, vec![1.0; 8], vec![0.0; 2])
-            .expect("weights fit");
         let mut m = Trained {
             dim: 4,
             classes: 2,
-            net: Network::Logreg(layer),
+            net: Network::Logreg(crate::model::SparseLinear::new(4, 2, None)),
         };
+        if let Network::Logreg(l) = &mut m.net {
+            l.w = vec![1.0; 8];
+        }
         assert_eq!(nonzero_input_weights(&m), 8);
         assert_eq!(prune(&mut m, &[1, 1, 2, 0], 2), 2);
         assert_eq!(nonzero_input_weights(&m), 2);
         if let Network::Logreg(l) = &m.net {
-            assert_eq!(l.weights(), [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+            assert_eq!(l.w, [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
         }
     }
 

@@ -15,8 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use cloister_types::types::SparseBatch;
-pub use model::Precision;
-use model::{DenseStack, KernelError, Rng, SparseLinear, WeightsCopy, softmax, softmax_xent_grad};
+use model::{DenseStack, KernelError, Rng, SparseLinear, softmax, softmax_xent_grad};
 
 /// The templates shipped with this build, from `templates/`.
 pub const BUILTIN_TEMPLATES: [(&str, &str); 2] = [
@@ -113,15 +112,9 @@ pub struct Hyper {
     /// this key existed read as 0.
     #[serde(default)]
     pub min_support: u32,
-    /// How the sparse input layer stores its weights and Adam's first
-    /// moments while training (the arithmetic is f32 either way; the
-    /// exported weights are f32). Manifests written before this key
-    /// existed read as `f32`, what they were trained with.
-    #[serde(default)]
-    pub sparse_precision: Precision,
 }
 
-const KEYS: [&str; 11] = [
+const KEYS: [&str; 10] = [
     "epochs",
     "batch_size",
     "learning_rate",
@@ -132,7 +125,6 @@ const KEYS: [&str; 11] = [
     "hidden",
     "dropout",
     "min_support",
-    "sparse_precision",
 ];
 
 impl Hyper {
@@ -148,7 +140,6 @@ impl Hyper {
             hidden: vec![128],
             dropout: 0.0,
             min_support: 10,
-            sparse_precision: Precision::Bf16,
         }
     }
 
@@ -210,13 +201,6 @@ impl Hyper {
             "seed" => self.seed = int(0, u64::MAX)?,
             "dropout" => self.dropout = float(0.0, 0.95)?,
             "min_support" => self.min_support = int(0, 1_000_000)? as u32,
-            "sparse_precision" => {
-                self.sparse_precision = match value.trim().trim_matches('"') {
-                    "bf16" => Precision::Bf16,
-                    "f32" => Precision::F32,
-                    _ => return Err(bad(&format!("expected `bf16` or `f32`, got `{value}`"))),
-                }
-            }
             "class_weight" => {
                 self.class_weight = match value.trim().trim_matches('"') {
                     "balanced" => true,
@@ -375,19 +359,9 @@ impl Trained {
     fn new(kind: Kind, dim: usize, classes: usize, hyper: &Hyper) -> Result<Self, TrainError> {
         let mut rng = Rng::new(hyper.seed);
         let net = match kind {
-            Kind::Logreg => Network::Logreg(SparseLinear::new(
-                dim,
-                classes,
-                None,
-                hyper.sparse_precision,
-            )),
+            Kind::Logreg => Network::Logreg(SparseLinear::new(dim, classes, None)),
             Kind::Mlp => {
-                let first = SparseLinear::new(
-                    dim,
-                    hyper.hidden[0],
-                    Some(&mut rng),
-                    hyper.sparse_precision,
-                );
+                let first = SparseLinear::new(dim, hyper.hidden[0], Some(&mut rng));
                 let mut widths = hyper.hidden.clone();
                 widths.push(classes);
                 Network::Mlp(first, DenseStack::new(&widths, &mut rng)?)
@@ -427,7 +401,8 @@ impl Trained {
         let first = match &self.net {
             Network::Logreg(l) | Network::Mlp(l, _) => l,
         };
-        first.copy_weights(&mut best.w);
+        best.w.clear();
+        best.w.extend_from_slice(&first.w);
         best.b.clear();
         best.b.extend_from_slice(&first.b);
         best.dense.clear();
@@ -451,7 +426,7 @@ impl Trained {
         let first = match &mut self.net {
             Network::Logreg(l) | Network::Mlp(l, _) => l,
         };
-        first.restore_weights(&best.w)?;
+        first.w.copy_from_slice(&best.w);
         first.b.copy_from_slice(&best.b);
         first.finish();
         if let Network::Mlp(_, dense) = &mut self.net {
@@ -477,7 +452,7 @@ impl Trained {
         named.push((
             "sparse.weight".into(),
             vec![first.dim, first.out],
-            first.weights(),
+            first.w.clone(),
         ));
         named.push(("sparse.bias".into(), vec![first.out], first.b.clone()));
         if let Network::Mlp(_, dense) = &self.net {
@@ -537,7 +512,9 @@ impl Trained {
         let [dim, out] = ws[..] else {
             return Err(bad("sparse.weight is not 2-D".into()));
         };
-        let first = SparseLinear::from_weights(dim, out, w, b)?;
+        let mut first = SparseLinear::new(dim, out, None);
+        first.w = w;
+        first.b = b;
         match kind {
             Kind::Logreg => Ok(Self {
                 dim,
@@ -580,7 +557,7 @@ impl Trained {
 /// The weights of the best epoch so far (see [`Trained::save_into`]).
 #[derive(Debug, Default)]
 struct Best {
-    w: WeightsCopy,
+    w: Vec<f32>,
     b: Vec<f32>,
     dense: Vec<(Vec<f32>, Vec<f32>)>,
 }
@@ -729,9 +706,10 @@ pub fn fit(
         let first = match &mut model.net {
             Network::Logreg(l) | Network::Mlp(l, _) => l,
         };
+        let out = first.out;
         for (row, &s) in support.iter().enumerate() {
             if s < h.min_support {
-                first.zero_row(row);
+                first.w[row * out..(row + 1) * out].fill(0.0);
             }
         }
         supported = keep_supported(x, &support, h.min_support);
@@ -1033,7 +1011,7 @@ mod tests {
             let l = match &m.net {
                 Network::Logreg(l) | Network::Mlp(l, _) => l,
             };
-            l.row_is_nonzero(r)
+            l.w[r * l.out..(r + 1) * l.out].iter().any(|w| *w != 0.0)
         };
         for name in ["logreg", "mlp"] {
             for (min, learned14) in [("10", false), ("0", true)] {

@@ -68,153 +68,6 @@ const BETA1: f32 = 0.9;
 const BETA2: f32 = 0.999;
 const EPS: f32 = 1e-8;
 
-/// How the sparse layer stores its weights and Adam's first moments.
-/// The arithmetic is f32 either way; `Bf16` keeps each stored number as
-/// the nearest bfloat16 (the top half of the f32, rounded to nearest,
-/// ties to even), which halves the bytes a touched row moves — and the
-/// sparse update is bound by those bytes (docs/BENCHMARKS.md). The row's
-/// second moment stays f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// 32-bit floats (what manifests written before the key existed mean).
-    #[default]
-    F32,
-    /// bfloat16, rounded to nearest even.
-    Bf16,
-}
-
-impl Precision {
-    /// The key's text form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
-/// A bfloat16 number: the sign, the 8 exponent bits and the top 7
-/// mantissa bits of an f32.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[repr(transparent)]
-pub struct Bf16(u16);
-
-impl Bf16 {
-    /// The nearest bfloat16 to `x`, ties to even; infinities stay, any
-    /// NaN becomes a quiet NaN, and finite values past the largest
-    /// bfloat16 round to infinity, as IEEE rounding does. Branch-free, so
-    /// the loops that call it vectorize.
-    #[inline(always)]
-    pub fn from_f32(x: f32) -> Self {
-        let b = x.to_bits();
-        let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
-        let quiet_nan = (b >> 16) | 0x40;
-        let is_nan = (b & 0x7fff_ffff) > 0x7f80_0000;
-        Bf16(if is_nan { quiet_nan } else { rounded } as u16)
-    }
-
-    /// The exact f32 value.
-    #[inline(always)]
-    pub fn to_f32(self) -> f32 {
-        f32::from_bits(u32::from(self.0) << 16)
-    }
-
-    /// Whether `x` is a bfloat16 value exactly (its low 16 bits are zero).
-    pub fn holds(x: f32) -> bool {
-        x.to_bits() & 0xffff == 0
-    }
-}
-
-/// A number stored in the sparse layer's tables.
-trait Elem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
-    /// Elements after a row's first moments that hold its second moment
-    /// (one f32).
-    const V: usize;
-    fn get(self) -> f32;
-    fn put(x: f32) -> Self;
-    fn get_v(s: &[Self]) -> f32;
-    fn put_v(s: &mut [Self], v: f32);
-}
-
-impl Elem for f32 {
-    const V: usize = 1;
-    #[inline(always)]
-    fn get(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn put(x: f32) -> Self {
-        x
-    }
-    #[inline(always)]
-    fn get_v(s: &[Self]) -> f32 {
-        s[0]
-    }
-    #[inline(always)]
-    fn put_v(s: &mut [Self], v: f32) {
-        s[0] = v;
-    }
-}
-
-impl Elem for Bf16 {
-    const V: usize = 2;
-    #[inline(always)]
-    fn get(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn put(x: f32) -> Self {
-        Bf16::from_f32(x)
-    }
-    /// The f32's bits, low half first.
-    #[inline(always)]
-    fn get_v(s: &[Self]) -> f32 {
-        f32::from_bits(u32::from(s[0].0) | (u32::from(s[1].0) << 16))
-    }
-    #[inline(always)]
-    fn put_v(s: &mut [Self], v: f32) {
-        let b = v.to_bits();
-        s[0] = Bf16(b as u16);
-        s[1] = Bf16((b >> 16) as u16);
-    }
-}
-
-/// The sparse layer's weights (row-major `dim × out`) and Adam's state,
-/// per input row `[m; out]` then the row's one `v` (partial row-wise
-/// Adam, [`adam_row`]), so a touched row's state is one contiguous block;
-/// empty until the first step and after [`SparseLinear::finish`].
-#[derive(Debug, Clone)]
-struct Table<E> {
-    w: Vec<E>,
-    mv: Vec<E>,
-}
-
-/// The table in the layer's [`Precision`].
-#[derive(Debug, Clone)]
-enum Tables {
-    F32(Table<f32>),
-    Bf16(Table<Bf16>),
-}
-
-/// Runs `$body` with `$t` bound to the table, whatever its precision.
-macro_rules! with_table {
-    ($tables:expr, $t:ident => $body:expr) => {
-        match $tables {
-            Tables::F32($t) => $body,
-            Tables::Bf16($t) => $body,
-        }
-    };
-}
-
-/// A copy of a layer's weights (to keep the best epoch's), in the layer's
-/// precision.
-#[derive(Debug, Clone, Default)]
-pub struct WeightsCopy {
-    f32: Vec<f32>,
-    bf16: Vec<Bf16>,
-}
-
 /// A sparse linear layer `dim → out` with lazy-Adam state.
 #[derive(Debug, Clone)]
 pub struct SparseLinear {
@@ -222,10 +75,14 @@ pub struct SparseLinear {
     pub dim: usize,
     /// Output dimension.
     pub out: usize,
-    /// Weights and Adam's state per input row.
-    table: Tables,
+    /// Row-major `dim × out`.
+    pub w: Vec<f32>,
     /// `out`.
     pub b: Vec<f32>,
+    /// Adam's moments, per input row `[m; out]` then the row's one `v`
+    /// (partial row-wise Adam, [`adam_row`]), so a touched row's state is
+    /// one contiguous block of `out + 1` floats.
+    mv: Vec<f32>,
     mb: Vec<f32>,
     vb: Vec<f32>,
     t: i32,
@@ -260,10 +117,10 @@ const AHEAD: usize = 6;
 /// Hints the CPU to start loading `row` (all its cache lines) into the
 /// cache. Only a hint: it changes no value and cannot fault.
 #[inline(always)]
-fn prefetch<E>(row: &[E]) {
+fn prefetch(row: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        let line = (64 / std::mem::size_of::<E>().max(1)).max(1);
+        const LINE: usize = 64 / std::mem::size_of::<f32>();
         let mut i = 0;
         while i < row.len() {
             // SAFETY: `row[i]` is in bounds (i < row.len()), so the pointer
@@ -276,7 +133,7 @@ fn prefetch<E>(row: &[E]) {
                     (&raw const row[i]).cast::<i8>(),
                 );
             }
-            i += line;
+            i += LINE;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -408,10 +265,10 @@ impl Shard {
 
     /// Applies Adam to the touched rows; `w` and `mv` are this shard's
     /// rows only.
-    fn update<E: Elem>(
+    fn update(
         &mut self,
-        w: &mut [E],
-        mv: &mut [E],
+        w: &mut [f32],
+        mv: &mut [f32],
         k: usize,
         a: Adam,
         grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
@@ -426,10 +283,10 @@ impl Shard {
     /// the same order, eight lanes at a time: the same weights bit for bit).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn update_avx2<E: Elem>(
+    fn update_avx2(
         &mut self,
-        w: &mut [E],
-        mv: &mut [E],
+        w: &mut [f32],
+        mv: &mut [f32],
         k: usize,
         a: Adam,
         grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
@@ -438,30 +295,29 @@ impl Shard {
     }
 
     #[inline(always)]
-    fn update_any<E: Elem>(
+    fn update_any(
         &mut self,
-        w: &mut [E],
-        mv: &mut [E],
+        w: &mut [f32],
+        mv: &mut [f32],
         k: usize,
         a: Adam,
         mut grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
     ) {
-        let sk = k + E::V;
         for (s, &li) in self.touched.iter().enumerate() {
             if let Some(&next) = self.touched.get(s + AHEAD) {
                 let base = next as usize * k;
                 prefetch(w.get(base..base + k).unwrap_or_default());
-                let state = next as usize * sk;
-                prefetch(mv.get(state..state + sk).unwrap_or_default());
+                let state = next as usize * (k + 1);
+                prefetch(mv.get(state..state + k + 1).unwrap_or_default());
             }
             let base = li as usize * k;
-            let state = li as usize * sk;
+            let state = li as usize * (k + 1);
             let g = &self.gbuf[s * k..(s + 1) * k];
             if let Some(map) = grad_w.as_deref_mut() {
                 map.insert((li as usize + self.lo) as u32, g.to_vec());
             }
-            let (m, v) = mv[state..state + sk].split_at_mut(k);
-            adam_row(&mut w[base..base + k], m, v, g, a);
+            let (m, v) = mv[state..state + k + 1].split_at_mut(k);
+            adam_row(&mut w[base..base + k], m, &mut v[0], g, a);
             self.slot[li as usize] = 0;
         }
     }
@@ -497,8 +353,8 @@ fn shards_of(dim: usize, n: usize) -> Vec<Shard> {
 
 impl SparseLinear {
     /// Zero weights (softmax regression), or small uniform ones when `rng`
-    /// is given (hidden layers), stored in `precision`.
-    pub fn new(dim: usize, out: usize, rng: Option<&mut Rng>, precision: Precision) -> Self {
+    /// is given (hidden layers).
+    pub fn new(dim: usize, out: usize, rng: Option<&mut Rng>) -> Self {
         let mut w = vec![0f32; dim * out];
         if let Some(rng) = rng {
             // Each row sums about 400 features: keep pre-activations O(1).
@@ -507,18 +363,12 @@ impl SparseLinear {
                 *x = (rng.unit() * 2.0 - 1.0) * scale;
             }
         }
-        let table = match precision {
-            Precision::F32 => Tables::F32(Table { w, mv: Vec::new() }),
-            Precision::Bf16 => Tables::Bf16(Table {
-                w: w.into_iter().map(Bf16::from_f32).collect(),
-                mv: Vec::new(),
-            }),
-        };
         Self {
             dim,
             out,
-            table,
+            w,
             b: vec![0.0; out],
+            mv: Vec::new(),
             mb: vec![0.0; out],
             vb: vec![0.0; out],
             t: 0,
@@ -526,118 +376,10 @@ impl SparseLinear {
         }
     }
 
-    /// A layer with the given weights (row-major `dim × out`) and bias,
-    /// for prediction: stored as bf16 when every weight is a bf16 value
-    /// (a model trained in bf16, whose exported f32 weights are exact),
-    /// else as f32 — either way the predictions use exactly these values.
-    pub fn from_weights(
-        dim: usize,
-        out: usize,
-        w: Vec<f32>,
-        b: Vec<f32>,
-    ) -> Result<Self, KernelError> {
-        if w.len() != dim * out || b.len() != out {
-            return Err(KernelError::Weights(format!(
-                "sparse layer: {} weights and {} biases for a {dim} × {out} layer",
-                w.len(),
-                b.len()
-            )));
-        }
-        let precision = if w.iter().all(|&x| Bf16::holds(x)) {
-            Precision::Bf16
-        } else {
-            Precision::F32
-        };
-        let mut layer = SparseLinear::new(0, out, None, precision);
-        layer.dim = dim;
-        layer.table = match precision {
-            Precision::F32 => Tables::F32(Table { w, mv: Vec::new() }),
-            Precision::Bf16 => Tables::Bf16(Table {
-                w: w.into_iter().map(Bf16::from_f32).collect(),
-                mv: Vec::new(),
-            }),
-        };
-        layer.b = b;
-        Ok(layer)
-    }
-
-    /// How the weights are stored.
-    pub fn precision(&self) -> Precision {
-        match self.table {
-            Tables::F32(_) => Precision::F32,
-            Tables::Bf16(_) => Precision::Bf16,
-        }
-    }
-
-    /// The weights as f32, row-major `dim × out` (exact in either
-    /// precision).
-    pub fn weights(&self) -> Vec<f32> {
-        with_table!(&self.table, t => t.w.iter().map(|x| x.get()).collect())
-    }
-
-    /// Whether input row `row` holds a non-zero weight.
-    pub fn row_is_nonzero(&self, row: usize) -> bool {
-        let k = self.out;
-        with_table!(&self.table, t => t
-            .w
-            .get(row * k..(row + 1) * k)
-            .is_some_and(|r| r.iter().any(|x| x.get() != 0.0)))
-    }
-
-    /// Sets input row `row`'s weights to zero (no-op past the end).
-    pub fn zero_row(&mut self, row: usize) {
-        let k = self.out;
-        with_table!(&mut self.table, t => {
-            if let Some(r) = t.w.get_mut(row * k..(row + 1) * k) {
-                r.fill(Elem::put(0.0));
-            }
-        })
-    }
-
-    /// Non-zero input weights.
-    pub fn nonzero_weights(&self) -> u64 {
-        with_table!(&self.table, t => t.w.iter().filter(|x| x.get() != 0.0).count() as u64)
-    }
-
-    /// Copies the weights into `into`, reusing its buffer.
-    pub fn copy_weights(&self, into: &mut WeightsCopy) {
-        match &self.table {
-            Tables::F32(t) => {
-                into.f32.clear();
-                into.f32.extend_from_slice(&t.w);
-            }
-            Tables::Bf16(t) => {
-                into.bf16.clear();
-                into.bf16.extend_from_slice(&t.w);
-            }
-        }
-    }
-
-    /// Puts weights saved by [`SparseLinear::copy_weights`] back.
-    pub fn restore_weights(&mut self, from: &WeightsCopy) -> Result<(), KernelError> {
-        let size = self.dim * self.out;
-        let fits = |n: usize| {
-            (n == size)
-                .then_some(())
-                .ok_or_else(|| KernelError::Weights("saved weights do not fit the layer".into()))
-        };
-        match &mut self.table {
-            Tables::F32(t) => {
-                fits(from.f32.len())?;
-                t.w.copy_from_slice(&from.f32);
-            }
-            Tables::Bf16(t) => {
-                fits(from.bf16.len())?;
-                t.w.copy_from_slice(&from.bf16);
-            }
-        }
-        Ok(())
-    }
-
     /// Drops the optimizer's state and scratch (training is over; the
     /// weights stay).
     pub fn finish(&mut self) {
-        with_table!(&mut self.table, t => t.mv = Vec::new());
+        self.mv = Vec::new();
         self.shards = Vec::new();
     }
 
@@ -686,7 +428,28 @@ impl SparseLinear {
 
     #[inline(always)]
     fn forward_rows_any(&self, x: &SparseBatch, rows: &[usize], out: &mut [f32]) {
-        with_table!(&self.table, t => forward_table(&t.w, &self.b, x, rows, out))
+        let k = self.out;
+        for (o, &row) in out.chunks_exact_mut(k).zip(rows) {
+            o.copy_from_slice(&self.b);
+            let (idx, val) = x.row(row);
+            for &i in idx.iter().take(AHEAD) {
+                prefetch(
+                    self.w
+                        .get(i as usize * k..(i as usize + 1) * k)
+                        .unwrap_or_default(),
+                );
+            }
+            for (j, (&i, &v)) in idx.iter().zip(val).enumerate() {
+                if let Some(&next) = idx.get(j + AHEAD) {
+                    let n = next as usize * k;
+                    prefetch(self.w.get(n..n + k).unwrap_or_default());
+                }
+                let wr = &self.w[i as usize * k..(i as usize + 1) * k];
+                for (o, w) in o.iter_mut().zip(wr) {
+                    *o += v * w;
+                }
+            }
+        }
     }
 
     /// Backpropagates `grad` (`rows.len() × out`, already averaged over the
@@ -702,9 +465,13 @@ impl SparseLinear {
         grad: &[f32],
         lr: f32,
         l2: f32,
-        grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
+        mut grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
     ) {
+        use rayon::prelude::*;
         let k = self.out;
+        if self.mv.is_empty() {
+            self.mv = vec![0.0; self.dim * (k + 1)];
+        }
         if self.shards.is_empty() {
             self.shards = shards(self.dim, self.out);
         }
@@ -737,79 +504,34 @@ impl SparseLinear {
                 }
             }
         }
-        with_table!(&mut self.table, t => {
-            step_shards(&mut self.shards, t, x, rows, grad, k, all, adam, grad_w)
-        });
+        // Each shard with its own rows of the weights and moments.
+        let mut jobs = Vec::with_capacity(self.shards.len());
+        let (mut w_rest, mut mv_rest) = (&mut self.w[..], &mut self.mv[..]);
+        for shard in &mut self.shards {
+            let n = (shard.hi - shard.lo) * k;
+            let (w, w_next) = std::mem::take(&mut w_rest).split_at_mut(n);
+            let (mv, mv_next) =
+                std::mem::take(&mut mv_rest).split_at_mut((shard.hi - shard.lo) * (k + 1));
+            (w_rest, mv_rest) = (w_next, mv_next);
+            jobs.push((shard, w, mv));
+        }
+        if grad_w.is_some() || jobs.len() == 1 {
+            for (shard, w, mv) in jobs {
+                shard.accumulate(x, rows, grad, k, all);
+                shard.update(w, mv, k, adam, grad_w.as_deref_mut());
+            }
+        } else {
+            jobs.into_par_iter().for_each(|(shard, w, mv)| {
+                shard.accumulate(x, rows, grad, k, all);
+                shard.update(w, mv, k, adam, None);
+            });
+        }
         for c in 0..k {
             let gb: f32 = (0..rows.len()).map(|r| grad[r * k + c]).sum();
             self.mb[c] = BETA1 * self.mb[c] + (1.0 - BETA1) * gb;
             self.vb[c] = BETA2 * self.vb[c] + (1.0 - BETA2) * gb * gb;
             self.b[c] -= lr * (self.mb[c] / c1) / ((self.vb[c] / c2).sqrt() + EPS);
         }
-    }
-}
-
-/// `out[r] = b + Σ v · W[idx]` over a table of either precision.
-#[inline(always)]
-fn forward_table<E: Elem>(w: &[E], b: &[f32], x: &SparseBatch, rows: &[usize], out: &mut [f32]) {
-    let k = b.len();
-    for (o, &row) in out.chunks_exact_mut(k).zip(rows) {
-        o.copy_from_slice(b);
-        let (idx, val) = x.row(row);
-        for &i in idx.iter().take(AHEAD) {
-            prefetch(w.get(i as usize * k..(i as usize + 1) * k).unwrap_or_default());
-        }
-        for (j, (&i, &v)) in idx.iter().zip(val).enumerate() {
-            if let Some(&next) = idx.get(j + AHEAD) {
-                let n = next as usize * k;
-                prefetch(w.get(n..n + k).unwrap_or_default());
-            }
-            let wr = &w[i as usize * k..(i as usize + 1) * k];
-            for (o, w) in o.iter_mut().zip(wr) {
-                *o += v * w.get();
-            }
-        }
-    }
-}
-
-/// The gradient sum and Adam update of one step, each shard on its own
-/// rows of the table (in parallel, unless the raw gradient is wanted).
-#[allow(clippy::too_many_arguments)]
-fn step_shards<E: Elem>(
-    shards: &mut [Shard],
-    t: &mut Table<E>,
-    x: &SparseBatch,
-    rows: &[usize],
-    grad: &[f32],
-    k: usize,
-    all: bool,
-    adam: Adam,
-    mut grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
-) {
-    use rayon::prelude::*;
-    let sk = k + E::V;
-    if t.mv.is_empty() {
-        t.mv = vec![E::put(0.0); t.w.len() / k.max(1) * sk];
-    }
-    let mut jobs = Vec::with_capacity(shards.len());
-    let (mut w_rest, mut mv_rest) = (&mut t.w[..], &mut t.mv[..]);
-    for shard in shards {
-        let n = shard.hi - shard.lo;
-        let (w, w_next) = std::mem::take(&mut w_rest).split_at_mut(n * k);
-        let (mv, mv_next) = std::mem::take(&mut mv_rest).split_at_mut(n * sk);
-        (w_rest, mv_rest) = (w_next, mv_next);
-        jobs.push((shard, w, mv));
-    }
-    if grad_w.is_some() || jobs.len() == 1 {
-        for (shard, w, mv) in jobs {
-            shard.accumulate(x, rows, grad, k, all);
-            shard.update(w, mv, k, adam, grad_w.as_deref_mut());
-        }
-    } else {
-        jobs.into_par_iter().for_each(|(shard, w, mv)| {
-            shard.accumulate(x, rows, grad, k, all);
-            shard.update(w, mv, k, adam, None);
-        });
     }
 }
 
@@ -865,23 +587,20 @@ impl Adam {
 /// folded into the per-step constants ([`Adam::new`]):
 /// `w -= (lr / c1) · m / (sqrt(v) · (1 / sqrt(c2)) + ε)`.
 #[inline(always)]
-fn adam_row<E: Elem>(w: &mut [E], m: &mut [E], v: &mut [E], g: &[f32], a: Adam) {
+fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut f32, g: &[f32], a: Adam) {
     let n = w.len().min(m.len()).min(g.len());
     let (w, m, g) = (&mut w[..n], &mut m[..n], &g[..n]);
     let mut sq = 0f32;
     for j in 0..n {
-        let gc = g[j] + a.l2 * w[j].get();
+        let gc = g[j] + a.l2 * w[j];
         sq += gc * gc;
     }
-    let vr = BETA2 * E::get_v(v) + (1.0 - BETA2) * (sq / n.max(1) as f32);
-    E::put_v(v, vr);
-    let step = a.step / (vr.sqrt() * a.inv_sqrt_c2 + EPS);
+    *v = BETA2 * *v + (1.0 - BETA2) * (sq / n.max(1) as f32);
+    let step = a.step / (v.sqrt() * a.inv_sqrt_c2 + EPS);
     for j in 0..n {
-        let wj = w[j].get();
-        let gc = g[j] + a.l2 * wj;
-        let mj = BETA1 * m[j].get() + (1.0 - BETA1) * gc;
-        m[j] = E::put(mj);
-        w[j] = E::put(wj - step * mj);
+        let gc = g[j] + a.l2 * w[j];
+        m[j] = BETA1 * m[j] + (1.0 - BETA1) * gc;
+        w[j] -= step * m[j];
     }
 }
 
@@ -1090,28 +809,25 @@ mod tests {
     #[test]
     fn the_hand_written_sparse_gradient_matches_candle_autograd() -> Result<(), KernelError> {
         // Both accumulation strategies: narrow (dense) and wide (sorted).
-        // in both storage precisions (the gradient is f32 either way).
         for k in [3, 8] {
-            for precision in [Precision::F32, Precision::Bf16] {
-                gradient_check(k, precision)?;
-            }
+            gradient_check(k)?;
         }
         Ok(())
     }
 
-    fn gradient_check(k: usize, precision: Precision) -> Result<(), KernelError> {
+    fn gradient_check(k: usize) -> Result<(), KernelError> {
         let x = batch();
         let dim = 5;
         let labels = [2usize, 0, k - 1];
         let mut rng = Rng::new(7);
-        let mut layer = SparseLinear::new(dim, k, Some(&mut rng), precision);
+        let mut layer = SparseLinear::new(dim, k, Some(&mut rng));
         let weights = [1.0f32, 2.0, 0.5];
         let rows = [0usize, 1, 2];
         let mut logits = Vec::new();
         layer.forward(&x, &rows, &mut logits);
         softmax_xent_grad(&mut logits, k, &labels, &weights);
         let mut grad_w = BTreeMap::new();
-        let before = layer.weights();
+        let before = layer.w.clone();
         layer.step(&x, &rows, &logits, 0.0, 0.0, Some(&mut grad_w));
 
         // The same loss, dense, through candle's autograd.
@@ -1169,8 +885,8 @@ mod tests {
         let x = batch();
         let rows = [0usize, 1, 2];
         let mut rng = Rng::new(11);
-        let mut layer = SparseLinear::new(dim, k, Some(&mut rng), Precision::F32);
-        let mut w: Vec<f64> = layer.weights().iter().map(|&v| f64::from(v)).collect();
+        let mut layer = SparseLinear::new(dim, k, Some(&mut rng));
+        let mut w: Vec<f64> = layer.w.iter().map(|&v| f64::from(v)).collect();
         let mut m = vec![0f64; dim * k];
         let mut v = vec![0f64; dim];
         for t in 1..=3 {
@@ -1192,7 +908,7 @@ mod tests {
                     w[i] -= f64::from(lr) * (m[i] / c1) / ((v[row] / c2).sqrt() + f64::from(EPS));
                 }
             }
-            for (i, (&got, &want)) in layer.weights().iter().zip(&w).enumerate() {
+            for (i, (&got, &want)) in layer.w.iter().zip(&w).enumerate() {
                 assert!(
                     (f64::from(got) - want).abs() <= 1e-5 * want.abs() + 1e-6,
                     "step {t}, weight {i}: {got} against {want}"
@@ -1202,108 +918,13 @@ mod tests {
     }
 
     #[test]
-    fn bf16_rounds_to_nearest_even_as_the_half_crate_does() {
-        let mut rng = Rng::new(5);
-        let mut xs: Vec<u32> = (0..200_000).map(|_| rng.next_u64() as u32).collect();
-        xs.extend([
-            0,
-            0x8000_0000,
-            1,
-            0x0000_8000,
-            0x0001_8000,
-            0x3f80_8000,
-            0x3f81_8000,
-            0x7f7f_ffff,
-            0x7f80_0000,
-            0xff80_0000,
-            0x7f80_0001,
-            0xffc0_0000,
-        ]);
-        for bits in xs {
-            let x = f32::from_bits(bits);
-            let ours = Bf16::from_f32(x);
-            let theirs = half::bf16::from_f32(x);
-            if x.is_nan() {
-                assert!(ours.to_f32().is_nan(), "{bits:#010x}");
-            } else {
-                assert_eq!(ours.0, theirs.to_bits(), "{bits:#010x}");
-                assert_eq!(ours.to_f32(), theirs.to_f32(), "{bits:#010x}");
-            }
-            assert_eq!(Bf16::holds(x), bits & 0xffff == 0);
-        }
-    }
-
-    /// `l`'s bf16 table widened to f32 (the same values exactly).
-    fn widened(l: &SparseLinear) -> SparseLinear {
-        let Tables::Bf16(t) = &l.table else {
-            panic!("a bf16 layer")
-        };
-        let k = l.out;
-        let mut mv = Vec::new();
-        for row in t.mv.chunks_exact(k + 2) {
-            mv.extend(row[..k].iter().map(|m| m.get()));
-            mv.push(Bf16::get_v(&row[k..]));
-        }
-        let mut wide = l.clone();
-        wide.table = Tables::F32(Table {
-            w: t.w.iter().map(|x| x.get()).collect(),
-            mv,
-        });
-        wide
-    }
-
-    #[test]
-    fn a_bf16_step_is_the_f32_step_rounded_to_the_nearest_bf16() {
-        // From the same state, a bf16 layer's step must store exactly the
-        // f32 step's weights and first moments rounded to nearest, and the
-        // f32 step's second moments themselves: bf16 changes storage only.
-        let (k, dim) = (20usize, 5usize);
-        let x = batch();
-        let rows = [0usize, 1, 2];
-        let mut rng = Rng::new(13);
-        let mut layer = SparseLinear::new(dim, k, Some(&mut rng), Precision::Bf16);
-        for step in 0..4 {
-            let mut wide = widened(&layer);
-            let grad: Vec<f32> = (0..rows.len() * k).map(|_| rng.unit() - 0.5).collect();
-            layer.step(&x, &rows, &grad, 0.05, 0.01, None);
-            wide.step(&x, &rows, &grad, 0.05, 0.01, None);
-            let (Tables::Bf16(half), Tables::F32(full)) = (&layer.table, &wide.table) else {
-                panic!("precisions")
-            };
-            let round = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| Bf16::from_f32(x).0).collect() };
-            let raw = |v: &[Bf16]| -> Vec<u16> { v.iter().map(|x| x.0).collect() };
-            assert_eq!(raw(&half.w), round(&full.w), "weights, step {step}");
-            for (r, (h, f)) in half.mv.chunks_exact(k + 2).zip(full.mv.chunks_exact(k + 1)).enumerate() {
-                assert_eq!(raw(&h[..k]), round(&f[..k]), "moments of row {r}, step {step}");
-                assert_eq!(Bf16::get_v(&h[k..]).to_bits(), f[k].to_bits(), "v of row {r}");
-            }
-            assert_eq!(layer.b, wide.b);
-        }
-        assert!(layer.weights().iter().all(|&w| Bf16::holds(w)));
-    }
-
-    #[test]
-    fn a_model_loads_its_weights_exactly_in_the_precision_that_holds_them() {
-        let mut rng = Rng::new(4);
-        let f32_layer = SparseLinear::new(50, 3, Some(&mut rng), Precision::F32);
-        let bf16_layer = SparseLinear::new(50, 3, Some(&mut rng), Precision::Bf16);
-        for (layer, want) in [(&f32_layer, Precision::F32), (&bf16_layer, Precision::Bf16)] {
-            let loaded =
-                SparseLinear::from_weights(50, 3, layer.weights(), layer.b.clone()).expect("fits");
-            assert_eq!(loaded.precision(), want);
-            assert_eq!(bits(&loaded.weights()), bits(&layer.weights()));
-        }
-        assert!(SparseLinear::from_weights(50, 3, vec![0.0; 149], vec![0.0; 3]).is_err());
-    }
-
-    #[test]
     fn the_avx2_copies_of_the_hot_loops_give_the_portable_results_bit_for_bit() {
         // Whatever this CPU runs through the dispatching entry points must
         // equal the portable bodies exactly: same operations, same order.
         let mut rng = Rng::new(3);
         for k in [2, 20, 128] {
             let dim = 300;
-            let mut layer = SparseLinear::new(dim, k, Some(&mut rng), Precision::F32);
+            let mut layer = SparseLinear::new(dim, k, Some(&mut rng));
             let mut x = SparseBatch {
                 offsets: vec![0],
                 indices: Vec::new(),
@@ -1320,67 +941,32 @@ mod tests {
                 x.offsets.push(x.indices.len() as u32);
             }
             let rows: Vec<usize> = (0..32).collect();
-            let half = SparseLinear::from_weights(
-                dim,
-                k,
-                layer.weights().into_iter().map(|w| Bf16::from_f32(w).to_f32()).collect(),
-                layer.b.clone(),
-            )
-            .expect("weights fit");
-            assert_eq!(half.precision(), Precision::Bf16);
-            for l in [&layer, &half] {
-                let mut fast = vec![0.0; 32 * k];
-                let mut portable = vec![0.0; 32 * k];
-                l.forward_rows(&x, &rows, &mut fast);
-                l.forward_rows_any(&x, &rows, &mut portable);
-                assert_eq!(bits(&fast), bits(&portable), "forward, k = {k}");
-            }
+            let mut fast = vec![0.0; 32 * k];
+            let mut portable = vec![0.0; 32 * k];
+            layer.forward_rows(&x, &rows, &mut fast);
+            layer.forward_rows_any(&x, &rows, &mut portable);
+            assert_eq!(bits(&fast), bits(&portable), "forward, k = {k}");
 
             let grad: Vec<f32> = (0..32 * k).map(|_| rng.unit() - 0.5).collect();
             let adam = Adam::new(0.01, 1e-4, 3);
             let mv: Vec<f32> = (0..dim * (k + 1)).map(|_| rng.unit() * 0.01).collect();
-            update_same_bits(&x, &rows, &grad, k, adam, layer.weights(), mv.clone());
-            // bf16 tables: the moments in bf16, each row's v in two halves.
-            let w16: Vec<Bf16> = layer.weights().into_iter().map(Bf16::from_f32).collect();
-            let mut mv16 = Vec::with_capacity(dim * (k + 2));
-            for row in mv.chunks_exact(k + 1) {
-                mv16.extend(row[..k].iter().map(|&m| Bf16::from_f32(m)));
-                mv16.extend([Bf16::default(); 2]);
-                let n = mv16.len();
-                Elem::put_v(&mut mv16[n - 2..], row[k]);
-            }
-            update_same_bits(&x, &rows, &grad, k, adam, w16, mv16);
+            let (mut w1, mut mv1) = (layer.w.clone(), mv.clone());
+            let (mut w2, mut mv2) = (layer.w.clone(), mv);
+            let mut a = shards_of(dim, 1).remove(0);
+            let mut b = a.clone();
+            a.accumulate(&x, &rows, &grad, k, true);
+            b.accumulate_any(&x, &rows, &grad, k, true);
+            assert_eq!(bits(&a.gbuf), bits(&b.gbuf), "accumulate, k = {k}");
+            a.update(&mut w1, &mut mv1, k, adam, None);
+            b.update_any(&mut w2, &mut mv2, k, adam, None);
+            assert_eq!(bits(&w1), bits(&w2), "weights, k = {k}");
+            assert_eq!(bits(&mv1), bits(&mv2), "moments, k = {k}");
             layer.b.iter_mut().for_each(|b| *b += 0.1);
         }
     }
 
-    fn bits<E: Elem>(v: &[E]) -> Vec<u32> {
-        v.iter().map(|f| f.get().to_bits()).collect()
-    }
-
-    /// The dispatching gradient sum and update against the portable
-    /// bodies, on one table.
-    fn update_same_bits<E: Elem>(
-        x: &SparseBatch,
-        rows: &[usize],
-        grad: &[f32],
-        k: usize,
-        adam: Adam,
-        w: Vec<E>,
-        mv: Vec<E>,
-    ) {
-        let dim = w.len() / k;
-        let (mut w1, mut mv1) = (w.clone(), mv.clone());
-        let (mut w2, mut mv2) = (w, mv);
-        let mut a = shards_of(dim, 1).remove(0);
-        let mut b = a.clone();
-        a.accumulate(x, rows, grad, k, true);
-        b.accumulate_any(x, rows, grad, k, true);
-        assert_eq!(bits(&a.gbuf), bits(&b.gbuf), "accumulate, k = {k}");
-        a.update(&mut w1, &mut mv1, k, adam, None);
-        b.update_any(&mut w2, &mut mv2, k, adam, None);
-        assert_eq!(bits(&w1), bits(&w2), "weights, k = {k}");
-        assert_eq!(bits(&mv1), bits(&mv2), "moments, k = {k}");
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
     }
 
     #[test]
@@ -1388,13 +974,11 @@ mod tests {
         // 64 records of 12 features out of 5,000 (many shared), 2 and 20
         // outputs (the constant-width and the general accumulation).
         for k in [2, 20] {
-            for precision in [Precision::F32, Precision::Bf16] {
-                same_on_any_shards(k, precision);
-            }
+            same_on_any_shards(k);
         }
     }
 
-    fn same_on_any_shards(k: usize, precision: Precision) {
+    fn same_on_any_shards(k: usize) {
         let dim = 5000;
         let mut rng = Rng::new(3);
         let mut x = SparseBatch {
@@ -1416,7 +1000,7 @@ mod tests {
         }
         let weights = vec![1.0f32; 16];
         let run = |n: usize| {
-            let mut layer = SparseLinear::new(dim, k, Some(&mut Rng::new(9)), precision);
+            let mut layer = SparseLinear::new(dim, k, Some(&mut Rng::new(9)));
             layer.shards = shards_of(dim, n);
             for step in 0..12 {
                 let rows: Vec<usize> = (0..16).map(|j| (step * 16 + j * 5) % 64).collect();
@@ -1426,7 +1010,7 @@ mod tests {
                 softmax_xent_grad(&mut logits, k, &y, &weights);
                 layer.step(&x, &rows, &logits, 0.01, 1e-4, None);
             }
-            layer.weights()
+            layer.w
         };
         let one = run(1);
         for n in [2, 3, 8] {
@@ -1435,7 +1019,7 @@ mod tests {
                 one.iter()
                     .zip(&many)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{n} shards, {k} outputs, {precision:?}"
+                "{n} shards, {k} outputs"
             );
         }
     }
@@ -1449,18 +1033,16 @@ mod tests {
             values: vec![1.0; 200],
         };
         let labels: Vec<usize> = (0..200).map(|i| i % 2).collect();
-        for precision in [Precision::F32, Precision::Bf16] {
-            let mut layer = SparseLinear::new(2, 2, None, precision);
-            let rows: Vec<usize> = (0..200).collect();
-            let mut logits = Vec::new();
-            let mut last = f32::MAX;
-            for _ in 0..50 {
-                layer.forward(&x, &rows, &mut logits);
-                last = softmax_xent_grad(&mut logits, 2, &labels, &[1.0; 200]);
-                layer.step(&x, &rows, &logits, 0.1, 0.0, None);
-            }
-            assert!(last < 0.05, "{precision:?}: loss {last}");
+        let mut layer = SparseLinear::new(2, 2, None);
+        let rows: Vec<usize> = (0..200).collect();
+        let mut logits = Vec::new();
+        let mut last = f32::MAX;
+        for _ in 0..50 {
+            layer.forward(&x, &rows, &mut logits);
+            last = softmax_xent_grad(&mut logits, 2, &labels, &[1.0; 200]);
+            layer.step(&x, &rows, &logits, 0.1, 0.0, None);
         }
+        assert!(last < 0.05, "loss {last}");
     }
 
     #[test]
