@@ -16,6 +16,9 @@
 //! limit its multiply-adds reach, and the share of the copy bandwidth its
 //! sparse update's memory traffic reaches (distinct input rows a batch
 //! touches × each row's weights and optimizer state, read and written).
+//! Neither share is the binding limit today: halving the bytes per row
+//! (bf16 state) did not make the kernels faster, because their time goes
+//! to reaching each touched row at a random place (docs/BENCHMARKS.md).
 
 #![allow(clippy::print_stdout)]
 

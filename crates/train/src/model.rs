@@ -582,9 +582,10 @@ impl Adam {
 /// embedding tables are trained with (FBGEMM's `PARTIAL_ROWWISE_ADAM`):
 /// a touched row moves `out + 1` floats of state instead of `2 · out`,
 /// and takes one square root instead of one per weight. On the sparse
-/// layer the update is bound by memory traffic (docs/BENCHMARKS.md), so
-/// the smaller state is the speed. The textbook bias corrections are
-/// folded into the per-step constants ([`Adam::new`]):
+/// layer the update's time goes to reaching each touched row's state at a
+/// random place, not to arithmetic (docs/BENCHMARKS.md), so the smaller
+/// state and the lighter per-weight work are the speed. The textbook bias
+/// corrections are folded into the per-step constants ([`Adam::new`]):
 /// `w -= (lr / c1) · m / (sqrt(v) · (1 / sqrt(c2)) + ε)`.
 #[inline(always)]
 fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut f32, g: &[f32], a: Adam) {
