@@ -1161,8 +1161,16 @@ pub enum WorkerEvent {
 /// environment (no store lock, no audit keys).
 struct WorkerContext {
     queue: WorkQueue,
-    objects: Objects,
     key: ring::hmac::Key,
+    /// What a task's work fetches and prepares. A separate part so that
+    /// the work can borrow it while the lease's heartbeat borrows the
+    /// queue: every step of a claimed task runs under its lease.
+    inputs: Inputs,
+}
+
+/// The object store and what a worker keeps from one task to the next.
+struct Inputs {
+    objects: Objects,
     /// The last features fetched (rounds of a job share them).
     features: Option<(String, Arc<SparseBatch>)>,
     /// The plugin runtime, made when the first stage task comes.
@@ -1216,30 +1224,22 @@ impl WorkerContext {
         })?;
         Ok(Self {
             queue: WorkQueue::connect(&url)?,
-            objects,
             key: tag_key(&secret),
-            features: None,
-            runtime: None,
-            plugins: std::collections::HashMap::new(),
-            vocabulary: None,
+            inputs: Inputs {
+                objects,
+                features: None,
+                runtime: None,
+                plugins: std::collections::HashMap::new(),
+                vocabulary: None,
+            },
         })
     }
 
-    fn features(&mut self, digest: &str) -> Result<Arc<SparseBatch>, WorkError> {
-        if let Some((d, x)) = &self.features
-            && d == digest
-        {
-            return Ok(Arc::clone(x));
-        }
-        self.features = None;
-        let x = Arc::new(decode_features(
-            &self.objects.get_bytes(digest, OBJECT_LIMIT)?,
-        )?);
-        self.features = Some((digest.to_string(), Arc::clone(&x)));
-        Ok(x)
-    }
-
-    /// Runs one claimed task to its end.
+    /// Runs one claimed task to its end. Everything after the claim —
+    /// fetching its objects, compiling its plugin, the work itself — runs
+    /// under the task's lease, so that a slow preparation (a large
+    /// component compiled cold, a large feature object) is not taken for
+    /// a dead worker.
     fn run(
         &mut self,
         task: &Task,
@@ -1265,21 +1265,11 @@ impl WorkerContext {
         if task.kind == STAGE {
             return self.run_stage(task, options, log);
         }
-        let prepared = (|| {
-            let body = self.objects.get_bytes(&task.input, OBJECT_LIMIT)?;
-            let spec: FitTask = serde_json::from_slice(&body)
-                .map_err(|e| WorkError::Format(format!("the task object: {e}")))?;
-            let x = self.features(&spec.features)?;
-            spec.check(&x)?;
-            Ok::<_, WorkError>((spec, x))
-        })();
-        let (spec, x) = match prepared {
-            Ok(p) => p,
-            Err(e) => return self.fail(id, options, e.to_string(), log),
-        };
         let epoch: std::sync::Mutex<Option<train::EpochStats>> = std::sync::Mutex::new(None);
+        let inputs = &mut self.inputs;
         let fitted = with_lease(&self.queue, &self.key, task, options, Some(&epoch), || {
-            train::fit(
+            let (spec, x) = inputs.fit_task(&task.input)?;
+            let fitted = train::fit(
                 &spec.template,
                 TrainingSet {
                     x: &x,
@@ -1295,7 +1285,8 @@ impl WorkerContext {
                         *e = Some(stats.clone());
                     }
                 },
-            )
+            )?;
+            Ok::<_, WorkError>(fitted)
         });
         let fitted = match fitted {
             Ok(f) => f,
@@ -1331,7 +1322,8 @@ impl WorkerContext {
         log: &mut dyn FnMut(WorkerEvent),
     ) -> Result<(), WorkError> {
         let id = task.id;
-        let result = self.objects.put_bytes(bytes, false)?;
+        let objects = &self.inputs.objects;
+        let result = objects.put_bytes(bytes, false)?;
         let tag = ring::hmac::sign(&self.key, &result_message(&task.input, &result));
         if !self
             .queue
@@ -1340,7 +1332,7 @@ impl WorkerContext {
             // Another worker's result is the one recorded (its head names
             // that worker, so the bytes differ), or the task was given up;
             // this one is nobody's.
-            let _ = self.objects.delete(&result);
+            let _ = objects.delete(&result);
             log(WorkerEvent::Lost { id });
             return Ok(());
         }
@@ -1350,6 +1342,94 @@ impl WorkerContext {
             seconds,
         });
         Ok(())
+    }
+
+    /// Runs one claimed plugin-stage task: the plugin over the task's
+    /// records in this worker's sandbox, under the task's limits. A plugin
+    /// that fails is a result like any other (its error goes back to the
+    /// operation, which audits it); a task that cannot be read fails.
+    fn run_stage(
+        &mut self,
+        task: &Task,
+        options: &WorkerOptions,
+        log: &mut dyn FnMut(WorkerEvent),
+    ) -> Result<(), WorkError> {
+        let id = task.id;
+        let inputs = &mut self.inputs;
+        let run = with_lease(&self.queue, &self.key, task, options, None, || {
+            let (head, records, plugin, vocabulary) = inputs.stage_task(&task.input)?;
+            let rt = runtime(&mut inputs.runtime)?;
+            let started = Instant::now();
+            let run = stage_here(
+                rt,
+                Stage {
+                    plugin: &plugin,
+                    config: &head.config,
+                    limits: &head.limits,
+                    op: head.op,
+                    vocabulary: vocabulary.as_ref(),
+                },
+                &records,
+            );
+            Ok::<_, WorkError>((run, started.elapsed().as_secs_f64()))
+        });
+        let (run, seconds) = match run {
+            Ok(r) => r,
+            Err(e) => return self.fail(id, options, e.to_string(), log),
+        };
+        let bytes = encode_stage_result(&run, &options.name, &task.input)?;
+        self.hand_back(task, options, bytes, seconds, log)
+    }
+}
+
+/// A stage task as read: its head, its records, its plugin compiled, and
+/// the vocabulary it names.
+type StageInputs = (
+    StageTask,
+    Vec<DataRecord>,
+    LoadedPlugin,
+    Option<Arc<Vocabulary>>,
+);
+
+impl Inputs {
+    /// The fit task whose object is `input`, with its features, checked
+    /// against each other.
+    fn fit_task(&mut self, input: &str) -> Result<(FitTask, Arc<SparseBatch>), WorkError> {
+        let body = self.objects.get_bytes(input, OBJECT_LIMIT)?;
+        let spec: FitTask = serde_json::from_slice(&body)
+            .map_err(|e| WorkError::Format(format!("the task object: {e}")))?;
+        let x = self.features(&spec.features)?;
+        spec.check(&x)?;
+        Ok((spec, x))
+    }
+
+    /// The stage task whose object is `input`.
+    fn stage_task(&mut self, input: &str) -> Result<StageInputs, WorkError> {
+        let body = self.objects.get_bytes(input, OBJECT_LIMIT)?;
+        let (head, mut r): (StageTask, _) = unframe(&body, STAGE_TASK_MAGIC, "stage task")?;
+        let records = decode_records(&mut r)?;
+        r.end()?;
+        let plugin = self.plugin(&head.plugin)?;
+        let vocabulary = head
+            .vocabulary
+            .as_deref()
+            .map(|d| self.vocabulary(d))
+            .transpose()?;
+        Ok((head, records, plugin, vocabulary))
+    }
+
+    fn features(&mut self, digest: &str) -> Result<Arc<SparseBatch>, WorkError> {
+        if let Some((d, x)) = &self.features
+            && d == digest
+        {
+            return Ok(Arc::clone(x));
+        }
+        self.features = None;
+        let x = Arc::new(decode_features(
+            &self.objects.get_bytes(digest, OBJECT_LIMIT)?,
+        )?);
+        self.features = Some((digest.to_string(), Arc::clone(&x)));
+        Ok(x)
     }
 
     /// The plugin with component digest `digest`, compiled by this
@@ -1389,53 +1469,6 @@ impl WorkerContext {
             .map_err(|e| WorkError::Format(format!("the vocabulary object: {e}")))?;
         self.vocabulary = Some((digest.to_string(), Arc::clone(&v)));
         Ok(v)
-    }
-
-    /// Runs one claimed plugin-stage task: the plugin over the task's
-    /// records in this worker's sandbox, under the task's limits. A plugin
-    /// that fails is a result like any other (its error goes back to the
-    /// operation, which audits it); a task that cannot be read fails.
-    fn run_stage(
-        &mut self,
-        task: &Task,
-        options: &WorkerOptions,
-        log: &mut dyn FnMut(WorkerEvent),
-    ) -> Result<(), WorkError> {
-        let id = task.id;
-        let prepared = (|| {
-            let body = self.objects.get_bytes(&task.input, OBJECT_LIMIT)?;
-            let (head, mut r): (StageTask, _) = unframe(&body, STAGE_TASK_MAGIC, "stage task")?;
-            let records = decode_records(&mut r)?;
-            r.end()?;
-            let plugin = self.plugin(&head.plugin)?;
-            let vocabulary = head
-                .vocabulary
-                .as_deref()
-                .map(|d| self.vocabulary(d))
-                .transpose()?;
-            Ok::<_, WorkError>((head, records, plugin, vocabulary))
-        })();
-        let (head, records, plugin, vocabulary) = match prepared {
-            Ok(p) => p,
-            Err(e) => return self.fail(id, options, e.to_string(), log),
-        };
-        let rt = runtime(&mut self.runtime)?;
-        let started = Instant::now();
-        let run = with_lease(&self.queue, &self.key, task, options, None, || {
-            stage_here(
-                rt,
-                Stage {
-                    plugin: &plugin,
-                    config: &head.config,
-                    limits: &head.limits,
-                    op: head.op,
-                    vocabulary: vocabulary.as_ref(),
-                },
-                &records,
-            )
-        });
-        let bytes = encode_stage_result(&run, &options.name, &task.input)?;
-        self.hand_back(task, options, bytes, started.elapsed().as_secs_f64(), log)
     }
 }
 

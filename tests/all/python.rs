@@ -49,7 +49,7 @@ fn scratch() -> &'static Path {
 
 /// `cloister plugin build DIR --world WORLD`: the component's bytes, built
 /// once per test binary; `None` when componentize-py is not installed.
-fn build(dir: &str, world: &str) -> Option<Vec<u8>> {
+pub(crate) fn build(dir: &str, world: &str) -> Option<Vec<u8>> {
     static BUILT: OnceLock<Mutex<HashMap<String, Vec<u8>>>> = OnceLock::new();
     if !python_available() {
         return None;

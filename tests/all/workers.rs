@@ -6,6 +6,7 @@
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Instant;
 
 use cloister_host::env_config::InitOptions;
 use cloister_host::policy::Role;
@@ -407,6 +408,86 @@ fn a_worker_killed_mid_fit_leaves_its_task_to_another_and_the_model_is_the_same(
     assert!(!shown.is_empty(), "no epoch was shown");
     assert!(shown.windows(2).all(|w| w[0] < w[1]), "{shown:?}");
     assert!(shown.iter().all(|e| (1..=epochs).contains(e)), "{shown:?}");
+}
+
+/// A worker whose printed lines are collected as they come, each with
+/// the time it came; [`stop_timed`] ends it.
+fn timed_worker(
+    env: &Path,
+    name: &str,
+    lease: u64,
+) -> (Child, std::thread::JoinHandle<Vec<(Instant, String)>>) {
+    let mut child = worker(env, name, lease, &[]);
+    let out = child.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .map(|l| (Instant::now(), l))
+            .collect()
+    });
+    (child, lines)
+}
+
+fn stop_timed(
+    (mut child, lines): (Child, std::thread::JoinHandle<Vec<(Instant, String)>>),
+) -> Vec<(Instant, String)> {
+    let _ = child.kill();
+    let _ = child.wait();
+    lines.join().unwrap()
+}
+
+#[test]
+fn a_plugin_slower_to_compile_than_the_lease_is_still_one_claim_per_task() {
+    // A worker compiles a plugin the first time a task needs it; a
+    // CPython component takes longer to compile than a 3-second lease.
+    // The lease is renewed from the claim on, through the fetch and the
+    // compile, so no other worker takes the task meanwhile.
+    let Some(pg) = PgServer::start() else { return };
+    let Some(words) = crate::python::build("plugins/python/hashed-words", "featurizer") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let remote = on_workers(&pg, dir.path(), 8);
+    let words = remote.approved(&words);
+    let lease = 3;
+    let workers = [
+        timed_worker(&remote.path, "w1", lease),
+        timed_worker(&remote.path, "w2", lease),
+    ];
+    let req = TrainRequest {
+        features_config: vec![("bits".into(), "12".into())],
+        ..request(&words, "logreg", 2)
+    };
+    let trained = try_train(&remote, &req);
+    let printed: Vec<Vec<(Instant, String)>> = workers.into_iter().map(stop_timed).collect();
+    let all: Vec<&str> = printed.iter().flatten().map(|(_, l)| l.as_str()).collect();
+    trained.unwrap_or_else(|e| panic!("{e}: {all:#?}"));
+    assert!(
+        all.iter().any(|l| l.contains("(stage): done in")),
+        "{all:#?}"
+    );
+    assert!(
+        !all.iter().any(|l| l.contains("(attempt 2)")),
+        "a task was claimed again while its first worker prepared it: {all:#?}"
+    );
+    // Whether this run exercised what it is about: a first stage task
+    // that took its worker longer than the lease from claim to done.
+    let slowest = printed
+        .iter()
+        .filter_map(|lines| {
+            let claimed = lines
+                .iter()
+                .find(|(_, l)| l.contains("(stage): claimed"))?
+                .0;
+            let done = lines
+                .iter()
+                .find(|(_, l)| l.contains("(stage): done in"))?
+                .0;
+            Some(done.duration_since(claimed))
+        })
+        .max();
+    eprintln!("the slowest first stage task, claim to done: {slowest:?} (lease {lease} s)");
 }
 
 #[test]
