@@ -180,19 +180,6 @@ fn bytes_per_row(width: usize) -> f64 {
     2.0 * 64.0 * (lines(width) + lines(width + 1))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rows_span_the_lines_their_stride_gives() {
-        // logreg at 20 classes: 80-byte weight rows span 2 lines on
-        // average (starts at 0, 16, 32, 48), 84-byte state rows 2.25.
-        assert_eq!(super::bytes_per_row(20), 128.0 * (2.0 + 2.25));
-        // mlp: 512-byte weight rows are 8 whole lines; 516-byte state rows
-        // start at every multiple of 4 and span 9 on average.
-        assert_eq!(super::bytes_per_row(128), 128.0 * (8.0 + 9.0));
-    }
-}
-
 fn main() -> Result<()> {
     let args = <Args as clap::Parser>::parse();
     let gflops = train::model::dense_matmul_gflops(1024)?;
@@ -263,4 +250,17 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rows_span_the_lines_their_stride_gives() {
+        // logreg at 20 classes: 80-byte weight rows span 2 lines on
+        // average (starts at 0, 16, 32, 48), 84-byte state rows 2.25.
+        assert_eq!(super::bytes_per_row(20), 128.0 * (2.0 + 2.25));
+        // mlp: 512-byte weight rows are 8 whole lines; 516-byte state rows
+        // start at every multiple of 4 and span 9 on average.
+        assert_eq!(super::bytes_per_row(128), 128.0 * (8.0 + 9.0));
+    }
 }
