@@ -1262,39 +1262,20 @@ impl WorkerContext {
                 log,
             );
         }
-        if task.kind == STAGE {
-            return self.run_stage(task, options, log);
-        }
         let epoch: std::sync::Mutex<Option<train::EpochStats>> = std::sync::Mutex::new(None);
+        let reports = (task.kind == FIT).then_some(&epoch);
         let inputs = &mut self.inputs;
-        let fitted = with_lease(&self.queue, &self.key, task, options, Some(&epoch), || {
-            let (spec, x) = inputs.fit_task(&task.input)?;
-            let fitted = train::fit(
-                &spec.template,
-                TrainingSet {
-                    x: &x,
-                    dim: spec.dim,
-                    y: &spec.y,
-                    classes: spec.classes,
-                    train: &spec.train,
-                    val: &spec.val,
-                    budget_bytes: spec.budget_bytes,
-                },
-                &mut |stats| {
-                    if let Ok(mut e) = epoch.lock() {
-                        *e = Some(stats.clone());
-                    }
-                },
-            )?;
-            Ok::<_, WorkError>(fitted)
+        let done = with_lease(&self.queue, &self.key, task, options, reports, || {
+            if task.kind == STAGE {
+                inputs.stage(&task.input, &options.name)
+            } else {
+                inputs.fit(&task.input, &options.name, &epoch)
+            }
         });
-        let fitted = match fitted {
-            Ok(f) => f,
-            Err(e) => return self.fail(id, options, e.to_string(), log),
-        };
-        let seconds = fitted.seconds;
-        let bytes = encode_result(&fitted, &options.name, &task.input)?;
-        self.hand_back(task, options, bytes, seconds, log)
+        match done {
+            Ok((bytes, seconds)) => self.hand_back(task, options, bytes, seconds, log),
+            Err(e) => self.fail(id, options, e.to_string(), log),
+        }
     }
 
     /// Fails task `id` with `error` (a failure another attempt would
@@ -1343,68 +1324,50 @@ impl WorkerContext {
         });
         Ok(())
     }
-
-    /// Runs one claimed plugin-stage task: the plugin over the task's
-    /// records in this worker's sandbox, under the task's limits. A plugin
-    /// that fails is a result like any other (its error goes back to the
-    /// operation, which audits it); a task that cannot be read fails.
-    fn run_stage(
-        &mut self,
-        task: &Task,
-        options: &WorkerOptions,
-        log: &mut dyn FnMut(WorkerEvent),
-    ) -> Result<(), WorkError> {
-        let id = task.id;
-        let inputs = &mut self.inputs;
-        let run = with_lease(&self.queue, &self.key, task, options, None, || {
-            let (head, records, plugin, vocabulary) = inputs.stage_task(&task.input)?;
-            let rt = runtime(&mut inputs.runtime)?;
-            let started = Instant::now();
-            let run = stage_here(
-                rt,
-                Stage {
-                    plugin: &plugin,
-                    config: &head.config,
-                    limits: &head.limits,
-                    op: head.op,
-                    vocabulary: vocabulary.as_ref(),
-                },
-                &records,
-            );
-            Ok::<_, WorkError>((run, started.elapsed().as_secs_f64()))
-        });
-        let (run, seconds) = match run {
-            Ok(r) => r,
-            Err(e) => return self.fail(id, options, e.to_string(), log),
-        };
-        let bytes = encode_stage_result(&run, &options.name, &task.input)?;
-        self.hand_back(task, options, bytes, seconds, log)
-    }
 }
 
-/// A stage task as read: its head, its records, its plugin compiled, and
-/// the vocabulary it names.
-type StageInputs = (
-    StageTask,
-    Vec<DataRecord>,
-    LoadedPlugin,
-    Option<Arc<Vocabulary>>,
-);
-
 impl Inputs {
-    /// The fit task whose object is `input`, with its features, checked
-    /// against each other.
-    fn fit_task(&mut self, input: &str) -> Result<(FitTask, Arc<SparseBatch>), WorkError> {
+    /// Runs the fit task whose object is `input`: its features fetched
+    /// and checked against it, the model fitted as in the operation's
+    /// process, each finished epoch left in `epoch` for the heartbeat to
+    /// report. The encoded result and the fit's seconds.
+    fn fit(
+        &mut self,
+        input: &str,
+        worker: &str,
+        epoch: &std::sync::Mutex<Option<train::EpochStats>>,
+    ) -> Result<(Vec<u8>, f64), WorkError> {
         let body = self.objects.get_bytes(input, OBJECT_LIMIT)?;
         let spec: FitTask = serde_json::from_slice(&body)
             .map_err(|e| WorkError::Format(format!("the task object: {e}")))?;
         let x = self.features(&spec.features)?;
         spec.check(&x)?;
-        Ok((spec, x))
+        let fitted = train::fit(
+            &spec.template,
+            TrainingSet {
+                x: &x,
+                dim: spec.dim,
+                y: &spec.y,
+                classes: spec.classes,
+                train: &spec.train,
+                val: &spec.val,
+                budget_bytes: spec.budget_bytes,
+            },
+            &mut |stats| {
+                if let Ok(mut e) = epoch.lock() {
+                    *e = Some(stats.clone());
+                }
+            },
+        )?;
+        Ok((encode_result(&fitted, worker, input)?, fitted.seconds))
     }
 
-    /// The stage task whose object is `input`.
-    fn stage_task(&mut self, input: &str) -> Result<StageInputs, WorkError> {
+    /// Runs the plugin-stage task whose object is `input`: the plugin over
+    /// the task's records in this worker's sandbox, under the task's
+    /// limits. A plugin that fails is a result like any other (its error
+    /// goes back to the operation, which audits it); a task that cannot be
+    /// read fails. The encoded result and the stage's seconds.
+    fn stage(&mut self, input: &str, worker: &str) -> Result<(Vec<u8>, f64), WorkError> {
         let body = self.objects.get_bytes(input, OBJECT_LIMIT)?;
         let (head, mut r): (StageTask, _) = unframe(&body, STAGE_TASK_MAGIC, "stage task")?;
         let records = decode_records(&mut r)?;
@@ -1415,7 +1378,21 @@ impl Inputs {
             .as_deref()
             .map(|d| self.vocabulary(d))
             .transpose()?;
-        Ok((head, records, plugin, vocabulary))
+        let rt = runtime(&mut self.runtime)?;
+        let started = Instant::now();
+        let run = stage_here(
+            rt,
+            Stage {
+                plugin: &plugin,
+                config: &head.config,
+                limits: &head.limits,
+                op: head.op,
+                vocabulary: vocabulary.as_ref(),
+            },
+            &records,
+        );
+        let seconds = started.elapsed().as_secs_f64();
+        Ok((encode_stage_result(&run, worker, input)?, seconds))
     }
 
     fn features(&mut self, digest: &str) -> Result<Arc<SparseBatch>, WorkError> {
