@@ -311,35 +311,15 @@ impl Cloister {
     /// ([`crate::claims`]); a job a live process drives is refused as
     /// running.
     pub(crate) fn claim_job(&self, id: &str) -> Result<JobClaim<'_>, ServiceError> {
-        if !self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string())
-        {
-            return Err(crate::jobs::JobError::Running(id.to_string()).into());
-        }
-        let stored = crate::claims::take(self.env.store(), "job", id);
-        let stored = match stored {
-            Ok(c) => c,
-            Err(e) => {
-                self.running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
-                return Err(match e {
-                    crate::claims::ClaimError::Held => {
-                        crate::jobs::JobError::Running(id.to_string()).into()
-                    }
-                    crate::claims::ClaimError::Store(e) => e.into(),
-                });
-            }
-        };
-        Ok(JobClaim {
-            c: self,
-            id: id.to_string(),
-            stored: Some(stored),
-        })
+        let running = || crate::jobs::JobError::Running(id.to_string());
+        let mut claim = self.mark_job(id).ok_or_else(running)?;
+        claim.stored = Some(crate::claims::take(self.env.store(), "job", id).map_err(
+            |e| match e {
+                crate::claims::ClaimError::Held => running().into(),
+                crate::claims::ClaimError::Store(e) => ServiceError::from(e),
+            },
+        )?);
+        Ok(claim)
     }
 
     /// [`Cloister::claim_job`] for a job whose claim names `dead`, an
@@ -350,28 +330,27 @@ impl Cloister {
         id: &str,
         dead: u64,
     ) -> Result<Option<JobClaim<'_>>, ServiceError> {
-        if !self
+        let Some(mut claim) = self.mark_job(id) else {
+            return Ok(None);
+        };
+        claim.stored = crate::claims::take_over(self.env.store(), "job", id, dead)?;
+        Ok(claim.stored.is_some().then_some(claim))
+    }
+
+    /// Marks job `id` in this process's set: a guard without a stored
+    /// claim yet, which unmarks it when dropped (so a claim that fails in
+    /// the store leaves no mark), or `None` if this process drives it.
+    fn mark_job(&self, id: &str) -> Option<JobClaim<'_>> {
+        let fresh = self
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string())
-        {
-            return Ok(None);
-        }
-        match crate::claims::take_over(self.env.store(), "job", id, dead) {
-            Ok(Some(stored)) => Ok(Some(JobClaim {
-                c: self,
-                id: id.to_string(),
-                stored: Some(stored),
-            })),
-            other => {
-                self.running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
-                other.map(|_| None).map_err(ServiceError::from)
-            }
-        }
+            .insert(id.to_string());
+        fresh.then(|| JobClaim {
+            c: self,
+            id: id.to_string(),
+            stored: None,
+        })
     }
 
     /// The web console's sessions, known devices, login throttle and
