@@ -162,7 +162,12 @@ pub fn worker(
         WorkerEvent::Finished { id, kind, seconds } => {
             println!("task {id} ({kind}): done in {seconds:.2} s")
         }
-        WorkerEvent::Failed { id, error } => println!("task {id}: failed: {error}"),
+        WorkerEvent::Failed { id, error, detail } => {
+            println!("task {id}: failed: {error}");
+            if let Some(detail) = detail {
+                println!("task {id}: the runtime's diagnosis (this log only): {detail}");
+            }
+        }
         WorkerEvent::Lost { id } => {
             println!("task {id}: another worker holds it now; result dropped")
         }

@@ -109,6 +109,22 @@ pub enum WorkError {
         /// `task` or `result`.
         what: &'static str,
     },
+    /// An approved plugin does not load in this worker's runtime (a
+    /// worker of another version, say). The text carries the runtime's code
+    /// only: the runtime's own message can name what the component holds
+    /// (its imports), which is the plugin's choice, and this text travels
+    /// to the person who ran the operation. The full diagnosis goes to the
+    /// worker's log ([`WorkerEvent::Failed`]'s `detail`).
+    #[error(
+        "the plugin {digest} does not load in this worker's runtime ({}); the worker's log has the runtime's diagnosis",
+        .error.code()
+    )]
+    PluginLoad {
+        /// The component's digest.
+        digest: String,
+        /// What the runtime said.
+        error: RuntimeError,
+    },
     /// A worker reported a failure another attempt would repeat.
     #[error("the fit failed on worker {owner}: {error}")]
     Failed {
@@ -1135,12 +1151,16 @@ pub enum WorkerEvent {
         /// Wall time of the fit.
         seconds: f64,
     },
-    /// The fit failed; the task is failed with this message.
+    /// The task failed; it is failed with this message.
     Failed {
         /// The task.
         id: i64,
-        /// The message recorded.
+        /// The message recorded (what the operation's caller is told).
         error: String,
+        /// More for the worker's own log (its administrators), when there
+        /// is more: the runtime's full diagnosis of a plugin that did not
+        /// load. Never recorded in the queue.
+        detail: Option<String>,
     },
     /// Another worker holds the task now (this one's lease ran out); its
     /// result was dropped.
@@ -1274,7 +1294,13 @@ impl WorkerContext {
         });
         match done {
             Ok((bytes, seconds)) => self.hand_back(task, options, bytes, seconds, log),
-            Err(e) => self.fail(id, options, e.to_string(), log),
+            Err(e) => {
+                let detail = match &e {
+                    WorkError::PluginLoad { error, .. } => Some(error.admin_detail()),
+                    _ => None,
+                };
+                self.fail_with(id, options, e.to_string(), detail, log)
+            }
         }
     }
 
@@ -1287,8 +1313,20 @@ impl WorkerContext {
         error: String,
         log: &mut dyn FnMut(WorkerEvent),
     ) -> Result<(), WorkError> {
+        self.fail_with(id, options, error, None, log)
+    }
+
+    /// [`fail`](Self::fail), with `detail` for the worker's own log only.
+    fn fail_with(
+        &self,
+        id: i64,
+        options: &WorkerOptions,
+        error: String,
+        detail: Option<String>,
+        log: &mut dyn FnMut(WorkerEvent),
+    ) -> Result<(), WorkError> {
         self.queue.fail(id, &options.name, &error)?;
-        log(WorkerEvent::Failed { id, error });
+        log(WorkerEvent::Failed { id, error, detail });
         Ok(())
     }
 
@@ -1419,9 +1457,10 @@ impl Inputs {
         // Verified against its digest as it is read; the runtime digests
         // it again and must agree.
         let bytes = self.objects.get_bytes(digest, COMPONENT_LIMIT)?;
-        let loaded = rt
-            .load(&bytes)
-            .map_err(|e| WorkError::Format(format!("the plugin {digest}: {e}")))?;
+        let loaded = rt.load(&bytes).map_err(|error| WorkError::PluginLoad {
+            digest: digest.to_string(),
+            error,
+        })?;
         if loaded.digest.to_hex() != digest {
             return Err(WorkError::Format(format!(
                 "the plugin object {digest} holds another component"
@@ -1561,6 +1600,48 @@ pub fn run_worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A component this worker's runtime refuses (here for its imports: a
+    /// worker of another version could refuse an approved plugin) fails
+    /// the task with a text that names the runtime's code and not what the
+    /// component holds; the diagnosis stays for the worker's own log.
+    #[test]
+    fn a_plugin_that_does_not_load_on_a_worker_is_told_by_its_code_only() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("a private directory");
+        let objects =
+            Objects::open(&format!("file://{}", dir.path().display())).expect("object store");
+        let digest = objects
+            .put_bytes(cloister_test_plugins::HOSTILE_NET.to_vec(), false)
+            .expect("stored");
+        let mut inputs = Inputs {
+            objects,
+            features: None,
+            runtime: None,
+            plugins: std::collections::HashMap::new(),
+            vocabulary: None,
+        };
+        let Err(err) = inputs.plugin(&digest) else {
+            panic!("a component importing sockets loaded");
+        };
+        let WorkError::PluginLoad { error, .. } = &err else {
+            panic!("not a load failure: {err}");
+        };
+        assert_eq!(error.code(), "forbidden-imports");
+        let detail = error.admin_detail();
+        assert!(detail.contains("wasi:sockets"), "{detail}");
+        let told = err.to_string();
+        assert!(
+            told.contains(&digest) && told.contains("(forbidden-imports)"),
+            "{told}"
+        );
+        assert!(!told.contains("wasi:"), "{told}");
+        assert!(inputs.plugins.is_empty(), "a refused plugin was kept");
+    }
 
     #[test]
     fn progress_reports_are_read_only_with_the_environments_tag() {
