@@ -14,8 +14,10 @@ min_records = k`, trained with `--set min_support=0`. A variant is
 with — and `10:`.
 
 Reports each model's vocabulary size, test accuracy as trained and as
-released (the disclosure check's pruned copy), and the cost: its released
-accuracy against the *first* variant's model as trained.
+released (the disclosure check's pruned copy), the cost — its released
+accuracy against the *first* variant's model as trained — and the
+membership attack's mean AUC and true-positive rate at FPR <= 1e-3 on the
+released copy.
 
 Usage: bench/fitted_cost.py CLOISTER_BIN DATA.jsonl.gz [DATA ...]
        [--seeds 0,1,2] [--templates logreg,mlp]
@@ -51,8 +53,8 @@ def main():
     a = ap.parse_args()
     variants = [parse_variant(v) for v in a.variants.split(",")]
     print("| data | template | split seed | k | featurizer config | terms | train s | "
-          "test acc. trained | released | cost (points) | verdict |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|")
+          "test acc. trained | released | cost (points) | verdict | MIA AUC | TPR at FPR<=1e-3 |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
     with tempfile.TemporaryDirectory() as root:
         envs = {}
         for k in sorted({k for k, _ in variants}):
@@ -86,6 +88,7 @@ def main():
                         m = json.loads(sh(a.bin, env, "model", "show", model, "--json",
                                           token=sci))
                         rep = m["disclosure"]
+                        mi = rep["membership"]
                         trained = rep["features"]["test_accuracy"]
                         released = rep["features"]["test_accuracy_pruned"]
                         if ref is None:
@@ -94,7 +97,8 @@ def main():
                             f"| {os.path.basename(data)} | {template} | {seed} | {k} | "
                             f"{' '.join(config) or 'defaults'} | "
                             f"{rep['vocabulary']['terms']:,} | {secs:.1f} | {trained:.4f} | "
-                            f"{released:.4f} | {100 * (ref - released):+.2f} | {rep['verdict']} |",
+                            f"{released:.4f} | {100 * (ref - released):+.2f} | {rep['verdict']} | "
+                            f"{mi['mean_auc']:.3f} | {mi['tpr_at_low_fpr']:.4f} |",
                             flush=True,
                         )
 

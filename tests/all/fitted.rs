@@ -253,6 +253,79 @@ fn the_featurizers_configuration_is_the_models_and_a_bad_one_names_its_key() {
     assert_eq!(e.c.list_models(&e.sci).unwrap().len(), models);
 }
 
+/// `tfidf`'s `tail_buckets`: the words and bigrams outside the vocabulary
+/// are hashed into buckets after its columns. A template with its default
+/// `min_support` learns only the buckets at least k training records
+/// reach, so the model as trained is the released copy; with
+/// `min_support = 0` the check finds the buckets fewer records reach and
+/// zeroes them in the released copy, like any other row.
+#[test]
+fn tail_buckets_are_learned_only_where_k_training_records_reach_them() {
+    use cloister_host::train::{Kind, Network, Trained};
+    let e = env();
+    let (normalize, tfidf) = spam_with_tfidf(&e);
+    let req = |sets: &[(&str, &str)]| TrainRequest {
+        dataset: "spam".into(),
+        preprocess: vec![normalize.clone()],
+        features: tfidf.clone(),
+        features_config: cfg(&[("tail_buckets", "65536")]),
+        template: "logreg".into(),
+        sets: cfg(sets),
+        split_seed: None,
+    };
+    // Rows from `first` on (the tail's buckets) with a non-zero weight.
+    let tail_rows = |weights: Vec<u8>, first: usize| {
+        let t = Trained::from_safetensors(Kind::Logreg, &weights).unwrap();
+        let Network::Logreg(l) = &t.net else {
+            panic!("not a logreg")
+        };
+        (first..l.dim)
+            .filter(|r| l.w[r * l.out..(r + 1) * l.out].iter().any(|w| *w != 0.0))
+            .count()
+    };
+    let dir = e.c.env().dir();
+    let m = e.c.train_model(&e.sci, &req(&[]), &mut |_| {}).unwrap();
+    let v = vocabulary(&e, m.lineage.features_state.as_ref().unwrap());
+    assert_eq!(m.dim, v.keys.len() + 65536);
+    let report = m.disclosure.as_ref().unwrap();
+    assert_eq!(report.verdict.as_str(), "pass");
+    assert_eq!(report.features.disclosive, 0);
+    let learned = tail_rows(
+        cloister_host::models::weights(dir, None, &m).unwrap(),
+        v.keys.len(),
+    );
+    assert!(
+        (100..65536).contains(&learned),
+        "{learned} tail buckets learned"
+    );
+    assert!(m.evaluation.accuracy > 0.96, "{}", m.evaluation.accuracy);
+
+    let all =
+        e.c.train_model(&e.sci, &req(&[("min_support", "0")]), &mut |_| {})
+            .unwrap();
+    let report = all.disclosure.as_ref().unwrap();
+    assert_eq!(report.verdict.as_str(), "pass-after-pruning");
+    assert!(report.features.disclosive > 0);
+    // As trained, buckets fewer than k records reach were learned too; the
+    // released copy keeps only the ones k records reach.
+    let trained = tail_rows(
+        cloister_host::models::weights(dir, None, &all).unwrap(),
+        v.keys.len(),
+    );
+    let released = tail_rows(
+        cloister_host::models::release_weights(dir, None, &all).unwrap(),
+        v.keys.len(),
+    );
+    assert!(
+        released < trained,
+        "{released} of {trained} buckets released"
+    );
+    assert!(
+        released <= learned + learned / 10,
+        "{released} vs {learned}"
+    );
+}
+
 /// Positional byte keys, as the hostile plugin makes them.
 fn byte_keys(s: &str) -> Vec<u64> {
     s.bytes()

@@ -24,6 +24,18 @@
 //! n-grams are two blocks of the row, each normalised on its own, then
 //! scaled together to unit length, so the many character n-grams do not
 //! drown the words.
+//!
+//! With `tail_buckets = N` a word or bigram the vocabulary does not hold —
+//! one fewer than k training records share, or one never seen — is not
+//! dropped: it is hashed into one of N buckets after the vocabulary's
+//! columns, a third block of the row (`1 + ln(count)` per bucket, no IDF:
+//! the vocabulary knows nothing of these words). Many rare words share a
+//! bucket, and a template with `min_support = k` (the default) learns only
+//! the buckets at least k training records reach, so every weight it
+//! learns is still one at least k records support, while the rare words'
+//! signal — the names and signatures that recur in a corpus of replies —
+//! is not all lost (docs/disclosure.md says what this does and does not
+//! hide).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -67,8 +79,10 @@ pub struct Tfidf {
     l2: bool,
     /// Lengths of the character n-grams, or `None` for words only.
     chars: Option<(usize, usize)>,
-    /// Per feature, whether it is a character n-gram (the key's low bit),
-    /// once loaded; empty for words only.
+    /// Buckets for the words and bigrams outside the vocabulary (0: none).
+    tail: u32,
+    /// Per vocabulary feature, whether it is a character n-gram (the key's
+    /// low bit), once loaded; empty for words only.
     is_char: Vec<bool>,
     /// Term key → feature index, once loaded.
     index: KeyMap,
@@ -207,6 +221,13 @@ impl Plugin for Tfidf {
                  (1 <= LO <= HI <= 8, e.g. \"2-5\"), or 0 for none",
             ),
             ConfigKey::new(
+                "tail_buckets",
+                "0",
+                "hash the words and bigrams outside the vocabulary into this many buckets after \
+                 its columns (0..=1048576; 0 drops them); the template learns only the buckets \
+                 at least k training records reach",
+            ),
+            ConfigKey::new(
                 "min_token_len",
                 "2",
                 "shortest token kept, in characters (1..=64)",
@@ -270,6 +291,13 @@ impl Plugin for Tfidf {
                 "must be above 0 and at most 1",
             ));
         }
+        let tail: u32 = config.get("tail_buckets")?;
+        if tail > 1 << 20 {
+            return Err(PluginError::invalid_config(
+                "tail_buckets",
+                "must be between 0 and 1048576",
+            ));
+        }
         let max_features: u32 = config.get("max_features")?;
         if !(1..=1 << 20).contains(&max_features) {
             return Err(PluginError::invalid_config(
@@ -288,6 +316,7 @@ impl Plugin for Tfidf {
             sublinear_tf: config.get_bool("sublinear_tf")?,
             l2: config.get_bool("l2_normalize")?,
             chars,
+            tail,
             is_char: Vec::new(),
             index: KeyMap::default(),
             idf: Vec::new(),
@@ -296,6 +325,14 @@ impl Plugin for Tfidf {
             padded: Vec::with_capacity(66),
         })
     }
+}
+
+/// The tail bucket (of `buckets`) of a word or bigram key outside the
+/// vocabulary: the key's high bits, mixed once more so that the bucket
+/// does not follow the word block's low-bit mark.
+fn tail_bucket(key: u64, buckets: u32) -> u32 {
+    let k = (key ^ (key >> 31)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((k >> 32) % u64::from(buckets)) as u32
 }
 
 /// `"0"` (none) or `"LO-HI"` with `1 <= LO <= HI <= 8`.
@@ -360,15 +397,21 @@ impl FittedFeaturizer for Tfidf {
 
 impl Featurizer for Tfidf {
     fn dimension(&self) -> u32 {
-        self.idf.len() as u32
+        self.idf.len() as u32 + self.tail
     }
 
     fn featurize(&mut self, record: &Record, out: &mut Features) -> Result<(), PluginError> {
         let text = self.text(record)?;
         let index = std::mem::take(&mut self.index);
+        let (first, tail) = (self.idf.len() as u32, self.tail);
+        // Only words and bigrams go to the tail: a character n-gram's key
+        // has its low bit set when there are character n-grams.
+        let words_only = self.chars.is_none();
         self.each_term(text, |k| {
             if let Some(&i) = index.get(&k) {
                 out.push(i, 1.0);
+            } else if tail > 0 && (words_only || k & 1 == 0) {
+                out.push(first + tail_bucket(k, tail), 1.0);
             }
         });
         self.index = index;
@@ -376,25 +419,27 @@ impl Featurizer for Tfidf {
     }
 
     fn finish_row(&self, indices: &[u32], values: &mut [f32]) {
+        let first = self.idf.len();
         for (v, &i) in values.iter_mut().zip(indices) {
             let tf = if self.sublinear_tf { 1.0 + v.ln() } else { *v };
-            *v = tf * self.idf.get(i as usize).copied().unwrap_or(0.0);
+            *v = tf * self.idf.get(i as usize).copied().unwrap_or(1.0);
         }
         if !self.l2 {
             return;
         }
-        if self.is_char.is_empty() {
-            let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                values.iter_mut().for_each(|v| *v /= norm);
+        // Blocks — words, character n-grams, the tail's buckets — each to
+        // unit length, then the row to unit length.
+        let block = |i: u32| -> usize {
+            match self.is_char.get(i as usize) {
+                Some(true) => 1,
+                Some(false) => 0,
+                None if (i as usize) < first => 0,
+                None => 2,
             }
-            return;
-        }
-        // Two blocks: each to unit length, then the row to unit length.
-        let char_at = |i: u32| self.is_char.get(i as usize).copied().unwrap_or(false);
-        let mut sums = [0f32; 2];
+        };
+        let mut sums = [0f32; 3];
         for (v, &i) in values.iter().zip(indices) {
-            sums[usize::from(char_at(i))] += v * v;
+            sums[block(i)] += v * v;
         }
         let present = sums.iter().filter(|&&s| s > 0.0).count() as f32;
         let scale = sums.map(|s| {
@@ -405,7 +450,7 @@ impl Featurizer for Tfidf {
             }
         });
         for (v, &i) in values.iter_mut().zip(indices) {
-            *v *= scale[usize::from(char_at(i))];
+            *v *= scale[block(i)];
         }
     }
 }
@@ -598,6 +643,66 @@ mod tests {
     }
 
     #[test]
+    fn words_outside_the_vocabulary_go_to_the_tail_buckets_in_a_block_of_their_own()
+    -> Result<(), PluginError> {
+        let texts = ["ab cd", "ab", "cd ab", "ef"];
+        // Words only: "zz" and "ef" (not in a k = 2 vocabulary) are tail.
+        let mut p = plugin(&[("ngrams", "1"), ("tail_buckets", "8")])?;
+        let v = fit(&mut p, &texts, 2);
+        p.load(&v)?;
+        assert_eq!(v.keys.len(), 2, "ab and cd");
+        assert_eq!(p.dimension(), 2 + 8);
+        let mut out = Features::with_capacity(1, 8);
+        p.featurize_batch(&[record("ab zz zz ef")], &mut out)?;
+        let b = out.into_batch();
+        let bucket = |w: &str| 2 + tail_bucket(term_key(w), 8);
+        let mut want = vec![
+            v.keys.iter().position(|&k| k == term_key("ab")).unwrap() as u32,
+            bucket("zz"),
+            bucket("ef"),
+        ];
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(b.indices, want);
+        // Two blocks present (words; the tail), each half the row's length.
+        let (mut words, mut tail) = (0f64, 0f64);
+        for (&i, &x) in b.indices.iter().zip(&b.values) {
+            let sq = f64::from(x) * f64::from(x);
+            if i < 2 { words += sq } else { tail += sq }
+        }
+        assert!(
+            (words - 0.5).abs() < 1e-5 && (tail - 0.5).abs() < 1e-5,
+            "{words} {tail}"
+        );
+        // The same record without tail buckets: the vocabulary's word only.
+        let mut q = plugin(&[("ngrams", "1")])?;
+        q.load(&v)?;
+        let mut out = Features::with_capacity(1, 8);
+        q.featurize_batch(&[record("ab zz zz ef")], &mut out)?;
+        assert_eq!(out.into_batch().values, vec![1.0]);
+        // With character n-grams, the grams outside the vocabulary are
+        // dropped as before; only words reach the tail.
+        let mut c = plugin(&[
+            ("ngrams", "1"),
+            ("char_ngrams", "2-2"),
+            ("tail_buckets", "4"),
+        ])?;
+        let v = fit(&mut c, &texts, 2);
+        c.load(&v)?;
+        let first = v.keys.len() as u32;
+        assert_eq!(c.dimension(), first + 4);
+        let mut out = Features::with_capacity(1, 8);
+        c.featurize_batch(&[record("qq")], &mut out)?;
+        let b = out.into_batch();
+        assert_eq!(
+            b.indices,
+            vec![first + tail_bucket(word_key(term_key("qq")), 4)]
+        );
+        assert_eq!(b.values, vec![1.0]);
+        Ok(())
+    }
+
+    #[test]
     fn bad_configuration_names_the_key() {
         for (key, value) in [
             ("char_ngrams", "5"),
@@ -610,6 +715,8 @@ mod tests {
             ("max_df", "0"),
             ("max_df", "1.5"),
             ("max_features", "0"),
+            ("tail_buckets", "1048577"),
+            ("tail_buckets", "-1"),
             ("field", ""),
         ] {
             let e = plugin(&[(key, value)]).unwrap_err();
