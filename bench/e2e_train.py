@@ -18,6 +18,7 @@ vectorizing, fitting and predicting. Every figure is the median of
 Usage: bench/e2e_train.py CLOISTER_BIN DATA.jsonl.gz [DATA ...] [--reps N]
        [--baseline OTHER_CLOISTER_BIN]
        [--C 10] [--features hashed-ngrams,tfidf] [--templates logreg,mlp]
+       [--features-config KEY=VALUE ...]   (passed to every `train`)
        (needs `pip install scikit-learn`)
 """
 
@@ -73,7 +74,7 @@ def sklearn_run(records, c):
 
 
 def cloister_run(bin_, label, root, n, rep, data, features, template, ntr, nte, times,
-                 accs):
+                 accs, config=()):
     """A cold run (a new environment: nothing cached or fitted for this
     dataset), then a cached one, of `bin_ train`; their times and accuracy
     go under `label` + the pipeline."""
@@ -83,10 +84,11 @@ def cloister_run(bin_, label, root, n, rep, data, features, template, ntr, nte, 
     sh(bin_, env, "dataset", "import", "d", data, token=sci)
     for phase in ["cold", "cached"]:
         t = time.perf_counter()
+        extra = [a for kv in config for a in ("--features-config", kv)]
         out = sh(bin_, env, "train", "--dataset", "d",
                  "--preprocess", d["text-normalize"],
                  "--features", d[features],
-                 "--template", template, token=sci)
+                 "--template", template, *extra, token=sci)
         s = time.perf_counter() - t
         cached = "features from the cache" in out
         if cached != (phase == "cached"):
@@ -109,12 +111,15 @@ def main():
     ap.add_argument("--C", type=float, default=10.0)
     ap.add_argument("--templates", default="logreg,mlp")
     ap.add_argument("--features", default="hashed-ngrams,tfidf")
+    ap.add_argument("--features-config", action="append", default=[],
+                    help="KEY=VALUE for the featurizer, repeatable (given to every train)")
     ap.add_argument("--baseline", help="another cloister binary (e.g. an older build), "
                     "timed in the same loop right after BIN, so the two compare in one run")
     a = ap.parse_args()
     bins = [("", a.bin)] + ([("baseline ", a.baseline)] if a.baseline else [])
     print(f"machine: {os.cpu_count()} CPUs; binary: {a.bin}; "
-          f"baseline: {a.baseline or '-'}; scikit-learn C={a.C}\n")
+          f"baseline: {a.baseline or '-'}; scikit-learn C={a.C}; "
+          f"featurizer config: {' '.join(a.features_config) or '-'}\n")
     print("| data | pipeline | wall s (median) | runs | test accuracy | vs scikit-learn |")
     print("|---|---|---:|---|---:|---:|")
     with tempfile.TemporaryDirectory() as root:
@@ -130,7 +135,8 @@ def main():
                     for template in a.templates.split(","):
                         for label, bin_ in bins:
                             cloister_run(bin_, label, root, n, rep, data, features,
-                                         template, ntr, nte, times, accs)
+                                         template, ntr, nte, times, accs,
+                                         a.features_config)
             base = statistics.median(times["sklearn"])
             for key, ts in times.items():
                 med = statistics.median(ts)
