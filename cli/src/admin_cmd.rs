@@ -171,6 +171,12 @@ pub fn worker(
         WorkerEvent::Lost { id } => {
             println!("task {id}: another worker holds it now; result dropped")
         }
+        WorkerEvent::Collected { objects, tasks } => {
+            println!("collected: {objects} shared objects no longer kept, {tasks} abandoned tasks")
+        }
+        WorkerEvent::CollectFailed { error } => {
+            eprintln!("collecting unused work objects failed ({error}); trying again later")
+        }
         WorkerEvent::Unreachable { error } => {
             eprintln!("the work queue is unreachable ({error}); trying again")
         }

@@ -19,6 +19,9 @@
 //! enabled = true                   # needs a postgres store and [objects]
 //! claim_timeout_seconds = 300      # no worker for this long: the run fails
 //! max_attempts = 3                 # claims of one task before it fails
+//! stage_records = 2048             # records per plugin-stage task
+//! keep_objects_seconds = 3600      # shared task objects kept after last use
+//! abandoned_task_seconds = 86400   # a task row untouched this long is swept
 //! ```
 //!
 //! An environment made before the file existed has none and uses sled.
@@ -84,6 +87,17 @@ pub struct WorkersConfig {
     /// that many tasks, which free workers take at once.
     #[serde(default = "WorkersConfig::default_stage_records")]
     pub stage_records: usize,
+    /// How long an object that several tasks share (the features of a
+    /// fit, a fitted vocabulary) stays in the object store after the last
+    /// operation that sent it stopped waiting on it; a later operation on
+    /// the same data within this time does not send it again.
+    #[serde(default = "WorkersConfig::default_keep_objects")]
+    pub keep_objects_seconds: u64,
+    /// A task row untouched for this long was abandoned by its submitter
+    /// (the operation's process died before it took the outcome): the
+    /// workers delete it with its objects. At least the claim timeout.
+    #[serde(default = "WorkersConfig::default_abandoned_after")]
+    pub abandoned_task_seconds: u64,
 }
 
 impl WorkersConfig {
@@ -99,6 +113,14 @@ impl WorkersConfig {
         2048
     }
 
+    fn default_keep_objects() -> u64 {
+        3600
+    }
+
+    fn default_abandoned_after() -> u64 {
+        86_400
+    }
+
     /// The section `init --workers` writes.
     pub fn enabled() -> Self {
         Self {
@@ -106,6 +128,8 @@ impl WorkersConfig {
             claim_timeout_seconds: Self::default_claim_timeout(),
             max_attempts: Self::default_max_attempts(),
             stage_records: Self::default_stage_records(),
+            keep_objects_seconds: Self::default_keep_objects(),
+            abandoned_task_seconds: Self::default_abandoned_after(),
         }
     }
 }
@@ -245,6 +269,15 @@ impl EnvConfig {
             if w.stage_records == 0 {
                 return Err("workers.stage_records: must be at least 1".into());
             }
+            if w.keep_objects_seconds < 60 {
+                return Err("workers.keep_objects_seconds: must be at least 60".into());
+            }
+            if w.abandoned_task_seconds < w.claim_timeout_seconds.max(60) {
+                return Err(format!(
+                    "workers.abandoned_task_seconds: must be at least 60 and at least workers.claim_timeout_seconds ({})",
+                    w.claim_timeout_seconds
+                ));
+            }
         }
         Ok(Self {
             environment: file.environment,
@@ -309,9 +342,41 @@ mod tests {
         let e = EnvConfig::parse(&text.replace("stage_records = 2048", "stage_records = 0"))
             .expect_err("refused");
         assert!(e.contains("workers.stage_records"), "{e}");
-        // A file written before stage_records existed takes its default.
-        let older = EnvConfig::parse(&text.replace("stage_records = 2048\n", "")).expect("parses");
-        assert_eq!(older.workers.map(|w| w.stage_records), Some(2048));
+        let e = EnvConfig::parse(
+            &text.replace("keep_objects_seconds = 3600", "keep_objects_seconds = 5"),
+        )
+        .expect_err("refused");
+        assert!(e.contains("workers.keep_objects_seconds"), "{e}");
+        // A task is not swept while its submitter may still wait for a
+        // worker to take it.
+        let e = EnvConfig::parse(&text.replace(
+            "abandoned_task_seconds = 86400",
+            "abandoned_task_seconds = 200",
+        ))
+        .expect_err("refused");
+        assert!(
+            e.contains("workers.abandoned_task_seconds") && e.contains("(300)"),
+            "{e}"
+        );
+        // A file written before these settings existed takes their
+        // defaults.
+        let older = EnvConfig::parse(
+            &text
+                .replace("stage_records = 2048\n", "")
+                .replace("keep_objects_seconds = 3600\n", "")
+                .replace("abandoned_task_seconds = 86400\n", ""),
+        )
+        .expect("parses")
+        .workers
+        .expect("workers");
+        assert_eq!(
+            (
+                older.stage_records,
+                older.keep_objects_seconds,
+                older.abandoned_task_seconds
+            ),
+            (2048, 3600, 86_400)
+        );
         assert_eq!(c.store.to_string(), "postgres://a@h:5/d");
         let text = EnvConfig::render("env-1", "sled", Some("ca.pem"), None, None);
         assert_eq!(

@@ -36,6 +36,14 @@
 //! not the row-tag key. They never touch the key–value store or the audit
 //! log: the operation's process audits the operation, as without workers.
 //! Work-queue rows are not audit records; they are deleted once taken.
+//!
+//! Objects that fits and stages share (the features, a fitted
+//! vocabulary) are kept by time, not by count: the operation that sends
+//! one records, with its tag, until when it is needed, and renews that
+//! while it waits ([`Workers::share`]); idle workers delete what no one
+//! needs any more, and the rows and objects of tasks whose submitter died
+//! ([`collect`]). A row without the environment's tag names nothing to
+//! delete.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -50,7 +58,7 @@ use crate::runtime::{
     LoadedPlugin, Runner, Runtime, RuntimeConfig, RuntimeError, TermCounts, Usage,
 };
 use crate::store::objects::Objects;
-use crate::store::work::{Task, TaskState, WorkQueue};
+use crate::store::work::{Collected, Due, Task, TaskState, WorkQueue};
 use crate::store::{PgUrl, StoreError};
 use crate::train::{self, Fitted, Template, TrainError, Trained, TrainingSet};
 use crate::types::{DataRecord, SparseBatch, Vocabulary};
@@ -200,6 +208,53 @@ fn task_message(kind: &str, input: &str) -> Vec<u8> {
         input.as_bytes(),
     ]
     .concat()
+}
+
+/// What the tag of a shared object's keep row covers.
+fn keep_message(digest: &str) -> Vec<u8> {
+    [b"cloister work object\0".as_slice(), digest.as_bytes()].concat()
+}
+
+/// How often an idle worker looks for objects and tasks to delete.
+const COLLECT_EVERY: Duration = Duration::from_secs(60);
+
+/// Deletes, of what `queue` offers, the objects whose rows carry the
+/// environment's tag: shared objects no one keeps any more, and the task
+/// and result objects of tasks abandoned for `abandoned`. The rows go
+/// either way (a row without the tag is not Cloister's and names nothing
+/// to delete).
+fn collect(
+    queue: &WorkQueue,
+    key: &ring::hmac::Key,
+    objects: &Objects,
+    abandoned: Duration,
+) -> Result<Collected, StoreError> {
+    let signed = |message: Vec<u8>, tag: &[u8]| ring::hmac::verify(key, &message, tag).is_ok();
+    queue.collect(abandoned, &mut |due| match due {
+        Due::Object { digest, tag } => {
+            if signed(keep_message(digest), tag) {
+                objects.delete(digest)?;
+            }
+            Ok(())
+        }
+        Due::Task {
+            kind,
+            input,
+            tag,
+            result,
+            result_tag,
+        } => {
+            if signed(task_message(kind, input), tag) {
+                objects.delete(input)?;
+            }
+            if let (Some(result), Some(result_tag)) = (result, result_tag)
+                && signed(result_message(input, result), result_tag)
+            {
+                objects.delete(result)?;
+            }
+            Ok(())
+        }
+    })
 }
 
 fn result_message(input: &str, result: &str) -> Vec<u8> {
@@ -889,6 +944,44 @@ impl Workers {
         })
     }
 
+    /// How long a shared object is kept after the last operation that
+    /// sent it stopped waiting on it.
+    fn keep_period(&self) -> Duration {
+        Duration::from_secs(self.config.keep_objects_seconds)
+    }
+
+    /// Asks that shared object `digest` be kept for the keep period from
+    /// now.
+    fn keep(&self, digest: &str) -> Result<(), WorkError> {
+        let tag = ring::hmac::sign(&self.key, &keep_message(digest));
+        Ok(self.queue.keep(digest, tag.as_ref(), self.keep_period())?)
+    }
+
+    /// Asks again that the `shared` objects be kept, when a third of the
+    /// keep period has passed since `kept`.
+    fn renew(&self, shared: &[&str], kept: &mut Instant) -> Result<(), WorkError> {
+        if kept.elapsed() >= self.keep_period() / 3 {
+            for digest in shared {
+                self.keep(digest)?;
+            }
+            *kept = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Stores `bytes`, content that several tasks may share (features, a
+    /// fitted vocabulary), as an object kept for the keep period; returns
+    /// its digest. Kept first, written next: a collector that deleted it
+    /// a moment before has removed its row too, and the write puts it
+    /// back.
+    pub(crate) fn share(&self, objects: &Objects, bytes: Vec<u8>) -> Result<String, WorkError> {
+        let digest = crate::digest::Digest::of(&bytes).to_hex();
+        self.keep(&digest)?;
+        // Not synced: lost in a crash, the operation is run again.
+        objects.put_bytes(bytes, false)?;
+        Ok(digest)
+    }
+
     /// Fits `template` on `set` on a worker and returns the model with its
     /// class probabilities for `predict` (rows of `set.x`) — what
     /// [`fit_here`] returns in this process.
@@ -900,16 +993,15 @@ impl Workers {
         predict: &[usize],
         progress: &mut dyn FnMut(&train::EpochStats),
     ) -> Result<(Fitted, Vec<f32>), WorkError> {
-        // Work objects are not synced: lost in a crash, the fit is simply
-        // run again.
-        let features = objects.put_bytes(encode_features(set.x), false)?;
+        let features = self.share(objects, encode_features(set.x))?;
+        let mut kept = Instant::now();
         let mut nonce = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
             .map_err(|_| WorkError::Random)?;
         let task = FitTask {
             nonce: hex::encode(nonce),
             template: template.clone(),
-            features,
+            features: features.clone(),
             dim: set.dim,
             classes: set.classes,
             y: set.y.to_vec(),
@@ -922,14 +1014,16 @@ impl Workers {
         let tag = ring::hmac::sign(&self.key, &task_message(FIT, &input));
         let max = i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX);
         let id = self.queue.submit(FIT, &input, tag.as_ref(), max)?;
-        let outcome = self.wait(id, &input, progress).and_then(|result| {
-            let fitted = objects
-                .get_bytes(&result, OBJECT_LIMIT)
-                .map_err(WorkError::from)
-                .and_then(|bytes| decode_result(&bytes, template, set.dim, set.classes));
-            let _ = objects.delete(&result);
-            fitted
-        });
+        let outcome = self
+            .wait(id, &input, (&[&features], &mut kept), progress)
+            .and_then(|result| {
+                let fitted = objects
+                    .get_bytes(&result, OBJECT_LIMIT)
+                    .map_err(WorkError::from)
+                    .and_then(|bytes| decode_result(&bytes, template, set.dim, set.classes));
+                let _ = objects.delete(&result);
+                fitted
+            });
         // The row and the task's own objects have done their job either
         // way (a failure is reported to the caller, and the operation's
         // audit record stands for it). The features stay: other fits share
@@ -963,8 +1057,13 @@ impl Workers {
         }
         let max = i32::try_from(self.config.max_attempts).unwrap_or(i32::MAX);
         let mut tasks: Vec<(i64, String)> = Vec::with_capacity(shards.len());
+        // The vocabulary, shared just before this call, is kept for as
+        // long as shards are queued and waited on.
+        let shared: Vec<&str> = vocabulary.into_iter().collect();
+        let mut kept = Instant::now();
         let mut outcome = (|| {
             for shard in &shards {
+                self.renew(&shared, &mut kept)?;
                 let mut nonce = [0u8; 16];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
                     .map_err(|_| WorkError::Random)?;
@@ -994,14 +1093,16 @@ impl Workers {
         let mut parts = Vec::with_capacity(shards.len());
         if outcome.is_ok() {
             for ((id, input), shard) in tasks.iter().zip(&shards) {
-                let part = self.wait(*id, input, &mut |_| {}).and_then(|result| {
-                    let run = objects
-                        .get_bytes(&result, OBJECT_LIMIT)
-                        .map_err(WorkError::from)
-                        .and_then(|bytes| decode_stage_result(&bytes, input, stage.op, shard));
-                    let _ = objects.delete(&result);
-                    run
-                });
+                let part = self
+                    .wait(*id, input, (&shared, &mut kept), &mut |_| {})
+                    .and_then(|result| {
+                        let run = objects
+                            .get_bytes(&result, OBJECT_LIMIT)
+                            .map_err(WorkError::from)
+                            .and_then(|bytes| decode_stage_result(&bytes, input, stage.op, shard));
+                        let _ = objects.delete(&result);
+                        run
+                    });
                 match part {
                     Ok(run) => parts.push(run),
                     Err(e) => {
@@ -1024,11 +1125,14 @@ impl Workers {
 
     /// Waits for task `id` (on `input`) to end and returns its result's
     /// digest, once its tag is checked; relays the worker's progress
-    /// reports that carry the environment's tag, each epoch once.
+    /// reports that carry the environment's tag, each epoch once; keeps the
+    /// shared objects the task needs (`keep.0`, last kept at `keep.1`) for
+    /// as long as it waits.
     fn wait(
         &self,
         id: i64,
         input: &str,
+        (shared, kept): (&[&str], &mut Instant),
         progress: &mut dyn FnMut(&train::EpochStats),
     ) -> Result<String, WorkError> {
         let mut shown = 0u32;
@@ -1094,6 +1198,7 @@ impl Workers {
                     }
                 }
             }
+            self.renew(shared, kept)?;
             std::thread::sleep(pause);
             pause = (pause * 2).min(POLL);
         }
@@ -1168,6 +1273,20 @@ pub enum WorkerEvent {
         /// The task.
         id: i64,
     },
+    /// While idle, the worker deleted shared objects no one keeps any
+    /// more and tasks their submitters abandoned (with their objects).
+    Collected {
+        /// Shared objects deleted.
+        objects: usize,
+        /// Abandoned task rows deleted.
+        tasks: usize,
+    },
+    /// Looking for what to delete failed (the database or the object store
+    /// is away); the worker tries again later.
+    CollectFailed {
+        /// The error.
+        error: String,
+    },
     /// The queue could not be read (the database is away); the worker
     /// tries again after a pause.
     Unreachable {
@@ -1182,6 +1301,8 @@ pub enum WorkerEvent {
 struct WorkerContext {
     queue: WorkQueue,
     key: ring::hmac::Key,
+    /// A task row untouched for this long was abandoned by its submitter.
+    abandoned: Duration,
     /// What a task's work fetches and prepares. A separate part so that
     /// the work can borrow it while the lease's heartbeat borrows the
     /// queue: every step of a claimed task runs under its lease.
@@ -1220,12 +1341,13 @@ impl WorkerContext {
             }
             Err(e) => return Err(setup(CONFIG_FILE, e)),
         };
-        if config.workers.is_none() {
+        let Some(workers) = config.workers.as_ref() else {
             return Err(setup(
                 CONFIG_FILE,
                 "workers.enabled is not set: this environment fits in its own process".into(),
             ));
-        }
+        };
+        let abandoned = Duration::from_secs(workers.abandoned_task_seconds);
         let StoreLocation::Postgres(mut url) = config.store else {
             return Err(setup(CONFIG_FILE, "workers need a postgres store".into()));
         };
@@ -1245,6 +1367,7 @@ impl WorkerContext {
         Ok(Self {
             queue: WorkQueue::connect(&url)?,
             key: tag_key(&secret),
+            abandoned,
             inputs: Inputs {
                 objects,
                 features: None,
@@ -1562,10 +1685,28 @@ pub fn run_worker(
 ) -> Result<u64, WorkError> {
     let mut ctx = WorkerContext::open(path)?;
     let mut done = 0u64;
+    let mut collected: Option<Instant> = None;
     while !stop.load(Ordering::Acquire) && options.max_tasks.is_none_or(|m| done < m) {
         let task = match ctx.queue.claim(&options.name, options.lease) {
             Ok(Some(task)) => task,
             Ok(None) => {
+                // Idle: time to delete what no one needs any more.
+                if collected.is_none_or(|t| t.elapsed() >= COLLECT_EVERY) {
+                    collected = Some(Instant::now());
+                    match collect(&ctx.queue, &ctx.key, &ctx.inputs.objects, ctx.abandoned) {
+                        Ok(Collected {
+                            objects: 0,
+                            tasks: 0,
+                        }) => {}
+                        Ok(c) => log(WorkerEvent::Collected {
+                            objects: c.objects,
+                            tasks: c.tasks,
+                        }),
+                        Err(e) => log(WorkerEvent::CollectFailed {
+                            error: e.to_string(),
+                        }),
+                    }
+                }
                 std::thread::sleep(options.idle);
                 continue;
             }

@@ -22,6 +22,8 @@ struct Env {
     cloister: Cloister,
     admin: User,
     sci: User,
+    /// The scientist's token, for the command line.
+    sci_token: String,
     rev: User,
     features: String,
     normalize: String,
@@ -42,7 +44,7 @@ fn setup(dir: &Path, name: &str, options: &InitOptions, step: usize) -> Env {
     let path = dir.join(name);
     let (c, root) = Cloister::init_with_options(&path, "root", options).unwrap();
     let admin = c.authenticate(&root).unwrap();
-    let sci = c.add_user(&admin, "sci", &[Role::Scientist]).unwrap().0;
+    let (sci, sci_token) = c.add_user(&admin, "sci", &[Role::Scientist]).unwrap();
     let rev = c.add_user(&admin, "rev", &[Role::Reviewer]).unwrap().0;
     c.import_dataset(&sci, "spam", &data(dir, step), &ImportOptions::default())
         .unwrap();
@@ -59,6 +61,7 @@ fn setup(dir: &Path, name: &str, options: &InitOptions, step: usize) -> Env {
         cloister: c,
         admin,
         sci,
+        sci_token,
         rev,
         normalize: digests.swap_remove(1),
         features: digests.swap_remove(0),
@@ -608,4 +611,135 @@ fn an_active_learning_job_on_workers_ends_as_the_job_in_the_process() {
             "{printed}"
         );
     }
+}
+
+/// The objects in an environment's object store directory whose content
+/// starts with `head`, by digest.
+fn objects_starting(dir: &Path, head: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    for shard in std::fs::read_dir(dir.join("objects/sha256")).unwrap() {
+        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let f = f.unwrap();
+            if std::fs::read(f.path()).unwrap().starts_with(head) {
+                found.push(f.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn object_exists(dir: &Path, digest: &str) -> bool {
+    dir.join("objects/sha256")
+        .join(&digest[..2])
+        .join(digest)
+        .exists()
+}
+
+#[test]
+fn shared_objects_no_one_keeps_and_abandoned_tasks_are_collected_by_idle_workers() {
+    let Some(pg) = PgServer::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let e = on_workers(&pg, dir.path(), 8);
+    let w = worker(&e.path, "w1", 10, &[]);
+    let first = try_train(&e, &request(&e.features, "logreg", 2)).unwrap();
+    stop(w);
+    // The features stay, kept by a row with the environment's tag, until
+    // the keep time (an hour by default) after the operation's last wait.
+    let features = objects_starting(dir.path(), b"CLFEAT1\n");
+    assert_eq!(features.len(), 1, "{features:?}");
+    assert_eq!(
+        pg.psql(
+            "work",
+            "SELECT digest, keep_until > now() + interval '50 minutes' FROM cloister_work_objects"
+        ),
+        format!("{}|t", features[0])
+    );
+
+    // An operation whose process dies while its fit waits for a worker
+    // (none runs): its task row and task object stay behind.
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_cloister"))
+        .env("CLOISTER_ENV", &e.path)
+        .env("CLOISTER_TOKEN", &e.sci_token)
+        .args(["train", "--dataset", "spam", "--features", &e.features])
+        .args(["--template", "mlp", "--split-seed", "7"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while pg.psql(
+        "work",
+        "SELECT count(*) FROM cloister_work WHERE kind = 'fit'",
+    ) != "1"
+    {
+        assert!(started.elapsed().as_secs() < 120, "no fit was queued");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    let abandoned = objects_starting(dir.path(), b"{\"nonce\"");
+    assert_eq!(abandoned.len(), 1, "{abandoned:?}");
+    // Time passes: a day, in which its last worker died too (the row is
+    // out of claims), and the hour of the features' keep.
+    pg.psql(
+        "work",
+        "UPDATE cloister_work SET state = 'running', owner = 'gone', attempts = max_attempts,
+                lease_until = now() - interval '2 days';
+         UPDATE cloister_work_objects SET keep_until = now() - interval '1 second'",
+    );
+    // Rows written by someone with the database and not the work key, to
+    // make the collector delete what is not a work object: a plugin's
+    // component, named as a shared object and as a task's input and
+    // result.
+    let segment = objects_starting(dir.path(), b"\0asm")
+        .into_iter()
+        .next()
+        .expect("a plugin's component in the object store");
+    pg.psql(
+        "work",
+        &format!(
+            "INSERT INTO cloister_work_objects (digest, tag, keep_until)
+             VALUES ('{segment}', '\\x00', now() - interval '1 day');
+             INSERT INTO cloister_work (kind, input, tag, state, max_attempts, result, result_tag, finished)
+             VALUES ('fit', '{segment}', '\\x00', 'done', 3, '{segment}', '\\x00', now() - interval '2 days')"
+        ),
+    );
+
+    // An idle worker collects: the features and the abandoned task's
+    // object go, the forged rows go without their objects.
+    let mut w = worker(&e.path, "w2", 10, &[]);
+    let mut lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let said = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.starts_with("collected"))
+        .expect("the worker never collected");
+    assert_eq!(
+        said,
+        "collected: 2 shared objects no longer kept, 2 abandoned tasks"
+    );
+    assert!(!object_exists(dir.path(), &features[0]));
+    assert!(!object_exists(dir.path(), &abandoned[0]));
+    assert!(
+        object_exists(dir.path(), &segment),
+        "a forged row deleted an object"
+    );
+    assert_eq!(pg.psql("work", "SELECT count(*) FROM cloister_work"), "0");
+    assert_eq!(
+        pg.psql("work", "SELECT count(*) FROM cloister_work_objects"),
+        "0"
+    );
+
+    // The next operation on the same data sends the features again.
+    assert_eq!(
+        try_train(&e, &request(&e.features, "logreg", 2)).unwrap(),
+        first
+    );
+    assert!(object_exists(dir.path(), &features[0]));
+    assert_eq!(
+        pg.psql("work", "SELECT digest FROM cloister_work_objects"),
+        features[0]
+    );
+    stop(w);
 }

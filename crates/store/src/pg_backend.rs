@@ -122,6 +122,16 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "work progress",
         "ALTER TABLE cloister_work ADD COLUMN progress text;",
     ),
+    (
+        4,
+        "work objects kept",
+        "CREATE TABLE cloister_work_objects (
+         digest text PRIMARY KEY,
+         tag bytea NOT NULL,
+         keep_until timestamptz NOT NULL
+     );
+     CREATE INDEX cloister_work_objects_due ON cloister_work_objects (keep_until);",
+    ),
 ];
 
 /// The schema version this build reads and writes.

@@ -23,6 +23,14 @@
 //!
 //! Times are the database server's (`now()`), so workers on machines with
 //! different clocks agree on when a lease ran out.
+//!
+//! Objects that several tasks share (the features of a fit, a fitted
+//! vocabulary) are not a task's to delete. Whoever sends one first says
+//! how long it is needed ([`WorkQueue::keep`], table
+//! `cloister_work_objects`, migration 4), before it writes the object, and
+//! says it again while it waits; [`WorkQueue::collect`] deletes the
+//! objects no one has asked to keep past now, and the rows and objects of
+//! tasks their submitter abandoned (it died before it took the outcome).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +93,45 @@ pub enum TaskState {
     /// No such task (removed, or never submitted).
     Missing,
 }
+
+/// What one [`WorkQueue::collect`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Shared objects whose keep time had passed.
+    pub objects: usize,
+    /// Abandoned task rows (their task and result objects with them).
+    pub tasks: usize,
+}
+
+/// What [`WorkQueue::collect`] offers to be deleted, as the rows hold it
+/// (written by whoever could write the table: check the tags).
+#[derive(Debug, Clone, Copy)]
+pub enum Due<'a> {
+    /// A shared object whose keep time has passed.
+    Object {
+        /// Its digest.
+        digest: &'a str,
+        /// The tag `keep` was given.
+        tag: &'a [u8],
+    },
+    /// A task its submitter abandoned.
+    Task {
+        /// Its kind.
+        kind: &'a str,
+        /// Its input's digest.
+        input: &'a str,
+        /// The submitter's tag.
+        tag: &'a [u8],
+        /// Its result's digest, if a worker finished it.
+        result: Option<&'a str>,
+        /// The worker's tag over the result.
+        result_tag: Option<&'a [u8]>,
+    },
+}
+
+/// The most rows one [`WorkQueue::collect`] removes of each kind: a
+/// backlog is worked off over several calls.
+const COLLECT_BATCH: i64 = 1000;
 
 /// A connection to the work queue of one environment's database.
 pub struct WorkQueue {
@@ -364,6 +411,136 @@ impl WorkQueue {
                 },
             })
         })
+    }
+
+    /// Records that object `digest` is needed for `period` from now (or
+    /// longer, if someone asked for longer), with the submitter's `tag`
+    /// over the digest (which the collector checks before it deletes
+    /// anything: a row written without the key names no object to
+    /// delete). Call it before the object is written, and again before the
+    /// period runs out for as long as it is needed:
+    /// [`WorkQueue::collect`] offers only objects whose period has passed,
+    /// and a `keep` that waits while a collector holds the row finds the
+    /// row gone afterwards and must write the object again.
+    pub fn keep(&self, digest: &str, tag: &[u8], period: Duration) -> Result<(), StoreError> {
+        let (digest, tag) = (digest.to_string(), tag.to_vec());
+        let url = self.url.clone();
+        self.run(move |c| async move {
+            c.execute(
+                "INSERT INTO cloister_work_objects (digest, tag, keep_until)
+                 VALUES ($1, $2, now() + make_interval(secs => $3))
+                 ON CONFLICT (digest) DO UPDATE
+                    SET tag = EXCLUDED.tag,
+                        keep_until = greatest(cloister_work_objects.keep_until,
+                                              EXCLUDED.keep_until)",
+                &[&digest, &tag, &seconds(period)],
+            )
+            .await
+            .map_err(queue_err(&url))?;
+            Ok(())
+        })
+    }
+
+    /// Offers to `sweep` every shared object whose keep time has passed
+    /// ([`WorkQueue::keep`]), then every task its submitter abandoned: a
+    /// row untouched for `abandoned` (queued since, its lease out since,
+    /// or ended since, and its outcome never taken). `sweep` deletes what
+    /// it trusts of each (checking the tags); the row goes once it
+    /// returns `Ok`, in the same transaction, and stays for a later call
+    /// if it fails. An object's row stays locked while `sweep` deletes the
+    /// object, so a `keep` of the same digest waits for the deletion and
+    /// then asks anew. At most a thousand rows of each kind per call.
+    ///
+    /// Runs on a connection of its own, opened for the call, so that its
+    /// transactions do not mix with the statements of a lease's heartbeat.
+    pub fn collect(
+        &self,
+        abandoned: Duration,
+        sweep: &mut dyn FnMut(Due<'_>) -> Result<(), StoreError>,
+    ) -> Result<Collected, StoreError> {
+        type Param = Box<dyn tokio_postgres::types::ToSql + Send + Sync>;
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| StoreError::Engine("the work queue's client stopped".into()))?;
+        let url = self.url.clone();
+        let client = Arc::new(super::wait_on(rt, async move { connect(&url).await })?);
+        // One statement on the collector's connection.
+        let step = |sql: &'static str, params: Vec<Param>| {
+            let (c, url) = (Arc::clone(&client), self.url.clone());
+            super::wait_on(rt, async move {
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                c.query(sql, &refs).await.map_err(queue_err(&url))
+            })
+        };
+        let mut done = Collected::default();
+        // Shared objects, one row at a time: its lock is held across the
+        // object's deletion.
+        while (done.objects as i64) < COLLECT_BATCH {
+            step("BEGIN", vec![])?;
+            let due = step(
+                "SELECT digest, tag FROM cloister_work_objects
+                  WHERE keep_until < now()
+                  ORDER BY keep_until
+                  LIMIT 1
+                    FOR UPDATE SKIP LOCKED",
+                vec![],
+            )?;
+            let Some(row) = due.first() else {
+                step("ROLLBACK", vec![])?;
+                break;
+            };
+            let (digest, tag): (String, Vec<u8>) = (row.get(0), row.get(1));
+            if let Err(e) = sweep(Due::Object {
+                digest: &digest,
+                tag: &tag,
+            }) {
+                let _ = step("ROLLBACK", vec![]);
+                return Err(e);
+            }
+            step(
+                "DELETE FROM cloister_work_objects WHERE digest = $1",
+                vec![Box::new(digest)],
+            )?;
+            step("COMMIT", vec![])?;
+            done.objects += 1;
+        }
+        // Abandoned tasks: the rows go in the transaction that deletes
+        // their objects, so a failed deletion leaves them to a later call.
+        step("BEGIN", vec![])?;
+        let rows = step(
+            "DELETE FROM cloister_work WHERE id IN (
+                 SELECT id FROM cloister_work
+                  WHERE CASE state
+                          WHEN 'queued' THEN created
+                          WHEN 'running' THEN lease_until
+                          ELSE coalesce(finished, created)
+                        END < now() - make_interval(secs => $1)
+                  ORDER BY id
+                  LIMIT $2
+                    FOR UPDATE SKIP LOCKED)
+             RETURNING kind, input, tag, result, result_tag",
+            vec![Box::new(seconds(abandoned)), Box::new(COLLECT_BATCH)],
+        )?;
+        for r in &rows {
+            let due = Due::Task {
+                kind: r.get(0),
+                input: r.get(1),
+                tag: r.get(2),
+                result: r.get(3),
+                result_tag: r.get(4),
+            };
+            if let Err(e) = sweep(due) {
+                let _ = step("ROLLBACK", vec![]);
+                return Err(e);
+            }
+        }
+        step("COMMIT", vec![])?;
+        done.tasks = rows.len();
+        Ok(done)
     }
 
     /// Deletes task `id` (its submitter has taken the outcome).

@@ -293,7 +293,7 @@ impl Cloister {
                 let vocabulary = setup
                     .vocabulary
                     .as_ref()
-                    .map(|v| objects.put_bytes(crate::fitted::encode(v), false))
+                    .map(|v| workers.share(objects, crate::fitted::encode(v)))
                     .transpose()?;
                 workers.run_stage(objects, stage, vocabulary.as_deref(), records)?
             }
