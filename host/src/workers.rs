@@ -952,9 +952,9 @@ impl Workers {
 
     /// Asks that shared object `digest` be kept for the keep period from
     /// now.
-    fn keep(&self, digest: &str) -> Result<(), WorkError> {
+    fn keep(&self, digest: &str) -> Result<(), StoreError> {
         let tag = ring::hmac::sign(&self.key, &keep_message(digest));
-        Ok(self.queue.keep(digest, tag.as_ref(), self.keep_period())?)
+        self.queue.keep(digest, tag.as_ref(), self.keep_period())
     }
 
     /// Asks again that the `shared` objects be kept, when a third of the
@@ -975,11 +975,8 @@ impl Workers {
     /// a moment before has removed its row too, and the write puts it
     /// back.
     pub(crate) fn share(&self, objects: &Objects, bytes: Vec<u8>) -> Result<String, WorkError> {
-        let digest = crate::digest::Digest::of(&bytes).to_hex();
-        self.keep(&digest)?;
         // Not synced: lost in a crash, the operation is run again.
-        objects.put_bytes(bytes, false)?;
-        Ok(digest)
+        Ok(objects.put_bytes_after(bytes, false, &mut |digest| self.keep(digest))?)
     }
 
     /// Fits `template` on `set` on a worker and returns the model with its

@@ -253,7 +253,20 @@ impl Objects {
     /// them), which content that can be made again does not need. Content
     /// already stored is not written again.
     pub fn put_bytes(&self, bytes: Vec<u8>, durable: bool) -> Result<String, StoreError> {
+        self.put_bytes_after(bytes, durable, &mut |_| Ok(()))
+    }
+
+    /// [`Objects::put_bytes`], calling `first` with the digest before
+    /// anything is looked up or written (to record a claim on the object
+    /// that must precede it); its error is returned and nothing written.
+    pub fn put_bytes_after(
+        &self,
+        bytes: Vec<u8>,
+        durable: bool,
+        first: &mut dyn FnMut(&str) -> Result<(), StoreError>,
+    ) -> Result<String, StoreError> {
         let sha256 = Digest::of(&bytes).to_hex();
+        first(&sha256)?;
         if self.contains(&sha256)? {
             return Ok(sha256);
         }
