@@ -1399,6 +1399,7 @@ impl WorkerContext {
                     what: "task",
                 }
                 .to_string(),
+                None,
                 log,
             );
         }
@@ -1419,25 +1420,14 @@ impl WorkerContext {
                     WorkError::PluginLoad { error, .. } => Some(error.admin_detail()),
                     _ => None,
                 };
-                self.fail_with(id, options, e.to_string(), detail, log)
+                self.fail(id, options, e.to_string(), detail, log)
             }
         }
     }
 
     /// Fails task `id` with `error` (a failure another attempt would
-    /// repeat), and says so.
+    /// repeat), and says so, with `detail` for the worker's own log only.
     fn fail(
-        &self,
-        id: i64,
-        options: &WorkerOptions,
-        error: String,
-        log: &mut dyn FnMut(WorkerEvent),
-    ) -> Result<(), WorkError> {
-        self.fail_with(id, options, error, None, log)
-    }
-
-    /// [`fail`](Self::fail), with `detail` for the worker's own log only.
-    fn fail_with(
         &self,
         id: i64,
         options: &WorkerOptions,

@@ -202,15 +202,7 @@ fn tfidf_fits_on_the_training_split_and_its_vocabulary_travels_with_the_model() 
 fn the_featurizers_configuration_is_the_models_and_a_bad_one_names_its_key() {
     let e = env();
     let (normalize, tfidf) = spam_with_tfidf(&e);
-    let req = |config: &[(&str, &str)]| TrainRequest {
-        dataset: "spam".into(),
-        preprocess: vec![normalize.clone()],
-        features: tfidf.clone(),
-        features_config: cfg(config),
-        template: "logreg".into(),
-        sets: vec![],
-        split_seed: None,
-    };
+    let req = |config: &[(&str, &str)]| logreg_on_spam(&normalize, &tfidf, config, &[]);
     let m =
         e.c.train_model(&e.sci, &req(&[("char_ngrams", "2-5")]), &mut |_| {})
             .unwrap();
@@ -253,6 +245,25 @@ fn the_featurizers_configuration_is_the_models_and_a_bad_one_names_its_key() {
     assert_eq!(e.c.list_models(&e.sci).unwrap().len(), models);
 }
 
+/// `logreg` on "spam" through `normalize` and `tfidf` configured with
+/// `config`, the template's settings `sets`.
+fn logreg_on_spam(
+    normalize: &str,
+    tfidf: &str,
+    config: &[(&str, &str)],
+    sets: &[(&str, &str)],
+) -> TrainRequest {
+    TrainRequest {
+        dataset: "spam".into(),
+        preprocess: vec![normalize.into()],
+        features: tfidf.into(),
+        features_config: cfg(config),
+        template: "logreg".into(),
+        sets: cfg(sets),
+        split_seed: None,
+    }
+}
+
 /// `tfidf`'s `tail_buckets`: the words and bigrams outside the vocabulary
 /// are hashed into buckets after its columns. A template with its default
 /// `min_support` learns only the buckets at least k training records
@@ -264,14 +275,8 @@ fn tail_buckets_are_learned_only_where_k_training_records_reach_them() {
     use cloister_host::train::{Kind, Network, Trained};
     let e = env();
     let (normalize, tfidf) = spam_with_tfidf(&e);
-    let req = |sets: &[(&str, &str)]| TrainRequest {
-        dataset: "spam".into(),
-        preprocess: vec![normalize.clone()],
-        features: tfidf.clone(),
-        features_config: cfg(&[("tail_buckets", "65536")]),
-        template: "logreg".into(),
-        sets: cfg(sets),
-        split_seed: None,
+    let req = |sets: &[(&str, &str)]| {
+        logreg_on_spam(&normalize, &tfidf, &[("tail_buckets", "65536")], sets)
     };
     // Rows from `first` on (the tail's buckets) with a non-zero weight.
     let tail_rows = |weights: Vec<u8>, first: usize| {
