@@ -273,7 +273,7 @@ fn main() -> Result<()> {
     let disk_rt = || -> Result<Runtime> {
         let handle = cap_std::fs::Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority())?;
         Ok(Runtime::new(RuntimeConfig {
-            cache: ArtifactCache::on_disk(handle, &secret),
+            cache: ArtifactCache::on_disk(handle, &secret, u64::MAX),
             max_instances: 4,
             ..RuntimeConfig::default()
         })?)

@@ -88,7 +88,7 @@ fn digits(n: usize) -> Result<(Vec<DataRecord>, PluginConfig)> {
 fn disk_runtime(dir: &Path) -> Result<Runtime> {
     let handle = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())?;
     Ok(Runtime::new(RuntimeConfig {
-        cache: ArtifactCache::on_disk(handle, &[7u8; 32]),
+        cache: ArtifactCache::on_disk(handle, &[7u8; 32], u64::MAX),
         max_instances: 8,
         ..RuntimeConfig::default()
     })?)

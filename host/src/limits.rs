@@ -6,6 +6,7 @@
 //! ```toml
 //! [plugins]
 //! max_feature_dimension = 16777216   # largest dimension a featurizer may declare
+//! artifact_cache_mb = 1024           # compiled plugins kept on disk (0: none)
 //!
 //! [training]
 //! memory_budget_mb = 4096            # refuse training whose model state would need more
@@ -38,6 +39,11 @@ pub const DEFAULT_LIMITS_TOML: &str = "\
 # Largest feature dimension a featurizer may declare (1 to 2147483648).
 # Checked when a featurizer is configured, before anything is allocated.
 max_feature_dimension = 16777216
+# Plugins compiled to machine code are kept in cache/ so the next process
+# loads them in well under a millisecond; the ones used least recently go
+# when the directory is larger than this many MiB (0 to 1048576; 0 keeps
+# none, and every process compiles each plugin it runs again).
+artifact_cache_mb = 1024
 
 [training]
 # Training is refused before it starts when the model's state (weights,
@@ -140,6 +146,13 @@ pub struct PluginLimits {
     /// Largest feature dimension a featurizer may declare.
     #[serde(default = "default_dimension")]
     pub max_feature_dimension: u32,
+    /// Size of the compiled-plugin cache on disk, in MiB (0: none).
+    #[serde(default = "default_artifact_cache_mb")]
+    pub artifact_cache_mb: u64,
+}
+
+fn default_artifact_cache_mb() -> u64 {
+    1024
 }
 
 /// `[training]`.
@@ -170,6 +183,7 @@ impl Default for PluginLimits {
     fn default() -> Self {
         PluginLimits {
             max_feature_dimension: DEFAULT_MAX_DIMENSION,
+            artifact_cache_mb: default_artifact_cache_mb(),
         }
     }
 }
@@ -191,6 +205,12 @@ impl EnvLimits {
         if dim == 0 || dim > 1 << 31 {
             return Err(format!(
                 "[plugins] max_feature_dimension = {dim}: must be between 1 and 2147483648"
+            ));
+        }
+        let artifacts = limits.plugins.artifact_cache_mb;
+        if artifacts > 1 << 20 {
+            return Err(format!(
+                "[plugins] artifact_cache_mb = {artifacts}: must be between 0 and 1048576"
             ));
         }
         let mb = limits.training.memory_budget_mb;
@@ -257,6 +277,11 @@ impl EnvLimits {
             max_dimension: self.plugins.max_feature_dimension,
             ..crate::runtime::Limits::default()
         }
+    }
+
+    /// The compiled-plugin cache's size on disk in bytes (0: none).
+    pub fn artifact_cache_bytes(&self) -> u64 {
+        self.plugins.artifact_cache_mb.saturating_mul(1024 * 1024)
     }
 
     /// The feature cache's size in bytes (0: off).

@@ -5,13 +5,67 @@ use cloister_host::runtime::{ArtifactCache, Runtime, RuntimeConfig, RuntimeError
 use crate::support::*;
 
 fn disk_runtime(dir: &std::path::Path, secret: &[u8]) -> Runtime {
+    limited_runtime(dir, secret, u64::MAX)
+}
+
+fn limited_runtime(dir: &std::path::Path, secret: &[u8], limit: u64) -> Runtime {
     let handle = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority()).unwrap();
     Runtime::new(RuntimeConfig {
         max_instances: 4,
-        cache: ArtifactCache::on_disk(handle, secret),
+        cache: ArtifactCache::on_disk(handle, secret, limit),
         ..RuntimeConfig::default()
     })
     .unwrap()
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// The disk tier holds at most its limit: past it, the artifacts used
+/// least recently go (a hit counts as a use), and with a limit of 0
+/// nothing is written.
+#[test]
+fn the_artifact_cache_on_disk_keeps_what_was_used_last_within_its_limit() {
+    let secret = [3u8; 32];
+    let [a, b, c] = ["entropy", "hashed-ngrams", "text-normalize"]
+        .map(|name| cloister_bundled_plugins::get(name).unwrap());
+    // Each artifact's size, from a cache without a limit.
+    let size = |bytes: &[u8]| {
+        let d = tempfile::tempdir().unwrap();
+        disk_runtime(d.path(), &secret).load(bytes).unwrap();
+        dir_bytes(d.path())
+    };
+    let limit = size(a) + size(b) + size(c) - 1;
+    let dir = tempfile::tempdir().unwrap();
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(20));
+    let first = limited_runtime(dir.path(), &secret, limit);
+    first.load(a).unwrap();
+    pause();
+    first.load(b).unwrap();
+    pause();
+    // A new process: `a` from disk (a use), then `c` compiled, which
+    // leaves room for two: `b`, used least recently, goes.
+    let second = limited_runtime(dir.path(), &secret, limit);
+    second.load(a).unwrap();
+    assert_eq!(second.config().cache.stats(), (1, 0));
+    pause();
+    second.load(c).unwrap();
+    assert!(dir_bytes(dir.path()) <= limit);
+    let third = limited_runtime(dir.path(), &secret, limit);
+    third.load(a).unwrap();
+    third.load(c).unwrap();
+    assert_eq!(third.config().cache.stats(), (2, 0), "a and c were kept");
+    third.load(b).unwrap();
+    assert_eq!(third.config().cache.stats(), (2, 1), "b was not");
+
+    let none = tempfile::tempdir().unwrap();
+    let rt = limited_runtime(none.path(), &secret, 0);
+    rt.load(a).unwrap();
+    assert_eq!(std::fs::read_dir(none.path()).unwrap().count(), 0);
 }
 
 #[test]

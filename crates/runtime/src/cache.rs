@@ -11,10 +11,18 @@
 //! artifact is deserialized only when its tag verifies: a file that the host
 //! did not write itself — planted, swapped between names or corrupted — is
 //! ignored and recompiled. A user can never hand the host precompiled code.
+//!
+//! Both tiers are bounded. Memory keeps the [`MEMORY_ENTRIES`] components
+//! used last (a CPython component compiles to tens of MB); the disk keeps
+//! artifacts up to a size in bytes, the least recently used removed first
+//! (an artifact's modification time is its last use: a hit touches it).
+//! Artifacts of an engine that is no longer used (an upgrade) are never
+//! hit again and age out that way.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use cap_std::fs::Dir;
 use ring::hmac;
@@ -35,6 +43,11 @@ pub(crate) fn cache_key(component: &Digest, engine: &Digest) -> Digest {
     h.finish()
 }
 
+/// Compiled components a cache keeps in memory at most; past that, the
+/// one used least recently is dropped (it stays on disk, if the cache has
+/// a disk).
+pub const MEMORY_ENTRIES: usize = 32;
+
 /// Compiled components by cache key: in memory, and optionally on disk.
 #[derive(Clone)]
 pub struct ArtifactCache {
@@ -42,15 +55,50 @@ pub struct ArtifactCache {
 }
 
 struct Inner {
-    memory: Mutex<HashMap<Digest, Component>>,
+    memory: Mutex<Memory>,
     disk: Option<Disk>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
+/// The memory tier: each component with the tick of its last use.
+#[derive(Default)]
+struct Memory {
+    entries: HashMap<Digest, (Component, u64)>,
+    clock: u64,
+}
+
+impl Memory {
+    fn get(&mut self, key: &Digest) -> Option<Component> {
+        self.clock += 1;
+        let now = self.clock;
+        self.entries.get_mut(key).map(|(c, used)| {
+            *used = now;
+            c.clone()
+        })
+    }
+
+    fn insert(&mut self, key: Digest, component: Component) {
+        self.clock += 1;
+        if !self.entries.contains_key(&key) && self.entries.len() >= MEMORY_ENTRIES {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.entries.remove(&k);
+            }
+        }
+        self.entries.insert(key, (component, self.clock));
+    }
+}
+
 struct Disk {
     dir: Dir,
     key: hmac::Key,
+    /// Bytes the directory may hold.
+    limit_bytes: u64,
 }
 
 impl std::fmt::Debug for ArtifactCache {
@@ -67,7 +115,7 @@ impl ArtifactCache {
     fn with_disk(disk: Option<Disk>) -> Self {
         ArtifactCache {
             inner: Arc::new(Inner {
-                memory: Mutex::new(HashMap::new()),
+                memory: Mutex::new(Memory::default()),
                 disk,
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
@@ -81,12 +129,24 @@ impl ArtifactCache {
     }
 
     /// A cache backed by `dir`, authenticated with `secret` (at least 32
-    /// bytes of the environment's secret material).
-    pub fn on_disk(dir: Dir, secret: &[u8]) -> Self {
+    /// bytes of the environment's secret material), holding at most
+    /// `limit_bytes` there (0: nothing is written to disk).
+    pub fn on_disk(dir: Dir, secret: &[u8], limit_bytes: u64) -> Self {
         Self::with_disk(Some(Disk {
             dir,
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            limit_bytes,
         }))
+    }
+
+    /// Components held in memory now.
+    pub fn in_memory_len(&self) -> usize {
+        self.inner
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .len()
     }
 
     /// (hits, misses) so far.
@@ -115,8 +175,7 @@ impl ArtifactCache {
             .memory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned();
+            .get(key);
         let found = found.or_else(|| self.get_from_disk(engine, key));
         match &found {
             Some(_) => self.inner.hits.fetch_add(1, Ordering::Relaxed),
@@ -146,6 +205,14 @@ impl ArtifactCache {
         // checks the compatibility header again during deserialization.
         let component = unsafe { Component::deserialize(engine, payload) };
         let component = component.ok()?;
+        // Its last use, for the eviction order: a failed touch only makes
+        // it look older.
+        if let Ok(f) = disk.dir.open_with(
+            Self::file_name(key),
+            cap_std::fs::OpenOptions::new().write(true),
+        ) {
+            let _ = f.into_std().set_modified(SystemTime::now());
+        }
         self.inner
             .memory
             .lock()
@@ -161,6 +228,9 @@ impl ArtifactCache {
             .unwrap_or_else(|p| p.into_inner())
             .insert(*key, component.clone());
         let Some(disk) = &self.inner.disk else { return };
+        if disk.limit_bytes == 0 {
+            return;
+        }
         let payload = match component.serialize() {
             Ok(p) => p,
             Err(e) => {
@@ -169,6 +239,9 @@ impl ArtifactCache {
             }
         };
         let tag = Self::tag(disk, key, &payload);
+        if (TAG_LEN + payload.len()) as u64 > disk.limit_bytes {
+            return;
+        }
         let mut file = Vec::with_capacity(TAG_LEN + payload.len());
         file.extend_from_slice(tag.as_ref());
         file.extend_from_slice(&payload);
@@ -182,5 +255,69 @@ impl ArtifactCache {
             let _ = disk.dir.remove_file(&tmp);
             tracing::warn!(error = %e, "cannot write a compiled artifact to the cache");
         }
+        if let Err(e) = Self::evict(disk) {
+            tracing::warn!(error = %e, "cannot trim the compiled-artifact cache");
+        }
+    }
+
+    /// Removes the files used least recently until the directory fits its
+    /// limit (temporary files of a writer that died count, and go first
+    /// once they are old).
+    fn evict(disk: &Disk) -> std::io::Result<()> {
+        let mut files = Vec::new();
+        let mut total = 0u64;
+        for e in disk.dir.entries()? {
+            let e = e?;
+            let Ok(meta) = e.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            total += meta.len();
+            let used = meta.modified().ok().map(|t| t.into_std());
+            files.push((used, e.file_name(), meta.len()));
+        }
+        if total <= disk.limit_bytes {
+            return Ok(());
+        }
+        files.sort();
+        for (_, name, len) in files {
+            if total <= disk.limit_bytes {
+                break;
+            }
+            match disk.dir.remove_file(&name) {
+                Ok(()) => total -= len,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= len,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_keeps_the_components_used_last() {
+        let engine = Engine::default();
+        // The smallest component there is: the header of an empty one.
+        let empty = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+        let component = Component::from_binary(&engine, &empty).expect("compiles");
+        let key = |i: u8| Digest::of(&[i]);
+        let mut m = Memory::default();
+        for i in 0..MEMORY_ENTRIES as u8 {
+            m.insert(key(i), component.clone());
+        }
+        // Key 0 is used again, so key 1 is now the oldest.
+        assert!(m.get(&key(0)).is_some());
+        m.insert(key(200), component.clone());
+        assert_eq!(m.entries.len(), MEMORY_ENTRIES);
+        assert!(m.get(&key(0)).is_some());
+        assert!(m.get(&key(1)).is_none());
+        assert!(m.get(&key(200)).is_some());
+        // Inserting a key already held replaces it and drops nothing.
+        m.insert(key(2), component);
+        assert_eq!(m.entries.len(), MEMORY_ENTRIES);
     }
 }

@@ -30,7 +30,11 @@ impl Cloister {
                 error,
             })?;
         let rt = Runtime::new(RuntimeConfig {
-            cache: ArtifactCache::on_disk(dir, self.env.cache_secret()),
+            cache: ArtifactCache::on_disk(
+                dir,
+                self.env.cache_secret(),
+                self.env.limits().artifact_cache_bytes(),
+            ),
             ..RuntimeConfig::default()
         })?;
         Ok(self.runtime.get_or_init(|| rt))
