@@ -19,7 +19,6 @@
 //! Artifacts of an engine that is no longer used (an upgrade) are never
 //! hit again and age out that way.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -30,6 +29,7 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use cloister_types::digest::Digest;
+use cloister_types::lru::Lru;
 
 const TAG_LEN: usize = 32;
 const DOMAIN: &[u8] = b"cloister-artifact-v1\0";
@@ -55,43 +55,10 @@ pub struct ArtifactCache {
 }
 
 struct Inner {
-    memory: Mutex<Memory>,
+    memory: Mutex<Lru<Digest, Component>>,
     disk: Option<Disk>,
     hits: AtomicU64,
     misses: AtomicU64,
-}
-
-/// The memory tier: each component with the tick of its last use.
-#[derive(Default)]
-struct Memory {
-    entries: HashMap<Digest, (Component, u64)>,
-    clock: u64,
-}
-
-impl Memory {
-    fn get(&mut self, key: &Digest) -> Option<Component> {
-        self.clock += 1;
-        let now = self.clock;
-        self.entries.get_mut(key).map(|(c, used)| {
-            *used = now;
-            c.clone()
-        })
-    }
-
-    fn insert(&mut self, key: Digest, component: Component) {
-        self.clock += 1;
-        if !self.entries.contains_key(&key) && self.entries.len() >= MEMORY_ENTRIES {
-            let oldest = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| *k);
-            if let Some(k) = oldest {
-                self.entries.remove(&k);
-            }
-        }
-        self.entries.insert(key, (component, self.clock));
-    }
 }
 
 struct Disk {
@@ -115,7 +82,7 @@ impl ArtifactCache {
     fn with_disk(disk: Option<Disk>) -> Self {
         ArtifactCache {
             inner: Arc::new(Inner {
-                memory: Mutex::new(Memory::default()),
+                memory: Mutex::new(Lru::new(MEMORY_ENTRIES)),
                 disk,
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
@@ -137,16 +104,6 @@ impl ArtifactCache {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             limit_bytes,
         }))
-    }
-
-    /// Components held in memory now.
-    pub fn in_memory_len(&self) -> usize {
-        self.inner
-            .memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entries
-            .len()
     }
 
     /// (hits, misses) so far.
@@ -291,33 +248,5 @@ impl ArtifactCache {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn memory_keeps_the_components_used_last() {
-        let engine = Engine::default();
-        // The smallest component there is: the header of an empty one.
-        let empty = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
-        let component = Component::from_binary(&engine, &empty).expect("compiles");
-        let key = |i: u8| Digest::of(&[i]);
-        let mut m = Memory::default();
-        for i in 0..MEMORY_ENTRIES as u8 {
-            m.insert(key(i), component.clone());
-        }
-        // Key 0 is used again, so key 1 is now the oldest.
-        assert!(m.get(&key(0)).is_some());
-        m.insert(key(200), component.clone());
-        assert_eq!(m.entries.len(), MEMORY_ENTRIES);
-        assert!(m.get(&key(0)).is_some());
-        assert!(m.get(&key(1)).is_none());
-        assert!(m.get(&key(200)).is_some());
-        // Inserting a key already held replaces it and drops nothing.
-        m.insert(key(2), component);
-        assert_eq!(m.entries.len(), MEMORY_ENTRIES);
     }
 }

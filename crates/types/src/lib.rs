@@ -9,10 +9,12 @@
 //!   segments, and sent to workers);
 //! - [`digest`]: SHA-256 identities;
 //! - [`time`]: timestamps (RFC 3339);
-//! - [`text`]: neutralizing deceptive characters in text shown to people.
+//! - [`text`]: neutralizing deceptive characters in text shown to people;
+//! - [`lru`]: a bounded map of the entries used last.
 
 pub mod codec;
 pub mod digest;
+pub mod lru;
 pub mod text;
 pub mod time;
 pub mod types;

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use cloister_types::lru::Lru;
 use serde::Serialize;
 
 use super::{Cloister, ServiceError};
@@ -42,9 +43,11 @@ pub(crate) struct Served {
 
 /// The serving state of one process: loaded models, and the metrics not
 /// yet written to the store.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ServingState {
-    loaded: Mutex<HashMap<String, Arc<Served>>>,
+    /// The models used last (a model's weights can be hundreds of MB; one
+    /// that is deployed again after eviction is loaded again).
+    loaded: Mutex<Lru<String, Arc<Served>>>,
     pub(super) metrics: Mutex<PendingMetrics>,
     /// How many taken batches of [`PendingMetrics`] are written; held while
     /// one is written (writes are serialized, requests are not).
@@ -58,6 +61,22 @@ pub(crate) struct ServingState {
     /// still holds exactly those bytes, so a change made by any process
     /// (a rollback, a ramp step) takes effect at the next request.
     deployments: Mutex<HashMap<String, ParsedDeployment>>,
+}
+
+/// Models a process keeps loaded for serving at most.
+const MODELS_LOADED: usize = 16;
+
+impl Default for ServingState {
+    fn default() -> Self {
+        Self {
+            loaded: Mutex::new(Lru::new(MODELS_LOADED)),
+            metrics: Mutex::default(),
+            written: Mutex::default(),
+            written_cv: std::sync::Condvar::default(),
+            capture_lock: Mutex::default(),
+            deployments: Mutex::default(),
+        }
+    }
 }
 
 /// A deployment's stored bytes and what they parsed to.
@@ -1004,9 +1023,9 @@ impl Cloister {
             .loaded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(id)
+            .get(&id.to_string())
         {
-            return Ok(Arc::clone(s));
+            return Ok(s);
         }
         let m = crate::models::get(self.env.store().as_ref(), id)?;
         let chain = self.serving_chain(&m.lineage)?;
