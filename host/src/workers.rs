@@ -1024,7 +1024,7 @@ impl Workers {
         // The row and the task's own objects have done their job either
         // way (a failure is reported to the caller, and the operation's
         // audit record stands for it). The features stay: other fits share
-        // them.
+        // them, and idle workers delete them once no one keeps them.
         let _ = self.queue.remove(id);
         let _ = objects.delete(&input);
         let fitted = outcome?;
@@ -1123,8 +1123,8 @@ impl Workers {
     /// Waits for task `id` (on `input`) to end and returns its result's
     /// digest, once its tag is checked; relays the worker's progress
     /// reports that carry the environment's tag, each epoch once; keeps the
-    /// shared objects the task needs (`keep.0`, last kept at `keep.1`) for
-    /// as long as it waits.
+    /// `shared` objects the task needs (last kept at `kept`) for as long as
+    /// it waits.
     fn wait(
         &self,
         id: i64,
