@@ -171,8 +171,17 @@ pub fn worker(
         WorkerEvent::Lost { id } => {
             println!("task {id}: another worker holds it now; result dropped")
         }
-        WorkerEvent::Collected { objects, tasks } => {
-            println!("collected: {objects} shared objects no longer kept, {tasks} abandoned tasks")
+        WorkerEvent::Collected {
+            objects,
+            tasks,
+            untagged,
+        } => {
+            if untagged > 0 {
+                eprintln!(
+                    "warning: {untagged} work-queue rows did not carry the environment's tag (written by someone with access to the database only): removed, and nothing they named was deleted"
+                );
+            }
+            println!("collected: {objects} shared objects no longer kept, {tasks} abandoned tasks");
         }
         WorkerEvent::CollectFailed { error } => {
             eprintln!("collecting unused work objects failed ({error}); trying again later")

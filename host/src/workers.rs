@@ -222,7 +222,8 @@ const COLLECT_EVERY: Duration = Duration::from_secs(60);
 /// environment's tag: shared objects no one keeps any more, and the task
 /// and result objects of tasks abandoned for `abandoned`. The rows go
 /// either way (a row without the tag is not Cloister's and names nothing
-/// to delete).
+/// to delete; it is counted apart, as a sign that someone wrote to the
+/// database).
 fn collect(
     queue: &WorkQueue,
     key: &ring::hmac::Key,
@@ -232,10 +233,11 @@ fn collect(
     let signed = |message: Vec<u8>, tag: &[u8]| ring::hmac::verify(key, &message, tag).is_ok();
     queue.collect(abandoned, &mut |due| match due {
         Due::Object { digest, tag } => {
-            if signed(keep_message(digest), tag) {
+            let trusted = signed(keep_message(digest), tag);
+            if trusted {
                 objects.delete(digest)?;
             }
-            Ok(())
+            Ok(trusted)
         }
         Due::Task {
             kind,
@@ -244,15 +246,16 @@ fn collect(
             result,
             result_tag,
         } => {
-            if signed(task_message(kind, input), tag) {
-                objects.delete(input)?;
+            if !signed(task_message(kind, input), tag) {
+                return Ok(false);
             }
+            objects.delete(input)?;
             if let (Some(result), Some(result_tag)) = (result, result_tag)
                 && signed(result_message(input, result), result_tag)
             {
                 objects.delete(result)?;
             }
-            Ok(())
+            Ok(true)
         }
     })
 }
@@ -1277,6 +1280,9 @@ pub enum WorkerEvent {
         objects: usize,
         /// Abandoned task rows deleted.
         tasks: usize,
+        /// Rows without the environment's tag removed, nothing they named
+        /// deleted: someone wrote them with access to the database only.
+        untagged: usize,
     },
     /// Looking for what to delete failed (the database or the object store
     /// is away); the worker tries again later.
@@ -1684,10 +1690,12 @@ pub fn run_worker(
                         Ok(Collected {
                             objects: 0,
                             tasks: 0,
+                            untagged: 0,
                         }) => {}
                         Ok(c) => log(WorkerEvent::Collected {
                             objects: c.objects,
                             tasks: c.tasks,
+                            untagged: c.untagged,
                         }),
                         Err(e) => log(WorkerEvent::CollectFailed {
                             error: e.to_string(),

@@ -717,7 +717,7 @@ fn shared_objects_no_one_keeps_and_abandoned_tasks_are_collected_by_idle_workers
         .expect("the worker never collected");
     assert_eq!(
         said,
-        "collected: 2 shared objects no longer kept, 2 abandoned tasks"
+        "collected: 1 shared objects no longer kept, 1 abandoned tasks"
     );
     assert!(!object_exists(dir.path(), &features[0]));
     assert!(!object_exists(dir.path(), &abandoned[0]));
@@ -730,6 +730,15 @@ fn shared_objects_no_one_keeps_and_abandoned_tasks_are_collected_by_idle_workers
         pg.psql("work", "SELECT count(*) FROM cloister_work_objects"),
         "0"
     );
+    // The forged rows are named to the worker's administrators.
+    let _ = w.kill();
+    let out = w.wait_with_output().unwrap();
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warned.contains("warning: 2 work-queue rows did not carry the environment's tag"),
+        "{warned}"
+    );
+    let w = worker(&e.path, "w3", 10, &[]);
 
     // The next operation on the same data sends the features again.
     assert_eq!(

@@ -101,6 +101,9 @@ pub struct Collected {
     pub objects: usize,
     /// Abandoned task rows (their task and result objects with them).
     pub tasks: usize,
+    /// Rows of either kind that the sweep did not trust (not written with
+    /// the environment's key): removed, and nothing they named deleted.
+    pub untagged: usize,
 }
 
 /// What [`WorkQueue::collect`] offers to be deleted, as the rows hold it
@@ -445,9 +448,9 @@ impl WorkQueue {
     /// ([`WorkQueue::keep`]), then every task its submitter abandoned: a
     /// row untouched for `abandoned` (queued since, its lease out since,
     /// or ended since, and its outcome never taken). `sweep` deletes what
-    /// it trusts of each (checking the tags); the row goes once it
-    /// returns `Ok`, in the same transaction, and stays for a later call
-    /// if it fails. An object's row stays locked while `sweep` deletes the
+    /// it trusts of each (checking the tags) and says whether it trusted
+    /// the row; the row goes once it returns `Ok`, in the same
+    /// transaction, and stays for a later call if it fails. An object's row stays locked while `sweep` deletes the
     /// object, so a `keep` of the same digest waits for the deletion and
     /// then asks anew. At most a thousand rows of each kind per call.
     ///
@@ -456,7 +459,7 @@ impl WorkQueue {
     pub fn collect(
         &self,
         abandoned: Duration,
-        sweep: &mut dyn FnMut(Due<'_>) -> Result<(), StoreError>,
+        sweep: &mut dyn FnMut(Due<'_>) -> Result<bool, StoreError>,
     ) -> Result<Collected, StoreError> {
         type Param = Box<dyn tokio_postgres::types::ToSql + Send + Sync>;
         let rt = self
@@ -479,7 +482,7 @@ impl WorkQueue {
         let mut done = Collected::default();
         // Shared objects, one row at a time: its lock is held across the
         // object's deletion.
-        while (done.objects as i64) < COLLECT_BATCH {
+        while ((done.objects + done.untagged) as i64) < COLLECT_BATCH {
             step("BEGIN", vec![])?;
             let due = step(
                 "SELECT digest, tag FROM cloister_work_objects
@@ -494,19 +497,26 @@ impl WorkQueue {
                 break;
             };
             let (digest, tag): (String, Vec<u8>) = (row.get(0), row.get(1));
-            if let Err(e) = sweep(Due::Object {
+            let trusted = match sweep(Due::Object {
                 digest: &digest,
                 tag: &tag,
             }) {
-                let _ = step("ROLLBACK", vec![]);
-                return Err(e);
-            }
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = step("ROLLBACK", vec![]);
+                    return Err(e);
+                }
+            };
             step(
                 "DELETE FROM cloister_work_objects WHERE digest = $1",
                 vec![Box::new(digest)],
             )?;
             step("COMMIT", vec![])?;
-            done.objects += 1;
+            if trusted {
+                done.objects += 1;
+            } else {
+                done.untagged += 1;
+            }
         }
         // Abandoned tasks: the rows go in the transaction that deletes
         // their objects, so a failed deletion leaves them to a later call.
@@ -533,13 +543,16 @@ impl WorkQueue {
                 result: r.get(3),
                 result_tag: r.get(4),
             };
-            if let Err(e) = sweep(due) {
-                let _ = step("ROLLBACK", vec![]);
-                return Err(e);
+            match sweep(due) {
+                Ok(true) => done.tasks += 1,
+                Ok(false) => done.untagged += 1,
+                Err(e) => {
+                    let _ = step("ROLLBACK", vec![]);
+                    return Err(e);
+                }
             }
         }
         step("COMMIT", vec![])?;
-        done.tasks = rows.len();
         Ok(done)
     }
 
