@@ -735,13 +735,13 @@ pub fn fit(
             let weights: Vec<f32> = labels.iter().map(|&c| cw[c]).collect();
             match &mut model.net {
                 Network::Logreg(l) => {
-                    l.forward(x, rows, &mut buf);
+                    l.forward_train(x, rows, &mut buf);
                     loss_sum += f64::from(softmax_xent_grad(&mut buf, classes, &labels, &weights));
-                    l.step(x, rows, &buf, h.learning_rate, h.l2, None);
+                    l.step(&buf, h.learning_rate, h.l2, None)?;
                 }
                 Network::Mlp(first, dense) => {
                     let width = first.out;
-                    first.forward(x, rows, &mut buf);
+                    first.forward_train(x, rows, &mut buf);
                     let keep = 1.0 - h.dropout;
                     let mask: Vec<f32> = buf
                         .iter()
@@ -761,7 +761,7 @@ pub fn fit(
                         *d *= m;
                     }
                     debug_assert_eq!(dh.len(), rows.len() * width);
-                    first.step(x, rows, &dh, h.learning_rate, h.l2, None);
+                    first.step(&dh, h.learning_rate, h.l2, None)?;
                 }
             }
             batches += 1;

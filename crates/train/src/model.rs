@@ -5,10 +5,14 @@
 //! weight rows of its non-zero features, so 2^18-dimensional hashed features
 //! train without a dense matrix ever being built. Its gradient is written by
 //! hand and applied with lazy partial row-wise Adam (only the touched rows
-//! move; [`adam_row`]), with L2 weight decay. Softmax regression is entirely hand-written (the measured
-//! prototype ran 4–5× slower through candle's generic autograd); the MLP's
-//! dense layers above the sparse one use candle tensors and autograd.
-//! `tests` checks the hand-written gradients against candle's autograd.
+//! move; [`adam_row`]), with L2 weight decay. Training steps group a
+//! batch's entries by input row first (`Shard`), so a row the batch's
+//! records share is read and updated once per step; inference stays
+//! record-major ([`SparseLinear::forward`]). Softmax regression is entirely
+//! hand-written (the measured prototype ran 4–5× slower through candle's
+//! generic autograd); the MLP's dense layers above the sparse one use
+//! candle tensors and autograd. `tests` checks the hand-written gradients
+//! against candle's autograd.
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -30,6 +34,18 @@ pub enum KernelError {
     /// Stored weights do not fit the model.
     #[error("weights: {0}")]
     Weights(String),
+    /// A sparse step was given a gradient that does not fit the batch of
+    /// the forward pass before it (or there was none): a bug in the
+    /// training loop, refused rather than applied to the wrong rows.
+    #[error(
+        "a sparse step's gradient has {got} values where the batch of the forward pass before it needs {expected}"
+    )]
+    Unplanned {
+        /// `records × out` of the planned batch (0: none planned).
+        expected: usize,
+        /// The gradient's length.
+        got: usize,
+    },
 }
 
 /// A deterministic generator (SplitMix64) for shuffling, initialisation
@@ -86,9 +102,12 @@ pub struct SparseLinear {
     mb: Vec<f32>,
     vb: Vec<f32>,
     t: i32,
-    /// The workers' shares of the input rows, with their scratch
-    /// (created on the first step).
+    /// The blocks of the input rows, with their scratch (created on the
+    /// first step).
     shards: Vec<Shard>,
+    /// Records of the batch grouped by the last
+    /// [`SparseLinear::forward_train`], for the step that follows.
+    planned: Option<usize>,
 }
 
 /// Calls `$avx2` — a twin of `$any` compiled with
@@ -140,142 +159,194 @@ fn prefetch(row: &[f32]) {
     let _ = row;
 }
 
-/// One worker's share of a step: the input rows `lo..hi` it owns and its
-/// scratch for summing their gradients. Each input row's gradient is
-/// summed over the batch's records in order by exactly one shard, so the
-/// result is the same bit for bit whatever the number of shards.
+/// One block of the input rows, `lo..hi`: the current mini-batch's entries
+/// in those rows grouped by row (feature-major), with the scratch to do the
+/// block's share of the forward pass and of the update. The blocks are
+/// fixed by the layer's shape, never by the number of cores, and each
+/// block's work is the same sums in the same order on whichever thread
+/// runs it, so a step gives the same weights bit for bit on any number of
+/// cores.
+///
+/// Grouping by row is what makes a step cheap: a row that several records
+/// of the batch share is read once for the forward pass (not once per
+/// record), and its gradient is summed and applied in one visit, in
+/// registers, with no gradient buffer written and read back.
 #[derive(Debug, Clone, Default)]
 struct Shard {
     lo: usize,
     hi: usize,
-    /// Gradient rows of the current step, compact: `touched.len() × out`,
-    /// in the order the rows were first touched.
-    gbuf: Vec<f32>,
-    /// Input rows touched by the current step (relative to `lo`).
+    /// Owned input rows (relative to `lo`) the batch touches, in the order
+    /// the batch first touches them.
     touched: Vec<u32>,
-    /// This shard's (input row relative to `lo`, batch row, value)
-    /// entries of the current batch, in batch order (several shards only).
+    /// `touched[s]`'s entries are `cols[start[s]..start[s + 1]]`.
+    start: Vec<u32>,
+    /// (batch record, value) grouped by input row, each group in batch
+    /// order.
+    cols: Vec<(u32, f32)>,
+    /// This block's (input row relative to `lo`, batch record, value)
+    /// entries of the batch, in batch order (several blocks only).
     entries: Vec<(u32, u32, f32)>,
+    /// Per entry of the batch (in batch order), its row's place in
+    /// `touched`.
+    loc: Vec<u32>,
+    /// Where the next entry of each touched row goes in `cols`.
+    fill: Vec<u32>,
     /// Per owned input row, its place in `touched` plus one (0:
-    /// untouched); all zero between steps.
+    /// untouched); all zero outside [`Shard::plan`].
     slot: Vec<u32>,
+    /// This block's share of the forward pass, `records × out`.
+    partial: Vec<f32>,
+    /// One row's gradient, `out`.
+    g: Vec<f32>,
 }
 
 impl Shard {
-    /// Sums the gradient of each owned input row the batch touches into
-    /// the compact block `gbuf`, from the batch itself (one shard) or from
-    /// `entries` (several). O(nnz · out), no sorting, and the block stays
-    /// small enough for the cache.
-    fn accumulate(&mut self, x: &SparseBatch, rows: &[usize], grad: &[f32], k: usize, all: bool) {
-        avx2_or!(
-            self.accumulate_avx2(x, rows, grad, k, all),
-            self.accumulate_any(x, rows, grad, k, all)
-        )
-    }
-
-    /// [`Shard::accumulate`] compiled with AVX2: the same operations in
-    /// the same order on wider vectors, so the same sums bit for bit.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn accumulate_avx2(
-        &mut self,
-        x: &SparseBatch,
-        rows: &[usize],
-        grad: &[f32],
-        k: usize,
-        all: bool,
-    ) {
-        self.accumulate_any(x, rows, grad, k, all)
-    }
-
-    #[inline(always)]
-    fn accumulate_any(
-        &mut self,
-        x: &SparseBatch,
-        rows: &[usize],
-        grad: &[f32],
-        k: usize,
-        all: bool,
-    ) {
-        // The narrowest layers (a few classes) get the output width as a
-        // constant, so the inner loop is unrolled; the sums are the same.
-        match k {
-            1 => self.accumulate_k::<1>(x, rows, grad, 1, all),
-            2 => self.accumulate_k::<2>(x, rows, grad, 2, all),
-            3 => self.accumulate_k::<3>(x, rows, grad, 3, all),
-            4 => self.accumulate_k::<4>(x, rows, grad, 4, all),
-            5 => self.accumulate_k::<5>(x, rows, grad, 5, all),
-            6 => self.accumulate_k::<6>(x, rows, grad, 6, all),
-            7 => self.accumulate_k::<7>(x, rows, grad, 7, all),
-            8 => self.accumulate_k::<8>(x, rows, grad, 8, all),
-            _ => self.accumulate_k::<0>(x, rows, grad, k, all),
-        }
-    }
-
-    /// [`Shard::accumulate`] for output width `K` (0: `k`, not constant).
-    #[inline(always)]
-    fn accumulate_k<const K: usize>(
-        &mut self,
-        x: &SparseBatch,
-        rows: &[usize],
-        grad: &[f32],
-        k: usize,
-        all: bool,
-    ) {
-        let k = if K == 0 { k } else { K };
+    /// Groups the batch's entries in this block's rows by row: from the
+    /// batch itself (one block) or from `entries` (several). Two passes
+    /// over the entries, no sorting.
+    fn plan(&mut self, x: &SparseBatch, rows: &[usize], all: bool) {
         if self.slot.len() != self.hi - self.lo {
             self.slot = vec![0; self.hi - self.lo];
         }
         self.touched.clear();
-        self.gbuf.clear();
+        self.start.clear();
+        self.start.push(0);
+        self.loc.clear();
+        let entries = std::mem::take(&mut self.entries);
         if all {
-            for (r, &row) in rows.iter().enumerate() {
-                let (idx, val) = x.row(row);
-                for (&i, &v) in idx.iter().zip(val) {
-                    self.add(i, r, v, grad, k);
+            for &row in rows {
+                for &i in x.row(row).0 {
+                    let s = self.place(i);
+                    self.loc.push(s);
                 }
             }
         } else {
-            let entries = std::mem::take(&mut self.entries);
-            for &(li, r, v) in &entries {
-                self.add(li, r as usize, v, grad, k);
+            for &(li, _, _) in &entries {
+                let s = self.place(li);
+                self.loc.push(s);
             }
-            self.entries = entries;
+        }
+        for s in 1..self.start.len() {
+            self.start[s] += self.start[s - 1];
+        }
+        self.fill.clear();
+        self.fill
+            .extend_from_slice(&self.start[..self.touched.len()]);
+        self.cols.clear();
+        self.cols.resize(self.loc.len(), (0, 0.0));
+        let mut put = |e: usize, r: u32, v: f32| {
+            let s = self.loc[e] as usize;
+            self.cols[self.fill[s] as usize] = (r, v);
+            self.fill[s] += 1;
+        };
+        if all {
+            let mut e = 0;
+            for (r, &row) in rows.iter().enumerate() {
+                for &v in x.row(row).1 {
+                    put(e, r as u32, v);
+                    e += 1;
+                }
+            }
+        } else {
+            for (e, &(_, r, v)) in entries.iter().enumerate() {
+                put(e, r, v);
+            }
+        }
+        self.entries = entries;
+        for &li in &self.touched {
+            self.slot[li as usize] = 0;
         }
     }
 
-    /// Adds `v ·` batch row `r`'s output gradient to input row `li`'s.
+    /// The place in `touched` of owned input row `li` (relative to `lo`),
+    /// given on its first touch; counts the entry.
     #[inline(always)]
-    fn add(&mut self, li: u32, r: usize, v: f32, grad: &[f32], k: usize) {
-        let li = li as usize;
-        let s = match self.slot[li] {
+    fn place(&mut self, li: u32) -> u32 {
+        let s = match self.slot[li as usize] {
             0 => {
-                self.touched.push(li as u32);
-                self.slot[li] = self.touched.len() as u32;
-                self.gbuf.resize(self.gbuf.len() + k, 0.0);
+                self.touched.push(li);
+                self.start.push(0);
+                self.slot[li as usize] = self.touched.len() as u32;
                 self.touched.len() - 1
             }
             s => s as usize - 1,
         };
-        let gr = &grad[r * k..(r + 1) * k];
-        for (g, d) in self.gbuf[s * k..(s + 1) * k].iter_mut().zip(gr) {
-            *g += v * d;
+        self.start[s + 1] += 1;
+        s as u32
+    }
+
+    /// This block's share of the forward pass into `partial`: each touched
+    /// row of `w` (this block's rows) is read once and added, times each
+    /// entry's value, to its records.
+    fn forward(&mut self, w: &[f32], records: usize, k: usize) {
+        avx2_or!(
+            self.forward_avx2(w, records, k),
+            self.forward_any(w, records, k)
+        )
+    }
+
+    /// [`Shard::forward`] compiled with AVX2: the same operations in the
+    /// same order on wider vectors, so the same sums bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn forward_avx2(&mut self, w: &[f32], records: usize, k: usize) {
+        self.forward_any(w, records, k)
+    }
+
+    #[inline(always)]
+    fn forward_any(&mut self, w: &[f32], records: usize, k: usize) {
+        // The narrowest layers (a few classes) get the output width as a
+        // constant, so the inner loop is unrolled; the sums are the same.
+        match k {
+            1 => self.forward_k::<1>(w, records, 1),
+            2 => self.forward_k::<2>(w, records, 2),
+            3 => self.forward_k::<3>(w, records, 3),
+            4 => self.forward_k::<4>(w, records, 4),
+            5 => self.forward_k::<5>(w, records, 5),
+            6 => self.forward_k::<6>(w, records, 6),
+            7 => self.forward_k::<7>(w, records, 7),
+            8 => self.forward_k::<8>(w, records, 8),
+            _ => self.forward_k::<0>(w, records, k),
         }
     }
 
-    /// Applies Adam to the touched rows; `w` and `mv` are this shard's
+    /// [`Shard::forward`] for output width `K` (0: `k`, not constant).
+    #[inline(always)]
+    fn forward_k<const K: usize>(&mut self, w: &[f32], records: usize, k: usize) {
+        let k = if K == 0 { k } else { K };
+        self.partial.clear();
+        self.partial.resize(records * k, 0.0);
+        for (s, &li) in self.touched.iter().enumerate() {
+            if let Some(&next) = self.touched.get(s + AHEAD) {
+                let n = next as usize * k;
+                prefetch(w.get(n..n + k).unwrap_or_default());
+            }
+            let wr = &w[li as usize * k..(li as usize + 1) * k];
+            let col = &self.cols[self.start[s] as usize..self.start[s + 1] as usize];
+            for &(r, v) in col {
+                let r = r as usize;
+                for (p, w) in self.partial[r * k..(r + 1) * k].iter_mut().zip(wr) {
+                    *p += v * w;
+                }
+            }
+        }
+    }
+
+    /// Sums each touched row's gradient over its entries, in batch order,
+    /// and applies Adam to the row at once; `w` and `mv` are this block's
     /// rows only.
     fn update(
         &mut self,
         w: &mut [f32],
         mv: &mut [f32],
+        grad: &[f32],
         k: usize,
         a: Adam,
         grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
     ) {
         avx2_or!(
-            self.update_avx2(w, mv, k, a, grad_w),
-            self.update_any(w, mv, k, a, grad_w)
+            self.update_avx2(w, mv, grad, k, a, grad_w),
+            self.update_any(w, mv, grad, k, a, grad_w)
         )
     }
 
@@ -287,11 +358,12 @@ impl Shard {
         &mut self,
         w: &mut [f32],
         mv: &mut [f32],
+        grad: &[f32],
         k: usize,
         a: Adam,
         grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
     ) {
-        self.update_any(w, mv, k, a, grad_w)
+        self.update_any(w, mv, grad, k, a, grad_w)
     }
 
     #[inline(always)]
@@ -299,10 +371,38 @@ impl Shard {
         &mut self,
         w: &mut [f32],
         mv: &mut [f32],
+        grad: &[f32],
+        k: usize,
+        a: Adam,
+        grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
+    ) {
+        match k {
+            1 => self.update_k::<1>(w, mv, grad, 1, a, grad_w),
+            2 => self.update_k::<2>(w, mv, grad, 2, a, grad_w),
+            3 => self.update_k::<3>(w, mv, grad, 3, a, grad_w),
+            4 => self.update_k::<4>(w, mv, grad, 4, a, grad_w),
+            5 => self.update_k::<5>(w, mv, grad, 5, a, grad_w),
+            6 => self.update_k::<6>(w, mv, grad, 6, a, grad_w),
+            7 => self.update_k::<7>(w, mv, grad, 7, a, grad_w),
+            8 => self.update_k::<8>(w, mv, grad, 8, a, grad_w),
+            _ => self.update_k::<0>(w, mv, grad, k, a, grad_w),
+        }
+    }
+
+    /// [`Shard::update`] for output width `K` (0: `k`, not constant).
+    #[inline(always)]
+    fn update_k<const K: usize>(
+        &mut self,
+        w: &mut [f32],
+        mv: &mut [f32],
+        grad: &[f32],
         k: usize,
         a: Adam,
         mut grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
     ) {
+        let k = if K == 0 { k } else { K };
+        self.g.resize(k, 0.0);
+        let g = &mut self.g[..k];
         for (s, &li) in self.touched.iter().enumerate() {
             if let Some(&next) = self.touched.get(s + AHEAD) {
                 let base = next as usize * k;
@@ -310,37 +410,47 @@ impl Shard {
                 let state = next as usize * (k + 1);
                 prefetch(mv.get(state..state + k + 1).unwrap_or_default());
             }
-            let base = li as usize * k;
-            let state = li as usize * (k + 1);
-            let g = &self.gbuf[s * k..(s + 1) * k];
+            g.fill(0.0);
+            for &(r, v) in &self.cols[self.start[s] as usize..self.start[s + 1] as usize] {
+                let r = r as usize;
+                for (g, d) in g.iter_mut().zip(&grad[r * k..(r + 1) * k]) {
+                    *g += v * d;
+                }
+            }
             if let Some(map) = grad_w.as_deref_mut() {
                 map.insert((li as usize + self.lo) as u32, g.to_vec());
             }
+            let base = li as usize * k;
+            let state = li as usize * (k + 1);
             let (m, v) = mv[state..state + k + 1].split_at_mut(k);
             adam_row(&mut w[base..base + k], m, &mut v[0], g, a);
-            self.slot[li as usize] = 0;
         }
     }
 }
 
-/// Layers narrower than this update on one core: every shard scans the
-/// whole batch, which only pays when each touched row has enough outputs
-/// to update (measured: 2 classes lose 45% on two shards, 20 classes gain
-/// 10%, 128 hidden units 90%; docs/BENCHMARKS.md).
+/// Layers narrower than this train on one block, on one core: the split
+/// only pays when each touched row has enough outputs to update
+/// (measured: 2 classes lose 45% on two shards, 20 classes gain 10%, 128
+/// hidden units 90%; docs/BENCHMARKS.md).
 const PARALLEL_MIN_OUT: usize = 16;
 
-/// Workers for a layer of `dim` input rows and `out` outputs: one per core
-/// (at most 8), or one for small or narrow layers.
+/// Blocks of a wide layer. Fixed, so that the forward pass's partial sums,
+/// and so the weights, do not depend on the number of cores; enough for
+/// up to 8 cores.
+const BLOCKS: usize = 8;
+
+/// The blocks of a layer of `dim` input rows and `out` outputs: `BLOCKS`,
+/// or one for small or narrow layers.
 fn shards(dim: usize, out: usize) -> Vec<Shard> {
     let n = if dim < 4096 || out < PARALLEL_MIN_OUT {
         1
     } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 8))
+        BLOCKS
     };
     shards_of(dim, n)
 }
 
-/// `n` shards of `dim` input rows, by range.
+/// `n` blocks of `dim` input rows, by range.
 fn shards_of(dim: usize, n: usize) -> Vec<Shard> {
     (0..n)
         .map(|j| Shard {
@@ -373,6 +483,7 @@ impl SparseLinear {
             vb: vec![0.0; out],
             t: 0,
             shards: Vec::new(),
+            planned: None,
         }
     }
 
@@ -381,6 +492,7 @@ impl SparseLinear {
     pub fn finish(&mut self) {
         self.mv = Vec::new();
         self.shards = Vec::new();
+        self.planned = None;
     }
 
     /// Checks every feature index of `x` against the input dimension.
@@ -452,34 +564,23 @@ impl SparseLinear {
         }
     }
 
-    /// Backpropagates `grad` (`rows.len() × out`, already averaged over the
-    /// batch) and applies one lazy-Adam step with L2 decay `l2` to the
-    /// touched rows and the bias. The input rows are split over the cores
-    /// (`Shard`); the result does not depend on the split. With
-    /// `grad_w`, also returns the raw gradient of W for the touched rows
-    /// (tests only; then one core does it all).
-    pub fn step(
-        &mut self,
-        x: &SparseBatch,
-        rows: &[usize],
-        grad: &[f32],
-        lr: f32,
-        l2: f32,
-        mut grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
-    ) {
+    /// The forward pass of a training step: `out[r] = b + Σ v · W[idx]` for
+    /// the given rows of `x`, as [`SparseLinear::forward`] computes it but
+    /// feature-major: the batch's entries are grouped by input row (per
+    /// block of rows, the blocks on the cores), each touched row is read
+    /// once, and the blocks' partial sums are added in block order. The
+    /// grouping is kept for the [`SparseLinear::step`] that follows. The
+    /// sums are rounded in another order than [`SparseLinear::forward`]'s,
+    /// so the two can differ in the last bits; each is the same on any
+    /// number of cores.
+    pub fn forward_train(&mut self, x: &SparseBatch, rows: &[usize], out: &mut Vec<f32>) {
         use rayon::prelude::*;
         let k = self.out;
-        if self.mv.is_empty() {
-            self.mv = vec![0.0; self.dim * (k + 1)];
-        }
         if self.shards.is_empty() {
             self.shards = shards(self.dim, self.out);
         }
-        self.t += 1;
-        let adam = Adam::new(lr, l2, self.t);
-        let (c1, c2) = (1.0 - BETA1.powi(self.t), 1.0 - BETA2.powi(self.t));
-        // With several shards, one pass hands each its entries, in batch
-        // order (so every sum keeps the one-shard order).
+        // With several blocks, one pass hands each its entries, in batch
+        // order (so every row's group keeps the batch order).
         let all = self.shards.len() == 1;
         if !all {
             let width = self.dim.div_ceil(self.shards.len());
@@ -504,7 +605,62 @@ impl SparseLinear {
                 }
             }
         }
-        // Each shard with its own rows of the weights and moments.
+        let (w, records) = (&self.w, rows.len());
+        let block = |shard: &mut Shard| {
+            shard.plan(x, rows, all);
+            shard.forward(&w[shard.lo * k..shard.hi * k], records, k);
+        };
+        if all {
+            self.shards.iter_mut().for_each(block);
+        } else {
+            self.shards.par_iter_mut().for_each(block);
+        }
+        out.clear();
+        for _ in 0..records {
+            out.extend_from_slice(&self.b);
+        }
+        for shard in &self.shards {
+            for (o, p) in out.iter_mut().zip(&shard.partial) {
+                *o += p;
+            }
+        }
+        self.planned = Some(records);
+    }
+
+    /// Backpropagates `grad` (`records × out` for the batch of the
+    /// [`SparseLinear::forward_train`] just before, already averaged over
+    /// the batch) and applies one lazy-Adam step with L2 decay `l2` to the
+    /// touched rows and the bias. Each touched row's gradient is summed
+    /// over its entries in batch order and applied in the same visit; the
+    /// blocks run on the cores, and the result does not depend on how
+    /// many. With `grad_w`, also returns the raw gradient of W for the
+    /// touched rows (tests only; then one core does it all).
+    pub fn step(
+        &mut self,
+        grad: &[f32],
+        lr: f32,
+        l2: f32,
+        mut grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
+    ) -> Result<(), KernelError> {
+        use rayon::prelude::*;
+        let k = self.out;
+        let planned = self.planned.take();
+        let records = match planned {
+            Some(n) if grad.len() == n * k => n,
+            _ => {
+                return Err(KernelError::Unplanned {
+                    expected: planned.map_or(0, |n| n * k),
+                    got: grad.len(),
+                });
+            }
+        };
+        if self.mv.is_empty() {
+            self.mv = vec![0.0; self.dim * (k + 1)];
+        }
+        self.t += 1;
+        let adam = Adam::new(lr, l2, self.t);
+        let (c1, c2) = (1.0 - BETA1.powi(self.t), 1.0 - BETA2.powi(self.t));
+        // Each block with its own rows of the weights and moments.
         let mut jobs = Vec::with_capacity(self.shards.len());
         let (mut w_rest, mut mv_rest) = (&mut self.w[..], &mut self.mv[..]);
         for shard in &mut self.shards {
@@ -517,21 +673,20 @@ impl SparseLinear {
         }
         if grad_w.is_some() || jobs.len() == 1 {
             for (shard, w, mv) in jobs {
-                shard.accumulate(x, rows, grad, k, all);
-                shard.update(w, mv, k, adam, grad_w.as_deref_mut());
+                shard.update(w, mv, grad, k, adam, grad_w.as_deref_mut());
             }
         } else {
             jobs.into_par_iter().for_each(|(shard, w, mv)| {
-                shard.accumulate(x, rows, grad, k, all);
-                shard.update(w, mv, k, adam, None);
+                shard.update(w, mv, grad, k, adam, None);
             });
         }
         for c in 0..k {
-            let gb: f32 = (0..rows.len()).map(|r| grad[r * k + c]).sum();
+            let gb: f32 = (0..records).map(|r| grad[r * k + c]).sum();
             self.mb[c] = BETA1 * self.mb[c] + (1.0 - BETA1) * gb;
             self.vb[c] = BETA2 * self.vb[c] + (1.0 - BETA2) * gb * gb;
             self.b[c] -= lr * (self.mb[c] / c1) / ((self.vb[c] / c2).sqrt() + EPS);
         }
+        Ok(())
     }
 }
 
@@ -809,27 +964,40 @@ mod tests {
 
     #[test]
     fn the_hand_written_sparse_gradient_matches_candle_autograd() -> Result<(), KernelError> {
-        // Both accumulation strategies: narrow (dense) and wide (sorted).
-        for k in [3, 8] {
+        // A constant width (3, 8) and a general one (20).
+        for k in [3, 8, 20] {
             gradient_check(k)?;
         }
         Ok(())
     }
 
+    #[test]
+    fn the_gradient_of_a_layer_in_several_blocks_matches_candle_autograd() -> Result<(), KernelError>
+    {
+        // 5,000 input rows and 20 outputs: the layer is split into blocks,
+        // and the batch's features fall into four of them.
+        gradient_check_spread(20, 5000, 1000)
+    }
+
     fn gradient_check(k: usize) -> Result<(), KernelError> {
-        let x = batch();
-        let dim = 5;
+        gradient_check_spread(k, 5, 1)
+    }
+
+    /// [`batch`]'s features times `spread`, in a layer of `dim` inputs.
+    fn gradient_check_spread(k: usize, dim: usize, spread: u32) -> Result<(), KernelError> {
+        let mut x = batch();
+        x.indices.iter_mut().for_each(|i| *i *= spread);
         let labels = [2usize, 0, k - 1];
         let mut rng = Rng::new(7);
         let mut layer = SparseLinear::new(dim, k, Some(&mut rng));
         let weights = [1.0f32, 2.0, 0.5];
         let rows = [0usize, 1, 2];
         let mut logits = Vec::new();
-        layer.forward(&x, &rows, &mut logits);
+        layer.forward_train(&x, &rows, &mut logits);
         softmax_xent_grad(&mut logits, k, &labels, &weights);
         let mut grad_w = BTreeMap::new();
         let before = layer.w.clone();
-        layer.step(&x, &rows, &logits, 0.0, 0.0, Some(&mut grad_w));
+        layer.step(&logits, 0.0, 0.0, Some(&mut grad_w))?;
 
         // The same loss, dense, through candle's autograd.
         let dev = Device::Cpu;
@@ -893,7 +1061,10 @@ mod tests {
         for t in 1..=3 {
             let grad: Vec<f32> = (0..rows.len() * k).map(|_| rng.unit() - 0.5).collect();
             let mut raw = BTreeMap::new();
-            layer.step(&x, &rows, &grad, lr, l2, Some(&mut raw));
+            layer.forward_train(&x, &rows, &mut Vec::new());
+            layer
+                .step(&grad, lr, l2, Some(&mut raw))
+                .expect("a step after its forward pass");
             let (b1, b2) = (f64::from(BETA1), f64::from(BETA2));
             let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
             for (&row, g) in &raw {
@@ -954,12 +1125,17 @@ mod tests {
             let (mut w1, mut mv1) = (layer.w.clone(), mv.clone());
             let (mut w2, mut mv2) = (layer.w.clone(), mv);
             let mut a = shards_of(dim, 1).remove(0);
+            a.plan(&x, &rows, true);
             let mut b = a.clone();
-            a.accumulate(&x, &rows, &grad, k, true);
-            b.accumulate_any(&x, &rows, &grad, k, true);
-            assert_eq!(bits(&a.gbuf), bits(&b.gbuf), "accumulate, k = {k}");
-            a.update(&mut w1, &mut mv1, k, adam, None);
-            b.update_any(&mut w2, &mut mv2, k, adam, None);
+            a.forward(&layer.w, rows.len(), k);
+            b.forward_any(&layer.w, rows.len(), k);
+            assert_eq!(
+                bits(&a.partial),
+                bits(&b.partial),
+                "grouped forward, k = {k}"
+            );
+            a.update(&mut w1, &mut mv1, &grad, k, adam, None);
+            b.update_any(&mut w2, &mut mv2, &grad, k, adam, None);
             assert_eq!(bits(&w1), bits(&w2), "weights, k = {k}");
             assert_eq!(bits(&mv1), bits(&mv2), "moments, k = {k}");
             layer.b.iter_mut().for_each(|b| *b += 0.1);
@@ -971,15 +1147,15 @@ mod tests {
     }
 
     #[test]
-    fn the_weights_are_the_same_bit_for_bit_on_any_number_of_shards() {
-        // 64 records of 12 features out of 5,000 (many shared), 2 and 20
-        // outputs (the constant-width and the general accumulation).
+    fn the_weights_are_the_same_bit_for_bit_on_any_number_of_cores() {
+        // 64 records of 12 features out of 5,000 (many shared), 2 outputs
+        // (one block, constant width) and 20 (eight blocks, general width).
         for k in [2, 20] {
-            same_on_any_shards(k);
+            same_on_any_cores(k);
         }
     }
 
-    fn same_on_any_shards(k: usize) {
+    fn same_on_any_cores(k: usize) {
         let dim = 5000;
         let mut rng = Rng::new(3);
         let mut x = SparseBatch {
@@ -1000,18 +1176,35 @@ mod tests {
             labels.push(r % k);
         }
         let weights = vec![1.0f32; 16];
-        let run = |n: usize| {
-            let mut layer = SparseLinear::new(dim, k, Some(&mut Rng::new(9)));
-            layer.shards = shards_of(dim, n);
-            for step in 0..12 {
-                let rows: Vec<usize> = (0..16).map(|j| (step * 16 + j * 5) % 64).collect();
-                let mut logits = Vec::new();
-                layer.forward(&x, &rows, &mut logits);
-                let y: Vec<usize> = rows.iter().map(|&r| labels[r]).collect();
-                softmax_xent_grad(&mut logits, k, &y, &weights);
-                layer.step(&x, &rows, &logits, 0.01, 1e-4, None);
-            }
-            layer.w
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            pool.install(|| {
+                let mut layer = SparseLinear::new(dim, k, Some(&mut Rng::new(9)));
+                let (mut logits, mut inference) = (Vec::new(), Vec::new());
+                for step in 0..12 {
+                    let rows: Vec<usize> = (0..16).map(|j| (step * 16 + j * 5) % 64).collect();
+                    layer.forward_train(&x, &rows, &mut logits);
+                    // The grouped sums are the record-major ones up to
+                    // rounding.
+                    layer.forward(&x, &rows, &mut inference);
+                    for (a, b) in logits.iter().zip(&inference) {
+                        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} against {b}");
+                    }
+                    let y: Vec<usize> = rows.iter().map(|&r| labels[r]).collect();
+                    softmax_xent_grad(&mut logits, k, &y, &weights);
+                    layer
+                        .step(&logits, 0.01, 1e-4, None)
+                        .expect("a step after its forward pass");
+                }
+                assert_eq!(
+                    layer.shards.len(),
+                    if k < PARALLEL_MIN_OUT { 1 } else { BLOCKS }
+                );
+                layer.w
+            })
         };
         let one = run(1);
         for n in [2, 3, 8] {
@@ -1020,9 +1213,40 @@ mod tests {
                 one.iter()
                     .zip(&many)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{n} shards, {k} outputs"
+                "{n} threads, {k} outputs"
             );
         }
+    }
+
+    #[test]
+    fn a_step_needs_the_forward_pass_of_its_batch() {
+        let x = batch();
+        let mut layer = SparseLinear::new(5, 3, None);
+        let err = layer.step(&[0.0; 9], 0.1, 0.0, None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KernelError::Unplanned {
+                    expected: 0,
+                    got: 9
+                }
+            ),
+            "{err}"
+        );
+        layer.forward_train(&x, &[0, 1], &mut Vec::new());
+        let err = layer.step(&[0.0; 9], 0.1, 0.0, None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KernelError::Unplanned {
+                    expected: 6,
+                    got: 9
+                }
+            ),
+            "{err}"
+        );
+        // Refused steps move nothing.
+        assert!(layer.w.iter().all(|&w| w == 0.0) && layer.t == 0);
     }
 
     #[test]
@@ -1039,9 +1263,11 @@ mod tests {
         let mut logits = Vec::new();
         let mut last = f32::MAX;
         for _ in 0..50 {
-            layer.forward(&x, &rows, &mut logits);
+            layer.forward_train(&x, &rows, &mut logits);
             last = softmax_xent_grad(&mut logits, 2, &labels, &[1.0; 200]);
-            layer.step(&x, &rows, &logits, 0.1, 0.0, None);
+            layer
+                .step(&logits, 0.1, 0.0, None)
+                .expect("a step after its forward pass");
         }
         assert!(last < 0.05, "loss {last}");
     }
