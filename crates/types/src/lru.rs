@@ -2,6 +2,7 @@
 //! long-running process holds of things it can load again (compiled
 //! components, models loaded for serving).
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 
@@ -25,8 +26,13 @@ impl<K: Eq + Hash + Clone, V: Clone> Lru<K, V> {
         }
     }
 
-    /// The value under `key`, now the entry used last.
-    pub fn get(&mut self, key: &K) -> Option<V> {
+    /// The value under `key` (any borrowed form of the key, as for
+    /// `HashMap::get`: a `&str` for `String` keys), now the entry used last.
+    pub fn get<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.clock += 1;
         let now = self.clock;
         self.entries.get_mut(key).map(|(v, used)| {
@@ -87,5 +93,14 @@ mod tests {
         assert_eq!(m.len(), 3);
         assert_eq!(m.get(&2), Some(21));
         assert!(!m.is_empty());
+    }
+
+    #[test]
+    fn string_keys_are_looked_up_by_str() {
+        let mut m = Lru::new(1);
+        m.insert("m-1".to_string(), 1);
+        assert_eq!(m.get("m-1"), Some(1));
+        m.insert("m-2".to_string(), 2);
+        assert_eq!((m.get("m-1"), m.get("m-2")), (None, Some(2)));
     }
 }

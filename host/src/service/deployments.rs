@@ -1023,7 +1023,7 @@ impl Cloister {
             .loaded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&id.to_string())
+            .get(id)
         {
             return Ok(s);
         }
