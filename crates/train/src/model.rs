@@ -133,13 +133,17 @@ macro_rules! avx2_or {
 /// starts with a full memory latency (measured: docs/BENCHMARKS.md).
 const AHEAD: usize = 6;
 
+/// How many entries ahead [`Shard::plan`] asks for the slot of the row it
+/// will look up (one `u32` each, at a random place).
+const AHEAD_SLOT: usize = 16;
+
 /// Hints the CPU to start loading `row` (all its cache lines) into the
 /// cache. Only a hint: it changes no value and cannot fault.
 #[inline(always)]
-fn prefetch(row: &[f32]) {
+fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
-        const LINE: usize = 64 / std::mem::size_of::<f32>();
+        let line = (64 / std::mem::size_of::<T>()).max(1);
         let mut i = 0;
         while i < row.len() {
             // SAFETY: `row[i]` is in bounds (i < row.len()), so the pointer
@@ -152,7 +156,7 @@ fn prefetch(row: &[f32]) {
                     (&raw const row[i]).cast::<i8>(),
                 );
             }
-            i += LINE;
+            i += line;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -213,15 +217,26 @@ impl Shard {
         self.start.push(0);
         self.loc.clear();
         let entries = std::mem::take(&mut self.entries);
+        // The slots sit at random places in a table the previous step's
+        // rows pushed out of the cache: ask for each a few entries ahead.
         if all {
             for &row in rows {
-                for &i in x.row(row).0 {
+                let idx = x.row(row).0;
+                for (e, &i) in idx.iter().enumerate() {
+                    if let Some(&next) = idx.get(e + AHEAD_SLOT) {
+                        let n = next as usize;
+                        prefetch(self.slot.get(n..n + 1).unwrap_or_default());
+                    }
                     let s = self.place(i);
                     self.loc.push(s);
                 }
             }
         } else {
-            for &(li, _, _) in &entries {
+            for (e, &(li, _, _)) in entries.iter().enumerate() {
+                if let Some(&(next, _, _)) = entries.get(e + AHEAD_SLOT) {
+                    let n = next as usize;
+                    prefetch(self.slot.get(n..n + 1).unwrap_or_default());
+                }
                 let s = self.place(li);
                 self.loc.push(s);
             }
