@@ -110,6 +110,26 @@ pub struct SparseLinear {
     planned: Option<usize>,
 }
 
+/// Calls `$this.$method::<K>(args…)` with the output width `$k` as the
+/// compile-time constant `K` for the narrowest layers (1 to 8 outputs, so
+/// the inner loops over a row are unrolled), else with `K` = 0, which the
+/// method reads as "use the `k` it was passed". The same sums either way.
+macro_rules! by_width {
+    ($k:expr, $this:ident . $method:ident ( $($arg:expr),* )) => {
+        match $k {
+            1 => $this.$method::<1>($($arg),*),
+            2 => $this.$method::<2>($($arg),*),
+            3 => $this.$method::<3>($($arg),*),
+            4 => $this.$method::<4>($($arg),*),
+            5 => $this.$method::<5>($($arg),*),
+            6 => $this.$method::<6>($($arg),*),
+            7 => $this.$method::<7>($($arg),*),
+            8 => $this.$method::<8>($($arg),*),
+            _ => $this.$method::<0>($($arg),*),
+        }
+    };
+}
+
 /// Calls `$avx2` — a twin of `$any` compiled with
 /// `#[target_feature(enable = "avx2")]` around the same `#[inline(always)]`
 /// body — when the CPU has AVX2, else `$any`.
@@ -312,17 +332,7 @@ impl Shard {
     fn forward_any(&mut self, w: &[f32], records: usize, k: usize) {
         // The narrowest layers (a few classes) get the output width as a
         // constant, so the inner loop is unrolled; the sums are the same.
-        match k {
-            1 => self.forward_k::<1>(w, records, 1),
-            2 => self.forward_k::<2>(w, records, 2),
-            3 => self.forward_k::<3>(w, records, 3),
-            4 => self.forward_k::<4>(w, records, 4),
-            5 => self.forward_k::<5>(w, records, 5),
-            6 => self.forward_k::<6>(w, records, 6),
-            7 => self.forward_k::<7>(w, records, 7),
-            8 => self.forward_k::<8>(w, records, 8),
-            _ => self.forward_k::<0>(w, records, k),
-        }
+        by_width!(k, self.forward_k(w, records, k))
     }
 
     /// [`Shard::forward`] for output width `K` (0: `k`, not constant).
@@ -391,17 +401,7 @@ impl Shard {
         a: Adam,
         grad_w: Option<&mut std::collections::BTreeMap<u32, Vec<f32>>>,
     ) {
-        match k {
-            1 => self.update_k::<1>(w, mv, grad, 1, a, grad_w),
-            2 => self.update_k::<2>(w, mv, grad, 2, a, grad_w),
-            3 => self.update_k::<3>(w, mv, grad, 3, a, grad_w),
-            4 => self.update_k::<4>(w, mv, grad, 4, a, grad_w),
-            5 => self.update_k::<5>(w, mv, grad, 5, a, grad_w),
-            6 => self.update_k::<6>(w, mv, grad, 6, a, grad_w),
-            7 => self.update_k::<7>(w, mv, grad, 7, a, grad_w),
-            8 => self.update_k::<8>(w, mv, grad, 8, a, grad_w),
-            _ => self.update_k::<0>(w, mv, grad, k, a, grad_w),
-        }
+        by_width!(k, self.update_k(w, mv, grad, k, a, grad_w))
     }
 
     /// [`Shard::update`] for output width `K` (0: `k`, not constant).
