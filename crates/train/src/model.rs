@@ -761,11 +761,16 @@ impl Adam {
 fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut f32, g: &[f32], a: Adam) {
     let n = w.len().min(m.len()).min(g.len());
     let (w, m, g) = (&mut w[..n], &mut m[..n], &g[..n]);
-    let mut sq = 0f32;
-    for j in 0..n {
-        let gc = g[j] + a.l2 * w[j];
-        sq += gc * gc;
-    }
+    let sq = if n >= LANES_MIN {
+        squares_in_lanes(w, g, a.l2)
+    } else {
+        let mut sq = 0f32;
+        for j in 0..n {
+            let gc = g[j] + a.l2 * w[j];
+            sq += gc * gc;
+        }
+        sq
+    };
     *v = BETA2 * *v + (1.0 - BETA2) * (sq / n.max(1) as f32);
     let step = a.step / (v.sqrt() * a.inv_sqrt_c2 + EPS);
     for j in 0..n {
@@ -773,6 +778,35 @@ fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut f32, g: &[f32], a: Adam) {
         m[j] = BETA1 * m[j] + (1.0 - BETA1) * gc;
         w[j] -= step * m[j];
     }
+}
+
+/// Rows at least this wide sum their squared gradients in lanes
+/// ([`squares_in_lanes`]); narrower ones in one running sum, which is
+/// shorter than the lanes' final additions (measured: docs/BENCHMARKS.md).
+const LANES_MIN: usize = 32;
+
+/// `Σ (g_j + l2 · w_j)²` summed in eight lanes (entry j into lane j % 8),
+/// the lanes then added in a fixed tree: a chain of additions an eighth as
+/// long as one running sum, which the CPU keeps in one vector register.
+/// The order depends only on the row's width, so the value is the same on
+/// every CPU, instruction set and number of cores.
+#[inline(always)]
+fn squares_in_lanes(w: &[f32], g: &[f32], l2: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (wc, wt) = w.as_chunks::<8>();
+    let (gc, gt) = g.as_chunks::<8>();
+    for (wc, gc) in wc.iter().zip(gc) {
+        for l in 0..8 {
+            let d = gc[l] + l2 * wc[l];
+            lanes[l] += d * d;
+        }
+    }
+    for (l, (w, g)) in wt.iter().zip(gt).enumerate() {
+        let d = g + l2 * w;
+        lanes[l] += d * d;
+    }
+    ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+        + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
 }
 
 /// Softmax in place over rows of width `k`; returns the weighted mean
@@ -1064,8 +1098,17 @@ mod tests {
         // written out in f64 the unfolded way: per weight
         // m ← β1·m + (1−β1)·g, per row v ← β2·v + (1−β2)·mean(g²), and
         // w ← w − lr · (m / (1−β1^t)) / (sqrt(v / (1−β2^t)) + ε), with
-        // g = raw gradient + l2·w.
-        let (k, dim, lr, l2) = (3usize, 5usize, 0.05f32, 0.01f32);
+        // g = raw gradient + l2·w. A narrow layer sums a row's squares in
+        // one running sum, a wide one (37 = four chunks of eight and a
+        // tail of five) in lanes.
+        for k in [3usize, 37] {
+            textbook_steps(k);
+        }
+    }
+
+    fn textbook_steps(k: usize) {
+        let (dim, lr, l2) = (5usize, 0.05f32, 0.01f32);
+        assert!(k < LANES_MIN || k % 8 != 0, "the lanes' tail is covered");
         let x = batch();
         let rows = [0usize, 1, 2];
         let mut rng = Rng::new(11);
@@ -1098,7 +1141,7 @@ mod tests {
             for (i, (&got, &want)) in layer.w.iter().zip(&w).enumerate() {
                 assert!(
                     (f64::from(got) - want).abs() <= 1e-5 * want.abs() + 1e-6,
-                    "step {t}, weight {i}: {got} against {want}"
+                    "width {k}, step {t}, weight {i}: {got} against {want}"
                 );
             }
         }
