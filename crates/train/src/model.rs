@@ -1108,7 +1108,10 @@ mod tests {
 
     fn textbook_steps(k: usize) {
         let (dim, lr, l2) = (5usize, 0.05f32, 0.01f32);
-        assert!(k < LANES_MIN || !k.is_multiple_of(8), "the lanes' tail is covered");
+        assert!(
+            k < LANES_MIN || !k.is_multiple_of(8),
+            "the lanes' tail is covered"
+        );
         let x = batch();
         let rows = [0usize, 1, 2];
         let mut rng = Rng::new(11);
@@ -1207,8 +1210,9 @@ mod tests {
     #[test]
     fn the_weights_are_the_same_bit_for_bit_on_any_number_of_cores() {
         // 64 records of 12 features out of 5,000 (many shared), 2 outputs
-        // (one block, constant width) and 20 (eight blocks, general width).
-        for k in [2, 20] {
+        // (one block, constant width), 20 (eight blocks, general width) and
+        // 37 (eight blocks, the row sums in lanes).
+        for k in [2, 20, 37] {
             same_on_any_cores(k);
         }
     }
