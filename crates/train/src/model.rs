@@ -781,8 +781,8 @@ fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut f32, g: &[f32], a: Adam) {
 }
 
 /// Rows at least this wide sum their squared gradients in lanes
-/// ([`squares_in_lanes`]); narrower ones in one running sum, which is
-/// shorter than the lanes' final additions (measured: docs/BENCHMARKS.md).
+/// ([`squares_in_lanes`]); narrower ones in one running sum, which
+/// measured faster at 2 and 20 outputs (docs/BENCHMARKS.md).
 const LANES_MIN: usize = 32;
 
 /// `Σ (g_j + l2 · w_j)²` summed in eight lanes (entry j into lane j % 8),
