@@ -312,6 +312,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_line(&e));
+            if let Some(hint) = hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(session::exit_code(&e))
         }
     }
@@ -331,6 +334,38 @@ fn error_line(e: &anyhow::Error) -> String {
         }
     }
     line
+}
+
+/// Where to look next, for errors whose message is deliberately short:
+/// a plugin's failure inside an environment is sealed (the user sees a
+/// fixed sentence, never the plugin's own words), so the hint names where
+/// its reason is and how an author reproduces it on mock data. Host-written
+/// text only.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use cloister_host::runtime::{CallStage, RuntimeError};
+    use cloister_host::service::ServiceError;
+    let runtime = e
+        .chain()
+        .find_map(|c| match c.downcast_ref::<ServiceError>() {
+            Some(ServiceError::Runtime(r)) => Some(r),
+            _ => c.downcast_ref::<RuntimeError>(),
+        })?;
+    match runtime {
+        RuntimeError::Plugin {
+            stage: CallStage::Configure,
+            ..
+        } => Some(
+            "`cloister plugin show DIGEST` lists the plugin's configuration keys and their defaults; the plugin's own reason is in the administrators' plugin log (`cloister plugin log`)",
+        ),
+        RuntimeError::Plugin { .. }
+        | RuntimeError::Trap(_)
+        | RuntimeError::Exited
+        | RuntimeError::InvalidOutput(_)
+        | RuntimeError::LimitExceeded(_) => Some(
+            "the plugin's own reason is in the administrators' plugin log (`cloister plugin log`); its author can run it on mock data with `cloister plugin run FILE.wasm --input MOCK.jsonl --show-plugin-log`",
+        ),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ pub struct TrainArgs {
     #[arg(long = "features", value_name = "DIGEST")]
     features: String,
     /// A configuration value of the featurizer, KEY=VALUE (repeatable; see
-    /// `plugin show DIGEST` for its keys), e.g. `char_ngrams=2-5` for
+    /// `cloister plugin show DIGEST` for its keys), e.g. `char_ngrams=2-5` for
     /// `tfidf`.
     #[arg(long = "features-config", value_name = "KEY=VALUE")]
     features_config: Vec<String>,

@@ -42,6 +42,16 @@ pub enum PluginCommand {
         /// The digest (or a unique prefix of at least 8 hex digits).
         digest: String,
     },
+    /// Show one registered plugin: what it declares (kind, description,
+    /// configuration keys with their defaults), its imports, who added and
+    /// who approved it.
+    Show {
+        /// The digest (or a unique prefix of at least 8 hex digits).
+        digest: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the environment's registered plugins.
     List {
         /// Print JSON.
@@ -144,6 +154,16 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
             let s = env.session()?;
             let e = s.cloister.approve_plugin(&s.user, &digest)?;
             println!("approved {} {} sha256:{}", e.name, e.version, e.digest);
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Show { digest, json } => {
+            let s = env.reading_session()?;
+            let e = s.cloister.show_plugin(&s.user, &digest)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print_entry(&e);
+            }
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::List { json } => {
@@ -266,6 +286,50 @@ fn inspection_json(file: &Path, r: &Inspection) -> serde_json::Value {
     })
 }
 
+fn print_entry(e: &cloister_host::registry::PluginEntry) {
+    println!("digest:      sha256:{}", e.digest);
+    println!("name:        {}", e.name);
+    println!("version:     {}", e.version);
+    println!("kind:        {}", e.kind.as_str());
+    println!("description: {}", e.description);
+    print_config_keys(&e.config);
+    println!("imports:     {}", e.imports.len());
+    for i in &e.imports {
+        println!("  {i}");
+    }
+    println!("size:        {} bytes", e.size);
+    println!(
+        "added:       by {} at {}",
+        e.added_by,
+        cloister_host::time::rfc3339(e.added_ms)
+    );
+    match &e.approval {
+        Some(a) => println!(
+            "approved:    by {} at {}",
+            a.by,
+            cloister_host::time::rfc3339(a.time_ms)
+        ),
+        None => println!(
+            "approved:    NOT APPROVED (a reviewer who did not add it runs `cloister plugin approve {}`)",
+            &e.digest[..16]
+        ),
+    }
+}
+
+fn print_config_keys(keys: &[cloister_host::types::ConfigKey]) {
+    if keys.is_empty() {
+        println!("config keys: (none)");
+    } else {
+        println!("config keys:");
+        for k in keys {
+            println!(
+                "  {} = {:?}\n      {}",
+                k.name, k.default_value, k.description
+            );
+        }
+    }
+}
+
 fn print_inspection(file: &Path, r: &Inspection) {
     println!("file:        {}", file.display());
     println!("digest:      sha256:{}", r.digest);
@@ -286,17 +350,7 @@ fn print_inspection(file: &Path, r: &Inspection) {
             println!("kind:        {}", m.kind);
         }
         println!("description: {}", m.description);
-        if m.config.is_empty() {
-            println!("config keys: (none)");
-        } else {
-            println!("config keys:");
-            for k in &m.config {
-                println!(
-                    "  {} = {:?}\n      {}",
-                    k.name, k.default_value, k.description
-                );
-            }
-        }
+        print_config_keys(&m.config);
     }
     println!("imports:");
     for i in &r.imports {

@@ -281,7 +281,10 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
             if self.buf.trim().is_empty() {
                 continue;
             }
-            let parsed: Result<Value, _> = serde_json::from_str(&self.buf);
+            // Without its terminator, so that an error at the end of the
+            // line names the line's last column, not column 0 of the next.
+            let line = self.buf.trim_end_matches(['\n', '\r']);
+            let parsed: Result<Value, _> = serde_json::from_str(line);
             return Some(match parsed {
                 Ok(Value::Object(obj)) => self.parse(obj),
                 Ok(_) => Err(self.err(None, "expected a JSON object")),
@@ -496,7 +499,14 @@ mod tests {
             msg("{\"id\": \"a\"}\n{\"id\": \"a\"}\n"),
             "mock.jsonl:2: field `id`: duplicate id \"a\""
         );
-        assert!(msg("{\"id\": \"a\"\n").starts_with("mock.jsonl:1: invalid JSON"));
+        assert_eq!(
+            msg("{\"id\": \"a\"\n"),
+            "mock.jsonl:1: invalid JSON at column 10: unexpected end of line"
+        );
+        assert_eq!(
+            msg("{\"id\": \"a\",, \"b\": 1}\r\n"),
+            "mock.jsonl:1: invalid JSON at column 12: syntax error"
+        );
         assert_eq!(
             msg("{\"id\": \"a\", \"ok\": true}\n"),
             "mock.jsonl:1: field `ok`: unsupported value (use a string, a number or an array of numbers)"

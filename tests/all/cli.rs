@@ -767,6 +767,66 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
         "{}",
         stderr(&o)
     );
+
+    // A registered plugin by a digest prefix: what it declares, who added
+    // and approved it (the train help sends users here for config keys).
+    let o = e.run(&sci, &["plugin", "show", &digests[1][..12]]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for part in [
+        format!("digest:      sha256:{}", digests[1]).as_str(),
+        "name:        hashed-ngrams",
+        "kind:        featurizer",
+        "config keys:\n  field = \"text\"",
+        "added:       by sci at ",
+        "approved:    by rev at ",
+    ] {
+        assert!(out.contains(part), "{part}: {out}");
+    }
+    let o = e.run(&sci, &["plugin", "show", &digests[1][..12], "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["digest"], digests[1].as_str());
+    assert_eq!(v["approval"]["by"], "rev");
+    let o = e.run(&sci, &["plugin", "show", "00000000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no plugin with digest 00000000"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A plugin's failure stays a fixed sentence; the hint after it is the
+    // host's and says where the reason is.
+    let train_with = |config: &str| {
+        e.run(
+            &sci,
+            &[
+                "train",
+                "--dataset",
+                "spam",
+                "--features",
+                &digests[1],
+                "--features-config",
+                config,
+            ],
+        )
+    };
+    let o = train_with("bits=99");
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains(
+            "error: the plugin refused its configuration\nhint: `cloister plugin show DIGEST` lists"
+        ),
+        "{err}"
+    );
+    let o = train_with("field=subject_line");
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("error: the plugin reported an error on a batch\nhint: the plugin's own reason is in the administrators' plugin log"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -116,6 +116,18 @@ impl Cloister {
         Ok(registry::list(self.env.store().as_ref())?)
     }
 
+    /// One registered plugin by digest or unique prefix (at least 8 hex
+    /// digits): what `list_plugins` shows of it, so the same permission.
+    pub fn show_plugin(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::ListPlugins,
+            &Resource::Environment,
+            &digest,
+        )?;
+        Ok(registry::get(self.env.store().as_ref(), digest)?)
+    }
+
     /// Authorizes running a plugin and returns its verified bytes.
     pub fn plugin_for_run(
         &self,
