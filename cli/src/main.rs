@@ -262,6 +262,7 @@ fn main() -> ExitCode {
     quiet_on_closed_pipe();
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.verbose);
+    small_pages_only();
     let result = match cli.command {
         Command::Init {
             dir,
@@ -317,6 +318,20 @@ fn main() -> ExitCode {
             }
             ExitCode::from(session::exit_code(&e))
         }
+    }
+}
+
+/// Turns transparent huge pages off for this process (and what it starts).
+/// With THP on (`always`, as on many distributions), memory the allocator
+/// returns to the kernel and takes back is faulted in again as whole 2 MiB
+/// pages, each zeroed: on 20 Newsgroups a `train` spent more system time
+/// zeroing pages than training, and runs 1.7× faster end to end with
+/// small pages (docs/BENCHMARKS.md, "Huge pages off"). Best effort: a
+/// kernel without the flag keeps its default.
+fn small_pages_only() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::debug!("transparent huge pages stay as the system sets them: {e}");
     }
 }
 
