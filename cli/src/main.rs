@@ -325,7 +325,7 @@ fn main() -> ExitCode {
 /// With THP on (`always`, as on many distributions), memory the allocator
 /// returns to the kernel and takes back is faulted in again as whole 2 MiB
 /// pages, each zeroed: on 20 Newsgroups a `train` spent more system time
-/// zeroing pages than training, and runs 1.7× faster end to end with
+/// zeroing pages than training, and runs about 1.5× faster end to end with
 /// small pages (docs/BENCHMARKS.md, "Huge pages off"). Best effort: a
 /// kernel without the flag keeps its default.
 fn small_pages_only() {
