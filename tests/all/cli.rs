@@ -749,18 +749,22 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
     let o = cloister(&["verify-bundle", bundle.to_str().unwrap(), "--key", &key]);
     assert_eq!(o.status.code(), Some(4), "{}", stdout(&o));
 
-    let o = e.run(
-        &sci,
-        &[
-            "train",
-            "--dataset",
-            "spam",
-            "--features",
-            &digests[1],
-            "--set",
-            "bogus=1",
-        ],
-    );
+    // `train` with the featurizer and one more flag and its value.
+    let train_with = |flag: &str, value: &str| {
+        e.run(
+            &sci,
+            &[
+                "train",
+                "--dataset",
+                "spam",
+                "--features",
+                &digests[1],
+                flag,
+                value,
+            ],
+        )
+    };
+    let o = train_with("--set", "bogus=1");
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("unknown hyper-parameter `bogus`"),
@@ -797,21 +801,7 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
 
     // A plugin's failure stays a fixed sentence; the hint after it is the
     // host's and says where the reason is.
-    let train_with = |config: &str| {
-        e.run(
-            &sci,
-            &[
-                "train",
-                "--dataset",
-                "spam",
-                "--features",
-                &digests[1],
-                "--features-config",
-                config,
-            ],
-        )
-    };
-    let o = train_with("bits=99");
+    let o = train_with("--features-config", "bits=99");
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
@@ -820,7 +810,7 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
         ),
         "{err}"
     );
-    let o = train_with("field=subject_line");
+    let o = train_with("--features-config", "field=subject_line");
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
