@@ -28,11 +28,14 @@ pub struct TrainArgs {
     /// The dataset: NAME or NAME@VERSION.
     #[arg(long)]
     dataset: String,
-    /// An approved preprocessor digest (repeatable, applied in order).
-    #[arg(long = "preprocess", value_name = "DIGEST")]
+    /// An approved preprocessor, by digest (or a unique prefix of at least
+    /// 8 hex digits) or name (repeatable, applied in order).
+    #[arg(long = "preprocess", value_name = "PLUGIN")]
     preprocess: Vec<String>,
-    /// The approved featurizer digest.
-    #[arg(long = "features", value_name = "DIGEST")]
+    /// The approved featurizer, by digest (or a unique prefix of at least 8
+    /// hex digits) or name, e.g. `tfidf`. A name must fit exactly one
+    /// approved plugin; the model's lineage records the full digest.
+    #[arg(long = "features", value_name = "PLUGIN")]
     features: String,
     /// A configuration value of the featurizer, KEY=VALUE (repeatable; see
     /// `cloister plugin show DIGEST` for its keys), e.g. `char_ngrams=2-5` for

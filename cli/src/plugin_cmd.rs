@@ -46,7 +46,8 @@ pub enum PluginCommand {
     /// configuration keys with their defaults), its imports, who added and
     /// who approved it.
     Show {
-        /// The digest (or a unique prefix of at least 8 hex digits).
+        /// The digest (or a unique prefix of at least 8 hex digits), or the
+        /// name of one approved plugin.
         digest: String,
         /// Print JSON.
         #[arg(long)]

@@ -25,6 +25,35 @@ pub enum RegistryError {
     /// A digest prefix matches several plugins.
     #[error("digest prefix {0} matches more than one plugin; give more digits")]
     Ambiguous(String),
+    /// No registered plugin has this name.
+    #[error("no registered plugin is named `{0}` (see `cloister plugin list`)")]
+    UnknownName(String),
+    /// The plugins of this name are of another kind.
+    #[error("plugin `{name}` is a {is}, not a {wanted}")]
+    WrongKind {
+        /// The name given.
+        name: String,
+        /// What they are.
+        is: &'static str,
+        /// What the place needs.
+        wanted: &'static str,
+    },
+    /// No plugin of this name is approved.
+    #[error("plugin `{name}` is not approved (a reviewer must approve its digest {digest})")]
+    NameNotApproved {
+        /// The name given.
+        name: String,
+        /// The first 12 digits of one unapproved plugin of that name.
+        digest: String,
+    },
+    /// Several approved plugins have this name.
+    #[error("`{name}` names several approved plugins ({}): give a digest prefix", .digests.join(", "))]
+    AmbiguousName {
+        /// The name given.
+        name: String,
+        /// The first 12 digits of each approved plugin of that name.
+        digests: Vec<String>,
+    },
     /// Already approved.
     #[error("plugin {0} is already approved")]
     AlreadyApproved(String),
@@ -150,6 +179,80 @@ pub fn get(store: &dyn Storage, digest: &str) -> Result<PluginEntry, RegistryErr
         return Err(RegistryError::Ambiguous(digest.to_string()));
     }
     serde_json::from_slice(&first.1).map_err(|_| RegistryError::Damaged(d))
+}
+
+/// Whether `reference` reads as a digest (at least 8 hex digits) rather
+/// than a plugin's name.
+pub fn is_digest(reference: &str) -> bool {
+    reference.len() >= 8 && reference.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Finds a plugin to run by full digest, a unique prefix of at least 8
+/// digits (approved or not: the policy decides), or the name of exactly one *approved* plugin of `kind` (what
+/// `plugin list` shows in its name column). A name never picks an
+/// unapproved plugin, nor one of several approved versions: those need the
+/// digest. Whatever the reference, the entry carries the full digest, which
+/// is what a model's lineage records. (A digest's kind is checked when the
+/// component is loaded.)
+pub fn find(
+    store: &dyn Storage,
+    reference: &str,
+    kind: Option<PluginKind>,
+) -> Result<PluginEntry, RegistryError> {
+    if is_digest(reference) {
+        return get(store, reference);
+    }
+    // Shorter hex strings are names, or prefixes of too few digits to be
+    // told apart by the digest alone.
+    let hex = !reference.is_empty() && reference.bytes().all(|b| b.is_ascii_hexdigit());
+    let prefix = reference.to_ascii_lowercase();
+    let named: Vec<PluginEntry> = list(store)?
+        .into_iter()
+        .filter(|e| e.name == reference || (hex && e.digest.starts_with(&prefix)))
+        .collect();
+    let short = |e: &PluginEntry| e.digest.get(..12).unwrap_or(&e.digest).to_string();
+    let Some(first) = named.first() else {
+        return Err(RegistryError::UnknownName(reference.to_string()));
+    };
+    let of_kind: Vec<&PluginEntry> = named
+        .iter()
+        .filter(|e| kind.is_none_or(|k| e.kind == k))
+        .collect();
+    let Some(first_of_kind) = of_kind.first() else {
+        return Err(RegistryError::WrongKind {
+            name: reference.to_string(),
+            is: first.kind.as_str(),
+            wanted: kind.map_or("plugin", PluginKind::as_str),
+        });
+    };
+    let mut approved: Vec<&PluginEntry> = of_kind
+        .iter()
+        .copied()
+        .filter(|e| e.approval.is_some())
+        .collect();
+    match approved.len() {
+        1 => Ok(approved.remove(0).clone()),
+        0 => Err(RegistryError::NameNotApproved {
+            name: reference.to_string(),
+            digest: short(first_of_kind),
+        }),
+        _ => Err(RegistryError::AmbiguousName {
+            name: reference.to_string(),
+            digests: approved.iter().map(|e| short(e)).collect(),
+        }),
+    }
+}
+
+/// Whether the error is about a name (unknown, of another kind, not
+/// approved, ambiguous) rather than a digest or the store.
+pub fn is_name_error(e: &RegistryError) -> bool {
+    matches!(
+        e,
+        RegistryError::UnknownName(_)
+            | RegistryError::WrongKind { .. }
+            | RegistryError::NameNotApproved { .. }
+            | RegistryError::AmbiguousName { .. }
+    )
 }
 
 /// Every registered plugin, by digest.

@@ -674,9 +674,9 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
             "--dataset",
             "spam",
             "--preprocess",
-            &digests[0],
+            "text-normalize",
             "--features",
-            &digests[1],
+            "hashed-ngrams",
             "--template",
             "logreg",
         ],
@@ -705,6 +705,19 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
         assert!(shown.contains(part), "{part}: {shown}");
     }
     assert!(!shown.contains("Subject"), "no texts in model show");
+    // The plugins were named; the lineage holds their full digests.
+    let o = e.run(&sci, &["model", "show", &id, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["lineage"]["preprocess"][0], digests[0].as_str());
+    assert_eq!(v["lineage"]["features"], digests[1].as_str());
+    let o = e.run(
+        &sci,
+        &["train", "--dataset", "spam", "--features", "text-normalize"],
+    );
+    assert_eq!(
+        stderr(&o).trim_end(),
+        "error: plugin `text-normalize` is a preprocessor, not a featurizer"
+    );
 
     let bundle = e.dir.path().join("spam.bundle");
     let export = |token: &str| {

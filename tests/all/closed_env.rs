@@ -309,6 +309,57 @@ fn export_is_denied_for_everyone_and_every_attempt_is_audited() {
     );
 }
 
+#[test]
+fn a_plugin_runs_by_the_name_of_its_one_approved_version() {
+    use cloister_host::types::PluginKind::{Featurizer, Selector};
+    let e = env();
+    let err = |r: Result<(cloister_host::registry::PluginEntry, Vec<u8>), ServiceError>| {
+        r.unwrap_err().to_string()
+    };
+    let bytes = cloister_bundled_plugins::get("entropy").unwrap();
+    let entry = e.c.add_plugin(&e.sci, bytes).unwrap();
+    assert_eq!(
+        err(e.c.plugin_for_run(&e.sci, "entropy", Some(Selector))),
+        format!(
+            "plugin `entropy` is not approved (a reviewer must approve its digest {})",
+            &entry.digest[..12]
+        )
+    );
+    e.c.approve_plugin(&e.rev, &entry.digest).unwrap();
+    let (found, got) =
+        e.c.plugin_for_run(&e.sci, "entropy", Some(Selector))
+            .unwrap();
+    assert_eq!(
+        (found.digest.as_str(), got.as_slice()),
+        (entry.digest.as_str(), bytes)
+    );
+    assert_eq!(
+        err(e.c.plugin_for_run(&e.sci, "entropy", Some(Featurizer))),
+        "plugin `entropy` is a selector, not a featurizer"
+    );
+    assert_eq!(
+        err(e.c.plugin_for_run(&e.sci, "entropi", Some(Selector))),
+        "no registered plugin is named `entropi` (see `cloister plugin list`)"
+    );
+    // A second approved version: the name no longer says which.
+    let other = e.c.add_plugin(&e.sci, &one_byte_different(bytes)).unwrap();
+    e.c.approve_plugin(&e.rev, &other.digest).unwrap();
+    let msg = err(e.c.plugin_for_run(&e.sci, "entropy", Some(Selector)));
+    assert!(
+        msg.starts_with("`entropy` names several approved plugins (")
+            && msg.contains(&entry.digest[..12])
+            && msg.contains(&other.digest[..12]),
+        "{msg}"
+    );
+    e.c.plugin_for_run(&e.sci, &other.digest[..12], Some(Selector))
+        .unwrap();
+    // Whoever may not list the plugins learns nothing from a name: a
+    // denial, audited, as for an unknown digest.
+    denied(e.c.plugin_for_run(&e.lab, "entropy", Some(Selector)));
+    denied(e.c.plugin_for_run(&e.lab, "entropi", Some(Selector)));
+    denied(e.c.show_plugin(&e.lab, "entropy"));
+}
+
 /// Appends a custom section: a valid component with a different digest.
 fn one_byte_different(bytes: &[u8]) -> Vec<u8> {
     let mut b = bytes.to_vec();
@@ -321,16 +372,16 @@ fn a_plugin_runs_only_under_an_approval_of_its_exact_digest() {
     let e = env();
     let bytes = cloister_bundled_plugins::get("entropy").unwrap();
     let entry = e.c.add_plugin(&e.sci, bytes).unwrap();
-    denied(e.c.plugin_for_run(&e.sci, &entry.digest));
+    denied(e.c.plugin_for_run(&e.sci, &entry.digest, None));
     denied(e.c.approve_plugin(&e.sci, &entry.digest));
     e.c.approve_plugin(&e.rev, &entry.digest).unwrap();
-    let (_, got) = e.c.plugin_for_run(&e.sci, &entry.digest).unwrap();
+    let (_, got) = e.c.plugin_for_run(&e.sci, &entry.digest, None).unwrap();
     assert_eq!(got, bytes);
 
     let changed = one_byte_different(bytes);
     let other = e.c.add_plugin(&e.rev, &changed).unwrap();
     assert_ne!(other.digest, entry.digest);
-    denied(e.c.plugin_for_run(&e.sci, &other.digest));
+    denied(e.c.plugin_for_run(&e.sci, &other.digest, None));
     denied(e.c.approve_plugin(&e.rev, &other.digest)); // no self-approval
     assert!(
         e.c.add_plugin(&e.sci, cloister_test_plugins::HOSTILE_NET)
@@ -647,7 +698,7 @@ fn whoever_the_policies_refuse_learns_nothing_about_what_exists_and_is_on_the_re
     denied(e.c.run_job(&e.lab, "j-nope", &mut |_| {}));
     denied(e.c.approve_plugin(&e.lab, &ghost));
     denied(e.c.approve_plugin(&e.lab, &plugin.digest));
-    denied(e.c.plugin_for_run(&e.lab, &ghost));
+    denied(e.c.plugin_for_run(&e.lab, &ghost, None));
     denied(e.c.view_record(&e.lab, "no-such-dataset", "r0"));
     denied(e.c.view_record(&e.lab, "d", "r0"));
     denied(e.c.label_record(&e.lab, "no-such-dataset", "r0", "a"));

@@ -161,7 +161,7 @@ fn segments_and_weights_live_in_the_object_store_and_come_back_verified() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     std::fs::write(&plugin_object, &bytes).unwrap();
-    let err = c.plugin_for_run(&sci, &e.digest).unwrap_err();
+    let err = c.plugin_for_run(&sci, &e.digest, None).unwrap_err();
     assert!(
         err.to_string().contains("does not have its digest"),
         "{err}"

@@ -12,7 +12,7 @@ use crate::jobs::{
     SelectorUse, Step,
 };
 use crate::policy::{Action, Resource, Role};
-use crate::registry::{self, PluginEntry};
+use crate::registry;
 use crate::store::WriteBatch;
 use crate::train::{self};
 use crate::types::PluginKind;
@@ -90,50 +90,9 @@ impl Cloister {
         kind: PluginKind,
     ) -> Result<Resolved, ServiceError> {
         let (file, text) = spec;
-        let all = registry::list(self.env().store().as_ref())?;
-        let named: Vec<&PluginEntry> = all
-            .iter()
-            .filter(|e| e.name == use_.plugin || e.digest.starts_with(&use_.plugin))
-            .collect();
         let bad = |m: String| spec_err(file, text, &use_.plugin, format!("{section}: {m}"));
-        if named.is_empty() {
-            return Err(bad(format!(
-                "no registered plugin is named `{}` (see `cloister plugin list`)",
-                use_.plugin
-            )));
-        }
-        let of_kind: Vec<&PluginEntry> = named.iter().copied().filter(|e| e.kind == kind).collect();
-        if of_kind.is_empty() {
-            return Err(bad(format!(
-                "plugin `{}` is a {}, not a {}",
-                use_.plugin,
-                named[0].kind.as_str(),
-                kind.as_str()
-            )));
-        }
-        let approved: Vec<&PluginEntry> = of_kind
-            .iter()
-            .copied()
-            .filter(|e| e.approval.is_some())
-            .collect();
-        let entry = match approved.as_slice() {
-            [one] => (*one).clone(),
-            [] => {
-                return Err(bad(format!(
-                    "plugin `{}` is not approved (a reviewer must approve its digest {})",
-                    use_.plugin,
-                    &of_kind[0].digest[..12]
-                )));
-            }
-            many => {
-                let digests: Vec<&str> = many.iter().map(|e| &e.digest[..12]).collect();
-                return Err(bad(format!(
-                    "`{}` names several approved plugins ({}): give a digest prefix",
-                    use_.plugin,
-                    digests.join(", ")
-                )));
-            }
-        };
+        let entry = registry::find(self.env().store().as_ref(), &use_.plugin, Some(kind))
+            .map_err(|e| bad(e.to_string()))?;
         let (entry, loaded) = self.load_approved(who, &entry.digest, kind)?;
         let config = loaded
             .resolve_config(&use_.config)

@@ -73,7 +73,7 @@ impl Cloister {
 
     /// Approves a plugin digest (a reviewer who did not add it).
     pub fn approve_plugin(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
-        let entry = self.plugin_for(who, Action::ApprovePlugin, digest)?;
+        let entry = self.plugin_for(who, Action::ApprovePlugin, digest, None)?;
         Ok(registry::approve(
             self.env.store().as_ref(),
             &entry.digest,
@@ -89,9 +89,31 @@ impl Cloister {
         who: &User,
         action: Action,
         digest: &str,
+        kind: Option<PluginKind>,
     ) -> Result<PluginEntry, ServiceError> {
+        let store = self.env.store();
+        let looked_up = match action {
+            Action::RunPlugin => registry::find(store.as_ref(), digest, kind),
+            _ => registry::get(store.as_ref(), digest),
+        };
+        // A name that fits no approved plugin of the kind, or several, is
+        // told as such to whoever may list the plugins (the list shows the
+        // names); to anyone else it is a run of an unknown plugin, and
+        // denied so.
+        let looked_up = match looked_up {
+            Err(e) if registry::is_name_error(&e) => {
+                self.guard(
+                    &who.principal(),
+                    Action::ListPlugins,
+                    &Resource::Environment,
+                    &digest,
+                )?;
+                return Err(e.into());
+            }
+            other => other,
+        };
         let entry = self.found(
-            registry::get(self.env.store().as_ref(), digest),
+            looked_up,
             who,
             action,
             || Resource::Plugin {
@@ -116,8 +138,9 @@ impl Cloister {
         Ok(registry::list(self.env.store().as_ref())?)
     }
 
-    /// One registered plugin by digest or unique prefix (at least 8 hex
-    /// digits): what `list_plugins` shows of it, so the same permission.
+    /// One registered plugin by digest, unique prefix (at least 8 hex
+    /// digits) or the name of one approved plugin: what `list_plugins`
+    /// shows of it, so the same permission.
     pub fn show_plugin(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
         self.guard(
             &who.principal(),
@@ -125,16 +148,19 @@ impl Cloister {
             &Resource::Environment,
             &digest,
         )?;
-        Ok(registry::get(self.env.store().as_ref(), digest)?)
+        Ok(registry::find(self.env.store().as_ref(), digest, None)?)
     }
 
-    /// Authorizes running a plugin and returns its verified bytes.
+    /// Authorizes running a plugin — by digest, unique prefix, or the name
+    /// of one approved plugin of `kind` (see [`registry::find`]) — and
+    /// returns its verified bytes.
     pub fn plugin_for_run(
         &self,
         who: &User,
         digest: &str,
+        kind: Option<PluginKind>,
     ) -> Result<(PluginEntry, Vec<u8>), ServiceError> {
-        let entry = self.plugin_for(who, Action::RunPlugin, digest)?;
+        let entry = self.plugin_for(who, Action::RunPlugin, digest, kind)?;
         let bytes = registry::bytes(self.env.store().as_ref(), self.env.objects(), &entry)?;
         Ok((entry, bytes))
     }
@@ -147,7 +173,7 @@ impl Cloister {
         digest: &str,
         kind: crate::types::PluginKind,
     ) -> Result<(PluginEntry, crate::runtime::LoadedPlugin), ServiceError> {
-        let (entry, bytes) = self.plugin_for_run(who, digest)?;
+        let (entry, bytes) = self.plugin_for_run(who, digest, Some(kind))?;
         let loaded = self.runtime()?.load(&bytes)?;
         loaded.require(kind)?;
         Ok((entry, loaded))
