@@ -35,7 +35,8 @@ pub enum DatasetCommand {
         #[arg(long = "text-field")]
         text_fields: Vec<String>,
         /// Numeric fields to keep (repeatable; JSONL default: every numeric
-        /// field; CSV: none).
+        /// field; CSV: none). `*` keeps every field not listed as text: for
+        /// a numeric CSV, every column but the id and the label.
         #[arg(long = "numeric-field")]
         numeric_fields: Vec<String>,
     },

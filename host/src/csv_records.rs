@@ -2,14 +2,15 @@
 //!
 //! The id column (default `id`) and the label column (default `label`; an
 //! empty cell means unlabeled) are taken by name. Columns listed as numeric
-//! must hold finite numbers (an empty cell means absent); every other column
-//! is a text field, unless text columns are listed, in which case the rest
-//! are ignored. Errors name the file, the line and the column.
+//! must hold finite numbers (an empty cell means absent); `*` among them
+//! stands for every column not listed as text. Every other column is a
+//! text field, unless text columns are listed, in which case the rest are
+//! ignored. Errors name the file, the line and the column.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::records::{RecordError, RecordSource, Schema};
+use crate::records::{EVERY_OTHER_FIELD, RecordError, RecordSource, Schema};
 use crate::types::{DataRecord, Numeric, NumericField, TextField};
 
 /// Streams records out of CSV.
@@ -72,7 +73,7 @@ impl<R: Read> CsvReader<R> {
             .flatten()
         {
             for name in list {
-                if find(name).is_none() {
+                if name != EVERY_OTHER_FIELD && find(name).is_none() {
                     return Err(err(Some(name), "no such column in the header".into()));
                 }
             }
@@ -83,11 +84,18 @@ impl<R: Read> CsvReader<R> {
                 return Err(err(Some(h), "the header names this column twice".into()));
             }
         }
+        let listed_text = |name: &String| {
+            schema
+                .text_fields
+                .as_ref()
+                .is_some_and(|l| l.contains(name))
+        };
         let numeric = |name: &String| {
             schema
                 .numeric_fields
                 .as_ref()
                 .is_some_and(|l| l.contains(name))
+                || (schema.every_other_numeric() && !listed_text(name))
         };
         let text = |name: &String| schema.text_fields.as_ref().is_none_or(|l| l.contains(name));
         let columns = headers
@@ -246,6 +254,29 @@ mod tests {
         assert_eq!(rs[1].text("text"), Some("a, b"));
         assert_eq!(rs[1].label, None);
         assert_eq!(rs[1].numeric("len"), None);
+    }
+
+    #[test]
+    fn a_star_makes_every_column_not_listed_as_text_numeric() {
+        let schema = Schema {
+            numeric_fields: Some(vec!["*".into()]),
+            ..Schema::default()
+        };
+        let rs = read("id,a,label,b\n1,0.5,x,-2e3\n2,,y,7\n", &schema).expect("reads");
+        assert_eq!(rs[0].numeric("a"), Some(&Numeric::Scalar(0.5)));
+        assert_eq!(rs[0].numeric("b"), Some(&Numeric::Scalar(-2000.0)));
+        assert!(rs[0].texts.is_empty());
+        assert_eq!(rs[1].numeric("a"), None, "an empty cell is absent");
+        let e = read("id,a,b\n1,2,3\n2,4,four\n", &schema).expect_err("a text cell");
+        assert_eq!(e.to_string(), "in.csv:3: field `b`: not a finite number");
+        let schema = Schema {
+            text_fields: Some(vec!["note".into()]),
+            numeric_fields: Some(vec!["*".into()]),
+            ..Schema::default()
+        };
+        let rs = read("id,note,a\n1,hi there,3\n", &schema).expect("reads");
+        assert_eq!(rs[0].text("note"), Some("hi there"));
+        assert_eq!(rs[0].numeric("a"), Some(&Numeric::Scalar(3.0)));
     }
 
     #[test]

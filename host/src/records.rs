@@ -54,8 +54,23 @@ pub struct Schema {
     pub label_field: String,
     /// Text fields to keep; `None` keeps every string field.
     pub text_fields: Option<Vec<String>>,
-    /// Numeric fields to keep; `None` keeps every numeric field.
+    /// Numeric fields to keep; `None` keeps every numeric field. A `*` in
+    /// the list means every field not named elsewhere (for CSV, whose
+    /// cells have no type: every column but the id, the label and the
+    /// listed text columns must hold numbers).
     pub numeric_fields: Option<Vec<String>>,
+}
+
+/// The numeric-fields entry that stands for every other field.
+pub const EVERY_OTHER_FIELD: &str = "*";
+
+impl Schema {
+    /// Whether the numeric fields are "every field not named elsewhere".
+    pub fn every_other_numeric(&self) -> bool {
+        self.numeric_fields
+            .as_ref()
+            .is_some_and(|l| l.iter().any(|f| f == EVERY_OTHER_FIELD))
+    }
 }
 
 impl Default for Schema {
@@ -173,8 +188,10 @@ impl<R: BufRead> JsonlReader<R> {
             if name == self.schema.id_field || name == self.schema.label_field {
                 continue;
             }
-            let wanted =
-                |list: &Option<Vec<String>>| list.as_ref().is_none_or(|l| l.contains(&name));
+            let wanted = |list: &Option<Vec<String>>| {
+                list.as_ref()
+                    .is_none_or(|l| l.contains(&name) || l.iter().any(|f| f == EVERY_OTHER_FIELD))
+            };
             match value {
                 Value::Null => {}
                 Value::String(s) if wanted(&self.schema.text_fields) => {
@@ -226,7 +243,10 @@ impl<R: BufRead> JsonlReader<R> {
                 } else {
                     record.numerics.iter().map(|t| t.name.as_str()).collect()
                 };
-                if let Some(missing) = list.iter().find(|f| !present.contains(&f.as_str())) {
+                if let Some(missing) = list
+                    .iter()
+                    .find(|f| *f != EVERY_OTHER_FIELD && !present.contains(&f.as_str()))
+                {
                     return Err(self.err(Some(missing), format!("missing {kind} field")));
                 }
             }

@@ -176,13 +176,81 @@ fn standardize_exact_dense_values() {
         code(inst.featurize(&[numeric("s", "a", &[1.0])])),
         "plugin-error"
     );
-    assert_eq!(
-        plugin_error(p.instantiate(runtime(), &cfg(&[("std", "1")]), &Limits::default())),
+    let refused = |pairs: &[(&str, &str)]| {
+        plugin_error(p.instantiate(runtime(), &cfg(pairs), &Limits::default()))
+    };
+    let config_error = |key: &str| {
         (
             CallStage::Configure,
             ErrorCode::InvalidConfig,
-            Some("mean".into())
+            Some(key.into()),
         )
+    };
+    assert_eq!(refused(&[("std", "1")]), config_error("std"));
+    assert_eq!(
+        refused(&[("fields", "a"), ("width", "0")]),
+        config_error("width")
+    );
+    assert_eq!(
+        refused(&[
+            ("fields", "a"),
+            ("mean", "0,0"),
+            ("std", "1,1"),
+            ("width", "3")
+        ]),
+        config_error("width")
+    );
+
+    // Without statistics the values go through as they are (the templates
+    // standardize them on the training split): one position per field, or
+    // `width` for vector fields.
+    let mut raw = p
+        .instantiate(runtime(), &cfg(&[("fields", "b,a")]), &Limits::default())
+        .unwrap();
+    assert_eq!(raw.dimension(), 2);
+    let mut r = numeric("r", "a", &[5.5]);
+    r.numerics.extend(numeric("r", "b", &[-2.0]).numerics);
+    let out = raw.featurize(std::slice::from_ref(&r)).unwrap();
+    assert_eq!((out.indices, out.values), (vec![0, 1], vec![-2.0, 5.5]));
+    assert_eq!(
+        code(raw.featurize(&[numeric("v", "a", &[1.0, 2.0])])),
+        "plugin-error"
+    );
+    let mut wide = p
+        .instantiate(
+            runtime(),
+            &cfg(&[("fields", "a"), ("width", "2")]),
+            &Limits::default(),
+        )
+        .unwrap();
+    assert_eq!(wide.dimension(), 2);
+    let out = wide.featurize(&[numeric("v", "a", &[1.0, 2.0])]).unwrap();
+    assert_eq!(out.values, vec![1.0, 2.0]);
+    // `*`: every numeric field of the record, in its order; `width` says
+    // how many positions that must make.
+    assert_eq!(refused(&[("fields", "*")]), config_error("width"));
+    assert_eq!(
+        refused(&[("fields", "*,a"), ("width", "2")]),
+        config_error("fields")
+    );
+    let mut every = p
+        .instantiate(
+            runtime(),
+            &cfg(&[("fields", "*"), ("width", "2")]),
+            &Limits::default(),
+        )
+        .unwrap();
+    let out = every.featurize(&[r]).unwrap();
+    assert_eq!(out.values, vec![5.5, -2.0]);
+    assert_eq!(
+        code(every.featurize(&[numeric("v", "a", &[1.0])])),
+        "plugin-error"
+    );
+    // A value single precision cannot hold is the record's error, never an
+    // infinite feature.
+    assert_eq!(
+        code(wide.featurize(&[numeric("v", "a", &[1e300, 2.0])])),
+        "plugin-error"
     );
 }
 

@@ -112,9 +112,56 @@ pub struct Hyper {
     /// this key existed read as 0.
     #[serde(default)]
     pub min_support: u32,
+    /// Whether the inputs are standardized on the training split before
+    /// training ([`Standardize`]). Manifests written before this key
+    /// existed read as `off`, which is how those models were trained.
+    #[serde(default = "Standardize::off")]
+    pub standardize: Standardize,
 }
 
-const KEYS: [&str; 10] = [
+/// Standardizing the inputs: each input position shifted by its mean and
+/// divided by its standard deviation over the training records (a record
+/// without the position counts as 0 there), as a scaler in front of the
+/// model would — numeric features of very different scales otherwise train
+/// badly. The figures never leave the training run: after the last epoch
+/// they are folded into the first layer (`W'ᵢ = Wᵢ / σᵢ`,
+/// `b' = b − Σᵢ μᵢ · W'ᵢ`), so the stored model takes the raw features and
+/// computes what the standardized one did, up to rounding. Only dense
+/// inputs are standardized: subtracting a mean makes every position of
+/// every record non-zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Standardize {
+    /// When the training records have, on average, at least half of at most
+    /// [`STANDARDIZE_MAX_DIM`] input positions (numeric features); never
+    /// for sparse ones (text).
+    Auto,
+    /// Always (refused for inputs wider than [`STANDARDIZE_MAX_DIM`]).
+    On,
+    /// Never: the features as the featurizer gives them.
+    Off,
+}
+
+impl Standardize {
+    fn off() -> Self {
+        Standardize::Off
+    }
+
+    /// The setting's name, as in a template.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Standardize::Auto => "auto",
+            Standardize::On => "on",
+            Standardize::Off => "off",
+        }
+    }
+}
+
+/// The widest input that is standardized: every training record becomes a
+/// dense row of this many values.
+pub const STANDARDIZE_MAX_DIM: usize = 4096;
+
+const KEYS: [&str; 11] = [
     "epochs",
     "batch_size",
     "learning_rate",
@@ -125,6 +172,7 @@ const KEYS: [&str; 10] = [
     "hidden",
     "dropout",
     "min_support",
+    "standardize",
 ];
 
 impl Hyper {
@@ -140,6 +188,7 @@ impl Hyper {
             hidden: vec![128],
             dropout: 0.0,
             min_support: 10,
+            standardize: Standardize::Auto,
         }
     }
 
@@ -208,6 +257,18 @@ impl Hyper {
                     _ => {
                         return Err(bad(&format!(
                             "expected `balanced` or `none`, got `{value}`"
+                        )));
+                    }
+                }
+            }
+            "standardize" => {
+                self.standardize = match value.trim().trim_matches('"') {
+                    "auto" => Standardize::Auto,
+                    "on" => Standardize::On,
+                    "off" => Standardize::Off,
+                    _ => {
+                        return Err(bad(&format!(
+                            "expected `auto`, `on` or `off`, got `{value}`"
                         )));
                     }
                 }
@@ -717,6 +778,31 @@ pub fn fit(
     } else {
         x
     };
+    let scaling = match h.standardize {
+        Standardize::Off => None,
+        Standardize::On if dim > STANDARDIZE_MAX_DIM => {
+            return Err(TrainError::BadValue {
+                key: "standardize".into(),
+                problem: format!(
+                    "`on` needs inputs of at most {STANDARDIZE_MAX_DIM} positions; this featurizer's are wider (use `auto` or `off`)"
+                ),
+            });
+        }
+        Standardize::On => Some(Scaling::of(x, train, dim)),
+        Standardize::Auto => {
+            let entries: usize = train.iter().map(|&r| x.row(r).0.len()).sum();
+            (dim <= STANDARDIZE_MAX_DIM && 2 * entries >= train.len() * dim)
+                .then(|| Scaling::of(x, train, dim))
+        }
+    };
+    let standardized;
+    let x = match &scaling {
+        Some(s) => {
+            standardized = s.apply(x);
+            &standardized
+        }
+        None => x,
+    };
     let cw = class_weights(y, train, classes, h.class_weight);
     let mut rng = Rng::new(h.seed.wrapping_add(1));
     let mut order = train.to_vec();
@@ -798,12 +884,121 @@ pub fn fit(
     let (_, _, best_epoch) =
         best.ok_or_else(|| TrainError::NotEnoughData("no epoch ran".into()))?;
     model.restore(&best_weights)?;
+    if let Some(s) = &scaling {
+        match &mut model.net {
+            Network::Logreg(l) | Network::Mlp(l, _) => s.fold(l),
+        }
+    }
     Ok(Fitted {
         model,
         curve,
         best_epoch,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The training split's mean and standard deviation of each input position
+/// that some training record has ([`Standardize`]).
+#[derive(Debug)]
+struct Scaling {
+    /// Per position: `Some((mean, std))` (a constant position has std 1,
+    /// so it only moves by its mean), `None` for one no training record
+    /// has — such a position is not learned from, and stays absent.
+    at: Vec<Option<(f32, f32)>>,
+}
+
+impl Scaling {
+    /// The figures of `x`'s `train` rows, summed in f64.
+    fn of(x: &SparseBatch, train: &[usize], dim: usize) -> Self {
+        let mut sums = vec![(0u32, 0f64, 0f64); dim];
+        for &r in train {
+            let (idx, vals) = x.row(r);
+            for (&i, &v) in idx.iter().zip(vals) {
+                if let Some(s) = sums.get_mut(i as usize) {
+                    s.0 += 1;
+                    s.1 += f64::from(v);
+                    s.2 += f64::from(v) * f64::from(v);
+                }
+            }
+        }
+        let n = train.len().max(1) as f64;
+        let at = sums
+            .into_iter()
+            .map(|(present, sum, squares)| {
+                (present > 0).then(|| {
+                    let mean = sum / n;
+                    let var = (squares / n - mean * mean).max(0.0);
+                    let std = var.sqrt();
+                    // Below single precision's resolution of the mean, the
+                    // spread is rounding, not signal: a constant.
+                    let std = if std > 1e-6 * mean.abs() && (std as f32).is_normal() {
+                        std
+                    } else {
+                        1.0
+                    };
+                    (mean as f32, std as f32)
+                })
+            })
+            .collect();
+        Scaling { at }
+    }
+
+    /// Every row of `x` standardized, and made dense over the positions
+    /// the training split has (an absent one is a 0 before scaling).
+    fn apply(&self, x: &SparseBatch) -> SparseBatch {
+        let kept: Vec<(u32, f32, f32)> = self
+            .at
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.map(|(m, s)| (i as u32, m, s)))
+            .collect();
+        let mut out = SparseBatch {
+            offsets: Vec::with_capacity(x.offsets.len()),
+            indices: Vec::with_capacity(x.rows() * kept.len()),
+            values: Vec::with_capacity(x.rows() * kept.len()),
+        };
+        out.offsets.push(0);
+        let mut dense = vec![0f32; self.at.len()];
+        for r in 0..x.rows() {
+            let (idx, vals) = x.row(r);
+            for (&i, &v) in idx.iter().zip(vals) {
+                if let Some(d) = dense.get_mut(i as usize) {
+                    *d = v;
+                }
+            }
+            for &(i, m, s) in &kept {
+                out.indices.push(i);
+                out.values.push((dense[i as usize] - m) / s);
+            }
+            for &i in idx {
+                if let Some(d) = dense.get_mut(i as usize) {
+                    *d = 0.0;
+                }
+            }
+            out.offsets.push(out.indices.len() as u32);
+        }
+        out
+    }
+
+    /// Folds the scaling into the first layer, so that it takes the raw
+    /// inputs: `W'ᵢ = Wᵢ / σᵢ`, `b' = b − Σᵢ μᵢ · W'ᵢ` (summed in f64).
+    fn fold(&self, first: &mut SparseLinear) {
+        let out = first.out;
+        let mut shift = vec![0f64; out];
+        for (i, a) in self.at.iter().enumerate() {
+            let Some((m, s)) = *a else { continue };
+            let Some(row) = first.w.get_mut(i * out..(i + 1) * out) else {
+                continue;
+            };
+            for (w, d) in row.iter_mut().zip(&mut shift) {
+                *w /= s;
+                *d += f64::from(m) * f64::from(*w);
+            }
+        }
+        for (b, d) in first.b.iter_mut().zip(&shift) {
+            *b = (f64::from(*b) - d) as f32;
+        }
+    }
 }
 
 /// `x` without the entries of features whose support is below `min`.
@@ -976,6 +1171,149 @@ mod tests {
                 "{name} round-trips"
             );
         }
+    }
+
+    /// 600 records of 6 numeric positions at scales from 1e-3 to 1e4; the
+    /// class shows in positions 0 and 1, position 5 only in `rare`
+    /// training records (else absent).
+    fn scaled(rare: usize) -> (SparseBatch, Vec<usize>) {
+        let mut rng = Rng::new(7);
+        let mut x = SparseBatch {
+            offsets: vec![0],
+            indices: vec![],
+            values: vec![],
+        };
+        let mut y = Vec::new();
+        let scales = [1e4f32, 1e-3, 1.0, 50.0, 3.0];
+        for i in 0..600 {
+            let c = i % 2;
+            let sign = if c == 1 { 1.0 } else { -1.0 };
+            for (j, s) in scales.iter().enumerate() {
+                let noise = rng.unit() * 2.0 - 1.0;
+                let signal = if j < 2 { 0.8 * sign } else { 0.0 };
+                x.indices.push(j as u32);
+                x.values.push(s * (signal + noise) + 5.0 * s);
+            }
+            if i < rare {
+                x.indices.push(5);
+                x.values.push(100.0);
+            }
+            x.offsets.push(x.indices.len() as u32);
+            y.push(c);
+        }
+        (x, y)
+    }
+
+    #[test]
+    fn standardizing_is_folded_into_the_first_layer_exactly() {
+        let (x, _) = scaled(40);
+        let train: Vec<usize> = (0..400).collect();
+        let s = Scaling::of(&x, &train, 6);
+        let z = s.apply(&x);
+        assert_eq!(z.rows(), x.rows());
+        assert_eq!(z.row(500).0, [0, 1, 2, 3, 4, 5], "dense over the positions");
+        let mut rng = Rng::new(1);
+        let mut layer = SparseLinear::new(6, 3, Some(&mut rng));
+        layer.b = vec![0.5, -0.25, 1.0];
+        let rows: Vec<usize> = (0..600).collect();
+        let mut want = Vec::new();
+        layer.forward(&z, &rows, &mut want);
+        s.fold(&mut layer);
+        let mut got = Vec::new();
+        layer.forward(&x, &rows, &mut got);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} against {w}");
+        }
+    }
+
+    #[test]
+    fn dense_inputs_are_standardized_on_the_training_split_and_sparse_ones_never() {
+        let (x, y) = scaled(3);
+        let train: Vec<usize> = (0..400).collect();
+        let val: Vec<usize> = (400..600).collect();
+        let data = TrainingSet {
+            x: &x,
+            dim: 6,
+            y: &y,
+            classes: 2,
+            train: &train,
+            val: &val,
+            budget_bytes: 1 << 30,
+        };
+        for name in ["logreg", "mlp"] {
+            let run = |value: &str| {
+                let t = template(name, &[("standardize".into(), value.into())]).expect("template");
+                fit(&t, data, &mut |_| {}).expect("fit")
+            };
+            let (auto, on, off) = (run("auto"), run("on"), run("off"));
+            let acc = |f: &Fitted| f.curve[f.best_epoch as usize - 1].val_accuracy;
+            assert!(acc(&auto) > 0.9, "{name}: {:?}", auto.curve);
+            assert!(
+                acc(&auto) > acc(&off),
+                "{name}: {} against {}",
+                acc(&auto),
+                acc(&off)
+            );
+            assert_eq!(
+                auto.model.predict(&x, &val).expect("predict"),
+                on.model.predict(&x, &val).expect("predict"),
+                "{name}: auto standardizes dense inputs"
+            );
+            // Position 5 is in 3 training records, under min_support: its
+            // row stays zero through the fold as well.
+            let first = match &auto.model.net {
+                Network::Logreg(l) | Network::Mlp(l, _) => l,
+            };
+            let k = first.out;
+            assert!(first.w[5 * k..6 * k].iter().all(|&w| w == 0.0), "{name}");
+        }
+        // Sparse inputs (two of sixteen positions per record): `auto`
+        // leaves them as they are, bit for bit.
+        let (x, y) = toy();
+        let (train, val): (Vec<usize>, Vec<usize>) = ((0..300).collect(), (300..400).collect());
+        let data = TrainingSet {
+            x: &x,
+            dim: 16,
+            y: &y,
+            train: &train,
+            val: &val,
+            ..data
+        };
+        let run = |value: &str| {
+            let t = template("logreg", &[("standardize".into(), value.into())]).expect("template");
+            fit(&t, data, &mut |_| {})
+                .expect("fit")
+                .model
+                .predict(&x, &val)
+                .expect("predict")
+        };
+        assert_eq!(run("auto"), run("off"));
+        let data = TrainingSet {
+            dim: STANDARDIZE_MAX_DIM + 1,
+            ..data
+        };
+        let t = template("logreg", &[("standardize".into(), "on".into())]).expect("template");
+        let e = fit(&t, data, &mut |_| {}).expect_err("too wide");
+        assert!(
+            e.to_string()
+                .starts_with("hyper-parameter `standardize`: `on` needs"),
+            "{e}"
+        );
+        let e = template("logreg", &[("standardize".into(), "yes".into())]).expect_err("bad");
+        assert_eq!(
+            e.to_string(),
+            "hyper-parameter `standardize`: expected `auto`, `on` or `off`, got `yes`"
+        );
+        // Manifests from before the key: trained without it.
+        let text = toml::to_string(&Hyper::defaults()).expect("toml");
+        assert!(text.contains("standardize = \"auto\""), "{text}");
+        let old: String = text
+            .lines()
+            .filter(|l| !l.starts_with("standardize"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let h: Hyper = toml::from_str(&old).expect("reads");
+        assert_eq!(h.standardize, Standardize::Off);
     }
 
     #[test]
