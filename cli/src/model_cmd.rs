@@ -146,14 +146,16 @@ pub fn templates(json: bool) -> Result<ExitCode> {
         println!("{:<8} {}", t.name, t.description);
         let h = &t.hyper;
         print!(
-            "         epochs={} batch_size={} learning_rate={} l2={} class_weight={} patience={} seed={}",
+            "         epochs={} batch_size={} learning_rate={} l2={} class_weight={} patience={} seed={} min_support={} standardize={}",
             h.epochs,
             h.batch_size,
             h.learning_rate,
             h.l2,
             if h.class_weight { "balanced" } else { "none" },
             h.patience,
-            h.seed
+            h.seed,
+            h.min_support,
+            h.standardize.as_str()
         );
         if t.kind == cloister_host::train::Kind::Mlp {
             print!(" hidden={:?} dropout={}", h.hidden, h.dropout);

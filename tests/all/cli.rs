@@ -917,3 +917,102 @@ fn serve_refuses_a_take_over_interval_out_of_range_before_opening_anything() {
         assert!(!env.exists(), "nothing is created");
     }
 }
+
+#[test]
+fn a_numeric_csv_trains_by_plugin_names_with_no_statistics_given() {
+    // Three columns at scales 1e4, 1e-3 and 1; the class shows in the
+    // first two. Nobody computes a mean or a deviation: the template
+    // standardizes on the training split and folds it into the weights,
+    // so the stored model is evaluated on the raw values.
+    let e = EnvCli {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let root = token_in(&cloister(&["init", &e.env()]));
+    let sci = token_in(&e.run(&root, &["user", "add", "sci", "--role", "scientist"]));
+    let rev = token_in(&e.run(&root, &["user", "add", "rev", "--role", "reviewer"]));
+    let plugins = e.dir.path().join("plugins");
+    let plugins = plugins.to_str().unwrap();
+    assert!(
+        cloister(&["plugin", "bundled", "--write", plugins])
+            .status
+            .success()
+    );
+    let o = e.run(
+        &sci,
+        &["plugin", "add", &format!("{plugins}/standardize.wasm")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = e.run(&rev, &["plugin", "approve", "standardize"]);
+    assert_eq!(o.status.code(), Some(1), "approval takes a digest");
+    let digest = stdout(&e.run(&sci, &["plugin", "show", "standardize", "--json"]));
+    assert!(digest.is_empty(), "not approved: no name lookup");
+    let listed = stdout(&e.run(&sci, &["plugin", "list"]));
+    let prefix = listed.split_whitespace().next().unwrap().to_string();
+    assert!(
+        e.run(&rev, &["plugin", "approve", &prefix])
+            .status
+            .success()
+    );
+
+    let mut csv = String::from("id,label,big,tiny,plain\n");
+    let mut seed = 12345u64;
+    let mut unit = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    };
+    for i in 0..600 {
+        let (label, sign) = if i % 2 == 0 {
+            ("lo", -1.0)
+        } else {
+            ("hi", 1.0)
+        };
+        let big = 1e4 * (5.0 + 0.8 * sign + unit());
+        let tiny = 1e-3 * (5.0 + 0.8 * sign + unit());
+        let plain = unit();
+        csv.push_str(&format!("r{i},{label},{big},{tiny},{plain}\n"));
+    }
+    let file = e.dir.path().join("scaled.csv");
+    std::fs::write(&file, csv).unwrap();
+    let o = e.run(
+        &sci,
+        &[
+            "dataset",
+            "import",
+            "scaled",
+            file.to_str().unwrap(),
+            "--numeric-field",
+            "*",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let train = |setting: &str| {
+        let o = e.run(
+            &sci,
+            &[
+                "train",
+                "--dataset",
+                "scaled",
+                "--features",
+                "standardize",
+                "--features-config",
+                "fields=*",
+                "--features-config",
+                "width=3",
+                "--set",
+                &format!("standardize={setting}"),
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        out.split("test: accuracy ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| a.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+    let (auto, off) = (train("auto"), train("off"));
+    assert!(auto >= 0.9, "standardized: {auto}");
+    assert!(auto > off, "standardized {auto}, raw {off}");
+}

@@ -245,19 +245,23 @@ fn a_python_featurizer_gives_its_rust_twins_features_exactly() {
     let rust = rt
         .load(cloister_bundled_plugins::get("standardize").unwrap())
         .unwrap();
-    let (records, config) = digits();
-    let run = |p: &cloister_host::runtime::LoadedPlugin| {
-        p.runner(&rt, &config, Limits::default())
-            .unwrap()
-            .featurize(&records)
-            .unwrap()
-    };
-    let (a, b) = (run(&py), run(&rust));
-    assert_eq!(a.offsets, b.offsets);
-    assert_eq!(a.indices, b.indices);
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&a.values), bits(&b.values), "bit for bit");
-    assert_eq!(a.rows(), records.len());
+    let (records, stats) = digits();
+    // With statistics, and without (the values as they are).
+    let raw = crate::support::cfg(&[("fields", "pixels"), ("width", "64")]);
+    for config in [&stats, &raw] {
+        let run = |p: &cloister_host::runtime::LoadedPlugin| {
+            p.runner(&rt, config, Limits::default())
+                .unwrap()
+                .featurize(&records)
+                .unwrap()
+        };
+        let (a, b) = (run(&py), run(&rust));
+        assert_eq!(a.offsets, b.offsets);
+        assert_eq!(a.indices, b.indices);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.values), bits(&b.values), "bit for bit");
+        assert_eq!(a.rows(), records.len());
+    }
     // Its configuration errors name the key, as the Rust one's do.
     let bad = py.instantiate(
         &rt,
@@ -269,7 +273,7 @@ fn a_python_featurizer_gives_its_rust_twins_features_exactly() {
         (
             cloister_host::runtime::CallStage::Configure,
             cloister_host::types::ErrorCode::InvalidConfig,
-            Some("mean".into())
+            Some("std".into())
         )
     );
 }
