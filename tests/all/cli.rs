@@ -1006,13 +1006,36 @@ fn a_numeric_csv_trains_by_plugin_names_with_no_statistics_given() {
         );
         assert!(o.status.success(), "{}", stderr(&o));
         let out = stdout(&o);
-        out.split("test: accuracy ")
+        let accuracy = out
+            .split("test: accuracy ")
             .nth(1)
             .and_then(|r| r.split_whitespace().next())
             .and_then(|a| a.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{out}"))
+            .unwrap_or_else(|| panic!("{out}"));
+        (accuracy, out.split_whitespace().nth(1).unwrap().to_string())
     };
-    let (auto, off) = (train("auto"), train("off"));
+    let ((auto, auto_model), (off, _)) = (train("auto"), train("off"));
     assert!(auto >= 0.9, "standardized: {auto}");
     assert!(auto > off, "standardized {auto}, raw {off}");
+
+    // `predict` on JSON records, whose keys arrive in another order than
+    // the CSV's columns: `fields=*` orders by name, so the positions are
+    // the ones training saw.
+    let mock = e.dir.path().join("mock.jsonl");
+    std::fs::write(
+        &mock,
+        "{\"id\": \"h\", \"tiny\": 0.0058, \"plain\": 0.0, \"big\": 58000}\n\
+         {\"id\": \"l\", \"plain\": 0.0, \"big\": 42000, \"tiny\": 0.0042}\n",
+    )
+    .unwrap();
+    let o = e.run(
+        &sci,
+        &["predict", &auto_model, "--input", mock.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let labels: Vec<String> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].to_string())
+        .collect();
+    assert_eq!(labels, ["\"hi\"", "\"lo\""]);
 }

@@ -240,7 +240,13 @@ fn standardize_exact_dense_values() {
             &Limits::default(),
         )
         .unwrap();
-    let out = every.featurize(&[r]).unwrap();
+    let out = every.featurize(std::slice::from_ref(&r)).unwrap();
+    assert_eq!(out.values, vec![5.5, -2.0]);
+    // By name, whatever order the record holds them in (a CSV's columns,
+    // a JSON object's keys): training and `predict` see the same positions.
+    let mut swapped = numeric("s", "b", &[-2.0]);
+    swapped.numerics.extend(numeric("s", "a", &[5.5]).numerics);
+    let out = every.featurize(&[swapped]).unwrap();
     assert_eq!(out.values, vec![5.5, -2.0]);
     assert_eq!(
         code(every.featurize(&[numeric("v", "a", &[1.0])])),

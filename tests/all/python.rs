@@ -248,7 +248,8 @@ fn a_python_featurizer_gives_its_rust_twins_features_exactly() {
     let (records, stats) = digits();
     // With statistics, and without (the values as they are).
     let raw = crate::support::cfg(&[("fields", "pixels"), ("width", "64")]);
-    for config in [&stats, &raw] {
+    let every = crate::support::cfg(&[("fields", "*"), ("width", "64")]);
+    for config in [&stats, &raw, &every] {
         let run = |p: &cloister_host::runtime::LoadedPlugin| {
             p.runner(&rt, config, Limits::default())
                 .unwrap()

@@ -20,7 +20,7 @@ class Standardize(Featurizer):
     VERSION = "0.1.0"
     DESCRIPTION = "Z-score numeric fields with given statistics; dense output (Python)"
     CONFIG = [
-        ConfigKey("fields", "pixels", "comma-separated numeric fields, in order; `*`: every one"),
+        ConfigKey("fields", "pixels", "comma-separated numeric fields, in order; `*`: all, by name"),
         ConfigKey("mean", "", "comma-separated mean per position (none: the values as they are)"),
         ConfigKey("std", "", "comma-separated standard deviation per position, >= 0 (with mean)"),
         ConfigKey("width", "", "positions per record without mean and std (default: one per field)"),
@@ -56,7 +56,7 @@ class Standardize(Featurizer):
 
     def featurize(self, record, out):
         row = []
-        names = list(record.numerics) if self.every else self.fields
+        names = sorted(record.numerics) if self.every else self.fields
         for name in names:
             value = record.numeric(name)
             if value is None:

@@ -33,7 +33,7 @@ impl Plugin for Standardize {
                 "fields",
                 "pixels",
                 "comma-separated numeric fields, concatenated in order; `*`: every numeric \
-                 field of the record, in the record's order (needs `width` or `mean`)",
+                 field of the record, in the order of their names (needs `width` or `mean`)",
             ),
             ConfigKey::new(
                 "mean",
@@ -136,11 +136,16 @@ impl Featurizer for Standardize {
         let mut pos = 0usize;
         let every = self.fields.first().is_some_and(|f| f == "*");
         let values: Vec<(&str, &Numeric)> = if every {
-            record
+            // In the order of the names: a CSV's columns and a JSON
+            // object's keys reach the plugin in different orders, and the
+            // positions must mean the same in training and in `predict`.
+            let mut all: Vec<(&str, &Numeric)> = record
                 .numerics
                 .iter()
                 .map(|n| (n.name.as_str(), &n.value))
-                .collect()
+                .collect();
+            all.sort_unstable_by_key(|(name, _)| *name);
+            all
         } else {
             let mut v = Vec::with_capacity(self.fields.len());
             for name in &self.fields {
