@@ -487,6 +487,22 @@ mod tests {
     }
 
     #[test]
+    fn a_star_keeps_every_numeric_field_and_is_never_a_missing_one() -> Result<(), RecordError> {
+        let schema = Schema {
+            numeric_fields: Some(vec!["*".into()]),
+            text_fields: Some(vec!["text".into()]),
+            ..Schema::default()
+        };
+        let line = "{\"id\": 1, \"text\": \"hi\", \"n\": 3, \"v\": [1, 2]}\n";
+        let r: Vec<DataRecord> =
+            JsonlReader::new("mock.jsonl", line.as_bytes(), schema).collect::<Result<_, _>>()?;
+        assert_eq!(r[0].numeric("n"), Some(&Numeric::Scalar(3.0)));
+        assert_eq!(r[0].numeric("v"), Some(&Numeric::Vector(vec![1.0, 2.0])));
+        assert_eq!(r[0].text("text"), Some("hi"));
+        Ok(())
+    }
+
+    #[test]
     fn concatenated_gzip_files_are_read_whole() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
