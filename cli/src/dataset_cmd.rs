@@ -65,6 +65,98 @@ pub enum DatasetCommand {
     },
 }
 
+/// Rows of the user's own file [`numeric_columns_note`] reads.
+const NOTE_ROWS: usize = 10_000;
+
+/// After a CSV import with no numeric fields named: which columns held
+/// only numbers (in the first [`NOTE_ROWS`] rows of the user's own file,
+/// read again here, outside the environment) and so went in as text, with
+/// the flags that import them as numbers. `None` for JSONL (whose numbers
+/// are numbers), or when no column is all numbers.
+fn numeric_columns_note(
+    file: &std::path::Path,
+    format: Option<&str>,
+    schema: Schema,
+) -> Option<String> {
+    use cloister_host::records::RecordError;
+    let csv = match format {
+        Some(f) => f == "csv",
+        None => {
+            let name = file.to_string_lossy().to_lowercase();
+            name.ends_with(".csv") || name.ends_with(".csv.gz")
+        }
+    };
+    if !csv {
+        return None;
+    }
+    // Every column numeric but the ones that refuse: each refusal names
+    // its column, which becomes text, and the rows are read again.
+    let mut text: Vec<String> = schema.text_fields.clone().unwrap_or_default();
+    let listed_text = schema.text_fields.is_some();
+    for _ in 0..256 {
+        let trial = Schema {
+            text_fields: (!text.is_empty()).then(|| text.clone()),
+            numeric_fields: Some(vec![cloister_host::records::EVERY_OTHER_FIELD.into()]),
+            ..schema.clone()
+        };
+        let source = cloister_host::datasets::open_source(file, Some("csv"), trial).ok()?;
+        let mut numeric: Vec<String> = Vec::new();
+        let mut refused = None;
+        let mut rows = 0;
+        for record in source.take(NOTE_ROWS) {
+            rows += 1;
+            match record {
+                Ok(r) => {
+                    for n in r.numerics {
+                        if !numeric.contains(&n.name) {
+                            numeric.push(n.name);
+                        }
+                    }
+                }
+                Err(RecordError::Line { field: Some(f), .. }) if !text.contains(&f) => {
+                    refused = Some(f);
+                    break;
+                }
+                Err(_) => return None,
+            }
+        }
+        match refused {
+            Some(f) => text.push(f),
+            None if numeric.is_empty() => return None,
+            None => {
+                let shown: Vec<&str> = numeric.iter().take(5).map(String::as_str).collect();
+                let more = numeric.len().saturating_sub(shown.len());
+                let flags: String = text.iter().map(|t| format!(" --text-field {t}")).collect();
+                return Some(format!(
+                    "note: {} column{} held only numbers{} and {}: {}{}.\n  \
+                     To import them as numbers, import again with --numeric-field '*'{flags}",
+                    numeric.len(),
+                    if numeric.len() == 1 { "" } else { "s" },
+                    if rows == NOTE_ROWS {
+                        format!(" (in the first {NOTE_ROWS} rows)")
+                    } else {
+                        String::new()
+                    },
+                    // Listed text columns leave the rest out; without a
+                    // list every column is text.
+                    if listed_text {
+                        "were left out"
+                    } else {
+                        "went in as text"
+                    },
+                    shown.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    },
+                ));
+            }
+        }
+    }
+    None
+}
+
 pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
     let s = if matches!(
         cmd,
@@ -90,6 +182,8 @@ pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
                 text_fields: (!text_fields.is_empty()).then_some(text_fields),
                 numeric_fields: (!numeric_fields.is_empty()).then_some(numeric_fields),
             };
+            let numbers_as_text = schema.numeric_fields.is_none();
+            let (format_given, schema_given) = (format.clone(), schema.clone());
             let started = std::time::Instant::now();
             let v = s.cloister.import_dataset(
                 &s.user,
@@ -108,6 +202,12 @@ pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
                 "  labeled {}, unlabeled {}",
                 v.stats.labeled, v.stats.unlabeled
             );
+            if numbers_as_text
+                && let Some(note) =
+                    numeric_columns_note(&file, format_given.as_deref(), schema_given)
+            {
+                println!("{note}");
+            }
         }
         DatasetCommand::List { json } => {
             let all = s.cloister.list_datasets(&s.user)?;

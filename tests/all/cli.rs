@@ -975,6 +975,20 @@ fn a_numeric_csv_trains_by_plugin_names_with_no_statistics_given() {
     }
     let file = e.dir.path().join("scaled.csv");
     std::fs::write(&file, csv).unwrap();
+    // Imported as CSV's default, text, the numbers are pointed out.
+    let o = e.run(
+        &sci,
+        &["dataset", "import", "as-text", file.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).ends_with(
+            "note: 3 columns held only numbers and went in as text: big, tiny, plain.\n  \
+             To import them as numbers, import again with --numeric-field '*'\n"
+        ),
+        "{}",
+        stdout(&o)
+    );
     let o = e.run(
         &sci,
         &[
