@@ -32,6 +32,12 @@ pub struct TrainArgs {
     /// 8 hex digits) or name (repeatable, applied in order).
     #[arg(long = "preprocess", value_name = "PLUGIN")]
     preprocess: Vec<String>,
+    /// A configuration value of a preprocessor, KEY=VALUE, or N:KEY=VALUE
+    /// for the Nth `--preprocess` when there are several (repeatable),
+    /// e.g. `fields=review` for `text-normalize` on data whose text is in
+    /// `review`.
+    #[arg(long = "preprocess-config", value_name = "[N:]KEY=VALUE")]
+    preprocess_config: Vec<String>,
     /// The approved featurizer, by digest (or a unique prefix of at least 8
     /// hex digits) or name, e.g. `tfidf`. A name must fit exactly one
     /// approved plugin; the model's lineage records the full digest.
@@ -116,6 +122,40 @@ fn parse_sets(sets: &[String]) -> Result<Vec<(String, String)>> {
     parse_pairs("--set", sets)
 }
 
+/// `--preprocess-config [N:]KEY=VALUE` values: the pairs of each
+/// preprocessor by position (N is 1-based; without it, the only one).
+fn preprocess_configs(
+    pairs: &[String],
+    preprocessors: usize,
+) -> Result<Vec<Vec<(String, String)>>> {
+    let mut out: Vec<Vec<(String, String)>> = vec![Vec::new(); preprocessors];
+    for s in pairs {
+        let (n, pair) = match s.split_once(':') {
+            Some((n, rest)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                (n.parse::<usize>().ok(), rest)
+            }
+            _ => (None, s.as_str()),
+        };
+        let n = match (n, preprocessors) {
+            (Some(n), _) if (1..=preprocessors).contains(&n) => n,
+            (Some(n), _) => anyhow::bail!(
+                "--preprocess-config {s:?}: there is no preprocessor {n} (there {} {preprocessors})",
+                if preprocessors == 1 { "is" } else { "are" }
+            ),
+            (None, 1) => 1,
+            (None, 0) => anyhow::bail!("--preprocess-config {s:?}: no --preprocess to configure"),
+            (None, _) => anyhow::bail!(
+                "--preprocess-config {s:?}: there are {preprocessors} preprocessors; say which with N:KEY=VALUE"
+            ),
+        };
+        out[n - 1].extend(parse_pairs("--preprocess-config", &[pair.to_string()])?);
+    }
+    while out.last().is_some_and(Vec::is_empty) {
+        out.pop();
+    }
+    Ok(out)
+}
+
 fn parse_pairs(flag: &str, pairs: &[String]) -> Result<Vec<(String, String)>> {
     pairs
         .iter()
@@ -169,6 +209,7 @@ pub fn train(env: &EnvArgs, args: TrainArgs) -> Result<ExitCode> {
     let s = env.session()?;
     let req = TrainRequest {
         dataset: args.dataset,
+        preprocess_config: preprocess_configs(&args.preprocess_config, args.preprocess.len())?,
         preprocess: args.preprocess,
         features: args.features,
         features_config: parse_pairs("--features-config", &args.features_config)?,

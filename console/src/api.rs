@@ -197,6 +197,9 @@ pub(crate) struct TrainBody {
     pub dataset: String,
     #[serde(default)]
     pub preprocess: Vec<String>,
+    /// Each preprocessor's configuration over its defaults, by position.
+    #[serde(default)]
+    pub preprocess_config: Vec<BTreeMap<String, String>>,
     pub features: String,
     /// The featurizer's configuration over its defaults.
     #[serde(default)]
@@ -214,6 +217,11 @@ pub(crate) async fn start_training(
     let req = TrainRequest {
         dataset: b.dataset,
         preprocess: b.preprocess,
+        preprocess_config: b
+            .preprocess_config
+            .into_iter()
+            .map(|c| c.into_iter().collect())
+            .collect(),
         features: b.features,
         features_config: b.features_config.into_iter().collect(),
         template: b.template,

@@ -488,7 +488,7 @@ async fn train_form(State(k): S, h: HeaderMap) -> Page {
         .map(|t| (t.name.clone(), format!("{} — {}", t.name, t.description)))
         .collect();
     let body = format!(
-        "<form method=\"post\" action=\"/train\" class=\"stack\">{}<label>Dataset <select name=\"dataset\">{}</select></label><label>Preprocessor <select name=\"preprocess\">{}</select></label><label>Featurizer <select name=\"features\">{}</select></label><label>Template <select name=\"template\">{}</select></label><label>Featurizer settings (key=value, comma-separated) <input name=\"features_config\" placeholder=\"char_ngrams=2-5\"></label><label>Settings (key=value, comma-separated) <input name=\"sets\" placeholder=\"epochs=10\"></label><button>Train</button></form><p>Only approved plugins are offered. Training runs the plugins in the sandbox, trains, evaluates on the test split and stores the model with its lineage.</p>",
+        "<form method=\"post\" action=\"/train\" class=\"stack\">{}<label>Dataset <select name=\"dataset\">{}</select></label><label>Preprocessor <select name=\"preprocess\">{}</select></label><label>Featurizer <select name=\"features\">{}</select></label><label>Template <select name=\"template\">{}</select></label><label>Preprocessor settings (key=value, comma-separated) <input name=\"preprocess_config\" placeholder=\"fields=review\"></label><label>Featurizer settings (key=value, comma-separated) <input name=\"features_config\" placeholder=\"char_ngrams=2-5\"></label><label>Settings (key=value, comma-separated) <input name=\"sets\" placeholder=\"epochs=10\"></label><button>Train</button></form><p>Only approved plugins are offered. Training runs the plugins in the sandbox, trains, evaluates on the test split and stores the model with its lineage.</p>",
         csrf(&c),
         options(&dsets, false),
         options(
@@ -516,20 +516,32 @@ struct TrainForm {
     #[serde(default)]
     features_config: String,
     #[serde(default)]
+    preprocess_config: String,
+    #[serde(default)]
     sets: String,
 }
 
-/// `key=value` pairs, comma-separated, from a form field; an item without
-/// `=` is refused naming the field and the item.
+/// `key=value` pairs, comma-separated, from a form field. An item without
+/// `=` continues the value before it (`fields=a,b, width=2` is `fields` =
+/// `a,b` and `width` = `2`: list values hold commas); one with nothing
+/// before it is refused naming the field and the item.
 fn form_pairs(
     field: &str,
     text: &str,
 ) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
     let mut pairs = std::collections::BTreeMap::new();
+    let mut last: Option<String> = None;
     for kv in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match kv.split_once('=') {
-            Some((key, v)) if !key.trim().is_empty() => {
+        match (kv.split_once('='), &last) {
+            (Some((key, v)), _) if !key.trim().is_empty() => {
                 pairs.insert(key.trim().to_string(), v.trim().to_string());
+                last = Some(key.trim().to_string());
+            }
+            (None, Some(key)) => {
+                if let Some(v) = pairs.get_mut(key) {
+                    v.push(',');
+                    v.push_str(kv);
+                }
             }
             _ => {
                 return Err(ApiError::BadRequest(format!(
@@ -546,7 +558,14 @@ async fn train(State(k): S, h: HeaderMap, Form(f): Form<TrainForm>) -> Page {
     let sets = form_pairs("settings", &f.sets).map_err(|e| error_page(Some(&c), e))?;
     let features_config = form_pairs("featurizer settings", &f.features_config)
         .map_err(|e| error_page(Some(&c), e))?;
+    let preprocess_config = form_pairs("preprocessor settings", &f.preprocess_config)
+        .map_err(|e| error_page(Some(&c), e))?;
     let body = TrainBody {
+        preprocess_config: if f.preprocess.is_empty() || preprocess_config.is_empty() {
+            vec![]
+        } else {
+            vec![preprocess_config]
+        },
         dataset: f.dataset,
         preprocess: if f.preprocess.is_empty() {
             vec![]
@@ -1788,4 +1807,22 @@ fn disclosure_section(m: &cloister_host::models::ModelManifest) -> String {
     ];
     out.push_str(&table(&["check", "result"], &rows));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::form_pairs;
+
+    #[test]
+    fn form_pairs_keep_list_values_whole_and_name_a_bad_item() {
+        let p = form_pairs("featurizer settings", "fields=a, b,c, width=3").expect("pairs");
+        assert_eq!(p.get("fields").map(String::as_str), Some("a,b,c"));
+        assert_eq!(p.get("width").map(String::as_str), Some("3"));
+        assert!(form_pairs("settings", "").expect("empty").is_empty());
+        let e = form_pairs("featurizer settings", "char_ngrams, bits=4").expect_err("bad");
+        assert_eq!(
+            e.to_string(),
+            "featurizer settings: `char_ngrams` is not key=value"
+        );
+    }
 }

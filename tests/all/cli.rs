@@ -1053,3 +1053,119 @@ fn a_numeric_csv_trains_by_plugin_names_with_no_statistics_given() {
         .collect();
     assert_eq!(labels, ["\"hi\"", "\"lo\""]);
 }
+
+#[test]
+fn a_field_the_dataset_lacks_is_named_and_preprocessors_take_settings() {
+    // The SpamAssassin emails with their text under `review`: the bundled
+    // plugins' default `text` names no field of this dataset.
+    let e = EnvCli {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let root = token_in(&cloister(&["init", &e.env()]));
+    let sci = token_in(&e.run(&root, &["user", "add", "sci", "--role", "scientist"]));
+    let rev = token_in(&e.run(&root, &["user", "add", "rev", "--role", "reviewer"]));
+    let plugins = e.dir.path().join("plugins");
+    let plugins = plugins.to_str().unwrap();
+    assert!(
+        cloister(&["plugin", "bundled", "--write", plugins])
+            .status
+            .success()
+    );
+    for name in ["text-normalize", "hashed-ngrams"] {
+        let o = e.run(&sci, &["plugin", "add", &format!("{plugins}/{name}.wasm")]);
+        let digest = stdout(&o)
+            .split("sha256:")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap()
+            .to_string();
+        assert!(
+            e.run(&rev, &["plugin", "approve", &digest])
+                .status
+                .success()
+        );
+    }
+    let data =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/spamassassin/spamassassin.jsonl.gz");
+    let text = {
+        use std::io::Read;
+        let mut s = String::new();
+        flate2::read::MultiGzDecoder::new(std::fs::File::open(data).unwrap())
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    };
+    let mut jsonl = String::new();
+    for line in text.lines().take(400) {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let o = v.as_object_mut().unwrap();
+        let t = o.remove("text").unwrap();
+        o.insert("review".into(), t);
+        jsonl.push_str(&format!("{v}\n"));
+    }
+    let file = e.dir.path().join("reviews.jsonl");
+    std::fs::write(&file, jsonl).unwrap();
+    assert!(
+        e.run(&sci, &["dataset", "import", "rev", file.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--dataset", "rev"];
+        args.extend_from_slice(extra);
+        e.run(&sci, &args)
+    };
+    let last = |o: &Output| stderr(o).lines().last().unwrap_or_default().to_string();
+    let hint = "(`cloister dataset stats rev@1` lists its fields)";
+    let o = train(&["--features", "hashed-ngrams"]);
+    assert_eq!(
+        last(&o),
+        format!(
+            "error: the plugin reported an error on a batch; the featurizer's `field` is `text`, and dataset rev@1 has no field `text` {hint}"
+        )
+    );
+    let o = train(&[
+        "--preprocess",
+        "text-normalize",
+        "--features",
+        "hashed-ngrams",
+        "--features-config",
+        "field=review",
+    ]);
+    assert_eq!(
+        last(&o),
+        format!(
+            "error: the preprocessors kept none of the 400 records; preprocessor 1's `fields` is `text`, and dataset rev@1 has no field `text` {hint}"
+        )
+    );
+    let o = train(&[
+        "--preprocess",
+        "text-normalize",
+        "--preprocess-config",
+        "2:fields=review",
+        "--features",
+        "hashed-ngrams",
+    ]);
+    assert_eq!(
+        last(&o),
+        "error: --preprocess-config \"2:fields=review\": there is no preprocessor 2 (there is 1)"
+    );
+    let o = train(&[
+        "--preprocess",
+        "text-normalize",
+        "--preprocess-config",
+        "fields=review",
+        "--features",
+        "hashed-ngrams",
+        "--features-config",
+        "field=review",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = stdout(&o).split_whitespace().nth(1).unwrap().to_string();
+    let o = e.run(&sci, &["model", "show", &id, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["lineage"]["preprocess_config"],
+        serde_json::json!([[["fields", "review"]]])
+    );
+}

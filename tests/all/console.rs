@@ -95,6 +95,7 @@ fn fixture() -> &'static Fixture {
                 &TrainRequest {
                     dataset: "spam".into(),
                     preprocess: vec![],
+                    preprocess_config: Vec::new(),
                     features: digests["hashed-ngrams"].clone(),
                     features_config: Vec::new(),
                     template: "logreg".into(),
@@ -226,6 +227,24 @@ fn a_training_started_through_the_api_is_followed_by_its_owner_alone() {
     // Another user, even of the same role, hears of no such task.
     let other = as_role("scientist2", "GET", &uri, None);
     assert_eq!(other.status, StatusCode::NOT_FOUND, "{}", other.text());
+    // Preprocessor settings go by position; one for a preprocessor that
+    // is not there is refused before anything runs.
+    let r = as_role(
+        "scientist",
+        "POST",
+        "/api/train",
+        Some(serde_json::json!({
+            "dataset": "spam", "features": f.ngrams, "template": "logreg",
+            "preprocess_config": [{"fields": "body"}]
+        })),
+    );
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("configuration for preprocessor 1 given, but there are 0 preprocessors"),
+        "{}",
+        r.text()
+    );
 }
 
 const ROLES: [&str; 8] = [

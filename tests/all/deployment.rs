@@ -102,6 +102,7 @@ fn setup() -> Setup {
         let req = TrainRequest {
             dataset: "spam".into(),
             preprocess,
+            preprocess_config: Vec::new(),
             features: ngrams.clone(),
             features_config: Vec::new(),
             template: "logreg".into(),

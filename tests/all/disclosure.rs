@@ -113,6 +113,7 @@ fn train_logreg(
     let req = cloister_host::service::TrainRequest {
         dataset: "d".into(),
         preprocess: vec![],
+        preprocess_config: Vec::new(),
         features: features.to_string(),
         features_config: Vec::new(),
         template: "logreg".into(),
@@ -324,6 +325,7 @@ fn a_model_without_a_passing_report_cannot_be_approved_or_exported() {
     let req = cloister_host::service::TrainRequest {
         dataset: "d".into(),
         preprocess: vec![],
+        preprocess_config: Vec::new(),
         features: digest("hashed-ngrams"),
         features_config: Vec::new(),
         template: "logreg".into(),

@@ -79,6 +79,7 @@ fn tfidf_fits_on_the_training_split_and_its_vocabulary_travels_with_the_model() 
     let req = TrainRequest {
         dataset: "spam".into(),
         preprocess: vec![normalize],
+        preprocess_config: Vec::new(),
         features: tfidf,
         features_config: Vec::new(),
         template: "logreg".into(),
@@ -256,6 +257,7 @@ fn logreg_on_spam(
     TrainRequest {
         dataset: "spam".into(),
         preprocess: vec![normalize.into()],
+        preprocess_config: Vec::new(),
         features: tfidf.into(),
         features_config: cfg(config),
         template: "logreg".into(),
@@ -418,6 +420,7 @@ fn a_featurizer_cannot_copy_one_record_into_the_vocabulary() {
             &TrainRequest {
                 dataset: "planted".into(),
                 preprocess: vec![],
+                preprocess_config: Vec::new(),
                 features,
                 features_config: Vec::new(),
                 template: "logreg".into(),

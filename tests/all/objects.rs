@@ -29,6 +29,7 @@ fn try_train(c: &Cloister, sci: &User, features: &str, seed: u64) -> Result<Stri
         &TrainRequest {
             dataset: "spam".into(),
             preprocess: vec![],
+            preprocess_config: Vec::new(),
             features: features.into(),
             features_config: Vec::new(),
             template: "logreg".into(),

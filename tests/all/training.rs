@@ -51,6 +51,7 @@ fn trained() -> &'static std::sync::Mutex<Trained> {
         let req = TrainRequest {
             dataset: "spam".into(),
             preprocess: vec![normalize.clone()],
+            preprocess_config: Vec::new(),
             features: ngrams.clone(),
             features_config: Vec::new(),
             template: "logreg".into(),
@@ -198,6 +199,7 @@ fn training_validates_its_request_and_the_mlp_template_trains_too() {
     let req = |template: &str, sets: &[(&str, &str)]| TrainRequest {
         dataset: "spam".into(),
         preprocess: vec![t.normalize.clone()],
+        preprocess_config: Vec::new(),
         features: t.ngrams.clone(),
         features_config: Vec::new(),
         template: template.into(),
@@ -247,6 +249,7 @@ fn a_second_train_on_the_same_inputs_takes_its_features_from_the_cache() {
     let req = TrainRequest {
         dataset: "spam".into(),
         preprocess: vec![t.normalize.clone()],
+        preprocess_config: Vec::new(),
         features: t.ngrams.clone(),
         features_config: Vec::new(),
         template: "logreg".into(),
@@ -279,6 +282,7 @@ fn a_second_train_on_the_same_inputs_takes_its_features_from_the_cache() {
     // Another chain is another entry: the plugins run.
     let other = TrainRequest {
         preprocess: vec![],
+        preprocess_config: Vec::new(),
         ..req
     };
     let before = calls(&t).len();

@@ -124,6 +124,7 @@ fn request(features: &str, template: &str, epochs: u32) -> TrainRequest {
     TrainRequest {
         dataset: "spam".into(),
         preprocess: vec![],
+        preprocess_config: Vec::new(),
         features: features.into(),
         features_config: Vec::new(),
         template: template.into(),
@@ -202,6 +203,7 @@ fn stages_and_fits_on_two_workers_give_the_features_audit_and_models_of_the_proc
     let chained = |e: &Env| {
         let req = TrainRequest {
             preprocess: vec![e.normalize.clone()],
+            preprocess_config: Vec::new(),
             ..request(&e.approved(tfidf), "logreg", 4)
         };
         let m = e.cloister.train_model(&e.sci, &req, &mut |_| {}).unwrap();

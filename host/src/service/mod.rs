@@ -109,6 +109,13 @@ pub enum ServiceError {
     #[error(transparent)]
     Fit(#[from] crate::fitted::FitError),
     /// A request is malformed.
+    /// A plugin of the chain failed, or the preprocessors kept no record,
+    /// while a `field`/`fields` setting of the chain names a field the
+    /// dataset does not have: the likely cause, in host words (a plugin's
+    /// own reason stays sealed). The message says what went wrong, which
+    /// setting names which field, and where the dataset's fields are listed.
+    #[error("{0}")]
+    FieldNotInDataset(String),
     #[error("{0}")]
     BadRequest(String),
     /// A deployment could not be found, created or changed.

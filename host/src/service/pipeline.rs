@@ -71,6 +71,57 @@ pub(crate) fn unlabeled(records: &[DataRecord]) -> Vec<DataRecord> {
         .collect()
 }
 
+/// What went wrong with a chain on stored records (`what`: a plugin's
+/// sealed failure, or that the preprocessors kept nothing), told more
+/// precisely when the chain's configuration names a field the dataset does
+/// not have — the commonest mistake with a new dataset (`field=text` on
+/// data whose text is in `review`). By convention a key named `field` or
+/// `fields` holds record field names (comma-separated; `*` for all), as in
+/// every bundled plugin. Only the user's own setting (or the plugin's
+/// registered default) and the dataset's name are repeated; the dataset's
+/// field list is left to `dataset stats`, which has its own permission.
+fn missing_field(what: String, version: &DatasetVersion, chain: &Chain) -> Option<ServiceError> {
+    let places = chain
+        .preprocess
+        .iter()
+        .enumerate()
+        .map(|(i, (entry, _, config))| (format!("preprocessor {}", i + 1), entry, config))
+        .chain(std::iter::once((
+            "the featurizer".to_string(),
+            &chain.features.0,
+            &chain.features.2,
+        )));
+    for (place, entry, config) in places {
+        for key in ["field", "fields"] {
+            let value = config
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+                .or_else(|| {
+                    entry
+                        .config
+                        .iter()
+                        .find(|c| c.name == key)
+                        .map(|c| c.default_value.as_str())
+                });
+            let Some(value) = value else { continue };
+            let missing = value
+                .split(',')
+                .map(str::trim)
+                .find(|f| !f.is_empty() && *f != "*" && !version.stats.fields.contains_key(*f));
+            if let Some(field) = missing {
+                let dataset = version.reference();
+                return Some(ServiceError::FieldNotInDataset(format!(
+                    "{what}; {place}'s `{key}` is `{field}`, and dataset {dataset} has no field \
+                     `{field}` (`cloister dataset stats {dataset}` lists its fields)"
+                )));
+            }
+        }
+    }
+    None
+}
+
 /// What a fitted featurizer learnt, by digest.
 #[derive(Debug, Clone)]
 pub(crate) struct FittedState {
@@ -410,8 +461,30 @@ impl Cloister {
         }
         stage(Stage::records("read", records.len()));
         let in_fit = |id: &str| meta.get(id).is_some_and(|(s, _)| *s == Split::Train);
-        let (ids, x, dim) =
-            self.features_of(who, purpose, version, chain, records, &in_fit, stage)?;
+        let given = records.len();
+        let (ids, x, dim) = self
+            .features_of(who, purpose, version, chain, records, &in_fit, stage)
+            .map_err(|e| match e {
+                ServiceError::Runtime(r) if r.code() == "plugin-error" => {
+                    missing_field(r.to_string(), version, chain).unwrap_or(ServiceError::Runtime(r))
+                }
+                // A fit with nothing to learn from: the preprocessors may
+                // have dropped every record.
+                ServiceError::Fit(f @ crate::fitted::FitError::Empty { .. }) => {
+                    missing_field(f.to_string(), version, chain).unwrap_or(ServiceError::Fit(f))
+                }
+                other => other,
+            })?;
+        if ids.is_empty()
+            && given > 0
+            && let Some(e) = missing_field(
+                format!("the preprocessors kept none of the {given} records"),
+                version,
+                chain,
+            )
+        {
+            return Err(e);
+        }
         let mut rows = Vec::with_capacity(ids.len());
         for id in ids {
             // The runtime holds a preprocessor's output to a subsequence

@@ -20,8 +20,11 @@ use crate::types::Stage;
 pub struct TrainRequest {
     /// `NAME` or `NAME@VERSION`.
     pub dataset: String,
-    /// Approved preprocessor digests, applied in order.
+    /// Approved preprocessors (digest, prefix or name), applied in order.
     pub preprocess: Vec<String>,
+    /// Each preprocessor's configuration over its defaults, by position
+    /// (absent or empty: the defaults); recorded in the lineage.
+    pub preprocess_config: Vec<Vec<(String, String)>>,
     /// Approved featurizer digest.
     pub features: String,
     /// The featurizer's configuration, `(key, value)` pairs over its
@@ -112,10 +115,29 @@ impl Cloister {
         // exist.
         self.guard(&who.principal(), Action::TrainModel, &resource, req)?;
         let version = datasets::resolve(&self.env, &req.dataset)?;
+        if req.preprocess_config.len() > req.preprocess.len() {
+            return Err(ServiceError::BadRequest(format!(
+                "configuration for preprocessor {} given, but there {} {} preprocessor{}",
+                req.preprocess_config.len(),
+                if req.preprocess.len() == 1 {
+                    "is"
+                } else {
+                    "are"
+                },
+                req.preprocess.len(),
+                if req.preprocess.len() == 1 { "" } else { "s" },
+            )));
+        }
         let preprocess: Vec<_> = req
             .preprocess
             .iter()
-            .map(|d| (d.clone(), Vec::new()))
+            .enumerate()
+            .map(|(i, d)| {
+                (
+                    d.clone(),
+                    req.preprocess_config.get(i).cloned().unwrap_or_default(),
+                )
+            })
             .collect();
         let chain = self.load_chain(
             who,
