@@ -823,7 +823,51 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
         ),
         "{err}"
     );
+    // A field the dataset does not have is named as the likely cause.
     let o = train_with("--features-config", "field=subject_line");
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("error: the plugin reported an error on a batch; the featurizer's `field` is `subject_line`, and dataset spam@1 has no field `subject_line`"),
+        "{err}"
+    );
+    // One that only some records have leaves the plugin's failure as it
+    // is, with the host's hint.
+    let partial = e.dir.path().join("partial.jsonl");
+    let lines: String = (0..40)
+        .map(|i| {
+            let note = if i % 2 == 0 {
+                ", \"note\": \"see above\""
+            } else {
+                ""
+            };
+            format!(
+                "{{\"id\": \"p{i}\", \"text\": \"word {i}\", \"label\": \"{}\"{note}}}\n",
+                i % 2
+            )
+        })
+        .collect();
+    std::fs::write(&partial, lines).unwrap();
+    assert!(
+        e.run(
+            &sci,
+            &["dataset", "import", "partial", partial.to_str().unwrap()]
+        )
+        .status
+        .success()
+    );
+    let o = e.run(
+        &sci,
+        &[
+            "train",
+            "--dataset",
+            "partial",
+            "--features",
+            &digests[1],
+            "--features-config",
+            "field=note",
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
