@@ -962,30 +962,46 @@ fn serve_refuses_a_take_over_interval_out_of_range_before_opening_anything() {
     }
 }
 
-#[test]
-fn a_numeric_csv_trains_by_plugin_names_with_no_statistics_given() {
-    // Three columns at scales 1e4, 1e-3 and 1; the class shows in the
-    // first two. Nobody computes a mean or a deviation: the template
-    // standardizes on the training split and folds it into the weights,
-    // so the stored model is evaluated on the raw values.
+/// A new environment with a scientist and a reviewer, and the bundled
+/// plugins written out: (environment, scientist's token, reviewer's
+/// token, the plugins' directory).
+fn scientist_env() -> (EnvCli, String, String, String) {
     let e = EnvCli {
         dir: tempfile::tempdir().unwrap(),
     };
     let root = token_in(&cloister(&["init", &e.env()]));
     let sci = token_in(&e.run(&root, &["user", "add", "sci", "--role", "scientist"]));
     let rev = token_in(&e.run(&root, &["user", "add", "rev", "--role", "reviewer"]));
-    let plugins = e.dir.path().join("plugins");
-    let plugins = plugins.to_str().unwrap();
+    let plugins = e.dir.path().join("plugins").display().to_string();
     assert!(
-        cloister(&["plugin", "bundled", "--write", plugins])
+        cloister(&["plugin", "bundled", "--write", &plugins])
             .status
             .success()
     );
-    let o = e.run(
-        &sci,
-        &["plugin", "add", &format!("{plugins}/standardize.wasm")],
-    );
+    (e, sci, rev, plugins)
+}
+
+/// Adds the bundled plugin `name` from `plugins` as `token`; its digest.
+fn add_bundled(e: &EnvCli, token: &str, plugins: &str, name: &str) -> String {
+    let o = e.run(token, &["plugin", "add", &format!("{plugins}/{name}.wasm")]);
     assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+        .split("sha256:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no digest in {}", stdout(&o)))
+        .to_string()
+}
+
+#[test]
+fn a_numeric_csv_trains_by_plugin_names_with_no_statistics_given() {
+    // Three columns at scales 1e4, 1e-3 and 1; the class shows in the
+    // first two. Nobody computes a mean or a deviation: the template
+    // standardizes on the training split and folds it into the weights,
+    // so the stored model is evaluated on the raw values.
+    let (e, sci, rev, plugins) = scientist_env();
+    let plugins = plugins.as_str();
+    add_bundled(&e, &sci, plugins, "standardize");
     let o = e.run(&rev, &["plugin", "approve", "standardize"]);
     assert_eq!(o.status.code(), Some(1), "approval takes a digest");
     let digest = stdout(&e.run(&sci, &["plugin", "show", "standardize", "--json"]));
@@ -1102,27 +1118,10 @@ fn a_numeric_csv_trains_by_plugin_names_with_no_statistics_given() {
 fn a_field_the_dataset_lacks_is_named_and_preprocessors_take_settings() {
     // The SpamAssassin emails with their text under `review`: the bundled
     // plugins' default `text` names no field of this dataset.
-    let e = EnvCli {
-        dir: tempfile::tempdir().unwrap(),
-    };
-    let root = token_in(&cloister(&["init", &e.env()]));
-    let sci = token_in(&e.run(&root, &["user", "add", "sci", "--role", "scientist"]));
-    let rev = token_in(&e.run(&root, &["user", "add", "rev", "--role", "reviewer"]));
-    let plugins = e.dir.path().join("plugins");
-    let plugins = plugins.to_str().unwrap();
-    assert!(
-        cloister(&["plugin", "bundled", "--write", plugins])
-            .status
-            .success()
-    );
+    let (e, sci, rev, plugins) = scientist_env();
+    let plugins = plugins.as_str();
     for name in ["text-normalize", "hashed-ngrams"] {
-        let o = e.run(&sci, &["plugin", "add", &format!("{plugins}/{name}.wasm")]);
-        let digest = stdout(&o)
-            .split("sha256:")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap()
-            .to_string();
+        let digest = add_bundled(&e, &sci, plugins, name);
         assert!(
             e.run(&rev, &["plugin", "approve", &digest])
                 .status
