@@ -47,6 +47,7 @@
 mod config;
 mod features;
 pub mod stats;
+pub mod testing;
 pub mod types;
 
 pub use config::Config;
@@ -225,6 +226,52 @@ pub trait Selector: Plugin {
 }
 
 impl DataRecord {
+    /// A record with this id and no fields, for tests and for plugins that
+    /// build records (the host assigns the ids of the records it sends).
+    pub fn new(id: impl Into<String>) -> Self {
+        DataRecord {
+            id: id.into(),
+            texts: Vec::new(),
+            numerics: Vec::new(),
+            label: None,
+        }
+    }
+
+    /// This record with the text field `name` set to `value` (replacing a
+    /// field of that name).
+    pub fn with_text(mut self, name: &str, value: impl Into<String>) -> Self {
+        let value = value.into();
+        match self.texts.iter_mut().find(|f| f.name == name) {
+            Some(f) => f.value = value,
+            None => self.texts.push(TextField {
+                name: name.to_string(),
+                value,
+            }),
+        }
+        self
+    }
+
+    /// This record with the numeric field `name` set to one number.
+    pub fn with_number(self, name: &str, value: f64) -> Self {
+        self.with_numeric(name, Numeric::Scalar(value))
+    }
+
+    /// This record with the numeric field `name` set to a vector.
+    pub fn with_vector(self, name: &str, values: Vec<f64>) -> Self {
+        self.with_numeric(name, Numeric::Vector(values))
+    }
+
+    fn with_numeric(mut self, name: &str, value: Numeric) -> Self {
+        match self.numerics.iter_mut().find(|f| f.name == name) {
+            Some(f) => f.value = value,
+            None => self.numerics.push(NumericField {
+                name: name.to_string(),
+                value,
+            }),
+        }
+        self
+    }
+
     /// The value of the text field `name`, if present.
     pub fn text(&self, name: &str) -> Option<&str> {
         self.texts
@@ -239,6 +286,17 @@ impl DataRecord {
             .iter()
             .find(|f| f.name == name)
             .map(|f| &f.value)
+    }
+}
+
+impl PredictionSet {
+    /// The predictions of several models for record `id`: one
+    /// distribution over the classes per model.
+    pub fn new(id: impl Into<String>, models: Vec<Vec<f32>>) -> Self {
+        PredictionSet {
+            id: id.into(),
+            models,
+        }
     }
 }
 

@@ -397,6 +397,7 @@ fn the_plugin_tutorial_builds_and_prints_what_the_docs_say() {
     let doc = std::fs::read_to_string(root.join("docs/plugin-authoring.md")).unwrap();
     let manifest_extra = doc_block(&doc, "**2. `Cargo.toml`**");
     let lib = doc_block(&doc, "**3. `src/lib.rs`**");
+    let unit_tests = doc_block(&doc, "**7. Unit-test natively.**");
     let mock = doc_block(&doc, "**6. Run it on your own mock data.**");
     let mock_lines: String = mock
         .lines()
@@ -416,7 +417,7 @@ fn the_plugin_tutorial_builds_and_prints_what_the_docs_say() {
     );
     std::fs::write(dir.path().join("Cargo.toml"), manifest).unwrap();
     std::fs::create_dir(dir.path().join("src")).unwrap();
-    std::fs::write(dir.path().join("src/lib.rs"), lib).unwrap();
+    std::fs::write(dir.path().join("src/lib.rs"), format!("{lib}\n{unit_tests}")).unwrap();
     let target = root.join("target/tutorial-check");
     let built = cloister_wasm_build::plugin_cargo()
         .current_dir(dir.path())
@@ -452,6 +453,20 @@ fn the_plugin_tutorial_builds_and_prints_what_the_docs_say() {
     let o = cloister(&["plugin", "inspect", component.to_str().unwrap()]);
     assert!(o.status.success());
     assert!(stdout(&o).contains("verdict:     loadable"));
+
+    // Step 7: the unit tests pass natively, through the SDK's harness.
+    let tested = cloister_wasm_build::plugin_cargo()
+        .current_dir(dir.path())
+        .args(["test", "--target-dir"])
+        .arg(&target)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&tested.stdout);
+    assert!(
+        tested.status.success() && said.contains("test tests::length_and_capitals ... ok"),
+        "{said}{}",
+        String::from_utf8_lossy(&tested.stderr)
+    );
 }
 
 // ------------------------------------------------------ environments --

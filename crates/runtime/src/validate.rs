@@ -426,4 +426,254 @@ mod tests {
             "invalid-output"
         );
     }
+
+    /// The plugin SDK's native harness (`cloister_plugin_sdk::testing`)
+    /// restates these rules for plugin authors' unit tests, which cannot
+    /// run this crate. Every case here goes through both: the same verdict,
+    /// and for a violation the same words.
+    mod sdk_agrees {
+        use super::super::*;
+        use cloister_plugin_sdk as sdk;
+        use cloister_plugin_sdk::testing;
+        use cloister_types::types::{NumericField, TextField};
+
+        fn host_words(r: Result<(), RuntimeError>) -> Option<String> {
+            match r {
+                Ok(()) => None,
+                Err(RuntimeError::InvalidOutput(v)) => Some(v.for_admin_log().to_string()),
+                Err(e) => panic!("not an output violation: {e}"),
+            }
+        }
+
+        fn sdk_words(r: Result<(), testing::Violation>) -> Option<String> {
+            r.err().map(|v| v.to_string())
+        }
+
+        #[test]
+        fn on_features() {
+            // (rows, dimension, offsets, indices, values)
+            type Case = (usize, u32, Vec<u32>, Vec<u32>, Vec<f32>);
+            let cases: [Case; 8] = [
+                (2, 8, vec![0, 1, 2], vec![3, 4], vec![1.0, 2.0]),
+                (3, 8, vec![0, 1, 2], vec![3, 4], vec![1.0, 2.0]),
+                (1, 8, vec![0, 1], vec![8], vec![1.0]),
+                (1, 8, vec![0, 2], vec![4, 4], vec![1.0, 1.0]),
+                (1, 8, vec![0, 2], vec![5, 4], vec![1.0, 1.0]),
+                (1, 8, vec![0, 1], vec![1], vec![f32::INFINITY]),
+                (2, 8, vec![0, 2, 1], vec![1, 2], vec![1.0, 1.0]),
+                (1, 8, vec![1, 1], vec![], vec![]),
+            ];
+            let mut refused = 0;
+            for (rows, dim, offsets, indices, values) in cases {
+                let host = SparseBatch {
+                    offsets: offsets.clone(),
+                    indices: indices.clone(),
+                    values: values.clone(),
+                };
+                let theirs = sdk::SparseBatch {
+                    offsets,
+                    indices,
+                    values,
+                };
+                let words = host_words(features(rows, dim, &host, 1 << 20));
+                refused += usize::from(words.is_some());
+                assert_eq!(
+                    words,
+                    sdk_words(testing::check_features(rows, dim, &theirs)),
+                    "{host:?}"
+                );
+            }
+            assert_eq!(refused, 7, "every case but the first breaks a rule");
+        }
+
+        fn both(id: &str, label: Option<&str>, number: f64) -> (DataRecord, sdk::DataRecord) {
+            let host = DataRecord {
+                id: id.into(),
+                texts: vec![TextField {
+                    name: "t".into(),
+                    value: "x".into(),
+                }],
+                numerics: vec![NumericField {
+                    name: "n".into(),
+                    value: cloister_types::types::Numeric::Scalar(number),
+                }],
+                label: label.map(str::to_string),
+            };
+            let mut theirs = sdk::DataRecord::new(id)
+                .with_text("t", "x")
+                .with_number("n", number);
+            theirs.label = label.map(str::to_string);
+            (host, theirs)
+        }
+
+        #[test]
+        fn on_preprocessed_records() {
+            let ids = ["a", "b", "c"];
+            let input: Vec<DataRecord> = ids.iter().map(|id| both(id, None, 1.0).0).collect();
+            let input_ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+            let outputs: [&[(&str, Option<&str>, f64)]; 7] = [
+                &[("a", None, 1.0), ("c", None, 1.0)],
+                &[],
+                &[("c", None, 1.0), ("a", None, 1.0)],
+                &[("a", None, 1.0), ("a", None, 1.0)],
+                &[("z", None, 1.0)],
+                &[("b", Some("spam"), 1.0)],
+                &[("a", None, f64::NAN)],
+            ];
+            let mut refused = 0;
+            for out in outputs {
+                let (host, theirs): (Vec<_>, Vec<_>) =
+                    out.iter().map(|&(id, l, n)| both(id, l, n)).unzip();
+                let words = host_words(preprocessed(&input, &host, 1 << 20));
+                refused += usize::from(words.is_some());
+                assert_eq!(
+                    words,
+                    sdk_words(testing::check_preprocessed(&input_ids, &theirs)),
+                    "{out:?}"
+                );
+            }
+            assert_eq!(refused, 5, "all but the first two break a rule");
+        }
+
+        #[test]
+        fn on_decisions() {
+            let items = [("a", vec![0.9f32, 0.1]), ("b", vec![0.4, 0.6])];
+            let host_items: Vec<PredictionSet> = items
+                .iter()
+                .map(|(id, p)| PredictionSet {
+                    id: id.to_string(),
+                    models: vec![p.clone()],
+                })
+                .collect();
+            let sdk_items: Vec<sdk::PredictionSet> = items
+                .iter()
+                .map(|(id, p)| sdk::PredictionSet::new(*id, vec![p.clone()]))
+                .collect();
+            // (id, Some(class) = accept / None = review, priority)
+            let outputs: [&[(&str, Option<u32>, f32)]; 6] = [
+                &[("a", Some(0), 1.0), ("b", None, 0.5)],
+                &[("a", Some(0), 1.0)],
+                &[("b", None, 1.0), ("a", None, 1.0)],
+                &[("a", Some(2), 1.0), ("b", None, 1.0)],
+                &[("a", None, f32::NAN), ("b", None, 1.0)],
+                &[("a", Some(1), f32::INFINITY), ("b", Some(5), 1.0)],
+            ];
+            let mut refused = 0;
+            for out in outputs {
+                let host: Vec<Decision> = out
+                    .iter()
+                    .map(|&(id, c, priority)| Decision {
+                        id: id.into(),
+                        action: c.map_or(Action::HumanReview, Action::AutoAccept),
+                        priority,
+                    })
+                    .collect();
+                let theirs: Vec<sdk::Decision> = out
+                    .iter()
+                    .map(|&(id, c, priority)| sdk::Decision {
+                        id: id.into(),
+                        action: c.map_or(sdk::Action::HumanReview, sdk::Action::AutoAccept),
+                        priority,
+                    })
+                    .collect();
+                let words = host_words(decisions(&host_items, 2, &host, 1 << 20));
+                refused += usize::from(words.is_some());
+                assert_eq!(
+                    words,
+                    sdk_words(testing::check_decisions(&sdk_items, 2, &theirs)),
+                    "{out:?}"
+                );
+            }
+            assert_eq!(refused, 5, "every case but the first breaks a rule");
+        }
+
+        #[test]
+        fn on_metadata() {
+            let key = |name: &str, default: &str, description: &str| {
+                (
+                    name.to_string(),
+                    default.to_string(),
+                    description.to_string(),
+                )
+            };
+            let long = "x".repeat(1001);
+            let cases = [
+                (
+                    "ok-name.v2",
+                    "1.2.3-rc.1",
+                    "Fine.",
+                    vec![key("a", "", "a key")],
+                ),
+                ("Upper", "1.0.0", "", vec![]),
+                ("-x", "1.0.0", "", vec![]),
+                ("", "1.0.0", "", vec![]),
+                ("x", "1.0", "", vec![]),
+                ("x", "1.0.0.0", "", vec![]),
+                ("x", "1.0.0", "safe\u{202E}txt", vec![]),
+                ("x", "1.0.0", long.as_str(), vec![]),
+                ("x", "1.0.0", "", vec![key("a", "", ""), key("a", "", "")]),
+                ("x", "1.0.0", "", vec![key("A", "", "")]),
+                ("x", "1.0.0", "", vec![key("a", "zero\u{200B}width", "")]),
+                ("x", "1.0.0", "", vec![key("a", "", "bell\u{7}")]),
+                (
+                    "x",
+                    "1.0.0",
+                    "",
+                    (0..65).map(|i| key(&format!("k{i}"), "", "")).collect(),
+                ),
+            ];
+            let mut refused = 0;
+            for (name, version, description, keys) in cases {
+                let host = Metadata {
+                    name: name.into(),
+                    version: version.into(),
+                    kind: cloister_types::types::PluginKind::Featurizer,
+                    description: description.into(),
+                    config: keys
+                        .iter()
+                        .map(|(n, d, e)| cloister_types::types::ConfigKey {
+                            name: n.clone(),
+                            default_value: d.clone(),
+                            description: e.clone(),
+                        })
+                        .collect(),
+                };
+                let theirs = sdk::Metadata {
+                    name: name.into(),
+                    version: version.into(),
+                    kind: sdk::PluginKind::Featurizer,
+                    description: description.into(),
+                    config: keys
+                        .iter()
+                        .map(|(n, d, e)| sdk::ConfigKey::new(n, d, e))
+                        .collect(),
+                };
+                let host = match metadata(&host) {
+                    Ok(()) => None,
+                    Err(RuntimeError::BadMetadata { field, problem }) => Some((field, problem)),
+                    Err(e) => panic!("{e}"),
+                };
+                let theirs = match testing::check_metadata_of(&theirs) {
+                    Ok(()) => None,
+                    Err(testing::Refused::Metadata { field, problem }) => Some((field, problem)),
+                    Err(e) => panic!("{e}"),
+                };
+                assert_eq!(host, theirs, "{name} {version} {description}");
+                refused += usize::from(host.is_some());
+            }
+            assert_eq!(refused, 12, "every case but the first breaks a rule");
+        }
+
+        #[test]
+        fn on_which_characters_metadata_may_hold() {
+            for c in (0..=0x10FFFFu32).filter_map(char::from_u32) {
+                assert_eq!(
+                    cloister_types::text::is_deceptive(c),
+                    testing::is_deceptive(c),
+                    "U+{:04X}",
+                    c as u32
+                );
+            }
+        }
+    }
 }

@@ -167,6 +167,35 @@ cloister_plugin_sdk::export_selector!(DualAgree);
 mod tests {
     use super::top_two_margin;
 
+    /// The plugin as the host runs it: agreement above the threshold is
+    /// accepted, the rest goes to people, the least certain first.
+    #[test]
+    fn agreement_above_the_threshold_is_accepted_and_the_rest_ranked() {
+        use cloister_plugin_sdk::{Action, PredictionSet, testing};
+        let mut p: super::DualAgree = testing::configure(&[("threshold", "0.9")]).unwrap();
+        let items = [
+            PredictionSet::new("sure", vec![vec![0.95, 0.05], vec![0.92, 0.08]]),
+            PredictionSet::new("unsure", vec![vec![0.6, 0.4], vec![0.7, 0.3]]),
+            PredictionSet::new("split", vec![vec![0.9, 0.1], vec![0.1, 0.9]]),
+        ];
+        let d = testing::select(&mut p, &["ham", "spam"], &items).unwrap();
+        assert_eq!(d[0].action, Action::AutoAccept(0));
+        assert_eq!(
+            (d[1].action, d[2].action),
+            (Action::HumanReview, Action::HumanReview)
+        );
+        assert!(
+            d[2].priority > d[1].priority,
+            "disagreement is reviewed first"
+        );
+        // One model is not enough: the plugin's own error.
+        let one = [PredictionSet::new("x", vec![vec![1.0, 0.0]])];
+        assert!(matches!(
+            testing::select(&mut p, &["ham", "spam"], &one),
+            Err(testing::Refused::Plugin(_))
+        ));
+    }
+
     #[test]
     fn margin_between_the_two_most_likely_classes() {
         assert!((top_two_margin(&[0.05, 0.5, 0.45]) - 0.05).abs() < 1e-6);

@@ -138,6 +138,34 @@ mod tests {
         assert_eq!(normalize(" \t ", true), "");
     }
 
+    /// The plugin as the host runs it: the records left without text are
+    /// dropped, the others kept in order with their fields normalized.
+    #[test]
+    fn a_batch_keeps_its_ids_in_order_and_drops_the_empty() {
+        use cloister_plugin_sdk::testing;
+        let mut p: TextNormalize = testing::configure(&[("fields", "title,body")]).unwrap();
+        let batch = vec![
+            Record::new("a")
+                .with_text("title", "  Ｈｉ ")
+                .with_text("body", "THERE"),
+            Record::new("b").with_text("title", " \t "),
+            Record::new("c")
+                .with_text("body", "x")
+                .with_number("n", 1.5),
+        ];
+        let out = testing::process(&mut p, batch).unwrap();
+        assert_eq!(
+            out.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert_eq!(
+            (out[0].text("title"), out[0].text("body")),
+            (Some("hi"), Some("there"))
+        );
+        assert_eq!(out[1].numeric("n").map(|n| n.as_slice()), Some(&[1.5][..]));
+        assert!(testing::configure::<TextNormalize>(&[("fields", "")]).is_err());
+    }
+
     /// The fast paths give what NFKC followed by the character loop gives.
     #[test]
     fn fast_paths_agree_with_the_full_normalizer() {

@@ -460,7 +460,7 @@ cloister_plugin_sdk::export_fitted_featurizer!(Tfidf);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cloister_plugin_sdk::TextField;
+    use cloister_plugin_sdk::testing;
 
     fn plugin(pairs: &[(&str, &str)]) -> Result<Tfidf, PluginError> {
         let pairs = pairs
@@ -471,34 +471,21 @@ mod tests {
     }
 
     fn record(text: &str) -> Record {
-        Record {
-            id: "r".into(),
-            texts: vec![TextField {
-                name: "text".into(),
-                value: text.into(),
-            }],
-            numerics: vec![],
-            label: None,
-        }
+        Record::new("r").with_text("text", text)
     }
 
-    /// What the host does: distinct keys per record, counted, kept at `k`.
-    fn fit(p: &mut Tfidf, texts: &[&str], k: u32) -> Vocabulary {
-        let mut df: std::collections::BTreeMap<u64, u32> = Default::default();
-        for t in texts {
-            let mut keys = Vec::new();
-            p.terms(&record(t), &mut keys).unwrap();
-            keys.sort_unstable();
-            keys.dedup();
-            for key in keys {
-                *df.entry(key).or_default() += 1;
-            }
-        }
-        let kept: Vec<(u64, u32)> = df.into_iter().filter(|&(_, n)| n >= k).collect();
-        Vocabulary {
-            documents: texts.len() as u32,
-            keys: kept.iter().map(|e| e.0).collect(),
-            document_frequencies: kept.iter().map(|e| e.1).collect(),
+    /// The host's fit (`testing::fit_vocabulary`: each record's keys from a
+    /// fresh instance configured with `pairs`, kept where `k` records have
+    /// them).
+    fn fit(pairs: &[(&str, &str)], texts: &[&str], k: u32) -> Vocabulary {
+        let records: Vec<Record> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Record::new(format!("r{i}")).with_text("text", *t))
+            .collect();
+        match testing::fit_vocabulary::<Tfidf>(pairs, &records, k) {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
         }
     }
 
@@ -525,8 +512,9 @@ mod tests {
 
     #[test]
     fn weights_are_sublinear_tf_times_smoothed_idf_l2_normalised() -> Result<(), PluginError> {
-        let mut p = plugin(&[("ngrams", "1")])?;
-        let v = fit(&mut p, &["cat dog", "cat", "cat bird", "dog"], 1);
+        let pairs = [("ngrams", "1")];
+        let mut p = plugin(&pairs)?;
+        let v = fit(&pairs, &["cat dog", "cat", "cat bird", "dog"], 1);
         p.load(&v)?;
         assert_eq!(p.dimension(), 3);
         let mut out = Features::with_capacity(1, 4);
@@ -551,8 +539,9 @@ mod tests {
     #[test]
     fn load_narrows_by_min_df_max_df_and_max_features() -> Result<(), PluginError> {
         let texts = ["aa bb cc", "aa bb", "aa", "aa dd"];
-        let mut p = plugin(&[("ngrams", "1"), ("min_df", "2"), ("max_df", "0.9")])?;
-        let v = fit(&mut p, &texts, 1);
+        let pairs = [("ngrams", "1"), ("min_df", "2"), ("max_df", "0.9")];
+        let mut p = plugin(&pairs)?;
+        let v = fit(&pairs, &texts, 1);
         p.load(&v)?;
         // aa is in all 4 (over 0.9 * 4), cc and dd in one each.
         assert_eq!(p.dimension(), 1, "only bb remains");
@@ -595,11 +584,12 @@ mod tests {
             gram_key(" é "),
             gram_key("é "),
         ]);
-        let mut p1 = plugin(&[
+        let pairs1 = [
             ("ngrams", "1"),
             ("char_ngrams", "2-3"),
             ("min_token_len", "1"),
-        ])?;
+        ];
+        let mut p1 = plugin(&pairs1)?;
         let mut keys1 = Vec::new();
         p1.terms(&record("Ab é"), &mut keys1)?;
         assert_eq!(keys1, want);
@@ -621,7 +611,7 @@ mod tests {
 
         // Each block to unit length, then both scaled by 1/sqrt(2).
         let texts = ["ab cd", "ab", "cd ab", "ef"];
-        let v = fit(&mut p1, &texts, 1);
+        let v = fit(&pairs1, &texts, 1);
         p1.load(&v)?;
         let mut out = Features::with_capacity(1, 16);
         p1.featurize_batch(&[record("ab ab cd")], &mut out)?;
@@ -647,8 +637,9 @@ mod tests {
     -> Result<(), PluginError> {
         let texts = ["ab cd", "ab", "cd ab", "ef"];
         // Words only: "zz" and "ef" (not in a k = 2 vocabulary) are tail.
-        let mut p = plugin(&[("ngrams", "1"), ("tail_buckets", "8")])?;
-        let v = fit(&mut p, &texts, 2);
+        let pairs = [("ngrams", "1"), ("tail_buckets", "8")];
+        let mut p = plugin(&pairs)?;
+        let v = fit(&pairs, &texts, 2);
         p.load(&v)?;
         assert_eq!(v.keys.len(), 2, "ab and cd");
         assert_eq!(p.dimension(), 2 + 8);
@@ -682,12 +673,13 @@ mod tests {
         assert_eq!(out.into_batch().values, vec![1.0]);
         // With character n-grams, the grams outside the vocabulary are
         // dropped as before; only words reach the tail.
-        let mut c = plugin(&[
+        let pairs = [
             ("ngrams", "1"),
             ("char_ngrams", "2-2"),
             ("tail_buckets", "4"),
-        ])?;
-        let v = fit(&mut c, &texts, 2);
+        ];
+        let mut c = plugin(&pairs)?;
+        let v = fit(&pairs, &texts, 2);
         c.load(&v)?;
         let first = v.keys.len() as u32;
         assert_eq!(c.dimension(), first + 4);
