@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use cloister_host::Digest;
+use cloister_host::audit::events;
 use cloister_host::console_state::{ConsoleState, Session, now_ms};
 use cloister_host::users::User;
 
@@ -135,7 +136,7 @@ impl Console {
             } else {
                 "malformed-user-name"
             };
-            self.refuse(&name, "login", reason).await?;
+            self.refuse(&name, events::LOGIN, reason).await?;
             return Err(ApiError::Unauthorized);
         }
         let name_key = format!("user:{}", name.to_ascii_lowercase());
@@ -169,7 +170,7 @@ impl Console {
         let key = match throttled {
             Ok(key) => key,
             Err(left) => {
-                self.refuse(&name, "login", "throttled").await?;
+                self.refuse(&name, events::LOGIN, "throttled").await?;
                 return Err(ApiError::TooMany(left.as_secs() + 1));
             }
         };
@@ -311,7 +312,7 @@ impl Console {
         if same(given, expected) {
             Ok(())
         } else {
-            self.refuse(&caller.user.name, "csrf", "bad-csrf-token")
+            self.refuse(&caller.user.name, events::CSRF, "bad-csrf-token")
                 .await?;
             Err(ApiError::Forbidden)
         }

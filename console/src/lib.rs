@@ -274,7 +274,14 @@ async fn request_guard(
         axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
     );
     if !safe && cross_site(req.headers()) {
-        if let Err(e) = k.refuse("-", "cross_site_request", "cross-site").await {
+        if let Err(e) = k
+            .refuse(
+                "-",
+                cloister_host::audit::events::CROSS_SITE_REQUEST,
+                "cross-site",
+            )
+            .await
+        {
             return e.into_response();
         }
         return ApiError::Forbidden.into_response();

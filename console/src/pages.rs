@@ -1627,9 +1627,13 @@ async fn audit(State(k): S, h: HeaderMap, Query(q): Query<AuditQuery>) -> Page {
         .collect();
     let val = |s: &Option<String>| esc(s.as_deref().unwrap_or(""));
     let mut body = format!(
-        "<form method=\"get\" action=\"/audit\" class=\"row\"><input name=\"actor\" placeholder=\"actor\" value=\"{}\"><input name=\"action\" placeholder=\"action\" value=\"{}\"><select name=\"decision\"><option value=\"\">any decision</option><option value=\"allow\">allow</option><option value=\"deny\">deny</option></select><button>Filter</button></form>",
+        "<form method=\"get\" action=\"/audit\" class=\"row\"><input name=\"actor\" placeholder=\"actor\" value=\"{}\"><input name=\"action\" placeholder=\"action\" list=\"audit-actions\" value=\"{}\"><datalist id=\"audit-actions\">{}</datalist><select name=\"decision\"><option value=\"\">any decision</option><option value=\"allow\">allow</option><option value=\"deny\">deny</option></select><button>Filter</button></form>",
         val(&q.actor),
-        val(&q.action)
+        val(&q.action),
+        cloister_host::service::audited_actions()
+            .iter()
+            .map(|a| format!("<option value=\"{a}\">"))
+            .collect::<String>()
     );
     body.push_str(&table(
         &[

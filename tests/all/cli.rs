@@ -417,7 +417,11 @@ fn the_plugin_tutorial_builds_and_prints_what_the_docs_say() {
     );
     std::fs::write(dir.path().join("Cargo.toml"), manifest).unwrap();
     std::fs::create_dir(dir.path().join("src")).unwrap();
-    std::fs::write(dir.path().join("src/lib.rs"), format!("{lib}\n{unit_tests}")).unwrap();
+    std::fs::write(
+        dir.path().join("src/lib.rs"),
+        format!("{lib}\n{unit_tests}"),
+    )
+    .unwrap();
     let target = root.join("target/tutorial-check");
     let built = cloister_wasm_build::plugin_cargo()
         .current_dir(dir.path())
@@ -581,6 +585,19 @@ fn an_environment_from_init_to_a_denied_export_and_a_verified_audit_log() {
         ],
     );
     assert_eq!(stdout(&o).lines().count(), 2, "{}", stdout(&o));
+    // A filter that can never match is a mistake, and says which names
+    // exist; an event the host records but has not yet is no mistake.
+    let o = e.run(&aud, &["audit", "log", "--action", "export_datset"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("action `export_datset`: no entry has it")
+            && err.contains("export_dataset, ")
+            && err.contains("plugin_call"),
+        "{err}"
+    );
+    let o = e.run(&aud, &["audit", "log", "--action", "move_store"]);
+    assert!(o.status.success() && stdout(&o).is_empty(), "{}", stderr(&o));
     let o = e.run(&sci, &["audit", "log"]);
     assert_eq!(
         o.status.code(),

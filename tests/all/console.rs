@@ -600,6 +600,7 @@ fn bad_inputs_never_get_a_server_error() {
         "decision=maybe",
         "from=-1",
         "limit=99999999999999999999",
+        "action=export_datset",
     ] {
         let r = as_role("auditor", "GET", &format!("/api/audit?{q}"), None);
         assert!(r.status.is_client_error(), "{q}: {}", r.status);

@@ -110,6 +110,57 @@ impl std::fmt::Display for Decision {
     }
 }
 
+/// The actions the host records on its own account, beside the policy
+/// schema's actions (which every authorized operation records under its
+/// own name): the environment's life, sign-ins and refused requests,
+/// plugin stages, and the steps of jobs and deployments that no request
+/// makes. Every entry's action is one of the two sets.
+pub mod events {
+    /// The environment was created.
+    pub const INIT: &str = "init";
+    /// The policy schema was rewritten to the running version's.
+    pub const REFRESH_SCHEMA: &str = "refresh_schema";
+    /// The store's layout was migrated.
+    pub const MIGRATE_STORE: &str = "migrate_store";
+    /// The store was moved to another backend.
+    pub const MOVE_STORE: &str = "move_store";
+    /// A console sign-in, allowed or refused.
+    pub const LOGIN: &str = "login";
+    /// A token was refused.
+    pub const AUTHENTICATE: &str = "authenticate";
+    /// A console request without its CSRF token.
+    pub const CSRF: &str = "csrf";
+    /// A cross-site request to the console.
+    pub const CROSS_SITE_REQUEST: &str = "cross_site_request";
+    /// One plugin stage, with its outcome.
+    pub const PLUGIN_CALL: &str = "plugin_call";
+    /// A deployment's captured request stored as data.
+    pub const CAPTURE: &str = "capture";
+    /// A job resumed by another process.
+    pub const TAKE_OVER_JOB: &str = "take_over_job";
+    /// A job's automatic labels withdrawn.
+    pub const REVOKE_AUTO_LABELS: &str = "revoke_auto_labels";
+    /// A deployment's traffic share stepped.
+    pub const RAMP: &str = "ramp";
+
+    /// All of them.
+    pub const ALL: [&str; 13] = [
+        INIT,
+        REFRESH_SCHEMA,
+        MIGRATE_STORE,
+        MOVE_STORE,
+        LOGIN,
+        AUTHENTICATE,
+        CSRF,
+        CROSS_SITE_REQUEST,
+        PLUGIN_CALL,
+        CAPTURE,
+        TAKE_OVER_JOB,
+        REVOKE_AUTO_LABELS,
+        RAMP,
+    ];
+}
+
 /// What a caller asks to record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {

@@ -7,6 +7,18 @@ use crate::users::User;
 
 use super::{Cloister, ServiceError};
 
+/// Every action an audit entry can name, sorted: the policy schema's
+/// actions and the host's own events ([`crate::audit::events`]).
+pub fn audited_actions() -> Vec<&'static str> {
+    let mut all: Vec<&'static str> = Action::ALL
+        .iter()
+        .map(|a| a.as_str())
+        .chain(crate::audit::events::ALL)
+        .collect();
+    all.sort_unstable();
+    all
+}
+
 impl Cloister {
     /// Reads audit entries.
     pub fn audit_log(
@@ -28,7 +40,22 @@ impl Cloister {
             &Resource::AuditLog,
             &params,
         )?;
-        Ok(self.env.audit().query(filter)?)
+        let entries = self.env.audit().query(filter)?;
+        // A filter on an action that no entry has and that Cloister never
+        // records (a typo, a policy's wording) would match nothing, ever:
+        // say so instead of answering with an empty log. A name entries do
+        // have is always accepted (logs written by other versions).
+        if let Some(action) = &filter.action
+            && entries.is_empty()
+            && !audited_actions().contains(&action.as_str())
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "action `{}`: no entry has it and Cloister never records it; the actions are {}",
+                cloister_types::text::neutralize(action),
+                audited_actions().join(", ")
+            )));
+        }
+        Ok(entries)
     }
 
     /// The administrators' plugin log, newest first: what plugins wrote and

@@ -961,7 +961,7 @@ impl Cloister {
             // The host's own action, on the record before it takes effect.
             self.env.audit().append(AuditRecord {
                 actor: "cloister".into(),
-                action: "ramp".into(),
+                action: crate::audit::events::RAMP.into(),
                 resource: resource(&d).uid_text(),
                 decision: crate::audit::Decision::Allow,
                 policies: vec!["host".into()],

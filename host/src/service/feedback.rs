@@ -357,7 +357,7 @@ impl Cloister {
         };
         self.env.audit().append(AuditRecord {
             actor: "cloister".into(),
-            action: "capture".into(),
+            action: crate::audit::events::CAPTURE.into(),
             resource: dataset.uid_text(),
             decision: Decision::Allow,
             policies: vec!["host".into()],

@@ -903,7 +903,7 @@ impl Cloister {
             .collect();
         self.env().audit().append(crate::audit::AuditRecord {
             actor: who.name.clone(),
-            action: "revoke_auto_labels".into(),
+            action: crate::audit::events::REVOKE_AUTO_LABELS.into(),
             resource: Self::dataset_resource(job).uid_text(),
             decision: crate::audit::Decision::Allow,
             policies: Vec::new(),

@@ -457,7 +457,7 @@ impl Cloister {
         let times = self.count_takeover(&job)?;
         self.env().audit().append(crate::audit::AuditRecord {
             actor: "cloister".into(),
-            action: "take_over_job".into(),
+            action: crate::audit::events::TAKE_OVER_JOB.into(),
             resource: Self::job_resource(&job).uid_text(),
             decision: crate::audit::Decision::Allow,
             policies: vec!["host".into()],

@@ -40,6 +40,7 @@ mod training;
 mod users;
 
 pub use crate::types::Stage;
+pub use audit::audited_actions;
 pub use datasets::ImportOptions;
 pub use deployments::{
     Answer, CaptureSpec, DeployedPredictions, DeploymentChange, DeploymentStatus,
@@ -108,7 +109,6 @@ pub enum ServiceError {
     /// A fitted featurizer's fit or stored state failed.
     #[error(transparent)]
     Fit(#[from] crate::fitted::FitError),
-    /// A request is malformed.
     /// A plugin of the chain failed, or the preprocessors kept no record,
     /// while a `field`/`fields` setting of the chain names a field the
     /// dataset does not have: the likely cause, in host words (a plugin's
@@ -116,6 +116,7 @@ pub enum ServiceError {
     /// setting names which field, and where the dataset's fields are listed.
     #[error("{0}")]
     FieldNotInDataset(String),
+    /// A request is malformed.
     #[error("{0}")]
     BadRequest(String),
     /// A deployment could not be found, created or changed.
@@ -209,7 +210,7 @@ impl Cloister {
             // The host's own maintenance, like recovery: on the record.
             env.audit().append(host_entry(
                 "cloister",
-                "refresh_schema",
+                crate::audit::events::REFRESH_SCHEMA,
                 "host",
                 params_digest(&("refresh_schema", crate::policy::DEFAULT_SCHEMA)),
             ))?;
@@ -236,7 +237,7 @@ impl Cloister {
         if !applied.is_empty() {
             me.env.audit().append(host_entry(
                 "cloister",
-                "migrate_store",
+                crate::audit::events::MIGRATE_STORE,
                 "host",
                 params_digest(&("migrate_store", &applied)),
             ))?;
@@ -257,7 +258,7 @@ impl Cloister {
             let me = Self::open(path, "cli")?;
             me.env.audit().append(host_entry(
                 "cloister",
-                "move_store",
+                crate::audit::events::MOVE_STORE,
                 "host",
                 params_digest(&("move_store", &shown)),
             ))?;
@@ -306,7 +307,7 @@ impl Cloister {
         let me = Self::new(env, "cli");
         me.env.audit().append(host_entry(
             admin,
-            "init",
+            crate::audit::events::INIT,
             "bootstrap",
             params_digest(&("init", admin)),
         ))?;
@@ -400,7 +401,7 @@ impl Cloister {
     pub fn reject_token(&self, token: &str, why: UserError) -> ServiceError {
         let appended = self.env.audit().append(AuditRecord {
             actor: "-".into(),
-            action: "authenticate".into(),
+            action: crate::audit::events::AUTHENTICATE.into(),
             resource: Resource::Environment.uid_text(),
             decision: Decision::Deny,
             policies: Vec::new(),

@@ -194,7 +194,7 @@ impl Cloister {
     ) -> Result<u64, ServiceError> {
         Ok(self.env.audit().append(AuditRecord {
             actor: who.name.clone(),
-            action: "plugin_call".into(),
+            action: crate::audit::events::PLUGIN_CALL.into(),
             resource: Resource::Plugin {
                 digest: digest.into(),
                 approved: true,

@@ -53,7 +53,7 @@ impl Cloister {
             Ok(u) => {
                 self.env.audit().append(AuditRecord {
                     actor: u.name.clone(),
-                    action: "login".into(),
+                    action: crate::audit::events::LOGIN.into(),
                     resource: Resource::Environment.uid_text(),
                     decision: Decision::Allow,
                     policies: Vec::new(),
@@ -71,7 +71,7 @@ impl Cloister {
                 };
                 self.env.audit().append(AuditRecord {
                     actor: claimed.to_string(),
-                    action: "login".into(),
+                    action: crate::audit::events::LOGIN.into(),
                     resource: Resource::Environment.uid_text(),
                     decision: Decision::Deny,
                     policies: Vec::new(),
