@@ -846,6 +846,7 @@ spot_check = 0.1
         )
         .unwrap();
     assert_eq!(revocations.len(), 1);
+    crate::support::every_audited_action_is_known(c);
 }
 
 #[test]
@@ -976,6 +977,7 @@ fn an_orphaned_job_is_taken_over_as_its_owner_unless_it_keeps_ending_or_its_owne
     }
     assert_eq!(failed.next, job.next, "no step ran");
     assert_eq!(takeovers(), before + 1 + MAX_TAKEOVERS as usize + 1 + 1);
+    crate::support::every_audited_action_is_known(&e.c);
 }
 
 // ------------------------------------------------------------ kill -9 --

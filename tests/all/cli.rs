@@ -597,7 +597,11 @@ fn an_environment_from_init_to_a_denied_export_and_a_verified_audit_log() {
         "{err}"
     );
     let o = e.run(&aud, &["audit", "log", "--action", "move_store"]);
-    assert!(o.status.success() && stdout(&o).is_empty(), "{}", stderr(&o));
+    assert!(
+        o.status.success() && stdout(&o).is_empty(),
+        "{}",
+        stderr(&o)
+    );
     let o = e.run(&sci, &["audit", "log"]);
     assert_eq!(
         o.status.code(),

@@ -647,6 +647,7 @@ fn a_ramp_advances_with_traffic_promotes_and_a_breach_rolls_back() {
         ramp.reason
     );
     assert_eq!(d.champion, s.b);
+    crate::support::every_audited_action_is_known(s.c());
 }
 
 #[test]
@@ -1117,6 +1118,7 @@ fn feedback_scores_online_accuracy_labels_captures_and_the_accuracy_guard_rolls_
             .captured_waiting,
         0
     );
+    crate::support::every_audited_action_is_known(s.c());
 }
 
 #[test]

@@ -244,3 +244,25 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// Asserts that every entry of `c`'s audit log names an action Cloister
+/// knows it records (a policy action or one of `audit::events`), so that
+/// `audit log --action` never refuses a name the log holds and the
+/// console suggests every name it does.
+pub fn every_audited_action_is_known(c: &cloister_host::service::Cloister) {
+    let known = cloister_host::service::audited_actions();
+    let entries = c
+        .env()
+        .audit()
+        .query(&cloister_host::audit::AuditFilter::default())
+        .unwrap();
+    assert!(!entries.is_empty());
+    for e in entries {
+        assert!(
+            known.contains(&e.record.action.as_str()),
+            "entry {} records `{}`, which is not in service::audited_actions",
+            e.seq,
+            e.record.action
+        );
+    }
+}
