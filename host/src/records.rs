@@ -321,13 +321,30 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
     }
 }
 
-fn json_problem(e: &serde_json::Error) -> &'static str {
+/// What is wrong with a line serde_json refused, in words that never
+/// repeat the line's content. Malformed JSON gets serde_json's own
+/// description, a fixed text ("trailing comma", "number out of range",
+/// "recursion limit exceeded", …) without its position (the caller gives
+/// the column); data of the wrong shape gets only that, because that
+/// description quotes the values it found.
+fn json_problem(e: &serde_json::Error) -> String {
     use serde_json::error::Category;
     match e.classify() {
-        Category::Io => "read error",
-        Category::Syntax => "syntax error",
-        Category::Data => "unexpected data",
-        Category::Eof => "unexpected end of line",
+        Category::Io => "read error".into(),
+        Category::Data => "unexpected data".into(),
+        Category::Eof => "unexpected end of line".into(),
+        Category::Syntax => {
+            let text = e.to_string();
+            let what = text.rsplit_once(" at line ").map_or("", |(what, _)| what);
+            if !what.is_empty()
+                && what.len() <= 80
+                && what.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+            {
+                what.to_string()
+            } else {
+                "syntax error".into()
+            }
+        }
     }
 }
 
@@ -541,7 +558,24 @@ mod tests {
         );
         assert_eq!(
             msg("{\"id\": \"a\",, \"b\": 1}\r\n"),
-            "mock.jsonl:1: invalid JSON at column 12: syntax error"
+            "mock.jsonl:1: invalid JSON at column 12: key must be a string"
+        );
+        assert_eq!(
+            msg("{\"id\": \"a\", \"n\": 1e999}\n"),
+            "mock.jsonl:1: invalid JSON at column 22: number out of range"
+        );
+        let deep = format!(
+            "{{\"id\": \"a\", \"n\": {}{}}}\n",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(
+            msg(&deep),
+            "mock.jsonl:1: invalid JSON at column 144: recursion limit exceeded"
+        );
+        assert_eq!(
+            msg("{\"id\": \"a\", \"t\": \"secret\" \"more\"}\n"),
+            "mock.jsonl:1: invalid JSON at column 27: expected `,` or `}`"
         );
         assert_eq!(
             msg("{\"id\": \"a\", \"ok\": true}\n"),
