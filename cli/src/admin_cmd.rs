@@ -1,5 +1,6 @@
 //! `cloister init`, `cloister user …`, `cloister policy …`.
 
+use crate::output::say;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -85,17 +86,17 @@ pub fn init(
         workers,
     };
     let (cloister, token) = Cloister::init_with_options(&dir, &admin, &options)?;
-    println!(
+    say!(
         "created environment {} at {} (store: {})",
         cloister.environment_id(),
         dir.display(),
         cloister.store_location()
     );
-    println!("admin user: {admin}");
-    println!("admin token (shown once; keep it secret): {token}");
-    println!();
-    println!("  export CLOISTER_ENV={}", dir.display());
-    println!("  export CLOISTER_TOKEN=<the token above>");
+    say!("admin user: {admin}");
+    say!("admin token (shown once; keep it secret): {token}");
+    say!();
+    say!("  export CLOISTER_ENV={}", dir.display());
+    say!("  export CLOISTER_TOKEN=<the token above>");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -120,7 +121,7 @@ pub fn worker(
         idle: std::time::Duration::from_millis(50),
         max_tasks,
     };
-    println!("worker {name}: waiting for tasks of {}", env.env.display());
+    say!("worker {name}: waiting for tasks of {}", env.env.display());
     // SIGTERM (a Kubernetes pod stopping) or Ctrl-C: finish the task in
     // hand, record its result, claim no more. Without that, the task would
     // wait for its lease to run out before another worker took it.
@@ -151,25 +152,25 @@ pub fn worker(
                 }
             });
             flag.store(true, std::sync::atomic::Ordering::Release);
-            println!("stopping: finishing the task in hand, claiming no more");
+            say!("stopping: finishing the task in hand, claiming no more");
         })
         .context("cannot watch for the stop signal")?;
     let _ = ready.recv();
     let done = run_worker(&env.env, &options, &stop, &mut |e| match e {
         WorkerEvent::Claimed { id, kind, attempt } => {
-            println!("task {id} ({kind}): claimed (attempt {attempt})")
+            say!("task {id} ({kind}): claimed (attempt {attempt})")
         }
         WorkerEvent::Finished { id, kind, seconds } => {
-            println!("task {id} ({kind}): done in {seconds:.2} s")
+            say!("task {id} ({kind}): done in {seconds:.2} s")
         }
         WorkerEvent::Failed { id, error, detail } => {
-            println!("task {id}: failed: {error}");
+            say!("task {id}: failed: {error}");
             if let Some(detail) = detail {
-                println!("task {id}: the runtime's diagnosis (this log only): {detail}");
+                say!("task {id}: the runtime's diagnosis (this log only): {detail}");
             }
         }
         WorkerEvent::Lost { id } => {
-            println!("task {id}: another worker holds it now; result dropped")
+            say!("task {id}: another worker holds it now; result dropped")
         }
         WorkerEvent::Collected {
             objects,
@@ -181,7 +182,7 @@ pub fn worker(
                     "warning: {untagged} work-queue rows did not carry the environment's tag (written by someone with access to the database only): removed, and nothing they named was deleted"
                 );
             }
-            println!("collected: {objects} shared objects no longer kept, {tasks} abandoned tasks");
+            say!("collected: {objects} shared objects no longer kept, {tasks} abandoned tasks");
         }
         WorkerEvent::CollectFailed { error } => {
             eprintln!("collecting unused work objects failed ({error}); trying again later")
@@ -191,7 +192,7 @@ pub fn worker(
         }
     })
     .with_context(|| format!("worker {name} for {}", env.env.display()))?;
-    println!("worker {name}: {done} tasks done");
+    say!("worker {name}: {done} tasks done");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -199,10 +200,10 @@ pub fn migrate(env: &EnvArgs) -> Result<ExitCode> {
     let applied = Cloister::migrate(&env.env)
         .with_context(|| format!("cannot migrate the environment {}", env.env.display()))?;
     if applied.is_empty() {
-        println!("the store's schema is up to date");
+        say!("the store's schema is up to date");
     } else {
         let list: Vec<String> = applied.iter().map(|v| v.to_string()).collect();
-        println!("applied migrations {}", list.join(", "));
+        say!("applied migrations {}", list.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -214,11 +215,11 @@ pub fn move_store(env: &EnvArgs, to: &str, store_ca: Option<&std::path::Path>) -
     let copied = Cloister::move_store(&env.env, to, ca.as_deref())
         .with_context(|| format!("cannot move the environment {}", env.env.display()))?;
     let c = Cloister::open(&env.env, "cli")?;
-    println!(
+    say!(
         "moved {copied} entries to {}; the audit log verifies",
         c.store_location()
     );
-    println!(
+    say!(
         "the sled store is kept as {}/store.moved: delete it once you no longer need to go back",
         env.env.display()
     );
@@ -234,8 +235,8 @@ pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
     match cmd {
         UserCommand::Add { name, roles } => {
             let (user, token) = s.cloister.add_user(&s.user, &name, &roles)?;
-            println!("added {} ({})", user.name, roles_text(&user.roles));
-            println!("token (shown once; keep it secret): {token}");
+            say!("added {} ({})", user.name, roles_text(&user.roles));
+            say!("token (shown once; keep it secret): {token}");
         }
         UserCommand::List { json } => {
             let users = s.cloister.list_users(&s.user)?;
@@ -246,24 +247,24 @@ pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
                         serde_json::json!({"name": u.name, "roles": u.roles, "disabled": u.disabled})
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                crate::output::json(&serde_json::to_string_pretty(&rows)?);
                 return Ok(ExitCode::SUCCESS);
             }
             for u in users {
                 let state = if u.disabled { "disabled" } else { "active" };
-                println!("{:<24} {:<9} {}", u.name, state, roles_text(&u.roles));
+                say!("{:<24} {:<9} {}", u.name, state, roles_text(&u.roles));
             }
         }
         UserCommand::Disable { name } => {
             s.cloister.disable_user(&s.user, &name)?;
-            println!("disabled {name}; their token no longer works");
+            say!("disabled {name}; their token no longer works");
         }
         UserCommand::Passwd { name } => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
             let password = line.trim_end_matches(['\n', '\r']);
             s.cloister.set_password(&s.user, &name, password)?;
-            println!("set the console password of {name}");
+            say!("set the console password of {name}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -283,7 +284,7 @@ pub fn policy(env: &EnvArgs, cmd: PolicyCommand) -> Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         let label = format!("{}/", dir.display());
         let engine = cloister_host::env::load_policy_dir(&handle, &label)?;
-        println!(
+        say!(
             "policies valid: {} policies checked against the schema",
             engine.len()
         );
@@ -293,7 +294,7 @@ pub fn policy(env: &EnvArgs, cmd: PolicyCommand) -> Result<ExitCode> {
     match cmd {
         PolicyCommand::Check { .. } => {
             let n = s.cloister.policy_check(&s.user)?;
-            println!("policies valid: {n} policies checked against the schema");
+            say!("policies valid: {n} policies checked against the schema");
         }
         PolicyCommand::Explain {
             as_user,
@@ -304,23 +305,23 @@ pub fn policy(env: &EnvArgs, cmd: PolicyCommand) -> Result<ExitCode> {
                 .cloister
                 .policy_explain(&s.user, &as_user, &action, &resource)?;
             let a = &e.authorization;
-            println!("decision: {}", if a.allowed { "ALLOW" } else { "DENY" });
-            println!("request:  {as_user} {action} {}", e.resource.uid_text());
+            say!("decision: {}", if a.allowed { "ALLOW" } else { "DENY" });
+            say!("request:  {as_user} {action} {}", e.resource.uid_text());
             if e.policies.is_empty() {
-                println!("reason:   no policy permits this (deny by default)");
+                say!("reason:   no policy permits this (deny by default)");
             } else if a.allowed {
-                println!("permitted by:");
+                say!("permitted by:");
             } else {
-                println!("forbidden by:");
+                say!("forbidden by:");
             }
             for (id, text) in &e.policies {
-                println!("  {id}");
+                say!("  {id}");
                 for line in text.lines() {
-                    println!("    {line}");
+                    say!("    {line}");
                 }
             }
             for err in &a.errors {
-                println!("evaluation error (the policy was skipped): {err}");
+                say!("evaluation error (the policy was skipped): {err}");
             }
         }
     }

@@ -1,5 +1,6 @@
 //! `cloister audit …`: read, verify, checkpoint, prove.
 
+use crate::output::{say, say_part};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -91,9 +92,9 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
             };
             for e in s.cloister.audit_log(&s.user, &filter)? {
                 if json {
-                    println!("{}", serde_json::to_string(&e)?);
+                    crate::output::json(&serde_json::to_string(&e)?);
                 } else {
-                    println!(
+                    say!(
                         "{:>6} {} {:<12} {:<5} {:<16} {} params={} [{}]",
                         e.seq,
                         cloister_host::time::rfc3339(e.time_ms),
@@ -117,7 +118,7 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
                 let key = s.cloister.public_key();
                 return match AuditLog::check_proof(&p, &key) {
                     Ok(cp) => {
-                        println!(
+                        say!(
                             "proof OK: entry {} is included in the log of {} entries signed at {}",
                             p.seq,
                             cp.size,
@@ -126,7 +127,7 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
                         Ok(ExitCode::SUCCESS)
                     }
                     Err(e) => {
-                        println!("proof FAILED: {e}");
+                        say!("proof FAILED: {e}");
                         Ok(ExitCode::from(EXIT_TAMPERED))
                     }
                 };
@@ -145,14 +146,14 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
                     root,
                     checkpoints,
                 } => {
-                    println!(
+                    say!(
                         "audit log OK: {size} entries, root {}, {checkpoints} signed checkpoints match",
                         hex::encode(root)
                     );
                     ExitCode::SUCCESS
                 }
                 Verdict::Tampered { first_bad, reason } => {
-                    println!("audit log TAMPERED: first bad entry {first_bad}: {reason}");
+                    say!("audit log TAMPERED: first bad entry {first_bad}: {reason}");
                     ExitCode::from(EXIT_TAMPERED)
                 }
             };
@@ -164,11 +165,11 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
                 std::fs::write(&path, cp.to_text())
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
-            print!("{}", cp.to_text());
+            say_part!("{}", cp.to_text());
         }
         AuditCommand::Prove { seq } => {
             let p = s.cloister.audit_prove(&s.user, seq)?;
-            println!("{}", serde_json::to_string_pretty(&p)?);
+            crate::output::json(&serde_json::to_string_pretty(&p)?);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! `cloister dataset …`: import, list, statistics. There is no command that
 //! prints rows; `export` exists only to be denied and audited.
 
+use crate::output::say;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -191,38 +192,43 @@ pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
                 &file,
                 &ImportOptions { format, schema },
             )?;
-            println!(
+            say!(
                 "imported {} records as {} in {:.1} s (sha256 {})",
                 v.stats.records,
                 v.reference(),
                 started.elapsed().as_secs_f64(),
                 v.digest
             );
-            println!(
+            say!(
                 "  labeled {}, unlabeled {}",
-                v.stats.labeled, v.stats.unlabeled
+                v.stats.labeled,
+                v.stats.unlabeled
             );
             if numbers_as_text
                 && let Some(note) =
                     numeric_columns_note(&file, format_given.as_deref(), schema_given)
             {
-                println!("{note}");
+                say!("{note}");
             }
         }
         DatasetCommand::List { json } => {
             let all = s.cloister.list_datasets(&s.user)?;
             if json {
                 let rows: Vec<_> = all.iter().map(summary_json).collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                crate::output::json(&serde_json::to_string_pretty(&rows)?);
             } else if all.is_empty() {
-                println!("no datasets (import one with `cloister dataset import NAME FILE`)");
+                say!("no datasets (import one with `cloister dataset import NAME FILE`)");
             } else {
-                println!(
+                say!(
                     "{:<24} {:>7} {:>10} {:>10}  {:<24} sha256",
-                    "dataset", "version", "records", "labeled", "imported"
+                    "dataset",
+                    "version",
+                    "records",
+                    "labeled",
+                    "imported"
                 );
                 for v in &all {
-                    println!(
+                    say!(
                         "{:<24} {:>7} {:>10} {:>10}  {:<24} {}",
                         v.name,
                         v.version,
@@ -246,13 +252,13 @@ pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {
                 if let Some(sp) = &splits {
                     j["splits"] = serde_json::to_value(sp)?;
                 }
-                println!("{}", serde_json::to_string_pretty(&j)?);
+                crate::output::json(&serde_json::to_string_pretty(&j)?);
             } else {
                 print_stats(&v);
                 if let Some(sp) = splits {
-                    println!("splits (seed {}):        labeled  unlabeled", sp.seed);
+                    say!("splits (seed {}):        labeled  unlabeled", sp.seed);
                     for (split, (l, u)) in &sp.counts {
-                        println!(
+                        say!(
                             "  {:<20} {:>9} {:>10}",
                             format!("{split:?}").to_lowercase(),
                             l,
@@ -285,29 +291,31 @@ fn summary_json(v: &DatasetVersion) -> serde_json::Value {
 
 fn print_stats(v: &DatasetVersion) {
     let st = &v.stats;
-    println!("{} (sha256 {})", v.reference(), v.digest);
-    println!(
+    say!("{} (sha256 {})", v.reference(), v.digest);
+    say!(
         "imported {} by {} from {}",
         cloister_host::time::rfc3339(v.created_ms),
         v.created_by,
         v.source
     );
-    println!(
+    say!(
         "records {}   labeled {}   unlabeled {}",
-        st.records, st.labeled, st.unlabeled
+        st.records,
+        st.labeled,
+        st.unlabeled
     );
-    println!("labels:");
+    say!("labels:");
     for (label, n) in &st.labels {
-        println!(
+        say!(
             "  {:<30} {:>9} {:>6.1}%",
             label,
             n,
             100.0 * *n as f64 / st.labeled.max(1) as f64
         );
     }
-    println!("fields:");
+    say!("fields:");
     for (name, f) in &st.fields {
-        println!(
+        say!(
             "  {:<30} {:<8} {:>6.1}% present",
             name,
             f.kind,
@@ -315,15 +323,17 @@ fn print_stats(v: &DatasetVersion) {
         );
     }
     let tl = &st.text_length;
-    println!(
+    say!(
         "text length (characters): min {} mean {:.0} max {}",
-        tl.min, tl.mean, tl.max
+        tl.min,
+        tl.mean,
+        tl.max
     );
     let peak = tl.buckets.iter().map(|b| b.1).max().unwrap_or(1).max(1);
     let mut lower = 0;
     for (upper, n) in &tl.buckets {
         let bar = "#".repeat((40 * n).div_ceil(peak) as usize);
-        println!("  [{:>7}, {:>7}) {:>9} {}", lower, upper, n, bar);
+        say!("  [{:>7}, {:>7}) {:>9} {}", lower, upper, n, bar);
         lower = *upper;
     }
 }

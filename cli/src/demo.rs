@@ -5,6 +5,7 @@
 //! corpus's labels stay hidden from training until the loop asks a "human"
 //! for one. Then the savings, a denied export, and a verified audit log.
 
+use crate::output::say;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -56,7 +57,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         Some(dir) => dir.clone(),
         None => scratch.path().join("env"),
     };
-    println!(
+    say!(
         "Cloister demo: active learning in a closed environment, on the bundled SpamAssassin corpus.\n"
     );
     let (c, root) = Cloister::init_with(&env_path, "admin", &args.store.store)?;
@@ -65,7 +66,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let ana = add("ana", Role::Scientist)?;
     let rui = add("rui", Role::Reviewer)?;
     let ada = add("ada", Role::Auditor)?;
-    println!(
+    say!(
         "Environment {} (store: {}) with users admin, ana (scientist), rui (reviewer), ada (auditor).",
         c.environment_id(),
         c.store_location()
@@ -78,22 +79,22 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         .iter()
         .map(|(l, n)| format!("{l} {n}"))
         .collect();
-    println!(
+    say!(
         "\nana imported {} ({} records, sha256:{}, labels: {}).",
         spam.reference(),
         spam.stats.records,
         &spam.digest[..12],
         labels.join(", ")
     );
-    println!(
+    say!(
         "The labels of the training split stay hidden from training: the gold oracle reveals one only when the loop asks a human."
     );
 
-    println!("\nana added the bundled plugins; rui reviewed and approved each digest:");
+    say!("\nana added the bundled plugins; rui reviewed and approved each digest:");
     for (_, bytes) in cloister_bundled_plugins::ALL {
         let e = c.add_plugin(&ana, bytes)?;
         c.approve_plugin(&rui, &e.digest)?;
-        println!(
+        say!(
             "  {:<17} {:<6} {:<12} sha256:{}",
             e.name,
             e.version,
@@ -102,13 +103,13 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         );
     }
 
-    println!(
+    say!(
         "\nana runs pipelines/spam-active-learning.toml: logreg + mlp, dual-agree proposes automatic labels where both agree with p >= 0.9,"
     );
-    println!(
+    say!(
         "and the host accepts them only above thresholds certified >= 95% precise per class on validation labels (95% confidence);"
     );
-    println!(
+    say!(
         "50 records per round to humans (answered by the gold oracle), at most 480 manual labels.\n"
     );
     let job = c.start_job(
@@ -120,7 +121,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let job = job_cmd::drive(&c, &ana, &job.id)?;
     let stats = c.job_stats(&ana, &job.id)?;
     if let Some(r) = &job.result {
-        println!(
+        say!(
             "\nResult: test accuracy {:.4} with {} manual labels ({:.1}% of the {}-record pool) and {} automatic labels at {:.2}% precision.",
             r.test_accuracy,
             stats.manual_used,
@@ -134,14 +135,14 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             stats.auto_estimate_low,
             stats.auto_estimate_high,
         ) {
-            println!(
+            say!(
                 "Without gold labels the precision would read as {:.2}% (95% interval {:.2}-{:.2}%), estimated on validation labels.",
                 100.0 * est,
                 100.0 * lo,
                 100.0 * hi
             );
         }
-        println!(
+        say!(
             "Labeling the whole pool by hand would have taken {} labels: {} saved.",
             stats.pool_size,
             stats.pool_size.saturating_sub(stats.manual_used)
@@ -149,10 +150,10 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     }
 
     // The environment is closed: nobody exports rows.
-    println!("\nana tries to export the emails:");
+    say!("\nana tries to export the emails:");
     match c.export_dataset(&ana, "spamassassin") {
         Err(e @ ServiceError::Denied { .. }) => {
-            println!("  {e} (forbidden by no-dataset-export, audited)")
+            say!("  {e} (forbidden by no-dataset-export, audited)")
         }
         other => anyhow::bail!("export was not denied: {other:?}"),
     }
@@ -163,9 +164,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         .filter(|e| e.record.decision == Decision::Deny)
         .count();
     let verdict = c.audit_verify(&ada, None)?;
-    println!("\nada (auditor) reads and verifies the audit log:");
+    say!("\nada (auditor) reads and verifies the audit log:");
     match verdict {
-        Verdict::Intact { size, root, .. } => println!(
+        Verdict::Intact { size, root, .. } => say!(
             "  {size} entries ({denied} denied), Merkle root {}…, chain and signed head verify",
             &hex::encode(root)[..16]
         ),
@@ -176,12 +177,12 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
 
     drop(c);
     match &args.keep {
-        Some(dir) => println!(
+        Some(dir) => say!(
             "\nDone in {:.1} s. The environment is kept in {} (admin token: {root}).",
             started.elapsed().as_secs_f64(),
             dir.display()
         ),
-        None => println!(
+        None => say!(
             "\nDone in {:.1} s. The throwaway environment was deleted (keep it with --keep DIR).",
             started.elapsed().as_secs_f64()
         ),

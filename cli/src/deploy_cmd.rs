@@ -1,5 +1,6 @@
 //! `cloister deploy …`: serve released models inside the environment.
 
+use crate::output::say;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -238,7 +239,7 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
     let change = |name: &str, change: DeploymentChange| -> Result<ExitCode> {
         let s = env.session()?;
         let d = s.cloister.change_deployment(&s.user, name, change)?;
-        println!(
+        say!(
             "{}: champion {} ({:.2}%){}{}{}",
             d.name,
             d.champion,
@@ -265,7 +266,7 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
             let d = s
                 .cloister
                 .create_deployment(&s.user, &name, &model, &clients)?;
-            println!(
+            say!(
                 "created deployment {} serving {} to {}",
                 d.name,
                 d.champion,
@@ -281,12 +282,12 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
             let s = env.reading_session()?;
             let all = s.cloister.list_deployments(&s.user)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                crate::output::json(&serde_json::to_string_pretty(&all)?);
             } else if all.is_empty() {
-                println!("no deployments");
+                say!("no deployments");
             } else {
                 for d in all {
-                    println!(
+                    say!(
                         "{:<20} champion {:<16} candidates {:<3} shadow {:<3} clients {}{}",
                         d.name,
                         d.champion,
@@ -309,7 +310,7 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
                 cloister_host::time::now_ms().saturating_sub(minutes.saturating_mul(60_000));
             let st = s.cloister.deployment_status(&s.user, &name, since)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&st)?);
+                crate::output::json(&serde_json::to_string_pretty(&st)?);
             } else {
                 print_status(&st, minutes);
             }
@@ -394,7 +395,7 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
                 .cloister
                 .test_candidate(&s.user, &name, &candidate, dataset.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                crate::output::json(&serde_json::to_string_pretty(&r)?);
             } else {
                 print_report(&r);
             }
@@ -416,11 +417,12 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
                 let s = env.session()?;
                 let w = s.cloister.write_capture(&s.user, &name)?;
                 match &w.version {
-                    Some(v) => println!(
+                    Some(v) => say!(
                         "wrote {v}: {} records, {} labeled by feedback",
-                        w.records, w.labeled
+                        w.records,
+                        w.labeled
                     ),
-                    None => println!("no captured record was waiting"),
+                    None => say!("no captured record was waiting"),
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -442,9 +444,12 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
             let items = read_feedback(&input)?;
             let s = env.session()?;
             let o = s.cloister.send_feedback(&s.user, &name, &items)?;
-            println!(
+            say!(
                 "scored {} labels ({} stored with captured records); {} ids unknown, {} repeated",
-                o.scored, o.labeled_captures, o.unknown, o.repeated
+                o.scored,
+                o.labeled_captures,
+                o.unknown,
+                o.repeated
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -457,7 +462,7 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
         DeployCommand::Delete { name } => {
             let s = env.session()?;
             s.cloister.delete_deployment(&s.user, &name)?;
-            println!("deleted deployment {name}");
+            say!("deleted deployment {name}");
             Ok(ExitCode::SUCCESS)
         }
         DeployCommand::Predict { name, input, key } => {
@@ -467,7 +472,7 @@ pub fn run(env: &EnvArgs, cmd: DeployCommand) -> Result<ExitCode> {
                 .cloister
                 .predict_deployed(&s.user, &name, key.as_deref(), &records)?;
             for a in &p.predictions {
-                println!(
+                say!(
                     "{}",
                     serde_json::json!({
                         "id": a.id,
@@ -515,7 +520,7 @@ fn read_feedback(path: &std::path::Path) -> Result<Vec<cloister_host::service::F
 }
 
 fn print_report(r: &cloister_host::regression::RegressionReport) {
-    println!(
+    say!(
         "regression test of {} against {} on {} ({} labeled, {} unlabeled records): {}",
         r.candidate.model,
         r.champion.model,
@@ -524,17 +529,25 @@ fn print_report(r: &cloister_host::regression::RegressionReport) {
         r.unlabeled,
         r.verdict.to_uppercase()
     );
-    println!(
+    say!(
         "  {:<10} {:>9} {:>9} {:>7} {:>7}",
-        "", "accuracy", "macro-F1", "ECE", "Brier"
+        "",
+        "accuracy",
+        "macro-F1",
+        "ECE",
+        "Brier"
     );
     for (who, f) in [("candidate", &r.candidate), ("champion", &r.champion)] {
-        println!(
+        say!(
             "  {:<10} {:>9.4} {:>9.4} {:>7.4} {:>7.4}",
-            who, f.accuracy, f.macro_f1, f.ece, f.brier
+            who,
+            f.accuracy,
+            f.macro_f1,
+            f.ece,
+            f.brier
         );
     }
-    println!(
+    say!(
         "  accuracy difference {:+.4} (95% bootstrap interval {:+.4} to {:+.4}); McNemar p = {:.4} ({} only the champion got right, {} only the candidate)",
         r.accuracy_delta,
         r.accuracy_delta_ci.0,
@@ -544,7 +557,7 @@ fn print_report(r: &cloister_host::regression::RegressionReport) {
         r.mcnemar.candidate_only
     );
     for (class, n) in &r.support {
-        println!(
+        say!(
             "  recall {:<16} {:>7.4} vs {:>7.4} ({n} records)",
             class,
             r.candidate.recall.get(class).copied().unwrap_or(0.0),
@@ -552,16 +565,16 @@ fn print_report(r: &cloister_host::regression::RegressionReport) {
         );
     }
     if let Some(p) = r.psi {
-        println!("  prediction drift (PSI) {p:.4}");
+        say!("  prediction drift (PSI) {p:.4}");
     }
     for reason in &r.reasons {
-        println!("  fail: {reason}");
+        say!("  fail: {reason}");
     }
 }
 
 fn print_status(st: &DeploymentStatus, minutes: u64) {
     let d = &st.deployment;
-    println!(
+    say!(
         "deployment {}{} — clients: {}",
         d.name,
         if d.paused { " [paused]" } else { "" },
@@ -571,7 +584,7 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
             d.clients.join(", ")
         }
     );
-    println!("last {minutes} min:");
+    say!("last {minutes} min:");
     // One row per variant: role, model, then the host's columns; every
     // column but the last (classes) padded to its widest cell.
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -606,7 +619,7 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
                 }
             })
             .collect();
-        println!("  {}", cells.join("  "));
+        say!("  {}", cells.join("  "));
     }
     if let Some(r) = &d.ramp {
         let steps: Vec<String> = r
@@ -614,7 +627,7 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
             .iter()
             .map(|w| format!("{:.2}%", f64::from(*w) / 100.0))
             .collect();
-        println!(
+        say!(
             "ramp of {} [{}]: step {} of {} ({}), {} requests this step{}",
             r.model,
             r.state,
@@ -629,7 +642,7 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
         );
     }
     for r in &st.reports {
-        println!(
+        say!(
             "regression report of {}: {} (accuracy {:+.4} on {} labeled records of {})",
             r.report.candidate.model,
             r.standing,
@@ -639,7 +652,7 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
         );
     }
     if let Some(c) = &d.capture {
-        println!(
+        say!(
             "capture: {:.2}% of requests into {} (versions of {} records; {} waiting)",
             f64::from(c.sample) / 100.0,
             c.dataset,
@@ -648,9 +661,11 @@ fn print_status(st: &DeploymentStatus, minutes: u64) {
         );
     }
     if let Some(last) = d.history.last() {
-        println!(
+        say!(
             "last change: {} by {} (champion {})",
-            last.what, last.by, last.champion
+            last.what,
+            last.by,
+            last.champion
         );
     }
 }

@@ -1,5 +1,6 @@
 //! `cloister run`, `cloister job …` and `cloister label …`.
 
+use crate::output::say;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -173,7 +174,7 @@ pub fn progress_printer() -> impl FnMut(JobEvent<'_>) {
 
 /// The per-round table.
 pub fn print_rounds(job: &Job) {
-    println!(
+    say!(
         "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>9}",
         "round",
         "manual",
@@ -189,9 +190,19 @@ pub fn print_rounds(job: &Job) {
     );
     for r in &job.rounds {
         if r.models.is_empty() {
-            println!(
+            say!(
                 "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>9}",
-                r.round, "-", "-", "-", "-", "-", "-", r.queued, "-", "-", r.pool_left
+                r.round,
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                r.queued,
+                "-",
+                "-",
+                r.pool_left
             );
             continue;
         }
@@ -200,7 +211,7 @@ pub fn print_rounds(job: &Job) {
         } else {
             "-".into()
         };
-        println!(
+        say!(
             "{:>5} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>9}",
             r.round,
             r.train_manual,
@@ -217,9 +228,9 @@ pub fn print_rounds(job: &Job) {
     }
     for r in &job.rounds {
         if let Some(g) = &r.gate {
-            println!("round {}: {}", r.round, g.summary(&job.classes));
+            say!("round {}: {}", r.round, g.summary(&job.classes));
             if r.spot_checks > 0 {
-                println!(
+                say!(
                     "round {}: {} spot checks, {} answered, {} confirmed{}",
                     r.round,
                     r.spot_checks,
@@ -242,21 +253,21 @@ pub fn print_rounds(job: &Job) {
 /// The label statistics.
 pub fn print_stats(s: &JobStats) {
     let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1}%", v * 100.0));
-    println!("pool (unlabeled training records): {}", s.pool_size);
-    println!(
+    say!("pool (unlabeled training records): {}", s.pool_size);
+    say!(
         "manual labels: {} used of {} requested ({} of the pool)",
         s.manual_used,
         s.manual_requested,
         pct(s.manual_share)
     );
-    println!(
+    say!(
         "automatic labels: {} (precision against gold {} on {} checked)",
         s.auto_accepted,
         pct(s.auto_precision),
         s.auto_checked
     );
     if s.spot_checked > 0 {
-        println!(
+        say!(
             "spot checks: {} automatic labels checked by people, {} confirmed ({}); {} revoked",
             s.spot_checked,
             s.spot_agreed,
@@ -267,41 +278,47 @@ pub fn print_stats(s: &JobStats) {
     if let (Some(e), Some(lo), Some(hi)) =
         (s.auto_estimate, s.auto_estimate_low, s.auto_estimate_high)
     {
-        println!(
+        say!(
             "estimated precision without gold: {} (rounds' intervals {} to {})",
             pct(Some(e)),
             pct(Some(lo)),
             pct(Some(hi))
         );
     }
-    println!(
+    say!(
         "badcase reviews: {} of {} requested",
-        s.reviews_done, s.reviews_requested
+        s.reviews_done,
+        s.reviews_requested
     );
-    println!("label utilization: {}", pct(s.label_utilization));
+    say!("label utilization: {}", pct(s.label_utilization));
     if s.double_labeled > 0 {
-        println!(
+        say!(
             "labeler agreement: {} of {} records labeled twice",
-            s.agreeing, s.double_labeled
+            s.agreeing,
+            s.double_labeled
         );
     }
-    println!(
+    say!(
         "cost: {:.2} spent at {:.2} per label; labeling the whole pool: {:.2}; saved {:.2}",
-        s.cost_spent, s.price_per_label, s.cost_full_pool, s.cost_saved
+        s.cost_spent,
+        s.price_per_label,
+        s.cost_full_pool,
+        s.cost_saved
     );
-    println!("test accuracy: {}", fmt_opt(s.test_accuracy));
+    say!("test accuracy: {}", fmt_opt(s.test_accuracy));
 }
 
 fn print_outcome(job: &Job) -> ExitCode {
     match &job.state {
-        JobState::Done { reason } => println!("job {} done ({reason})", job.id),
-        JobState::AwaitingLabels { open } => println!(
+        JobState::Done { reason } => say!("job {} done ({reason})", job.id),
+        JobState::AwaitingLabels { open } => say!(
             "job {} waits for labelers: {open} open items; resume with `cloister job resume {}`",
-            job.id, job.id
+            job.id,
+            job.id
         ),
-        JobState::Cancelled { by } => println!("job {} cancelled by {by}", job.id),
-        JobState::Failed { error } => println!("job {} failed: {error}", job.id),
-        JobState::Running => println!("job {} is running", job.id),
+        JobState::Cancelled { by } => say!("job {} cancelled by {by}", job.id),
+        JobState::Failed { error } => say!("job {} failed: {error}", job.id),
+        JobState::Running => say!("job {} is running", job.id),
     }
     ExitCode::SUCCESS
 }
@@ -310,10 +327,10 @@ fn print_outcome(job: &Job) -> ExitCode {
 pub fn drive(c: &Cloister, who: &User, id: &str) -> Result<Job> {
     let mut progress = progress_printer();
     let job = c.run_job(who, id, &mut progress)?;
-    println!();
+    say!();
     print_rounds(&job);
     if let Some(r) = &job.result {
-        println!(
+        say!(
             "\nfinal committee: test accuracy {:.4}, macro F1 {:.4}, {} training labels; models {}",
             r.test_accuracy,
             r.test_macro_f1,
@@ -321,7 +338,7 @@ pub fn drive(c: &Cloister, who: &User, id: &str) -> Result<Job> {
             r.models.join(", ")
         );
     }
-    println!();
+    say!();
     print_stats(&c.job_stats(who, id)?);
     Ok(job)
 }
@@ -367,15 +384,19 @@ pub fn job(env: &EnvArgs, cmd: JobCommand) -> Result<ExitCode> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                crate::output::json(&serde_json::to_string_pretty(&rows)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
+            say!(
                 "{:<16} {:<18} {:<16} {:<14} {:>6}  by",
-                "id", "name", "dataset", "state", "rounds"
+                "id",
+                "name",
+                "dataset",
+                "state",
+                "rounds"
             );
             for j in jobs {
-                println!(
+                say!(
                     "{:<16} {:<18} {:<16} {:<14} {:>6}  {}",
                     j.id,
                     j.spec.name,
@@ -389,18 +410,18 @@ pub fn job(env: &EnvArgs, cmd: JobCommand) -> Result<ExitCode> {
         JobCommand::Show { id, json } => {
             let j = c.show_job(who, &id)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&j)?);
+                crate::output::json(&serde_json::to_string_pretty(&j)?);
             } else {
-                println!("job {} `{}` by {}", j.id, j.spec.name, j.started_by);
-                println!("dataset {} ({})", j.dataset, &j.dataset_digest[..12]);
-                println!("state {}; next {:?}", j.state.name(), j.next);
+                say!("job {} `{}` by {}", j.id, j.spec.name, j.started_by);
+                say!("dataset {} ({})", j.dataset, &j.dataset_digest[..12]);
+                say!("state {}; next {:?}", j.state.name(), j.next);
                 if let JobState::Failed { error } = &j.state {
-                    println!("error: {error}");
+                    say!("error: {error}");
                 }
-                println!();
+                say!();
                 print_rounds(&j);
                 if let Some(r) = &j.result {
-                    println!(
+                    say!(
                         "\nfinal committee: test accuracy {:.4}, macro F1 {:.4}; models {}",
                         r.test_accuracy,
                         r.test_macro_f1,
@@ -412,7 +433,7 @@ pub fn job(env: &EnvArgs, cmd: JobCommand) -> Result<ExitCode> {
         JobCommand::Stats { id, json } => {
             let st = c.job_stats(who, &id)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&st)?);
+                crate::output::json(&serde_json::to_string_pretty(&st)?);
             } else {
                 print_stats(&st);
             }
@@ -434,7 +455,7 @@ pub fn label(env: &EnvArgs, cmd: LabelCommand) -> Result<ExitCode> {
     let (c, who) = (&s.cloister, &s.user);
     match cmd {
         LabelCommand::Next { json } => match c.next_label_item(who)? {
-            None => println!("nothing is queued for you"),
+            None => say!("nothing is queued for you"),
             Some(task) => {
                 let (item, record, waiting) = (task.item, task.record, task.waiting);
                 if json {
@@ -444,7 +465,7 @@ pub fn label(env: &EnvArgs, cmd: LabelCommand) -> Result<ExitCode> {
                         .iter()
                         .map(|t| (t.name.clone(), t.value.clone().into()))
                         .collect();
-                    println!(
+                    say!(
                         "{}",
                         serde_json::json!({
                             "job": item.job, "id": item.record, "dataset": item.dataset,
@@ -453,18 +474,22 @@ pub fn label(env: &EnvArgs, cmd: LabelCommand) -> Result<ExitCode> {
                         })
                     );
                 } else {
-                    println!(
+                    say!(
                         "record {} of {} (job {}, {:?}, {} waiting for you)",
-                        item.record, item.dataset, item.job, item.reason, waiting
+                        item.record,
+                        item.dataset,
+                        item.job,
+                        item.reason,
+                        waiting
                     );
-                    println!("classes: {}", task.classes.join(", "));
+                    say!("classes: {}", task.classes.join(", "));
                     for t in &record.record.texts {
-                        println!("--- {} ---\n{}", t.name, t.value);
+                        say!("--- {} ---\n{}", t.name, t.value);
                     }
                     for n in &record.record.numerics {
-                        println!("--- {} ---\n{:?}", n.name, n.value.as_slice());
+                        say!("--- {} ---\n{:?}", n.name, n.value.as_slice());
                     }
-                    println!(
+                    say!(
                         "---\nlabel it with `cloister label set {} LABEL`",
                         item.record
                     );
@@ -473,13 +498,13 @@ pub fn label(env: &EnvArgs, cmd: LabelCommand) -> Result<ExitCode> {
         },
         LabelCommand::Set { id, label, job } => {
             let item = c.label_item(who, &id, &label, job.as_deref())?;
-            println!("labeled {} as {label} (job {})", item.record, item.job);
+            say!("labeled {} as {label} (job {})", item.record, item.job);
         }
         LabelCommand::Import { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let n = c.import_labels(who, &file.display().to_string(), &text)?;
-            println!("imported {n} labels");
+            say!("imported {n} labels");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -9,6 +9,7 @@ mod demo;
 mod deploy_cmd;
 mod job_cmd;
 mod model_cmd;
+mod output;
 mod plugin_cmd;
 mod python_build;
 mod session;
@@ -312,7 +313,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_line(&e));
+            eprintln!(
+                "error: {}",
+                cloister_host::text::neutralize(&error_line(&e))
+            );
             if let Some(hint) = hint(&e) {
                 eprintln!("hint: {hint}");
             }

@@ -1,5 +1,6 @@
 //! `cloister template list`, `train`, `predict`, `model …`, `verify-bundle`.
 
+use crate::output::{say, say_part};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -179,13 +180,13 @@ pub fn templates(json: bool) -> Result<ExitCode> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        crate::output::json(&serde_json::to_string_pretty(&all)?);
         return Ok(ExitCode::SUCCESS);
     }
     for t in cloister_host::train::templates()? {
-        println!("{:<8} {}", t.name, t.description);
+        say!("{:<8} {}", t.name, t.description);
         let h = &t.hyper;
-        print!(
+        say_part!(
             "         epochs={} batch_size={} learning_rate={} l2={} class_weight={} patience={} seed={} min_support={} standardize={}",
             h.epochs,
             h.batch_size,
@@ -198,9 +199,9 @@ pub fn templates(json: bool) -> Result<ExitCode> {
             h.standardize.as_str()
         );
         if t.kind == cloister_host::train::Kind::Mlp {
-            print!(" hidden={:?} dropout={}", h.hidden, h.dropout);
+            say_part!(" hidden={:?} dropout={}", h.hidden, h.dropout);
         }
-        println!();
+        say!();
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -244,15 +245,21 @@ pub fn train(env: &EnvArgs, args: TrainArgs) -> Result<ExitCode> {
     if tty {
         eprintln!();
     }
-    println!(
+    say!(
         "trained {} ({}) in {:.1} s; kept epoch {}",
-        m.id, m.template, m.train_seconds, m.best_epoch
+        m.id,
+        m.template,
+        m.train_seconds,
+        m.best_epoch
     );
-    println!(
+    say!(
         "test: accuracy {:.4}  macro F1 {:.4}  ECE {:.4}  ({} records)",
-        m.evaluation.accuracy, m.evaluation.macro_f1, m.evaluation.ece, m.evaluation.records
+        m.evaluation.accuracy,
+        m.evaluation.macro_f1,
+        m.evaluation.ece,
+        m.evaluation.records
     );
-    println!("see `cloister model show {}`", m.id);
+    say!("see `cloister model show {}`", m.id);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -273,7 +280,7 @@ pub fn predict(env: &EnvArgs, id: &str, input: &std::path::Path) -> Result<ExitC
             .zip(p)
             .map(|(c, v)| (c.clone(), serde_json::json!(v)))
             .collect();
-        println!(
+        say!(
             "{}",
             serde_json::json!({"id": rid, "label": classes[best], "confidence": conf, "probabilities": all})
         );
@@ -287,73 +294,91 @@ fn release_state(m: &ModelManifest) -> String {
 
 fn show(m: &ModelManifest) {
     let e = &m.evaluation;
-    println!("model {} (template {})", m.id, m.template);
-    println!(
+    say!("model {} (template {})", m.id, m.template);
+    say!(
         "trained by {} at {}",
         m.created_by,
         cloister_host::time::rfc3339(m.created_ms)
     );
-    println!(
+    say!(
         "lineage: dataset {} (sha256 {}), split seed {}",
         m.lineage.dataset,
         &m.lineage.dataset_digest[..16],
         m.lineage.split_seed
     );
     for d in &m.lineage.preprocess {
-        println!("         preprocess {d}");
+        say!("         preprocess {d}");
     }
-    println!("         features   {}", m.lineage.features);
+    say!("         features   {}", m.lineage.features);
     if let Some(state) = &m.lineage.features_state {
-        println!("         fitted     {state} (vocabulary)");
+        say!("         fitted     {state} (vocabulary)");
     }
-    println!(
+    say!(
         "weights: sha256 {}, input dimension {}",
-        m.weights_sha256, m.dim
+        m.weights_sha256,
+        m.dim
     );
-    println!(
+    say!(
         "splits: train {} / validation {} / test {}",
-        m.split_sizes[0], m.split_sizes[1], m.split_sizes[2]
+        m.split_sizes[0],
+        m.split_sizes[1],
+        m.split_sizes[2]
     );
-    println!("release: {}", release_state(m));
+    say!("release: {}", release_state(m));
     show_disclosure(m);
-    println!();
-    println!(
+    say!();
+    say!(
         "test accuracy {:.4}   macro F1 {:.4}   micro F1 {:.4}   ECE {:.4}",
-        e.accuracy, e.macro_f1, e.micro_f1, e.ece
+        e.accuracy,
+        e.macro_f1,
+        e.micro_f1,
+        e.ece
     );
-    println!(
+    say!(
         "{:<20} {:>9} {:>9} {:>9} {:>8}",
-        "class", "precision", "recall", "F1", "support"
+        "class",
+        "precision",
+        "recall",
+        "F1",
+        "support"
     );
     for c in &e.per_class {
-        println!(
+        say!(
             "{:<20} {:>9.4} {:>9.4} {:>9.4} {:>8}",
-            c.class, c.precision, c.recall, c.f1, c.support
+            c.class,
+            c.precision,
+            c.recall,
+            c.f1,
+            c.support
         );
     }
-    println!("\nconfusion (rows: truth, columns: predicted)");
-    print!("{:<20}", "");
+    say!("\nconfusion (rows: truth, columns: predicted)");
+    say_part!("{:<20}", "");
     for c in &m.classes {
-        print!(" {:>8}", truncate(c, 8));
+        say_part!(" {:>8}", truncate(c, 8));
     }
-    println!();
+    say!();
     for (c, row) in m.classes.iter().zip(&e.confusion) {
-        print!("{:<20}", truncate(c, 20));
+        say_part!("{:<20}", truncate(c, 20));
         for n in row {
-            print!(" {n:>8}");
+            say_part!(" {n:>8}");
         }
-        println!();
+        say!();
     }
-    println!("\nreliability (confidence bin: count, mean confidence, accuracy)");
+    say!("\nreliability (confidence bin: count, mean confidence, accuracy)");
     for b in e.reliability.iter().filter(|b| b.count > 0) {
-        println!(
+        say!(
             "  [{:.1}, {:.1})  {:>6}  {:.3}  {:.3}",
-            b.lower, b.upper, b.count, b.confidence, b.accuracy
+            b.lower,
+            b.upper,
+            b.count,
+            b.confidence,
+            b.accuracy
         );
     }
-    println!("\ntraining curve (epoch: train loss, val loss, val accuracy)");
+    say!("\ntraining curve (epoch: train loss, val loss, val accuracy)");
     for c in &m.curve {
-        println!(
+        say!(
             "  {:>3}{} {:.4} {:.4} {:.4}",
             c.epoch,
             if c.epoch == m.best_epoch { "*" } else { " " },
@@ -362,12 +387,12 @@ fn show(m: &ModelManifest) {
             c.val_accuracy
         );
     }
-    println!(
+    say!(
         "\nbadcases: {} misclassified test records (ids only; texts are shown in the console to roles the policy allows)",
         e.badcases.len()
     );
     for b in e.badcases.iter().take(10) {
-        println!(
+        say!(
             "  {:<24} truth {:<12} predicted {:<12} confidence {:.3}",
             b.id,
             truncate(&b.truth, 12),
@@ -376,10 +401,10 @@ fn show(m: &ModelManifest) {
         );
     }
     if !e.false_positives.is_empty() {
-        println!("\nfalse positives per class (most confident first; --json has them all):");
+        say!("\nfalse positives per class (most confident first; --json has them all):");
         for (class, ids) in &e.false_positives {
             let shown: Vec<&str> = ids.iter().take(5).map(String::as_str).collect();
-            println!(
+            say!(
                 "  {:<12} {:>4}  {}{}",
                 truncate(class, 12),
                 ids.len(),
@@ -392,27 +417,29 @@ fn show(m: &ModelManifest) {
 
 fn show_disclosure(m: &ModelManifest) {
     let Some(r) = &m.disclosure else {
-        println!(
+        say!(
             "disclosure: no report (trained before disclosure checks existed): it cannot be released; retrain it"
         );
         return;
     };
     let t = &r.thresholds;
-    println!(
+    say!(
         "disclosure: {} (k = {}, checked in {:.2} s)",
         r.verdict.as_str(),
         t.k,
         r.seconds
     );
     for f in &r.findings {
-        println!("  - {f}");
+        say!("  - {f}");
     }
     let fs = &r.features;
-    println!(
+    say!(
         "  feature support: {} input rows used, {} supported by fewer than {} records (zeroed in the released copy)",
-        fs.supported, fs.disclosive, t.k
+        fs.supported,
+        fs.disclosive,
+        t.k
     );
-    println!(
+    say!(
         "  test accuracy {:.4} as trained, {:.4} as released; {} non-zero input weights, residual degrees of freedom {}",
         fs.test_accuracy,
         fs.test_accuracy_pruned,
@@ -421,9 +448,9 @@ fn show_disclosure(m: &ModelManifest) {
     );
     let mi = &r.membership;
     if mi.repetitions == 0 {
-        println!("  membership inference: not run (fewer than 10 records per side)");
+        say!("  membership inference: not run (fewer than 10 records per side)");
     } else {
-        println!(
+        say!(
             "  membership inference (loss threshold, {} x {} records per side): mean AUC {:.3} (flag above {:.2}), {:.0}% significant at 0.05 (flag above {:.0}%){}, TPR at FPR <= 1e-3: {:.4} (fails above {:.2} and 3x chance {:.4})",
             mi.repetitions,
             mi.sample,
@@ -442,21 +469,24 @@ fn show_disclosure(m: &ModelManifest) {
         );
     }
     if !r.small_classes.is_empty() {
-        println!(
+        say!(
             "  classes with fewer than {} training records: {}",
             t.k,
             r.small_classes.join(", ")
         );
     }
     if let Some(v) = &r.vocabulary {
-        println!(
+        say!(
             "  fitted vocabulary: {} terms counted over {} training records, the rarest in {} \
              (at least {})",
-            v.terms, v.documents, v.min_records, t.k
+            v.terms,
+            v.documents,
+            v.min_records,
+            t.k
         );
     }
     if let Some(c) = &r.canaries {
-        println!(
+        say!(
             "  canary exposure ({} planted records of {} random features, against {} references; \
              about 1.4 means not memorised, {:.2} fully): mean {:.2}, max {:.2} as trained; \
              mean {:.2}, max {:.2} as released ({:.1} s)",
@@ -498,14 +528,14 @@ pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                crate::output::json(&serde_json::to_string_pretty(&rows)?);
                 return Ok(ExitCode::SUCCESS);
             }
             if all.is_empty() {
-                println!("no models (train one with `cloister train`)");
+                say!("no models (train one with `cloister train`)");
             }
             for m in &all {
-                println!(
+                say!(
                     "{}  {:<7} {:<20} acc {:.4}  macro F1 {:.4}  {}",
                     m.id,
                     m.template,
@@ -519,7 +549,7 @@ pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
         ModelCommand::Show { id, json } => {
             let m = s.cloister.show_model(&s.user, &id)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&m)?);
+                crate::output::json(&serde_json::to_string_pretty(&m)?);
             } else {
                 show(&m);
             }
@@ -530,25 +560,25 @@ pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
                 None => s.cloister.show_model(&s.user, &id)?,
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&m.disclosure)?);
+                crate::output::json(&serde_json::to_string_pretty(&m.disclosure)?);
             } else {
                 show_disclosure(&m);
             }
         }
         ModelCommand::RequestRelease { id, reason } => {
             let m = s.cloister.request_release(&s.user, &id, &reason)?;
-            println!(
+            say!(
                 "release of {} requested; an approver other than you decides",
                 m.id
             );
         }
         ModelCommand::ApproveRelease { id } => {
             s.cloister.decide_release(&s.user, &id, true)?;
-            println!("release of {id} approved");
+            say!("release of {id} approved");
         }
         ModelCommand::RejectRelease { id } => {
             s.cloister.decide_release(&s.user, &id, false)?;
-            println!("release of {id} rejected");
+            say!("release of {id} rejected");
         }
         ModelCommand::Export { id, out } => {
             let bytes = s.cloister.export_model(&s.user, &id)?;
@@ -559,7 +589,7 @@ pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
                 .with_context(|| format!("cannot create {}", out.display()))?;
             std::io::Write::write_all(&mut f, &bytes)
                 .with_context(|| format!("cannot write {}", out.display()))?;
-            println!(
+            say!(
                 "wrote {} ({} bytes), signed by key {}",
                 out.display(),
                 bytes.len(),
@@ -582,11 +612,13 @@ pub fn verify_bundle(file: &std::path::Path, key: Option<&str>) -> Result<ExitCo
         .transpose()?;
     match cloister_host::models::verify_bundle(&bytes, expected.as_ref()) {
         Ok(b) => {
-            println!(
+            say!(
                 "bundle OK: model {} ({}), weights sha256 {}",
-                b.manifest.id, b.manifest.template, b.manifest.weights_sha256
+                b.manifest.id,
+                b.manifest.template,
+                b.manifest.weights_sha256
             );
-            println!(
+            say!(
                 "signed by key {}{}",
                 hex::encode(b.key),
                 if expected.is_some() {
@@ -598,7 +630,7 @@ pub fn verify_bundle(file: &std::path::Path, key: Option<&str>) -> Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("bundle INVALID: {e}");
+            say!("bundle INVALID: {e}");
             Ok(ExitCode::from(crate::session::EXIT_TAMPERED))
         }
     }

@@ -1,6 +1,7 @@
 //! `cloister plugin …`: inspect, build (Python), run locally, list the
 //! bundled plugins; add, approve and list an environment's plugins.
 
+use crate::output::say;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -138,14 +139,14 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
             let bytes = read_component(&file)?;
             let s = env.session()?;
             let e = s.cloister.add_plugin(&s.user, &bytes)?;
-            println!(
+            say!(
                 "added {} {} ({}) sha256:{}",
                 e.name,
                 e.version,
                 e.kind.as_str(),
                 e.digest
             );
-            println!(
+            say!(
                 "not approved yet: a reviewer runs `cloister plugin approve {}`",
                 &e.digest[..16]
             );
@@ -154,14 +155,14 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
         PluginCommand::Approve { digest } => {
             let s = env.session()?;
             let e = s.cloister.approve_plugin(&s.user, &digest)?;
-            println!("approved {} {} sha256:{}", e.name, e.version, e.digest);
+            say!("approved {} {} sha256:{}", e.name, e.version, e.digest);
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Show { digest, json } => {
             let s = env.reading_session()?;
             let e = s.cloister.show_plugin(&s.user, &digest)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&e)?);
+                crate::output::json(&serde_json::to_string_pretty(&e)?);
             } else {
                 print_entry(&e);
             }
@@ -171,16 +172,16 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
             let s = env.reading_session()?;
             let all = s.cloister.list_plugins(&s.user)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                crate::output::json(&serde_json::to_string_pretty(&all)?);
             } else if all.is_empty() {
-                println!("no plugins (add one with `cloister plugin add FILE.wasm`)");
+                say!("no plugins (add one with `cloister plugin add FILE.wasm`)");
             } else {
                 for e in &all {
                     let state = match &e.approval {
                         Some(a) => format!("approved by {}", a.by),
                         None => "NOT APPROVED".to_string(),
                     };
-                    println!(
+                    say!(
                         "{}  {:<20} {:<8} {:<12} added by {:<12} {}",
                         &e.digest[..16],
                         e.name,
@@ -201,12 +202,12 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
             let s = env.session()?;
             let entries = s.cloister.plugin_log(&s.user, digest.as_deref(), limit)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&entries)?);
+                crate::output::json(&serde_json::to_string_pretty(&entries)?);
             } else if entries.is_empty() {
-                println!("the plugin log is empty");
+                say!("the plugin log is empty");
             } else {
                 for e in &entries {
-                    println!(
+                    say!(
                         "#{} {} {} {} {} [{}] {} records, fuel {}, peak memory {} KiB, {} ms",
                         e.seq,
                         cloister_host::time::rfc3339(e.time_ms),
@@ -220,13 +221,13 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
                         e.usage.wall_ms
                     );
                     if let Some(d) = &e.detail {
-                        println!("  host: {}", cloister_host::text::neutralize(d));
+                        say!("  host: {}", cloister_host::text::neutralize(d));
                     }
                     for line in e.output.lines() {
-                        println!("  | {}", cloister_host::text::neutralize(line));
+                        say!("  | {}", cloister_host::text::neutralize(line));
                     }
                     if e.dropped_bytes > 0 {
-                        println!("  ({} more bytes dropped)", e.dropped_bytes);
+                        say!("  ({} more bytes dropped)", e.dropped_bytes);
                     }
                 }
             }
@@ -251,10 +252,9 @@ fn inspect(file: &Path, json: bool) -> Result<ExitCode> {
         bail!("{}: {e}", file.display());
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&inspection_json(file, &report))?
-        );
+        crate::output::json(&serde_json::to_string_pretty(&inspection_json(
+            file, &report,
+        ))?);
     } else {
         print_inspection(file, &report);
     }
@@ -288,29 +288,29 @@ fn inspection_json(file: &Path, r: &Inspection) -> serde_json::Value {
 }
 
 fn print_entry(e: &cloister_host::registry::PluginEntry) {
-    println!("digest:      sha256:{}", e.digest);
-    println!("name:        {}", e.name);
-    println!("version:     {}", e.version);
-    println!("kind:        {}", e.kind.as_str());
-    println!("description: {}", e.description);
+    say!("digest:      sha256:{}", e.digest);
+    say!("name:        {}", e.name);
+    say!("version:     {}", e.version);
+    say!("kind:        {}", e.kind.as_str());
+    say!("description: {}", e.description);
     print_config_keys(&e.config);
-    println!("imports:     {}", e.imports.len());
+    say!("imports:     {}", e.imports.len());
     for i in &e.imports {
-        println!("  {i}");
+        say!("  {i}");
     }
-    println!("size:        {} bytes", e.size);
-    println!(
+    say!("size:        {} bytes", e.size);
+    say!(
         "added:       by {} at {}",
         e.added_by,
         cloister_host::time::rfc3339(e.added_ms)
     );
     match &e.approval {
-        Some(a) => println!(
+        Some(a) => say!(
             "approved:    by {} at {}",
             a.by,
             cloister_host::time::rfc3339(a.time_ms)
         ),
-        None => println!(
+        None => say!(
             "approved:    NOT APPROVED (a reviewer who did not add it runs `cloister plugin approve {}`)",
             &e.digest[..16]
         ),
@@ -319,44 +319,46 @@ fn print_entry(e: &cloister_host::registry::PluginEntry) {
 
 fn print_config_keys(keys: &[cloister_host::types::ConfigKey]) {
     if keys.is_empty() {
-        println!("config keys: (none)");
+        say!("config keys: (none)");
     } else {
-        println!("config keys:");
+        say!("config keys:");
         for k in keys {
-            println!(
+            say!(
                 "  {} = {:?}\n      {}",
-                k.name, k.default_value, k.description
+                k.name,
+                k.default_value,
+                k.description
             );
         }
     }
 }
 
 fn print_inspection(file: &Path, r: &Inspection) {
-    println!("file:        {}", file.display());
-    println!("digest:      sha256:{}", r.digest);
-    println!("size:        {} bytes", r.size);
+    say!("file:        {}", file.display());
+    say!("digest:      sha256:{}", r.digest);
+    say!("size:        {} bytes", r.size);
     match &r.verdict {
-        Ok(()) => println!("verdict:     loadable"),
-        Err(e) => println!("verdict:     REFUSED [{}] {e}", e.code()),
+        Ok(()) => say!("verdict:     loadable"),
+        Err(e) => say!("verdict:     REFUSED [{}] {e}", e.code()),
     }
     if let Some(m) = &r.metadata {
-        println!("name:        {}", m.name);
-        println!("version:     {}", m.version);
+        say!("name:        {}", m.name);
+        say!("version:     {}", m.version);
         if r.fitted {
-            println!(
+            say!(
                 "kind:        {} (fitted: learns from the training split)",
                 m.kind
             );
         } else {
-            println!("kind:        {}", m.kind);
+            say!("kind:        {}", m.kind);
         }
-        println!("description: {}", m.description);
+        say!("description: {}", m.description);
         print_config_keys(&m.config);
     }
-    println!("imports:");
+    say!("imports:");
     for i in &r.imports {
         let allowed = sandbox::forbidden_imports([i.as_str()]).is_empty();
-        println!(
+        say!(
             "  {i:<40} {}",
             if allowed { "allowed" } else { "FORBIDDEN" }
         );
@@ -553,7 +555,7 @@ fn bundled(write: Option<&Path>) -> Result<ExitCode> {
         let p = runtime
             .load(bytes)
             .with_context(|| format!("bundled plugin {name}"))?;
-        println!(
+        say!(
             "{:<18} {:<8} {:<13} sha256:{}",
             p.metadata.name,
             p.metadata.version,

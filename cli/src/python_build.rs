@@ -12,6 +12,7 @@
 //! This runs on a plugin author's machine, over the author's own code; it
 //! opens no environment and touches no data.
 
+use crate::output::say;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -194,20 +195,20 @@ pub fn build(args: BuildArgs) -> Result<ExitCode> {
         );
     }
     write_atomically(&output, &bytes)?;
-    println!("built:       {}", output.display());
-    println!("digest:      sha256:{}", report.digest);
-    println!(
+    say!("built:       {}", output.display());
+    say!("digest:      sha256:{}", report.digest);
+    say!(
         "size:        {} bytes ({:.1} MB)",
         report.size,
         report.size as f64 / 1e6
     );
-    println!("name:        {} {}", metadata.name, metadata.version);
-    println!(
+    say!("name:        {} {}", metadata.name, metadata.version);
+    say!(
         "kind:        {}{}",
         metadata.kind,
         if report.fitted { " (fitted)" } else { "" }
     );
-    println!("took:        {:.1} s", started.elapsed().as_secs_f64());
+    say!("took:        {:.1} s", started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }
 

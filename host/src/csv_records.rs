@@ -10,7 +10,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::records::{EVERY_OTHER_FIELD, RecordError, RecordSource, Schema};
+use crate::records::{
+    EVERY_OTHER_FIELD, RecordError, RecordSource, Schema, field_name_problem, id_or_label_problem,
+};
 use crate::types::{DataRecord, Numeric, NumericField, TextField};
 
 /// Streams records out of CSV.
@@ -111,7 +113,13 @@ impl<R: Read> CsvReader<R> {
                     None
                 }
             })
-            .collect();
+            .collect::<Vec<(usize, bool)>>();
+        for &(i, _) in &columns {
+            if let Some(problem) = field_name_problem(&headers[i]) {
+                let named = (!headers[i].is_empty()).then_some(headers[i].as_str());
+                return Err(err(named, format!("column {}: {problem}", i + 1)));
+            }
+        }
         Ok(Self {
             file,
             reader,
@@ -137,22 +145,18 @@ impl<R: Read> CsvReader<R> {
         let cell = |i: usize| self.row.get(i).unwrap_or("");
         let id_name = &self.headers[self.id_col];
         let id = cell(self.id_col).to_string();
-        if id.is_empty() || id.len() > 256 {
-            return Err(self.err(Some(id_name), "the id must be 1 to 256 bytes"));
-        }
-        if id.chars().any(char::is_control) {
-            return Err(self.err(Some(id_name), "the id contains control characters"));
+        if let Some(problem) = id_or_label_problem(&id) {
+            return Err(self.err(Some(id_name), format!("the id {problem}")));
         }
         let label = match self.label_col.map(cell) {
             None | Some("") => None,
-            Some(l) if l.len() <= 256 && !l.chars().any(char::is_control) => Some(l.to_string()),
-            Some(_) => {
-                let name = self.label_col.map(|c| self.headers[c].as_str());
-                return Err(self.err(
-                    name,
-                    "the label must be a non-empty string of at most 256 bytes",
-                ));
-            }
+            Some(l) => match id_or_label_problem(l) {
+                None => Some(l.to_string()),
+                Some(problem) => {
+                    let name = self.label_col.map(|c| self.headers[c].as_str());
+                    return Err(self.err(name, format!("the label {problem}")));
+                }
+            },
         };
         let mut record = DataRecord {
             id,
@@ -296,5 +300,33 @@ mod tests {
         assert!(e.to_string().starts_with("in.csv:1: field `id`"), "{e}");
         let e = read("id,text\n,a\n", &Schema::default()).expect_err("empty id");
         assert!(e.to_string().starts_with("in.csv:2: field `id`"), "{e}");
+    }
+
+    #[test]
+    fn stored_columns_need_plain_names_and_labels_plain_text() {
+        let e = read("id,,label\n1,a,c\n", &Schema::default()).expect_err("unnamed");
+        assert_eq!(
+            e.to_string(),
+            "in.csv:1: column 2: a stored field needs a name (this one is empty)"
+        );
+        let e = read("id,te\u{7}xt\n1,a\n", &Schema::default()).expect_err("bell");
+        assert!(
+            e.to_string()
+                .starts_with("in.csv:1: field `te\\u{0007}xt`: column 2: the field name holds"),
+            "{e}"
+        );
+        let long = "x".repeat(129);
+        assert!(read(&format!("id,{long}\n1,a\n"), &Schema::default()).is_err());
+        // A column that is not kept needs no name.
+        let only_text = Schema {
+            text_fields: Some(vec!["text".into()]),
+            ..Schema::default()
+        };
+        assert!(read("id,text,\n1,a,b\n", &only_text).is_ok());
+        let e = read("id,text,label\n1,a,sp\u{202e}am\n", &Schema::default()).expect_err("rlo");
+        assert_eq!(
+            e.to_string(),
+            "in.csv:2: field `label`: the label holds a control, bidirectional or invisible format character"
+        );
     }
 }

@@ -32,7 +32,7 @@ pub enum RecordError {
         source: std::io::Error,
     },
     /// A line is wrong.
-    #[error("{file}:{line}: {}{problem}", match .field { Some(f) => format!("field `{f}`: "), None => String::new() })]
+    #[error("{file}:{line}: {}{problem}", match .field { Some(f) => format!("field `{}`: ", crate::text::neutralize(f)), None => String::new() })]
     Line {
         /// File name.
         file: PathBuf,
@@ -43,6 +43,39 @@ pub enum RecordError {
         /// What is wrong.
         problem: String,
     },
+}
+
+/// The longest field name a dataset keeps, in bytes.
+pub const MAX_FIELD_NAME: usize = 128;
+
+/// Why `name` cannot name a stored field, if it cannot. Field names are
+/// shown to everyone who may read a dataset's statistics — in terminals as
+/// well as pages — so they are non-empty, short, and hold no control,
+/// bidirectional or invisible format character (an escape sequence in a
+/// name would reach another person's terminal).
+pub fn field_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("a stored field needs a name (this one is empty)")
+    } else if name.len() > MAX_FIELD_NAME {
+        Some("field names are at most 128 bytes")
+    } else if name.chars().any(crate::text::is_deceptive) {
+        Some("the field name holds a control, bidirectional or invisible format character")
+    } else {
+        None
+    }
+}
+
+/// Why a record's id or label cannot be stored, if it cannot: 1 to 256
+/// bytes without control, bidirectional or invisible format characters
+/// (both are shown to people).
+pub fn id_or_label_problem(value: &str) -> Option<&'static str> {
+    if value.is_empty() || value.len() > 256 {
+        Some("must be 1 to 256 bytes")
+    } else if value.chars().any(crate::text::is_deceptive) {
+        Some("holds a control, bidirectional or invisible format character")
+    } else {
+        None
+    }
 }
 
 /// Which JSON fields mean what.
@@ -153,11 +186,8 @@ impl<R: BufRead> JsonlReader<R> {
                 ));
             }
         };
-        if id.chars().any(char::is_control) {
-            return Err(self.err(
-                Some(&self.schema.id_field),
-                "the id contains control characters",
-            ));
+        if let Some(problem) = id_or_label_problem(&id) {
+            return Err(self.err(Some(&self.schema.id_field), format!("the id {problem}")));
         }
         if let Some(seen) = &mut self.seen
             && !seen.insert(id.clone())
@@ -166,16 +196,17 @@ impl<R: BufRead> JsonlReader<R> {
         }
         let label = match obj.get(&self.schema.label_field) {
             None | Some(Value::Null) => None,
-            Some(Value::String(s))
-                if !s.is_empty() && s.len() <= 256 && !s.chars().any(char::is_control) =>
-            {
-                Some(s.clone())
-            }
+            Some(Value::String(s)) => match id_or_label_problem(s) {
+                None => Some(s.clone()),
+                Some(problem) => {
+                    return Err(self.err(
+                        Some(&self.schema.label_field),
+                        format!("the label {problem}"),
+                    ));
+                }
+            },
             Some(_) => {
-                return Err(self.err(
-                    Some(&self.schema.label_field),
-                    "the label must be a non-empty string of at most 256 bytes",
-                ));
+                return Err(self.err(Some(&self.schema.label_field), "the label must be a string"));
             }
         };
         let mut record = DataRecord {
@@ -192,6 +223,14 @@ impl<R: BufRead> JsonlReader<R> {
                 list.as_ref()
                     .is_none_or(|l| l.contains(&name) || l.iter().any(|f| f == EVERY_OTHER_FIELD))
             };
+            let stored = match &value {
+                Value::String(_) => wanted(&self.schema.text_fields),
+                Value::Number(_) | Value::Array(_) => wanted(&self.schema.numeric_fields),
+                _ => false,
+            };
+            if stored && let Some(problem) = field_name_problem(&name) {
+                return Err(self.err((!name.is_empty()).then_some(name.as_str()), problem));
+            }
             match value {
                 Value::Null => {}
                 Value::String(s) if wanted(&self.schema.text_fields) => {

@@ -1248,3 +1248,60 @@ fn a_field_the_dataset_lacks_is_named_and_preprocessors_take_settings() {
         serde_json::json!([[["fields", "review"]]])
     );
 }
+
+#[test]
+fn text_someone_else_wrote_reaches_no_terminal_as_control_characters() {
+    let (e, sci, _rev, _plugins) = scientist_env();
+    // Names and labels are checked at import: an escape sequence or a
+    // bidirectional override in one is refused, and the refusal shows it.
+    let bad = e.dir.path().join("bad.jsonl");
+    for (line, said) in [
+        (
+            "{\"id\": \"a\", \"t\\u001b[8mx\": \"hidden\"}\n",
+            "bad.jsonl:1: field `t\\u{001B}[8mx`: the field name holds a control",
+        ),
+        (
+            "{\"id\": \"a\", \"\": \"no name\"}\n",
+            "bad.jsonl:1: a stored field needs a name",
+        ),
+        (
+            "{\"id\": \"a\", \"text\": \"x\", \"label\": \"sp\\u202eam\"}\n",
+            "bad.jsonl:1: field `label`: the label holds a control, bidirectional",
+        ),
+    ] {
+        std::fs::write(&bad, line).unwrap();
+        let o = e.run(&sci, &["dataset", "import", "bad", bad.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1), "{line}");
+        assert!(stderr(&o).contains(said), "{line}: {}", stderr(&o));
+        assert!(!stderr(&o).contains('\u{1b}'), "{}", stderr(&o));
+    }
+    // What is not a name is shown, never obeyed: the importer's file name
+    // (kept as the dataset's source) carries a screen-clearing sequence
+    // and a right-to-left override.
+    let name = "mails\u{1b}[2J\u{202e}lmth.jsonl";
+    let data = e.dir.path().join(name);
+    std::fs::write(
+        &data,
+        "{\"id\": \"a\", \"text\": \"hi\", \"label\": \"ham\"}\n",
+    )
+    .unwrap();
+    let o = e.run(
+        &sci,
+        &["dataset", "import", "mails", data.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = e.run(&sci, &["dataset", "stats", "mails"]);
+    let shown = stdout(&o);
+    assert!(
+        shown.contains("from mails\\u{001B}[2J\\u{202E}lmth.jsonl"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\u{202e}'),
+        "{shown:?}"
+    );
+    // JSON for machines keeps the exact value.
+    let o = e.run(&sci, &["dataset", "stats", "mails", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["source"], name, "{v}");
+}
