@@ -534,6 +534,15 @@ fn labeling_someone_elses_item_is_an_audited_denial_and_labelers_are_no_user_ora
     let denied = f.denials("label_record");
     assert_eq!(denied.len(), 2, "{denied:?}");
     assert!(denied.iter().all(|e| e.record.actor == "lab2"));
+    // Both decided by the records policy (a resource the schema does not
+    // allow for `label_record` would be an evaluation error instead, with
+    // no deciding policy).
+    assert!(
+        denied
+            .iter()
+            .all(|e| e.record.policies == ["records-only-for-their-labeler"]),
+        "{denied:?}"
+    );
     // And over HTTP it is a 403, not a 400.
     let login = f.send(login_req("lab2", PASSWORD, &[], None));
     let csrf = login.json()["csrf"].as_str().unwrap().to_string();

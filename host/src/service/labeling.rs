@@ -135,9 +135,11 @@ impl Cloister {
     /// queue, decided by the authorization point like any label: when the
     /// record is queued for someone else, `label_record` on it (which the
     /// policies refuse to anyone but its assignee); when it is queued for
-    /// nobody, `label_record` on the environment (which no policy allows).
-    /// Either way the attempt is audited; only a caller the policy allows
-    /// (their own item, already answered) hears that it is not queued.
+    /// nobody, `label_record` on a record of that id assigned to nobody
+    /// (dataset `-`: which the same policy refuses to everyone, as a
+    /// decision, not a schema error). Either way the attempt is audited and
+    /// reads the same; only a caller the policy allows (their own item,
+    /// already answered) hears that it is not queued.
     pub(super) fn not_queued_for(
         &self,
         who: &User,
@@ -160,7 +162,11 @@ impl Cloister {
                 Ok((_, r)) => r,
                 Err(e) => return e,
             },
-            None => Resource::Environment,
+            None => Resource::Record {
+                dataset: "-".into(),
+                id: record.into(),
+                assignee: None,
+            },
         };
         match self.guard(
             &who.principal(),
