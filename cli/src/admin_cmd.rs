@@ -59,7 +59,8 @@ pub enum PolicyCommand {
         as_user: String,
         /// The action, e.g. export_dataset.
         action: String,
-        /// env, audit, dataset:NAME, record:DATASET/ID, plugin:DIGEST or model:ID.
+        /// env, audit, dataset:NAME, record:DATASET/ID, plugin:DIGEST, model:ID,
+        /// job:ID or deployment:NAME (stored ones with their stored facts).
         resource: String,
     },
 }

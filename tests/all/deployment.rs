@@ -1357,3 +1357,45 @@ fn the_regression_gate_holds_candidates_at_five_percent_until_a_signed_pass() {
     assert!(ok, "{err}");
     assert!(out.starts_with("scored 2 labels"), "{out}");
 }
+
+#[test]
+fn policy_explain_sees_stored_models_and_deployments_as_their_operations_do() {
+    let s = setup();
+    let (c, aud, op) = (s.c(), s.u("aud"), s.u("op"));
+    let explain = |who: &str, action: &str, resource: &str| {
+        c.policy_explain(aud, who, action, resource)
+            .unwrap_or_else(|e| panic!("{action} {resource}: {e}"))
+            .authorization
+            .allowed
+    };
+    // The stored release state and disclosure verdict decide, as they do
+    // when the operator deploys: a released model is allowed, an
+    // unreleased one is not.
+    assert!(explain("op", "deploy_model", &format!("model:{}", s.a)));
+    assert!(!explain(
+        "op",
+        "deploy_model",
+        &format!("model:{}", s.unreleased)
+    ));
+    // A deployment with its stored clients: the client it names may
+    // predict, another may not.
+    c.create_deployment(op, "spam", &s.a, &["app".into()])
+        .unwrap();
+    assert!(explain("app", "predict", "deployment:spam"));
+    assert!(!explain("other-app", "predict", "deployment:spam"));
+    // An action on a kind of resource it does not apply to is refused with
+    // the kinds it applies to, before any policy is evaluated.
+    let e = c
+        .policy_explain(aud, "op", "manage_deployment", "env")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "`manage_deployment` does not apply to env; it applies to deployment:NAME"
+    );
+    let e = c
+        .policy_explain(aud, "op", "predict", "deployment:nope")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nope"), "{e}");
+}

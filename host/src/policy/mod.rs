@@ -381,6 +381,11 @@ impl Resource {
         format!("{ty}::{}", quote(&id))
     }
 
+    /// The schema's entity type of this resource (`Dataset`, `Model`, …).
+    pub fn type_name(&self) -> &'static str {
+        self.type_and_id().0
+    }
+
     fn type_and_id(&self) -> (&'static str, String) {
         match self {
             Resource::Environment => ("Environment", "main".into()),
@@ -659,6 +664,22 @@ impl PolicyEngine {
         let decision = self.decide(principal, action, resource, channel);
         self.decisions.put(key, &decision);
         decision
+    }
+
+    /// The entity types the schema lets `action` apply to (`Dataset`,
+    /// `Environment`, …): a request on any other type is refused by the
+    /// schema before any policy is evaluated.
+    pub fn resource_types(&self, action: Action) -> Vec<String> {
+        let Ok(action) = uid("Action", action.as_str()) else {
+            return Vec::new();
+        };
+        let mut types: Vec<String> = self
+            .schema
+            .resources_for_action(&action)
+            .map(|types| types.map(ToString::to_string).collect())
+            .unwrap_or_default();
+        types.sort();
+        types
     }
 
     /// [`PolicyEngine::authorize`] without the cache: builds the entities

@@ -321,7 +321,7 @@ impl DeploymentChange {
     }
 }
 
-fn resource(d: &Deployment) -> Resource {
+pub(super) fn resource(d: &Deployment) -> Resource {
     Resource::Deployment {
         name: d.name.clone(),
         clients: d.clients.clone(),

@@ -40,7 +40,12 @@ impl Cloister {
 
     /// Explains how the active policies decide `action` on `resource` for
     /// user `as_user`. Resource syntax: `env`, `audit`, `dataset:NAME`,
-    /// `record:DATASET/ID`, `plugin:DIGEST`, `model:ID`.
+    /// `record:DATASET/ID`, `plugin:DIGEST`, `model:ID`, `job:ID`,
+    /// `deployment:NAME`; a stored plugin, model, job or deployment is
+    /// explained with its stored facts (its approval, release state and
+    /// disclosure verdict, owner, clients), as the operation would see it.
+    /// An action asked of a kind of resource it does not apply to is
+    /// refused with the kinds it does apply to.
     pub fn policy_explain(
         &self,
         who: &User,
@@ -57,6 +62,17 @@ impl Cloister {
         )?;
         let subject = users::get(self.env.store().as_ref(), as_user)?;
         let resource = self.parse_resource(resource)?;
+        let applies = self.env.policy().resource_types(action);
+        let kind = resource.type_name();
+        if !applies.iter().any(|t| t == kind) {
+            let syntax: Vec<&str> = applies.iter().map(|t| resource_syntax(t)).collect();
+            return Err(ServiceError::BadRequest(format!(
+                "`{}` does not apply to {}; it applies to {}",
+                action.as_str(),
+                resource_syntax(kind),
+                syntax.join(", ")
+            )));
+        }
         let authorization =
             self.env
                 .policy()
@@ -85,7 +101,7 @@ impl Cloister {
     pub(super) fn parse_resource(&self, text: &str) -> Result<Resource, ServiceError> {
         let bad = || {
             ServiceError::BadRequest(format!(
-                "`{text}` is not a resource (use env, audit, dataset:NAME, record:DATASET/ID, plugin:DIGEST or model:ID)"
+                "`{text}` is not a resource (use env, audit, dataset:NAME, record:DATASET/ID, plugin:DIGEST, model:ID, job:ID or deployment:NAME)"
             ))
         };
         let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
@@ -100,8 +116,30 @@ impl Cloister {
                 res
             }
             ("plugin", d) => registry::get(store, d)?.resource(),
-            ("model", id) if !id.is_empty() => Resource::bare_model(id),
+            ("model", id) if !id.is_empty() => crate::models::get(store, id)?.resource(),
+            ("job", id) if !id.is_empty() => Self::job_resource(&crate::jobs::get(store, id)?),
+            ("deployment", name) if !name.is_empty() => {
+                super::deployments::resource(&crate::deployments::get(store, name)?)
+            }
             _ => return Err(bad()),
         })
+    }
+}
+
+/// How `policy explain` names resources of the schema's entity type `ty`.
+fn resource_syntax(ty: &str) -> &'static str {
+    match ty {
+        "Environment" => "env",
+        "AuditLog" => "audit",
+        "Dataset" => "dataset:NAME",
+        "Record" => "record:DATASET/ID",
+        "Plugin" => "plugin:DIGEST",
+        "Model" => "model:ID",
+        "Job" => "job:ID",
+        "Deployment" => "deployment:NAME",
+        "Traffic" => {
+            "a routing change's traffic (decided when the change is asked; not explained here)"
+        }
+        _ => "a resource this version does not name",
     }
 }
