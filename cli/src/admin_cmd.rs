@@ -1,6 +1,6 @@
 //! `cloister init`, `cloister user …`, `cloister policy …`.
 
-use crate::output::say;
+use crate::output::{say, tell};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -179,17 +179,17 @@ pub fn worker(
             untagged,
         } => {
             if untagged > 0 {
-                eprintln!(
+                tell!(
                     "warning: {untagged} work-queue rows did not carry the environment's tag (written by someone with access to the database only): removed, and nothing they named was deleted"
                 );
             }
             say!("collected: {objects} shared objects no longer kept, {tasks} abandoned tasks");
         }
         WorkerEvent::CollectFailed { error } => {
-            eprintln!("collecting unused work objects failed ({error}); trying again later")
+            tell!("collecting unused work objects failed ({error}); trying again later")
         }
         WorkerEvent::Unreachable { error } => {
-            eprintln!("the work queue is unreachable ({error}); trying again")
+            tell!("the work queue is unreachable ({error}); trying again")
         }
     })
     .with_context(|| format!("worker {name} for {}", env.env.display()))?;

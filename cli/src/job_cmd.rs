@@ -1,6 +1,6 @@
 //! `cloister run`, `cloister job …` and `cloister label …`.
 
-use crate::output::say;
+use crate::output::{say, tell};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -110,35 +110,41 @@ pub fn progress_printer() -> impl FnMut(JobEvent<'_>) {
     move |e: JobEvent<'_>| {
         let t = started.elapsed().as_secs_f64();
         match e {
-            JobEvent::Stage(s) => eprintln!("[{t:6.1}s] {s}"),
+            JobEvent::Stage(s) => tell!("[{t:6.1}s] {s}"),
             JobEvent::Training {
                 round,
                 template,
                 records,
             } => {
                 if tty {
-                    eprint!("\r[{t:6.1}s] round {round}: training {template} on {records} labels…");
+                    crate::output::redraw(format_args!(
+                        "[{t:6.1}s] round {round}: training {template} on {records} labels…"
+                    ));
                 } else {
-                    eprintln!("[{t:6.1}s] round {round}: training {template} on {records} labels");
+                    tell!("[{t:6.1}s] round {round}: training {template} on {records} labels");
                 }
             }
             JobEvent::Trained { round, score } => {
                 if tty {
-                    eprint!("\r\x1b[K");
+                    crate::output::clear_line();
                 }
-                eprintln!(
+                tell!(
                     "[{t:6.1}s] round {round}: {} val acc {:.4} (epoch {}, {:.1}s)",
-                    score.template, score.val_accuracy, score.best_epoch, score.seconds
+                    score.template,
+                    score.val_accuracy,
+                    score.best_epoch,
+                    score.seconds
                 );
             }
             JobEvent::Round(r) => {
                 if r.models.is_empty() {
-                    eprintln!(
+                    tell!(
                         "[{t:6.1}s] round {}: {} seed records queued",
-                        r.round, r.queued
+                        r.round,
+                        r.queued
                     );
                 } else {
-                    eprintln!(
+                    tell!(
                         "[{t:6.1}s] round {}: committee val acc {} test acc {}; {} auto-labeled, {} queued, {} badcases for review{}",
                         r.round,
                         fmt_opt(r.val_accuracy),
@@ -154,15 +160,15 @@ pub fn progress_printer() -> impl FnMut(JobEvent<'_>) {
                 }
             }
             JobEvent::Answered { round, answered } => {
-                eprintln!("[{t:6.1}s] round {round}: {answered} answers");
+                tell!("[{t:6.1}s] round {round}: {answered} answers");
             }
             JobEvent::Waiting { open } => {
-                eprintln!(
+                tell!(
                     "[{t:6.1}s] waiting for labelers: {open} open items (`cloister label next`), then `cloister job resume`"
                 );
             }
             JobEvent::Finished(f) => {
-                eprintln!(
+                tell!(
                     "[{t:6.1}s] finished: test accuracy {:.4}, models {}",
                     f.test_accuracy,
                     f.models.join(", ")
@@ -350,9 +356,10 @@ pub fn run(env: &EnvArgs, args: RunArgs) -> Result<ExitCode> {
     let file = args.pipeline.display().to_string();
     let oracle = args.oracle.map(|OracleArg::Gold| Oracle::Gold);
     let job = s.cloister.start_job(&s.user, &file, &text, oracle)?;
-    eprintln!(
+    tell!(
         "job {} started (resume it with `cloister job resume {}`)",
-        job.id, job.id
+        job.id,
+        job.id
     );
     let job = drive(&s.cloister, &s.user, &job.id)?;
     Ok(print_outcome(&job))

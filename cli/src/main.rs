@@ -207,7 +207,7 @@ fn serve(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    eprintln!("console on http://{addr} (Ctrl-C stops it)");
+    output::tell!("console on http://{addr} (Ctrl-C stops it)");
     rt.block_on(async {
         if let Some(every) = take_over_jobs {
             cloister_console::take_over_jobs(
@@ -313,12 +313,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!(
-                "error: {}",
-                cloister_host::text::neutralize(&error_line(&e))
-            );
+            output::tell!("error: {}", error_line(&e));
             if let Some(hint) = hint(&e) {
-                eprintln!("hint: {hint}");
+                output::tell!("hint: {hint}");
             }
             ExitCode::from(session::exit_code(&e))
         }

@@ -1,6 +1,6 @@
 //! `cloister template list`, `train`, `predict`, `model …`, `verify-bundle`.
 
-use crate::output::{say, say_part};
+use crate::output::{say, say_part, tell};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -221,7 +221,7 @@ pub fn train(env: &EnvArgs, args: TrainArgs) -> Result<ExitCode> {
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut progress = |p: TrainProgress| match p {
-        TrainProgress::Stage(s) => eprintln!("{s}"),
+        TrainProgress::Stage(s) => tell!("{s}"),
         TrainProgress::Epoch(e, max) => {
             let elapsed = started.elapsed().as_secs_f64();
             let eta = elapsed / f64::from(e.epoch) * f64::from(max.saturating_sub(e.epoch));
@@ -231,19 +231,19 @@ pub fn train(env: &EnvArgs, args: TrainArgs) -> Result<ExitCode> {
             );
             if tty {
                 let filled = (20 * e.epoch / max.max(1)) as usize;
-                eprint!(
-                    "\r[{}{}] {line}",
+                crate::output::redraw(format_args!(
+                    "[{}{}] {line}",
                     "#".repeat(filled),
                     ".".repeat(20 - filled.min(20))
-                );
+                ));
             } else {
-                eprintln!("{line}");
+                tell!("{line}");
             }
         }
     };
     let m = s.cloister.train_model(&s.user, &req, &mut progress)?;
     if tty {
-        eprintln!();
+        tell!();
     }
     say!(
         "trained {} ({}) in {:.1} s; kept epoch {}",

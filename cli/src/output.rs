@@ -12,8 +12,13 @@
 //! tab as a visible `\u{…}` escape, as the console's pages do. JSON for
 //! machines goes through [`json`] unchanged: serde_json already escapes
 //! control characters inside strings, and the values must stay exact.
-//! `clippy.toml` in this crate disallows `print!` and `println!`, so no
-//! other way in remains.
+//! Messages for people on standard error (progress, warnings, the error
+//! line) go the same way through [`tell!`] and [`tell_part!`]; a progress
+//! line that redraws itself on a terminal uses [`redraw`] and
+//! [`clear_line`], whose carriage return and erase sequence are the only
+//! control characters the CLI writes itself. `clippy.toml` in this crate
+//! disallows `print!`, `println!`, `eprint!` and `eprintln!`, so no other
+//! way in remains.
 
 use std::fmt::Arguments;
 use std::io::Write as _;
@@ -46,10 +51,53 @@ fn fail_like_println(r: std::io::Result<()>) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
         Err(e) => {
-            eprintln!("error: cannot write to standard output: {e}");
+            note(
+                format_args!("error: cannot write to standard output: {e}"),
+                true,
+            );
             std::process::exit(1);
         }
     }
+}
+
+/// Writes `args`, neutralized, to standard error, and a newline when
+/// `newline`. A message that cannot be written has nowhere else to go, so
+/// a failure is ignored (as a message to a closed terminal is lost).
+pub fn note(args: Arguments<'_>, newline: bool) {
+    let text = args.to_string();
+    let shown = cloister_host::text::neutralize(&text);
+    let mut err = std::io::stderr().lock();
+    let _ = if newline {
+        writeln!(err, "{shown}")
+    } else {
+        write!(err, "{shown}")
+    };
+}
+
+/// Redraws the terminal's current line of standard error with `args`,
+/// neutralized: a carriage return, the text, and no newline (the next
+/// [`redraw`] overwrites it; [`clear_line`] or a newline ends it).
+pub fn redraw(args: Arguments<'_>) {
+    let text = args.to_string();
+    let shown = cloister_host::text::neutralize(&text);
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "\r{shown}");
+}
+
+/// Erases the terminal's current line of standard error (a line
+/// [`redraw`] left), so that the next message starts on a clean line.
+pub fn clear_line() {
+    let _ = write!(std::io::stderr().lock(), "\r\x1b[K");
+}
+
+/// `eprintln!` for people: the line neutralized ([`note`]).
+macro_rules! tell {
+    () => {
+        $crate::output::note(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::output::note(format_args!($($arg)*), true)
+    };
 }
 
 /// `println!` for people: the line neutralized ([`human`]).
@@ -69,4 +117,4 @@ macro_rules! say_part {
     };
 }
 
-pub(crate) use {say, say_part};
+pub(crate) use {say, say_part, tell};

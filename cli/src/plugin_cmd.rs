@@ -1,7 +1,7 @@
 //! `cloister plugin …`: inspect, build (Python), run locally, list the
 //! bundled plugins; add, approve and list an environment's plugins.
 
-use crate::output::say;
+use crate::output::{say, tell};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -473,7 +473,7 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
                     args.fit_min_records,
                     cap,
                 )?;
-                eprintln!(
+                tell!(
                     "fitted on {} records: {} terms at least {} of them contain",
                     fit_records.len(),
                     vocabulary.keys.len(),
@@ -516,7 +516,7 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
     };
     let (log, dropped) = runner.take_log();
     if args.show_plugin_log && (!log.is_empty() || dropped > 0) {
-        eprintln!(
+        tell!(
             "--- plugin log ({} bytes{}) ---",
             log.len(),
             if dropped > 0 {
@@ -525,11 +525,8 @@ fn run_local(args: RunArgs) -> Result<ExitCode> {
                 String::new()
             }
         );
-        eprintln!(
-            "{}",
-            cloister_host::text::neutralize(String::from_utf8_lossy(&log).trim_end())
-        );
-        eprintln!("--- end of plugin log ---");
+        tell!("{}", String::from_utf8_lossy(&log).trim_end());
+        tell!("--- end of plugin log ---");
     }
     match result {
         Ok(written) => written?,

@@ -12,7 +12,7 @@
 //! This runs on a plugin author's machine, over the author's own code; it
 //! opens no environment and touches no data.
 
-use crate::output::say;
+use crate::output::{say, tell};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -175,7 +175,7 @@ pub fn build(args: BuildArgs) -> Result<ExitCode> {
     let report = runtime.inspect(&bytes);
     if let Err(e) = &report.verdict {
         // As `plugin inspect`: exit 2 for a component the sandbox refuses.
-        eprintln!(
+        tell!(
             "error: the built component is refused by the sandbox [{}]: {e}; nothing was written",
             e.code()
         );

@@ -324,6 +324,36 @@ fn plugin_run_errors_name_line_key_or_limit_and_write_nothing() {
         stderr(&o).contains("on purpose"),
         "author asked for the plugin log"
     );
+    // What a plugin writes reaches the author's terminal shown, never
+    // obeyed: its error quotes a record whose text clears the screen and
+    // turns the line right to left.
+    let escaping = dir.path().join("escaping.jsonl");
+    std::fs::write(
+        &escaping,
+        "{\"id\": \"a\", \"text\": \"x\\u001b[2J\\u202ey\"}\n",
+    )
+    .unwrap();
+    let o = cloister(&[
+        "plugin",
+        "run",
+        &hostile,
+        "--input",
+        escaping.to_str().unwrap(),
+        "--config",
+        "attack=error-with-secret",
+        "--show-plugin-log",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("leaking record text: x\\u{001B}[2J\\u{202E}y"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains('\u{1b}') && !stderr(&o).contains('\u{202e}'),
+        "{:?}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -4,11 +4,10 @@
 //!
 //! The child is this very test binary, re-run with `CLOISTER_CRASH_CHILD`
 //! set, so the work being killed is the real library code.
-
-// The child reports its progress to the parent on standard output, one
-// protocol line at a time; the CLI crate's rule that people's output goes
-// through `say!` (cli/clippy.toml) is not about these lines.
-#![allow(clippy::disallowed_macros)]
+//!
+//! The child reports its progress to the parent on standard output, one
+//! protocol line at a time (tests/all/main.rs exempts these lines from the
+//! CLI crate's rule that people's output goes through `say!`).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
