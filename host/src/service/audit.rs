@@ -9,14 +9,17 @@ use super::{Cloister, ServiceError};
 
 /// Every action an audit entry can name, sorted: the policy schema's
 /// actions and the host's own events ([`crate::audit::events`]).
-pub fn audited_actions() -> Vec<&'static str> {
-    let mut all: Vec<&'static str> = Action::ALL
-        .iter()
-        .map(|a| a.as_str())
-        .chain(crate::audit::events::ALL)
-        .collect();
-    all.sort_unstable();
-    all
+pub fn audited_actions() -> &'static [&'static str] {
+    static ALL: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| {
+        let mut all: Vec<&'static str> = Action::ALL
+            .iter()
+            .map(|a| a.as_str())
+            .chain(crate::audit::events::ALL)
+            .collect();
+        all.sort_unstable();
+        all
+    })
 }
 
 impl Cloister {
