@@ -811,47 +811,35 @@ pub fn fit(
     let mut best_weights = Best::default();
     let mut since_best = 0;
     let mut buf = Vec::new();
+    let parallel = match &model.net {
+        Network::Logreg(l) => l.splits(),
+        Network::Mlp(..) => true,
+    };
     for epoch in 1..=h.epochs {
         let t = Instant::now();
         rng.shuffle(&mut order);
-        let mut loss_sum = 0f64;
-        let mut batches = 0usize;
-        for rows in order.chunks(h.batch_size) {
-            let labels: Vec<usize> = rows.iter().map(|&r| y[r]).collect();
-            let weights: Vec<f32> = labels.iter().map(|&c| cw[c]).collect();
-            match &mut model.net {
-                Network::Logreg(l) => {
-                    l.forward_train(x, rows, &mut buf);
-                    loss_sum += f64::from(softmax_xent_grad(&mut buf, classes, &labels, &weights));
-                    l.step(&buf, h.learning_rate, h.l2, None)?;
-                }
-                Network::Mlp(first, dense) => {
-                    let width = first.out;
-                    first.forward_train(x, rows, &mut buf);
-                    let keep = 1.0 - h.dropout;
-                    let mask: Vec<f32> = buf
-                        .iter()
-                        .map(|&z| {
-                            if z <= 0.0 || (h.dropout > 0.0 && rng.unit() < h.dropout) {
-                                0.0
-                            } else {
-                                1.0 / keep
-                            }
-                        })
-                        .collect();
-                    let act: Vec<f32> = buf.iter().zip(&mask).map(|(z, m)| z * m).collect();
-                    let (loss, mut dh) =
-                        dense.step(&act, rows.len(), &labels, &weights, h.learning_rate, h.l2)?;
-                    loss_sum += f64::from(loss);
-                    for (d, m) in dh.iter_mut().zip(&mask) {
-                        *d *= m;
-                    }
-                    debug_assert_eq!(dh.len(), rows.len() * width);
-                    first.step(&dh, h.learning_rate, h.l2, None)?;
-                }
-            }
-            batches += 1;
-        }
+        let steps = Epoch {
+            x,
+            y,
+            classes,
+            order: &order,
+            cw: &cw,
+            h,
+        };
+        // Steps with parallel work (a wide sparse layer's blocks, candle's
+        // matrix products) run on a thread of the pool that work goes to,
+        // so each step hands its blocks to the other core directly instead
+        // of parking this thread and waking it again twice a step
+        // (docs/BENCHMARKS.md, "The training loop on the pool's thread").
+        // Steps without any stay on this thread: on the pool they would
+        // only hold one of its threads from the other work it is given (a
+        // committee member training at the same time). Either way the same
+        // steps in the same order: the weights do not change.
+        let (loss_sum, batches) = if parallel {
+            rayon::scope(|_| train_epoch(&mut model, &steps, &mut rng, &mut buf))
+        } else {
+            train_epoch(&mut model, &steps, &mut rng, &mut buf)
+        }?;
         let seconds = t.elapsed().as_secs_f64();
         let (val_loss, val_accuracy) = loss_and_accuracy(&model, x, y, val)?;
         let stats = EpochStats {
@@ -895,6 +883,74 @@ pub fn fit(
         best_epoch,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// What one epoch's steps read: the inputs, labels and class weights, the
+/// training records in this epoch's order, and the hyper-parameters.
+struct Epoch<'a> {
+    x: &'a SparseBatch,
+    y: &'a [usize],
+    classes: usize,
+    order: &'a [usize],
+    cw: &'a [f32],
+    h: &'a Hyper,
+}
+
+/// One epoch's steps over `e.order`, in mini-batches: the summed training
+/// loss and the number of batches.
+fn train_epoch(
+    model: &mut Trained,
+    e: &Epoch<'_>,
+    rng: &mut Rng,
+    buf: &mut Vec<f32>,
+) -> Result<(f64, usize), TrainError> {
+    let Epoch {
+        x,
+        y,
+        classes,
+        order,
+        cw,
+        h,
+    } = *e;
+    let mut loss_sum = 0f64;
+    let mut batches = 0usize;
+    for rows in order.chunks(h.batch_size) {
+        let labels: Vec<usize> = rows.iter().map(|&r| y[r]).collect();
+        let weights: Vec<f32> = labels.iter().map(|&c| cw[c]).collect();
+        match &mut model.net {
+            Network::Logreg(l) => {
+                l.forward_train(x, rows, buf);
+                loss_sum += f64::from(softmax_xent_grad(buf, classes, &labels, &weights));
+                l.step(buf, h.learning_rate, h.l2, None)?;
+            }
+            Network::Mlp(first, dense) => {
+                let width = first.out;
+                first.forward_train(x, rows, buf);
+                let keep = 1.0 - h.dropout;
+                let mask: Vec<f32> = buf
+                    .iter()
+                    .map(|&z| {
+                        if z <= 0.0 || (h.dropout > 0.0 && rng.unit() < h.dropout) {
+                            0.0
+                        } else {
+                            1.0 / keep
+                        }
+                    })
+                    .collect();
+                let act: Vec<f32> = buf.iter().zip(&mask).map(|(z, m)| z * m).collect();
+                let (loss, mut dh) =
+                    dense.step(&act, rows.len(), &labels, &weights, h.learning_rate, h.l2)?;
+                loss_sum += f64::from(loss);
+                for (d, m) in dh.iter_mut().zip(&mask) {
+                    *d *= m;
+                }
+                debug_assert_eq!(dh.len(), rows.len() * width);
+                first.step(&dh, h.learning_rate, h.l2, None)?;
+            }
+        }
+        batches += 1;
+    }
+    Ok((loss_sum, batches))
 }
 
 /// The training split's mean and standard deviation of each input position

@@ -457,12 +457,13 @@ const BLOCKS: usize = 8;
 /// The blocks of a layer of `dim` input rows and `out` outputs: `BLOCKS`,
 /// or one for small or narrow layers.
 fn shards(dim: usize, out: usize) -> Vec<Shard> {
-    let n = if dim < 4096 || out < PARALLEL_MIN_OUT {
-        1
-    } else {
-        BLOCKS
-    };
-    shards_of(dim, n)
+    shards_of(dim, if splits(dim, out) { BLOCKS } else { 1 })
+}
+
+/// Whether a layer of `dim` input rows and `out` outputs is cut into
+/// blocks that the cores share (else one core does its steps).
+fn splits(dim: usize, out: usize) -> bool {
+    dim >= 4096 && out >= PARALLEL_MIN_OUT
 }
 
 /// `n` blocks of `dim` input rows, by range.
@@ -500,6 +501,12 @@ impl SparseLinear {
             shards: Vec::new(),
             planned: None,
         }
+    }
+
+    /// Whether this layer's training steps share their work among the
+    /// cores (a wide layer, cut into blocks), or run on one.
+    pub fn splits(&self) -> bool {
+        splits(self.dim, self.out)
     }
 
     /// Drops the optimizer's state and scratch (training is over; the
