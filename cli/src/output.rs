@@ -23,17 +23,28 @@
 use std::fmt::Arguments;
 use std::io::Write as _;
 
-/// Prints `args`, neutralized, and a newline when `newline`.
-pub fn human(args: Arguments<'_>, newline: bool) {
+/// Writes `before` (the CLI's own text, as is), then `args` neutralized,
+/// then a newline when `newline`.
+fn neutralized(
+    out: &mut impl std::io::Write,
+    before: &str,
+    args: Arguments<'_>,
+    newline: bool,
+) -> std::io::Result<()> {
     let text = args.to_string();
     let shown = cloister_host::text::neutralize(&text);
-    let mut out = std::io::stdout().lock();
-    let written = if newline {
-        writeln!(out, "{shown}")
-    } else {
-        write!(out, "{shown}")
-    };
-    fail_like_println(written);
+    let end = if newline { "\n" } else { "" };
+    write!(out, "{before}{shown}{end}")
+}
+
+/// Prints `args`, neutralized, and a newline when `newline`.
+pub fn human(args: Arguments<'_>, newline: bool) {
+    fail_like_println(neutralized(
+        &mut std::io::stdout().lock(),
+        "",
+        args,
+        newline,
+    ));
 }
 
 /// Prints one JSON document (or JSON Lines line) exactly as given.
@@ -64,24 +75,14 @@ fn fail_like_println(r: std::io::Result<()>) {
 /// `newline`. A message that cannot be written has nowhere else to go, so
 /// a failure is ignored (as a message to a closed terminal is lost).
 pub fn note(args: Arguments<'_>, newline: bool) {
-    let text = args.to_string();
-    let shown = cloister_host::text::neutralize(&text);
-    let mut err = std::io::stderr().lock();
-    let _ = if newline {
-        writeln!(err, "{shown}")
-    } else {
-        write!(err, "{shown}")
-    };
+    let _ = neutralized(&mut std::io::stderr().lock(), "", args, newline);
 }
 
 /// Redraws the terminal's current line of standard error with `args`,
 /// neutralized: a carriage return, the text, and no newline (the next
 /// [`redraw`] overwrites it; [`clear_line`] or a newline ends it).
 pub fn redraw(args: Arguments<'_>) {
-    let text = args.to_string();
-    let shown = cloister_host::text::neutralize(&text);
-    let mut err = std::io::stderr().lock();
-    let _ = write!(err, "\r{shown}");
+    let _ = neutralized(&mut std::io::stderr().lock(), "\r", args, false);
 }
 
 /// Erases the terminal's current line of standard error (a line
