@@ -293,6 +293,184 @@ fn cli(e: &crate::boundary::Env, role: &str, args: &[&str]) -> (bool, String) {
     )
 }
 
+/// `python3 ARGS…` natively (no component) with the Python SDK on its
+/// path, from the repository root, `input` on its standard input; `None`
+/// where python3 is not installed (a failure under
+/// `CLOISTER_REQUIRE_PYTHON`).
+fn sdk_python(args: &[&str], input: &str) -> Option<std::process::Output> {
+    use std::io::Write;
+    let child = Command::new("python3")
+        .args(args)
+        .current_dir(root())
+        .env("PYTHONPATH", root().join("plugin-sdk/python"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && std::env::var_os("CLOISTER_REQUIRE_PYTHON").is_none() =>
+        {
+            eprintln!("SKIPPED: python3 is not installed");
+            return None;
+        }
+        Err(e) => panic!("python3: {e}"),
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let o = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    Some(o)
+}
+
+/// `script` run by [`sdk_python`] with `input` (JSON) on its standard
+/// input; what it printed, as JSON.
+fn sdk_python_json(script: &str, input: &str) -> Option<serde_json::Value> {
+    let o = sdk_python(&["-c", script], input)?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Some(serde_json::from_slice(&o.stdout).unwrap())
+}
+
+#[test]
+fn the_python_testing_harness_passes_its_own_tests() {
+    // plugin-sdk/python/tests: the examples pass the harness, and every
+    // rule a plugin can break is refused with its name. The tutorial's
+    // example carries its own native tests, as the tutorial shows.
+    for dir in ["plugin-sdk/python/tests", "plugins/python/hashed-words"] {
+        let Some(o) = sdk_python(&["-m", "unittest", "discover", "-s", dir], "") else {
+            return;
+        };
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{dir}: {said}");
+        assert!(
+            said.contains("\nOK") && !said.contains("Ran 0 tests"),
+            "{dir}: {said}"
+        );
+    }
+}
+
+#[test]
+fn the_python_testing_harness_refuses_the_metadata_the_host_refuses() {
+    // The harness restates `plugin add`'s metadata rules in Python; they
+    // must agree with the Rust SDK's (which the sandbox's own check is
+    // pinned to) on every case below and on every character's verdict.
+    use cloister_plugin_sdk::{ConfigKey, Metadata, PluginKind, testing};
+    let key = |name: &str, default: &str, description: &str| ConfigKey {
+        name: name.into(),
+        default_value: default.into(),
+        description: description.into(),
+    };
+    let meta = |name: &str, version: &str, description: &str, config: Vec<ConfigKey>| Metadata {
+        name: name.into(),
+        version: version.into(),
+        kind: PluginKind::Featurizer,
+        description: description.into(),
+        config,
+    };
+    let long_default = "x".repeat(65_537);
+    let many: Vec<ConfigKey> = (0..65).map(|i| key(&format!("k{i}"), "", "")).collect();
+    let cases = vec![
+        meta("words", "0.1.0", "Counts words", vec![]),
+        meta("a.b_c-1", "1.2.3-rc.1+build.5", "naïve 日本語", vec![]),
+        meta("", "0.1.0", "", vec![]),
+        meta("Words", "0.1.0", "", vec![]),
+        meta("-words", "0.1.0", "", vec![]),
+        meta("9lives", "0.1.0", "", vec![]),
+        meta(&"w".repeat(64), "0.1.0", "", vec![]),
+        meta(&"w".repeat(65), "0.1.0", "", vec![]),
+        meta("wörds", "0.1.0", "", vec![]),
+        meta("words", "1.0", "", vec![]),
+        meta("words", "v1.0.0", "", vec![]),
+        meta("words", "1.0.0.0", "", vec![]),
+        meta("words", "1.0.x", "", vec![]),
+        meta("words", "1.0.0-", "", vec![]),
+        meta("words", "01.0.0+ü", "", vec![]),
+        meta("words", "0.1.0", "safe \u{202E}gnp.exe", vec![]),
+        meta("words", "0.1.0", &"d".repeat(1000), vec![]),
+        meta("words", "0.1.0", &"d".repeat(1001), vec![]),
+        meta("words", "0.1.0", &"é".repeat(1000), vec![]),
+        meta("words", "0.1.0", "tab\there", vec![]),
+        meta(
+            "words",
+            "0.1.0",
+            "",
+            vec![key("a", "", ""), key("a", "", "")],
+        ),
+        meta("words", "0.1.0", "", vec![key("A", "", "")]),
+        meta("words", "0.1.0", "", vec![key("a", "x\u{1b}[2J", "")]),
+        meta("words", "0.1.0", "", vec![key("a", &long_default, "")]),
+        meta(
+            "words",
+            "0.1.0",
+            "",
+            vec![key("a", "", "zero\u{200B}width")],
+        ),
+        meta("words", "0.1.0", "", many),
+    ];
+    let rust: Vec<Option<&str>> = cases
+        .iter()
+        .map(|m| match testing::check_metadata_of(m) {
+            Ok(()) => None,
+            Err(testing::Refused::Metadata { field, .. }) => Some(field),
+            Err(other) => panic!("{other}"),
+        })
+        .collect();
+    assert!(rust.iter().filter(|f| f.is_none()).count() >= 2, "{rust:?}");
+    let as_json: Vec<serde_json::Value> = cases
+        .iter()
+        .map(|m| {
+            serde_json::json!([
+                m.name,
+                m.version,
+                m.description,
+                m.config
+                    .iter()
+                    .map(|k| [&k.name, &k.default_value, &k.description])
+                    .collect::<Vec<_>>()
+            ])
+        })
+        .collect();
+    let chars: Vec<u32> = (0..0x3100)
+        .chain(0xFE00..0x10000)
+        .chain(0xE0000..0xE0100)
+        .filter(|&c| char::from_u32(c).is_some())
+        .collect();
+    let script = r#"
+import json, sys
+from cloister_plugin import ConfigKey, Featurizer, testing
+cases, chars = json.load(sys.stdin)
+fields = []
+for name, version, description, keys in cases:
+    cls = type("M", (Featurizer,), {"NAME": name, "VERSION": version, "DESCRIPTION": description,
+                                    "CONFIG": [ConfigKey(*k) for k in keys]})
+    try:
+        testing.check_metadata(cls)
+        fields.append(None)
+    except testing.Refused as e:
+        fields.append(e.field)
+print(json.dumps([fields, [c for c in chars if testing.is_deceptive(chr(c))]]))
+"#;
+    let arg = serde_json::to_string(&(as_json, &chars)).unwrap();
+    let Some(v) = sdk_python_json(script, &arg) else {
+        return;
+    };
+    assert_eq!(
+        v[0],
+        serde_json::json!(rust),
+        "fields refused, case by case"
+    );
+    let deceptive: Vec<u32> = chars
+        .iter()
+        .copied()
+        .filter(|&c| char::from_u32(c).is_some_and(testing::is_deceptive))
+        .collect();
+    assert_eq!(v[1], serde_json::json!(deceptive));
+}
+
 #[test]
 fn the_python_sdk_agrees_with_the_rust_sdk_natively() {
     // Everything but `export` is plain Python: run it with python3, no
@@ -301,7 +479,7 @@ fn the_python_sdk_agrees_with_the_rust_sdk_natively() {
     let script = r#"
 import json, sys
 from cloister_plugin import *
-terms = json.loads(sys.argv[1])
+terms = json.load(sys.stdin)
 out = {"keys": [str(term_key(t)) for t in terms],
        "parts": str(term_key_parts(["new", "york"]))}
 f = Features()
@@ -327,23 +505,9 @@ c = Config([ConfigKey("bits", "18"), ConfigKey("on", "yes")], [("bits", " 12 ")]
 out["config"] = [c.get_int("bits"), c.get_bool("on"), c.get_list("bits", int)]
 print(json.dumps(out))
 "#;
-    let o = match Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(serde_json::to_string(&terms).unwrap())
-        .env("PYTHONPATH", root().join("plugin-sdk/python"))
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-    {
-        Ok(o) => o,
-        Err(_) if std::env::var_os("CLOISTER_REQUIRE_PYTHON").is_none() => {
-            eprintln!("SKIPPED: python3 is not installed");
-            return;
-        }
-        Err(e) => panic!("python3: {e}"),
+    let Some(v) = sdk_python_json(script, &serde_json::to_string(&terms).unwrap()) else {
+        return;
     };
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for (t, k) in terms.iter().zip(v["keys"].as_array().unwrap()) {
         assert_eq!(
             k.as_str().unwrap(),

@@ -339,7 +339,11 @@ class Verdict:
 
     __slots__ = ("action", "index", "priority")
 
+    ACTIONS = ("auto-accept", "human-review", "skip")
+
     def __init__(self, action, index=None, priority=0.0):
+        if action not in self.ACTIONS:
+            raise ValueError(f"unknown verdict action {action!r} (auto-accept, human-review or skip)")
         self.action = action
         self.index = index
         self.priority = float(priority)
@@ -514,6 +518,21 @@ def _instance():
     return _INSTANCE[0]
 
 
+def _native_stand_ins(cls, n):
+    """What ``export`` returns outside a build: ``n`` classes that say, if
+    anything instantiates them, that the interface exists only in a built
+    component."""
+
+    class NotBuilt:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError(
+                f"{cls.__name__} is exported only in a component built by `cloister plugin build`; "
+                "natively, test the class itself (cloister_plugin.testing)"
+            )
+
+    return tuple(NotBuilt for _ in range(n))
+
+
 def export(cls):
     """The classes componentize-py looks for in the built module, for the
     plugin class ``cls``. Assign them at the bottom of ``app.py``:
@@ -523,15 +542,26 @@ def export(cls):
     - a ``FittedFeaturizer``: ``Plugin, Fit, Featurize = export(Cls)``
     - a ``Selector``: ``Plugin, Select = export(Cls)``
 
-    Only this function needs the generated bindings (``wit_world``), so the
-    rest of the module imports natively.
+    Only this function needs the generated bindings (``wit_world``), which
+    exist only while ``cloister plugin build`` runs componentize-py. Run
+    natively (``python3``, a unit test importing ``app``), it checks ``cls``
+    and returns stand-ins that refuse to be used, so the plugin module
+    imports and its class can be tested (``cloister_plugin.testing``).
     """
-    from componentize_py_types import Err
-    from wit_world import exports
-    from wit_world.imports import types
-
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         raise TypeError("export() takes a plugin class")
+    kind = getattr(cls, "KIND", None)
+    if kind not in ("preprocessor", "featurizer", "selector"):
+        raise TypeError("a plugin class derives from Preprocessor, Featurizer, FittedFeaturizer or Selector")
+    fitted = issubclass(cls, FittedFeaturizer)
+    try:
+        from componentize_py_types import Err
+        from wit_world import exports
+        from wit_world.imports import types
+    except ModuleNotFoundError as e:
+        if e.name not in ("componentize_py_types", "wit_world", "wit_world.imports"):
+            raise
+        return _native_stand_ins(cls, 3 if fitted else 2)
     codes = {
         "invalid-config": types.ErrorCode.INVALID_CONFIG,
         "invalid-input": types.ErrorCode.INVALID_INPUT,
@@ -589,14 +619,12 @@ def export(cls):
             action = types.Action_AutoAccept(v.index)
         elif v.action == "human-review":
             action = types.Action_HumanReview()
-        else:
+        elif v.action == "skip":
             action = types.Action_Skip()
+        else:
+            raise Internal(f"a verdict with the unknown action {v.action!r}")
         return types.Decision(id=item.id, action=action, priority=v.priority)
 
-    kind = getattr(cls, "KIND", None)
-    if kind not in kinds:
-        raise TypeError("a plugin class derives from Preprocessor, Featurizer, FittedFeaturizer or Selector")
-    fitted = issubclass(cls, FittedFeaturizer)
     world = "fitted-featurizer" if fitted else kind
     interface = {"preprocessor": "Preprocess", "selector": "Select"}.get(kind, "Featurize")
     if not hasattr(exports, interface) or hasattr(exports, "Fit") != fitted:
