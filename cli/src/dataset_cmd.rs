@@ -71,15 +71,14 @@ const NOTE_ROWS: usize = 10_000;
 
 /// After a CSV import with no numeric fields named: which columns held
 /// only numbers (in the first [`NOTE_ROWS`] rows of the user's own file,
-/// read again here, outside the environment) and so went in as text, with
-/// the flags that import them as numbers. `None` for JSONL (whose numbers
-/// are numbers), or when no column is all numbers.
+/// read again here, once, outside the environment) and so went in as text,
+/// with the flags that import them as numbers. `None` for JSONL (whose
+/// numbers are numbers), or when no column is all numbers.
 fn numeric_columns_note(
     file: &std::path::Path,
     format: Option<&str>,
     schema: Schema,
 ) -> Option<String> {
-    use cloister_host::records::RecordError;
     let csv = match format {
         Some(f) => f == "csv",
         None => {
@@ -90,72 +89,75 @@ fn numeric_columns_note(
     if !csv {
         return None;
     }
-    // Every column numeric but the ones that refuse: each refusal names
-    // its column, which becomes text, and the rows are read again.
-    let mut text: Vec<String> = schema.text_fields.clone().unwrap_or_default();
-    let listed_text = schema.text_fields.is_some();
-    for _ in 0..256 {
-        let trial = Schema {
-            text_fields: (!text.is_empty()).then(|| text.clone()),
-            numeric_fields: Some(vec![cloister_host::records::EVERY_OTHER_FIELD.into()]),
-            ..schema.clone()
-        };
-        let source = cloister_host::datasets::open_source(file, Some("csv"), trial).ok()?;
-        let mut numeric: Vec<String> = Vec::new();
-        let mut refused = None;
-        let mut rows = 0;
-        for record in source.take(NOTE_ROWS) {
-            rows += 1;
-            match record {
-                Ok(r) => {
-                    for n in r.numerics {
-                        if !numeric.contains(&n.name) {
-                            numeric.push(n.name);
-                        }
-                    }
-                }
-                Err(RecordError::Line { field: Some(f), .. }) if !text.contains(&f) => {
-                    refused = Some(f);
-                    break;
-                }
-                Err(_) => return None,
+    // Listed text columns are text by choice, and leave the rest out;
+    // without a list every column went in as text.
+    let listed = schema.text_fields.clone();
+    let every_column = Schema {
+        text_fields: None,
+        numeric_fields: None,
+        ..schema
+    };
+    let source = cloister_host::datasets::open_source(file, Some("csv"), every_column).ok()?;
+    // Per column in file order: whether every non-empty cell so far is a
+    // number as the importer reads numbers (`None`: no non-empty cell yet).
+    let mut columns: Vec<(String, Option<bool>)> = Vec::new();
+    let mut rows = 0;
+    for record in source.take(NOTE_ROWS) {
+        rows += 1;
+        // A row the importer refuses for another reason: no note.
+        let record = record.ok()?;
+        for (j, field) in record.texts.into_iter().enumerate() {
+            // Every row has the same columns in the same order.
+            if columns.get(j).is_none_or(|c| c.0 != field.name) {
+                columns.insert(j, (field.name.clone(), None));
             }
-        }
-        match refused {
-            Some(f) => text.push(f),
-            None if numeric.is_empty() => return None,
-            None => {
-                let shown: Vec<&str> = numeric.iter().take(5).map(String::as_str).collect();
-                let more = numeric.len().saturating_sub(shown.len());
-                let flags: String = text.iter().map(|t| format!(" --text-field {t}")).collect();
-                return Some(format!(
-                    "note: {} column{} held only numbers{} and {}: {}{}.\n  \
-                     To import them as numbers, import again with --numeric-field '*'{flags}",
-                    numeric.len(),
-                    if numeric.len() == 1 { "" } else { "s" },
-                    if rows == NOTE_ROWS {
-                        format!(" (in the first {NOTE_ROWS} rows)")
-                    } else {
-                        String::new()
-                    },
-                    // Listed text columns leave the rest out; without a
-                    // list every column is text.
-                    if listed_text {
-                        "were left out"
-                    } else {
-                        "went in as text"
-                    },
-                    shown.join(", "),
-                    if more > 0 {
-                        format!(" and {more} more")
-                    } else {
-                        String::new()
-                    },
-                ));
+            let column = &mut columns[j].1;
+            match cloister_host::csv_records::number_cell(&field.value) {
+                Ok(None) => {}
+                Ok(Some(_)) => *column = Some(column.unwrap_or(true)),
+                Err(()) => *column = Some(false),
             }
         }
     }
-    None
+    let numeric: Vec<&str> = columns
+        .iter()
+        .filter(|(name, all)| {
+            *all == Some(true) && listed.as_ref().is_none_or(|l| !l.contains(name))
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if numeric.is_empty() {
+        return None;
+    }
+    let shown = &numeric[..numeric.len().min(5)];
+    let more = numeric.len() - shown.len();
+    let flags: String = listed
+        .iter()
+        .flatten()
+        .map(|t| format!(" --text-field {t}"))
+        .collect();
+    Some(format!(
+        "note: {} column{} held only numbers{} and {}: {}{}.\n  \
+         To import them as numbers, import again with --numeric-field '*'{flags}",
+        numeric.len(),
+        if numeric.len() == 1 { "" } else { "s" },
+        if rows == NOTE_ROWS {
+            format!(" (in the first {NOTE_ROWS} rows)")
+        } else {
+            String::new()
+        },
+        if listed.is_some() {
+            "were left out"
+        } else {
+            "went in as text"
+        },
+        shown.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        },
+    ))
 }
 
 pub fn run(env: &EnvArgs, cmd: DatasetCommand) -> Result<ExitCode> {

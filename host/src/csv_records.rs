@@ -168,15 +168,11 @@ impl<R: Read> CsvReader<R> {
             let name = &self.headers[i];
             let value = cell(i);
             if numeric {
-                if value.trim().is_empty() {
+                let Some(v) =
+                    number_cell(value).map_err(|()| self.err(Some(name), "not a finite number"))?
+                else {
                     continue;
-                }
-                let v: f64 = value
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|v: &f64| v.is_finite())
-                    .ok_or_else(|| self.err(Some(name), "not a finite number"))?;
+                };
                 record.numerics.push(NumericField {
                     name: name.clone(),
                     value: Numeric::Scalar(v),
@@ -189,6 +185,20 @@ impl<R: Read> CsvReader<R> {
             }
         }
         Ok(record)
+    }
+}
+
+/// A numeric column's cell as the importer reads it: `Ok(None)` when it is
+/// empty (the field is absent from that record), `Ok(Some(v))` for a finite
+/// number (surrounding spaces allowed), `Err(())` for anything else.
+pub fn number_cell(value: &str) -> Result<Option<f64>, ()> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    match value.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(Some(v)),
+        _ => Err(()),
     }
 }
 

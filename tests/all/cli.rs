@@ -1335,3 +1335,70 @@ fn text_someone_else_wrote_reaches_no_terminal_as_control_characters() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["source"], name, "{v}");
 }
+
+#[test]
+fn the_csv_note_names_only_the_columns_that_held_only_numbers() {
+    // One reading of the user's file decides, per column, as the importer
+    // reads numbers: `code` turns text in its last row, `blank` is empty,
+    // `note` is words; only `count` and `ratio` held only numbers.
+    let (e, sci, _, _) = scientist_env();
+    let mut csv = String::from("id,label,note,count,code,blank,ratio\n");
+    for i in 0..300 {
+        let code = if i == 299 {
+            "A7".to_string()
+        } else {
+            i.to_string()
+        };
+        let ratio = if i % 7 == 0 {
+            String::new()
+        } else {
+            format!(" {:.3} ", f64::from(i) / 300.0)
+        };
+        csv.push_str(&format!("r{i},l{},word {i},{i},{code},,{ratio}\n", i % 2));
+    }
+    let file = e.dir.path().join("mixed.csv");
+    std::fs::write(&file, csv).unwrap();
+    let path = file.to_str().unwrap();
+    let o = e.run(&sci, &["dataset", "import", "mixed", path]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).ends_with(
+            "note: 2 columns held only numbers and went in as text: count, ratio.\n  \
+             To import them as numbers, import again with --numeric-field '*'\n"
+        ),
+        "{}",
+        stdout(&o)
+    );
+    // Listed text columns are text by choice and leave the rest out.
+    let o = e.run(
+        &sci,
+        &["dataset", "import", "mixed", path, "--text-field", "note"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).ends_with(
+            "note: 2 columns held only numbers and were left out: count, ratio.\n  \
+             To import them as numbers, import again with --numeric-field '*' --text-field note\n"
+        ),
+        "{}",
+        stdout(&o)
+    );
+    // What the note suggests imports, with both as numbers.
+    let o = e.run(
+        &sci,
+        &[
+            "dataset",
+            "import",
+            "mixed",
+            path,
+            "--numeric-field",
+            "count",
+            "--numeric-field",
+            "ratio",
+            "--text-field",
+            "note",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("note:"), "{}", stdout(&o));
+}
