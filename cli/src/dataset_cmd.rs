@@ -112,10 +112,11 @@ fn numeric_columns_note(
                 columns.insert(j, (field.name.clone(), None));
             }
             let column = &mut columns[j].1;
-            match cloister_host::csv_records::number_cell(&field.value) {
-                Ok(None) => {}
-                Ok(Some(_)) => *column = Some(column.unwrap_or(true)),
-                Err(()) => *column = Some(false),
+            use cloister_host::csv_records::{NumberCell, number_cell};
+            match number_cell(&field.value) {
+                NumberCell::Empty => {}
+                NumberCell::Number(_) => *column = Some(column.unwrap_or(true)),
+                NumberCell::NotANumber => *column = Some(false),
             }
         }
     }

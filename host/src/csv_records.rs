@@ -168,10 +168,12 @@ impl<R: Read> CsvReader<R> {
             let name = &self.headers[i];
             let value = cell(i);
             if numeric {
-                let Some(v) =
-                    number_cell(value).map_err(|()| self.err(Some(name), "not a finite number"))?
-                else {
-                    continue;
+                let v = match number_cell(value) {
+                    NumberCell::Empty => continue,
+                    NumberCell::Number(v) => v,
+                    NumberCell::NotANumber => {
+                        return Err(self.err(Some(name), "not a finite number"));
+                    }
                 };
                 record.numerics.push(NumericField {
                     name: name.clone(),
@@ -188,17 +190,26 @@ impl<R: Read> CsvReader<R> {
     }
 }
 
-/// A numeric column's cell as the importer reads it: `Ok(None)` when it is
-/// empty (the field is absent from that record), `Ok(Some(v))` for a finite
-/// number (surrounding spaces allowed), `Err(())` for anything else.
-pub fn number_cell(value: &str) -> Result<Option<f64>, ()> {
+/// A numeric column's cell as the importer reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NumberCell {
+    /// Empty (or spaces): the field is absent from that record.
+    Empty,
+    /// A finite number (surrounding spaces allowed).
+    Number(f64),
+    /// Anything else: the importer refuses the row.
+    NotANumber,
+}
+
+/// How the importer reads `value` in a numeric column.
+pub fn number_cell(value: &str) -> NumberCell {
     let value = value.trim();
     if value.is_empty() {
-        return Ok(None);
+        return NumberCell::Empty;
     }
     match value.parse::<f64>() {
-        Ok(v) if v.is_finite() => Ok(Some(v)),
-        _ => Err(()),
+        Ok(v) if v.is_finite() => NumberCell::Number(v),
+        _ => NumberCell::NotANumber,
     }
 }
 
