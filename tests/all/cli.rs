@@ -408,9 +408,9 @@ fn demo_runs_in_a_throwaway_environment_and_leaves_nothing_behind() {
     assert!(left.is_empty(), "the demo left {left:?} behind");
 }
 
-/// The code blocks of `docs/plugin-authoring.md` that follow a line
-/// containing `marker`.
-fn doc_block(doc: &str, marker: &str) -> String {
+/// The code block of a document that follows the first line containing
+/// `marker`.
+pub(crate) fn doc_block(doc: &str, marker: &str) -> String {
     let start = doc
         .find(marker)
         .unwrap_or_else(|| panic!("{marker} not in the tutorial"));

@@ -340,7 +340,28 @@ fn the_python_testing_harness_passes_its_own_tests() {
     // plugin-sdk/python/tests: the examples pass the harness, and every
     // rule a plugin can break is refused with its name. The tutorial's
     // example carries its own native tests, as the tutorial shows.
-    for dir in ["plugin-sdk/python/tests", "plugins/python/hashed-words"] {
+    // And the tutorial's snippet of it runs as printed, beside the
+    // example's `app.py`.
+    let doc = std::fs::read_to_string(root().join("docs/plugin-authoring.md")).unwrap();
+    let snippet = crate::cli::doc_block(&doc, "`hashed-words/test_app.py`:");
+    let tutorial = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        root().join("plugins/python/hashed-words/app.py"),
+        tutorial.path().join("app.py"),
+    )
+    .unwrap();
+    let indent = snippet.len() - snippet.trim_start().len();
+    let unindented: String = snippet
+        .lines()
+        .map(|l| format!("{}\n", l.get(indent.min(l.len())..).unwrap_or("")))
+        .collect();
+    std::fs::write(tutorial.path().join("test_app.py"), unindented).unwrap();
+    let tutorial_dir = tutorial.path().to_str().unwrap();
+    for dir in [
+        "plugin-sdk/python/tests",
+        "plugins/python/hashed-words",
+        tutorial_dir,
+    ] {
         let Some(o) = sdk_python(&["-m", "unittest", "discover", "-s", dir], "") else {
             return;
         };
