@@ -102,12 +102,7 @@ impl Cloister {
         // denied so.
         let looked_up = match looked_up {
             Err(e) if registry::is_name_error(&e) => {
-                self.guard(
-                    &who.principal(),
-                    Action::ListPlugins,
-                    &Resource::Environment,
-                    &digest,
-                )?;
+                self.may_list_plugins(who, digest)?;
                 return Err(e.into());
             }
             other => other,
@@ -142,13 +137,19 @@ impl Cloister {
     /// digits) or the name of one approved plugin: what `list_plugins`
     /// shows of it, so the same permission.
     pub fn show_plugin(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
+        self.may_list_plugins(who, digest)?;
+        Ok(registry::find(self.env.store().as_ref(), digest, None)?)
+    }
+
+    /// `list_plugins` authorized (and audited) for `who`, the plugin as
+    /// they named it (`reference`) recorded with the decision.
+    fn may_list_plugins(&self, who: &User, reference: &str) -> Result<(), ServiceError> {
         self.guard(
             &who.principal(),
             Action::ListPlugins,
             &Resource::Environment,
-            &digest,
-        )?;
-        Ok(registry::find(self.env.store().as_ref(), digest, None)?)
+            &reference,
+        )
     }
 
     /// Authorizes running a plugin — by digest, unique prefix, or the name
