@@ -46,16 +46,21 @@ def refused(test, kind, f, *args):
     return caught.exception
 
 
-class Words(Featurizer):
-    """Word counts in 16 buckets; ``bad`` picks a way to break the rules."""
+class Misbehaves:
+    """A test plugin whose ``bad`` key picks a way to break the rules."""
 
-    NAME = "words"
     VERSION = "0.1.0"
-    DESCRIPTION = "Word counts in 16 buckets"
     CONFIG = [ConfigKey("bad", "", "how to misbehave")]
 
     def __init__(self, config):
         self.bad = config.get_str("bad")
+
+
+class Words(Misbehaves, Featurizer):
+    """Word counts in 16 buckets."""
+
+    NAME = "words"
+    DESCRIPTION = "Word counts in 16 buckets"
 
     def dimension(self):
         if self.bad == "dimension":
@@ -194,14 +199,9 @@ class MetadataTests(unittest.TestCase):
             testing.check_metadata(cls)
 
 
-class Reorder(Preprocessor):
+class Reorder(Misbehaves, Preprocessor):
     NAME = "reorder"
-    VERSION = "0.1.0"
     DESCRIPTION = "Misbehaves as configured"
-    CONFIG = [ConfigKey("bad", "")]
-
-    def __init__(self, config):
-        self.bad = config.get_str("bad")
 
     def process_batch(self, batch):
         if self.bad == "reverse":
@@ -304,14 +304,9 @@ class FittedTests(unittest.TestCase):
         self.assertEqual(e.error.code, "invalid-input")
 
 
-class Picky(Selector):
+class Picky(Misbehaves, Selector):
     NAME = "picky"
-    VERSION = "0.1.0"
     DESCRIPTION = "Misbehaves as configured"
-    CONFIG = [ConfigKey("bad", "")]
-
-    def __init__(self, config):
-        self.bad = config.get_str("bad")
 
     def select(self, classes, item):
         if self.bad == "class":
