@@ -9,11 +9,14 @@
 # same single-record load while an operator sets a candidate's weight,
 # promotes it and rolls back, counting failed requests.
 # Needs wrk (apt-get install wrk). Usage: bench/serve.sh [SECONDS]
+# CLOISTER_BIN=path serves with another `cloister` binary (an A/B of two
+# builds; the environment is still made by the release build's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-15}"
 cargo build --release -j2 -p cloister -p cloister-bench --bin cloister --bin serve-bench
 bin=target/release/cloister
+served="${CLOISTER_BIN:-$bin}"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 if [ -n "${KEEP:-}" ]; then echo "environment kept in $work"; fi
@@ -64,7 +67,8 @@ for n in 1 64; do
   target/release/serve-bench --env "$work/env" --token "$app" --deployment spam \
     --input "$work/records.jsonl" --records $n --threads 32 --seconds "$secs"
 done
-$bin serve --addr 127.0.0.1:18090 2>/dev/null &
+echo "served by: $served"
+$served serve --addr 127.0.0.1:18090 2>/dev/null &
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18090) 2>/dev/null && break; sleep 0.1; done
 url=http://127.0.0.1:18090/api/deployments/spam/predict
 # One request first: the server loads the model and its chain once.

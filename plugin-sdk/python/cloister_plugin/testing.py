@@ -40,6 +40,7 @@ import unicodedata
 
 from . import (
     Config,
+    ConfigKey,
     Features,
     FittedFeaturizer,
     Featurizer,
@@ -223,7 +224,12 @@ def check_metadata(cls):
     description = cls.DESCRIPTION
     if not isinstance(description, str) or len(description) > 1000 or not _printable(description):
         raise _metadata("description", _SHORT_RULE)
-    keys = list(cls.CONFIG)
+    try:
+        keys = list(cls.CONFIG)
+    except TypeError:
+        raise _metadata("config", "must be a list of ConfigKey") from None
+    if not all(isinstance(k, ConfigKey) for k in keys):
+        raise _metadata("config", "must be a list of ConfigKey")
     if len(keys) > 64:
         raise _metadata("config", "declares more than 64 keys")
     seen = set()
@@ -342,9 +348,10 @@ def process(plugin, records):
                 f"output record {position} has an id that is not an input id in input order "
                 "(ids must be preserved, never invented or reordered)",
             ) from None
-        if not isinstance(r.texts, dict) or not all(
-            isinstance(n, str) and isinstance(v, str) for n, v in r.texts.items()
-        ):
+        if not isinstance(r.texts, dict) or not isinstance(r.numerics, dict):
+            # The export's `.items()` fails inside the plugin's call.
+            raise _plugin(Internal(f"output record {position}: texts and numerics must be dicts"))
+        if not all(isinstance(n, str) and isinstance(v, str) for n, v in r.texts.items()):
             raise _output("wrong-type", f"output record {position}: text fields must map strings to strings")
         numerics = {}
         for name, value in r.numerics.items():
@@ -540,8 +547,7 @@ def select(plugin, classes, items):
         raise TypeError("select() takes a configured Selector")
     classes = list(classes)
     batch = _prediction_sets(classes, items)
-    out = _call(plugin.select_batch, list(classes), batch)
-    out = list(out)
+    out = _call(lambda: list(plugin.select_batch(list(classes), batch)))
     if len(out) != len(batch):
         # The export raises this inside the plugin's call.
         raise _plugin(Internal(f"{len(out)} verdicts for {len(batch)} items"))

@@ -182,6 +182,8 @@ class MetadataTests(unittest.TestCase):
             ({"CONFIG": [ConfigKey("a", "x\x1b[2J")]}, "config.default-value"),
             ({"CONFIG": [ConfigKey("a", "x", "zero\u200bwidth")]}, "config.description"),
             ({"CONFIG": [ConfigKey(f"k{i}") for i in range(65)]}, "config"),
+            ({"CONFIG": 3}, "config"),
+            ({"CONFIG": [("a", "1")]}, "config"),
         ]:
             with self.subTest(attrs=repr(attrs)[:60]):
                 e = refused(self, "metadata", testing.check_metadata, self.variant(**attrs))
@@ -212,6 +214,8 @@ class Reorder(Misbehaves, Preprocessor):
             return batch + batch[-1:]
         if self.bad == "not-a-record":
             return [{"id": batch[0].id}]
+        if self.bad == "texts-list":
+            batch[0].texts = [("t", "x")]
         if self.bad == "label":
             batch[0].label = "spam"
         if self.bad == "inf":
@@ -237,6 +241,7 @@ class PreprocessorTests(unittest.TestCase):
             ("repeat", "output", "unknown-id"),
             ("inf", "output", "non-finite"),
             ("not-a-record", "plugin", None),
+            ("texts-list", "plugin", None),
             ("word", "plugin", None),
         ]:
             with self.subTest(bad=bad):
@@ -320,6 +325,8 @@ class Picky(Misbehaves, Selector):
         return Verdict.auto_accept(0, 0.5)
 
     def select_batch(self, classes, batch):
+        if self.bad == "nothing":
+            return None
         verdicts = super().select_batch(classes, batch)
         return verdicts[1:] if self.bad == "count" else verdicts
 
@@ -340,6 +347,7 @@ class SelectorTests(unittest.TestCase):
             ("typo", "plugin", None),
             ("none", "plugin", None),
             ("count", "plugin", None),
+            ("nothing", "plugin", None),
         ]:
             with self.subTest(bad=bad):
                 e = refused(self, kind, testing.select, testing.configure(Picky, {"bad": bad}), ["ham", "spam"], self.items)
