@@ -97,6 +97,23 @@ pub enum LabelCommand {
         /// The file.
         file: PathBuf,
     },
+    /// List your answers that can still change (their round has not
+    /// collected them yet), the latest first.
+    Answers {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change your answer to a record until its round collects it.
+    Change {
+        /// Record id.
+        id: String,
+        /// The new label (one of the job's classes).
+        label: String,
+        /// The job, when you answered the record for several.
+        #[arg(long)]
+        job: Option<String>,
+    },
 }
 
 fn fmt_opt(v: Option<f64>) -> String {
@@ -512,6 +529,45 @@ pub fn label(env: &EnvArgs, cmd: LabelCommand) -> Result<ExitCode> {
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let n = c.import_labels(who, &file.display().to_string(), &text)?;
             say!("imported {n} labels");
+        }
+        LabelCommand::Answers { json } => {
+            let answers = c.changeable_answers(who)?;
+            if json {
+                say!("{}", serde_json::to_string(&answers)?);
+            } else if answers.is_empty() {
+                say!("none of your answers can change now");
+            } else {
+                say!(
+                    "{:<24} {:<16} {:>5} {:<10} {:<16} changeable to",
+                    "record",
+                    "job",
+                    "round",
+                    "reason",
+                    "answer"
+                );
+                for a in &answers {
+                    let (item, answer) = (&a.item, a.item.answer.as_ref());
+                    say!(
+                        "{:<24} {:<16} {:>5} {:<10} {:<16} {}",
+                        item.record,
+                        item.job,
+                        item.round,
+                        format!("{:?}", item.reason),
+                        answer.map_or("-", |a| a.label.as_str()),
+                        a.classes.join(", ")
+                    );
+                }
+                say!("change one with `cloister label change RECORD LABEL`");
+            }
+        }
+        LabelCommand::Change { id, label, job } => {
+            let item = c.change_label_item(who, &id, &label, job.as_deref())?;
+            say!(
+                "changed the answer to {} to {label} (job {}, round {})",
+                item.record,
+                item.job,
+                item.round
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -81,6 +81,8 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         .route("/api/models/{id}/bundle", get(bundle))
         .route("/api/labels/next", get(next_label))
         .route("/api/labels", post(set_label))
+        .route("/api/labels/answers", get(changeable_answers))
+        .route("/api/labels/change", post(change_label))
         .route("/api/audit", get(audit))
         .route("/api/audit/verify", get(audit_verify))
         .route("/api/audit/checkpoint", get(audit_checkpoint))
@@ -669,6 +671,21 @@ async fn set_label(State(k): S, h: HeaderMap, Json(b): Json<LabelBody>) -> Out {
     to_json(
         blocking(&k, move |c| {
             c.label_item(&u, &b.id, &b.label, b.job.as_deref())
+        })
+        .await?,
+    )
+}
+
+async fn changeable_answers(State(k): S, h: HeaderMap) -> Out {
+    let u = reader(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.changeable_answers(&u)).await?)
+}
+
+async fn change_label(State(k): S, h: HeaderMap, Json(b): Json<LabelBody>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(
+        blocking(&k, move |c| {
+            c.change_label_item(&u, &b.id, &b.label, b.job.as_deref())
         })
         .await?,
     )

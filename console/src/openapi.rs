@@ -218,6 +218,20 @@ pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
     (
         "get",
+        "/api/labels/answers",
+        "The caller's answers that can still change (their round has not collected them), the latest first",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/labels/change",
+        "Change the caller's answer to a record until its round collects it (audited as a label)",
+        Some("Label"),
+        200,
+    ),
+    (
+        "get",
         "/api/audit",
         "Audit entries, filtered (actor, action, decision) and paginated (from, limit)",
         None,

@@ -67,6 +67,7 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         .route("/deployments/{name}", get(deployment))
         .route("/deployments/{name}/{action}", post(change_deployment))
         .route("/label", get(label_page).post(label))
+        .route("/label/change", post(change_label))
         .route("/audit", get(audit))
         .route("/audit/verify", post(audit_verify))
         .route("/audit/checkpoint", get(audit_checkpoint))
@@ -1532,7 +1533,9 @@ async fn label_page(State(k): S, h: HeaderMap) -> Page {
     let c = who(&k, &h).await?;
     let u = c.user.clone();
     let next = run(&k, &c, move |x| x.next_label_item(&u)).await?;
-    let body = match next {
+    let u = c.user.clone();
+    let answers = run(&k, &c, move |x| x.changeable_answers(&u)).await?;
+    let mut body = match next {
         None => "<p>Nothing is queued for you.</p>".to_string(),
         Some(task) => {
             let (item, record, waiting, classes) =
@@ -1574,7 +1577,55 @@ async fn label_page(State(k): S, h: HeaderMap) -> Page {
             b
         }
     };
+    if !answers.is_empty() {
+        body.push_str(&answers_to_change(&c, &answers));
+    }
     ok(&c, "Labeling queue", &body)
+}
+
+/// The caller's answers that can still change, each with a form to
+/// change it: only record ids and the labels the caller gave.
+fn answers_to_change(c: &Caller, answers: &[cloister_host::jobs::OwnAnswer]) -> String {
+    let mut b = String::from(
+        "<h2>Your answers you can still change</h2><p>Until a round collects its answers (when the job runs on), an answer can change; after that it is final. Each change is recorded in the audit log.</p><table id=\"answers\"><thead><tr><th>record</th><th>job</th><th>round</th><th>answer</th><th>change to</th></tr></thead><tbody>",
+    );
+    for a in answers {
+        let item = &a.item;
+        let given = item.answer.as_ref().map_or("", |x| x.label.as_str());
+        let _ = write!(
+            b,
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td class=\"answer\">{}</td><td><form method=\"post\" action=\"/label/change\" class=\"inline\">{}<input type=\"hidden\" name=\"id\" value=\"{}\"><input type=\"hidden\" name=\"job\" value=\"{}\"><select name=\"label\" aria-label=\"new label for {}\">",
+            esc(&item.record),
+            esc(&item.job),
+            item.round,
+            esc(given),
+            csrf(c),
+            esc(&item.record),
+            esc(&item.job),
+            esc(&item.record),
+        );
+        for cl in a.classes.iter().filter(|cl| cl.as_str() != given) {
+            let _ = write!(b, "<option value=\"{}\">{}</option>", esc(cl), esc(cl));
+        }
+        b.push_str("</select> <button>Change</button></form></td></tr>");
+    }
+    b.push_str("</tbody></table>");
+    b
+}
+
+async fn change_label(State(k): S, h: HeaderMap, Form(f): Form<LabelForm>) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let u = c.user.clone();
+    run(&k, &c, move |x| {
+        x.change_label_item(
+            &u,
+            &f.id,
+            &f.label,
+            f.job.as_deref().filter(|j| !j.is_empty()),
+        )
+    })
+    .await?;
+    Ok(Redirect::to("/label").into_response())
 }
 
 #[derive(Deserialize)]

@@ -11,6 +11,8 @@ document.addEventListener("DOMContentLoaded", () => {
   if (form) {
     document.addEventListener("keydown", (event) => {
       if (event.ctrlKey || event.metaKey || event.altKey) return;
+      // Typing into a control (the answers' "change to" lists) is not a shortcut.
+      if (event.target instanceof Element && event.target.closest("select, input, textarea")) return;
       const button = form.querySelector(`button[data-key="${event.key}"]`);
       if (button) {
         event.preventDefault();

@@ -744,6 +744,132 @@ badcases_per_round = 0
 }
 
 #[test]
+fn a_labeler_changes_an_answer_until_its_round_collects_it() {
+    use cloister_host::datasets::{self, Provenance};
+    let p = people(15, |i| i % 3 == 0, &["hashed-ngrams", "least-confidence"]);
+    let (c, admin, sci, lea, leo) = (&p.c, &p.admin, &p.sci, &p.lea, &p.leo);
+    let spec = r#"
+name = "fixing"
+dataset = "mail"
+features = { plugin = "hashed-ngrams", config = { bits = 14 } }
+labelers = ["lea", "leo"]
+[[model]]
+template = "logreg"
+[[model]]
+template = "logreg"
+set = { seed = 7 }
+[selector]
+plugin = "least-confidence"
+[loop]
+per_round = 4
+max_rounds = 1
+budget = 4
+badcases_per_round = 0
+"#;
+    let job = c.start_job(sci, "fixing.toml", spec, None).unwrap();
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
+    let store = c.env().store();
+    let human_label = |record: &str| {
+        let v = datasets::resolve(c.env(), "mail").unwrap();
+        datasets::get_record(c.env(), &v, record)
+            .unwrap()
+            .labels
+            .into_iter()
+            .filter(|l| l.provenance == Provenance::Human { user: "lea".into() })
+            .map(|l| l.label)
+            .collect::<Vec<_>>()
+    };
+    let changes = || {
+        c.audit_log(
+            admin,
+            &AuditFilter {
+                action: Some("label_record".into()),
+                actor: Some("lea".into()),
+                ..AuditFilter::default()
+            },
+        )
+        .unwrap()
+        .len()
+    };
+
+    assert!(c.changeable_answers(lea).unwrap().is_empty());
+    let mine = jobs::open_items_for(store.as_ref(), "lea").unwrap();
+    let (a, b) = (&mine[0].record, &mine[1].record);
+    // An open item has no answer to change.
+    let err = c.change_label_item(lea, a, "ham", None).unwrap_err();
+    assert!(err.to_string().contains("not answered yet"), "{err}");
+
+    c.label_item(lea, a, "spam", None).unwrap();
+    let listed = c.changeable_answers(lea).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(&listed[0].item.record, a);
+    assert_eq!(listed[0].item.answer.as_ref().unwrap().label, "spam");
+    assert_eq!(listed[0].classes, ["ham", "spam"]);
+    assert!(c.changeable_answers(leo).unwrap().is_empty());
+    // Only the labeler it is assigned to may change it (a decision,
+    // audited), and only to one of the job's classes.
+    let err = c.change_label_item(leo, a, "ham", None).unwrap_err();
+    assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
+    let err = c.change_label_item(lea, a, "eggs", None).unwrap_err();
+    assert!(err.to_string().contains("not a class"), "{err}");
+    assert_eq!(human_label(a), ["spam"]);
+
+    // The change: the item's answer and the dataset label move together,
+    // and a step that read the answers before it cannot commit.
+    let (now, read) = jobs::get_read(store.as_ref(), &job.id).unwrap();
+    let before = jobs::answers_expectation(store.as_ref(), &job.id).unwrap();
+    let audited = changes();
+    let item = c.change_label_item(lea, a, "ham", None).unwrap();
+    assert_eq!(item.answer.as_ref().unwrap().label, "ham");
+    assert_eq!(changes(), audited + 1);
+    assert_eq!(human_label(a), ["ham"]);
+    assert_eq!(
+        jobs::queue(store.as_ref(), &job.id).unwrap()[a]
+            .answer
+            .as_ref()
+            .unwrap()
+            .label,
+        "ham"
+    );
+    let mut batch = cloister_host::store::WriteBatch::new();
+    jobs::touch_answers(&mut batch, &job.id, vec![1]);
+    let err = jobs::commit_job_if(store.as_ref(), batch, &now, &mut read.clone(), vec![before])
+        .unwrap_err();
+    assert!(matches!(err, jobs::JobError::Raced(_)), "{err}");
+
+    // Everything answered; the job collects round 1 and finishes.
+    c.label_item(lea, b, "ham", None).unwrap();
+    assert_eq!(c.changeable_answers(lea).unwrap().len(), 2);
+    for item in jobs::open_items_for(store.as_ref(), "leo").unwrap() {
+        c.label_item(leo, &item.record, "spam", None).unwrap();
+    }
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    assert!(
+        matches!(job.state, JobState::Done { .. }),
+        "{:?}",
+        job.state
+    );
+    // Collected: final. The refusal writes nothing.
+    assert!(c.changeable_answers(lea).unwrap().is_empty());
+    let err = c.change_label_item(lea, a, "spam", None).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "round 1 of job {} has collected its answers",
+            job.id
+        )),
+        "{err}"
+    );
+    assert_eq!(human_label(a), ["ham"]);
+    // A record never queued for her: the same denial as anyone's.
+    let err = c
+        .change_label_item(lea, "no-such-record", "ham", None)
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
+    crate::support::every_audited_action_is_known(c);
+}
+
+#[test]
 fn failed_spot_checks_revoke_a_rounds_automatic_labels_and_raise_the_gate() {
     // A third of SpamAssassin; two records in three keep their label.
     let p = people(3, |i| i % 3 != 0, &["hashed-ngrams", "dual-agree"]);

@@ -405,6 +405,29 @@ pub(crate) fn selector_priorities_are_sealed(e: &Env, name: &str) {
     no_priority("/api/labels/next", &api);
     assert!(api.contains("\"rank\""), "{api}");
     no_priority("/label", &e.console_get("lab", "/label"));
+    // Answered, the item is listed among the answers that can change,
+    // still with its rank only; changing it from the CLI is a label.
+    let rec = v["id"].as_str().unwrap().to_string();
+    e.cli_text("lab", &["label", "set", &rec, "spam"]);
+    let answers = e.cli_text("lab", &["label", "answers", "--json"]);
+    no_priority("label answers", &answers);
+    let listed: serde_json::Value = serde_json::from_str(answers.trim()).unwrap();
+    assert_eq!(listed[0]["item"]["record"], rec.as_str(), "{answers}");
+    assert_eq!(listed[0]["item"]["answer"]["label"], "spam", "{answers}");
+    assert!(listed[0]["item"].get("priority").is_none(), "{answers}");
+    let api = e.console_get("lab", "/api/labels/answers");
+    no_priority("/api/labels/answers", &api);
+    no_priority("/label", &e.console_get("lab", "/label"));
+    let out = e.cli_text("lab", &["label", "change", &rec, "ham"]);
+    assert!(
+        out.contains(&format!("changed the answer to {rec} to ham")),
+        "{out}"
+    );
+    let answers = e.cli_text("lab", &["label", "answers"]);
+    assert!(
+        answers.contains(&rec) && answers.contains(" ham "),
+        "{answers}"
+    );
     assert_clean(
         "job show",
         &e.cli_clean("sci", &["job", "show", &id, "--json"]),

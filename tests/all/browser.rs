@@ -414,6 +414,18 @@ fn a_browser_walks_the_console_for_every_role() {
     b.shot("label");
     b.keys("1");
     b.wait_for("2 waiting for you");
+    // The answer just given can still change (the round has not collected
+    // it): the table offers the other class.
+    let src = b.source();
+    assert!(
+        src.contains("Your answers you can still change")
+            && src.contains("<td class=\"answer\">ham</td>"),
+        "the queue page shows:\n{src}"
+    );
+    b.click("#answers form button");
+    b.wait_for("<td class=\"answer\">spam</td>");
+    b.shot("label-changed");
+    assert!(b.source().contains("2 waiting for you"));
 
     // The scientist requests a release; a second person approves it.
     b.login(&base, "ana");

@@ -299,6 +299,7 @@ fn every_read_route_answers_each_role_as_the_policy_says() {
         // (An empty queue for anyone with no assignment: a client is never
         // assigned a record.)
         ("/api/labels/next".into(), all),
+        ("/api/labels/answers".into(), all),
         ("/api/deployments".into(), project),
         ("/api/deployments/spam".into(), project),
         ("/api/audit".into(), &["admin", "auditor"]),
@@ -571,6 +572,7 @@ fn bad_inputs_never_get_a_server_error() {
         "/api/train",
         "/api/jobs",
         "/api/labels",
+        "/api/labels/change",
         "/api/login",
         "/api/plugins",
         "/api/models/x/request-release",

@@ -90,6 +90,29 @@ pub struct LabelTask {
     pub classes: Vec<String>,
 }
 
+/// An answer its labeler can still change (its round has not collected
+/// it), with the labels it can change to.
+#[derive(Debug, Clone, Serialize)]
+pub struct OwnAnswer {
+    /// The answered queue item.
+    pub item: QueueItem,
+    /// The job's classes.
+    pub classes: Vec<String>,
+}
+
+/// The round whose answers `job` has still to collect, if any: until it
+/// does, those answers can change. A cancelled or finished job collects
+/// nothing more.
+pub fn collecting(job: &Job) -> Option<u32> {
+    match (&job.state, job.next) {
+        (
+            JobState::Running | JobState::AwaitingLabels { .. } | JobState::Failed { .. },
+            Step::Answer(round),
+        ) => Some(round),
+        _ => None,
+    }
+}
+
 /// Errors of jobs.
 #[derive(Debug, Error)]
 pub enum JobError {
@@ -126,6 +149,26 @@ pub enum JobError {
     /// Nothing queued for this labeler.
     #[error("no queued item {0} for you")]
     NotQueued(String),
+    /// An answer can no longer change: its round has collected it.
+    #[error(
+        "round {round} of job {job} has collected its answers, {record}'s among them; an answer can change only until its round collects it"
+    )]
+    Collected {
+        /// Job id.
+        job: String,
+        /// The item's round.
+        round: u32,
+        /// The record.
+        record: String,
+    },
+    /// The item is still open: it has no answer to change.
+    #[error("{0} is not answered yet: label it instead of changing it")]
+    NotAnswered(String),
+    /// A commit's other precondition than the job itself no longer held
+    /// (the round's answers changed while a step read them): the step is
+    /// taken again from what is stored now.
+    #[error("job {0}: the answers changed while a step read them")]
+    Raced(String),
     /// A label file is malformed.
     #[error("{file}:{line}: {message}")]
     LabelFile {
@@ -442,6 +485,7 @@ const LEDGER: u8 = b'l';
 const QUEUE: u8 = b'q';
 const BY_USER: u8 = b'u';
 const CANCEL: u8 = b'c';
+const ANSWERS: u8 = b'a';
 
 fn key(tag: u8, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![tag];
@@ -504,22 +548,85 @@ pub fn get_read(store: &dyn Storage, id: &str) -> Result<(Job, Vec<u8>), JobErro
 /// never collides with a step.)
 pub fn commit_job(
     store: &dyn Storage,
+    batch: WriteBatch,
+    job: &Job,
+    read: &mut Vec<u8>,
+) -> Result<(), JobError> {
+    commit_job_if(store, batch, job, read, Vec::new())
+}
+
+/// [`commit_job`], also only if every one of `also` holds. When the job
+/// is still `read` but one of `also` failed, the error is
+/// [`JobError::Raced`] (take the step again), not [`JobError::Moved`].
+pub fn commit_job_if(
+    store: &dyn Storage,
     mut batch: WriteBatch,
     job: &Job,
     read: &mut Vec<u8>,
+    also: Vec<Expect>,
 ) -> Result<(), JobError> {
     let k = key(JOB, &[&job.id]);
     let bytes = json(job)?;
     batch.put(Space::Jobs, k.clone(), bytes.clone());
-    let expect = [Expect::new(Space::Jobs, k, Some(read.clone()))];
+    let mut expect = vec![Expect::new(Space::Jobs, k.clone(), Some(read.clone()))];
+    let more = !also.is_empty();
+    expect.extend(also);
     match store.commit_if(&expect, batch) {
         Ok(()) => {
             *read = bytes;
             Ok(())
         }
-        Err(StoreError::Conflict { .. }) => Err(JobError::Moved(job.id.clone())),
+        Err(StoreError::Conflict { .. }) => {
+            if more && store.get(Space::Jobs, &k)?.as_deref() == Some(read.as_slice()) {
+                Err(JobError::Raced(job.id.clone()))
+            } else {
+                Err(JobError::Moved(job.id.clone()))
+            }
+        }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Job `id` left as it is, in a batch that must not land if it changed:
+/// writes `read` (the bytes it was decoded from, [`get_read`]) back, and
+/// returns the expectation that they are still there (a commit guards
+/// only keys it writes). The bytes stay the same, so whoever drives the
+/// job sees no change.
+pub fn keep_job(batch: &mut WriteBatch, id: &str, read: &[u8]) -> Expect {
+    let k = key(JOB, &[id]);
+    batch.put(Space::Jobs, k.clone(), read.to_vec());
+    Expect::new(Space::Jobs, k, Some(read.to_vec()))
+}
+
+/// The job's answers token: what a step that collects a round's answers
+/// must find unchanged when it commits (a changed answer writes a new
+/// one), as an expectation on its present value. The commit must also
+/// write the key ([`touch_answers`]).
+pub fn answers_expectation(store: &dyn Storage, job: &str) -> Result<Expect, JobError> {
+    let k = key(ANSWERS, &[job]);
+    let now = store.get(Space::Jobs, &k)?;
+    Ok(Expect::new(Space::Jobs, k, now))
+}
+
+/// Writes a fresh answers token for `job` (in a batch): `token` is random,
+/// so no later value repeats an earlier one.
+pub fn touch_answers(batch: &mut WriteBatch, job: &str, token: Vec<u8>) {
+    batch.put(Space::Jobs, key(ANSWERS, &[job]), token);
+}
+
+/// One queue item with the stored bytes it was decoded from (what a
+/// change of it must find still there), if `record` is queued by `job`.
+pub fn queue_item_read(
+    store: &dyn Storage,
+    job: &str,
+    record: &str,
+) -> Result<Option<(QueueItem, Expect)>, JobError> {
+    let k = key(QUEUE, &[job, record]);
+    let Some(bytes) = store.get(Space::Jobs, &k)? else {
+        return Ok(None);
+    };
+    let item: QueueItem = parse(&bytes, "a queue item")?;
+    Ok(Some((item, Expect::new(Space::Jobs, k, Some(bytes)))))
 }
 
 /// Every job, oldest first.

@@ -760,6 +760,9 @@ impl Cloister {
         progress: &mut dyn FnMut(JobEvent<'_>),
     ) -> Result<bool, ServiceError> {
         let store = self.env().store();
+        // Read before the queue: an answer changed after this read makes
+        // the commit below fail, and the step is taken again.
+        let unchanged = crate::jobs::answers_expectation(store.as_ref(), &job.id)?;
         let queue = crate::jobs::queue(store.as_ref(), &job.id)?;
         let mut batch = WriteBatch::new();
         let mut answered = 0u64;
@@ -848,7 +851,13 @@ impl Cloister {
         };
         job.state = JobState::Running;
         job.updated_ms = crate::time::now_ms();
-        crate::jobs::commit_job(store.as_ref(), batch, job, read)?;
+        crate::jobs::touch_answers(&mut batch, &job.id, crate::env::random_bytes(16)?);
+        match crate::jobs::commit_job_if(store.as_ref(), batch, job, read, vec![unchanged]) {
+            // An answer changed while this step read the queue: nothing
+            // was written; the drive loop takes the step again.
+            Err(crate::jobs::JobError::Raced(_)) => return Ok(true),
+            done => done?,
+        }
         progress(JobEvent::Answered { round, answered });
         Ok(true)
     }

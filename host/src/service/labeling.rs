@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use crate::datasets::{self};
 use crate::digest::Digest;
 use crate::jobs::label_file::parse_label_file;
-use crate::jobs::{Answer, JobError, LabelTask, QueueItem};
+use crate::jobs::{Answer, JobError, LabelTask, OwnAnswer, QueueItem};
 use crate::policy::{Action, Resource};
 use crate::store::WriteBatch;
 use crate::users::User;
@@ -48,19 +48,19 @@ impl Cloister {
                 label.to_string(),
                 job.map(str::to_string),
             )],
-            |_| 0,
+            |_| None,
         )?;
         done.pop()
             .ok_or_else(|| JobError::NotQueued(record.to_string()).into())
     }
 
-    /// Labels many queued records all-or-nothing. `line` maps an entry's
-    /// index to its line in a file (for errors).
+    /// Labels many queued records all-or-nothing. `place` maps an entry's
+    /// index to where it came from (`file:line`, for errors), if anywhere.
     pub(super) fn label_items(
         &self,
         who: &User,
         entries: &[(String, String, Option<String>)],
-        line: impl Fn(usize) -> usize,
+        place: impl Fn(usize) -> Option<String>,
     ) -> Result<Vec<QueueItem>, ServiceError> {
         let open = crate::jobs::open_items_for(self.env().store().as_ref(), &who.name)?;
         let mut chosen: Vec<(QueueItem, String)> = Vec::new();
@@ -70,12 +70,12 @@ impl Cloister {
                 .iter()
                 .find(|q| q.record == *record && job.as_ref().is_none_or(|j| *j == q.job))
             else {
-                return Err(self.not_queued_for(who, record, job.as_deref(), line(n)));
+                return Err(self.not_queued_for(who, record, job.as_deref(), place(n)));
             };
             if !seen.insert((item.job.clone(), record.clone())) {
                 return Err(ServiceError::BadRequest(format!(
-                    "entry {}: {record} is labeled twice in one request",
-                    line(n)
+                    "{}: {record} is labeled twice in one request",
+                    place(n).unwrap_or_else(|| format!("entry {}", n + 1))
                 )));
             }
             chosen.push((item.clone(), label.clone()));
@@ -83,13 +83,7 @@ impl Cloister {
         for (item, label) in &chosen {
             human_label(who, label)?;
             let job = crate::jobs::get(self.env().store().as_ref(), &item.job)?;
-            if !job.classes.contains(label) {
-                return Err(ServiceError::BadRequest(format!(
-                    "`{label}` is not a class of job {} (classes: {})",
-                    item.job,
-                    job.classes.join(", ")
-                )));
-            }
+            one_of_the_classes(&job, label)?;
         }
         let mut batch = WriteBatch::new();
         let mut out = Vec::new();
@@ -145,7 +139,7 @@ impl Cloister {
         who: &User,
         record: &str,
         job: Option<&str>,
-        line: usize,
+        place: Option<String>,
     ) -> ServiceError {
         let store = self.env().store();
         let queued = crate::jobs::list(store.as_ref()).ok().and_then(|jobs| {
@@ -175,7 +169,11 @@ impl Cloister {
             &(record, job, "not-queued"),
         ) {
             Err(e) => e,
-            Ok(()) => JobError::NotQueued(format!("{record} (entry {line})")).into(),
+            Ok(()) => JobError::NotQueued(match place {
+                Some(p) => format!("{record} ({p})"),
+                None => record.to_string(),
+            })
+            .into(),
         }
     }
 
@@ -187,7 +185,154 @@ impl Cloister {
         let lines: Vec<usize> = entries.iter().map(|e| e.0).collect();
         let items: Vec<(String, String, Option<String>)> =
             entries.into_iter().map(|(_, r, l, j)| (r, l, j)).collect();
-        let done = self.label_items(who, &items, |n| lines.get(n).copied().unwrap_or(0))?;
+        let done = self.label_items(who, &items, |n| {
+            lines.get(n).map(|line| format!("{file}:{line}"))
+        })?;
         Ok(done.len())
+    }
+
+    /// The answers `who` gave that can still change: those of rounds
+    /// their jobs have not collected yet, the latest first. Only the
+    /// caller's own answers (record ids and labels they gave), like the
+    /// count of their open items; no record content.
+    pub fn changeable_answers(&self, who: &User) -> Result<Vec<OwnAnswer>, ServiceError> {
+        let store = self.env().store();
+        let mut out = Vec::new();
+        for job in crate::jobs::list(store.as_ref())? {
+            if !job.spec.labelers.contains(&who.name) {
+                continue;
+            }
+            let Some(round) = crate::jobs::collecting(&job) else {
+                continue;
+            };
+            for item in crate::jobs::queue(store.as_ref(), &job.id)?.into_values() {
+                if item.round == round
+                    && item.answer.is_some()
+                    && item.assignee.as_deref() == Some(who.name.as_str())
+                {
+                    out.push(OwnAnswer {
+                        item,
+                        classes: job.classes.clone(),
+                    });
+                }
+            }
+        }
+        let time = |a: &OwnAnswer| a.item.answer.as_ref().map_or(0, |a| a.time_ms);
+        out.sort_by(|a, b| {
+            time(b)
+                .cmp(&time(a))
+                .then_with(|| a.item.job.cmp(&b.item.job))
+                .then_with(|| a.item.record.cmp(&b.item.record))
+        });
+        Ok(out)
+    }
+
+    /// Changes `who`'s answer to a queue item (by record id; `job` picks
+    /// among several) while its round has not collected it: the dataset
+    /// label and the item's answer change together, authorized and
+    /// audited as a label. Once the round has collected its answers (the
+    /// job trained on them and checked its spot checks with them), the
+    /// answer is final and the change is refused; nothing is written.
+    pub fn change_label_item(
+        &self,
+        who: &User,
+        record: &str,
+        label: &str,
+        job: Option<&str>,
+    ) -> Result<QueueItem, ServiceError> {
+        let store = self.env().store();
+        // The caller's items for this record: one that can change first,
+        // then one already collected, then one still open.
+        let mut mine = Vec::new();
+        for j in crate::jobs::list(store.as_ref())? {
+            if job.is_some_and(|id| id != j.id) {
+                continue;
+            }
+            if let Some((item, expect)) =
+                crate::jobs::queue_item_read(store.as_ref(), &j.id, record)?
+                && item.assignee.as_deref() == Some(who.name.as_str())
+            {
+                let rank = match (&item.answer, crate::jobs::collecting(&j)) {
+                    (Some(_), Some(r)) if r == item.round => 0,
+                    (Some(_), _) => 1,
+                    (None, _) => 2,
+                };
+                mine.push((rank, item, expect));
+            }
+        }
+        mine.sort_by_key(|m| m.0);
+        let Some((_, item, item_read)) = mine.into_iter().next() else {
+            return Err(self.not_queued_for(who, record, job, None));
+        };
+        human_label(who, label)?;
+        let (current, job_read) = crate::jobs::get_read(store.as_ref(), &item.job)?;
+        one_of_the_classes(&current, label)?;
+        let (v, resource) = self.lookup_record(&item.dataset, &item.record)?;
+        self.guard(
+            &who.principal(),
+            Action::LabelRecord,
+            &resource,
+            &(
+                &item.dataset,
+                &item.record,
+                Digest::of(label.as_bytes()).to_hex(),
+                "change",
+            ),
+        )?;
+        if item.answer.is_none() {
+            return Err(JobError::NotAnswered(item.record).into());
+        }
+        let collected = || JobError::Collected {
+            job: item.job.clone(),
+            round: item.round,
+            record: item.record.clone(),
+        };
+        if crate::jobs::collecting(&current) != Some(item.round) {
+            return Err(collected().into());
+        }
+        let entry = human_label(who, label)?;
+        let mut batch = datasets::set_label(self.env(), &v, &item.record, &entry)?;
+        let mut done = item.clone();
+        done.answer = Some(Answer {
+            label: label.to_string(),
+            by: who.name.clone(),
+            time_ms: entry.time_ms,
+        });
+        crate::jobs::put_queue(&mut batch, &done)?;
+        // A step collecting this round's answers that read them before
+        // this change finds the token changed and reads them again.
+        crate::jobs::touch_answers(&mut batch, &item.job, crate::env::random_bytes(16)?);
+        let expect = [
+            crate::jobs::keep_job(&mut batch, &item.job, &job_read),
+            item_read,
+        ];
+        match store.commit_if(&expect, batch) {
+            Ok(()) => Ok(done),
+            Err(crate::store::StoreError::Conflict { .. }) => {
+                let now = crate::jobs::get(store.as_ref(), &item.job)?;
+                if crate::jobs::collecting(&now) == Some(item.round) {
+                    Err(ServiceError::BadRequest(format!(
+                        "job {} or its answer to {} changed while this change was written (another request); nothing was written: try again",
+                        item.job, item.record
+                    )))
+                } else {
+                    Err(collected().into())
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `label` is one of `job`'s classes, or the error naming them.
+fn one_of_the_classes(job: &crate::jobs::Job, label: &str) -> Result<(), ServiceError> {
+    if job.classes.iter().any(|c| c == label) {
+        Ok(())
+    } else {
+        Err(ServiceError::BadRequest(format!(
+            "`{label}` is not a class of job {} (classes: {})",
+            job.id,
+            job.classes.join(", ")
+        )))
     }
 }
