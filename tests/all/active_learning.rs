@@ -801,6 +801,22 @@ badcases_per_round = 0
     assert!(err.to_string().contains("not answered yet"), "{err}");
 
     c.label_item(lea, a, "spam", None).unwrap();
+    // Answered, it is no longer queued: labeling it again is refused, by
+    // record id alone from the command line, with file and line from a file.
+    let err = c.label_item(lea, a, "ham", None).unwrap_err();
+    assert_eq!(err.to_string(), format!("no queued item {a} for you"));
+    let file = format!("id,label\n{b},ham\n{a},ham\n");
+    let err = c.import_labels(lea, "lea.csv", &file).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("no queued item {a} (lea.csv:3) for you")
+    );
+    let file = format!("id,label\n{b},ham\n{b},spam\n");
+    let err = c.import_labels(lea, "lea.csv", &file).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("lea.csv:3: {b} is labeled twice in one request")
+    );
     let listed = c.changeable_answers(lea).unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(&listed[0].item.record, a);
