@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Subcommand;
 
+use cloister_host::csv_records::{NumberCell, number_cell};
 use cloister_host::datasets::DatasetVersion;
 use cloister_host::records::Schema;
 use cloister_host::service::ImportOptions;
@@ -112,7 +113,6 @@ fn numeric_columns_note(
                 columns.insert(j, (field.name.clone(), None));
             }
             let column = &mut columns[j].1;
-            use cloister_host::csv_records::{NumberCell, number_cell};
             match number_cell(&field.value) {
                 NumberCell::Empty => {}
                 NumberCell::Number(_) => *column = Some(column.unwrap_or(true)),
