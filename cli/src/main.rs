@@ -160,7 +160,8 @@ enum Command {
     /// statistics.
     #[command(subcommand)]
     Job(job_cmd::JobCommand),
-    /// The human labeling queue: next item, set a label, import labels.
+    /// The human labeling queue: next item, set a label, import labels,
+    /// change an answer until its round collects it.
     #[command(subcommand)]
     Label(job_cmd::LabelCommand),
     /// Deployments: serve released models to client accounts, with
