@@ -1614,18 +1614,7 @@ fn answers_to_change(c: &Caller, answers: &[cloister_host::jobs::OwnAnswer]) -> 
 }
 
 async fn change_label(State(k): S, h: HeaderMap, Form(f): Form<LabelForm>) -> Page {
-    let c = poster(&k, &h, &f.csrf).await?;
-    let u = c.user.clone();
-    run(&k, &c, move |x| {
-        x.change_label_item(
-            &u,
-            &f.id,
-            &f.label,
-            f.job.as_deref().filter(|j| !j.is_empty()),
-        )
-    })
-    .await?;
-    Ok(Redirect::to("/label").into_response())
+    answer(&k, &h, f, Cloister::change_label_item).await
 }
 
 #[derive(Deserialize)]
@@ -1639,10 +1628,27 @@ struct LabelForm {
 }
 
 async fn label(State(k): S, h: HeaderMap, Form(f): Form<LabelForm>) -> Page {
-    let c = poster(&k, &h, &f.csrf).await?;
+    answer(&k, &h, f, Cloister::label_item).await
+}
+
+/// [`Cloister::label_item`] or [`Cloister::change_label_item`]: (user,
+/// record, label, job).
+type Labeling = fn(
+    &Cloister,
+    &User,
+    &str,
+    &str,
+    Option<&str>,
+) -> Result<cloister_host::jobs::QueueItem, cloister_host::service::ServiceError>;
+
+/// A labeling form posted: `how` answers (or changes an answer to) the
+/// record, then back to the queue.
+async fn answer(k: &Arc<Console>, h: &HeaderMap, f: LabelForm, how: Labeling) -> Page {
+    let c = poster(k, h, &f.csrf).await?;
     let u = c.user.clone();
-    run(&k, &c, move |x| {
-        x.label_item(
+    run(k, &c, move |x| {
+        how(
+            x,
             &u,
             &f.id,
             &f.label,

@@ -628,6 +628,30 @@ fn people(step: usize, labeled: impl Fn(usize) -> bool, plugins: &[&str]) -> Peo
     }
 }
 
+/// A job `name` on `mail` with one round of four items for lea and leo.
+fn one_round_for_two(name: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+dataset = "mail"
+features = {{ plugin = "hashed-ngrams", config = {{ bits = 14 }} }}
+labelers = ["lea", "leo"]
+[[model]]
+template = "logreg"
+[[model]]
+template = "logreg"
+set = {{ seed = 7 }}
+[selector]
+plugin = "least-confidence"
+[loop]
+per_round = 4
+max_rounds = 1
+budget = 4
+badcases_per_round = 0
+"#
+    )
+}
+
 #[test]
 fn labelers_see_only_their_items_and_labels_move_the_job_on() {
     // 400 emails; only validation/test-sized share keeps its label.
@@ -641,25 +665,9 @@ fn labelers_see_only_their_items_and_labels_move_the_job_on() {
         ..
     } = &p;
     let (c, admin, sci, lea, leo) = (c, admin, sci, lea, leo);
-    let spec = r#"
-name = "people"
-dataset = "mail"
-features = { plugin = "hashed-ngrams", config = { bits = 14 } }
-labelers = ["lea", "leo"]
-[[model]]
-template = "logreg"
-[[model]]
-template = "logreg"
-set = { seed = 7 }
-[selector]
-plugin = "least-confidence"
-[loop]
-per_round = 4
-max_rounds = 1
-budget = 4
-badcases_per_round = 0
-"#;
-    let job = c.start_job(sci, "people.toml", spec, None).unwrap();
+    let job = c
+        .start_job(sci, "people.toml", &one_round_for_two("people"), None)
+        .unwrap();
     let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
     assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
 
@@ -748,25 +756,9 @@ fn a_labeler_changes_an_answer_until_its_round_collects_it() {
     use cloister_host::datasets::{self, Provenance};
     let p = people(15, |i| i % 3 == 0, &["hashed-ngrams", "least-confidence"]);
     let (c, admin, sci, lea, leo) = (&p.c, &p.admin, &p.sci, &p.lea, &p.leo);
-    let spec = r#"
-name = "fixing"
-dataset = "mail"
-features = { plugin = "hashed-ngrams", config = { bits = 14 } }
-labelers = ["lea", "leo"]
-[[model]]
-template = "logreg"
-[[model]]
-template = "logreg"
-set = { seed = 7 }
-[selector]
-plugin = "least-confidence"
-[loop]
-per_round = 4
-max_rounds = 1
-budget = 4
-badcases_per_round = 0
-"#;
-    let job = c.start_job(sci, "fixing.toml", spec, None).unwrap();
+    let job = c
+        .start_job(sci, "fixing.toml", &one_round_for_two("fixing"), None)
+        .unwrap();
     let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
     assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
     let store = c.env().store();

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use crate::datasets::{self};
+use crate::datasets::{self, LabelEntry};
 use crate::digest::Digest;
 use crate::jobs::label_file::parse_label_file;
 use crate::jobs::{Answer, JobError, LabelTask, OwnAnswer, QueueItem};
@@ -11,7 +11,6 @@ use crate::policy::{Action, Resource};
 use crate::store::WriteBatch;
 use crate::users::User;
 
-/// What a running job reports.
 use super::datasets::human_label;
 use super::{Cloister, ServiceError};
 
@@ -95,19 +94,8 @@ impl Cloister {
             .map(|k| crate::store::Expect::new(crate::store::Space::Jobs, k, Some(Vec::new())))
             .collect();
         for (item, label) in chosen {
-            let (v, resource) = self.lookup_record(&item.dataset, &item.record)?;
-            self.guard(
-                &who.principal(),
-                Action::LabelRecord,
-                &resource,
-                &(
-                    &item.dataset,
-                    &item.record,
-                    Digest::of(label.as_bytes()).to_hex(),
-                ),
-            )?;
-            let entry = human_label(who, &label)?;
-            batch.extend(datasets::set_label(self.env(), &v, &item.record, &entry)?);
+            let (writes, entry) = self.authorize_label(who, &item, &label, None)?;
+            batch.extend(writes);
             let mut done = item;
             done.answer = Some(Answer {
                 label,
@@ -267,18 +255,7 @@ impl Cloister {
         human_label(who, label)?;
         let (current, job_read) = crate::jobs::get_read(store.as_ref(), &item.job)?;
         one_of_the_classes(&current, label)?;
-        let (v, resource) = self.lookup_record(&item.dataset, &item.record)?;
-        self.guard(
-            &who.principal(),
-            Action::LabelRecord,
-            &resource,
-            &(
-                &item.dataset,
-                &item.record,
-                Digest::of(label.as_bytes()).to_hex(),
-                "change",
-            ),
-        )?;
+        let (mut batch, entry) = self.authorize_label(who, &item, label, Some("change"))?;
         if item.answer.is_none() {
             return Err(JobError::NotAnswered(item.record).into());
         }
@@ -290,8 +267,6 @@ impl Cloister {
         if crate::jobs::collecting(&current) != Some(item.round) {
             return Err(collected().into());
         }
-        let entry = human_label(who, label)?;
-        let mut batch = datasets::set_label(self.env(), &v, &item.record, &entry)?;
         let mut done = item.clone();
         done.answer = Some(Answer {
             label: label.to_string(),
@@ -321,6 +296,33 @@ impl Cloister {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The one authorization of a person's label on a queue item's record
+    /// (`label_record`, audited; `how` marks a change in the audited
+    /// parameters), and the writes that store it in the dataset.
+    fn authorize_label(
+        &self,
+        who: &User,
+        item: &QueueItem,
+        label: &str,
+        how: Option<&str>,
+    ) -> Result<(WriteBatch, LabelEntry), ServiceError> {
+        let (v, resource) = self.lookup_record(&item.dataset, &item.record)?;
+        self.guard(
+            &who.principal(),
+            Action::LabelRecord,
+            &resource,
+            &(
+                &item.dataset,
+                &item.record,
+                Digest::of(label.as_bytes()).to_hex(),
+                how,
+            ),
+        )?;
+        let entry = human_label(who, label)?;
+        let writes = datasets::set_label(self.env(), &v, &item.record, &entry)?;
+        Ok((writes, entry))
     }
 }
 
