@@ -878,6 +878,48 @@ fn a_labeler_changes_an_answer_until_its_round_collects_it() {
 }
 
 #[test]
+fn a_cancelled_jobs_items_leave_the_labelers_queues() {
+    let p = people(15, |i| i % 3 == 0, &["hashed-ngrams", "least-confidence"]);
+    let (c, sci, lea, leo) = (&p.c, &p.sci, &p.lea, &p.leo);
+    let job = c
+        .start_job(sci, "gone.toml", &one_round_for_two("gone"), None)
+        .unwrap();
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
+    let store = c.env().store();
+    let mine = jobs::open_items_for(store.as_ref(), "lea").unwrap();
+    let (a, b) = (&mine[0].record, &mine[1].record);
+    c.label_item(lea, a, "spam", None).unwrap();
+    c.cancel_job(sci, &job.id).unwrap();
+    // Nobody will collect these answers: the queue shows none of its items
+    // and takes no label for them, saying why.
+    assert!(c.next_label_item(lea).unwrap().is_none());
+    assert!(c.next_label_item(leo).unwrap().is_none());
+    assert!(
+        jobs::open_items_for(store.as_ref(), "lea")
+            .unwrap()
+            .is_empty()
+    );
+    let err = c.label_item(lea, b, "ham", None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "job {} is cancelled: its queue takes no more labels",
+            job.id
+        )
+    );
+    assert!(c.changeable_answers(lea).unwrap().is_empty());
+    let err = c.change_label_item(lea, a, "ham", None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("job {} is cancelled: its answers cannot change", job.id)
+    );
+    // Another labeler's item of it is still a denial, not a hint.
+    let err = c.label_item(leo, b, "ham", None).unwrap_err();
+    assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
+}
+
+#[test]
 fn failed_spot_checks_revoke_a_rounds_automatic_labels_and_raise_the_gate() {
     // A third of SpamAssassin; two records in three keep their label.
     let p = people(3, |i| i % 3 != 0, &["hashed-ngrams", "dual-agree"]);

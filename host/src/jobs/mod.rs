@@ -719,13 +719,20 @@ pub fn put_queue(batch: &mut WriteBatch, item: &QueueItem) -> Result<(), JobErro
     Ok(())
 }
 
+/// Whether job `id` was cancelled: its queue takes no more answers.
+pub fn is_cancelled(store: &dyn Storage, id: &str) -> Result<bool, JobError> {
+    Ok(store.get(Space::Jobs, &key(CANCEL, &[id]))?.is_some())
+}
+
 /// The open items assigned to `user`: earliest round first, then by rank.
+/// Items of a cancelled job are left out: nobody will collect them.
 pub fn open_items_for(store: &dyn Storage, user: &str) -> Result<Vec<QueueItem>, JobError> {
     let p = {
         let mut k = key(BY_USER, &[user]);
         k.push(0);
         k
     };
+    let mut cancelled: HashMap<String, bool> = HashMap::new();
     let mut out = Vec::new();
     for item in store.scan(Space::Jobs, &p) {
         let (k, _) = item?;
@@ -736,6 +743,17 @@ pub fn open_items_for(store: &dyn Storage, user: &str) -> Result<Vec<QueueItem>,
             .ok_or_else(|| JobError::Damaged("a labeler index key".into()))?;
         let job = String::from_utf8_lossy(&rest[..cut]).into_owned();
         let record = String::from_utf8_lossy(&rest[cut + 1..]).into_owned();
+        let gone = match cancelled.get(&job) {
+            Some(&c) => c,
+            None => {
+                let c = is_cancelled(store, &job)?;
+                cancelled.insert(job.clone(), c);
+                c
+            }
+        };
+        if gone {
+            continue;
+        }
         if let Some(v) = store.get(Space::Jobs, &key(QUEUE, &[&job, &record]))? {
             let q: QueueItem = parse(&v, "a queue item")?;
             if q.answer.is_none() {

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use crate::datasets::{self, LabelEntry};
 use crate::digest::Digest;
 use crate::jobs::label_file::parse_label_file;
-use crate::jobs::{Answer, JobError, LabelTask, OwnAnswer, QueueItem};
+use crate::jobs::{Answer, JobError, JobState, LabelTask, OwnAnswer, QueueItem};
 use crate::policy::{Action, Resource};
 use crate::store::WriteBatch;
 use crate::users::User;
@@ -157,12 +157,39 @@ impl Cloister {
             &(record, job, "not-queued"),
         ) {
             Err(e) => e,
-            Ok(()) => JobError::NotQueued(match place {
-                Some(p) => format!("{record} ({p})"),
-                None => record.to_string(),
-            })
-            .into(),
+            Ok(()) => match self.open_in_cancelled_job(who, record, job) {
+                Some(id) => JobError::State {
+                    id,
+                    state: "cancelled".into(),
+                    what: "its queue takes no more labels",
+                }
+                .into(),
+                None => JobError::NotQueued(match place {
+                    Some(p) => format!("{record} ({p})"),
+                    None => record.to_string(),
+                })
+                .into(),
+            },
         }
+    }
+
+    /// The cancelled job (among `job`, if named) in which `record` is
+    /// still an open item of `who`'s, if any: why it is not queued.
+    fn open_in_cancelled_job(&self, who: &User, record: &str, job: Option<&str>) -> Option<String> {
+        let store = self.env().store();
+        let jobs = crate::jobs::list(store.as_ref()).ok()?;
+        jobs.into_iter()
+            .filter(|j| job.is_none_or(|id| id == j.id))
+            .filter(|j| matches!(j.state, JobState::Cancelled { .. }))
+            .find(|j| {
+                crate::jobs::queue_item_read(store.as_ref(), &j.id, record)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|(item, _)| {
+                        item.answer.is_none() && item.assignee.as_deref() == Some(who.name.as_str())
+                    })
+            })
+            .map(|j| j.id)
     }
 
     /// Imports labels for queued items from a file: JSONL objects with
@@ -264,6 +291,14 @@ impl Cloister {
             round: item.round,
             record: item.record.clone(),
         };
+        if let JobState::Cancelled { .. } = current.state {
+            return Err(JobError::State {
+                id: item.job,
+                state: "cancelled".into(),
+                what: "its answers cannot change",
+            }
+            .into());
+        }
         if crate::jobs::collecting(&current) != Some(item.round) {
             return Err(collected().into());
         }
