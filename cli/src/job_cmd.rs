@@ -69,6 +69,19 @@ pub enum JobCommand {
         /// Job id.
         id: String,
     },
+    /// Move a labeler's open items to another labeler, who also takes
+    /// their place in the rounds to come (someone away, an account
+    /// disabled). Answers already given stay theirs.
+    Reassign {
+        /// Job id.
+        id: String,
+        /// The labeler whose items move.
+        #[arg(long)]
+        from: String,
+        /// The labeler who takes them (an active labeler).
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// `cloister label …`.
@@ -277,6 +290,14 @@ pub fn print_rounds(job: &Job) {
 pub fn print_stats(s: &JobStats) {
     let pct = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1}%", v * 100.0));
     say!("pool (unlabeled training records): {}", s.pool_size);
+    if !s.labelers.is_empty() {
+        let each: Vec<String> = s
+            .labelers
+            .iter()
+            .map(|l| format!("{} {} open, {} answered", l.labeler, l.open, l.answered))
+            .collect();
+        say!("waiting for labelers: {}", each.join("; "));
+    }
     say!(
         "manual labels: {} used of {} requested ({} of the pool)",
         s.manual_used,
@@ -442,6 +463,16 @@ pub fn job(env: &EnvArgs, cmd: JobCommand) -> Result<ExitCode> {
                 if let JobState::Failed { error } = &j.state {
                     say!("error: {error}");
                 }
+                for r in &j.reassigned {
+                    say!(
+                        "reassigned: {} open item{} from {} to {} by {}",
+                        r.items,
+                        if r.items == 1 { "" } else { "s" },
+                        r.from,
+                        r.to,
+                        r.by
+                    );
+                }
                 say!();
                 print_rounds(&j);
                 if let Some(r) = &j.result {
@@ -469,6 +500,15 @@ pub fn job(env: &EnvArgs, cmd: JobCommand) -> Result<ExitCode> {
         JobCommand::Cancel { id } => {
             let j = c.cancel_job(who, &id)?;
             return Ok(print_outcome(&j));
+        }
+        JobCommand::Reassign { id, from, to } => {
+            let (j, moved) = c.reassign_labels(who, &id, &from, &to)?;
+            say!(
+                "moved {moved} open item{} of job {} from {from} to {to}; the rounds to come ask {}",
+                if moved == 1 { "" } else { "s" },
+                j.id,
+                j.labelers().join(", ")
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

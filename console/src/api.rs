@@ -73,6 +73,7 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         .route("/api/jobs/{id}/stats", get(job_stats))
         .route("/api/jobs/{id}/resume", post(resume_job))
         .route("/api/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/jobs/{id}/reassign", post(reassign_labels))
         .route("/api/models", get(models))
         .route("/api/models/{id}", get(model))
         .route("/api/models/{id}/request-release", post(request_release))
@@ -342,6 +343,23 @@ async fn resume_job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
 async fn cancel_job(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
     let u = writer(&k, &h).await?.user;
     to_json(blocking(&k, move |c| c.cancel_job(&u, &id)).await?)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ReassignBody {
+    pub from: String,
+    pub to: String,
+}
+
+async fn reassign_labels(
+    State(k): S,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Json(b): Json<ReassignBody>,
+) -> Out {
+    let u = writer(&k, &h).await?.user;
+    let (job, moved) = blocking(&k, move |c| c.reassign_labels(&u, &id, &b.from, &b.to)).await?;
+    to_json(json!({ "moved": moved, "labelers": job.labelers(), "job": job }))
 }
 
 async fn models(State(k): S, h: HeaderMap) -> Out {

@@ -105,6 +105,13 @@ pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
         200,
     ),
     (
+        "post",
+        "/api/jobs/{id}/reassign",
+        "Move a labeler's open items to another labeler, who also takes their place in later rounds (owner or admin)",
+        Some("Reassign"),
+        200,
+    ),
+    (
         "get",
         "/api/models",
         "Models the caller may view",
@@ -275,6 +282,7 @@ fn schemas() -> Value {
         "Job": s(json!({"spec": {"type": "string"}, "oracle": {"type": "string", "enum": ["gold", "none"]}}), &["spec"]),
         "Reason": s(json!({"reason": {"type": "string"}}), &["reason"]),
         "Label": s(json!({"id": {"type": "string"}, "label": {"type": "string"}, "job": {"type": "string"}}), &["id", "label"]),
+        "Reassign": s(json!({"from": {"type": "string"}, "to": {"type": "string"}}), &["from", "to"]),
         "Error": s(json!({"error": {"type": "string"}}), &["error"]),
         "CreateDeployment": s(json!({
             "name": {"type": "string"},

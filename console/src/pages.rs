@@ -57,6 +57,7 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         .route("/jobs/{id}", get(job))
         .route("/jobs/{id}/resume", post(resume_job))
         .route("/jobs/{id}/cancel", post(cancel_job))
+        .route("/jobs/{id}/reassign", post(reassign_labels))
         .route("/models", get(models))
         .route("/models/{id}", get(model))
         .route("/models/{id}/request", post(request_release))
@@ -688,6 +689,48 @@ async fn start_job(State(k): S, h: HeaderMap, Form(f): Form<JobForm>) -> Page {
     Ok(Redirect::to(&format!("/jobs/{job}")).into_response())
 }
 
+/// Who the job waits for, and the form that moves a labeler's open items
+/// to another (the policies decide who may: the owner and admins).
+fn labelers_body(c: &Caller, j: &Job, stats: &cloister_host::jobs::JobStats) -> String {
+    let rows: Vec<Vec<String>> = stats
+        .labelers
+        .iter()
+        .map(|l| vec![esc(&l.labeler), l.open.to_string(), l.answered.to_string()])
+        .collect();
+    let mut b = String::from("<h2>Labelers of this round</h2>");
+    b.push_str(&table(&["labeler", "open", "answered"], &rows));
+    for r in &j.reassigned {
+        let _ = write!(
+            b,
+            "<p>{} open item{} moved from {} to {} by {}.</p>",
+            r.items,
+            if r.items == 1 { "" } else { "s" },
+            esc(&r.from),
+            esc(&r.to),
+            esc(&r.by)
+        );
+    }
+    let holding: Vec<&str> = stats
+        .labelers
+        .iter()
+        .filter(|l| l.open > 0)
+        .map(|l| l.labeler.as_str())
+        .collect();
+    if !holding.is_empty() {
+        let _ = write!(
+            b,
+            "<form method=\"post\" action=\"/jobs/{}/reassign\" class=\"stack\" id=\"reassign\">{}<label>Move the open items of <select name=\"from\">",
+            esc(&j.id),
+            csrf(c)
+        );
+        for l in holding {
+            let _ = write!(b, "<option value=\"{}\">{}</option>", esc(l), esc(l));
+        }
+        b.push_str("</select></label><label>to the labeler <input name=\"to\" required autocomplete=\"off\"></label><button>Reassign</button></form><p>For a labeler who is away: the other labeler also takes their place in the rounds to come; answers already given stay theirs.</p>");
+    }
+    b
+}
+
 fn job_body(c: &Caller, j: &Job, stats: &cloister_host::jobs::JobStats) -> String {
     let mut body = format!(
         "<p>Pipeline <strong>{}</strong> on {} by {}. State: <strong>{}</strong>.</p>",
@@ -708,6 +751,9 @@ fn job_body(c: &Caller, j: &Job, stats: &cloister_host::jobs::JobStats) -> Strin
             body.push_str(&button(c, &format!("/jobs/{}/resume", j.id), "Resume"));
         }
         body.push_str(&button(c, &format!("/jobs/{}/cancel", j.id), "Cancel"));
+    }
+    if !stats.labelers.is_empty() {
+        body.push_str(&labelers_body(c, j, stats));
     }
     let rows: Vec<Vec<String>> = j
         .rounds
@@ -903,6 +949,26 @@ async fn cancel_job(
     let c = poster(&k, &h, &f.csrf).await?;
     let (u, jid) = (c.user.clone(), id.clone());
     run(&k, &c, move |x| x.cancel_job(&u, &jid)).await?;
+    Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+#[derive(Deserialize)]
+struct ReassignForm {
+    #[serde(default)]
+    csrf: String,
+    from: String,
+    to: String,
+}
+
+async fn reassign_labels(
+    State(k): S,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<ReassignForm>,
+) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let (u, jid) = (c.user.clone(), id.clone());
+    run(&k, &c, move |x| x.reassign_labels(&u, &jid, &f.from, &f.to)).await?;
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
 }
 

@@ -920,6 +920,90 @@ fn a_cancelled_jobs_items_leave_the_labelers_queues() {
 }
 
 #[test]
+fn an_away_labelers_open_items_move_to_another_and_the_job_moves_on() {
+    let p = people(15, |i| i % 3 == 0, &["hashed-ngrams", "least-confidence"]);
+    let (c, admin, sci, lea, leo) = (&p.c, &p.admin, &p.sci, &p.lea, &p.leo);
+    let spec = one_round_for_two("away")
+        .replace("max_rounds = 1", "max_rounds = 2")
+        .replace("budget = 4", "budget = 8");
+    let job = c.start_job(sci, "away.toml", &spec, None).unwrap();
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
+    let store = c.env().store();
+    let progress = || {
+        c.job_stats(sci, &job.id)
+            .unwrap()
+            .labelers
+            .into_iter()
+            .map(|l| (l.labeler, l.open, l.answered))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(progress(), [("lea".into(), 2, 0), ("leo".into(), 2, 0)]);
+    let leas = jobs::open_items_for(store.as_ref(), "lea").unwrap();
+    c.label_item(lea, &leas[0].record, "spam", None).unwrap();
+    // Lea leaves: her account is disabled, and one item of hers is open.
+    c.disable_user(admin, "lea").unwrap();
+
+    // Only the job's owner (or an admin) moves items, and only to an
+    // active labeler other than the one they leave.
+    let err = c.reassign_labels(leo, &job.id, "lea", "leo").unwrap_err();
+    assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
+    let err = c.reassign_labels(sci, &job.id, "lea", "sci").unwrap_err();
+    assert_eq!(err.to_string(), "`sci` is not an active labeler");
+    let err = c.reassign_labels(sci, &job.id, "lea", "lea").unwrap_err();
+    assert!(err.to_string().contains("to themselves"), "{err}");
+    let err = c.reassign_labels(sci, &job.id, "rev", "leo").unwrap_err();
+    assert!(err.to_string().contains("not a labeler of job"), "{err}");
+
+    let (moved, n) = c.reassign_labels(sci, &job.id, "lea", "leo").unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(moved.labelers(), ["leo"]);
+    assert_eq!(
+        moved.spec.labelers,
+        ["lea", "leo"],
+        "the spec stays as given"
+    );
+    // Her answer stays hers; her open item is Leo's now, record included.
+    assert_eq!(progress(), [("lea".into(), 0, 1), ("leo".into(), 3, 0)]);
+    let item = &leas[1].record;
+    assert!(
+        jobs::open_items_for(store.as_ref(), "leo")
+            .unwrap()
+            .iter()
+            .any(|q| q.record == *item)
+    );
+    assert!(
+        jobs::open_items_for(store.as_ref(), "lea")
+            .unwrap()
+            .is_empty()
+    );
+    c.view_record(leo, "mail", item).unwrap();
+    for q in jobs::open_items_for(store.as_ref(), "leo").unwrap() {
+        c.label_item(leo, &q.record, "ham", None).unwrap();
+    }
+    // Round 2 asks Leo alone.
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
+    assert_eq!(progress(), [("leo".into(), 4, 0)]);
+    assert_eq!(job.reassigned.len(), 1);
+    assert_eq!(
+        (job.reassigned[0].by.as_str(), job.reassigned[0].items),
+        ("sci", 1)
+    );
+    let audited = c
+        .audit_log(
+            admin,
+            &AuditFilter {
+                action: Some("reassign_labels".into()),
+                ..AuditFilter::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(audited.len(), 5, "every attempt is decided and audited");
+    crate::support::every_audited_action_is_known(c);
+}
+
+#[test]
 fn failed_spot_checks_revoke_a_rounds_automatic_labels_and_raise_the_gate() {
     // A third of SpamAssassin; two records in three keep their label.
     let p = people(3, |i| i % 3 != 0, &["hashed-ngrams", "dual-agree"]);

@@ -312,6 +312,7 @@ fn a_browser_walks_the_console_for_every_role() {
         ("rui", Role::Reviewer),
         ("abe", Role::Approver),
         ("lea", Role::Labeler),
+        ("lou", Role::Labeler),
         ("ada", Role::Auditor),
     ] {
         users.insert(name, c.add_user(&admin, name, &[role]).unwrap().0);
@@ -426,6 +427,24 @@ fn a_browser_walks_the_console_for_every_role() {
     b.wait_for("<td class=\"answer\">spam</td>");
     b.shot("label-changed");
     assert!(b.source().contains("2 waiting for you"));
+
+    // Lea goes on leave: the job's owner sees who holds the round up and
+    // moves Lea's two open items to Lou.
+    b.login(&base, "ana");
+    b.open(&format!("{base}/jobs/{}", waiting.id));
+    let src = b.source();
+    assert!(
+        src.contains("Labelers of this round") && src.contains("<td>lea</td><td>2</td><td>1</td>"),
+        "the job page shows:\n{src}"
+    );
+    b.type_into("#reassign input[name=to]", "lou");
+    b.click("#reassign button");
+    b.wait_for("2 open items moved from lea to lou by ana");
+    assert!(b.source().contains("<td>lou</td><td>2</td><td>0</td>"));
+    b.shot("job-labelers");
+    b.login(&base, "lou");
+    b.open(&format!("{base}/label"));
+    assert!(b.source().contains("2 waiting for you"), "{}", b.source());
 
     // The scientist requests a release; a second person approves it.
     b.login(&base, "ana");

@@ -177,6 +177,14 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
             ],
         ),
         (A::CancelJob, job("someone-else"), &[Admin]),
+        (
+            A::ReassignLabels,
+            job(me),
+            &[
+                Admin, Scientist, Labeler, Reviewer, Approver, Auditor, Operator,
+            ],
+        ),
+        (A::ReassignLabels, job("someone-else"), &[Admin]),
         (A::ReadAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::VerifyAudit, Resource::AuditLog, &[Admin, Auditor]),
         (A::CheckpointAudit, Resource::AuditLog, &[Admin, Auditor]),

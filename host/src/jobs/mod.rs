@@ -290,6 +290,45 @@ pub struct Job {
     pub rounds: Vec<RoundReport>,
     /// The final result, once finished.
     pub result: Option<FinalReport>,
+    /// Open items moved from one labeler to another while the job ran,
+    /// oldest first (see [`Job::labelers`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reassigned: Vec<Reassignment>,
+}
+
+/// A labeler's open items given to another labeler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reassignment {
+    /// The labeler the items were assigned to.
+    pub from: String,
+    /// The labeler they are assigned to now.
+    pub to: String,
+    /// Who moved them.
+    pub by: String,
+    /// When, ms since the epoch.
+    pub time_ms: u64,
+    /// Open items moved.
+    pub items: u64,
+}
+
+impl Job {
+    /// Who labels the items of the rounds to come, in turn: the spec's
+    /// labelers, with each reassignment's `to` in its `from`'s place (a
+    /// labeler already in the list keeps their one place).
+    pub fn labelers(&self) -> Vec<String> {
+        let mut now = self.spec.labelers.clone();
+        for r in &self.reassigned {
+            let mut next: Vec<String> = Vec::with_capacity(now.len());
+            for l in now {
+                let l = if l == r.from { r.to.clone() } else { l };
+                if !next.contains(&l) {
+                    next.push(l);
+                }
+            }
+            now = next;
+        }
+        now
+    }
 }
 
 /// How a model of the committee scored in a round.
@@ -724,6 +763,24 @@ pub fn is_cancelled(store: &dyn Storage, id: &str) -> Result<bool, JobError> {
     Ok(store.get(Space::Jobs, &key(CANCEL, &[id]))?.is_some())
 }
 
+/// Moves an open item to another labeler (in a batch): its answer stays
+/// none, its old labeler's index entry goes, the new one's comes. Returns
+/// the old entry's expectation (still open), which the batch writes.
+pub fn reassign_item(
+    batch: &mut WriteBatch,
+    item: &QueueItem,
+    to: &str,
+) -> Result<Option<Expect>, JobError> {
+    let old = open_marker(item);
+    if let Some(k) = &old {
+        batch.delete(Space::Jobs, k.clone());
+    }
+    let mut moved = item.clone();
+    moved.assignee = Some(to.to_string());
+    put_queue(batch, &moved)?;
+    Ok(old.map(|k| Expect::new(Space::Jobs, k, Some(Vec::new()))))
+}
+
 /// The open items assigned to `user`: earliest round first, then by rank.
 /// Items of a cancelled job are left out: nobody will collect them.
 pub fn open_items_for(store: &dyn Storage, user: &str) -> Result<Vec<QueueItem>, JobError> {
@@ -839,6 +896,21 @@ pub struct JobStats {
     pub manual_share: Option<f64>,
     /// Committee test accuracy at the end (or the last round).
     pub test_accuracy: Option<f64>,
+    /// Per labeler, the items of the round the job waits for (empty when
+    /// it waits for none): who holds the job up.
+    #[serde(default)]
+    pub labelers: Vec<LabelerProgress>,
+}
+
+/// One labeler's items of the round a job is collecting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelerProgress {
+    /// The labeler.
+    pub labeler: String,
+    /// Items still open.
+    pub open: u64,
+    /// Items answered.
+    pub answered: u64,
 }
 
 /// Computes [`JobStats`]. `human_labels` maps record ids to the
@@ -881,7 +953,29 @@ pub fn stats(
             .as_ref()
             .map(|r| r.test_accuracy)
             .or_else(|| job.rounds.iter().rev().find_map(|r| r.test_accuracy)),
+        labelers: Vec::new(),
     };
+    if let Some(round) = collecting(job) {
+        let mut by: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for q in queue.values().filter(|q| q.round == round) {
+            if let Some(who) = &q.assignee {
+                let e = by.entry(who).or_default();
+                if q.answer.is_some() {
+                    e.1 += 1;
+                } else {
+                    e.0 += 1;
+                }
+            }
+        }
+        s.labelers = by
+            .into_iter()
+            .map(|(labeler, (open, answered))| LabelerProgress {
+                labeler: labeler.to_string(),
+                open,
+                answered,
+            })
+            .collect();
+    }
     for q in queue.values() {
         let done = q.answer.is_some();
         match q.reason {
@@ -1091,6 +1185,7 @@ mod tests {
             pool_size: 100,
             rounds: vec![],
             result: None,
+            reassigned: Vec::new(),
         };
         let item = |r: &str, reason, answered: bool| QueueItem {
             job: "j-1".into(),

@@ -154,6 +154,7 @@ pub enum Action {
     ListJobs,
     ViewJob,
     CancelJob,
+    ReassignLabels,
     ListDeployments,
     ViewDeployment,
     ManageDeployment,
@@ -166,7 +167,7 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 37] = [
+    pub const ALL: [Action; 38] = [
         Action::AddUser,
         Action::DisableUser,
         Action::ListUsers,
@@ -196,6 +197,7 @@ impl Action {
         Action::ListJobs,
         Action::ViewJob,
         Action::CancelJob,
+        Action::ReassignLabels,
         Action::ListDeployments,
         Action::ViewDeployment,
         Action::ManageDeployment,
@@ -238,6 +240,7 @@ impl Action {
             Action::ListJobs => "list_jobs",
             Action::ViewJob => "view_job",
             Action::CancelJob => "cancel_job",
+            Action::ReassignLabels => "reassign_labels",
             Action::ListDeployments => "list_deployments",
             Action::ViewDeployment => "view_deployment",
             Action::ManageDeployment => "manage_deployment",

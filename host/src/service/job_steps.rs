@@ -732,10 +732,11 @@ impl Cloister {
         reason: QueueReason,
         k: usize,
     ) -> QueueItem {
-        let assignee = if job.spec.oracle.is_some() || job.spec.labelers.is_empty() {
+        let labelers = job.labelers();
+        let assignee = if job.spec.oracle.is_some() || labelers.is_empty() {
             None
         } else {
-            Some(job.spec.labelers[k % job.spec.labelers.len()].clone())
+            Some(labelers[k % labelers.len()].clone())
         };
         QueueItem {
             job: job.id.clone(),

@@ -8,7 +8,7 @@ use crate::datasets::{self};
 use crate::digest::Digest;
 use crate::jobs::spec::PluginUse;
 use crate::jobs::{
-    Job, JobError, JobEvent, JobState, JobStats, Oracle, PipelineSpec, ResolvedPlugins,
+    Job, JobError, JobEvent, JobState, JobStats, Oracle, PipelineSpec, QueueItem, ResolvedPlugins,
     SelectorUse, Step,
 };
 use crate::policy::{Action, Resource, Role};
@@ -244,6 +244,7 @@ impl Cloister {
             pool_size: 0,
             rounds: Vec::new(),
             result: None,
+            reassigned: Vec::new(),
         };
         let mut b = WriteBatch::new();
         crate::jobs::put_job(&mut b, &job)?;
@@ -317,6 +318,92 @@ impl Cloister {
         }
         crate::jobs::cancel(self.env().store().as_ref(), id, &who.name)?;
         Ok(crate::jobs::get(self.env().store().as_ref(), id)?)
+    }
+
+    /// Moves `from`'s open items of job `id` to the labeler `to`, and
+    /// gives `to` `from`'s place in the rounds to come: for a labeler who
+    /// is away or whose account was disabled, so that the job does not
+    /// wait for them. Answers already given stay theirs. Authorized as
+    /// `reassign_labels` on the job (its owner and admins), audited;
+    /// `to` must be an active labeler. Items and records move together
+    /// (the queue, the labelers' indexes, the records' assignee, the
+    /// job's list of reassignments), all or nothing. Returns the job and
+    /// the number of items moved.
+    pub fn reassign_labels(
+        &self,
+        who: &User,
+        id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<(Job, u64), ServiceError> {
+        self.job_for(who, Action::ReassignLabels, id)?;
+        let store = self.env().store();
+        let (mut job, mut read) = crate::jobs::get_read(store.as_ref(), id)?;
+        if matches!(
+            job.state,
+            JobState::Done { .. } | JobState::Cancelled { .. }
+        ) {
+            return Err(JobError::State {
+                id: id.into(),
+                state: job.state.name().into(),
+                what: "its labelers cannot change",
+            }
+            .into());
+        }
+        if job.spec.oracle.is_some() {
+            return Err(ServiceError::BadRequest(format!(
+                "job {id} is answered by the oracle: it has no labelers"
+            )));
+        }
+        if from == to {
+            return Err(ServiceError::BadRequest(format!(
+                "`{from}` would be reassigned to themselves"
+            )));
+        }
+        // As when a job starts: one answer whether the user is missing,
+        // disabled or not a labeler.
+        let active = crate::users::get(store.as_ref(), to)
+            .is_ok_and(|u| u.roles.contains(&Role::Labeler) && !u.disabled);
+        if !active {
+            return Err(ServiceError::BadRequest(format!(
+                "`{to}` is not an active labeler"
+            )));
+        }
+        let open: Vec<QueueItem> = crate::jobs::queue(store.as_ref(), id)?
+            .into_values()
+            .filter(|q| q.answer.is_none() && q.assignee.as_deref() == Some(from))
+            .collect();
+        if open.is_empty() && !job.labelers().iter().any(|l| l == from) {
+            return Err(ServiceError::BadRequest(format!(
+                "`{from}` is not a labeler of job {id} and holds none of its items"
+            )));
+        }
+        let version = datasets::resolve(self.env(), &job.dataset)?;
+        let mut batch = WriteBatch::new();
+        let mut still_open = Vec::new();
+        for item in &open {
+            still_open.extend(crate::jobs::reassign_item(&mut batch, item, to)?);
+            batch.extend(datasets::assign(self.env(), &version, &item.record, to)?);
+        }
+        let moved = open.len() as u64;
+        job.reassigned.push(crate::jobs::Reassignment {
+            from: from.to_string(),
+            to: to.to_string(),
+            by: who.name.clone(),
+            time_ms: crate::time::now_ms(),
+            items: moved,
+        });
+        job.updated_ms = crate::time::now_ms();
+        match crate::jobs::commit_job_if(store.as_ref(), batch, &job, &mut read, still_open) {
+            Ok(()) => Ok((job, moved)),
+            Err(JobError::Raced(_)) => Err(ServiceError::BadRequest(format!(
+                "an item of `{from}`'s was answered while this request moved it; nothing was written: try again"
+            ))),
+            Err(JobError::Moved(_)) => Err(ServiceError::BadRequest(format!(
+                "job {id} changed while this request moved its items; nothing was written: try again"
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Runs (or resumes) a job until it finishes, waits for labelers, is

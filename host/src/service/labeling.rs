@@ -214,7 +214,9 @@ impl Cloister {
         let store = self.env().store();
         let mut out = Vec::new();
         for job in crate::jobs::list(store.as_ref())? {
-            if !job.spec.labelers.contains(&who.name) {
+            if !job.spec.labelers.contains(&who.name)
+                && !job.reassigned.iter().any(|r| r.to == who.name)
+            {
                 continue;
             }
             let Some(round) = crate::jobs::collecting(&job) else {
