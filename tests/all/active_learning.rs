@@ -985,6 +985,14 @@ fn an_away_labelers_open_items_move_to_another_and_the_job_moves_on() {
     let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
     assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
     assert_eq!(progress(), [("leo".into(), 4, 0)]);
+    // Once it is done (or while a step runs), its labelers stay.
+    c.cancel_job(sci, &job.id).unwrap();
+    let err = c.reassign_labels(sci, &job.id, "leo", "lea").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("its labelers change only while it waits for labels"),
+        "{err}"
+    );
     assert_eq!(job.reassigned.len(), 1);
     assert_eq!(
         (job.reassigned[0].by.as_str(), job.reassigned[0].items),
@@ -999,7 +1007,7 @@ fn an_away_labelers_open_items_move_to_another_and_the_job_moves_on() {
             },
         )
         .unwrap();
-    assert_eq!(audited.len(), 5, "every attempt is decided and audited");
+    assert_eq!(audited.len(), 6, "every attempt is decided and audited");
     crate::support::every_audited_action_is_known(c);
 }
 

@@ -339,14 +339,13 @@ impl Cloister {
         self.job_for(who, Action::ReassignLabels, id)?;
         let store = self.env().store();
         let (mut job, mut read) = crate::jobs::get_read(store.as_ref(), id)?;
-        if matches!(
-            job.state,
-            JobState::Done { .. } | JobState::Cancelled { .. }
-        ) {
+        // Only while it waits for people: a running step's commit would
+        // find the job changed under it and stop.
+        if !matches!(job.state, JobState::AwaitingLabels { .. }) {
             return Err(JobError::State {
                 id: id.into(),
                 state: job.state.name().into(),
-                what: "its labelers cannot change",
+                what: "its labelers change only while it waits for labels",
             }
             .into());
         }
