@@ -184,6 +184,13 @@ pub fn get(store: &dyn Storage, name: &str) -> Result<User, UserError> {
     serde_json::from_slice(&bytes).map_err(|_| UserError::Damaged(name.to_string()))
 }
 
+/// Whether `name` is a user who can answer a labeling queue now: an
+/// account with the labeler role, not disabled. (A store error reads as
+/// no: nobody is asked to label through a failure.)
+pub fn is_active_labeler(store: &dyn Storage, name: &str) -> bool {
+    get(store, name).is_ok_and(|u| u.roles.contains(&Role::Labeler) && !u.disabled)
+}
+
 /// Every user, by name.
 pub fn list(store: &dyn Storage) -> Result<Vec<User>, UserError> {
     let mut out = Vec::new();

@@ -990,7 +990,7 @@ fn an_away_labelers_open_items_move_to_another_and_the_job_moves_on() {
     let err = c.reassign_labels(sci, &job.id, "leo", "lea").unwrap_err();
     assert!(
         err.to_string()
-            .contains("its labelers change only while it waits for labels"),
+            .contains("its labelers change only while it waits for labels or has failed"),
         "{err}"
     );
     assert_eq!(job.reassigned.len(), 1);
@@ -1009,6 +1009,57 @@ fn an_away_labelers_open_items_move_to_another_and_the_job_moves_on() {
         .unwrap();
     assert_eq!(audited.len(), 6, "every attempt is decided and audited");
     crate::support::every_audited_action_is_known(c);
+}
+
+#[test]
+fn a_round_passes_over_labelers_who_can_no_longer_answer() {
+    let p = people(15, |i| i % 3 == 0, &["hashed-ngrams", "least-confidence"]);
+    let (c, admin, sci, lea, leo) = (&p.c, &p.admin, &p.sci, &p.lea, &p.leo);
+    let spec = one_round_for_two("gaps")
+        .replace("max_rounds = 1", "max_rounds = 3")
+        .replace("budget = 4", "budget = 12");
+    let job = c.start_job(sci, "gaps.toml", &spec, None).unwrap();
+    c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    let store = c.env().store();
+    let answer_all = |who: &User| {
+        for q in jobs::open_items_for(store.as_ref(), &who.name).unwrap() {
+            c.label_item(who, &q.record, "ham", None).unwrap();
+        }
+    };
+    let held = |name: &str| jobs::open_items_for(store.as_ref(), name).unwrap().len();
+    assert_eq!((held("lea"), held("leo")), (2, 2));
+    answer_all(lea);
+    answer_all(leo);
+    // Leo's account is disabled: round 2 asks Lea for everything.
+    c.disable_user(admin, "leo").unwrap();
+    let j = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    assert_eq!(j.state, JobState::AwaitingLabels { open: 4 });
+    assert_eq!((held("lea"), held("leo")), (4, 0));
+    answer_all(lea);
+    // Lea's too: nobody can answer round 3, and the step says so.
+    c.disable_user(admin, "lea").unwrap();
+    let j = c.run_job(sci, &job.id, &mut |_| {}).unwrap_err();
+    let msg = j.to_string();
+    assert!(
+        msg.contains(&format!(
+            "none of job {}'s labelers (lea, leo) is an active labeler now",
+            job.id
+        )),
+        "{msg}"
+    );
+    // The failure is recorded on the job as it was before the step: none
+    // of the failed step is kept, and a resume takes it again.
+    let failed = c.show_job(sci, &job.id).unwrap();
+    assert!(matches!(failed.state, JobState::Failed { .. }));
+    assert_eq!(failed.next, jobs::Step::Select(3));
+    assert_eq!(failed.rounds.len(), 3, "rounds 0, 1 and 2");
+    // A new labeler takes Lea's place; the job goes on.
+    c.add_user(admin, "lou", &[Role::Labeler]).unwrap();
+    let (_, moved) = c.reassign_labels(sci, &job.id, "lea", "lou").unwrap();
+    assert_eq!(moved, 0);
+    let j = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    assert_eq!(j.state, JobState::AwaitingLabels { open: 4 });
+    assert_eq!(held("lou"), 4);
 }
 
 #[test]

@@ -562,6 +562,11 @@ pub fn get(store: &dyn Storage, id: &str) -> Result<Job, JobError> {
     get_read(store, id).map(|(job, _)| job)
 }
 
+/// A job from its stored bytes, as stored (no cancel applied).
+pub fn decode(bytes: &[u8], id: &str) -> Result<Job, JobError> {
+    parse(bytes, &format!("job {id}"))
+}
+
 /// [`get`], with the stored bytes the job was decoded from: what a
 /// [`commit_job`] of its next state must find still there.
 pub fn get_read(store: &dyn Storage, id: &str) -> Result<(Job, Vec<u8>), JobError> {

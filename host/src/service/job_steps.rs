@@ -442,6 +442,7 @@ impl Cloister {
                 job.next = Step::Answer(round);
             }
         }
+        self.assign_items(job, &mut new_items)?;
         for item in &new_items {
             match item.reason {
                 QueueReason::Badcase => report.badcases_queued += 1,
@@ -722,7 +723,37 @@ impl Cloister {
         Ok(report)
     }
 
-    /// The queue item for `row`, the `k`-th queued this round (its rank).
+    /// Gives each new item of a round its labeler, in turn by rank, among
+    /// the job's labelers who are active labelers now: a disabled account
+    /// or a labeler role taken away is passed over, so that no item waits
+    /// for someone who cannot answer it. With none active the step fails,
+    /// saying what to do.
+    fn assign_items(&self, job: &Job, items: &mut [QueueItem]) -> Result<(), ServiceError> {
+        if job.spec.oracle.is_some() || items.is_empty() {
+            return Ok(());
+        }
+        let store = self.env().store();
+        let all = job.labelers();
+        let active: Vec<&String> = all
+            .iter()
+            .filter(|name| crate::users::is_active_labeler(store.as_ref(), name))
+            .collect();
+        if active.is_empty() {
+            return Err(ServiceError::BadRequest(format!(
+                "none of job {}'s labelers ({}) is an active labeler now: give their place to one with `cloister job reassign {} --from NAME --to LABELER`, then resume",
+                job.id,
+                all.join(", "),
+                job.id
+            )));
+        }
+        for item in items {
+            item.assignee = Some(active[item.rank as usize % active.len()].clone());
+        }
+        Ok(())
+    }
+
+    /// The queue item for `row`, the `k`-th queued this round (its rank);
+    /// [`Cloister::assign_items`] gives it its labeler.
     pub(super) fn queue_item(
         &self,
         job: &Job,
@@ -732,12 +763,7 @@ impl Cloister {
         reason: QueueReason,
         k: usize,
     ) -> QueueItem {
-        let labelers = job.labelers();
-        let assignee = if job.spec.oracle.is_some() || labelers.is_empty() {
-            None
-        } else {
-            Some(labelers[k % labelers.len()].clone())
-        };
+        let assignee = None;
         QueueItem {
             job: job.id.clone(),
             record: prep.rows[row].id.clone(),

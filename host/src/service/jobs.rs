@@ -11,7 +11,7 @@ use crate::jobs::{
     Job, JobError, JobEvent, JobState, JobStats, Oracle, PipelineSpec, QueueItem, ResolvedPlugins,
     SelectorUse, Step,
 };
-use crate::policy::{Action, Resource, Role};
+use crate::policy::{Action, Resource};
 use crate::registry;
 use crate::store::WriteBatch;
 use crate::train::{self};
@@ -191,9 +191,7 @@ impl Cloister {
             // request itself was authorized and audited above, with the
             // spec's digest.)
             for name in &spec.labelers {
-                let active = crate::users::get(self.env().store().as_ref(), name)
-                    .is_ok_and(|u| u.roles.contains(&Role::Labeler) && !u.disabled);
-                if !active {
+                if !crate::users::is_active_labeler(self.env().store().as_ref(), name) {
                     return Err(spec_err(
                         file,
                         text,
@@ -339,13 +337,17 @@ impl Cloister {
         self.job_for(who, Action::ReassignLabels, id)?;
         let store = self.env().store();
         let (mut job, mut read) = crate::jobs::get_read(store.as_ref(), id)?;
-        // Only while it waits for people: a running step's commit would
-        // find the job changed under it and stop.
-        if !matches!(job.state, JobState::AwaitingLabels { .. }) {
+        // Only while it waits for people, or has failed (for want of an
+        // active labeler, say): a running step's commit would find the job
+        // changed under it and stop.
+        if !matches!(
+            job.state,
+            JobState::AwaitingLabels { .. } | JobState::Failed { .. }
+        ) {
             return Err(JobError::State {
                 id: id.into(),
                 state: job.state.name().into(),
-                what: "its labelers change only while it waits for labels",
+                what: "its labelers change only while it waits for labels or has failed",
             }
             .into());
         }
@@ -361,9 +363,7 @@ impl Cloister {
         }
         // As when a job starts: one answer whether the user is missing,
         // disabled or not a labeler.
-        let active = crate::users::get(store.as_ref(), to)
-            .is_ok_and(|u| u.roles.contains(&Role::Labeler) && !u.disabled);
-        if !active {
+        if !crate::users::is_active_labeler(store.as_ref(), to) {
             return Err(ServiceError::BadRequest(format!(
                 "`{to}` is not an active labeler"
             )));
@@ -633,13 +633,18 @@ impl Cloister {
 
     /// Records a failed step (best effort, and only over the job as this
     /// run last read or wrote it) and passes the error on.
-    pub(super) fn fail(&self, mut job: Job, read: &mut Vec<u8>, e: ServiceError) -> ServiceError {
+    pub(super) fn fail(&self, job: Job, read: &mut Vec<u8>, e: ServiceError) -> ServiceError {
         if matches!(
             e,
             ServiceError::Denied { .. } | ServiceError::Job(JobError::Moved(_))
         ) {
             return e;
         }
+        // The failure is recorded on the job as last committed (`read`),
+        // not on `job`, which the failed step may have changed in part
+        // (its next step set, a round's figures filled in): a failure
+        // never stores half a step, and a resume takes the whole step again.
+        let mut job = crate::jobs::decode(read, &job.id).unwrap_or(job);
         job.state = JobState::Failed {
             error: e.to_string(),
         };
