@@ -1238,5 +1238,84 @@ mod tests {
         assert_eq!(s.cost_spent, 4.0);
         assert_eq!(s.cost_saved, 196.0);
         assert_eq!(s.manual_share, Some(0.01));
+        // Not collecting a round: no labelers to wait for.
+        assert!(s.labelers.is_empty());
+
+        // Collecting round 0: who holds which items.
+        let mut job = job;
+        job.state = JobState::AwaitingLabels { open: 1 };
+        job.next = Step::Answer(0);
+        assert_eq!(collecting(&job), Some(0));
+        let mut queue = queue;
+        for (q, who) in queue.values_mut().zip(["lea", "leo", "lea"]) {
+            q.assignee = Some(who.into());
+        }
+        let s = stats(&job, &ledger, &queue, &humans);
+        let got: Vec<(&str, u64, u64)> = s
+            .labelers
+            .iter()
+            .map(|l| (l.labeler.as_str(), l.open, l.answered))
+            .collect();
+        assert_eq!(got, [("lea", 0, 2), ("leo", 1, 0)]);
+        job.state = JobState::Cancelled { by: "u".into() };
+        assert_eq!(collecting(&job), None);
+    }
+
+    #[test]
+    fn reassignments_give_places_in_the_rotation() {
+        let spec = PipelineSpec::parse(
+            "p.toml",
+            "name='p'\ndataset='d'\nlabelers=['a','b','c']\nfeatures='f'\n[[model]]\ntemplate='logreg'\n[[model]]\ntemplate='mlp'\n[selector]\nbuiltin='random'\n[loop]\nper_round=1\nmax_rounds=1\nbudget=1\n",
+        )
+        .unwrap();
+        let mut job = Job {
+            id: "j-1".into(),
+            file: "p.toml".into(),
+            spec_text: String::new(),
+            spec,
+            spec_digest: String::new(),
+            started_by: "u".into(),
+            created_ms: 0,
+            updated_ms: 0,
+            dataset: "d@1".into(),
+            dataset_digest: String::new(),
+            plugins: ResolvedPlugins {
+                preprocess: vec![],
+                features: (String::new(), vec![]),
+                selector: None,
+            },
+            classes: vec!["x".into(), "y".into()],
+            state: JobState::AwaitingLabels { open: 1 },
+            next: Step::Answer(1),
+            pool_size: 0,
+            rounds: vec![],
+            result: None,
+            reassigned: Vec::new(),
+        };
+        let moved = |from: &str, to: &str| Reassignment {
+            from: from.into(),
+            to: to.into(),
+            by: "u".into(),
+            time_ms: 0,
+            items: 0,
+        };
+        assert_eq!(job.labelers(), ["a", "b", "c"]);
+        // A newcomer takes the place; someone already in keeps one place.
+        job.reassigned.push(moved("b", "d"));
+        assert_eq!(job.labelers(), ["a", "d", "c"]);
+        job.reassigned.push(moved("c", "a"));
+        assert_eq!(job.labelers(), ["a", "d"]);
+        // Later reassignments apply to the list as it then stood.
+        job.reassigned.push(moved("d", "b"));
+        assert_eq!(job.labelers(), ["a", "b"]);
+        assert_eq!(job.spec.labelers, ["a", "b", "c"]);
+        // Stored without the field when there is none (a job's bytes do
+        // not change by this field's existence), read back with it.
+        let bytes = json(&job).unwrap();
+        let back: Job = parse(&bytes, "job").unwrap();
+        assert_eq!(back.reassigned.len(), 3);
+        job.reassigned.clear();
+        let bytes = json(&job).unwrap();
+        assert!(!String::from_utf8(bytes).unwrap().contains("reassigned"));
     }
 }

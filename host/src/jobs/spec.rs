@@ -281,6 +281,25 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
+/// The field a TOML "missing field `x`" message names.
+fn missing_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+}
+
+/// What a spec lacks when it lacks top-level `part`, said the way the
+/// spec is written.
+fn top_level_part(part: &str) -> String {
+    match part {
+        "loop" => "the [loop] table (per_round, max_rounds and budget at least)".into(),
+        "selector" => "the [selector] table (plugin = \"NAME\", or builtin = \"random\")".into(),
+        "model" => "the [[model]] tables (two or more, each with a template)".into(),
+        "features" => "`features` (features = { plugin = \"NAME\" })".into(),
+        other => format!("`{other}`"),
+    }
+}
+
 impl PipelineSpec {
     /// Parses and checks a spec. `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, JobError> {
@@ -290,12 +309,24 @@ impl PipelineSpec {
             message,
         };
         let raw: RawSpec = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim();
+            // A part missing from the whole spec: its span is the whole
+            // text, so no line (and no key on line 1) applies.
+            // (The TOML parser gives such a span as 0..0.)
+            let whole = e
+                .span()
+                .is_some_and(|s| s.start == 0 && (s.end == 0 || s.end >= text.trim_end().len()));
+            if whole && let Some(part) = missing_field(message) {
+                return err(None, format!("missing {}", top_level_part(part)));
+            }
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            let message = e.message().trim();
-            // A bad value's span is the value; name its key too.
+            // A bad value's span is the value; name its key too (not for a
+            // missing field, whose span is its table: the key found on the
+            // table's first line is another one).
             let key = line
+                .filter(|_| missing_field(message).is_none())
                 .and_then(|l| text.lines().nth(l - 1))
                 .and_then(|l| l.split_once('='))
                 .map(|(k, _)| k.trim())
@@ -572,6 +603,38 @@ target = { metric = "accuracy", value = 0.98 }
         );
         assert_eq!(s.settings.target, Some((Metric::Accuracy, 0.98)));
         assert_eq!(s.settings.badcases_per_round, 10);
+    }
+
+    #[test]
+    fn a_missing_part_is_named_as_the_spec_writes_it() {
+        // The whole spec lacks a table: no line 1, and not `name`.
+        // GOOD without the lines from `from` up to (not including) `to`.
+        let cut = |from: &str, to: &str| {
+            let (a, rest) = GOOD.split_once(from).unwrap();
+            let b = if to.is_empty() {
+                String::new()
+            } else {
+                format!("{to}{}", rest.split_once(to).unwrap().1)
+            };
+            format!("{a}{b}")
+        };
+        let e = PipelineSpec::parse("p.toml", &cut("[loop]", ""))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "p.toml: missing the [loop] table (per_round, max_rounds and budget at least)"
+        );
+        let e = PipelineSpec::parse("p.toml", &cut("[selector]", "[loop]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("p.toml: missing the [selector] table"), "{e}");
+        // A table that lacks a key: the table's line, no other key blamed.
+        let e = PipelineSpec::parse("p.toml", &GOOD.replace("budget = 500\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `budget`"), "{e}");
+        assert!(!e.contains("`seed_labels`"), "{e}");
     }
 
     #[test]
