@@ -328,7 +328,9 @@ impl Template {
             message,
         };
         let f: TemplateFile = toml::from_str(text).map_err(|e| {
-            let at = e.span().map(|s| {
+            // A field missing from the whole file has the span 0..0: no
+            // line of the file is to blame.
+            let at = e.span().filter(|s| !s.is_empty()).map(|s| {
                 let upto = &text[..s.start.min(text.len())];
                 format!("line {}: ", upto.matches('\n').count() + 1)
             });
@@ -1138,6 +1140,12 @@ mod tests {
         assert!(e.to_string().contains("epochs"), "{e}");
         let e = Template::parse("x.toml", "name = \"x\"\nkind = \"tree\"\n").expect_err("bad");
         assert!(e.to_string().starts_with("templates/x.toml: line 2"), "{e}");
+        // A field the whole file lacks is not blamed on line 1.
+        let e = Template::parse("x.toml", "name = \"x\"\nkind = \"logreg\"\n").expect_err("bad");
+        assert_eq!(
+            e.to_string(),
+            "templates/x.toml: missing field `description`"
+        );
     }
 
     #[test]
