@@ -573,6 +573,7 @@ fn bad_inputs_never_get_a_server_error() {
         "/api/jobs",
         "/api/labels",
         "/api/labels/change",
+        "/api/jobs/j-nope/reassign",
         "/api/login",
         "/api/plugins",
         "/api/models/x/request-release",

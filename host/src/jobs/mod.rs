@@ -1161,14 +1161,9 @@ mod tests {
         assert_eq!(set.len(), 10);
     }
 
-    #[test]
-    fn stats_count_savings_and_precision() {
-        let spec = PipelineSpec::parse(
-            "p.toml",
-            "name='x'\ndataset='d'\nfeatures='f'\n[[model]]\ntemplate='logreg'\n[[model]]\ntemplate='mlp'\n[selector]\nbuiltin='random'\n[loop]\nper_round=1\nmax_rounds=1\nbudget=10\nprice_per_label=2.0\n",
-        )
-        .unwrap();
-        let job = Job {
+    /// A job of `spec` on `d@1` (classes a and b), about to start.
+    fn a_job(spec: PipelineSpec) -> Job {
+        Job {
             id: "j-1".into(),
             file: "p.toml".into(),
             spec_text: String::new(),
@@ -1187,10 +1182,23 @@ mod tests {
             classes: vec!["a".into(), "b".into()],
             state: JobState::Running,
             next: Step::Select(0),
-            pool_size: 100,
+            pool_size: 0,
             rounds: vec![],
             result: None,
             reassigned: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn stats_count_savings_and_precision() {
+        let spec = PipelineSpec::parse(
+            "p.toml",
+            "name='x'\ndataset='d'\nfeatures='f'\n[[model]]\ntemplate='logreg'\n[[model]]\ntemplate='mlp'\n[selector]\nbuiltin='random'\n[loop]\nper_round=1\nmax_rounds=1\nbudget=10\nprice_per_label=2.0\n",
+        )
+        .unwrap();
+        let job = Job {
+            pool_size: 100,
+            ..a_job(spec)
         };
         let item = |r: &str, reason, answered: bool| QueueItem {
             job: "j-1".into(),
@@ -1269,28 +1277,9 @@ mod tests {
         )
         .unwrap();
         let mut job = Job {
-            id: "j-1".into(),
-            file: "p.toml".into(),
-            spec_text: String::new(),
-            spec,
-            spec_digest: String::new(),
-            started_by: "u".into(),
-            created_ms: 0,
-            updated_ms: 0,
-            dataset: "d@1".into(),
-            dataset_digest: String::new(),
-            plugins: ResolvedPlugins {
-                preprocess: vec![],
-                features: (String::new(), vec![]),
-                selector: None,
-            },
-            classes: vec!["x".into(), "y".into()],
             state: JobState::AwaitingLabels { open: 1 },
             next: Step::Answer(1),
-            pool_size: 0,
-            rounds: vec![],
-            result: None,
-            reassigned: Vec::new(),
+            ..a_job(spec)
         };
         let moved = |from: &str, to: &str| Reassignment {
             from: from.into(),
