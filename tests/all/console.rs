@@ -374,6 +374,21 @@ fn writes_follow_the_policy_too() {
         None,
     );
     assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // Moving a job's labelers is its owner's (or an admin's): another
+    // scientist is refused; the owner hears why this finished job's
+    // labelers stay.
+    let body = serde_json::json!({"from": "labeler", "to": "labeler"});
+    let uri = format!("/api/jobs/{}/reassign", f.job);
+    let r = as_role("scientist2", "POST", &uri, Some(body.clone()));
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = as_role("scientist", "POST", &uri, Some(body));
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("its labelers change only while it waits for labels"),
+        "{}",
+        r.text()
+    );
 }
 
 fn login(user: &str, password: &str) -> Reply {
