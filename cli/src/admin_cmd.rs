@@ -28,10 +28,39 @@ pub enum UserCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Disable a user and revoke their token.
+    /// Disable a user and revoke their token (refused for the last active
+    /// admin). Their history stays; `user enable` brings the account back.
     Disable {
         /// User name.
         name: String,
+    },
+    /// Enable a disabled user and print their new token (shown once).
+    Enable {
+        /// User name.
+        name: String,
+    },
+    /// Give a user a new token and print it (shown once); the old one
+    /// stops working at once. For a token lost or seen by someone else.
+    Token {
+        /// User name.
+        name: String,
+    },
+    /// Grant roles to a user; effective at their next request.
+    Grant {
+        /// User name.
+        name: String,
+        /// A role to grant (repeatable).
+        #[arg(long = "role", required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
+    },
+    /// Take roles away from a user; effective at their next request (a
+    /// user keeps at least one role, and the environment one active admin).
+    Revoke {
+        /// User name.
+        name: String,
+        /// A role to take away (repeatable).
+        #[arg(long = "role", required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
     },
     /// Set a user's console password, read from the first line of standard
     /// input (12 to 256 characters; only an Argon2id hash is stored).
@@ -259,6 +288,34 @@ pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
         UserCommand::Disable { name } => {
             s.cloister.disable_user(&s.user, &name)?;
             say!("disabled {name}; their token no longer works");
+        }
+        UserCommand::Enable { name } => {
+            let (user, token) = s.cloister.enable_user(&s.user, &name)?;
+            say!("enabled {} ({})", user.name, roles_text(&user.roles));
+            say!("token (shown once; keep it secret): {token}");
+        }
+        UserCommand::Token { name } => {
+            let token = s.cloister.rotate_token(&s.user, &name)?;
+            say!("new token for {name}; the old one no longer works");
+            say!("token (shown once; keep it secret): {token}");
+        }
+        UserCommand::Grant { name, roles } => {
+            let user = s.cloister.change_roles(&s.user, &name, true, &roles)?;
+            say!(
+                "granted {}: {} now has {}",
+                roles_text(&roles),
+                user.name,
+                roles_text(&user.roles)
+            );
+        }
+        UserCommand::Revoke { name, roles } => {
+            let user = s.cloister.change_roles(&s.user, &name, false, &roles)?;
+            say!(
+                "revoked {}: {} now has {}",
+                roles_text(&roles),
+                user.name,
+                roles_text(&user.roles)
+            );
         }
         UserCommand::Passwd { name } => {
             let mut line = String::new();

@@ -53,6 +53,58 @@ pub enum UserError {
     /// A new password does not meet the rules.
     #[error("a password needs 12 to 256 characters")]
     WeakPassword,
+    /// The change would leave the environment without an active admin.
+    #[error(
+        "`{0}` is the environment's only active admin: add or enable another admin first, so that somebody can still administer it"
+    )]
+    LastAdmin(String),
+    /// A role granted that the user holds already.
+    #[error("`{user}` already has the `{role}` role")]
+    HasRole {
+        /// The user.
+        user: String,
+        /// The role.
+        role: &'static str,
+    },
+    /// A role revoked that the user does not hold.
+    #[error("`{user}` does not have the `{role}` role")]
+    LacksRole {
+        /// The user.
+        user: String,
+        /// The role.
+        role: &'static str,
+    },
+    /// Revoking every role a user holds.
+    #[error(
+        "that would leave `{0}` without a role; to stop an account, use `user disable` (its history stays)"
+    )]
+    LastRole(String),
+    /// A disabled account's token asked for.
+    #[error("`{0}` is disabled: `user enable` gives the account a new token")]
+    Disabled(String),
+    /// The account is disabled already.
+    #[error("`{0}` is already disabled")]
+    AlreadyDisabled(String),
+    /// Enabling an account that is not disabled.
+    #[error("`{0}` is not disabled")]
+    NotDisabled(String),
+}
+
+/// A change to an existing account ([`change`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AccountChange {
+    /// Add these roles (each one the user must not hold yet).
+    Grant(Vec<Role>),
+    /// Take these roles away (each one the user must hold; at least one
+    /// must remain).
+    Revoke(Vec<Role>),
+    /// Disable the account and revoke its token.
+    Disable,
+    /// Enable a disabled account with the token of this SHA-256.
+    Enable(String),
+    /// Replace an active account's token by the one of this SHA-256: the
+    /// old one stops working at once.
+    RotateToken(String),
 }
 
 /// A stored user.
@@ -204,22 +256,141 @@ pub fn list(store: &dyn Storage) -> Result<Vec<User>, UserError> {
     Ok(out)
 }
 
-/// Writes that disable a user and revoke their token.
+/// Disables a user and revokes their token ([`AccountChange::Disable`]).
 pub(crate) fn disable(store: &dyn Storage, name: &str) -> Result<(), UserError> {
-    // On the row as stored when the write lands: a concurrent change to
-    // the user cannot bring the old token back.
-    crate::store::update(store, &[(Space::Users, name.as_bytes())], |values| {
-        let bytes = values
-            .first()
-            .and_then(|v| v.as_deref())
-            .ok_or_else(|| UserError::Unknown(name.to_string()))?;
-        let mut user: User =
-            serde_json::from_slice(bytes).map_err(|_| UserError::Damaged(name.to_string()))?;
-        user.disabled = true;
+    change(store, name, &AccountChange::Disable).map(|_| ())
+}
+
+/// Enables a disabled user with a new token; returns the user and the
+/// token (shown once).
+pub(crate) fn enable(store: &dyn Storage, name: &str) -> Result<(User, String), UserError> {
+    let (token, hash) = new_token()?;
+    Ok((change(store, name, &AccountChange::Enable(hash))?, token))
+}
+
+/// Gives an active user a new token, revoking the old one; returns the
+/// token (shown once).
+pub(crate) fn rotate_token(store: &dyn Storage, name: &str) -> Result<String, UserError> {
+    let (token, hash) = new_token()?;
+    change(store, name, &AccountChange::RotateToken(hash))?;
+    Ok(token)
+}
+
+fn is_active_admin(user: &User) -> bool {
+    !user.disabled && user.roles.contains(&Role::Admin)
+}
+
+/// Applies `what` to user `name`; returns the user as changed. Refused, writing nothing, when the change does not
+/// apply (a role held already or not held, the last role, an account
+/// disabled or not), and when it would leave the environment without an
+/// active admin.
+///
+/// The whole change commits only if the user's row and the row of every
+/// user who was an active admin are still as read: two admins disabling
+/// each other at the same moment cannot both succeed, and a concurrent
+/// change to the user cannot bring an old token back.
+pub(crate) fn change(
+    store: &dyn Storage,
+    name: &str,
+    what: &AccountChange,
+) -> Result<User, UserError> {
+    crate::store::update_reading(store, || {
+        let mut read = Vec::new();
+        let mut target = None;
+        let mut admins = Vec::new();
+        for item in store.scan(Space::Users, b"") {
+            let (k, v) = item?;
+            let user: User = serde_json::from_slice(&v)
+                .map_err(|_| UserError::Damaged(String::from_utf8_lossy(&k).into_owned()))?;
+            if user.name == name {
+                target = Some((user.clone(), v.clone()));
+            } else if is_active_admin(&user) {
+                admins.push(user.name.clone());
+            } else {
+                continue;
+            }
+            read.push((k, v));
+        }
+        let (before, _) = target.ok_or_else(|| UserError::Unknown(name.to_string()))?;
+        let mut user = before.clone();
+        let mut token = None;
+        match what {
+            AccountChange::Grant(roles) => {
+                for &role in roles {
+                    if user.roles.contains(&role) {
+                        return Err(UserError::HasRole {
+                            user: name.to_string(),
+                            role: role.as_str(),
+                        });
+                    }
+                    user.roles.push(role);
+                }
+                if user.roles.contains(&Role::Client) && user.roles.len() > 1 {
+                    return Err(UserError::ClientWithOtherRoles);
+                }
+                user.roles.sort();
+                user.roles.dedup();
+            }
+            AccountChange::Revoke(roles) => {
+                for &role in roles {
+                    if !user.roles.contains(&role) {
+                        return Err(UserError::LacksRole {
+                            user: name.to_string(),
+                            role: role.as_str(),
+                        });
+                    }
+                    user.roles.retain(|r| *r != role);
+                }
+                if user.roles.is_empty() {
+                    return Err(UserError::LastRole(name.to_string()));
+                }
+            }
+            AccountChange::Disable => {
+                if user.disabled {
+                    return Err(UserError::AlreadyDisabled(name.to_string()));
+                }
+                user.disabled = true;
+            }
+            AccountChange::Enable(hash) => {
+                if !user.disabled {
+                    return Err(UserError::NotDisabled(name.to_string()));
+                }
+                user.disabled = false;
+                token = Some(hash);
+            }
+            AccountChange::RotateToken(hash) => {
+                if user.disabled {
+                    return Err(UserError::Disabled(name.to_string()));
+                }
+                token = Some(hash);
+            }
+        }
+        if is_active_admin(&before) && !is_active_admin(&user) && admins.is_empty() {
+            return Err(UserError::LastAdmin(name.to_string()));
+        }
         let mut b = WriteBatch::new();
-        b.delete(Space::Tokens, user.token_sha256.clone().into_bytes());
+        let mut expect = Vec::with_capacity(read.len());
+        for (k, v) in read {
+            if k != name.as_bytes() {
+                // Unchanged, written back: the engines guard a key by the
+                // write (`Storage::commit_if`).
+                b.put(Space::Users, k.clone(), v.clone());
+            }
+            expect.push(crate::store::Expect::new(Space::Users, k, Some(v)));
+        }
+        if user.disabled || token.is_some() {
+            b.delete(Space::Tokens, before.token_sha256.clone().into_bytes());
+        }
+        if let Some(hash) = token {
+            user.token_sha256 = hash.clone();
+            b.put(
+                Space::Tokens,
+                hash.clone().into_bytes(),
+                name.as_bytes().to_vec(),
+            );
+        }
         b.put(Space::Users, name.as_bytes().to_vec(), encode(&user)?);
-        Ok((b, ()))
+        Ok((expect, b, user))
     })
 }
 

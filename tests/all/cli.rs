@@ -1402,3 +1402,78 @@ fn the_csv_note_names_only_the_columns_that_held_only_numbers() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stdout(&o).contains("note:"), "{}", stdout(&o));
 }
+
+/// An administrator's account commands as printed: a new token for a
+/// lost one, roles granted and revoked, an account disabled and enabled
+/// again, and the refusals (the last admin, a role not held, another
+/// user asking) with their exit codes.
+#[test]
+fn accounts_are_administered_from_the_command_line() {
+    let e = EnvCli {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let root = token_in(&cloister(&["init", &e.env()]));
+    let old = token_in(&e.run(&root, &["user", "add", "ana", "--role", "labeler"]));
+
+    let o = e.run(&root, &["user", "token", "ana"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("new token for ana; the old one no longer works\n"));
+    let new = token_in(&o);
+    assert_eq!(e.run(&old, &["dataset", "list"]).status.code(), Some(1));
+    assert!(e.run(&new, &["dataset", "list"]).status.success());
+
+    let o = e.run(
+        &root,
+        &[
+            "user",
+            "grant",
+            "ana",
+            "--role",
+            "scientist",
+            "--role",
+            "auditor",
+        ],
+    );
+    assert_eq!(
+        stdout(&o),
+        "granted scientist,auditor: ana now has scientist,labeler,auditor\n",
+        "{}",
+        stderr(&o)
+    );
+    let o = e.run(&root, &["user", "revoke", "ana", "--role", "reviewer"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "error: `ana` does not have the `reviewer` role\n"
+    );
+    let o = e.run(&root, &["user", "revoke", "ana", "--role", "labeler"]);
+    assert_eq!(
+        stdout(&o),
+        "revoked labeler: ana now has scientist,auditor\n"
+    );
+
+    let o = e.run(&new, &["user", "grant", "ana", "--role", "admin"]);
+    assert_eq!(o.status.code(), Some(3), "denied: {}", stderr(&o));
+
+    let o = e.run(&root, &["user", "disable", "admin"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("`admin` is the environment's only active admin"));
+    assert!(e.run(&root, &["user", "list"]).status.success());
+
+    assert!(e.run(&root, &["user", "disable", "ana"]).status.success());
+    let o = e.run(&root, &["user", "enable", "ana"]);
+    assert!(
+        stdout(&o).starts_with("enabled ana (scientist,auditor)\n"),
+        "{}",
+        stdout(&o)
+    );
+    let again = token_in(&o);
+    assert_eq!(e.run(&new, &["dataset", "list"]).status.code(), Some(1));
+    assert!(e.run(&again, &["dataset", "list"]).status.success());
+    let o = e.run(&root, &["user", "list"]);
+    assert!(
+        stdout(&o).contains("ana                      active    scientist,auditor"),
+        "{}",
+        stdout(&o)
+    );
+}

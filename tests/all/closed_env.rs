@@ -424,6 +424,186 @@ fn disabled_users_lose_their_token_and_failed_logins_are_audited() {
     );
 }
 
+#[test]
+fn accounts_change_roles_and_tokens_and_the_environment_keeps_an_active_admin() {
+    accounts_change_roles_and_tokens_and_keep_an_active_admin(&env());
+}
+
+/// Account administration after `user add`: token rotation, enabling a
+/// disabled account, granting and revoking roles — each refused, writing
+/// nothing, when it does not apply, and never leaving the environment
+/// without an active admin, not even when two admins disable each other at
+/// the same moment. Shared with the PostgreSQL store's tests.
+pub fn accounts_change_roles_and_tokens_and_keep_an_active_admin(e: &Env) {
+    use cloister_host::users::UserError;
+    let c = &e.c;
+    let stored = |name: &str| cloister_host::users::get(c.env().store().as_ref(), name).unwrap();
+    let user_err = |r: Result<User, ServiceError>| match r {
+        Err(ServiceError::User(u)) => u.to_string(),
+        other => panic!("{other:?}"),
+    };
+    let (_, ana_old) = c.add_user(&e.admin, "ana", &[Role::Scientist]).unwrap();
+
+    // Only admins, and every attempt is audited before it takes effect.
+    denied(c.rotate_token(&e.sci, "ana"));
+    denied(c.enable_user(&e.sci, "ana"));
+    denied(c.change_roles(&e.sci, "sci", true, &[Role::Admin]));
+    denied(c.change_roles(&e.aud, "ana", false, &[Role::Scientist]));
+
+    // A new token: the old one stops working at once.
+    let ana_new = c.rotate_token(&e.admin, "ana").unwrap();
+    assert!(matches!(
+        c.authenticate(&ana_old),
+        Err(ServiceError::Auth(_))
+    ));
+    let ana = c.authenticate(&ana_new).unwrap();
+    assert_eq!(ana.name, "ana");
+
+    // Roles: effective at the next request.
+    denied(c.list_users(&ana));
+    let changed = c
+        .change_roles(&e.admin, "ana", true, &[Role::Admin, Role::Reviewer])
+        .unwrap();
+    assert_eq!(
+        changed.roles,
+        vec![Role::Admin, Role::Scientist, Role::Reviewer]
+    );
+    let ana = c.authenticate(&ana_new).unwrap();
+    assert_eq!(c.list_users(&ana).unwrap().len(), 8);
+    let changed = c
+        .change_roles(&e.admin, "ana", false, &[Role::Reviewer])
+        .unwrap();
+    assert_eq!(changed.roles, vec![Role::Admin, Role::Scientist]);
+
+    // Changes that do not apply are refused and write nothing.
+    let before = stored("sci");
+    for (r, says) in [
+        (
+            c.change_roles(&e.admin, "sci", true, &[Role::Auditor, Role::Scientist]),
+            "`sci` already has the `scientist` role",
+        ),
+        (
+            c.change_roles(&e.admin, "sci", false, &[Role::Labeler]),
+            "`sci` does not have the `labeler` role",
+        ),
+        (
+            c.change_roles(&e.admin, "sci", false, &[Role::Scientist]),
+            "that would leave `sci` without a role; to stop an account, use `user disable` (its history stays)",
+        ),
+        (
+            c.change_roles(&e.admin, "sci", true, &[Role::Client]),
+            "the `client` role cannot be combined with other roles: a client account only calls `predict`",
+        ),
+        (
+            c.change_roles(&e.admin, "nobody", true, &[Role::Auditor]),
+            "no user `nobody`",
+        ),
+    ] {
+        assert_eq!(user_err(r), says);
+    }
+    assert_eq!(stored("sci"), before);
+
+    // Disabling and enabling: a new token, the old one never again.
+    let lab_token = c.rotate_token(&e.admin, "lab").unwrap();
+    c.disable_user(&e.admin, "lab").unwrap();
+    assert!(matches!(
+        c.authenticate(&lab_token),
+        Err(ServiceError::Auth(_))
+    ));
+    let err = c.disable_user(&e.admin, "lab").unwrap_err();
+    assert!(
+        matches!(&err, ServiceError::User(UserError::AlreadyDisabled(n)) if n == "lab"),
+        "{err}"
+    );
+    let err = c.rotate_token(&e.admin, "lab").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "`lab` is disabled: `user enable` gives the account a new token"
+    );
+    let (lab, lab_new) = c.enable_user(&e.admin, "lab").unwrap();
+    assert!(!lab.disabled);
+    assert_eq!(c.authenticate(&lab_new).unwrap().name, "lab");
+    assert!(matches!(
+        c.authenticate(&lab_token),
+        Err(ServiceError::Auth(_))
+    ));
+    let err = c.enable_user(&e.admin, "lab").unwrap_err();
+    assert_eq!(err.to_string(), "`lab` is not disabled");
+
+    // The last active admin can neither be disabled nor lose the role.
+    c.change_roles(&e.admin, "ana", false, &[Role::Admin])
+        .unwrap();
+    let last = "`root` is the environment's only active admin: add or enable another admin first, so that somebody can still administer it";
+    let before = stored("root");
+    assert_eq!(
+        c.disable_user(&e.admin, "root").unwrap_err().to_string(),
+        last
+    );
+    c.change_roles(&e.admin, "root", true, &[Role::Auditor])
+        .unwrap();
+    let before_roles = stored("root");
+    assert_eq!(
+        user_err(c.change_roles(&e.admin, "root", false, &[Role::Admin])),
+        last
+    );
+    assert_eq!(stored("root"), before_roles);
+    assert_eq!(stored("root").token_sha256, before.token_sha256);
+
+    // Two admins disabling each other at the same moment: one of the two
+    // is refused, every time.
+    let (_, bea) = c.add_user(&e.admin, "bea", &[Role::Admin]).unwrap();
+    let bea = c.authenticate(&bea).unwrap();
+    c.disable_user(&bea, "root").unwrap();
+    c.change_roles(&bea, "ana", true, &[Role::Admin]).unwrap();
+    let ana = c.authenticate(&ana_new).unwrap();
+    for _ in 0..6 {
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| c.disable_user(&ana, "bea"));
+            let b = s.spawn(|| c.disable_user(&bea, "ana"));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_ne!(a.is_ok(), b.is_ok(), "{a:?} {b:?}");
+        let refused = if a.is_ok() { b } else { a };
+        assert!(
+            matches!(refused, Err(ServiceError::User(UserError::LastAdmin(_)))),
+            "{refused:?}"
+        );
+        let active: Vec<_> = c
+            .list_users(if stored("ana").disabled { &bea } else { &ana })
+            .unwrap()
+            .into_iter()
+            .filter(|u| u.roles.contains(&Role::Admin) && !u.disabled)
+            .map(|u| u.name)
+            .collect();
+        assert_eq!(active.len(), 1, "{active:?}");
+        let survivor = if active[0] == "ana" { &ana } else { &bea };
+        let other = if active[0] == "ana" { "bea" } else { "ana" };
+        c.enable_user(survivor, other).unwrap();
+    }
+
+    let audited = |action: &str| {
+        c.audit_log(
+            &e.admin,
+            &AuditFilter {
+                action: Some(action.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let rotations = audited("rotate_token");
+    assert_eq!(rotations.len(), 4);
+    assert_eq!(
+        rotations
+            .iter()
+            .filter(|r| r.record.decision == Decision::Deny)
+            .count(),
+        1
+    );
+    assert_eq!(audited("enable_user").len(), 1 + 2 + 6);
+    assert_eq!(audited("change_roles").len(), 2 + 2 + 5 + 4);
+}
+
 // ---------------------------------------------------------------- audit --
 
 fn raw_entry(c: &Cloister, seq: u64) -> Vec<u8> {

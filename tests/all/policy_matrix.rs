@@ -68,6 +68,9 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
     vec![
         (A::AddUser, Resource::Environment, &[Admin]),
         (A::DisableUser, Resource::Environment, &[Admin]),
+        (A::EnableUser, Resource::Environment, &[Admin]),
+        (A::ChangeRoles, Resource::Environment, &[Admin]),
+        (A::RotateToken, Resource::Environment, &[Admin]),
         (A::ListUsers, Resource::Environment, &[Admin]),
         (A::CheckPolicy, Resource::Environment, &[Admin, Auditor]),
         (A::ExplainPolicy, Resource::Environment, &[Admin, Auditor]),

@@ -1011,6 +1011,14 @@ fn restoring_an_old_copy_of_the_tables_is_caught_by_a_saved_checkpoint() {
 }
 
 #[test]
+fn accounts_on_postgres_keep_an_active_admin_under_concurrent_changes() {
+    let Some(pg) = PgServer::start() else { return };
+    crate::closed_env::accounts_change_roles_and_tokens_and_keep_an_active_admin(&env_with(
+        &pg.database("accounts"),
+    ));
+}
+
+#[test]
 fn concurrent_appends_on_postgres_are_contiguous_and_verify() {
     let Some(pg) = PgServer::start() else { return };
     let e = env_with(&pg.database("concurrent"));

@@ -127,6 +127,9 @@ pub struct Principal {
 pub enum Action {
     AddUser,
     DisableUser,
+    EnableUser,
+    ChangeRoles,
+    RotateToken,
     ListUsers,
     CheckPolicy,
     ExplainPolicy,
@@ -167,9 +170,12 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 38] = [
+    pub const ALL: [Action; 41] = [
         Action::AddUser,
         Action::DisableUser,
+        Action::EnableUser,
+        Action::ChangeRoles,
+        Action::RotateToken,
         Action::ListUsers,
         Action::CheckPolicy,
         Action::ExplainPolicy,
@@ -213,6 +219,9 @@ impl Action {
         match self {
             Action::AddUser => "add_user",
             Action::DisableUser => "disable_user",
+            Action::EnableUser => "enable_user",
+            Action::ChangeRoles => "change_roles",
+            Action::RotateToken => "rotate_token",
             Action::ListUsers => "list_users",
             Action::CheckPolicy => "check_policy",
             Action::ExplainPolicy => "explain_policy",

@@ -125,7 +125,8 @@ impl Cloister {
         Ok(users::list(self.env.store().as_ref())?)
     }
 
-    /// Disables a user and revokes their token.
+    /// Disables a user and revokes their token; refused for an account
+    /// disabled already, and for the environment's last active admin.
     pub fn disable_user(&self, who: &User, name: &str) -> Result<(), ServiceError> {
         self.guard(
             &who.principal(),
@@ -135,5 +136,58 @@ impl Cloister {
         )?;
         users::disable(self.env.store().as_ref(), name)?;
         Ok(())
+    }
+
+    /// Enables a disabled user with a new token (their old one was revoked
+    /// when they were disabled); returns the user and the token, shown
+    /// once.
+    pub fn enable_user(&self, who: &User, name: &str) -> Result<(User, String), ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::EnableUser,
+            &Resource::Environment,
+            &name,
+        )?;
+        Ok(users::enable(self.env.store().as_ref(), name)?)
+    }
+
+    /// Gives an active user a new token; the old one stops working at
+    /// once (a token lost or seen by someone else). Returns it, shown once.
+    pub fn rotate_token(&self, who: &User, name: &str) -> Result<String, ServiceError> {
+        self.guard(
+            &who.principal(),
+            Action::RotateToken,
+            &Resource::Environment,
+            &name,
+        )?;
+        Ok(users::rotate_token(self.env.store().as_ref(), name)?)
+    }
+
+    /// Grants roles to a user (`grant`) or takes them away; returns the
+    /// user as changed. Refused, writing nothing, for a role granted that
+    /// the user holds or revoked that they do not, for the last role, for
+    /// `client` beside another role, and for the admin role of the
+    /// environment's last active admin. Takes effect at the user's next
+    /// request, console sessions included.
+    pub fn change_roles(
+        &self,
+        who: &User,
+        name: &str,
+        grant: bool,
+        roles: &[crate::policy::Role],
+    ) -> Result<User, ServiceError> {
+        let verb = if grant { "grant" } else { "revoke" };
+        self.guard(
+            &who.principal(),
+            Action::ChangeRoles,
+            &Resource::Environment,
+            &(verb, name, roles),
+        )?;
+        let what = if grant {
+            users::AccountChange::Grant(roles.to_vec())
+        } else {
+            users::AccountChange::Revoke(roles.to_vec())
+        };
+        Ok(users::change(self.env.store().as_ref(), name, &what)?)
     }
 }
