@@ -220,6 +220,7 @@ fn bench_record(who: &str, n: usize) -> AuditRecord {
         params: "0".repeat(64),
         outcome: None,
         serving: None,
+        account: None,
     }
 }
 

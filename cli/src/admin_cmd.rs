@@ -40,10 +40,11 @@ pub enum UserCommand {
         name: String,
     },
     /// Give a user a new token and print it (shown once); the old one
-    /// stops working at once. For a token lost or seen by someone else.
+    /// stops working at once. For a token lost or seen by someone else:
+    /// admins for anybody, every user for themselves.
     Token {
-        /// User name.
-        name: String,
+        /// User name (default: you).
+        name: Option<String>,
     },
     /// Grant roles to a user; effective at their next request.
     Grant {
@@ -295,6 +296,7 @@ pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
             say!("token (shown once; keep it secret): {token}");
         }
         UserCommand::Token { name } => {
+            let name = name.unwrap_or_else(|| s.user.name.clone());
             let token = s.cloister.rotate_token(&s.user, &name)?;
             say!("new token for {name}; the old one no longer works");
             say!("token (shown once; keep it secret): {token}");

@@ -94,14 +94,16 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
                 if json {
                     crate::output::json(&serde_json::to_string(&e)?);
                 } else {
+                    let roles = e.record.account.as_ref().map(|a| format!(" {}", a.text()));
                     say!(
-                        "{:>6} {} {:<12} {:<5} {:<16} {} params={} [{}]",
+                        "{:>6} {} {:<12} {:<5} {:<16} {}{} params={} [{}]",
                         e.seq,
                         cloister_host::time::rfc3339(e.time_ms),
                         e.record.actor,
                         e.record.decision.to_string(),
                         e.record.action,
                         e.record.resource,
+                        roles.unwrap_or_default(),
                         &e.record.params[..12.min(e.record.params.len())],
                         e.record.policies.join(",")
                     );

@@ -1742,7 +1742,10 @@ async fn audit(State(k): S, h: HeaderMap, Query(q): Query<AuditQuery>) -> Page {
                 esc(&cloister_host::time::rfc3339(e.time_ms)),
                 esc(&e.record.actor),
                 esc(&e.record.action),
-                esc(&e.record.resource),
+                match &e.record.account {
+                    Some(a) => format!("{} {}", esc(&e.record.resource), esc(&a.text())),
+                    None => esc(&e.record.resource),
+                },
                 format!("{:?}", e.record.decision).to_lowercase(),
                 esc(&e.record.policies.join(", ")),
             ]

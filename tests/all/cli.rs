@@ -1454,6 +1454,25 @@ fn accounts_are_administered_from_the_command_line() {
 
     let o = e.run(&new, &["user", "grant", "ana", "--role", "admin"]);
     assert_eq!(o.status.code(), Some(3), "denied: {}", stderr(&o));
+    // Her own token, replaced by herself.
+    let o = e.run(&new, &["user", "token"]);
+    assert!(
+        stdout(&o).starts_with("new token for ana;"),
+        "{}",
+        stderr(&o)
+    );
+    let mine = token_in(&o);
+    assert_eq!(e.run(&new, &["dataset", "list"]).status.code(), Some(1));
+    let new = mine;
+    let o = e.run(&root, &["audit", "log", "--action", "change_roles"]);
+    let log = stdout(&o);
+    assert!(
+        log.contains(
+            "admin        allow change_roles     Account::\"ana\" +scientist +auditor params="
+        ),
+        "{log}"
+    );
+    assert!(log.contains("Account::\"ana\" -labeler params="), "{log}");
 
     let o = e.run(&root, &["user", "disable", "admin"]);
     assert_eq!(o.status.code(), Some(1));

@@ -450,8 +450,21 @@ pub fn accounts_change_roles_and_tokens_and_keep_an_active_admin(e: &Env) {
     denied(c.change_roles(&e.sci, "sci", true, &[Role::Admin]));
     denied(c.change_roles(&e.aud, "ana", false, &[Role::Scientist]));
 
-    // A new token: the old one stops working at once.
+    // A new token: the old one stops working at once. Admins give one to
+    // anybody; a user replaces their own.
+    let ana_mine = c
+        .rotate_token(&c.authenticate(&ana_old).unwrap(), "ana")
+        .unwrap();
+    assert!(matches!(
+        c.authenticate(&ana_old),
+        Err(ServiceError::Auth(_))
+    ));
     let ana_new = c.rotate_token(&e.admin, "ana").unwrap();
+    assert!(matches!(
+        c.authenticate(&ana_mine),
+        Err(ServiceError::Auth(_))
+    ));
+    let ana_old = ana_mine;
     assert!(matches!(
         c.authenticate(&ana_old),
         Err(ServiceError::Auth(_))
@@ -459,8 +472,9 @@ pub fn accounts_change_roles_and_tokens_and_keep_an_active_admin(e: &Env) {
     let ana = c.authenticate(&ana_new).unwrap();
     assert_eq!(ana.name, "ana");
 
-    // Roles: effective at the next request.
+    // Roles: effective at the next request. Auditors see who holds which.
     denied(c.list_users(&ana));
+    assert_eq!(c.list_users(&e.aud).unwrap().len(), 8);
     let changed = c
         .change_roles(&e.admin, "ana", true, &[Role::Admin, Role::Reviewer])
         .unwrap();
@@ -592,7 +606,38 @@ pub fn accounts_change_roles_and_tokens_and_keep_an_active_admin(e: &Env) {
         .unwrap()
     };
     let rotations = audited("rotate_token");
-    assert_eq!(rotations.len(), 4);
+    assert_eq!(rotations.len(), 5);
+    assert_eq!(rotations[1].record.actor, "ana");
+    assert_eq!(rotations[1].record.resource, "Account::\"ana\"");
+    assert_eq!(
+        rotations[1].record.policies,
+        ["users-rotate-their-own-token"]
+    );
+    // The log says who was made what.
+    let grants: Vec<_> = audited("change_roles")
+        .into_iter()
+        .filter(|r| r.record.decision == Decision::Allow && r.record.resource == "Account::\"ana\"")
+        .map(|r| (r.record.actor, r.record.account.unwrap()))
+        .collect();
+    let facts = |granted: &[&str], revoked: &[&str]| cloister_host::audit::AccountFacts {
+        granted: granted.iter().map(|r| r.to_string()).collect(),
+        revoked: revoked.iter().map(|r| r.to_string()).collect(),
+    };
+    assert_eq!(
+        grants,
+        [
+            ("root".to_string(), facts(&["admin", "reviewer"], &[])),
+            ("root".to_string(), facts(&[], &["reviewer"])),
+            ("root".to_string(), facts(&[], &["admin"])),
+            ("bea".to_string(), facts(&["admin"], &[])),
+        ]
+    );
+    let added = audited("add_user");
+    let bea_added = added
+        .iter()
+        .find(|r| r.record.resource == "Account::\"bea\"")
+        .unwrap();
+    assert_eq!(bea_added.record.account, Some(facts(&["admin"], &[])));
     assert_eq!(
         rotations
             .iter()

@@ -71,6 +71,7 @@ fn crash_child() {
                                 params: String::new(),
                                 outcome: None,
                                 serving: None,
+                                account: None,
                             })
                             .unwrap();
                         println!("ack {seq} t{t} n{n}");

@@ -53,6 +53,10 @@ fn deployment(clients: &[&str]) -> Resource {
     }
 }
 
+fn account(name: &str) -> Resource {
+    Resource::Account { name: name.into() }
+}
+
 fn job(started_by: &str) -> Resource {
     Resource::Job {
         id: "j-1".into(),
@@ -66,12 +70,21 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
     use Role::*;
     let ds = || Resource::Dataset { name: "ds".into() };
     vec![
-        (A::AddUser, Resource::Environment, &[Admin]),
-        (A::DisableUser, Resource::Environment, &[Admin]),
-        (A::EnableUser, Resource::Environment, &[Admin]),
-        (A::ChangeRoles, Resource::Environment, &[Admin]),
-        (A::RotateToken, Resource::Environment, &[Admin]),
-        (A::ListUsers, Resource::Environment, &[Admin]),
+        (A::AddUser, account("someone-else"), &[Admin]),
+        (A::DisableUser, account("someone-else"), &[Admin]),
+        (A::DisableUser, account(me), &[Admin]),
+        (A::EnableUser, account("someone-else"), &[Admin]),
+        (A::ChangeRoles, account("someone-else"), &[Admin]),
+        (A::ChangeRoles, account(me), &[Admin]),
+        (A::RotateToken, account("someone-else"), &[Admin]),
+        (
+            A::RotateToken,
+            account(me),
+            &[
+                Admin, Scientist, Labeler, Reviewer, Approver, Auditor, Operator,
+            ],
+        ),
+        (A::ListUsers, Resource::Environment, &[Admin, Auditor]),
         (A::CheckPolicy, Resource::Environment, &[Admin, Auditor]),
         (A::ExplainPolicy, Resource::Environment, &[Admin, Auditor]),
         (

@@ -186,6 +186,33 @@ pub struct AuditRecord {
     /// existed, whose canonical bytes are unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving: Option<ServingFacts>,
+    /// For `add_user` and `change_roles` entries: the roles given and
+    /// taken away. Absent from every other entry (and from entries written
+    /// before it existed, whose canonical bytes are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountFacts>,
+}
+
+/// The roles an account entry asked to give and take away (`add_user`,
+/// `change_roles`), so that the log says who was made what, not only that
+/// an account changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountFacts {
+    /// Roles given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub granted: Vec<String>,
+    /// Roles taken away.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<String>,
+}
+
+impl AccountFacts {
+    /// `+admin +reviewer -labeler`: how log readers show the change.
+    pub fn text(&self) -> String {
+        let given = self.granted.iter().map(|r| format!("+{r}"));
+        let taken = self.revoked.iter().map(|r| format!("-{r}"));
+        given.chain(taken).collect::<Vec<_>>().join(" ")
+    }
 }
 
 /// What a prediction request asked (`predict` entries): host-chosen
@@ -1291,6 +1318,7 @@ mod tests {
             params: String::new(),
             outcome: None,
             serving: None,
+            account: None,
         }
     }
 

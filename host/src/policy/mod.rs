@@ -277,6 +277,12 @@ impl FromStr for Action {
 pub enum Resource {
     /// The environment.
     Environment,
+    /// A user's account (what account administration acts on), by user
+    /// name.
+    Account {
+        /// The user's name.
+        name: String,
+    },
     /// A dataset by name.
     Dataset {
         /// Dataset name.
@@ -401,6 +407,7 @@ impl Resource {
     fn type_and_id(&self) -> (&'static str, String) {
         match self {
             Resource::Environment => ("Environment", "main".into()),
+            Resource::Account { name } => ("Account", name.clone()),
             Resource::Dataset { name } => ("Dataset", name.clone()),
             Resource::Record { dataset, id, .. } => ("Record", format!("{dataset}/{id}")),
             Resource::Plugin { digest, .. } => ("Plugin", digest.clone()),
@@ -477,7 +484,7 @@ impl DecisionKey {
     fn text_len(&self) -> usize {
         let r = match &self.resource {
             Resource::Environment | Resource::AuditLog => 0,
-            Resource::Dataset { name } => name.len(),
+            Resource::Dataset { name } | Resource::Account { name } => name.len(),
             Resource::Record {
                 dataset,
                 id,
@@ -810,6 +817,9 @@ impl PolicyEngine {
             Resource::Job { started_by, .. } => {
                 attrs.insert("started_by".into(), user_ref(started_by, &mut entities)?);
             }
+            Resource::Account { name } => {
+                attrs.insert("user".into(), user_ref(name, &mut entities)?);
+            }
             Resource::Deployment { clients, .. } => {
                 let mut set = Vec::with_capacity(clients.len());
                 for c in clients {
@@ -912,6 +922,8 @@ mod tests {
                 id: "j".into(),
                 started_by: "ann".into(),
             },
+            Resource::Account { name: "ann".into() },
+            Resource::Account { name: "bob".into() },
         ];
         let mut allowed = 0;
         for role in Role::ALL {
@@ -948,8 +960,9 @@ mod tests {
             disabled: true,
             ..admin.clone()
         };
-        let a = engine.authorize(&admin, Action::AddUser, &Resource::Environment, "cli");
-        let b = engine.authorize(&off, Action::AddUser, &Resource::Environment, "cli");
+        let bob = Resource::Account { name: "bob".into() };
+        let a = engine.authorize(&admin, Action::AddUser, &bob, "cli");
+        let b = engine.authorize(&off, Action::AddUser, &bob, "cli");
         assert!(a.allowed && !b.allowed);
     }
 

@@ -968,6 +968,7 @@ impl Cloister {
                 params: super::params_digest(&(name, &what)),
                 outcome: None,
                 serving: None,
+                account: None,
             })?;
             d.record("cloister", now, what);
             let mut b = WriteBatch::new();

@@ -369,6 +369,7 @@ impl Cloister {
             )),
             outcome: None,
             serving: None,
+            account: None,
         })?;
         let file = capture_file(name);
         let mut source = crate::records::JsonlReader::new(

@@ -946,6 +946,7 @@ impl Cloister {
             params: super::params_digest(&(&job.id, round, n, agreed, revoke.len())),
             outcome: None,
             serving: None,
+            account: None,
         })?;
         for id in &revoke {
             crate::jobs::delete_ledger(batch, &job.id, id);

@@ -550,6 +550,7 @@ impl Cloister {
             params: super::params_digest(&(&job.id, orphan.holder, &job.started_by, times)),
             outcome: None,
             serving: None,
+            account: None,
         })?;
         let step = serde_json::to_string(&job.next).unwrap_or_default();
         if times > MAX_TAKEOVERS {

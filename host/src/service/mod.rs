@@ -186,6 +186,7 @@ fn host_entry(actor: &str, action: &str, policy: &str, params: String) -> AuditR
         params,
         outcome: None,
         serving: None,
+        account: None,
     }
 }
 
@@ -408,6 +409,7 @@ impl Cloister {
             params: params_digest(&Digest::of(token.as_bytes()).short()),
             outcome: None,
             serving: None,
+            account: None,
         });
         match appended {
             Ok(_) => ServiceError::Auth(why),
@@ -548,6 +550,7 @@ impl Cloister {
             params: params_digest(params),
             outcome: None,
             serving: None,
+            account: None,
         };
         (decision.allowed, record)
     }

@@ -207,6 +207,7 @@ impl Cloister {
             params: params_digest(&(&outcome.purpose, &outcome.stage, outcome.records_in)),
             outcome: Some(outcome),
             serving: None,
+            account: None,
         })?)
     }
 

@@ -39,7 +39,8 @@ impl Cloister {
     }
 
     /// Explains how the active policies decide `action` on `resource` for
-    /// user `as_user`. Resource syntax: `env`, `audit`, `dataset:NAME`,
+    /// user `as_user`. Resource syntax: `env`, `audit`, `account:NAME`,
+    /// `dataset:NAME`,
     /// `record:DATASET/ID`, `plugin:DIGEST`, `model:ID`, `job:ID`,
     /// `deployment:NAME`; a stored plugin, model, job or deployment is
     /// explained with its stored facts (its approval, release state and
@@ -101,13 +102,17 @@ impl Cloister {
     pub(super) fn parse_resource(&self, text: &str) -> Result<Resource, ServiceError> {
         let bad = || {
             ServiceError::BadRequest(format!(
-                "`{text}` is not a resource (use env, audit, dataset:NAME, record:DATASET/ID, plugin:DIGEST, model:ID, job:ID or deployment:NAME)"
+                "`{text}` is not a resource (use env, audit, account:NAME, dataset:NAME, record:DATASET/ID, plugin:DIGEST, model:ID, job:ID or deployment:NAME)"
             ))
         };
         let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
         let store = self.env.store().as_ref();
         Ok(match (kind, rest) {
             ("env", "") => Resource::Environment,
+            ("account", name) if !name.is_empty() => {
+                users::check_name(name)?;
+                Resource::Account { name: name.into() }
+            }
             ("audit", "") => Resource::AuditLog,
             ("dataset", name) if !name.is_empty() => Resource::Dataset { name: name.into() },
             ("record", r) => {
@@ -130,6 +135,7 @@ impl Cloister {
 fn resource_syntax(ty: &str) -> &'static str {
     match ty {
         "Environment" => "env",
+        "Account" => "account:NAME",
         "AuditLog" => "audit",
         "Dataset" => "dataset:NAME",
         "Record" => "record:DATASET/ID",

@@ -1,7 +1,7 @@
 //! Users: accounts, tokens, console passwords and logins.
 
-use crate::audit::{AuditRecord, Decision};
-use crate::policy::{Action, Resource};
+use crate::audit::{AccountFacts, AuditRecord, Decision};
+use crate::policy::{Action, Resource, Role};
 use crate::users::{self, User, UserError};
 
 use super::{Cloister, ServiceError, params_digest};
@@ -12,25 +12,21 @@ impl Cloister {
         &self,
         who: &User,
         name: &str,
-        roles: &[crate::policy::Role],
+        roles: &[Role],
     ) -> Result<(User, String), ServiceError> {
-        self.guard(
-            &who.principal(),
+        self.guard_account(
+            who,
             Action::AddUser,
-            &Resource::Environment,
+            name,
             &(name, roles),
+            Some((roles, &[])),
         )?;
         Ok(users::add(self.env.store().as_ref(), name, roles)?)
     }
 
     /// Sets a user's console password (admins).
     pub fn set_password(&self, who: &User, name: &str, password: &str) -> Result<(), ServiceError> {
-        self.guard(
-            &who.principal(),
-            Action::AddUser,
-            &Resource::Environment,
-            &("password", name),
-        )?;
+        self.guard_account(who, Action::AddUser, name, &("password", name), None)?;
         let batch = users::set_password(self.env.store().as_ref(), name, password)?;
         self.env.store().commit(batch)?;
         Ok(())
@@ -60,6 +56,7 @@ impl Cloister {
                     params: params_digest(&self.channel),
                     outcome: None,
                     serving: None,
+                    account: None,
                 })?;
                 Ok(u)
             }
@@ -78,6 +75,7 @@ impl Cloister {
                     params: params_digest(&self.channel),
                     outcome: None,
                     serving: None,
+                    account: None,
                 })?;
                 Err(ServiceError::Auth(e))
             }
@@ -110,8 +108,37 @@ impl Cloister {
             params: params_digest(&(self.channel, reason)),
             outcome: None,
             serving: None,
+            account: None,
         })?;
         Ok(())
+    }
+
+    /// The authorization point for account administration: `guard` on
+    /// the account `name` (`Account::"-"` for a name that is not one, so
+    /// that no malformed text reaches the log), with the roles given and
+    /// taken away on the audit record.
+    fn guard_account(
+        &self,
+        who: &User,
+        action: Action,
+        name: &str,
+        params: &impl serde::Serialize,
+        roles: Option<(&[Role], &[Role])>,
+    ) -> Result<(), ServiceError> {
+        let name = if users::check_name(name).is_ok() {
+            name
+        } else {
+            "-"
+        };
+        let principal = who.principal();
+        let resource = Resource::Account { name: name.into() };
+        let (allowed, mut record) = self.decide(&principal, action, &resource, params);
+        record.account = roles.map(|(granted, revoked)| AccountFacts {
+            granted: granted.iter().map(|r| r.as_str().to_string()).collect(),
+            revoked: revoked.iter().map(|r| r.as_str().to_string()).collect(),
+        });
+        self.env.audit().append(record)?;
+        Self::verdict(allowed, &principal, action, &resource)
     }
 
     /// Lists users.
@@ -128,12 +155,7 @@ impl Cloister {
     /// Disables a user and revokes their token; refused for an account
     /// disabled already, and for the environment's last active admin.
     pub fn disable_user(&self, who: &User, name: &str) -> Result<(), ServiceError> {
-        self.guard(
-            &who.principal(),
-            Action::DisableUser,
-            &Resource::Environment,
-            &name,
-        )?;
+        self.guard_account(who, Action::DisableUser, name, &name, None)?;
         users::disable(self.env.store().as_ref(), name)?;
         Ok(())
     }
@@ -142,24 +164,14 @@ impl Cloister {
     /// when they were disabled); returns the user and the token, shown
     /// once.
     pub fn enable_user(&self, who: &User, name: &str) -> Result<(User, String), ServiceError> {
-        self.guard(
-            &who.principal(),
-            Action::EnableUser,
-            &Resource::Environment,
-            &name,
-        )?;
+        self.guard_account(who, Action::EnableUser, name, &name, None)?;
         Ok(users::enable(self.env.store().as_ref(), name)?)
     }
 
     /// Gives an active user a new token; the old one stops working at
     /// once (a token lost or seen by someone else). Returns it, shown once.
     pub fn rotate_token(&self, who: &User, name: &str) -> Result<String, ServiceError> {
-        self.guard(
-            &who.principal(),
-            Action::RotateToken,
-            &Resource::Environment,
-            &name,
-        )?;
+        self.guard_account(who, Action::RotateToken, name, &name, None)?;
         Ok(users::rotate_token(self.env.store().as_ref(), name)?)
     }
 
@@ -174,14 +186,20 @@ impl Cloister {
         who: &User,
         name: &str,
         grant: bool,
-        roles: &[crate::policy::Role],
+        roles: &[Role],
     ) -> Result<User, ServiceError> {
         let verb = if grant { "grant" } else { "revoke" };
-        self.guard(
-            &who.principal(),
+        let facts = if grant {
+            (roles, &[][..])
+        } else {
+            (&[][..], roles)
+        };
+        self.guard_account(
+            who,
             Action::ChangeRoles,
-            &Resource::Environment,
+            name,
             &(verb, name, roles),
+            Some(facts),
         )?;
         let what = if grant {
             users::AccountChange::Grant(roles.to_vec())
