@@ -301,24 +301,8 @@ pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
             say!("new token for {name}; the old one no longer works");
             say!("token (shown once; keep it secret): {token}");
         }
-        UserCommand::Grant { name, roles } => {
-            let user = s.cloister.change_roles(&s.user, &name, true, &roles)?;
-            say!(
-                "granted {}: {} now has {}",
-                roles_text(&roles),
-                user.name,
-                roles_text(&user.roles)
-            );
-        }
-        UserCommand::Revoke { name, roles } => {
-            let user = s.cloister.change_roles(&s.user, &name, false, &roles)?;
-            say!(
-                "revoked {}: {} now has {}",
-                roles_text(&roles),
-                user.name,
-                roles_text(&user.roles)
-            );
-        }
+        UserCommand::Grant { name, roles } => change_roles(&s, &name, true, &roles)?,
+        UserCommand::Revoke { name, roles } => change_roles(&s, &name, false, &roles)?,
         UserCommand::Passwd { name } => {
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
@@ -328,6 +312,24 @@ pub fn user(env: &EnvArgs, cmd: UserCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `user grant` (`grant`) or `user revoke`, and what the account holds now.
+fn change_roles(
+    s: &crate::session::Session,
+    name: &str,
+    grant: bool,
+    roles: &[Role],
+) -> Result<()> {
+    let user = s.cloister.change_roles(&s.user, name, grant, roles)?;
+    say!(
+        "{} {}: {} now has {}",
+        if grant { "granted" } else { "revoked" },
+        roles_text(roles),
+        user.name,
+        roles_text(&user.roles)
+    );
+    Ok(())
 }
 
 fn roles_text(roles: &[Role]) -> String {
