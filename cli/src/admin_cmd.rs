@@ -227,6 +227,14 @@ pub fn worker(
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn recover_admin(env: &EnvArgs, name: &str) -> Result<ExitCode> {
+    let token = Cloister::recover_admin(&env.env, name)
+        .with_context(|| format!("cannot recover an admin of {}", env.env.display()))?;
+    say!("{name} is an active admin of {}", env.env.display());
+    say!("token (shown once; keep it secret): {token}");
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn migrate(env: &EnvArgs) -> Result<ExitCode> {
     let applied = Cloister::migrate(&env.env)
         .with_context(|| format!("cannot migrate the environment {}", env.env.display()))?;

@@ -95,6 +95,15 @@ enum Command {
     /// Apply the store's missing schema migrations (PostgreSQL), with the
     /// environment closed; recorded in the audit log.
     Migrate,
+    /// Make NAME an active admin with a new token (printed once), for an
+    /// environment whose admins are all locked out. Needs no token, only
+    /// the environment directory (its keys); recorded in the audit log
+    /// before it takes effect
+    RecoverAdmin {
+        /// The account: created if absent, enabled and given the admin
+        /// role if needed; its old token stops working.
+        name: String,
+    },
     /// Move the environment's state from its sled store to an empty
     /// PostgreSQL database, with the environment closed; recorded in the
     /// audit log (docs/SCALING.md).
@@ -287,6 +296,7 @@ fn main() -> ExitCode {
             max_tasks,
         } => admin_cmd::worker(&cli.env, name, lease_seconds, max_tasks),
         Command::Migrate => admin_cmd::migrate(&cli.env),
+        Command::RecoverAdmin { name } => admin_cmd::recover_admin(&cli.env, &name),
         Command::MoveStore { to, store_ca } => {
             admin_cmd::move_store(&cli.env, &to, store_ca.as_deref())
         }

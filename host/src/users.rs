@@ -88,6 +88,9 @@ pub enum UserError {
     /// Enabling an account that is not disabled.
     #[error("`{0}` is not disabled")]
     NotDisabled(String),
+    /// A client account named to become an admin.
+    #[error("`{0}` is a client account, which can be nothing else: name another account")]
+    ClientAccount(String),
 }
 
 /// A change to an existing account ([`change`]).
@@ -266,6 +269,52 @@ pub(crate) fn disable(store: &dyn Storage, name: &str) -> Result<(), UserError> 
 pub(crate) fn enable(store: &dyn Storage, name: &str) -> Result<(User, String), UserError> {
     let (token, hash) = new_token()?;
     Ok((change(store, name, &AccountChange::Enable(hash))?, token))
+}
+
+/// Makes `name` an active admin with a new token, whatever the account's
+/// state: created if absent, enabled if disabled, given the admin role if
+/// it lacks it, its old token revoked. Returns the user and the token
+/// (shown once). A client account is refused (a client does nothing but
+/// predict). The host's recovery for an environment whose admins are all
+/// locked out; no policy decides it ([`crate::service::Cloister::recover_admin`]).
+pub(crate) fn recover_admin(store: &dyn Storage, name: &str) -> Result<(User, String), UserError> {
+    check_name(name)?;
+    let (token, hash) = new_token()?;
+    let user = crate::store::update(store, &[(Space::Users, name.as_bytes())], |values| {
+        let mut b = WriteBatch::new();
+        let user = match values.first().and_then(|v| v.as_deref()) {
+            Some(bytes) => {
+                let mut user: User = serde_json::from_slice(bytes)
+                    .map_err(|_| UserError::Damaged(name.to_string()))?;
+                if user.roles.contains(&Role::Client) {
+                    return Err(UserError::ClientAccount(name.to_string()));
+                }
+                if !user.roles.contains(&Role::Admin) {
+                    user.roles.push(Role::Admin);
+                    user.roles.sort();
+                }
+                user.disabled = false;
+                b.delete(Space::Tokens, user.token_sha256.clone().into_bytes());
+                user.token_sha256 = hash.clone();
+                user
+            }
+            None => User {
+                name: name.to_string(),
+                roles: vec![Role::Admin],
+                disabled: false,
+                created_ms: crate::time::now_ms(),
+                token_sha256: hash.clone(),
+            },
+        };
+        b.put(
+            Space::Tokens,
+            hash.clone().into_bytes(),
+            name.as_bytes().to_vec(),
+        );
+        b.put(Space::Users, name.as_bytes().to_vec(), encode(&user)?);
+        Ok((b, user))
+    })?;
+    Ok((user, token))
 }
 
 /// Gives an active user a new token, revoking the old one; returns the

@@ -1495,4 +1495,24 @@ fn accounts_are_administered_from_the_command_line() {
         "{}",
         stdout(&o)
     );
+
+    // The only admin's token lost: the environment's owner, without a
+    // token, makes an admin again.
+    assert!(e.run(&root, &["user", "token"]).status.success());
+    assert_eq!(e.run(&root, &["user", "list"]).status.code(), Some(1));
+    let o = e.run("", &["recover-admin", "admin"]);
+    assert!(
+        stdout(&o).starts_with(&format!("admin is an active admin of {}\n", e.env())),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let root = token_in(&o);
+    let o = e.run(&root, &["audit", "log", "--action", "recover_admin"]);
+    assert!(
+        stdout(&o)
+            .contains("cloister     allow recover_admin    Account::\"admin\" +admin params="),
+        "{}",
+        stdout(&o)
+    );
 }

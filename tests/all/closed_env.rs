@@ -649,6 +649,83 @@ pub fn accounts_change_roles_and_tokens_and_keep_an_active_admin(e: &Env) {
     assert_eq!(audited("change_roles").len(), 2 + 2 + 5 + 4);
 }
 
+/// Every admin locked out (here: the only admin's token lost): the
+/// environment's owner makes an account an admin again without a token,
+/// recorded before it takes effect; a client account or a malformed name
+/// is refused with nothing recorded.
+#[test]
+fn a_locked_out_environment_gets_an_admin_back_from_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("env");
+    let (c, root) = Cloister::init(&path, "root").unwrap();
+    let admin = c.authenticate(&root).unwrap();
+    c.add_user(&admin, "svc", &[Role::Client]).unwrap();
+    let (_, lea) = c.add_user(&admin, "lea", &[Role::Labeler]).unwrap();
+    c.disable_user(&admin, "lea").unwrap();
+    let _lost = c.rotate_token(&admin, "root").unwrap();
+    assert!(matches!(c.authenticate(&root), Err(ServiceError::Auth(_))));
+    let size = c.env().audit().size();
+    drop(c);
+
+    for (name, says) in [
+        (
+            "svc",
+            "`svc` is a client account, which can be nothing else: name another account",
+        ),
+        (
+            "Root",
+            "invalid user name `Root`: use 1–64 of a-z 0-9 . _ - starting with a letter or digit",
+        ),
+    ] {
+        let err = Cloister::recover_admin(&path, name).unwrap_err();
+        assert_eq!(err.to_string(), says);
+    }
+    let token = Cloister::recover_admin(&path, "root").unwrap();
+    let lea_admin = Cloister::recover_admin(&path, "lea").unwrap();
+    let new_admin = Cloister::recover_admin(&path, "ops").unwrap();
+
+    let c = Cloister::open(&path, "cli").unwrap();
+    let root = c.authenticate(&token).unwrap();
+    assert_eq!(root.roles, [Role::Admin]);
+    let lea_now = c.authenticate(&lea_admin).unwrap();
+    assert_eq!(lea_now.roles, [Role::Admin, Role::Labeler]);
+    assert!(!lea_now.disabled);
+    assert!(matches!(c.authenticate(&lea), Err(ServiceError::Auth(_))));
+    assert_eq!(c.authenticate(&new_admin).unwrap().roles, [Role::Admin]);
+    assert_eq!(c.list_users(&root).unwrap().len(), 4);
+
+    let recovered = c
+        .audit_log(
+            &root,
+            &AuditFilter {
+                action: Some("recover_admin".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let seen: Vec<_> = recovered
+        .iter()
+        .map(|e| (e.seq, e.record.actor.as_str(), e.record.resource.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (size, "cloister", "Account::\"root\""),
+            (size + 1, "cloister", "Account::\"lea\""),
+            (size + 2, "cloister", "Account::\"ops\""),
+        ],
+        "the refusals recorded nothing"
+    );
+    assert_eq!(
+        recovered[0].record.account.as_ref().unwrap().text(),
+        "+admin"
+    );
+    assert!(matches!(
+        c.env().audit().verify(None).unwrap(),
+        Verdict::Intact { .. }
+    ));
+}
+
 // ---------------------------------------------------------------- audit --
 
 fn raw_entry(c: &Cloister, seq: u64) -> Vec<u8> {

@@ -124,6 +124,9 @@ pub mod events {
     pub const MIGRATE_STORE: &str = "migrate_store";
     /// The store was moved to another backend.
     pub const MOVE_STORE: &str = "move_store";
+    /// An admin account restored by the environment's owner, without a
+    /// token (`cloister recover-admin`).
+    pub const RECOVER_ADMIN: &str = "recover_admin";
     /// A console sign-in, allowed or refused.
     pub const LOGIN: &str = "login";
     /// A token was refused.
@@ -144,10 +147,11 @@ pub mod events {
     pub const RAMP: &str = "ramp";
 
     /// All of them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         INIT,
         REFRESH_SCHEMA,
         MIGRATE_STORE,
+        RECOVER_ADMIN,
         MOVE_STORE,
         LOGIN,
         AUTHENTICATE,

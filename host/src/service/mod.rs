@@ -246,6 +246,45 @@ impl Cloister {
         Ok(applied)
     }
 
+    /// Restores an admin to the environment at `path` (`cloister
+    /// recover-admin`): `name` becomes an active admin with a new token
+    /// (created, enabled or given the role as needed; a client account is
+    /// refused), returned to be shown once. No token
+    /// is asked: this is for the environment's owner when every admin is
+    /// locked out (a token lost, the last admins disabled by someone who
+    /// held an admin's token). Whoever can run it can read the
+    /// environment's keys and write its store directly anyway; the
+    /// command makes the recovery an audited step instead — recorded
+    /// (actor `cloister`, resource `Account::"NAME"`) before it takes
+    /// effect.
+    pub fn recover_admin(path: &Path, name: &str) -> Result<String, ServiceError> {
+        crate::users::check_name(name)?;
+        let me = Self::open(path, "cli")?;
+        // Refused before anything is recorded; checked again as it is
+        // written.
+        match crate::users::get(me.env.store().as_ref(), name) {
+            Ok(u) if u.roles.contains(&crate::policy::Role::Client) => {
+                return Err(UserError::ClientAccount(name.to_string()).into());
+            }
+            Ok(_) | Err(UserError::Unknown(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut entry = host_entry(
+            "cloister",
+            crate::audit::events::RECOVER_ADMIN,
+            "host",
+            params_digest(&("recover_admin", name)),
+        );
+        entry.resource = Resource::Account { name: name.into() }.uid_text();
+        entry.account = Some(crate::audit::AccountFacts {
+            granted: vec![crate::policy::Role::Admin.as_str().to_string()],
+            revoked: Vec::new(),
+        });
+        me.env.audit().append(entry)?;
+        let (_, token) = crate::users::recover_admin(me.env.store().as_ref(), name)?;
+        Ok(token)
+    }
+
     /// Moves the environment at `path` from its sled store to an empty
     /// PostgreSQL database (`cloister move-store`), trusting only `ca_pem`
     /// for the server's certificate when given. The move is recorded in
