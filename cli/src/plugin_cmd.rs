@@ -43,6 +43,13 @@ pub enum PluginCommand {
         /// The digest (or a unique prefix of at least 8 hex digits).
         digest: String,
     },
+    /// Withdraw a digest's approval (reviewers and admins): it runs nowhere
+    /// from then on — no training, no job step, no prediction, no
+    /// deployment — until a reviewer approves it again.
+    Withdraw {
+        /// The digest (or a unique prefix of at least 8 hex digits).
+        digest: String,
+    },
     /// Show one registered plugin: what it declares (kind, description,
     /// configuration keys with their defaults), its imports, who added and
     /// who approved it.
@@ -158,6 +165,17 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
             say!("approved {} {} sha256:{}", e.name, e.version, e.digest);
             Ok(ExitCode::SUCCESS)
         }
+        PluginCommand::Withdraw { digest } => {
+            let s = env.session()?;
+            let e = s.cloister.withdraw_approval(&s.user, &digest)?;
+            say!(
+                "withdrew the approval of {} {} sha256:{}: it runs nowhere until approved again",
+                e.name,
+                e.version,
+                e.digest
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         PluginCommand::Show { digest, json } => {
             let s = env.reading_session()?;
             let e = s.cloister.show_plugin(&s.user, &digest)?;
@@ -177,9 +195,10 @@ pub fn run(env: &crate::session::EnvArgs, cmd: PluginCommand) -> Result<ExitCode
                 say!("no plugins (add one with `cloister plugin add FILE.wasm`)");
             } else {
                 for e in &all {
-                    let state = match &e.approval {
-                        Some(a) => format!("approved by {}", a.by),
-                        None => "NOT APPROVED".to_string(),
+                    let state = match (&e.approval, e.withdrawn.last()) {
+                        (Some(a), _) => format!("approved by {}", a.by),
+                        (None, Some(w)) => format!("NOT APPROVED (withdrawn by {})", w.by),
+                        (None, None) => "NOT APPROVED".to_string(),
                     };
                     say!(
                         "{}  {:<20} {:<8} {:<12} added by {:<12} {}",
@@ -314,6 +333,15 @@ fn print_entry(e: &cloister_host::registry::PluginEntry) {
             "approved:    NOT APPROVED (a reviewer who did not add it runs `cloister plugin approve {}`)",
             &e.digest[..16]
         ),
+    }
+    for w in &e.withdrawn {
+        say!(
+            "withdrawn:   by {} at {} (approved by {} at {})",
+            w.by,
+            cloister_host::time::rfc3339(w.time_ms),
+            w.approval.by,
+            cloister_host::time::rfc3339(w.approval.time_ms)
+        );
     }
 }
 

@@ -65,6 +65,7 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
                 .layer(DefaultBodyLimit::max(32 << 20)),
         )
         .route("/api/plugins/{digest}/approve", post(approve_plugin))
+        .route("/api/plugins/{digest}/withdraw", post(withdraw_approval))
         .route("/api/templates", get(templates))
         .route("/api/train", post(train))
         .route("/api/tasks/{id}", get(task))
@@ -187,6 +188,11 @@ async fn add_plugin(State(k): S, h: HeaderMap, body: Bytes) -> Out {
 async fn approve_plugin(State(k): S, h: HeaderMap, Path(d): Path<String>) -> Out {
     let u = writer(&k, &h).await?.user;
     to_json(blocking(&k, move |c| c.approve_plugin(&u, &d)).await?)
+}
+
+async fn withdraw_approval(State(k): S, h: HeaderMap, Path(d): Path<String>) -> Out {
+    let u = writer(&k, &h).await?.user;
+    to_json(blocking(&k, move |c| c.withdraw_approval(&u, &d)).await?)
 }
 
 async fn templates(State(k): S, h: HeaderMap) -> Out {

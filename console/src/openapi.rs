@@ -53,6 +53,13 @@ pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
         None,
         200,
     ),
+    (
+        "post",
+        "/api/plugins/{digest}/withdraw",
+        "Withdraw a plugin digest's approval (reviewers and admins): it runs nowhere until approved again",
+        None,
+        200,
+    ),
     ("get", "/api/templates", "Training templates", None, 200),
     (
         "post",

@@ -51,6 +51,7 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
                 .layer(DefaultBodyLimit::max(32 << 20)),
         )
         .route("/plugins/{digest}/approve", post(approve_plugin))
+        .route("/plugins/{digest}/withdraw", post(withdraw_approval))
         .route("/train", get(train_form).post(train))
         .route("/tasks/{id}", get(task))
         .route("/jobs", get(jobs).post(start_job))
@@ -346,19 +347,35 @@ async fn plugins(State(k): S, h: HeaderMap) -> Page {
                 .iter()
                 .map(|k| format!("{}={}", esc(&k.name), esc(&k.default_value)))
                 .collect();
+            let may = |a: Action| k.cloister().can(&c.user, a, &p.resource());
+            let withdrawn = p
+                .withdrawn
+                .last()
+                .map(|w| format!("approval withdrawn by {}<br>", esc(&w.by)))
+                .unwrap_or_default();
             let state = match &p.approval {
+                Some(a) if may(Action::WithdrawApproval) => format!(
+                    "approved by {}<br>{}",
+                    esc(&a.by),
+                    button(
+                        &c,
+                        &format!("/plugins/{}/withdraw", p.digest),
+                        "Withdraw the approval"
+                    )
+                ),
                 Some(a) => format!("approved by {}", esc(&a.by)),
                 None if k
                     .cloister()
                     .can(&c.user, Action::ApprovePlugin, &p.resource()) =>
                 {
-                    button(
-                        &c,
-                        &format!("/plugins/{}/approve", p.digest),
-                        "Approve this digest",
-                    )
+                    withdrawn
+                        + &button(
+                            &c,
+                            &format!("/plugins/{}/approve", p.digest),
+                            "Approve this digest",
+                        )
                 }
-                None => "awaiting review".into(),
+                None => withdrawn + "awaiting review",
             };
             vec![
                 esc(&p.name),
@@ -449,6 +466,18 @@ async fn approve_plugin(
     let c = poster(&k, &h, &f.csrf).await?;
     let u = c.user.clone();
     run(&k, &c, move |x| x.approve_plugin(&u, &d)).await?;
+    Ok(Redirect::to("/plugins").into_response())
+}
+
+async fn withdraw_approval(
+    State(k): S,
+    h: HeaderMap,
+    Path(d): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Page {
+    let c = poster(&k, &h, &f.csrf).await?;
+    let u = c.user.clone();
+    run(&k, &c, move |x| x.withdraw_approval(&u, &d)).await?;
     Ok(Redirect::to("/plugins").into_response())
 }
 

@@ -57,6 +57,9 @@ pub enum RegistryError {
     /// Already approved.
     #[error("plugin {0} is already approved")]
     AlreadyApproved(String),
+    /// A withdrawal of an approval that is not there.
+    #[error("plugin {0} is not approved: there is no approval to withdraw")]
+    NotApproved(String),
     /// Stored data is damaged.
     #[error("the registry entry of {0} is damaged")]
     Damaged(String),
@@ -99,6 +102,21 @@ pub struct PluginEntry {
     pub added_ms: u64,
     /// The approval, once given.
     pub approval: Option<Approval>,
+    /// Approvals given and then withdrawn, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub withdrawn: Vec<Withdrawal>,
+}
+
+/// An approval taken back: the plugin runs nowhere until a reviewer
+/// approves it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawal {
+    /// The approval withdrawn.
+    pub approval: Approval,
+    /// Who withdrew it.
+    pub by: String,
+    /// When, ms since the epoch.
+    pub time_ms: u64,
 }
 
 impl PluginEntry {
@@ -150,6 +168,7 @@ pub fn add(
         added_by: by.to_string(),
         added_ms: crate::time::now_ms(),
         approval: None,
+        withdrawn: Vec::new(),
     };
     let mut b = WriteBatch::new();
     b.put(Space::Plugins, digest.clone().into_bytes(), encode(&entry)?);
@@ -287,6 +306,31 @@ pub fn bytes(
         return Err(RegistryError::Damaged(entry.digest.clone()));
     }
     Ok(b)
+}
+
+/// Withdraws the approval of the plugin `digest` (in full), by `by`;
+/// returns the entry, unapproved, the withdrawal kept in its history.
+pub fn withdraw(store: &dyn Storage, digest: &str, by: &str) -> Result<PluginEntry, RegistryError> {
+    crate::store::update(store, &[(Space::Plugins, digest.as_bytes())], |values| {
+        let bytes = values
+            .first()
+            .and_then(|v| v.as_deref())
+            .ok_or_else(|| RegistryError::Unknown(digest.to_string()))?;
+        let mut e: PluginEntry = serde_json::from_slice(bytes)
+            .map_err(|_| RegistryError::Damaged(digest.to_string()))?;
+        let approval = e
+            .approval
+            .take()
+            .ok_or_else(|| RegistryError::NotApproved(e.digest.clone()))?;
+        e.withdrawn.push(Withdrawal {
+            approval,
+            by: by.to_string(),
+            time_ms: crate::time::now_ms(),
+        });
+        let mut b = WriteBatch::new();
+        b.put(Space::Plugins, e.digest.clone().into_bytes(), encode(&e)?);
+        Ok((b, e))
+    })
 }
 
 /// Records an approval of the plugin `digest` (in full) by `by`; returns

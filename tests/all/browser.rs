@@ -336,9 +336,11 @@ fn a_browser_walks_the_console_for_every_role() {
         &ImportOptions::default(),
     )
     .unwrap();
-    for (_, bytes) in cloister_bundled_plugins::ALL {
+    let mut digests = std::collections::HashMap::new();
+    for (name, bytes) in cloister_bundled_plugins::ALL {
         let e = c.add_plugin(&users["ana"], bytes).unwrap();
         c.approve_plugin(&users["rui"], &e.digest).unwrap();
+        digests.insert(*name, e.digest);
     }
     let people = "name = \"people\"\ndataset = \"spamassassin\"\nlabelers = [\"lea\"]\nfeatures = { plugin = \"hashed-ngrams\", config = { bits = 14 } }\n[[model]]\ntemplate = \"logreg\"\n[[model]]\ntemplate = \"logreg\"\nset = { seed = 5 }\n[selector]\nplugin = \"least-confidence\"\n[loop]\nper_round = 3\nmax_rounds = 1\nbudget = 3\nbadcases_per_round = 0\n";
     let waiting = c
@@ -527,6 +529,18 @@ fn a_browser_walks_the_console_for_every_role() {
     b.wait_for("; 0 waiting.");
     b.click("form[action='/deployments/mail/resume'] button");
     b.wait_for("Pause</button>");
+
+    // The reviewer takes back the approval of a plugin nothing here uses,
+    // then gives it again.
+    b.login(&base, "rui");
+    b.open(&format!("{base}/plugins"));
+    let entropy = &digests["entropy"];
+    b.click(&format!(
+        "form[action='/plugins/{entropy}/withdraw'] button"
+    ));
+    b.wait_for("approval withdrawn by rui");
+    b.click(&format!("form[action='/plugins/{entropy}/approve'] button"));
+    b.wait_for(&format!("/plugins/{entropy}/withdraw"));
 
     // The auditor reads and verifies the log.
     b.login(&base, "ada");

@@ -342,6 +342,21 @@ fn writes_follow_the_policy_too() {
         as_role("labeler", "POST", &uri, None).status,
         StatusCode::FORBIDDEN
     );
+    // Withdrawing an approval: reviewers and admins only, and only one
+    // that is there.
+    let uri = format!("/api/plugins/{}/withdraw", f.plugin);
+    for role in ["scientist", "labeler", "auditor"] {
+        let r = as_role(role, "POST", &uri, None);
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{role}");
+    }
+    let r = as_role("reviewer", "POST", &uri, None);
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("is not approved: there is no approval to withdraw"),
+        "{}",
+        r.text()
+    );
     // A release can be requested by a scientist, approved only by another
     // person who is an approver.
     let uri = format!("/api/models/{}/approve-release", f.model);

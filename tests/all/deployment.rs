@@ -1399,3 +1399,99 @@ fn policy_explain_sees_stored_models_and_deployments_as_their_operations_do() {
         .to_string();
     assert!(e.contains("nope"), "{e}");
 }
+
+/// A reviewer takes a plugin's approval back: from then on nothing runs
+/// it — a deployment serving a model that uses it stops at the next
+/// request (in a process that had it loaded), and predicting and training
+/// with it are denied — until a reviewer approves the digest again. Only
+/// reviewers and admins withdraw; the plugin keeps the withdrawal in its
+/// history, and the log has every attempt.
+#[test]
+fn a_withdrawn_approval_stops_serving_predicting_and_training_until_approved_again() {
+    let s = setup();
+    let (op, app, sci, rev) = (s.u("op"), s.u("app"), s.u("sci"), s.u("rev"));
+    let c = s.c();
+    c.create_deployment(op, "spam", &s.a, &["app".into()])
+        .unwrap();
+    c.create_deployment(op, "plain", &s.fragile, &["app".into()])
+        .unwrap();
+    c.predict_deployed(app, "spam", None, &mails()).unwrap();
+    let normalize = c
+        .list_plugins(rev)
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name == "text-normalize")
+        .unwrap()
+        .digest;
+
+    denied(c.withdraw_approval(sci, &normalize));
+    denied(c.withdraw_approval(op, &normalize));
+    let e = c.withdraw_approval(rev, &normalize[..12]).unwrap();
+    assert!(e.approval.is_none());
+    assert_eq!(e.withdrawn.len(), 1);
+    assert_eq!(
+        (
+            e.withdrawn[0].by.as_str(),
+            e.withdrawn[0].approval.by.as_str()
+        ),
+        ("rev", "rev")
+    );
+    let again = c.withdraw_approval(rev, &normalize).unwrap_err();
+    assert_eq!(
+        again.to_string(),
+        format!("plugin {normalize} is not approved: there is no approval to withdraw")
+    );
+
+    // The loaded deployment stops at once; one whose model does not use
+    // the plugin goes on.
+    let stopped = c.predict_deployed(app, "spam", None, &mails()).unwrap_err();
+    assert!(
+        stopped
+            .to_string()
+            .contains("of the deployed model is not approved"),
+        "{stopped}"
+    );
+    c.predict_deployed(app, "plain", None, &mails()).unwrap();
+    denied(c.predict(sci, &s.a, &mails()));
+    let req = TrainRequest {
+        dataset: "spam".into(),
+        preprocess: vec![normalize.clone()],
+        preprocess_config: Vec::new(),
+        features: c
+            .list_plugins(rev)
+            .unwrap()
+            .into_iter()
+            .find(|p| p.name == "hashed-ngrams")
+            .unwrap()
+            .digest,
+        features_config: Vec::new(),
+        template: "logreg".into(),
+        sets: Vec::new(),
+        split_seed: Some(0),
+    };
+    denied(c.train_model(sci, &req, &mut |_| {}));
+
+    // Approved again (a reviewer who did not add it): it all runs again.
+    c.approve_plugin(rev, &normalize).unwrap();
+    c.predict_deployed(app, "spam", None, &mails()).unwrap();
+    c.predict(sci, &s.a, &mails()).unwrap();
+
+    let log = audited(&s, "withdraw_approval");
+    let decided: Vec<_> = log
+        .iter()
+        .map(|e| (e.record.actor.as_str(), e.record.decision.to_string()))
+        .collect();
+    assert_eq!(
+        decided,
+        [
+            ("sci", "deny".to_string()),
+            ("op", "deny".to_string()),
+            ("rev", "allow".to_string()),
+            ("rev", "allow".to_string())
+        ]
+    );
+    assert_eq!(
+        log[2].record.policies,
+        ["reviewers-and-admins-withdraw-approvals"]
+    );
+}

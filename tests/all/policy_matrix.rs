@@ -114,6 +114,12 @@ fn cases(me: &str) -> Vec<(Action, Resource, &'static [Role])> {
         (A::LabelRecord, record(None), &[]),
         (A::ApprovePlugin, plugin(false, "someone-else"), &[Reviewer]),
         (A::ApprovePlugin, plugin(false, me), &[]),
+        (
+            A::WithdrawApproval,
+            plugin(true, "someone-else"),
+            &[Admin, Reviewer],
+        ),
+        (A::WithdrawApproval, plugin(true, me), &[Admin, Reviewer]),
         (A::RunPlugin, plugin(true, "someone-else"), &[Scientist]),
         (A::RunPlugin, plugin(false, me), &[]),
         (A::TrainModel, model(false, false, None), &[Scientist]),

@@ -142,6 +142,7 @@ pub enum Action {
     ViewRecord,
     LabelRecord,
     ApprovePlugin,
+    WithdrawApproval,
     RunPlugin,
     TrainModel,
     ViewModel,
@@ -170,7 +171,7 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 41] = [
+    pub const ALL: [Action; 42] = [
         Action::AddUser,
         Action::DisableUser,
         Action::EnableUser,
@@ -188,6 +189,7 @@ impl Action {
         Action::ViewRecord,
         Action::LabelRecord,
         Action::ApprovePlugin,
+        Action::WithdrawApproval,
         Action::RunPlugin,
         Action::TrainModel,
         Action::ViewModel,
@@ -234,6 +236,7 @@ impl Action {
             Action::ViewRecord => "view_record",
             Action::LabelRecord => "label_record",
             Action::ApprovePlugin => "approve_plugin",
+            Action::WithdrawApproval => "withdraw_approval",
             Action::RunPlugin => "run_plugin",
             Action::TrainModel => "train_model",
             Action::ViewModel => "view_model",

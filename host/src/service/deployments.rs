@@ -39,7 +39,16 @@ pub(crate) struct Served {
     chain: super::pipeline::Chain,
     model: crate::train::Trained,
     classes: Vec<String>,
+    /// Each plugin of the chain with its registry entry's bytes as read
+    /// before the chain was checked for approval: the chain is used only
+    /// while the registry still holds exactly these, so a withdrawn
+    /// approval stops it at the next request.
+    entries: Vec<RegistryEntry>,
 }
+
+/// A plugin's digest and its registry entry's bytes as read (`None`: no
+/// entry).
+type RegistryEntry = (String, Option<Vec<u8>>);
 
 /// The serving state of one process: loaded models, and the metrics not
 /// yet written to the store.
@@ -1019,16 +1028,23 @@ impl Cloister {
     /// A model loaded for serving: its chain (the plugins must still be
     /// approved) and its released weights, loaded once per process.
     fn served(&self, id: &str) -> Result<Arc<Served>, ServiceError> {
-        if let Some(s) = self
+        let cached = self
             .serving
             .loaded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(id)
+            .get(id);
+        // Used while every plugin's entry is as it was; after a change (an
+        // approval withdrawn, or given again) the chain is loaded and
+        // checked anew.
+        if let Some(s) = cached
+            && self.registry_entries(s.entries.iter().map(|(d, _)| d.as_str()))? == s.entries
         {
             return Ok(s);
         }
         let m = crate::models::get(self.env.store().as_ref(), id)?;
+        let digests = m.lineage.preprocess.iter().chain([&m.lineage.features]);
+        let entries = self.registry_entries(digests.map(String::as_str))?;
         let chain = self.serving_chain(&m.lineage)?;
         let model = crate::train::Trained::from_safetensors(
             m.kind,
@@ -1038,6 +1054,7 @@ impl Cloister {
             chain,
             model,
             classes: m.classes,
+            entries,
         });
         self.serving
             .loaded
@@ -1045,6 +1062,20 @@ impl Cloister {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string(), Arc::clone(&s));
         Ok(s)
+    }
+
+    /// The registry entries of `digests` as stored now, with the digests.
+    fn registry_entries<'a>(
+        &self,
+        digests: impl Iterator<Item = &'a str>,
+    ) -> Result<Vec<RegistryEntry>, ServiceError> {
+        let store = self.env.store();
+        digests
+            .map(|d| {
+                let bytes = store.get(crate::store::Space::Plugins, d.as_bytes())?;
+                Ok((d.to_string(), bytes))
+            })
+            .collect()
     }
 
     pub(super) fn deployment_for(

@@ -81,6 +81,21 @@ impl Cloister {
         )?)
     }
 
+    /// Withdraws a plugin's approval (reviewers and admins): from then on
+    /// it runs nowhere — no training, no job step (a running job fails at
+    /// its next one), no prediction; deployments serving a model that uses
+    /// it stop answering within a second (`Cloister::served` checks the
+    /// approvals again) — until a reviewer approves the digest again. The
+    /// withdrawal stays in the plugin's history.
+    pub fn withdraw_approval(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
+        let entry = self.plugin_for(who, Action::WithdrawApproval, digest, None)?;
+        Ok(registry::withdraw(
+            self.env.store().as_ref(),
+            &entry.digest,
+            &who.name,
+        )?)
+    }
+
     /// A plugin looked up and authorized for `action` (see
     /// [`Cloister::found`]: an unknown digest is decided on a new plugin's
     /// attributes first).
