@@ -27,6 +27,12 @@ pub enum AuditCommand {
         /// Only allow or deny.
         #[arg(long, value_parser = parse_decision)]
         decision: Option<Decision>,
+        /// Only entries on this resource: env, audit, account:NAME,
+        /// dataset:NAME, record:DATASET/ID, plugin:DIGEST, model:ID, job:ID,
+        /// deployment:NAME, traffic:DEPLOYMENT/MODEL (or a uid as the log
+        /// prints it, e.g. 'Model::"m-1"').
+        #[arg(long)]
+        resource: Option<String>,
         /// At most this many entries (0: all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
@@ -76,6 +82,7 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
             action,
             since,
             decision,
+            resource,
             limit,
             json,
         } => {
@@ -87,6 +94,9 @@ pub fn run(env: &EnvArgs, cmd: AuditCommand) -> Result<ExitCode> {
                 action,
                 since_ms,
                 decision,
+                resource: resource
+                    .map(|r| cloister_host::policy::uid_of(&r).map_err(anyhow::Error::msg))
+                    .transpose()?,
                 from_seq: 0,
                 limit,
             };

@@ -720,6 +720,7 @@ pub(crate) struct AuditQuery {
     pub actor: Option<String>,
     pub action: Option<String>,
     pub decision: Option<String>,
+    pub resource: Option<String>,
     pub from: Option<u64>,
     pub limit: Option<usize>,
 }
@@ -742,6 +743,10 @@ impl AuditQuery {
             action: nonempty(&self.action),
             since_ms: None,
             decision,
+            resource: nonempty(&self.resource)
+                .map(|r| cloister_host::policy::uid_of(&r))
+                .transpose()
+                .map_err(ApiError::BadRequest)?,
             from_seq: self.from.unwrap_or(0),
             limit: self.limit.unwrap_or(50).clamp(1, 1000),
         })

@@ -1782,9 +1782,10 @@ async fn audit(State(k): S, h: HeaderMap, Query(q): Query<AuditQuery>) -> Page {
         .collect();
     let val = |s: &Option<String>| esc(s.as_deref().unwrap_or(""));
     let mut body = format!(
-        "<form method=\"get\" action=\"/audit\" class=\"row\"><input name=\"actor\" placeholder=\"actor\" value=\"{}\"><input name=\"action\" placeholder=\"action\" list=\"audit-actions\" value=\"{}\"><datalist id=\"audit-actions\">{}</datalist><select name=\"decision\"><option value=\"\">any decision</option><option value=\"allow\">allow</option><option value=\"deny\">deny</option></select><button>Filter</button></form>",
+        "<form method=\"get\" action=\"/audit\" class=\"row\"><input name=\"actor\" placeholder=\"actor\" value=\"{}\"><input name=\"action\" placeholder=\"action\" list=\"audit-actions\" value=\"{}\"><input name=\"resource\" placeholder=\"resource, e.g. account:ana\" value=\"{}\"><datalist id=\"audit-actions\">{}</datalist><select name=\"decision\"><option value=\"\">any decision</option><option value=\"allow\">allow</option><option value=\"deny\">deny</option></select><button>Filter</button></form>",
         val(&q.actor),
         val(&q.action),
+        val(&q.resource),
         cloister_host::service::audited_actions()
             .iter()
             .map(|a| format!("<option value=\"{a}\">"))
@@ -1802,6 +1803,7 @@ async fn audit(State(k): S, h: HeaderMap, Query(q): Query<AuditQuery>) -> Page {
             ("actor", &q.actor),
             ("action", &q.action),
             ("decision", &q.decision),
+            ("resource", &q.resource),
         ] {
             if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
                 let _ = write!(next, "&{k2}={}", url_component(v));

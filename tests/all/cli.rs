@@ -1473,6 +1473,34 @@ fn accounts_are_administered_from_the_command_line() {
         "{log}"
     );
     assert!(log.contains("Account::\"ana\" -labeler params="), "{log}");
+    // Everything that happened to her account, and nothing else.
+    let o = e.run(&root, &["audit", "log", "--resource", "account:ana"]);
+    let out = stdout(&o);
+    let actions: Vec<&str> = out
+        .lines()
+        .map(|l| l.split_whitespace().nth(4).unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "add_user",
+            "rotate_token",
+            "change_roles",
+            "change_roles",
+            "change_roles",
+            "change_roles",
+            "rotate_token"
+        ],
+        "{}",
+        stdout(&o)
+    );
+    let o = e.run(&root, &["audit", "log", "--resource", "acount:ana"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).starts_with("error: resource `acount:ana`: use env, audit, account:NAME,"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = e.run(&root, &["user", "disable", "admin"]);
     assert_eq!(o.status.code(), Some(1));

@@ -293,6 +293,9 @@ pub struct AuditFilter {
     pub since_ms: Option<u64>,
     /// Only this decision.
     pub decision: Option<Decision>,
+    /// Only entries on this resource, as a Cedar entity uid
+    /// (`Account::"ana"`; see [`crate::policy::uid_of`]).
+    pub resource: Option<String>,
     /// Skip entries before this sequence number.
     pub from_seq: u64,
     /// At most this many entries.
@@ -653,6 +656,7 @@ impl AuditLog {
             let keep = filter.actor.as_ref().is_none_or(|a| a == &r.actor)
                 && filter.action.as_ref().is_none_or(|a| a == &r.action)
                 && filter.decision.is_none_or(|d| d == r.decision)
+                && filter.resource.as_ref().is_none_or(|x| x == &r.resource)
                 && filter.since_ms.is_none_or(|t| entry.time_ms >= t);
             if keep {
                 out.push(entry);

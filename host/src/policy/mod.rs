@@ -425,6 +425,43 @@ impl Resource {
     }
 }
 
+/// The entity uid text (`Account::"ana"`, as audit entries name their
+/// resource) of a resource written as the command line writes it:
+/// `env`, `audit`, `account:NAME`, `dataset:NAME`, `record:DATASET/ID`,
+/// `plugin:DIGEST`, `model:ID`, `job:ID`, `deployment:NAME`,
+/// `traffic:DEPLOYMENT/MODEL`; a uid given as such (`Model::"m-1"`) is
+/// taken as it is.
+pub fn uid_of(text: &str) -> Result<String, String> {
+    if let Some((ty, id)) = text.split_once("::")
+        && ty.chars().all(|c| c.is_ascii_alphabetic())
+        && id.len() >= 2
+        && id.starts_with('"')
+        && id.ends_with('"')
+    {
+        return Ok(text.to_string());
+    }
+    let (kind, id) = text.split_once(':').unwrap_or((text, ""));
+    let ty = match (kind, id.is_empty()) {
+        ("env", true) => return Ok(Resource::Environment.uid_text()),
+        ("audit", true) => return Ok(Resource::AuditLog.uid_text()),
+        ("account", false) => "Account",
+        ("dataset", false) => "Dataset",
+        ("record", false) => "Record",
+        ("plugin", false) => "Plugin",
+        ("model", false) => "Model",
+        ("job", false) => "Job",
+        ("deployment", false) => "Deployment",
+        ("traffic", false) => "Traffic",
+        _ => {
+            return Err(format!(
+                "resource `{}`: use env, audit, account:NAME, dataset:NAME, record:DATASET/ID, plugin:DIGEST, model:ID, job:ID, deployment:NAME or traffic:DEPLOYMENT/MODEL (or a uid such as Model::\"ID\")",
+                crate::text::neutralize(text)
+            ));
+        }
+    };
+    Ok(format!("{ty}::{}", quote(id)))
+}
+
 fn quote(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"?\"".into())
 }
@@ -967,6 +1004,28 @@ mod tests {
         let a = engine.authorize(&admin, Action::AddUser, &bob, "cli");
         let b = engine.authorize(&off, Action::AddUser, &bob, "cli");
         assert!(a.allowed && !b.allowed);
+    }
+
+    #[test]
+    fn resources_written_as_on_the_command_line_are_the_logs_uids() {
+        assert_eq!(uid_of("account:ana").unwrap(), "Account::\"ana\"");
+        assert_eq!(uid_of("env").unwrap(), "Environment::\"main\"");
+        assert_eq!(uid_of("record:spam/r1").unwrap(), "Record::\"spam/r1\"");
+        assert_eq!(uid_of("Model::\"m-1\"").unwrap(), "Model::\"m-1\"");
+        assert_eq!(
+            uid_of("model:m-1").unwrap(),
+            Resource::Model {
+                id: "m-1".into(),
+                release_requested: false,
+                release_approved: false,
+                requested_by: None,
+                disclosure: DisclosureFacts::none(),
+            }
+            .uid_text()
+        );
+        for bad in ["", "account:", "env:x", "nope:x", "Model::m-1"] {
+            assert!(uid_of(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

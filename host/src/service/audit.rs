@@ -36,6 +36,7 @@ impl Cloister {
             filter.decision,
             filter.from_seq,
             filter.limit,
+            &filter.resource,
         );
         self.guard(
             &who.principal(),
