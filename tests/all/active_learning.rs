@@ -919,6 +919,59 @@ fn a_cancelled_jobs_items_leave_the_labelers_queues() {
     assert!(matches!(err, ServiceError::Denied { .. }), "{err}");
 }
 
+/// An approval withdrawn while a job waits for its labelers: the job's
+/// next step is denied the plugin, and the job stays where it was; once a
+/// reviewer approves the digest again, a resume goes on.
+#[test]
+fn a_job_stops_at_a_withdrawn_approval_and_resumes_once_approved_again() {
+    let p = people(15, |i| i % 3 == 0, &["hashed-ngrams", "least-confidence"]);
+    let (c, admin, sci, lea, leo) = (&p.c, &p.admin, &p.sci, &p.lea, &p.leo);
+    let job = c
+        .start_job(sci, "w.toml", &one_round_for_two("w"), None)
+        .unwrap();
+    let job = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    assert_eq!(job.state, JobState::AwaitingLabels { open: 4 });
+    let ngrams = c
+        .list_plugins(admin)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == "hashed-ngrams")
+        .unwrap()
+        .digest;
+    c.withdraw_approval(admin, &ngrams).unwrap();
+    let store = c.env().store();
+    for (who, name) in [(lea, "lea"), (leo, "leo")] {
+        for item in jobs::open_items_for(store.as_ref(), name).unwrap() {
+            c.label_item(who, &item.record, "spam", None).unwrap();
+        }
+    }
+    let err = c.run_job(sci, &job.id, &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ServiceError::Denied {
+                action: "run_plugin",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // A denial is not the job's failure: it stays as last committed, none
+    // of the step kept, and whoever may run it resumes it later.
+    let stays = c.show_job(sci, &job.id).unwrap();
+    assert_eq!((&stays.state, &stays.next), (&job.state, &job.next));
+    assert_eq!(stays.rounds.len(), job.rounds.len());
+
+    let rev = cloister_host::users::get(store.as_ref(), "rev").unwrap();
+    c.approve_plugin(&rev, &ngrams).unwrap();
+    let done = c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    assert!(
+        matches!(done.state, JobState::Done { .. }),
+        "{:?}",
+        done.state
+    );
+}
+
 #[test]
 fn an_away_labelers_open_items_move_to_another_and_the_job_moves_on() {
     let p = people(15, |i| i % 3 == 0, &["hashed-ngrams", "least-confidence"]);

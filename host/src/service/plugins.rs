@@ -82,8 +82,8 @@ impl Cloister {
     }
 
     /// Withdraws a plugin's approval (reviewers and admins): from then on
-    /// it runs nowhere — no training, no job step (a running job fails at
-    /// its next one), no prediction; deployments serving a model that uses
+    /// it runs nowhere — no training, no job step (a job's next step is
+    /// denied, the job kept as it was), no prediction; deployments serving a model that uses
     /// it stop answering within a second (`Cloister::served` checks the
     /// approvals again) — until a reviewer approves the digest again. The
     /// withdrawal stays in the plugin's history.
