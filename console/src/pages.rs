@@ -463,10 +463,7 @@ async fn approve_plugin(
     Path(d): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Page {
-    let c = poster(&k, &h, &f.csrf).await?;
-    let u = c.user.clone();
-    run(&k, &c, move |x| x.approve_plugin(&u, &d)).await?;
-    Ok(Redirect::to("/plugins").into_response())
+    review(&k, &h, d, f, Cloister::approve_plugin).await
 }
 
 async fn withdraw_approval(
@@ -475,9 +472,27 @@ async fn withdraw_approval(
     Path(d): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Page {
-    let c = poster(&k, &h, &f.csrf).await?;
+    review(&k, &h, d, f, Cloister::withdraw_approval).await
+}
+
+/// A reviewer's decision on a plugin digest, then back to the plugins.
+async fn review(
+    k: &Arc<Console>,
+    h: &HeaderMap,
+    digest: String,
+    f: CsrfForm,
+    decide: fn(
+        &Cloister,
+        &User,
+        &str,
+    ) -> Result<
+        cloister_host::registry::PluginEntry,
+        cloister_host::service::ServiceError,
+    >,
+) -> Page {
+    let c = poster(k, h, &f.csrf).await?;
     let u = c.user.clone();
-    run(&k, &c, move |x| x.withdraw_approval(&u, &d)).await?;
+    run(k, &c, move |x| decide(x, &u, &digest)).await?;
     Ok(Redirect::to("/plugins").into_response())
 }
 

@@ -311,13 +311,7 @@ pub fn bytes(
 /// Withdraws the approval of the plugin `digest` (in full), by `by`;
 /// returns the entry, unapproved, the withdrawal kept in its history.
 pub fn withdraw(store: &dyn Storage, digest: &str, by: &str) -> Result<PluginEntry, RegistryError> {
-    crate::store::update(store, &[(Space::Plugins, digest.as_bytes())], |values| {
-        let bytes = values
-            .first()
-            .and_then(|v| v.as_deref())
-            .ok_or_else(|| RegistryError::Unknown(digest.to_string()))?;
-        let mut e: PluginEntry = serde_json::from_slice(bytes)
-            .map_err(|_| RegistryError::Damaged(digest.to_string()))?;
+    review(store, digest, |e| {
         let approval = e
             .approval
             .take()
@@ -327,17 +321,33 @@ pub fn withdraw(store: &dyn Storage, digest: &str, by: &str) -> Result<PluginEnt
             by: by.to_string(),
             time_ms: crate::time::now_ms(),
         });
-        let mut b = WriteBatch::new();
-        b.put(Space::Plugins, e.digest.clone().into_bytes(), encode(&e)?);
-        Ok((b, e))
+        Ok(())
     })
 }
 
 /// Records an approval of the plugin `digest` (in full) by `by`; returns
 /// the approved entry.
 pub fn approve(store: &dyn Storage, digest: &str, by: &str) -> Result<PluginEntry, RegistryError> {
-    // Checked and changed on the entry as stored when the write lands: of
-    // two approvals at once, one is refused.
+    review(store, digest, |e| {
+        if e.approval.is_some() {
+            return Err(RegistryError::AlreadyApproved(e.digest.clone()));
+        }
+        e.approval = Some(Approval {
+            by: by.to_string(),
+            time_ms: crate::time::now_ms(),
+        });
+        Ok(())
+    })
+}
+
+/// A review decision on the entry of `digest`: `decide` checks and changes
+/// the entry as stored when the write lands, so of two decisions at once
+/// one is refused or sees the other's result.
+fn review(
+    store: &dyn Storage,
+    digest: &str,
+    decide: impl Fn(&mut PluginEntry) -> Result<(), RegistryError>,
+) -> Result<PluginEntry, RegistryError> {
     crate::store::update(store, &[(Space::Plugins, digest.as_bytes())], |values| {
         let bytes = values
             .first()
@@ -345,13 +355,7 @@ pub fn approve(store: &dyn Storage, digest: &str, by: &str) -> Result<PluginEntr
             .ok_or_else(|| RegistryError::Unknown(digest.to_string()))?;
         let mut e: PluginEntry = serde_json::from_slice(bytes)
             .map_err(|_| RegistryError::Damaged(digest.to_string()))?;
-        if e.approval.is_some() {
-            return Err(RegistryError::AlreadyApproved(e.digest));
-        }
-        e.approval = Some(Approval {
-            by: by.to_string(),
-            time_ms: crate::time::now_ms(),
-        });
+        decide(&mut e)?;
         let mut b = WriteBatch::new();
         b.put(Space::Plugins, e.digest.clone().into_bytes(), encode(&e)?);
         Ok((b, e))
