@@ -1402,8 +1402,9 @@ fn policy_explain_sees_stored_models_and_deployments_as_their_operations_do() {
 
 /// A reviewer takes a plugin's approval back: from then on nothing runs
 /// it — a deployment serving a model that uses it stops at the next
-/// request (in a process that had it loaded), and predicting and training
-/// with it are denied — until a reviewer approves the digest again. Only
+/// request (in a process that had it loaded), predicting and training
+/// with it are denied, and a model that uses it is not released, exported
+/// or deployed — until a reviewer approves the digest again. Only
 /// reviewers and admins withdraw; the plugin keeps the withdrawal in its
 /// history, and the log has every attempt.
 #[test]
@@ -1470,9 +1471,26 @@ fn a_withdrawn_approval_stops_serving_predicting_and_training_until_approved_aga
         split_seed: Some(0),
     };
     denied(c.train_model(sci, &req, &mut |_| {}));
+    // A model that uses it is not released, exported or deployed either.
+    let why = format!(
+        "its plugin text-normalize {} is not approved (its approval was withdrawn by rev); a reviewer must approve that digest again first",
+        &normalize[..16]
+    );
+    let appr = s.u("appr");
+    c.request_release(sci, &s.unreleased, "now").unwrap();
+    for err in [
+        c.decide_release(appr, &s.unreleased, true).unwrap_err(),
+        c.export_model(sci, &s.a).unwrap_err(),
+        c.create_deployment(op, "again", &s.a, &["app".into()])
+            .unwrap_err(),
+    ] {
+        assert!(err.to_string().ends_with(&why), "{err}");
+    }
 
     // Approved again (a reviewer who did not add it): it all runs again.
     c.approve_plugin(rev, &normalize).unwrap();
+    c.decide_release(appr, &s.unreleased, true).unwrap();
+    c.export_model(sci, &s.a).unwrap();
     c.predict_deployed(app, "spam", None, &mails()).unwrap();
     c.predict(sci, &s.a, &mails()).unwrap();
 

@@ -367,7 +367,8 @@ impl Cloister {
         )?;
         deployments::check_name(name)?;
         self.check_clients(clients)?;
-        self.model_for(who, Action::DeployModel, champion, &params)?;
+        let m = self.model_for(who, Action::DeployModel, champion, &params)?;
+        self.lineage_approved(&m)?;
         let store = self.env.store();
         if deployments::exists(store.as_ref(), name)? {
             return Err(DeploymentError::Exists(name.to_string()).into());
@@ -487,7 +488,8 @@ impl Cloister {
         if let Some(model) = change.new_model()
             && !d.models().iter().any(|m| m == model)
         {
-            self.model_for(who, Action::DeployModel, model, &(name, &what))?;
+            let m = self.model_for(who, Action::DeployModel, model, &(name, &what))?;
+            self.lineage_approved(&m)?;
         }
         let traffic = match &change {
             DeploymentChange::SetWeight { model, weight } if *weight > 0 => {

@@ -76,6 +76,9 @@ impl Cloister {
             Action::RejectRelease
         };
         let authorized = self.model_for(who, action, id, &id)?;
+        if approve {
+            self.lineage_approved(&authorized)?;
+        }
         // Checked and changed in one step, on the release that was
         // authorized: of an approval and a rejection at once, one is
         // refused, and neither lands on a release requested again since.
@@ -97,10 +100,38 @@ impl Cloister {
         Ok(m)
     }
 
+    /// Refuses a model one of whose plugins is not approved now (its
+    /// approval withdrawn after training): it is not released, exported or
+    /// deployed until a reviewer approves that digest again.
+    pub(super) fn lineage_approved(
+        &self,
+        m: &crate::models::ModelManifest,
+    ) -> Result<(), ServiceError> {
+        let store = self.env.store();
+        for digest in m.lineage.preprocess.iter().chain([&m.lineage.features]) {
+            let e = crate::registry::get(store.as_ref(), digest)?;
+            if e.approval.is_none() {
+                let why = e
+                    .withdrawn
+                    .last()
+                    .map(|w| format!(" (its approval was withdrawn by {})", w.by))
+                    .unwrap_or_default();
+                return Err(ServiceError::BadRequest(format!(
+                    "model {}: its plugin {} {} is not approved{why}; a reviewer must approve that digest again first",
+                    m.id,
+                    e.name,
+                    &e.digest[..e.digest.len().min(16)]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The signed bundle of an approved model: the only way model bytes
     /// leave the environment.
     pub fn export_model(&self, who: &User, id: &str) -> Result<Vec<u8>, ServiceError> {
         let m = self.model_for(who, Action::ExportModel, id, &id)?;
+        self.lineage_approved(&m)?;
         // What leaves is the released copy: the weights with disclosive
         // input rows zeroed, and the manifest without record ids or counts
         // below k.

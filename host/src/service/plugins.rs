@@ -85,7 +85,8 @@ impl Cloister {
     /// it runs nowhere — no training, no job step (a job's next step is
     /// denied, the job kept as it was), no prediction; deployments serving a model that uses
     /// it stop answering within a second (`Cloister::served` checks the
-    /// approvals again) — until a reviewer approves the digest again. The
+    /// approvals again), and no model that uses it is released, exported
+    /// or deployed — until a reviewer approves the digest again. The
     /// withdrawal stays in the plugin's history.
     pub fn withdraw_approval(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
         let entry = self.plugin_for(who, Action::WithdrawApproval, digest, None)?;
