@@ -83,10 +83,11 @@ impl Cloister {
 
     /// Withdraws a plugin's approval (reviewers and admins): from then on
     /// it runs nowhere — no training, no job step (a job's next step is
-    /// denied, the job kept as it was), no prediction; deployments serving a model that uses
-    /// it stop answering within a second (`Cloister::served` checks the
-    /// approvals again), and no model that uses it is released, exported
-    /// or deployed — until a reviewer approves the digest again. The
+    /// denied, the job kept as it was), no prediction; a deployment serving
+    /// a model that uses it stops at its next request (a serving process
+    /// uses a loaded chain only while the plugins' registry entries are as
+    /// they were), and no model that uses it is released, exported or
+    /// deployed — until a reviewer approves the digest again. The
     /// withdrawal stays in the plugin's history.
     pub fn withdraw_approval(&self, who: &User, digest: &str) -> Result<PluginEntry, ServiceError> {
         let entry = self.plugin_for(who, Action::WithdrawApproval, digest, None)?;
