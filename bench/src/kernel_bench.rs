@@ -181,6 +181,13 @@ fn bytes_per_row(width: usize) -> f64 {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of `main`: no other thread exists yet.
+    // As the `cloister` binary does, so that candle's products cost here
+    // what they cost in the product.
+    #[allow(unsafe_code)]
+    unsafe {
+        train::model::settle_thread_count()
+    };
     let args = <Args as clap::Parser>::parse();
     let gflops = train::model::dense_matmul_gflops(1024)?;
     let gbps = copy_gbps();

@@ -50,6 +50,12 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of `main`: no other thread exists yet.
+    // As the `cloister` binary does (candle's thread count read once).
+    #[allow(unsafe_code)]
+    unsafe {
+        cloister_host::train::model::settle_thread_count()
+    };
     let a = Args::parse();
     let c = Arc::new(Cloister::open(&a.env, "console").context("open the environment")?);
     let who = c.authenticate(&a.token)?;

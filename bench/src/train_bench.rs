@@ -55,6 +55,13 @@ fn parse_set(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of `main`: no other thread exists yet.
+    // As the `cloister` binary does, so that candle's products cost here
+    // what they cost in the product.
+    #[allow(unsafe_code)]
+    unsafe {
+        train::model::settle_thread_count()
+    };
     let Args {
         data,
         out,

@@ -270,6 +270,12 @@ fn quiet_on_closed_pipe() {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: the first statement of `main`: no other thread exists yet
+    // (nothing runs before `main` in this binary that starts one).
+    #[allow(unsafe_code)]
+    unsafe {
+        cloister_host::train::model::settle_thread_count()
+    };
     quiet_on_closed_pipe();
     let cli = Cli::parse();
     init_logging(cli.log_format, cli.verbose);

@@ -880,6 +880,47 @@ pub fn compute_device() -> Device {
         .clone()
 }
 
+/// Fixes, for the whole process, how many threads candle's CPU matrix
+/// products use: as many as the rest of training (rayon's pool), that is
+/// `RAYON_NUM_THREADS` when it is set to a positive number, else the
+/// logical CPUs.
+///
+/// Why: candle (0.11) works the number out again on every CPU matrix
+/// product, and unless `RAYON_NUM_THREADS` is set that means opening,
+/// reading and parsing `/proc/cpuinfo` (`num_cpus::get_physical`) — a
+/// few system calls and a page of kernel-formatted text per product. An
+/// `mlp` step does several products, so on 20 Newsgroups this cost about a
+/// tenth of every epoch (measured: docs/BENCHMARKS.md, "candle's thread
+/// count, read once"). With the variable set, candle reads it instead, and
+/// rayon, which reads the same variable, builds the pool it would have
+/// built anyway. Child processes inherit the value, so a worker or a
+/// `serve` replica started from here sizes its pool the same way.
+///
+/// Where the machine has more logical CPUs than cores (SMT), candle's
+/// products now use the logical count, like the sparse layers; the values
+/// they compute do not depend on it.
+///
+/// # Safety
+///
+/// Writes the process environment, which is only sound while no other
+/// thread can read or write it: call it first thing in `main`, before
+/// anything starts a thread.
+#[allow(unsafe_code)]
+pub unsafe fn settle_thread_count() {
+    let set = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|n| n > 0);
+    if set {
+        return;
+    }
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: the caller guarantees that no other thread exists yet (this
+    // function's contract), so nothing reads or writes the environment
+    // while it changes.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+}
+
 /// The dense part of an MLP: hidden layers after the first, then the output
 /// layer, as candle variables trained with Adam through candle's autograd.
 #[derive(Debug)]
