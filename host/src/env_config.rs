@@ -237,7 +237,8 @@ impl EnvConfig {
 
     /// Parses the file's text; errors name the line and field.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let file: File = toml::from_str(text)
+            .map_err(|e| cloister_types::toml_problem::TomlProblem::of(text, &e).to_string())?;
         let store = StoreLocation::parse(&file.store.url).map_err(|e| format!("store.url: {e}"))?;
         if let Some(name) = &file.store.ca_file
             && (name.is_empty() || name.contains('/') || name.starts_with('.'))
@@ -347,6 +348,23 @@ mod tests {
         )
         .expect_err("refused");
         assert!(e.contains("workers.keep_objects_seconds"), "{e}");
+        // Parse errors are one line naming the line and the table or key;
+        // a table the whole file lacks is not blamed on line 1.
+        let sled = EnvConfig::render("env-1", "sled", None, None, None);
+        let e =
+            EnvConfig::parse(&sled.replace("[store]\nurl = \"sled\"\n", "")).expect_err("refused");
+        assert_eq!(e, "missing field `store`");
+        let e = EnvConfig::parse(&sled.replace("url = \"sled\"\n", "")).expect_err("refused");
+        assert!(
+            e.ends_with(": [store]: missing field `url`") && e.starts_with("line "),
+            "{e}"
+        );
+        let e = EnvConfig::parse(&sled.replace("\"env-1\"", "1")).expect_err("refused");
+        assert!(
+            e.contains("`environment`: invalid type: integer `1`"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
         // A task is not swept while its submitter may still wait for a
         // worker to take it.
         let e = EnvConfig::parse(&text.replace(

@@ -200,7 +200,8 @@ impl Default for TrainingLimits {
 impl EnvLimits {
     /// Parses `limits.toml`; the error names the line, column and field.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let limits: EnvLimits = toml::from_str(text).map_err(|e| e.to_string())?;
+        let limits: EnvLimits = toml::from_str(text)
+            .map_err(|e| cloister_types::toml_problem::TomlProblem::of(text, &e).to_string())?;
         let dim = limits.plugins.max_feature_dimension;
         if dim == 0 || dim > 1 << 31 {
             return Err(format!(

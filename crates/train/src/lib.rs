@@ -34,7 +34,8 @@ pub enum TrainError {
     BadTemplate {
         /// File.
         file: String,
-        /// What is wrong (with line and column from the TOML parser).
+        /// What is wrong (with the line, and the key or table, where one
+        /// line is to blame).
         message: String,
     },
     /// A `--set` or template key is unknown.
@@ -320,21 +321,15 @@ struct TemplateFile {
 }
 
 impl Template {
-    /// Parses a template file; errors name the file, and line and column
-    /// where the TOML parser gives them.
+    /// Parses a template file; errors name the file, and the line and the
+    /// key or table where one line is to blame.
     pub fn parse(file: &str, text: &str) -> Result<Self, TrainError> {
         let bad = |message: String| TrainError::BadTemplate {
             file: file.to_string(),
             message,
         };
         let f: TemplateFile = toml::from_str(text).map_err(|e| {
-            // A field missing from the whole file has the span 0..0: no
-            // line of the file is to blame.
-            let at = e.span().filter(|s| !s.is_empty()).map(|s| {
-                let upto = &text[..s.start.min(text.len())];
-                format!("line {}: ", upto.matches('\n').count() + 1)
-            });
-            bad(format!("{}{}", at.unwrap_or_default(), e.message()))
+            bad(cloister_types::toml_problem::TomlProblem::of(text, &e).to_string())
         })?;
         let mut hyper = Hyper::defaults();
         for (key, value) in &f.hyper {

@@ -10,13 +10,16 @@
 //! - [`digest`]: SHA-256 identities;
 //! - [`time`]: timestamps (RFC 3339);
 //! - [`text`]: neutralizing deceptive characters in text shown to people;
-//! - [`lru`]: a bounded map of the entries used last.
+//! - [`lru`]: a bounded map of the entries used last;
+//! - [`toml_problem`]: a TOML file's parse error on one line, naming the
+//!   line and the key or table.
 
 pub mod codec;
 pub mod digest;
 pub mod lru;
 pub mod text;
 pub mod time;
+pub mod toml_problem;
 pub mod types;
 
 pub use digest::Digest;

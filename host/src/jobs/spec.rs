@@ -281,13 +281,6 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
-/// The field a TOML "missing field `x`" message names.
-fn missing_field(message: &str) -> Option<&str> {
-    message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next())
-}
-
 /// What a spec lacks when it lacks top-level `part`, said the way the
 /// spec is written.
 fn top_level_part(part: &str) -> String {
@@ -309,36 +302,12 @@ impl PipelineSpec {
             message,
         };
         let raw: RawSpec = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim();
-            // A part missing from the whole spec: its span is the whole
-            // text, so no line (and no key on line 1) applies.
-            // (The TOML parser gives such a span as 0..0.)
-            let whole = e
-                .span()
-                .is_some_and(|s| s.start == 0 && (s.end == 0 || s.end >= text.trim_end().len()));
-            if whole && let Some(part) = missing_field(message) {
-                return err(None, format!("missing {}", top_level_part(part)));
-            }
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            // A bad value's span is the value; name its key too (not for a
-            // missing field, whose span is its table: the key found on the
-            // table's first line is another one).
-            let key = line
-                .filter(|_| missing_field(message).is_none())
-                .and_then(|l| text.lines().nth(l - 1))
-                .and_then(|l| l.split_once('='))
-                .map(|(k, _)| k.trim())
-                .filter(|k| {
-                    !k.is_empty()
-                        && !message.contains(*k)
-                        && k.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-                });
-            match key {
-                Some(k) => err(line, format!("`{k}`: {message}")),
-                None => err(line, message.to_string()),
+            let problem = cloister_types::toml_problem::TomlProblem::of(text, &e);
+            match problem.missing {
+                // A part missing from the whole spec, said the way the
+                // spec is written.
+                Some(part) => err(None, format!("missing {}", top_level_part(&part))),
+                None => err(problem.line, problem.message),
             }
         })?;
         let at = |key: &str| line_of(text, key);
