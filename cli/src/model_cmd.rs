@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use cloister_host::models::ModelManifest;
-use cloister_host::service::{TrainProgress, TrainRequest};
+use cloister_host::service::{ModelDetail, PluginStage, TrainProgress, TrainRequest};
 
 use crate::session::EnvArgs;
 
@@ -292,7 +292,8 @@ fn release_state(m: &ModelManifest) -> String {
     m.release.describe()
 }
 
-fn show(m: &ModelManifest) {
+fn show(d: &ModelDetail) {
+    let m = &d.manifest;
     let e = &m.evaluation;
     say!("model {} (template {})", m.id, m.template);
     say!(
@@ -306,10 +307,21 @@ fn show(m: &ModelManifest) {
         &m.lineage.dataset_digest[..16],
         m.lineage.split_seed
     );
-    for d in &m.lineage.preprocess {
-        say!("         preprocess {d}");
+    // Each plugin with its review state now: one whose approval was
+    // withdrawn after training blocks the release.
+    for p in &d.plugins {
+        let stage = match p.stage {
+            PluginStage::Preprocess => "preprocess",
+            PluginStage::Features => "features  ",
+        };
+        say!(
+            "         {stage} {} ({} {}, {})",
+            p.digest,
+            p.name,
+            p.version,
+            p.review_state()
+        );
     }
-    say!("         features   {}", m.lineage.features);
     if let Some(state) = &m.lineage.features_state {
         say!("         fitted     {state} (vocabulary)");
     }
@@ -325,6 +337,14 @@ fn show(m: &ModelManifest) {
         m.split_sizes[2]
     );
     say!("release: {}", release_state(m));
+    if let Some(p) = d.unapproved()
+        && m.release.decision.is_none()
+    {
+        say!(
+            "         cannot be approved while plugin {} is not approved",
+            p.name
+        );
+    }
     show_disclosure(m);
     say!();
     say!(
@@ -547,11 +567,11 @@ pub fn model(env: &EnvArgs, cmd: ModelCommand) -> Result<ExitCode> {
             }
         }
         ModelCommand::Show { id, json } => {
-            let m = s.cloister.show_model(&s.user, &id)?;
+            let d = s.cloister.model_detail(&s.user, &id)?;
             if json {
-                crate::output::json(&serde_json::to_string_pretty(&m)?);
+                crate::output::json(&serde_json::to_string_pretty(&d)?);
             } else {
-                show(&m);
+                show(&d);
             }
         }
         ModelCommand::CheckDisclosure { id, json, canaries } => {

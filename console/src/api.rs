@@ -375,7 +375,7 @@ async fn models(State(k): S, h: HeaderMap) -> Out {
 
 async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Out {
     let u = reader(&k, &h).await?.user;
-    to_json(blocking(&k, move |c| c.show_model(&u, &id)).await?)
+    to_json(blocking(&k, move |c| c.model_detail(&u, &id)).await?)
 }
 
 async fn deployments(State(k): S, h: HeaderMap) -> Out {

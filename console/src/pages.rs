@@ -1419,6 +1419,36 @@ async fn models(State(k): S, h: HeaderMap) -> Page {
     )
 }
 
+/// The plugins the model was trained with, each with its review state
+/// now (the full digests are in the lineage table further down): what an
+/// approver checks before deciding the release.
+fn plugins_section(d: &cloister_host::service::ModelDetail) -> String {
+    use cloister_host::service::PluginStage;
+    let rows: Vec<Vec<String>> = d
+        .plugins
+        .iter()
+        .map(|p| {
+            vec![
+                match p.stage {
+                    PluginStage::Preprocess => "preprocess".into(),
+                    PluginStage::Features => "features".into(),
+                },
+                esc(&p.name),
+                esc(&p.version),
+                format!("<code>{}</code>", esc(&p.digest[..p.digest.len().min(16)])),
+                esc(&p.review_state()),
+            ]
+        })
+        .collect();
+    format!(
+        "<h2>Plugins</h2>{}",
+        table(
+            &["stage", "plugin", "version", "digest", "review now"],
+            &rows
+        )
+    )
+}
+
 fn release_state(m: &cloister_host::models::ModelManifest) -> String {
     m.release.describe()
 }
@@ -1426,7 +1456,8 @@ fn release_state(m: &cloister_host::models::ModelManifest) -> String {
 async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
     let c = who(&k, &h).await?;
     let u = c.user.clone();
-    let m = run(&k, &c, move |x| x.show_model(&u, &id)).await?;
+    let d = run(&k, &c, move |x| x.model_detail(&u, &id)).await?;
+    let m = &d.manifest;
     let e = &m.evaluation;
     let mut body = format!(
         "<p>Template <strong>{}</strong>; test accuracy <strong>{}</strong>, macro F1 {}, ECE {} on {} records; kept epoch {} of {}; trained in {:.1} s by {}.</p>",
@@ -1440,8 +1471,9 @@ async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
         m.train_seconds,
         esc(&m.created_by)
     );
-    let _ = write!(body, "<h2>Release</h2><p>{}</p>", esc(&release_state(&m)));
-    body.push_str(&disclosure_section(&m));
+    body.push_str(&plugins_section(&d));
+    let _ = write!(body, "<h2>Release</h2><p>{}</p>", esc(&release_state(m)));
+    body.push_str(&disclosure_section(m));
     let may = |a: Action| k.cloister().can(&c.user, a, &m.resource());
     if m.release.requested_by.is_none() && may(Action::RequestRelease) {
         let _ = write!(
@@ -1452,7 +1484,15 @@ async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
         );
     }
     if m.release.decision.is_none() {
-        if may(Action::ApproveRelease) {
+        let blocked = d.unapproved();
+        if let Some(p) = blocked {
+            let _ = write!(
+                body,
+                "<p class=\"error\">The release cannot be approved while plugin <strong>{}</strong> is not approved: a reviewer must approve its digest again first.</p>",
+                esc(&p.name)
+            );
+        }
+        if blocked.is_none() && may(Action::ApproveRelease) {
             body.push_str(&button(
                 &c,
                 &format!("/models/{}/approve", m.id),

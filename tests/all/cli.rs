@@ -771,6 +771,14 @@ fn train_show_release_export_and_verify_a_bundle_from_the_command_line() {
         assert!(shown.contains(part), "{part}: {shown}");
     }
     assert!(!shown.contains("Subject"), "no texts in model show");
+    // Each plugin of the lineage with its review state now.
+    for (stage, digest, name) in [
+        ("preprocess", &digests[0], "text-normalize"),
+        ("features  ", &digests[1], "hashed-ngrams"),
+    ] {
+        let line = format!("         {stage} {digest} ({name} 0.1.0, approved by rev)");
+        assert!(shown.lines().any(|l| l == line), "{line}\n{shown}");
+    }
     // The plugins were named; the lineage holds their full digests.
     let o = e.run(&sci, &["model", "show", &id, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

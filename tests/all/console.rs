@@ -738,6 +738,15 @@ fn pages_render_for_each_role_without_server_errors() {
                 .unwrap(),
         )
     };
+    // The model page: the plugins it was trained with, each with its
+    // review state now.
+    let model = page_as("approver", &format!("/models/{}", f.model)).text();
+    assert!(
+        model.contains("<h2>Plugins</h2>")
+            && model.contains("<td>hashed-ngrams</td>")
+            && model.contains("<td>approved by reviewer</td>"),
+        "{model}"
+    );
     let op = page_as("operator", "/deployments/spam");
     assert_eq!(op.status, StatusCode::OK);
     let html = op.text();

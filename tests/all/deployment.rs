@@ -1478,6 +1478,36 @@ fn a_withdrawn_approval_stops_serving_predicting_and_training_until_approved_aga
     );
     let appr = s.u("appr");
     c.request_release(sci, &s.unreleased, "now").unwrap();
+    // The approver sees why before trying: the model's lineage with each
+    // plugin's review state now.
+    let d = c.model_detail(appr, &s.unreleased).unwrap();
+    let states: Vec<_> = d
+        .plugins
+        .iter()
+        .map(|p| (p.name.as_str(), p.review_state()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (
+                "text-normalize",
+                "NOT APPROVED (approval withdrawn by rev)".to_string()
+            ),
+            ("hashed-ngrams", "approved by rev".to_string())
+        ]
+    );
+    assert_eq!(
+        d.unapproved().map(|p| p.digest.as_str()),
+        Some(normalize.as_str())
+    );
+    let json = serde_json::to_value(&d).unwrap();
+    assert_eq!(
+        json["id"],
+        s.unreleased.as_str(),
+        "the manifest's fields, flattened"
+    );
+    assert_eq!(json["plugins"][0]["stage"], "preprocess");
+    assert_eq!(json["plugins"][0]["withdrawn_by"], "rev");
     for err in [
         c.decide_release(appr, &s.unreleased, true).unwrap_err(),
         c.export_model(sci, &s.a).unwrap_err(),
@@ -1489,6 +1519,9 @@ fn a_withdrawn_approval_stops_serving_predicting_and_training_until_approved_aga
 
     // Approved again (a reviewer who did not add it): it all runs again.
     c.approve_plugin(rev, &normalize).unwrap();
+    let d = c.model_detail(appr, &s.unreleased).unwrap();
+    assert!(d.unapproved().is_none());
+    assert_eq!(d.plugins[0].review_state(), "approved by rev");
     c.decide_release(appr, &s.unreleased, true).unwrap();
     c.export_model(sci, &s.a).unwrap();
     c.predict_deployed(app, "spam", None, &mails()).unwrap();

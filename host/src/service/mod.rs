@@ -48,6 +48,7 @@ pub use deployments::{
 };
 pub use feedback::{CaptureWritten, Feedback, FeedbackOutcome, MAX_FEEDBACK};
 pub use jobs::{MAX_TAKEOVERS, OrphanedJob};
+pub use models::{LineagePlugin, ModelDetail, PluginStage};
 pub use policy::Explanation;
 pub use training::{Predictions, TrainProgress, TrainRequest, TrainingPlan};
 

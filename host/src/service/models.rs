@@ -31,6 +31,47 @@ impl Cloister {
         Ok(m)
     }
 
+    /// One model's manifest with the review state of its lineage's plugins
+    /// now: what an approver needs to see before deciding its release (a
+    /// plugin whose approval was withdrawn after training blocks it). One
+    /// `view_model` decision, as for [`Cloister::show_model`].
+    pub fn model_detail(&self, who: &User, id: &str) -> Result<ModelDetail, ServiceError> {
+        let manifest = self.model_for(who, Action::ViewModel, id, &id)?;
+        let plugins = self.lineage_plugins(&manifest)?;
+        Ok(ModelDetail { manifest, plugins })
+    }
+
+    /// The plugins of `m`'s lineage, preprocessors in order then the
+    /// featurizer, each with its review state now.
+    fn lineage_plugins(
+        &self,
+        m: &crate::models::ModelManifest,
+    ) -> Result<Vec<LineagePlugin>, ServiceError> {
+        let store = self.env.store();
+        let stages = m
+            .lineage
+            .preprocess
+            .iter()
+            .map(|d| (PluginStage::Preprocess, d))
+            .chain([(PluginStage::Features, &m.lineage.features)]);
+        stages
+            .map(|(stage, digest)| {
+                let e = crate::registry::get(store.as_ref(), digest)?;
+                Ok(LineagePlugin {
+                    stage,
+                    approved_by: e.approval.as_ref().map(|a| a.by.clone()),
+                    withdrawn_by: match e.approval {
+                        Some(_) => None,
+                        None => e.withdrawn.last().map(|w| w.by.clone()),
+                    },
+                    digest: e.digest,
+                    name: e.name,
+                    version: e.version,
+                })
+            })
+            .collect()
+    }
+
     /// Requests the release of a model.
     pub fn request_release(
         &self,
@@ -107,24 +148,22 @@ impl Cloister {
         &self,
         m: &crate::models::ModelManifest,
     ) -> Result<(), ServiceError> {
-        let store = self.env.store();
-        for digest in m.lineage.preprocess.iter().chain([&m.lineage.features]) {
-            let e = crate::registry::get(store.as_ref(), digest)?;
-            if e.approval.is_none() {
-                let why = e
-                    .withdrawn
-                    .last()
-                    .map(|w| format!(" (its approval was withdrawn by {})", w.by))
-                    .unwrap_or_default();
-                return Err(ServiceError::BadRequest(format!(
-                    "model {}: its plugin {} {} is not approved{why}; a reviewer must approve that digest again first",
-                    m.id,
-                    e.name,
-                    &e.digest[..e.digest.len().min(16)]
-                )));
-            }
+        match self
+            .lineage_plugins(m)?
+            .into_iter()
+            .find(|p| p.approved_by.is_none())
+        {
+            Some(p) => Err(ServiceError::BadRequest(format!(
+                "model {}: its plugin {} {} is not approved{}; a reviewer must approve that digest again first",
+                m.id,
+                p.name,
+                &p.digest[..p.digest.len().min(16)],
+                p.withdrawn_by
+                    .map(|by| format!(" (its approval was withdrawn by {by})"))
+                    .unwrap_or_default(),
+            ))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The signed bundle of an approved model: the only way model bytes
@@ -179,5 +218,64 @@ impl Cloister {
         )?;
         self.guard(&who.principal(), action, &m.resource(), params)?;
         Ok(m)
+    }
+}
+
+/// A model's manifest and the review state of its lineage's plugins
+/// ([`Cloister::model_detail`]). In JSON, the manifest's fields and
+/// `plugins`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelDetail {
+    /// The manifest.
+    #[serde(flatten)]
+    pub manifest: crate::models::ModelManifest,
+    /// The lineage's plugins, preprocessors in order then the featurizer.
+    pub plugins: Vec<LineagePlugin>,
+}
+
+impl ModelDetail {
+    /// The first lineage plugin that is not approved now, if any: the
+    /// model's release cannot be approved, nor the model exported or
+    /// deployed, until a reviewer approves it again.
+    pub fn unapproved(&self) -> Option<&LineagePlugin> {
+        self.plugins.iter().find(|p| p.approved_by.is_none())
+    }
+}
+
+/// Where a plugin ran in a model's lineage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginStage {
+    /// A preprocessor.
+    Preprocess,
+    /// The featurizer.
+    Features,
+}
+
+/// A plugin of a model's lineage and its review state now.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LineagePlugin {
+    /// Where it ran.
+    pub stage: PluginStage,
+    /// Its digest (hex SHA-256 of the component).
+    pub digest: String,
+    /// The name it declares.
+    pub name: String,
+    /// The version it declares.
+    pub version: String,
+    /// The reviewer whose approval stands, while it is approved.
+    pub approved_by: Option<String>,
+    /// Who withdrew its last approval, while it is not approved.
+    pub withdrawn_by: Option<String>,
+}
+
+impl LineagePlugin {
+    /// `approved by rev`, or `NOT APPROVED (withdrawn by rev)`.
+    pub fn review_state(&self) -> String {
+        match (&self.approved_by, &self.withdrawn_by) {
+            (Some(by), _) => format!("approved by {by}"),
+            (None, Some(by)) => format!("NOT APPROVED (approval withdrawn by {by})"),
+            (None, None) => "NOT APPROVED".to_string(),
+        }
     }
 }
