@@ -294,7 +294,19 @@ pub fn print_stats(s: &JobStats) {
         let each: Vec<String> = s
             .labelers
             .iter()
-            .map(|l| format!("{} {} open, {} answered", l.labeler, l.open, l.answered))
+            .map(|l| {
+                format!(
+                    "{} {} open, {} answered{}",
+                    l.labeler,
+                    l.open,
+                    l.answered,
+                    if l.active {
+                        ""
+                    } else {
+                        " (not an active labeler now: reassign their open items)"
+                    }
+                )
+            })
             .collect();
         say!("waiting for labelers: {}", each.join("; "));
     }

@@ -739,10 +739,24 @@ fn labelers_body(c: &Caller, j: &Job, stats: &cloister_host::jobs::JobStats) -> 
     let rows: Vec<Vec<String>> = stats
         .labelers
         .iter()
-        .map(|l| vec![esc(&l.labeler), l.open.to_string(), l.answered.to_string()])
+        .map(|l| {
+            vec![
+                esc(&l.labeler),
+                l.open.to_string(),
+                l.answered.to_string(),
+                if l.active {
+                    "yes".into()
+                } else {
+                    "<strong>no</strong> (disabled or no longer a labeler: reassign their open items)".into()
+                },
+            ]
+        })
         .collect();
     let mut b = String::from("<h2>Labelers of this round</h2>");
-    b.push_str(&table(&["labeler", "open", "answered"], &rows));
+    b.push_str(&table(
+        &["labeler", "open", "answered", "can answer"],
+        &rows,
+    ));
     for r in &j.reassigned {
         let _ = write!(
             b,

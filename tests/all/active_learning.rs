@@ -1116,6 +1116,42 @@ fn a_round_passes_over_labelers_who_can_no_longer_answer() {
 }
 
 #[test]
+fn the_job_shows_which_labelers_it_waits_for_can_no_longer_answer() {
+    let p = people(15, |i| i % 3 == 0, &["hashed-ngrams", "least-confidence"]);
+    let (c, admin, sci, lea) = (&p.c, &p.admin, &p.sci, &p.lea);
+    let job = c
+        .start_job(sci, "who.toml", &one_round_for_two("who"), None)
+        .unwrap();
+    c.run_job(sci, &job.id, &mut |_| {}).unwrap();
+    let waiting = |c: &cloister_host::service::Cloister| {
+        c.job_stats(sci, &job.id)
+            .unwrap()
+            .labelers
+            .into_iter()
+            .map(|l| (l.labeler, l.open, l.answered, l.active))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        waiting(c),
+        [("lea".into(), 2, 0, true), ("leo".into(), 2, 0, true)]
+    );
+    let store = c.env().store();
+    for q in jobs::open_items_for(store.as_ref(), "lea").unwrap() {
+        c.label_item(lea, &q.record, "ham", None).unwrap();
+    }
+    // Leo's account is disabled while he holds two items: the owner sees
+    // that they wait for a reassignment, not for Leo.
+    c.disable_user(admin, "leo").unwrap();
+    assert_eq!(
+        waiting(c),
+        [("lea".into(), 0, 2, true), ("leo".into(), 2, 0, false)]
+    );
+    // Enabled again, he can answer them.
+    c.enable_user(admin, "leo").unwrap();
+    assert_eq!(waiting(c)[1], ("leo".into(), 2, 0, true));
+}
+
+#[test]
 fn failed_spot_checks_revoke_a_rounds_automatic_labels_and_raise_the_gate() {
     // A third of SpamAssassin; two records in three keep their label.
     let p = people(3, |i| i % 3 != 0, &["hashed-ngrams", "dual-agree"]);

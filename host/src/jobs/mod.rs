@@ -916,6 +916,16 @@ pub struct LabelerProgress {
     pub open: u64,
     /// Items answered.
     pub answered: u64,
+    /// Whether the account can answer them now: `false` when it was
+    /// disabled or lost the labeler role (or is gone) after the round
+    /// began, so the items wait for a reassignment. Filled in by the
+    /// service, which reads the accounts ([`stats`] leaves it `true`).
+    #[serde(default = "yes")]
+    pub active: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Computes [`JobStats`]. `human_labels` maps record ids to the
@@ -978,6 +988,7 @@ pub fn stats(
                 labeler: labeler.to_string(),
                 open,
                 answered,
+                active: true,
             })
             .collect();
     }

@@ -297,7 +297,14 @@ impl Cloister {
         let version = datasets::resolve(self.env(), &job.dataset)?;
         let mut humans = datasets::human_labels(self.env(), &version)?;
         humans.retain(|k, _| queue.contains_key(k));
-        Ok(crate::jobs::stats(&job, &ledger, &queue, &humans))
+        let mut stats = crate::jobs::stats(&job, &ledger, &queue, &humans);
+        // Whether each labeler the round waits for can still answer: one
+        // answer for disabled, no longer a labeler or gone, as the spec's
+        // check gives.
+        for l in &mut stats.labelers {
+            l.active = crate::users::is_active_labeler(store.as_ref(), &l.labeler);
+        }
+        Ok(stats)
     }
 
     /// Cancels a job; it stops at its next step boundary.
