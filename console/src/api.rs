@@ -22,10 +22,10 @@ use crate::auth::Caller;
 use crate::{ApiError, Console, blocking, tasks};
 
 type S = State<Arc<Console>>;
-type Out = Result<Response, ApiError>;
+pub(crate) type Out = Result<Response, ApiError>;
 
 /// A JSON response, serialized straight to bytes.
-fn to_json(v: impl serde::Serialize) -> Out {
+pub(crate) fn to_json(v: impl serde::Serialize) -> Out {
     let body = serde_json::to_vec(&v).map_err(|_| ApiError::Internal)?;
     Ok((
         [(
@@ -38,12 +38,12 @@ fn to_json(v: impl serde::Serialize) -> Out {
 }
 
 /// The caller of a read.
-async fn reader(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, ApiError> {
+pub(crate) async fn reader(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, ApiError> {
     k.caller(h).await
 }
 
 /// The caller of a write: a session must present its CSRF token.
-async fn writer(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, ApiError> {
+pub(crate) async fn writer(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, ApiError> {
     let c = k.caller(h).await?;
     k.check_csrf(&c, h, None).await?;
     Ok(c)

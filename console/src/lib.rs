@@ -15,6 +15,7 @@
 //!   authorization point); no response carries a string a plugin chose,
 //!   except plugin metadata shown for review, always HTML-escaped.
 
+mod accounts;
 mod api;
 mod auth;
 mod html;
@@ -293,7 +294,9 @@ async fn request_guard(
 pub fn router(console: Arc<Console>) -> Router {
     Router::new()
         .merge(api::routes())
+        .merge(accounts::api_routes())
         .merge(pages::routes())
+        .merge(accounts::page_routes())
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&console),
             request_guard,

@@ -246,6 +246,48 @@ pub(crate) const ROUTES: &[(&str, &str, &str, Option<&str>, u16)] = &[
     ),
     (
         "get",
+        "/api/users",
+        "Accounts: name, roles, disabled, created_ms (admins and auditors)",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/users",
+        "Add an account (admins); returns it and its API token, shown once",
+        Some("AddUser"),
+        200,
+    ),
+    (
+        "post",
+        "/api/users/{name}/roles",
+        "Grant or revoke roles (admins); the environment always keeps an active admin",
+        Some("Roles"),
+        200,
+    ),
+    (
+        "post",
+        "/api/users/{name}/disable",
+        "Disable an account (admins); its token and sessions stop at once",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/users/{name}/enable",
+        "Enable a disabled account with a new token, shown once (admins)",
+        None,
+        200,
+    ),
+    (
+        "post",
+        "/api/users/{name}/token",
+        "A new API token, shown once; the old one stops at once (admins, and every user for themselves)",
+        None,
+        200,
+    ),
+    (
+        "get",
         "/api/audit",
         "Audit entries, filtered (actor, action, decision) and paginated (from, limit)",
         None,
@@ -289,6 +331,15 @@ fn schemas() -> Value {
         "Job": s(json!({"spec": {"type": "string"}, "oracle": {"type": "string", "enum": ["gold", "none"]}}), &["spec"]),
         "Reason": s(json!({"reason": {"type": "string"}}), &["reason"]),
         "Label": s(json!({"id": {"type": "string"}, "label": {"type": "string"}, "job": {"type": "string"}}), &["id", "label"]),
+        "AddUser": s(json!({
+            "name": {"type": "string"},
+            "roles": {"type": "array", "items": {"type": "string", "enum": ["admin", "scientist", "labeler", "reviewer", "approver", "auditor", "operator", "client"]}},
+            "password": {"type": "string", "description": "console password, 12 to 256 characters (absent: API token only)"}
+        }), &["name", "roles"]),
+        "Roles": s(json!({
+            "grant": {"type": "array", "items": {"type": "string"}},
+            "revoke": {"type": "array", "items": {"type": "string"}}
+        }), &[]),
         "Reassign": s(json!({"from": {"type": "string"}, "to": {"type": "string"}}), &["from", "to"]),
         "Error": s(json!({"error": {"type": "string"}}), &["error"]),
         "CreateDeployment": s(json!({

@@ -27,7 +27,7 @@ use crate::html::{bars, button, csrf, esc, f4, heatmap, lines, opt4, page, table
 use crate::{ApiError, Console, blocking};
 
 type S = State<Arc<Console>>;
-type Page = Result<Response, Response>;
+pub(crate) type Page = Result<Response, Response>;
 
 const STYLE: &str = include_str!("../static/style.css");
 const SCRIPT: &str = include_str!("../static/app.js");
@@ -105,7 +105,7 @@ async fn script() -> Response {
     asset(SCRIPT, "text/javascript; charset=utf-8")
 }
 
-fn error_page(c: Option<&Caller>, e: ApiError) -> Response {
+pub(crate) fn error_page(c: Option<&Caller>, e: ApiError) -> Response {
     if matches!(e, ApiError::Unauthorized) && c.is_none() {
         return Redirect::to("/login").into_response();
     }
@@ -118,7 +118,7 @@ fn error_page(c: Option<&Caller>, e: ApiError) -> Response {
         .into_response()
 }
 
-async fn who(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, Response> {
+pub(crate) async fn who(k: &Arc<Console>, h: &HeaderMap) -> Result<Caller, Response> {
     let mut c = k.caller(h).await.map_err(|e| error_page(None, e))?;
     c.nav = nav(k.cloister(), &c.user);
     Ok(c)
@@ -152,6 +152,12 @@ fn nav(x: &Cloister, u: &User) -> Vec<(&'static str, &'static str)> {
         ),
         ("/label", "Label", Action::LabelRecord, &own_item),
         (
+            "/users",
+            "Accounts",
+            Action::ListUsers,
+            &Resource::Environment,
+        ),
+        (
             "/audit",
             "Audit log",
             Action::ReadAudit,
@@ -165,7 +171,11 @@ fn nav(x: &Cloister, u: &User) -> Vec<(&'static str, &'static str)> {
 }
 
 /// The caller of a form post, with its CSRF token checked.
-async fn poster(k: &Arc<Console>, h: &HeaderMap, token: &str) -> Result<Caller, Response> {
+pub(crate) async fn poster(
+    k: &Arc<Console>,
+    h: &HeaderMap,
+    token: &str,
+) -> Result<Caller, Response> {
     let c = who(k, h).await?;
     k.check_csrf(&c, h, Some(token))
         .await
@@ -173,11 +183,11 @@ async fn poster(k: &Arc<Console>, h: &HeaderMap, token: &str) -> Result<Caller, 
     Ok(c)
 }
 
-fn ok(c: &Caller, title: &str, body: &str) -> Page {
+pub(crate) fn ok(c: &Caller, title: &str, body: &str) -> Page {
     Ok(Html(page(title, Some(c), body)).into_response())
 }
 
-async fn run<T: Send + 'static>(
+pub(crate) async fn run<T: Send + 'static>(
     k: &Arc<Console>,
     c: &Caller,
     f: impl FnOnce(&cloister_host::service::Cloister) -> Result<T, cloister_host::service::ServiceError>
@@ -231,9 +241,9 @@ async fn login(
 }
 
 #[derive(Deserialize)]
-struct CsrfForm {
+pub(crate) struct CsrfForm {
     #[serde(default)]
-    csrf: String,
+    pub(crate) csrf: String,
 }
 
 async fn logout(State(k): S, h: HeaderMap, Form(f): Form<CsrfForm>) -> Page {

@@ -469,16 +469,23 @@ fn argon2() -> argon2::Argon2<'static> {
 
 /// Writes that set a user's password (an Argon2id hash with a random salt;
 /// the password itself is never stored).
+/// Whether `password` meets the rules for a console password (12 to 256
+/// characters).
+pub fn password_rules(password: &str) -> Result<(), UserError> {
+    if (12..=256).contains(&password.chars().count()) {
+        Ok(())
+    } else {
+        Err(UserError::WeakPassword)
+    }
+}
+
 pub(crate) fn set_password(
     store: &dyn Storage,
     name: &str,
     password: &str,
 ) -> Result<WriteBatch, UserError> {
     use argon2::PasswordHasher;
-    let n = password.chars().count();
-    if !(12..=256).contains(&n) {
-        return Err(UserError::WeakPassword);
-    }
+    password_rules(password)?;
     get(store, name)?;
     let mut salt = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)

@@ -306,6 +306,7 @@ fn a_browser_walks_the_console_for_every_role() {
     std::fs::write(env_path.join("limits.toml"), limits).unwrap();
     let c = Cloister::open(&env_path, "console").unwrap();
     let admin = c.authenticate(&root).unwrap();
+    c.set_password(&admin, "root", PASSWORD).unwrap();
     let mut users = std::collections::HashMap::new();
     for (name, role) in [
         ("ana", Role::Scientist),
@@ -542,6 +543,23 @@ fn a_browser_walks_the_console_for_every_role() {
     b.click(&format!("form[action='/plugins/{entropy}/approve'] button"));
     b.wait_for(&format!("/plugins/{entropy}/withdraw"));
 
+    // The administrator adds a labeler from the accounts page, gives them
+    // a second role, and disables the account again.
+    b.login(&base, "root");
+    b.open(&format!("{base}/users"));
+    b.type_into("form[action='/users'] input[name=name]", "liv");
+    b.click("form[action='/users'] select[name=role] option[value='labeler']");
+    b.click("form[action='/users'] button");
+    b.wait_for("shown this once");
+    assert!(b.source().contains("<pre class=\"token\">clt_"));
+    b.open(&format!("{base}/users"));
+    b.click("form[action='/users/liv/roles'] select[name=role] option[value='reviewer']");
+    b.click("form[action='/users/liv/roles'] button");
+    b.wait_for("<td>labeler, reviewer</td>");
+    b.shot("accounts");
+    b.click("form[action='/users/liv/disable'] button");
+    b.wait_for("form class=\"inline\" method=\"post\" action=\"/users/liv/enable\"");
+
     // The auditor reads and verifies the log.
     b.login(&base, "ada");
     b.open(&format!("{base}/audit"));
@@ -560,6 +578,7 @@ fn a_browser_walks_the_console_for_every_role() {
         "model",
         "release",
         "deployment",
+        "accounts",
         "audit",
         "audit-verified",
     ] {

@@ -566,7 +566,7 @@ fn the_openapi_document_matches_the_router() {
     }
     // Nothing undocumented answers under /api.
     for uri in [
-        "/api/users",
+        "/api/users/root/password",
         "/api/records/1",
         "/api/datasets/spam/rows",
         "/api/admin",
@@ -930,4 +930,281 @@ fn a_deployment_answers_its_client_over_the_api_and_no_one_else() {
     assert_eq!(r.status, StatusCode::OK);
     let v = r.json();
     assert!(v["variants"][0]["requests"].as_u64().unwrap() >= 1, "{v}");
+}
+
+#[test]
+fn accounts_are_administered_over_the_api_and_on_the_page() {
+    let bearer = |token: &str, method: &str, uri: &str, body: Option<serde_json::Value>| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let body = match body {
+            Some(v) => {
+                b = b.header(header::CONTENT_TYPE, "application/json");
+                Body::from(v.to_string())
+            }
+            None => Body::empty(),
+        };
+        send(b.body(body).unwrap())
+    };
+    let me = |token: &str| bearer(token, "GET", "/api/me", None).status;
+    // Who may read the accounts: admins and auditors.
+    for (role, status) in [
+        ("admin", StatusCode::OK),
+        ("auditor", StatusCode::OK),
+        ("scientist", StatusCode::FORBIDDEN),
+        ("labeler", StatusCode::FORBIDDEN),
+    ] {
+        assert_eq!(
+            as_role(role, "GET", "/api/users", None).status,
+            status,
+            "{role}"
+        );
+    }
+    let listed = as_role("auditor", "GET", "/api/users", None);
+    assert!(
+        !listed.text().contains("token"),
+        "no token digests: {}",
+        listed.text()
+    );
+    let root = listed
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "root")
+        .cloned()
+        .unwrap();
+    assert_eq!(root["roles"], serde_json::json!(["admin"]));
+    assert_eq!(root["disabled"], false);
+
+    // Only admins add accounts; bad input is named and writes nothing.
+    let add = |role: &str, body: serde_json::Value| as_role(role, "POST", "/api/users", Some(body));
+    let nia = |extra: serde_json::Value| {
+        let mut b = serde_json::json!({"name": "nia", "roles": ["labeler"]});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    assert_eq!(
+        add("auditor", nia(serde_json::json!({}))).status,
+        StatusCode::FORBIDDEN
+    );
+    for (body, said) in [
+        (
+            nia(serde_json::json!({"password": "short"})),
+            "a password needs 12 to 256 characters",
+        ),
+        (
+            nia(serde_json::json!({"roles": ["nope"]})),
+            "role `nope`: not a role (one of admin, scientist",
+        ),
+        (
+            nia(serde_json::json!({"roles": []})),
+            "roles: name at least one role",
+        ),
+    ] {
+        let r = add("admin", body);
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(said),
+            "{}",
+            r.text()
+        );
+    }
+    let names = || {
+        as_role("admin", "GET", "/api/users", None)
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert!(!names().contains(&"nia".to_string()), "nothing written");
+    let r = add("admin", nia(serde_json::json!({"password": PASSWORD})));
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["user"]["roles"], serde_json::json!(["labeler"]));
+    let first = r.json()["token"].as_str().unwrap().to_string();
+    assert_eq!(me(&first), StatusCode::OK);
+    assert_eq!(login("nia", PASSWORD).status, StatusCode::OK);
+
+    // Roles: one list at a time, each role checked.
+    let roles =
+        |body: serde_json::Value| as_role("admin", "POST", "/api/users/nia/roles", Some(body));
+    let r = roles(serde_json::json!({"grant": ["reviewer"]}));
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        r.json()["roles"],
+        serde_json::json!(["labeler", "reviewer"])
+    );
+    for body in [
+        serde_json::json!({"grant": ["reviewer"]}),
+        serde_json::json!({"grant": ["auditor"], "revoke": ["labeler"]}),
+        serde_json::json!({}),
+        serde_json::json!({"revoke": ["wizard"]}),
+    ] {
+        assert_eq!(
+            roles(body.clone()).status,
+            StatusCode::BAD_REQUEST,
+            "{body}"
+        );
+    }
+    assert_eq!(
+        as_role(
+            "auditor",
+            "POST",
+            "/api/users/nia/roles",
+            Some(serde_json::json!({"revoke": ["labeler"]}))
+        )
+        .status,
+        StatusCode::FORBIDDEN
+    );
+
+    // A new token stops the old one at once; a user may replace their own.
+    let r = as_role("admin", "POST", "/api/users/nia/token", None);
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let second = r.json()["token"].as_str().unwrap().to_string();
+    assert_eq!(me(&first), StatusCode::UNAUTHORIZED);
+    let r = bearer(&second, "POST", "/api/users/nia/token", None);
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let third = r.json()["token"].as_str().unwrap().to_string();
+    assert_eq!(me(&second), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        bearer(&third, "POST", "/api/users/root/token", None).status,
+        StatusCode::FORBIDDEN,
+        "not someone else's"
+    );
+
+    // Disabled: the token stops; enabled again with a new one.
+    assert_eq!(
+        as_role("admin", "POST", "/api/users/nia/disable", None).status,
+        StatusCode::OK
+    );
+    assert_eq!(me(&third), StatusCode::UNAUTHORIZED);
+    let r = as_role("admin", "POST", "/api/users/nia/disable", None);
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    let r = as_role("admin", "POST", "/api/users/nia/enable", None);
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(me(&third), StatusCode::UNAUTHORIZED, "never the old token");
+    assert_eq!(me(r.json()["token"].as_str().unwrap()), StatusCode::OK);
+
+    // The page, as an admin of its own (a login ends the user's other
+    // sessions, and other tests hold root's).
+    let r = add(
+        "admin",
+        serde_json::json!({"name": "page-admin", "roles": ["admin"], "password": PASSWORD}),
+    );
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = login("page-admin", PASSWORD);
+    let cookie = cookie_of(&r);
+    let csrf = r.json()["csrf"].as_str().unwrap().to_string();
+    let get = |cookie: &str| {
+        send(
+            Request::get("/users")
+                .header(header::COOKIE, cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+    };
+    let html = get(&cookie).text();
+    for part in [
+        "<h2>Add an account</h2>",
+        "action=\"/users/nia/disable\"",
+        "action=\"/users/nia/token\"",
+        "action=\"/users/nia/roles\"",
+        "<a href=\"/users\">Accounts</a>",
+    ] {
+        assert!(html.contains(part), "{part}: {html}");
+    }
+    let form = |uri: &str, body: String| {
+        send(
+            Request::post(uri)
+                .header(header::COOKIE, &cookie)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+    };
+    let r = form(
+        "/users",
+        format!("csrf={csrf}&name=noa&role=scientist&password="),
+    );
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let shown = r.text();
+    let token = shown
+        .split("<pre class=\"token\">")
+        .nth(1)
+        .and_then(|t| t.split("</pre>").next())
+        .unwrap()
+        .to_string();
+    assert_eq!(me(&token), StatusCode::OK, "the token shown works");
+    let r = form(
+        "/users/noa/roles",
+        format!("csrf={csrf}&change=grant&role=wizard"),
+    );
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = form(
+        "/users/noa/roles",
+        format!("csrf={csrf}&change=grant&role=labeler"),
+    );
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.text());
+    let r = form("/users/noa/disable", "csrf=wrong".into());
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "the CSRF token is checked");
+    let r = form("/users/noa/disable", format!("csrf={csrf}"));
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(me(&token), StatusCode::UNAUTHORIZED);
+    let html = get(&cookie).text();
+    assert!(html.contains("action=\"/users/noa/enable\""), "{html}");
+    // An auditor reads the page with one form, for their own token; a
+    // scientist is refused. (Accounts of their own: a login ends the
+    // user's other sessions, which other tests hold.)
+    for (name, role) in [("page-auditor", "auditor"), ("page-scientist", "scientist")] {
+        let r = add(
+            "admin",
+            serde_json::json!({"name": name, "roles": [role], "password": PASSWORD}),
+        );
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+    let auditor = cookie_of(&login("page-auditor", PASSWORD));
+    let html = get(&auditor).text();
+    assert!(html.contains("<td>noa</td>"), "{html}");
+    assert_eq!(
+        html.matches("<form class=\"inline\" method=\"post\" action=\"/users")
+            .count(),
+        1,
+        "{html}"
+    );
+    assert!(
+        html.contains("action=\"/users/page-auditor/token\""),
+        "{html}"
+    );
+    let sci = cookie_of(&login("page-scientist", PASSWORD));
+    assert_eq!(get(&sci).status, StatusCode::FORBIDDEN);
+
+    // Every change is on Account::"nia" in the log.
+    let log = as_role(
+        "auditor",
+        "GET",
+        "/api/audit?resource=account:nia&limit=1000",
+        None,
+    );
+    let actions: Vec<String> = log
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect();
+    for a in [
+        "add_user",
+        "change_roles",
+        "rotate_token",
+        "disable_user",
+        "enable_user",
+    ] {
+        assert!(actions.iter().any(|x| x == a), "{a}: {actions:?}");
+    }
 }

@@ -24,6 +24,27 @@ impl Cloister {
         Ok(users::add(self.env.store().as_ref(), name, roles)?)
     }
 
+    /// Adds a user as [`Cloister::add_user`] does and, with `password`,
+    /// sets their console password too (a second decision, as `user
+    /// passwd` makes it). A password that does not meet the rules is
+    /// refused before anything is decided or written.
+    pub fn add_account(
+        &self,
+        who: &User,
+        name: &str,
+        roles: &[Role],
+        password: Option<&str>,
+    ) -> Result<(User, String), ServiceError> {
+        if let Some(p) = password {
+            users::password_rules(p)?;
+        }
+        let added = self.add_user(who, name, roles)?;
+        if let Some(p) = password {
+            self.set_password(who, name, p)?;
+        }
+        Ok(added)
+    }
+
     /// Sets a user's console password (admins).
     pub fn set_password(&self, who: &User, name: &str, password: &str) -> Result<(), ServiceError> {
         self.guard_account(who, Action::AddUser, name, &("password", name), None)?;
