@@ -172,11 +172,15 @@ fn send(req: Request<Body>) -> Reply {
 }
 
 fn as_role(role: &str, method: &str, uri: &str, body: Option<serde_json::Value>) -> Reply {
-    let f = fixture();
+    with_token(&fixture().tokens[role], method, uri, body)
+}
+
+/// A request with `token` as its bearer token.
+fn with_token(token: &str, method: &str, uri: &str, body: Option<serde_json::Value>) -> Reply {
     let mut b = Request::builder()
         .method(method)
         .uri(uri)
-        .header(header::AUTHORIZATION, format!("Bearer {}", f.tokens[role]));
+        .header(header::AUTHORIZATION, format!("Bearer {token}"));
     let body = match body {
         Some(v) => {
             b = b.header(header::CONTENT_TYPE, "application/json");
@@ -934,20 +938,7 @@ fn a_deployment_answers_its_client_over_the_api_and_no_one_else() {
 
 #[test]
 fn accounts_are_administered_over_the_api_and_on_the_page() {
-    let bearer = |token: &str, method: &str, uri: &str, body: Option<serde_json::Value>| {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::AUTHORIZATION, format!("Bearer {token}"));
-        let body = match body {
-            Some(v) => {
-                b = b.header(header::CONTENT_TYPE, "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        send(b.body(body).unwrap())
-    };
+    let bearer = with_token;
     let me = |token: &str| bearer(token, "GET", "/api/me", None).status;
     // Who may read the accounts: admins and auditors.
     for (role, status) in [
