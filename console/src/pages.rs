@@ -52,6 +52,7 @@ pub(crate) fn routes() -> Router<Arc<Console>> {
         )
         .route("/plugins/{digest}/approve", post(approve_plugin))
         .route("/plugins/{digest}/withdraw", post(withdraw_approval))
+        .route("/plugin-log", get(plugin_log))
         .route("/train", get(train_form).post(train))
         .route("/tasks/{id}", get(task))
         .route("/jobs", get(jobs).post(start_job))
@@ -419,7 +420,67 @@ async fn plugins(State(k): S, h: HeaderMap) -> Page {
         "<h2>Add a plugin</h2><form method=\"post\" action=\"/plugins\" enctype=\"multipart/form-data\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"file\" name=\"component\" accept=\".wasm\" required> <button>Upload and inspect</button></form><p>The component is inspected (kind, digest, imports, config keys) and registered unapproved; a reviewer who did not add it approves that exact digest.</p>",
         esc(c.csrf.as_deref().unwrap_or(""))
     );
+    if k.cloister()
+        .can(&c.user, Action::ReadPluginLog, &Resource::Environment)
+    {
+        body.push_str("<p><a href=\"/plugin-log\">The plugin log</a>: every plugin stage with its outcome, resource use and what the plugin wrote (administrators only).</p>");
+    }
     ok(&c, "Plugins", &body)
+}
+
+#[derive(Deserialize)]
+struct PluginLogQuery {
+    #[serde(default)]
+    digest: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The administrators' plugin log: each stage's outcome, the host's full
+/// account of a failure and what the plugin wrote — the plugin-chosen
+/// text that users never see (escaped, with deceptive characters shown
+/// as escapes, like every text on these pages).
+async fn plugin_log(State(k): S, h: HeaderMap, Query(q): Query<PluginLogQuery>) -> Page {
+    let c = who(&k, &h).await?;
+    let u = c.user.clone();
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let digest = q.digest.filter(|d| !d.trim().is_empty());
+    let filter = digest.clone();
+    let entries = run(&k, &c, move |x| x.plugin_log(&u, filter.as_deref(), limit)).await?;
+    let mut body = format!(
+        "<form method=\"get\" action=\"/plugin-log\" class=\"row\"><input name=\"digest\" placeholder=\"plugin digest or prefix\" value=\"{}\"><input name=\"limit\" type=\"number\" min=\"1\" max=\"1000\" value=\"{limit}\"><button>Show</button></form>",
+        esc(digest.as_deref().unwrap_or(""))
+    );
+    if entries.is_empty() {
+        body.push_str("<p>No plugin stage recorded yet.</p>");
+    }
+    for e in &entries {
+        let _ = write!(
+            body,
+            "<h3>#{} <code>{}</code> {} <strong>{}</strong></h3><p>{} by {}; {}; {} calls, fuel {}, peak memory {} KiB, {} ms.</p>",
+            e.seq,
+            esc(&e.digest[..e.digest.len().min(16)]),
+            esc(&e.stage),
+            esc(&e.code),
+            esc(&cloister_host::time::rfc3339(e.time_ms)),
+            esc(&e.actor),
+            esc(&e.purpose),
+            e.usage.calls,
+            e.usage.fuel,
+            e.usage.peak_memory_bytes / 1024,
+            e.usage.wall_ms
+        );
+        if let Some(d) = &e.detail {
+            let _ = write!(body, "<p>Host: {}</p>", esc(d));
+        }
+        if !e.output.is_empty() {
+            let _ = write!(body, "<pre class=\"record\">{}</pre>", esc(&e.output));
+        }
+        if e.dropped_bytes > 0 {
+            let _ = write!(body, "<p>({} more bytes dropped)</p>", e.dropped_bytes);
+        }
+    }
+    ok(&c, "Plugin log", &body)
 }
 
 /// The upload form: the CSRF token travels as the form's first field (or

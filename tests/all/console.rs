@@ -742,6 +742,52 @@ fn pages_render_for_each_role_without_server_errors() {
                 .unwrap(),
         )
     };
+    // The plugin log: administrators only. A stage that fails (a
+    // featurizer configured with a field the records lack, named in markup)
+    // is there with the host's account and the plugin's words, escaped.
+    let c = fixture().console.cloister();
+    let sci = c.authenticate(&fixture().tokens["scientist"]).unwrap();
+    let req = TrainRequest {
+        dataset: "spam".into(),
+        preprocess: Vec::new(),
+        preprocess_config: Vec::new(),
+        features: fixture().ngrams.clone(),
+        features_config: vec![("field".into(), "<b>body</b>".into())],
+        template: "logreg".into(),
+        sets: Vec::new(),
+        split_seed: Some(0),
+    };
+    assert!(c.train_model(&sci, &req, &mut |_| {}).is_err());
+    let log = page_as(
+        "admin",
+        &format!("/plugin-log?digest={}&limit=5", &fixture().ngrams[..12]),
+    );
+    assert_eq!(log.status, StatusCode::OK);
+    let html = log.text();
+    assert!(
+        html.contains("<h3>#") && html.contains("peak memory") && html.contains("Host: "),
+        "{html}"
+    );
+    assert!(
+        html.contains("&lt;b&gt;body") && !html.contains("<b>body"),
+        "{html}"
+    );
+    assert!(
+        page_as("admin", "/plugins")
+            .text()
+            .contains("href=\"/plugin-log\"")
+    );
+    for role in ["scientist", "reviewer", "auditor", "labeler"] {
+        assert_eq!(
+            page_as(role, "/plugin-log").status,
+            StatusCode::FORBIDDEN,
+            "{role}"
+        );
+        assert!(
+            !page_as(role, "/plugins").text().contains("/plugin-log"),
+            "{role}"
+        );
+    }
     // The model page: the plugins it was trained with, each with its
     // review state now.
     let model = page_as("approver", &format!("/models/{}", f.model)).text();
