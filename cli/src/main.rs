@@ -390,11 +390,7 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
         } => Some(
             "`cloister plugin show DIGEST` lists the plugin's configuration keys and their defaults; the plugin's own reason is in the administrators' plugin log (`cloister plugin log`)",
         ),
-        RuntimeError::Plugin { .. }
-        | RuntimeError::Trap(_)
-        | RuntimeError::Exited
-        | RuntimeError::InvalidOutput(_)
-        | RuntimeError::LimitExceeded(_) => Some(
+        r if r.reason_in_plugin_log() => Some(
             "the plugin's own reason is in the administrators' plugin log (`cloister plugin log`); its author can run it on mock data with `cloister plugin run FILE.wasm --input MOCK.jsonl --show-plugin-log`",
         ),
         _ => None,

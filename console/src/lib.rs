@@ -153,6 +153,11 @@ impl From<ServiceError> for ApiError {
                 tracing::error!(error = %e, "console request failed");
                 ApiError::Internal
             }
+            // A plugin's sealed failure: say where its reason is (the
+            // administrators' plugin log), as the command line's hint does.
+            ServiceError::Runtime(r) if r.reason_in_plugin_log() => ApiError::BadRequest(format!(
+                "{r} (the plugin's own reason is in the administrators' plugin log, /plugin-log)"
+            )),
             other => ApiError::BadRequest(other.to_string()),
         }
     }

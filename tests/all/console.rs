@@ -203,20 +203,7 @@ fn a_training_started_through_the_api_is_followed_by_its_owner_alone() {
             "sets": {"epochs": "2"}
         })),
     );
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    let task = r.json()["task"].as_str().unwrap().to_string();
-    let uri = format!("/api/tasks/{task}");
-    let started = std::time::Instant::now();
-    let t = loop {
-        let r = as_role("scientist", "GET", &uri, None);
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-        let t = r.json();
-        if t["state"] != "running" {
-            break t;
-        }
-        assert!(started.elapsed().as_secs() < 300, "still running: {t}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let (uri, t) = task_end(&r);
     assert_eq!(t["state"], "done", "{t}");
     assert_eq!(t["kind"], "train");
     assert!(
@@ -249,6 +236,44 @@ fn a_training_started_through_the_api_is_followed_by_its_owner_alone() {
         "{}",
         r.text()
     );
+    // A plugin that fails: its sealed sentence, and where its reason is.
+    let r = as_role(
+        "scientist",
+        "POST",
+        "/api/train",
+        Some(serde_json::json!({
+            "dataset": "spam", "features": f.ngrams, "template": "logreg",
+            "features_config": {"bits": "99"}
+        })),
+    );
+    let (_, t) = task_end(&r);
+    assert_eq!(t["state"], "failed", "{t}");
+    let error = t["error"].as_str().unwrap_or_default();
+    assert!(
+        error.ends_with(
+            "(the plugin's own reason is in the administrators' plugin log, /plugin-log)"
+        ) && !error.contains("between 4 and 28"),
+        "{t}"
+    );
+}
+
+/// Follows the scientist's task that `started` (a `POST /api/train`
+/// answer) names until it ends: its URI and last state.
+fn task_end(started: &Reply) -> (String, serde_json::Value) {
+    assert_eq!(started.status, StatusCode::OK, "{}", started.text());
+    let task = started.json()["task"].as_str().unwrap().to_string();
+    let uri = format!("/api/tasks/{task}");
+    let begun = std::time::Instant::now();
+    loop {
+        let r = as_role("scientist", "GET", &uri, None);
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let t = r.json();
+        if t["state"] != "running" {
+            return (uri, t);
+        }
+        assert!(begun.elapsed().as_secs() < 300, "still running: {t}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 const ROLES: [&str; 8] = [

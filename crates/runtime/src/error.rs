@@ -222,6 +222,22 @@ const CODES: &[&str] = &[
 ];
 
 impl RuntimeError {
+    /// Whether this is a running plugin's failure — its own error, a trap,
+    /// an exit, output the host refused or a limit it hit — whose message
+    /// is a fixed sentence and whose reason (the plugin's words, the
+    /// values it chose) went to the administrators' plugin log: what a
+    /// user is told to look for there.
+    pub fn reason_in_plugin_log(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::Plugin { .. }
+                | RuntimeError::Trap(_)
+                | RuntimeError::Exited
+                | RuntimeError::InvalidOutput(_)
+                | RuntimeError::LimitExceeded(_)
+        )
+    }
+
     /// A short stable code for logs, APIs and tests.
     pub fn code(&self) -> &'static str {
         match self {
