@@ -259,11 +259,27 @@ async fn logout(State(k): S, h: HeaderMap, Form(f): Form<CsrfForm>) -> Page {
 
 async fn home(State(k): S, h: HeaderMap) -> Page {
     let c = who(&k, &h).await?;
-    let body = format!(
+    let mut body = format!(
         "<p>Signed in as <strong>{}</strong> ({}). Everything you do here is authorized by the environment's policies and recorded in its audit log.</p>",
         esc(&c.user.name),
         esc(&crate::html::roles(&c))
     );
+    // A token seen by someone else is replaced at once, without waiting
+    // for an administrator (where the policies allow it).
+    let own = Resource::Account {
+        name: c.user.name.clone(),
+    };
+    if k.cloister().can(&c.user, Action::RotateToken, &own) {
+        let _ = write!(
+            body,
+            "<h2>Your API token</h2><p>For the command line and the API. If it may have been seen by someone else, replace it: the old one stops working at once, and the new one is shown once.</p>{}",
+            button(
+                &c,
+                &format!("/users/{}/token", c.user.name),
+                "Replace my API token"
+            )
+        );
+    }
     ok(&c, "Cloister", &body)
 }
 

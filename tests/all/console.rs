@@ -1243,8 +1243,47 @@ fn accounts_are_administered_over_the_api_and_on_the_page() {
         html.contains("action=\"/users/page-auditor/token\""),
         "{html}"
     );
-    let sci = cookie_of(&login("page-scientist", PASSWORD));
+    let r = login("page-scientist", PASSWORD);
+    let (sci, sci_csrf) = (
+        cookie_of(&r),
+        r.json()["csrf"].as_str().unwrap().to_string(),
+    );
     assert_eq!(get(&sci).status, StatusCode::FORBIDDEN);
+    // ... but replaces their own token from the home page.
+    let home = send(
+        Request::get("/")
+            .header(header::COOKIE, &sci)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .text();
+    assert!(
+        home.contains("action=\"/users/page-scientist/token\""),
+        "{home}"
+    );
+    let r = send(
+        Request::post("/users/page-scientist/token")
+            .header(header::COOKIE, &sci)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(format!("csrf={sci_csrf}")))
+            .unwrap(),
+    );
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let own = r.text();
+    let own = own
+        .split("<pre class=\"token\">")
+        .nth(1)
+        .and_then(|t| t.split("</pre>").next())
+        .unwrap();
+    assert_eq!(me(own), StatusCode::OK);
+    let r = send(
+        Request::post("/users/nia/token")
+            .header(header::COOKIE, &sci)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(format!("csrf={sci_csrf}")))
+            .unwrap(),
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "not someone else's");
 
     // Every change is on Account::"nia" in the log.
     let log = as_role(
