@@ -1609,11 +1609,24 @@ async fn model(State(k): S, h: HeaderMap, Path(id): Path<String>) -> Page {
         }
     }
     if m.release.decision.as_deref() == Some("approved") {
-        let _ = write!(
-            body,
-            "<p><a href=\"/models/{}/bundle\" download>Download the signed bundle</a> (check it offline with <code>cloister verify-bundle</code>).</p>",
-            esc(&m.id)
-        );
+        match d.unapproved() {
+            // Released, but a plugin of its lineage lost its approval
+            // since: the bundle is not exported until it is approved again.
+            Some(p) => {
+                let _ = write!(
+                    body,
+                    "<p class=\"error\">The bundle is not exported while plugin <strong>{}</strong> is not approved: a reviewer must approve its digest again first.</p>",
+                    esc(&p.name)
+                );
+            }
+            None => {
+                let _ = write!(
+                    body,
+                    "<p><a href=\"/models/{}/bundle\" download>Download the signed bundle</a> (check it offline with <code>cloister verify-bundle</code>).</p>",
+                    esc(&m.id)
+                );
+            }
+        }
     }
     let per_class: Vec<Vec<String>> = e
         .per_class

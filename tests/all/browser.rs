@@ -542,6 +542,28 @@ fn a_browser_walks_the_console_for_every_role() {
     b.wait_for("approval withdrawn by rui");
     b.click(&format!("form[action='/plugins/{entropy}/approve'] button"));
     b.wait_for(&format!("/plugins/{entropy}/withdraw"));
+    // Then of the released model's featurizer: the approver finds its
+    // bundle no longer offered, and why, until the digest is approved again.
+    let ngrams = &digests["hashed-ngrams"];
+    b.click(&format!("form[action='/plugins/{ngrams}/withdraw'] button"));
+    b.wait_for(&format!("/plugins/{ngrams}/approve"));
+    b.login(&base, "abe");
+    b.open(&format!("{base}/models/{model}"));
+    let src = b.source();
+    assert!(
+        src.contains(
+            "The bundle is not exported while plugin <strong>hashed-ngrams</strong> is not approved"
+        ) && src.contains("NOT APPROVED (approval withdrawn by rui)")
+            && !src.contains("Download the signed bundle"),
+        "{src}"
+    );
+    b.login(&base, "rui");
+    b.open(&format!("{base}/plugins"));
+    b.click(&format!("form[action='/plugins/{ngrams}/approve'] button"));
+    b.wait_for(&format!("/plugins/{ngrams}/withdraw"));
+    b.login(&base, "abe");
+    b.open(&format!("{base}/models/{model}"));
+    b.wait_for("Download the signed bundle");
 
     // The administrator adds a labeler from the accounts page, gives them
     // a second role, and disables the account again.
