@@ -834,27 +834,49 @@ fn a_python_fitted_featurizer_gives_its_rust_twins_features() {
     let input = dir.path().join("t.jsonl");
     std::fs::write(&input, lines).unwrap();
     // Each fits on the same records (the host counts, keeping terms at
-    // least 5 records contain), then featurizes them.
-    let run = |file: &Path| -> Vec<serde_json::Value> {
-        let o = Command::new(env!("CARGO_BIN_EXE_cloister"))
-            .args(["plugin", "run"])
+    // least 5 records contain), then featurizes them: at the defaults, and
+    // with character n-grams and buckets for the words outside the
+    // vocabulary (which a floor of 5 leaves plenty of here).
+    let run = |file: &Path, config: &[&str]| -> Vec<serde_json::Value> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cloister"));
+        cmd.args(["plugin", "run"])
             .arg(file)
             .arg("--input")
             .arg(&input)
-            .args(["--fit-min-records", "5"])
-            .output()
-            .unwrap();
+            .args(["--fit-min-records", "5"]);
+        for c in config {
+            cmd.args(["--config", c]);
+        }
+        let o = cmd.output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     };
-    let (a, b) = (run(&py_file), run(&rust_file));
-    assert_eq!(a.len(), 120);
+    let defaults = same_features(&run(&py_file, &[]), &run(&rust_file, &[]), &[]);
+    for config in [
+        &["char_ngrams=2-4", "tail_buckets=64"][..],
+        &["tail_buckets=7"],
+    ] {
+        let more = same_features(&run(&py_file, config), &run(&rust_file, config), config);
+        // The rare words went to buckets (and the n-grams to their block)
+        // rather than nowhere.
+        assert!(
+            more > defaults,
+            "{config:?}: {more} weights, {defaults} at the defaults"
+        );
+    }
+}
+
+/// Two featurizers' outputs for the same 120 records: the same indices,
+/// and values equal to f32 rounding (Python computes in f64, Rust in f32).
+/// Returns how many weights the rows hold.
+fn same_features(a: &[serde_json::Value], b: &[serde_json::Value], config: &[&str]) -> usize {
+    assert_eq!(a.len(), 120, "{config:?}");
     assert_eq!(a.len(), b.len());
     let mut nonzero = 0;
-    for (x, y) in a.iter().zip(&b) {
+    for (x, y) in a.iter().zip(b) {
         assert_eq!(x["id"], y["id"]);
         assert_eq!(x["indices"], y["indices"], "{x} {y}");
         let values = |v: &serde_json::Value| -> Vec<f64> {
@@ -866,12 +888,12 @@ fn a_python_fitted_featurizer_gives_its_rust_twins_features() {
                 .collect()
         };
         for (p, r) in values(x).iter().zip(values(y)) {
-            // Python computes in f64, Rust in f32: equal to f32 rounding.
-            assert!((p - r).abs() < 1e-6, "{x} {y}");
+            assert!((p - r).abs() < 1e-6, "{config:?}: {x} {y}");
             nonzero += 1;
         }
     }
-    assert!(nonzero > 120 * 5, "{nonzero} weights");
+    assert!(nonzero > 120 * 5, "{config:?}: {nonzero} weights");
+    nonzero
 }
 
 #[test]
